@@ -1,0 +1,39 @@
+"""Build hook for the Cython hot paths and the package list; metadata lives in pyproject.toml."""
+from __future__ import annotations
+
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, find_packages, setup
+
+# The cluster DNS lives in dns/ but is imported as `kdns`: a top-level `dns` would shadow dnspython.
+_ROOTS = {"kproxy": "kproxy", "controlplane_stub": "controlplane_stub", "kdns": "dns"}
+
+
+def _packages() -> list[str]:
+    found: list[str] = []
+    for package, folder in _ROOTS.items():
+        found.append(package)
+        found.extend(f"{package}.{sub}" for sub in find_packages(where=folder))
+    return found
+
+
+def _extensions() -> list[Extension]:
+    exts: list[Extension] = []
+    for package, folder in _ROOTS.items():
+        for path in sorted(glob.glob(os.path.join(folder, "**", "*.pyx"), recursive=True)):
+            rel = os.path.relpath(path, folder)[: -len(".pyx")]
+            exts.append(Extension(".".join([package, *rel.split(os.sep)]), [path], extra_compile_args=["-O2"]))
+    return exts
+
+
+setup(
+    packages=_packages(),
+    package_data={"": ["*.pyi", "*.pyx", "py.typed"]},
+    ext_modules=cythonize(
+        _extensions(),
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+)

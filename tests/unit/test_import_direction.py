@@ -1,0 +1,67 @@
+"""The control plane and the node programs meet only on the wire (shared/DESIGN.md §1)."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# folder -> import roots it must never use
+FORBIDDEN = {
+    "controlplane_stub": {"kproxy", "kdns"},
+    "kproxy": {"controlplane_stub"},
+    "dns": {"controlplane_stub"},
+}
+
+
+_PYX_IMPORT = re.compile(r"^\s*(?:from|c?import)\s+([A-Za-z_]\w*)", re.M)
+
+
+def _imported_roots(path: Path) -> set[str]:
+    if path.suffix == ".pyx":
+        # Cython syntax is not Python's; its import lines are, so a line match is exact enough.
+        return set(_PYX_IMPORT.findall(path.read_text(encoding="utf-8")))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    roots: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def _sources(folder: str) -> list[Path]:
+    return sorted(p for ext in ("*.py", "*.pyx") for p in (ROOT / folder).rglob(ext))
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_no_forbidden_imports(folder: str) -> None:
+    files = _sources(folder)
+    assert files, f"{folder}/ has no sources to check"
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(_imported_roots(p) & FORBIDDEN[folder]) for p in files
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_checker_sees_a_violation(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom kproxy.kube import client\nimport controlplane_stub.store as s\n")
+    assert _imported_roots(bad) >= {"kproxy", "controlplane_stub"}
+    pyx = tmp_path / "bad.pyx"
+    pyx.write_text("cpdef int f(int x):\n    return x\nfrom controlplane_stub.store import y\n")
+    assert "controlplane_stub" in _imported_roots(pyx)
+
+
+def test_no_top_level_dns_package_is_installed_by_us() -> None:
+    # dnspython owns `dns`; ours must resolve to dnspython, not to this repo's dns/ folder.
+    import dns.version
+
+    assert Path(dns.__file__ or "").parent != ROOT / "dns"
+    import kdns
+
+    assert Path(kdns.__file__ or "").parent.name == "dns"
