@@ -1,0 +1,56 @@
+"""tests/vm/run itself: exit status, clean separated output, timeout, no leftover processes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+def _live_uml_processes() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if b"umid=kptvm-" in cmdline and state != "Z":
+            pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(90)
+def test_ipvs_runner_status_output_and_kernel(vm: Callable[..., Any], tmp_path: Path) -> None:
+    # One boot checks: exit status passes through, stdout and stderr stay apart and free of
+    # console noise, cwd is the caller's, the kernel has what the IPVS suite needs (autoloaded
+    # modules, dummy links), host writes vanish but --share persists.
+    script = (
+        "echo out-line; echo err-line >&2; pwd; "
+        "ipvsadm -A -t 10.9.9.9:80 -s rr && ipvsadm -Ln | grep -c 10.9.9.9:80; "
+        "ip link add kpt-d0 type dummy && echo dummy-ok; "
+        "echo vanish > /etc/kptvm-should-vanish; echo kept > "
+        f"{tmp_path}/shared.txt; exit 7"
+    )
+    res = vm(["bash", "-c", script], timeout=60, extra=["--share", str(tmp_path)])
+    assert res.returncode == 7, res.stderr
+    assert res.stdout.splitlines() == ["out-line", str(Path(__file__).resolve().parents[2]), "1", "dummy-ok"]
+    assert res.stderr.splitlines()[0] == "err-line"
+    assert "Linux version" not in res.stdout + res.stderr
+    assert not os.path.exists("/etc/kptvm-should-vanish")
+    assert (tmp_path / "shared.txt").read_text() == "kept\n"
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(90)
+def test_ipvs_runner_timeout_kills_the_vm(vm: Callable[..., Any]) -> None:
+    before = _live_uml_processes()
+    res = vm(["bash", "-c", "echo started; sleep 300"], timeout=6)
+    assert res.returncode == 124
+    assert res.stdout == "started\n"
+    assert "timed out after 6s" in res.stderr
+    # None of the VM's processes (found by the runner's umid) may outlive it; zombies aside.
+    assert _live_uml_processes() - before == set()
