@@ -1,0 +1,316 @@
+"""The Kubernetes DNS-based service discovery specification (schema 1.1.0) as a record index.
+
+Services and EndpointSlices go in; pre-encoded responses keyed by (lowercase wire name, qtype)
+come out, in the dict the hot path (wire.impl.Table) reads. Each Service's records are rebuilt
+only when that Service or one of its EndpointSlices changes, so a watch event costs a handful
+of encodes, not a zone rebuild. Record shapes follow kubernetes/dns docs/specification.md and
+CoreDNS's kubernetes plugin where the spec leaves a choice (dashed-IP endpoint names, SRV
+weights, "pods insecure" pod records).
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any, cast
+
+from kdns import wire
+from kdns.objects import EndpointSlice, Service
+from kdns.wire import AAAA, CNAME, NS, PTR, RR, SOA, SRV, TXT, A, Message, Question
+
+SCHEMA_VERSION = "1.1.0"
+RESPONSE_FLAGS = wire.QR | wire.AA | wire.RA
+# An ExternalName's CNAME answers every query type for its name; these are pre-encoded.
+CNAME_QTYPES = (A, AAAA, CNAME, SRV, TXT, PTR, wire.MX, NS, SOA)
+ServiceKey = tuple[str, str]
+RRKey = tuple[str, int]  # (lowercase owner, type)
+_APEX: ServiceKey = ("", "")
+
+
+def dashed(ip: str) -> str:
+    """Endpoint name for an address without a hostname, as CoreDNS: 10-0-0-1, fd00--1."""
+    return ip.replace(".", "-").replace(":", "-")
+
+
+def _family(ip: str) -> int:
+    return int(AAAA if ":" in ip else A)
+
+
+def _ancestors(owner: str, zone: str) -> Iterable[str]:
+    """owner and every name between it and the zone apex (the apex included): each of them
+    exists (empty non-terminals answer NODATA, not NXDOMAIN; RFC 8020)."""
+    labels = owner.split(".")
+    depth = len(zone.split("."))
+    for i in range(len(labels) - depth + 1):
+        yield ".".join(labels[i:])
+
+
+class ZoneIndex:
+    """Cluster records for one zone; call set_service/delete_service/set_slice/delete_slice as
+    watch events arrive, and mark_synced once both lists are in."""
+
+    def __init__(self, zone: str = "cluster.local", ttl: int = 5, table: Any = None) -> None:
+        self.zone = zone.strip(".").lower()
+        self.ttl = ttl
+        self.table = table if table is not None else wire.impl.Table()
+        self.services: dict[ServiceKey, Service] = {}
+        self.slices: dict[ServiceKey, EndpointSlice] = {}
+        self.slices_by_service: dict[ServiceKey, set[ServiceKey]] = {}
+        self.contrib: dict[ServiceKey, dict[RRKey, list[RR]]] = {}
+        self.rrsets: dict[RRKey, dict[ServiceKey, list[RR]]] = {}
+        self.name_refs: dict[bytes, int] = {}
+        self.answers: dict[bytes, bytes] = {}
+        self.names: set[bytes] = set()
+        self.synced = False
+        self.serial = int(time.time()) & 0xFFFFFFFF
+        self.mname = f"ns.dns.{self.zone}"
+        self.soa_data = (self.mname, f"hostmaster.{self.zone}", self.serial, 7200, 1800, 86400, ttl)
+        self._zone_wire = wire.name_to_wire(self.zone)
+        self._pod_wire = wire.name_to_wire(f"pod.{self.zone}")
+        self._soa_tail = self._encode_soa_tail()
+        self._apply(_APEX, self._apex_records())
+        self._publish()
+
+    # ----------------------------------------------------------------------- object events
+
+    def set_service(self, svc: Service) -> None:
+        self.services[svc.key] = svc
+        self._refresh(svc.key)
+
+    def delete_service(self, key: ServiceKey) -> None:
+        self.services.pop(key, None)
+        self._refresh(key)
+
+    def set_slice(self, eps: EndpointSlice) -> None:
+        old = self.slices.get(eps.key)
+        self.slices[eps.key] = eps
+        old_svc = old.service_key if old is not None else None
+        new_svc = eps.service_key
+        if old_svc is not None and old_svc != new_svc:
+            self.slices_by_service.get(old_svc, set()).discard(eps.key)
+            self._refresh(old_svc)
+        if new_svc is not None:
+            self.slices_by_service.setdefault(new_svc, set()).add(eps.key)
+            self._refresh(new_svc)
+
+    def delete_slice(self, key: ServiceKey) -> None:
+        old = self.slices.pop(key, None)
+        if old is not None and old.service_key is not None:
+            self.slices_by_service.get(old.service_key, set()).discard(key)
+            self._refresh(old.service_key)
+
+    def replace(self, services: Iterable[Service] | None = None,
+                slices: Iterable[EndpointSlice] | None = None) -> None:
+        """Swap in a full list (initial list or relist): services and/or slices."""
+        touched: set[ServiceKey] = set()
+        if services is not None:
+            new = {s.key: s for s in services}
+            touched |= self.services.keys() | new.keys()
+            self.services = new
+        if slices is not None:
+            touched |= set(self.slices_by_service)
+            self.slices = {e.key: e for e in slices}
+            self.slices_by_service = {}
+            for eps in self.slices.values():
+                if eps.service_key is not None:
+                    self.slices_by_service.setdefault(eps.service_key, set()).add(eps.key)
+            touched |= set(self.slices_by_service)
+        for key in touched:
+            self._refresh(key, publish=False)
+        self._publish()
+
+    def mark_synced(self, synced: bool = True) -> None:
+        self.synced = synced
+        self._publish()
+
+    # ------------------------------------------------------------------------- records
+
+    def _rr(self, owner: str, rtype: int, data: object) -> RR:
+        return RR(owner, rtype, self.ttl, data)
+
+    def _apex_records(self) -> dict[RRKey, list[RR]]:
+        z = self.zone
+        return {
+            (z, SOA): [self._rr(z, SOA, self.soa_data)],
+            (z, NS): [self._rr(z, NS, self.mname)],
+            (f"dns-version.{z}", TXT): [self._rr(f"dns-version.{z}", TXT, (SCHEMA_VERSION,))],
+            (f"pod.{z}", 0): [],  # an empty non-terminal: pod names are synthesized
+        }
+
+    def _service_records(self, key: ServiceKey) -> dict[RRKey, list[RR]]:
+        svc = self.services.get(key)
+        if svc is None:
+            return {}
+        ns, name = key
+        base = f"{name}.{ns}.svc.{self.zone}".lower()
+        out: dict[RRKey, list[RR]] = {}
+
+        def add(owner: str, rtype: int, data: object) -> None:
+            out.setdefault((owner.lower(), rtype), []).append(self._rr(owner.lower(), rtype, data))
+
+        spec = svc.spec
+        if spec.type == "ExternalName":
+            if spec.external_name:
+                add(base, CNAME, spec.external_name.strip(".").lower())
+            return out
+        if not svc.headless:
+            ips = [ip for ip in (spec.cluster_ips or [spec.cluster_ip]) if ip and ip != "None"]
+            for ip in ips:
+                add(base, _family(ip), ip)
+                add(ipaddress.ip_address(ip).reverse_pointer, PTR, base)
+            if key == ("kube-system", "kube-dns"):
+                for ip in ips:
+                    add(self.mname, _family(ip), ip)
+            for port in spec.ports or []:
+                if port.name:
+                    add(f"_{port.name}._{port.protocol.lower()}.{base}", SRV, (0, 100, port.port, base))
+            out.setdefault((base, 0), [])  # the name exists even with no address of a family
+            return out
+        # Headless: the endpoints' addresses, per-endpoint names, per-endpoint SRV targets.
+        out.setdefault((base, 0), [])
+        seen: set[str] = set()
+        srv: dict[str, list[tuple[int, str]]] = {}
+        for skey in sorted(self.slices_by_service.get(key, ())):
+            eps = self.slices[skey]
+            if eps.address_type not in ("IPv4", "IPv6"):
+                continue  # FQDN slices carry no addresses DNS can serve
+            for ep in eps.endpoints or []:
+                if not spec.publish_not_ready_addresses and ep.conditions.ready is False:
+                    continue
+                for ip in ep.addresses[:1]:  # one address per endpoint (discovery.k8s.io/v1)
+                    host = (ep.hostname or dashed(ip)).lower()
+                    target = f"{host}.{base}"
+                    if ip not in seen:
+                        add(base, _family(ip), ip)
+                        seen.add(ip)
+                    if (target, _family(ip)) not in out or ip not in [r.data for r in out[(target, _family(ip))]]:
+                        add(target, _family(ip), ip)
+                        add(ipaddress.ip_address(ip).reverse_pointer, PTR, target)
+                    for port in eps.ports or []:
+                        if port.name and port.port is not None:
+                            owner = f"_{port.name}._{(port.protocol or 'TCP').lower()}.{base}"
+                            srv.setdefault(owner, []).append((port.port, target))
+        for owner, targets in srv.items():
+            weight = max(1, 100 // len(targets))
+            for port_number, target in targets:
+                add(owner, SRV, (0, weight, port_number, target))
+        return out
+
+    # ---------------------------------------------------------------------- maintenance
+
+    def _refresh(self, key: ServiceKey, publish: bool = True) -> None:
+        self._apply(key, self._service_records(key))
+        if publish:
+            self._publish()
+
+    def _apply(self, key: ServiceKey, new: dict[RRKey, list[RR]]) -> None:
+        old = self.contrib.pop(key, {})
+        if new:
+            self.contrib[key] = new
+        if old == new:
+            return
+        for owner in {k[0] for k in old}:
+            for name in self._owner_names(owner):
+                n = self.name_refs[name] - 1
+                if n:
+                    self.name_refs[name] = n
+                else:
+                    del self.name_refs[name]
+                    self.names.discard(name)
+        for owner in {k[0] for k in new}:
+            for name in self._owner_names(owner):
+                self.name_refs[name] = self.name_refs.get(name, 0) + 1
+                self.names.add(name)
+        dirty: set[RRKey] = set()
+        for rrkey in old.keys() | new.keys():
+            holders = self.rrsets.setdefault(rrkey, {})
+            if rrkey in new:
+                holders[key] = new[rrkey]
+            else:
+                holders.pop(key, None)
+            if not holders:
+                del self.rrsets[rrkey]
+            dirty.add(rrkey)
+        # SRV answers carry their targets' addresses; a target's change re-encodes the SRV.
+        dirty |= {k for k in new if k[1] == SRV} | {k for k in old if k[1] == SRV}
+        for rrkey in dirty:
+            self._encode(rrkey)
+
+    def _owner_names(self, owner: str) -> Iterable[bytes]:
+        if owner == self.zone or owner.endswith("." + self.zone):
+            for name in _ancestors(owner, self.zone):
+                yield wire.name_to_wire(name)
+
+    def rrset(self, owner: str, rtype: int) -> list[RR]:
+        holders = self.rrsets.get((owner, rtype))
+        if not holders:
+            return []
+        return [rr for k in sorted(holders) for rr in holders[k]]
+
+    def _encode(self, rrkey: RRKey) -> None:
+        owner, rtype = rrkey
+        if rtype == 0:
+            return
+        wkey = wire.name_to_wire(owner)
+        answers = self.rrset(owner, rtype)
+        qtypes: Iterable[int] = (rtype,)
+        if rtype == CNAME:
+            qtypes = CNAME_QTYPES
+        for qtype in qtypes:
+            k = wkey + struct.pack("!H", qtype)
+            if not answers:
+                self.answers.pop(k, None)
+                continue
+            additional: list[RR] = []
+            if rtype == SRV:
+                for target in dict.fromkeys(str(cast(tuple[Any, ...], rr.data)[3]) for rr in answers):
+                    additional += self.rrset(target, A) + self.rrset(target, AAAA)
+            elif rtype == NS:
+                additional = self.rrset(self.mname, A) + self.rrset(self.mname, AAAA)
+            msg = Message(id=0, flags=RESPONSE_FLAGS, questions=[Question(owner, qtype)],
+                          answers=answers, authority=[], additional=additional)
+            self.answers[k] = wire.encode_message(msg)
+
+    def _encode_soa_tail(self) -> bytes:
+        mname, rname, *nums = self.soa_data
+        rdata = wire.name_to_wire(str(mname)) + wire.name_to_wire(str(rname)) + struct.pack("!IIIII", *nums)
+        return bytes(struct.pack("!HHIH", SOA, wire.CLASS_IN, self.ttl, len(rdata)) + rdata)
+
+    def _publish(self) -> None:
+        # The table holds references to the live dict/set, which change in place between queries
+        # (one thread); update() only matters for the flags and the first call.
+        self.table.update(self.answers, self.names, self._zone_wire, self._pod_wire, self._soa_tail,
+                          self.synced)
+
+    # ------------------------------------------------------------------- for the slow path
+
+    def in_zone(self, name: str) -> bool:
+        n = name.strip(".").lower()
+        return n == self.zone or n.endswith("." + self.zone)
+
+    def soa_rr(self) -> RR:
+        return self._rr(self.zone, SOA, self.soa_data)
+
+    def pod_answer(self, name: str, qtype: int) -> tuple[int, list[RR]] | None:
+        """CoreDNS "pods insecure": A-B-C-D.NS.pod.ZONE answers A-B-C-D's address for any
+        namespace without checking that such a pod exists. None if not a pod name."""
+        n = name.strip(".").lower()
+        suffix = f".pod.{self.zone}"
+        if not n.endswith(suffix):
+            return None
+        labels = n[: -len(suffix)].split(".")
+        if len(labels) == 1:
+            return (wire.NOERROR, [])  # NS.pod.ZONE: an empty non-terminal
+        if len(labels) != 2:
+            return (wire.NXDOMAIN, [])
+        text = labels[0]
+        try:
+            ip = ipaddress.IPv4Address(text.replace("-", "."))
+        except ValueError:
+            try:
+                ip6 = ipaddress.IPv6Address(text.replace("-", ":"))
+            except ValueError:
+                return (wire.NXDOMAIN, [])
+            return (wire.NOERROR, [self._rr(n, AAAA, str(ip6))] if qtype == AAAA else [])
+        return (wire.NOERROR, [self._rr(n, A, str(ip))] if qtype == A else [])
