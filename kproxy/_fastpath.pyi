@@ -1,1 +1,24 @@
+from typing import Any
+
+LARGE_CLUSTER_ENDPOINTS: int
+R_FILTER: int
+R_DISPATCH: int
+R_CHAINS: int
+R_RULES: int
+R_CHAIN_NAMES: int
+R_HAS_ENDPOINTS: int
+
 def port_proto_hash(service_port_name: str, protocol: str) -> str: ...
+def endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) -> str: ...
+def probability(n: int) -> str: ...
+def categorize_endpoints(
+    endpoints: tuple[Any, ...], uses_cluster: bool, uses_local: bool
+) -> tuple[list[Any], list[Any], list[Any], bool]: ...
+def render_service_port(
+    svc: Any,
+    endpoints: tuple[Any, ...],
+    masquerade_all: bool,
+    cluster_cidr: str,
+    large_cluster: bool,
+    node_ips: tuple[str, ...],
+) -> tuple[str, str, str, str, list[str], bool]: ...

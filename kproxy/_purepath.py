@@ -1,12 +1,25 @@
 """Pure-Python twins of every function in kproxy/_fastpath.pyx.
 
 Each function here must return exactly what its compiled twin returns for the same input;
-tests/unit/test_fastpath_twins.py runs both over the same cases.
+tests/unit/test_fastpath_twins.py and tests/iptables/test_iptables_render_twins.py run both over
+the same cases.
+
+The iptables renderer follows upstream's pkg/proxy/iptables/proxier.go syncProxyRules: for one
+ServicePort it produces the filter-table rules, the nat dispatch rules (KUBE-SERVICES and
+KUBE-NODEPORTS) and the service's own nat chains (KUBE-SVC-/SVL-/EXT-/FW-/SEP-). The proxier
+concatenates them; keeping them per service is what lets partial syncs reuse unchanged output.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
+from typing import Any
+
+# Upstream: largeClusterEndpointsThreshold; above it the per-endpoint comments are dropped.
+LARGE_CLUSTER_ENDPOINTS = 1000
+# Indexes into the tuple render_service_port returns (the compiled twin returns the same shape).
+R_FILTER, R_DISPATCH, R_CHAINS, R_RULES, R_CHAIN_NAMES, R_HAS_ENDPOINTS = range(6)
 
 
 def port_proto_hash(service_port_name: str, protocol: str) -> str:
@@ -17,3 +30,324 @@ def port_proto_hash(service_port_name: str, protocol: str) -> str:
     """
     digest = hashlib.sha256((service_port_name + protocol).encode()).digest()
     return base64.b32encode(digest)[:16].decode("ascii")
+
+
+def endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) -> str:
+    """KUBE-SEP- name: upstream hashes name + lower-case protocol + "ip:port"."""
+    digest = hashlib.sha256((service_port_name + protocol + endpoint).encode()).digest()
+    return "KUBE-SEP-" + base64.b32encode(digest)[:16].decode("ascii")
+
+
+def probability(n: int) -> str:
+    """statistic --probability for the i-th of n remaining endpoints: Go's %0.10f of 1/n."""
+    return f"{1.0 / n:.10f}"
+
+
+def _ep_key(ep: Any) -> str:
+    return ep.addr  # type: ignore[no-any-return]
+
+
+def categorize_endpoints(
+    endpoints: tuple[Any, ...], uses_cluster: bool, uses_local: bool
+) -> tuple[list[Any], list[Any], list[Any], bool]:
+    """Upstream's proxy.CategorizeEndpoints without topology hints.
+
+    Returns (cluster, local, all locally reachable, has any usable endpoint). Ready endpoints
+    win; when none is ready, serving+terminating ones are the fallback (KEP-1669).
+    """
+    cluster: list[Any] = []
+    local: list[Any] = []
+    has_any = False
+    if uses_cluster:
+        for ep in endpoints:
+            if ep.ready:
+                cluster.append(ep)
+        if not cluster:
+            for ep in endpoints:
+                if ep.serving and ep.terminating:
+                    cluster.append(ep)
+        if cluster:
+            has_any = True
+    if not uses_local:
+        return cluster, local, cluster, has_any
+    local_ready = False
+    local_terminating = False
+    for ep in endpoints:
+        if ep.ready:
+            has_any = True
+            if ep.is_local:
+                local_ready = True
+        elif ep.serving and ep.terminating:
+            has_any = True
+            if ep.is_local:
+                local_terminating = True
+    if local_ready:
+        for ep in endpoints:
+            if ep.is_local and ep.ready:
+                local.append(ep)
+    elif local_terminating:
+        for ep in endpoints:
+            if ep.is_local and ep.serving and ep.terminating:
+                local.append(ep)
+    if not uses_cluster:
+        return cluster, local, local, has_any
+    if not local_terminating or local_ready:
+        # local holds only ready endpoints and cluster holds every ready one: a superset.
+        return cluster, local, cluster, has_any
+    merged: dict[str, Any] = {}
+    for ep in cluster:
+        merged[ep.addr] = ep
+    for ep in local:
+        merged[ep.addr] = ep
+    reachable = sorted(merged.values(), key=_ep_key)
+    return cluster, local, reachable, has_any
+
+
+def _source_ranges_contain(ranges: tuple[str, ...], ips: tuple[str, ...]) -> bool:
+    for cidr in ranges:
+        try:
+            net = ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            continue
+        for ip in ips:
+            try:
+                if ipaddress.ip_address(ip) in net:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def _service_to_endpoint_rules(
+    out: list[str], spn: str, chain: str, eps: list[Any], sep_names: dict[str, str], affinity: int, large: bool
+) -> None:
+    """upstream writeServiceToEndpointRules: affinity rcheck rules first, then the random split."""
+    n = len(eps)
+    if affinity >= 0:
+        for ep in eps:
+            sep = sep_names[ep.addr]
+            if large:
+                out.append(f"-A {chain} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}\n")
+            else:
+                out.append(
+                    f'-A {chain} -m comment --comment "{spn} -> {ep.addr}" -m recent --name {sep} '
+                    f"--rcheck --seconds {affinity} --reap -j {sep}\n"
+                )
+    for i in range(n):
+        ep = eps[i]
+        sep = sep_names[ep.addr]
+        if large:
+            head = f"-A {chain}"
+        else:
+            head = f'-A {chain} -m comment --comment "{spn} -> {ep.addr}"'
+        if i < n - 1:
+            out.append(f"{head} -m statistic --mode random --probability {probability(n - i)} -j {sep}\n")
+        else:
+            out.append(f"{head} -j {sep}\n")
+
+
+def render_service_port(
+    svc: Any,
+    endpoints: tuple[Any, ...],
+    masquerade_all: bool,
+    cluster_cidr: str,
+    large_cluster: bool,
+    node_ips: tuple[str, ...],
+) -> tuple[str, str, str, str, list[str], bool]:
+    """Render one IPv4 ServicePort as upstream's syncProxyRules loop body does.
+
+    Returns (filter rules, nat dispatch rules for KUBE-SERVICES/KUBE-NODEPORTS, nat chain
+    declarations, nat chain rules, names of the nat chains it owns, has usable endpoints).
+    `cluster_cidr` "" means no local-traffic detector (upstream's LocalTrafficDetector no-op).
+    """
+    spn = str(svc.name)
+    proto = svc.protocol.lower()
+    vip = svc.cluster_ip("IPv4")
+    port = svc.port
+    h = port_proto_hash(spn, proto)
+    svc_chain = "KUBE-SVC-" + h
+    svl_chain = "KUBE-SVL-" + h
+    ext_chain = "KUBE-EXT-" + h
+    fw_chain = "KUBE-FW-" + h
+    external_ips = [ip for ip in svc.external_ips if ":" not in ip]
+    lb_ips = [ip for ip in svc.load_balancer_ips if ":" not in ip]
+    node_port = svc.node_port
+    externally_accessible = node_port != 0 or len(external_ips) > 0 or len(lb_ips) > 0
+    ext_local = svc.external_policy_local and externally_accessible
+    int_local = svc.internal_policy_local
+    uses_cluster = (not int_local) or (externally_accessible and not ext_local)
+    uses_local = int_local or ext_local
+    affinity = -1 if svc.session_affinity_timeout is None else svc.session_affinity_timeout
+
+    eps = sorted(endpoints, key=_ep_key)
+    cluster_eps, local_eps, reachable, has_eps = categorize_endpoints(tuple(eps), uses_cluster, uses_local)
+    uses_cluster_chain = len(cluster_eps) > 0 and uses_cluster
+    uses_local_chain = len(local_eps) > 0 and uses_local
+
+    internal_chain = svc_chain
+    has_internal = has_eps
+    if int_local:
+        internal_chain = svl_chain
+        if not local_eps:
+            has_internal = False
+    external_policy_chain = svc_chain
+    has_external = has_eps
+    if ext_local:
+        external_policy_chain = svl_chain
+        if not local_eps:
+            has_external = False
+    uses_ext_chain = has_eps and externally_accessible
+    lb_chain = ext_chain
+    uses_fw = has_eps and len(lb_ips) > 0 and len(svc.load_balancer_source_ranges) > 0
+    if uses_fw:
+        lb_chain = fw_chain
+
+    int_target = ""
+    int_comment = ""
+    ext_target = ""
+    ext_comment = ""
+    if not has_eps:
+        int_target = "REJECT"
+        int_comment = f'"{spn} has no endpoints"'
+        ext_target = "REJECT"
+        ext_comment = int_comment
+    else:
+        if not has_internal:
+            int_target = "DROP"
+            int_comment = f'"{spn} has no local endpoints"'
+        if not has_external:
+            ext_target = "DROP"
+            ext_comment = f'"{spn} has no local endpoints"'
+
+    filt: list[str] = []
+    disp: list[str] = []
+    chains: list[str] = []
+    rules: list[str] = []
+    names: list[str] = []
+    match = f"-m {proto} -p {proto}"
+
+    if vip is not None:
+        if has_internal:
+            disp.append(
+                f'-A KUBE-SERVICES -m comment --comment "{spn} cluster IP" {match} -d {vip} --dport {port}'
+                f" -j {internal_chain}\n"
+            )
+        else:
+            filt.append(
+                f"-A KUBE-SERVICES -m comment --comment {int_comment} {match} -d {vip} --dport {port}"
+                f" -j {int_target}\n"
+            )
+    for ip in external_ips:
+        if has_eps:
+            disp.append(
+                f'-A KUBE-SERVICES -m comment --comment "{spn} external IP" {match} -d {ip} --dport {port}'
+                f" -j {ext_chain}\n"
+            )
+        if not has_external:
+            filt.append(
+                f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {ext_comment} {match} -d {ip} --dport {port}"
+                f" -j {ext_target}\n"
+            )
+    for ip in lb_ips:
+        if has_eps:
+            disp.append(
+                f'-A KUBE-SERVICES -m comment --comment "{spn} loadbalancer IP" {match} -d {ip} --dport {port}'
+                f" -j {lb_chain}\n"
+            )
+        if uses_fw:
+            filt.append(
+                f'-A KUBE-PROXY-FIREWALL -m comment --comment "{spn} traffic not accepted by {fw_chain}"'
+                f" {match} -d {ip} --dport {port} -j DROP\n"
+            )
+    if not has_external:
+        for ip in lb_ips:
+            filt.append(
+                f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {ext_comment} {match} -d {ip} --dport {port}"
+                f" -j {ext_target}\n"
+            )
+    if node_port != 0:
+        if has_eps:
+            disp.append(f"-A KUBE-NODEPORTS -m comment --comment {spn} {match} --dport {node_port} -j {ext_chain}\n")
+        if not has_external:
+            filt.append(
+                f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL"
+                f" {match} --dport {node_port} -j {ext_target}\n"
+            )
+    if svc.health_check_node_port != 0:
+        filt.append(
+            f'-A KUBE-NODEPORTS -m comment --comment "{spn} health check node port" -m tcp -p tcp'
+            f" --dport {svc.health_check_node_port} -j ACCEPT\n"
+        )
+
+    if has_internal and vip is not None:
+        head = f'-A {internal_chain} -m comment --comment "{spn} cluster IP" {match} -d {vip} --dport {port}'
+        if masquerade_all:
+            rules.append(f"{head} -j KUBE-MARK-MASQ\n")
+        elif cluster_cidr:
+            rules.append(f"{head} ! -s {cluster_cidr} -j KUBE-MARK-MASQ\n")
+
+    if uses_ext_chain:
+        chains.append(f":{ext_chain} - [0:0]\n")
+        names.append(ext_chain)
+        if not ext_local:
+            rules.append(
+                f'-A {ext_chain} -m comment --comment "masquerade traffic for {spn} external destinations"'
+                " -j KUBE-MARK-MASQ\n"
+            )
+        else:
+            if cluster_cidr:
+                rules.append(
+                    f'-A {ext_chain} -m comment --comment "pod traffic for {spn} external destinations"'
+                    f" -s {cluster_cidr} -j {svc_chain}\n"
+                )
+            rules.append(
+                f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {spn} external destinations"'
+                " -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ\n"
+            )
+            rules.append(
+                f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {spn} external destinations"'
+                f" -m addrtype --src-type LOCAL -j {svc_chain}\n"
+            )
+        if has_external:
+            rules.append(f"-A {ext_chain} -j {external_policy_chain}\n")
+
+    if uses_fw:
+        chains.append(f":{fw_chain} - [0:0]\n")
+        names.append(fw_chain)
+        fw_head = f'-A {fw_chain} -m comment --comment "{spn} loadbalancer IP"'
+        for cidr in svc.load_balancer_source_ranges:
+            rules.append(f"{fw_head} -s {cidr.strip()} -j {ext_chain}\n")
+        if _source_ranges_contain(svc.load_balancer_source_ranges, node_ips):
+            for ip in lb_ips:
+                rules.append(f"{fw_head} -s {ip} -j {ext_chain}\n")
+        rules.append(
+            f'-A {fw_chain} -m comment --comment "other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"\n'
+        )
+
+    sep_names: dict[str, str] = {}
+    for ep in reachable:
+        sep_names[ep.addr] = endpoint_chain_name(spn, proto, ep.addr)
+    if uses_cluster_chain:
+        chains.append(f":{svc_chain} - [0:0]\n")
+        names.append(svc_chain)
+        _service_to_endpoint_rules(rules, spn, svc_chain, cluster_eps, sep_names, affinity, large_cluster)
+    if uses_local_chain:
+        chains.append(f":{svl_chain} - [0:0]\n")
+        names.append(svl_chain)
+        _service_to_endpoint_rules(rules, spn, svl_chain, local_eps, sep_names, affinity, large_cluster)
+
+    for ep in reachable:
+        sep = sep_names[ep.addr]
+        chains.append(f":{sep} - [0:0]\n")
+        names.append(sep)
+        if large_cluster:
+            head = f"-A {sep}"
+        else:
+            head = f"-A {sep} -m comment --comment {spn}"
+        rules.append(f"{head} -s {ep.ip} -j KUBE-MARK-MASQ\n")
+        if affinity >= 0:
+            rules.append(f"{head} -m recent --name {sep} --set {match} -j DNAT --to-destination {ep.addr}\n")
+        else:
+            rules.append(f"{head} {match} -j DNAT --to-destination {ep.addr}\n")
+
+    return "".join(filt), "".join(disp), "".join(chains), "".join(rules), names, has_eps

@@ -1,0 +1,140 @@
+"""Thin runner around the iptables tools: restore, save, single commands, back-end detection.
+
+Bulk work goes through one `iptables-restore -w 5 --noflush` per sync, as upstream's
+utiliptables.RestoreAll(NoFlushTables): --noflush keeps chains kproxy does not own, and the kernel
+applies each table (legacy) or the whole batch (nf_tables) atomically, so a failed restore leaves
+the previous rules in place.
+
+`netns` runs every command inside an existing network namespace (`ip netns exec NAME ...`); the
+daemon leaves it None and works in its own namespace. Tests and benchmarks use it to program a
+namespace they created without ever touching the root namespace's rules.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from typing import Literal
+
+Backend = Literal["nft", "legacy"]
+BACKENDS: tuple[Backend, ...] = ("nft", "legacy")
+# Environment override for the back end, like the iptables-wrapper's mode selection.
+BACKEND_ENV = "KPROXY_IPTABLES_BACKEND"
+_ERR_LINE = re.compile(r"line:? (\d+)")
+
+
+class IPTablesError(RuntimeError):
+    """A failed iptables command; `line` is the restore input line the tool complained about."""
+
+    def __init__(self, cmd: list[str], returncode: int, stderr: str) -> None:
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        m = _ERR_LINE.search(self.stderr)
+        self.line = int(m.group(1)) if m else 0
+        super().__init__(f"{' '.join(cmd)} exited {returncode}: {self.stderr}")
+
+
+def _netns_prefix(netns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def _tool(backend: Backend, tool: str) -> str:
+    # iptables-nft-restore / iptables-legacy-save ...: explicit names, never the alternatives link.
+    base, _, suffix = tool.partition("-")
+    return f"{base}-{backend}-{suffix}" if suffix else f"{base}-{backend}"
+
+
+def detect_backend(netns: str | None = None) -> Backend:
+    """Pick the back end as upstream's iptables-wrapper does: the one that already holds kube rules.
+
+    KPROXY_IPTABLES_BACKEND=nft|legacy overrides. Otherwise count KUBE- lines in each back end's
+    mangle/nat dump; legacy wins only with strictly more (nf_tables is the image default).
+    """
+    forced = os.environ.get(BACKEND_ENV, "")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+        return forced  # type: ignore[return-value]
+    counts: dict[Backend, int] = {}
+    for backend in BACKENDS:
+        try:
+            out = subprocess.run(
+                [*_netns_prefix(netns), _tool(backend, "iptables-save")],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        counts[backend] = sum(1 for line in out.splitlines() if "KUBE-" in line)
+    return "legacy" if counts["legacy"] > counts["nft"] else "nft"
+
+
+@dataclass
+class IPTables:
+    """One (back end, namespace) pair. Not thread-safe; the proxier calls it from one thread."""
+
+    backend: Backend = "nft"
+    netns: str | None = None
+    wait_seconds: int = 5
+    timeout: float = 120.0
+    restores: int = field(default=0, init=False)
+
+    def _run(self, args: list[str], stdin: bytes | None = None) -> bytes:
+        cmd = [*_netns_prefix(self.netns), *args]
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=self.timeout)
+        if proc.returncode != 0:
+            raise IPTablesError(cmd, proc.returncode, proc.stderr.decode(errors="replace"))
+        return proc.stdout
+
+    def restore(self, data: bytes) -> None:
+        """Apply a restore buffer with --noflush; raises IPTablesError (with .line) on failure."""
+        self.restores += 1
+        self._run([_tool(self.backend, "iptables-restore"), "-w", str(self.wait_seconds), "--noflush"], data)
+
+    def save(self, table: str) -> str:
+        return self._run([_tool(self.backend, "iptables-save"), "-t", table]).decode()
+
+    def command(self, *args: str) -> str:
+        return self._run([_tool(self.backend, "iptables"), "-w", str(self.wait_seconds), *args]).decode()
+
+    def chain_rules(self, table: str, chain: str) -> list[str]:
+        """`-S CHAIN` lines of one chain (empty if the chain does not exist)."""
+        try:
+            out = self.command("-t", table, "-S", chain)
+        except IPTablesError:
+            return []
+        return [line for line in out.splitlines() if line.startswith("-A ")]
+
+    def chain_exists(self, table: str, chain: str) -> bool:
+        try:
+            self.command("-t", table, "-S", chain)
+        except IPTablesError:
+            return False
+        return True
+
+    def sysctl(self, key: str, value: str) -> None:
+        """Write a sysctl in the namespace (sysctls under net/ are per network namespace)."""
+        path = "/proc/sys/" + key.replace(".", "/")
+        if self.netns:
+            self._run(["sh", "-c", f"echo {value} > {path}"])
+        else:
+            with open(path, "w") as f:
+                f.write(value)
+
+    def local_ipv4_addresses(self) -> list[str]:
+        """Addresses on this node's interfaces, for --nodeport-addresses matching."""
+        out = self._run(["ip", "-o", "-4", "addr", "show"]).decode()
+        ips = []
+        for line in out.splitlines():
+            parts = line.split()
+            if "inet" in parts:
+                ips.append(parts[parts.index("inet") + 1].split("/")[0])
+        return ips
+
+
+def chains_in_dump(dump: str) -> set[str]:
+    """Chain names declared in an iptables-save dump of one table (upstream GetChainsFromTable)."""
+    return {line[1:].split(" ", 1)[0] for line in dump.splitlines() if line.startswith(":")}

@@ -1,0 +1,129 @@
+"""Per-service health-check node ports for externalTrafficPolicy: Local (upstream servicehealth).
+
+A cloud load balancer probes spec.healthCheckNodePort on every node and only sends traffic to
+nodes that answer 200, i.e. nodes with at least one local ready endpoint. One HTTP listener per
+port; the body names the service and its local endpoint count, as upstream's handler does.
+
+Listeners run on plain threads (http.server) so the proxier, which is synchronous, can open and
+close them from sync() without an event loop.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NamespacedName:
+    namespace: str
+    name: str
+
+
+class _Listener:
+    def __init__(self, owner: ServiceHealthServer, nsn: NamespacedName, port: int, address: str) -> None:
+        self.nsn = nsn
+        self.port = port
+        handler = _make_handler(owner, nsn)
+        self.server = http.server.ThreadingHTTPServer((address, port), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name=f"healthcheck-{port}", kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def _make_handler(owner: ServiceHealthServer, nsn: NamespacedName) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            count = owner.local_endpoints(nsn)
+            healthy = owner.proxy_healthy()
+            body = json.dumps(
+                {
+                    "service": {"namespace": nsn.namespace, "name": nsn.name},
+                    "localEndpoints": count,
+                    "serviceProxyHealthy": healthy,
+                },
+                indent=1,
+            ).encode()
+            # Upstream: 503 when there is no local endpoint or kube-proxy itself is unhealthy.
+            self.send_response(200 if count > 0 and healthy else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            return
+
+    return Handler
+
+
+class ServiceHealthServer:
+    """Owns one listener per health-check node port; SyncServices/SyncEndpoints as upstream."""
+
+    def __init__(self, bind_address: str = "", proxy_healthy: Callable[[], bool] | None = None) -> None:
+        self._address = bind_address
+        self._proxy_healthy = proxy_healthy or (lambda: True)
+        self._lock = threading.Lock()
+        self._listeners: dict[NamespacedName, _Listener] = {}
+        self._endpoints: dict[NamespacedName, int] = {}
+
+    def proxy_healthy(self) -> bool:
+        return self._proxy_healthy()
+
+    def local_endpoints(self, nsn: NamespacedName) -> int:
+        with self._lock:
+            return self._endpoints.get(nsn, 0)
+
+    def sync_services(self, ports: dict[NamespacedName, int]) -> list[str]:
+        """Open listeners for new (service, port) pairs, close removed or moved ones.
+
+        Returns errors (a port that cannot be bound is logged and retried on the next sync, as
+        upstream does) instead of raising, so one bad port never blocks rule programming.
+        """
+        errors: list[str] = []
+        with self._lock:
+            for nsn, listener in list(self._listeners.items()):
+                if ports.get(nsn) != listener.port:
+                    listener.close()
+                    del self._listeners[nsn]
+            for nsn, port in ports.items():
+                if nsn in self._listeners or port <= 0:
+                    continue
+                try:
+                    self._listeners[nsn] = _Listener(self, nsn, port, self._address)
+                except OSError as e:
+                    msg = f"health check node port {port} for {nsn.namespace}/{nsn.name}: {e}"
+                    log.error("healthcheck listen failed %s", msg)
+                    errors.append(msg)
+            for nsn in list(self._endpoints):
+                if nsn not in ports:
+                    del self._endpoints[nsn]
+        return errors
+
+    def sync_endpoints(self, counts: dict[NamespacedName, int]) -> None:
+        with self._lock:
+            for nsn in self._listeners:
+                self._endpoints[nsn] = counts.get(nsn, 0)
+
+    def ports(self) -> dict[NamespacedName, int]:
+        with self._lock:
+            return {nsn: lst.port for nsn, lst in self._listeners.items()}
+
+    def close(self) -> None:
+        with self._lock:
+            for listener in self._listeners.values():
+                listener.close()
+            self._listeners.clear()

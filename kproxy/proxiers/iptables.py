@@ -1,0 +1,542 @@
+"""The iptables proxier: upstream's pkg/proxy/iptables syncProxyRules, in one restore per sync.
+
+A sync renders (kproxy.fastpath: Cython, or the pure twin) the changed ServicePorts into
+per-service fragments, assembles one `iptables-restore --noflush` buffer for filter and nat and
+applies it in one transaction. What makes it fast, beyond the compiled renderer:
+  - per-service fragments of the shared dispatch chains (KUBE-SERVICES, KUBE-NODEPORTS and the
+    filter chains) are kept, so a partial sync re-renders only changed services, and rewrites
+    the shared chains only when a changed service's dispatch rules really changed; an endpoint
+    change therefore restores just that service's KUBE-SVC-/KUBE-SEP- chains;
+  - the chains kproxy owns are tracked in memory after the first dump, so syncs need no
+    iptables-save; stale chains are flushed and deleted (-X) in the same transaction.
+A failed restore changes nothing in the kernel (atomic per table, per batch with nf_tables),
+returns ok=False and makes the next sync a full one that re-reads the kernel's chain list.
+
+Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object with them):
+hostname_override, cluster_cidr, nodeport_addresses, masquerade_all, masquerade_bit,
+localhost_nodeports; optional: iptables_backend ("nft"|"legacy"|"" auto), netns (run the tools in
+that network namespace), healthcheck_bind_address.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kproxy.backends.conntrack import Conntrack
+from kproxy.backends.iptables import IPTables, IPTablesError, chains_in_dump, detect_backend
+from kproxy.fastpath import impl as fastpath
+from kproxy.healthcheck import NamespacedName, ServiceHealthServer
+from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
+from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+
+log = logging.getLogger(__name__)
+
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+CANARY = "KUBE-PROXY-CANARY"
+FILTER_CHAINS = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL")
+NAT_CHAINS = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ")
+KUBELET_FIREWALL = "KUBE-FIREWALL"
+NODEPORTS_TAIL_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
+
+
+@dataclass(frozen=True, slots=True)
+class JumpChain:
+    """A jump from a built-in chain into one of ours (upstream iptablesJumpChains)."""
+
+    table: str
+    src: str
+    dst: str
+    comment: str
+    extra: str = ""
+
+    def spec(self) -> str:
+        parts = [self.extra] if self.extra else []
+        if self.comment:
+            parts.append(f'-m comment --comment "{self.comment}"')
+        parts.append(f"-j {self.dst}")
+        return " ".join(parts)
+
+
+_NEW = "-m conntrack --ctstate NEW"
+JUMP_CHAINS = (
+    JumpChain("filter", "INPUT", "KUBE-EXTERNAL-SERVICES", "kubernetes externally-visible service portals", _NEW),
+    JumpChain("filter", "FORWARD", "KUBE-EXTERNAL-SERVICES", "kubernetes externally-visible service portals", _NEW),
+    JumpChain("filter", "INPUT", "KUBE-NODEPORTS", "kubernetes health check service ports"),
+    JumpChain("filter", "FORWARD", "KUBE-SERVICES", "kubernetes service portals", _NEW),
+    JumpChain("filter", "OUTPUT", "KUBE-SERVICES", "kubernetes service portals", _NEW),
+    JumpChain("filter", "FORWARD", "KUBE-FORWARD", "kubernetes forwarding rules"),
+    JumpChain("filter", "INPUT", "KUBE-PROXY-FIREWALL", "kubernetes load balancer firewall", _NEW),
+    JumpChain("filter", "OUTPUT", "KUBE-PROXY-FIREWALL", "kubernetes load balancer firewall", _NEW),
+    JumpChain("filter", "FORWARD", "KUBE-PROXY-FIREWALL", "kubernetes load balancer firewall", _NEW),
+    JumpChain("nat", "OUTPUT", "KUBE-SERVICES", "kubernetes service portals"),
+    JumpChain("nat", "PREROUTING", "KUBE-SERVICES", "kubernetes service portals"),
+    JumpChain("nat", "POSTROUTING", "KUBE-POSTROUTING", "kubernetes postrouting rules"),
+)
+# kubelet owns these upstream; kube-proxy ensures them too when localhost NodePorts are on.
+KUBELET_JUMP_CHAINS = (
+    JumpChain("filter", "INPUT", KUBELET_FIREWALL, ""),
+    JumpChain("filter", "OUTPUT", KUBELET_FIREWALL, ""),
+)
+
+
+@dataclass(slots=True)
+class _Programmed:
+    """What the kernel holds for one ServicePort after the last successful sync."""
+
+    svc: ServicePort
+    filter: str
+    dispatch: str
+    chains: tuple[str, ...]
+    nat_rules: int
+    serving: frozenset[tuple[str, int]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
+
+
+@dataclass(slots=True)
+class Plan:
+    """One sync's restore input and the bookkeeping to commit when it succeeds."""
+
+    data: bytes
+    programmed: dict[ServicePortName, _Programmed]
+    owned_chains: set[str]
+    full: bool
+    rendered: int
+    wrote_dispatch: bool
+    wrote_filter: bool
+    deleted_chains: list[str] = field(default_factory=list)
+
+
+def _eligible(svc: ServicePort | None) -> bool:
+    # Headless and ExternalName services are not proxied; IPv4 only (one proxier per family).
+    return svc is not None and svc.type != "ExternalName" and svc.cluster_ip("IPv4") is not None
+
+
+class IptablesProxier(Proxier):
+    mode = "iptables"
+
+    def __init__(
+        self,
+        iptables: IPTables,
+        *,
+        node_name: str = "",
+        cluster_cidr: str = "",
+        nodeport_addresses: tuple[str, ...] = (),
+        masquerade_all: bool = False,
+        masquerade_bit: int = 14,
+        localhost_nodeports: bool = True,
+        conntrack: Conntrack | None = None,
+        health_server: ServiceHealthServer | None = None,
+        renderer: Any = None,
+    ) -> None:
+        if not 0 <= masquerade_bit <= 31:
+            raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
+        for cidr in nodeport_addresses:
+            ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
+        self.iptables = iptables
+        self.node_name = node_name
+        # Upstream's local detector takes the one CIDR of this family.
+        self.cluster_cidr = next((c.strip() for c in cluster_cidr.split(",") if c.strip() and ":" not in c), "")
+        self.nodeport_addresses = tuple(c for c in nodeport_addresses if ":" not in c)
+        self.masquerade_all = masquerade_all
+        # Go's %#08x: the mark is written "0x004000", iptables-save shows it back as 0x4000.
+        self.masquerade_mark = f"0x{1 << masquerade_bit:06x}"
+        self.localhost_nodeports = localhost_nodeports
+        self.conntrack = conntrack
+        self.health_server = health_server
+        self.render = renderer or fastpath
+        self._programmed: dict[ServicePortName, _Programmed] = {}
+        self._owned_chains: set[str] = set()
+        self._need_full = True
+        self._need_dump = True  # re-read the kernel's chain list before the next full sync
+        self._large: bool | None = None
+        self._node_ips: tuple[str, ...] = ()
+        self.last_plan_stats: dict[str, float] = {}
+
+    # ---- rendering (sans I/O apart from the first-sync dumps) ----
+
+    def _large_cluster(self, services: ServicePortMap, endpoints: EndpointsMap) -> bool:
+        total = 0
+        for name in services:
+            total += len(endpoints.get(name, ()))
+        return total > self.render.LARGE_CLUSTER_ENDPOINTS
+
+    def _nodeports_tail(self) -> list[str]:
+        head = f"-A KUBE-SERVICES -m comment --comment {NODEPORTS_TAIL_COMMENT}"
+        if not self.nodeport_addresses:
+            dst = "-m addrtype --dst-type LOCAL" + ("" if self.localhost_nodeports else " ! -d 127.0.0.0/8")
+            return [f"{head} {dst} -j KUBE-NODEPORTS\n"]
+        nets = [ipaddress.ip_network(c, strict=False) for c in self.nodeport_addresses]
+        out = []
+        for ip in self._node_ips:
+            addr = ipaddress.ip_address(ip)
+            if not any(addr in n for n in nets):
+                continue
+            if addr.is_loopback and not self.localhost_nodeports:
+                log.error("nodeport-addresses includes localhost but localhost NodePorts are off address=%s", ip)
+                continue
+            out.append(f"{head} -d {ip} -j KUBE-NODEPORTS\n")
+        return out
+
+    def _filter_globals(self) -> list[str]:
+        rules = ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n"]
+        m = self.masquerade_mark
+        rules.append(
+            f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {m}/{m} -j ACCEPT\n'
+        )
+        rules.append(
+            '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule"'
+            " -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
+        )
+        if self.localhost_nodeports:
+            rules.append(
+                f'-A {KUBELET_FIREWALL} -m comment --comment "block incoming localnet connections"'
+                " -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n"
+            )
+        return rules
+
+    def _missing_jumps(self) -> dict[str, list[str]]:
+        """Restore lines (-I CHAIN 1 ...) for jumps absent from the built-in chains.
+
+        Upstream checks each jump with `iptables -C` and prepends it outside the restore; doing
+        the inserts inside the same restore makes them atomic with the chains they point to.
+        """
+        jumps = list(JUMP_CHAINS) + (list(KUBELET_JUMP_CHAINS) if self.localhost_nodeports else [])
+        missing: dict[str, list[str]] = {"filter": [], "nat": []}
+        cache: dict[tuple[str, str], list[str]] = {}
+        for j in jumps:
+            key = (j.table, j.src)
+            if key not in cache:
+                cache[key] = self.iptables.chain_rules(j.table, j.src)
+            present = any(
+                line.endswith(f"-j {j.dst}") and (not j.comment or f'"{j.comment}"' in line or j.comment in line)
+                for line in cache[key]
+            )
+            if not present:
+                missing[j.table].append(f"-I {j.src} 1 {j.spec()}\n")
+        return missing
+
+    def plan(self, request: SyncRequest, full: bool) -> Plan:
+        """Build the restore buffer for this sync without applying it."""
+        services = request.services
+        endpoints = request.endpoints
+        large = self._large_cluster(services, endpoints)
+        if self._large is not None and large != self._large:
+            full = True  # every SVC/SEP chain changes shape (comments on/off)
+        r = self.render
+        t0 = time.perf_counter()
+
+        programmed = {} if full else dict(self._programmed)
+        if full:
+            names = sorted(n for n, s in services.items() if _eligible(s))
+        else:
+            names = sorted(request.changed)
+        chain_decls: list[str] = []
+        chain_rules: list[str] = []
+        stale: set[str] = set()
+        new_owned: set[str] = set() if full else set(self._owned_chains)
+        dispatch_changed = full
+        filter_changed = full
+        empty: tuple[Endpoint, ...] = ()
+        masq_all = self.masquerade_all
+        cidr = self.cluster_cidr
+        node_ips = self._node_ips
+        for name in names:
+            svc = services.get(name)
+            old = self._programmed.get(name)
+            if not _eligible(svc):
+                if old is not None and not full:
+                    programmed.pop(name, None)
+                    stale.update(old.chains)
+                    new_owned.difference_update(old.chains)
+                    dispatch_changed = dispatch_changed or bool(old.dispatch)
+                    filter_changed = filter_changed or bool(old.filter)
+                continue
+            assert svc is not None
+            eps = endpoints.get(name, empty)
+            out = r.render_service_port(svc, eps, masq_all, cidr, large, node_ips)
+            filt, disp, decls, rules, chains, _has = out
+            chain_decls.append(decls)
+            chain_rules.append(rules)
+            serving: frozenset[tuple[str, int]] = frozenset()
+            if svc.protocol == "UDP":
+                serving = frozenset((e.ip, e.port) for e in eps if e.serving or e.ready)
+            new = _Programmed(svc, filt, disp, tuple(chains), rules.count("\n"), serving)
+            programmed[name] = new
+            if old is not None and not full:
+                stale.update(c for c in old.chains if c not in chains)
+                new_owned.difference_update(old.chains)
+                if old.dispatch != disp:
+                    dispatch_changed = True
+                if old.filter != filt:
+                    filter_changed = True
+            else:
+                dispatch_changed = dispatch_changed or bool(disp)
+                filter_changed = filter_changed or bool(filt)
+            new_owned.update(chains)
+        if full:
+            previous = self._owned_chains
+            if self._need_dump:
+                previous = chains_in_dump(self.iptables.save("nat"))
+            stale = {c for c in previous if c.startswith(SERVICE_CHAIN_PREFIXES) and c not in new_owned}
+        else:
+            stale.difference_update(new_owned)
+        t1 = time.perf_counter()
+
+        missing = self._missing_jumps() if full else {"filter": [], "nat": []}
+        buf: list[str] = []
+        if full:
+            buf.append(f"*mangle\n:{CANARY} - [0:0]\nCOMMIT\n")
+        if filter_changed:
+            buf.append("*filter\n")
+            buf.extend(f":{c} - [0:0]\n" for c in FILTER_CHAINS)
+            if self.localhost_nodeports:
+                buf.append(f":{KUBELET_FIREWALL} - [0:0]\n")
+            if full:
+                buf.append(f":{CANARY} - [0:0]\n")
+            buf.extend(missing["filter"])
+            buf.extend(p.filter for p in self._ordered(programmed) if p.filter)
+            buf.extend(self._filter_globals())
+            buf.append("COMMIT\n")
+        elif missing["filter"]:
+            buf.append("*filter\n")
+            buf.extend(missing["filter"])
+            buf.append("COMMIT\n")
+        wrote_nat = dispatch_changed or bool(chain_decls) or bool(stale) or full
+        if wrote_nat:
+            buf.append("*nat\n")
+            if dispatch_changed:
+                buf.append(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n")
+            if full:
+                buf.append(f":KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:{CANARY} - [0:0]\n")
+            buf.extend(chain_decls)
+            stale_sorted = sorted(stale)
+            buf.extend(f":{c} - [0:0]\n" for c in stale_sorted)
+            buf.extend(missing["nat"])
+            if full:
+                m = self.masquerade_mark
+                buf.append(f"-A KUBE-POSTROUTING -m mark ! --mark {m}/{m} -j RETURN\n")
+                buf.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {m}\n")
+                buf.append(
+                    '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT"'
+                    " -j MASQUERADE --random-fully\n"
+                )
+                buf.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {m}\n")
+            if dispatch_changed:
+                buf.extend(p.dispatch for p in self._ordered(programmed) if p.dispatch)
+            buf.extend(chain_rules)
+            buf.extend(f"-X {c}\n" for c in stale_sorted)
+            if dispatch_changed:
+                buf.extend(self._nodeports_tail())
+            buf.append("COMMIT\n")
+        data = "".join(buf).encode()
+        self.last_plan_stats = {"render_s": t1 - t0, "assemble_s": time.perf_counter() - t1, "bytes": len(data)}
+        self._large = large
+        return Plan(
+            data=data,
+            programmed=programmed,
+            owned_chains=new_owned,
+            full=full,
+            rendered=len(chain_decls),
+            wrote_dispatch=dispatch_changed,
+            wrote_filter=filter_changed,
+            deleted_chains=sorted(stale),
+        )
+
+    @staticmethod
+    def _ordered(programmed: dict[ServicePortName, _Programmed]) -> list[_Programmed]:
+        # A stable order keeps the shared chains byte-identical across syncs (Go iterates a map).
+        return [programmed[k] for k in sorted(programmed)]
+
+    # ---- applying ----
+
+    def sync(self, request: SyncRequest) -> SyncResult:
+        full = request.full or self._need_full
+        start = time.perf_counter()
+        try:
+            if full:
+                self._prepare_full_sync()
+            plan = self.plan(request, full)
+        except (IPTablesError, OSError, ValueError) as e:
+            self._need_full = True
+            self._need_dump = True
+            log.error("iptables sync failed before restore err=%s", e)
+            return SyncResult(ok=False, error=str(e))
+        t_render = time.perf_counter()
+        if plan.data:
+            try:
+                self.iptables.restore(plan.data)
+            except (IPTablesError, OSError, Exception) as e:  # noqa: BLE001 - any failure must force a resync
+                self._need_full = True
+                self._need_dump = True
+                err = str(e)
+                if isinstance(e, IPTablesError) and e.line:
+                    lines = plan.data.decode(errors="replace").splitlines()
+                    ctx = lines[max(0, e.line - 2) : e.line + 1]
+                    err += " near: " + " | ".join(ctx)
+                log.error("iptables-restore failed full=%s err=%s", full, err)
+                return SyncResult(ok=False, error=err)
+        t_restore = time.perf_counter()
+        old = self._programmed
+        self._programmed = plan.programmed
+        self._owned_chains = plan.owned_chains
+        self._need_full = False
+        if full:
+            self._need_dump = False
+        self._after_sync(request, old)
+        self.last_plan_stats.update(
+            {"plan_s": t_render - start, "restore_s": t_restore - t_render, "total_s": time.perf_counter() - start}
+        )
+        filter_rules = sum(p.filter.count("\n") for p in plan.programmed.values()) + len(self._filter_globals())
+        nat_rules = sum(p.nat_rules + p.dispatch.count("\n") for p in plan.programmed.values())
+        return SyncResult(ok=True, rules_total={"filter": filter_rules, "nat": nat_rules})
+
+    def _prepare_full_sync(self) -> None:
+        ips: tuple[str, ...] = ()
+        try:
+            ips = tuple(self.iptables.local_ipv4_addresses())
+        except (IPTablesError, OSError) as e:
+            log.warning("cannot list node addresses err=%s", e)
+        self._node_ips = ips
+        matches_loopback = not self.nodeport_addresses or any(
+            ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(c, strict=False) for c in self.nodeport_addresses
+        )
+        if self.localhost_nodeports and matches_loopback:
+            try:
+                # Upstream sets route_localnet so NodePorts answer on 127.0.0.1 (KUBE-FIREWALL guards it).
+                self.iptables.sysctl("net.ipv4.conf.all.route_localnet", "1")
+            except (IPTablesError, OSError) as e:
+                log.warning("cannot set route_localnet err=%s", e)
+
+    def _after_sync(self, request: SyncRequest, old: dict[ServicePortName, _Programmed]) -> None:
+        if self.health_server is not None:
+            self._sync_health(request)
+        if self.conntrack is not None:
+            self._clean_conntrack(request, old)
+
+    def _sync_health(self, request: SyncRequest) -> None:
+        assert self.health_server is not None
+        ports: dict[NamespacedName, int] = {}
+        counts: dict[NamespacedName, int] = {}
+        for name, svc in request.services.items():
+            if svc.health_check_node_port and svc.external_policy_local:
+                nsn = NamespacedName(name.namespace, name.name)
+                ports[nsn] = svc.health_check_node_port
+                local = sum(1 for e in request.endpoints.get(name, ()) if e.is_local and e.ready)
+                counts[nsn] = max(counts.get(nsn, 0), local)
+        self.health_server.sync_services(ports)
+        self.health_server.sync_endpoints(counts)
+
+    def _clean_conntrack(self, request: SyncRequest, old: dict[ServicePortName, _Programmed]) -> None:
+        """Delete UDP conntrack entries that would keep steering packets to the wrong place."""
+        assert self.conntrack is not None
+        ct = self.conntrack
+        ct.deletions.clear()
+        stale_eps: set[tuple[ServicePortName, str]] = set()
+        gained: set[ServicePortName] = set()
+        for name, prev in old.items():
+            if prev.svc.protocol != "UDP":
+                continue
+            now = self._programmed.get(name)
+            now_serving = now.serving if now is not None else frozenset()
+            for ip, _port in prev.serving - now_serving:
+                stale_eps.add((name, ip))
+        for name, cur in self._programmed.items():
+            if cur.svc.protocol == "UDP" and cur.serving:
+                prev2 = old.get(name)
+                if prev2 is None or not prev2.serving:
+                    gained.add(name)
+        for name, ep in request.stale_endpoints:
+            if name.protocol == "UDP":
+                stale_eps.add((name, ep.ip))
+        for name in request.stale_services:
+            if name.protocol == "UDP" and name in self._programmed:
+                gained.add(name)
+        for name in sorted(gained):
+            svc = self._programmed[name].svc
+            for ip in self._service_ips(svc):
+                ct.clear_entries_for_ip(ip, "udp")
+            if svc.node_port:
+                ct.clear_entries_for_port(svc.node_port, "udp")
+        for name, ep_ip in sorted(stale_eps):
+            prog = old.get(name) or self._programmed.get(name)
+            if prog is None:
+                continue
+            for ip in self._service_ips(prog.svc):
+                ct.clear_entries_for_nat(ip, ep_ip, "udp")
+            if prog.svc.node_port:
+                ct.clear_entries_for_port_nat(ep_ip, prog.svc.node_port, "udp")
+
+    @staticmethod
+    def _service_ips(svc: ServicePort) -> list[str]:
+        ips = [ip for ip in svc.cluster_ips if ":" not in ip]
+        ips += [ip for ip in svc.external_ips if ":" not in ip]
+        ips += [ip for ip in svc.load_balancer_ips if ":" not in ip]
+        return ips
+
+    # ---- cleanup ----
+
+    def cleanup(self) -> bool:
+        """Remove every jump kproxy inserted and every chain it owns, in one restore per table."""
+        ok = True
+        owned_global = set(FILTER_CHAINS) | set(NAT_CHAINS) | {CANARY, KUBELET_FIREWALL}
+        for table in ("filter", "nat", "mangle"):
+            try:
+                dump = self.iptables.save(table)
+            except (IPTablesError, OSError) as e:
+                log.error("cleanup: iptables-save -t %s failed err=%s", table, e)
+                ok = False
+                continue
+            chains = chains_in_dump(dump)
+            ours = sorted(c for c in chains if c in owned_global or c.startswith(SERVICE_CHAIN_PREFIXES))
+            if not ours:
+                continue
+            ours_set = set(ours)
+            deletes = []
+            for line in dump.splitlines():
+                if not line.startswith("-A "):
+                    continue
+                chain = line.split(" ", 2)[1]
+                target = line.rsplit(" -j ", 1)[-1].split(" ", 1)[0] if " -j " in line else ""
+                if chain not in ours_set and target in ours_set:
+                    deletes.append("-D " + line[3:] + "\n")
+            body = "".join(deletes) + "".join(f":{c} - [0:0]\n" for c in ours) + "".join(f"-X {c}\n" for c in ours)
+            try:
+                self.iptables.restore(f"*{table}\n{body}COMMIT\n".encode())
+            except (IPTablesError, OSError) as e:
+                log.error("cleanup of table %s failed err=%s", table, e)
+                ok = False
+        self._programmed.clear()
+        self._owned_chains.clear()
+        self._need_full = True
+        self._need_dump = True
+        return ok
+
+    def close(self) -> None:
+        if self.health_server is not None:
+            self.health_server.close()
+
+
+def new_proxier(config: Any) -> Proxier:
+    """Build the iptables proxier from kproxy.config.KProxyConfig (see the module docstring)."""
+    netns = getattr(config, "netns", None) or None
+    backend = getattr(config, "iptables_backend", "") or detect_backend(netns)
+    if backend not in ("nft", "legacy"):
+        raise ValueError(f"iptables backend {backend!r}: expected nft or legacy")
+    nodeport_addresses = getattr(config, "nodeport_addresses", ()) or ()
+    if isinstance(nodeport_addresses, str):
+        nodeport_addresses = tuple(c.strip() for c in nodeport_addresses.split(",") if c.strip())
+    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
+    hc_bind = getattr(config, "healthcheck_bind_address", "") or ""
+    return IptablesProxier(
+        IPTables(backend=backend, netns=netns),
+        node_name=getattr(config, "hostname_override", "") or "",
+        cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
+        nodeport_addresses=tuple(c for c in nodeport_addresses if c != "primary"),
+        masquerade_all=bool(getattr(config, "masquerade_all", False)),
+        masquerade_bit=int(getattr(config, "masquerade_bit", 14) if getattr(config, "masquerade_bit", None) is not None else 14),
+        localhost_nodeports=bool(getattr(config, "localhost_nodeports", True)),
+        conntrack=Conntrack(netns=netns),
+        health_server=ServiceHealthServer(hc_bind),
+    )
