@@ -1,0 +1,77 @@
+"""A keyed cache fed by a Reflector that reports changes as (old, new) pairs.
+
+replace() after a relist diffs the new set against the cache, so handlers see exactly the
+objects that appeared, changed or vanished while the watch was down (client-go's DeltaFIFO
+Replace + Sync, without the queue: handlers run inline on the event loop).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+import msgspec
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+# (old, new): old None for an add, new None for a delete.
+Handler = Callable[["T | None", "T | None"], None]
+
+
+def object_key(item: msgspec.Struct) -> str:
+    """namespace/name (or name for cluster-scoped objects), client-go's MetaNamespaceKeyFunc."""
+    meta = getattr(item, "metadata")
+    ns: str = getattr(meta, "namespace", "")
+    name: str = getattr(meta, "name", "")
+    return f"{ns}/{name}" if ns else name
+
+
+class Informer(Generic[T]):
+    """Implements ReflectorStore[T]; call handlers with (old, new) for every effective change."""
+
+    def __init__(self, handler: Callable[[T | None, T | None], None] | None = None) -> None:
+        self._items: dict[str, T] = {}
+        self._handlers: list[Callable[[T | None, T | None], None]] = []
+        if handler is not None:
+            self._handlers.append(handler)
+        self.resource_version = ""
+
+    def add_handler(self, handler: Callable[[T | None, T | None], None]) -> None:
+        self._handlers.append(handler)
+
+    def _notify(self, old: T | None, new: T | None) -> None:
+        for h in self._handlers:
+            h(old, new)
+
+    def replace(self, items: list[T], resource_version: str) -> None:
+        fresh = {object_key(i): i for i in items}
+        old_items = self._items
+        self._items = fresh
+        self.resource_version = resource_version
+        for key, old in old_items.items():
+            if key not in fresh:
+                self._notify(old, None)
+        for key, new in fresh.items():
+            self._notify(old_items.get(key), new)
+
+    def apply(self, event_type: str, item: T) -> None:
+        key = object_key(item)
+        old = self._items.get(key)
+        if event_type == "DELETED":
+            if key in self._items:
+                del self._items[key]
+            self._notify(old, None)
+        else:
+            self._items[key] = item
+            self._notify(old, item)
+
+    def get(self, key: str) -> T | None:
+        return self._items.get(key)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(list(self._items.values()))
+
+    def keys(self) -> list[str]:
+        return list(self._items)

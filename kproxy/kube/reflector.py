@@ -1,0 +1,199 @@
+"""List+watch of one resource into a store, as client-go's Reflector (shared/DESIGN.md §3.1).
+
+run(): a paginated consistent list handed to store.replace(), then a watch from the list's
+resourceVersion with bookmarks; every event goes to store.apply(). A watch that ends (server
+timeout, disconnect, 5xx) resumes from the last resourceVersion seen, after an exponential,
+capped, jittered backoff when it failed; 410 Gone ("too old resource version", or an expired
+continue token) relists. Objects are decoded straight into the caller's trimmed type.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+import aiohttp
+import msgspec
+
+from kproxy.kube.client import ApiClient, ApiError
+from kproxy.kube.types import BookmarkObject, ObjectList, RawWatchEvent, Status
+
+log = logging.getLogger("kproxy.reflector")
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class ReflectorStore(Protocol[T]):
+    def replace(self, items: list[T], resource_version: str) -> None:
+        """After every (re)list: the complete current set."""
+
+    def apply(self, event_type: str, item: T) -> None:
+        """One watch event: ADDED, MODIFIED or DELETED."""
+
+
+class Gone(Exception):
+    """410: the resourceVersion (or continue token) is too old; a fresh list is needed."""
+
+
+class Backoff:
+    """Exponential backoff, capped and jittered like client-go's (0.8 s doubling to 30 s,
+    up to +100 % jitter); reset once things went well for `reset_after` seconds."""
+
+    def __init__(self, initial: float = 0.8, cap: float = 30.0, factor: float = 2.0,
+                 jitter: float = 1.0, reset_after: float = 120.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.initial, self.cap, self.factor, self.jitter = initial, cap, factor, jitter
+        self.reset_after = reset_after
+        self._rand = rand
+        self._next = initial
+        self._last_failure = float("-inf")
+
+    def next_delay(self, now: float) -> float:
+        if now - self._last_failure > self.reset_after:
+            self._next = self.initial
+        self._last_failure = now
+        base = self._next
+        self._next = min(self._next * self.factor, self.cap)
+        return min(base * (1.0 + self.jitter * self._rand()), self.cap * (1.0 + self.jitter))
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+# Errors after which a watch/list is retried from the last resourceVersion.
+_RETRYABLE = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError, msgspec.DecodeError)
+
+
+class Reflector(Generic[T]):
+    def __init__(self, client: ApiClient, path: str, item_type: type[T], store: ReflectorStore[T], *,
+                 label_selector: str = "", field_selector: str = "", page_size: int = 500,
+                 bookmarks: bool = True, name: str = "",
+                 min_watch_timeout: float = 300.0, backoff: Backoff | None = None) -> None:
+        self.client = client
+        self.path = path
+        self.item_type = item_type
+        self.store = store
+        self.label_selector = label_selector
+        self.field_selector = field_selector
+        self.page_size = page_size
+        self.bookmarks = bookmarks
+        self.name = name or path
+        self.min_watch_timeout = min_watch_timeout
+        self.backoff = backoff or Backoff()
+        self.last_resource_version = ""
+        self.lists = 0  # completed lists, for tests and logs
+        self._synced = asyncio.Event()
+        self._list_decoder = msgspec.json.Decoder(ObjectList[item_type])  # type: ignore[valid-type]
+        self._item_decoder = msgspec.json.Decoder(item_type)
+        self._event_decoder = msgspec.json.Decoder(RawWatchEvent)
+        self._bookmark_decoder = msgspec.json.Decoder(BookmarkObject)
+        self._status_decoder = msgspec.json.Decoder(Status)
+
+    def has_synced(self) -> bool:
+        return self._synced.is_set()
+
+    async def wait_synced(self) -> None:
+        await self._synced.wait()
+
+    def _selectors(self) -> dict[str, str]:
+        params: dict[str, str] = {}
+        if self.label_selector:
+            params["labelSelector"] = self.label_selector
+        if self.field_selector:
+            params["fieldSelector"] = self.field_selector
+        return params
+
+    async def run(self) -> None:
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self._list()
+                    need_list = False
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except Gone as err:
+                log.info("relisting reflector=%s reason=%s", self.name, err)
+                need_list = True
+            except ApiError as err:
+                if err.code == 410:
+                    need_list = True
+                    log.info("relisting reflector=%s reason=%s", self.name, err)
+                    continue
+                await self._sleep_backoff(err)
+            except _RETRYABLE as err:
+                await self._sleep_backoff(err)
+
+    async def _sleep_backoff(self, err: BaseException) -> None:
+        delay = self.backoff.next_delay(time.monotonic())
+        log.warning("reflector=%s error=%r retry_in=%.2fs resourceVersion=%s",
+                    self.name, err, delay, self.last_resource_version)
+        await asyncio.sleep(delay)
+
+    async def _list(self) -> None:
+        # No resourceVersion: a consistent (quorum) read, paginated with limit/continue. An
+        # expired continue token is a 410 and restarts the whole list.
+        items: list[T] = []
+        params = self._selectors()
+        params["limit"] = str(self.page_size)
+        rv = ""
+        while True:
+            body = await self.client.get(self.path, params)
+            page = self._list_decoder.decode(body)
+            if page.items:
+                items.extend(page.items)
+            rv = page.metadata.resource_version
+            if not page.metadata.continue_:
+                break
+            params["continue"] = page.metadata.continue_
+        self.last_resource_version = rv
+        self.store.replace(items, rv)
+        self.lists += 1
+        self._synced.set()
+
+    async def _watch(self) -> None:
+        params = self._selectors()
+        params["resourceVersion"] = self.last_resource_version
+        # client-go picks a random timeout in [min, 2*min) so watches don't all end together.
+        timeout_s = int(self.min_watch_timeout * (1.0 + random.random()))
+        params["timeoutSeconds"] = str(timeout_s)
+        if self.bookmarks:
+            params["allowWatchBookmarks"] = "true"
+        started = time.monotonic()
+        events = 0
+        async for line in self.client.watch(self.path, params, read_timeout=timeout_s + 30.0):
+            ev = self._event_decoder.decode(line)
+            events += 1
+            if ev.type in ("ADDED", "MODIFIED", "DELETED"):
+                item = self._item_decoder.decode(ev.object)
+                rv = _resource_version(item)
+                self.store.apply(ev.type, item)
+                if rv:
+                    self.last_resource_version = rv
+            elif ev.type == "BOOKMARK":
+                rv = self._bookmark_decoder.decode(ev.object).metadata.resource_version
+                if rv:
+                    self.last_resource_version = rv
+            elif ev.type == "ERROR":
+                status = self._status_decoder.decode(ev.object)
+                if status.code == 410 or status.reason in ("Expired", "Gone"):
+                    raise Gone(status.message or "resourceVersion too old")
+                raise ApiError(status, "WATCH", self.path)
+            else:
+                log.warning("reflector=%s unknown watch event type=%s", self.name, ev.type)
+        if events:
+            self.backoff.reset()
+        elif time.monotonic() - started < 1.0:
+            # A stream closed at once with nothing in it is a failure, not a timeout: back off
+            # instead of spinning on a server that keeps hanging up.
+            raise ConnectionError("watch closed immediately without events")
+
+
+def _resource_version(item: msgspec.Struct) -> str:
+    meta = getattr(item, "metadata", None)
+    rv = getattr(meta, "resource_version", "")
+    return rv if isinstance(rv, str) else ""
