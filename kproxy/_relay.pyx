@@ -129,6 +129,7 @@ DEF UDP_BATCH = 32
 DEF UDP_BUF = 65536
 DEF ACCEPT_BATCH = 128
 DEF PIPE_SIZE = 262144    # more pipe slots: one splice moves more of a socket's skbs
+DEF POOL_MAX = 256        # idle pipes kept for reuse
 
 cdef enum:
     K_LISTENER = 1
@@ -298,6 +299,9 @@ cdef class RelayCore:
     cdef int ndead
     cdef int capdead
     cdef int wake_kind
+    # Pipes are held only while bytes are in flight: an idle connection costs two fds, not six.
+    cdef int* pool
+    cdef int npool
     # UDP batch buffers, used only by the loop thread.
     cdef uint8_t* ubuf
     cdef mmsghdr* umsg
@@ -332,12 +336,14 @@ cdef class RelayCore:
         self.umsg = <mmsghdr*>calloc(UDP_BATCH, sizeof(mmsghdr))
         self.uiov = <iovec*>calloc(UDP_BATCH, sizeof(iovec))
         self.uaddr = <sockaddr_storage*>calloc(UDP_BATCH, sizeof(sockaddr_storage))
-        if not self.dead or not self.ubuf or not self.umsg or not self.uiov or not self.uaddr:
+        self.pool = <int*>malloc(2 * POOL_MAX * sizeof(int))
+        if not self.pool or not self.dead or not self.ubuf or not self.umsg or not self.uiov or not self.uaddr:
             raise MemoryError()
 
     def __dealloc__(self):
         cdef Listener* l
         cdef Conn* c
+        cdef int i
         # Only reached once the loop thread has returned (the Python wrapper joins it first).
         while self.conns != NULL:
             c = self.conns
@@ -346,6 +352,9 @@ cdef class RelayCore:
             l = self.listeners
             self._drop_listener(l)
         self._free_dead()
+        for i in range(2 * self.npool):
+            close(self.pool[i])
+        free(self.pool)
         if self.ep >= 0:
             close(self.ep)
         if self.wakefd >= 0:
@@ -670,8 +679,16 @@ cdef class RelayCore:
         c.connecting = 0
         self._connect(c, self._find(c.lid))
 
-    cdef int _open_pipe(self, Pipe* p) noexcept nogil:
+    cdef int _get_pipe(self, Pipe* p) noexcept nogil:
         cdef int fds[2]
+        if p.r >= 0:
+            return 0
+        if self.npool > 0:
+            self.npool -= 1
+            p.r = self.pool[2 * self.npool]
+            p.w = self.pool[2 * self.npool + 1]
+            p.fill = 0
+            return 0
         if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
             return -1
         fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
@@ -680,6 +697,19 @@ cdef class RelayCore:
         p.fill = 0
         return 0
 
+    cdef void _put_pipe(self, Pipe* p) noexcept nogil:
+        if p.r < 0:
+            return
+        if p.fill == 0 and self.npool < POOL_MAX:
+            self.pool[2 * self.npool] = p.r
+            self.pool[2 * self.npool + 1] = p.w
+            self.npool += 1
+        else:
+            close(p.r)   # still holds bytes nobody will read
+            close(p.w)
+        p.r = p.w = -1
+        p.fill = 0
+
     cdef void _established(self, Conn* c) noexcept nogil:
         cdef int err = 0
         cdef socklen_t elen = sizeof(err)
@@ -687,9 +717,6 @@ cdef class RelayCore:
             self._connect_failed(c)
             return
         c.connecting = 0
-        if self._open_pipe(&c.c2u) < 0 or self._open_pipe(&c.u2c) < 0:
-            self._close_conn(c, 1)
-            return
         self._pump_both(c)
 
     cdef int _pump(self, int src, int dst, Pipe* p, int* src_eof, int* dst_shut) noexcept nogil:
@@ -709,11 +736,14 @@ cdef class RelayCore:
                     continue
                 return -1
             if src_eof[0]:
+                self._put_pipe(p)
                 if not dst_shut[0]:
                     # Half-close: pass the FIN on, keep the other direction open.
                     shutdown(dst, SHUT_WR)
                     dst_shut[0] = 1
                 return 0
+            if p.r < 0 and self._get_pipe(p) < 0:
+                return -1
             n = splice(src, NULL, p.w, NULL, <size_t>PIPE_SIZE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n > 0:
                 p.fill += n
@@ -722,6 +752,7 @@ cdef class RelayCore:
                 src_eof[0] = 1
                 continue
             if errno == EAGAIN:
+                self._put_pipe(p)   # empty: give it back until src has bytes again
                 return 0
             if errno == EINTR:
                 continue
@@ -764,12 +795,8 @@ cdef class RelayCore:
             close(c.cfd)
             if c.ufd >= 0:
                 close(c.ufd)
-        if c.c2u.r >= 0:
-            close(c.c2u.r)
-            close(c.c2u.w)
-        if c.u2c.r >= 0:
-            close(c.u2c.r)
-            close(c.u2c.w)
+        self._put_pipe(&c.c2u)
+        self._put_pipe(&c.u2c)
         if c.prev != NULL:
             c.prev.next = c.next
         else:
