@@ -102,6 +102,8 @@ def _answer(q: bytes, table: Table, tcp: bool) -> tuple[bytes | None, int]:
         edns = max(512, (q[pos + 3] << 8) | q[pos + 4])
     elif pos != n:
         return None, qtype
+    if not table.synced:  # CoreDNS: SERVFAIL for the zone until the first sync (slow path)
+        return None, qtype
     qname = q[12:qend]
     lname = qname.translate(_LOWER)
     limit = 65535 if tcp else (min(edns, UDP_CAP) if edns >= 0 else 512)
@@ -115,8 +117,6 @@ def _answer(q: bytes, table: Table, tcp: bool) -> tuple[bytes | None, int]:
         out[3] |= flags3
         out[12:qend] = qname
     else:
-        if not table.synced:
-            return None, qtype
         zpos = _under(lname, table.zone)
         if zpos < 0 or _under(lname, table.pod_zone) >= 0:
             return None, qtype
@@ -193,3 +193,7 @@ def drain_udp(sock: socket.socket, table: Table, stats: Stats, max_batches: int)
             pass  # full socket buffer or unreachable client: UDP drops, the client retries
         stats.record(qtype, resp[3] & 0xF, time.perf_counter() - t0)
     return misses
+
+
+def forget_socket(sock: socket.socket) -> None:
+    """Twin of the compiled module's buffer release; the pure loop keeps no per-socket state."""

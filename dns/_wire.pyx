@@ -212,6 +212,8 @@ cdef int _answer(const unsigned char *q, int n, Table table, bint tcp, unsigned 
             edns = 512
     elif pos != n:
         return -1
+    if not table.synced:
+        return -1
     for i in range(qlen):
         k = q[12 + i]
         lbuf[i] = k + 32 if 65 <= k <= 90 else k
@@ -239,8 +241,6 @@ cdef int _answer(const unsigned char *q, int n, Table table, bint tcp, unsigned 
         out[3] |= flags3
         memcpy(out + 12, q + 12, qlen)
     else:
-        if not table.synced:
-            return -1
         zone = table.zone
         pzone = table.pod_zone
         zpos = _under(lbuf, qlen, <const unsigned char *>PyBytes_AS_STRING(zone), PyBytes_GET_SIZE(zone))

@@ -17,8 +17,9 @@ class ServicePort(msgspec.Struct, rename="camel", gc=False):
 
 class ServiceSpec(msgspec.Struct, rename="camel", gc=False):
     type: str = "ClusterIP"
-    cluster_ip: str = ""
-    cluster_ips: list[str] = []
+    # "IP" is upper case on the wire, which rename="camel" would not produce.
+    cluster_ip: str = msgspec.field(default="", name="clusterIP")
+    cluster_ips: list[str] = msgspec.field(default_factory=list, name="clusterIPs")
     ports: list[ServicePort] | None = None
     external_name: str = ""
     publish_not_ready_addresses: bool = False

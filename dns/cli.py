@@ -1,0 +1,133 @@
+"""kproxy-dns: the cluster DNS server.
+
+  kproxy-dns --kubeconfig K [--zone cluster.local] [--dns-port 53] [--health-port 8080]
+             [--upstream 10.0.0.2:53 ...]
+  kproxy-dns --objects services-and-slices.json ...   (a static zone, no API server)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from kdns import wire
+from kdns.records import ZoneIndex
+from kdns.resolver import Resolver, parse_upstream, resolv_conf_upstreams
+from kdns.server import DNSServer, http_app
+
+log = logging.getLogger("kdns")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kproxy-dns", description="Cluster DNS per the Kubernetes DNS specification")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--kubeconfig", default="", help="kubeconfig of the API server to watch")
+    src.add_argument("--objects", default="", help="JSON List of Services and EndpointSlices (static zone)")
+    p.add_argument("--master", default="", help="API server URL (overrides the kubeconfig's)")
+    p.add_argument("--zone", default="cluster.local", help="cluster domain (default cluster.local)")
+    p.add_argument("--ttl", type=int, default=5, help="TTL of cluster records in seconds (default 5)")
+    p.add_argument("--dns-bind-address", default="0.0.0.0", help="address for UDP and TCP (default 0.0.0.0)")
+    p.add_argument("--dns-port", type=int, default=53, help="port for UDP and TCP (default 53; 0 = any free)")
+    p.add_argument("--health-bind-address", default="127.0.0.1", help="address of /health /ready /metrics")
+    p.add_argument("--health-port", type=int, default=8080, help="port of /health /ready /metrics (0 = off)")
+    p.add_argument("--upstream", action="append", default=[],
+                   help="upstream resolver host[:port] for non-cluster names (repeatable; default: "
+                        "the nameservers of --resolv-conf)")
+    p.add_argument("--resolv-conf", default="/etc/resolv.conf", help="where to read upstream nameservers")
+    p.add_argument("--cache-size", type=int, default=10000, help="forward cache entries (0 = off)")
+    p.add_argument("--upstream-timeout", type=float, default=2.0, help="seconds per upstream attempt")
+    p.add_argument("--port-file", default="", help="write the bound DNS port here once listening")
+    p.add_argument("--v", "--log-level", dest="log_level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"kproxy-dns: {msg}", file=sys.stderr)
+    return 2
+
+
+async def run(args: argparse.Namespace) -> None:
+    index = ZoneIndex(zone=args.zone, ttl=args.ttl)
+    upstreams = [parse_upstream(u) for u in args.upstream] or resolv_conf_upstreams(args.resolv_conf)
+    resolver = Resolver(index, upstreams, wire.impl.Stats(), cache_size=args.cache_size,
+                        timeout=args.upstream_timeout)
+    if args.objects:
+        from kdns.source import load_file
+
+        load_file(index, args.objects)
+    server = DNSServer(resolver, args.dns_bind_address, args.dns_port)
+    await server.start()
+    runner = None
+    if args.health_port:
+        from aiohttp import web
+
+        runner = web.AppRunner(http_app(resolver), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, args.health_bind_address, args.health_port).start()
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w", encoding="utf-8") as f:
+            f.write(str(server.port))
+        os.replace(args.port_file + ".tmp", args.port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if args.kubeconfig or args.master:
+        from kdns.source import watch_cluster
+
+        watcher = asyncio.create_task(watch_cluster(index, args.kubeconfig, args.master))
+    log.info("serving zone=%s upstreams=%s compiled=%s", args.zone,
+             ",".join(f"{h}:{p}" for h, p in upstreams) or "none", wire.COMPILED)
+    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
+    if watcher is not None:
+        waits.append(watcher)
+    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if watcher is not None and watcher in done and watcher.exception() is not None:
+        log.error("watch failed: %r", watcher.exception())
+    if watcher is not None:
+        watcher.cancel()
+    await server.stop()
+    if runner is not None:
+        await runner.cleanup()
+
+
+def _run_loop(args: argparse.Namespace) -> None:
+    try:
+        import uvloop
+    except ImportError:  # the pure asyncio loop works, only slower
+        asyncio.run(run(args))
+        return
+    uvloop.run(run(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not 0 <= args.dns_port <= 65535:
+        return _fail(f"--dns-port {args.dns_port}: must be 0..65535")
+    if args.objects and not os.path.isfile(args.objects):
+        return _fail(f"--objects {args.objects}: no such file")
+    if args.kubeconfig and not os.path.isfile(args.kubeconfig):
+        return _fail(f"--kubeconfig {args.kubeconfig}: no such file")
+    try:
+        for u in args.upstream:
+            parse_upstream(u)
+    except ValueError:
+        return _fail(f"--upstream {args.upstream}: expected host[:port]")
+    try:
+        _run_loop(args)
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.dns_bind_address}:{args.dns_port}: {exc} "
+                     "(--dns-bind-address/--dns-port)")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

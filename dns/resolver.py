@@ -1,0 +1,320 @@
+"""What to answer: the cluster zone authoritatively, everything else forwarded (with a cache).
+
+`Resolver.local` is synchronous and answers all it can without I/O: the pre-encoded table (the
+hot path), then the full parse for the unusual cases (FORMERR, NOTIMP, BADVERS, pod names,
+SERVFAIL before the first sync). Only names outside the zone come back as a `Forward`, which
+`Resolver.forward` resolves through the cache or the upstream servers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import struct
+import time
+from collections import OrderedDict
+from typing import Any
+
+from kdns import wire
+from kdns.records import ZoneIndex
+from kdns.wire import Edns, Message, Question, WireError
+
+log = logging.getLogger("kdns.resolver")
+
+MAX_POSITIVE_TTL = 3600  # CoreDNS cache defaults
+MAX_NEGATIVE_TTL = 1800
+UDP_CAP = 4096
+
+
+class Forward:
+    """A query for a name outside the cluster zone, already parsed."""
+
+    __slots__ = ("msg", "tcp", "started")
+
+    def __init__(self, msg: Message, tcp: bool, started: float) -> None:
+        self.msg = msg
+        self.tcp = tcp
+        self.started = started
+
+
+class _Entry:
+    __slots__ = ("expires", "stored", "msg")
+
+    def __init__(self, expires: float, stored: float, msg: Message) -> None:
+        self.expires = expires
+        self.stored = stored
+        self.msg = msg
+
+
+class Cache:
+    """Bounded LRU of upstream answers keyed by (lowercase name, qtype, qclass). Positive entries
+    live for the smallest TTL of the answer, negative ones (NXDOMAIN, NODATA) for the SOA's
+    negative TTL (RFC 2308), both capped; SERVFAIL and anything without an SOA is not cached."""
+
+    def __init__(self, size: int = 10000) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[str, int, int], _Entry] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, int, int], now: float) -> tuple[Message, int] | None:
+        e = self.entries.get(key)
+        if e is None or e.expires <= now:
+            if e is not None:
+                del self.entries[key]
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return e.msg, int(now - e.stored)
+
+    def put(self, key: tuple[str, int, int], msg: Message, now: float) -> None:
+        if self.size <= 0:
+            return
+        rcode = msg.rcode
+        if rcode == wire.NOERROR and msg.answers:
+            ttl = min(min(rr.ttl for rr in msg.answers), MAX_POSITIVE_TTL)
+        elif rcode in (wire.NOERROR, wire.NXDOMAIN):
+            soas = [rr for rr in msg.authority if rr.rtype == wire.SOA]
+            if not soas:
+                return
+            data: Any = soas[0].data
+            ttl = min(soas[0].ttl, int(data[6]), MAX_NEGATIVE_TTL)
+        else:
+            return
+        if ttl <= 0:
+            return
+        self.entries[key] = _Entry(now + ttl, now, msg)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+def _age(rrs: list[wire.RR], age: int) -> list[wire.RR]:
+    if not age:
+        return rrs
+    return [wire.RR(r.name, r.rtype, max(0, r.ttl - age), r.data, r.rclass) for r in rrs]
+
+
+def _limit(msg: Message, tcp: bool) -> int:
+    if tcp:
+        return 65535
+    if msg.edns is None:
+        return 512
+    return int(min(max(512, msg.edns.udp_size), UDP_CAP))
+
+
+class Resolver:
+    def __init__(self, index: ZoneIndex, upstreams: list[tuple[str, int]], stats: Any,
+                 cache_size: int = 10000, timeout: float = 2.0) -> None:
+        self.index = index
+        self.upstreams = upstreams
+        self.stats = stats
+        self.cache = Cache(cache_size)
+        self.timeout = timeout
+        self.upstream_errors = 0
+
+    # ------------------------------------------------------------------------- local
+
+    def local(self, data: bytes, tcp: bool) -> bytes | Forward | None:
+        """Response bytes, a Forward to resolve, or None to drop the packet. Never raises for
+        any input: a malformed query gets FORMERR when its header is readable."""
+        t0 = time.perf_counter()
+        try:
+            out: bytes | Forward | None = wire.impl.answer(data, self.index.table, tcp)
+            if out is None:
+                out = self._slow(data, tcp, t0)
+        except Exception:  # noqa: BLE001 - the last line of defence: one bad packet, not the server
+            log.exception("query handling failed len=%d", len(data))
+            out = self._error(data, wire.SERVFAIL) if len(data) >= 12 else None
+        if isinstance(out, bytes):
+            self._record(data, out, t0)
+        return out
+
+    def _record(self, query: bytes, resp: bytes, t0: float) -> None:
+        qtype = 0
+        try:
+            _, pos = wire.read_name(query, 12)
+            qtype = struct.unpack_from("!H", query, pos)[0]
+        except (WireError, struct.error, IndexError):
+            pass
+        self.stats.record(qtype, resp[3] & 0xF, time.perf_counter() - t0)
+
+    @staticmethod
+    def _error(data: bytes, rcode: int) -> bytes:
+        """Header-only error response for a query we could not parse."""
+        mid, flags = struct.unpack_from("!HH", data, 0)
+        return bytes(struct.pack("!HHHHHH", mid, wire.QR | (flags & (wire.RD | 0x7800)) | rcode, 0, 0, 0, 0))
+
+    def _reply(self, msg: Message, rcode: int, answers: list[wire.RR] | None = None,
+               authority: list[wire.RR] | None = None, additional: list[wire.RR] | None = None,
+               aa: bool = True, tcp: bool = False) -> bytes:
+        flags = wire.QR | wire.RA | (msg.flags & (wire.RD | wire.CD)) | (wire.AA if aa else 0) | (rcode & 0xF)
+        edns = Edns(ext_rcode=rcode >> 4) if msg.edns is not None else None
+        out = Message(id=msg.id, flags=flags, questions=msg.questions, answers=answers or [],
+                      authority=authority or [], additional=additional or [], edns=edns)
+        body: bytes = wire.encode_message(out)
+        if len(body) > _limit(msg, tcp):
+            out.flags |= wire.TC
+            out.answers, out.authority, out.additional = [], [], []
+            body = wire.encode_message(out)
+        return body
+
+    def _slow(self, data: bytes, tcp: bool, t0: float) -> bytes | Forward | None:
+        if len(data) < 12:
+            return None
+        try:
+            msg = wire.parse_message(data)
+        except WireError as exc:
+            log.debug("malformed query: %s", exc)
+            if data[2] & 0x80:
+                return None  # a response sent to us: never answer it (reflection loops)
+            return self._error(data, wire.FORMERR)
+        if msg.flags & wire.QR:
+            return None
+        if (msg.flags >> 11) & 0xF != 0:
+            return self._reply(msg, wire.NOTIMP, aa=False, tcp=tcp)
+        if len(msg.questions) != 1:
+            return self._reply(msg, wire.FORMERR, aa=False, tcp=tcp)
+        if msg.edns is not None and msg.edns.version != 0:
+            return self._reply(msg, wire.BADVERS, aa=False, tcp=tcp)
+        q = msg.questions[0]
+        idx = self.index
+        if idx.in_zone(q.name):
+            if not idx.synced:
+                return self._reply(msg, wire.SERVFAIL, aa=False, tcp=tcp)
+            if q.qclass != wire.CLASS_IN:
+                return self._reply(msg, wire.REFUSED, aa=False, tcp=tcp)
+            pod = idx.pod_answer(q.name, q.qtype)
+            if pod is not None:
+                rcode, rrs = pod
+                rrs = [wire.RR(q.name, r.rtype, r.ttl, r.data) for r in rrs]  # echo the case
+                return self._reply(msg, rcode, answers=rrs, authority=[] if rrs else [idx.soa_rr()], tcp=tcp)
+        if q.qclass == wire.CLASS_IN and idx.synced:
+            # The same table as the hot path, fed a canonical query (e.g. the question had a
+            # compression pointer, or extra OPT options layout the hot path does not take).
+            canon = Message(id=msg.id, flags=msg.flags & (wire.RD | wire.CD), questions=[q],
+                            answers=[], authority=[], additional=[],
+                            edns=Edns(udp_size=msg.edns.udp_size) if msg.edns is not None else None)
+            out = wire.impl.answer(wire.encode_message(canon), idx.table, tcp)
+            if out is not None:
+                return bytes(out)
+        if idx.in_zone(q.name):
+            return self._reply(msg, wire.REFUSED, aa=False, tcp=tcp)
+        if not self.upstreams:
+            return self._reply(msg, wire.REFUSED, aa=False, tcp=tcp)
+        return Forward(msg, tcp, t0)
+
+    # ------------------------------------------------------------------------ forward
+
+    async def forward(self, fwd: Forward) -> bytes:
+        msg = fwd.msg
+        q = msg.questions[0]
+        key = (q.name.lower(), q.qtype, q.qclass)
+        now = time.monotonic()
+        cached = self.cache.get(key, now)
+        if cached is not None:
+            up, age = cached
+        else:
+            try:
+                up = await self._exchange(q)
+            except (OSError, asyncio.TimeoutError, WireError) as exc:
+                self.upstream_errors += 1
+                log.warning("upstream failed name=%s type=%d err=%r", q.name, q.qtype, exc)
+                out = self._reply(msg, wire.SERVFAIL, aa=False, tcp=fwd.tcp)
+                self.stats.record(q.qtype, wire.SERVFAIL, time.perf_counter() - fwd.started)
+                return out
+            age = 0
+            self.cache.put(key, up, now)
+        answers = [wire.RR(q.name if r.name.lower() == key[0] else r.name, r.rtype, r.ttl, r.data, r.rclass)
+                   for r in _age(up.answers, age)]
+        out = self._reply(msg, up.rcode, answers=answers, authority=_age(up.authority, age),
+                          additional=_age(up.additional, age), aa=False, tcp=fwd.tcp)
+        self.stats.record(q.qtype, up.rcode & 0xF, time.perf_counter() - fwd.started)
+        return out
+
+    async def _exchange(self, q: Question) -> Message:
+        last: Exception = OSError("no upstream configured")
+        for host, port in self.upstreams:
+            mid = random.getrandbits(16)
+            query = wire.make_query(q.name, q.qtype, mid=mid, edns=Edns(udp_size=wire.SERVER_UDP_SIZE))
+            try:
+                data = await _udp_exchange(host, port, query, self.timeout)
+                resp = wire.parse_message(data)
+                if resp.flags & wire.TC:
+                    resp = wire.parse_message(await _tcp_exchange(host, port, query, self.timeout))
+                if resp.id != mid or not resp.questions or resp.questions[0].name.lower() != q.name.lower():
+                    raise WireError(f"upstream {host}:{port} answered a different question")
+                if resp.rcode in (wire.SERVFAIL, wire.REFUSED, wire.NOTIMP):
+                    raise OSError(f"upstream {host}:{port} answered rcode {resp.rcode}")
+                return resp
+            except (OSError, asyncio.TimeoutError, WireError) as exc:
+                last = exc
+        raise last
+
+
+class _Reply(asyncio.DatagramProtocol):
+    def __init__(self, fut: asyncio.Future[bytes], mid: bytes) -> None:
+        self.fut = fut
+        self.mid = mid
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not self.fut.done() and data[:2] == self.mid:
+            self.fut.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
+async def _udp_exchange(host: str, port: int, query: bytes, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Reply(fut, query[:2]), remote_addr=(host, port))
+    try:
+        transport.sendto(query)
+        return await asyncio.wait_for(fut, timeout)
+    finally:
+        transport.close()
+
+
+async def _tcp_exchange(host: str, port: int, query: bytes, timeout: float) -> bytes:
+    async def go() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!H", len(query)) + query)
+            await writer.drain()
+            n = struct.unpack("!H", await reader.readexactly(2))[0]
+            return await reader.readexactly(n)
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(go(), timeout)
+    except asyncio.IncompleteReadError as exc:
+        raise OSError(f"upstream {host}:{port} closed the TCP connection early") from exc
+
+
+def parse_upstream(text: str) -> tuple[str, int]:
+    """host, host:port, [v6]:port or a bare v6 address."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        return host.rstrip("]"), int(port or 53)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
+
+
+def resolv_conf_upstreams(path: str) -> list[tuple[str, int]]:
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    out.append((parts[1].split("%")[0], 53))
+    except FileNotFoundError:
+        pass
+    return out
