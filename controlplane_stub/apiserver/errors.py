@@ -85,10 +85,13 @@ def conflict(kind_plural: str, name: str, detail: str, group: str = "") -> Statu
 
 def invalid(kind: str, name: str, causes: list[dict[str, str]], group: str = "") -> StatusError:
     """422 Invalid with the real server's message shape: Kind "name" is invalid: field: msg, ..."""
-    parts = ", ".join(f"{c['field']}: {c['message']}" if c.get("field") else c["message"] for c in causes)
+    lines = [f"{c['field']}: {c['message']}" if c.get("field") else c["message"] for c in causes]
+    unique = list(dict.fromkeys(lines))
+    # Like utilerrors.Aggregate: one error prints bare, several print as "[a, b]".
+    parts = unique[0] if len(unique) == 1 else "[" + ", ".join(unique) + "]"
     gk = f"{kind}.{group}" if group else kind
     return StatusError(
-        422, "Invalid", f'{gk} "{name}" is invalid: {parts}', kind=kind, name=name, group=group, causes=causes
+        422, "Invalid", f'{gk} "{name}" is invalid' + (f": {parts}" if unique else ""), kind=kind, name=name, group=group, causes=causes
     )
 
 

@@ -1,0 +1,237 @@
+"""Defaulting as kube-apiserver applies it before validation (pkg/apis/*/v1/defaults.go).
+
+apply_defaults(resource, obj) fills, in place, the fields a real server fills on create and
+update, so that what clients read back (kubectl get -o yaml, informers) looks like Kubernetes.
+Cluster IPs, node ports and ipFamilies are not defaults: the ServiceAllocator assigns them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+Obj = dict[str, Any]
+
+# Session affinity ClientIP keeps a client on one endpoint for 3 hours unless told otherwise.
+DEFAULT_CLIENT_IP_TIMEOUT = 10800
+
+
+def _sub(obj: Obj, key: str) -> Obj:
+    """The dict at obj[key], created when missing or null."""
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        value = {}
+        obj[key] = value
+    return value
+
+
+def _dicts(value: Any) -> list[Obj]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def default_service(svc: Obj) -> None:
+    spec = _sub(svc, "spec")
+    spec.setdefault("type", "ClusterIP")
+    svc_type = spec["type"]
+    spec.setdefault("sessionAffinity", "None")
+    if spec["sessionAffinity"] == "ClientIP":
+        client_ip = _sub(_sub(spec, "sessionAffinityConfig"), "clientIP")
+        client_ip.setdefault("timeoutSeconds", DEFAULT_CLIENT_IP_TIMEOUT)
+    for port in _dicts(spec.get("ports")):
+        port.setdefault("protocol", "TCP")
+        # targetPort 0 / "" / absent all mean "same as port" upstream.
+        if port.get("targetPort") in (None, 0, "") and "port" in port:
+            port["targetPort"] = port["port"]
+    if svc_type in ("NodePort", "LoadBalancer"):
+        spec.setdefault("externalTrafficPolicy", "Cluster")
+    if svc_type == "LoadBalancer":
+        spec.setdefault("allocateLoadBalancerNodePorts", True)
+    if svc_type != "ExternalName":
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+    # The strategy keeps clusterIP and clusterIPs in step before validation runs.
+    cluster_ip = spec.get("clusterIP")
+    if cluster_ip and not spec.get("clusterIPs"):
+        spec["clusterIPs"] = [cluster_ip]
+    elif not cluster_ip and isinstance(spec.get("clusterIPs"), list) and spec["clusterIPs"]:
+        spec["clusterIP"] = spec["clusterIPs"][0]
+    status = _sub(svc, "status")
+    _sub(status, "loadBalancer")
+
+
+def _image_pull_policy(image: str) -> str:
+    """Always for ':latest' or an untagged image, IfNotPresent otherwise (digests pin too)."""
+    if "@" in image:
+        return "IfNotPresent"
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return "Always"
+    return "Always" if last.rsplit(":", 1)[1] == "latest" else "IfNotPresent"
+
+
+def _default_probe(probe: Any) -> None:
+    if not isinstance(probe, dict):
+        return
+    probe.setdefault("timeoutSeconds", 1)
+    probe.setdefault("periodSeconds", 10)
+    probe.setdefault("successThreshold", 1)
+    probe.setdefault("failureThreshold", 3)
+    http = probe.get("httpGet")
+    if isinstance(http, dict):
+        http.setdefault("path", "/")
+        http.setdefault("scheme", "HTTP")
+
+
+def default_container(container: Obj) -> None:
+    container.setdefault("terminationMessagePath", "/dev/termination-log")
+    container.setdefault("terminationMessagePolicy", "File")
+    image = container.get("image")
+    if isinstance(image, str) and image:
+        container.setdefault("imagePullPolicy", _image_pull_policy(image))
+    for port in _dicts(container.get("ports")):
+        port.setdefault("protocol", "TCP")
+    for env in _dicts(container.get("env")):
+        value_from = env.get("valueFrom")
+        if isinstance(value_from, dict) and isinstance(value_from.get("fieldRef"), dict):
+            value_from["fieldRef"].setdefault("apiVersion", "v1")
+    for name in ("livenessProbe", "readinessProbe", "startupProbe"):
+        _default_probe(container.get(name))
+    resources = container.get("resources")
+    if not isinstance(resources, dict):
+        container["resources"] = {}
+    elif isinstance(resources.get("limits"), dict):
+        # Requests default to limits for every resource that only has a limit.
+        requests = _sub(resources, "requests")
+        for key, value in resources["limits"].items():
+            requests.setdefault(key, value)
+
+
+def default_pod_spec(spec: Obj) -> None:
+    spec.setdefault("restartPolicy", "Always")
+    spec.setdefault("dnsPolicy", "ClusterFirst")
+    spec.setdefault("terminationGracePeriodSeconds", 30)
+    spec.setdefault("schedulerName", "default-scheduler")
+    if not isinstance(spec.get("securityContext"), dict):
+        spec["securityContext"] = {}
+    for key in ("containers", "initContainers"):
+        for container in _dicts(spec.get(key)):
+            default_container(container)
+    for volume in _dicts(spec.get("volumes")):
+        for source in ("secret", "configMap", "downwardAPI", "projected"):
+            if isinstance(volume.get(source), dict):
+                volume[source].setdefault("defaultMode", 420)
+        if isinstance(volume.get("emptyDir"), dict):
+            pass  # emptyDir has no defaults
+        elif isinstance(volume.get("hostPath"), dict):
+            volume["hostPath"].setdefault("type", "")
+    for toleration in _dicts(spec.get("tolerations")):
+        if toleration.get("operator") is None and "key" in toleration:
+            toleration["operator"] = "Equal"
+
+
+def default_pod(pod: Obj) -> None:
+    spec = _sub(pod, "spec")
+    default_pod_spec(spec)
+    # Pods only (not templates): SetDefaults_Pod and the Priority admission plugin.
+    spec.setdefault("enableServiceLinks", True)
+    spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
+    spec.setdefault("priority", 0)
+    status = _sub(pod, "status")
+    status.setdefault("phase", "Pending")
+    status.setdefault("qosClass", _qos_class(pod["spec"]))
+
+
+def _qos_class(spec: Obj) -> str:
+    containers = _dicts(spec.get("containers"))
+    if not containers:
+        return "BestEffort"
+    any_set = False
+    guaranteed = True
+    for container in containers:
+        resources = container.get("resources") or {}
+        limits = resources.get("limits") or {}
+        requests = resources.get("requests") or {}
+        if limits or requests:
+            any_set = True
+        for res in ("cpu", "memory"):
+            if res not in limits or requests.get(res, limits.get(res)) != limits.get(res):
+                guaranteed = False
+    if not any_set:
+        return "BestEffort"
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def _default_template(workload: Obj) -> None:
+    template = _sub(_sub(workload, "spec"), "template")
+    default_pod_spec(_sub(template, "spec"))
+
+
+def default_deployment(deploy: Obj) -> None:
+    spec = _sub(deploy, "spec")
+    spec.setdefault("replicas", 1)
+    strategy = _sub(spec, "strategy")
+    strategy.setdefault("type", "RollingUpdate")
+    if strategy["type"] == "RollingUpdate":
+        rolling = _sub(strategy, "rollingUpdate")
+        rolling.setdefault("maxUnavailable", "25%")
+        rolling.setdefault("maxSurge", "25%")
+    spec.setdefault("revisionHistoryLimit", 10)
+    spec.setdefault("progressDeadlineSeconds", 600)
+    _default_template(deploy)
+
+
+def default_replicaset(rs: Obj) -> None:
+    _sub(rs, "spec").setdefault("replicas", 1)
+    _default_template(rs)
+
+
+def default_namespace(ns: Obj) -> None:
+    name = ns.get("metadata", {}).get("name")
+    if isinstance(name, str) and name:
+        # Since 1.21 every namespace carries its own name as an immutable label.
+        _sub(ns["metadata"], "labels")["kubernetes.io/metadata.name"] = name
+    _sub(ns, "spec").setdefault("finalizers", ["kubernetes"])
+    _sub(ns, "status").setdefault("phase", "Active")
+
+
+def default_secret(secret: Obj) -> None:
+    secret.setdefault("type", "Opaque")
+
+
+def default_endpoints(ep: Obj) -> None:
+    for subset in _dicts(ep.get("subsets")):
+        for port in _dicts(subset.get("ports")):
+            port.setdefault("protocol", "TCP")
+
+
+def default_endpointslice(eps: Obj) -> None:
+    for port in _dicts(eps.get("ports")):
+        port.setdefault("protocol", "TCP")
+
+
+def default_node(node: Obj) -> None:
+    _sub(node, "spec")
+
+
+def default_event(event: Obj) -> None:
+    event.setdefault("type", "Normal")
+
+
+_DEFAULTERS: dict[str, Callable[[Obj], None]] = {
+    "services": default_service,
+    "pods": default_pod,
+    "deployments.apps": default_deployment,
+    "replicasets.apps": default_replicaset,
+    "namespaces": default_namespace,
+    "secrets": default_secret,
+    "endpoints": default_endpoints,
+    "endpointslices.discovery.k8s.io": default_endpointslice,
+    "nodes": default_node,
+    "events": default_event,
+}
+
+
+def apply_defaults(resource: str, obj: dict[str, Any]) -> None:
+    """Fill the server-side defaults of `resource` into obj, in place. Unknown resources pass."""
+    if not isinstance(obj.get("metadata"), dict):
+        obj["metadata"] = {}
+    defaulter = _DEFAULTERS.get(resource)
+    if defaulter is not None:
+        defaulter(obj)

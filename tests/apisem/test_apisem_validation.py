@@ -1,0 +1,304 @@
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from controlplane_stub.apiserver.defaults import apply_defaults
+from controlplane_stub.apiserver.errors import StatusError
+from controlplane_stub.apiserver.validation import validate_create, validate_update
+
+DNS1035 = ("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic "
+           "character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for "
+           "validation is '[a-z]([-a-z0-9]*[a-z0-9])?')")
+
+
+def errors_of(resource: str, obj: dict[str, Any], old: dict[str, Any] | None = None) -> StatusError:
+    apply_defaults(resource, obj)
+    with pytest.raises(StatusError) as info:
+        if old is None:
+            validate_create(resource, obj)
+        else:
+            validate_update(resource, obj, old)
+    assert info.value.code == 422 and info.value.reason == "Invalid"
+    return info.value
+
+
+def lines(err: StatusError) -> list[str]:
+    return [f"{c['field']}: {c['message']}" for c in err.causes]
+
+
+@pytest.mark.timeout(10)
+def test_seed_manifest_corrected_is_valid(seed_service: dict[str, Any], seed_deployment: dict[str, Any]) -> None:
+    for resource, obj in (("services", seed_service), ("deployments.apps", seed_deployment)):
+        apply_defaults(resource, obj)
+        validate_create(resource, obj)
+        validate_update(resource, obj, copy.deepcopy(obj))
+
+
+@pytest.mark.timeout(10)
+def test_seed_mistake_service_name_with_space(seed_service: dict[str, Any]) -> None:
+    seed_service["metadata"]["name"] = "flask-kubernetes -service"
+    err = errors_of("services", seed_service)
+    assert err.causes == [{"reason": "FieldValueInvalid", "field": "metadata.name",
+                           "message": f'Invalid value: "flask-kubernetes -service": {DNS1035}'}]
+    assert err.message == f'Service "flask-kubernetes -service" is invalid: metadata.name: ' \
+                          f'Invalid value: "flask-kubernetes -service": {DNS1035}'
+    status = err.to_status()
+    assert status["details"]["kind"] == "Service" and status["details"]["name"] == "flask-kubernetes -service"
+
+
+@pytest.mark.timeout(10)
+def test_seed_mistake_deployment_without_selector(seed_deployment: dict[str, Any]) -> None:
+    del seed_deployment["spec"]["selector"]
+    err = errors_of("deployments.apps", seed_deployment)
+    assert lines(err) == [
+        "spec.selector: Required value",
+        'spec.template.metadata.labels: Invalid value: map[string]string{"app":"flask-kubernetes"}: '
+        "`selector` does not match template `labels`",
+    ]
+    assert [c["reason"] for c in err.causes] == ["FieldValueRequired", "FieldValueInvalid"]
+    assert err.message.startswith('Deployment.apps "flask-kubernetes" is invalid: [spec.selector: Required value, ')
+    assert err.to_status()["details"]["group"] == "apps"
+
+
+@pytest.mark.timeout(10)
+def test_selector_must_match_template(seed_deployment: dict[str, Any]) -> None:
+    seed_deployment["spec"]["selector"] = {"matchLabels": {"app": "other"}}
+    assert lines(errors_of("deployments.apps", seed_deployment)) == [
+        'spec.template.metadata.labels: Invalid value: map[string]string{"app":"flask-kubernetes"}: '
+        "`selector` does not match template `labels`"]
+
+
+@pytest.mark.timeout(10)
+def test_selector_expressions(seed_deployment: dict[str, Any]) -> None:
+    seed_deployment["spec"]["selector"] = {"matchExpressions": [
+        {"key": "app", "operator": "In", "values": ["flask-kubernetes", "x"]},
+        {"key": "tier", "operator": "DoesNotExist"}]}
+    apply_defaults("deployments.apps", seed_deployment)
+    validate_create("deployments.apps", seed_deployment)
+    seed_deployment["spec"]["selector"] = {"matchExpressions": [{"key": "app", "operator": "Near", "values": []}]}
+    assert 'spec.selector.matchExpressions[0].operator: Invalid value: "Near": not a valid selector operator' in \
+        lines(errors_of("deployments.apps", seed_deployment))
+
+
+@pytest.mark.timeout(10)
+def test_deployment_numbers_and_strategy(seed_deployment: dict[str, Any]) -> None:
+    spec = seed_deployment["spec"]
+    spec["replicas"] = -1
+    spec["strategy"] = {"type": "Rolling"}
+    spec["template"]["spec"]["restartPolicy"] = "Never"
+    got = lines(errors_of("deployments.apps", seed_deployment))
+    assert "spec.replicas: Invalid value: -1: must be greater than or equal to 0" in got
+    assert 'spec.strategy.type: Unsupported value: "Rolling": supported values: "Recreate", "RollingUpdate"' in got
+    assert 'spec.template.spec.restartPolicy: Unsupported value: "Never": supported values: "Always"' in got
+
+
+@pytest.mark.timeout(10)
+def test_deployment_selector_is_immutable(seed_deployment: dict[str, Any]) -> None:
+    apply_defaults("deployments.apps", seed_deployment)
+    old = copy.deepcopy(seed_deployment)
+    seed_deployment["spec"]["selector"]["matchLabels"]["tier"] = "web"
+    seed_deployment["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
+    assert lines(errors_of("deployments.apps", seed_deployment, old)) == [
+        'spec.selector: Invalid value: v1.LabelSelector{MatchLabels:map[string]string{"app":"flask-kubernetes", '
+        '"tier":"web"}, MatchExpressions:[]v1.LabelSelectorRequirement(nil)}: field is immutable']
+
+
+@pytest.mark.timeout(10)
+def test_service_ports(seed_service: dict[str, Any]) -> None:
+    seed_service["spec"]["ports"] = [
+        {"name": "web", "port": 70000, "protocol": "HTTP", "targetPort": "x--y"},
+        {"name": "web", "port": 80, "targetPort": 0},
+        {"name": "web2", "port": 80},
+        {"port": 81, "targetPort": 65536},
+    ]
+    got = lines(errors_of("services", seed_service))
+    assert got == [
+        "spec.ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive",
+        'spec.ports[0].protocol: Unsupported value: "HTTP": supported values: "SCTP", "TCP", "UDP"',
+        'spec.ports[0].targetPort: Invalid value: "x--y": must not contain consecutive hyphens',
+        'spec.ports[1].name: Duplicate value: "web"',
+        "spec.ports[3].name: Required value",
+        "spec.ports[3].targetPort: Invalid value: 65536: must be between 1 and 65535, inclusive",
+        'spec.ports[2]: Duplicate value: core.ServicePort{Name:"", Protocol:"TCP", AppProtocol:(*string)(nil), '
+        'Port:80, TargetPort:intstr.IntOrString{Type:0, IntVal:0, StrVal:""}, NodePort:0}',
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_same_port_different_protocols_is_fine() -> None:
+    svc: dict[str, Any] = {"metadata": {"name": "dns", "namespace": "kube-system"}, "spec": {
+        "clusterIP": "10.96.0.10", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                             {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}
+    apply_defaults("services", svc)
+    validate_create("services", svc)
+    assert svc["spec"]["clusterIPs"] == ["10.96.0.10"]
+
+
+@pytest.mark.timeout(10)
+def test_service_type_and_external_name() -> None:
+    svc: dict[str, Any] = {"metadata": {"name": "a", "namespace": "default"}, "spec": {"type": "Cluster",
+                                                                                     "ports": [{"port": 80}]}}
+    assert lines(errors_of("services", svc)) == [
+        'spec.type: Unsupported value: "Cluster": supported values: "ClusterIP", "ExternalName", "LoadBalancer", '
+        '"NodePort"']
+    ext: dict[str, Any] = {"metadata": {"name": "a", "namespace": "default"}, "spec": {"type": "ExternalName"}}
+    assert lines(errors_of("services", ext)) == ["spec.externalName: Required value"]
+    ext["spec"]["externalName"] = "db.example.com."
+    validate_create("services", ext)
+
+
+@pytest.mark.timeout(10)
+def test_headless_and_bad_cluster_ip() -> None:
+    headless: dict[str, Any] = {"metadata": {"name": "h", "namespace": "default"}, "spec": {"clusterIP": "None"}}
+    apply_defaults("services", headless)
+    validate_create("services", headless)  # no ports needed when headless
+    bad: dict[str, Any] = {"metadata": {"name": "b", "namespace": "default"},
+                           "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}}
+    assert lines(errors_of("services", bad)) == [
+        'spec.clusterIPs[0]: Invalid value: "10.96.0.300": must be a valid IP address, (e.g. 10.9.8.7 or '
+        "2001:db8::ffff)"]
+    np: dict[str, Any] = {"metadata": {"name": "n", "namespace": "default"},
+                          "spec": {"type": "NodePort", "clusterIP": "None", "ports": [{"port": 80}]}}
+    assert "spec.clusterIPs[0]: Invalid value: \"None\": may not be set to 'None' for NodePort services" in \
+        lines(errors_of("services", np))
+
+
+@pytest.mark.timeout(10)
+def test_node_port_on_cluster_ip_service() -> None:
+    svc: dict[str, Any] = {"metadata": {"name": "a", "namespace": "default"},
+                           "spec": {"ports": [{"port": 80, "nodePort": 30080}]}}
+    assert lines(errors_of("services", svc)) == [
+        "spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'"]
+
+
+@pytest.mark.timeout(10)
+def test_cluster_ip_is_immutable(seed_service: dict[str, Any]) -> None:
+    seed_service["spec"]["clusterIP"] = "10.96.0.20"
+    apply_defaults("services", seed_service)
+    old = copy.deepcopy(seed_service)
+    new = copy.deepcopy(seed_service)
+    new["spec"]["clusterIP"] = "10.96.0.21"
+    new["spec"]["clusterIPs"] = ["10.96.0.21"]
+    assert lines(errors_of("services", new, old)) == [
+        'spec.clusterIPs[0]: Invalid value: []string{"10.96.0.21"}: may not change once set']
+    # Leaving clusterIP out of an update (kubectl replace/apply) is not a change.
+    same = copy.deepcopy(seed_service)
+    del same["spec"]["clusterIP"], same["spec"]["clusterIPs"]
+    validate_update("services", same, old)
+
+
+@pytest.mark.timeout(10)
+def test_metadata_rules() -> None:
+    cm: dict[str, Any] = {"metadata": {"namespace": "default", "labels": {"bad key!": "v", "ok": "bad value!"}},
+                          "data": {"bad key": "x", "good.key": "y"}}
+    got = lines(errors_of("configmaps", cm))
+    assert got[0] == "metadata.name: Required value: name or generateName is required"
+    assert got[1].startswith('metadata.labels: Invalid value: "bad key!": name part must consist of alphanumeric')
+    assert got[2].startswith('metadata.labels: Invalid value: "bad value!": a valid label must be an empty string')
+    assert got[3].startswith('data[bad key]: Invalid value: "bad key": a valid config key must consist of')
+    ns: dict[str, Any] = {"metadata": {"name": "Team_A"}}
+    assert lines(errors_of("namespaces", ns)) == [
+        'metadata.name: Invalid value: "Team_A": a lowercase RFC 1123 label must consist of lower case alphanumeric '
+        "characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', "
+        "regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"]
+    node: dict[str, Any] = {"metadata": {"name": "node-1.example"}}
+    apply_defaults("nodes", node)
+    validate_create("nodes", node)  # node names are subdomains: dots allowed
+    gen: dict[str, Any] = {"metadata": {"generateName": "web-", "namespace": "default"}, "data": {}}
+    assert lines(errors_of("configmaps", gen)) == ["metadata.name: Required value: name or generateName is required"]
+
+
+@pytest.mark.timeout(10)
+def test_pod_rules() -> None:
+    pod: dict[str, Any] = {"metadata": {"name": "p", "namespace": "default"}, "spec": {
+        "dnsPolicy": "Cluster",
+        "containers": [
+            {"name": "web", "image": "nginx", "ports": [{"containerPort": 0}, {"containerPort": 80, "name": "HTTP"}],
+             "volumeMounts": [{"name": "data", "mountPath": "/d"}]},
+            {"name": "web", "image": ""}]}}
+    got = lines(errors_of("pods", pod))
+    assert got == [
+        "spec.containers[0].ports[0].containerPort: Required value",
+        'spec.containers[0].ports[1].name: Invalid value: "HTTP": must contain only alpha-numeric characters '
+        "(a-z, 0-9), and hyphens (-)",
+        'spec.containers[0].ports[1].name: Invalid value: "HTTP": must contain at least one letter (a-z)',
+        'spec.containers[0].volumeMounts[0].name: Not found: "data"',
+        'spec.containers[1].name: Duplicate value: "web"',
+        "spec.containers[1].image: Required value",
+        'spec.dnsPolicy: Unsupported value: "Cluster": supported values: "ClusterFirst", "ClusterFirstWithHostNet", '
+        '"Default", "None"',
+    ]
+    empty: dict[str, Any] = {"metadata": {"name": "p", "namespace": "default"}, "spec": {}}
+    assert lines(errors_of("pods", empty)) == ["spec.containers: Required value"]
+
+
+@pytest.mark.timeout(10)
+def test_pod_update_may_change_image_only() -> None:
+    pod: dict[str, Any] = {"metadata": {"name": "p", "namespace": "default"},
+                           "spec": {"containers": [{"name": "c", "image": "a:1"}]}}
+    apply_defaults("pods", pod)
+    old = copy.deepcopy(pod)
+    new = copy.deepcopy(pod)
+    new["spec"]["containers"][0]["image"] = "a:2"
+    new["spec"]["nodeName"] = "node-1"
+    validate_update("pods", new, old)
+    bad = copy.deepcopy(new)
+    bad["spec"]["restartPolicy"] = "Never"
+    err = errors_of("pods", bad, new)
+    assert err.causes[0]["field"] == "spec" and err.causes[0]["message"].startswith(
+        "Forbidden: pod updates may not change fields other than `spec.containers[*].image`")
+
+
+@pytest.mark.timeout(10)
+def test_endpointslice_rules() -> None:
+    eps: dict[str, Any] = {"metadata": {"name": "s-abc", "namespace": "default"}, "addressType": "IPv5",
+                           "endpoints": [{"addresses": []}], "ports": [{"name": "http", "port": 80, "protocol": "FOO"}]}
+    assert lines(errors_of("endpointslices.discovery.k8s.io", eps)) == [
+        "endpoints[0].addresses: Required value: must contain at least 1 address",
+        'ports[0].protocol: Unsupported value: "FOO": supported values: "SCTP", "TCP", "UDP"',
+        'addressType: Unsupported value: "IPv5": supported values: "FQDN", "IPv4", "IPv6"',
+    ]
+    good: dict[str, Any] = {"metadata": {"name": "s-abc", "namespace": "default"}, "addressType": "IPv4",
+                            "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": True}}],
+                            "ports": [{"name": "", "port": 5000, "protocol": "TCP"}]}
+    validate_create("endpointslices.discovery.k8s.io", good)
+    v6 = copy.deepcopy(good)
+    v6["endpoints"][0]["addresses"] = ["fd00::1"]
+    assert lines(errors_of("endpointslices.discovery.k8s.io", v6)) == [
+        'endpoints[0].addresses[0]: Invalid value: "fd00::1": must be a valid IPv4 address']
+    changed = copy.deepcopy(v6)
+    changed["addressType"] = "IPv6"
+    assert lines(errors_of("endpointslices.discovery.k8s.io", changed, good)) == [
+        'addressType: Invalid value: "IPv6": field is immutable']
+
+
+@pytest.mark.timeout(10)
+def test_secret_and_configmap_immutability() -> None:
+    secret: dict[str, Any] = {"metadata": {"name": "s", "namespace": "default"}, "data": {"k": "dmFsdWU="},
+                              "immutable": True}
+    apply_defaults("secrets", secret)
+    validate_create("secrets", secret)
+    new = copy.deepcopy(secret)
+    new["data"]["k"] = "b3RoZXI="
+    assert lines(errors_of("secrets", new, secret)) == ["data: Forbidden: field is immutable when `immutable` is set"]
+    broken = copy.deepcopy(secret)
+    broken["data"]["k"] = "not base64!"
+    with pytest.raises(StatusError) as info:
+        validate_create("secrets", broken)
+    assert info.value.code == 400
+
+
+@pytest.mark.timeout(10)
+def test_lease_and_endpoints() -> None:
+    lease: dict[str, Any] = {"metadata": {"name": "node-1", "namespace": "kube-node-lease"},
+                             "spec": {"holderIdentity": "node-1", "leaseDurationSeconds": 0}}
+    assert lines(errors_of("leases.coordination.k8s.io", lease)) == [
+        "spec.leaseDurationSeconds: Invalid value: 0: must be greater than 0"]
+    ep: dict[str, Any] = {"metadata": {"name": "e", "namespace": "default"},
+                          "subsets": [{"addresses": [{"ip": "10.1.1.1"}, {"ip": "nope"}], "ports": [{"port": 80}]}]}
+    assert lines(errors_of("endpoints", ep)) == [
+        'subsets[0].addresses[1].ip: Invalid value: "nope": must be a valid IP address, (e.g. 10.9.8.7 or '
+        "2001:db8::ffff)"]
