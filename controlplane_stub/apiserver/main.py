@@ -1,0 +1,148 @@
+"""kproxy-apiserver: the command line, first-start setup and the serving loop."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import ssl
+import sys
+
+from aiohttp import web
+
+from ..store.sqlite import SQLiteStore
+from . import pki, semantics
+from .registry import Registry
+from .server import APIServer
+
+log = logging.getLogger("kproxy.apiserver")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kproxy-apiserver",
+                                description="A Kubernetes API server on an embedded SQLite store.")
+    p.add_argument("--data-dir", default=os.environ.get("KPROXY_APISERVER_DATA", "./var/apiserver"),
+                   help="database, PKI, token file and kubeconfigs (default ./var/apiserver)")
+    p.add_argument("--bind-address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--secure-port", type=int, default=6443, help="HTTPS port; 0 picks a free one (default 6443)")
+    p.add_argument("--insecure-port", type=int, default=-1,
+                   help="plain-HTTP port on the bind address instead of HTTPS (tests only; -1 = off, 0 = free port)")
+    p.add_argument("--tls-san", action="append", default=[], help="extra name/IP for the serving certificate")
+    p.add_argument("--token-auth-file", default="",
+                   help="token,user,uid,\"groups\" lines (default: DATA/tokens.csv, generated on first start)")
+    p.add_argument("--service-cluster-ip-range", default="10.96.0.0/12",
+                   help="Service ClusterIP range; two comma-separated CIDRs for dual-stack")
+    p.add_argument("--service-node-port-range", default="30000-32767")
+    p.add_argument("--watch-cache-size", type=int, default=10000,
+                   help="events kept for watch replay; older resourceVersions get 410 Gone")
+    p.add_argument("--bookmark-interval", type=float, default=60.0, help="seconds between watch BOOKMARK events")
+    p.add_argument("--min-request-timeout", type=float, default=1800.0,
+                   help="watches without timeoutSeconds end after a random time in [this, 2*this) seconds")
+    p.add_argument("-v", "--v", type=int, default=1, help="log verbosity: 0 warnings, 1 info, 2+ debug")
+    return p.parse_args(argv)
+
+
+def _node_port_range(s: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in s.split("-", 1))
+    except ValueError:
+        raise SystemExit(f"kproxy-apiserver: --service-node-port-range {s!r}: want LOW-HIGH, e.g. 30000-32767")
+    if not 0 < lo <= hi < 65536:
+        raise SystemExit(f"kproxy-apiserver: --service-node-port-range {s!r}: want 1 <= LOW <= HIGH <= 65535")
+    return lo, hi
+
+
+def _cidrs(s: str) -> list[str]:
+    out = [c.strip() for c in s.split(",") if c.strip()]
+    try:
+        for c in out:
+            ipaddress.ip_network(c)
+    except ValueError as e:
+        raise SystemExit(f"kproxy-apiserver: --service-cluster-ip-range: {e}")
+    if not 1 <= len(out) <= 2:
+        raise SystemExit("kproxy-apiserver: --service-cluster-ip-range: want one CIDR or two (dual-stack)")
+    return out
+
+
+async def serve(args: argparse.Namespace) -> int:
+    data = os.path.abspath(args.data_dir)
+    os.makedirs(data, exist_ok=True)
+    token_file = args.token_auth_file or os.path.join(data, "tokens.csv")
+    if not args.token_auth_file:
+        pki.ensure_token_file(token_file)
+    try:
+        users = pki.load_tokens(token_file)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"kproxy-apiserver: --token-auth-file: {e}")
+    plain = args.insecure_port >= 0
+    ssl_ctx: ssl.SSLContext | None = None
+    ca_crt: str | None = None
+    if not plain:
+        ca_crt, crt, key = pki.ensure_certs(os.path.join(data, "pki"),
+                                            pki.default_sans([args.bind_address, *args.tls_san]))
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(crt, key)
+    store = SQLiteStore(os.path.join(data, "store.db"), window=args.watch_cache_size)
+    try:
+        allocator = semantics.service_allocator(_cidrs(args.service_cluster_ip_range),
+                                                _node_port_range(args.service_node_port_range))
+        registry = Registry(store, allocator)
+        registry.bootstrap()
+        api = APIServer(store, registry, users, bookmark_interval=args.bookmark_interval,
+                        min_request_timeout=args.min_request_timeout)
+        runner = web.AppRunner(api.app(), handle_signals=False, access_log=None, handler_cancellation=True,
+                               shutdown_timeout=3.0)
+        await runner.setup()
+        port = args.insecure_port if plain else args.secure_port
+        site = web.TCPSite(runner, args.bind_address, port, ssl_context=ssl_ctx, reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        actual = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+        host = "127.0.0.1" if args.bind_address in ("0.0.0.0", "") else ("::1" if args.bind_address == "::"
+                                                                           else args.bind_address)
+        hostport = f"[{host}]:{actual}" if ":" in host else f"{host}:{actual}"
+        url = f"{'http' if plain else 'https'}://{hostport}"
+        api.external_address = hostport
+        admin_cfg = os.path.join(data, "admin.kubeconfig")
+        ro_cfg = os.path.join(data, "readonly.kubeconfig")
+        pki.write_kubeconfig(admin_cfg, url, ca_crt, pki.token_for(users, admin=True), "admin")
+        try:
+            pki.write_kubeconfig(ro_cfg, url, ca_crt, pki.token_for(users, admin=False), "readonly")
+        except LookupError:
+            ro_cfg = ""
+        api.ready = True
+        log.info("event=ready url=%s kubeconfig=%s readonly_kubeconfig=%s revision=%d semantics=%s", url, admin_cfg,
+                 ro_cfg, store.revision, ",".join(k for k, v in semantics.available().items() if v) or "none")
+        # One machine-readable line on stdout for scripts and testing.py.
+        print(f"kproxy-apiserver ready url={url} kubeconfig={admin_cfg}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("event=shutdown watches=%d", api.watches.active)
+        api.watches.stop()
+        await runner.cleanup()
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    level = logging.WARNING if args.v <= 0 else logging.INFO if args.v == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except RuntimeError as e:
+        if "locked by another" in str(e):
+            print(f"kproxy-apiserver: --data-dir: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

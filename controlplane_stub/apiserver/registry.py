@@ -1,0 +1,322 @@
+"""Object semantics of the generic registry: what create/update/patch/delete do, without HTTP.
+
+Order on every write, as in kube-apiserver: prepare (server-owned fields) -> apply_defaults ->
+allocate (services) -> validate -> store. Anything raised before the store commits leaves the
+store untouched, and allocations made for the failed request are released.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import secrets
+import uuid
+from typing import Any
+
+from ..store.base import KeyExists, KeyNotFound, Obj, RevisionConflict, Store
+from . import semantics
+from .errors import StatusError, already_exists, bad_request, conflict, not_found
+from .resources import BY_ID, DEPENDENTS, RESOURCES, Resource
+
+SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+_GEN_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the real server's generateName alphabet
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _conflict_msg() -> str:
+    return "the object has been modified; please apply your changes to the latest version and try again"
+
+
+def _allocations_only_in(new: Obj, old: Obj | None) -> Obj:
+    """A Service carrying just the IPs/ports `new` holds and `old` does not (to release on failure)."""
+    spec = new.get("spec") or {}
+    ospec = (old or {}).get("spec") or {}
+    old_ips = set(ospec.get("clusterIPs") or ([ospec["clusterIP"]] if ospec.get("clusterIP") else []))
+    ips = [ip for ip in (spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else []))
+           if ip not in old_ips and ip != "None"]
+    old_ports = {p.get("nodePort") for p in ospec.get("ports") or []}
+    ports = [{"port": p.get("port"), "nodePort": p["nodePort"]} for p in spec.get("ports") or []
+             if p.get("nodePort") and p.get("nodePort") not in old_ports]
+    out_spec: dict[str, Any] = {"type": spec.get("type", "ClusterIP"), "ports": ports}
+    if ips:
+        out_spec["clusterIP"] = ips[0]
+        out_spec["clusterIPs"] = ips
+    hc = spec.get("healthCheckNodePort")
+    if hc and hc != ospec.get("healthCheckNodePort"):
+        out_spec["healthCheckNodePort"] = hc
+    return {"apiVersion": "v1", "kind": "Service", "metadata": new.get("metadata", {}), "spec": out_spec}
+
+
+class Registry:
+    def __init__(self, store: Store, allocator: semantics.Allocator) -> None:
+        self.store = store
+        self.allocator = allocator
+
+    # -- bootstrap -----------------------------------------------------------------------------
+
+    def bootstrap(self) -> None:
+        services = BY_ID["services"]
+        self.allocator.load(self.decode_all(self.store.list(services.prefix()).items))
+        for ns in SYSTEM_NAMESPACES:
+            if self.store.get(BY_ID["namespaces"].key("", ns)) is None:
+                self.create(BY_ID["namespaces"], "", {"apiVersion": "v1", "kind": "Namespace",
+                                                      "metadata": {"name": ns}}, dry_run=False)
+
+    @staticmethod
+    def decode_all(items: list[tuple[str, bytes]]) -> list[Obj]:
+        import msgspec
+
+        return [msgspec.json.decode(v) for _, v in items]
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_identity(self, res: Resource, namespace: str, obj: Any) -> Obj:
+        if not isinstance(obj, dict):
+            raise bad_request("the body of the request was in an unknown format")
+        kind, api_version = obj.get("kind"), obj.get("apiVersion")
+        if kind and kind != res.kind:
+            raise bad_request(f"the kind in the data ({kind}) does not match the expected kind ({res.kind})")
+        if api_version and api_version != res.api_version:
+            raise bad_request(f"the API version in the data ({api_version}) does not match the expected API "
+                              f"version ({res.api_version})")
+        obj["kind"], obj["apiVersion"] = res.kind, res.api_version
+        meta = obj.get("metadata")
+        if meta is None:
+            meta = obj["metadata"] = {}
+        if not isinstance(meta, dict):
+            raise bad_request("metadata must be an object")
+        if res.namespaced:
+            ns = meta.get("namespace") or namespace
+            if namespace and ns != namespace:
+                raise bad_request("the namespace of the provided object does not match the namespace sent on the "
+                                  "request")
+            meta["namespace"] = ns
+        else:
+            meta.pop("namespace", None)
+        return obj
+
+    def _require_namespace(self, res: Resource, namespace: str, verb: str) -> None:
+        if not res.namespaced:
+            return
+        ns = self.store.get(BY_ID["namespaces"].key("", namespace))
+        if ns is None:
+            raise not_found("namespaces", namespace)
+        if verb == "create" and (ns.get("status") or {}).get("phase") == "Terminating":
+            raise StatusError(403, "Forbidden", f'{res.id} "{namespace}" is forbidden: unable to create new content '
+                              f"in namespace {namespace} because it is being terminated")
+
+    def _release_quietly(self, svc: Obj) -> None:
+        try:
+            self.allocator.release(svc)
+        except Exception:  # noqa: BLE001 - releasing what was never fully allocated must not mask the error
+            pass
+
+    # -- verbs ---------------------------------------------------------------------------------
+
+    def get(self, res: Resource, namespace: str, name: str) -> Obj:
+        obj = self.store.get(res.key(namespace, name))
+        if obj is None:
+            raise not_found(res.plural, name, res.group)
+        return obj
+
+    def create(self, res: Resource, namespace: str, body: Any, *, dry_run: bool) -> Obj:
+        obj = self._check_identity(res, namespace, body)
+        meta = obj["metadata"]
+        if res.namespaced:
+            self._require_namespace(res, meta["namespace"], "create")
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + "".join(secrets.choice(_GEN_ALPHABET) for _ in range(5))
+        for server_owned in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"):
+            meta.pop(server_owned, None)
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = now_rfc3339()
+        if res.has_generation:
+            meta["generation"] = 1
+        else:
+            meta.pop("generation", None)
+        self._prepare_status_on_create(res, obj)
+        return self._admit_and_store(res, obj, None, dry_run)
+
+    @staticmethod
+    def _prepare_status_on_create(res: Resource, obj: Obj) -> None:
+        if res.plural == "namespaces":
+            obj["status"] = {"phase": "Active"}
+            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+            obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
+        elif res.plural == "pods":
+            obj["status"] = {"phase": "Pending"}
+        elif "status" in res.subresources and res.plural != "nodes":
+            obj["status"] = {}
+
+    def _admit_and_store(self, res: Resource, obj: Obj, old: Obj | None, dry_run: bool) -> Obj:
+        semantics.apply_defaults(res.id, obj)
+        is_svc = res.id == "services"
+        if is_svc:
+            self.allocator.assign(obj, old)
+        try:
+            if old is None:
+                semantics.validate_create(res.id, obj)
+            else:
+                semantics.validate_update(res.id, obj, old)
+            if dry_run:
+                if is_svc:
+                    self._release_quietly(_allocations_only_in(obj, old))
+                return obj
+            meta = obj["metadata"]
+            key = res.key(meta.get("namespace", ""), meta["name"])
+            if old is None:
+                try:
+                    stored = self.store.create(key, obj)
+                except KeyExists:
+                    raise already_exists(res.plural, meta["name"], res.group) from None
+            else:
+                expected = int(old["metadata"]["resourceVersion"])
+                try:
+                    stored = self.store.update(key, obj, expected)
+                except RevisionConflict:
+                    raise conflict(res.plural, meta["name"], _conflict_msg(), res.group) from None
+                except KeyNotFound:
+                    raise not_found(res.plural, meta["name"], res.group) from None
+        except BaseException:
+            if is_svc:
+                self._release_quietly(_allocations_only_in(obj, old))
+            raise
+        if is_svc and old is not None:
+            # Release what the update gave up (e.g. nodePorts of a type NodePort -> ClusterIP change).
+            self._release_quietly(_allocations_only_in(old, stored))
+        return stored
+
+    def update(self, res: Resource, namespace: str, name: str, body: Any, subresource: str, *,
+               dry_run: bool) -> Obj:
+        new = self._check_identity(res, namespace, body)
+        meta = new["metadata"]
+        if meta.get("name") and meta["name"] != name:
+            raise bad_request(f'the name of the object ({meta["name"]}) does not match the name on the URL ({name})')
+        meta["name"] = name
+        old = self.store.get(res.key(namespace, name))
+        if old is None:
+            raise not_found(res.plural, name, res.group)
+        rv = meta.get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise conflict(res.plural, name, _conflict_msg(), res.group)
+        return self._update_from(res, old, new, subresource, dry_run)
+
+    def _update_from(self, res: Resource, old: Obj, new: Obj, subresource: str, dry_run: bool) -> Obj:
+        if subresource == "status":
+            # The status subresource changes status only; the rest comes from the stored object.
+            merged = copy.deepcopy(old)
+            if "status" in new:
+                merged["status"] = new["status"]
+            new = merged
+        else:
+            if "status" in res.subresources and res.plural != "nodes":
+                if "status" in old:
+                    new["status"] = copy.deepcopy(old["status"])
+                else:
+                    new.pop("status", None)
+        meta, ometa = new["metadata"], old["metadata"]
+        for kept in ("uid", "creationTimestamp", "namespace", "deletionTimestamp", "generation"):
+            if kept in ometa:
+                meta[kept] = ometa[kept]
+            else:
+                meta.pop(kept, None)
+        meta["resourceVersion"] = ometa["resourceVersion"]
+        if res.has_generation and new.get("spec") != old.get("spec"):
+            meta["generation"] = int(ometa.get("generation", 1)) + 1
+        if res.plural == "namespaces":
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+        return self._admit_and_store(res, new, old, dry_run)
+
+    def patch(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes, subresource: str,
+              *, dry_run: bool, field_manager: str, force: bool) -> tuple[Obj, bool]:
+        """Returns (object, created): server-side apply creates what is missing."""
+        old = self.store.get(res.key(namespace, name))
+        if content_type == "application/apply-patch+yaml":
+            import yaml
+
+            try:
+                applied = yaml.safe_load(body)
+            except yaml.YAMLError as e:
+                raise bad_request(f"error decoding YAML: {e}") from None
+            if not isinstance(applied, dict):
+                raise bad_request("the body of an apply patch must be an object")
+            if (applied.get("metadata") or {}).get("name", name) != name:
+                raise bad_request("the name of the object does not match the name on the URL")
+            if not field_manager:
+                raise bad_request("PATCH, application/apply-patch+yaml requires fieldManager to be set")
+            if old is None:
+                if subresource:
+                    raise not_found(res.plural, name, res.group)
+                obj = semantics.server_side_apply(None, applied, field_manager, force)
+                obj.setdefault("metadata", {})["name"] = name
+                return self.create(res, namespace, obj, dry_run=dry_run), True
+            new = semantics.server_side_apply(copy.deepcopy(old), applied, field_manager, force)
+        else:
+            if old is None:
+                raise not_found(res.plural, name, res.group)
+            new = semantics.apply_patch(content_type, copy.deepcopy(old), body, res.id)
+        new = self._check_identity(res, namespace, new)
+        rv = new["metadata"].get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise conflict(res.plural, name, _conflict_msg(), res.group)
+        if new["metadata"].get("name", name) != name:
+            raise bad_request("metadata.name cannot be changed by a patch")
+        new["metadata"]["name"] = name
+        return self._update_from(res, old, new, subresource, dry_run), False
+
+    def delete(self, res: Resource, namespace: str, name: str, options: Obj, *, dry_run: bool) -> Obj:
+        key = res.key(namespace, name)
+        old = self.store.get(key)
+        if old is None:
+            raise not_found(res.plural, name, res.group)
+        pre = options.get("preconditions") or {}
+        if pre.get("uid") and pre["uid"] != old["metadata"].get("uid"):
+            raise conflict(res.plural, name, f'Precondition failed: UID in precondition: {pre["uid"]}, UID in object '
+                           f'meta: {old["metadata"].get("uid")}', res.group)
+        if pre.get("resourceVersion") and pre["resourceVersion"] != old["metadata"]["resourceVersion"]:
+            raise conflict(res.plural, name, f'Precondition failed: ResourceVersion in precondition: '
+                           f'{pre["resourceVersion"]}, ResourceVersion in object meta: '
+                           f'{old["metadata"]["resourceVersion"]}', res.group)
+        if res.plural == "namespaces" and name in SYSTEM_NAMESPACES[:3]:
+            raise StatusError(403, "Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                              kind="namespaces", name=name)
+        if dry_run:
+            return old
+        if res.plural == "namespaces":
+            self._delete_namespace_contents(name)
+        elif options.get("propagationPolicy") != "Orphan" and options.get("orphanDependents") is not True:
+            self._delete_dependents(old)
+        try:
+            gone = self.store.delete(key, int(old["metadata"]["resourceVersion"]))
+        except (KeyNotFound, RevisionConflict):
+            raise conflict(res.plural, name, _conflict_msg(), res.group) from None
+        if res.id == "services":
+            self._release_quietly(gone)
+        return gone
+
+    def _delete_dependents(self, owner: Obj) -> None:
+        """The garbage collector's background cascade, done synchronously for the owned kinds."""
+        deps = DEPENDENTS.get(owner.get("kind", ""))
+        if not deps:
+            return
+        uid = owner["metadata"].get("uid")
+        ns = owner["metadata"].get("namespace", "")
+        for rid in deps:
+            dres = BY_ID[rid]
+            for obj in self.decode_all(self.store.list(dres.prefix(ns)).items):
+                if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []):
+                    self.delete(dres, ns, obj["metadata"]["name"], {}, dry_run=False)
+
+    def _delete_namespace_contents(self, namespace: str) -> None:
+        for res in RESOURCES:
+            if not res.namespaced:
+                continue
+            for key, _ in self.store.list(res.prefix(namespace)).items:
+                try:
+                    gone = self.store.delete(key)
+                except KeyNotFound:
+                    continue  # already removed as a dependent
+                if res.id == "services":
+                    self._release_quietly(gone)

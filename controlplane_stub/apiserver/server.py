@@ -1,0 +1,513 @@
+"""HTTP layer: routing of Kubernetes REST paths, authentication/authorization, lists and discovery."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from ..store.base import Compacted, FutureRevision, Obj, Store
+from . import discovery, semantics
+from .errors import StatusError, bad_request, gone
+from .pki import User
+from .registry import Registry
+from .resources import BY_GROUP_VERSION, Resource
+from .selectors import Matcher, object_matcher
+from .watch import WatchHub, WatchRequest
+
+log = logging.getLogger("kproxy.apiserver")
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+_ANONYMOUS_PATHS = ("/healthz", "/livez", "/readyz", "/version")
+_READ_METHODS = ("GET", "HEAD")
+_PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json",
+                "application/strategic-merge-patch+json", "application/apply-patch+yaml")
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(obj), status=status, content_type="application/json")
+
+
+def status_response(err: StatusError) -> web.Response:
+    resp = json_response(err.to_status(), err.code)
+    if err.retry_after:
+        resp.headers["Retry-After"] = str(err.retry_after)
+    return resp
+
+
+@dataclass(slots=True)
+class Target:
+    res: Resource
+    namespace: str
+    name: str
+    sub: str
+    watch_path: bool
+
+
+class APIServer:
+    def __init__(self, store: Store, registry: Registry, users: dict[str, User], *, bookmark_interval: float = 60.0,
+                 min_request_timeout: float = 1800.0, external_address: str = "") -> None:
+        self.store = store
+        self.registry = registry
+        self.users = users
+        self.watches = WatchHub(store, bookmark_interval, min_request_timeout)
+        self.external_address = external_address
+        self.ready = False
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
+        r = app.router
+        for p in ("/healthz", "/livez", "/readyz"):
+            r.add_get(p, self._health)
+            r.add_get(p + "/{check:.*}", self._health)
+        r.add_get("/version", self._version)
+        r.add_get("/openapi/v2", self._openapi_v2)
+        r.add_get("/openapi/v3", self._openapi_v3)
+        r.add_get("/openapi/v3/{gv:.*}", self._openapi_v3_gv)
+        r.add_route("*", "/api", self._api_root)
+        r.add_route("*", "/apis", self._apis_root)
+        r.add_route("*", "/api/{tail:.*}", self._dispatch)
+        r.add_route("*", "/apis/{tail:.*}", self._dispatch)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.watches.stop()
+
+    # -- middleware: auth and Status errors ----------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        started = time.monotonic()
+        try:
+            if not request.path.startswith(_ANONYMOUS_PATHS):
+                user = self._authenticate(request)
+                request["user"] = user
+            resp: web.StreamResponse = await handler(request)
+        except StatusError as e:
+            resp = status_response(e)
+        except web.HTTPNotFound:
+            resp = status_response(StatusError(404, "NotFound", "the server could not find the requested resource"))
+        except web.HTTPException:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure must reach the client as a Status
+            log.exception("event=internal_error method=%s path=%s", request.method, request.path)
+            resp = status_response(StatusError(500, "InternalError", f"Internal error occurred: {e}"))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("method=%s path=%s code=%s ms=%.1f", request.method, request.path_qs, resp.status,
+                      (time.monotonic() - started) * 1000)
+        return resp
+
+    def _authenticate(self, request: web.Request) -> User:
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        user = self.users.get(token.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
+            raise StatusError(401, "Unauthorized", "Unauthorized")
+        return user
+
+    @staticmethod
+    def _authorize(request: web.Request, verb: str, t: Target) -> None:
+        user: User = request["user"]
+        if user.is_admin or verb in ("get", "list", "watch"):
+            return
+        what = f'{t.res.plural}/{t.sub}' if t.sub else t.res.plural
+        obj = f'{what} "{t.name}"' if t.name else what
+        where = f' in the namespace "{t.namespace}"' if t.namespace else ""
+        raise StatusError(403, "Forbidden", f'{obj} is forbidden: User "{user.name}" cannot {verb} resource '
+                          f'"{what}" in API group "{t.res.group}"{where}', kind=t.res.plural, name=t.name,
+                          group=t.res.group)
+
+    # -- unversioned endpoints -----------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if request.path.startswith("/readyz") and not self.ready:
+            return web.Response(text="[-]bootstrap failed: not ready\nreadyz check failed", status=500)
+        if "verbose" in request.query:
+            return web.Response(text=f"[+]ping ok\n[+]etcd ok\n{request.path.strip('/')} check passed\n")
+        return web.Response(text="ok")
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return json_response(discovery.version())
+
+    async def _openapi_v2(self, request: web.Request) -> web.Response:
+        return json_response(semantics.openapi_v2())
+
+    async def _openapi_v3(self, request: web.Request) -> web.Response:
+        idx = semantics.openapi_v3_index()
+        if idx is None:
+            raise StatusError(404, "NotFound", "the server could not find the requested resource")
+        return json_response(idx)
+
+    async def _openapi_v3_gv(self, request: web.Request) -> web.Response:
+        doc = semantics.openapi_v3_group(request.match_info["gv"])
+        if doc is None:
+            raise StatusError(404, "NotFound", "the server could not find the requested resource")
+        return json_response(doc)
+
+    async def _api_root(self, request: web.Request) -> web.Response:
+        return json_response(discovery.api_versions(self.external_address))
+
+    async def _apis_root(self, request: web.Request) -> web.Response:
+        return json_response(discovery.api_group_list())
+
+    # -- resource paths ------------------------------------------------------------------------
+
+    def _parse(self, path: str) -> Target | web.Response:
+        parts = [p for p in path.split("/") if p]
+        if parts[0] == "api":
+            if len(parts) == 2:
+                return json_response(discovery.resource_list("", parts[1])) if parts[1] == "v1" else self._404()
+            group, version, rest = "", parts[1], parts[2:]
+        else:
+            if len(parts) == 2:
+                g = discovery.api_group(parts[1])
+                return json_response(g) if g else self._404()
+            group, version, rest = parts[1], parts[2], parts[3:]
+            if not rest:
+                rl = discovery.resource_list(group, version)
+                return json_response(rl) if rl else self._404()
+        table = BY_GROUP_VERSION.get((group, version))
+        if table is None:
+            return self._404()
+        watch_path = False
+        if rest and rest[0] == "watch":
+            watch_path, rest = True, rest[1:]
+        namespace = ""
+        if len(rest) >= 3 and rest[0] == "namespaces" and rest[2] in table and table[rest[2]].namespaced:
+            namespace, rest = rest[1], rest[2:]
+        if not rest or rest[0] not in table or len(rest) > 3:
+            return self._404()
+        res = table[rest[0]]
+        name = rest[1] if len(rest) > 1 else ""
+        sub = rest[2] if len(rest) > 2 else ""
+        if sub and sub not in res.subresources:
+            return self._404()
+        return Target(res, namespace, name, sub, watch_path)
+
+    @staticmethod
+    def _404() -> web.Response:
+        return status_response(StatusError(404, "NotFound", "the server could not find the requested resource"))
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        parsed = self._parse(request.path)
+        if isinstance(parsed, web.Response):
+            return parsed
+        t = parsed
+        q = request.query
+        method = request.method
+        dry_run = q.get("dryRun") == "All"
+        if "dryRun" in q and not dry_run:
+            raise bad_request(f"unsupported dry run option {q['dryRun']!r}: want All")
+        if method == "GET":
+            is_watch = t.watch_path or q.get("watch") in ("true", "1")
+            if is_watch:
+                self._authorize(request, "watch", t)
+                return await self._watch(request, t)
+            if t.name:
+                self._authorize(request, "get", t)
+                return self._get(request, t)
+            self._authorize(request, "list", t)
+            return self._list(request, t)
+        if t.watch_path:
+            raise StatusError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
+                              f"resource")
+        if method == "POST" and not t.name:
+            self._authorize(request, "create", t)
+            body = await self._read_body(request)
+            created = self.registry.create(t.res, t.namespace, body, dry_run=dry_run)
+            return self._object_response(request, t, created, 201)
+        if method == "PUT" and t.name:
+            self._authorize(request, "update", t)
+            body = await self._read_body(request)
+            if t.sub == "scale":
+                return json_response(self._update_scale(t, body, dry_run))
+            updated = self.registry.update(t.res, t.namespace, t.name, body, t.sub, dry_run=dry_run)
+            return self._object_response(request, t, updated, 200)
+        if method == "PATCH" and t.name:
+            self._authorize(request, "patch", t)
+            ctype = request.content_type
+            if ctype not in _PATCH_TYPES:
+                raise StatusError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                                  f"accepted media types include: {', '.join(_PATCH_TYPES)}")
+            raw = await request.read()
+            if t.sub == "scale":
+                return json_response(self._patch_scale(t, ctype, raw, dry_run))
+            obj, created = self.registry.patch(t.res, t.namespace, t.name, ctype, raw, t.sub, dry_run=dry_run,
+                                               field_manager=q.get("fieldManager", ""),
+                                               force=q.get("force") == "true")
+            return self._object_response(request, t, obj, 201 if created else 200)
+        if method == "DELETE":
+            options: Obj = {}
+            if request.can_read_body:
+                raw = await request.read()
+                if raw.strip():
+                    try:
+                        options = json.loads(raw)
+                    except ValueError as e:
+                        raise bad_request(f"error decoding DeleteOptions: {e}") from None
+            if (options.get("dryRun") or []) == ["All"]:
+                dry_run = True
+            if "propagationPolicy" in q:
+                options["propagationPolicy"] = q["propagationPolicy"]
+            if t.name and not t.sub:
+                self._authorize(request, "delete", t)
+                gone_obj = self.registry.delete(t.res, t.namespace, t.name, options, dry_run=dry_run)
+                return json_response(gone_obj)
+            if not t.name:
+                self._authorize(request, "deletecollection", t)
+                return self._delete_collection(request, t, options, dry_run)
+        raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    @staticmethod
+    async def _read_body(request: web.Request) -> Any:
+        raw = await request.read()
+        ctype = request.content_type
+        if ctype in ("application/yaml", "application/x-yaml"):
+            import yaml
+
+            try:
+                return yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise bad_request(f"error decoding YAML: {e}") from None
+        if ctype not in ("application/json", "", "application/octet-stream", "text/plain"):
+            raise StatusError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
+                              f'accepted media types include: application/json, application/yaml')
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise bad_request(f"the body of the request was in an unknown format: {e}") from None
+
+    # -- get / list ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _wants_table(request: web.Request) -> bool:
+        accept = request.headers.get("Accept", "")
+        first = accept.split(",")[0]
+        return "as=Table" in first
+
+    def _object_response(self, request: web.Request, t: Target, obj: Obj, status: int) -> web.Response:
+        if self._wants_table(request):
+            table = semantics.to_table(t.res.id, [obj], request.query.get("includeObject", "Metadata"))
+            table.setdefault("metadata", {})["resourceVersion"] = obj["metadata"].get("resourceVersion", "")
+            return json_response(table, status)
+        return json_response(obj, status)
+
+    def _get(self, request: web.Request, t: Target) -> web.Response:
+        if t.sub == "scale":
+            return json_response(self._scale_of(self.registry.get(t.res, t.namespace, t.name)))
+        if not self._wants_table(request) and hasattr(self.store, "get_raw"):
+            raw = self.store.get_raw(t.res.key(t.namespace, t.name))
+            if raw is None:
+                raise self.registry_not_found(t)
+            return web.Response(body=raw, content_type="application/json")
+        return self._object_response(request, t, self.registry.get(t.res, t.namespace, t.name), 200)
+
+    @staticmethod
+    def registry_not_found(t: Target) -> StatusError:
+        from .errors import not_found
+
+        return not_found(t.res.plural, t.name, t.res.group)
+
+    def _selectors(self, request: web.Request, t: Target) -> tuple[Matcher | None, str]:
+        q = request.query
+        return object_matcher(q.get("labelSelector", ""), q.get("fieldSelector", ""), t.res.kind)
+
+    def _list(self, request: web.Request, t: Target) -> web.Response:
+        q = request.query
+        matcher, _ = self._selectors(request, t)
+        try:
+            limit = int(q.get("limit", "0") or 0)
+        except ValueError:
+            raise bad_request(f"invalid limit: {q.get('limit')!r}") from None
+        prefix = t.res.prefix(t.namespace)
+        start_after = ""
+        revision = 0
+        cont = q.get("continue", "")
+        rv = q.get("resourceVersion", "")
+        match = q.get("resourceVersionMatch", "")
+        if cont:
+            if rv:
+                raise bad_request("specifying resource version is not allowed when using continue")
+            revision, start_after = self._decode_continue(cont, prefix)
+        elif rv:
+            try:
+                want = int(rv)
+            except ValueError:
+                raise bad_request(f"invalid resource version: {rv!r}") from None
+            if want > self.store.revision and want != 0:
+                raise StatusError(504, "Timeout", f"Too large resource version: {want}, current: "
+                                  f"{self.store.revision}", causes=[{"reason": "ResourceVersionTooLarge",
+                                                                     "message": "Too large resource version"}],
+                                  retry_after=1)
+            if match == "Exact":
+                revision = want
+        elif match:
+            raise bad_request("resourceVersionMatch is forbidden unless resourceVersion is provided")
+        if not revision and limit:
+            revision = self.store.revision  # pin every page of this list to one revision
+        items: list[tuple[str, bytes]] = []
+        more = False
+        try:
+            while True:
+                chunk = self.store.list(prefix, start_after=start_after, limit=limit, revision=revision)
+                revision = chunk.revision
+                if matcher is None:
+                    items.extend(chunk.items)
+                else:
+                    items.extend((k, v) for k, v in chunk.items if matcher(_decode(v)))
+                more = chunk.more
+                if not limit or not more or len(items) >= limit:
+                    break
+                start_after = chunk.items[-1][0]
+        except Compacted:
+            if cont:
+                raise gone("The provided continue parameter is too old to display a consistent list result. You can "
+                           "start a new list without the continue parameter.") from None
+            raise gone(f"The resourceVersion for the provided list is too old.") from None
+        except FutureRevision as e:
+            raise StatusError(504, "Timeout", str(e)) from None
+        if limit and len(items) > limit:
+            items, more = items[:limit], True
+        meta: dict[str, Any] = {"resourceVersion": str(revision)}
+        if more and items:
+            meta["continue"] = self._encode_continue(revision, items[-1][0])
+        if self._wants_table(request):
+            table = semantics.to_table(t.res.id, [_decode(v) for _, v in items], q.get("includeObject", "Metadata"))
+            table["metadata"] = meta
+            return json_response(table)
+        head = (b'{"kind":"' + t.res.list_kind.encode() + b'","apiVersion":"' + t.res.api_version.encode()
+                + b'","metadata":' + _encode(meta) + b',"items":[')
+        body = head + b",".join(v for _, v in items) + b"]}"
+        return web.Response(body=body, content_type="application/json")
+
+    @staticmethod
+    def _encode_continue(revision: int, last_key: str) -> str:
+        raw = json.dumps({"v": "meta.k8s.io/v1", "rv": revision, "start": last_key}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @staticmethod
+    def _decode_continue(token: str, prefix: str) -> tuple[int, str]:
+        try:
+            raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            rv, start = int(raw["rv"]), str(raw["start"])
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise bad_request("continue key is not valid: incorrect encoded start resourceVersion "
+                              "(version meta.k8s.io/v1)") from None
+        if not start.startswith(prefix):
+            raise bad_request("continue key is not valid: the continue token does not belong to this list")
+        return rv, start
+
+    # -- watch ---------------------------------------------------------------------------------
+
+    async def _watch(self, request: web.Request, t: Target) -> web.StreamResponse:
+        q = request.query
+        matcher, pinned = self._selectors(request, t)
+        name = t.name or pinned
+        sie = q.get("sendInitialEvents")
+        send_initial: bool | None = None if sie is None else sie == "true"
+        allow_bm = q.get("allowWatchBookmarks") == "true"
+        if send_initial is not None:
+            if q.get("resourceVersionMatch") != "NotOlderThan":
+                raise StatusError(422, "Invalid", "resourceVersionMatch: Forbidden: sendInitialEvents requires "
+                                  "setting resourceVersionMatch to NotOlderThan",
+                                  causes=[{"reason": "FieldValueForbidden", "field": "resourceVersionMatch",
+                                           "message": "Forbidden: sendInitialEvents requires setting "
+                                                      "resourceVersionMatch to NotOlderThan"}])
+            if send_initial and not allow_bm:
+                raise StatusError(422, "Invalid", "allowWatchBookmarks: Forbidden: sendInitialEvents requires "
+                                  "allowWatchBookmarks")
+        try:
+            timeout = float(q.get("timeoutSeconds", "0") or 0)
+        except ValueError:
+            raise bad_request(f"invalid timeoutSeconds: {q.get('timeoutSeconds')!r}") from None
+        wr = WatchRequest(
+            res=t.res,
+            prefix=t.res.prefix(t.namespace),
+            exact_key=t.res.key(t.namespace, name) if name else "",
+            matcher=matcher,
+            resource_version=q.get("resourceVersion", ""),
+            send_initial_events=send_initial,
+            allow_bookmarks=allow_bm,
+            timeout_seconds=timeout,
+        )
+        return await self.watches.serve(request, wr)
+
+    # -- scale subresource ---------------------------------------------------------------------
+
+    @staticmethod
+    def _scale_of(obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        labels = ((spec.get("selector") or {}).get("matchLabels") or {})
+        return {
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                         if k in meta},
+            "spec": {"replicas": spec.get("replicas", 1)},
+            "status": {"replicas": status.get("replicas", 0),
+                       "selector": ",".join(f"{k}={v}" for k, v in sorted(labels.items()))},
+        }
+
+    def _apply_scale(self, t: Target, current: Obj, scale: Any, dry_run: bool) -> Obj:
+        if not isinstance(scale, dict):
+            raise bad_request("the body of the request was in an unknown format")
+        rv = (scale.get("metadata") or {}).get("resourceVersion")
+        if rv and rv != current["metadata"]["resourceVersion"]:
+            from .errors import conflict
+
+            raise conflict(t.res.plural, t.name, "the object has been modified; please apply your changes to the "
+                           "latest version and try again", t.res.group)
+        replicas = (scale.get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            from .errors import invalid
+
+            raise invalid("Scale", t.name, [{"reason": "FieldValueInvalid", "field": "spec.replicas",
+                                             "message": f"Invalid value: {replicas!r}: must be greater than or "
+                                                        f"equal to 0"}], "autoscaling")
+        new = json.loads(json.dumps(current))
+        new.setdefault("spec", {})["replicas"] = replicas
+        updated = self.registry.update(t.res, t.namespace, t.name, new, "", dry_run=dry_run)
+        return self._scale_of(updated)
+
+    def _update_scale(self, t: Target, body: Any, dry_run: bool) -> Obj:
+        current = self.registry.get(t.res, t.namespace, t.name)
+        return self._apply_scale(t, current, body, dry_run)
+
+    def _patch_scale(self, t: Target, ctype: str, raw: bytes, dry_run: bool) -> Obj:
+        current = self.registry.get(t.res, t.namespace, t.name)
+        scale = self._scale_of(current)
+        if ctype == "application/apply-patch+yaml":
+            import yaml
+
+            patched = semantics.server_side_apply(scale, yaml.safe_load(raw) or {}, "", True)
+        else:
+            patched = semantics.apply_patch(ctype, scale, raw, "scale")
+        return self._apply_scale(t, current, patched, dry_run)
+
+    # -- deletecollection ----------------------------------------------------------------------
+
+    def _delete_collection(self, request: web.Request, t: Target, options: Obj, dry_run: bool) -> web.Response:
+        matcher, _ = self._selectors(request, t)
+        deleted: list[Obj] = []
+        for _, value in self.store.list(t.res.prefix(t.namespace)).items:
+            obj = _decode(value)
+            if matcher is not None and not matcher(obj):
+                continue
+            meta = obj["metadata"]
+            try:
+                deleted.append(self.registry.delete(t.res, meta.get("namespace", ""), meta["name"], options,
+                                                    dry_run=dry_run))
+            except StatusError as e:
+                if e.code != 404:
+                    raise
+        return json_response({"kind": t.res.list_kind, "apiVersion": t.res.api_version,
+                              "metadata": {"resourceVersion": str(self.store.revision)}, "items": deleted})

@@ -1,0 +1,145 @@
+"""Watch streams: initial state, replay from the event window, live events, bookmarks, timeouts.
+
+Each stream keeps only a cursor (the last revision it has looked at). Events are read from the
+store's shared window and written as their pre-encoded line; a line is re-encoded only when a
+selector turns a MODIFIED into ADDED/DELETED for this watcher (the object entered/left its view).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import msgspec
+from aiohttp import web
+
+from ..store.base import Compacted, Store
+from ..store.sqlite import event_line
+from .resources import Resource
+from .selectors import Matcher
+
+log = logging.getLogger("kproxy.apiserver.watch")
+_encode = msgspec.json.encode
+
+
+@dataclass(slots=True)
+class WatchRequest:
+    res: Resource
+    prefix: str
+    exact_key: str  # watch of a single object (/watch/.../NAME or fieldSelector metadata.name=)
+    matcher: Matcher | None
+    resource_version: str
+    send_initial_events: bool | None
+    allow_bookmarks: bool
+    timeout_seconds: float
+
+
+def _error_line(code: int, reason: str, message: str) -> bytes:
+    status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+              "reason": reason, "code": code}
+    return b'{"type":"ERROR","object":' + _encode(status) + b"}\n"
+
+
+def _bookmark_line(res: Resource, revision: int, initial_end: bool = False) -> bytes:
+    meta: dict[str, object] = {"resourceVersion": str(revision)}
+    if initial_end:
+        meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+    obj = {"kind": res.kind, "apiVersion": res.api_version, "metadata": meta}
+    return b'{"type":"BOOKMARK","object":' + _encode(obj) + b"}\n"
+
+
+class WatchHub:
+    def __init__(self, store: Store, bookmark_interval: float, min_request_timeout: float) -> None:
+        self.store = store
+        self.bookmark_interval = bookmark_interval
+        self.min_request_timeout = min_request_timeout
+        self.stopping = False
+        self.active = 0
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.store.wake_watchers()
+
+    async def serve(self, request: web.Request, wr: WatchRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                       "Cache-Control": "no-cache, private"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        self.active += 1
+        try:
+            await self._stream(resp, wr)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.active -= 1
+        return resp
+
+    async def _stream(self, resp: web.StreamResponse, wr: WatchRequest) -> None:
+        store = self.store
+        timeout = wr.timeout_seconds or self.min_request_timeout * (1 + random.random())
+        deadline = time.monotonic() + timeout
+        next_bookmark = time.monotonic() + self.bookmark_interval
+        m = wr.matcher
+        rv = wr.resource_version
+        initial = wr.send_initial_events if wr.send_initial_events is not None else rv in ("", "0")
+        if initial:
+            cursor = store.revision
+            items = store.list(wr.prefix).items
+            lines = []
+            for key, value in items:
+                if wr.exact_key and key != wr.exact_key:
+                    continue
+                if m is not None and not m(msgspec.json.decode(value)):
+                    continue
+                lines.append(event_line("ADDED", value))
+            if wr.send_initial_events and wr.allow_bookmarks:
+                lines.append(_bookmark_line(wr.res, cursor, initial_end=True))
+            if lines:
+                await resp.write(b"".join(lines))
+        else:
+            try:
+                cursor = int(rv)
+            except ValueError:
+                await resp.write(_error_line(400, "BadRequest", f"invalid resource version: {rv!r}"))
+                return
+        while not self.stopping:
+            try:
+                events = store.events_since(cursor, 2000)
+            except Compacted as e:
+                await resp.write(_error_line(410, "Expired", f"too old resource version: {cursor} ({e.compacted + 1})"))
+                return
+            out: list[bytes] = []
+            for ev in events:
+                cursor = ev.revision
+                if not ev.key.startswith(wr.prefix) or (wr.exact_key and ev.key != wr.exact_key):
+                    continue
+                if m is None:
+                    out.append(ev.line)
+                    continue
+                now_in = m(ev.obj)
+                if ev.type == "MODIFIED":
+                    was_in = ev.prev is not None and m(ev.prev)
+                    if now_in and was_in:
+                        out.append(ev.line)
+                    elif now_in:
+                        out.append(event_line("ADDED", _encode(ev.obj)))
+                    elif was_in:
+                        out.append(event_line("DELETED", _encode(ev.obj)))
+                elif now_in:
+                    out.append(ev.line)
+            if out:
+                await resp.write(b"".join(out))
+            if events:
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            if wr.allow_bookmarks and now >= next_bookmark:
+                await resp.write(_bookmark_line(wr.res, cursor))
+                next_bookmark = now + self.bookmark_interval
+            wait = deadline - now
+            if wr.allow_bookmarks:
+                wait = min(wait, max(next_bookmark - now, 0.0))
+            await store.wait_for_events(cursor, wait)

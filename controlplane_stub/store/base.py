@@ -1,0 +1,148 @@
+"""The storage interface the API server is written against.
+
+It is shaped like etcd v3 so that an etcd backend fits behind it unchanged:
+- keys are strings under "/registry/<resource>/<namespace>/<name>", listed by prefix;
+- one global revision counts every write; each object records the revision of its last write
+  (etcd's mod_revision) as metadata.resourceVersion;
+- create/update/delete are compare-and-swap on that revision (etcd Txn with a mod_revision compare);
+- reads can be pinned to an older revision as long as it has not been compacted (etcd's "rev");
+- watch delivers every event after a revision, in revision order, or fails with Compacted when that
+  revision is older than what the backend still remembers (etcd: ErrCompacted -> 410 Gone).
+
+Values are Kubernetes objects as JSON dicts. The backend sets metadata.resourceVersion itself (it is
+the only party that knows the revision of a write); an etcd backend would do what kube-apiserver
+does: store the object without it and inject the mod_revision when decoding.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Obj = dict[str, Any]
+
+
+class StoreError(Exception):
+    pass
+
+
+class KeyExists(StoreError):
+    """create() of a key that is already there."""
+
+
+class KeyNotFound(StoreError):
+    """update()/delete() of a key that is not there."""
+
+
+class RevisionConflict(StoreError):
+    """The compare part of a compare-and-swap failed: the object changed since expected_revision."""
+
+    def __init__(self, key: str, expected: int, actual: int) -> None:
+        super().__init__(f"{key}: expected revision {expected}, found {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class Compacted(StoreError):
+    """The requested revision is older than the oldest one the backend still remembers."""
+
+    def __init__(self, requested: int, compacted: int) -> None:
+        super().__init__(f"revision {requested} has been compacted (oldest available is {compacted + 1})")
+        self.requested = requested
+        self.compacted = compacted
+
+
+class FutureRevision(StoreError):
+    """A read pinned to a revision the store has not reached yet."""
+
+
+@dataclass(slots=True)
+class Event:
+    """One write as watchers see it.
+
+    line is the watch wire encoding ({"type":..,"object":..}\\n) made once when the event is created
+    and shared by every watcher, however many there are.
+    """
+
+    revision: int
+    type: str  # ADDED | MODIFIED | DELETED
+    key: str
+    obj: Obj
+    prev: Obj | None
+    line: bytes = field(repr=False)
+
+
+@dataclass(slots=True)
+class ListResult:
+    revision: int
+    # (key, encoded JSON value, decoded value or None): lists of thousands of objects are served by
+    # concatenating stored bytes, decoding only when a selector must look inside.
+    items: list[tuple[str, bytes]]
+    more: bool = False  # limit was reached and there are keys after the last one returned
+
+
+class Store(abc.ABC):
+    """A revisioned key/value store for Kubernetes objects (see module doc)."""
+
+    @property
+    @abc.abstractmethod
+    def revision(self) -> int:
+        """The current global revision (the last committed write)."""
+
+    @property
+    @abc.abstractmethod
+    def compacted_revision(self) -> int:
+        """Revisions <= this can no longer be read or watched from."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Obj | None: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str, *, start_after: str = "", limit: int = 0, revision: int = 0) -> ListResult:
+        """Objects whose key starts with prefix, in key order, optionally at an older revision."""
+
+    @abc.abstractmethod
+    def create(self, key: str, obj: Obj) -> Obj:
+        """Store obj at key (KeyExists if present); returns obj with its resourceVersion set."""
+
+    @abc.abstractmethod
+    def update(self, key: str, obj: Obj, expected_revision: int = 0) -> Obj:
+        """Replace key's value; expected_revision 0 means unconditional."""
+
+    @abc.abstractmethod
+    def delete(self, key: str, expected_revision: int = 0) -> Obj:
+        """Delete key; returns the last value with the deletion revision as its resourceVersion."""
+
+    @abc.abstractmethod
+    def guaranteed_update(self, key: str, mutate: Callable[[Obj | None], Obj | None]) -> Obj | None:
+        """Read-modify-write without a lost update: mutate(current) -> new value (None deletes)."""
+
+    @abc.abstractmethod
+    def events_since(self, since_revision: int, max_events: int = 1000) -> list[Event]:
+        """Up to max_events events with revision > since_revision, in revision order.
+
+        Raises Compacted when events after since_revision are no longer remembered.
+        """
+
+    @abc.abstractmethod
+    async def wait_for_events(self, after_revision: int, timeout: float) -> bool:
+        """Wait until revision > after_revision or timeout; True when new events exist."""
+
+    async def watch(self, prefix: str, since_revision: int) -> AsyncIterator[Event]:
+        """Events after since_revision for keys under prefix, then live ones, until cancelled."""
+        cursor = since_revision
+        while True:
+            events = self.events_since(cursor)
+            for ev in events:
+                cursor = ev.revision
+                if ev.key.startswith(prefix):
+                    yield ev
+            if not events:
+                await self.wait_for_events(cursor, 3600.0)
+
+    def wake_watchers(self) -> None:
+        """Make every wait_for_events() return now (used at shutdown to end watch streams)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
