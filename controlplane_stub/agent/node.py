@@ -1,0 +1,213 @@
+"""The node agent (our kubelet): registers its Node, heartbeats a Lease, runs the pods bound to it."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from controlplane_stub import client as api
+from controlplane_stub.agent import netns
+from controlplane_stub.agent.catalog import Catalog
+from controlplane_stub.agent.pods import PodWorker, now
+
+log = logging.getLogger("kpc.agent")
+Obj = dict[str, Any]
+
+
+@dataclass
+class AgentConfig:
+    node: netns.NodeNet
+    prefix: str
+    data_dir: Path
+    catalog_file: str = ""
+    zone: str = ""
+    dns_ip: str = ""
+    cluster_domain: str = "cluster.local"
+    backoff_base: float = 10.0
+    lease_seconds: int = 40
+    heartbeat_seconds: float = 10.0
+    max_pods: int = 110
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Ipam:
+    """Pod IPs from the node's podCIDR (the gateway .1 is the bridge's)."""
+
+    def __init__(self, cidr: str) -> None:
+        net = ipaddress.ip_network(cidr)
+        self.free = [str(h) for h in list(net.hosts())[1:]]
+        self.used: dict[str, str] = {}
+
+    def allocate(self, uid: str) -> str:
+        if uid in self.used:
+            return self.used[uid]
+        if not self.free:
+            raise RuntimeError("podCIDR exhausted")
+        ip = self.free.pop(0)
+        self.used[uid] = ip
+        return ip
+
+    def release(self, uid: str) -> None:
+        ip = self.used.pop(uid, None)
+        if ip:
+            self.free.append(ip)  # at the end: a just-freed IP is not reused at once
+
+
+def micro_time() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class NodeAgent:
+    def __init__(self, client: api.Client, config: AgentConfig) -> None:
+        self.client = client
+        self.config = config
+        self.node = config.node
+        self.catalog = Catalog.load(config.catalog_file or None)
+        self.ipam = Ipam(self.node.pod_cidr)
+        self.workers: dict[str, PodWorker] = {}
+        self.informer = api.Informer(client, "pods", field_selector=f"spec.nodeName={self.node.name}")
+        self.informer.add_handler(self._on_pod)
+
+    def resolv_conf(self, pod: Obj) -> str | None:
+        if not self.config.dns_ip or pod["spec"].get("dnsPolicy", "ClusterFirst") not in ("ClusterFirst", ""):
+            return None
+        ns, d = pod["metadata"]["namespace"], self.config.cluster_domain
+        return f"search {ns}.svc.{d} svc.{d} {d}\nnameserver {self.config.dns_ip}\noptions ndots:5\n"
+
+    def node_object(self) -> Obj:
+        labels = {"kubernetes.io/hostname": self.node.name, "kubernetes.io/os": "linux",
+                  "kubernetes.io/arch": "amd64", **self.config.labels}
+        if self.config.zone:
+            labels["topology.kubernetes.io/zone"] = self.config.zone
+        return {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": self.node.name, "labels": labels},
+                "spec": {"podCIDR": self.node.pod_cidr, "podCIDRs": [self.node.pod_cidr]}}
+
+    def node_status(self) -> Obj:
+        t = now()
+        cap = {"cpu": str(os.cpu_count() or 1), "memory": "4Gi", "pods": str(self.config.max_pods),
+               "ephemeral-storage": "10Gi"}
+        conds = [
+            {"type": typ, "status": "False", "reason": reason, "message": msg, "lastHeartbeatTime": t,
+             "lastTransitionTime": self.started}
+            for typ, reason, msg in (
+                ("MemoryPressure", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                ("DiskPressure", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                ("PIDPressure", "KubeletHasSufficientPID", "kubelet has sufficient PID available"))
+        ]
+        conds.append({"type": "Ready", "status": "True", "reason": "KubeletReady",
+                      "message": "kubelet is posting ready status", "lastHeartbeatTime": t,
+                      "lastTransitionTime": self.started})
+        return {"addresses": [{"type": "InternalIP", "address": self.node.ip},
+                              {"type": "Hostname", "address": self.node.name}],
+                "capacity": cap, "allocatable": cap, "conditions": conds,
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+                "nodeInfo": {"kubeletVersion": "v1.32.0-kpc", "kubeProxyVersion": "", "osImage": "kproxy-cluster netns node",
+                             "operatingSystem": "linux", "architecture": "amd64", "containerRuntimeVersion": "kpc://0.1",
+                             "kernelVersion": os.uname().release, "machineID": "", "systemUUID": "", "bootID": ""}}
+
+    async def register(self) -> None:
+        self.started = now()
+        url = api.path("nodes", name=self.node.name)
+        try:
+            await self.client.create(api.path("nodes"), self.node_object())
+        except api.ApiError as e:
+            if e.code != 409:
+                raise
+
+            def merge(cur: Obj) -> bool:
+                want = self.node_object()
+                cur["metadata"].setdefault("labels", {}).update(want["metadata"]["labels"])
+                cur["spec"].update(want["spec"])
+                return True
+
+            await self.client.update_with_retry(url, merge)
+        await self.client.patch(url + "/status", {"status": self.node_status()})
+
+    async def lease_loop(self) -> None:
+        url = api.path("leases", "kube-node-lease", self.node.name)
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
+                 "spec": {"holderIdentity": self.node.name, "leaseDurationSeconds": self.config.lease_seconds,
+                          "renewTime": micro_time()}}
+        try:
+            await self.client.create(api.path("leases", "kube-node-lease"), lease)
+        except api.ApiError as e:
+            if e.code != 409:
+                log.warning("node=%s lease create: %s", self.node.name, e)
+        beats = 0
+        while True:
+            await asyncio.sleep(self.config.heartbeat_seconds)
+            beats += 1
+            try:
+                await self.client.patch(url, {"spec": {"renewTime": micro_time(),
+                                                       "holderIdentity": self.node.name}})
+                if beats % 4 == 0:  # the Node's own status more rarely, as the kubelet does
+                    await self.client.patch(api.path("nodes", name=self.node.name) + "/status",
+                                            {"status": self.node_status()})
+            except api.ApiError as e:
+                log.warning("node=%s heartbeat: %s", self.node.name, e)
+
+    async def _on_pod(self, event: str, pod: Obj, old: Obj | None) -> None:
+        md = pod["metadata"]
+        uid = str(md.get("uid", ""))
+        w = self.workers.get(uid)
+        if event == "DELETED":
+            if w is not None:
+                asyncio.create_task(self._stop(w, self._grace(pod), delete=False))
+            return
+        if md.get("deletionTimestamp"):
+            if w is None:
+                # Never ran here (or ran before an agent restart): nothing to stop.
+                asyncio.create_task(self._final_delete(pod))
+            elif not w.terminating:
+                asyncio.create_task(self._stop(w, self._grace(pod), delete=True))
+            return
+        if w is None and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+            w = PodWorker(self, pod)
+            self.workers[uid] = w
+            log.info("node=%s pod=%s starting ip-pending netns=%s", self.node.name, w.key, w.netns)
+            w.start()
+        elif w is not None:
+            w.pod = pod
+
+    @staticmethod
+    def _grace(pod: Obj) -> float:
+        g = pod["metadata"].get("deletionGracePeriodSeconds")
+        if g is None:
+            g = pod["spec"].get("terminationGracePeriodSeconds", 30)
+        return float(g)
+
+    async def _stop(self, w: PodWorker, grace: float, delete: bool) -> None:
+        await w.terminate(grace)
+        self.workers.pop(w.uid, None)
+        if delete:
+            await self._final_delete(w.pod)
+
+    async def _final_delete(self, pod: Obj) -> None:
+        md = pod["metadata"]
+        try:
+            await self.client.delete(api.path("pods", md["namespace"], md["name"]), grace_seconds=0, uid=md.get("uid", ""))
+        except api.ApiError as e:
+            if e.code not in (404, 409):
+                log.warning("pod=%s/%s final delete: %s", md["namespace"], md["name"], e)
+
+    async def run(self) -> None:
+        # Pods of an earlier run of this agent died with it; their namespaces are stale.
+        await self.register()
+        tasks = [asyncio.create_task(self.lease_loop()), asyncio.create_task(self.informer.run())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self.shutdown(grace=2.0)
+
+    async def shutdown(self, grace: float) -> None:
+        ws = list(self.workers.values())
+        await asyncio.gather(*(w.terminate(grace) for w in ws), return_exceptions=True)

@@ -1,0 +1,369 @@
+"""EndpointSlice controller (and the legacy v1 Endpoints object) for Services with a selector.
+
+Low churn, as upstream's reconciler: endpoints stay in the slice that holds them; a changed
+endpoint is rewritten in place, new ones fill the slices with room before a new slice is made,
+and only slices whose content changed are written. One pod change therefore rewrites one slice.
+Endpoints are grouped by their resolved ports (a named targetPort can resolve differently per pod).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from controlplane_stub import client as api
+from controlplane_stub.client import Informer, WorkQueue, key_of
+from controlplane_stub.controllers.common import now, pod_ready
+from controlplane_stub.controllers.index import Indexes
+
+log = logging.getLogger("kpc.endpointslice")
+Obj = dict[str, Any]
+
+MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
+CONTROLLER_NAME = "endpointslice-controller.k8s.io"
+SERVICE_NAME = "kubernetes.io/service-name"
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+HEADLESS = "service.kubernetes.io/headless"
+MAX_ENDPOINTS_ADDRESSES = 1000  # legacy Endpoints are truncated beyond this, as upstream
+
+
+def resolve_target_port(sp: Obj, pod: Obj) -> int | None:
+    tp = sp.get("targetPort", sp.get("port"))
+    if isinstance(tp, int):
+        return tp
+    if isinstance(tp, str) and tp.isdigit():
+        return int(tp)
+    proto = sp.get("protocol", "TCP")
+    for c in pod["spec"].get("containers") or []:
+        for cp in c.get("ports") or []:
+            if cp.get("name") == tp and cp.get("protocol", "TCP") == proto:
+                return int(cp["containerPort"])
+    return None
+
+
+def slice_ports(svc: Obj, pod: Obj) -> list[Obj]:
+    out = []
+    for sp in svc["spec"].get("ports") or []:
+        port = resolve_target_port(sp, pod)
+        if port is None:
+            continue  # upstream skips a port whose name this pod does not define
+        p: Obj = {"name": sp.get("name", ""), "port": port, "protocol": sp.get("protocol", "TCP")}
+        if sp.get("appProtocol"):
+            p["appProtocol"] = sp["appProtocol"]
+        out.append(p)
+    return out
+
+
+def ports_key(ports: list[Obj]) -> str:
+    return json.dumps(sorted(ports, key=lambda p: (p.get("name", ""), p.get("protocol", ""))), sort_keys=True)
+
+
+class SelectorIndex:
+    """Services by the k=v pairs of their selectors: which Services may select a pod with given labels."""
+
+    def __init__(self, services: Informer) -> None:
+        self.by_pair: dict[tuple[str, str, str], set[str]] = {}
+        services.add_handler(self._on)
+
+    @staticmethod
+    def _pairs(svc: Obj) -> list[tuple[str, str, str]]:
+        ns = svc["metadata"]["namespace"]
+        return [(ns, k, v) for k, v in ((svc.get("spec") or {}).get("selector") or {}).items()]
+
+    def _on(self, event: str, svc: Obj, old: Obj | None) -> None:
+        k = key_of(svc)
+        if old is not None:
+            for pair in self._pairs(old):
+                self.by_pair.get(pair, set()).discard(k)
+        if event != "DELETED":
+            for pair in self._pairs(svc):
+                self.by_pair.setdefault(pair, set()).add(k)
+
+
+class EndpointSliceController:
+    def __init__(self, client: api.Client, services: Informer, svc_index: SelectorIndex, pods: Informer,
+                 pod_index: Indexes, nodes: Informer, slices: Informer, endpoints: Informer,
+                 max_per_slice: int = 100) -> None:
+        self.client = client
+        self.services, self.svc_index = services, svc_index
+        self.pods, self.pod_index = pods, pod_index
+        self.nodes = nodes
+        self.slices = slices
+        self.endpoints = endpoints
+        self.max_per_slice = max_per_slice
+        self.queue = WorkQueue()
+        self.trigger: dict[str, str] = {}
+        self.slices_by_service: dict[str, set[str]] = {}
+        self.slice_writes = 0
+        services.add_handler(self._on_service)
+        pods.add_handler(self._on_pod)
+        slices.add_handler(self._on_slice)
+
+    # -- events ------------------------------------------------------------------------------
+    def _enqueue(self, key: str) -> None:
+        self.trigger.setdefault(key, now())
+        self.queue.add(key)
+
+    def _on_service(self, event: str, svc: Obj, old: Obj | None) -> None:
+        self._enqueue(key_of(svc))
+
+    def _on_pod(self, event: str, pod: Obj, old: Obj | None) -> None:
+        if old is not None and event == "MODIFIED" and _endpoint_view(pod) == _endpoint_view(old):
+            return  # nothing an endpoint shows changed (e.g. a container restart count)
+        ns = pod["metadata"]["namespace"]
+        keys: set[str] = set()
+        for p in (pod, old):
+            if p is None:
+                continue
+            labels = p["metadata"].get("labels") or {}
+            for k, v in labels.items():
+                for skey in self.svc_index.by_pair.get((ns, k, v), ()):
+                    keys.add(skey)
+        for skey in keys:
+            svc = self.services.cache.get(skey)
+            if svc is None:
+                continue
+            sel = svc["spec"].get("selector") or {}
+            if any(all((p["metadata"].get("labels") or {}).get(k) == v for k, v in sel.items())
+                   for p in (pod, old) if p is not None):
+                self._enqueue(skey)
+
+    def _on_slice(self, event: str, sl: Obj, old: Obj | None) -> None:
+        labels = sl["metadata"].get("labels") or {}
+        if labels.get(MANAGED_BY) != CONTROLLER_NAME or SERVICE_NAME not in labels:
+            return
+        skey = f"{sl['metadata']['namespace']}/{labels[SERVICE_NAME]}"
+        names = self.slices_by_service.setdefault(skey, set())
+        if event == "DELETED":
+            names.discard(key_of(sl))
+        else:
+            names.add(key_of(sl))
+        if old is not None and old["metadata"].get("resourceVersion") == sl["metadata"].get("resourceVersion"):
+            return  # our own write coming back
+        if event != "ADDED" or old is not None:
+            self.queue.add(skey)  # someone else changed or removed a slice we manage: repair it
+
+    # -- sync --------------------------------------------------------------------------------
+    def _zone(self, node: str) -> str:
+        n = self.nodes.cache.get(node)
+        return ((n or {}).get("metadata", {}).get("labels") or {}).get("topology.kubernetes.io/zone", "") if n else ""
+
+    def desired(self, svc: Obj) -> dict[str, tuple[list[Obj], list[Obj]]]:
+        """ports key -> (ports, endpoints) for the pods the Service selects."""
+        ns = svc["metadata"]["namespace"]
+        publish = bool(svc["spec"].get("publishNotReadyAddresses"))
+        groups: dict[str, tuple[list[Obj], list[Obj]]] = {}
+        for pod in self.pod_index.selected(ns, svc["spec"].get("selector") or {}):
+            st = pod.get("status") or {}
+            ip = st.get("podIP")
+            if not ip or st.get("phase") in ("Succeeded", "Failed"):
+                continue
+            terminating = bool(pod["metadata"].get("deletionTimestamp"))
+            ready = publish or pod_ready(pod)
+            serving = ready
+            if terminating and not publish:
+                ready = False
+            ep: Obj = {"addresses": [ip],
+                       "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                       "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["metadata"]["name"],
+                                     "uid": pod["metadata"]["uid"]}}
+            node = pod["spec"].get("nodeName")
+            if node:
+                ep["nodeName"] = node
+                zone = self._zone(node)
+                if zone:
+                    ep["zone"] = zone
+            hn = pod["spec"].get("hostname")
+            if hn and pod["spec"].get("subdomain") == svc["metadata"]["name"]:
+                ep["hostname"] = hn
+            ports = slice_ports(svc, pod)
+            pk = ports_key(ports)
+            groups.setdefault(pk, (ports, []))[1].append(ep)
+        return groups
+
+    async def sync(self, key: str) -> None:
+        svc = self.services.cache.get(key)
+        trigger = self.trigger.pop(key, now())
+        if svc is None or not svc["spec"].get("selector") or svc["spec"].get("type") == "ExternalName":
+            await self._delete_all(key, svc)
+            return
+        groups = self.desired(svc)
+        await self._reconcile_slices(svc, groups, trigger)
+        await self._reconcile_endpoints(svc, groups, trigger)
+
+    def _labels(self, svc: Obj) -> dict[str, str]:
+        labels = {k: v for k, v in (svc["metadata"].get("labels") or {}).items()
+                  if k not in (MANAGED_BY, SERVICE_NAME)}
+        labels[SERVICE_NAME] = svc["metadata"]["name"]
+        labels[MANAGED_BY] = CONTROLLER_NAME
+        if svc["spec"].get("clusterIP") == "None":
+            labels[HEADLESS] = ""
+        return labels
+
+    async def _reconcile_slices(self, svc: Obj, groups: dict[str, tuple[list[Obj], list[Obj]]], trigger: str) -> None:
+        skey = key_of(svc)
+        existing = [self.slices.cache[k] for k in sorted(self.slices_by_service.get(skey, ())) if k in self.slices.cache]
+        existing = [s for s in existing if s["metadata"].get("deletionTimestamp") is None]
+        by_group: dict[str, list[Obj]] = {}
+        for s in existing:
+            by_group.setdefault(ports_key(s.get("ports") or []), []).append(s)
+        to_write: list[Obj] = []
+        to_create: list[Obj] = []
+        to_delete: list[Obj] = []
+        labels = self._labels(svc)
+        for pk, (ports, eps) in groups.items():
+            want = {e["targetRef"]["uid"]: e for e in eps}
+            placed: set[str] = set()
+            slices = by_group.pop(pk, [])
+            new_contents: list[tuple[Obj, list[Obj]]] = []
+            for s in slices:
+                kept = []
+                for e in s.get("endpoints") or []:
+                    uid = (e.get("targetRef") or {}).get("uid", "")
+                    if uid in want and uid not in placed:
+                        kept.append(want[uid])
+                        placed.add(uid)
+                new_contents.append((s, kept))
+            rest = [e for uid, e in want.items() if uid not in placed]
+            # Fill the fullest slices with room first (fewer slices over time), then make new ones.
+            for s, kept in sorted(new_contents, key=lambda sk: -len(sk[1])):
+                room = self.max_per_slice - len(kept)
+                if room > 0 and rest:
+                    kept.extend(rest[:room])
+                    rest = rest[room:]
+            for s, kept in new_contents:
+                if not kept:
+                    to_delete.append(s)
+                elif _eps_key(kept) != _eps_key(s.get("endpoints") or []) or s.get("ports") != ports or \
+                        not _labels_ok(s, labels):
+                    to_write.append(self._slice(svc, ports, kept, labels, trigger, s))
+            for i in range(0, len(rest), self.max_per_slice):
+                to_create.append(self._slice(svc, ports, rest[i:i + self.max_per_slice], labels, trigger, None))
+        for slices in by_group.values():
+            to_delete.extend(slices)
+        if not groups:
+            # Upstream keeps one empty "placeholder" slice for a Service without endpoints.
+            keep = next((s for s in to_delete if not (s.get("endpoints") or [])), None) or \
+                (to_delete[0] if to_delete else None)
+            if keep is not None:
+                to_delete.remove(keep)
+                if keep.get("endpoints") or keep.get("ports"):
+                    to_write.append(self._slice(svc, [], [], labels, trigger, keep))
+            elif not to_create:
+                to_create.append(self._slice(svc, [], [], labels, trigger, None))
+        for s in to_create:
+            r = await self.client.create(api.path("endpointslices", svc["metadata"]["namespace"]), s)
+            self.slice_writes += 1
+            await self.slices.assume(r)
+        for s in to_write:
+            r = await self.client.update(api.obj_path("endpointslices", s), s)
+            self.slice_writes += 1
+            await self.slices.assume(r)
+        for s in to_delete:
+            await self.client.delete(api.obj_path("endpointslices", s))
+            self.slice_writes += 1
+            await self.slices.assume_deleted(s)
+
+    def _slice(self, svc: Obj, ports: list[Obj], eps: list[Obj], labels: dict[str, str], trigger: str,
+               current: Obj | None) -> Obj:
+        md: Obj
+        if current is not None:
+            md = json.loads(json.dumps(current["metadata"]))
+        else:
+            md = {"generateName": f"{svc['metadata']['name']}-", "namespace": svc["metadata"]["namespace"],
+                  "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc["metadata"]["name"],
+                                       "uid": svc["metadata"]["uid"], "controller": True,
+                                       "blockOwnerDeletion": True}]}
+        md["labels"] = {**(md.get("labels") or {}), **labels}
+        md.setdefault("annotations", {})[TRIGGER_TIME] = trigger
+        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": md,
+                "addressType": "IPv4", "endpoints": eps, "ports": ports}
+
+    async def _reconcile_endpoints(self, svc: Obj, groups: dict[str, tuple[list[Obj], list[Obj]]],
+                                   trigger: str) -> None:
+        publish = bool(svc["spec"].get("publishNotReadyAddresses"))
+        subsets = []
+        total = 0
+        for ports, eps in groups.values():
+            ready: list[Obj] = []
+            not_ready: list[Obj] = []
+            for e in eps:
+                c = e["conditions"]
+                if c["terminating"] and not publish:
+                    continue  # legacy Endpoints never list terminating pods
+                a: Obj = {"ip": e["addresses"][0], "targetRef": e["targetRef"]}
+                if e.get("nodeName"):
+                    a["nodeName"] = e["nodeName"]
+                if e.get("hostname"):
+                    a["hostname"] = e["hostname"]
+                (ready if c["ready"] else not_ready).append(a)
+            if not ready and not not_ready:
+                continue
+            ready.sort(key=lambda a: a["ip"])
+            not_ready.sort(key=lambda a: a["ip"])
+            total += len(ready) + len(not_ready)
+            sub: Obj = {"ports": [{k: v for k, v in p.items()} for p in ports]}
+            if ready:
+                sub["addresses"] = ready
+            if not_ready:
+                sub["notReadyAddresses"] = not_ready
+            subsets.append(sub)
+        subsets.sort(key=lambda s: json.dumps(s["ports"], sort_keys=True))
+        labels = {k: v for k, v in (svc["metadata"].get("labels") or {}).items()}
+        if svc["spec"].get("clusterIP") == "None":
+            labels[HEADLESS] = ""
+        annotations = {TRIGGER_TIME: trigger}
+        if total > MAX_ENDPOINTS_ADDRESSES:
+            annotations["endpoints.kubernetes.io/over-capacity"] = "truncated"
+            left = MAX_ENDPOINTS_ADDRESSES
+            for sub in subsets:
+                for f in ("addresses", "notReadyAddresses"):
+                    if f in sub:
+                        sub[f] = sub[f][:left]
+                        left -= len(sub[f])
+        key = key_of(svc)
+        cur = self.endpoints.cache.get(key)
+        if cur is not None and (cur.get("subsets") or []) == subsets and \
+                (cur["metadata"].get("labels") or {}) == labels:
+            return
+        body: Obj = {"apiVersion": "v1", "kind": "Endpoints",
+                     "metadata": {"name": svc["metadata"]["name"], "namespace": svc["metadata"]["namespace"],
+                                  "labels": labels, "annotations": annotations},
+                     "subsets": subsets}
+        if cur is None:
+            try:
+                r = await self.client.create(api.path("endpoints", svc["metadata"]["namespace"]), body)
+            except api.ApiError as e:
+                if e.code != 409:
+                    raise
+                cur = await self.client.get(api.obj_path("endpoints", body))
+        if cur is not None:
+            body["metadata"]["resourceVersion"] = cur["metadata"].get("resourceVersion")
+            r = await self.client.update(api.obj_path("endpoints", body), body)
+        await self.endpoints.assume(r)
+
+    async def _delete_all(self, key: str, svc: Obj | None) -> None:
+        for k in list(self.slices_by_service.get(key, ())):
+            s = self.slices.cache.get(k)
+            if s is not None:
+                await self.client.delete(api.obj_path("endpointslices", s))
+                await self.slices.assume_deleted(s)
+        ep = self.endpoints.cache.get(key)
+        if ep is not None and (svc is None or svc["spec"].get("selector")) :
+            await self.client.delete(api.obj_path("endpoints", ep))
+            await self.endpoints.assume_deleted(ep)
+
+
+def _endpoint_view(pod: Obj) -> tuple[Any, ...]:
+    st = pod.get("status") or {}
+    return (st.get("podIP"), st.get("phase"), pod_ready(pod), pod["metadata"].get("deletionTimestamp"),
+            pod["spec"].get("nodeName"), json.dumps(pod["metadata"].get("labels") or {}, sort_keys=True))
+
+
+def _eps_key(eps: list[Obj]) -> str:
+    return json.dumps(eps, sort_keys=True)
+
+
+def _labels_ok(s: Obj, labels: dict[str, str]) -> bool:
+    have = s["metadata"].get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())

@@ -1,0 +1,84 @@
+"""Runs every controller in one process (as kube-controller-manager + kube-scheduler do)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from controlplane_stub import client as api
+from controlplane_stub.client import Informer, run_worker
+from controlplane_stub.controllers.deployment import DeploymentController
+from controlplane_stub.controllers.endpointslice import (
+    CONTROLLER_NAME, MANAGED_BY, EndpointSliceController, SelectorIndex,
+)
+from controlplane_stub.controllers.gc import GarbageCollector
+from controlplane_stub.controllers.index import Indexes
+from controlplane_stub.controllers.loadbalancer import LoadBalancerController, parse_pool
+from controlplane_stub.controllers.replicaset import ReplicaSetController
+from controlplane_stub.controllers.scheduler import Scheduler
+
+log = logging.getLogger("kpc.controllers")
+
+ALL = ("endpointslice", "replicaset", "deployment", "scheduler", "loadbalancer", "gc")
+
+
+@dataclass
+class ControllerOptions:
+    lb_pool: str = "10.251.0.0/24"
+    max_endpoints_per_slice: int = 100
+    enabled: tuple[str, ...] = ALL
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ControllerManager:
+    def __init__(self, client: api.Client, opts: ControllerOptions) -> None:
+        self.client = client
+        self.opts = opts
+        self.pods = Informer(client, "pods")
+        self.pod_index = Indexes(self.pods)  # first handler: controllers read it current
+        self.services = Informer(client, "services")
+        self.svc_selectors = SelectorIndex(self.services)
+        self.nodes = Informer(client, "nodes")
+        self.rss = Informer(client, "replicasets")
+        self.rs_index = Indexes(self.rss)
+        self.deployments = Informer(client, "deployments")
+        self.slices = Informer(client, "endpointslices", label_selector=f"{MANAGED_BY}={CONTROLLER_NAME}")
+        self.endpoints = Informer(client, "endpoints")
+        self.informers = [self.pods, self.services, self.nodes, self.rss, self.deployments, self.slices, self.endpoints]
+        en = set(opts.enabled)
+        self.workers: list[tuple[str, api.WorkQueue, Callable[[str], Awaitable[None]]]] = []
+        self.gcs: list[tuple[GarbageCollector, str]] = []
+        if "endpointslice" in en:
+            self.eps = EndpointSliceController(client, self.services, self.svc_selectors, self.pods, self.pod_index,
+                                               self.nodes, self.slices, self.endpoints, opts.max_endpoints_per_slice)
+            self.workers.append(("endpointslice", self.eps.queue, self.eps.sync))
+        if "replicaset" in en:
+            self.rsc = ReplicaSetController(client, self.pods, self.pod_index, self.rss)
+            self.workers.append(("replicaset", self.rsc.queue, self.rsc.sync))
+        if "deployment" in en:
+            self.dc = DeploymentController(client, self.deployments, self.rss, self.rs_index)
+            self.workers.append(("deployment", self.dc.queue, self.dc.sync))
+        if "scheduler" in en:
+            self.sched = Scheduler(client, self.pods, self.pod_index, self.nodes)
+            self.workers.append(("scheduler", self.sched.queue, self.sched.sync))
+        if "loadbalancer" in en:
+            self.lb = LoadBalancerController(client, self.services, parse_pool(opts.lb_pool))
+            self.workers.append(("loadbalancer", self.lb.queue, self.lb.sync))
+        if "gc" in en:
+            self.gcs = [(GarbageCollector(client, self.deployments, self.rss, self.rs_index, "replicasets"), "Deployment"),
+                        (GarbageCollector(client, self.rss, self.pods, self.pod_index, "pods"), "ReplicaSet")]
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(i.run(), name=f"informer {i.resource}") for i in self.informers]
+        try:
+            await asyncio.gather(*(i.synced.wait() for i in self.informers))
+            for gc, kind in self.gcs:
+                await gc.sweep(kind)
+            tasks += [asyncio.create_task(run_worker(n, q, s), name=f"worker {n}") for n, q, s in self.workers]
+            log.info("controllers running: %s", ", ".join(n for n, _, _ in self.workers))
+            self.opts.ready.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
