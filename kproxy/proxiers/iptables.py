@@ -153,6 +153,7 @@ class IptablesProxier(Proxier):
         self._large: bool | None = None
         self._node_ips: tuple[str, ...] = ()
         self.last_plan_stats: dict[str, float] = {}
+        self.last_plan: Plan | None = None
 
     # ---- rendering (sans I/O apart from the first-sync dumps) ----
 
@@ -358,6 +359,7 @@ class IptablesProxier(Proxier):
             if full:
                 self._prepare_full_sync()
             plan = self.plan(request, full)
+            self.last_plan = plan
         except (IPTablesError, OSError, ValueError) as e:
             self._need_full = True
             self._need_dump = True

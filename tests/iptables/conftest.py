@@ -1,0 +1,43 @@
+"""Fixtures for the iptables tests (topology code lives in iptables_topology.py)."""
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from iptables_topology import SKIP_REASON, Topology, _build, _destroy, sh
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[Topology]:
+    if SKIP_REASON:
+        pytest.skip(SKIP_REASON)
+    topo: Topology | None = None
+    suffix = secrets.token_hex(3)
+    try:
+        topo = _build(suffix)
+        yield topo
+    finally:
+        if topo is not None:
+            _destroy(topo)
+        else:  # _build failed half-way: remove what this suffix created, nothing else
+            for ns in sh("ip", "netns", "list", check=False).stdout.split():
+                if ns.endswith(suffix) and ns.startswith("kpt"):
+                    subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def scratch_netns() -> Iterator[str]:
+    """An empty namespace for rule-only tests (no packets)."""
+    if SKIP_REASON:
+        pytest.skip(SKIP_REASON)
+    name = f"kptS{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+

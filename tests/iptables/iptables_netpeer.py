@@ -1,0 +1,107 @@
+"""Real endpoints and clients for the iptables e2e tests, run inside a test namespace.
+
+  serve NAME                      TCP :8080 and UDP :8053 (and :8054) answer "NAME PEER_IP" (the
+                                  peer address as the backend sees it: proves SNAT or not)
+  tcp HOST PORT COUNT TIMEOUT     COUNT fresh connections; prints a JSON list of results
+  udp HOST PORT COUNT TIMEOUT SRC COUNT datagrams from source port SRC (0: ephemeral)
+
+Every loop is bounded by COUNT and every socket by TIMEOUT; the server exits when its parent
+test kills it (the fixture does so in finally).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+
+
+def serve(name: str) -> None:
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("0.0.0.0", 8080))
+    tcp.listen(128)
+    udps = []
+    for port in (8053, 8054):
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("0.0.0.0", port))
+        udps.append(u)
+
+    def tcp_loop() -> None:
+        while True:
+            conn, peer = tcp.accept()
+            try:
+                conn.sendall(f"{name} {peer[0]}\n".encode())
+            finally:
+                conn.close()
+
+    def udp_loop(u: socket.socket) -> None:
+        while True:
+            _data, peer = u.recvfrom(2048)
+            u.sendto(f"{name} {peer[0]}".encode(), peer)
+
+    threading.Thread(target=tcp_loop, daemon=True).start()
+    for u in udps:
+        threading.Thread(target=udp_loop, args=(u,), daemon=True).start()
+    print("ready", flush=True)
+    time.sleep(600)  # bounded lifetime even if a fixture forgot to kill us
+
+
+def tcp_client(host: str, port: int, count: int, timeout: float) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for _ in range(count):
+        t0 = time.monotonic()
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+            data = s.recv(256).decode().strip()
+            out.append({"reply": data, "err": "", "elapsed": time.monotonic() - t0})
+        except ConnectionRefusedError:
+            out.append({"reply": "", "err": "refused", "elapsed": time.monotonic() - t0})
+        except (socket.timeout, TimeoutError):
+            out.append({"reply": "", "err": "timeout", "elapsed": time.monotonic() - t0})
+        except OSError as e:
+            out.append({"reply": "", "err": f"oserror:{e.errno}", "elapsed": time.monotonic() - t0})
+        finally:
+            s.close()
+    return out
+
+
+def udp_client(host: str, port: int, count: int, timeout: float, src: int) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", src))
+    s.settimeout(timeout)
+    try:
+        for i in range(count):
+            t0 = time.monotonic()
+            try:
+                s.sendto(f"ping {i}".encode(), (host, port))
+                data, _ = s.recvfrom(256)
+                out.append({"reply": data.decode(), "err": "", "elapsed": time.monotonic() - t0})
+            except (socket.timeout, TimeoutError):
+                out.append({"reply": "", "err": "timeout", "elapsed": time.monotonic() - t0})
+            except ConnectionRefusedError:
+                out.append({"reply": "", "err": "refused", "elapsed": time.monotonic() - t0})
+    finally:
+        s.close()
+    return out
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[0]
+    if mode == "serve":
+        serve(argv[1])
+    elif mode == "tcp":
+        print(json.dumps(tcp_client(argv[1], int(argv[2]), int(argv[3]), float(argv[4]))))
+    elif mode == "udp":
+        print(json.dumps(udp_client(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), int(argv[5]))))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
