@@ -1,0 +1,147 @@
+"""`kproxy`: kube-proxy's command line (same flag names; flags override --config's file).
+
+Errors are one line on stderr naming the flag or file, with exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from kproxy import server
+from kproxy.config import (
+    ConfigError, KProxyConfig, check_cidrs, load_config_file, parse_bool, parse_duration,
+    resolve_node_name, validate,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints usage and exits 2; kube-proxy's contract here is one line, exit 1.
+        raise ConfigError(message)
+
+
+def _checked(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    # argparse reports a plain ValueError as "invalid <function name> value"; our messages
+    # already say what is expected.
+    def convert(text: str) -> Any:
+        try:
+            return fn(text.lstrip("="))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = fn.__name__
+    return convert
+
+
+_duration = _checked(parse_duration)
+_bool = _checked(parse_bool)
+_int = _checked(int)
+
+
+def _cidr_list(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _bool_flag(p: argparse.ArgumentParser, flag: str, dest: str, help: str) -> None:
+    # pflag booleans: "--flag" means true, "--flag=false" is allowed.
+    p.add_argument(flag, dest=dest, nargs="?", const=True, type=_bool, default=None, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kproxy", description="kube-proxy reimplementation", allow_abbrev=False)
+    a = p.add_argument
+    a("--config", dest="config_file", help="KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1)")
+    a("--kubeconfig", help="kubeconfig with authorization and API server location")
+    a("--master", help="API server address (overrides the kubeconfig's server)")
+    a("--proxy-mode", "--mode", dest="mode", help="iptables | ipvs | nftables | userspace (default iptables)")
+    a("--hostname-override", help="the node name to use instead of the host name")
+    a("--cluster-cidr", help="pod CIDR(s), comma separated: traffic from outside is masqueraded")
+    a("--nodeport-addresses", type=_cidr_list, help="CIDRs (or 'primary') NodePorts accept traffic on")
+    a("--bind-address", help="the node's primary IP (default 0.0.0.0: from the Node object)")
+    a("--healthz-bind-address", help="IP:port of the health server (default 0.0.0.0:10256; empty disables)")
+    a("--metrics-bind-address", help="IP:port of the metrics server (default 127.0.0.1:10249; empty disables)")
+    _bool_flag(p, "--masquerade-all", "masquerade_all", "SNAT all traffic sent via Service cluster IPs")
+    a("--iptables-masquerade-bit", dest="masquerade_bit", type=_int, help="fwmark bit for SNAT (0-31)")
+    a("--iptables-sync-period", type=_duration, help="max interval between syncs, e.g. 30s")
+    a("--iptables-min-sync-period", type=_duration, help="min interval between syncs, e.g. 1s")
+    _bool_flag(p, "--iptables-localhost-nodeports", "localhost_nodeports", "NodePorts on 127.0.0.1")
+    a("--iptables-backend", help="kproxy only: nft or legacy (default: detect)")
+    a("--ipvs-scheduler", help="IPVS scheduler (rr, lc, dh, sh, sed, nq, ...)")
+    a("--ipvs-sync-period", type=_duration)
+    a("--ipvs-min-sync-period", type=_duration)
+    _bool_flag(p, "--ipvs-strict-arp", "ipvs_strict_arp", "arp_ignore=1 arp_announce=2")
+    a("--ipvs-tcp-timeout", type=_duration)
+    a("--ipvs-tcpfin-timeout", type=_duration)
+    a("--ipvs-udp-timeout", type=_duration)
+    a("--ipvs-exclude-cidrs", type=_cidr_list)
+    a("--conntrack-max-per-core", type=_int)
+    a("--conntrack-min", type=_int)
+    a("--conntrack-tcp-timeout-established", dest="conntrack_tcp_established_timeout", type=_duration)
+    a("--conntrack-tcp-timeout-close-wait", dest="conntrack_tcp_close_wait_timeout", type=_duration)
+    a("--conntrack-udp-timeout", type=_duration)
+    a("--conntrack-udp-timeout-stream", dest="conntrack_udp_stream_timeout", type=_duration)
+    a("--config-sync-period", type=_duration)
+    a("--cleanup", nargs="?", const=True, type=_bool, default=None,
+      help="remove everything kproxy programmed and exit")
+    a("-v", "--v", dest="verbosity", type=_int, help="log verbosity (0-10)")
+    return p
+
+
+def parse_config(argv: Sequence[str]) -> KProxyConfig:
+    """Flags + optional file -> a validated KProxyConfig (node name resolved)."""
+    try:
+        ns = build_parser().parse_args(list(argv))
+    except ValueError as err:  # from a type= converter argparse did not wrap
+        raise ConfigError(str(err)) from None
+    flags = {k: v for k, v in vars(ns).items() if v is not None}
+    cfg = KProxyConfig()
+    values: dict[str, Any] = {}
+    if flags.get("config_file"):
+        values.update(load_config_file(flags["config_file"]))
+    values.update(flags)  # flags override the file, as upstream
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    if cfg.nodeport_addresses:
+        check_cidrs(cfg.nodeport_addresses, "--nodeport-addresses", allow_primary=True)
+    validate(cfg)
+    cfg.hostname_override = resolve_node_name(cfg)
+    return cfg
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity >= 4 else logging.INFO if verbosity >= 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+
+
+ModeTable = Mapping[str, "str | Callable[[KProxyConfig], Any]"]
+
+
+def main(argv: Sequence[str] | None = None, modes: ModeTable | None = None) -> int:
+    """Entry point. `modes` adds proxy modes (name -> module path or factory) to the built-in
+    ones; tests use it to run the real command with a recording Proxier."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_config(args)
+        _setup_logging(cfg.verbosity)
+        registry = server.ModeRegistry(modes)
+        factory = registry.factory(cfg.mode)
+        if cfg.cleanup:
+            return server.cleanup(cfg, factory)
+        asyncio.run(server.serve(cfg, factory))
+        return 0
+    except server.ProxierInitError as err:
+        print(f"kproxy: error: --proxy-mode {err.mode}: cannot start: {err.cause}", file=sys.stderr)
+        return 1
+    except ConfigError as err:
+        print(f"kproxy: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Wires reflectors -> change trackers -> runner -> Proxier, plus the health and metrics servers.
+
+Order, as upstream's ProxyServer.Run: find our Node (node IPs, eligibility), build the proxier,
+start the HTTP servers, list+watch Services and EndpointSlices, wait until both listed once,
+then sync: once immediately (full), then as the runner decides.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from kproxy.changes import ProxyState, parse_trigger_time
+from kproxy.config import ConfigError, KProxyConfig
+from kproxy.healthz import ProxierHealth, health_app
+from kproxy.kube.client import ApiClient
+from kproxy.kube.informer import Informer
+from kproxy.kube.ingest import (
+    ENDPOINTSLICE_LABEL_SELECTOR, SERVICE_LABEL_SELECTOR, EndpointSlice, Node, Service, node_eligible,
+    node_ips, service_ports, slice_endpoints, trigger_time,
+)
+from kproxy.kube.kubeconfig import KubeConfigError, resolve_access
+from kproxy.kube.reflector import Reflector
+from kproxy.metrics import CONTENT_TYPE, ProxyMetrics
+from kproxy.proxiers.base import Proxier
+from kproxy.runner import BoundedFrequencyRunner
+
+log = logging.getLogger("kproxy.server")
+
+ProxierFactory = Callable[[KProxyConfig], Proxier]
+
+BUILTIN_MODES: Mapping[str, str] = {
+    "iptables": "kproxy.proxiers.iptables",
+    "ipvs": "kproxy.proxiers.ipvs",
+    "nftables": "kproxy.proxiers.nftables",
+    "userspace": "kproxy.proxiers.userspace",
+}
+FULL_SYNC_PERIOD = 3600.0  # upstream's proxyutil.FullSyncPeriod: partial syncs, but a full one hourly
+NODE_WAIT = 30.0  # how long to wait for our Node before falling back to --bind-address
+
+
+class ProxierInitError(Exception):
+    """The chosen mode's proxier could not be built (missing kernel feature, tool, ...)."""
+
+    def __init__(self, mode: str, cause: BaseException) -> None:
+        super().__init__(f"{mode}: {cause}")
+        self.mode, self.cause = mode, cause
+
+
+class ModeRegistry:
+    """Proxy mode name -> module exposing `new_proxier(config) -> Proxier` (imported lazily, so
+    only the chosen mode's dependencies load) or a factory callable."""
+
+    def __init__(self, extra: Mapping[str, str | Callable[[KProxyConfig], Any]] | None = None) -> None:
+        self._table: dict[str, str | Callable[[KProxyConfig], Any]] = dict(BUILTIN_MODES)
+        self._table.update(extra or {})
+
+    def names(self) -> list[str]:
+        return sorted(self._table)
+
+    def factory(self, mode: str) -> ProxierFactory:
+        target = self._table.get(mode)
+        if target is None:
+            raise ConfigError(f"--proxy-mode: unknown mode {mode!r} (one of {', '.join(self.names())})")
+        if callable(target):
+            return target
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as err:
+            if err.name and target.startswith(err.name):
+                raise ConfigError(
+                    f"--proxy-mode {mode}: not available in this build (module {target} does not exist)"
+                ) from None
+            raise
+        fn = getattr(module, "new_proxier", None)
+        if not callable(fn):
+            raise ConfigError(f"--proxy-mode {mode}: {target} has no new_proxier(config)")
+        return fn  # type: ignore[no-any-return]
+
+
+def cleanup(cfg: KProxyConfig, factory: ProxierFactory) -> int:
+    try:
+        proxier = factory(cfg)
+    except Exception as err:
+        raise ProxierInitError(cfg.mode, err) from err
+    try:
+        ok = proxier.cleanup()
+    finally:
+        proxier.close()
+    log.info("cleanup mode=%s ok=%s", cfg.mode, ok)
+    return 0 if ok else 1
+
+
+async def _start_http(app: web.Application, address: str, what: str) -> web.AppRunner | None:
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, int(port), reuse_address=True).start()
+    except OSError as err:
+        await runner.cleanup()
+        raise ConfigError(f"--{what}-bind-address {address}: cannot listen ({err.strerror})") from None
+    log.info("serving %s address=%s", what, address)
+    return runner
+
+
+class ProxyServer:
+    """The running pieces; `run()` returns only when cancelled."""
+
+    def __init__(self, cfg: KProxyConfig, factory: ProxierFactory, client: ApiClient,
+                 metrics: ProxyMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.factory = factory
+        self.client = client
+        self.metrics = metrics or ProxyMetrics()
+        self.health = ProxierHealth(2 * cfg.sync_period)
+        self.state = ProxyState()
+        self.proxier: Proxier | None = None
+        self.runner = BoundedFrequencyRunner("sync-runner", self._sync, cfg.min_sync_period, cfg.sync_period)
+        self.start_time = time.time()
+        self.last_full_sync = float("-inf")
+        self.syncs = 0
+        self.node: Node | None = None
+        self._node_seen = asyncio.Event()
+
+    # ---- event handlers (run on the event loop) ----
+
+    def _queued(self) -> None:
+        self.health.queued_update()
+        self.metrics.last_queued_timestamp.set(time.time())
+        self.metrics.service_changes_pending.set(self.state.services_tracker.pending())
+        self.metrics.endpoint_changes_pending.set(self.state.endpoints_tracker.pending())
+        self.runner.run()
+
+    def on_service(self, old: Service | None, new: Service | None) -> None:
+        obj = new or old
+        assert obj is not None
+        key = f"{obj.metadata.namespace}/{obj.metadata.name}"
+        if self.state.services_tracker.update(key, service_ports(new) if new else {}):
+            self.metrics.service_changes_total.inc()
+            self._queued()
+
+    def on_slice(self, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
+        if old is not None and (new is None or new.service_name != old.service_name):
+            # Deleted, or (unusually) relabelled to another Service: gone from the old one.
+            self._slice_update(old, None)
+        if new is not None:
+            self._slice_update(new, new)
+
+    def _slice_update(self, es: EndpointSlice, content: EndpointSlice | None) -> None:
+        svc = es.service_name
+        if not svc:
+            return
+        key = f"{es.metadata.namespace}/{svc}"
+        trig = parse_trigger_time(trigger_time(content)) if content is not None else None
+        if trig is not None and trig < self.start_time:
+            trig = None  # as upstream: changes from before we started say nothing about us
+        eps = slice_endpoints(content, self.cfg.node_name) if content is not None else None
+        if self.state.endpoints_tracker.update(key, es.metadata.name, eps, trig):
+            self.metrics.endpoint_changes_total.inc()
+            self._queued()
+
+    def on_node(self, old: Node | None, new: Node | None) -> None:
+        if new is None:
+            self.health.node_eligible = False
+            return
+        self.node = new
+        self.health.node_eligible = node_eligible(new)
+        self._node_seen.set()
+
+    # ---- sync ----
+
+    async def _sync(self, full: bool) -> bool:
+        assert self.proxier is not None
+        now = time.monotonic()
+        full = full or now - self.last_full_sync >= FULL_SYNC_PERIOD
+        co = self.state.checkout(full)
+        self.metrics.service_changes_pending.set(0)
+        self.metrics.endpoint_changes_pending.set(0)
+        t0 = time.perf_counter()
+        result = await asyncio.to_thread(self.proxier.sync, co.request)
+        elapsed = time.perf_counter() - t0
+        self.syncs += 1
+        self.metrics.sync_duration.observe(elapsed)
+        (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
+        log.info("sync full=%s changed=%d services=%d endpoints=%d ok=%s elapsed=%.4fs%s", full,
+                 len(co.request.changed), len(co.request.services), len(co.request.endpoints),
+                 result.ok, elapsed, f" error={result.error!r}" if result.error else "")
+        if not result.ok:
+            self.state.requeue_stale(co.request)
+            if self.cfg.mode in ("iptables", "nftables"):
+                (self.metrics.restore_failures if full else self.metrics.partial_restore_failures).inc()
+            return False
+        if full:
+            self.last_full_sync = now
+        wall = time.time()
+        self.health.updated()
+        self.metrics.last_sync_timestamp.set(wall)
+        for table, n in result.rules_total.items():
+            self.metrics.iptables_total.labels(table=table).set(n)
+        for times in co.trigger_times.values():
+            for t in times:
+                if wall >= t:
+                    self.metrics.network_programming.observe(wall - t)
+        return True
+
+    # ---- lifecycle ----
+
+    async def _find_node(self) -> None:
+        node_inf: Informer[Node] = Informer(self.on_node)
+        r = Reflector(self.client, "/api/v1/nodes", Node, node_inf,
+                      field_selector=f"metadata.name={self.cfg.node_name}", name="nodes")
+        self._tasks.append(asyncio.create_task(r.run(), name="reflector-nodes"))
+        try:
+            await asyncio.wait_for(self._node_seen.wait(), NODE_WAIT)
+        except TimeoutError:
+            log.warning("node=%s not found after %.0fs: using bind-address %s", self.cfg.node_name,
+                        NODE_WAIT, self.cfg.bind_address)
+        if self.node is not None and node_ips(self.node):
+            self.cfg.node_ips = tuple(node_ips(self.node))
+        elif self.cfg.bind_address not in ("0.0.0.0", "::"):
+            self.cfg.node_ips = (self.cfg.bind_address,)
+        log.info("node=%s node_ips=%s", self.cfg.node_name, ",".join(self.cfg.node_ips) or "-")
+
+    async def run(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+        http: list[web.AppRunner] = []
+        try:
+            await self._find_node()
+            try:
+                self.proxier = await asyncio.to_thread(self.factory, self.cfg)
+            except Exception as err:
+                raise ProxierInitError(self.cfg.mode, err) from err
+            for app, addr, what in ((health_app(self.health, self.metrics), self.cfg.healthz_bind_address,
+                                     "healthz"),
+                                    (self._metrics_app(), self.cfg.metrics_bind_address, "metrics")):
+                r = await _start_http(app, addr, what)
+                if r is not None:
+                    http.append(r)
+            svc_inf: Informer[Service] = Informer(self.on_service)
+            es_inf: Informer[EndpointSlice] = Informer(self.on_slice)
+            svc_r = Reflector(self.client, "/api/v1/services", Service, svc_inf,
+                              label_selector=SERVICE_LABEL_SELECTOR, name="services")
+            es_r = Reflector(self.client, "/apis/discovery.k8s.io/v1/endpointslices", EndpointSlice, es_inf,
+                             label_selector=ENDPOINTSLICE_LABEL_SELECTOR, name="endpointslices")
+            for r_ in (svc_r, es_r):
+                self._tasks.append(asyncio.create_task(r_.run(), name=f"reflector-{r_.name}"))
+            await svc_r.wait_synced()
+            await es_r.wait_synced()
+            log.info("synced services=%d endpointslices=%d", len(svc_inf), len(es_inf))
+            await self.runner.loop()
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for h in http:
+                await h.cleanup()
+            if self.proxier is not None:
+                self.proxier.close()
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+        async def proxy_mode(_: web.Request) -> web.Response:
+            return web.Response(text=self.cfg.mode)
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/proxyMode", proxy_mode)
+        app.router.add_get("/healthz", healthz)
+        return app
+
+
+async def serve(cfg: KProxyConfig, factory: ProxierFactory) -> None:
+    """Run until SIGTERM/SIGINT."""
+    try:
+        access = resolve_access(cfg.kubeconfig, cfg.master)
+    except KubeConfigError as err:
+        raise ConfigError(f"--kubeconfig: {err}") from None
+    client = ApiClient(access)
+    server = ProxyServer(cfg, factory, client)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(server.run())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    log.info("starting kproxy mode=%s node=%s server=%s", cfg.mode, cfg.node_name, access.server)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("shutting down")
+    finally:
+        await client.close()
