@@ -234,6 +234,8 @@ class ZoneIndex:
             dirty.add(rrkey)
         # SRV answers carry their targets' addresses; a target's change re-encodes the SRV.
         dirty |= {k for k in new if k[1] == SRV} | {k for k in old if k[1] == SRV}
+        if any(k[0] == self.mname for k in dirty):  # the apex NS answer carries its address
+            dirty.add((self.zone, NS))
         for rrkey in dirty:
             self._encode(rrkey)
 
