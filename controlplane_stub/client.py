@@ -199,7 +199,7 @@ class Client:
                     if doc.get("kind") != "Status":
                         doc = {"kind": "Status", "code": resp.status, "message": raw[:200].decode(errors="replace")}
                     raise ApiError(resp.status, doc)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientConnectionError) as e:
                 if attempt + 1 >= attempts:
                     raise ApiError(503, {"reason": "ServiceUnavailable", "message": f"{method} {url}: {e!r}"}) from e
                 await asyncio.sleep(delay)
@@ -428,7 +428,7 @@ class Informer:
                 log.warning("informer resource=%s error=%s", self.resource, e)
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 5.0)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
                 log.info("informer resource=%s watch dropped=%r; resuming rv=%s", self.resource, e, self.rv)
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 5.0)

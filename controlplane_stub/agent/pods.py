@@ -14,8 +14,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from controlplane_stub.agent import netns, probes
@@ -29,7 +28,7 @@ Obj = dict[str, Any]
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def pod_netns_name(prefix: str, uid: str) -> str:
@@ -127,7 +126,7 @@ class ContainerRunner:
                 t.cancel()
             self.ready = False
             self.exit_code = rc
-            reason = "Completed" if rc == 0 else ("Error" if rc > 0 else "Error")
+            reason = "Completed" if rc == 0 else "Error"
             if rc < 0:
                 rc = 128 - rc  # killed by signal N: the runtime reports 128+N
             self.last_state = {"terminated": {"exitCode": rc, "reason": reason, "startedAt": started,
@@ -192,7 +191,7 @@ class ContainerRunner:
             try:
                 await asyncio.wait_for(proc.wait(), wait)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
 
@@ -227,7 +226,7 @@ class PodWorker:
     async def sleep_unless_stopping(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def container_env(self, c: Obj, image_env: dict[str, str]) -> dict[str, str]:
@@ -278,7 +277,7 @@ class PodWorker:
             self.changed()
             try:
                 await asyncio.wait_for(writer, 10)
-            except (asyncio.TimeoutError, Exception) as e:  # status is best effort at the end
+            except (TimeoutError, Exception) as e:  # status is best effort at the end
                 log.debug("pod=%s final status: %r", self.key, e)
             await asyncio.to_thread(netns.delete, self.netns)
             self.agent.ipam.release(self.uid)

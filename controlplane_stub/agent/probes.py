@@ -62,7 +62,7 @@ async def exec_in(pod_ns: str, command: list[str], timeout: float) -> tuple[bool
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         return False, f"command {command!r} timed out"
@@ -83,6 +83,6 @@ async def run_probe(probe: dict[str, Any], container: dict[str, Any], node_ns: s
             return await tcp_socket(node_ns, t.get("host") or pod_ip, resolve_port(t.get("port"), container), timeout)
         if "exec" in probe:
             return await exec_in(pod_ns, list(probe["exec"].get("command") or []), timeout)
-    except (OSError, asyncio.TimeoutError, ValueError) as e:
+    except (TimeoutError, OSError, ValueError) as e:
         return False, f"probe failed: {e!r}"
     return False, "probe has no handler (httpGet, tcpSocket or exec)"

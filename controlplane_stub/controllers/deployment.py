@@ -14,7 +14,11 @@ from typing import Any
 from controlplane_stub import client as api
 from controlplane_stub.client import Informer, WorkQueue, key_of
 from controlplane_stub.controllers.common import (
-    condition, controller_of, controller_ref, now, resolve_int_or_percent,
+    condition,
+    controller_of,
+    controller_ref,
+    now,
+    resolve_int_or_percent,
 )
 from controlplane_stub.controllers.index import Indexes
 

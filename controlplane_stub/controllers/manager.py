@@ -10,7 +10,10 @@ from controlplane_stub import client as api
 from controlplane_stub.client import Informer, run_worker
 from controlplane_stub.controllers.deployment import DeploymentController
 from controlplane_stub.controllers.endpointslice import (
-    CONTROLLER_NAME, MANAGED_BY, EndpointSliceController, SelectorIndex,
+    CONTROLLER_NAME,
+    MANAGED_BY,
+    EndpointSliceController,
+    SelectorIndex,
 )
 from controlplane_stub.controllers.gc import GarbageCollector
 from controlplane_stub.controllers.index import Indexes

@@ -9,7 +9,13 @@ from typing import Any
 from controlplane_stub import client as api
 from controlplane_stub.client import Informer, WorkQueue, key_of
 from controlplane_stub.controllers.common import (
-    condition, controller_of, controller_ref, pod_active, pod_available, pod_ready, selector_matches,
+    condition,
+    controller_of,
+    controller_ref,
+    pod_active,
+    pod_available,
+    pod_ready,
+    selector_matches,
 )
 from controlplane_stub.controllers.index import Indexes
 
