@@ -210,6 +210,7 @@ class FakeUpstream:
         if transport == "udp" and name in self.truncate:
             r.flags |= dns.flags.TC
             return r.to_wire()
+        size = 65535 if transport == "tcp" else 4096
         rec = self.records.get((name, rdtype))
         if rec is not None:
             ttl, rdatas = rec
@@ -219,7 +220,7 @@ class FakeUpstream:
                 r.set_rcode(dns.rcode.NXDOMAIN)
             r.authority.append(dns.rrset.from_text(
                 "example.", self.neg_ttl, "IN", "SOA", f"ns.example. host.example. 1 7200 900 86400 {self.neg_ttl}"))
-        return r.to_wire()
+        return r.to_wire(max_size=size)
 
     def _serve_udp(self) -> None:
         for _ in range(100_000):
