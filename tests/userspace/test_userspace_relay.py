@@ -19,6 +19,7 @@ from userspace_helpers import (
     NODE_CLIENT_IP,
     Backends,
     Topology,
+    expect_refused_at_once,
     pattern_chunks,
     request,
     rss_kib,
@@ -86,12 +87,7 @@ def test_refused_endpoint_is_skipped(relay: Relay, topo: Topology) -> None:
 @pytest.mark.timeout(30)
 def test_no_endpoints_refuses_at_once(relay: Relay, topo: Topology) -> None:
     addr = _tcp_service(relay, [])
-    t0 = time.monotonic()
-    with topo.tcp(topo.client, addr) as s:
-        with pytest.raises((ConnectionResetError, BrokenPipeError)):
-            s.sendall(b"x")
-            s.recv(10)
-    assert time.monotonic() - t0 < 1.0
+    assert expect_refused_at_once(topo, topo.client, addr) < 1.0
     assert relay.stats()["no_endpoints"] == 1
 
 
@@ -241,7 +237,10 @@ def test_5000_concurrent_connections(relay: Relay, topo: Topology) -> None:
         proc.stdin.flush()
         names = json.loads(proc.stdout.readline())
         assert sorted(names) == sorted(BACKEND_IPS)
-        assert sorted(names.values()) == [want // 3, want // 3 + 1, want // 3 + 1]
+        assert sum(names.values()) == want
+        # Round robin, give or take the few connects that hit the 0.5 s connect timeout on a loaded
+        # machine and moved on to the next endpoint.
+        assert all(abs(v - want / 3) <= 1 + relay.stats()["connect_failures"] for v in names.values()), names
         assert proc.wait(30) == 0
     finally:
         proc.kill()

@@ -2,6 +2,7 @@
 
     client ns  c0 10.77.1.2/24 ──veth── n0 10.77.1.1/24  node ns  n1 10.77.0.1/24 ──veth── b0  backend ns
                default via 10.77.1.1                      (relay, rules)          10.77.0.2,.3,.4/24
+                                                          default via 10.77.0.254 (silent)
                                                                                   default via 10.77.0.1
 
 Backends in the backend ns (asyncio, one thread): TCP port 7000 reads to EOF, then answers
@@ -72,6 +73,9 @@ def topology() -> Iterator[Topology]:
             sh("ip", "-n", ns, "link", "set", dev, "up")
         sh("ip", "-n", topo.client, "route", "add", "default", "via", NODE_CLIENT_IP)
         sh("ip", "-n", topo.backend, "route", "add", "default", "via", NODE_BACKEND_IP)
+        # A node has a default route; service IPs are routed by it until OUTPUT's DNAT applies.
+        # (to a gateway nobody answers for: traffic no rule catches goes nowhere)
+        sh("ip", "-n", topo.node, "route", "add", "default", "via", "10.77.0.254")
         sh("ip", "netns", "exec", topo.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         yield topo
     finally:
@@ -162,6 +166,18 @@ def request(s: socket.socket, payload: bytes = b"hello") -> tuple[str, int, int]
         buf += chunk
     name, n, crc = buf.decode().split()
     return name, int(n), int(crc)
+
+
+def expect_refused_at_once(topo: Topology, ns: str, addr: tuple[str, int]) -> float:
+    """Connect, send, read: some step must fail with a reset or refusal. Returns the seconds it took."""
+    t0 = time.monotonic()
+    try:
+        with topo.tcp(ns, addr, timeout=5) as s:
+            s.sendall(b"x")
+            data = s.recv(10)
+    except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError):
+        return time.monotonic() - t0
+    raise AssertionError(f"{addr}: expected a reset or refusal, got {data!r}")
 
 
 def rss_kib(pid: int) -> int:
