@@ -1,0 +1,632 @@
+"""The IPVS proxier: upstream's pkg/proxy/ipvs syncProxyRules, diffed and batched.
+
+Per ServicePort it programs, as upstream does:
+  - every ClusterIP, externalIP and LoadBalancer ingress IP as an address on the dummy link
+    kube-ipvs0 (kept down; the addresses are still local, so IPVS sees their packets at LOCAL_IN);
+  - one IPVS virtual server per service IP:port, and one per node address for a NodePort, with
+    a masquerading real server per usable endpoint (ready ones; serving-terminating ones only
+    when no endpoint is ready), the configured scheduler, and ClientIP affinity as persistence;
+  - ipset entries (KUBE-CLUSTER-IP, KUBE-LOOP-BACK, KUBE-EXTERNAL-IP[-LOCAL],
+    KUBE-LOAD-BALANCER[-LOCAL|-FW|-SOURCE-CIDR], KUBE-NODE-PORT[-LOCAL]-TCP/UDP, KUBE-IPVS-IPS)
+    that a constant handful of iptables rules match on (masquerade, NodePort, hairpin, the
+    source-range firewall, and rejecting non-service ports on service IPs).
+externalTrafficPolicy Local keeps only local endpoints behind NodePort/LB/externalIP servers and
+skips masquerade for them; internalTrafficPolicy Local does the same for the ClusterIP server.
+
+How a sync works: each ServicePort's desired state is a `_Fragment`; a partial sync rebuilds only
+the fragments of the changed ServicePorts, reference-counts the shared parts (addresses and set
+entries can be shared by several ports of one Service) and diffs against the kernel state it
+holds in memory. A full sync re-reads the kernel (one IPVS service dump, one dest dump per
+service, one address dump, one `ipset save`), so a restarted kproxy converges live state without
+flushing it. IPVS changes go out batched (backends/ipvs.py): hundreds of messages per sendmsg.
+
+Graceful termination (upstream's gracefulTerminationManager): a TCP real server whose endpoint
+went away gets weight 0 (no new connections, established ones continue) and is deleted by a
+later sync once its active and inactive connection counts are 0; UDP/SCTP ones are deleted at
+once. Sysctls, as upstream: ip_forward, vs/conntrack (masquerade needs conntrack of IPVS'd
+traffic), vs/expire_nodest_conn, vs/expire_quiescent_template, and vs/conn_reuse_mode left as the
+kernel has it on kernels >= 5.9 (the 1-second SYN drop upstream hit is fixed there; a VM test
+proves reuse is immediate) and set to 0 on older ones.
+
+Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object with them):
+ipvs_scheduler (default "rr"), ipvs_strict_arp, ipvs_tcp_timeout, ipvs_tcpfin_timeout,
+ipvs_udp_timeout (seconds, 0 = kernel default), cluster_cidr, masquerade_all, masquerade_bit,
+nodeport_addresses (CIDRs), hostname_override; optional: iptables_backend (default "legacy":
+the UML test kernel has no nf_tables), node_ips (explicit NodePort addresses).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import AbstractSet, Any, Callable, Iterable
+
+from kproxy.backends import ipvs as nl
+from kproxy.backends.ipset import IPSets, SetSpec
+from kproxy.backends.iptables import IPTables
+from kproxy.model import Endpoint, ServicePort, ServicePortName
+from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+
+log = logging.getLogger(__name__)
+
+DUMMY_DEVICE = "kube-ipvs0"
+DEFAULT_SCHEDULER = "rr"
+SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo", "ovf")
+
+KUBE_CLUSTER_IP = "KUBE-CLUSTER-IP"
+KUBE_LOOP_BACK = "KUBE-LOOP-BACK"
+KUBE_EXTERNAL_IP = "KUBE-EXTERNAL-IP"
+KUBE_EXTERNAL_IP_LOCAL = "KUBE-EXTERNAL-IP-LOCAL"
+KUBE_LOAD_BALANCER = "KUBE-LOAD-BALANCER"
+KUBE_LOAD_BALANCER_LOCAL = "KUBE-LOAD-BALANCER-LOCAL"
+KUBE_LOAD_BALANCER_FW = "KUBE-LOAD-BALANCER-FW"
+KUBE_LOAD_BALANCER_SOURCE_CIDR = "KUBE-LOAD-BALANCER-SOURCE-CIDR"
+KUBE_NODE_PORT_TCP = "KUBE-NODE-PORT-TCP"
+KUBE_NODE_PORT_LOCAL_TCP = "KUBE-NODE-PORT-LOCAL-TCP"
+KUBE_NODE_PORT_UDP = "KUBE-NODE-PORT-UDP"
+KUBE_NODE_PORT_LOCAL_UDP = "KUBE-NODE-PORT-LOCAL-UDP"
+KUBE_HEALTH_CHECK_NODE_PORT = "KUBE-HEALTH-CHECK-NODE-PORT"
+KUBE_IPVS_IPS = "KUBE-IPVS-IPS"
+
+SET_SPECS = (
+    SetSpec(KUBE_CLUSTER_IP, "hash:ip,port"),
+    SetSpec(KUBE_LOOP_BACK, "hash:ip,port,ip"),
+    SetSpec(KUBE_EXTERNAL_IP, "hash:ip,port"),
+    SetSpec(KUBE_EXTERNAL_IP_LOCAL, "hash:ip,port"),
+    SetSpec(KUBE_LOAD_BALANCER, "hash:ip,port"),
+    SetSpec(KUBE_LOAD_BALANCER_LOCAL, "hash:ip,port"),
+    SetSpec(KUBE_LOAD_BALANCER_FW, "hash:ip,port"),
+    SetSpec(KUBE_LOAD_BALANCER_SOURCE_CIDR, "hash:ip,port,net"),
+    SetSpec(KUBE_NODE_PORT_TCP, "bitmap:port"),
+    SetSpec(KUBE_NODE_PORT_LOCAL_TCP, "bitmap:port"),
+    SetSpec(KUBE_NODE_PORT_UDP, "bitmap:port"),
+    SetSpec(KUBE_NODE_PORT_LOCAL_UDP, "bitmap:port"),
+    SetSpec(KUBE_HEALTH_CHECK_NODE_PORT, "bitmap:port"),
+    SetSpec(KUBE_IPVS_IPS, "hash:ip"),
+)
+NAT_CHAINS = ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER")
+FILTER_CHAINS = ("KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL", "KUBE-IPVS-FILTER")
+# (table, built-in chain, our chain, extra match): the jumps upstream's IPVS mode installs.
+JUMPS = (
+    ("nat", "PREROUTING", "KUBE-SERVICES", ""),
+    ("nat", "OUTPUT", "KUBE-SERVICES", ""),
+    ("nat", "POSTROUTING", "KUBE-POSTROUTING", ""),
+    ("filter", "FORWARD", "KUBE-FORWARD", ""),
+    ("filter", "INPUT", "KUBE-NODE-PORT", ""),
+    ("filter", "INPUT", "KUBE-IPVS-FILTER", ""),
+    ("filter", "INPUT", "KUBE-PROXY-FIREWALL", "-m conntrack --ctstate NEW"),
+    ("filter", "FORWARD", "KUBE-PROXY-FIREWALL", "-m conntrack --ctstate NEW"),
+    ("filter", "OUTPUT", "KUBE-PROXY-FIREWALL", "-m conntrack --ctstate NEW"),
+)
+GRACEFUL_PROTOCOLS = ("TCP",)  # UDP/SCTP real servers go at once (expire_nodest_conn drops flows)
+
+VSKey = tuple[str, int, str]
+RSKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class IPVSOptions:
+    scheduler: str = DEFAULT_SCHEDULER
+    strict_arp: bool = False
+    tcp_timeout: int = 0
+    tcpfin_timeout: int = 0
+    udp_timeout: int = 0
+    cluster_cidr: str = ""
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    nodeport_addresses: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Fragment:
+    """What one ServicePort wants in the kernel."""
+
+    servers: dict[VSKey, tuple[nl.VirtualServer, frozenset[RSKey]]] = field(default_factory=dict)
+    addresses: frozenset[str] = frozenset()
+    entries: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+class _RefSet:
+    """Reference-counted members: several ServicePorts can share an address or a set entry."""
+
+    __slots__ = ("refs",)
+
+    def __init__(self) -> None:
+        self.refs: Counter[str] = Counter()
+
+    def add(self, items: Iterable[str]) -> None:
+        for i in items:
+            self.refs[i] += 1
+
+    def remove(self, items: Iterable[str]) -> None:
+        for i in items:
+            n = self.refs[i] - 1
+            if n > 0:
+                self.refs[i] = n
+            else:
+                del self.refs[i]
+
+    def members(self) -> AbstractSet[str]:
+        return self.refs.keys()
+
+
+def usable_endpoints(eps: Iterable[Endpoint]) -> list[Endpoint]:
+    """Ready endpoints; when none is ready, the serving-and-terminating ones (upstream's
+    CategorizeEndpoints fallback that keeps a service reachable during a rolling update)."""
+    eps = list(eps)
+    ready = [e for e in eps if e.ready]
+    return ready if ready else [e for e in eps if e.serving and e.terminating]
+
+
+def _proto(sp: ServicePort) -> str:
+    return sp.protocol.lower()
+
+
+def build_fragment(sp: ServicePort, eps: Iterable[Endpoint], node_ips: Iterable[str], opts: IPVSOptions) -> _Fragment:
+    """The desired kernel state of one ServicePort (sans I/O, unit-testable)."""
+    frag = _Fragment()
+    if sp.is_headless or sp.type == "ExternalName":
+        return frag
+    eps = usable_endpoints(eps)
+    family_v6 = ":" in sp.cluster_ips[0]
+    eps = [e for e in eps if (":" in e.ip) == family_v6]
+    all_rs = frozenset((e.ip, e.port) for e in eps)
+    local_rs = frozenset((e.ip, e.port) for e in eps if e.is_local)
+    cluster_rs = local_rs if sp.internal_policy_local else all_rs
+    external_rs = local_rs if sp.external_policy_local else all_rs
+    flags = nl.IP_VS_SVC_F_PERSISTENT if sp.session_affinity_timeout is not None else 0
+    timeout = sp.session_affinity_timeout or 0
+    proto = _proto(sp)
+    entries: dict[str, set[str]] = {}
+    addresses: set[str] = set()
+
+    def server(ip: str, port: int, rs: frozenset[RSKey]) -> None:
+        vs = nl.VirtualServer(ip, port, sp.protocol, opts.scheduler, flags, timeout)
+        frag.servers[vs.key] = (vs, rs)
+
+    def entry(name: str, value: str) -> None:
+        entries.setdefault(name, set()).add(value)
+
+    cip = sp.cluster_ips[0]
+    server(cip, sp.port, cluster_rs)
+    addresses.add(cip)
+    entry(KUBE_CLUSTER_IP, f"{cip},{proto}:{sp.port}")
+    for eip in sp.external_ips:
+        if (":" in eip) != family_v6:
+            continue
+        server(eip, sp.port, external_rs)
+        addresses.add(eip)
+        entry(KUBE_EXTERNAL_IP_LOCAL if sp.external_policy_local else KUBE_EXTERNAL_IP, f"{eip},{proto}:{sp.port}")
+    for lip in sp.load_balancer_ips:
+        if (":" in lip) != family_v6:
+            continue
+        server(lip, sp.port, external_rs)
+        addresses.add(lip)
+        entry(KUBE_LOAD_BALANCER, f"{lip},{proto}:{sp.port}")
+        if sp.external_policy_local:
+            entry(KUBE_LOAD_BALANCER_LOCAL, f"{lip},{proto}:{sp.port}")
+        if sp.load_balancer_source_ranges:
+            entry(KUBE_LOAD_BALANCER_FW, f"{lip},{proto}:{sp.port}")
+            for cidr in sp.load_balancer_source_ranges:
+                entry(KUBE_LOAD_BALANCER_SOURCE_CIDR, f"{lip},{proto}:{sp.port},{cidr}")
+    if sp.node_port and sp.protocol in ("TCP", "UDP"):
+        for nip in node_ips:
+            if (":" in nip) == family_v6:
+                server(nip, sp.node_port, external_rs)
+        entry(KUBE_NODE_PORT_TCP if sp.protocol == "TCP" else KUBE_NODE_PORT_UDP, str(sp.node_port))
+        if sp.external_policy_local:
+            entry(KUBE_NODE_PORT_LOCAL_TCP if sp.protocol == "TCP" else KUBE_NODE_PORT_LOCAL_UDP, str(sp.node_port))
+    if sp.health_check_node_port and sp.external_policy_local:
+        entry(KUBE_HEALTH_CHECK_NODE_PORT, str(sp.health_check_node_port))
+    for e in eps:
+        if e.is_local:  # hairpin: a pod reaching itself through its own service
+            entry(KUBE_LOOP_BACK, f"{e.ip},{proto}:{e.port},{e.ip}")
+    for a in addresses:
+        entry(KUBE_IPVS_IPS, a)
+    frag.addresses = frozenset(addresses)
+    frag.entries = {k: frozenset(v) for k, v in entries.items()}
+    return frag
+
+
+def render_iptables(opts: IPVSOptions, jumps_missing: Iterable[tuple[str, str, str, str]]) -> bytes:
+    """The constant iptables rules of IPVS mode (one restore; sets do the per-service work)."""
+    mark = 1 << opts.masquerade_bit
+    m = f"{mark:#x}/{mark:#x}"
+    missing = list(jumps_missing)
+    nat = ["*nat", *(f":{c} - [0:0]" for c in NAT_CHAINS)]
+    nat += [f"-I {src} 1 {extra + ' ' if extra else ''}-j {dst}" for t, src, dst, extra in missing if t == "nat"]
+    nat += [
+        f'-A KUBE-POSTROUTING -m comment --comment "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose" -m set --match-set {KUBE_LOOP_BACK} dst,dst,src -j MASQUERADE',
+        f"-A KUBE-POSTROUTING -m mark ! --mark {m} -j RETURN",
+        f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark:#x}",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+        f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark:#x}",
+    ]
+    if opts.masquerade_all:
+        nat.append(f"-A KUBE-SERVICES -m set --match-set {KUBE_CLUSTER_IP} dst,dst -j KUBE-MARK-MASQ")
+    elif opts.cluster_cidr:
+        for cidr in opts.cluster_cidr.split(","):
+            nat.append(f"-A KUBE-SERVICES -m set --match-set {KUBE_CLUSTER_IP} dst,dst ! -s {cidr.strip()} -j KUBE-MARK-MASQ")
+    nat += [
+        f"-A KUBE-SERVICES -m set --match-set {KUBE_EXTERNAL_IP_LOCAL} dst,dst -j ACCEPT",
+        f"-A KUBE-SERVICES -m set --match-set {KUBE_EXTERNAL_IP} dst,dst -j KUBE-MARK-MASQ",
+        f"-A KUBE-SERVICES -m set --match-set {KUBE_EXTERNAL_IP} dst,dst -j ACCEPT",
+        f"-A KUBE-SERVICES -m set --match-set {KUBE_LOAD_BALANCER} dst,dst -j KUBE-LOAD-BALANCER",
+        f"-A KUBE-LOAD-BALANCER -m set --match-set {KUBE_LOAD_BALANCER_LOCAL} dst,dst -j RETURN",
+        "-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ",
+        "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT",
+    ]
+    for proto, full, local in (("tcp", KUBE_NODE_PORT_TCP, KUBE_NODE_PORT_LOCAL_TCP),
+                               ("udp", KUBE_NODE_PORT_UDP, KUBE_NODE_PORT_LOCAL_UDP)):
+        nat.append(f"-A KUBE-NODE-PORT -p {proto} -m set --match-set {local} dst -j RETURN")
+        nat.append(f"-A KUBE-NODE-PORT -p {proto} -m set --match-set {full} dst -j KUBE-MARK-MASQ")
+    nat += [
+        f"-A KUBE-SERVICES -m set --match-set {KUBE_CLUSTER_IP} dst,dst -j ACCEPT",
+        f"-A KUBE-SERVICES -m set --match-set {KUBE_LOAD_BALANCER} dst,dst -j ACCEPT",
+        "COMMIT",
+    ]
+    flt = ["*filter", *(f":{c} - [0:0]" for c in FILTER_CHAINS)]
+    flt += [f"-I {src} 1 {extra + ' ' if extra else ''}-j {dst}" for t, src, dst, extra in missing if t == "filter"]
+    flt += [
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {m} -j ACCEPT',
+        "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-A KUBE-NODE-PORT -m set --match-set {KUBE_HEALTH_CHECK_NODE_PORT} dst -j ACCEPT",
+        f"-A KUBE-PROXY-FIREWALL -m set --match-set {KUBE_LOAD_BALANCER_FW} dst,dst"
+        f" -m set ! --match-set {KUBE_LOAD_BALANCER_SOURCE_CIDR} dst,dst,src -j DROP",
+    ]
+    for s in (KUBE_LOAD_BALANCER, KUBE_CLUSTER_IP, KUBE_EXTERNAL_IP, KUBE_EXTERNAL_IP_LOCAL):
+        flt.append(f"-A KUBE-IPVS-FILTER -m set --match-set {s} dst,dst -j RETURN")
+    flt += [
+        f"-A KUBE-IPVS-FILTER -m set --match-set {KUBE_HEALTH_CHECK_NODE_PORT} dst -j RETURN",
+        f"-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set {KUBE_IPVS_IPS} dst -j REJECT",
+        "COMMIT",
+    ]
+    return ("\n".join(nat + flt) + "\n").encode()
+
+
+def _write_sysctl(key: str, value: int) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    try:
+        with open(path) as f:
+            if f.read().strip() == str(value):
+                return
+        with open(path, "w") as f:
+            f.write(str(value))
+    except OSError as e:
+        log.warning("msg=%s key=%s err=%s", "cannot set sysctl", key, e)
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        parts = platform.release().split(".")
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+    except (ValueError, IndexError):
+        return False
+
+
+class IPVSProxier(Proxier):
+    mode = "ipvs"
+
+    def __init__(
+        self,
+        opts: IPVSOptions,
+        iptables: IPTables,
+        ipsets: IPSets | None = None,
+        node_ips: Callable[[], list[str]] | None = None,
+    ) -> None:
+        if opts.scheduler not in SCHEDULERS:
+            raise ValueError(f"--ipvs-scheduler {opts.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        self.opts = opts
+        self.iptables = iptables
+        self.ipsets = ipsets or IPSets(SET_SPECS)
+        self._node_ips_fn = node_ips
+        self.ipvs = nl.IPVS()
+        self.addrs = nl.Addresses()
+        self.ifindex = 0
+        self._fragments: dict[ServicePortName, _Fragment] = {}
+        self._addresses = _RefSet()
+        self._entries: dict[str, _RefSet] = {s.name: _RefSet() for s in SET_SPECS}
+        self._servers: dict[VSKey, tuple[nl.VirtualServer, frozenset[RSKey]]] = {}
+        # What the kernel holds, as last read or written: services, dests (with weights), addresses.
+        self._k_services: dict[VSKey, nl.VirtualServer] = {}
+        self._k_dests: dict[VSKey, dict[RSKey, int]] = {}
+        self._k_addresses: set[str] = set()
+        self._terminating: dict[tuple[VSKey, RSKey], float] = {}
+        self._node_ips: list[str] = []
+        self._rules_applied = False
+        self._need_full = True
+        self.last_timings: dict[str, float] = {}
+        self._setup_kernel()
+
+    # --- one-time node setup ----------------------------------------------------------------
+    def _setup_kernel(self) -> None:
+        _write_sysctl("net.ipv4.ip_forward", 1)
+        _write_sysctl("net.ipv4.vs.conntrack", 1)
+        _write_sysctl("net.ipv4.vs.expire_nodest_conn", 1)
+        _write_sysctl("net.ipv4.vs.expire_quiescent_template", 1)
+        if not _kernel_at_least(5, 9):
+            _write_sysctl("net.ipv4.vs.conn_reuse_mode", 0)
+        if self.opts.strict_arp:
+            _write_sysctl("net.ipv4.conf.all.arp_ignore", 1)
+            _write_sysctl("net.ipv4.conf.all.arp_announce", 2)
+        if self.opts.tcp_timeout or self.opts.tcpfin_timeout or self.opts.udp_timeout:
+            self.ipvs.set_timeouts(self.opts.tcp_timeout, self.opts.tcpfin_timeout, self.opts.udp_timeout)
+
+    def node_ips(self) -> list[str]:
+        """NodePort addresses: the explicit list, else this node's local IPv4 addresses outside
+        kube-ipvs0 and loopback, filtered by --nodeport-addresses CIDRs."""
+        if self._node_ips_fn is not None:
+            return self._node_ips_fn()
+        ips: set[str] = set()
+        dummy = nl.link_index(DUMMY_DEVICE)
+        for payload in self.addrs._nl.dump(nl.RTM_GETADDR, nl._IFADDRMSG.pack(0, 0, 0, 0, 0)):
+            family, _p, _f, _scope, index = nl._IFADDRMSG.unpack_from(payload)
+            if index == dummy or family != 2:
+                continue
+            a = nl._attrs(payload, nl._IFADDRMSG.size)
+            raw = a.get(nl.IFA_LOCAL) or a.get(nl.IFA_ADDRESS)
+            if raw and not raw.startswith(b"\x7f"):
+                ips.add(nl._addr_text(raw, family))
+        if self.opts.nodeport_addresses:
+            nets = [ipaddress.ip_network(c, strict=False) for c in self.opts.nodeport_addresses]
+            ips = {ip for ip in ips if any(ipaddress.ip_address(ip) in n for n in nets)}
+        return sorted(ips)
+
+    # --- reading the kernel -----------------------------------------------------------------
+    def _read_kernel(self) -> None:
+        self.ifindex = nl.ensure_dummy_link(DUMMY_DEVICE)
+        self._k_addresses = self.addrs.addresses(self.ifindex)
+        self._k_services = {vs.key: vs for vs in self.ipvs.services()}
+        self._k_dests = {k: {rs.key: rs.weight for rs in self.ipvs.dests(vs)} for k, vs in self._k_services.items()}
+        self.ipsets.forget()
+
+    # --- sync -------------------------------------------------------------------------------
+    def sync(self, request: SyncRequest) -> SyncResult:
+        t0 = time.perf_counter()
+        full = request.full or self._need_full
+        try:
+            result = self._sync(request, full)
+        except Exception as e:  # noqa: BLE001 - any failure: report, and resync fully next time
+            log.exception("msg=%s", "ipvs sync failed")
+            self._need_full = True
+            return SyncResult(ok=False, error=f"{type(e).__name__}: {e}")
+        self.last_timings["total"] = time.perf_counter() - t0
+        return result
+
+    def _sync(self, request: SyncRequest, full: bool) -> SyncResult:
+        timings = self.last_timings = {}
+        t = time.perf_counter()
+        if full:
+            self._read_kernel()
+            self._node_ips = self.node_ips()
+            names: Iterable[ServicePortName] = set(self._fragments) | set(request.services)
+        else:
+            names = request.changed
+        timings["read"] = time.perf_counter() - t
+        t = time.perf_counter()
+        dirty: set[VSKey] = set()
+        for name in names:
+            sp = request.services.get(name)
+            new = (build_fragment(sp, request.endpoints.get(name, ()), self._node_ips, self.opts)
+                   if sp is not None else _Fragment())
+            old = self._fragments.pop(name, None)
+            if old is not None:
+                self._addresses.remove(old.addresses)
+                for s, members in old.entries.items():
+                    self._entries[s].remove(members)
+                for k in old.servers:
+                    self._servers.pop(k, None)
+                    dirty.add(k)
+            if new.servers or new.addresses:
+                self._fragments[name] = new
+            self._addresses.add(new.addresses)
+            for s, members in new.entries.items():
+                self._entries[s].add(members)
+            self._servers.update(new.servers)
+            dirty.update(new.servers)
+        if full:
+            dirty.update(self._k_services)
+        timings["build"] = time.perf_counter() - t
+
+        # 1. addresses for new service IPs, 2. sets, 3. constant iptables rules (they reference
+        # the sets), 4. IPVS, 5. stale addresses last (no window where a live VIP is not local).
+        t = time.perf_counter()
+        self.ifindex = self.ifindex or nl.ensure_dummy_link(DUMMY_DEVICE)
+        want_addrs = self._addresses.members()
+        add_addrs = [a for a in want_addrs if a not in self._k_addresses]
+        errors: list[tuple[bytes, int]] = self.addrs.change(self.ifindex, add_addrs, ())
+        self._k_addresses.update(add_addrs)
+        timings["addresses"] = time.perf_counter() - t
+        t = time.perf_counter()
+        set_lines = self.ipsets.sync({s: r.members() for s, r in self._entries.items()})
+        timings["ipset"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if full or not self._rules_applied:
+            self.iptables.restore(render_iptables(self.opts, self._missing_jumps()))
+            self._rules_applied = True
+        timings["iptables"] = time.perf_counter() - t
+        t = time.perf_counter()
+        msgs = self._ipvs_messages(dirty)
+        failed = self.ipvs.apply(msgs)
+        timings["ipvs"] = time.perf_counter() - t
+        stale_addrs = [a for a in self._k_addresses if a not in want_addrs]
+        errors += self.addrs.change(self.ifindex, (), stale_addrs)
+        self._k_addresses.difference_update(stale_addrs)
+        failed += errors
+        if failed:
+            self._need_full = True
+            detail = ", ".join(f"{os.strerror(e)}" for _, e in failed[:5])
+            return SyncResult(ok=False, error=f"{len(failed)} netlink requests failed: {detail}")
+        self._need_full = False
+        return SyncResult(ok=True, rules_total={
+            "ipvs_virtual_servers": len(self._k_services),
+            "ipvs_real_servers": sum(len(d) for d in self._k_dests.values()),
+            "ipset_lines": set_lines,
+        })
+
+    def _ipvs_messages(self, dirty: Iterable[VSKey]) -> list[bytes]:
+        """Diff desired servers against the kernel's for the dirty keys; update the cache to what
+        the messages will make true (a failure forces a full re-read)."""
+        msgs: list[bytes] = []
+        now = time.monotonic()
+        check_drain: list[nl.VirtualServer] = []
+        for key in dirty:
+            want = self._servers.get(key)
+            have = self._k_services.get(key)
+            if want is None:
+                if have is not None:
+                    msgs.append(self.ipvs.delete_service(have))
+                    del self._k_services[key]
+                    self._k_dests.pop(key, None)
+                    for tk in [tk for tk in self._terminating if tk[0] == key]:
+                        del self._terminating[tk]
+                continue
+            vs, rs_keys = want
+            if have is None:
+                msgs.append(self.ipvs.add_service(vs))
+                self._k_services[key] = vs
+            elif have != vs:
+                msgs.append(self.ipvs.update_service(vs))
+                self._k_services[key] = vs
+            dests = self._k_dests.setdefault(key, {})
+            for rk in rs_keys:
+                w = dests.get(rk)
+                if w is None:
+                    msgs.append(self.ipvs.add_dest(vs, nl.RealServer(rk[0], rk[1], 1)))
+                elif w != 1:
+                    msgs.append(self.ipvs.update_dest(vs, nl.RealServer(rk[0], rk[1], 1)))
+                dests[rk] = 1
+                self._terminating.pop((key, rk), None)
+            for rk in [rk for rk in dests if rk not in rs_keys]:
+                if vs.protocol in GRACEFUL_PROTOCOLS:
+                    if dests[rk] != 0:
+                        msgs.append(self.ipvs.update_dest(vs, nl.RealServer(rk[0], rk[1], 0)))
+                        dests[rk] = 0
+                    self._terminating.setdefault((key, rk), now)
+                else:
+                    msgs.append(self.ipvs.delete_dest(vs, nl.RealServer(rk[0], rk[1])))
+                    del dests[rk]
+        # Reap drained real servers of every service with terminating ones (not only dirty).
+        for key in {k for k, _ in self._terminating}:
+            vs_t = self._k_services.get(key)
+            if vs_t is not None:
+                check_drain.append(vs_t)
+        for vs_t in check_drain:
+            try:
+                live = {rs.key: rs for rs in self.ipvs.dests(vs_t)}
+            except nl.NetlinkError:
+                continue
+            for (key, rk) in [tk for tk in self._terminating if tk[0] == vs_t.key]:
+                rs = live.get(rk)
+                if rs is None or (rs.weight == 0 and rs.active_conns + rs.inactive_conns == 0):
+                    if rs is not None:
+                        msgs.append(self.ipvs.delete_dest(vs_t, rs))
+                    self._k_dests.get(key, {}).pop(rk, None)
+                    del self._terminating[(key, rk)]
+        return msgs
+
+    def terminating(self) -> list[tuple[VSKey, RSKey]]:
+        return sorted(self._terminating)
+
+    def _builtin_rules(self) -> dict[tuple[str, str], list[str]]:
+        """`-A` lines of the built-in chains, per (table, chain), from one save per table."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for table in ("nat", "filter"):
+            for line in self.iptables.save(table).splitlines():
+                if line.startswith("-A "):
+                    out.setdefault((table, line.split()[1]), []).append(line)
+                elif line.startswith(":"):
+                    out.setdefault((table, line[1:].split()[0]), [])
+        return out
+
+    def _missing_jumps(self) -> list[tuple[str, str, str, str]]:
+        rules = self._builtin_rules()
+        return [(t, src, dst, extra) for t, src, dst, extra in JUMPS
+                if not any(line.endswith(f"-j {dst}") for line in rules.get((t, src), []))]
+
+    # --- cleanup ----------------------------------------------------------------------------
+    def cleanup(self) -> bool:
+        """Removes everything IPVS mode programs: IPVS services, kube-ipvs0, our chains and the
+        jumps to them, then the sets (they can only go once no rule references them)."""
+        ok = True
+        try:
+            for vs in self.ipvs.services():
+                self.ipvs.apply([self.ipvs.delete_service(vs)])
+        except nl.NetlinkError as e:
+            log.warning("msg=%s err=%s", "ipvs cleanup", e)
+            ok = False
+        nl.delete_link(DUMMY_DEVICE)
+        try:
+            rules = self._builtin_rules()
+            lines: list[str] = []
+            for table, chains in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
+                present = [c for c in chains if (table, c) in rules]
+                jumps = [f"-D{line[2:]}" for t, src, dst, _e in JUMPS if t == table
+                         for line in rules.get((table, src), []) if line.endswith(f"-j {dst}")]
+                lines += [f"*{table}", *jumps, *(f":{c} - [0:0]" for c in present),
+                          *(f"-X {c}" for c in present), "COMMIT"]
+            self.iptables.restore(("\n".join(lines) + "\n").encode())
+        except Exception as e:  # noqa: BLE001
+            log.warning("msg=%s err=%s", "iptables cleanup", e)
+            ok = False
+        try:
+            self.ipsets.destroy()
+        except Exception as e:  # noqa: BLE001
+            log.warning("msg=%s err=%s", "ipset cleanup", e)
+            ok = False
+        self._fragments.clear()
+        self._servers.clear()
+        self._addresses = _RefSet()
+        self._entries = {s.name: _RefSet() for s in SET_SPECS}
+        self._terminating.clear()
+        self._rules_applied = False
+        self._need_full = True
+        return ok
+
+    def close(self) -> None:
+        self.ipvs.close()
+        self.addrs.close()
+
+
+def _tuple(value: Any) -> tuple[str, ...]:
+    if not value:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(str(v) for v in value)
+
+
+def options_from_config(config: Any) -> IPVSOptions:
+    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
+    return IPVSOptions(
+        scheduler=getattr(config, "ipvs_scheduler", "") or DEFAULT_SCHEDULER,
+        strict_arp=bool(getattr(config, "ipvs_strict_arp", False)),
+        tcp_timeout=int(getattr(config, "ipvs_tcp_timeout", 0) or 0),
+        tcpfin_timeout=int(getattr(config, "ipvs_tcpfin_timeout", 0) or 0),
+        udp_timeout=int(getattr(config, "ipvs_udp_timeout", 0) or 0),
+        cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
+        masquerade_all=bool(getattr(config, "masquerade_all", False)),
+        masquerade_bit=int(getattr(config, "masquerade_bit", None) or 14),
+        nodeport_addresses=tuple(c for c in _tuple(getattr(config, "nodeport_addresses", ())) if c != "primary"),
+    )
+
+
+def new_proxier(config: Any) -> Proxier:
+    """Builds the IPVS proxier from kproxy.config.KProxyConfig (see the module docstring)."""
+    backend = getattr(config, "iptables_backend", "") or "legacy"
+    if backend not in ("nft", "legacy"):
+        raise ValueError(f"iptables backend {backend!r}: expected nft or legacy")
+    explicit = _tuple(getattr(config, "node_ips", ()))
+    return IPVSProxier(
+        options_from_config(config),
+        IPTables(backend="nft" if backend == "nft" else "legacy"),
+        node_ips=(lambda: list(explicit)) if explicit else None,
+    )
+
+
+__all__ = ["IPVSProxier", "IPVSOptions", "new_proxier", "build_fragment", "render_iptables"]

@@ -1,0 +1,238 @@
+"""Helpers for the IPVS suite that runs INSIDE the User-Mode Linux VM (tests/vm/run).
+
+The VM's root namespace is the "node" (its own kernel, nothing shared with the host): kproxy
+programs IPVS, kube-ipvs0, ipsets and iptables-legacy there. Clients and backends live in network
+namespaces the fixtures create: a client on its own link (10.250.0.2, gateway 10.250.0.1 = the
+node) so replies from backends must come back through the node's IPVS, and backends on a bridge
+(10.244.0.0/24, gateway 10.244.0.1). Sockets are made inside a namespace by a thread that setns()
+into it, so servers and clients are threads of this process (process starts are slow in UML).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from kproxy.backends.ipset import IPSets
+from kproxy.backends.iptables import IPTables
+from kproxy.model import Endpoint, ServicePort, ServicePortName
+from kproxy.proxiers.base import SyncRequest
+from kproxy.proxiers.ipvs import SET_SPECS, IPVSOptions, IPVSProxier
+
+NODE_CLIENT_IP = "10.250.0.1"
+CLIENT_IP = "10.250.0.2"
+NODE_POD_IP = "10.244.0.1"
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*cmd: str, check: bool = True) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
+    """Runs fn in a fresh thread switched into netns `ns` (setns affects only that thread);
+    sockets it creates stay in that namespace for their whole life."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {ns}")
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@dataclass
+class Backend:
+    """A TCP (and UDP) server in its own netns: greets with 'NAME PEER_IP', then echoes lines."""
+
+    name: str
+    ns: str
+    ip: str
+    port: int = 8080
+    close_after_greeting: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _sock: socket.socket | None = None
+
+    def start(self) -> None:
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", self.port))
+            s.listen(128)
+            s.settimeout(0.2)
+            return s
+
+        self._sock = in_netns(self.ns, make)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn, peer[0]), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, peer: str) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                conn.sendall(f"{self.name} {peer}\n".encode())
+                if self.close_after_greeting:
+                    return
+                while not self._stop.is_set():
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    conn.sendall(f"{self.name}:".encode() + data)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+
+
+@dataclass
+class Topology:
+    client_ns: str
+    backends: list[Backend]
+    suffix: str
+
+    def connect(self, ip: str, port: int, timeout: float = 3.0, src_port: int = 0) -> socket.socket:
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if src_port:
+                s.bind((CLIENT_IP, src_port))
+            s.settimeout(timeout)
+            try:
+                s.connect((ip, port))
+            except BaseException:
+                s.close()
+                raise
+            return s
+
+        sock: socket.socket = in_netns(self.client_ns, make)
+        return sock
+
+    def greet(self, ip: str, port: int, timeout: float = 3.0) -> tuple[str, str]:
+        """(backend name, client address the backend saw) of one new connection."""
+        with self.connect(ip, port, timeout) as s:
+            line = s.makefile().readline().split()
+        return line[0], line[1]
+
+
+def setup_topology(suffix: str, n_backends: int) -> Topology:
+    client = f"kptc{suffix}"
+    bridge = f"kptbr{suffix}"
+    sh("ip", "netns", "add", client)
+    sh("ip", "link", "add", f"kptcv{suffix}", "type", "veth", "peer", "name", "eth0", "netns", client)
+    sh("ip", "addr", "add", f"{NODE_CLIENT_IP}/24", "dev", f"kptcv{suffix}")
+    sh("ip", "link", "set", f"kptcv{suffix}", "up")
+    sh("ip", "-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
+    sh("ip", "-n", client, "link", "set", "eth0", "up")
+    sh("ip", "-n", client, "link", "set", "lo", "up")
+    sh("ip", "-n", client, "route", "add", "default", "via", NODE_CLIENT_IP)
+    sh("ip", "link", "add", bridge, "type", "bridge")
+    sh("ip", "addr", "add", f"{NODE_POD_IP}/24", "dev", bridge)
+    sh("ip", "link", "set", bridge, "up")
+    backends = []
+    for i in range(n_backends):
+        ns = f"kptb{i}{suffix}"
+        ip = f"10.244.0.{10 + i}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", f"kptbv{i}{suffix}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "link", "set", f"kptbv{i}{suffix}", "master", bridge, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", NODE_POD_IP)
+        b = Backend(f"b{i}", ns, ip)
+        b.start()
+        backends.append(b)
+    return Topology(client, backends, suffix)
+
+
+def teardown_topology(suffix: str, n_backends: int) -> None:
+    for i in range(n_backends):
+        sh("ip", "netns", "del", f"kptb{i}{suffix}", check=False)
+    sh("ip", "netns", "del", f"kptc{suffix}", check=False)
+    sh("ip", "link", "del", f"kptbr{suffix}", check=False)
+    sh("ip", "link", "del", f"kptcv{suffix}", check=False)
+
+
+def make_proxier(**opts: Any) -> IPVSProxier:
+    return IPVSProxier(IPVSOptions(**opts), IPTables(backend="legacy"), IPSets(SET_SPECS),
+                       node_ips=lambda: [NODE_CLIENT_IP])
+
+
+def spn(name: str, port: str = "http", protocol: str = "TCP") -> ServicePortName:
+    return ServicePortName("default", name, port, protocol)  # type: ignore[arg-type]
+
+
+def service(name: str, cluster_ip: str, port: int = 80, **kw: Any) -> ServicePort:
+    protocol = kw.pop("protocol", "TCP")
+    kw.setdefault("type", "NodePort" if kw.get("node_port") else "ClusterIP")
+    return ServicePort(name=spn(name, protocol=protocol), cluster_ips=(cluster_ip,), port=port,
+                       protocol=protocol, **kw)
+
+
+def endpoints(*ips: str, port: int = 8080, local: bool = True, **kw: Any) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint(ip=ip, port=port, is_local=local, **kw) for ip in ips)
+
+
+class State:
+    """The services/endpoints a test declares; sync() turns them into SyncRequests."""
+
+    def __init__(self, proxier: IPVSProxier) -> None:
+        self.proxier = proxier
+        self.services: dict[ServicePortName, ServicePort] = {}
+        self.endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+
+    def set(self, sp: ServicePort, eps: tuple[Endpoint, ...] = ()) -> ServicePortName:
+        self.services[sp.name] = sp
+        self.endpoints[sp.name] = eps
+        return sp.name
+
+    def sync(self, changed: set[ServicePortName] | None = None) -> None:
+        req = SyncRequest(dict(self.services), dict(self.endpoints),
+                          changed=frozenset(changed or ()), full=changed is None)
+        result = self.proxier.sync(req)
+        assert result.ok, result.error
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
