@@ -199,6 +199,8 @@ class _Collector:
         yield GaugeMetricFamily("kdns_cache_entries", "Entries in the forward cache.", value=len(cache.entries))
         yield CounterMetricFamily("kdns_forward_errors", "Forwarded queries that got no usable answer.",
                                   value=self.resolver.upstream_errors)
+        yield CounterMetricFamily("kdns_internal_errors", "Queries whose handling raised (answered SERVFAIL).",
+                                  value=self.resolver.internal_errors)
         yield GaugeMetricFamily("kdns_zone_answers", "Pre-encoded cluster answers.",
                                 value=len(self.resolver.index.answers))
 

@@ -53,7 +53,7 @@ class Question(msgspec.Struct, frozen=True, gc=False):
 
 class RR(msgspec.Struct, frozen=True, gc=False):
     """One resource record. `data` by type: A/AAAA an address string, CNAME/NS/PTR a name,
-    SRV (priority, weight, port, target), SOA (mname, rname, serial, refresh, retry, expire,
+    SRV (priority, weight, port, target), MX (preference, exchange), SOA (mname, rname, serial, refresh, retry, expire,
     minimum), TXT a tuple of strings; any other type its raw rdata bytes."""
 
     name: str
@@ -197,6 +197,10 @@ class _Writer:
             srv = cast(tuple[int, int, int, str], d)
             self.buf += _SRV.pack(srv[0], srv[1], srv[2])
             self.name(srv[3], compress=False)  # RFC 2782: no compression of the target
+        elif t == MX:
+            mx = cast(tuple[int, str], d)
+            self.buf += struct.pack("!H", mx[0])
+            self.name(mx[1])
         elif t == SOA:
             soa = cast(tuple[Any, ...], d)
             self.name(str(soa[0]))
@@ -256,6 +260,13 @@ def _read_rdata(data: bytes, rtype: int, start: int, rdlen: int) -> object:
         if after != end:
             raise WireError(f"SRV rdata at offset {start} does not fill its rdlength")
         return (prio, weight, port, target)
+    if rtype == MX:
+        if rdlen < 3:
+            raise WireError(f"MX rdata at offset {start} is too short")
+        exchange, after = read_name(data, start + 2)
+        if after != end:
+            raise WireError(f"MX rdata at offset {start} does not fill its rdlength")
+        return (struct.unpack_from("!H", data, start)[0], exchange)
     if rtype == SOA:
         mname, pos = read_name(data, start)
         rname, pos = read_name(data, pos)
