@@ -13,8 +13,14 @@ from typing import Any, NoReturn
 
 from kproxy import server
 from kproxy.config import (
-    ConfigError, KProxyConfig, check_cidrs, load_config_file, parse_bool, parse_duration,
-    resolve_node_name, validate,
+    ConfigError,
+    KProxyConfig,
+    check_cidrs,
+    load_config_file,
+    parse_bool,
+    parse_duration,
+    resolve_node_name,
+    validate,
 )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -19,7 +19,7 @@ def go_time(ts: float | None) -> str:
     """Go's time.Time String() in UTC, as upstream's JSON carries it."""
     if ts is None:
         return "0001-01-01 00:00:00 +0000 UTC"
-    dt = datetime.fromtimestamp(ts, timezone.utc)
+    dt = datetime.fromtimestamp(ts, UTC)
     return dt.strftime("%Y-%m-%d %H:%M:%S.%f").rstrip("0").rstrip(".") + " +0000 UTC"
 
 

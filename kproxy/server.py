@@ -22,8 +22,16 @@ from kproxy.healthz import ProxierHealth, health_app
 from kproxy.kube.client import ApiClient
 from kproxy.kube.informer import Informer
 from kproxy.kube.ingest import (
-    ENDPOINTSLICE_LABEL_SELECTOR, SERVICE_LABEL_SELECTOR, EndpointSlice, Node, Service, node_eligible,
-    node_ips, service_ports, slice_endpoints, trigger_time,
+    ENDPOINTSLICE_LABEL_SELECTOR,
+    SERVICE_LABEL_SELECTOR,
+    EndpointSlice,
+    Node,
+    Service,
+    node_eligible,
+    node_ips,
+    service_ports,
+    slice_endpoints,
+    trigger_time,
 )
 from kproxy.kube.kubeconfig import KubeConfigError, resolve_access
 from kproxy.kube.reflector import Reflector

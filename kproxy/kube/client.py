@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -113,7 +113,7 @@ class ApiClient:
             # Lets the connector close its transports before the loop goes away (aiohttp docs).
             await asyncio.sleep(0)
 
-    async def __aenter__(self) -> ApiClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

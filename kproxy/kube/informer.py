@@ -19,7 +19,7 @@ Handler = Callable[["T | None", "T | None"], None]
 
 def object_key(item: msgspec.Struct) -> str:
     """namespace/name (or name for cluster-scoped objects), client-go's MetaNamespaceKeyFunc."""
-    meta = getattr(item, "metadata")
+    meta = getattr(item, "metadata", None)
     ns: str = getattr(meta, "namespace", "")
     name: str = getattr(meta, "name", "")
     return f"{ns}/{name}" if ns else name
@@ -66,6 +66,9 @@ class Informer(Generic[T]):
 
     def get(self, key: str) -> T | None:
         return self._items.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
     def __len__(self) -> int:
         return len(self._items)

@@ -1,7 +1,13 @@
 """Change trackers: pending per name, cancel-out, slice merging, stale UDP conntrack, checkout."""
 from __future__ import annotations
 
-from kproxy.changes import EndpointsChangeTracker, ProxyState, ServiceChangeTracker, merge_slices, parse_trigger_time
+from kproxy.changes import (
+    EndpointsChangeTracker,
+    ProxyState,
+    ServiceChangeTracker,
+    merge_slices,
+    parse_trigger_time,
+)
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 
 WEB = ServicePortName("ns", "web", "http", "TCP")

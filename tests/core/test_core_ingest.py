@@ -7,7 +7,14 @@ import msgspec
 import pytest
 
 from kproxy.kube.ingest import (
-    EndpointSlice, Node, Service, node_eligible, node_ips, service_ports, slice_endpoints, trigger_time,
+    EndpointSlice,
+    Node,
+    Service,
+    node_eligible,
+    node_ips,
+    service_ports,
+    slice_endpoints,
+    trigger_time,
 )
 from kproxy.model import Endpoint, ServicePortName
 

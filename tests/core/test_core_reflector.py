@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -22,7 +22,7 @@ from kproxy.kube.reflector import Backoff, Reflector
 from kproxy.kube.types import ObjectMeta
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import ScriptedApi, scripted_api  # noqa: E402
+from core_scripted_api import ScriptedApi, scripted_api
 
 
 class ThingSpec(msgspec.Struct):

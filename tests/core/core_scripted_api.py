@@ -1,6 +1,4 @@
-"""Fixtures for the core tests.
-
-`scripted_api` is a tiny aiohttp server speaking the list/watch wire format with scripted
+"""`scripted_api`: a tiny aiohttp server speaking the list/watch wire format with scripted
 faults (410 on a watch, an expired continue token, a dropped stream). It exists only for the
 fault cases a well-behaved real API server cannot be made to produce on demand; everything
 else runs against controlplane_stub's real API server (see test_core_apiserver.py).
