@@ -1,0 +1,303 @@
+"""Userspace proxying side by side, in one run, over veth between namespaces.
+
+    client ns 10.78.1.2 ──veth── 10.78.1.1  proxy ns  10.78.0.1 ──veth── 10.78.0.2 server ns
+                                  (every proxy listens here;               iperf3 -s :5201,
+                                   iptables DNAT of 10.96.1.1 here)        uvloop echo :7100
+
+Targets: direct (no proxy, the same routed path: the limit), iptables DNAT (the kernel path, rules
+only inside the proxy ns), kproxy's relay compiled (epoll + splice, no GIL) and its asyncio twin,
+haproxy (mode tcp, nbthread 1: one core, like the relay's single loop) and socat (fork per
+connection). Each proxy is a process of its own in the proxy ns.
+
+Metrics: single-stream throughput (iperf3 -t 4 -O 1), new connections per second (2 client
+processes, connect + 1-byte echo + close, 3 s) and ping-pong latency on one connection (64-byte
+messages, p50/p99). Every figure carries its ratio to `direct`, measured first in the same run.
+Run: `.venv/bin/pytest bench/bench_userspace_relay.py --benchmark-enable -s` (from the repo root).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENT_IP, PROXY_FRONT, PROXY_BACK, SERVER_IP, VIP = "10.78.1.2", "10.78.1.1", "10.78.0.1", "10.78.0.2", "10.96.1.1"
+IPERF_PORT, ECHO_PORT = 5201, 7100
+TARGETS = ["direct", "iptables-dnat", "kproxy-compiled", "kproxy-pure", "haproxy", "socat"]
+RESULTS: dict[str, dict[str, float]] = {t: {} for t in TARGETS}
+
+ECHO_SERVER = """
+import asyncio, sys
+try:
+    import uvloop
+    uvloop.install()
+except ImportError:
+    pass
+class Echo(asyncio.Protocol):
+    def connection_made(self, t): self.t = t
+    def data_received(self, d): self.t.write(d)
+async def main():
+    srv = await asyncio.get_running_loop().create_server(Echo, sys.argv[1], int(sys.argv[2]), backlog=8192)
+    print("ready", flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+CPS_CLIENT = """
+import socket, sys, time
+host, port, dur = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+n = errs = 0
+end = time.monotonic() + dur
+while time.monotonic() < end:
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(b"x")
+        if s.recv(1) == b"x":
+            n += 1
+        else:
+            errs += 1
+        s.close()
+    except OSError:
+        errs += 1
+print(n, errs)
+"""
+
+LATENCY_CLIENT = """
+import json, socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port), timeout=5)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg = b"p" * 64
+lat = []
+for i in range(count + 200):
+    t0 = time.perf_counter_ns()
+    s.sendall(msg)
+    got = 0
+    while got < 64:
+        got += len(s.recv(64 - got))
+    if i >= 200:
+        lat.append(time.perf_counter_ns() - t0)
+lat.sort()
+print(json.dumps({"p50": lat[len(lat) // 2] / 1e3, "p99": lat[int(len(lat) * 0.99)] / 1e3}))
+"""
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+def ns_popen(ns: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(["ip", "netns", "exec", ns, *args], text=True, cwd="/tmp", **kw)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    host: str
+    iperf_port: int
+    echo_port: int
+    pids: tuple[int, ...] = ()
+
+
+@dataclass
+class Bed:
+    client: str
+    proxy: str
+    server: str
+    targets: dict[str, Target]
+
+
+def _wait_listening(ns: str, port: int, deadline_s: float = 10) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
+                             capture_output=True, text=True, timeout=10).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on :{port} in {ns}")
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Bed]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    for tool in ("iperf3", "haproxy", "socat", "iptables"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (./run setup installs it)")
+    sfx = secrets.token_hex(3)
+    b = Bed(f"kpbc{sfx}", f"kpbp{sfx}", f"kpbs{sfx}", {})
+    made: list[str] = []
+    procs: list[subprocess.Popen[str]] = []
+    tmp = tempfile.mkdtemp(prefix="kpb-userspace-")
+    try:
+        for ns in (b.client, b.proxy, b.server):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", b.client, "link", "add", "c0", "type", "veth", "peer", "name", "p0", "netns", b.proxy)
+        sh("ip", "-n", b.proxy, "link", "add", "p1", "type", "veth", "peer", "name", "s0", "netns", b.server)
+        for ns, dev, ip in ((b.client, "c0", CLIENT_IP), (b.proxy, "p0", PROXY_FRONT),
+                            (b.proxy, "p1", PROXY_BACK), (b.server, "s0", SERVER_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", b.client, "route", "add", "default", "via", PROXY_FRONT)
+        sh("ip", "-n", b.server, "route", "add", "default", "via", PROXY_BACK)
+        for ns in made:
+            # Short connections by the ten thousand: a wide port range and TIME_WAIT reuse.
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000",
+               "net.ipv4.tcp_tw_reuse=1", "net.core.somaxconn=8192")
+        sh("ip", "netns", "exec", b.proxy, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for port in (IPERF_PORT, ECHO_PORT):
+            sh("ip", "netns", "exec", b.proxy, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", VIP, "-p", "tcp",
+               "--dport", str(port), "-j", "DNAT", "--to-destination", f"{SERVER_IP}:{port}")
+        procs.append(ns_popen(b.server, "iperf3", "-s", "-B", SERVER_IP, "-p", str(IPERF_PORT),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        echo = ns_popen(b.server, sys.executable, "-c", ECHO_SERVER, SERVER_IP, str(ECHO_PORT), stdout=subprocess.PIPE)
+        procs.append(echo)
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        _wait_listening(b.server, IPERF_PORT)
+        b.targets["direct"] = Target(SERVER_IP, IPERF_PORT, ECHO_PORT)
+        b.targets["iptables-dnat"] = Target(VIP, IPERF_PORT, ECHO_PORT)
+
+        env = dict(os.environ, PYTHONPATH=REPO)
+        for name, impl, base in (("kproxy-compiled", "compiled", 6000), ("kproxy-pure", "pure", 6010)):
+            pids = []
+            for off, port in ((1, IPERF_PORT), (2, ECHO_PORT)):
+                p = ns_popen(b.proxy, sys.executable, "-m", "kproxy.relay", "--impl", impl, "--listen",
+                             f"{PROXY_FRONT}:{base + off}", "--backend", f"{SERVER_IP}:{port}",
+                             stdout=subprocess.PIPE, env=env)
+                procs.append(p)
+                assert p.stdout is not None and p.stdout.readline().startswith("ready")
+                pids.append(p.pid)
+            b.targets[name] = Target(PROXY_FRONT, base + 1, base + 2, tuple(pids))
+
+        cfg = os.path.join(tmp, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write("global\n  maxconn 9000\n  nbthread 1\n"
+                    "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n")
+            for off, port in ((1, IPERF_PORT), (2, ECHO_PORT)):
+                f.write(f"listen l{off}\n  bind {PROXY_FRONT}:{6020 + off}\n  server s {SERVER_IP}:{port}\n")
+        hp = ns_popen(b.proxy, "haproxy", "-db", "-f", cfg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(hp)
+        _wait_listening(b.proxy, 6021)
+        b.targets["haproxy"] = Target(PROXY_FRONT, 6021, 6022, (hp.pid,))
+
+        for off, port in ((1, IPERF_PORT), (2, ECHO_PORT)):
+            procs.append(ns_popen(b.proxy, "socat", f"TCP-LISTEN:{6030 + off},bind={PROXY_FRONT},fork,reuseaddr,backlog=4096",
+                                  f"TCP:{SERVER_IP}:{port}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_listening(b.proxy, 6030 + off)
+        b.targets["socat"] = Target(PROXY_FRONT, 6031, 6032)
+        yield b
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _print_table()
+
+
+def _print_table() -> None:
+    d = RESULTS.get("direct", {})
+    print("\n| target | throughput Gbit/s | vs direct | proxy CPU s per GB | conn/s | vs direct | p50 µs | p99 µs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in TARGETS:
+        r = RESULTS.get(t, {})
+        if not r:
+            continue
+        tp, cps = r.get("gbps", 0.0), r.get("cps", 0.0)
+        cpu = f"{r['cpu_s_per_gb']:.2f}" if "cpu_s_per_gb" in r else "-"
+        print(f"| {t} | {tp:.2f} | {tp / d['gbps'] if d.get('gbps') else 0:.0%} | {cpu} | {cps:.0f} | "
+              f"{cps / d['cps'] if d.get('cps') else 0:.0%} | {r.get('p50', 0):.0f} | {r.get('p99', 0):.0f} |")
+    with open(os.path.join(tempfile.gettempdir(), "bench_userspace_results.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def _ratio(target: str, key: str) -> float:
+    base = RESULTS["direct"].get(key, 0.0)
+    return RESULTS[target][key] / base if base else 0.0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", TARGETS)
+def test_userspace_throughput(benchmark: Any, bed: Bed, target: str) -> None:
+    t = bed.targets[target]
+
+    def run() -> float:
+        cpu0 = sum(cpu_seconds(p) for p in t.pids)
+        out = subprocess.run(["ip", "netns", "exec", bed.client, "iperf3", "-c", t.host, "-p", str(t.iperf_port),
+                              "-t", "4", "-O", "1", "-J"], capture_output=True, text=True, timeout=60, check=True)
+        cpu = sum(cpu_seconds(p) for p in t.pids) - cpu0
+        end = json.loads(out.stdout)["end"]
+        gbps = end["sum_received"]["bits_per_second"] / 1e9
+        RESULTS[target]["gbps"] = gbps
+        if t.pids:
+            RESULTS[target]["cpu_s_per_gb"] = cpu / (end["sum_received"]["bytes"] / 1e9)
+        return gbps
+
+    gbps = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(gbps=gbps, vs_direct=_ratio(target, "gbps"))
+    assert gbps > 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", TARGETS)
+def test_userspace_connections_per_second(benchmark: Any, bed: Bed, target: str) -> None:
+    t = bed.targets[target]
+    dur = 3.0
+
+    def run() -> float:
+        clients = [ns_popen(bed.client, sys.executable, "-c", CPS_CLIENT, t.host, str(t.echo_port), str(dur),
+                            stdout=subprocess.PIPE) for _ in range(2)]
+        total = errs = 0
+        for c in clients:
+            out, _ = c.communicate(timeout=60)
+            n, e = out.split()
+            total, errs = total + int(n), errs + int(e)
+        RESULTS[target]["cps"] = total / dur
+        RESULTS[target]["cps_errors"] = errs
+        time.sleep(1)  # let FIN/TIME_WAIT work settle before the next target
+        return total / dur
+
+    cps = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(cps=cps, vs_direct=_ratio(target, "cps"), errors=RESULTS[target]["cps_errors"])
+    assert cps > 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", TARGETS)
+def test_userspace_latency(benchmark: Any, bed: Bed, target: str) -> None:
+    t = bed.targets[target]
+
+    def run() -> float:
+        out = subprocess.run(["ip", "netns", "exec", bed.client, sys.executable, "-c", LATENCY_CLIENT, t.host,
+                              str(t.echo_port), "5000"], capture_output=True, text=True, timeout=60, check=True, cwd="/tmp")
+        r = json.loads(out.stdout)
+        RESULTS[target].update(p50=r["p50"], p99=r["p99"])
+        return float(r["p99"])
+
+    p99 = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(p50_us=RESULTS[target]["p50"], p99_us=p99,
+                                p99_vs_direct=RESULTS[target]["p99"] / max(RESULTS["direct"].get("p99", 0), 1e-9))
+    assert p99 > 0
