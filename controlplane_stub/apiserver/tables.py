@@ -150,11 +150,11 @@ def _pod_row(pod: Obj, now: float) -> list[Any]:
         for cs in reversed(_l(status.get("containerStatuses"))):
             cs = _d(cs)
             restarts += int(cs.get("restartCount") or 0)
-            finished = parse_time(_d(_d(cs.get("lastState")).get("term")).get("finishedAt"))
+            finished = parse_time(_d(_d(cs.get("lastState")).get("terminated")).get("finishedAt"))
             if finished is not None and (last_restart is None or finished > last_restart):
                 last_restart = finished
             state = _d(cs.get("state"))
-            waiting, term = _d(state.get("waiting")), state.get("term")
+            waiting, term = _d(state.get("waiting")), state.get("terminated")
             if waiting.get("reason"):
                 reason = str(waiting["reason"])
             elif isinstance(term, dict) and term.get("reason"):

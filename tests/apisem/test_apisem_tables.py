@@ -101,7 +101,11 @@ def test_pod_status_column() -> None:
     pending = dict(base, spec={"containers": [{"name": "a"}]}, status={"phase": "Pending"})
     deleting = dict(base, metadata={"name": "p", "creationTimestamp": CREATED, "deletionTimestamp": CREATED},
                     status={"phase": "Running"})
-    table = to_table("pods", [running, crash, pending, deleting], now=NOW)
+    done = dict(base, spec={"containers": [{"name": "a"}]}, status={"phase": "Succeeded", "containerStatuses": [
+        {"name": "a", "ready": False, "restartCount": 0, "state": {"terminated": {"reason": "Completed"}}}]})
+    failed = dict(base, spec={"containers": [{"name": "a"}]}, status={"phase": "Failed", "containerStatuses": [
+        {"name": "a", "ready": False, "restartCount": 0, "state": {"terminated": {"exitCode": 2}}}]})
+    table = to_table("pods", [running, crash, pending, deleting, done, failed], now=NOW)
     assert names(table, 0) == ["Name", "Ready", "Status", "Restarts", "Age"]
     assert names(table, 1) == ["IP", "Node", "Nominated Node", "Readiness Gates"]
     assert cells(table) == [
@@ -109,6 +113,8 @@ def test_pod_status_column() -> None:
         ["p", "1/2", "CrashLoopBackOff", "5", "3m", "<none>", "node-1", "<none>", "<none>"],
         ["p", "0/1", "Pending", "0", "3m", "<none>", "<none>", "<none>", "<none>"],
         ["p", "0/2", "Terminating", "0", "3m", "<none>", "node-1", "<none>", "<none>"],
+        ["p", "0/1", "Completed", "0", "3m", "<none>", "<none>", "<none>", "<none>"],
+        ["p", "0/1", "ExitCode:2", "0", "3m", "<none>", "<none>", "<none>", "<none>"],
     ]
 
 
