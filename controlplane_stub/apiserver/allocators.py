@@ -225,7 +225,12 @@ class ServiceAllocator:
     # --- assign ------------------------------------------------------------------------------------
 
     def assign(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        """Fill the allocated fields of a Service being created (old None) or updated, in place."""
+        """Fill the allocated fields of a Service being created (old None) or updated, in place.
+
+        Never releases anything: what an update gives up (old's values it no longer holds) stays
+        taken until the write commits, then the caller returns it with release(old, new). A failed
+        write is undone with release(obj, old) (release(obj) for a create).
+        """
         spec = obj.get("spec")
         if not isinstance(spec, dict):
             return
@@ -243,13 +248,6 @@ class ServiceAllocator:
         except BaseException:
             self._rollback(txn)
             raise
-        if old_spec is not None:
-            # The update keeps what it still uses; the rest goes back to the pools.
-            new_ips = set(_cluster_ips(spec))
-            for ip in old_ips - new_ips:
-                self._release_ip(ip)
-            for port in old_ports - _node_ports(spec):
-                self.node_ports.release(port)
 
     def _patch_allocated_values(self, spec: Obj, old_spec: Obj) -> None:
         """An update that omits allocated values keeps them (kubectl replace/apply send none)."""
@@ -433,10 +431,10 @@ class ServiceAllocator:
             rng.release(ip)
 
     def release(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
-        """Give back what obj holds: after a delete, or after a failed create (old None).
+        """Give back what obj holds beyond old (everything when old is None), keeping old's.
 
-        After a failed update pass the stored object as old: what obj holds beyond old is freed and
-        what old holds is taken again (assign() had already returned what the update dropped).
+        release(svc) after a delete or a failed create; release(new, old) after a failed update;
+        release(old, new) after a committed update, for what the update gave up.
         """
         spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
         assert isinstance(spec, dict)

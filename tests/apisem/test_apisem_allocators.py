@@ -156,11 +156,16 @@ def test_updates_keep_values_and_type_changes() -> None:
     back["spec"]["type"] = "ClusterIP"
     del back["spec"]["externalTrafficPolicy"]
     alloc.assign(back, again)
-    assert "nodePort" not in back["spec"]["ports"][0] and alloc.allocated_node_ports() == 0
+    assert "nodePort" not in back["spec"]["ports"][0]
+    assert alloc.allocated_node_ports() == 1  # still taken until the write commits
+    alloc.release(again, back)  # committed: give back what the update dropped
+    assert alloc.allocated_node_ports() == 0 and alloc.allocated_ips() == 1
     ext = copy.deepcopy(back)
     ext["spec"].update(type="ExternalName", externalName="example.com")
     alloc.assign(ext, back)
-    assert "clusterIP" not in ext["spec"] and alloc.allocated_ips() == 0
+    assert "clusterIP" not in ext["spec"]
+    alloc.release(back, ext)
+    assert alloc.allocated_ips() == 0
 
 
 @pytest.mark.timeout(10)
@@ -172,7 +177,7 @@ def test_failed_update_rollback_and_load() -> None:
     new["spec"]["clusterIP"] = old["spec"]["clusterIP"]
     new["spec"]["clusterIPs"] = old["spec"]["clusterIPs"]
     alloc.assign(new, old)
-    assert alloc.allocated_node_ports() == 2
+    assert alloc.allocated_node_ports() == 3  # the renamed port got a new one; old's is held until commit
     alloc.release(new, old)  # the store refused the update
     assert alloc.allocated_node_ports() == 1 and alloc.allocated_ips() == 1
     fresh = ServiceAllocator(["10.96.0.0/12"], (30000, 32767))
