@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from kproxy.kube.client import ApiClient
+from kproxy.kube.client import ApiClient, ApiError
 from kproxy.kube.informer import Informer
 from kproxy.kube.ingest import Service
-from kproxy.kube.kubeconfig import load_kubeconfig
+from kproxy.kube.kubeconfig import TokenSource, load_kubeconfig
 from kproxy.kube.reflector import Backoff, Reflector
 
 testing = pytest.importorskip("controlplane_stub.apiserver.testing")
@@ -96,6 +96,16 @@ def test_reflector_list_watch_bookmark_resume_and_410(api: Api) -> None:
 
     async def main() -> None:
         client = ApiClient(load_kubeconfig(api.proc.kubeconfig))
+        # Errors come back as the server's Status objects.
+        with pytest.raises(ApiError) as err:
+            await client.get("/api/v1/namespaces/default/services/nope")
+        assert (err.value.code, err.value.status.reason) == (404, "NotFound")
+        bad = load_kubeconfig(api.proc.kubeconfig)
+        bad.token = TokenSource("wrong-token")
+        async with ApiClient(bad) as anon:
+            with pytest.raises(ApiError) as err:
+                await anon.get("/api/v1/services")
+        assert (err.value.code, err.value.status.reason) == (401, "Unauthorized")
         inf: Informer[Service] = Informer()
         # Fixed 1 s backoff without jitter: the blocking restarts below decide what the
         # reflector sees when it reconnects.
