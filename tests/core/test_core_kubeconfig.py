@@ -19,7 +19,7 @@ from kproxy.kube.kubeconfig import KubeConfigError, TokenSource, in_cluster, loa
 def _cert() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "system:kube-proxy")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -42,7 +42,7 @@ def _doc(cluster: dict[str, object], user: dict[str, object], ctx: str = "c1") -
 
 def test_token_ca_data_client_cert_data(tmp_path: Path) -> None:
     cert, key = _cert()
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    b64 = lambda b: base64.b64encode(b).decode()
     kc = _write(tmp_path / "kc", _doc(
         {"server": "https://10.0.0.1:6443/", "certificate-authority-data": b64(cert)},
         {"token": "abc", "client-certificate-data": b64(cert), "client-key-data": b64(key)}))
