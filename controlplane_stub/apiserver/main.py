@@ -89,10 +89,10 @@ async def serve(args: argparse.Namespace) -> int:
         allocator = semantics.service_allocator(_cidrs(args.service_cluster_ip_range),
                                                 _node_port_range(args.service_node_port_range))
         registry = Registry(store, allocator)
-        registry.bootstrap()
+        await registry.bootstrap()
         api = APIServer(store, registry, users, bookmark_interval=args.bookmark_interval,
                         min_request_timeout=args.min_request_timeout)
-        runner = web.AppRunner(api.app(), handle_signals=False, access_log=None, handler_cancellation=True,
+        runner = web.AppRunner(api.app(), handle_signals=False, access_log=None, 
                                shutdown_timeout=3.0)
         await runner.setup()
         port = args.insecure_port if plain else args.secure_port
@@ -123,10 +123,12 @@ async def serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("event=shutdown watches=%d", api.watches.active)
-        api.watches.stop()
+        # cleanup() closes the listener first, then on_shutdown ends the watch streams: clients that
+        # re-watch at once find the port closed (and retry) instead of a server about to vanish.
         await runner.cleanup()
+        await store.close()
     finally:
-        store.close()
+        store.close_sync()
     return 0
 
 

@@ -56,12 +56,12 @@ class Registry:
 
     # -- bootstrap -----------------------------------------------------------------------------
 
-    def bootstrap(self) -> None:
+    async def bootstrap(self) -> None:
         services = BY_ID["services"]
         self.allocator.load(self.decode_all(self.store.list(services.prefix()).items))
         for ns in SYSTEM_NAMESPACES:
             if self.store.get(BY_ID["namespaces"].key("", ns)) is None:
-                self.create(BY_ID["namespaces"], "", {"apiVersion": "v1", "kind": "Namespace",
+                await self.create(BY_ID["namespaces"], "", {"apiVersion": "v1", "kind": "Namespace",
                                                       "metadata": {"name": ns}}, dry_run=False)
 
     @staticmethod
@@ -121,7 +121,7 @@ class Registry:
             raise not_found(res.plural, name, res.group)
         return obj
 
-    def create(self, res: Resource, namespace: str, body: Any, *, dry_run: bool) -> Obj:
+    async def create(self, res: Resource, namespace: str, body: Any, *, dry_run: bool) -> Obj:
         obj = self._check_identity(res, namespace, body)
         meta = obj["metadata"]
         if res.namespaced:
@@ -137,7 +137,7 @@ class Registry:
         else:
             meta.pop("generation", None)
         self._prepare_status_on_create(res, obj)
-        return self._admit_and_store(res, obj, None, dry_run)
+        return await self._admit_and_store(res, obj, None, dry_run)
 
     @staticmethod
     def _prepare_status_on_create(res: Resource, obj: Obj) -> None:
@@ -150,7 +150,7 @@ class Registry:
         elif "status" in res.subresources and res.plural != "nodes":
             obj["status"] = {}
 
-    def _admit_and_store(self, res: Resource, obj: Obj, old: Obj | None, dry_run: bool) -> Obj:
+    async def _admit_and_store(self, res: Resource, obj: Obj, old: Obj | None, dry_run: bool) -> Obj:
         semantics.apply_defaults(res.id, obj)
         is_svc = res.id == "services"
         if is_svc:
@@ -168,18 +168,19 @@ class Registry:
             key = res.key(meta.get("namespace", ""), meta["name"])
             if old is None:
                 try:
-                    stored = self.store.create(key, obj)
+                    stored = await self.store.create(key, obj)
                 except KeyExists:
                     raise already_exists(res.plural, meta["name"], res.group) from None
             else:
                 expected = int(old["metadata"]["resourceVersion"])
                 try:
-                    stored = self.store.update(key, obj, expected)
+                    stored = await self.store.update(key, obj, expected)
                 except RevisionConflict:
                     raise conflict(res.plural, meta["name"], _conflict_msg(), res.group) from None
                 except KeyNotFound:
                     raise not_found(res.plural, meta["name"], res.group) from None
-        except BaseException:
+        except Exception:
+            # (Not BaseException: a cancelled caller may still see its write commit.)
             if is_svc:
                 self._release_quietly(_allocations_only_in(obj, old))
             raise
@@ -188,7 +189,7 @@ class Registry:
             self._release_quietly(_allocations_only_in(old, stored))
         return stored
 
-    def update(self, res: Resource, namespace: str, name: str, body: Any, subresource: str, *,
+    async def update(self, res: Resource, namespace: str, name: str, body: Any, subresource: str, *,
                dry_run: bool) -> Obj:
         new = self._check_identity(res, namespace, body)
         meta = new["metadata"]
@@ -201,9 +202,9 @@ class Registry:
         rv = meta.get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
             raise conflict(res.plural, name, _conflict_msg(), res.group)
-        return self._update_from(res, old, new, subresource, dry_run)
+        return await self._update_from(res, old, new, subresource, dry_run)
 
-    def _update_from(self, res: Resource, old: Obj, new: Obj, subresource: str, dry_run: bool) -> Obj:
+    async def _update_from(self, res: Resource, old: Obj, new: Obj, subresource: str, dry_run: bool) -> Obj:
         if subresource == "status":
             # The status subresource changes status only; the rest comes from the stored object.
             merged = copy.deepcopy(old)
@@ -227,9 +228,9 @@ class Registry:
             meta["generation"] = int(ometa.get("generation", 1)) + 1
         if res.plural == "namespaces":
             meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
-        return self._admit_and_store(res, new, old, dry_run)
+        return await self._admit_and_store(res, new, old, dry_run)
 
-    def patch(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes, subresource: str,
+    async def patch(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes, subresource: str,
               *, dry_run: bool, field_manager: str, force: bool) -> tuple[Obj, bool]:
         """Returns (object, created): server-side apply creates what is missing."""
         old = self.store.get(res.key(namespace, name))
@@ -251,7 +252,7 @@ class Registry:
                     raise not_found(res.plural, name, res.group)
                 obj = semantics.server_side_apply(None, applied, field_manager, force)
                 obj.setdefault("metadata", {})["name"] = name
-                return self.create(res, namespace, obj, dry_run=dry_run), True
+                return (await self.create(res, namespace, obj, dry_run=dry_run)), True
             new = semantics.server_side_apply(copy.deepcopy(old), applied, field_manager, force)
         else:
             if old is None:
@@ -264,9 +265,9 @@ class Registry:
         if new["metadata"].get("name", name) != name:
             raise bad_request("metadata.name cannot be changed by a patch")
         new["metadata"]["name"] = name
-        return self._update_from(res, old, new, subresource, dry_run), False
+        return (await self._update_from(res, old, new, subresource, dry_run)), False
 
-    def delete(self, res: Resource, namespace: str, name: str, options: Obj, *, dry_run: bool) -> Obj:
+    async def delete(self, res: Resource, namespace: str, name: str, options: Obj, *, dry_run: bool) -> Obj:
         key = res.key(namespace, name)
         old = self.store.get(key)
         if old is None:
@@ -285,18 +286,18 @@ class Registry:
         if dry_run:
             return old
         if res.plural == "namespaces":
-            self._delete_namespace_contents(name)
+            await self._delete_namespace_contents(name)
         elif options.get("propagationPolicy") != "Orphan" and options.get("orphanDependents") is not True:
-            self._delete_dependents(old)
+            await self._delete_dependents(old)
         try:
-            gone = self.store.delete(key, int(old["metadata"]["resourceVersion"]))
+            gone = await self.store.delete(key, int(old["metadata"]["resourceVersion"]))
         except (KeyNotFound, RevisionConflict):
             raise conflict(res.plural, name, _conflict_msg(), res.group) from None
         if res.id == "services":
             self._release_quietly(gone)
         return gone
 
-    def _delete_dependents(self, owner: Obj) -> None:
+    async def _delete_dependents(self, owner: Obj) -> None:
         """The garbage collector's background cascade, done synchronously for the owned kinds."""
         deps = DEPENDENTS.get(owner.get("kind", ""))
         if not deps:
@@ -307,15 +308,15 @@ class Registry:
             dres = BY_ID[rid]
             for obj in self.decode_all(self.store.list(dres.prefix(ns)).items):
                 if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []):
-                    self.delete(dres, ns, obj["metadata"]["name"], {}, dry_run=False)
+                    await self.delete(dres, ns, obj["metadata"]["name"], {}, dry_run=False)
 
-    def _delete_namespace_contents(self, namespace: str) -> None:
+    async def _delete_namespace_contents(self, namespace: str) -> None:
         for res in RESOURCES:
             if not res.namespaced:
                 continue
             for key, _ in self.store.list(res.prefix(namespace)).items:
                 try:
-                    gone = self.store.delete(key)
+                    gone = await self.store.delete(key)
                 except KeyNotFound:
                     continue  # already removed as a dependent
                 if res.id == "services":

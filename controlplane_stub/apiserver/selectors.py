@@ -18,7 +18,9 @@ _VALUE_RE = re.compile(_VALUE + r"\Z")
 
 def _split_top(s: str) -> list[str]:
     """Split on commas outside parentheses (set-based requirements contain commas)."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in s:
         if ch == "(":
             depth += 1
@@ -43,6 +45,30 @@ def _check_value(value: str, selector: str) -> None:
         raise bad_request(f'unable to parse requirement: invalid label value: "{value}": in selector "{selector}"')
 
 
+def _in(key: str, values: set[str], positive: bool) -> Matcher:
+    def match(labels: dict[str, Any]) -> bool:
+        return (labels.get(key) in values) == positive
+    return match
+
+
+def _equals(key: str, value: str, positive: bool) -> Matcher:
+    def match(labels: dict[str, Any]) -> bool:
+        return (labels.get(key) == value) == positive
+    return match
+
+
+def _exists(key: str, positive: bool) -> Matcher:
+    def match(labels: dict[str, Any]) -> bool:
+        return (key in labels) == positive
+    return match
+
+
+def _field_equals(path: tuple[str, ...], value: str, positive: bool) -> Matcher:
+    def match(obj: dict[str, Any]) -> bool:
+        return (_field(obj, path) == value) == positive
+    return match
+
+
 _SET_RE = re.compile(r"^(\S+)\s+(in|notin)\s*\((.*)\)$")
 
 
@@ -58,10 +84,7 @@ def parse_label_selector(selector: str) -> Matcher | None:
             _check_key(key, selector)
             for v in vals:
                 _check_value(v, selector)
-            if op == "in":
-                reqs.append(lambda lb, k=key, vs=vals: lb.get(k) in vs)
-            else:
-                reqs.append(lambda lb, k=key, vs=vals: lb.get(k) not in vs)
+            reqs.append(_in(key, vals, op == "in"))
             continue
         for op in ("!=", "==", "="):
             if op in term:
@@ -69,19 +92,16 @@ def parse_label_selector(selector: str) -> Matcher | None:
                 key, value = key.strip(), value.strip()
                 _check_key(key, selector)
                 _check_value(value, selector)
-                if op == "!=":
-                    reqs.append(lambda lb, k=key, v=value: lb.get(k) != v)
-                else:
-                    reqs.append(lambda lb, k=key, v=value: lb.get(k) == v)
+                reqs.append(_equals(key, value, op != "!="))
                 break
         else:
             if term.startswith("!"):
                 key = term[1:].strip()
                 _check_key(key, selector)
-                reqs.append(lambda lb, k=key: k not in lb)
+                reqs.append(_exists(key, False))
             else:
                 _check_key(term, selector)
-                reqs.append(lambda lb, k=term: k in lb)
+                reqs.append(_exists(term, True))
     return lambda labels: all(r(labels) for r in reqs)
 
 
@@ -130,12 +150,9 @@ def parse_field_selector(selector: str, kind: str) -> tuple[Matcher | None, str]
         path = _FIELD_PATHS.get(field)
         if path is None:
             raise bad_request(f'field label not supported: {field}')
-        if op == "!=":
-            reqs.append(lambda o, p=path, v=value: _field(o, p) != v)
-        else:
-            if field == "metadata.name":
-                pinned_name = value
-            reqs.append(lambda o, p=path, v=value: _field(o, p) == v)
+        if op != "!=" and field == "metadata.name":
+            pinned_name = value
+        reqs.append(_field_equals(path, value, op != "!="))
     return (lambda obj: all(r(obj) for r in reqs)), pinned_name
 
 

@@ -222,14 +222,14 @@ class APIServer:
         if method == "POST" and not t.name:
             self._authorize(request, "create", t)
             body = await self._read_body(request)
-            created = self.registry.create(t.res, t.namespace, body, dry_run=dry_run)
+            created = await self.registry.create(t.res, t.namespace, body, dry_run=dry_run)
             return self._object_response(request, t, created, 201)
         if method == "PUT" and t.name:
             self._authorize(request, "update", t)
             body = await self._read_body(request)
             if t.sub == "scale":
-                return json_response(self._update_scale(t, body, dry_run))
-            updated = self.registry.update(t.res, t.namespace, t.name, body, t.sub, dry_run=dry_run)
+                return json_response(await self._update_scale(t, body, dry_run))
+            updated = await self.registry.update(t.res, t.namespace, t.name, body, t.sub, dry_run=dry_run)
             return self._object_response(request, t, updated, 200)
         if method == "PATCH" and t.name:
             self._authorize(request, "patch", t)
@@ -239,11 +239,11 @@ class APIServer:
                                   f"accepted media types include: {', '.join(_PATCH_TYPES)}")
             raw = await request.read()
             if t.sub == "scale":
-                return json_response(self._patch_scale(t, ctype, raw, dry_run))
-            obj, created = self.registry.patch(t.res, t.namespace, t.name, ctype, raw, t.sub, dry_run=dry_run,
+                return json_response(await self._patch_scale(t, ctype, raw, dry_run))
+            obj, was_created = await self.registry.patch(t.res, t.namespace, t.name, ctype, raw, t.sub, dry_run=dry_run,
                                                field_manager=q.get("fieldManager", ""),
                                                force=q.get("force") == "true")
-            return self._object_response(request, t, obj, 201 if created else 200)
+            return self._object_response(request, t, obj, 201 if was_created else 200)
         if method == "DELETE":
             options: Obj = {}
             if request.can_read_body:
@@ -259,11 +259,11 @@ class APIServer:
                 options["propagationPolicy"] = q["propagationPolicy"]
             if t.name and not t.sub:
                 self._authorize(request, "delete", t)
-                gone_obj = self.registry.delete(t.res, t.namespace, t.name, options, dry_run=dry_run)
+                gone_obj = await self.registry.delete(t.res, t.namespace, t.name, options, dry_run=dry_run)
                 return json_response(gone_obj)
             if not t.name:
                 self._authorize(request, "deletecollection", t)
-                return self._delete_collection(request, t, options, dry_run)
+                return await self._delete_collection(request, t, options, dry_run)
         raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     @staticmethod
@@ -457,7 +457,7 @@ class APIServer:
                        "selector": ",".join(f"{k}={v}" for k, v in sorted(labels.items()))},
         }
 
-    def _apply_scale(self, t: Target, current: Obj, scale: Any, dry_run: bool) -> Obj:
+    async def _apply_scale(self, t: Target, current: Obj, scale: Any, dry_run: bool) -> Obj:
         if not isinstance(scale, dict):
             raise bad_request("the body of the request was in an unknown format")
         rv = (scale.get("metadata") or {}).get("resourceVersion")
@@ -475,14 +475,14 @@ class APIServer:
                                                         f"equal to 0"}], "autoscaling")
         new = json.loads(json.dumps(current))
         new.setdefault("spec", {})["replicas"] = replicas
-        updated = self.registry.update(t.res, t.namespace, t.name, new, "", dry_run=dry_run)
+        updated = await self.registry.update(t.res, t.namespace, t.name, new, "", dry_run=dry_run)
         return self._scale_of(updated)
 
-    def _update_scale(self, t: Target, body: Any, dry_run: bool) -> Obj:
+    async def _update_scale(self, t: Target, body: Any, dry_run: bool) -> Obj:
         current = self.registry.get(t.res, t.namespace, t.name)
-        return self._apply_scale(t, current, body, dry_run)
+        return await self._apply_scale(t, current, body, dry_run)
 
-    def _patch_scale(self, t: Target, ctype: str, raw: bytes, dry_run: bool) -> Obj:
+    async def _patch_scale(self, t: Target, ctype: str, raw: bytes, dry_run: bool) -> Obj:
         current = self.registry.get(t.res, t.namespace, t.name)
         scale = self._scale_of(current)
         if ctype == "application/apply-patch+yaml":
@@ -491,11 +491,11 @@ class APIServer:
             patched = semantics.server_side_apply(scale, yaml.safe_load(raw) or {}, "", True)
         else:
             patched = semantics.apply_patch(ctype, scale, raw, "scale")
-        return self._apply_scale(t, current, patched, dry_run)
+        return await self._apply_scale(t, current, patched, dry_run)
 
     # -- deletecollection ----------------------------------------------------------------------
 
-    def _delete_collection(self, request: web.Request, t: Target, options: Obj, dry_run: bool) -> web.Response:
+    async def _delete_collection(self, request: web.Request, t: Target, options: Obj, dry_run: bool) -> web.Response:
         matcher, _ = self._selectors(request, t)
         deleted: list[Obj] = []
         for _, value in self.store.list(t.res.prefix(t.namespace)).items:
@@ -504,7 +504,7 @@ class APIServer:
                 continue
             meta = obj["metadata"]
             try:
-                deleted.append(self.registry.delete(t.res, meta.get("namespace", ""), meta["name"], options,
+                deleted.append(await self.registry.delete(t.res, meta.get("namespace", ""), meta["name"], options,
                                                     dry_run=dry_run))
             except StatusError as e:
                 if e.code != 404:

@@ -22,6 +22,9 @@ from .selectors import Matcher
 
 log = logging.getLogger("kproxy.apiserver.watch")
 _encode = msgspec.json.encode
+# Longest idle wait before checking whether the client has gone (handlers are not cancelled on
+# disconnect, so a quiet watch notices a dead client only here or on its next write).
+_IDLE_CHECK = 15.0
 
 
 @dataclass(slots=True)
@@ -69,14 +72,14 @@ class WatchHub:
         await resp.prepare(request)
         self.active += 1
         try:
-            await self._stream(resp, wr)
+            await self._stream(request, resp, wr)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
             self.active -= 1
         return resp
 
-    async def _stream(self, resp: web.StreamResponse, wr: WatchRequest) -> None:
+    async def _stream(self, request: web.Request, resp: web.StreamResponse, wr: WatchRequest) -> None:
         store = self.store
         timeout = wr.timeout_seconds or self.min_request_timeout * (1 + random.random())
         deadline = time.monotonic() + timeout
@@ -139,7 +142,10 @@ class WatchHub:
             if wr.allow_bookmarks and now >= next_bookmark:
                 await resp.write(_bookmark_line(wr.res, cursor))
                 next_bookmark = now + self.bookmark_interval
-            wait = deadline - now
+            wait = min(deadline - now, _IDLE_CHECK)
             if wr.allow_bookmarks:
                 wait = min(wait, max(next_bookmark - now, 0.0))
             await store.wait_for_events(cursor, wait)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return  # the client went away while nothing was written

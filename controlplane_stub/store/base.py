@@ -15,8 +15,10 @@ does: store the object without it and inject the mod_revision when decoding.
 """
 from __future__ import annotations
 
+import builtins
+
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +78,8 @@ class Event:
 @dataclass(slots=True)
 class ListResult:
     revision: int
-    # (key, encoded JSON value, decoded value or None): lists of thousands of objects are served by
-    # concatenating stored bytes, decoding only when a selector must look inside.
+    # (key, encoded JSON value): lists of thousands of objects are served by concatenating stored
+    # bytes, decoding only when a selector must look inside.
     items: list[tuple[str, bytes]]
     more: bool = False  # limit was reached and there are keys after the last one returned
 
@@ -102,24 +104,23 @@ class Store(abc.ABC):
     def list(self, prefix: str, *, start_after: str = "", limit: int = 0, revision: int = 0) -> ListResult:
         """Objects whose key starts with prefix, in key order, optionally at an older revision."""
 
+    # Writes are coroutines: a backend acknowledges a write only once it is durable, and may commit
+    # writes that arrive together in one transaction (group commit) while the event loop serves reads.
+
     @abc.abstractmethod
-    def create(self, key: str, obj: Obj) -> Obj:
+    async def create(self, key: str, obj: Obj) -> Obj:
         """Store obj at key (KeyExists if present); returns obj with its resourceVersion set."""
 
     @abc.abstractmethod
-    def update(self, key: str, obj: Obj, expected_revision: int = 0) -> Obj:
-        """Replace key's value; expected_revision 0 means unconditional."""
+    async def update(self, key: str, obj: Obj, expected_revision: int = 0) -> Obj:
+        """Replace key's value; expected_revision 0 means unconditional (else RevisionConflict)."""
 
     @abc.abstractmethod
-    def delete(self, key: str, expected_revision: int = 0) -> Obj:
+    async def delete(self, key: str, expected_revision: int = 0) -> Obj:
         """Delete key; returns the last value with the deletion revision as its resourceVersion."""
 
     @abc.abstractmethod
-    def guaranteed_update(self, key: str, mutate: Callable[[Obj | None], Obj | None]) -> Obj | None:
-        """Read-modify-write without a lost update: mutate(current) -> new value (None deletes)."""
-
-    @abc.abstractmethod
-    def events_since(self, since_revision: int, max_events: int = 1000) -> list[Event]:
+    def events_since(self, since_revision: int, max_events: int = 1000) -> builtins.list[Event]:
         """Up to max_events events with revision > since_revision, in revision order.
 
         Raises Compacted when events after since_revision are no longer remembered.
@@ -145,4 +146,5 @@ class Store(abc.ABC):
         """Make every wait_for_events() return now (used at shutdown to end watch streams)."""
 
     @abc.abstractmethod
-    def close(self) -> None: ...
+    async def close(self) -> None:
+        """Finish pending writes and release the backend."""

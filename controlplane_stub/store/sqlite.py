@@ -10,15 +10,20 @@ Tables:
   value when it has not changed since R, otherwise the `prev` of its first change after R;
 - meta: the current and the compacted revision.
 
-Every write is one transaction; COMMIT returns after the WAL is fsynced (synchronous=FULL), so an
-acknowledged write survives kill -9 and power loss. One process owns a data directory (flock).
+A write is acknowledged after the COMMIT of its transaction returned, and COMMIT returns after the WAL
+is fsynced (synchronous=FULL), so an acknowledged write survives kill -9 and power loss. Writes that
+arrive while a commit runs share the next transaction (group commit). One process owns a data directory (flock).
 """
 from __future__ import annotations
 
+import builtins
+
+import asyncio
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -50,6 +55,15 @@ def event_line(type_: str, value: bytes) -> bytes:
     return b'{"type":"' + type_.encode() + b'","object":' + value + b"}\n"
 
 
+@dataclass(slots=True)
+class _Op:
+    kind: str  # create | update | delete
+    key: str
+    obj: Obj | None
+    expected: int = 0
+    future: asyncio.Future[Obj] | None = None
+
+
 class SQLiteStore(Store):
     def __init__(self, path: str, *, window: int = 10000, compact_every: int = 1000) -> None:
         self.path = path
@@ -60,8 +74,10 @@ class SQLiteStore(Store):
         except BlockingIOError:
             self._lockfile.close()
             raise RuntimeError(f"data directory in use: {path} is locked by another kproxy-apiserver") from None
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db = self._db
+        # Two connections: the writer thread commits on _wdb while the event loop reads on _db
+        # (WAL lets readers proceed during a commit; they see only committed, acknowledged data).
+        self._wdb = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = self._wdb
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=OFF")
@@ -76,6 +92,11 @@ class SQLiteStore(Store):
             INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
             """
         )
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
+        self._pending: list[_Op] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
         meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
         self._rev: int = meta["revision"]
         self._compacted: int = meta["compacted"]
@@ -98,36 +119,98 @@ class SQLiteStore(Store):
         return Event(rev, type_, key, _decode(value), _decode(prev) if prev is not None else None,
                      event_line(type_, value))
 
-    def _commit(self, key: str, type_: str, obj: Obj, prev_value: bytes | None) -> Obj:
-        """Write one revision: obj (with its new resourceVersion) at key, plus history and meta."""
-        rev = self._rev + 1
-        obj.setdefault("metadata", {})["resourceVersion"] = str(rev)
-        value = _encode(obj)
-        db = self._db
+    # -- group commit --------------------------------------------------------------------------
+    # Writes queue up while a commit (and its fsync) runs in the writer thread; the next batch takes
+    # everything queued, applies it in arrival order inside ONE transaction and fsyncs once. Each
+    # write's checks (exists / expected revision) run against the state left by the writes before
+    # it, so the outcome is the same as one-at-a-time commits, only with fewer fsyncs. A write is
+    # acknowledged (its future resolved) and published to watchers only after COMMIT returned.
+
+    async def _submit(self, op: _Op) -> Obj:
+        if self._closed:
+            raise RuntimeError("store is closed")
+        loop = asyncio.get_running_loop()
+        op.future = loop.create_future()
+        self._pending.append(op)
+        if self._committer is None or self._committer.done():
+            self._committer = loop.create_task(self._commit_loop())
+        return await asyncio.shield(op.future)
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                outcomes, compacted = await loop.run_in_executor(self._executor, self._apply_batch, batch, self._rev)
+            except BaseException as e:  # noqa: BLE001 - the whole transaction failed: every write in it did
+                for op in batch:
+                    if op.future is not None and not op.future.done():
+                        op.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            if compacted:
+                self._compacted = compacted
+            for op, out in zip(batch, outcomes):
+                assert op.future is not None
+                if isinstance(out, Exception):
+                    if not op.future.done():
+                        op.future.set_exception(out)
+                    continue
+                self._rev = out.revision
+                self._window.append(out)
+                if not op.future.done():
+                    op.future.set_result(out.obj)
+
+    def _apply_batch(self, batch: list[_Op], rev: int) -> tuple[list[Event | Exception], int]:
+        """Runs in the writer thread on the write connection."""
+        db = self._wdb
+        outcomes: list[Event | Exception] = []
+        compacted = 0
         db.execute("BEGIN IMMEDIATE")
         try:
-            if type_ == "DELETED":
-                db.execute("DELETE FROM objects WHERE key = ?", (key,))
-            else:
-                db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)", (key, rev, value))
-            db.execute("INSERT INTO history VALUES (?, ?, ?, ?, ?)",
-                       (rev, key, _TYPES.index(type_), value, prev_value))
+            for op in batch:
+                row = db.execute("SELECT rev, value FROM objects WHERE key = ?", (op.key,)).fetchone()
+                if op.kind == "create":
+                    if row is not None:
+                        outcomes.append(KeyExists(op.key))
+                        continue
+                    type_, obj, prev_value = "ADDED", op.obj, None
+                else:
+                    if row is None:
+                        outcomes.append(KeyNotFound(op.key))
+                        continue
+                    if op.expected and row[0] != op.expected:
+                        outcomes.append(RevisionConflict(op.key, op.expected, row[0]))
+                        continue
+                    prev_value = row[1]
+                    if op.kind == "update":
+                        type_, obj = "MODIFIED", op.obj
+                    else:
+                        type_, obj = "DELETED", _decode(row[1])
+                assert obj is not None
+                rev += 1
+                obj.setdefault("metadata", {})["resourceVersion"] = str(rev)
+                value = _encode(obj)
+                if type_ == "DELETED":
+                    db.execute("DELETE FROM objects WHERE key = ?", (op.key,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)", (op.key, rev, value))
+                db.execute("INSERT INTO history VALUES (?, ?, ?, ?, ?)",
+                           (rev, op.key, _TYPES.index(type_), value, prev_value))
+                prev = _decode(prev_value) if prev_value is not None else None
+                outcomes.append(Event(rev, type_, op.key, obj, prev, event_line(type_, value)))
             db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (rev,))
-            compact_to = 0
-            if rev % self._compact_every == 0 and rev - self._window_size > self._compacted:
-                compact_to = rev - self._window_size
-                db.execute("DELETE FROM history WHERE rev <= ?", (compact_to,))
-                db.execute("UPDATE meta SET value = ? WHERE name = 'compacted'", (compact_to,))
+            floor = rev - self._window_size
+            if floor > self._compacted + self._compact_every:
+                db.execute("DELETE FROM history WHERE rev <= ?", (floor,))
+                db.execute("UPDATE meta SET value = ? WHERE name = 'compacted'", (floor,))
+                compacted = floor
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._rev = rev
-        if compact_to:
-            self._compacted = compact_to
-        prev = _decode(prev_value) if prev_value is not None else None
-        self._window.append(Event(rev, type_, key, obj, prev, event_line(type_, value)))
-        return obj
+        return outcomes, compacted
 
     def _current(self, key: str) -> tuple[int, bytes] | None:
         row = self._db.execute("SELECT rev, value FROM objects WHERE key = ?", (key,)).fetchone()
@@ -189,38 +272,16 @@ class SQLiteStore(Store):
         more = bool(limit) and len(rows) > limit
         return ListResult(revision, rows[:limit] if more else rows, more)
 
-    def create(self, key: str, obj: Obj) -> Obj:
-        if self._current(key) is not None:
-            raise KeyExists(key)
-        return self._commit(key, "ADDED", obj, None)
+    async def create(self, key: str, obj: Obj) -> Obj:
+        return await self._submit(_Op("create", key, obj))
 
-    def update(self, key: str, obj: Obj, expected_revision: int = 0) -> Obj:
-        cur = self._current(key)
-        if cur is None:
-            raise KeyNotFound(key)
-        if expected_revision and cur[0] != expected_revision:
-            raise RevisionConflict(key, expected_revision, cur[0])
-        return self._commit(key, "MODIFIED", obj, cur[1])
+    async def update(self, key: str, obj: Obj, expected_revision: int = 0) -> Obj:
+        return await self._submit(_Op("update", key, obj, expected_revision))
 
-    def delete(self, key: str, expected_revision: int = 0) -> Obj:
-        cur = self._current(key)
-        if cur is None:
-            raise KeyNotFound(key)
-        if expected_revision and cur[0] != expected_revision:
-            raise RevisionConflict(key, expected_revision, cur[0])
-        return self._commit(key, "DELETED", _decode(cur[1]), cur[1])
+    async def delete(self, key: str, expected_revision: int = 0) -> Obj:
+        return await self._submit(_Op("delete", key, None, expected_revision))
 
-    def guaranteed_update(self, key: str, mutate: Callable[[Obj | None], Obj | None]) -> Obj | None:
-        # Single writer in one event loop: nothing can interleave between this read and write.
-        cur = self._current(key)
-        new = mutate(_decode(cur[1]) if cur else None)
-        if new is None:
-            return self.delete(key) if cur else None
-        if cur is None:
-            return self._commit(key, "ADDED", new, None)
-        return self._commit(key, "MODIFIED", new, cur[1])
-
-    def events_since(self, since_revision: int, max_events: int = 1000) -> list[Event]:
+    def events_since(self, since_revision: int, max_events: int = 1000) -> builtins.list[Event]:
         return self._window.since(since_revision, max_events)
 
     async def wait_for_events(self, after_revision: int, timeout: float) -> bool:
@@ -229,8 +290,19 @@ class SQLiteStore(Store):
     def wake_watchers(self) -> None:
         self._window.wake()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        self._closed = True
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """Release without waiting for queued writes (they were never acknowledged)."""
+        if self._lockfile.closed:
+            return
         try:
+            self._executor.shutdown(wait=True)
             self._db.close()
+            self._wdb.close()
         finally:
             self._lockfile.close()

@@ -20,7 +20,7 @@ def _api_client(api: APIServerProcess, *, retries: int = 0) -> client.ApiClient:
     config.load_kube_config(config_file=api.kubeconfig, client_configuration=cfg)
     if retries:
         # A restarting server refuses connections for a moment; urllib3 retries the re-watch.
-        cfg.retries = urllib3.Retry(total=retries, connect=retries, read=0, backoff_factor=0.2)
+        cfg.retries = urllib3.Retry(total=retries, connect=retries, read=3, backoff_factor=0.2)
     return client.ApiClient(cfg)
 
 
