@@ -1184,3 +1184,24 @@ def validate_update(resource: str, obj: dict[str, Any], old: dict[str, Any]) -> 
         updater(errs, obj, old)
     kind, name, group = _kind_and_name(resource, obj)
     errs.raise_if_any(kind, name, group)
+
+
+# --- fieldValidation: unknown fields ---------------------------------------------------------------
+
+
+def unknown_fields(resource: str, obj: dict[str, Any]) -> list[str]:
+    """Fields of obj the published OpenAPI schema does not declare, as dotted paths with [i] indexes.
+
+    For ?fieldValidation=Strict (raise strict_decoding_error) and Warn (one warning per field,
+    with the text `unknown field "<path>"`); Ignore skips the check.
+    """
+    from .openapi import unknown_fields as schema_unknown_fields  # openapi imports patch; keep it lazy
+
+    return schema_unknown_fields(resource, obj)
+
+
+def strict_decoding_error(kind: str, version: str, fields: list[str]) -> StatusError:
+    """The 400 the real server answers for unknown fields under fieldValidation=Strict."""
+    listed = ", ".join(f'unknown field "{f}"' for f in fields)
+    return StatusError(400, "BadRequest",
+                       f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: {listed}')
