@@ -221,20 +221,39 @@ class Client:
             "json": "application/json-patch+json",
             "strategic": "application/strategic-merge-patch+json",
         }[kind]
-        return await self.request("PATCH", url, body=patch, content_type=ct)
+        # A patch without metadata.resourceVersion cannot be stale: the real server retries it on a
+        # write race internally; a server that answers 409 anyway gets it re-sent.
+        pinned = isinstance(patch, dict) and bool((patch.get("metadata") or {}).get("resourceVersion"))
+        for attempt in range(8):
+            try:
+                return await self.request("PATCH", url, body=patch, content_type=ct)
+            except ApiError as e:
+                if e.code != 409 or pinned or attempt == 7:
+                    raise
+                await asyncio.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")
 
-    async def delete(self, url: str, grace_seconds: int | None = None, uid: str = "") -> Obj | None:
+    async def delete(self, url: str, grace_seconds: int | None = None, uid: str = "",
+                     propagation: str = "") -> Obj | None:
         body: Obj = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        if propagation:
+            body["propagationPolicy"] = propagation
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
         if uid:
             body["preconditions"] = {"uid": uid}
-        try:
-            return await self.request("DELETE", url, body=body)
-        except ApiError as e:
-            if e.code == 404:
-                return None
-            raise
+        for attempt in range(6):
+            try:
+                return await self.request("DELETE", url, body=body)
+            except ApiError as e:
+                if e.code == 404:
+                    return None
+                # Without a precondition a delete cannot be stale; a 409 is a server-side race
+                # (e.g. its cascade to dependents), so try again.
+                if e.code != 409 or uid or attempt == 5:
+                    raise
+                await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def update_with_retry(self, url: str, mutate: Callable[[Obj], bool], attempts: int = 8) -> Obj | None:
         """GET, mutate (returns False when nothing needs writing), PUT; again on 409 Conflict."""
@@ -385,7 +404,7 @@ class Informer:
 
     async def run(self) -> None:
         backoff = 0.2
-        need_list = True
+        need_list = not self.rv  # a preset rv resumes a watch without listing first
         while True:
             try:
                 if need_list:

@@ -6,6 +6,7 @@ to the garbage collector, so the cluster needs one. It follows controller ownerR
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -26,18 +27,25 @@ class GarbageCollector:
         self.dependents = dependents
         self.dep_index = dep_index
         self.dep_resource = dep_resource
+        self.delay = 2.0
         owners.add_handler(self._on_owner)
 
-    async def _on_owner(self, event: str, owner: Obj, old: Obj | None) -> None:
+    def _on_owner(self, event: str, owner: Obj, old: Obj | None) -> None:
         if event == "DELETED" or owner["metadata"].get("deletionTimestamp"):
-            await self.delete_dependents(str(owner["metadata"]["uid"]))
+            uid = str(owner["metadata"]["uid"])
+            # Servers that cascade deletes themselves are given a moment first: collecting the same
+            # dependents from two places only makes the two race.
+            asyncio.get_running_loop().call_later(
+                self.delay, lambda: asyncio.ensure_future(self.delete_dependents(uid)))
 
     async def delete_dependents(self, uid: str) -> None:
         for d in self.dep_index.owned_by(uid):
             if (controller_of(d) or {}).get("uid") != uid or d["metadata"].get("deletionTimestamp"):
                 continue
             try:
-                r = await self.client.delete(api.obj_path(self.dep_resource, d))
+                # Orphan: this collector walks the chain itself, one level per owner, so the
+                # server's own cascade never races the controllers that write these objects.
+                r = await self.client.delete(api.obj_path(self.dep_resource, d), propagation="Orphan")
                 if r is not None and r.get("metadata", {}).get("deletionTimestamp"):
                     await self.dependents.assume(r)
                 else:

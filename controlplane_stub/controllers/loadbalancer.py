@@ -42,8 +42,13 @@ class LoadBalancerController:
     def _on(self, event: str, svc: Obj, old: Obj | None) -> None:
         k = key_of(svc)
         if event == "DELETED":
-            for ip in [i for i, o in self.owner.items() if o == k]:
+            freed = [i for i, o in self.owner.items() if o == k]
+            for ip in freed:
                 del self.owner[ip]
+            if freed:  # Services waiting for an IP may get this one now
+                for other in self.services.cache.values():
+                    if self._wanted(other) and not self._ingress_ips(other):
+                        self.queue.add(key_of(other))
             return
         for ip in self._ingress_ips(svc):
             if ip in self.pool_set:
@@ -68,6 +73,9 @@ class LoadBalancerController:
                 for ip in mine:
                     self.owner.pop(ip, None)
                 await self._write(svc, [])
+                for other in self.services.cache.values():
+                    if self._wanted(other) and not self._ingress_ips(other):
+                        self.queue.add(key_of(other))
             return
         requested = svc["spec"].get("loadBalancerIP") or ""
         if mine and (not requested or requested in mine):
