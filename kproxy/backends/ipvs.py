@@ -353,6 +353,12 @@ class IPVS:
     def close(self) -> None:
         self._nl.close()
 
+    def __enter__(self) -> IPVS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _msg(self, cmd: int, attrs: bytes, flags: int = NLM_F_REQUEST) -> bytes:
         return self._nl.message(self.family_id, flags, _GENLHDR.pack(cmd, IPVS_GENL_VERSION, 0) + attrs)[1]
 

@@ -341,6 +341,7 @@ class IPVSProxier(Proxier):
         self._rules_applied = False
         self._need_full = True
         self.last_timings: dict[str, float] = {}
+        self.last_messages = 0  # IPVS netlink messages the last sync sent
         self._setup_kernel()
 
     # --- one-time node setup ----------------------------------------------------------------
@@ -452,6 +453,7 @@ class IPVSProxier(Proxier):
         timings["iptables"] = time.perf_counter() - t
         t = time.perf_counter()
         msgs = self._ipvs_messages(dirty)
+        self.last_messages = len(msgs)
         failed = self.ipvs.apply(msgs)
         timings["ipvs"] = time.perf_counter() - t
         stale_addrs = [a for a in self._k_addresses if a not in want_addrs]
@@ -523,7 +525,7 @@ class IPVSProxier(Proxier):
                 continue
             for (key, rk) in [tk for tk in self._terminating if tk[0] == vs_t.key]:
                 rs = live.get(rk)
-                if rs is None or (rs.weight == 0 and rs.active_conns + rs.inactive_conns == 0):
+                if rs is None or rs.active_conns + rs.inactive_conns == 0:
                     if rs is not None:
                         msgs.append(self.ipvs.delete_dest(vs_t, rs))
                     self._k_dests.get(key, {}).pop(rk, None)
