@@ -1,0 +1,97 @@
+"""The semantics through the real kproxy-apiserver process, driven by the real kubectl binary."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
+
+SEED = Path(__file__).resolve().parents[2] / "examples" / "seed"
+KUBECTL = shutil.which("kubectl")
+
+pytestmark = [pytest.mark.kubectl,
+              pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (the image ships 1.32)")]
+
+DNS1035 = ("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic "
+           "character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for "
+           "validation is '[a-z]([-a-z0-9]*[a-z0-9])?')")
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[APIServerProcess]:
+    with running_apiserver() as server:
+        yield server
+
+
+def kubectl(api: APIServerProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    assert KUBECTL is not None
+    return subprocess.run([KUBECTL, "--kubeconfig", api.kubeconfig, "--request-timeout=20s", *args],
+                          capture_output=True, text=True, input=stdin, timeout=60)
+
+
+@pytest.mark.timeout(90)
+def test_seed_as_written_gets_the_real_messages(api: APIServerProcess) -> None:
+    out = kubectl(api, "apply", "-f", str(SEED / "flask-kubernetes-as-written.yaml"))
+    assert out.returncode == 1
+    source = SEED / "flask-kubernetes-as-written.yaml"
+    assert (f'Error from server (Invalid): error when creating "{source}": Service "flask-kubernetes -service" is '
+            f'invalid: metadata.name: Invalid value: "flask-kubernetes -service": {DNS1035}') in out.stderr
+    assert (f'Error from server (Invalid): error when creating "{source}": Deployment.apps "flask-kubernetes" is '
+            'invalid: [spec.selector: Required value, spec.template.metadata.labels: Invalid value: '
+            'map[string]string{"app":"flask-kubernetes"}: `selector` does not match template `labels`]') in out.stderr
+    # A rejected request changes nothing.
+    listed = kubectl(api, "get", "svc,deploy", "-o", "name")
+    assert listed.returncode == 0 and "flask" not in listed.stdout
+
+
+@pytest.mark.timeout(120)
+def test_apply_get_wide_edit_reapply_scale_label_delete(api: APIServerProcess) -> None:
+    manifest = (SEED / "flask-kubernetes.yaml").read_text()
+    out = kubectl(api, "apply", "-f", "-", stdin=manifest)
+    assert out.returncode == 0, out.stderr
+    assert "service/flask-kubernetes-service created" in out.stdout
+
+    wide = kubectl(api, "get", "svc,deploy", "-o", "wide")
+    assert wide.returncode == 0, wide.stderr
+    lines = wide.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE", "SELECTOR"]
+    svc_row = next(line.split() for line in lines if line.startswith("service/flask-kubernetes-service"))
+    assert svc_row[1] == "LoadBalancer" and svc_row[3] == "<pending>"
+    assert re.fullmatch(r"10\.(9[6-9]|10[0-9]|11[01])\.\d+\.\d+", svc_row[2])  # inside 10.96.0.0/12
+    assert re.fullmatch(r"6000:3\d{4}/TCP", svc_row[4]) and svc_row[6] == "app=flask-kubernetes"
+    deploy_header = next(line.split() for line in lines if line.startswith("NAME") and "READY" in line)
+    assert deploy_header == ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"]
+    cluster_ip, node_port = svc_row[2], svc_row[4].split(":")[1].split("/")[0]
+
+    # Edit the manifest and apply again: kubectl sends a strategic merge patch.
+    edited = manifest.replace("replicas: 4", "replicas: 3").replace("containerPort: 5000",
+                                                                     "containerPort: 5001\n          name: http")
+    out = kubectl(api, "apply", "-f", "-", stdin=edited)
+    assert out.returncode == 0, out.stderr
+    ports = kubectl(api, "get", "deploy", "flask-kubernetes", "-o",
+                    "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].ports}")
+    assert ports.stdout == '3 [{"containerPort":5001,"name":"http","protocol":"TCP"}]'
+    same = kubectl(api, "get", "svc", "flask-kubernetes-service", "-o",
+                   "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}")
+    assert same.stdout == f"{cluster_ip} {node_port}"  # allocations survive the update
+
+    assert kubectl(api, "scale", "deploy/flask-kubernetes", "--replicas=2").returncode == 0
+    assert kubectl(api, "label", "svc/flask-kubernetes-service", "tier=web").returncode == 0
+    got = kubectl(api, "get", "deploy,svc", "-o", "jsonpath={.items[0].spec.replicas} {.items[1].metadata.labels}")
+    assert got.stdout == '2 {"tier":"web"}'
+
+    # Immutable clusterIP, with the real server's words.
+    bad = kubectl(api, "patch", "svc", "flask-kubernetes-service", "-p", '{"spec":{"clusterIP":"10.96.0.77",'
+                                                                        '"clusterIPs":["10.96.0.77"]}}')
+    assert bad.returncode == 1
+    assert ('The Service "flask-kubernetes-service" is invalid: spec.clusterIPs[0]: Invalid value: '
+            '[]string{"10.96.0.77"}: may not change once set') in bad.stderr
+
+    out = kubectl(api, "delete", "-f", "-", stdin=edited)
+    assert out.returncode == 0, out.stderr
+    assert "flask" not in kubectl(api, "get", "svc,deploy", "-o", "name").stdout
