@@ -51,12 +51,20 @@ class ServiceChangeTracker:
 
 def merge_slices(slices: dict[str, SliceEndpoints]) -> EndpointsMap:
     """One Service's EndpointsMap from its slices (by slice name, for a stable order). An
-    address listed in two slices (a slice controller mid-move) counts once, ready copy first."""
+    address listed twice (in two slices while a slice controller moves it) counts once, the
+    ready copy first."""
+    if len(slices) == 1:
+        # The common case (up to 100 endpoints per slice): slice_endpoints already sorted and
+        # de-duplicated each port's tuple.
+        (only,) = slices.values()
+        return {spn: eps for spn, eps in only.items() if eps}
     merged: dict[ServicePortName, dict[str, Endpoint]] = {}
     for name in sorted(slices):
         for spn, eps in slices[name].items():
             by_addr = merged.setdefault(spn, {})
             for ep in eps:
+                # By ip:port: two slices of one port may carry different port numbers while
+                # a targetPort change rolls out.
                 seen = by_addr.get(ep.addr)
                 if seen is None or (ep.ready and not seen.ready):
                     by_addr[ep.addr] = ep
@@ -69,6 +77,7 @@ class EndpointsChangeTracker:
 
     def __init__(self) -> None:
         self._applied: dict[str, dict[str, SliceEndpoints]] = {}
+        self._merged: dict[str, EndpointsMap] = {}  # merge_slices(_applied[key]), kept
         self._pending: dict[str, dict[str, SliceEndpoints | None]] = {}
         self._triggers: dict[str, list[float]] = {}
 
@@ -99,15 +108,19 @@ class EndpointsChangeTracker:
         out: dict[str, tuple[EndpointsMap, EndpointsMap]] = {}
         for key, changes in self._pending.items():
             slices = self._applied.setdefault(key, {})
-            before = merge_slices(slices)
+            before = self._merged.get(key, {})
             for name, eps in changes.items():
                 if eps is None:
                     slices.pop(name, None)
                 else:
                     slices[name] = eps
+            after = merge_slices(slices)
+            if after:
+                self._merged[key] = after
+            else:
+                self._merged.pop(key, None)
             if not slices:
                 del self._applied[key]
-            after = merge_slices(slices)
             if before != after:
                 out[key] = (before, after)
         triggers = self._triggers

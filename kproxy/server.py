@@ -262,10 +262,22 @@ class ProxyServer:
                              label_selector=ENDPOINTSLICE_LABEL_SELECTOR, name="endpointslices")
             for r_ in (svc_r, es_r):
                 self._tasks.append(asyncio.create_task(r_.run(), name=f"reflector-{r_.name}"))
-            await svc_r.wait_synced()
-            await es_r.wait_synced()
-            log.info("synced services=%d endpointslices=%d", len(svc_inf), len(es_inf))
-            await self.runner.loop()
+
+            async def sync_when_listed() -> None:
+                # As upstream: no sync before both caches have listed once, else the first
+                # (full) sync would program a partial world.
+                await svc_r.wait_synced()
+                await es_r.wait_synced()
+                log.info("synced services=%d endpointslices=%d", len(svc_inf), len(es_inf))
+                await self.runner.loop()
+
+            self._tasks.append(asyncio.create_task(sync_when_listed(), name="sync-runner"))
+            # Every task runs forever; one that ends (a bug in a handler, say) must take the
+            # process down rather than leave it running on a frozen view.
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+            raise RuntimeError(f"task {next(iter(done)).get_name()} stopped")
         finally:
             for t in self._tasks:
                 t.cancel()

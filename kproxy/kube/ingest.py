@@ -180,15 +180,19 @@ def slice_endpoints(es: EndpointSlice, node_name: str) -> SliceEndpoints:
         if p.port is None or proto is None:
             continue
         spn = ServicePortName(es.metadata.namespace, svc, p.name or "", proto)
-        eps: list[Endpoint] = []
+        eps: dict[str, Endpoint] = {}  # by IP: one port, so the IP identifies the endpoint
         for e in es.endpoints or ():
             if not e.addresses:
                 continue
             c = e.conditions
             ready = True if c.ready is None else c.ready
+            ip = e.addresses[0]  # upstream uses only the first address of an endpoint
+            seen = eps.get(ip)
+            if seen is not None and (seen.ready or not ready):
+                continue  # a duplicate listing: keep the ready copy
             node = e.node_name or ""
-            eps.append(Endpoint(
-                ip=e.addresses[0],  # upstream uses only the first address of an endpoint
+            eps[ip] = Endpoint(
+                ip=ip,
                 port=p.port,
                 ready=ready,
                 serving=ready if c.serving is None else c.serving,
@@ -197,8 +201,8 @@ def slice_endpoints(es: EndpointSlice, node_name: str) -> SliceEndpoints:
                 zone=e.zone or "",
                 hostname=e.hostname or "",
                 is_local=bool(node_name) and node == node_name,
-            ))
-        out[spn] = tuple(sorted(eps))
+            )
+        out[spn] = tuple(sorted(eps.values()))
     return out
 
 
