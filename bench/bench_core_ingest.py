@@ -85,11 +85,12 @@ def _peer(body: bytes) -> tuple[list[dict[str, Any]], dict[ServicePortName, Serv
 
 
 def _best(fn: Callable[[], object], rounds: int = 3) -> float:
+    # CPU time, best of N: the 2-core machine is shared, wall time mostly measures the neighbours.
     best = float("inf")
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
 
 
@@ -136,9 +137,9 @@ def test_core_partial_checkout_10k(benchmark: Any) -> None:
         key = f"ns-{i % 50}/svc-{i}"
         st.services_tracker.update(key, _ports_from_dict(_service(i)))
         st.endpoints_tracker.update(key, slices[i].metadata.name, slice_endpoints(slices[i], "n0"))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     st.checkout(full=True)
-    first = time.perf_counter() - t0
+    first = time.process_time() - t0
     gen = [0]
 
     def one_change() -> int:
@@ -152,7 +153,7 @@ def test_core_partial_checkout_10k(benchmark: Any) -> None:
     def rebuild_all() -> int:
         # The peer without change tracking: re-derive every endpoint from every slice.
         endpoints: dict[ServicePortName, Any] = {}
-        for i, es in slices.items():
+        for es in slices.values():
             endpoints.update(merge_slices({es.metadata.name: slice_endpoints(es, "n0")}))
         return len(endpoints)
 
