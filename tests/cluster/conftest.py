@@ -142,6 +142,7 @@ class Cluster:
     home: str
     kubeconfig: str
     state: dict[str, Any]
+    root_links: str = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -175,8 +176,9 @@ def cluster() -> Iterator[Cluster]:
     env = dict(os.environ, KPROXY_CLUSTER_HOME=home)
     cmd = [str(BIN / "kproxy-cluster"), "up", "--name", name, "--nodes", "3", "--backoff-base", "1", "--no-dns",
            "--no-localhost-lb", "--timeout", "90"]
+    root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    c = Cluster(name, home, str(Path(home) / name / "kubeconfig"), {})
+    c = Cluster(name, home, str(Path(home) / name / "kubeconfig"), {}, root_links)
     try:
         assert r.returncode == 0, f"kproxy-cluster up failed:\n{r.stdout}\n{r.stderr}\n" + \
             (Path(home) / name / "logs" / "supervisor.log").read_text()[-3000:]

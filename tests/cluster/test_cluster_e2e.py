@@ -1,0 +1,226 @@
+"""The one-machine cluster end to end: `kproxy-cluster up` with 3 netns nodes, the seed app as
+real Flask processes in pod namespaces, kubectl, real HTTP across nodes, and `down`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Cluster, LoopThread, wait_for
+
+from controlplane_stub import client as api
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kubectl, pytest.mark.timeout(180)]
+SEED = Path(__file__).resolve().parents[2] / "examples" / "seed" / "flask-kubernetes.yaml"
+SVC = "flask-kubernetes-service"
+Obj = dict[str, Any]
+
+
+def seed_pods(c: Cluster) -> list[Obj]:
+    return [p for p in c.json("pods", "-l", "app=flask-kubernetes")["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def slice_endpoints(c: Cluster) -> list[Obj]:
+    items = c.json("endpointslices", "-l", f"kubernetes.io/service-name={SVC}")["items"]
+    return [e for s in items for e in s.get("endpoints") or []]
+
+
+def is_ready(p: Obj) -> bool:
+    return any(x["type"] == "Ready" and x["status"] == "True" for x in (p.get("status") or {}).get("conditions") or [])
+
+
+def curl_from_client(c: Cluster, url: str) -> subprocess.CompletedProcess[str]:
+    return c.cli("exec", "--", "curl", "-s", "-m", "3", url, timeout=20)
+
+
+class SliceRecorder:
+    """Watches the Service's EndpointSlices and records every state: (ready IPs, not-ready IPs)."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.loop = LoopThread()
+        self.client = api.Client(api.Config.from_kubeconfig(c.kubeconfig))
+        self.history: list[tuple[float, frozenset[str], frozenset[str]]] = []
+        self.slices: dict[str, Obj] = {}
+        self.fut = self.loop.spawn(self._run())
+
+    async def _run(self) -> None:
+        url = api.path("endpointslices", "default")
+        params = {"labelSelector": f"kubernetes.io/service-name={SVC}"}
+        items, rv = await self.client.list(url, params)
+        for s in items:
+            self.slices[s["metadata"]["name"]] = s
+        self._record()
+        while True:
+            async for ev in self.client.watch(url, rv, params):
+                obj = ev["object"]
+                rv = obj["metadata"].get("resourceVersion", rv)
+                if ev["type"] == "DELETED":
+                    self.slices.pop(obj["metadata"]["name"], None)
+                elif ev["type"] in ("ADDED", "MODIFIED"):
+                    self.slices[obj["metadata"]["name"]] = obj
+                else:
+                    continue
+                self._record()
+
+    def _record(self) -> None:
+        eps = [e for s in self.slices.values() for e in s.get("endpoints") or []]
+        ready = frozenset(e["addresses"][0] for e in eps if e["conditions"]["ready"])
+        not_ready = frozenset(e["addresses"][0] for e in eps if not e["conditions"]["ready"])
+        self.history.append((time.monotonic(), ready, not_ready))
+
+    def stop(self) -> None:
+        self.fut.cancel()
+        self.loop.run(self.client.close(), 5)
+        self.loop.stop()
+
+
+def test_seed_runs_four_ready_pods_across_three_nodes(cluster: Cluster) -> None:
+    c = cluster
+    c.kubectl("apply", "-f", str(SEED))
+    out = c.kubectl("rollout", "status", "deployment/flask-kubernetes", "--timeout=90s", timeout=100)
+    assert 'deployment "flask-kubernetes" successfully rolled out' in out
+    pods = seed_pods(c)
+    assert len(pods) == 4 and all(p["status"]["phase"] == "Running" and is_ready(p) for p in pods)
+    assert {p["spec"]["nodeName"] for p in pods} == {"node-1", "node-2", "node-3"}
+    for p in pods:
+        cs = p["status"]["containerStatuses"][0]
+        pid = int(cs["containerID"].removeprefix("kpc://"))
+        # A real process, and it lives in the pod's own network namespace, not the host's.
+        assert Path(f"/proc/{pid}").exists()
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert p["status"]["podIP"].startswith("10.244.")
+    eps = wait_for(lambda: (e := slice_endpoints(c)) and sum(x["conditions"]["ready"] for x in e) == 4 and e,
+                   what="4 ready endpoints")
+    assert sorted(e["addresses"][0] for e in eps) == sorted(p["status"]["podIP"] for p in pods)
+    assert {e["nodeName"] for e in eps} == {"node-1", "node-2", "node-3"}
+    # Real HTTP from the outside client netns to every pod, across the node network and routes.
+    for p in pods:
+        r = curl_from_client(c, f"http://{p['status']['podIP']}:5000/")
+        assert r.stdout == "Hello from Kubernetes!\n", r
+    svc = c.json("svc", SVC)
+    lb_ip = wait_for(lambda: (c.json("svc", SVC).get("status") or {}).get("loadBalancer", {}).get("ingress"),
+                     what="LoadBalancer IP")[0]["ip"]
+    assert lb_ip.startswith("10.251.0.") and svc["spec"]["type"] == "LoadBalancer"
+    c.refresh()
+    if not c.state["components"].get("kproxy", "").startswith("running"):
+        pytest.skip(f"kproxy not running in this cluster: {c.state['components'].get('kproxy')}")
+    r = wait_for(lambda: (x := curl_from_client(c, f"http://{lb_ip}:6000/")).stdout and x, timeout=30,
+                 what="an answer through the LoadBalancer IP")
+    assert r.stdout == "Hello from Kubernetes!\n"
+
+
+def test_kubectl_get_wide_and_describe(cluster: Cluster) -> None:
+    c = cluster
+    pods = seed_pods(c)
+    wide = c.kubectl("get", "pods", "-o", "wide")
+    assert wide.splitlines()[0].startswith("NAME")
+    for p in pods:
+        assert p["metadata"]["name"] in wide
+    name = pods[0]["metadata"]["name"]
+    desc = c.kubectl("describe", "pod", name)
+    for needle in (f"Name:         {name}", f"Node:         {pods[0]['spec']['nodeName']}/",
+                   "Status:       Running", f"IP:           {pods[0]['status']['podIP']}",
+                   "Image:          flask-kubernetes:latest", "Controlled By:  ReplicaSet/flask-kubernetes-"):
+        assert needle in desc, f"{needle!r} not in:\n{desc}"
+    assert any(line.split()[:2] == ["Ready", "True"] for line in desc.splitlines()), desc
+    nodes = c.kubectl("get", "nodes")
+    assert all(f"node-{i}" in nodes for i in (1, 2, 3))
+
+
+def test_scale_to_two_and_the_slice_follows(cluster: Cluster) -> None:
+    c = cluster
+    before = {p["metadata"]["uid"] for p in seed_pods(c)}
+    c.kubectl("scale", "deployment/flask-kubernetes", "--replicas=2")
+    wait_for(lambda: len(seed_pods(c)) == 2 and len(slice_endpoints(c)) == 2, timeout=40, what="2 pods, 2 endpoints")
+    pods = seed_pods(c)
+    assert {p["metadata"]["uid"] for p in pods} <= before  # scaled down, nothing replaced
+    assert sorted(e["addresses"][0] for e in slice_endpoints(c)) == sorted(p["status"]["podIP"] for p in pods)
+    prefix = c.state["prefix"]
+    wait_for(lambda: len([n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+                          .stdout.split() if n.startswith(prefix + "p")]) == 2, what="2 pod netns left")
+
+
+def test_rolling_update_with_max_unavailable_zero_keeps_ready_endpoints(cluster: Cluster) -> None:
+    c = cluster
+    rec = SliceRecorder(c)
+    try:
+        wait_for(lambda: rec.history, what="the slice watch")
+        patch = {"spec": {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                          "template": {"spec": {"containers": [{
+                              "name": "flask-kubernetes", "image": "flask-kubernetes:latest",
+                              "imagePullPolicy": "Never", "ports": [{"containerPort": 5000}],
+                              "readinessProbe": {"httpGet": {"path": "/healthz", "port": 5000},
+                                                 "periodSeconds": 1, "failureThreshold": 1}}]}}}}
+        old_ips = set(rec.history[-1][1])
+        c.kubectl("patch", "deployment/flask-kubernetes", "--type=strategic", "-p", json.dumps(patch))
+        out = c.kubectl("rollout", "status", "deployment/flask-kubernetes", "--timeout=90s", timeout=100)
+        assert "successfully rolled out" in out
+        wait_for(lambda: len(rec.history[-1][1]) == 2 and not rec.history[-1][1] & old_ips, timeout=30,
+                 what="2 new ready endpoints")
+    finally:
+        rec.stop()
+    ready_counts = [len(r) for _, r, _ in rec.history]
+    assert min(ready_counts) >= 1, f"the Service had no ready endpoint at some point: {ready_counts}"
+    assert min(ready_counts) >= 2, f"maxUnavailable 0 with 2 replicas: {ready_counts}"
+    assert any(nr for _, _, nr in rec.history), "new pods never showed as not-ready (probe) endpoints"
+
+
+def test_killed_container_restarts_and_its_endpoint_flaps(cluster: Cluster) -> None:
+    c = cluster
+    pod = seed_pods(c)[0]
+    ip = pod["status"]["podIP"]
+    pid = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("kpc://"))
+    rec = SliceRecorder(c)
+    try:
+        wait_for(lambda: rec.history and ip in rec.history[-1][1], what="the pod's ready endpoint")
+        os.kill(pid, signal.SIGKILL)
+
+        def restarted() -> Obj | None:
+            p = c.json("pod", pod["metadata"]["name"])
+            cs = p["status"]["containerStatuses"][0]
+            return p if cs["restartCount"] == 1 and cs["ready"] and "running" in cs["state"] else None
+
+        p = wait_for(restarted, timeout=40, what="restartCount 1 and ready again")
+        wait_for(lambda: ip in rec.history[-1][1], what="the endpoint ready again")
+    finally:
+        rec.stop()
+    cs = p["status"]["containerStatuses"][0]
+    assert cs["lastState"]["terminated"]["exitCode"] == 137  # 128 + SIGKILL
+    assert int(cs["containerID"].removeprefix("kpc://")) != pid
+    states = [("ready" if ip in r else "not-ready" if ip in nr else "absent") for _, r, nr in rec.history]
+    compact = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
+    assert compact[:1] == ["ready"] and "not-ready" in compact and compact[-1] == "ready", compact
+
+
+def test_down_leaves_no_namespace_link_or_process(cluster: Cluster) -> None:
+    c = cluster
+    c.refresh()
+    prefix, pids = c.state["prefix"], dict(c.state["pids"])
+    pod_pids = [int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("kpc://")) for p in seed_pods(c)]
+    r = c.cli("down", timeout=120)
+    assert r.returncode == 0 and "is down" in r.stdout, r
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in netns.split() if n.startswith(prefix)]
+    assert not [d for d in os.listdir("/etc/netns") if d.startswith(prefix)] if os.path.isdir("/etc/netns") else True
+    for name, pid in list(pids.items()) + [(f"pod pid {p}", p) for p in pod_pids]:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3], \
+            f"{name} (pid {pid}) survived down"
+    marker = f"KPC_CLUSTER={prefix}".encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                assert marker not in d.joinpath("environ").read_bytes().split(b"\0"), f"pid {d.name} survived down"
+            except OSError:
+                pass
+    # Nothing is left in the root namespace: no link that was not there before `up`.
+    after = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    names = lambda s: {line.split(":")[1].strip().split("@")[0] for line in s.splitlines()}  # noqa: E731
+    assert not {n for n in names(after) - names(c.root_links) if n.startswith(("v", "kp", "cbr", "br"))}
+    # `down` again is a no-op.
+    r2 = c.cli("down", timeout=60)
+    assert r2.returncode == 0 and "removed 0 netns" in r2.stdout
