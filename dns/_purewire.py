@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Container
 from typing import Any
 
 UDP_CAP = 4096  # largest UDP answer we send, whatever the client advertises
@@ -35,13 +36,13 @@ class Table:
 
     def __init__(self) -> None:
         self.answers: dict[bytes, bytes] = {}
-        self.names: frozenset[bytes] | set[bytes] = frozenset()
+        self.names: Container[bytes] = frozenset()
         self.zone = b"\x00"
         self.pod_zone = b"\x00"
         self.soa_tail = b""
         self.synced = False
 
-    def update(self, answers: dict[bytes, bytes], names: frozenset[bytes] | set[bytes], zone: bytes,
+    def update(self, answers: dict[bytes, bytes], names: Container[bytes], zone: bytes,
                pod_zone: bytes, soa_tail: bytes, synced: bool) -> None:
         self.answers = answers
         self.names = names

@@ -16,7 +16,7 @@ import sys
 from kdns import wire
 from kdns.records import ZoneIndex
 from kdns.resolver import Resolver, parse_upstream, resolv_conf_upstreams
-from kdns.server import DNSServer, http_app
+from kdns.server import DNSServer, HealthServer
 
 log = logging.getLogger("kdns")
 
@@ -61,13 +61,10 @@ async def run(args: argparse.Namespace) -> None:
         load_file(index, args.objects)
     server = DNSServer(resolver, args.dns_bind_address, args.dns_port)
     await server.start()
-    runner = None
+    health = None
     if args.health_port:
-        from aiohttp import web
-
-        runner = web.AppRunner(http_app(resolver), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, args.health_bind_address, args.health_port).start()
+        health = HealthServer(resolver, args.health_bind_address, args.health_port)
+        await health.start()
     if args.port_file:
         with open(args.port_file + ".tmp", "w", encoding="utf-8") as f:
             f.write(str(server.port))
@@ -92,8 +89,8 @@ async def run(args: argparse.Namespace) -> None:
     if watcher is not None:
         watcher.cancel()
     await server.stop()
-    if runner is not None:
-        await runner.cleanup()
+    if health is not None:
+        await health.stop()
 
 
 def _run_loop(args: argparse.Namespace) -> None:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import msgspec
 
-from kproxy.kube.types import ObjectMeta
-
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+class ObjectMeta(msgspec.Struct, rename="camel", gc=False):
+    """The metadata DNS needs: the name, the Service-name label of slices, and resourceVersion
+    (the Reflector resumes its watch from it). Narrower than kproxy.kube.types.ObjectMeta, whose
+    uid/generation/deletionTimestamp per object would cost memory at 10,000 Services."""
+
+    name: str = ""
+    namespace: str = ""
+    resource_version: str = ""
+    labels: dict[str, str] | None = None
 
 
 class ServicePort(msgspec.Struct, rename="camel", gc=False):
@@ -67,7 +76,7 @@ class EndpointSlice(msgspec.Struct, rename="camel", gc=False):
 
     @property
     def service_key(self) -> tuple[str, str] | None:
-        svc = self.metadata.labels.get(SERVICE_NAME_LABEL)
+        svc = (self.metadata.labels or {}).get(SERVICE_NAME_LABEL)
         return (self.metadata.namespace, svc) if svc else None
 
 

@@ -13,6 +13,7 @@ import ipaddress
 import struct
 import time
 from collections.abc import Iterable
+import sys
 from typing import Any, cast
 
 from kdns import wire
@@ -25,6 +26,9 @@ RESPONSE_FLAGS = wire.QR | wire.AA | wire.RA
 CNAME_QTYPES = (A, AAAA, CNAME, SRV, TXT, PTR, wire.MX, NS, SOA)
 ServiceKey = tuple[str, str]
 RRKey = tuple[str, int]  # (lowercase owner, type)
+# Per Service, what it contributes: RRKey -> the rdata of each record (RR objects are only built
+# while encoding, so 10,000 Services stay a few MiB; see bench/README.md "dns").
+Contrib = dict[RRKey, list[object]]
 _APEX: ServiceKey = ("", "")
 
 
@@ -57,11 +61,14 @@ class ZoneIndex:
         self.services: dict[ServiceKey, Service] = {}
         self.slices: dict[ServiceKey, EndpointSlice] = {}
         self.slices_by_service: dict[ServiceKey, set[ServiceKey]] = {}
-        self.contrib: dict[ServiceKey, dict[RRKey, list[RR]]] = {}
-        self.rrsets: dict[RRKey, dict[ServiceKey, list[RR]]] = {}
-        self.name_refs: dict[bytes, int] = {}
+        self.contrib: dict[ServiceKey, Contrib] = {}
+        # Who contributes to an RRset: one ServiceKey almost always (a set when several do, e.g.
+        # a pod IP in two headless Services), so no per-RRset dict is kept.
+        self.holders: dict[RRKey, ServiceKey | set[ServiceKey]] = {}
+        # Existing names (wire, lowercase) with how many owners keep each alive; the hot path
+        # only asks `name in names` to tell NODATA from NXDOMAIN.
+        self.names: dict[bytes, int] = {}
         self.answers: dict[bytes, bytes] = {}
-        self.names: set[bytes] = set()
         self.synced = False
         self.serial = int(time.time()) & 0xFFFFFFFF
         self.mname = f"ns.dns.{self.zone}"
@@ -129,25 +136,25 @@ class ZoneIndex:
     def _rr(self, owner: str, rtype: int, data: object) -> RR:
         return RR(owner, rtype, self.ttl, data)
 
-    def _apex_records(self) -> dict[RRKey, list[RR]]:
+    def _apex_records(self) -> Contrib:
         z = self.zone
         return {
-            (z, SOA): [self._rr(z, SOA, self.soa_data)],
-            (z, NS): [self._rr(z, NS, self.mname)],
-            (f"dns-version.{z}", TXT): [self._rr(f"dns-version.{z}", TXT, (SCHEMA_VERSION,))],
+            (z, SOA): [self.soa_data],
+            (z, NS): [self.mname],
+            (f"dns-version.{z}", TXT): [(SCHEMA_VERSION,)],
             (f"pod.{z}", 0): [],  # an empty non-terminal: pod names are synthesized
         }
 
-    def _service_records(self, key: ServiceKey) -> dict[RRKey, list[RR]]:
+    def _service_records(self, key: ServiceKey) -> Contrib:
         svc = self.services.get(key)
         if svc is None:
             return {}
         ns, name = key
-        base = f"{name}.{ns}.svc.{self.zone}".lower()
-        out: dict[RRKey, list[RR]] = {}
+        base = sys.intern(f"{name}.{ns}.svc.{self.zone}".lower())
+        out: Contrib = {}
 
         def add(owner: str, rtype: int, data: object) -> None:
-            out.setdefault((owner.lower(), rtype), []).append(self._rr(owner.lower(), rtype, data))
+            out.setdefault((sys.intern(owner.lower()), rtype), []).append(data)
 
         spec = svc.spec
         if spec.type == "ExternalName":
@@ -184,7 +191,7 @@ class ZoneIndex:
                     if ip not in seen:
                         add(base, _family(ip), ip)
                         seen.add(ip)
-                    if (target, _family(ip)) not in out or ip not in [r.data for r in out[(target, _family(ip))]]:
+                    if ip not in out.get((target, _family(ip)), ()):
                         add(target, _family(ip), ip)
                         add(ipaddress.ip_address(ip).reverse_pointer, PTR, target)
                     for port in eps.ports or []:
@@ -204,7 +211,7 @@ class ZoneIndex:
         if publish:
             self._publish()
 
-    def _apply(self, key: ServiceKey, new: dict[RRKey, list[RR]]) -> None:
+    def _apply(self, key: ServiceKey, new: Contrib) -> None:
         old = self.contrib.pop(key, {})
         if new:
             self.contrib[key] = new
@@ -212,25 +219,30 @@ class ZoneIndex:
             return
         for owner in {k[0] for k in old}:
             for name in self._owner_names(owner):
-                n = self.name_refs[name] - 1
+                n = self.names[name] - 1
                 if n:
-                    self.name_refs[name] = n
+                    self.names[name] = n
                 else:
-                    del self.name_refs[name]
-                    self.names.discard(name)
+                    del self.names[name]
         for owner in {k[0] for k in new}:
             for name in self._owner_names(owner):
-                self.name_refs[name] = self.name_refs.get(name, 0) + 1
-                self.names.add(name)
+                self.names[name] = self.names.get(name, 0) + 1
         dirty: set[RRKey] = set()
         for rrkey in old.keys() | new.keys():
-            holders = self.rrsets.setdefault(rrkey, {})
+            cur = self.holders.get(rrkey)
             if rrkey in new:
-                holders[key] = new[rrkey]
-            else:
-                holders.pop(key, None)
-            if not holders:
-                del self.rrsets[rrkey]
+                if cur is None or cur == key:
+                    self.holders[rrkey] = key
+                elif isinstance(cur, set):
+                    cur.add(key)
+                else:
+                    self.holders[rrkey] = {cur, key}
+            elif cur == key:
+                del self.holders[rrkey]
+            elif isinstance(cur, set):
+                cur.discard(key)
+                if len(cur) == 1:
+                    self.holders[rrkey] = cur.pop()
             dirty.add(rrkey)
         # SRV answers carry their targets' addresses; a target's change re-encodes the SRV.
         dirty |= {k for k in new if k[1] == SRV} | {k for k in old if k[1] == SRV}
@@ -245,10 +257,12 @@ class ZoneIndex:
                 yield wire.name_to_wire(name)
 
     def rrset(self, owner: str, rtype: int) -> list[RR]:
-        holders = self.rrsets.get((owner, rtype))
-        if not holders:
+        rrkey = (owner, rtype)
+        cur = self.holders.get(rrkey)
+        if cur is None:
             return []
-        return [rr for k in sorted(holders) for rr in holders[k]]
+        keys = sorted(cur) if isinstance(cur, set) else [cur]
+        return [RR(owner, rtype, self.ttl, d) for k in keys for d in self.contrib[k][rrkey]]
 
     def _encode(self, rrkey: RRKey) -> None:
         owner, rtype = rrkey

@@ -8,10 +8,6 @@ import socket
 import struct
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
 from kdns import wire
 from kdns.resolver import Forward, Resolver
 
@@ -165,63 +161,94 @@ class DNSServer:
             writer.close()
 
 
-class _Collector:
-    """Reads the counters at scrape time (nothing is updated per query in Python)."""
+def _labels(**kv: str) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in kv.items()) + "}" if kv else ""
 
-    def __init__(self, resolver: Resolver) -> None:
+
+def render_metrics(resolver: Resolver) -> str:
+    """Prometheus text exposition (format 0.0.4), read from the counters at scrape time: nothing
+    is updated per query in Python. Written by hand rather than with prometheus_client so the
+    server stays small (shared/DESIGN.md budget: < 60 MiB at 10,000 Services)."""
+    snap = resolver.stats.snapshot()
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, str, float]]) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            out.append(f"{name}{suffix}{labels} {float(value)!r}")
+
+    family("kdns_dns_requests_total", "counter", "DNS requests by query type.",
+           [("", _labels(type=wire.TYPE_NAMES.get(t, "other")), c) for t, c in sorted(snap["types"].items())])
+    family("kdns_dns_responses_total", "counter", "DNS responses by rcode.",
+           [("", _labels(rcode=wire.RCODE_NAMES.get(r, str(r))), c) for r, c in sorted(snap["rcodes"].items())])
+    cum = 0
+    samples: list[tuple[str, str, float]] = []
+    for bound, c in zip([*wire.impl.BUCKETS, float("inf")], snap["buckets"]):
+        cum += c
+        samples.append(("_bucket", _labels(le="+Inf" if bound == float("inf") else repr(bound)), cum))
+    samples += [("_sum", "", snap["sum"]), ("_count", "", snap["count"])]
+    family("kdns_dns_request_duration_seconds", "histogram",
+           "Time to answer a query, from receipt to send (UDP: per recvmmsg batch).", samples)
+    cache = resolver.cache
+    family("kdns_cache_hits_total", "counter", "Forwarded queries answered from the cache.", [("", "", cache.hits)])
+    family("kdns_cache_misses_total", "counter", "Forwarded queries sent upstream.", [("", "", cache.misses)])
+    family("kdns_cache_entries", "gauge", "Entries in the forward cache.", [("", "", len(cache.entries))])
+    family("kdns_forward_errors_total", "counter", "Forwarded queries that got no usable answer.",
+           [("", "", resolver.upstream_errors)])
+    family("kdns_internal_errors_total", "counter", "Queries whose handling raised (answered SERVFAIL).",
+           [("", "", resolver.internal_errors)])
+    family("kdns_zone_answers", "gauge", "Pre-encoded cluster answers.", [("", "", len(resolver.index.answers))])
+    family("kdns_ready", "gauge", "1 once Services and EndpointSlices are synced.",
+           [("", "", 1 if resolver.index.synced else 0)])
+    return "\n".join(out) + "\n"
+
+
+class HealthServer:
+    """/health, /ready and /metrics over a minimal HTTP/1.1 (one request per connection)."""
+
+    def __init__(self, resolver: Resolver, host: str, port: int) -> None:
         self.resolver = resolver
+        self.host = host
+        self.port = port
+        self.server: asyncio.Server | None = None
 
-    def describe(self) -> list[Any]:
-        return []
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
 
-    def collect(self) -> Any:
-        snap = self.resolver.stats.snapshot()
-        req = CounterMetricFamily("kdns_dns_requests", "DNS requests by query type.", labels=["type"])
-        for t, c in sorted(snap["types"].items()):
-            req.add_metric([wire.TYPE_NAMES.get(t, "other" if t else "unknown")], c)
-        yield req
-        resp = CounterMetricFamily("kdns_dns_responses", "DNS responses by rcode.", labels=["rcode"])
-        for r, c in sorted(snap["rcodes"].items()):
-            resp.add_metric([wire.RCODE_NAMES.get(r, str(r))], c)
-        yield resp
-        hist = HistogramMetricFamily("kdns_dns_request_duration_seconds",
-                                     "Time to answer a query, from receipt to send.")
-        cum, buckets = 0, []
-        for bound, c in zip([*wire.impl.BUCKETS, float("inf")], snap["buckets"]):
-            cum += c
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
-        hist.add_metric([], buckets, snap["sum"])
-        yield hist
-        cache = self.resolver.cache
-        yield CounterMetricFamily("kdns_cache_hits", "Forwarded queries answered from the cache.",
-                                  value=cache.hits)
-        yield CounterMetricFamily("kdns_cache_misses", "Forwarded queries sent upstream.", value=cache.misses)
-        yield GaugeMetricFamily("kdns_cache_entries", "Entries in the forward cache.", value=len(cache.entries))
-        yield CounterMetricFamily("kdns_forward_errors", "Forwarded queries that got no usable answer.",
-                                  value=self.resolver.upstream_errors)
-        yield CounterMetricFamily("kdns_internal_errors", "Queries whose handling raised (answered SERVFAIL).",
-                                  value=self.resolver.internal_errors)
-        yield GaugeMetricFamily("kdns_zone_answers", "Pre-encoded cluster answers.",
-                                value=len(self.resolver.index.answers))
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
+    def respond(self, method: str, path: str) -> tuple[int, str, str]:
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", "method not allowed\n"
+        if path in ("/health", "/healthz"):
+            return 200, "text/plain", "OK"
+        if path in ("/ready", "/readyz"):
+            if self.resolver.index.synced:
+                return 200, "text/plain", "OK"
+            return 503, "text/plain", "not synced: Services and EndpointSlices not listed yet"
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(self.resolver)
+        return 404, "text/plain", "not found: try /health, /ready or /metrics\n"
 
-def http_app(resolver: Resolver) -> web.Application:
-    registry = CollectorRegistry()
-    registry.register(_Collector(resolver))
-
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="OK")
-
-    async def ready(_: web.Request) -> web.Response:
-        if resolver.index.synced:
-            return web.Response(text="OK")
-        return web.Response(status=503, text="not synced: Services and EndpointSlices not listed yet")
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    return app
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reasons = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(parts) != 3:
+                return
+            code, ctype, body = self.respond(parts[0], parts[1])
+            data = body.encode()
+            writer.write(f"HTTP/1.1 {code} {reasons[code]}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                         + (data if parts[0] != "HEAD" else b""))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -17,9 +17,9 @@ import dns.rrset
 import pytest
 
 from kdns import _purewire, wire
-from kdns.objects import Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Service, ServicePort, ServiceSpec
+from kdns.objects import (Endpoint, EndpointConditions, EndpointPort, EndpointSlice, ObjectMeta, Service,
+                          ServicePort, ServiceSpec)
 from kdns.records import ZoneIndex
-from kproxy.kube.types import ObjectMeta
 
 _wire: ModuleType | None
 try:
