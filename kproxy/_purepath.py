@@ -9,6 +9,7 @@ ServicePort it produces the filter-table rules, the nat dispatch rules (KUBE-SER
 KUBE-NODEPORTS) and the service's own nat chains (KUBE-SVC-/SVL-/EXT-/FW-/SEP-). The proxier
 concatenates them; keeping them per service is what lets partial syncs reuse unchanged output.
 """
+
 from __future__ import annotations
 
 import base64
@@ -119,7 +120,13 @@ def _source_ranges_contain(ranges: tuple[str, ...], ips: tuple[str, ...]) -> boo
 
 
 def _service_to_endpoint_rules(
-    out: list[str], spn: str, chain: str, eps: list[Any], sep_names: dict[str, str], affinity: int, large: bool
+    out: list[str],
+    spn: str,
+    chain: str,
+    eps: list[Any],
+    sep_names: dict[str, str],
+    affinity: int,
+    large: bool,
 ) -> None:
     """upstream writeServiceToEndpointRules: affinity rcheck rules first, then the random split."""
     n = len(eps)
@@ -127,7 +134,9 @@ def _service_to_endpoint_rules(
         for ep in eps:
             sep = sep_names[ep.addr]
             if large:
-                out.append(f"-A {chain} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}\n")
+                out.append(
+                    f"-A {chain} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}\n"
+                )
             else:
                 out.append(
                     f'-A {chain} -m comment --comment "{spn} -> {ep.addr}" -m recent --name {sep} '
@@ -267,7 +276,9 @@ def render_service_port(
             )
     if node_port != 0:
         if has_eps:
-            disp.append(f"-A KUBE-NODEPORTS -m comment --comment {spn} {match} --dport {node_port} -j {ext_chain}\n")
+            disp.append(
+                f"-A KUBE-NODEPORTS -m comment --comment {spn} {match} --dport {node_port} -j {ext_chain}\n"
+            )
         if not has_external:
             filt.append(
                 f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL"

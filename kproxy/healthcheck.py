@@ -7,6 +7,7 @@ port; the body names the service and its local endpoint count, as upstream's han
 Listeners run on plain threads (http.server) so the proxier, which is synchronous, can open and
 close them from sync() without an event loop.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -33,7 +34,10 @@ class _Listener:
         self.server = http.server.ThreadingHTTPServer((address, port), handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(
-            target=self.server.serve_forever, name=f"healthcheck-{port}", kwargs={"poll_interval": 0.2}, daemon=True
+            target=self.server.serve_forever,
+            name=f"healthcheck-{port}",
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
         )
         self.thread.start()
 
@@ -43,9 +47,11 @@ class _Listener:
         self.thread.join(timeout=5)
 
 
-def _make_handler(owner: ServiceHealthServer, nsn: NamespacedName) -> type[http.server.BaseHTTPRequestHandler]:
+def _make_handler(
+    owner: ServiceHealthServer, nsn: NamespacedName
+) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             count = owner.local_endpoints(nsn)
             healthy = owner.proxy_healthy()
             body = json.dumps(
@@ -64,7 +70,7 @@ def _make_handler(owner: ServiceHealthServer, nsn: NamespacedName) -> type[http.
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             return
 
     return Handler

@@ -8,6 +8,7 @@ entry that saw the REJECT path). Upstream deletes:
   - for a removed UDP endpoint: entries from the service IPs DNATed to that endpoint's IP and,
     for a NodePort, entries to the node port DNATed to it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,7 @@ class Conntrack:
         cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + [self.binary, "-D", *args]
         self.deletions.append(args)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=self.timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("conntrack delete failed cmd=%r err=%s", cmd, e)
             return 0
@@ -41,7 +42,9 @@ class Conntrack:
                 except (ValueError, IndexError):
                     return 0
         if proc.returncode not in (0, 1):
-            log.warning("conntrack delete failed cmd=%r rc=%d stderr=%s", cmd, proc.returncode, proc.stderr.strip())
+            log.warning(
+                "conntrack delete failed cmd=%r rc=%d stderr=%s", cmd, proc.returncode, proc.stderr.strip()
+            )
         return 0
 
     def clear_entries_for_ip(self, ip: str, protocol: str = "udp") -> int:

@@ -9,6 +9,7 @@ the previous rules in place.
 daemon leaves it None and works in its own namespace. Tests and benchmarks use it to program a
 namespace they created without ever touching the root namespace's rules.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,12 +57,13 @@ def detect_backend(netns: str | None = None) -> Backend:
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
-        return forced  # type: ignore[return-value]
+        return "legacy" if forced == "legacy" else "nft"
     counts: dict[Backend, int] = {}
     for backend in BACKENDS:
         try:
             out = subprocess.run(
                 [*_netns_prefix(netns), _tool(backend, "iptables-save")],
+                check=False,
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -84,7 +86,7 @@ class IPTables:
 
     def _run(self, args: list[str], stdin: bytes | None = None) -> bytes:
         cmd = [*_netns_prefix(self.netns), *args]
-        proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=self.timeout)
+        proc = subprocess.run(cmd, input=stdin, check=False, capture_output=True, timeout=self.timeout)
         if proc.returncode != 0:
             raise IPTablesError(cmd, proc.returncode, proc.stderr.decode(errors="replace"))
         return proc.stdout

@@ -1,4 +1,5 @@
 """Fixtures for the iptables tests (topology code lives in iptables_topology.py)."""
+
 from __future__ import annotations
 
 import secrets
@@ -24,7 +25,7 @@ def topology() -> Iterator[Topology]:
         else:  # _build failed half-way: remove what this suffix created, nothing else
             for ns in sh("ip", "netns", "list", check=False).stdout.split():
                 if ns.endswith(suffix) and ns.startswith("kpt"):
-                    subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+                    subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=30)
 
 
 @pytest.fixture
@@ -38,6 +39,22 @@ def scratch_netns() -> Iterator[str]:
         sh("ip", "-n", name, "link", "set", "lo", "up")
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
 
 
+@pytest.fixture(scope="module")
+def rules_netns() -> Iterator[str]:
+    """One empty namespace per module for rule-only tests (both back ends; each test cleans up)."""
+    if SKIP_REASON:
+        pytest.skip(SKIP_REASON)
+    name = f"kptR{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        # A node address for NodePort/--nodeport-addresses matching.
+        sh("ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+        sh("ip", "-n", name, "addr", "add", "192.168.7.2/24", "dev", "eth0")
+        sh("ip", "-n", name, "addr", "add", "10.0.0.5/24", "dev", "eth1")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)

@@ -1,4 +1,5 @@
 """Builders for ServicePorts/Endpoints shared by the iptables tests (plain functions, no fixtures)."""
+
 from __future__ import annotations
 
 from typing import Any

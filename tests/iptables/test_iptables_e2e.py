@@ -4,13 +4,14 @@ The Proxier is driven directly with SyncRequests; its iptables-restore/conntrack
 test's "node" namespace. Backends are real TCP/UDP servers that answer with their own name and the
 source address they saw, so SNAT (or its absence) is observed, not inferred.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from iptables_topology import CLIENT_IP, NODE_IP, PODS, Topology, sh
 from iptables_helpers import ep, request, spn, strip_dump, svc
+from iptables_topology import CLIENT_IP, NODE_IP, PODS, Topology
 
 from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.iptables import IPTables

@@ -1,0 +1,88 @@
+"""Health-check node ports (externalTrafficPolicy: Local) answered by real HTTP listeners on loopback."""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from iptables_helpers import ep, request, spn, svc
+
+from kproxy.backends.iptables import IPTables
+from kproxy.healthcheck import NamespacedName, ServiceHealthServer
+from kproxy.proxiers.iptables import IptablesProxier
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int) -> tuple[int, dict[str, object], str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            return r.status, json.loads(r.read()), r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers["Content-Type"]
+
+
+def test_health_server_counts_local_endpoints() -> None:
+    healthy = [True]
+    hs = ServiceHealthServer("127.0.0.1", proxy_healthy=lambda: healthy[0])
+    nsn = NamespacedName("ns1", "web")
+    port = free_port()
+    try:
+        assert hs.sync_services({nsn: port}) == []
+        code, body, ctype = get(port)
+        assert (code, ctype) == (503, "application/json")
+        assert body == {"service": {"namespace": "ns1", "name": "web"}, "localEndpoints": 0, "serviceProxyHealthy": True}
+        hs.sync_endpoints({nsn: 2})
+        code, body, _ = get(port)
+        assert code == 200 and body["localEndpoints"] == 2
+        healthy[0] = False  # kube-proxy itself unhealthy: 503 even with endpoints, as upstream
+        code, body, _ = get(port)
+        assert code == 503 and body["serviceProxyHealthy"] is False
+        # Moving the service to another port closes the old listener.
+        new_port = free_port()
+        assert hs.sync_services({nsn: new_port}) == []
+        with pytest.raises(urllib.error.URLError):
+            get(port)
+        assert get(new_port)[0] == 503
+        # A port that cannot be bound is reported, not raised.
+        with socket.socket() as blocker:
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen()
+            busy = int(blocker.getsockname()[1])
+            errors = hs.sync_services({nsn: new_port, NamespacedName("ns1", "other"): busy})
+            assert len(errors) == 1 and str(busy) in errors[0]
+    finally:
+        hs.close()
+
+
+@pytest.mark.e2e
+def test_proxier_serves_health_check_node_ports(rules_netns: str) -> None:
+    hs = ServiceHealthServer("127.0.0.1")
+    px = IptablesProxier(IPTables(backend="nft", netns=rules_netns), health_server=hs)
+    port = free_port()
+    s = svc(
+        spn("lb"), "172.30.0.9", type="LoadBalancer", node_port=30100, external_policy_local=True,
+        health_check_node_port=port,
+    )
+    try:
+        assert px.sync(request([s], {s.name: (ep("10.1.0.2", is_local=True), ep("10.2.0.2"))})).ok
+        code, body, _ = get(port)
+        assert code == 200 and body["localEndpoints"] == 1
+        # The filter table lets probes in (upstream's KUBE-NODEPORTS health check rule).
+        assert f"--dport {port} -j ACCEPT" in px.iptables.save("filter")
+        assert px.sync(request([s], {s.name: (ep("10.2.0.2"),)}, changed={s.name})).ok
+        assert get(port)[0] == 503
+        assert px.sync(request([], {}, changed={s.name})).ok
+        with pytest.raises(urllib.error.URLError):
+            get(port)
+    finally:
+        px.close()
+        assert px.cleanup()
