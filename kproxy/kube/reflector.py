@@ -108,30 +108,29 @@ class Reflector(Generic[T]):
 
     async def run(self) -> None:
         need_list = True
+        gone_streak = 0  # 410s with no event in between: back off instead of relisting hot
         while True:
             try:
                 if need_list:
                     await self._list()
                     need_list = False
-                await self._watch()
+                if await self._watch():
+                    gone_streak = 0
             except asyncio.CancelledError:
                 raise
-            except Gone as err:
-                log.info("relisting reflector=%s reason=%s", self.name, err)
-                need_list = True
-            except ApiError as err:
-                if err.code == 410:
+            except (Gone, ApiError, *_RETRYABLE) as err:
+                if isinstance(err, Gone) or (isinstance(err, ApiError) and err.code == 410):
                     need_list = True
                     log.info("relisting reflector=%s reason=%s", self.name, err)
-                    continue
-                await self._sleep_backoff(err)
-            except _RETRYABLE as err:
+                    gone_streak += 1
+                    if gone_streak == 1:
+                        continue
                 await self._sleep_backoff(err)
 
     async def _sleep_backoff(self, err: BaseException) -> None:
         delay = self.backoff.next_delay(time.monotonic())
-        log.warning("reflector=%s error=%r retry_in=%.2fs resourceVersion=%s",
-                    self.name, err, delay, self.last_resource_version)
+        log.warning('reflector=%s error="%s: %s" retry_in=%.2fs resourceVersion=%s',
+                    self.name, type(err).__name__, str(err) or "-", delay, self.last_resource_version)
         await asyncio.sleep(delay)
 
     async def _list(self) -> None:
@@ -155,7 +154,8 @@ class Reflector(Generic[T]):
         self.lists += 1
         self._synced.set()
 
-    async def _watch(self) -> None:
+    async def _watch(self) -> int:
+        """One watch request; returns how many events it delivered."""
         params = self._selectors()
         params["resourceVersion"] = self.last_resource_version
         # client-go picks a random timeout in [min, 2*min) so watches don't all end together.
@@ -191,6 +191,7 @@ class Reflector(Generic[T]):
             # A stream closed at once with nothing in it is a failure, not a timeout: back off
             # instead of spinning on a server that keeps hanging up.
             raise ConnectionError("watch closed immediately without events")
+        return events
 
 
 def _resource_version(item: msgspec.Struct) -> str:
