@@ -705,8 +705,7 @@ def _validate_service(errs: FieldErrors, svc: Obj) -> None:
             errs.invalid("spec.sessionAffinityConfig.clientIP.timeoutSeconds", timeout,
                          "must be greater than 0 and less than 86400")
     elif spec.get("sessionAffinityConfig"):
-        errs.invalid("spec.sessionAffinityConfig", GoValue("&core.SessionAffinityConfig{...}"),
-                     "must not be set when session affinity is None")
+        errs.forbidden("spec.sessionAffinityConfig", "must not be set when session affinity is None")
     etp = spec.get("externalTrafficPolicy")
     if svc_type in ("NodePort", "LoadBalancer"):
         if not etp:
@@ -1112,7 +1111,8 @@ def _validate_event(errs: FieldErrors, event: Obj) -> None:
     involved = _obj(event.get("involvedObject"))
     ns = _str((event.get("metadata") or {}).get("namespace"))
     ins = _str(involved.get("namespace"))
-    if ins and ns and ins != ns and ns != "default":
+    # Events about cluster-scoped objects live in "default" (or nowhere); others beside their object.
+    if (not ins and ns not in ("", "default")) or (ins and ins != ns):
         errs.invalid("involvedObject.namespace", ins, "does not match event.namespace")
     etype = event.get("type")
     if etype and etype not in ("Normal", "Warning"):

@@ -302,3 +302,36 @@ def test_lease_and_endpoints() -> None:
     assert lines(errors_of("endpoints", ep)) == [
         'subsets[0].addresses[1].ip: Invalid value: "nope": must be a valid IP address, (e.g. 10.9.8.7 or '
         "2001:db8::ffff)"]
+
+
+@pytest.mark.timeout(10)
+def test_event_namespace_must_match_its_object() -> None:
+    event: dict[str, Any] = {"metadata": {"name": "web.1", "namespace": "default"}, "type": "Normal",
+                             "involvedObject": {"kind": "Pod", "name": "web", "namespace": "default"}}
+    validate_create("events", event)
+    node_event = copy.deepcopy(event)
+    node_event["involvedObject"] = {"kind": "Node", "name": "node-1"}
+    validate_create("events", node_event)
+    elsewhere = copy.deepcopy(event)
+    elsewhere["involvedObject"]["namespace"] = "team-a"
+    assert lines(errors_of("events", elsewhere)) == [
+        'involvedObject.namespace: Invalid value: "team-a": does not match event.namespace']
+    odd = copy.deepcopy(event)
+    odd["type"] = "Critical"
+    assert lines(errors_of("events", odd)) == [
+        'type: Unsupported value: "Critical": supported values: "Normal", "Warning"']
+
+
+@pytest.mark.timeout(10)
+def test_session_affinity() -> None:
+    svc: dict[str, Any] = {"metadata": {"name": "a", "namespace": "default"},
+                           "spec": {"ports": [{"port": 80}], "sessionAffinity": "Sticky"}}
+    assert lines(errors_of("services", svc)) == [
+        'spec.sessionAffinity: Unsupported value: "Sticky": supported values: "ClientIP", "None"']
+    svc["spec"].update(sessionAffinity="None", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 5}})
+    assert lines(errors_of("services", svc)) == [
+        "spec.sessionAffinityConfig: Forbidden: must not be set when session affinity is None"]
+    svc["spec"].update(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 90000}})
+    assert lines(errors_of("services", svc)) == [
+        "spec.sessionAffinityConfig.clientIP.timeoutSeconds: Invalid value: 90000: must be greater than 0 and less "
+        "than 86400"]
