@@ -28,20 +28,6 @@ def topology() -> Iterator[Topology]:
                     subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def scratch_netns() -> Iterator[str]:
-    """An empty namespace for rule-only tests (no packets)."""
-    if SKIP_REASON:
-        pytest.skip(SKIP_REASON)
-    name = f"kptS{secrets.token_hex(3)}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def rules_netns() -> Iterator[str]:
     """One empty namespace per module for rule-only tests (both back ends; each test cleans up)."""
