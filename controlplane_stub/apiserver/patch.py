@@ -638,8 +638,10 @@ def server_side_apply(current: dict[str, Any] | None, applied: dict[str, Any], f
             _delete_path(result, parent, meta)
     new_managers: list[Obj] = []
     for entry, paths in others:
-        if force and entry.get("operation") == "Apply":
-            paths = paths - applied_paths
+        # Forcing takes over only the conflicting fields; equal values stay co-owned.
+        lost = {p for m, p, _ in conflicts if m == entry.get("manager")}
+        if force and lost and entry.get("operation") == "Apply":
+            paths = paths - lost
             if not paths:
                 continue
             entry = dict(entry, fieldsV1=fields_v1(paths))

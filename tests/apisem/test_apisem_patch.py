@@ -244,6 +244,16 @@ def test_server_side_apply_create_update_prune_conflict() -> None:
     assert forced["spec"]["replicas"] == 7
     owners = {m["manager"]: m["fieldsV1"] for m in forced["metadata"]["managedFields"]}
     assert "f:replicas" in owners["hpa"]["f:spec"] and "f:replicas" not in owners["kubectl"]["f:spec"]
+    assert "f:template" in owners["kubectl"]["f:spec"]  # only the conflicting field changed hands
+    # hpa co-applies the template with equal values (no conflict); when it stops applying it, kubectl
+    # still owns the template, so nothing is pruned.
+    shared = copy.deepcopy(other)
+    shared["spec"]["template"] = copy.deepcopy(second["spec"]["template"])
+    co = server_side_apply(forced, shared, "hpa", False)
+    left = copy.deepcopy(shared)
+    del left["spec"]["template"]
+    after = server_side_apply(co, left, "hpa", False)
+    assert after["spec"]["template"] == co["spec"]["template"] and after["spec"]["replicas"] == 7
     # Same value is no conflict.
     same = copy.deepcopy(other)
     same["spec"]["replicas"] = 2
