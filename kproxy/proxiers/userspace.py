@@ -22,7 +22,8 @@ Docker Desktop shows them, without touching the firewall; ClusterIPs are not rea
 
 Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object with them), all
 optional: netns (run in that network namespace: tests), userspace_localhost_only (bool),
-bind_address (the node IP for OUTPUT DNAT; "" or 0.0.0.0: the first non-loopback IPv4 address),
+bind_address (the node IP for OUTPUT DNAT; "" or 0.0.0.0: the first IPv4 of node_ips, which the
+server fills from the Node object, else the first non-loopback IPv4 address on the node),
 iptables_backend ("nft"|"legacy"|"" auto), udp_idle_timeout (seconds, upstream --udp-timeout,
 default 0.25), relay_impl ("auto"|"compiled"|"pure"; KPROXY_PURE=1 forces pure under auto).
 Not done here (upstream's userspace mode did not either): IPv6 rules, source ranges, traffic policies.
@@ -249,7 +250,11 @@ def new_proxier(config: Any) -> Proxier:
             raise ValueError(f"iptables_backend {backend!r}: expected nft or legacy")
         iptables = IPTables(backend="nft" if backend == "nft" else "legacy", netns=netns)
         bind = str(getattr(config, "bind_address", "") or "")
-        node_ip = bind if bind and bind not in ("0.0.0.0", "::") else _node_ipv4(iptables)
+        known = [ip for ip in getattr(config, "node_ips", ()) or () if ":" not in ip]
+        if bind and bind not in ("0.0.0.0", "::"):
+            node_ip = bind
+        else:
+            node_ip = known[0] if known else _node_ipv4(iptables)
     relay = Relay(impl, netns=netns).start()
     return UserspaceProxier(relay, iptables, node_ip=node_ip, localhost_only=localhost_only,
                             udp_idle_timeout=udp_timeout)

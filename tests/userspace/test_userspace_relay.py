@@ -238,7 +238,7 @@ def test_5000_concurrent_connections(relay: Relay, topo: Topology) -> None:
         names = json.loads(proc.stdout.readline())
         assert sorted(names) == sorted(BACKEND_IPS)
         assert sum(names.values()) == want
-        # Round robin, give or take the few connects that hit the 0.5 s connect timeout on a loaded
+        # Round robin, give or take the few connects that hit the connect timeout on a loaded
         # machine and moved on to the next endpoint.
         assert all(abs(v - want / 3) <= 1 + relay.stats()["connect_failures"] for v in names.values()), names
         assert proc.wait(30) == 0

@@ -21,7 +21,8 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 from kproxy.relay import enter_netns, socket_in_netns
@@ -43,7 +44,6 @@ class Topology:
     client: str
     node: str
     backend: str
-    names: list[str] = field(default_factory=list)
 
     def tcp(self, ns: str, addr: tuple[str, int], timeout: float = 10.0) -> socket.socket:
         s = socket_in_netns(ns, socket.AF_INET, socket.SOCK_STREAM)
@@ -117,7 +117,7 @@ class Backends:
         servers = []
         for ip in self.ips:
             servers.append(await asyncio.start_server(self._handler(ip), ip, self.port, backlog=8192))
-            await self.loop.create_datagram_endpoint(lambda ip=ip: _UdpEcho(ip), local_addr=(ip, self.port))
+            await self.loop.create_datagram_endpoint(functools.partial(_UdpEcho, ip), local_addr=(ip, self.port))
         self._ready.set()
         await self._stop.wait()
         for s in servers:
