@@ -175,6 +175,12 @@ RESOURCE_DEFINITION: dict[str, str] = {
 
 # --- schema generation -----------------------------------------------------------------------------
 
+def _int_or_string(v3: bool, v2_format: str) -> Obj:
+    if v3:
+        return {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+    return {"type": "string", "format": v2_format}
+
+
 def _field_schema(spec: str, ref_prefix: str, v3: bool) -> Obj:
     if spec.startswith("["):
         return {"type": "array", "items": _field_schema(spec[1:-1], ref_prefix, v3)}
@@ -187,14 +193,9 @@ def _field_schema(spec: str, ref_prefix: str, v3: bool) -> Obj:
     if spec in simple:
         return dict(simple[spec])
     if spec == "ios":
-        if v3:
-            return {"x-kubernetes-int-or-string": True,
-                    "anyOf": [{"type": "integer"}, {"type": "string"}]}
-        return {"type": "string", "format": "int-or-string"}
+        return _int_or_string(v3, "int-or-string")
     if spec == "mq":
-        quantity: Obj = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]} \
-            if v3 else {"type": "string", "format": "quantity"}
-        return {"type": "object", "additionalProperties": quantity}
+        return {"type": "object", "additionalProperties": _int_or_string(v3, "quantity")}
     if spec == "o":
         return {"type": "object", "x-kubernetes-preserve-unknown-fields": True} if v3 else {"type": "object"}
     return {"$ref": ref_prefix + _FULL[spec]}

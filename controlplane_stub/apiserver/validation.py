@@ -424,6 +424,20 @@ _VOLUME_SOURCES = frozenset((
     "portworxVolume", "scaleIO", "storageos", "csi", "ephemeral", "image"))
 
 
+def _label_name(errs: FieldErrors, path: str, name: str, seen: set[str] | None, required: bool) -> None:
+    """A list element's name: required (when asked), a DNS-1123 label, unique within seen."""
+    if not name:
+        if required:
+            errs.required(path, "")
+        return
+    for msg in is_dns1123_label(name):
+        errs.invalid(path, name, msg)
+    if seen is not None:
+        if name in seen:
+            errs.duplicate(path, name)
+        seen.add(name)
+
+
 def _validate_container_ports(errs: FieldErrors, ports: Any, path: str) -> None:
     names: set[str] = set()
     for i, port in enumerate(_dicts(ports)):
@@ -464,15 +478,7 @@ def _validate_containers(errs: FieldErrors, containers: Any, path: str, volumes:
         return
     for i, c in enumerate(_dicts(containers)):
         cp = f"{path}[{i}]"
-        name = _str(c.get("name"))
-        if not name:
-            errs.required(f"{cp}.name", "")
-        else:
-            for msg in is_dns1123_label(name):
-                errs.invalid(f"{cp}.name", name, msg)
-            if name in names:
-                errs.duplicate(f"{cp}.name", name)
-            names.add(name)
+        _label_name(errs, f"{cp}.name", _str(c.get("name")), names, True)
         image = _str(c.get("image"))
         if not image:
             errs.required(f"{cp}.image", "")
@@ -512,15 +518,7 @@ def validate_pod_spec(errs: FieldErrors, spec: Any, path: str) -> None:
     volumes: set[str] = set()
     for i, vol in enumerate(_dicts(spec.get("volumes"))):
         vp = f"{path}.volumes[{i}]"
-        vname = _str(vol.get("name"))
-        if not vname:
-            errs.required(f"{vp}.name", "")
-        else:
-            for msg in is_dns1123_label(vname):
-                errs.invalid(f"{vp}.name", vname, msg)
-            if vname in volumes:
-                errs.duplicate(f"{vp}.name", vname)
-        volumes.add(vname)
+        _label_name(errs, f"{vp}.name", _str(vol.get("name")), volumes, True)
         sources = [k for k in vol if k in _VOLUME_SOURCES]
         if not sources:
             errs.required(vp, "must specify a volume type")
@@ -653,15 +651,7 @@ def _validate_service(errs: FieldErrors, svc: Obj) -> None:
     names: set[str] = set()
     for i, port in enumerate(_dicts(ports)):
         pp = f"spec.ports[{i}]"
-        name = _str(port.get("name"))
-        if require_name and not name:
-            errs.required(f"{pp}.name", "")
-        elif name:
-            for msg in is_dns1123_label(name):
-                errs.invalid(f"{pp}.name", name, msg)
-            if name in names:
-                errs.duplicate(f"{pp}.name", name)
-            names.add(name)
+        _label_name(errs, f"{pp}.name", _str(port.get("name")), names, require_name)
         for msg in is_valid_port_num(port.get("port")):
             errs.invalid(f"{pp}.port", port.get("port"), msg)
         _validate_protocol(errs, port.get("protocol"), f"{pp}.protocol")
@@ -1026,12 +1016,7 @@ def _validate_endpoints(errs: FieldErrors, ep: Obj) -> None:
         ports = _dicts(subset.get("ports"))
         for j, port in enumerate(ports):
             pp = f"{sp}.ports[{j}]"
-            name = _str(port.get("name"))
-            if len(ports) > 1 and not name:
-                errs.required(f"{pp}.name", "")
-            elif name:
-                for msg in is_dns1123_label(name):
-                    errs.invalid(f"{pp}.name", name, msg)
+            _label_name(errs, f"{pp}.name", _str(port.get("name")), None, len(ports) > 1)
             for msg in is_valid_port_num(port.get("port")):
                 errs.invalid(f"{pp}.port", port.get("port"), msg)
             _validate_protocol(errs, port.get("protocol"), f"{pp}.protocol")

@@ -84,28 +84,25 @@ def test_v2_json_document() -> None:
     assert _resolve(doc, dep["properties"]["spec"]["$ref"])["properties"]["replicas"]["type"] == "integer"
 
 
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
 def _decode_proto(data: bytes) -> dict[int, list[bytes]]:
     """A minimal protobuf wire decoder (length-delimited fields only, which is all we emit)."""
     fields: dict[int, list[bytes]] = {}
     i = 0
     while i < len(data):
-        key, shift = 0, 0
-        while True:
-            byte = data[i]
-            i += 1
-            key |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
+        key, i = _varint(data, i)
         assert key & 7 == 2, "only length-delimited fields expected"
-        length, shift = 0, 0
-        while True:
-            byte = data[i]
-            i += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
+        length, i = _varint(data, i)
         fields.setdefault(key >> 3, []).append(data[i:i + length])
         i += length
     assert i == len(data)
