@@ -138,17 +138,26 @@ class _RefSet:
     def __init__(self) -> None:
         self.refs: Counter[str] = Counter()
 
-    def add(self, items: Iterable[str]) -> None:
+    def add(self, items: Iterable[str]) -> bool:
+        """True if a member appeared."""
+        changed = False
         for i in items:
-            self.refs[i] += 1
+            n = self.refs[i]
+            self.refs[i] = n + 1
+            changed = changed or n == 0
+        return changed
 
-    def remove(self, items: Iterable[str]) -> None:
+    def remove(self, items: Iterable[str]) -> bool:
+        """True if a member disappeared."""
+        changed = False
         for i in items:
             n = self.refs[i] - 1
             if n > 0:
                 self.refs[i] = n
             else:
                 del self.refs[i]
+                changed = True
+        return changed
 
     def members(self) -> AbstractSet[str]:
         return self.refs.keys()
@@ -383,7 +392,11 @@ class IPVSProxier(Proxier):
         self.ifindex = nl.ensure_dummy_link(DUMMY_DEVICE)
         self._k_addresses = self.addrs.addresses(self.ifindex)
         self._k_services = {vs.key: vs for vs in self.ipvs.services()}
-        self._k_dests = {k: {rs.key: rs.weight for rs in self.ipvs.dests(vs)} for k, vs in self._k_services.items()}
+        # A real server not masquerading (someone else's, or pyroute2's direct-routing default)
+        # is recorded with weight -1 so the diff rewrites it.
+        dests = self.ipvs.all_dests()
+        self._k_dests = {k: {rs.key: (rs.weight if fwd == nl.FWD_MASQ else -1) for rs, fwd in dests.get(k, [])}
+                         for k in self._k_services}
         self.ipsets.forget()
 
     # --- sync -------------------------------------------------------------------------------
@@ -411,6 +424,7 @@ class IPVSProxier(Proxier):
         timings["read"] = time.perf_counter() - t
         t = time.perf_counter()
         dirty: set[VSKey] = set()
+        dirty_sets: set[str] = set()
         for name in names:
             sp = request.services.get(name)
             new = (build_fragment(sp, request.endpoints.get(name, ()), self._node_ips, self.opts)
@@ -419,7 +433,8 @@ class IPVSProxier(Proxier):
             if old is not None:
                 self._addresses.remove(old.addresses)
                 for s, members in old.entries.items():
-                    self._entries[s].remove(members)
+                    if self._entries[s].remove(members):
+                        dirty_sets.add(s)
                 for k in old.servers:
                     self._servers.pop(k, None)
                     dirty.add(k)
@@ -427,7 +442,8 @@ class IPVSProxier(Proxier):
                 self._fragments[name] = new
             self._addresses.add(new.addresses)
             for s, members in new.entries.items():
-                self._entries[s].add(members)
+                if self._entries[s].add(members):
+                    dirty_sets.add(s)
             self._servers.update(new.servers)
             dirty.update(new.servers)
         if full:
@@ -444,7 +460,8 @@ class IPVSProxier(Proxier):
         self._k_addresses.update(add_addrs)
         timings["addresses"] = time.perf_counter() - t
         t = time.perf_counter()
-        set_lines = self.ipsets.sync({s: r.members() for s, r in self._entries.items()})
+        set_lines = self.ipsets.sync({s: r.members() for s, r in self._entries.items()},
+                                     None if full else dirty_sets)
         timings["ipset"] = time.perf_counter() - t
         t = time.perf_counter()
         if full or not self._rules_applied:
@@ -593,6 +610,7 @@ class IPVSProxier(Proxier):
     def close(self) -> None:
         self.ipvs.close()
         self.addrs.close()
+        self.ipsets.close()
 
 
 def _tuple(value: Any) -> tuple[str, ...]:
