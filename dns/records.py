@@ -26,8 +26,8 @@ RESPONSE_FLAGS = wire.QR | wire.AA | wire.RA
 CNAME_QTYPES = (A, AAAA, CNAME, SRV, TXT, PTR, wire.MX, NS, SOA)
 ServiceKey = tuple[str, str]
 RRKey = tuple[str, int]  # (lowercase owner, type)
-# Per Service, what it contributes: RRKey -> the rdata of each record (RR objects are only built
-# while encoding, so 10,000 Services stay a few MiB; see bench/README.md "dns").
+# What one Service contributes, computed from its objects when needed: RRKey -> the rdata of
+# each record (RR objects are only built while encoding).
 Contrib = dict[RRKey, list[object]]
 _APEX: ServiceKey = ("", "")
 
@@ -41,15 +41,6 @@ def _family(ip: str) -> int:
     return int(AAAA if ":" in ip else A)
 
 
-def _ancestors(owner: str, zone: str) -> Iterable[str]:
-    """owner and every name between it and the zone apex (the apex included): each of them
-    exists (empty non-terminals answer NODATA, not NXDOMAIN; RFC 8020)."""
-    labels = owner.split(".")
-    depth = len(zone.split("."))
-    for i in range(len(labels) - depth + 1):
-        yield ".".join(labels[i:])
-
-
 class ZoneIndex:
     """Cluster records for one zone; call set_service/delete_service/set_slice/delete_slice as
     watch events arrive, and mark_synced once both lists are in."""
@@ -61,10 +52,11 @@ class ZoneIndex:
         self.services: dict[ServiceKey, Service] = {}
         self.slices: dict[ServiceKey, EndpointSlice] = {}
         self.slices_by_service: dict[ServiceKey, set[ServiceKey]] = {}
-        self.contrib: dict[ServiceKey, Contrib] = {}
-        # Who contributes to an RRset: one ServiceKey almost always (a set when several do, e.g.
-        # a pod IP in two headless Services), so no per-RRset dict is kept.
-        self.holders: dict[RRKey, ServiceKey | set[ServiceKey]] = {}
+        # RRset keys (wire owner + type; type 0 marks a name that exists without records) per
+        # Service, and who holds each RRset: one ServiceKey almost always, a set when several do
+        # (a pod IP in two headless Services).
+        self.keys_of: dict[ServiceKey, tuple[bytes, ...]] = {}
+        self.holders: dict[bytes, ServiceKey | set[ServiceKey]] = {}
         # Existing names (wire, lowercase) with how many owners keep each alive; the hot path
         # only asks `name in names` to tell NODATA from NXDOMAIN.
         self.names: dict[bytes, int] = {}
@@ -76,6 +68,8 @@ class ZoneIndex:
         self._zone_wire = wire.name_to_wire(self.zone)
         self._pod_wire = wire.name_to_wire(f"pod.{self.zone}")
         self._soa_tail = self._encode_soa_tail()
+        self._mname_wire = wire.name_to_wire(self.mname)
+        self._ns_key = self._rrkey(self.zone, NS)
         self._apply(_APEX, self._apex_records())
         self._publish()
 
@@ -205,85 +199,116 @@ class ZoneIndex:
         return out
 
     # ---------------------------------------------------------------------- maintenance
+    #
+    # Only what the hot path reads is kept per record: the encoded answers and the existing
+    # names. Which Service holds which RRset is kept as the RRset's key bytes; the record data is
+    # recomputed from the (trimmed) objects when an RRset must be re-encoded, which is cheap
+    # because it happens only for the Services a watch event touched.
+
+    def _records_of(self, key: ServiceKey) -> Contrib:
+        return self._apex_records() if key == _APEX else self._service_records(key)
 
     def _refresh(self, key: ServiceKey, publish: bool = True) -> None:
-        self._apply(key, self._service_records(key))
+        self._apply(key, self._records_of(key))
         if publish:
             self._publish()
 
+    def _rrkey(self, owner: str, rtype: int) -> bytes:
+        return bytes(wire.name_to_wire(owner) + struct.pack("!H", rtype))
+
     def _apply(self, key: ServiceKey, new: Contrib) -> None:
-        old = self.contrib.pop(key, {})
-        if new:
-            self.contrib[key] = new
-        if old == new:
-            return
-        for owner in {k[0] for k in old}:
-            for name in self._owner_names(owner):
-                n = self.names[name] - 1
-                if n:
-                    self.names[name] = n
-                else:
-                    del self.names[name]
-        for owner in {k[0] for k in new}:
-            for name in self._owner_names(owner):
-                self.names[name] = self.names.get(name, 0) + 1
-        dirty: set[RRKey] = set()
-        for rrkey in old.keys() | new.keys():
-            cur = self.holders.get(rrkey)
-            if rrkey in new:
-                if cur is None or cur == key:
-                    self.holders[rrkey] = key
-                elif isinstance(cur, set):
-                    cur.add(key)
-                else:
-                    self.holders[rrkey] = {cur, key}
-            elif cur == key:
-                del self.holders[rrkey]
+        old_keys = self.keys_of.pop(key, ())
+        new_map = {self._rrkey(owner, rtype): (owner, rtype) for owner, rtype in new}
+        new_keys = tuple(new_map)
+        if new_keys:
+            self.keys_of[key] = new_keys
+        old_set, new_set = set(old_keys), set(new_keys)
+        for kb in old_set - new_set:
+            self._unref_names(kb)
+            cur = self.holders.get(kb)
+            if cur == key:
+                del self.holders[kb]
             elif isinstance(cur, set):
                 cur.discard(key)
                 if len(cur) == 1:
-                    self.holders[rrkey] = cur.pop()
-            dirty.add(rrkey)
-        # SRV answers carry their targets' addresses; a target's change re-encodes the SRV.
-        dirty |= {k for k in new if k[1] == SRV} | {k for k in old if k[1] == SRV}
-        if any(k[0] == self.mname for k in dirty):  # the apex NS answer carries its address
-            dirty.add((self.zone, NS))
-        for rrkey in dirty:
-            self._encode(rrkey)
+                    self.holders[kb] = cur.pop()
+        for kb in new_set - old_set:
+            self._ref_names(kb)
+            if kb[-2:] == b"\x00\x00":
+                continue  # an existence marker, no RRset
+            cur = self.holders.get(kb)
+            if cur is None:
+                self.holders[kb] = key
+            elif isinstance(cur, set):
+                cur.add(key)
+            elif cur != key:
+                self.holders[kb] = {cur, key}
+        others: dict[ServiceKey, Contrib] = {key: new}
+        dirty = old_set | new_set
+        if any(kb[:-2] == self._mname_wire for kb in dirty):
+            dirty.add(self._ns_key)  # the apex NS answer carries the address of ns.dns.ZONE
+        for kb in dirty:
+            if kb[-2:] != b"\x00\x00":
+                self._encode(kb, new_map.get(kb), others)
 
-    def _owner_names(self, owner: str) -> Iterable[bytes]:
-        if owner == self.zone or owner.endswith("." + self.zone):
-            for name in _ancestors(owner, self.zone):
-                yield wire.name_to_wire(name)
+    def _names_of(self, kb: bytes) -> list[bytes]:
+        """The owner of an RRset key and every name up to the apex, if it is in the zone."""
+        w = kb[:-2]
+        zl = len(self._zone_wire)
+        found: list[bytes] = []
+        while len(w) >= zl:
+            found.append(w)
+            if w == self._zone_wire:
+                return found  # reached the apex on a label boundary
+            w = w[w[0] + 1:]
+        return []
 
-    def rrset(self, owner: str, rtype: int) -> list[RR]:
-        rrkey = (owner, rtype)
-        cur = self.holders.get(rrkey)
+    def _ref_names(self, kb: bytes) -> None:
+        for name in self._names_of(kb):
+            self.names[name] = self.names.get(name, 0) + 1
+
+    def _unref_names(self, kb: bytes) -> None:
+        for name in self._names_of(kb):
+            n = self.names.get(name, 0) - 1
+            if n > 0:
+                self.names[name] = n
+            else:
+                self.names.pop(name, None)
+
+    def _gather(self, kb: bytes, owner: str, rtype: int, others: dict[ServiceKey, Contrib]) -> list[RR]:
+        cur = self.holders.get(kb)
         if cur is None:
             return []
-        keys = sorted(cur) if isinstance(cur, set) else [cur]
-        return [RR(owner, rtype, self.ttl, d) for k in keys for d in self.contrib[k][rrkey]]
+        out: list[RR] = []
+        for k in sorted(cur) if isinstance(cur, set) else [cur]:
+            recs = others.get(k)
+            if recs is None:
+                recs = others[k] = self._records_of(k)
+            out += [RR(owner, rtype, self.ttl, d) for d in recs.get((owner, rtype), ())]
+        return out
 
-    def _encode(self, rrkey: RRKey) -> None:
-        owner, rtype = rrkey
-        if rtype == 0:
-            return
-        wkey = wire.name_to_wire(owner)
-        answers = self.rrset(owner, rtype)
-        qtypes: Iterable[int] = (rtype,)
-        if rtype == CNAME:
-            qtypes = CNAME_QTYPES
-        for qtype in qtypes:
-            k = wkey + struct.pack("!H", qtype)
+    def rrset(self, owner: str, rtype: int) -> list[RR]:
+        owner = owner.lower()
+        return self._gather(self._rrkey(owner, rtype), owner, rtype, {})
+
+    def _encode(self, kb: bytes, ident: RRKey | None, others: dict[ServiceKey, Contrib]) -> None:
+        rtype = struct.unpack("!H", kb[-2:])[0]
+        owner = ident[0] if ident is not None else wire.wire_to_name(kb[:-2])
+        answers = self._gather(kb, owner, rtype, others)
+        wkey = kb[:-2]
+        for qtype in CNAME_QTYPES if rtype == CNAME else (rtype,):
+            k = kb if qtype == rtype else wkey + struct.pack("!H", qtype)
             if not answers:
                 self.answers.pop(k, None)
                 continue
             additional: list[RR] = []
             if rtype == SRV:
                 for target in dict.fromkeys(str(cast(tuple[Any, ...], rr.data)[3]) for rr in answers):
-                    additional += self.rrset(target, A) + self.rrset(target, AAAA)
+                    for family in (A, AAAA):
+                        additional += self._gather(self._rrkey(target, family), target, family, others)
             elif rtype == NS:
-                additional = self.rrset(self.mname, A) + self.rrset(self.mname, AAAA)
+                for family in (A, AAAA):
+                    additional += self._gather(self._rrkey(self.mname, family), self.mname, family, others)
             msg = Message(id=0, flags=RESPONSE_FLAGS, questions=[Question(owner, qtype)],
                           answers=answers, authority=[], additional=additional)
             self.answers[k] = wire.encode_message(msg)
