@@ -73,6 +73,7 @@ class Event:
     obj: Obj
     prev: Obj | None
     line: bytes = field(repr=False)
+    value: bytes = field(default=b"", repr=False)  # the stored encoding of obj
 
 
 @dataclass(slots=True)

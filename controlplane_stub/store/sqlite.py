@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 
 import asyncio
+import bisect
 import fcntl
 import os
 import sqlite3
@@ -97,6 +98,12 @@ class SQLiteStore(Store):
         self._pending: list[_Op] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
+        # Current values live in memory too (like the apiserver's watch cache): gets and lists are
+        # served from here; SQLite is read only at startup and for reads at an older revision.
+        self._cache: dict[str, tuple[int, bytes]] = {}
+        for key, rev, value in db.execute("SELECT key, rev, value FROM objects"):
+            self._cache[key] = (rev, value)
+        self._keys: list[str] = sorted(self._cache)
         meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
         self._rev: int = meta["revision"]
         self._compacted: int = meta["compacted"]
@@ -117,7 +124,7 @@ class SQLiteStore(Store):
     @staticmethod
     def _event(rev: int, type_: str, key: str, value: bytes, prev: bytes | None) -> Event:
         return Event(rev, type_, key, _decode(value), _decode(prev) if prev is not None else None,
-                     event_line(type_, value))
+                     event_line(type_, value), value)
 
     # -- group commit --------------------------------------------------------------------------
     # Writes queue up while a commit (and its fsync) runs in the writer thread; the next batch takes
@@ -158,6 +165,7 @@ class SQLiteStore(Store):
                         op.future.set_exception(out)
                     continue
                 self._rev = out.revision
+                self._cache_apply(out)
                 self._window.append(out)
                 if not op.future.done():
                     op.future.set_result(out.obj)
@@ -199,7 +207,7 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO history VALUES (?, ?, ?, ?, ?)",
                            (rev, op.key, _TYPES.index(type_), value, prev_value))
                 prev = _decode(prev_value) if prev_value is not None else None
-                outcomes.append(Event(rev, type_, op.key, obj, prev, event_line(type_, value)))
+                outcomes.append(Event(rev, type_, op.key, obj, prev, event_line(type_, value), value))
             db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (rev,))
             floor = rev - self._window_size
             if floor > self._compacted + self._compact_every:
@@ -212,9 +220,21 @@ class SQLiteStore(Store):
             raise
         return outcomes, compacted
 
+    def _cache_apply(self, ev: Event) -> None:
+        if ev.type == "DELETED":
+            if self._cache.pop(ev.key, None) is not None:
+                del self._keys[bisect.bisect_left(self._keys, ev.key)]
+            return
+        if ev.key not in self._cache:
+            bisect.insort(self._keys, ev.key)
+        self._cache[ev.key] = (ev.revision, ev.value)
+
     def _current(self, key: str) -> tuple[int, bytes] | None:
-        row = self._db.execute("SELECT rev, value FROM objects WHERE key = ?", (key,)).fetchone()
-        return (row[0], row[1]) if row else None
+        return self._cache.get(key)
+
+    def _range(self, lo: str, end: str) -> builtins.list[str]:
+        keys = self._keys
+        return keys[bisect.bisect_left(keys, lo):bisect.bisect_left(keys, end)]
 
     # -- Store ---------------------------------------------------------------------------------
 
@@ -242,22 +262,23 @@ class SQLiteStore(Store):
             return self._list_at(prefix, end, lo, limit, revision)
         if revision > self._rev:
             raise FutureRevision(f"revision {revision} is newer than the current revision {self._rev}")
-        sql = "SELECT key, value FROM objects WHERE key >= ? AND key < ? ORDER BY key"
-        args: tuple[Any, ...] = (lo, end)
-        if limit:
-            sql += " LIMIT ?"
-            args = (lo, end, limit + 1)
-        rows: list[tuple[str, bytes]] = self._db.execute(sql, args).fetchall()
-        more = bool(limit) and len(rows) > limit
-        return ListResult(self._rev, rows[:limit] if more else rows, more)
+        keys = self._range(lo, end)
+        more = bool(limit) and len(keys) > limit
+        if more:
+            keys = keys[:limit]
+        cache = self._cache
+        return ListResult(self._rev, [(k, cache[k][1]) for k in keys], more)
 
     def _list_at(self, prefix: str, end: str, lo: str, limit: int, revision: int) -> ListResult:
         if revision < self.compacted_revision:
             raise Compacted(revision, self.compacted_revision)
         db = self._db
-        state: dict[str, bytes] = dict(
-            db.execute("SELECT key, value FROM objects WHERE key >= ? AND key < ? AND rev <= ?", (lo, end, revision))
-        )
+        cache = self._cache
+        state: dict[str, bytes] = {}
+        for k in self._range(lo, end):
+            rev, value = cache[k]
+            if rev <= revision:
+                state[k] = value
         # Keys written after `revision`: their value then is the prev of their first later write.
         for key, prev in db.execute(
             "SELECT h.key, h.prev FROM history h WHERE h.key >= ? AND h.key < ? AND h.rev > ? AND h.rev ="
