@@ -136,9 +136,11 @@ class Scheduler:
                         raise
                     log.warning("pods/binding not served (%s); binding by setting spec.nodeName", e)
                     self.binding_supported = False
-            r = await self.client.patch(api.obj_path("pods", pod), {"spec": {"nodeName": node}})
+            await self.client.patch(api.obj_path("pods", pod), {"spec": {"nodeName": node}})
             self.unschedulable.discard(key)
-            await self._condition(r, "True", "", "")
+            # No PodScheduled=True write here: the node agent may already be writing the pod's
+            # status (a merge patch replaces the whole conditions list), and it reports
+            # PodScheduled itself, as the binding subresource would have.
         except Exception:
             self.assumed.pop(key, None)
             raise

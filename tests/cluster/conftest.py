@@ -93,7 +93,8 @@ class ControlPlane:
         self.call(self.client.delete(url))
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 20, interval: float = 0.1, what: str = "condition") -> T:
+def wait_for(cond: Callable[[], T], timeout: float = 20, interval: float = 0.1, what: str = "condition",
+             dump: Callable[[], str] | None = None) -> T:
     """Polls cond until it returns something truthy (bounded in time); fails with what was last seen."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -102,7 +103,8 @@ def wait_for(cond: Callable[[], T], timeout: float = 20, interval: float = 0.1, 
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+    extra = f"\n{dump()}" if dump is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}{extra}")
 
 
 @pytest.fixture(scope="module")
