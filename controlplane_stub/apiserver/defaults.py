@@ -94,14 +94,8 @@ def default_container(container: Obj) -> None:
             value_from["fieldRef"].setdefault("apiVersion", "v1")
     for name in ("livenessProbe", "readinessProbe", "startupProbe"):
         _default_probe(container.get(name))
-    resources = container.get("resources")
-    if not isinstance(resources, dict):
+    if not isinstance(container.get("resources"), dict):
         container["resources"] = {}
-    elif isinstance(resources.get("limits"), dict):
-        # Requests default to limits for every resource that only has a limit.
-        requests = _sub(resources, "requests")
-        for key, value in resources["limits"].items():
-            requests.setdefault(key, value)
 
 
 def default_pod_spec(spec: Obj) -> None:
@@ -131,6 +125,14 @@ def default_pod(pod: Obj) -> None:
     spec = _sub(pod, "spec")
     default_pod_spec(spec)
     # Pods only (not templates): SetDefaults_Pod and the Priority admission plugin.
+    for key in ("containers", "initContainers"):
+        for container in _dicts(spec.get(key)):
+            resources = container.get("resources")
+            if isinstance(resources, dict) and isinstance(resources.get("limits"), dict):
+                # Requests default to limits for every resource that only has a limit.
+                requests = _sub(resources, "requests")
+                for name, value in resources["limits"].items():
+                    requests.setdefault(name, value)
     spec.setdefault("enableServiceLinks", True)
     spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
     spec.setdefault("priority", 0)

@@ -57,6 +57,10 @@ def test_deployment_defaults(seed_deployment: dict[str, Any]) -> None:
     assert container["terminationMessagePath"] == "/dev/termination-log"
     # Pod-only defaults stay off templates, as upstream.
     assert "enableServiceLinks" not in pod and "priority" not in pod
+    limited: dict[str, Any] = {"metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": [
+        {"name": "c", "image": "x", "resources": {"limits": {"cpu": "1"}}}]}}}}
+    apply_defaults("deployments.apps", limited)
+    assert limited["spec"]["template"]["spec"]["containers"][0]["resources"] == {"limits": {"cpu": "1"}}
 
 
 @pytest.mark.timeout(10)
