@@ -29,26 +29,6 @@ def _conflict_msg() -> str:
     return "the object has been modified; please apply your changes to the latest version and try again"
 
 
-def _allocations_only_in(new: Obj, old: Obj | None) -> Obj:
-    """A Service carrying just the IPs/ports `new` holds and `old` does not (to release on failure)."""
-    spec = new.get("spec") or {}
-    ospec = (old or {}).get("spec") or {}
-    old_ips = set(ospec.get("clusterIPs") or ([ospec["clusterIP"]] if ospec.get("clusterIP") else []))
-    ips = [ip for ip in (spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else []))
-           if ip not in old_ips and ip != "None"]
-    old_ports = {p.get("nodePort") for p in ospec.get("ports") or []}
-    ports = [{"port": p.get("port"), "nodePort": p["nodePort"]} for p in spec.get("ports") or []
-             if p.get("nodePort") and p.get("nodePort") not in old_ports]
-    out_spec: dict[str, Any] = {"type": spec.get("type", "ClusterIP"), "ports": ports}
-    if ips:
-        out_spec["clusterIP"] = ips[0]
-        out_spec["clusterIPs"] = ips
-    hc = spec.get("healthCheckNodePort")
-    if hc and hc != ospec.get("healthCheckNodePort"):
-        out_spec["healthCheckNodePort"] = hc
-    return {"apiVersion": "v1", "kind": "Service", "metadata": new.get("metadata", {}), "spec": out_spec}
-
-
 class Registry:
     def __init__(self, store: Store, allocator: semantics.Allocator) -> None:
         self.store = store
@@ -107,11 +87,25 @@ class Registry:
             raise StatusError(403, "Forbidden", f'{res.id} "{namespace}" is forbidden: unable to create new content '
                               f"in namespace {namespace} because it is being terminated")
 
-    def _release_quietly(self, svc: Obj) -> None:
+    def _release_quietly(self, svc: Obj, keep: Obj | None = None) -> None:
+        """Free what svc holds beyond keep (see semantics.Allocator.release)."""
         try:
-            self.allocator.release(svc)
+            self.allocator.release(svc, keep)
         except Exception:  # noqa: BLE001 - releasing what was never fully allocated must not mask the error
             pass
+
+    @staticmethod
+    def check_fields(res: Resource, obj: Any, directive: str, warnings: list[str] | None) -> None:
+        """?fieldValidation: Strict rejects unknown fields (400), Warn reports them, Ignore skips."""
+        if directive == "Ignore" or not isinstance(obj, dict):
+            return
+        unknown = semantics.unknown_fields(res.id, obj)
+        if not unknown:
+            return
+        if directive == "Strict":
+            raise semantics.strict_decoding_error(res.kind, res.version, unknown)
+        if warnings is not None:
+            warnings.extend(f'unknown field "{f}"' for f in unknown)
 
     # -- verbs ---------------------------------------------------------------------------------
 
@@ -162,7 +156,7 @@ class Registry:
                 semantics.validate_update(res.id, obj, old)
             if dry_run:
                 if is_svc:
-                    self._release_quietly(_allocations_only_in(obj, old))
+                    self._release_quietly(obj, old)
                 return obj
             meta = obj["metadata"]
             key = res.key(meta.get("namespace", ""), meta["name"])
@@ -182,11 +176,11 @@ class Registry:
         except Exception:
             # (Not BaseException: a cancelled caller may still see its write commit.)
             if is_svc:
-                self._release_quietly(_allocations_only_in(obj, old))
+                self._release_quietly(obj, old)
             raise
         if is_svc and old is not None:
             # Release what the update gave up (e.g. nodePorts of a type NodePort -> ClusterIP change).
-            self._release_quietly(_allocations_only_in(old, stored))
+            self._release_quietly(old, stored)
         return stored
 
     async def update(self, res: Resource, namespace: str, name: str, body: Any, subresource: str, *,
@@ -231,7 +225,8 @@ class Registry:
         return await self._admit_and_store(res, new, old, dry_run)
 
     async def patch(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes, subresource: str,
-              *, dry_run: bool, field_manager: str, force: bool) -> tuple[Obj, bool]:
+                    *, dry_run: bool, field_manager: str, force: bool, field_validation: str = "Ignore",
+                    warnings: list[str] | None = None) -> tuple[Obj, bool]:
         """Returns (object, created): server-side apply creates what is missing."""
         old = self.store.get(res.key(namespace, name))
         if content_type == "application/apply-patch+yaml":
@@ -250,14 +245,17 @@ class Registry:
             if old is None:
                 if subresource:
                     raise not_found(res.plural, name, res.group)
+                self.check_fields(res, applied, field_validation, warnings)
                 obj = semantics.server_side_apply(None, applied, field_manager, force)
                 obj.setdefault("metadata", {})["name"] = name
                 return (await self.create(res, namespace, obj, dry_run=dry_run)), True
+            self.check_fields(res, applied, field_validation, warnings)
             new = semantics.server_side_apply(copy.deepcopy(old), applied, field_manager, force)
         else:
             if old is None:
                 raise not_found(res.plural, name, res.group)
             new = semantics.apply_patch(content_type, copy.deepcopy(old), body, res.id)
+            self.check_fields(res, new, field_validation, warnings)
         new = self._check_identity(res, namespace, new)
         rv = new["metadata"].get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:

@@ -60,7 +60,8 @@ def validate_update(resource: str, obj: dict[str, Any], old: dict[str, Any]) -> 
 class Allocator(Protocol):
     def load(self, existing_services: Any) -> None: ...
     def assign(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None: ...
-    def release(self, obj: dict[str, Any]) -> None: ...
+    def release(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
+        """Free what obj holds beyond old (everything when old is None); old's values stay taken."""
 
 
 class _NoAllocator:
@@ -72,7 +73,7 @@ class _NoAllocator:
     def assign(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         pass
 
-    def release(self, obj: dict[str, Any]) -> None:
+    def release(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
         pass
 
 
@@ -141,6 +142,34 @@ def openapi_v2() -> dict[str, Any]:
         out: dict[str, Any] = _openapi.openapi_v2()
         return out
     return {"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": {}, "definitions": {}}
+
+
+OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf"
+
+
+def openapi_v2_protobuf() -> bytes | None:
+    """The v2 document as gnostic protobuf (what kubectl's OpenAPI getter asks for), if available."""
+    if _openapi is not None and hasattr(_openapi, "openapi_v2_protobuf"):
+        out: bytes = _openapi.openapi_v2_protobuf()
+        return out
+    return None
+
+
+def unknown_fields(resource: str, obj: dict[str, Any]) -> list[str]:
+    """Dotted paths of fields the schema does not declare ([] when validation.py cannot tell)."""
+    if _validation is not None and hasattr(_validation, "unknown_fields"):
+        out: list[str] = _validation.unknown_fields(resource, obj)
+        return out
+    return []
+
+
+def strict_decoding_error(kind: str, version: str, fields: list[str]) -> StatusError:
+    if _validation is not None and hasattr(_validation, "strict_decoding_error"):
+        err: StatusError = _validation.strict_decoding_error(kind, version, fields)
+        return err
+    listed = ", ".join(f'unknown field "{f}"' for f in fields)
+    return StatusError(400, "BadRequest",
+                       f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: {listed}')
 
 
 def openapi_v3_index() -> dict[str, Any] | None:

@@ -138,6 +138,10 @@ class APIServer:
         return json_response(discovery.version())
 
     async def _openapi_v2(self, request: web.Request) -> web.Response:
+        if "application/com.github.proto-openapi.spec.v2" in request.headers.get("Accept", ""):
+            pb = semantics.openapi_v2_protobuf()
+            if pb is not None:
+                return web.Response(body=pb, headers={"Content-Type": semantics.OPENAPI_V2_PROTOBUF})
         return json_response(semantics.openapi_v2())
 
     async def _openapi_v3(self, request: web.Request) -> web.Response:
@@ -206,6 +210,11 @@ class APIServer:
         dry_run = q.get("dryRun") == "All"
         if "dryRun" in q and not dry_run:
             raise bad_request(f"unsupported dry run option {q['dryRun']!r}: want All")
+        # The real server's default for an unset fieldValidation is Warn (kubectl sends Strict).
+        field_validation = q.get("fieldValidation", "Warn")
+        if field_validation not in ("Ignore", "Warn", "Strict"):
+            raise bad_request(f"fieldValidation must be Ignore, Warn or Strict, not {field_validation!r}")
+        warnings: list[str] = []
         if method == "GET":
             is_watch = t.watch_path or q.get("watch") in ("true", "1")
             if is_watch:
@@ -222,15 +231,17 @@ class APIServer:
         if method == "POST" and not t.name:
             self._authorize(request, "create", t)
             body = await self._read_body(request)
+            self.registry.check_fields(t.res, body, field_validation, warnings)
             created = await self.registry.create(t.res, t.namespace, body, dry_run=dry_run)
-            return self._object_response(request, t, created, 201)
+            return self._warn(self._object_response(request, t, created, 201), warnings)
         if method == "PUT" and t.name:
             self._authorize(request, "update", t)
             body = await self._read_body(request)
             if t.sub == "scale":
                 return json_response(await self._update_scale(t, body, dry_run))
+            self.registry.check_fields(t.res, body, field_validation, warnings)
             updated = await self.registry.update(t.res, t.namespace, t.name, body, t.sub, dry_run=dry_run)
-            return self._object_response(request, t, updated, 200)
+            return self._warn(self._object_response(request, t, updated, 200), warnings)
         if method == "PATCH" and t.name:
             self._authorize(request, "patch", t)
             ctype = request.content_type
@@ -242,8 +253,9 @@ class APIServer:
                 return json_response(await self._patch_scale(t, ctype, raw, dry_run))
             obj, was_created = await self.registry.patch(t.res, t.namespace, t.name, ctype, raw, t.sub, dry_run=dry_run,
                                                field_manager=q.get("fieldManager", ""),
-                                               force=q.get("force") == "true")
-            return self._object_response(request, t, obj, 201 if was_created else 200)
+                                               force=q.get("force") == "true", field_validation=field_validation,
+                                               warnings=warnings)
+            return self._warn(self._object_response(request, t, obj, 201 if was_created else 200), warnings)
         if method == "DELETE":
             options: Obj = {}
             if request.can_read_body:
@@ -265,6 +277,12 @@ class APIServer:
                 self._authorize(request, "deletecollection", t)
                 return await self._delete_collection(request, t, options, dry_run)
         raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    @staticmethod
+    def _warn(resp: web.Response, warnings: list[str]) -> web.Response:
+        for w in warnings:
+            resp.headers.add("Warning", '299 - "' + w.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        return resp
 
     @staticmethod
     async def _read_body(request: web.Request) -> Any:

@@ -249,3 +249,27 @@ def test_table_response(admin: Client, namespace: str) -> None:
     assert code == 200 and table["kind"] == "Table"
     assert table["rows"][0]["cells"][0] == "tbl" and table["metadata"]["resourceVersion"]
     assert table["columnDefinitions"][0]["name"] == "Name"
+
+
+def test_field_validation(admin: Client, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}/configmaps"
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fv"}, "data": {}, "bogus": 1}
+    code, status = admin.post(base, body, fieldValidation="Strict")
+    assert code == 400 and 'strict decoding error: unknown field "bogus"' in status["message"]
+    assert admin.get(f"{base}/fv")[0] == 404
+    r = admin.session.post(admin.api.url + base, json=body, params={"fieldValidation": "Warn"}, timeout=30)
+    assert r.status_code == 201 and 'unknown field \\"bogus\\"' in r.headers.get("Warning", "")
+    assert admin.post(base, body, fieldValidation="Sometimes")[0] == 400
+
+
+def test_openapi_documents(admin: Client) -> None:
+    code, v3 = admin.get("/openapi/v3")
+    assert code == 200 and "api/v1" in v3["paths"] and "apis/apps/v1" in v3["paths"]
+    code, doc = admin.get("/openapi/v3/apis/apps/v1")
+    assert code == 200 and any("deployments" in p for p in doc["paths"])
+    r = admin.session.get(admin.api.url + "/openapi/v2", timeout=30,
+                          headers={"Accept": "application/com.github.proto-openapi.spec.v2@v1.0+protobuf"})
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/com.github.proto-openapi")
+    assert r.content.startswith(b"\n\x032.0")  # gnostic Document field 1 (swagger) = "2.0", not JSON
+    code, v2 = admin.get("/openapi/v2")
+    assert code == 200 and v2["swagger"] == "2.0"
