@@ -190,15 +190,16 @@ def test_failed_update_rollback_and_load() -> None:
 @pytest.mark.timeout(20)
 def test_ten_thousand_services_are_fast_and_unique() -> None:
     alloc = ServiceAllocator(["10.96.0.0/12"], (30000, 32767))
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other engineers' tests load this machine
     seen: set[str] = set()
     for i in range(10_000):
         s = {"metadata": {"name": f"s{i}"}, "spec": {"type": "ClusterIP", "ports": [{"port": 80}]}}
         alloc.assign(s, None)
         seen.add(s["spec"]["clusterIP"])
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(seen) == 10_000
-    assert elapsed < 2.0, f"10,000 allocations took {elapsed:.2f}s"
+    # ~0.1 s here; a first-free scan of the range needs ~3 s (bench/bench_apisem_semantics.py).
+    assert elapsed < 1.5, f"10,000 allocations took {elapsed:.2f}s of CPU"
 
 
 @pytest.mark.timeout(10)
