@@ -15,6 +15,7 @@ log = logging.getLogger("kdns.server")
 
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent between queries
 TCP_MAX_INFLIGHT = 32  # forwarded queries pending per TCP connection
+TCP_MAX_CONNECTIONS = 512  # beyond this new connections are closed at once (fds are finite)
 MAX_FORWARDS = 1000  # forwarded queries pending in total (beyond: SERVFAIL, not unbounded memory)
 UDP_BATCHES = 16  # recvmmsg batches per readiness callback, so TCP and watches get their turn
 
@@ -32,6 +33,7 @@ class DNSServer:
         self.tcp: asyncio.Server | None = None
         self.pending = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.tcp_connections = 0
 
     async def start(self) -> None:
         """Bind UDP and TCP on the same port (port 0: a free one, retried if TCP's is taken)."""
@@ -121,6 +123,16 @@ class DNSServer:
     # ---------------------------------------------------------------------------- TCP
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.tcp_connections >= TCP_MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.tcp_connections += 1
+        try:
+            await self._tcp_session(reader, writer)
+        finally:
+            self.tcp_connections -= 1
+
+    async def _tcp_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         inflight = asyncio.Semaphore(TCP_MAX_INFLIGHT)
         tasks: set[asyncio.Task[None]] = set()
 
