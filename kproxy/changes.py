@@ -56,7 +56,10 @@ def merge_slices(slices: dict[str, SliceEndpoints]) -> EndpointsMap:
     if len(slices) == 1:
         # The common case (up to 100 endpoints per slice): slice_endpoints already sorted and
         # de-duplicated each port's tuple.
+        # Shared, not copied: applied slices are replaced whole, never mutated.
         (only,) = slices.values()
+        if all(only.values()):
+            return only
         return {spn: eps for spn, eps in only.items() if eps}
     merged: dict[ServicePortName, dict[str, Endpoint]] = {}
     for name in sorted(slices):

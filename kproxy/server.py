@@ -20,7 +20,7 @@ from kproxy.changes import ProxyState, parse_trigger_time
 from kproxy.config import ConfigError, KProxyConfig
 from kproxy.healthz import ProxierHealth, health_app
 from kproxy.kube.client import ApiClient
-from kproxy.kube.informer import Informer
+from kproxy.kube.informer import Informer, SummaryStore
 from kproxy.kube.ingest import (
     ENDPOINTSLICE_LABEL_SELECTOR,
     SERVICE_LABEL_SELECTOR,
@@ -121,6 +121,11 @@ async def _start_http(app: web.Application, address: str, what: str) -> web.AppR
     return runner
 
 
+def _slice_service_key(es: EndpointSlice) -> str:
+    svc = es.service_name
+    return f"{es.metadata.namespace}/{svc}" if svc else ""
+
+
 class ProxyServer:
     """The running pieces; `run()` returns only when cancelled."""
 
@@ -149,31 +154,27 @@ class ProxyServer:
         self.metrics.endpoint_changes_pending.set(self.state.endpoints_tracker.pending())
         self.runner.run()
 
-    def on_service(self, old: Service | None, new: Service | None) -> None:
-        obj = new or old
-        assert obj is not None
-        key = f"{obj.metadata.namespace}/{obj.metadata.name}"
-        if self.state.services_tracker.update(key, service_ports(new) if new else {}):
+    def on_service(self, key: str, _old: str | None, svc: Service | None) -> None:
+        if self.state.services_tracker.update(key, service_ports(svc) if svc is not None else {}):
             self.metrics.service_changes_total.inc()
             self._queued()
 
-    def on_slice(self, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
-        if old is not None and (new is None or new.service_name != old.service_name):
-            # Deleted, or (unusually) relabelled to another Service: gone from the old one.
-            self._slice_update(old, None)
-        if new is not None:
-            self._slice_update(new, new)
-
-    def _slice_update(self, es: EndpointSlice, content: EndpointSlice | None) -> None:
-        svc = es.service_name
-        if not svc:
+    def on_slice(self, key: str, old_service: str | None, es: EndpointSlice | None) -> None:
+        """key: the slice's namespace/name; old_service: the Service key it belonged to."""
+        name = key.partition("/")[2]
+        new_service = _slice_service_key(es) if es is not None else None
+        # Deleted, or (unusually) relabelled to another Service: gone from the old one.
+        if (old_service and old_service != new_service
+                and self.state.endpoints_tracker.update(old_service, name, None)):
+            self.metrics.endpoint_changes_total.inc()
+            self._queued()
+        if es is None or not new_service:
             return
-        key = f"{es.metadata.namespace}/{svc}"
-        trig = parse_trigger_time(trigger_time(content)) if content is not None else None
+        trig = parse_trigger_time(trigger_time(es))
         if trig is not None and trig < self.start_time:
             trig = None  # as upstream: changes from before we started say nothing about us
-        eps = slice_endpoints(content, self.cfg.node_name) if content is not None else None
-        if self.state.endpoints_tracker.update(key, es.metadata.name, eps, trig):
+        eps = slice_endpoints(es, self.cfg.node_name)
+        if self.state.endpoints_tracker.update(new_service, name, eps, trig):
             self.metrics.endpoint_changes_total.inc()
             self._queued()
 
@@ -254,8 +255,8 @@ class ProxyServer:
                 r = await _start_http(app, addr, what)
                 if r is not None:
                     http.append(r)
-            svc_inf: Informer[Service] = Informer(self.on_service)
-            es_inf: Informer[EndpointSlice] = Informer(self.on_slice)
+            svc_inf: SummaryStore[Service] = SummaryStore(self.on_service)
+            es_inf: SummaryStore[EndpointSlice] = SummaryStore(self.on_slice, _slice_service_key)
             svc_r = Reflector(self.client, "/api/v1/services", Service, svc_inf,
                               label_selector=SERVICE_LABEL_SELECTOR, name="services")
             es_r = Reflector(self.client, "/apis/discovery.k8s.io/v1/endpointslices", EndpointSlice, es_inf,

@@ -78,3 +78,47 @@ class Informer(Generic[T]):
 
     def keys(self) -> list[str]:
         return list(self._items)
+
+
+class SummaryStore(Generic[T]):
+    """A ReflectorStore that keeps only key -> a short summary string per object, not the
+    objects: for consumers that turn each object into their own records at once (kproxy's
+    trackers), holding 10,000 decoded EndpointSlices as well would double the memory.
+
+    handler(key, old_summary, item): old_summary None for a new key; item None for a delete
+    (including objects that vanished while the watch was down, found at relist)."""
+
+    def __init__(self, handler: Callable[[str, str | None, T | None], None],
+                 summary: Callable[[T], str] = lambda _: "") -> None:
+        self._handler = handler
+        self._summary = summary
+        self._keys: dict[str, str] = {}
+        self.resource_version = ""
+
+    def replace(self, items: list[T], resource_version: str) -> None:
+        fresh = {object_key(i): i for i in items}
+        old = self._keys
+        self._keys = {}
+        self.resource_version = resource_version
+        for key, summary in old.items():
+            if key not in fresh:
+                self._handler(key, summary, None)
+        for key, item in fresh.items():
+            self._keys[key] = self._summary(item)
+            self._handler(key, old.get(key), item)
+
+    def apply(self, event_type: str, item: T) -> None:
+        key = object_key(item)
+        old = self._keys.get(key)
+        if event_type == "DELETED":
+            self._keys.pop(key, None)
+            self._handler(key, old, None)
+        else:
+            self._keys[key] = self._summary(item)
+            self._handler(key, old, item)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)

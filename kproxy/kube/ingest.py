@@ -5,7 +5,7 @@ msgspec fills only these fields while parsing and skips the rest of the JSON.
 """
 from __future__ import annotations
 
-from typing import cast
+from sys import intern
 
 import msgspec
 
@@ -22,7 +22,6 @@ SERVICE_LABEL_SELECTOR = f"!{SERVICE_PROXY_NAME_LABEL}"
 ENDPOINTSLICE_LABEL_SELECTOR = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # v1.DefaultClientIPServiceAffinitySeconds
 
-_PROTOCOLS = frozenset(("TCP", "UDP", "SCTP"))
 
 
 # ---- v1.Service ------------------------------------------------------------------------------
@@ -76,9 +75,13 @@ class Service(msgspec.Struct, gc=False):
     status: ServiceStatus = msgspec.field(default_factory=ServiceStatus)
 
 
+_PROTOCOL_CONST: dict[str, Protocol] = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
+_TYPE_CONST = {"ClusterIP": "ClusterIP", "NodePort": "NodePort", "LoadBalancer": "LoadBalancer"}
+
+
 def _protocol(value: str | None) -> Protocol | None:
-    p = value or "TCP"
-    return cast(Protocol, p) if p in _PROTOCOLS else None
+    # The module's constant, not the decoded copy: 100,000 records then share one string.
+    return _PROTOCOL_CONST.get(value or "TCP")
 
 
 def service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
@@ -91,7 +94,7 @@ def service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
                         if ip and ip != "None")
     if not cluster_ips:
         return {}
-    svc_type = spec.type if spec.type in ("ClusterIP", "NodePort", "LoadBalancer") else "ClusterIP"
+    svc_type = _TYPE_CONST.get(spec.type, "ClusterIP")
     affinity: int | None = None
     if spec.session_affinity == "ClientIP":
         cfg = spec.session_affinity_config
@@ -112,7 +115,9 @@ def service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
         proto = _protocol(p.protocol)
         if proto is None or not p.port:
             continue
-        spn = ServicePortName(svc.metadata.namespace, svc.metadata.name, p.name, proto)
+        # Interned: the same names recur in every Endpoint's and ServicePort's key, and the
+        # decoder makes a fresh copy of each occurrence (memory at 10,000 Services).
+        spn = ServicePortName(intern(svc.metadata.namespace), intern(svc.metadata.name), intern(p.name), proto)
         out[spn] = ServicePort(
             name=spn,
             type=svc_type,  # type: ignore[arg-type]
@@ -179,7 +184,7 @@ def slice_endpoints(es: EndpointSlice, node_name: str) -> SliceEndpoints:
         proto = _protocol(p.protocol)
         if p.port is None or proto is None:
             continue
-        spn = ServicePortName(es.metadata.namespace, svc, p.name or "", proto)
+        spn = ServicePortName(intern(es.metadata.namespace), intern(svc), intern(p.name or ""), proto)
         eps: dict[str, Endpoint] = {}  # by IP: one port, so the IP identifies the endpoint
         for e in es.endpoints or ():
             if not e.addresses:
@@ -190,7 +195,7 @@ def slice_endpoints(es: EndpointSlice, node_name: str) -> SliceEndpoints:
             seen = eps.get(ip)
             if seen is not None and (seen.ready or not ready):
                 continue  # a duplicate listing: keep the ready copy
-            node = e.node_name or ""
+            node = intern(e.node_name) if e.node_name else ""
             eps[ip] = Endpoint(
                 ip=ip,
                 port=p.port,
@@ -198,7 +203,7 @@ def slice_endpoints(es: EndpointSlice, node_name: str) -> SliceEndpoints:
                 serving=ready if c.serving is None else c.serving,
                 terminating=bool(c.terminating),
                 node_name=node,
-                zone=e.zone or "",
+                zone=intern(e.zone) if e.zone else "",
                 hostname=e.hostname or "",
                 is_local=bool(node_name) and node == node_name,
             )

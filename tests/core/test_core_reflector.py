@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from kproxy.kube.client import ApiClient
-from kproxy.kube.informer import Informer
+from kproxy.kube.informer import Informer, SummaryStore
 from kproxy.kube.kubeconfig import ClusterAccess
 from kproxy.kube.reflector import Backoff, Reflector
 from kproxy.kube.types import ObjectMeta
@@ -188,3 +188,20 @@ def test_backoff_doubles_caps_jitters_and_resets() -> None:
     delays = [b.next_delay(now=float(i)) for i in range(6)]
     assert delays == [1.5, 3.0, 6.0, 12.0, 12.0, 12.0]
     assert b.next_delay(now=1000.0) == 1.5  # quiet for longer than reset_after
+
+
+def test_summary_store_reports_relist_deletes_with_their_summary() -> None:
+    seen: list[tuple[str, str | None, str | None]] = []
+    st: SummaryStore[Thing] = SummaryStore(lambda k, old, new: seen.append((k, old, new.spec.color if new else None)),
+                                           summary=lambda t: t.spec.color)
+
+    def t(name: str, color: str) -> Thing:
+        return Thing(ObjectMeta(name=name, namespace="ns"), ThingSpec(color))
+
+    st.replace([t("a", "1"), t("b", "2")], "10")
+    st.apply("MODIFIED", t("a", "3"))
+    st.apply("DELETED", t("a", "3"))
+    st.replace([t("c", "4")], "20")  # b vanished while the watch was down
+    assert seen == [("ns/a", None, "1"), ("ns/b", None, "2"), ("ns/a", "1", "3"), ("ns/a", "3", None),
+                    ("ns/b", "2", None), ("ns/c", None, "4")]
+    assert "ns/c" in st and len(st) == 1
