@@ -455,6 +455,7 @@ class APIServer:
             send_initial_events=send_initial,
             allow_bookmarks=allow_bm,
             timeout_seconds=timeout,
+            table_include=q.get("includeObject", "Metadata") if self._wants_table(request) else None,
         )
         return await self.watches.serve(request, wr)
 

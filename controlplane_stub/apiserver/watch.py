@@ -37,6 +37,9 @@ class WatchRequest:
     send_initial_events: bool | None
     allow_bookmarks: bool
     timeout_seconds: float
+    # kubectl get -w asks for meta.k8s.io Tables: then every event's object is a one-row Table
+    # (value = includeObject); None for plain objects.
+    table_include: str | None = None
 
 
 def _error_line(code: int, reason: str, message: str) -> bytes:
@@ -64,6 +67,23 @@ class WatchHub:
     def stop(self) -> None:
         self.stopping = True
         self.store.wake_watchers()
+
+    @staticmethod
+    def _encode_out(wr: WatchRequest, lines: list[bytes]) -> bytes:
+        if wr.table_include is None:
+            return b"".join(lines)
+        from . import semantics
+
+        out = []
+        for line in lines:
+            ev = msgspec.json.decode(line)
+            if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                table = semantics.to_table(wr.res.id, [ev["object"]], wr.table_include)
+                table.setdefault("metadata", {})["resourceVersion"] = ev["object"]["metadata"].get(
+                    "resourceVersion", "")
+                ev["object"] = table
+            out.append(_encode(ev) + b"\n")
+        return b"".join(out)
 
     async def serve(self, request: web.Request, wr: WatchRequest) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
@@ -100,7 +120,7 @@ class WatchHub:
             if wr.send_initial_events and wr.allow_bookmarks:
                 lines.append(_bookmark_line(wr.res, cursor, initial_end=True))
             if lines:
-                await resp.write(b"".join(lines))
+                await resp.write(self._encode_out(wr, lines))
         else:
             try:
                 cursor = int(rv)
@@ -133,7 +153,7 @@ class WatchHub:
                 elif now_in:
                     out.append(ev.line)
             if out:
-                await resp.write(b"".join(out))
+                await resp.write(self._encode_out(wr, out))
             if events:
                 continue
             now = time.monotonic()

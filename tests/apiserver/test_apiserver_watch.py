@@ -22,10 +22,12 @@ def _ssl(api: APIServerProcess) -> ssl.SSLContext:
 
 
 async def _collect(api: APIServerProcess, path: str, params: dict[str, str], *, count: int = 0,
-                   until_type: str = "", deadline: float = 20.0) -> list[dict[str, Any]]:
+                   until_type: str = "", deadline: float = 20.0, accept: str = "") -> list[dict[str, Any]]:
     """Read watch events until `count` non-bookmark events, an event of until_type, EOF or the deadline."""
     events: list[dict[str, Any]] = []
     headers = {"Authorization": f"Bearer {api.token}"}
+    if accept:
+        headers["Accept"] = accept
     async with aiohttp.ClientSession() as s:
         async with s.get(api.url + path, params={"watch": "true", **params}, headers=headers, ssl=_ssl(api),
                          timeout=aiohttp.ClientTimeout(total=deadline)) as r:
@@ -44,6 +46,17 @@ async def _collect(api: APIServerProcess, path: str, params: dict[str, str], *, 
 def _watch(api: APIServerProcess, path: str, **kw: Any) -> list[dict[str, Any]]:
     params = kw.pop("params", {})
     return asyncio.run(_collect(api, path, params, **kw))
+
+
+def test_table_watch_for_kubectl_get_w(apiserver: APIServerProcess, admin: Client, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}/services"
+    admin.post(base, service("tw"))
+    events = _watch(apiserver, base, count=1,
+                    accept="application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
+    table = events[0]["object"]
+    assert events[0]["type"] == "ADDED" and table["kind"] == "Table"
+    assert table["rows"][0]["cells"][0] == "tw" and table["metadata"]["resourceVersion"]
+    assert [c["name"] for c in table["columnDefinitions"]][:2] == ["Name", "Type"]
 
 
 def _names(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
