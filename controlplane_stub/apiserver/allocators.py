@@ -10,8 +10,8 @@ above a small "static" band at the bottom of the range that is left for user-cho
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 from .errors import StatusError
 from .validation import FieldErrors

@@ -6,8 +6,8 @@ Cluster IPs, node ports and ipFamilies are not defaults: the ServiceAllocator as
 """
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 Obj = dict[str, Any]
 

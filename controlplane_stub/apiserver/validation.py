@@ -12,8 +12,8 @@ import binascii
 import ipaddress
 import json
 import re
-from typing import Any
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import StatusError, invalid
 
