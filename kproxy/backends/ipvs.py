@@ -18,6 +18,7 @@ next full sync, which converges whatever a failed batch left behind.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -145,7 +146,9 @@ def _addr_text(raw: bytes, family: int) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
+@functools.lru_cache(maxsize=65536)
 def service_key_attrs(vs: VirtualServer) -> bytes:
+    """The key part of a service (cached: every real server message of a service repeats it)."""
     family = _family(vs.address)
     return (
         _nla(SVC_AF, _U16.pack(family))
@@ -217,17 +220,6 @@ def parse_dest(payload: bytes, service_family: int) -> tuple[RealServer, int]:
         inactive_conns=u32(DEST_INACT_CONNS),
     )
     return rs, u32(DEST_FWD_METHOD) & 0x7
-
-
-_PROC_FWD = {"Masq": 0, "Local": 1, "Tunnel": 2, "Route": 3}
-
-
-def _proc_addr(text: str) -> tuple[str, int]:
-    """/proc/net/ip_vs addresses: 0A600001:0050 (IPv4 hex) or [2001:db8::1]:0050."""
-    host, _, port = text.rpartition(":")
-    if host.startswith("["):
-        return str(ipaddress.ip_address(host[1:-1])), int(port, 16)
-    return socket.inet_ntop(socket.AF_INET, bytes.fromhex(host)), int(port, 16)
 
 
 class _Socket:
@@ -419,29 +411,6 @@ class IPVS:
             attrs = _attrs(payload, _GENLHDR.size)
             if CMD_ATTR_DEST in attrs:
                 out.append(parse_dest(attrs[CMD_ATTR_DEST], family))
-        return out
-
-    def all_dests(self) -> dict[tuple[str, int, str], list[tuple[RealServer, int]]]:
-        """Every service's real servers from ONE read of /proc/net/ip_vs (this network
-        namespace's table): a netlink dest dump is one round trip per service, which at 10,000
-        services costs seconds. Same data (address, port, forwarding method, weight, counters);
-        services themselves still come from netlink (flags and timeouts are exact there)."""
-        out: dict[tuple[str, int, str], list[tuple[RealServer, int]]] = {}
-        current: list[tuple[RealServer, int]] | None = None
-        with open("/proc/net/ip_vs") as f:
-            for line in f:
-                parts = line.split()
-                if not parts:
-                    continue
-                if parts[0] in PROTOCOLS and len(parts) >= 2:
-                    ip, port = _proc_addr(parts[1])
-                    current = out.setdefault((ip, port, parts[0]), [])
-                elif parts[0] == "->" and current is not None and len(parts) >= 6 and parts[1] != "RemoteAddress:Port":
-                    ip, port = _proc_addr(parts[1])
-                    rs = RealServer(ip, port, int(parts[3]), int(parts[4]), int(parts[5]))
-                    current.append((rs, _PROC_FWD.get(parts[2], -1)))
-                elif parts[0] == "FWM":
-                    current = None
         return out
 
     def dests(self, vs: VirtualServer) -> list[RealServer]:

@@ -107,12 +107,20 @@ def test_ipvs_restart_converges_without_disturbing_live_services(topo: Topology,
     finally:
         conn.close()
         again.close()
-    # A restart that finds stale state (a deleted service, a foreign real server) repairs it.
+    # A restart that finds stale state (a foreign real server, a service nobody wants) repairs it.
     with nl.IPVS() as ipvs_sock:
         vs = nl.VirtualServer("10.96.1.3", 80, "TCP", "rr", 1, 300)
-        assert ipvs_sock.apply([ipvs_sock.add_dest(vs, nl.RealServer("10.244.0.77", 8080))]) == []
-    state.sync()
-    assert "10.244.0.77" not in sh("ipvsadm", "-Ln")
+        stale = nl.VirtualServer("10.96.1.99", 80, "TCP")
+        assert ipvs_sock.apply([ipvs_sock.add_dest(vs, nl.RealServer("10.244.0.77", 8080)),
+                                ipvs_sock.add_service(stale)]) == []
+    assert "10.244.0.77" in sh("ipvsadm", "-Ln")
+    restarted = make_proxier(tcpfin_timeout=2)
+    try:
+        assert restarted.sync(SyncRequest(dict(state.services), dict(state.endpoints))).ok
+    finally:
+        restarted.close()
+    table = sh("ipvsadm", "-Ln")
+    assert "10.244.0.77" not in table and "10.96.1.99" not in table and "10.96.1.3:80" in table
 
 
 @pytest.mark.timeout(90)
