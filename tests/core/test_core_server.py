@@ -1,0 +1,89 @@
+"""The server's event handlers and mode registry, without the network (the process-level run
+against the real API server is in test_core_apiserver.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from kproxy.config import ConfigError, KProxyConfig
+from kproxy.kube.informer import SummaryStore
+from kproxy.kube.ingest import EndpointSlice, Node, Service
+from kproxy.model import ServicePortName
+from kproxy.server import ModeRegistry, ProxyServer, _slice_service_key
+
+WEB = ServicePortName("ns", "web", "http", "TCP")
+
+
+def _server() -> ProxyServer:
+    return ProxyServer(KProxyConfig(hostname_override="n1"), lambda c: None, client=None)  # type: ignore[arg-type,return-value]
+
+
+def _svc(name: str, **labels: str) -> Service:
+    return msgspec.convert({"metadata": {"name": name, "namespace": "ns", "labels": labels},
+                            "spec": {"clusterIP": "10.0.0.1", "ports": [{"name": "http", "port": 80}]}}, Service)
+
+
+def _slice(name: str, service: str, ips: list[str]) -> EndpointSlice:
+    return msgspec.convert({"metadata": {"name": name, "namespace": "ns",
+                                         "labels": {"kubernetes.io/service-name": service}},
+                            "ports": [{"name": "http", "port": 8080}],
+                            "endpoints": [{"addresses": [ip], "nodeName": "n1"} for ip in ips]}, EndpointSlice)
+
+
+def test_handlers_track_relist_relabel_and_queue_runs() -> None:
+    srv = _server()
+    svcs: SummaryStore[Service] = SummaryStore(srv.on_service)
+    slices: SummaryStore[EndpointSlice] = SummaryStore(srv.on_slice, _slice_service_key)
+    svcs.replace([_svc("web"), _svc("api")], "1")
+    slices.replace([_slice("web-1", "web", ["10.1.0.1"]), _slice("web-2", "web", ["10.1.0.2"])], "1")
+    assert srv.health.oldest_pending_queued is not None and srv.runner.policy.requested
+    req = srv.state.checkout(full=True).request
+    assert [e.ip for e in req.endpoints[WEB]] == ["10.1.0.1", "10.1.0.2"] and req.endpoints[WEB][0].is_local
+
+    # web-2 is relabelled to "api": its endpoint leaves web and joins api.
+    slices.apply("MODIFIED", _slice("web-2", "api", ["10.1.0.2"]))
+    req = srv.state.checkout(full=False).request
+    assert [e.ip for e in req.endpoints[WEB]] == ["10.1.0.1"]
+    assert [e.ip for e in req.endpoints[ServicePortName("ns", "api", "http", "TCP")]] == ["10.1.0.2"]
+
+    # A relist that drops web-1 and api (gone while the watch was down) and repeats the rest:
+    # only the removals are changes.
+    slices.replace([_slice("web-2", "api", ["10.1.0.2"])], "2")
+    svcs.replace([_svc("web")], "2")
+    co = srv.state.checkout(full=False)
+    assert co.request.changed == {WEB, ServicePortName("ns", "api", "http", "TCP")}
+    assert WEB not in co.request.endpoints and list(co.request.services) == [WEB]
+    # Same content again: nothing pending.
+    svcs.replace([_svc("web")], "3")
+    assert not srv.state.pending()
+
+
+def test_node_eligibility_follows_the_node() -> None:
+    srv = _server()
+    node = msgspec.convert({"metadata": {"name": "n1"}}, Node)
+    srv.on_node(None, node)
+    assert srv.health.node_eligible and srv.node is node
+    srv.on_node(node, msgspec.convert({"metadata": {"name": "n1", "deletionTimestamp": "2026-11-23T19:00:00Z"}},
+                                      Node))
+    assert not srv.health.node_eligible
+    srv.on_node(node, None)
+    assert not srv.health.node_eligible
+
+
+def test_mode_registry_errors_name_the_flag(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "core_mode_without_factory.py").write_text("X = 1\n")
+    (tmp_path / "core_mode_broken_import.py").write_text("import core_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = ModeRegistry({"a": "core_mode_without_factory", "b": "core_mode_broken_import",
+                        "c": "core_no_such_mode_module", "d": lambda cfg: "proxier"})
+    with pytest.raises(ConfigError, match="--proxy-mode a: core_mode_without_factory has no new_proxier"):
+        reg.factory("a")
+    # A module that exists but whose own import fails is a bug to show, not "not available".
+    with pytest.raises(ModuleNotFoundError, match="core_no_such_dependency"):
+        reg.factory("b")
+    with pytest.raises(ConfigError, match="--proxy-mode c: not available in this build"):
+        reg.factory("c")
+    assert reg.factory("d")(KProxyConfig()) == "proxier"
+    assert {"iptables", "ipvs", "nftables", "userspace"} <= set(reg.names())
