@@ -454,16 +454,22 @@ class Informer:
 
 
 class WorkQueue:
-    """Deduplicating key queue: a key queued many times while waiting is processed once."""
+    """Deduplicating key queue (client-go's workqueue semantics): a key queued many times while
+    waiting is processed once, and never by two workers at a time; a key added while it is being
+    processed is processed again afterwards."""
 
     def __init__(self) -> None:
         self._q: asyncio.Queue[str] = asyncio.Queue()
-        self._pending: set[str] = set()
+        self._queued: set[str] = set()
+        self._processing: set[str] = set()
+        self._dirty: set[str] = set()
         self._delayed: dict[str, asyncio.TimerHandle] = {}
 
     def add(self, key: str) -> None:
-        if key not in self._pending:
-            self._pending.add(key)
+        if key in self._processing:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
             self._q.put_nowait(key)
 
     def add_after(self, key: str, seconds: float) -> None:
@@ -479,16 +485,24 @@ class WorkQueue:
 
     async def get(self) -> str:
         key = await self._q.get()
-        self._pending.discard(key)
+        self._queued.discard(key)
+        self._processing.add(key)
         return key
+
+    def done(self, key: str) -> None:
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
 
     def __len__(self) -> int:
         return self._q.qsize()
 
 
-async def run_worker(name: str, queue: WorkQueue, sync: Callable[[str], Awaitable[None]]) -> None:
+async def run_worker(name: str, queue: WorkQueue, sync: Callable[[str], Awaitable[None]],
+                     failures: dict[str, int] | None = None) -> None:
     """Processes keys forever; a failed sync is retried with backoff instead of killing the loop."""
-    failures: dict[str, int] = {}
+    failures = {} if failures is None else failures
     while True:
         key = await queue.get()
         try:
@@ -501,3 +515,5 @@ async def run_worker(name: str, queue: WorkQueue, sync: Callable[[str], Awaitabl
             level = logging.DEBUG if isinstance(e, ApiError) and e.code == 409 else logging.WARNING
             log.log(level, "controller=%s key=%s error=%r retry=%d", name, key, e, n)
             queue.add_after(key, min(0.05 * 2**n, 10.0))
+        finally:
+            queue.done(key)

@@ -253,6 +253,9 @@ class PodWorker:
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.pod_ip = self.agent.ipam.allocate(self.uid)
+            if netns.exists(self.netns):
+                # Left by an earlier run of this agent (its processes were its children): start clean.
+                await asyncio.to_thread(netns.delete, self.netns)
             await asyncio.to_thread(netns.setup_pod, self.agent.node, self.netns, self.veth, self.pod_ip,
                                     self.agent.resolv_conf(self.pod))
             self.changed()

@@ -31,6 +31,7 @@ class ControllerOptions:
     lb_pool: str = "10.251.0.0/24"
     max_endpoints_per_slice: int = 100
     enabled: tuple[str, ...] = ALL
+    workers: int = 5
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -78,7 +79,12 @@ class ControllerManager:
             await asyncio.gather(*(i.synced.wait() for i in self.informers))
             for gc, kind in self.gcs:
                 await gc.sweep(kind)
-            tasks += [asyncio.create_task(run_worker(n, q, s), name=f"worker {n}") for n, q, s in self.workers]
+            # Several workers per controller (a key is never synced by two at once): syncs wait on
+            # API round trips far more than on CPU, as upstream's --concurrent-*-syncs assume.
+            for n, q, s in self.workers:
+                failures: dict[str, int] = {}
+                tasks += [asyncio.create_task(run_worker(n, q, s, failures), name=f"worker {n}/{i}")
+                          for i in range(self.opts.workers)]
             log.info("controllers running: %s", ", ".join(n for n, _, _ in self.workers))
             self.opts.ready.set()
             await asyncio.gather(*tasks)
