@@ -141,7 +141,9 @@ class APIServer:
         if "application/com.github.proto-openapi.spec.v2" in request.headers.get("Accept", ""):
             pb = semantics.openapi_v2_protobuf()
             if pb is not None:
-                return web.Response(body=pb, headers={"Content-Type": semantics.OPENAPI_V2_PROTOBUF})
+                # kube-openapi answers the protobuf with application/octet-stream: the requested type
+                # has an "@" that Go's mime.ParseMediaType rejects (kubectl 1.20 fails on it).
+                return web.Response(body=pb, headers={"Content-Type": "application/octet-stream"})
         return json_response(semantics.openapi_v2())
 
     async def _openapi_v3(self, request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from typing import Any
 
 import pytest
 import yaml
@@ -12,69 +13,84 @@ from controlplane_stub.apiserver.testing import APIServerProcess
 
 SEED = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "seed")
 KUBECTL = shutil.which("kubectl")
+# The old client (Debian 12's kubernetes-client 1.20) conflicts with the image's kubectl, so it is not
+# installed; point KPROXY_KUBECTL_OLD at an extracted binary to run the seed tests with it too
+# (apt-get download kubernetes-client && dpkg-deb -x kubernetes-client_*.deb DIR).
+KUBECTL_OLD = os.environ.get("KPROXY_KUBECTL_OLD", "")
 
 pytestmark = [pytest.mark.kubectl, pytest.mark.timeout(120),
               pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH")]
 
+_BINARIES = [pytest.param(KUBECTL, id="kubectl"),
+             pytest.param(KUBECTL_OLD, id="kubectl-old", marks=pytest.mark.skipif(
+                 not KUBECTL_OLD, reason="KPROXY_KUBECTL_OLD (an old kubectl, e.g. 1.20) is not set"))]
+
 
 def kubectl(api: APIServerProcess, *args: str, check: bool = True, stdin: str | None = None,
-            kubeconfig: str | None = None) -> subprocess.CompletedProcess[str]:
-    assert KUBECTL
+            kubeconfig: str | None = None, binary: str | None = None) -> subprocess.CompletedProcess[str]:
+    binary = binary or KUBECTL
+    assert binary
     env = {"PATH": os.environ.get("PATH", ""), "HOME": api.data_dir, "KUBECONFIG": kubeconfig or api.kubeconfig}
-    p = subprocess.run([KUBECTL, *args], capture_output=True, text=True, env=env, timeout=60, input=stdin)
+    p = subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=60, input=stdin)
     if check and p.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
 
 
-def test_seed_lifecycle(apiserver: APIServerProcess, tmp_path: object) -> None:
+@pytest.mark.parametrize("binary", _BINARIES)
+def test_seed_lifecycle(apiserver: APIServerProcess, binary: str) -> None:
+    def k(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return kubectl(apiserver, *args, binary=binary, **kw)
+
     seed = os.path.join(SEED, "flask-kubernetes.yaml")
-    out = kubectl(apiserver, "apply", "-f", seed).stdout
+    out = k("apply", "-f", seed).stdout
     assert "service/flask-kubernetes-service created" in out
     assert "deployment.apps/flask-kubernetes created" in out
 
-    wide = kubectl(apiserver, "get", "svc,deploy", "-o", "wide").stdout
+    wide = k("get", "svc,deploy", "-o", "wide").stdout
     lines = wide.splitlines()
     assert any(line.startswith("service/flask-kubernetes-service") for line in lines)
     assert any(line.startswith("deployment.apps/flask-kubernetes") for line in lines)
 
-    svc = yaml.safe_load(kubectl(apiserver, "get", "svc", "flask-kubernetes-service", "-o", "yaml").stdout)
+    svc = yaml.safe_load(k("get", "svc", "flask-kubernetes-service", "-o", "yaml").stdout)
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["ports"][0]["port"] == 6000 and svc["spec"]["ports"][0]["targetPort"] == 5000
     assert svc["spec"]["selector"] == {"app": "flask-kubernetes"}
     assert "kubectl.kubernetes.io/last-applied-configuration" in svc["metadata"]["annotations"]
 
-    assert "scaled" in kubectl(apiserver, "scale", "deploy", "flask-kubernetes", "--replicas=2").stdout
-    dep = yaml.safe_load(kubectl(apiserver, "get", "deploy", "flask-kubernetes", "-o", "yaml").stdout)
+    assert "scaled" in k("scale", "deploy", "flask-kubernetes", "--replicas=2").stdout
+    dep = yaml.safe_load(k("get", "deploy", "flask-kubernetes", "-o", "yaml").stdout)
     assert dep["spec"]["replicas"] == 2 and dep["metadata"]["generation"] == 2
 
-    assert "labeled" in kubectl(apiserver, "label", "svc", "flask-kubernetes-service", "tier=web").stdout
-    got = kubectl(apiserver, "get", "svc", "-l", "tier=web", "-o", "name").stdout.split()
+    assert "labeled" in k("label", "svc", "flask-kubernetes-service", "tier=web").stdout
+    got = k("get", "svc", "-l", "tier=web", "-o", "name").stdout.split()
     assert got == ["service/flask-kubernetes-service"]
 
     # apply again after an edit: the three-way patch changes the port and keeps the label
     with open(seed) as f:
         edited = f.read().replace("port: 6000", "port: 6001")
-    out = kubectl(apiserver, "apply", "-f", "-", stdin=edited).stdout
+    out = k("apply", "-f", "-", stdin=edited).stdout
     assert "service/flask-kubernetes-service configured" in out
-    svc = yaml.safe_load(kubectl(apiserver, "get", "svc", "flask-kubernetes-service", "-o", "yaml").stdout)
+    svc = yaml.safe_load(k("get", "svc", "flask-kubernetes-service", "-o", "yaml").stdout)
     assert svc["spec"]["ports"][0]["port"] == 6001 and svc["metadata"]["labels"] == {"tier": "web"}
 
-    out = kubectl(apiserver, "delete", "-f", seed).stdout
+    out = k("delete", "-f", seed).stdout
     assert 'service "flask-kubernetes-service" deleted' in out
     assert 'deployment.apps "flask-kubernetes" deleted' in out
-    assert "No resources found" in kubectl(apiserver, "get", "svc,deploy").stderr
+    assert "No resources found" in k("get", "svc,deploy").stderr
 
 
-def test_seed_as_written_gets_the_real_errors(apiserver: APIServerProcess) -> None:
-    p = kubectl(apiserver, "apply", "-f", os.path.join(SEED, "flask-kubernetes-as-written.yaml"), check=False)
+@pytest.mark.parametrize("binary", _BINARIES)
+def test_seed_as_written_gets_the_real_errors(apiserver: APIServerProcess, binary: str) -> None:
+    p = kubectl(apiserver, "apply", "-f", os.path.join(SEED, "flask-kubernetes-as-written.yaml"), check=False,
+                binary=binary)
     assert p.returncode != 0
     err = p.stderr
     assert 'Service "flask-kubernetes -service" is invalid: metadata.name: Invalid value: ' \
            '"flask-kubernetes -service": a DNS-1035 label must consist of lower case alphanumeric characters' in err
     assert 'Deployment.apps "flask-kubernetes" is invalid' in err
     assert "spec.selector: Required value" in err
-    assert kubectl(apiserver, "get", "deploy", "flask-kubernetes", check=False).returncode != 0
+    assert kubectl(apiserver, "get", "deploy", "flask-kubernetes", check=False, binary=binary).returncode != 0
 
 
 def test_readonly_kubeconfig_and_short_names(apiserver: APIServerProcess) -> None:
