@@ -70,7 +70,10 @@ def _entries(r: Resource) -> list[dict[str, Any]]:
         main["categories"] = list(r.categories)
     out = [main]
     for sub in r.subresources:
-        if sub == "scale":
+        if sub == "binding":
+            out.append({"name": f"{r.plural}/binding", "singularName": "", "namespaced": r.namespaced,
+                        "kind": "Binding", "verbs": ["create"]})
+        elif sub == "scale":
             out.append({"name": f"{r.plural}/scale", "singularName": "", "namespaced": r.namespaced,
                         "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]})
         else:

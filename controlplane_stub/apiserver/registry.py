@@ -14,7 +14,7 @@ from typing import Any
 
 from ..store.base import KeyExists, KeyNotFound, Obj, RevisionConflict, Store
 from . import semantics
-from .errors import StatusError, already_exists, bad_request, conflict, not_found
+from .errors import StatusError, already_exists, bad_request, conflict, invalid, not_found
 from .resources import BY_ID, DEPENDENTS, RESOURCES, Resource
 
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -264,6 +264,41 @@ class Registry:
             raise bad_request("metadata.name cannot be changed by a patch")
         new["metadata"]["name"] = name
         return (await self._update_from(res, old, new, subresource, dry_run)), False
+
+    async def bind(self, namespace: str, name: str, binding: Any, *, dry_run: bool) -> Obj:
+        """pods/binding: the scheduler's write of spec.nodeName (once) plus PodScheduled=True."""
+        pods = BY_ID["pods"]
+        if not isinstance(binding, dict) or not (binding.get("target") or {}).get("name"):
+            raise invalid("Binding", name, [{"reason": "FieldValueRequired", "field": "target.name",
+                                             "message": "Required value"}])
+        node = binding["target"]["name"]
+        if (binding.get("target") or {}).get("kind", "Node") not in ("Node", ""):
+            raise invalid("Binding", name, [{"reason": "FieldValueNotSupported", "field": "target.kind",
+                                             "message": 'Unsupported value: must be "Node"'}])
+        pod = self.get(pods, namespace, name)
+        want_uid = (binding.get("metadata") or {}).get("uid")
+        if want_uid and want_uid != pod["metadata"].get("uid"):
+            raise conflict("pods", name, f"Precondition failed: UID in precondition: {want_uid}, UID in object meta: "
+                           f"{pod['metadata'].get('uid')}")
+        spec = pod.setdefault("spec", {})
+        if spec.get("nodeName"):
+            raise conflict("pods", name, f"pod {name} is already assigned to node \"{spec['nodeName']}\"")
+        if pod["metadata"].get("deletionTimestamp"):
+            raise conflict("pods", name, f"pod {name} is being deleted, cannot be assigned to a host")
+        spec["nodeName"] = node
+        status = pod.setdefault("status", {})
+        conds = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
+        conds.append({"type": "PodScheduled", "status": "True", "lastProbeTime": None,
+                      "lastTransitionTime": now_rfc3339()})
+        status["conditions"] = conds
+        if dry_run:
+            return pod
+        try:
+            return await self.store.update(pods.key(namespace, name), pod, int(pod["metadata"]["resourceVersion"]))
+        except RevisionConflict:
+            raise conflict("pods", name, _conflict_msg()) from None
+        except KeyNotFound:
+            raise not_found("pods", name) from None
 
     async def delete(self, res: Resource, namespace: str, name: str, options: Obj, *, dry_run: bool) -> Obj:
         key = res.key(namespace, name)

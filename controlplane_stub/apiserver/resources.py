@@ -48,7 +48,7 @@ class Resource:
 RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "Namespace", "namespaces", False, ("ns",), ("status",)),
     Resource("", "v1", "Node", "nodes", False, ("no",), ("status",)),
-    Resource("", "v1", "Pod", "pods", True, ("po",), ("status",), ("all",)),
+    Resource("", "v1", "Pod", "pods", True, ("po",), ("status", "binding"), ("all",)),
     Resource("", "v1", "Service", "services", True, ("svc",), ("status",), ("all",)),
     Resource("", "v1", "Endpoints", "endpoints", True, ("ep",), singular="endpoints"),
     Resource("", "v1", "ConfigMap", "configmaps", True, ("cm",)),

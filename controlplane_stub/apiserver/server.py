@@ -217,6 +217,9 @@ class APIServer:
         if field_validation not in ("Ignore", "Warn", "Strict"):
             raise bad_request(f"fieldValidation must be Ignore, Warn or Strict, not {field_validation!r}")
         warnings: list[str] = []
+        if t.sub == "binding" and method != "POST":
+            raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
+                              "resource")
         if method == "GET":
             is_watch = t.watch_path or q.get("watch") in ("true", "1")
             if is_watch:
@@ -230,6 +233,12 @@ class APIServer:
         if t.watch_path:
             raise StatusError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
                               f"resource")
+        if method == "POST" and t.sub == "binding":
+            self._authorize(request, "create", t)
+            body = await self._read_body(request)
+            await self.registry.bind(t.namespace, t.name, body, dry_run=dry_run)
+            return json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                  "code": 201}, 201)
         if method == "POST" and not t.name:
             self._authorize(request, "create", t)
             body = await self._read_body(request)

@@ -273,3 +273,20 @@ def test_openapi_documents(admin: Client) -> None:
     assert r.content.startswith(b"\n\x032.0")  # gnostic Document field 1 (swagger) = "2.0", not JSON
     code, v2 = admin.get("/openapi/v2")
     assert code == 200 and v2["swagger"] == "2.0"
+
+
+def test_pod_binding_subresource(admin: Client, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}/pods"
+    code, pod = admin.post(base, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    assert code == 201 and pod["status"]["phase"] == "Pending" and not pod["spec"].get("nodeName")
+    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p", "uid": pod["metadata"]["uid"]},
+               "target": {"apiVersion": "v1", "kind": "Node", "name": "node-a"}}
+    code, status = admin.post(f"{base}/p/binding", binding)
+    assert code == 201 and status["status"] == "Success"
+    bound = admin.get(f"{base}/p")[1]
+    assert bound["spec"]["nodeName"] == "node-a"
+    assert {"type": "PodScheduled", "status": "True"}.items() <= bound["status"]["conditions"][0].items()
+    code, status = admin.post(f"{base}/p/binding", {**binding, "target": {"kind": "Node", "name": "node-b"}})
+    assert code == 409 and "already assigned" in status["message"]
+    assert admin.get(f"{base}/p/binding")[0] == 405
