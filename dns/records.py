@@ -103,20 +103,26 @@ class ZoneIndex:
 
     def replace(self, services: Iterable[Service] | None = None,
                 slices: Iterable[EndpointSlice] | None = None) -> None:
-        """Swap in a full list (initial list or relist): services and/or slices."""
+        """Swap in a full list (initial list or relist): services and/or slices. Only Services
+        whose object or slices differ are re-encoded, so a relist after 410 Gone does not stall
+        the server for a zone rebuild."""
         touched: set[ServiceKey] = set()
         if services is not None:
             new = {s.key: s for s in services}
-            touched |= self.services.keys() | new.keys()
+            old = self.services
+            touched |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
             self.services = new
         if slices is not None:
-            touched |= set(self.slices_by_service)
-            self.slices = {e.key: e for e in slices}
+            new_slices = {e.key: e for e in slices}
+            for k in self.slices.keys() | new_slices.keys():
+                a, b = self.slices.get(k), new_slices.get(k)
+                if a != b:
+                    touched |= {e.service_key for e in (a, b) if e is not None and e.service_key is not None}
+            self.slices = new_slices
             self.slices_by_service = {}
             for eps in self.slices.values():
                 if eps.service_key is not None:
                     self.slices_by_service.setdefault(eps.service_key, set()).add(eps.key)
-            touched |= set(self.slices_by_service)
         for key in touched:
             self._refresh(key, publish=False)
         self._publish()
@@ -247,7 +253,9 @@ class ZoneIndex:
         dirty = old_set | new_set
         if any(kb[:-2] == self._mname_wire for kb in dirty):
             dirty.add(self._ns_key)  # the apex NS answer carries the address of ns.dns.ZONE
-        for kb in dirty:
+        # Removals first, CNAMEs last: an ExternalName's CNAME is pre-encoded under the A/AAAA/...
+        # keys of its name too, and a Service switching type must not have one step undo the other.
+        for kb in sorted(dirty, key=lambda k: (k in self.holders, k[-2:] == b"\x00\x05")):
             if kb[-2:] != b"\x00\x00":
                 self._encode(kb, new_map.get(kb), others)
 

@@ -166,19 +166,24 @@ class _Writer:
 
     def name(self, name: str, compress: bool = True) -> None:
         name = name.rstrip(".")
-        labels = name.split(".") if name else []
-        for i in range(len(labels)):
-            suffix = ".".join(labels[i:]).lower()
-            if compress and suffix in self.names:
-                self.buf += struct.pack("!H", 0xC000 | self.names[suffix])
-                return
-            if len(self.buf) < 0x3FFF:
-                self.names.setdefault(suffix, len(self.buf))
-            raw = labels[i].encode("ascii")
-            if not 0 < len(raw) <= MAX_LABEL:
-                raise WireError(f"label {labels[i]!r} in {name!r}: length must be 1..63")
-            self.buf.append(len(raw))
-            self.buf += raw
+        if name:
+            lower = name.lower()
+            pos = 0
+            for label in name.split("."):
+                suffix = lower[pos:]
+                if compress:
+                    ptr = self.names.get(suffix)
+                    if ptr is not None:
+                        self.buf += struct.pack("!H", 0xC000 | ptr)
+                        return
+                if len(self.buf) < 0x3FFF and suffix not in self.names:
+                    self.names[suffix] = len(self.buf)
+                raw = label.encode("ascii")
+                if not 0 < len(raw) <= MAX_LABEL:
+                    raise WireError(f"label {label!r} in {name!r}: length must be 1..63")
+                self.buf.append(len(raw))
+                self.buf += raw
+                pos += len(label) + 1
         self.buf.append(0)
 
     def rr(self, rr: RR) -> None:
