@@ -381,13 +381,18 @@ class AsyncioRelayCore:
                 res = await res
             return res
 
-        while self._stopped is None:  # run() has not reached its loop yet
-            time.sleep(0.001)
+        self._wait_running()
         return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(10)
 
+    def _wait_running(self) -> None:
+        deadline = time.monotonic() + 10
+        while self._stopped is None:  # run() has not reached its loop yet
+            if time.monotonic() > deadline:
+                raise RuntimeError("relay: the asyncio core is not running (call run() in a thread first)")
+            time.sleep(0.001)
+
     def stop(self) -> None:
-        if self._stopped is None:
-            time.sleep(0.05)
+        self._wait_running()
         if self._stopped is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._stopped.set)
 
@@ -429,7 +434,11 @@ class AsyncioRelayCore:
                       udp_timeout: float = 30.0) -> None:
         eps = [(str(ip), int(port)) for ip, port in endpoints]
         for ip, _ in eps:
-            socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+            family = "IPv6" if ":" in ip else "IPv4"
+            try:
+                socket.inet_pton(socket.AF_INET6 if family == "IPv6" else socket.AF_INET, ip)
+            except OSError:
+                raise ValueError(f"endpoint {ip!r}: not an {family} address") from None
         lst = self.listeners.get(lid)
         if lst is None:
             raise KeyError(f"relay: no listener {lid}")

@@ -295,3 +295,12 @@ def test_relay_process_memory_is_flat_under_churn(impl: str, topo: Topology, bac
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.timeout(30)
+def test_bad_endpoint_and_unknown_listener_are_clear_errors(relay: Relay) -> None:
+    lid, _ = relay.listen("TCP", NODE_CLIENT_IP, 0)
+    with pytest.raises((ValueError, OSError), match="10.0.0.300"):
+        relay.set_endpoints(lid, [("10.0.0.300", 80)])
+    with pytest.raises(KeyError, match="no listener 9999"):
+        relay.set_endpoints(9999, [("10.0.0.1", 80)])
