@@ -398,7 +398,8 @@ class IPVSProxier(Proxier):
         # and after a failure (`_read_dests`, for the services we keep); later full syncs trust
         # what this process wrote, for services the kernel still has.
         self._k_dests = {k: d for k, d in self._k_dests.items() if k in self._k_services}
-        self.ipsets.forget()
+        if self._deep_read:
+            self.ipsets.forget()  # `ipset save` of 20,000 entries: only when state is unknown
 
     def _read_dests(self, keys: Iterable[VSKey]) -> None:
         for key in keys:
