@@ -517,3 +517,40 @@ async def run_worker(name: str, queue: WorkQueue, sync: Callable[[str], Awaitabl
             queue.add_after(key, min(0.05 * 2**n, 10.0))
         finally:
             queue.done(key)
+
+
+class EventRecorder:
+    """Writes core/v1 Events about objects (what `kubectl describe` lists under Events), fire and
+    forget: an Event that fails to be written is only logged, it never fails the caller."""
+
+    def __init__(self, client: Client, component: str, host: str = "") -> None:
+        self.client = client
+        self.component = component
+        self.host = host
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        md = obj["metadata"]
+        ns = md.get("namespace") or "default"
+        from datetime import datetime, timezone
+
+        t = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ev = {"apiVersion": "v1", "kind": "Event",
+              # Named as client-go's recorder names them: OBJECT.UNIQUE-HEX.
+              "metadata": {"name": f"{md['name']}.{random.getrandbits(64):016x}", "namespace": ns},
+              "involvedObject": {"apiVersion": obj.get("apiVersion", "v1"), "kind": obj.get("kind", ""),
+                                 "namespace": ns, "name": md["name"], "uid": md.get("uid", "")},
+              "reason": reason, "message": message, "type": type_, "count": 1,
+              "firstTimestamp": t, "lastTimestamp": t,
+              "source": {"component": self.component, **({"host": self.host} if self.host else {})},
+              "reportingComponent": self.component, "reportingInstance": self.host or self.component}
+
+        async def send() -> None:
+            try:
+                await self.client.create(path("events", ns), ev)
+            except ApiError as e:
+                log.debug("event %s/%s %s not written: %s", ns, md["name"], reason, e)
+
+        t_ = asyncio.get_running_loop().create_task(send())
+        self._tasks.add(t_)
+        t_.add_done_callback(self._tasks.discard)

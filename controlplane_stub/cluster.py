@@ -552,6 +552,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.nodes > 200:
         print("--nodes: between 1 and 200", file=sys.stderr)
         return 2
+    # Every `up` is a new cluster (as `kind create cluster`): no API objects survive a `down`.
+    for old_dir in ("apiserver", "nodes", "logs"):
+        shutil.rmtree(d / old_dir, ignore_errors=True)
     (d / "logs").mkdir(parents=True, exist_ok=True)
     (d / "progress.log").write_text("")
     st = State(name=args.name, prefix=f"{args.name}-", data_dir=str(d), nodes=args.nodes,

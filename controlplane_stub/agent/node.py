@@ -70,6 +70,7 @@ class NodeAgent:
         self.catalog = Catalog.load(config.catalog_file or None)
         self.ipam = Ipam(self.node.pod_cidr)
         self.workers: dict[str, PodWorker] = {}
+        self.events = api.EventRecorder(client, "kubelet", self.node.name)
         self.informer = api.Informer(client, "pods", field_selector=f"spec.nodeName={self.node.name}")
         self.informer.add_handler(self._on_pod)
 

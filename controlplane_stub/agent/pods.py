@@ -92,6 +92,8 @@ class ContainerRunner:
             try:
                 argv, image_env, cwd = w.agent.catalog.resolve(self.spec)
             except ImageError as e:
+                if self.state.get("waiting", {}).get("reason") != e.reason:
+                    w.event("Warning", e.reason, str(e))
                 self.state = {"waiting": {"reason": e.reason, "message": str(e)}}
                 w.changed()
                 await w.sleep_unless_stopping(max(backoff_base, 1.0) * 2)
@@ -112,6 +114,10 @@ class ContainerRunner:
                     await w.sleep_unless_stopping(backoff_base)
                     continue
             started = now()
+            if self.restart_count == 0:
+                w.event("Normal", "Pulled", f'Container image "{self.spec.get("image", "")}" already present on machine')
+                w.event("Normal", "Created", f"Created container {self.name}")
+            w.event("Normal", "Started", f"Started container {self.name}")
             t_start = time.monotonic()
             self.started_once = True
             self.state = {"running": {"startedAt": started}}
@@ -141,6 +147,9 @@ class ContainerRunner:
                 self.restart_count = 0
             delay = 0.0 if self.restart_count == 0 else min(backoff_base * 2 ** (self.restart_count - 1), 300.0)
             self.restart_count += 1
+            if delay:
+                w.event("Warning", "BackOff", f"Back-off restarting failed container {self.name} in pod "
+                        f"{w.pod['metadata']['name']}_{w.pod['metadata']['namespace']}")
             self.state = {"waiting": {"reason": "CrashLoopBackOff" if delay else "ContainerCreating",
                                       "message": f"back-off {delay:.0f}s restarting failed container={self.name}"}}
             w.changed()
@@ -170,9 +179,12 @@ class ContainerRunner:
                     w.changed()
                 elif not ok and st.failures >= failure_needed and self.ready:
                     self.ready = False
+                    w.event("Warning", "Unhealthy", f"Readiness probe failed: {msg}")
                     w.changed()
             elif not ok and st.failures >= failure_needed:
                 log.info("pod=%s container=%s liveness probe failed: %s; restarting", w.key, self.name, msg)
+                w.event("Warning", "Unhealthy", f"Liveness probe failed: {msg}")
+                w.event("Normal", "Killing", f"Container {self.name} failed liveness probe, will be restarted")
                 self.liveness_kill = True
                 await self.kill(float(w.pod["spec"].get("terminationGracePeriodSeconds", 30)))
                 return
@@ -220,6 +232,10 @@ class PodWorker:
         self.task: asyncio.Task[None] | None = None
 
     # -- helpers used by containers --------------------------------------------------------
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.agent.events.event({"apiVersion": "v1", "kind": "Pod", "metadata": self.pod["metadata"]},
+                                type_, reason, message)
+
     def changed(self) -> None:
         self._changed.set()
 
@@ -294,6 +310,8 @@ class PodWorker:
         self.terminating = True
         for c in self.init_containers + self.containers:
             c.stopping = True
+            if c.proc is not None and c.proc.returncode is None:
+                self.event("Normal", "Killing", f"Stopping container {c.name}")
         self._stop.set()
         await asyncio.gather(*(c.kill(grace) for c in self.init_containers + self.containers))
         for c in self.containers:

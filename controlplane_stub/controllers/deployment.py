@@ -57,6 +57,7 @@ class DeploymentController:
         self.rss = rss
         self.rs_index = rs_index
         self.queue = WorkQueue()
+        self.events = api.EventRecorder(client, "deployment-controller")
         deployments.add_handler(lambda ev, d, old: self.queue.add(key_of(d)))
         rss.add_handler(self._on_rs)
 
@@ -100,9 +101,9 @@ class DeploymentController:
             active_old = [rs for rs in olds if replicas_of(rs) > 0 or (rs.get("status") or {}).get("replicas", 0) > 0]
             for rs in olds:
                 if replicas_of(rs) > 0:
-                    await self._scale(rs, 0)
+                    await self._scale(d, rs, 0)
             if not active_old and replicas_of(new) != replicas:
-                await self._scale(new, replicas)
+                await self._scale(d, new, replicas)
         else:
             await self._rolling(d, new, olds, replicas, max_surge, max_unavail)
         await self._cleanup(d, olds)
@@ -155,11 +156,11 @@ class DeploymentController:
         total = sum(replicas_of(r) for r in all_rs)
         # Scale up the new ReplicaSet within replicas + maxSurge.
         if replicas_of(new) > replicas:
-            await self._scale(new, replicas)
+            await self._scale(d, new, replicas)
         elif replicas_of(new) < replicas:
             room = replicas + max_surge - total
             if room > 0:
-                await self._scale(new, replicas_of(new) + min(room, replicas - replicas_of(new)))
+                await self._scale(d, new, replicas_of(new) + min(room, replicas - replicas_of(new)))
         new = self.rss.cache.get(key_of(new), new)
         # Scale down old ReplicaSets while availability stays >= replicas - maxUnavailable.
         olds = [self.rss.cache.get(key_of(r), r) for r in olds]
@@ -179,7 +180,7 @@ class DeploymentController:
             unhealthy = replicas_of(rs) - int((rs.get("status") or {}).get("availableReplicas", 0))
             cut = min(max(unhealthy, 0), max_scaled_down)
             if cut > 0:
-                await self._scale(rs, replicas_of(rs) - cut)
+                await self._scale(d, rs, replicas_of(rs) - cut)
                 max_scaled_down -= cut
         olds = [self.rss.cache.get(key_of(r), r) for r in olds]
         available = sum(int((r.get("status") or {}).get("availableReplicas", 0)) for r in [new] + olds)
@@ -189,14 +190,18 @@ class DeploymentController:
                 break
             cut = min(replicas_of(rs), can_remove)
             if cut > 0:
-                await self._scale(rs, replicas_of(rs) - cut)
+                await self._scale(d, rs, replicas_of(rs) - cut)
                 can_remove -= cut
 
-    async def _scale(self, rs: Obj, n: int) -> None:
-        if replicas_of(rs) == n:
+    async def _scale(self, d: Obj, rs: Obj, n: int) -> None:
+        old = replicas_of(rs)
+        if old == n:
             return
         r = await self.client.patch(api.obj_path("replicasets", rs), {"spec": {"replicas": max(n, 0)}})
         await self.rss.assume(r)
+        self.events.event({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": d["metadata"]},
+                          "Normal", "ScalingReplicaSet",
+                          f"Scaled {'up' if n > old else 'down'} replica set {rs['metadata']['name']} from {old} to {n}")
 
     async def _annotate_revision(self, rs: Obj, rev: int) -> None:
         r = await self.client.patch(api.obj_path("replicasets", rs), {"metadata": {"annotations": {REVISION: str(rev)}}})

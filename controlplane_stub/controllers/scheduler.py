@@ -60,7 +60,9 @@ class Scheduler:
         self.queue = WorkQueue()
         self.assumed: dict[str, str] = {}  # pod key -> node, until the watch shows the binding
         self.unschedulable: set[str] = set()
+        self.unschedulable_reported: set[str] = set()
         self.binding_supported = True
+        self.events = api.EventRecorder(client, "default-scheduler")
         pods.add_handler(self._on_pod)
         nodes.add_handler(self._on_node)
 
@@ -108,6 +110,10 @@ class Scheduler:
             self.unschedulable.add(key)
             msg = f"0/{len(self.nodes.cache)} nodes are available: " + ", ".join(
                 f"{n} {r}" for r, n in sorted(reasons.items())) + "."
+            if key not in self.unschedulable_reported:
+                self.unschedulable_reported.add(key)
+                self.events.event({"apiVersion": "v1", "kind": "Pod", "metadata": pod["metadata"]},
+                                  "Warning", "FailedScheduling", msg)
             await self._condition(pod, "False", "Unschedulable", msg)
             self.queue.add_after(key, 5.0)
             return
@@ -127,6 +133,7 @@ class Scheduler:
                         "metadata": {"name": md["name"], "namespace": md["namespace"], "uid": md.get("uid")},
                         "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
                     self.unschedulable.discard(key)
+                    self._scheduled(pod, node)
                     return
                 except api.ApiError as e:
                     if e.code == 404 and f'"{md["name"]}"' in str(e):
@@ -138,12 +145,17 @@ class Scheduler:
                     self.binding_supported = False
             await self.client.patch(api.obj_path("pods", pod), {"spec": {"nodeName": node}})
             self.unschedulable.discard(key)
+            self._scheduled(pod, node)
             # No PodScheduled=True write here: the node agent may already be writing the pod's
             # status (a merge patch replaces the whole conditions list), and it reports
             # PodScheduled itself, as the binding subresource would have.
         except Exception:
             self.assumed.pop(key, None)
             raise
+
+    def _scheduled(self, pod: Obj, node: str) -> None:
+        md = pod["metadata"]
+        self.events.event({"apiVersion": "v1", "kind": "Pod", "metadata": md}, "Normal", "Scheduled", f"Successfully assigned {md['namespace']}/{md['name']} to {node}")
 
     async def _condition(self, pod: Obj, status: str, reason: str, message: str) -> None:
         c = condition(pod, "PodScheduled")
