@@ -93,19 +93,34 @@ class SummaryStore(Generic[T]):
         self._handler = handler
         self._summary = summary
         self._keys: dict[str, str] = {}
+        self._listed: dict[str, str] = {}  # keys seen by the (re)list in progress
         self.resource_version = ""
 
     def replace(self, items: list[T], resource_version: str) -> None:
-        fresh = {object_key(i): i for i in items}
-        old = self._keys
-        self._keys = {}
-        self.resource_version = resource_version
-        for key, summary in old.items():
-            if key not in fresh:
+        self.begin_replace()
+        self.replace_page(items)
+        self.end_replace(resource_version)
+
+    # PagedReflectorStore: the Reflector hands a list over page by page.
+    def begin_replace(self) -> None:
+        self._listed = {}
+
+    def replace_page(self, items: list[T]) -> None:
+        for item in items:
+            key = object_key(item)
+            summary = self._listed[key] = self._summary(item)
+            old = self._keys.get(key)
+            self._keys[key] = summary
+            self._handler(key, old, item)
+
+    def end_replace(self, resource_version: str) -> None:
+        # Objects that vanished while we were not watching: deleted last, once the whole
+        # snapshot is known.
+        for key, summary in self._keys.items():
+            if key not in self._listed:
                 self._handler(key, summary, None)
-        for key, item in fresh.items():
-            self._keys[key] = self._summary(item)
-            self._handler(key, old.get(key), item)
+        self._keys, self._listed = self._listed, {}
+        self.resource_version = resource_version
 
     def apply(self, event_type: str, item: T) -> None:
         key = object_key(item)

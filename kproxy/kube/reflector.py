@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
 import msgspec
@@ -32,6 +32,21 @@ class ReflectorStore(Protocol[T]):
 
     def apply(self, event_type: str, item: T) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
+
+
+@runtime_checkable
+class PagedReflectorStore(Protocol[T]):
+    """Optional extension of ReflectorStore: a store that takes a (re)list page by page, so the
+    decoded objects of one page can be dropped before the next is fetched (at 10,000
+    EndpointSlices, holding them all for one replace() is the process's memory peak).
+    begin_replace(), replace_page() per page (all pages are one consistent snapshot), then
+    end_replace(rv) once the list completed; a list that fails midway is simply begun again."""
+
+    def begin_replace(self) -> None: ...
+
+    def replace_page(self, items: list[T]) -> None: ...
+
+    def end_replace(self, resource_version: str) -> None: ...
 
 
 class Gone(Exception):
@@ -136,21 +151,32 @@ class Reflector(Generic[T]):
     async def _list(self) -> None:
         # No resourceVersion: a consistent (quorum) read, paginated with limit/continue. An
         # expired continue token is a 410 and restarts the whole list.
+        paged = self.store if isinstance(self.store, PagedReflectorStore) else None
         items: list[T] = []
         params = self._selectors()
         params["limit"] = str(self.page_size)
         rv = ""
+        if paged is not None:
+            paged.begin_replace()
         while True:
             body = await self.client.get(self.path, params)
             page = self._list_decoder.decode(body)
+            del body
             if page.items:
-                items.extend(page.items)
+                if paged is not None:
+                    paged.replace_page(page.items)
+                else:
+                    items.extend(page.items)
             rv = page.metadata.resource_version
             if not page.metadata.continue_:
                 break
             params["continue"] = page.metadata.continue_
+            del page
         self.last_resource_version = rv
-        self.store.replace(items, rv)
+        if paged is not None:
+            paged.end_replace(rv)
+        else:
+            self.store.replace(items, rv)
         self.lists += 1
         self._synced.set()
 

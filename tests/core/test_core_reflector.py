@@ -203,5 +203,31 @@ def test_summary_store_reports_relist_deletes_with_their_summary() -> None:
     st.apply("DELETED", t("a", "3"))
     st.replace([t("c", "4")], "20")  # b vanished while the watch was down
     assert seen == [("ns/a", None, "1"), ("ns/b", None, "2"), ("ns/a", "1", "3"), ("ns/a", "3", None),
-                    ("ns/b", "2", None), ("ns/c", None, "4")]
+                    ("ns/c", None, "4"), ("ns/b", "2", None)]
     assert "ns/c" in st and len(st) == 1
+
+
+@pytest.mark.timeout(20)
+def test_paged_store_gets_pages_and_survives_a_restarted_list() -> None:
+    async def main() -> None:
+        async with scripted_api() as api:
+            for n in "abcde":
+                api.put(n, color=n)
+            api.expire_continue_once = True
+            api.hang_after_script = True
+            seen: list[tuple[str, str | None, str | None]] = []
+            st: SummaryStore[Thing] = SummaryStore(
+                lambda k, old, new: seen.append((k, old, new.spec.color if new else None)),
+                summary=lambda t: t.spec.color)
+            st.replace([Thing(ObjectMeta(name="gone", namespace="default"))], "1")
+            seen.clear()
+            client, r = _reflector(api, st)
+            async with running(client, r):
+                await _until(r.has_synced)
+            # Page 1 (a, b) applied, the list restarted after the 410 on the continue token,
+            # then every page; the object missing from the snapshot is deleted once, at the end.
+            assert [k for k, _, _ in seen] == ["default/" + x for x in "ababcde"] + ["default/gone"]
+            assert seen[-1] == ("default/gone", "", None)
+            assert len(st) == 5 and st.resource_version == str(api.rv)
+
+    asyncio.run(main())
