@@ -80,7 +80,9 @@ class IPTables:
 
     backend: Backend = "nft"
     netns: str | None = None
-    wait_seconds: int = 5
+    # The legacy back end's xtables lock (/run/xtables.lock) is shared by every namespace on the
+    # host; upstream waits 5 s, a busy node (or a test machine) can hold it longer.
+    wait_seconds: int = 30
     timeout: float = 120.0
     restores: int = field(default=0, init=False)
 

@@ -15,7 +15,7 @@ returns ok=False and makes the next sync a full one that re-reads the kernel's c
 Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object with them):
 hostname_override, cluster_cidr, nodeport_addresses, masquerade_all, masquerade_bit,
 localhost_nodeports; optional: iptables_backend ("nft"|"legacy"|"" auto), netns (run the tools in
-that network namespace), healthcheck_bind_address.
+that network namespace), healthcheck_bind_address, node_ips (the Node's addresses).
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ class IptablesProxier(Proxier):
         conntrack: Conntrack | None = None,
         health_server: ServiceHealthServer | None = None,
         renderer: Any = None,
+        node_ips: tuple[str, ...] = (),
     ) -> None:
         if not 0 <= masquerade_bit <= 31:
             raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
@@ -170,9 +171,13 @@ class IptablesProxier(Proxier):
         self._need_full = True
         self._need_dump = True  # re-read the kernel's chain list before the next full sync
         self._large: bool | None = None
-        self._node_ips: tuple[str, ...] = ()
+        self._config_node_ips = tuple(ip for ip in node_ips if ":" not in ip)
+        self._node_ips: tuple[str, ...] = self._config_node_ips
         self.last_plan_stats: dict[str, float] = {}
         self.last_plan: Plan | None = None
+        # Seconds between canary checks on partial syncs (0: every sync). Full syncs recreate it.
+        self.canary_interval = 30.0
+        self._last_canary_check = time.monotonic()
 
     # ---- rendering (sans I/O apart from the first-sync dumps) ----
 
@@ -383,8 +388,21 @@ class IptablesProxier(Proxier):
 
     # ---- applying ----
 
+    def _flushed_by_someone_else(self) -> bool:
+        """Upstream's iptables Monitor: a missing canary chain means a firewall reload wiped the
+        tables, so the next sync must be full (our in-memory view of the kernel is wrong)."""
+        now = time.monotonic()
+        if now - self._last_canary_check < self.canary_interval:
+            return False
+        self._last_canary_check = now
+        gone = not self.iptables.chain_exists("mangle", CANARY)
+        if gone:
+            log.warning("canary chain %s is gone: tables were flushed, forcing a full sync", CANARY)
+            self._need_dump = True
+        return gone
+
     def sync(self, request: SyncRequest) -> SyncResult:
-        full = request.full or self._need_full
+        full = request.full or self._need_full or self._flushed_by_someone_else()
         start = time.perf_counter()
         try:
             if full:
@@ -437,7 +455,8 @@ class IptablesProxier(Proxier):
             ips = tuple(self.iptables.local_ipv4_addresses())
         except (IPTablesError, OSError) as e:
             log.warning("cannot list node addresses err=%s", e)
-        self._node_ips = ips
+        # The Node object's addresses (upstream's nodeIP) plus every local address.
+        self._node_ips = tuple(dict.fromkeys(self._config_node_ips + ips))
         matches_loopback = not self.nodeport_addresses or any(
             ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(c, strict=False)
             for c in self.nodeport_addresses
@@ -588,4 +607,5 @@ def new_proxier(config: Any) -> Proxier:
         localhost_nodeports=bool(getattr(config, "localhost_nodeports", True)),
         conntrack=Conntrack(netns=netns),
         health_server=ServiceHealthServer(hc_bind),
+        node_ips=tuple(getattr(config, "node_ips", ()) or ()),
     )

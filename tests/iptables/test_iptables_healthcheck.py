@@ -1,4 +1,5 @@
 """Health-check node ports (externalTrafficPolicy: Local) answered by real HTTP listeners on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,11 @@ def test_health_server_counts_local_endpoints() -> None:
         assert hs.sync_services({nsn: port}) == []
         code, body, ctype = get(port)
         assert (code, ctype) == (503, "application/json")
-        assert body == {"service": {"namespace": "ns1", "name": "web"}, "localEndpoints": 0, "serviceProxyHealthy": True}
+        assert body == {
+            "service": {"namespace": "ns1", "name": "web"},
+            "localEndpoints": 0,
+            "serviceProxyHealthy": True,
+        }
         hs.sync_endpoints({nsn: 2})
         code, body, _ = get(port)
         assert code == 200 and body["localEndpoints"] == 2
@@ -69,7 +74,11 @@ def test_proxier_serves_health_check_node_ports(rules_netns: str) -> None:
     px = IptablesProxier(IPTables(backend="nft", netns=rules_netns), health_server=hs)
     port = free_port()
     s = svc(
-        spn("lb"), "172.30.0.9", type="LoadBalancer", node_port=30100, external_policy_local=True,
+        spn("lb"),
+        "172.30.0.9",
+        type="LoadBalancer",
+        node_port=30100,
+        external_policy_local=True,
         health_check_node_port=port,
     )
     try:

@@ -255,3 +255,20 @@ def test_large_cluster_drops_endpoint_comments(px: IptablesProxier) -> None:
     sep_rules = [ln for ln in data.splitlines() if ln.startswith("-A KUBE-SEP-")]
     assert len(sep_rules) == 2020 and not any("--comment" in ln for ln in sep_rules)
     assert len(eps_of(*tr.trace(POD_SRC, "172.30.3.7", 80))) == 10
+
+
+def test_flushed_tables_are_detected_by_the_canary(px: IptablesProxier) -> None:
+    s = svc(spn("svc1"), VIP)
+    applied(px, request([s], {s.name: (ep(E1, 80),)}))
+    # A firewall reload wipes every table (what upstream's iptables Monitor watches for).
+    for table in ("nat", "filter", "mangle"):
+        px.iptables.command("-t", table, "-F")
+        px.iptables.command("-t", table, "-X")
+    px.canary_interval = 0
+    other = svc(spn("svc2"), "172.30.0.42")
+    _, tr = applied(
+        px, request([s, other], {s.name: (ep(E1, 80),), other.name: (ep(E2, 80),)}, changed={other.name})
+    )
+    assert px.last_plan is not None and px.last_plan.full
+    assert tr.trace(POD_SRC, VIP, 80) == {Outcome("ACCEPT", f"{E1}:80", False)}
+    assert tr.trace(POD_SRC, "172.30.0.42", 80) == {Outcome("ACCEPT", f"{E2}:80", False)}

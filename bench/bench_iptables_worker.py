@@ -1,0 +1,106 @@
+"""One measurement of the iptables proxier, run as its own process so RSS is kproxy's alone.
+
+    python bench/bench_iptables_worker.py BACKEND SERVICES NETNS [--no-z-control]
+
+Prints one JSON object: render/assemble/restore seconds of the first full sync, of a partial
+sync after one endpoint change and of a periodic full resync, the bare iptables-restore floor
+of the same ruleset (our --noflush input, and a flushing restore of it), and max RSS.
+The namespace must exist and be empty; the caller creates and deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from kproxy.backends.iptables import IPTables
+from kproxy.fastpath import COMPILED
+from kproxy.model import Endpoint, ServicePort, ServicePortName
+from kproxy.proxiers.base import SyncRequest
+from kproxy.proxiers.iptables import IptablesProxier
+
+ENDPOINTS = 10
+
+
+def model(n: int) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
+    services: dict[ServicePortName, ServicePort] = {}
+    endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+    for i in range(n):
+        name = ServicePortName(f"ns{i % 50}", f"svc{i}", "http")
+        vip = f"172.{16 + i // 65000}.{(i // 250) % 256}.{i % 250 + 1}"
+        services[name] = ServicePort(name=name, type="ClusterIP", cluster_ips=(vip,), port=80, protocol="TCP")
+        eps = []
+        for j in range(ENDPOINTS):
+            k = i * ENDPOINTS + j
+            eps.append(Endpoint(f"10.{k // 62500 + 1}.{(k // 250) % 250}.{k % 250 + 1}", 8080))
+        endpoints[name] = tuple(eps)
+    return services, endpoints
+
+
+def timed_restore(backend: str, netns: str, data: bytes, noflush: bool) -> float:
+    cmd = ["ip", "netns", "exec", netns, f"iptables-{backend}-restore", "-w", "5"] + (
+        ["--noflush"] if noflush else []
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, input=data, capture_output=True, timeout=3600, check=False)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"bare restore failed: {proc.stderr.decode()[:500]}")
+    return elapsed
+
+
+def main(argv: list[str]) -> None:
+    backend, n, netns = argv[0], int(argv[1]), argv[2]
+    z_control = "--no-z-control" in argv
+    services, endpoints = model(n)
+    ipt = IPTables(backend="legacy" if backend == "legacy" else "nft", netns=netns, timeout=3600)
+    px = IptablesProxier(ipt, cluster_cidr="10.0.0.0/8")
+    out: dict[str, object] = {
+        "backend": backend,
+        "services": n,
+        "endpoints": n * ENDPOINTS,
+        "compiled": COMPILED,
+    }
+
+    res = px.sync(SyncRequest(services=services, endpoints=endpoints))
+    assert res.ok, res.error
+    assert px.last_plan is not None
+    data = px.last_plan.data
+    out["first_full"] = dict(px.last_plan_stats)
+    out["restore_bytes"] = len(data)
+    out["nat_rules"] = res.rules_total.get("nat", 0)
+
+    # Partial sync after one endpoint change (a pod replaced): what the runner does on a slice update.
+    name = next(iter(services))
+    changed = dict(endpoints)
+    changed[name] = (*endpoints[name][:-1], Endpoint("10.250.0.1", 8080))
+    res = px.sync(SyncRequest(services=services, endpoints=changed, changed=frozenset({name}), full=False))
+    assert res.ok, res.error
+    out["partial"] = dict(px.last_plan_stats)
+
+    # Periodic full resync with everything already in the kernel.
+    res = px.sync(SyncRequest(services=services, endpoints=changed))
+    assert res.ok, res.error
+    out["resync_full"] = dict(px.last_plan_stats)
+    out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # The floor: the same bytes restored by a bare iptables-restore into an empty namespace.
+    assert px.cleanup()
+    out["bare_noflush_s"] = timed_restore(backend, netns, data, noflush=True)
+    assert px.cleanup()
+    out["bare_flush_s"] = timed_restore(backend, netns, data, noflush=False)
+    assert px.cleanup()
+    if backend == "nft" and z_control:
+        # What the same input costs without the "-Z" line (upstream's input shape).
+        out["bare_noflush_without_z_s"] = timed_restore(
+            backend, netns, data.replace(b"\n-Z\n", b"\n"), noflush=True
+        )
+        assert px.cleanup()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
