@@ -306,6 +306,10 @@ class APIServer:
                 return yaml.safe_load(raw)
             except yaml.YAMLError as e:
                 raise bad_request(f"error decoding YAML: {e}") from None
+        if ctype == "application/vnd.kubernetes.protobuf":
+            from .protobuf import decode_object
+
+            return decode_object(raw)
         if ctype not in ("application/json", "", "application/octet-stream", "text/plain"):
             raise StatusError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
                               f'accepted media types include: application/json, application/yaml')
