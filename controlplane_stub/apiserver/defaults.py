@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .validation import decode_check
+
 Obj = dict[str, Any]
 
 # Session affinity ClientIP keeps a client on one endpoint for 3 hours unless told otherwise.
@@ -232,7 +234,12 @@ _DEFAULTERS: dict[str, Callable[[Obj], None]] = {
 
 
 def apply_defaults(resource: str, obj: dict[str, Any]) -> None:
-    """Fill the server-side defaults of `resource` into obj, in place. Unknown resources pass."""
+    """Fill the server-side defaults of `resource` into obj, in place. Unknown resources pass.
+
+    Values of the wrong JSON type are rejected first (400, as the real server's decoder does), so
+    defaulting never papers over them.
+    """
+    decode_check(resource, obj)
     if not isinstance(obj.get("metadata"), dict):
         obj["metadata"] = {}
     defaulter = _DEFAULTERS.get(resource)

@@ -479,3 +479,93 @@ def _walk(value: Any, definition: str, path: str, found: list[str]) -> None:
                 _walk(element, _FULL[inner], f"{here}[{i}]", found)
         elif not spec.startswith("["):
             _walk(sub, _FULL[inner], here, found)
+
+
+# --- JSON types (decoding) ---------------------------------------------------------------------------
+
+_GO_SCALAR = {"s": "string", "t": "string", "i": "int32", "l": "int64", "b": "bool"}
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return f"number {json.dumps(value)}" if isinstance(value, float) else "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _go_type(spec: str) -> str:
+    if spec.startswith("["):
+        inner = spec[1:-1]
+        return "[]" + (_go_type(inner) if inner in _GO_SCALAR or inner not in _FULL else "v1." + inner)
+    if spec in _GO_SCALAR:
+        return _GO_SCALAR[spec]
+    if spec == "ios":
+        return "intstr.IntOrString"
+    if spec == "m":
+        return "map[string]string"
+    if spec == "mq":
+        return "v1.ResourceList"
+    if spec == "o":
+        return "interface {}"
+    return "v1." + spec
+
+
+def _type_ok(value: Any, spec: str) -> bool:
+    if value is None or spec == "o":
+        return True
+    if spec.startswith("["):
+        return isinstance(value, list)
+    if spec in ("s", "t"):
+        return isinstance(value, str)
+    if spec in ("i", "l"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if spec == "b":
+        return isinstance(value, bool)
+    if spec == "ios":
+        return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+    return isinstance(value, dict)  # m, mq and object types
+
+
+def type_error(resource: str, obj: Any) -> str | None:
+    """The first value of the wrong JSON type, in encoding/json's words, or None.
+
+    e.g. 'json: cannot unmarshal string into Go struct field ServicePort.spec.ports.port of type int32'
+    """
+    definition = RESOURCE_DEFINITION.get(resource)
+    if definition is None or not isinstance(obj, dict):
+        return None
+    return _first_type_error(obj, definition, "")
+
+
+def _first_type_error(value: dict[str, Any], definition: str, path: str) -> str | None:
+    struct = definition.rsplit(".", 1)[1]
+    for key, sub in value.items():
+        spec = _TYPE_FIELDS[definition].get(key)
+        if spec is None:
+            continue
+        here = f"{path}.{key}" if path else key
+        bad: Any = None if _type_ok(sub, spec) else sub
+        go_type = _go_type(spec)
+        if bad is None and spec == "m" and isinstance(sub, dict):
+            bad = next((v for v in sub.values() if v is not None and not isinstance(v, str)), None)
+            go_type = "string"
+        if bad is not None:
+            return f"json: cannot unmarshal {_json_kind(bad)} into Go struct field {struct}.{here} of type {go_type}"
+        inner = spec.strip("[]")
+        if inner not in _FULL or sub is None:
+            continue
+        for element in (sub if spec.startswith("[") else [sub]):
+            if not isinstance(element, dict):
+                if element is None:
+                    continue
+                return (f"json: cannot unmarshal {_json_kind(element)} into Go struct field {struct}.{here} of type "
+                        f"v1.{inner}")
+            found = _first_type_error(element, _FULL[inner], here)
+            if found:
+                return found
+    return None

@@ -7,8 +7,6 @@ so kubectl prints the same lines for the same mistakes.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import json
 import re
@@ -965,16 +963,31 @@ def _validate_configmap(errs: FieldErrors, cm: Obj) -> None:
         errs.too_long("", 1024 * 1024)
 
 
+_B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def base64_error_offset(value: str) -> int | None:
+    """Where Go's base64.StdEncoding gives up on value ("illegal base64 data at input byte N")."""
+    body = value.rstrip("=")
+    padding = len(value) - len(body)
+    for i, ch in enumerate(body):
+        if ch not in _B64:
+            return i
+    if padding > 2 or len(value) % 4:
+        return len(value) - len(value) % 4 if len(value) % 4 else len(body)
+    if padding and len(body) % 4 == 1:
+        return len(body)
+    return None
+
+
 def _decode_secret_data(secret: Obj) -> None:
     """Secret.data values are base64; a bad one fails decoding (400) before validation."""
-    for key, value in (secret.get("data") or {}).items():
-        try:
-            base64.b64decode(value if isinstance(value, str) else "", validate=True)
-        except (binascii.Error, ValueError):
+    for value in _obj(secret.get("data")).values():
+        offset = base64_error_offset(value) if isinstance(value, str) else 0
+        if offset is not None:
             raise StatusError(
                 400, "BadRequest",
-                f'Secret in version "v1" cannot be handled as a Secret: illegal base64 data in data[{key}]',
-            ) from None
+                f'Secret in version "v1" cannot be handled as a Secret: illegal base64 data at input byte {offset}')
 
 
 def _validate_secret(errs: FieldErrors, secret: Obj) -> None:
@@ -1190,3 +1203,16 @@ def strict_decoding_error(kind: str, version: str, fields: list[str]) -> StatusE
     listed = ", ".join(f'unknown field "{f}"' for f in fields)
     return StatusError(400, "BadRequest",
                        f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: {listed}')
+
+
+
+def decode_check(resource: str, obj: dict[str, Any]) -> None:
+    """What the real server's JSON decoding rejects (400) before defaulting and validation."""
+    from .openapi import type_error  # openapi imports patch; keep it lazy
+
+    found = type_error(resource, obj)
+    if found is None:
+        return
+    kind = _str(obj.get("kind")) or _CREATE.get(resource, ("",))[0]
+    version = _str(obj.get("apiVersion")).rsplit("/", 1)[-1] or "v1"
+    raise StatusError(400, "BadRequest", f'{kind} in version "{version}" cannot be handled as a {kind}: {found}')

@@ -289,6 +289,8 @@ def test_secret_and_configmap_immutability() -> None:
     with pytest.raises(StatusError) as info:
         validate_create("secrets", broken)
     assert info.value.code == 400
+    assert info.value.message == ('Secret in version "v1" cannot be handled as a Secret: illegal base64 data at '
+                                  "input byte 3")
 
 
 @pytest.mark.timeout(10)
@@ -335,3 +337,43 @@ def test_session_affinity() -> None:
     assert lines(errors_of("services", svc)) == [
         "spec.sessionAffinityConfig.clientIP.timeoutSeconds: Invalid value: 90000: must be greater than 0 and less "
         "than 86400"]
+
+
+@pytest.mark.parametrize("resource,obj,message", [
+    ("services", {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                  "spec": {"ports": [{"port": "80"}]}},
+     'Service in version "v1" cannot be handled as a Service: json: cannot unmarshal string into Go struct field '
+     "ServicePort.spec.ports.port of type int32"),
+    ("services", {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": {"ports": {"port": 80}}},
+     'Service in version "v1" cannot be handled as a Service: json: cannot unmarshal object into Go struct field '
+     "ServiceSpec.spec.ports of type []v1.ServicePort"),
+    ("deployments.apps", {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                          "spec": {"replicas": 1.5}},
+     'Deployment in version "v1" cannot be handled as a Deployment: json: cannot unmarshal number 1.5 into Go struct '
+     "field DeploymentSpec.spec.replicas of type int32"),
+    ("configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "labels": {"n": 1}}},
+     'ConfigMap in version "v1" cannot be handled as a ConfigMap: json: cannot unmarshal number into Go struct field '
+     "ObjectMeta.metadata.labels of type string"),
+    ("deployments.apps", {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                          "spec": {"template": {"spec": {"containers": [{"name": "c", "ports": [
+                              {"containerPort": 80, "protocol": True}]}]}}}},
+     'Deployment in version "v1" cannot be handled as a Deployment: json: cannot unmarshal bool into Go struct field '
+     "ContainerPort.spec.template.spec.containers.ports.protocol of type string"),
+])
+@pytest.mark.timeout(10)
+def test_wrong_json_types_are_400_before_defaulting(resource: str, obj: dict[str, Any], message: str) -> None:
+    with pytest.raises(StatusError) as info:
+        apply_defaults(resource, obj)
+    assert info.value.code == 400 and info.value.reason == "BadRequest"
+    assert info.value.message == message
+
+
+@pytest.mark.timeout(10)
+def test_right_json_types_pass(seed_service: dict[str, Any], seed_deployment: dict[str, Any]) -> None:
+    seed_service["spec"]["ports"][0]["targetPort"] = "http"  # int-or-string takes both
+    seed_service["metadata"]["labels"] = None  # null is the zero value, as in Go
+    apply_defaults("services", seed_service)
+    seed_deployment["spec"]["strategy"] = {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": "10%"}}
+    seed_deployment["spec"]["template"]["spec"]["affinity"] = {"anything": [1, "x"]}  # free-form
+    apply_defaults("deployments.apps", seed_deployment)
+    validate_create("deployments.apps", seed_deployment)
