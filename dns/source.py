@@ -3,6 +3,8 @@ for the proxy and the DNS), or once from a file of objects."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 
 from kdns.objects import EndpointSlice, Service, load_objects
@@ -44,6 +46,16 @@ class SliceStore:
             self.index.set_slice(item)
 
 
+def release_memory() -> None:
+    """After the initial list: collect the garbage of decoding and encoding and hand free heap
+    pages back to the OS (glibc keeps them otherwise), so RSS reflects what the zone needs."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 async def watch_cluster(index: ZoneIndex, kubeconfig: str, master: str = "") -> None:
     """Runs until cancelled. The index is marked synced once both lists are in: before that the
     zone answers SERVFAIL and /ready says 503, as CoreDNS does."""
@@ -61,6 +73,7 @@ async def watch_cluster(index: ZoneIndex, kubeconfig: str, master: str = "") -> 
         await services.wait_synced()
         await slices.wait_synced()
         index.mark_synced()
+        release_memory()
         log.info("synced services=%d endpointslices=%d", len(index.services), len(index.slices))
         await asyncio.gather(*tasks)
     finally:
@@ -76,4 +89,5 @@ def load_file(index: ZoneIndex, path: str) -> None:
         services, slices = load_objects(f.read())
     index.replace(services=services, slices=slices)
     index.mark_synced()
+    release_memory()
     log.info("loaded file=%s services=%d endpointslices=%d", path, len(services), len(slices))
