@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,64 @@ def test_killed_container_restarts_and_its_endpoint_flaps(cluster: Cluster) -> N
     states = [("ready" if ip in r else "not-ready" if ip in nr else "absent") for _, r, nr in rec.history]
     compact = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
     assert compact[:1] == ["ready"] and "not-ready" in compact and compact[-1] == "ready", compact
+
+
+def apply_pod(c: Cluster, name: str, spec: Obj) -> None:
+    doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"test": "pods"}}, "spec": spec}
+    subprocess.run(["kubectl", "apply", "-f", "-"], input=json.dumps(doc), text=True, check=True,
+                   capture_output=True, env=c.env)
+
+
+def pod_status(c: Cluster, name: str) -> Obj:
+    return c.json("pod", name).get("status") or {}
+
+
+def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    apply_pod(c, "never", {"restartPolicy": "Never",
+                           "containers": [{"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 3"]}]})
+    apply_pod(c, "onfailure", {"restartPolicy": "OnFailure",
+                               "containers": [{"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 0"]}]})
+    flag = tmp_path / "unhealthy"
+    apply_pod(c, "probed", {"containers": [{
+        "name": "web", "image": "busybox", "command": [sys.executable, "-m", "http.server", "8000"],
+        "workingDir": str(tmp_path),
+        "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+        "livenessProbe": {"exec": {"command": ["test", "!", "-e", str(flag)]}, "periodSeconds": 1,
+                          "failureThreshold": 1}}]})
+    st = wait_for(lambda: (x := pod_status(c, "never")).get("phase") == "Failed" and x, what="never: Failed")
+    assert st["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    assert st["containerStatuses"][0]["restartCount"] == 0
+    st = wait_for(lambda: (x := pod_status(c, "onfailure")).get("phase") == "Succeeded" and x, what="Succeeded")
+    assert st["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+    # tcpSocket readiness: Ready once the server listens; http.server answers real HTTP on the pod IP.
+    st = wait_for(lambda: (x := pod_status(c, "probed")).get("containerStatuses") and
+                  x["containerStatuses"][0]["ready"] and x, what="probed: ready")
+    r = curl_from_client(c, f"http://{st['podIP']}:8000/")
+    assert r.returncode == 0 and "Directory listing" in r.stdout
+    # exec liveness: failing it restarts the container.
+    flag.write_text("x")
+    st = wait_for(lambda: (x := pod_status(c, "probed"))["containerStatuses"][0]["restartCount"] >= 1 and x,
+                  timeout=30, what="liveness restart")
+    flag.unlink()
+    wait_for(lambda: pod_status(c, "probed")["containerStatuses"][0]["ready"], timeout=30, what="ready again")
+    c.kubectl("delete", "pod", "never", "onfailure", "probed", "--wait=false")
+
+
+def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster) -> None:
+    c = cluster
+    # A container that ignores SIGTERM: it must be SIGKILLed once terminationGracePeriodSeconds pass.
+    apply_pod(c, "stubborn", {"terminationGracePeriodSeconds": 2, "containers": [{
+        "name": "c", "image": "busybox", "command": ["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"]}]})
+    st = wait_for(lambda: (x := pod_status(c, "stubborn")).get("containerStatuses") and
+                  "running" in x["containerStatuses"][0]["state"] and x, what="stubborn running")
+    pid = int(st["containerStatuses"][0]["containerID"].removeprefix("kpc://"))
+    t0 = time.monotonic()
+    c.kubectl("delete", "pod", "stubborn", "--wait=false")
+    time.sleep(1.0)
+    assert Path(f"/proc/{pid}").exists(), "the container died before its grace period although it ignores SIGTERM"
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=15, interval=0.05, what="SIGKILL after the grace")
+    assert time.monotonic() - t0 >= 1.8
 
 
 def test_down_leaves_no_namespace_link_or_process(cluster: Cluster) -> None:
