@@ -11,6 +11,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .errors import StatusError, invalid
@@ -436,6 +437,66 @@ def _label_name(errs: FieldErrors, path: str, name: str, seen: set[str] | None, 
         seen.add(name)
 
 
+_QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+QUANTITY_ERR = "quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+_SUFFIXES = {"": 0, "n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+_BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+
+
+def parse_quantity(value: Any) -> Decimal | None:
+    """A resource.Quantity ("100m", "1Gi", "1e3", 2) as a Decimal, or None when it does not parse."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return Decimal(str(value))
+    if not isinstance(value, str):
+        return None
+    match = _QUANTITY_RE.match(value)
+    if match is None:
+        return None
+    number, suffix = match.groups()
+    try:
+        amount = Decimal(number)
+    except InvalidOperation:
+        return None
+    if suffix in _SUFFIXES:
+        return amount.scaleb(_SUFFIXES[suffix])
+    if suffix in _BINARY:
+        return amount * Decimal(2 ** _BINARY[suffix])
+    if suffix[:1] in ("e", "E") and re.fullmatch(r"[eE][-+]?[0-9]+", suffix):
+        return amount.scaleb(int(suffix[1:]))
+    return None
+
+
+def _resources(container: Obj) -> tuple[Obj, Obj]:
+    resources = _obj(container.get("resources"))
+    return _obj(resources.get("limits")), _obj(resources.get("requests"))
+
+
+def _validate_resources(errs: FieldErrors, container: Obj, path: str) -> None:
+    limits, requests = _resources(container)
+    for kind, values in (("limits", limits), ("requests", requests)):
+        for name, value in values.items():
+            quantity = parse_quantity(value)
+            if quantity is not None and quantity < 0:
+                errs.invalid(f"{path}.resources.{kind}[{name}]", str(value), "must be greater than or equal to 0")
+    for name, value in requests.items():
+        req, lim = parse_quantity(value), parse_quantity(limits.get(name))
+        if req is not None and lim is not None and req > lim:
+            errs.invalid(f"{path}.resources.requests", str(value),
+                         f"must be less than or equal to {name} limit of {limits[name]}")
+
+
+def bad_quantity(spec: Any) -> bool:
+    """Whether a pod spec carries a resource quantity that does not parse (a decode error upstream)."""
+    for key in ("containers", "initContainers"):
+        for container in _dicts(_obj(spec).get(key)):
+            limits, requests = _resources(container)
+            if any(parse_quantity(v) is None for v in (*limits.values(), *requests.values())):
+                return True
+    return False
+
+
 def _validate_container_ports(errs: FieldErrors, ports: Any, path: str) -> None:
     names: set[str] = set()
     for i, port in enumerate(_dicts(ports)):
@@ -486,6 +547,7 @@ def _validate_containers(errs: FieldErrors, containers: Any, path: str, volumes:
         if policy is not None and policy not in ("Always", "IfNotPresent", "Never"):
             errs.not_supported(f"{cp}.imagePullPolicy", policy, ("Always", "IfNotPresent", "Never"))
         _validate_container_ports(errs, c.get("ports"), f"{cp}.ports")
+        _validate_resources(errs, c, cp)
         for j, env in enumerate(_dicts(c.get("env"))):
             ename = _str(env.get("name"))
             if not ename:
@@ -1212,7 +1274,11 @@ def decode_check(resource: str, obj: dict[str, Any]) -> None:
 
     found = type_error(resource, obj)
     if found is None:
-        return
+        spec = _obj(obj.get("spec"))
+        pod_spec = spec if resource == "pods" else _obj(_obj(spec.get("template")).get("spec"))
+        if resource not in ("pods", "deployments.apps", "replicasets.apps") or not bad_quantity(pod_spec):
+            return
+        found = QUANTITY_ERR
     kind = _str(obj.get("kind")) or _CREATE.get(resource, ("",))[0]
     version = _str(obj.get("apiVersion")).rsplit("/", 1)[-1] or "v1"
     raise StatusError(400, "BadRequest", f'{kind} in version "{version}" cannot be handled as a {kind}: {found}')

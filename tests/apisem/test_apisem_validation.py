@@ -377,3 +377,25 @@ def test_right_json_types_pass(seed_service: dict[str, Any], seed_deployment: di
     seed_deployment["spec"]["template"]["spec"]["affinity"] = {"anything": [1, "x"]}  # free-form
     apply_defaults("deployments.apps", seed_deployment)
     validate_create("deployments.apps", seed_deployment)
+
+
+@pytest.mark.timeout(10)
+def test_resource_quantities(seed_deployment: dict[str, Any]) -> None:
+    container = seed_deployment["spec"]["template"]["spec"]["containers"][0]
+    container["resources"] = {"limits": {"cpu": "500m", "memory": "128Mi"}, "requests": {"cpu": "1", "memory": "64Mi"}}
+    assert lines(errors_of("deployments.apps", copy.deepcopy(seed_deployment))) == [
+        'spec.template.spec.containers[0].resources.requests: Invalid value: "1": must be less than or equal to cpu '
+        "limit of 500m"]
+    container["resources"] = {"requests": {"cpu": "-1"}}
+    assert lines(errors_of("deployments.apps", copy.deepcopy(seed_deployment))) == [
+        'spec.template.spec.containers[0].resources.requests[cpu]: Invalid value: "-1": must be greater than or '
+        "equal to 0"]
+    container["resources"] = {"limits": {"memory": "1Gb"}}
+    with pytest.raises(StatusError) as info:
+        apply_defaults("deployments.apps", seed_deployment)
+    assert info.value.code == 400 and info.value.message == (
+        'Deployment in version "v1" cannot be handled as a Deployment: quantities must match the regular expression '
+        "'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'")
+    container["resources"] = {"limits": {"memory": "1Gi", "cpu": 2}, "requests": {"memory": "1024Mi", "cpu": "1500m"}}
+    apply_defaults("deployments.apps", seed_deployment)
+    validate_create("deployments.apps", seed_deployment)
