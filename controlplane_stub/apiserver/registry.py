@@ -212,7 +212,8 @@ class Registry:
                 else:
                     new.pop("status", None)
         meta, ometa = new["metadata"], old["metadata"]
-        for kept in ("uid", "creationTimestamp", "namespace", "deletionTimestamp", "generation"):
+        for kept in ("uid", "creationTimestamp", "namespace", "deletionTimestamp", "deletionGracePeriodSeconds",
+                     "generation"):
             if kept in ometa:
                 meta[kept] = ometa[kept]
             else:
@@ -316,6 +317,15 @@ class Registry:
         if res.plural == "namespaces" and name in SYSTEM_NAMESPACES[:3]:
             raise StatusError(403, "Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted',
                               kind="namespaces", name=name)
+        if res.plural == "pods":
+            terminating = self._graceful_pod_delete(old, options)
+            if terminating is not None:
+                if dry_run or terminating is old:
+                    return terminating
+                try:
+                    return await self.store.update(key, terminating, int(old["metadata"]["resourceVersion"]))
+                except (KeyNotFound, RevisionConflict):
+                    raise conflict(res.plural, name, _conflict_msg(), res.group) from None
         if dry_run:
             return old
         if res.plural == "namespaces":
@@ -329,6 +339,30 @@ class Registry:
         if res.id == "services":
             self._release_quietly(gone)
         return gone
+
+    @staticmethod
+    def _graceful_pod_delete(pod: Obj, options: Obj) -> Obj | None:
+        """A running pod is not removed at once: it gets deletionTimestamp/deletionGracePeriodSeconds
+        (a MODIFIED event) and its node agent stops it, then deletes it with grace 0. Returns the
+        terminating pod, the unchanged pod when it already terminates sooner, or None to delete now."""
+        spec, status, meta = pod.get("spec") or {}, pod.get("status") or {}, pod["metadata"]
+        grace = options.get("gracePeriodSeconds")
+        if grace is None:
+            grace = spec.get("terminationGracePeriodSeconds", 30)
+        try:
+            grace = max(int(grace), 0)
+        except (TypeError, ValueError):
+            raise bad_request(f"gracePeriodSeconds must be an integer, not {grace!r}") from None
+        if grace == 0 or not spec.get("nodeName") or status.get("phase") in ("Succeeded", "Failed"):
+            return None
+        current = meta.get("deletionGracePeriodSeconds")
+        if meta.get("deletionTimestamp") and current is not None and int(current) <= grace:
+            return pod
+        new = copy.deepcopy(pod)
+        deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=grace)
+        new["metadata"]["deletionTimestamp"] = deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
+        new["metadata"]["deletionGracePeriodSeconds"] = grace
+        return new
 
     async def _delete_dependents(self, owner: Obj) -> None:
         """The garbage collector's background cascade, done synchronously for the owned kinds."""

@@ -280,6 +280,8 @@ class APIServer:
                 dry_run = True
             if "propagationPolicy" in q:
                 options["propagationPolicy"] = q["propagationPolicy"]
+            if "gracePeriodSeconds" in q:
+                options["gracePeriodSeconds"] = q["gracePeriodSeconds"]
             if t.name and not t.sub:
                 self._authorize(request, "delete", t)
                 gone_obj = await self.registry.delete(t.res, t.namespace, t.name, options, dry_run=dry_run)

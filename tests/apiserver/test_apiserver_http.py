@@ -290,3 +290,24 @@ def test_pod_binding_subresource(admin: Client, namespace: str) -> None:
     code, status = admin.post(f"{base}/p/binding", {**binding, "target": {"kind": "Node", "name": "node-b"}})
     assert code == 409 and "already assigned" in status["message"]
     assert admin.get(f"{base}/p/binding")[0] == 405
+
+
+def test_graceful_pod_deletion(admin: Client, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}/pods"
+    spec = {"containers": [{"name": "c", "image": "busybox"}], "terminationGracePeriodSeconds": 20}
+    admin.post(base, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unbound"}, "spec": spec})
+    admin.post(base, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "running"},
+                      "spec": {**spec, "nodeName": "node-a"}})
+    # never scheduled: gone at once
+    assert admin.delete(f"{base}/unbound")[0] == 200 and admin.get(f"{base}/unbound")[0] == 404
+    # bound to a node: marked terminating, left for the node agent
+    code, pod = admin.delete(f"{base}/running")
+    assert code == 200 and pod["metadata"]["deletionGracePeriodSeconds"] == 20 and pod["metadata"]["deletionTimestamp"]
+    assert admin.get(f"{base}/running")[1]["metadata"]["deletionGracePeriodSeconds"] == 20
+    code, pod = admin.delete(f"{base}/running", {"gracePeriodSeconds": 5})
+    assert pod["metadata"]["deletionGracePeriodSeconds"] == 5
+    # the agent's final delete: grace 0 with a uid precondition
+    uid = pod["metadata"]["uid"]
+    assert admin.delete(f"{base}/running", {"gracePeriodSeconds": 0, "preconditions": {"uid": "other"}})[0] == 409
+    assert admin.delete(f"{base}/running", {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}})[0] == 200
+    assert admin.get(f"{base}/running")[0] == 404
