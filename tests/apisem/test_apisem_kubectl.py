@@ -95,3 +95,23 @@ def test_apply_get_wide_edit_reapply_scale_label_delete(api: APIServerProcess) -
     out = kubectl(api, "delete", "-f", "-", stdin=edited)
     assert out.returncode == 0, out.stderr
     assert "flask" not in kubectl(api, "get", "svc,deploy", "-o", "name").stdout
+
+
+@pytest.mark.timeout(90)
+def test_strict_field_validation_and_decode_errors(api: APIServerProcess) -> None:
+    manifest = (SEED / "flask-kubernetes.yaml").read_text().replace("flask-kubernetes", "strict-demo")
+    typo = manifest.replace("replicas: 4", "replicas: 4\n  replicaz: 1").replace(
+        "        imagePullPolicy", "        imagee: x\n        imagePullPolicy")
+    out = kubectl(api, "apply", "-f", "-", stdin=typo)
+    assert out.returncode == 1
+    assert ('Error from server (BadRequest): error when creating "STDIN": Deployment in version "v1" cannot be '
+            'handled as a Deployment: strict decoding error: unknown field "spec.replicaz", unknown field '
+            '"spec.template.spec.containers[0].imagee"') in out.stderr
+    warned = kubectl(api, "apply", "--validate=warn", "-f", "-", stdin=typo)
+    assert warned.returncode == 0, warned.stderr
+    assert 'Warning: unknown field "spec.replicaz"' in warned.stderr
+    wrong_type = kubectl(api, "create", "-f", "-", stdin=manifest.replace("strict-demo-service", "typed").replace(
+        "port: 6000", 'port: "6000"'))
+    assert ('Service in version "v1" cannot be handled as a Service: json: cannot unmarshal string into Go struct '
+            "field ServicePort.spec.ports.port of type int32") in wrong_type.stderr
+    assert kubectl(api, "delete", "-f", "-", stdin=manifest).returncode == 0
