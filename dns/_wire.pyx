@@ -279,19 +279,19 @@ cdef int _answer(const unsigned char *q, int n, Table table, bint tcp, unsigned 
     return outlen
 
 
+cdef unsigned char *_answer_buf = <unsigned char *>malloc(OUTCAP)
+
+
 def answer(bytes query, Table table, bint tcp):
-    cdef unsigned char *out = <unsigned char *>malloc(OUTCAP)
+    """See kdns._purewire.answer. One shared output buffer: callers hold the GIL throughout."""
     cdef int qtype, n
-    if out == NULL:
+    if _answer_buf == NULL:
         raise MemoryError()
-    try:
-        n = _answer(<const unsigned char *>PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query), table, tcp,
-                    out, &qtype)
-        if n < 0:
-            return None
-        return PyBytes_FromStringAndSize(<char *>out, n)
-    finally:
-        free(out)
+    n = _answer(<const unsigned char *>PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query), table, tcp,
+                _answer_buf, &qtype)
+    if n < 0:
+        return None
+    return PyBytes_FromStringAndSize(<char *>_answer_buf, n)
 
 
 cdef object _addr(sockaddr_storage *sa):
