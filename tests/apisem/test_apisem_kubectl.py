@@ -1,6 +1,8 @@
 """The semantics through the real kproxy-apiserver process, driven by the real kubectl binary."""
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +15,12 @@ from controlplane_stub.apiserver.testing import APIServerProcess, running_apiser
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed"
 KUBECTL = shutil.which("kubectl")
+# Debian's kubernetes-client (1.20) is the old client the issue names; it is not installed next to
+# the image's 1.32 (it would replace it): point KPROXY_KUBECTL_OLD at an extracted binary to run it too.
+KUBECTL_OLD = os.environ.get("KPROXY_KUBECTL_OLD", "")
+CLIENTS = [pytest.param("current", id="kubectl"),
+           pytest.param("old", id="kubectl-old", marks=pytest.mark.skipif(
+               not KUBECTL_OLD, reason="KPROXY_KUBECTL_OLD (an old kubectl, e.g. 1.20) is not set"))]
 
 pytestmark = [pytest.mark.kubectl,
               pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (the image ships 1.32)")]
@@ -28,14 +36,18 @@ def api() -> Iterator[APIServerProcess]:
         yield server
 
 
-def kubectl(api: APIServerProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    assert KUBECTL is not None
-    return subprocess.run([KUBECTL, "--kubeconfig", api.kubeconfig, "--request-timeout=20s", *args],
+def run_kubectl(api: APIServerProcess, *args: str, stdin: str | None = None,
+                client: str = "current") -> subprocess.CompletedProcess[str]:
+    binary = KUBECTL_OLD if client == "old" else KUBECTL
+    assert binary
+    return subprocess.run([binary, "--kubeconfig", api.kubeconfig, "--request-timeout=20s", *args],
                           capture_output=True, text=True, input=stdin, timeout=60)
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.timeout(90)
-def test_seed_as_written_gets_the_real_messages(api: APIServerProcess) -> None:
+def test_seed_as_written_gets_the_real_messages(api: APIServerProcess, client: str) -> None:
+    kubectl = functools.partial(run_kubectl, client=client)
     out = kubectl(api, "apply", "-f", str(SEED / "flask-kubernetes-as-written.yaml"))
     assert out.returncode == 1
     source = SEED / "flask-kubernetes-as-written.yaml"
@@ -49,8 +61,10 @@ def test_seed_as_written_gets_the_real_messages(api: APIServerProcess) -> None:
     assert listed.returncode == 0 and "flask" not in listed.stdout
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.timeout(120)
-def test_apply_get_wide_edit_reapply_scale_label_delete(api: APIServerProcess) -> None:
+def test_apply_get_wide_edit_reapply_scale_label_delete(api: APIServerProcess, client: str) -> None:
+    kubectl = functools.partial(run_kubectl, client=client)
     manifest = (SEED / "flask-kubernetes.yaml").read_text()
     out = kubectl(api, "apply", "-f", "-", stdin=manifest)
     assert out.returncode == 0, out.stderr
@@ -99,6 +113,7 @@ def test_apply_get_wide_edit_reapply_scale_label_delete(api: APIServerProcess) -
 
 @pytest.mark.timeout(90)
 def test_strict_field_validation_and_decode_errors(api: APIServerProcess) -> None:
+    kubectl = run_kubectl
     manifest = (SEED / "flask-kubernetes.yaml").read_text().replace("flask-kubernetes", "strict-demo")
     typo = manifest.replace("replicas: 4", "replicas: 4\n  replicaz: 1").replace(
         "        imagePullPolicy", "        imagee: x\n        imagePullPolicy")
