@@ -118,9 +118,10 @@ def parse_config(argv: Sequence[str]) -> KProxyConfig:
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = logging.DEBUG if verbosity >= 4 else logging.INFO if verbosity >= 0 else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr,
+    # klog's -v: 0 start-up and problems; 2 adds one line per sync (upstream logs syncs at V(2)).
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    logging.getLogger("kproxy").setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
 
 
 ModeTable = Mapping[str, "str | Callable[[KProxyConfig], Any]"]

@@ -201,9 +201,10 @@ class ProxyServer:
         self.syncs += 1
         self.metrics.sync_duration.observe(elapsed)
         (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
-        log.info("sync full=%s changed=%d services=%d endpoints=%d ok=%s elapsed=%.4fs%s", full,
-                 len(co.request.changed), len(co.request.services), len(co.request.endpoints),
-                 result.ok, elapsed, f" error={result.error!r}" if result.error else "")
+        log.log(logging.DEBUG if result.ok else logging.WARNING,
+                "sync full=%s changed=%d services=%d endpoints=%d ok=%s elapsed=%.4fs%s", full,
+                len(co.request.changed), len(co.request.services), len(co.request.endpoints),
+                result.ok, elapsed, f" error={result.error!r}" if result.error else "")
         if not result.ok:
             self.state.requeue_stale(co.request)
             if self.cfg.mode in ("iptables", "nftables"):
