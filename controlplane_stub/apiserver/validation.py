@@ -529,6 +529,33 @@ def _validate_protocol(errs: FieldErrors, protocol: Any, path: str) -> None:
         errs.not_supported(path, protocol, PROTOCOLS)
 
 
+_PROBE_HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
+
+
+def _validate_probe(errs: FieldErrors, probe: Any, path: str) -> None:
+    if not isinstance(probe, dict):
+        return
+    handlers = [h for h in _PROBE_HANDLERS if probe.get(h) is not None]
+    if not handlers:
+        errs.required(path, "must specify a handler type")
+    elif len(handlers) > 1:
+        errs.forbidden(f"{path}.{handlers[1]}", "may not specify more than 1 handler type")
+    for handler in ("httpGet", "tcpSocket"):
+        if handler not in handlers:
+            continue
+        port = _obj(probe.get(handler)).get("port")
+        for msg in is_valid_port_name(port) if isinstance(port, str) else is_valid_port_num(port):
+            errs.invalid(f"{path}.{handler}.port", port, msg)
+    if "exec" in handlers and not _obj(probe.get("exec")).get("command"):
+        errs.required(f"{path}.exec.command", "")
+    for key in ("initialDelaySeconds", "timeoutSeconds", "periodSeconds", "successThreshold", "failureThreshold"):
+        value = probe.get(key)
+        if isinstance(value, int) and value < 0:
+            errs.invalid(f"{path}.{key}", value, "must be greater than or equal to 0")
+    if path.endswith(("livenessProbe", "startupProbe")) and probe.get("successThreshold") not in (None, 1):
+        errs.invalid(f"{path}.successThreshold", probe["successThreshold"], "must be 1")
+
+
 def _validate_containers(errs: FieldErrors, containers: Any, path: str, volumes: set[str], names: set[str],
                          required: bool) -> None:
     if not isinstance(containers, list) or not containers:
@@ -555,6 +582,20 @@ def _validate_containers(errs: FieldErrors, containers: Any, path: str, volumes:
             else:
                 for msg in is_env_var_name(ename):
                     errs.invalid(f"{cp}.env[{j}].name", ename, msg)
+            value_from = env.get("valueFrom")
+            if isinstance(value_from, dict):
+                sources = [k for k in ("fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef")
+                           if value_from.get(k) is not None]
+                if len(sources) > 1:
+                    errs.invalid(f"{cp}.env[{j}].valueFrom", "",
+                                 "may not have more than one field specified at a time")
+                elif not sources:
+                    errs.invalid(f"{cp}.env[{j}].valueFrom", "", "must specify one of: `fieldRef`, "
+                                 "`resourceFieldRef`, `configMapKeyRef` or `secretKeyRef`")
+                if env.get("value"):
+                    errs.invalid(f"{cp}.env[{j}].valueFrom", "", "may not be specified when `value` is not empty")
+        for probe_name in ("livenessProbe", "readinessProbe", "startupProbe"):
+            _validate_probe(errs, c.get(probe_name), f"{cp}.{probe_name}")
         mount_paths: set[str] = set()
         for j, mount in enumerate(_dicts(c.get("volumeMounts"))):
             mp = f"{cp}.volumeMounts[{j}]"

@@ -399,3 +399,31 @@ def test_resource_quantities(seed_deployment: dict[str, Any]) -> None:
     container["resources"] = {"limits": {"memory": "1Gi", "cpu": 2}, "requests": {"memory": "1024Mi", "cpu": "1500m"}}
     apply_defaults("deployments.apps", seed_deployment)
     validate_create("deployments.apps", seed_deployment)
+
+
+@pytest.mark.timeout(10)
+def test_probes_and_env_sources(seed_deployment: dict[str, Any]) -> None:
+    container = seed_deployment["spec"]["template"]["spec"]["containers"][0]
+    container["livenessProbe"] = {"httpGet": {"path": "/", "port": 70000}, "tcpSocket": {"port": 80},
+                                  "successThreshold": 2}
+    container["readinessProbe"] = {"periodSeconds": 5}
+    container["startupProbe"] = {"exec": {}}
+    container["env"] = [{"name": "A", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"},
+                                                                   "secretKeyRef": {"name": "s", "key": "k"}}}]
+    assert lines(errors_of("deployments.apps", seed_deployment)) == [
+        'spec.template.spec.containers[0].env[0].valueFrom: Invalid value: "": may not have more than one field '
+        "specified at a time",
+        'spec.template.spec.containers[0].env[0].valueFrom: Invalid value: "": may not be specified when `value` is '
+        "not empty",
+        "spec.template.spec.containers[0].livenessProbe.tcpSocket: Forbidden: may not specify more than 1 handler type",
+        "spec.template.spec.containers[0].livenessProbe.httpGet.port: Invalid value: 70000: must be between 1 and "
+        "65535, inclusive",
+        "spec.template.spec.containers[0].livenessProbe.successThreshold: Invalid value: 2: must be 1",
+        "spec.template.spec.containers[0].readinessProbe: Required value: must specify a handler type",
+        "spec.template.spec.containers[0].startupProbe.exec.command: Required value",
+    ]
+    container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 3}
+    container["readinessProbe"] = {"tcpSocket": {"port": 5000}}
+    container["startupProbe"] = {"exec": {"command": ["true"]}}
+    container["env"] = [{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    validate_create("deployments.apps", seed_deployment)
