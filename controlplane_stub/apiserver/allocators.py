@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import StatusError
-from .validation import FieldErrors
+from .validation import FieldErrors, externally_accessible
 
 Obj = dict[str, Any]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -289,6 +289,13 @@ class ServiceAllocator:
                     port.pop("nodePort", None)
         if not _needs_health_check(spec) and spec.get("healthCheckNodePort") == old_spec.get("healthCheckNodePort"):
             spec.pop("healthCheckNodePort", None)
+        if old_spec.get("type") == "LoadBalancer" and spec.get("type") != "LoadBalancer":
+            for key in ("allocateLoadBalancerNodePorts", "loadBalancerClass"):
+                if spec.get(key) == old_spec.get(key):
+                    spec.pop(key, None)
+        if externally_accessible(old_spec) and not externally_accessible(spec) and \
+                spec.get("externalTrafficPolicy") == old_spec.get("externalTrafficPolicy"):
+            spec.pop("externalTrafficPolicy", None)
 
     def _families(self, spec: Obj, name: str) -> tuple[str, list[str]]:
         """(ipFamilyPolicy, ipFamilies) after upstream's defaulting, or a 422."""

@@ -713,6 +713,12 @@ def _service_port_key(protocol: str, port: Any, node_port: Any = 0) -> GoValue:
         f'TargetPort:intstr.IntOrString{{Type:0, IntVal:0, StrVal:""}}, NodePort:{node_port}}}')
 
 
+def externally_accessible(spec: Obj) -> bool:
+    """apiservice.ExternallyAccessible: reachable from outside through node ports, LBs or external IPs."""
+    svc_type = spec.get("type")
+    return svc_type in ("NodePort", "LoadBalancer") or (svc_type == "ClusterIP" and bool(spec.get("externalIPs")))
+
+
 def _is_headless(spec: Obj) -> bool:
     return spec.get("clusterIP") == "None"
 
@@ -798,17 +804,19 @@ def _validate_service(errs: FieldErrors, svc: Obj) -> None:
     elif spec.get("sessionAffinityConfig"):
         errs.forbidden("spec.sessionAffinityConfig", "must not be set when session affinity is None")
     etp = spec.get("externalTrafficPolicy")
-    if svc_type in ("NodePort", "LoadBalancer"):
+    if externally_accessible(spec):
         if not etp:
             errs.required("spec.externalTrafficPolicy", "")
         elif etp not in ("Cluster", "Local"):
             errs.not_supported("spec.externalTrafficPolicy", etp, ("Cluster", "Local"))
     elif etp:
-        errs.invalid("spec.externalTrafficPolicy", etp, "may only be set when `type` is 'NodePort' or 'LoadBalancer'")
+        errs.invalid("spec.externalTrafficPolicy", etp, "may only be set for externally-accessible services")
     hc = spec.get("healthCheckNodePort")
-    if hc and not (svc_type == "LoadBalancer" and etp == "Local"):
-        errs.invalid("spec.healthCheckNodePort", hc,
-                     "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'")
+    if hc:
+        if svc_type != "LoadBalancer":
+            errs.invalid("spec.healthCheckNodePort", hc, "may only be set when `type` is 'LoadBalancer'")
+        if etp != "Local":
+            errs.invalid("spec.healthCheckNodePort", hc, "may only be set when `externalTrafficPolicy` is 'Local'")
     itp = spec.get("internalTrafficPolicy")
     if itp is not None and itp not in ("Cluster", "Local"):
         errs.not_supported("spec.internalTrafficPolicy", itp, ("Cluster", "Local"))

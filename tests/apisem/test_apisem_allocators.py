@@ -220,3 +220,28 @@ def test_small_range_fills_then_frees() -> None:
     assert last["spec"]["clusterIP"] == made[3]["spec"]["clusterIP"]
     with pytest.raises(ValueError, match="--service-cluster-ip-range"):
         ServiceAllocator(["10.0.0.0/8", "10.1.0.0/16"], (30000, 30001))
+
+
+@pytest.mark.timeout(10)
+def test_type_change_drops_what_only_the_old_type_needed() -> None:
+    from controlplane_stub.apiserver.validation import validate_update
+
+    alloc = ServiceAllocator(["10.96.0.0/12"], (30000, 32767))
+    lb = svc("web", type="LoadBalancer", externalTrafficPolicy="Local")
+    alloc.assign(lb, None)
+    assert lb["spec"]["healthCheckNodePort"] and lb["spec"]["allocateLoadBalancerNodePorts"] is True
+    # What a JSON merge patch {"spec":{"type":"ClusterIP"}} leaves behind, defaulted again.
+    patched = copy.deepcopy(lb)
+    patched["spec"]["type"] = "ClusterIP"
+    apply_defaults("services", patched)
+    alloc.assign(patched, lb)
+    spec = patched["spec"]
+    for dropped in ("externalTrafficPolicy", "healthCheckNodePort", "allocateLoadBalancerNodePorts"):
+        assert dropped not in spec, dropped
+    assert "nodePort" not in spec["ports"][0] and spec["clusterIP"] == lb["spec"]["clusterIP"]
+    validate_update("services", patched, lb)
+    # A policy the user sets on purpose while changing type is kept (and then rejected by validation).
+    on_purpose = copy.deepcopy(lb)
+    on_purpose["spec"].update(type="ClusterIP", externalTrafficPolicy="Cluster")
+    alloc.assign(on_purpose, lb)
+    assert on_purpose["spec"]["externalTrafficPolicy"] == "Cluster"

@@ -427,3 +427,21 @@ def test_probes_and_env_sources(seed_deployment: dict[str, Any]) -> None:
     container["startupProbe"] = {"exec": {"command": ["true"]}}
     container["env"] = [{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     validate_create("deployments.apps", seed_deployment)
+
+
+@pytest.mark.timeout(10)
+def test_external_traffic_policy_needs_external_access() -> None:
+    svc: dict[str, Any] = {"metadata": {"name": "a", "namespace": "default"},
+                           "spec": {"ports": [{"port": 80}], "externalTrafficPolicy": "Local"}}
+    assert lines(errors_of("services", svc)) == [
+        'spec.externalTrafficPolicy: Invalid value: "Local": may only be set for externally-accessible services']
+    with_ips: dict[str, Any] = {"metadata": {"name": "b", "namespace": "default"},
+                                "spec": {"ports": [{"port": 80}], "externalIPs": ["192.0.2.10"]}}
+    apply_defaults("services", with_ips)
+    assert with_ips["spec"]["externalTrafficPolicy"] == "Cluster"  # external IPs make it externally accessible
+    validate_create("services", with_ips)
+    hc: dict[str, Any] = {"metadata": {"name": "c", "namespace": "default"},
+                          "spec": {"type": "NodePort", "ports": [{"port": 80}], "healthCheckNodePort": 30000}}
+    assert lines(errors_of("services", hc)) == [
+        "spec.healthCheckNodePort: Invalid value: 30000: may only be set when `type` is 'LoadBalancer'",
+        "spec.healthCheckNodePort: Invalid value: 30000: may only be set when `externalTrafficPolicy` is 'Local'"]
