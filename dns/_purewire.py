@@ -13,6 +13,7 @@ authority records, at most an EDNS0 version-0 OPT. Anything else goes to the slo
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Container
 from typing import Any
@@ -21,6 +22,7 @@ UDP_CAP = 4096  # largest UDP answer we send, whatever the client advertises
 OPT_RR = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # root, OPT, size 1232, v0, no options
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))  # CoreDNS's request duration buckets
 BATCH = 64
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
 _LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 
 
@@ -174,22 +176,42 @@ class Stats:
         }
 
 
-def drain_udp(sock: socket.socket, table: Table, stats: Stats, max_batches: int) -> list[tuple[bytes, Any]]:
+def reply_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The control message to send a reply with, from the query's IP_PKTINFO/IPV6_PKTINFO: the
+    reply must leave from the address the query was sent to (a socket bound to 0.0.0.0 on a host
+    with several addresses would otherwise answer from another one, which clients drop)."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            _, _, dst = struct.unpack_from("=i4s4s", data)
+            return [(level, kind, struct.pack("=i4s4s", 0, dst, dst))]
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+            return [(level, kind, data)]
+    return []
+
+
+def drain_udp(sock: socket.socket, table: Table, stats: Stats,
+              max_batches: int) -> list[tuple[bytes, Any, list[tuple[int, int, bytes]]]]:
     """Answer datagrams until the socket is empty or max_batches*64 were read; the ones the table
-    cannot answer are returned as (query, address) for the slow path."""
-    misses: list[tuple[bytes, Any]] = []
+    cannot answer are returned as (query, address, reply ancillary data) for the slow path."""
+    misses: list[tuple[bytes, Any, list[tuple[int, int, bytes]]]] = []
     for _ in range(max_batches * BATCH):
         try:
-            data, addr = sock.recvfrom(65535)
+            data, ancdata, flags, addr = sock.recvmsg(4096, 64)
         except (BlockingIOError, InterruptedError):
             break
+        if flags & socket.MSG_TRUNC:
+            continue  # over 4096 octets: no DNS client sends such a query (as the compiled twin)
         t0 = time.perf_counter()
+        anc = reply_ancillary(ancdata)
         resp, qtype = _answer(data, table, False)
         if resp is None:
-            misses.append((data, addr))
+            misses.append((data, addr, anc))
             continue
         try:
-            sock.sendto(resp, addr)
+            if anc:
+                sock.sendmsg([resp], anc, 0, addr)
+            else:
+                sock.sendto(resp, addr)
         except OSError:
             pass  # full socket buffer or unreachable client: UDP drops, the client retries
         stats.record(qtype, resp[3] & 0xF, time.perf_counter() - t0)

@@ -31,6 +31,13 @@ cdef extern from "<sys/socket.h>" nogil:
     struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    cmsghdr *CMSG_FIRSTHDR(msghdr *m)
+    cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c)
+    unsigned char *CMSG_DATA(cmsghdr *c)
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
     int MSG_DONTWAIT
@@ -60,6 +67,14 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned int sin6_flowinfo
         in6_addr sin6_addr
         unsigned int sin6_scope_id
+    struct in_pktinfo:
+        int ipi_ifindex
+        in_addr ipi_spec_dst
+        in_addr ipi_addr
+    int IPPROTO_IP
+    int IP_PKTINFO
+    int IPPROTO_IPV6
+    int IPV6_PKTINFO
     unsigned short ntohs(unsigned short)
     unsigned int ntohl(unsigned int)
 
@@ -70,6 +85,7 @@ DEF BATCH = 64
 DEF MAXQ = 4096
 DEF OUTCAP = 65546
 DEF NBUCKETS = 16
+DEF CTRL = 64  # room for one in_pktinfo/in6_pktinfo control message
 
 UDP_CAP = 4096
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))
@@ -307,6 +323,42 @@ cdef object _addr(sockaddr_storage *sa):
     return (text.decode("ascii"), ntohs(v6.sin6_port), ntohl(v6.sin6_flowinfo), v6.sin6_scope_id)
 
 
+cdef int _reply_pktinfo(msghdr *m) noexcept:
+    """Turn a received IP_PKTINFO/IPV6_PKTINFO into the one to send the reply with, so the reply
+    leaves from the address the query was sent to (a socket bound to 0.0.0.0 on a host with several
+    addresses would otherwise answer from the route's preferred source, which clients drop).
+    Returns 1 when m's control data now holds exactly that message."""
+    cdef cmsghdr *c
+    cdef in_pktinfo *pi
+    if m.msg_controllen == 0:
+        return 0
+    c = CMSG_FIRSTHDR(m)
+    while c != NULL:
+        if c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_PKTINFO:
+            pi = <in_pktinfo *>CMSG_DATA(c)
+            pi.ipi_spec_dst = pi.ipi_addr  # source := where the query went
+            pi.ipi_ifindex = 0
+            m.msg_control = <void *>c
+            m.msg_controllen = c.cmsg_len
+            return 1
+        if c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_PKTINFO:
+            m.msg_control = <void *>c  # ipi6_addr (the query's destination) becomes the source
+            m.msg_controllen = c.cmsg_len
+            return 1
+        c = CMSG_NXTHDR(m, c)
+    return 0
+
+
+cdef list _ancillary(msghdr *m, int have):
+    """The reply's control message as socket.sendmsg takes it (empty when there is none)."""
+    cdef cmsghdr *c
+    if not have:
+        return []
+    c = <cmsghdr *>m.msg_control
+    n = c.cmsg_len - (<size_t>CMSG_DATA(c) - <size_t>c)
+    return [(c.cmsg_level, c.cmsg_type, PyBytes_FromStringAndSize(<char *>CMSG_DATA(c), n))]
+
+
 cdef class _Buffers:
     """recvmmsg/sendmmsg vectors, allocated once per socket."""
     cdef unsigned char *inbuf
@@ -316,6 +368,7 @@ cdef class _Buffers:
     cdef iovec riov[BATCH]
     cdef iovec siov[BATCH]
     cdef sockaddr_storage addrs[BATCH]
+    cdef unsigned char ctrl[BATCH][CTRL]
 
     def __cinit__(self):
         self.inbuf = <unsigned char *>malloc(BATCH * MAXQ)
@@ -336,7 +389,7 @@ def drain_udp(sock, Table table, Stats stats, int max_batches):
     dropped (MSG_TRUNC): no DNS client sends a query that large."""
     cdef int fd = sock.fileno()
     cdef _Buffers b
-    cdef int got, i, j, nsend, r, qt, batch
+    cdef int got, i, j, nsend, r, qt, batch, have
     cdef int qtypes[BATCH]
     cdef int lens[BATCH]
     cdef timespec2 t0, t1
@@ -355,6 +408,8 @@ def drain_udp(sock, Table table, Stats stats, int max_batches):
             b.rvec[i].msg_hdr.msg_iovlen = 1
             b.rvec[i].msg_hdr.msg_name = &b.addrs[i]
             b.rvec[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            b.rvec[i].msg_hdr.msg_control = &b.ctrl[i][0]
+            b.rvec[i].msg_hdr.msg_controllen = CTRL
         with nogil:
             got = recvmmsg(fd, b.rvec, BATCH, MSG_DONTWAIT, NULL)
         if got <= 0:
@@ -364,10 +419,11 @@ def drain_udp(sock, Table table, Stats stats, int max_batches):
         for i in range(got):
             if b.rvec[i].msg_hdr.msg_flags & MSG_TRUNC:
                 continue
+            have = _reply_pktinfo(&b.rvec[i].msg_hdr)
             r = _answer(b.inbuf + i * MAXQ, b.rvec[i].msg_len, table, False, b.outbuf + nsend * OUTCAP, &qt)
             if r < 0:
                 misses.append((PyBytes_FromStringAndSize(<char *>(b.inbuf + i * MAXQ), b.rvec[i].msg_len),
-                               _addr(&b.addrs[i])))
+                               _addr(&b.addrs[i]), _ancillary(&b.rvec[i].msg_hdr, have)))
                 continue
             b.siov[nsend].iov_base = b.outbuf + nsend * OUTCAP
             b.siov[nsend].iov_len = r
@@ -376,6 +432,9 @@ def drain_udp(sock, Table table, Stats stats, int max_batches):
             b.svec[nsend].msg_hdr.msg_iovlen = 1
             b.svec[nsend].msg_hdr.msg_name = &b.addrs[i]
             b.svec[nsend].msg_hdr.msg_namelen = b.rvec[i].msg_hdr.msg_namelen
+            if have:
+                b.svec[nsend].msg_hdr.msg_control = b.rvec[i].msg_hdr.msg_control
+                b.svec[nsend].msg_hdr.msg_controllen = b.rvec[i].msg_hdr.msg_controllen
             qtypes[nsend] = qt
             lens[nsend] = r
             nsend += 1

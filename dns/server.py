@@ -17,6 +17,7 @@ TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent between queries
 TCP_MAX_INFLIGHT = 32  # forwarded queries pending per TCP connection
 TCP_MAX_CONNECTIONS = 512  # beyond this new connections are closed at once (fds are finite)
 MAX_FORWARDS = 1000  # forwarded queries pending in total (beyond: SERVFAIL, not unbounded memory)
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
 UDP_BATCHES = 16  # recvmmsg batches per readiness callback, so TCP and watches get their turn
 
 
@@ -44,6 +45,11 @@ class DNSServer:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
                 udp.bind((self.host, self.port))
+                if self.host in ("0.0.0.0", "::", ""):
+                    # Replies must leave from the address each query was sent to (see drain_udp).
+                    udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                    if _family(self.host) == socket.AF_INET6:
+                        udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
                 udp.setblocking(False)
                 port = udp.getsockname()[1]
                 tcp_sock = socket.socket(_family(self.host), socket.SOCK_STREAM)
@@ -87,23 +93,26 @@ class DNSServer:
         except OSError as exc:  # e.g. ICMP errors surfacing on the socket: keep serving
             log.debug("udp receive error: %r", exc)
             return
-        for data, addr in misses:
+        for data, addr, anc in misses:
             out = self.resolver.local(data, False)
             if isinstance(out, Forward):
-                self._spawn(self._udp_forward(out, addr))
+                self._spawn(self._udp_forward(out, addr, anc))
             elif out is not None:
-                self._udp_send(out, addr)
+                self._udp_send(out, addr, anc)
 
-    def _udp_send(self, data: bytes, addr: Any) -> None:
+    def _udp_send(self, data: bytes, addr: Any, anc: list[tuple[int, int, bytes]]) -> None:
         if self.udp is None:
             return
         try:
-            self.udp.sendto(data, addr)
+            if anc:
+                self.udp.sendmsg([data], anc, 0, addr)
+            else:
+                self.udp.sendto(data, addr)
         except OSError:
             pass  # full buffer or unreachable client: a UDP answer may be lost; the client retries
 
-    async def _udp_forward(self, fwd: Forward, addr: Any) -> None:
-        self._udp_send(await self.resolver.forward(fwd), addr)
+    async def _udp_forward(self, fwd: Forward, addr: Any, anc: list[tuple[int, int, bytes]]) -> None:
+        self._udp_send(await self.resolver.forward(fwd), addr, anc)
 
     def _spawn(self, coro: Any) -> None:
         if self.pending >= MAX_FORWARDS:

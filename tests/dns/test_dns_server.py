@@ -193,3 +193,20 @@ def test_dns_ipv6_listener(kdns_factory: object) -> None:
     # the slow path (pod names) answers IPv6 clients too: the miss carries a 4-tuple address
     pod = dns.message.make_query(f"10-0-0-1.default.pod.{ZONE}", "A")
     assert dns.query.udp(pod, "::1", port=p.port, timeout=3).answer[0][0].to_text() == "10.0.0.1"
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+def test_dns_wildcard_bind_replies_from_the_queried_address(kdns_factory: object, impl: str) -> None:
+    """Bound to 0.0.0.0, a query to 127.0.0.2 must be answered from 127.0.0.2 (IP_PKTINFO), not
+    from the route's preferred source 127.0.0.1: dnspython and dig drop such replies. Loopback
+    owns all of 127/8, which makes this a multi-address host without touching any interface."""
+    env = {"KDNS_PURE": "1"} if impl == "pure" else {}
+    p = kdns_factory([service("web", ip="10.96.0.10")],  # type: ignore[operator]
+                     ["--dns-bind-address", "0.0.0.0", "--upstream", "127.0.0.1:9", "--upstream-timeout", "0.2"],
+                     env)
+    for dst in ("127.0.0.2", "127.0.0.1"):
+        fast = dns.message.make_query(f"web.default.svc.{ZONE}", "A")  # hot path
+        assert dns.query.udp(fast, dst, port=p.port, timeout=3).answer[0][0].to_text() == "10.96.0.10"
+        slow = dns.message.make_query(f"10-0-0-9.default.pod.{ZONE}", "A")  # slow path (pod record)
+        assert dns.query.udp(slow, dst, port=p.port, timeout=3).answer[0][0].to_text() == "10.0.0.9"
