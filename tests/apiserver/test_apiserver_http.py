@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Client, service
+from apiserver_helpers import Client, service
 
 from controlplane_stub.apiserver.testing import APIServerProcess
 

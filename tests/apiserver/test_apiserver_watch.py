@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Client, service
+from apiserver_helpers import Client, service
 
 from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
 
