@@ -169,6 +169,23 @@ KINDS: tuple[tuple[str, str, str, str, bool, str], ...] = (
     ("coordination.k8s.io", "v1", "Lease", "leases", True, COORDINATION + "Lease"),
 )
 
+# What `kubectl explain KIND` prints first (our own wording).
+_KIND_DOCS: dict[str, str] = {
+    "Namespace": "Namespace gives a scope to names; deleting one deletes what it holds.",
+    "Node": "Node is a worker in the cluster: here a network namespace with its own bridge and pod CIDR.",
+    "Pod": "Pod is a group of containers sharing one network namespace, scheduled onto a node.",
+    "Service": "Service gives a stable virtual IP, ports and a DNS name to the pods its selector matches; "
+               "kproxy programs the nodes so that traffic to it reaches those pods.",
+    "Endpoints": "Endpoints lists the addresses and ports behind a Service (legacy form of EndpointSlice).",
+    "ConfigMap": "ConfigMap holds non-secret configuration data as key-value pairs.",
+    "Secret": "Secret holds sensitive data; data values are base64-encoded.",
+    "Event": "Event reports something that happened to an object.",
+    "EndpointSlice": "EndpointSlice lists a subset of the endpoints behind a Service, with their conditions.",
+    "Deployment": "Deployment declares a replicated, rolling-updated set of pods through ReplicaSets.",
+    "ReplicaSet": "ReplicaSet keeps a number of identical pods running.",
+    "Lease": "Lease records who holds a lock and until when (node heartbeats, leader election).",
+}
+
 RESOURCE_DEFINITION: dict[str, str] = {
     (f"{plural}.{group}" if group else plural): definition for group, _, _, plural, _, definition in KINDS}
 
@@ -225,6 +242,7 @@ def _definition(name: str, ref_prefix: str, v3: bool) -> Obj:
     gvks = [{"group": g, "version": v, "kind": k} for g, v, k, _, _, d in KINDS if d == name]
     if gvks:
         out["x-kubernetes-group-version-kind"] = gvks
+        out["description"] = _KIND_DOCS.get(gvks[0]["kind"], "")
     return out
 
 
