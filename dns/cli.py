@@ -53,6 +53,14 @@ def _fail(msg: str) -> int:
 async def run(args: argparse.Namespace) -> None:
     index = ZoneIndex(zone=args.zone, ttl=args.ttl)
     upstreams = [parse_upstream(u) for u in args.upstream] or resolv_conf_upstreams(args.resolv_conf)
+    looping = [(h, p) for h, p in upstreams if p == args.dns_port and args.dns_port != 0
+               and (h == args.dns_bind_address or args.dns_bind_address in ("0.0.0.0", "::")
+                    and (h.startswith("127.") or h == "::1"))]
+    if looping:
+        # This server as its own upstream (e.g. the node's resolv.conf names it) would forward
+        # every unknown name to itself forever, as CoreDNS's loop plugin detects.
+        log.warning("ignoring upstreams that are this server: %s", looping)
+        upstreams = [u for u in upstreams if u not in looping]
     resolver = Resolver(index, upstreams, wire.impl.Stats(), cache_size=args.cache_size,
                         timeout=args.upstream_timeout)
     if args.objects:
