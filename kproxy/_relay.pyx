@@ -12,7 +12,7 @@ already have returned events for it. Dead objects are marked and freed once the 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, free, realloc
 from libc.string cimport memcpy, memset, memcmp
-from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED, ETIMEDOUT
+from libc.errno cimport errno, EAGAIN, EINTR, EINPROGRESS, ECONNREFUSED, ETIMEDOUT, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from posix.unistd cimport close, read, write
 from cpython.bytes cimport PyBytes_AsString
 
@@ -159,6 +159,7 @@ cdef struct Listener:
     int id
     int fd
     int udp
+    int paused      # out of fds: accept paused until the next sweep
     Backend* backends
     int nbackends
     unsigned int rr
@@ -316,6 +317,7 @@ cdef class RelayCore:
     cdef uint64_t n_udp_sessions
     cdef uint64_t n_udp_in
     cdef uint64_t n_udp_out
+    cdef uint64_t n_accept_paused
 
     def __cinit__(self, double connect_timeout=1.0):
         cdef epoll_event ev
@@ -475,7 +477,7 @@ cdef class RelayCore:
             "accepted": self.n_accepted, "active": self.n_active,
             "connect_failures": self.n_connect_fail, "no_endpoints": self.n_no_endpoints,
             "bytes": self.n_bytes, "udp_sessions": self.n_udp_sessions,
-            "udp_in": self.n_udp_in, "udp_out": self.n_udp_out,
+            "udp_in": self.n_udp_in, "udp_out": self.n_udp_out, "accept_paused": self.n_accept_paused,
         }
         pthread_mutex_unlock(&self.mu)
         return d
@@ -610,6 +612,14 @@ cdef class RelayCore:
             clen = sizeof(ca)
             fd = accept4(l.fd, <sockaddr*>&ca, &clen, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    # The listener stays readable while we cannot accept: stop watching it
+                    # until the next sweep instead of spinning on it.
+                    self.n_accept_paused += 1
+                    l.paused = 1
+                    ev.events = 0
+                    ev.data.ptr = l
+                    epoll_ctl(self.ep, EPOLL_CTL_MOD, l.fd, &ev)
                 return
             self.n_accepted += 1
             if l.nbackends == 0:
@@ -920,6 +930,7 @@ cdef class RelayCore:
         cdef Session* s
         cdef Affinity* a
         cdef int b
+        cdef epoll_event ev
         while c != NULL:
             cnext = c.next
             if c.connecting and c.deadline < now:
@@ -927,6 +938,11 @@ cdef class RelayCore:
             c = cnext
         while l != NULL:
             lnext = l.next
+            if l.paused:
+                l.paused = 0
+                ev.events = EPOLLIN
+                ev.data.ptr = l
+                epoll_ctl(self.ep, EPOLL_CTL_MOD, l.fd, &ev)
             for b in range(NBUCKETS):
                 n = l.sess[b]
                 while n != NULL:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import json
+import logging
 import os
 import signal
 import socket
@@ -318,7 +320,10 @@ class _ClientHalf(_Half):
                 break
             idx %= len(lst.backends)
             addr = lst.backends[idx]
-            sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+            except OSError:
+                break  # out of fds: reset this client, as the compiled core does
             sock.setblocking(False)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, addr), self.core.connect_timeout)
@@ -348,7 +353,22 @@ class AsyncioRelayCore:
         self._stopped: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.n_accepted = self.n_active = self.n_connect_fail = self.n_no_endpoints = 0
-        self.n_bytes = self.n_udp_in = self.n_udp_out = 0
+        self.n_bytes = self.n_udp_in = self.n_udp_out = self.n_accept_paused = 0
+        self._last_emfile_log = 0.0
+        self.loop.set_exception_handler(self._on_loop_error)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        # CPython 3.11's accept loop reports EMFILE once per backlog slot (thousands of tracebacks)
+        # before it pauses accepting for a second: count them, log one per second.
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            self.n_accept_paused += 1
+            now = time.monotonic()
+            if now - self._last_emfile_log < 1.0:
+                return
+            self._last_emfile_log = now
+            logging.getLogger(__name__).error("relay: accept() out of fds; accepting paused for 1s")
+            return
+        loop.default_exception_handler(context)
 
     def spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = self.loop.create_task(coro)  # type: ignore[arg-type]
@@ -456,6 +476,7 @@ class AsyncioRelayCore:
             "no_endpoints": self.n_no_endpoints, "bytes": self.n_bytes,
             "udp_sessions": sum(len(lst.sessions) for lst in list(self.listeners.values())),
             "udp_in": self.n_udp_in, "udp_out": self.n_udp_out,
+            "accept_paused": self.n_accept_paused,
         }
 
     # ---- UDP: readers on raw non-blocking sockets, one connected socket per client session
@@ -554,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ready {port}", flush=True)
     while not done.wait(0.5):
         pass
+    print(f"stats {json.dumps(relay.stats())}", flush=True)
     relay.stop()
     return 0
 
