@@ -6,6 +6,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane_stub.apiserver.allocators import ServiceAllocator
 from controlplane_stub.apiserver.defaults import apply_defaults
@@ -245,3 +247,43 @@ def test_type_change_drops_what_only_the_old_type_needed() -> None:
     on_purpose["spec"].update(type="ClusterIP", externalTrafficPolicy="Cluster")
     alloc.assign(on_purpose, lb)
     assert on_purpose["spec"]["externalTrafficPolicy"] == "Cluster"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["create", "delete", "retype", "fail"]), st.integers(0, 11)),
+                min_size=1, max_size=60))
+@pytest.mark.timeout(60)
+def test_random_lifecycles_never_share_and_never_leak(ops: list[tuple[str, int]]) -> None:
+    """Creates, deletes, type changes and refused writes in any order: live Services never share an IP
+    or node port, and the pools hold exactly what live Services hold."""
+    alloc = ServiceAllocator(["10.0.0.0/28"], (30000, 30015))  # tiny ranges: collisions and fullness happen
+    live: dict[int, dict[str, Any]] = {}
+    for op, n in ops:
+        if op == "create" and n not in live:
+            obj = svc(f"s{n}", type="NodePort" if n % 2 else "ClusterIP")
+            try:
+                alloc.assign(obj, None)
+            except StatusError:
+                continue  # range full: nothing was taken
+            live[n] = obj
+        elif op == "delete" and n in live:
+            alloc.release(live.pop(n))
+        elif op in ("retype", "fail") and n in live:
+            old = live[n]
+            new = copy.deepcopy(old)
+            new["spec"]["type"] = "ClusterIP" if old["spec"]["type"] == "NodePort" else "NodePort"
+            new["spec"].pop("externalTrafficPolicy", None)
+            apply_defaults("services", new)
+            try:
+                alloc.assign(new, old)
+            except StatusError:
+                continue
+            if op == "fail":
+                alloc.release(new, old)  # the store refused the write
+            else:
+                alloc.release(old, new)  # committed: give back what the update dropped
+                live[n] = new
+        ips = [s["spec"]["clusterIP"] for s in live.values()]
+        ports = [p["nodePort"] for s in live.values() for p in s["spec"]["ports"] if p.get("nodePort")]
+        assert len(ips) == len(set(ips)) and len(ports) == len(set(ports))
+        assert alloc.allocated_ips() == len(ips) and alloc.allocated_node_ports() == len(ports)
