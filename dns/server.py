@@ -16,7 +16,7 @@ log = logging.getLogger("kdns.server")
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent between queries
 TCP_MAX_INFLIGHT = 32  # forwarded queries pending per TCP connection
 TCP_MAX_CONNECTIONS = 512  # beyond this new connections are closed at once (fds are finite)
-MAX_FORWARDS = 1000  # forwarded queries pending in total (beyond: SERVFAIL, not unbounded memory)
+MAX_FORWARDS = 1000  # forwarded queries pending in total (beyond: dropped, the client retries)
 IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
 UDP_BATCHES = 16  # recvmmsg batches per readiness callback, so TCP and watches get their turn
 
@@ -41,6 +41,7 @@ class DNSServer:
         loop = asyncio.get_running_loop()
         for attempt in range(20):
             udp = socket.socket(_family(self.host), socket.SOCK_DGRAM)
+            tcp_sock: socket.socket | None = None
             try:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -57,10 +58,13 @@ class DNSServer:
                 tcp_sock.bind((self.host, port))
             except OSError:
                 udp.close()
+                if tcp_sock is not None:
+                    tcp_sock.close()
                 if self.port != 0 or attempt == 19:
                     raise
                 continue
             break
+        assert tcp_sock is not None
         tcp_sock.listen(512)
         tcp_sock.setblocking(False)
         self.port = port
@@ -189,7 +193,7 @@ def _labels(**kv: str) -> str:
 def render_metrics(resolver: Resolver) -> str:
     """Prometheus text exposition (format 0.0.4), read from the counters at scrape time: nothing
     is updated per query in Python. Written by hand rather than with prometheus_client so the
-    server stays small (shared/DESIGN.md budget: < 60 MiB at 10,000 Services)."""
+    server stays small (the goal of issue 6: < 60 MiB at 10,000 Services)."""
     snap = resolver.stats.snapshot()
     out: list[str] = []
 
