@@ -36,7 +36,7 @@ from kproxy.kube.ingest import (
 from kproxy.kube.kubeconfig import KubeConfigError, resolve_access
 from kproxy.kube.reflector import Reflector
 from kproxy.metrics import CONTENT_TYPE, ProxyMetrics
-from kproxy.proxiers.base import Proxier
+from kproxy.proxiers.base import Proxier, SyncResult
 from kproxy.runner import BoundedFrequencyRunner
 
 log = logging.getLogger("kproxy.server")
@@ -196,7 +196,11 @@ class ProxyServer:
         self.metrics.service_changes_pending.set(0)
         self.metrics.endpoint_changes_pending.set(0)
         t0 = time.perf_counter()
-        result = await asyncio.to_thread(self.proxier.sync, co.request)
+        try:
+            result = await asyncio.to_thread(self.proxier.sync, co.request)
+        except Exception as err:  # a proxier bug is a failed sync: retried, full, stale kept
+            log.exception("sync raised mode=%s", self.cfg.mode)
+            result = SyncResult(ok=False, error=f"{type(err).__name__}: {err}")
         elapsed = time.perf_counter() - t0
         self.syncs += 1
         self.metrics.sync_duration.observe(elapsed)

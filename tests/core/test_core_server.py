@@ -2,6 +2,7 @@
 against the real API server is in test_core_apiserver.py)."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -11,6 +12,7 @@ from kproxy.config import ConfigError, KProxyConfig
 from kproxy.kube.informer import SummaryStore
 from kproxy.kube.ingest import EndpointSlice, Node, Service
 from kproxy.model import ServicePortName
+from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.server import ModeRegistry, ProxyServer, _slice_service_key
 
 WEB = ServicePortName("ns", "web", "http", "TCP")
@@ -87,3 +89,38 @@ def test_mode_registry_errors_name_the_flag(tmp_path: Any, monkeypatch: pytest.M
         reg.factory("c")
     assert reg.factory("d")(KProxyConfig()) == "proxier"
     assert {"iptables", "ipvs", "nftables", "userspace"} <= set(reg.names())
+
+
+class _Flaky(Proxier):
+    def __init__(self) -> None:
+        self.requests: list[SyncRequest] = []
+        self.fail = True
+
+    def sync(self, request: SyncRequest) -> SyncResult:
+        self.requests.append(request)
+        if self.fail:
+            raise RuntimeError("renderer bug")
+        return SyncResult(ok=True, rules_total={"nat": 7})
+
+    def cleanup(self) -> bool:
+        return True
+
+
+def test_a_raising_proxier_is_a_failed_sync_that_keeps_stale_udp_entries() -> None:
+    srv = _server()
+    srv.proxier = flaky = _Flaky()
+    dns = ServicePortName("ns", "dns", "", "UDP")
+    slices: SummaryStore[EndpointSlice] = SummaryStore(srv.on_slice, _slice_service_key)
+    udp = msgspec.convert({"metadata": {"name": "dns-1", "namespace": "ns",
+                                        "labels": {"kubernetes.io/service-name": "dns"}},
+                           "ports": [{"port": 53, "protocol": "UDP"}],
+                           "endpoints": [{"addresses": ["10.1.0.9"]}]}, EndpointSlice)
+    slices.replace([udp], "1")
+    assert asyncio.run(srv._sync(True)) is False
+    assert flaky.requests[0].stale_services == [dns]
+    flaky.fail = False
+    assert asyncio.run(srv._sync(True)) is True
+    # The failed sync's conntrack work is handed to the next one.
+    assert flaky.requests[1].stale_services == [dns] and flaky.requests[1].full
+    assert srv.health.last_updated is not None
+    assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"} 7.0' in srv.metrics.exposition().decode()
