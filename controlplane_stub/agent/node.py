@@ -58,6 +58,10 @@ class Ipam:
             self.free.append(ip)  # at the end: a just-freed IP is not reused at once
 
 
+def _ready(status: Obj) -> str:
+    return next((str(c.get("status")) for c in status.get("conditions") or [] if c.get("type") == "Ready"), "")
+
+
 def micro_time() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -148,7 +152,13 @@ class NodeAgent:
             try:
                 await self.client.patch(url, {"spec": {"renewTime": micro_time(),
                                                        "holderIdentity": self.node.name}})
-                if beats % 4 == 0:  # the Node's own status more rarely, as the kubelet does
+                node = await self.client.get(api.path("nodes", name=self.node.name))
+                ready: Obj = next((c for c in (node.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), {})
+                # The Node's own status more rarely, as the kubelet does; at once when the node
+                # lifecycle controller marked it Unknown while this agent was not heard from.
+                if beats % 4 == 0 or ready.get("status") != "True":
+                    if ready.get("status") != "True":
+                        self.started = now()
                     await self.client.patch(api.path("nodes", name=self.node.name) + "/status",
                                             {"status": self.node_status()})
             except api.ApiError as e:
@@ -176,6 +186,10 @@ class NodeAgent:
             w.start()
         elif w is not None:
             w.pod = pod
+            if w.last_sent is not None and _ready(pod.get("status") or {}) != _ready(w.last_sent):
+                # Someone else (the node lifecycle controller) rewrote our pod's readiness: re-report.
+                w.last_sent = None
+                w.changed()
 
     @staticmethod
     def _grace(pod: Obj) -> float:

@@ -28,6 +28,7 @@ class SimulatedNodes:
         self.informer = api.Informer(client, "pods")
         self.informer.add_handler(self._on_pod)
         self.started: set[str] = set()
+        self.silent: set[str] = set()  # nodes whose Lease is no longer renewed (a "dead" agent)
         self.pending: set[asyncio.Task[None]] = set()
 
     async def register(self) -> None:
@@ -50,12 +51,28 @@ class SimulatedNodes:
     def _on_pod(self, event: str, pod: Obj, old: Obj | None) -> None:
         node = pod["spec"].get("nodeName")
         uid = pod["metadata"]["uid"]
-        if event == "DELETED" or node not in self.cidrs or uid in self.started:
+        if event == "DELETED" or node not in self.cidrs:
+            return
+        if pod["metadata"].get("deletionTimestamp"):
+            # Nothing to stop: confirm the graceful deletion at once, as a kubelet does when done.
+            t = asyncio.create_task(self._finish(pod))
+            self.pending.add(t)
+            t.add_done_callback(self.pending.discard)
+            return
+        if uid in self.started:
             return
         self.started.add(uid)
         t = asyncio.create_task(self._run(pod, node))
         self.pending.add(t)
         t.add_done_callback(self.pending.discard)
+
+    async def _finish(self, pod: Obj) -> None:
+        md = pod["metadata"]
+        try:
+            await self.client.delete(api.obj_path("pods", pod), grace_seconds=0, uid=md.get("uid", ""))
+        except api.ApiError as e:
+            if e.code not in (404, 409):
+                raise
 
     async def _run(self, pod: Obj, node: str) -> None:
         if self.ready_delay:
@@ -76,6 +93,25 @@ class SimulatedNodes:
             if e.code != 404:
                 raise
 
+    async def renew_leases(self, every: float = 1.0) -> None:
+        from controlplane_stub.agent.node import micro_time
+
+        for n in self.names:
+            lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                     "metadata": {"name": n, "namespace": "kube-node-lease"},
+                     "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": micro_time()}}
+            try:
+                await self.client.create(api.path("leases", "kube-node-lease"), lease)
+            except api.ApiError as e:
+                if e.code != 409:
+                    raise
+        while True:
+            await asyncio.sleep(every)
+            for n in self.names:
+                if n not in self.silent:
+                    await self.client.patch(api.path("leases", "kube-node-lease", n),
+                                            {"spec": {"renewTime": micro_time()}})
+
     async def run(self) -> None:
         await self.register()
-        await self.informer.run()
+        await asyncio.gather(self.informer.run(), self.renew_leases())

@@ -38,7 +38,7 @@ def ensure_certs(pki_dir: str, sans: list[str]) -> tuple[str, str, str]:
     os.makedirs(pki_dir, exist_ok=True)
     ca_crt, ca_key = os.path.join(pki_dir, "ca.crt"), os.path.join(pki_dir, "ca.key")
     crt, key = os.path.join(pki_dir, "apiserver.crt"), os.path.join(pki_dir, "apiserver.key")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if not (os.path.exists(ca_crt) and os.path.exists(ca_key)):
         k = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kproxy-ca")])

@@ -93,7 +93,7 @@ KEEP_ZERO = {("DeploymentSpec", "replicas"), ("DeploymentSpec", "revisionHistory
 
 
 class _Reader:
-    __slots__ = ("buf", "pos", "end")
+    __slots__ = ("buf", "end", "pos")
 
     def __init__(self, buf: bytes, pos: int = 0, end: int | None = None) -> None:
         self.buf, self.pos, self.end = buf, pos, len(buf) if end is None else end
@@ -162,7 +162,7 @@ def _scalar(kind: str, wt: int, raw: Any) -> Any:
         secs = next((_signed(v) for n, _, v in _Reader(bytes(raw)).fields() if n == 1), 0)
         if not secs:
             return None
-        return datetime.datetime.fromtimestamp(secs, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datetime.datetime.fromtimestamp(secs, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     raise ValueError(f"unknown field kind {kind}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import logging
 import secrets
 import uuid
 from typing import Any
@@ -17,12 +18,13 @@ from . import semantics
 from .errors import StatusError, already_exists, bad_request, conflict, invalid, not_found
 from .resources import BY_ID, DEPENDENTS, RESOURCES, Resource
 
+log = logging.getLogger("kproxy.apiserver.registry")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 _GEN_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the real server's generateName alphabet
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _conflict_msg() -> str:
@@ -91,8 +93,8 @@ class Registry:
         """Free what svc holds beyond keep (see semantics.Allocator.release)."""
         try:
             self.allocator.release(svc, keep)
-        except Exception:  # noqa: BLE001 - releasing what was never fully allocated must not mask the error
-            pass
+        except Exception:
+            log.debug("event=release_failed service=%s", (svc.get("metadata") or {}).get("name"), exc_info=True)
 
     @staticmethod
     def check_fields(res: Resource, obj: Any, directive: str, warnings: list[str] | None) -> None:
@@ -359,7 +361,7 @@ class Registry:
         if meta.get("deletionTimestamp") and current is not None and int(current) <= grace:
             return pod
         new = copy.deepcopy(pod)
-        deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=grace)
+        deadline = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=grace)
         new["metadata"]["deletionTimestamp"] = deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
         new["metadata"]["deletionGracePeriodSeconds"] = grace
         return new

@@ -928,7 +928,7 @@ def _validate_selector_and_template(errs: FieldErrors, spec: Obj, what: str) -> 
                        "activeDeadlineSeconds in ReplicaSet is not Supported")
 
 
-def _int_or_percent(value: Any, replicas_hint: int = 100) -> tuple[int, bool] | None:
+def _int_or_percent(value: Any) -> tuple[int, bool] | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):

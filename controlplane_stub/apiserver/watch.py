@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from ..store.base import Compacted, Store
-from ..store.sqlite import event_line
+from ..store.base import Compacted, Store, event_line
 from .resources import Resource
 from .selectors import Matcher
 
@@ -143,13 +142,14 @@ class WatchHub:
                     continue
                 now_in = m(ev.obj)
                 if ev.type == "MODIFIED":
-                    was_in = ev.prev is not None and m(ev.prev)
+                    prev = ev.prev
+                    was_in = prev is not None and m(prev)
                     if now_in and was_in:
                         out.append(ev.line)
                     elif now_in:
-                        out.append(event_line("ADDED", _encode(ev.obj)))
+                        out.append(event_line("ADDED", ev.value))
                     elif was_in:
-                        out.append(event_line("DELETED", _encode(ev.obj)))
+                        out.append(event_line("DELETED", ev.value))
                 elif now_in:
                     out.append(ev.line)
             if out:

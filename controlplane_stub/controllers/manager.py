@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 from dataclasses import dataclass, field
 
 from controlplane_stub import client as api
@@ -18,12 +19,13 @@ from controlplane_stub.controllers.endpointslice import (
 from controlplane_stub.controllers.gc import GarbageCollector
 from controlplane_stub.controllers.index import Indexes
 from controlplane_stub.controllers.loadbalancer import LoadBalancerController, parse_pool
+from controlplane_stub.controllers.nodelifecycle import NodeLifecycleController
 from controlplane_stub.controllers.replicaset import ReplicaSetController
 from controlplane_stub.controllers.scheduler import Scheduler
 
 log = logging.getLogger("kpc.controllers")
 
-ALL = ("endpointslice", "replicaset", "deployment", "scheduler", "loadbalancer", "gc")
+ALL = ("endpointslice", "replicaset", "deployment", "scheduler", "loadbalancer", "gc", "nodelifecycle")
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ControllerOptions:
     max_endpoints_per_slice: int = 100
     enabled: tuple[str, ...] = ALL
     workers: int = 5
+    node_grace_seconds: float = 40.0
+    node_monitor_period: float = 5.0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -53,6 +57,13 @@ class ControllerManager:
         en = set(opts.enabled)
         self.workers: list[tuple[str, api.WorkQueue, Callable[[str], Awaitable[None]]]] = []
         self.gcs: list[tuple[GarbageCollector, str]] = []
+        self.loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        if "nodelifecycle" in en:
+            self.leases = Informer(client, "leases", namespace="kube-node-lease")
+            self.informers.append(self.leases)
+            self.nlc = NodeLifecycleController(client, self.nodes, self.leases, self.pods, self.pod_index,
+                                               opts.node_grace_seconds, opts.node_monitor_period)
+            self.loops.append(self.nlc.run)
         if "endpointslice" in en:
             self.eps = EndpointSliceController(client, self.services, self.svc_selectors, self.pods, self.pod_index,
                                                self.nodes, self.slices, self.endpoints, opts.max_endpoints_per_slice)
@@ -85,6 +96,7 @@ class ControllerManager:
                 failures: dict[str, int] = {}
                 tasks += [asyncio.create_task(run_worker(n, q, s, failures), name=f"worker {n}/{i}")
                           for i in range(self.opts.workers)]
+            tasks += [asyncio.create_task(loop()) for loop in self.loops]
             log.info("controllers running: %s", ", ".join(n for n, _, _ in self.workers))
             self.opts.ready.set()
             await asyncio.gather(*tasks)

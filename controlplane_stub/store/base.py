@@ -15,12 +15,13 @@ does: store the object without it and inject the mod_revision when decoding.
 """
 from __future__ import annotations
 
-import builtins
-
 import abc
+import builtins
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 Obj = dict[str, Any]
 
@@ -59,21 +60,44 @@ class FutureRevision(StoreError):
     """A read pinned to a revision the store has not reached yet."""
 
 
-@dataclass(slots=True)
+def event_line(type_: str, value: bytes) -> bytes:
+    """One watch event on the wire: {"type":TYPE,"object":VALUE} and a newline."""
+    return b'{"type":"' + type_.encode() + b'","object":' + value + b"}\n"
+
+
 class Event:
     """One write as watchers see it.
 
     line is the watch wire encoding ({"type":..,"object":..}\\n) made once when the event is created
-    and shared by every watcher, however many there are.
+    and shared by every watcher, however many there are. The event keeps only encoded bytes (the
+    window holds thousands of events); obj and prev are decoded on demand, for selector matching.
     """
 
-    revision: int
-    type: str  # ADDED | MODIFIED | DELETED
-    key: str
-    obj: Obj
-    prev: Obj | None
-    line: bytes = field(repr=False)
-    value: bytes = field(default=b"", repr=False)  # the stored encoding of obj
+    __slots__ = ("key", "line", "prev_value", "revision", "type", "value")
+
+    def __init__(self, revision: int, type_: str, key: str, value: bytes, prev_value: bytes | None,
+                 line: bytes | None = None) -> None:
+        self.revision = revision
+        self.type = type_  # ADDED | MODIFIED | DELETED
+        self.key = key
+        self.value = value  # the stored encoding of the object after this write
+        self.prev_value = prev_value  # ... and before it (None for ADDED)
+        self.line = line if line is not None else event_line(type_, value)
+
+    @property
+    def obj(self) -> Obj:
+        out: Obj = msgspec.json.decode(self.value)
+        return out
+
+    @property
+    def prev(self) -> Obj | None:
+        if self.prev_value is None:
+            return None
+        out: Obj = msgspec.json.decode(self.prev_value)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Event({self.revision}, {self.type}, {self.key})"
 
 
 @dataclass(slots=True)

@@ -16,16 +16,14 @@ arrive while a commit runs share the next transaction (group commit). One proces
 """
 from __future__ import annotations
 
-import builtins
-
 import asyncio
 import bisect
+import builtins
 import fcntl
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
@@ -50,10 +48,6 @@ _decode = msgspec.json.decode
 def prefix_end(prefix: str) -> str:
     """The smallest key greater than every key starting with prefix (etcd's GetPrefixRangeEnd)."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
-def event_line(type_: str, value: bytes) -> bytes:
-    return b'{"type":"' + type_.encode() + b'","object":' + value + b"}\n"
 
 
 @dataclass(slots=True)
@@ -123,8 +117,7 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _event(rev: int, type_: str, key: str, value: bytes, prev: bytes | None) -> Event:
-        return Event(rev, type_, key, _decode(value), _decode(prev) if prev is not None else None,
-                     event_line(type_, value), value)
+        return Event(rev, type_, key, value, prev)
 
     # -- group commit --------------------------------------------------------------------------
     # Writes queue up while a commit (and its fsync) runs in the writer thread; the next batch takes
@@ -149,7 +142,7 @@ class SQLiteStore(Store):
             batch, self._pending = self._pending, []
             try:
                 outcomes, compacted = await loop.run_in_executor(self._executor, self._apply_batch, batch, self._rev)
-            except BaseException as e:  # noqa: BLE001 - the whole transaction failed: every write in it did
+            except BaseException as e:
                 for op in batch:
                     if op.future is not None and not op.future.done():
                         op.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
@@ -168,7 +161,8 @@ class SQLiteStore(Store):
                 self._cache_apply(out)
                 self._window.append(out)
                 if not op.future.done():
-                    op.future.set_result(out.obj)
+                    assert op.obj is not None
+                    op.future.set_result(op.obj)
 
     def _apply_batch(self, batch: list[_Op], rev: int) -> tuple[list[Event | Exception], int]:
         """Runs in the writer thread on the write connection."""
@@ -206,8 +200,9 @@ class SQLiteStore(Store):
                     db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)", (op.key, rev, value))
                 db.execute("INSERT INTO history VALUES (?, ?, ?, ?, ?)",
                            (rev, op.key, _TYPES.index(type_), value, prev_value))
-                prev = _decode(prev_value) if prev_value is not None else None
-                outcomes.append(Event(rev, type_, op.key, obj, prev, event_line(type_, value), value))
+                if op.kind == "delete":
+                    op.obj = obj  # the caller gets the last state, with the deletion revision
+                outcomes.append(Event(rev, type_, op.key, value, prev_value))
             db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (rev,))
             floor = rev - self._window_size
             if floor > self._compacted + self._compact_every:

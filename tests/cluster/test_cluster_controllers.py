@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, wait_for
+from cluster_helpers import ControlPlane, wait_for
 
 from controlplane_stub import client as api
 from controlplane_stub.controllers.common import resolve_int_or_percent
@@ -89,8 +89,8 @@ def test_slices_capped_named_ports_and_low_churn(controlplane: ControlPlane) -> 
         for e in s["endpoints"]:
             assert e["targetRef"]["kind"] == "Pod" and e["nodeName"].startswith("sim-") and e["zone"].startswith("zone-")
     # Legacy Endpoints mirror the slices.
-    ep = cp.get(api.path("endpoints", ns, "web"))
-    assert sorted(a["ip"] for a in ep["subsets"][0]["addresses"]) == ready_ips(sl)
+    wait_for(lambda: sorted(a["ip"] for a in (cp.get(api.path("endpoints", ns, "web")).get("subsets") or [{}])[0]
+                            .get("addresses", [])) == ready_ips(sl), what="the Endpoints object to follow")
     # One pod replaced: only the slice that held it is rewritten.
     before = {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in sl}
     full = next(s for s in sl if len(s["endpoints"]) == 3)  # (a slice emptied by the delete would go)
@@ -102,7 +102,7 @@ def test_slices_capped_named_ports_and_low_churn(controlplane: ControlPlane) -> 
         names = {e["targetRef"]["name"] for x in s for e in x["endpoints"]}
         return s if len(ready_ips(s)) == 7 and victim not in names else None
 
-    after = wait_for(replaced, what="the replacement pod's endpoint")
+    after = wait_for(replaced, what="the replacement pod's endpoint", dump=lambda: debug_state(cp, ns))
     time.sleep(0.5)
     after = slices(cp, ns, "web")
     changed = [s["metadata"]["name"] for s in after if before.get(s["metadata"]["name"]) != s["metadata"]["resourceVersion"]]
@@ -147,7 +147,8 @@ def test_not_ready_pods_headless_hostname_and_publish_not_ready(controlplane: Co
     cp.patch(api.obj_path("pods", pod, "status"), {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     wait_for(lambda: ready_ips(slices(cp, ns, "db")) == ["10.9.9.9"], what="db endpoint ready")
     # A Service whose pods are all gone keeps one empty placeholder slice.
-    cp.delete(api.path("pods", ns, "db-0"))
+    # Grace 0: no agent runs on "ghost" to confirm a graceful deletion.
+    cp.call(cp.client.delete(api.path("pods", ns, "db-0"), grace_seconds=0))
     wait_for(lambda: (s := slices(cp, ns, "db")) and len(s) == 1 and not s[0].get("endpoints"), what="placeholder")
 
 
@@ -282,3 +283,26 @@ def test_informer_relists_after_410(controlplane: ControlPlane) -> None:
     relists, n = cp.call(scenario())
     assert relists >= 1, "a watch from resourceVersion 1 should have got 410 Gone and relisted"
     assert n >= 4  # default, kube-system, kube-public, kube-node-lease at least
+
+
+def test_node_without_lease_renewal_turns_unknown_and_its_endpoints_not_ready(controlplane: ControlPlane) -> None:
+    """Runs last in this module: it takes node sim-3 down for good."""
+    cp = controlplane
+    ns = ns_name(cp)
+    cp.create(api.path("services", ns), service("lc", {"app": "lc"}))
+    cp.create(api.path("deployments", ns), deployment("lc", 3, {"app": "lc"}))
+    sl = wait_for(lambda: (s := slices(cp, ns, "lc")) and len(ready_ips(s)) == 3 and s, what="3 ready endpoints")
+    on_sim3 = {e["addresses"][0] for s in sl for e in s["endpoints"] if e["nodeName"] == "sim-3"}
+    assert on_sim3, "spreading put no pod on sim-3"
+    # Leases are renewed every 0.5 s with a 10 s grace: nothing may have turned Unknown so far.
+    assert all(c["status"] == "True" for n in cp.items(api.path("nodes")) for c in n["status"]["conditions"]
+               if c["type"] == "Ready")
+    cp.sim.silent.add("sim-3")
+    node = wait_for(lambda: (n := cp.get(api.path("nodes", name="sim-3"))) and
+                    any(c["type"] == "Ready" and c["status"] == "Unknown" for c in n["status"]["conditions"]) and n,
+                    timeout=30, what="sim-3 Ready=Unknown")
+    assert next(c for c in node["status"]["conditions"] if c["type"] == "Ready")["reason"] == "NodeStatusUnknown"
+    after = wait_for(lambda: (s := slices(cp, ns, "lc")) and set(ready_ips(s)).isdisjoint(on_sim3) and s,
+                     what="sim-3's endpoints not ready")
+    assert len(ready_ips(after)) == 3 - len(on_sim3)
+    assert cp.get(api.path("nodes", name="sim-1"))["status"]["conditions"][0]["status"] == "True"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, LoopThread, wait_for
+from cluster_helpers import Cluster, LoopThread, wait_for
 
 from controlplane_stub import client as api
 
@@ -243,17 +243,38 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
 def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster) -> None:
     c = cluster
     # A container that ignores SIGTERM: it must be SIGKILLed once terminationGracePeriodSeconds pass.
-    apply_pod(c, "stubborn", {"terminationGracePeriodSeconds": 2, "containers": [{
+    apply_pod(c, "stubborn", {"terminationGracePeriodSeconds": 3, "containers": [{
         "name": "c", "image": "busybox", "command": ["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"]}]})
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "stubborn"},
+           "spec": {"selector": {"test": "pods"}, "ports": [{"port": 80}]}}
+    subprocess.run(["kubectl", "apply", "-f", "-"], input=json.dumps(svc), text=True, check=True,
+                   capture_output=True, env=c.env)
     st = wait_for(lambda: (x := pod_status(c, "stubborn")).get("containerStatuses") and
                   "running" in x["containerStatuses"][0]["state"] and x, what="stubborn running")
     pid = int(st["containerStatuses"][0]["containerID"].removeprefix("kpc://"))
+
+    def endpoint() -> Obj | None:
+        items = c.json("endpointslices", "-l", "kubernetes.io/service-name=stubborn")["items"]
+        eps = [e for s in items for e in s.get("endpoints") or [] if e["addresses"] == [st["podIP"]]]
+        return eps[0] if eps else None
+
+    wait_for(lambda: (e := endpoint()) and e["conditions"]["ready"], what="stubborn's endpoint ready")
     t0 = time.monotonic()
     c.kubectl("delete", "pod", "stubborn", "--wait=false")
-    time.sleep(1.0)
+    pod = c.json("pod", "stubborn")
+    graceful = bool(pod["metadata"].get("deletionTimestamp"))
+    if graceful:
+        # The API server keeps the pod while its node agent stops it: the endpoint turns terminating.
+        e = wait_for(lambda: (x := endpoint()) and x["conditions"]["terminating"] and x, what="terminating endpoint")
+        assert e["conditions"]["ready"] is False
+    time.sleep(max(0.0, 1.5 - (time.monotonic() - t0)))
     assert Path(f"/proc/{pid}").exists(), "the container died before its grace period although it ignores SIGTERM"
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=15, interval=0.05, what="SIGKILL after the grace")
-    assert time.monotonic() - t0 >= 1.8
+    assert time.monotonic() - t0 >= 2.8
+    # Then the agent confirms the deletion: pod object and endpoint are gone.
+    wait_for(lambda: "stubborn" not in c.kubectl("get", "pods", "-o", "name"), what="the pod object removed")
+    wait_for(lambda: endpoint() is None, what="the endpoint removed")
+    c.kubectl("delete", "svc", "stubborn")
 
 
 def test_down_leaves_no_namespace_link_or_process(cluster: Cluster) -> None:
