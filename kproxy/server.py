@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -103,6 +105,54 @@ def cleanup(cfg: KProxyConfig, factory: ProxierFactory) -> int:
         proxier.close()
     log.info("cleanup mode=%s ok=%s", cfg.mode, ok)
     return 0 if ok else 1
+
+
+KERNEL_MODES = frozenset(("iptables", "ipvs", "nftables"))
+
+
+def _same_netns_as_init() -> bool:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return False
+
+
+def apply_conntrack_settings(cfg: KProxyConfig, proc_sys: Path = Path("/proc/sys"),
+                             init_netns: bool | None = None) -> dict[str, int]:
+    """kube-proxy's conntrack tuning at start-up: the conntrack timeouts of this network
+    namespace (only values > 0, only when they differ), and nf_conntrack_max raised to
+    max(maxPerCore x CPUs, min), only in the initial namespace (it is global; in a node netns it
+    is read-only). The hash table size (/sys, global) is left alone. Returns what was written."""
+    nf = proc_sys / "net" / "netfilter"
+    wanted: dict[str, int] = {
+        "nf_conntrack_tcp_timeout_established": int(cfg.conntrack_tcp_established_timeout),
+        "nf_conntrack_tcp_timeout_close_wait": int(cfg.conntrack_tcp_close_wait_timeout),
+        "nf_conntrack_udp_timeout": int(cfg.conntrack_udp_timeout),
+        "nf_conntrack_udp_timeout_stream": int(cfg.conntrack_udp_stream_timeout),
+    }
+    written: dict[str, int] = {}
+    if init_netns if init_netns is not None else _same_netns_as_init():
+        per_core = cfg.conntrack_max_per_core * (os.cpu_count() or 1)
+        max_ = max(per_core, cfg.conntrack_min) if cfg.conntrack_max_per_core > 0 else 0
+        try:
+            if max_ and int((nf / "nf_conntrack_max").read_text()) < max_:
+                (nf / "nf_conntrack_max").write_text(f"{max_}\n")
+                written["nf_conntrack_max"] = max_
+        except (OSError, ValueError) as err:
+            log.warning("conntrack: cannot raise nf_conntrack_max to %d: %s", max_, err)
+    for name, value in wanted.items():
+        if value <= 0:
+            continue
+        path = nf / name
+        try:
+            if int(path.read_text()) != value:
+                path.write_text(f"{value}\n")
+                written[name] = value
+        except (OSError, ValueError) as err:  # no nf_conntrack module, read-only /proc/sys
+            log.warning("conntrack: cannot set %s=%d: %s", name, value, err)
+    if written:
+        log.info("conntrack settings %s", " ".join(f"{k}={v}" for k, v in written.items()))
+    return written
 
 
 async def _start_http(app: web.Application, address: str, what: str) -> web.AppRunner | None:
@@ -250,6 +300,8 @@ class ProxyServer:
         http: list[web.AppRunner] = []
         try:
             await self._find_node()
+            if self.cfg.mode in KERNEL_MODES:
+                await asyncio.to_thread(apply_conntrack_settings, self.cfg)
             try:
                 self.proxier = await asyncio.to_thread(self.factory, self.cfg)
             except Exception as err:
