@@ -42,7 +42,7 @@ def test_discovery(admin: Client) -> None:
 
 
 def test_system_namespaces_exist(admin: Client) -> None:
-    code, lst = admin.get("/api/v1/namespaces")
+    _, lst = admin.get("/api/v1/namespaces")
     names = {n["metadata"]["name"] for n in lst["items"]}
     assert {"default", "kube-system", "kube-public", "kube-node-lease"} <= names
     assert admin.delete("/api/v1/namespaces/default")[0] == 403
@@ -126,7 +126,7 @@ def test_label_and_field_selectors(admin: Client, namespace: str) -> None:
     assert admin.get(base, fieldSelector="spec.bogus=1")[0] == 400
     assert admin.get(base, labelSelector="a b c")[0] == 400
     # all-namespaces list with a namespace field selector
-    code, lst = admin.get("/api/v1/services", fieldSelector=f"metadata.namespace={namespace}")
+    _, lst = admin.get("/api/v1/services", fieldSelector=f"metadata.namespace={namespace}")
     assert sorted(i["metadata"]["name"] for i in lst["items"]) == ["a", "b", "c"]
 
 
@@ -228,8 +228,8 @@ def test_namespace_delete_removes_contents(admin: Client) -> None:
                                                        "metadata": {"name": "c"}})
     assert admin.delete(f"/api/v1/namespaces/{ns}")[0] == 200
     assert admin.get(f"/api/v1/namespaces/{ns}")[0] == 404
-    assert admin.get(f"/api/v1/services", fieldSelector=f"metadata.namespace={ns}")[1]["items"] == []
-    assert admin.get(f"/api/v1/configmaps", fieldSelector=f"metadata.namespace={ns}")[1]["items"] == []
+    assert admin.get("/api/v1/services", fieldSelector=f"metadata.namespace={ns}")[1]["items"] == []
+    assert admin.get("/api/v1/configmaps", fieldSelector=f"metadata.namespace={ns}")[1]["items"] == []
 
 
 def test_deletecollection(admin: Client, namespace: str) -> None:

@@ -64,35 +64,34 @@ def test_create_list_patch_delete(apiserver: APIServerProcess) -> None:
 
 @pytest.mark.timeout(120)
 def test_watch_stream_continues_across_server_restart() -> None:
-    with running_apiserver() as api:
-        with _api_client(api, retries=20) as ac:
-            v1 = client.CoreV1Api(ac)
-            v1.create_namespaced_service("default", _svc("before"))
-            events: queue.Queue[tuple[str, str, str]] = queue.Queue()
-            w = watch.Watch()
+    with running_apiserver() as api, _api_client(api, retries=20) as ac:
+        v1 = client.CoreV1Api(ac)
+        v1.create_namespaced_service("default", _svc("before"))
+        events: queue.Queue[tuple[str, str, str]] = queue.Queue()
+        w = watch.Watch()
 
-            def run() -> None:
-                try:
-                    # No timeout_seconds: with it the client does not re-watch when a stream ends.
-                    for ev in w.stream(v1.list_namespaced_service, "default"):
-                        obj: Any = ev["object"]
-                        events.put((ev["type"], obj.metadata.name, obj.metadata.resource_version))
-                except Exception as e:  # noqa: BLE001 - reported to the test thread
-                    events.put(("EXCEPTION", repr(e), ""))
-
-            t = threading.Thread(target=run, daemon=True)
-            t.start()
+        def run() -> None:
             try:
-                assert events.get(timeout=15)[:2] == ("ADDED", "before")
-                api.restart()  # SIGTERM: the stream ends; the client re-watches from its last version
-                v1.create_namespaced_service("default", _svc("after"))
-                got = events.get(timeout=30)
-                assert got[:2] == ("ADDED", "after"), got
-                # a write while the server is down is impossible; one just after restart is seen once
-                v1.delete_namespaced_service("before", "default")
-                assert events.get(timeout=30)[:2] == ("DELETED", "before")
-                assert events.empty()
-            finally:
-                w.stop()
-                v1.create_namespaced_service("default", _svc("wake"))  # unblocks the stream so it sees stop
-                t.join(15)
+                # No timeout_seconds: with it the client does not re-watch when a stream ends.
+                for ev in w.stream(v1.list_namespaced_service, "default"):
+                    obj: Any = ev["object"]
+                    events.put((ev["type"], obj.metadata.name, obj.metadata.resource_version))
+            except Exception as e:  # noqa: BLE001 - reported to the test thread
+                events.put(("EXCEPTION", repr(e), ""))
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+            assert events.get(timeout=15)[:2] == ("ADDED", "before")
+            api.restart()  # SIGTERM: the stream ends; the client re-watches from its last version
+            v1.create_namespaced_service("default", _svc("after"))
+            got = events.get(timeout=30)
+            assert got[:2] == ("ADDED", "after"), got
+            # a write while the server is down is impossible; one just after restart is seen once
+            v1.delete_namespaced_service("before", "default")
+            assert events.get(timeout=30)[:2] == ("DELETED", "before")
+            assert events.empty()
+        finally:
+            w.stop()
+            v1.create_namespaced_service("default", _svc("wake"))  # unblocks the stream so it sees stop
+            t.join(15)

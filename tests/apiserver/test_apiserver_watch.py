@@ -122,7 +122,7 @@ def test_bookmarks_and_initial_events_end(apiserver: APIServerProcess, admin: Cl
                                              "resourceVersionMatch": "NotOlderThan"}, until_type="BOOKMARK")
     assert _names(events) == [("ADDED", "x")]
     assert events[-1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
-    code, status = admin.get(base, watch="true", sendInitialEvents="true")
+    code, _ = admin.get(base, watch="true", sendInitialEvents="true")
     assert code == 422
 
 
