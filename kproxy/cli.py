@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--conntrack-udp-timeout", type=_duration)
     a("--conntrack-udp-timeout-stream", dest="conntrack_udp_stream_timeout", type=_duration)
     a("--config-sync-period", type=_duration)
+    a("--udp-timeout", dest="udp_idle_timeout", type=_duration, help="userspace mode: idle UDP timeout, e.g. 250ms")
     a("--cleanup", nargs="?", const=True, type=_bool, default=None,
       help="remove everything kproxy programmed and exit")
     a("-v", "--v", dest="verbosity", type=_int, help="log verbosity (0-10)")

@@ -61,6 +61,7 @@ class KProxyConfig:
     conntrack_udp_timeout: float = 0.0
     conntrack_udp_stream_timeout: float = 0.0
     config_sync_period: float = 900.0
+    udp_idle_timeout: float = 0.25  # userspace mode: idle UDP "connection" lifetime (--udp-timeout)
     cleanup: bool = False
     verbosity: int = 0
     healthcheck_bind_address: str = ""  # service health-check node ports listen here ("" = all)
@@ -155,6 +156,7 @@ _FILE_FIELDS: dict[str, tuple[str, str]] = {
     "metricsBindAddress": ("metrics_bind_address", "str"),
     "nodePortAddresses": ("nodeport_addresses", "list"),
     "configSyncPeriod": ("config_sync_period", "duration"),
+    "udpIdleTimeout": ("udp_idle_timeout", "duration"),
     "clientConnection.kubeconfig": ("kubeconfig", "str"),
     "iptables.masqueradeAll": ("masquerade_all", "bool"),
     "iptables.masqueradeBit": ("masquerade_bit", "int"),
@@ -183,7 +185,7 @@ _FILE_FIELDS: dict[str, tuple[str, str]] = {
 _IGNORED = frozenset((
     "apiVersion", "kind", "bindAddressHardFail", "enableProfiling", "featureGates", "logging",
     "oomScoreAdj", "portRange", "detectLocalMode", "detectLocal", "showHiddenMetricsForVersion",
-    "winkernel", "udpIdleTimeout", "clientConnection.acceptContentTypes", "clientConnection.contentType",
+    "winkernel", "clientConnection.acceptContentTypes", "clientConnection.contentType",
     "clientConnection.qps", "clientConnection.burst", "conntrack.tcpBeLiberal",
 ))
 _SECTIONS = frozenset(("iptables", "ipvs", "nftables", "conntrack", "clientConnection"))
@@ -282,6 +284,8 @@ def validate(cfg: KProxyConfig) -> None:
         check_cidrs(tuple(c.strip() for c in cfg.cluster_cidr.split(",")), "--cluster-cidr/clusterCIDR")
     check_cidrs(cfg.nodeport_addresses, "--nodeport-addresses/nodePortAddresses", allow_primary=True)
     check_cidrs(cfg.ipvs_exclude_cidrs, "--ipvs-exclude-cidrs/ipvs.excludeCIDRs")
+    if cfg.udp_idle_timeout <= 0:
+        raise ConfigError("--udp-timeout/udpIdleTimeout: must be greater than 0")
     if cfg.iptables_backend not in ("", "nft", "legacy"):
         raise ConfigError(f"--iptables-backend: {cfg.iptables_backend!r} is not nft or legacy")
 

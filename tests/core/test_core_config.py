@@ -82,10 +82,10 @@ def test_flags_override_file_and_defaults(tmp_path: Path) -> None:
     f.write_text(CONFIG)
     cfg = parse_config(["--config", str(f), "--mode", "iptables", "--iptables-sync-period=10s",
                         "--masquerade-all=false", "--hostname-override", "n2", "--v=4",
-                        "--nodeport-addresses", "10.0.0.0/8, 172.16.0.0/12"])
+                        "--nodeport-addresses", "10.0.0.0/8, 172.16.0.0/12", "--udp-timeout=2s"])
     assert cfg.mode == "iptables" and cfg.sync_period == 10.0 and cfg.min_sync_period == 2.0
     assert not cfg.masquerade_all and cfg.hostname_override == "n2" and cfg.verbosity == 4
-    assert cfg.nodeport_addresses == ("10.0.0.0/8", "172.16.0.0/12")
+    assert cfg.nodeport_addresses == ("10.0.0.0/8", "172.16.0.0/12") and cfg.udp_idle_timeout == 2.0
     d = parse_config(["--hostname-override", "x", "--masquerade-all", "--proxy-mode", "userspace"])
     assert d.masquerade_all and d.mode == "userspace"
     assert (d.healthz_bind_address, d.metrics_bind_address) == ("0.0.0.0:10256", "127.0.0.1:10249")
@@ -123,6 +123,7 @@ def test_bad_config_file_names_file_and_field(tmp_path: Path, content: str, need
     (["--metrics-bind-address", "127.0.0.1"], "--metrics-bind-address/metricsBindAddress: '127.0.0.1' is not IP:port"),
     (["--proxy-mode", "ebpf"], "--proxy-mode: unknown mode 'ebpf'"),
     (["--iptables-masquerade-bit", "40"], "masqueradeBit: 40 not in 0..31"),
+    (["--udp-timeout", "0s"], "--udp-timeout/udpIdleTimeout: must be greater than 0"),
     (["--config", "/nonexistent/kp.yaml"], "--config /nonexistent/kp.yaml: No such file or directory"),
     (["--nodeport-addresses", "10.0.0.0/8,bogus"], "--nodeport-addresses: 'bogus' is not a CIDR"),
     (["--kubeconfig", "/nonexistent/kc"], "--kubeconfig: cannot read kubeconfig /nonexistent/kc"),
