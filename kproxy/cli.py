@@ -111,6 +111,7 @@ def parse_config(argv: Sequence[str]) -> KProxyConfig:
     values.update(flags)  # flags override the file, as upstream
     for k, v in values.items():
         setattr(cfg, k, v)
+    cfg.mode = cfg.mode or "iptables"  # upstream: an empty mode is the platform default
     if cfg.nodeport_addresses:
         check_cidrs(cfg.nodeport_addresses, "--nodeport-addresses", allow_primary=True)
     validate(cfg)

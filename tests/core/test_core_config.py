@@ -88,6 +88,8 @@ def test_flags_override_file_and_defaults(tmp_path: Path) -> None:
     assert cfg.nodeport_addresses == ("10.0.0.0/8", "172.16.0.0/12") and cfg.udp_idle_timeout == 2.0
     d = parse_config(["--hostname-override", "x", "--masquerade-all", "--proxy-mode", "userspace"])
     assert d.masquerade_all and d.mode == "userspace"
+    f.write_text('mode: ""\n')
+    assert parse_config(["--config", str(f), "--hostname-override", "x"]).mode == "iptables"
     assert (d.healthz_bind_address, d.metrics_bind_address) == ("0.0.0.0:10256", "127.0.0.1:10249")
     assert (d.iptables_sync_period, d.iptables_min_sync_period, d.masquerade_bit) == (30.0, 1.0, 14)
 
