@@ -429,12 +429,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        if any(k.startswith("kproxy") for k in self.procs):
-            exe = tool("kproxy")
-            for n in self.node_nets:  # remove what kproxy programmed (the netns goes anyway)
-                if exe and netns.exists(n.netns):
-                    subprocess.run(["ip", "netns", "exec", n.netns, exe, "--cleanup", "--proxy-mode",
-                                    self.st.proxy_mode], capture_output=True, timeout=30)
+        # kproxy's rules (iptables/nft chains, IPVS services, ipsets) live inside the node namespaces,
+        # so removing the namespaces removes them: no `kproxy --cleanup` pass is needed.
         netns.cleanup(self.st.prefix)
 
 

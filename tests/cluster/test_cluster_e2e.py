@@ -119,9 +119,13 @@ def test_kubectl_get_wide_and_describe(cluster: Cluster) -> None:
     c = cluster
     pods = seed_pods(c)
     wide = c.kubectl("get", "pods", "-o", "wide")
-    assert wide.splitlines()[0].startswith("NAME")
+    header = wide.splitlines()[0].split()
+    assert header[:5] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"] and "IP" in header and "NODE" in header, wide
+    rows = {line.split()[0]: line.split() for line in wide.splitlines()[1:]}
     for p in pods:
-        assert p["metadata"]["name"] in wide
+        row = rows[p["metadata"]["name"]]
+        assert row[1:3] == ["1/1", "Running"], row
+        assert row[header.index("IP")] == p["status"]["podIP"] and row[header.index("NODE")] == p["spec"]["nodeName"]
     name = pods[0]["metadata"]["name"]
     desc = c.kubectl("describe", "pod", name)
     for needle in (f"Name:         {name}", f"Node:         {pods[0]['spec']['nodeName']}/",
