@@ -114,6 +114,10 @@ class Resolver:
         self.timeout = timeout
         self.upstream_errors = 0
         self.internal_errors = 0  # bugs caught by the last line of defence; tests assert 0
+        # Upstream queries in flight by cache key: identical questions arriving meanwhile (many
+        # pods resolving the same external name) wait for the one exchange instead of repeating it.
+        self.inflight: dict[tuple[str, int, int], asyncio.Future[Message]] = {}
+        self.coalesced = 0
 
     # ------------------------------------------------------------------------- local
 
@@ -219,7 +223,7 @@ class Resolver:
             up, age = cached
         else:
             try:
-                up = await self._exchange(q)
+                up = await self._shared_exchange(key, q)
             except (OSError, asyncio.TimeoutError, WireError) as exc:
                 self.upstream_errors += 1
                 log.warning("upstream failed name=%s type=%d err=%r", q.name, q.qtype, exc)
@@ -227,13 +231,35 @@ class Resolver:
                 self.stats.record(q.qtype, wire.SERVFAIL, time.perf_counter() - fwd.started)
                 return out
             age = 0
-            self.cache.put(key, up, now)
         answers = [wire.RR(q.name if r.name.lower() == key[0] else r.name, r.rtype, r.ttl, r.data, r.rclass)
                    for r in _age(up.answers, age)]
         out = self._reply(msg, up.rcode, answers=answers, authority=_age(up.authority, age),
                           additional=_age(up.additional, age), aa=False, tcp=fwd.tcp)
         self.stats.record(q.qtype, up.rcode & 0xF, time.perf_counter() - fwd.started)
         return out
+
+    async def _shared_exchange(self, key: tuple[str, int, int], q: Question) -> Message:
+        pending = self.inflight.get(key)
+        if pending is not None:
+            self.coalesced += 1
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.inflight[key] = fut
+        try:
+            up = await self._exchange(q)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it; nobody waiting is not an error
+            raise
+        else:
+            fut.set_result(up)
+            self.cache.put(key, up, time.monotonic())
+            return up
+        finally:
+            del self.inflight[key]
 
     async def _exchange(self, q: Question) -> Message:
         last: Exception = OSError("no upstream configured")

@@ -219,6 +219,8 @@ def render_metrics(resolver: Resolver) -> str:
     family("kdns_cache_hits_total", "counter", "Forwarded queries answered from the cache.", [("", "", cache.hits)])
     family("kdns_cache_misses_total", "counter", "Forwarded queries sent upstream.", [("", "", cache.misses)])
     family("kdns_cache_entries", "gauge", "Entries in the forward cache.", [("", "", len(cache.entries))])
+    family("kdns_forward_coalesced_total", "counter", "Forwarded queries that joined an identical one in flight.",
+           [("", "", resolver.coalesced)])
     family("kdns_forward_errors_total", "counter", "Forwarded queries that got no usable answer.",
            [("", "", resolver.upstream_errors)])
     family("kdns_internal_errors_total", "counter", "Queries whose handling raised (answered SERVFAIL).",

@@ -179,8 +179,9 @@ class FakeUpstream:
     Every query is logged in `log` as (transport, name, type)."""
 
     def __init__(self, records: dict[tuple[str, str], tuple[int, list[str]]], *, truncate: set[str] | None = None,
-                 neg_ttl: int = 30) -> None:
+                 neg_ttl: int = 30, delay: float = 0.0) -> None:
         self.records = records
+        self.delay = delay  # seconds before each UDP answer (lets identical queries pile up)
         self.truncate = truncate or set()
         self.neg_ttl = neg_ttl
         self.log: list[tuple[str, str, str]] = []
@@ -230,6 +231,8 @@ class FakeUpstream:
                 data, addr = self.udp.recvfrom(4096)
             except (socket.timeout, OSError):
                 continue
+            if self.delay:
+                time.sleep(self.delay)
             self.udp.sendto(self._answer(data, "udp"), addr)
 
     def _serve_tcp(self) -> None:

@@ -2,9 +2,11 @@
 positive and negative cache with TTLs, TCP retry on truncation, SERVFAIL when upstream fails."""
 from __future__ import annotations
 
+import socket
 import time
 
 import dns.flags
+import dns.message
 import dns.rcode
 import pytest
 from conftest import ZONE, free_port, service
@@ -76,3 +78,24 @@ def test_dns_forward_upstream_down_servfail(kdns_factory: object, fake_upstream:
                            "--upstream-timeout", "0.5"])
     assert p2.query("ok.example.org", "A").answer[0][0].to_text() == "192.0.2.7"
     assert p.alive() and p2.alive()
+
+
+@pytest.mark.timeout(40)
+def test_dns_forward_coalesces_identical_queries(kdns_factory: object, fake_upstream: object) -> None:
+    up = fake_upstream({("slow.example.org", "A"): (60, ["192.0.2.99"])}, delay=0.5)  # type: ignore[operator]
+    p = kdns_factory([], ["--upstream", f"127.0.0.1:{up.port}", "--upstream-timeout", "2"])  # type: ignore[operator]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        ids = list(range(1000, 1020))
+        for i in ids:  # 20 pods asking at once, before the upstream has answered the first
+            q = dns.message.make_query("slow.example.org", "A")
+            q.id = i
+            s.sendto(q.to_wire(), ("127.0.0.1", p.port))
+        got = {}
+        for _ in ids:
+            r = dns.message.from_wire(s.recvfrom(4096)[0])
+            got[r.id] = r.answer[0][0].to_text()
+    assert got == {i: "192.0.2.99" for i in ids}
+    assert up.count("slow.example.org", "A") == 1
+    text = p.http("/metrics")[1]
+    assert "kdns_forward_coalesced_total 19.0" in text
