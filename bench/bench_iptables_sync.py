@@ -55,6 +55,14 @@ def report(r: dict[str, Any]) -> str:
         f" flush -> {f['total_s'] / floor:.2f}x floor; partial {p['total_s'] * 1000:.0f} ms; resync {rs['total_s']:.2f}s;"
         f" RSS {r['rss_mib']:.0f} MiB"
     )
+    if "plan_cpu_s" in f:
+        cpu_full = f["plan_cpu_s"] + f["restore_cpu_s"]
+        cpu_floor = min(r["bare_noflush_cpu_s"], r["bare_flush_cpu_s"])
+        line += (
+            f"; CPU: full {cpu_full:.2f}s (render {f['plan_cpu_s']:.2f} + restore {f['restore_cpu_s']:.2f}),"
+            f" floor {cpu_floor:.2f}s -> {cpu_full / cpu_floor:.2f}x, partial {p['plan_cpu_s'] + p['restore_cpu_s']:.3f}s,"
+            f" load {r['load_avg'][0]:.1f}"
+        )
     if "bare_noflush_without_z_s" in r:
         line += f"; nft --noflush without -Z {r['bare_noflush_without_z_s']:.2f}s"
     if go:

@@ -11,6 +11,7 @@ The namespace must exist and be empty; the caller creates and deletes it.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -40,16 +41,19 @@ def model(n: int) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortN
     return services, endpoints
 
 
-def timed_restore(backend: str, netns: str, data: bytes, noflush: bool) -> float:
-    cmd = ["ip", "netns", "exec", netns, f"iptables-{backend}-restore", "-w", "5"] + (
-        ["--noflush"] if noflush else []
-    )
+def timed_restore(backend: str, netns: str, data: bytes, noflush: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+sys of the restore process, kernel commit included)."""
+    cmd = ["ip", "netns", "exec", netns, f"iptables-{backend}-restore", "-w", "30"]
+    if noflush:
+        cmd.append("--noflush")
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, input=data, capture_output=True, timeout=3600, check=False)
     elapsed = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"bare restore failed: {proc.stderr.decode()[:500]}")
-    return elapsed
+    return elapsed, (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
 
 
 def main(argv: list[str]) -> None:
@@ -89,16 +93,18 @@ def main(argv: list[str]) -> None:
 
     # The floor: the same bytes restored by a bare iptables-restore into an empty namespace.
     assert px.cleanup()
-    out["bare_noflush_s"] = timed_restore(backend, netns, data, noflush=True)
+    out["bare_noflush_s"], out["bare_noflush_cpu_s"] = timed_restore(backend, netns, data, noflush=True)
     assert px.cleanup()
-    out["bare_flush_s"] = timed_restore(backend, netns, data, noflush=False)
+    out["bare_flush_s"], out["bare_flush_cpu_s"] = timed_restore(backend, netns, data, noflush=False)
     assert px.cleanup()
     if backend == "nft" and z_control:
         # What the same input costs without the "-Z" line (upstream's input shape).
-        out["bare_noflush_without_z_s"] = timed_restore(
-            backend, netns, data.replace(b"\n-Z\n", b"\n"), noflush=True
+        without_z = data.replace(b"\n-Z\n", b"\n")
+        out["bare_noflush_without_z_s"], out["bare_noflush_without_z_cpu_s"] = timed_restore(
+            backend, netns, without_z, noflush=True
         )
         assert px.cleanup()
+    out["load_avg"] = os.getloadavg()
     print(json.dumps(out))
 
 
