@@ -167,10 +167,10 @@ def load_kubeconfig(path: str | None, master: str = "", context: str = "") -> Cl
     """ClusterAccess from a kubeconfig (path, or $KUBECONFIG when path is None/empty);
     `master` (--master) overrides the cluster's server URL."""
     if path:
-        paths = [Path(path)]
+        paths = [Path(path).expanduser()]
     else:
         env = os.environ.get("KUBECONFIG", "")
-        paths = [Path(p) for p in env.split(os.pathsep) if p]
+        paths = [Path(p).expanduser() for p in env.split(os.pathsep) if p]
         if not paths:
             raise KubeConfigError("no kubeconfig given (--kubeconfig or KUBECONFIG)")
     doc, origin = _merge(paths)
