@@ -621,7 +621,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     gone = netns.cleanup(prefix)
     if st:
-        st.ready, st.supervisor_pid, st.pids = False, 0, {}
+        st.ready, st.supervisor_pid, st.pids, st.components = False, 0, {}, {}
         st.save()
     print(f"kproxy-cluster: {args.name} is down (removed {len(gone)} netns, killed {killed} leftover processes)")
     return 0
