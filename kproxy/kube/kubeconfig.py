@@ -170,9 +170,10 @@ def load_kubeconfig(path: str | None, master: str = "", context: str = "") -> Cl
         paths = [Path(path).expanduser()]
     else:
         env = os.environ.get("KUBECONFIG", "")
-        paths = [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+        # clientcmd skips KUBECONFIG entries that do not exist (an explicit file must).
+        paths = [Path(p).expanduser() for p in env.split(os.pathsep) if p and Path(p).expanduser().exists()]
         if not paths:
-            raise KubeConfigError("no kubeconfig given (--kubeconfig or KUBECONFIG)")
+            raise KubeConfigError("no kubeconfig given (--kubeconfig, or KUBECONFIG naming an existing file)")
     doc, origin = _merge(paths)
     source = ",".join(str(p) for p in paths)
     ctx_name = context or doc["current-context"]

@@ -80,7 +80,7 @@ def test_relative_files_token_file_and_insecure(tmp_path: Path) -> None:
 def test_kubeconfig_env_merge_first_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = _write(tmp_path / "a", {"current-context": "c1", "users": [{"name": "u", "user": {"token": "first"}}]})
     second = _write(tmp_path / "b", _doc({"server": "http://127.0.0.1:8080"}, {"token": "second"}, ctx="other"))
-    monkeypatch.setenv("KUBECONFIG", f"{first}:{second}")
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'missing'}:{first}:{second}")
     a = load_kubeconfig(None)
     assert a.server == "http://127.0.0.1:8080" and a.auth_header() == "Bearer first"
     assert a.ssl_context() is None  # plain http
