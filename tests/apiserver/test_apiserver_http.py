@@ -311,3 +311,25 @@ def test_graceful_pod_deletion(admin: Client, namespace: str) -> None:
     assert admin.delete(f"{base}/running", {"gracePeriodSeconds": 0, "preconditions": {"uid": "other"}})[0] == 409
     assert admin.delete(f"{base}/running", {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}})[0] == 200
     assert admin.get(f"{base}/running")[0] == 404
+
+
+def test_rejected_and_dry_run_writes_leak_no_allocations(admin: Client, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}/services"
+
+    def nodeport(name: str, port: int, **extra: object) -> dict[str, object]:
+        svc = service(name, type="NodePort")
+        svc["spec"]["ports"] = [{"port": 80, "nodePort": port, **extra}]
+        return svc
+
+    # invalid (bad protocol): rejected after allocation ran, so its nodePort must be given back
+    code, status = admin.post(base, nodeport("bad", 30555, protocol="HTTP"))
+    assert code == 422, status
+    code, status = admin.post(base, nodeport("dry", 30556), dryRun="All")
+    assert code == 201 and status["spec"]["ports"][0]["nodePort"] == 30556
+    assert admin.post(base, nodeport("ok1", 30555))[0] == 201
+    assert admin.post(base, nodeport("ok2", 30556))[0] == 201
+    code, status = admin.post(base, nodeport("dup", 30556))
+    assert code == 422 and "already allocated" in status["message"]
+    # deleting gives the port back
+    assert admin.delete(f"{base}/ok2")[0] == 200
+    assert admin.post(base, nodeport("ok3", 30556))[0] == 201
