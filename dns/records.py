@@ -317,9 +317,23 @@ class ZoneIndex:
             elif rtype == NS:
                 for family in (A, AAAA):
                     additional += self._gather(self._rrkey(self.mname, family), self.mname, family, others)
+            self.answers[k] = self._fit(owner, qtype, answers, additional)
+
+    def _fit(self, owner: str, qtype: int, answers: list[RR], additional: list[RR]) -> bytes:
+        """The encoded answer, no larger than a DNS message can be (64 KiB less room for the OPT
+        record): a huge headless Service drops its SRV glue first, then the records that do not fit
+        (a client may use any subset of an RRset; TC is left to the UDP size check)."""
+        limit = 65535 - 11
+        while True:
             msg = Message(id=0, flags=RESPONSE_FLAGS, questions=[Question(owner, qtype)],
                           answers=answers, authority=[], additional=additional)
-            self.answers[k] = wire.encode_message(msg)
+            data: bytes = wire.encode_message(msg)
+            if len(data) <= limit:
+                return data
+            if additional:
+                additional = []
+            else:
+                answers = answers[: max(1, len(answers) * limit // len(data) - 1)]
 
     def _encode_soa_tail(self) -> bytes:
         mname, rname, *nums = self.soa_data

@@ -210,3 +210,20 @@ def test_dns_wildcard_bind_replies_from_the_queried_address(kdns_factory: object
         assert dns.query.udp(fast, dst, port=p.port, timeout=3).answer[0][0].to_text() == "10.96.0.10"
         slow = dns.message.make_query(f"10-0-0-9.default.pod.{ZONE}", "A")  # slow path (pod record)
         assert dns.query.udp(slow, dst, port=p.port, timeout=3).answer[0][0].to_text() == "10.0.0.9"
+
+
+@pytest.mark.timeout(60)
+def test_dns_huge_headless_service_fits_one_message(kdns_factory: object) -> None:
+    """3,000 endpoints: the SRV answer with its glue would exceed 64 KiB; it is cut to fit, and
+    the A answer (48 KiB) is whole over TCP and truncated over UDP."""
+    n = 3000
+    p = kdns_factory([service("huge", headless=True, ports=[("http", 80, "TCP")]),  # type: ignore[operator]
+                      endpoint_slice("huge-a", "huge", [(f"10.{8 + i // 60000}.{i // 250 % 240}.{i % 250 + 1}", None, True)
+                                                        for i in range(n)], ports=[("http", 80, "TCP")])],
+                     ["--upstream", "127.0.0.1:9"])
+    a = p.query(f"huge.default.svc.{ZONE}", "A", tcp=True)
+    assert len(a.answer[0]) == n
+    srv = p.query(f"_http._tcp.huge.default.svc.{ZONE}", "SRV", tcp=True)
+    assert 0 < len(srv.answer[0]) <= n and len(srv.to_wire()) <= 65535
+    assert p.query(f"huge.default.svc.{ZONE}", "A", payload=4096).flags & dns.flags.TC
+    assert p.alive()
