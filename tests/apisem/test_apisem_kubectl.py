@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
+import json
 import os
 import re
 import shutil
@@ -130,3 +132,48 @@ def test_strict_field_validation_and_decode_errors(api: APIServerProcess) -> Non
     assert ('Service in version "v1" cannot be handled as a Service: json: cannot unmarshal string into Go struct '
             "field ServicePort.spec.ports.port of type int32") in wrong_type.stderr
     assert kubectl(api, "delete", "-f", "-", stdin=manifest).returncode == 0
+
+
+DUAL_STACK = """apiVersion: v1
+kind: Service
+metadata:
+  name: web-dual
+spec:
+  ipFamilyPolicy: PreferDualStack
+  selector:
+    app: web
+  ports:
+  - port: 80
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web-six
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: fd00:10:96::53
+  selector:
+    app: web
+  ports:
+  - port: 53
+    protocol: UDP
+"""
+
+
+@pytest.mark.timeout(90)
+def test_dual_stack_service_cluster_ip_range() -> None:
+    with running_apiserver(extra_args=["--service-cluster-ip-range=10.96.0.0/16,fd00:10:96::/112"]) as dual:
+        out = run_kubectl(dual, "apply", "-f", "-", stdin=DUAL_STACK)
+        assert out.returncode == 0, out.stderr
+        got = run_kubectl(dual, "get", "svc", "web-dual", "web-six", "-o",
+                          "jsonpath={range .items[*]}{.spec.ipFamilyPolicy} {.spec.ipFamilies} {.spec.clusterIPs}|"
+                          "{end}").stdout.split("|")
+        policy, families, ips = got[0].split(" ", 2)
+        assert policy == "PreferDualStack" and families == '["IPv4","IPv6"]'
+        v4, v6 = json.loads(ips)
+        assert ipaddress.ip_address(v4) in ipaddress.ip_network("10.96.0.0/16")
+        assert ipaddress.ip_address(v6) in ipaddress.ip_network("fd00:10:96::/112")
+        assert got[1] == 'SingleStack ["IPv6"] ["fd00:10:96::53"]'
+        taken = run_kubectl(dual, "create", "-f", "-", stdin=DUAL_STACK.split("---\n")[1].replace("web-six", "dup"))
+        assert ('spec.clusterIPs: Invalid value: []string{"fd00:10:96::53"}: failed to allocate IP fd00:10:96::53: '
+                "provided IP is already allocated") in taken.stderr
