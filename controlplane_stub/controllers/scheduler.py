@@ -6,6 +6,7 @@ Score (lower wins): pods of the same owner on the node, then all pods on the nod
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -62,6 +63,7 @@ class Scheduler:
         self.unschedulable: set[str] = set()
         self.unschedulable_reported: set[str] = set()
         self.binding_supported = True
+        self.binding_tasks: set[asyncio.Task[None]] = set()
         self.events = api.EventRecorder(client, "default-scheduler")
         pods.add_handler(self._on_pod)
         nodes.add_handler(self._on_node)
@@ -119,7 +121,21 @@ class Scheduler:
             return
         owner = (controller_of(pod) or {}).get("uid", "")
         best = min(candidates, key=lambda n: (*self._load(n, owner), n))
-        await self.bind(pod, best)
+        # Bind in the background, as kube-scheduler's binding cycle does: the pod is assumed on the
+        # node at once (so the next decision counts it) and the worker moves on to the next pod.
+        self.assumed[key] = best
+        t = asyncio.create_task(self._bind_async(pod, best))
+        self.binding_tasks.add(t)
+        t.add_done_callback(self.binding_tasks.discard)
+
+    async def _bind_async(self, pod: Obj, node: str) -> None:
+        key = key_of(pod)
+        try:
+            await self.bind(pod, node)
+        except Exception as e:  # back to the queue: the next attempt may choose another node
+            log.warning("scheduler: binding %s to %s failed: %r", key, node, e)
+            self.assumed.pop(key, None)
+            self.queue.add_after(key, 1.0)
 
     async def bind(self, pod: Obj, node: str) -> None:
         md = pod["metadata"]
