@@ -61,6 +61,7 @@ class ZoneIndex:
         # only asks `name in names` to tell NODATA from NXDOMAIN.
         self.names: dict[bytes, int] = {}
         self.answers: dict[bytes, bytes] = {}
+        self.pending: set[ServiceKey] = set()  # objects changed, answers not re-encoded yet
         self.synced = False
         self.serial = int(time.time()) & 0xFFFFFFFF
         self.mname = f"ns.dns.{self.zone}"
@@ -102,7 +103,7 @@ class ZoneIndex:
             self._refresh(old.service_key)
 
     def replace(self, services: Iterable[Service] | None = None,
-                slices: Iterable[EndpointSlice] | None = None) -> None:
+                slices: Iterable[EndpointSlice] | None = None, *, defer: bool = False) -> None:
         """Swap in a full list (initial list or relist): services and/or slices. Only Services
         whose object or slices differ are re-encoded, so a relist after 410 Gone does not stall
         the server for a zone rebuild."""
@@ -123,9 +124,21 @@ class ZoneIndex:
             for eps in self.slices.values():
                 if eps.service_key is not None:
                     self.slices_by_service.setdefault(eps.service_key, set()).add(eps.key)
+        if defer:
+            # The caller re-encodes in slices between queries (encode_pending): a 10,000-Service
+            # list must not stall the event loop for seconds.
+            self.pending |= touched
+            return
         for key in touched:
             self._refresh(key, publish=False)
         self._publish()
+
+    def encode_pending(self, budget: int = 200) -> bool:
+        """Re-encode up to `budget` Services left by replace(defer=True); True when none are left."""
+        for _ in range(min(budget, len(self.pending))):
+            self._refresh(self.pending.pop(), publish=False)
+        self._publish()
+        return not self.pending
 
     def mark_synced(self, synced: bool = True) -> None:
         self.synced = synced
@@ -215,6 +228,7 @@ class ZoneIndex:
         return self._apex_records() if key == _APEX else self._service_records(key)
 
     def _refresh(self, key: ServiceKey, publish: bool = True) -> None:
+        self.pending.discard(key)
         self._apply(key, self._records_of(key))
         if publish:
             self._publish()

@@ -94,3 +94,24 @@ def test_dns_relist_without_changes_reencodes_nothing() -> None:
     changed = Service(svcs[3].metadata, ServiceSpec(cluster_ip="10.96.9.9", cluster_ips=["10.96.9.9"]))
     idx.replace(services=[changed if s.key == changed.key else s for s in svcs], slices=list(eps))
     assert encoded  # the one changed Service was re-encoded
+
+
+@pytest.mark.timeout(60)
+def test_dns_deferred_replace_encodes_in_slices_to_the_same_index() -> None:
+    rnd = random.Random(4)
+    svcs = [_random_service(rnd, "a", f"s{i}") for i in range(60)]
+    eps = [_random_slice(rnd, "a", f"s{i}-0", f"s{i}") for i in range(60)]
+    now = ZoneIndex(table=_purewire.Table())
+    now.replace(services=svcs, slices=eps)
+    later = ZoneIndex(table=_purewire.Table())
+    later.soa_data, later._soa_tail = now.soa_data, now._soa_tail
+    later.keys_of.clear(), later.holders.clear(), later.names.clear(), later.answers.clear()
+    later._refresh(("", ""))
+    later.replace(services=svcs, slices=eps, defer=True)
+    assert later.pending and len(later.answers) < len(now.answers)
+    rounds = 0
+    while not later.encode_pending(budget=7):
+        rounds += 1
+        assert rounds < 100
+    assert rounds >= 5  # really done in slices
+    assert later.answers == now.answers and later.names == now.names
