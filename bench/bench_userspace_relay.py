@@ -130,7 +130,7 @@ def _wait_listening(ns: str, port: int, deadline_s: float = 10) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
-                             capture_output=True, text=True, timeout=10).stdout
+                             capture_output=True, text=True, timeout=10, check=False).stdout
         if out.strip():
             return
         time.sleep(0.05)
@@ -220,7 +220,7 @@ def bed() -> Iterator[Bed]:
             except subprocess.TimeoutExpired:
                 p.kill()
         for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
         _print_table()
 

@@ -553,7 +553,7 @@ cdef class RelayCore:
         l.nbackends = 0
         self._defer(l)
 
-    cdef int _pick(self, Listener* l, const uint8_t* key, int klen, unsigned int* cursor) noexcept nogil:
+    cdef int _pick(self, Listener* l, const uint8_t* key, int klen) noexcept nogil:
         """Next endpoint for a client: its pinned one under ClientIP affinity, else round robin.
         Returns an index into l.backends or -1 when there are none."""
         cdef Affinity* a
@@ -562,7 +562,7 @@ cdef class RelayCore:
         cdef double now
         if l.nbackends == 0:
             return -1
-        if l.affinity_timeout > 0 and cursor == NULL:
+        if l.affinity_timeout > 0:
             n = _hfind(l.aff, key, klen)
             if n != NULL:
                 a = <Affinity*>n.owner
@@ -573,10 +573,6 @@ cdef class RelayCore:
                                 memcmp(&l.backends[i].addr, &a.backend.addr, a.backend.alen) == 0):
                             a.expires = now + l.affinity_timeout
                             return i
-        if cursor != NULL:
-            i = <int>(cursor[0] % <unsigned int>l.nbackends)
-            cursor[0] += 1
-            return i
         i = <int>(l.rr % <unsigned int>l.nbackends)
         l.rr += 1
         return i
@@ -649,7 +645,7 @@ cdef class RelayCore:
             ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
             ev.data.ptr = &c.cs
             epoll_ctl(self.ep, EPOLL_CTL_ADD, fd, &ev)
-            idx = self._pick(l, c.ckey, c.cklen, NULL)
+            idx = self._pick(l, c.ckey, c.cklen)
             c.next_idx = <unsigned int>idx
             self._connect(c, l)
 
@@ -831,7 +827,7 @@ cdef class RelayCore:
         if n != NULL:
             return <Session*>n.owner
         iklen = _ip_key(ca, ikey, 0)
-        idx = self._pick(l, ikey, iklen, NULL)
+        idx = self._pick(l, ikey, iklen)
         if idx < 0:
             return NULL
         b = &l.backends[idx]

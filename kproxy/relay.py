@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Self
 
 Impl = Literal["compiled", "pure"]
 Proto = Literal["TCP", "UDP"]
@@ -75,7 +75,7 @@ def socket_in_netns(netns: str | None, family: int, kind: int) -> socket.socket:
         try:
             enter_netns(netns)
             box.append(socket.socket(family, kind))
-        except BaseException as exc:  # handed back to the caller below
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
             box.append(exc)
 
     t = threading.Thread(target=make, name="kproxy-netns-socket")
@@ -132,14 +132,14 @@ class Relay:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def start(self) -> Relay:
+    def start(self) -> Self:
         started = threading.Event()
 
         def loop() -> None:
             try:
                 if self.netns is not None:
                     enter_netns(self.netns)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - re-raised by start() in the caller's thread
                 self._error = exc
                 started.set()
                 return
@@ -159,7 +159,7 @@ class Relay:
             self._thread.join(10)
             self._thread = None
 
-    def __enter__(self) -> Relay:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -327,7 +327,7 @@ class _ClientHalf(_Half):
             sock.setblocking(False)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, addr), self.core.connect_timeout)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 sock.close()
                 self.core.n_connect_fail += 1
                 idx += 1
@@ -335,7 +335,7 @@ class _ClientHalf(_Half):
             lst.pin(client_ip, idx)
             up = _Half(self.core)
             up.peer, self.peer = self, up
-            await loop.create_connection(lambda: up, sock=sock)
+            await loop.create_connection(lambda up=up: up, sock=sock)  # type: ignore[misc]
             self.transport.resume_reading()
             return
         _reset(self.transport)
@@ -389,7 +389,7 @@ class AsyncioRelayCore:
         while not self._stopped.is_set():
             try:
                 await asyncio.wait_for(self._stopped.wait(), 0.1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._sweep(time.monotonic())
 
     def _call(self, fn: object, *args: object) -> object:

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from userspace_helpers import BACKEND_IPS, BACKEND_PORT, CLIENT_IP, NODE_CLIENT_IP, Backends, Topology, request
+from userspace_helpers import (
+    BACKEND_IPS,
+    BACKEND_PORT,
+    CLIENT_IP,
+    NODE_CLIENT_IP,
+    Backends,
+    Topology,
+    request,
+)
 
 from kproxy.relay import Relay, bind_listener
 

@@ -9,7 +9,16 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from userspace_helpers import BACKEND_IPS, BACKEND_PORT, DEAD_PORT, NODE_CLIENT_IP, Backends, Topology, expect_refused_at_once, request
+from userspace_helpers import (
+    BACKEND_IPS,
+    BACKEND_PORT,
+    DEAD_PORT,
+    NODE_CLIENT_IP,
+    Backends,
+    Topology,
+    expect_refused_at_once,
+    request,
+)
 
 from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import SyncRequest

@@ -12,6 +12,7 @@ UDP port 7000 answers "NAME:" + datagram.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import socket
@@ -21,9 +22,8 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from kproxy.relay import enter_netns, socket_in_netns
 
@@ -80,7 +80,7 @@ def topology() -> Iterator[Topology]:
         yield topo
     finally:
         for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
 
 
 class Backends:
@@ -95,7 +95,7 @@ class Backends:
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="kpt-backends")
 
-    def __enter__(self) -> Backends:
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("backends did not start")
