@@ -143,6 +143,11 @@ def _needs_health_check(spec: Obj) -> bool:
     return spec.get("type") == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local"
 
 
+def _spec(svc: Obj) -> Obj:
+    spec = svc.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
 def _ports(spec: Obj) -> list[Obj]:
     ports = spec.get("ports")
     return [p for p in ports if isinstance(p, dict)] if isinstance(ports, list) else []
@@ -202,8 +207,7 @@ class ServiceAllocator:
     def load(self, existing_services: Iterable[dict[str, Any]]) -> None:
         """Mark what stored services already hold (values out of today's ranges are ignored)."""
         for svc in existing_services:
-            spec = svc.get("spec") if isinstance(svc.get("spec"), dict) else {}
-            assert isinstance(spec, dict)
+            spec = _spec(svc)
             for ip in _cluster_ips(spec):
                 self._reserve_ip_quietly(ip)
             for port in _node_ports(spec):
@@ -443,10 +447,8 @@ class ServiceAllocator:
         release(svc) after a delete or a failed create; release(new, old) after a failed update;
         release(old, new) after a committed update, for what the update gave up.
         """
-        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
-        assert isinstance(spec, dict)
-        old_spec = old.get("spec") if old is not None and isinstance(old.get("spec"), dict) else {}
-        assert isinstance(old_spec, dict)
+        spec = _spec(obj)
+        old_spec = _spec(old) if old is not None else {}
         keep_ips = set(_cluster_ips(old_spec))
         keep_ports = _node_ports(old_spec)
         for ip in _cluster_ips(spec):

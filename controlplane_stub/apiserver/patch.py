@@ -445,10 +445,9 @@ def field_set(obj: Any, meta: dict[str, FieldMeta] | None, prefix: FieldPath = (
         if isinstance(value, dict) and value:
             paths |= field_set(value, _type(fmeta.type_name), path)
         elif isinstance(value, list) and value and all(_element_key(e, fmeta) for e in value):
+            # Keyed (or set) lists: each element is owned on its own, by its key.
             for element in value:
-                ekey = _element_key(element, fmeta)
-                assert ekey is not None
-                epath = path + (ekey,)
+                epath = path + (str(_element_key(element, fmeta)),)
                 paths.add(epath + (".",))
                 if isinstance(element, dict):
                     paths |= field_set(element, _type(fmeta.type_name), epath)
