@@ -358,3 +358,51 @@ def test_out_of_fds_pauses_accept_then_recovers(impl: str, topo: Topology, backe
         if proc.poll() is None:
             proc.terminate()
             proc.wait(10)
+
+
+@pytest.mark.timeout(30)
+def test_ipv6_listener_and_endpoints(relay: Relay, topo: Topology) -> None:
+    """The AF_INET6 paths: listener, endpoint parsing, affinity keys and UDP sessions over ::1."""
+    srv = socket_in_netns(topo.node, socket.AF_INET6, socket.SOCK_STREAM)
+    usrv = socket_in_netns(topo.node, socket.AF_INET6, socket.SOCK_DGRAM)
+    srv.bind(("::1", 0))
+    srv.listen(8)
+    usrv.bind(("::1", 0))
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+            got.append(data)
+            conn.sendall(b"v6:" + data)
+        data, peer = usrv.recvfrom(2048)
+        usrv.sendto(b"u6:" + data, peer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        lid, port = relay.listen("TCP", "::1", 0)
+        relay.set_endpoints(lid, [("::1", srv.getsockname()[1])], affinity_timeout=30)
+        ulid, uport = relay.listen("UDP", "::1", 0)
+        relay.set_endpoints(ulid, [("::1", usrv.getsockname()[1])])
+        c = socket_in_netns(topo.node, socket.AF_INET6, socket.SOCK_STREAM)
+        with c:
+            c.settimeout(5)
+            c.connect(("::1", port))
+            c.sendall(b"hello6")
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(100) == b"v6:hello6"
+        u = socket_in_netns(topo.node, socket.AF_INET6, socket.SOCK_DGRAM)
+        with u:
+            u.settimeout(5)
+            u.sendto(b"d6", ("::1", uport))
+            data, src = u.recvfrom(100)
+            assert (data, src[:2]) == (b"u6:d6", ("::1", uport))
+        t.join(5)
+        assert got == [b"hello6"]
+    finally:
+        srv.close()
+        usrv.close()
