@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import dns.flags
 import dns.message
 import dns.rcode
 import pytest
@@ -107,3 +108,53 @@ def test_dns_follows_the_api_server(cluster: tuple[Api, KdnsProcess]) -> None:
     reverse = ".".join(reversed(ip.split("."))) + ".in-addr.arpa"
     assert addrs(p, reverse, "PTR") == []
     assert p.alive()
+
+
+def _post(api: Api, obj: dict[str, Any]) -> dict[str, Any]:
+    ns = obj["metadata"].get("namespace", "default")
+    if obj["kind"] == "Service":
+        return api.call("POST", f"/api/v1/namespaces/{ns}/services", obj)  # type: ignore[no-any-return]
+    return api.call("POST", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", obj)  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(60)
+def test_dns_record_types_from_the_api_server(cluster: tuple[Api, KdnsProcess]) -> None:
+    """The record matrix of test_dns_records.py, with the objects validated and stored by the API
+    server (IPv6 is not configured on that cluster: the AAAA cases stay in test_dns_records.py)."""
+    api, p = cluster
+    eventually(lambda: p.http("/ready")[0] == 200, timeout=15)
+    svc = {"apiVersion": "v1", "kind": "Service"}
+    api_svc = _post(api, {**svc, "metadata": {"name": "api-web", "namespace": "default"},
+                          "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                             {"name": "dns", "port": 53, "protocol": "UDP"}]}})
+    ip = api_svc["spec"]["clusterIP"]
+    _post(api, {**svc, "metadata": {"name": "api-ext", "namespace": "default"},
+                "spec": {"type": "ExternalName", "externalName": "www.example.com"}})
+    dns_svc = _post(api, {**svc, "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+                          "spec": {"ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}})
+    _post(api, {**svc, "metadata": {"name": "api-hl", "namespace": "default"},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
+    _post(api, endpoint_slice("api-hl-1", "api-hl", [(f"10.6.0.{i}", f"h{i}" if i < 3 else None, True)
+                                                     for i in range(1, 71)], ports=[("http", 8080, "TCP")]))
+    eventually(lambda: len(addrs(p, f"api-hl.default.svc.{ZONE}", "A")) == 70)
+
+    assert addrs(p, f"api-web.default.svc.{ZONE}") == [ip]
+    assert addrs(p, f"_dns._udp.api-web.default.svc.{ZONE}", "SRV") == [f"0 100 53 api-web.default.svc.{ZONE}."]
+    reverse = ".".join(reversed(ip.split("."))) + ".in-addr.arpa"
+    assert addrs(p, reverse, "PTR") == [f"api-web.default.svc.{ZONE}."]
+    assert addrs(p, f"api-ext.default.svc.{ZONE}", "A") == ["www.example.com."]  # the CNAME
+    assert addrs(p, f"h1.api-hl.default.svc.{ZONE}") == ["10.6.0.1"]
+    assert addrs(p, f"10-6-0-9.api-hl.default.svc.{ZONE}") == ["10.6.0.9"]
+    assert addrs(p, "1.0.6.10.in-addr.arpa", "PTR") == [f"h1.api-hl.default.svc.{ZONE}."]
+    assert addrs(p, f"10-1-2-3.default.pod.{ZONE}") == ["10.1.2.3"]
+    assert addrs(p, f"dns-version.{ZONE}", "TXT") == ['"1.1.0"']
+    ns = p.query(ZONE, "NS")
+    assert [r.to_text() for rr in ns.additional for r in rr] == [dns_svc["spec"]["clusterIP"]]
+    nx, nodata = p.query(f"nope.default.svc.{ZONE}", "A"), p.query(f"api-web.default.svc.{ZONE}", "AAAA")
+    assert nx.rcode() == dns.rcode.NXDOMAIN and nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+    assert nx.authority and nodata.authority  # both carry the SOA
+    # 70 headless addresses: truncated over plain UDP, whole over TCP, and dig follows by itself
+    assert p.query(f"api-hl.default.svc.{ZONE}", "A", payload=None).flags & dns.flags.TC
+    assert len(p.query(f"api-hl.default.svc.{ZONE}", "A", tcp=True).answer[0]) == 70
+    assert "ANSWER: 70" in p.dig(f"api-hl.default.svc.{ZONE}", "+noedns")
+    assert p.dig(f"_http._tcp.api-hl.default.svc.{ZONE}", "SRV", "+tcp", "+short").count(" 8080 ") == 70
