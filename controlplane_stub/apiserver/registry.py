@@ -331,6 +331,7 @@ class Registry:
         if dry_run:
             return old
         if res.plural == "namespaces":
+            old = await self._mark_terminating(key, old)
             await self._delete_namespace_contents(name)
         elif options.get("propagationPolicy") != "Orphan" and options.get("orphanDependents") is not True:
             await self._delete_dependents(old)
@@ -379,14 +380,35 @@ class Registry:
                 if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []):
                     await self.delete(dres, ns, obj["metadata"]["name"], {}, dry_run=False)
 
+    async def _mark_terminating(self, key: str, ns: Obj) -> Obj:
+        """Phase Terminating first (a MODIFIED event, as the real server shows it): from then on
+        creates in the namespace are refused, so emptying it below cannot race with new content."""
+        if (ns.get("status") or {}).get("phase") == "Terminating":
+            return ns
+        new = copy.deepcopy(ns)
+        new["metadata"]["deletionTimestamp"] = now_rfc3339()
+        new["metadata"]["deletionGracePeriodSeconds"] = 0
+        new.setdefault("status", {})["phase"] = "Terminating"
+        try:
+            return await self.store.update(key, new, int(ns["metadata"]["resourceVersion"]))
+        except (KeyNotFound, RevisionConflict):
+            raise conflict("namespaces", ns["metadata"]["name"], _conflict_msg()) from None
+
     async def _delete_namespace_contents(self, namespace: str) -> None:
-        for res in RESOURCES:
-            if not res.namespaced:
-                continue
-            for key, _ in self.store.list(res.prefix(namespace)).items:
-                try:
-                    gone = await self.store.delete(key)
-                except KeyNotFound:
-                    continue  # already removed as a dependent
-                if res.id == "services":
-                    self._release_quietly(gone)
+        # A create admitted just before the phase change may commit while we delete: go again
+        # until a pass finds nothing (bounded; each pass only sees what exists).
+        for _ in range(5):
+            found = False
+            for res in RESOURCES:
+                if not res.namespaced:
+                    continue
+                for key, _ in self.store.list(res.prefix(namespace)).items:
+                    found = True
+                    try:
+                        gone = await self.store.delete(key)
+                    except KeyNotFound:
+                        continue  # already removed as a dependent
+                    if res.id == "services":
+                        self._release_quietly(gone)
+            if not found:
+                return

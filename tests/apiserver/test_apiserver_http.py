@@ -226,8 +226,17 @@ def test_namespace_delete_removes_contents(admin: Client) -> None:
     admin.post(f"/api/v1/namespaces/{ns}/services", service("s"))
     admin.post(f"/api/v1/namespaces/{ns}/configmaps", {"apiVersion": "v1", "kind": "ConfigMap",
                                                        "metadata": {"name": "c"}})
-    assert admin.delete(f"/api/v1/namespaces/{ns}")[0] == 200
+    rv = admin.get("/api/v1/namespaces")[1]["metadata"]["resourceVersion"]
+    code, gone = admin.delete(f"/api/v1/namespaces/{ns}")
+    assert code == 200 and gone["status"]["phase"] == "Terminating"
     assert admin.get(f"/api/v1/namespaces/{ns}")[0] == 404
+    # watchers see what the real server shows: Terminating first, then the contents, then the namespace
+    r = admin.watch_lines("/api/v1/namespaces", resourceVersion=rv, timeoutSeconds="1")
+    import json
+
+    events = [json.loads(line) for line in r.iter_lines() if line]
+    assert [(e["type"], e["object"]["status"]["phase"]) for e in events] == [("MODIFIED", "Terminating"),
+                                                                             ("DELETED", "Terminating")]
     assert admin.get("/api/v1/services", fieldSelector=f"metadata.namespace={ns}")[1]["items"] == []
     assert admin.get("/api/v1/configmaps", fieldSelector=f"metadata.namespace={ns}")[1]["items"] == []
 
