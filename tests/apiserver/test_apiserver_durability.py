@@ -59,3 +59,17 @@ def test_acknowledged_writes_survive_kill_9() -> None:
         names = [json.loads(line)["object"]["metadata"]["name"] for line in r.iter_lines() if line]
         assert names[-1] == "post-crash"
         assert [n for n in names if n != "post-crash"][: len(acked) - 1] == [n for n, _ in acked][1:]
+
+
+def test_plain_http_mode_for_tests_still_needs_a_token() -> None:
+    with running_apiserver(https=False) as api:
+        assert api.url.startswith("http://127.0.0.1:") and api.ca_file is None
+        assert Client(api, None).get("/api/v1/namespaces")[0] == 401
+        code, lst = Client(api, api.token).get("/api/v1/namespaces")
+        assert code == 200 and len(lst["items"]) == 4
+        import yaml
+
+        with open(api.kubeconfig) as f:
+            cfg = yaml.safe_load(f)
+        assert cfg["clusters"][0]["cluster"]["server"] == api.url
+        assert "certificate-authority-data" not in cfg["clusters"][0]["cluster"]
