@@ -194,11 +194,15 @@ class ProxyServer:
         self.syncs = 0
         self.node: Node | None = None
         self._node_seen = asyncio.Event()
+        self.initialized = False  # both Services and EndpointSlices listed once
 
     # ---- event handlers (run on the event loop) ----
 
     def _queued(self) -> None:
-        self.health.queued_update()
+        # As upstream, changes seen during the initial lists do not count against health: the
+        # first sync waits for both lists however long they take.
+        if self.initialized:
+            self.health.queued_update()
         self.metrics.last_queued_timestamp.set(time.time())
         self.metrics.service_changes_pending.set(self.state.services_tracker.pending())
         self.metrics.endpoint_changes_pending.set(self.state.endpoints_tracker.pending())
@@ -327,6 +331,7 @@ class ProxyServer:
                 await svc_r.wait_synced()
                 await es_r.wait_synced()
                 log.info("synced services=%d endpointslices=%d", len(svc_inf), len(es_inf))
+                self.initialized = True
                 await self.runner.loop()
 
             self._tasks.append(asyncio.create_task(sync_when_listed(), name="sync-runner"))
