@@ -8,8 +8,9 @@ to it:
   KUBE-NODEPORT-CONTAINER / -HOST           nodePort on a local address            -> same
 OUTPUT uses DNAT to the node's IP rather than REDIRECT, as upstream did: REDIRECT of locally
 generated packets lands on 127.0.0.1 while replies leave from the interface address.
-All four chains are rewritten in ONE iptables-restore --noflush per sync; the jumps into them are
-ensured with `iptables -C/-I` on the first (full) sync only.
+All four chains are rewritten in ONE iptables-restore --noflush per sync (none when the rendered
+rules did not change: endpoint changes only touch the relay); the jumps into them are ensured with
+`iptables -C/-I` on full syncs only.
 
 The relay (kproxy.relay: the compiled epoll/splice core, or its asyncio twin) does the rest: round
 robin over ready endpoints, ClientIP affinity with its timeout, the next endpoint on a refused
@@ -116,6 +117,7 @@ class UserspaceProxier(Proxier):
         self.udp_idle_timeout = udp_idle_timeout
         self._served: dict[ServicePortName, _Served] = {}
         self._jumps_ok = False
+        self._applied = b""  # the nat buffer the kernel holds, to skip restores that change nothing
 
     # ---- listeners
 
@@ -180,7 +182,11 @@ class UserspaceProxier(Proxier):
             data = render_rules([(s.svc, s.proxy_port) for s in self._served.values()], self.node_ip)
             rules = data.count(b"\n-A ")
             try:
-                self.iptables.restore(data)
+                # Endpoint-only changes live in the relay: the rules stay as they are.
+                if data != self._applied or request.full:
+                    self._applied = b""
+                    self.iptables.restore(data)
+                    self._applied = data
                 if not self._jumps_ok or request.full:
                     self._ensure_jumps()
             except (IPTablesError, OSError) as exc:
@@ -218,6 +224,7 @@ class UserspaceProxier(Proxier):
             log.error("userspace: cleanup failed err=%s", exc)
             ok = False
         self._jumps_ok = False
+        self._applied = b""
         return ok
 
     def close(self) -> None:

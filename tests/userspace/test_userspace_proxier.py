@@ -127,7 +127,10 @@ def test_endpoint_changes_and_service_removal(proxier: UserspaceProxier, topo: T
     # Only one endpoint left, plus one that refuses: new connections skip the dead one.
     endpoints = dict(endpoints)
     endpoints[WEB] = _eps(BACKEND_IPS[2]) + _eps(BACKEND_IPS[1], port=DEAD_PORT)
+    assert proxier.iptables is not None
+    restores = proxier.iptables.restores
     assert proxier.sync(SyncRequest(services, endpoints, changed=frozenset({WEB}), full=False)).ok
+    assert proxier.iptables.restores == restores  # endpoints live in the relay: no rule rewrite
     assert set(_names(topo, topo.client, ("10.96.0.10", 80), 4)) == {BACKEND_IPS[2]}
     with old:  # the connection opened before the change still reaches its endpoint
         name, n, _ = request(old, b"def")
