@@ -195,6 +195,7 @@ class ProxyServer:
         self.node: Node | None = None
         self._node_seen = asyncio.Event()
         self.initialized = False  # both Services and EndpointSlices listed once
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- event handlers (run on the event loop) ----
 
@@ -300,7 +301,6 @@ class ProxyServer:
         log.info("node=%s node_ips=%s", self.cfg.node_name, ",".join(self.cfg.node_ips) or "-")
 
     async def run(self) -> None:
-        self._tasks: list[asyncio.Task[None]] = []
         http: list[web.AppRunner] = []
         try:
             await self._find_node()
@@ -313,17 +313,17 @@ class ProxyServer:
             for app, addr, what in ((health_app(self.health, self.metrics), self.cfg.healthz_bind_address,
                                      "healthz"),
                                     (self._metrics_app(), self.cfg.metrics_bind_address, "metrics")):
-                r = await _start_http(app, addr, what)
-                if r is not None:
-                    http.append(r)
+                site = await _start_http(app, addr, what)
+                if site is not None:
+                    http.append(site)
             svc_inf: SummaryStore[Service] = SummaryStore(self.on_service)
             es_inf: SummaryStore[EndpointSlice] = SummaryStore(self.on_slice, _slice_service_key)
             svc_r = Reflector(self.client, "/api/v1/services", Service, svc_inf,
                               label_selector=SERVICE_LABEL_SELECTOR, name="services")
             es_r = Reflector(self.client, "/apis/discovery.k8s.io/v1/endpointslices", EndpointSlice, es_inf,
                              label_selector=ENDPOINTSLICE_LABEL_SELECTOR, name="endpointslices")
-            for r_ in (svc_r, es_r):
-                self._tasks.append(asyncio.create_task(r_.run(), name=f"reflector-{r_.name}"))
+            for refl in (svc_r, es_r):
+                self._tasks.append(asyncio.create_task(refl.run(), name=f"reflector-{refl.name}"))
 
             async def sync_when_listed() -> None:
                 # As upstream: no sync before both caches have listed once, else the first
