@@ -58,6 +58,7 @@ near_valid = st.builds(
     _names(), st.binary(max_size=40))
 
 
+@pytest.mark.timeout(120)
 @FUZZ
 @given(st.binary(max_size=600))
 def test_dns_parser_only_raises_wire_error(data: bytes) -> None:
@@ -78,6 +79,7 @@ def _check(resolver: Resolver, data: bytes) -> None:
             dns.message.from_wire(out)  # always well-formed
 
 
+@pytest.mark.timeout(120)
 @FUZZ
 @given(st.one_of(st.binary(max_size=600), near_valid))
 def test_dns_handler_never_raises(resolver: Resolver, data: bytes) -> None:
