@@ -10,6 +10,7 @@
 
 Run: .venv/bin/pytest bench/bench_cluster_controlplane.py -s  (KPC_BENCH_SERVICES=N scales bench 2)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,14 +39,35 @@ Obj = dict[str, Any]
 def manifest(name: str, replicas: int) -> list[Obj]:
     labels = {"app": name}
     return [
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-         "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                  "template": {"metadata": {"labels": labels},
-                               "spec": {"terminationGracePeriodSeconds": 1,
-                                        "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"],
-                                                        "ports": [{"containerPort": 8080}]}]}}}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 1,
+                        "containers": [
+                            {
+                                "name": "c",
+                                "image": "busybox",
+                                "command": ["sleep", "3600"],
+                                "ports": [{"containerPort": 8080}],
+                            }
+                        ],
+                    },
+                },
+            },
+        },
     ]
 
 
@@ -80,8 +102,15 @@ async def wait_ready_endpoints(c: api.Client, ns: str, svc: str, want: int, time
 
 
 def kubectl_apply(kubeconfig: str, docs: list[Obj]) -> None:
-    subprocess.run(["kubectl", "apply", "-f", "-"], input="\n---\n".join(json.dumps(d) for d in docs),
-                   text=True, check=True, capture_output=True, env=dict(os.environ, KUBECONFIG=kubeconfig))
+    doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    subprocess.run(
+        ["kubectl", "apply", "-f", "-"],
+        input=doc,
+        text=True,
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, KUBECONFIG=kubeconfig),
+    )
 
 
 def real_cluster_apply_to_ready(replicas: int) -> float:
@@ -90,8 +119,24 @@ def real_cluster_apply_to_ready(replicas: int) -> float:
     env = dict(os.environ, KPROXY_CLUSTER_HOME=home)
     kc = str(Path(home) / name / "kubeconfig")
     try:
-        r = subprocess.run([str(BIN / "kproxy-cluster"), "up", "--name", name, "--nodes", "3", "--proxy-mode", "none",
-                            "--no-dns", "--no-localhost-lb"], env=env, capture_output=True, text=True, timeout=180)
+        r = subprocess.run(
+            [
+                str(BIN / "kproxy-cluster"),
+                "up",
+                "--name",
+                name,
+                "--nodes",
+                "3",
+                "--proxy-mode",
+                "none",
+                "--no-dns",
+                "--no-localhost-lb",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
 
         async def run() -> float:
@@ -104,20 +149,26 @@ def real_cluster_apply_to_ready(replicas: int) -> float:
 
         return asyncio.run(run())
     finally:
-        subprocess.run([str(BIN / "kproxy-cluster"), "down", "--name", name], env=env, capture_output=True, timeout=180)
+        subprocess.run(
+            [str(BIN / "kproxy-cluster"), "down", "--name", name], env=env, capture_output=True, timeout=180
+        )
         shutil.rmtree(home, ignore_errors=True)
 
 
 def simulated_apply_to_ready(replicas: int) -> float:
     with running_apiserver() as a:
+
         async def run() -> float:
             cfg = api.Config.from_kubeconfig(a.kubeconfig)
             async with api.Client(cfg) as c, api.Client(cfg) as sc:
                 mgr = ControllerManager(c, ControllerOptions())
                 sim = SimulatedNodes(sc, 3)
                 await sim.register()
-                tasks = [asyncio.create_task(sim.informer.run()), asyncio.create_task(sim.renew_leases()),
-                         asyncio.create_task(mgr.run())]
+                tasks = [
+                    asyncio.create_task(sim.informer.run()),
+                    asyncio.create_task(sim.renew_leases()),
+                    asyncio.create_task(mgr.run()),
+                ]
                 await mgr.opts.ready.wait()
                 t0 = time.monotonic()
                 waiter = asyncio.create_task(wait_ready_endpoints(c, "default", "bench", replicas, 300))
@@ -138,8 +189,10 @@ def test_bench_cluster_apply_100_replicas_to_ready_endpoints(benchmark: Any) -> 
     sim = simulated_apply_to_ready(100)
     real = benchmark.pedantic(real_cluster_apply_to_ready, args=(100,), rounds=1, iterations=1)
     benchmark.extra_info.update(real_s=round(real, 2), simulated_s=round(sim, 2), ratio=round(real / sim, 2))
-    print(f"\n100 replicas, kubectl apply -> 100 ready endpoints: real netns pods {real:.2f} s, "
-          f"simulated nodes {sim:.2f} s, ratio {real / sim:.1f}x")
+    print(
+        f"\n100 replicas, kubectl apply -> 100 ready endpoints: real netns pods {real:.2f} s, "
+        f"simulated nodes {sim:.2f} s, ratio {real / sim:.1f}x"
+    )
     assert real < 300
 
 
@@ -160,22 +213,30 @@ def test_bench_cluster_1000_services_x_10_pods_simulated(benchmark: Any) -> None
     with running_apiserver(extra_args=["--watch-cache-size", "100000"]) as a:
         cfg = api.Config.from_kubeconfig(a.kubeconfig)
         log = open(Path(a.data_dir) / "controllers.log", "wb")  # noqa: SIM115
-        ctrl = subprocess.Popen([str(BIN / "kproxy-cluster"), "_controllers", "--kubeconfig", a.kubeconfig],
-                                stdout=log, stderr=subprocess.STDOUT)
+        ctrl = subprocess.Popen(
+            [str(BIN / "kproxy-cluster"), "_controllers", "--kubeconfig", a.kubeconfig],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
+
             async def run() -> dict[str, float]:
                 async with api.Client(cfg) as c, api.Client(cfg) as sc:
                     # The limit: raw creates from one client (64 in flight), same server, same run.
-                    await c.create(api.path("namespaces"), {"apiVersion": "v1", "kind": "Namespace",
-                                                            "metadata": {"name": "raw"}})
+                    await c.create(
+                        api.path("namespaces"),
+                        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "raw"}},
+                    )
                     n_raw = 2000
                     t0 = time.monotonic()
                     sem = asyncio.Semaphore(64)
 
                     async def one(i: int) -> None:
                         async with sem:
-                            await c.create("/api/v1/namespaces/raw/configmaps",
-                                           {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}"}})
+                            await c.create(
+                                "/api/v1/namespaces/raw/configmaps",
+                                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}"}},
+                            )
 
                     await asyncio.gather(*(one(i) for i in range(n_raw)))
                     raw_rate = n_raw / (time.monotonic() - t0)
@@ -203,9 +264,13 @@ def test_bench_cluster_1000_services_x_10_pods_simulated(benchmark: Any) -> None
                     deadline = time.monotonic() + 1500
                     ready = 0
                     while time.monotonic() < deadline:
-                        assert ctrl.poll() is None, f"the controllers exited; see {a.data_dir}/controllers.log"
+                        assert ctrl.poll() is None, (
+                            f"the controllers exited; see {a.data_dir}/controllers.log"
+                        )
                         items, _ = await c.list(api.path("endpointslices", "default"), page=500)
-                        ready = sum(1 for s in items for e in s.get("endpoints") or [] if e["conditions"]["ready"])
+                        ready = sum(
+                            1 for s in items for e in s.get("endpoints") or [] if e["conditions"]["ready"]
+                        )
                         if ready >= want:
                             break
                         await asyncio.sleep(2)
@@ -221,11 +286,19 @@ def test_bench_cluster_1000_services_x_10_pods_simulated(benchmark: Any) -> None
                     # patches and their Lease renewals (10 nodes every 5 s).
                     lease_writes = int(10 * wall / 5.0)
                     controller_writes = total_writes - 2 * services - want - lease_writes
-                    return {"wall_s": wall, "apply_s": t_applied, "ready": ready, "controller_cpu_s": cpu,
-                            "apiserver_cpu_s": api_cpu, "bench_and_sim_cpu_s": own_cpu,
-                            "total_writes": total_writes, "controller_writes": controller_writes,
-                            "controller_write_rate": controller_writes / wall, "all_write_rate": total_writes / wall,
-                            "raw_create_rate": raw_rate}
+                    return {
+                        "wall_s": wall,
+                        "apply_s": t_applied,
+                        "ready": ready,
+                        "controller_cpu_s": cpu,
+                        "apiserver_cpu_s": api_cpu,
+                        "bench_and_sim_cpu_s": own_cpu,
+                        "total_writes": total_writes,
+                        "controller_writes": controller_writes,
+                        "controller_write_rate": controller_writes / wall,
+                        "all_write_rate": total_writes / wall,
+                        "raw_create_rate": raw_rate,
+                    }
 
             res = benchmark.pedantic(lambda: asyncio.run(run()), rounds=1, iterations=1)
         finally:
@@ -233,10 +306,12 @@ def test_bench_cluster_1000_services_x_10_pods_simulated(benchmark: Any) -> None
             ctrl.wait(10)
             log.close()
     benchmark.extra_info.update({k: round(v, 2) for k, v in res.items()})
-    print(f"\n{services} Services x {per} pods (simulated nodes): all ready after {res['wall_s']:.1f} s "
-          f"(creates took {res['apply_s']:.1f} s); CPU: controllers {res['controller_cpu_s']:.1f} s, "
-          f"API server {res['apiserver_cpu_s']:.1f} s, simulated agents+bench {res['bench_and_sim_cpu_s']:.1f} s; "
-          f"controller writes {res['controller_writes']:.0f} ({res['controller_write_rate']:.0f}/s); all writes "
-          f"{res['all_write_rate']:.0f}/s vs raw create limit {res['raw_create_rate']:.0f}/s "
-          f"({res['all_write_rate'] / res['raw_create_rate']:.0%})")
+    print(
+        f"\n{services} Services x {per} pods (simulated nodes): all ready after {res['wall_s']:.1f} s "
+        f"(creates took {res['apply_s']:.1f} s); CPU: controllers {res['controller_cpu_s']:.1f} s, "
+        f"API server {res['apiserver_cpu_s']:.1f} s, simulated agents+bench {res['bench_and_sim_cpu_s']:.1f} s; "
+        f"controller writes {res['controller_writes']:.0f} ({res['controller_write_rate']:.0f}/s); all writes "
+        f"{res['all_write_rate']:.0f}/s vs raw create limit {res['raw_create_rate']:.0f}/s "
+        f"({res['all_write_rate'] / res['raw_create_rate']:.0%})"
+    )
     assert res["ready"] >= services * per

@@ -4,6 +4,7 @@ It speaks only the documented REST wire (list, watch with resume and 410 relist,
 patch, delete), so controllers and agents run unchanged against a real kube-apiserver. It never
 imports kproxy or kdns: the control plane and the node programs meet only on the wire.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -184,7 +185,10 @@ class Client:
         for attempt in range(attempts):
             try:
                 async with self.session().request(
-                    method, url, data=data, params=params,
+                    method,
+                    url,
+                    data=data,
+                    params=params,
                     headers={"Content-Type": content_type} if data is not None else None,
                     timeout=aiohttp.ClientTimeout(total=30),
                 ) as resp:
@@ -197,11 +201,17 @@ class Client:
                         delay = min(delay * 2, 2.0)
                         continue
                     if doc.get("kind") != "Status":
-                        doc = {"kind": "Status", "code": resp.status, "message": raw[:200].decode(errors="replace")}
+                        doc = {
+                            "kind": "Status",
+                            "code": resp.status,
+                            "message": raw[:200].decode(errors="replace"),
+                        }
                     raise ApiError(resp.status, doc)
             except (TimeoutError, aiohttp.ClientConnectionError) as e:
                 if attempt + 1 >= attempts:
-                    raise ApiError(503, {"reason": "ServiceUnavailable", "message": f"{method} {url}: {e!r}"}) from e
+                    raise ApiError(
+                        503, {"reason": "ServiceUnavailable", "message": f"{method} {url}: {e!r}"}
+                    ) from e
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
@@ -233,8 +243,9 @@ class Client:
                 await asyncio.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def delete(self, url: str, grace_seconds: int | None = None, uid: str = "",
-                     propagation: str = "") -> Obj | None:
+    async def delete(
+        self, url: str, grace_seconds: int | None = None, uid: str = "", propagation: str = ""
+    ) -> Obj | None:
         body: Obj = {"kind": "DeleteOptions", "apiVersion": "v1"}
         if propagation:
             body["propagationPolicy"] = propagation
@@ -255,7 +266,9 @@ class Client:
                 await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def update_with_retry(self, url: str, mutate: Callable[[Obj], bool], attempts: int = 8) -> Obj | None:
+    async def update_with_retry(
+        self, url: str, mutate: Callable[[Obj], bool], attempts: int = 8
+    ) -> Obj | None:
         """GET, mutate (returns False when nothing needs writing), PUT; again on 409 Conflict."""
         for _ in range(attempts):
             try:
@@ -272,9 +285,13 @@ class Client:
                 if e.code != 409:
                     raise
                 await asyncio.sleep(random.uniform(0.01, 0.1))
-        raise ApiError(409, {"reason": "Conflict", "message": f"{url}: still conflicting after {attempts} tries"})
+        raise ApiError(
+            409, {"reason": "Conflict", "message": f"{url}: still conflicting after {attempts} tries"}
+        )
 
-    async def list(self, url: str, params: dict[str, str] | None = None, page: int = 500) -> tuple[list[Obj], str]:
+    async def list(
+        self, url: str, params: dict[str, str] | None = None, page: int = 500
+    ) -> tuple[list[Obj], str]:
         """All items (paginated) and the list's resourceVersion."""
         items: list[Obj] = []
         cont = ""
@@ -290,14 +307,25 @@ class Client:
             if not cont:
                 return items, str(md.get("resourceVersion", ""))
 
-    async def watch(self, url: str, resource_version: str, params: dict[str, str] | None = None,
-                    timeout_seconds: int = 300) -> AsyncIterator[Obj]:
+    async def watch(
+        self,
+        url: str,
+        resource_version: str,
+        params: dict[str, str] | None = None,
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[Obj]:
         """Watch events (dicts with type and object) from resource_version until the server closes."""
         q = dict(params or {})
-        q.update(watch="true", resourceVersion=resource_version, allowWatchBookmarks="true",
-                 timeoutSeconds=str(timeout_seconds))
-        async with self.session().get(url + "?" + urlencode(q),
-                                      timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)) as resp:
+        q.update(
+            watch="true",
+            resourceVersion=resource_version,
+            allowWatchBookmarks="true",
+            timeoutSeconds=str(timeout_seconds),
+        )
+        async with self.session().get(
+            url + "?" + urlencode(q),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30),
+        ) as resp:
             if resp.status >= 400:
                 raw = await resp.read()
                 try:
@@ -338,8 +366,15 @@ class Informer:
     version with capped, jittered backoff.
     """
 
-    def __init__(self, client: Client, resource: str, *, namespace: str | None = None,
-                 label_selector: str = "", field_selector: str = "") -> None:
+    def __init__(
+        self,
+        client: Client,
+        resource: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str = "",
+        field_selector: str = "",
+    ) -> None:
         self.client = client
         self.resource = resource
         self.url = path(resource, namespace)
@@ -360,7 +395,9 @@ class Informer:
         before the watch delivers it does not act twice (the upstream controllers' "expectations")."""
         k = key_of(obj)
         prev = self.cache.get(k)
-        if prev is not None and _older(obj["metadata"].get("resourceVersion"), prev["metadata"].get("resourceVersion")):
+        if prev is not None and _older(
+            obj["metadata"].get("resourceVersion"), prev["metadata"].get("resourceVersion")
+        ):
             return
         self.cache[k] = obj
         await self._emit("ADDED" if prev is None else "MODIFIED", obj, prev)
@@ -499,8 +536,12 @@ class WorkQueue:
         return self._q.qsize()
 
 
-async def run_worker(name: str, queue: WorkQueue, sync: Callable[[str], Awaitable[None]],
-                     failures: dict[str, int] | None = None) -> None:
+async def run_worker(
+    name: str,
+    queue: WorkQueue,
+    sync: Callable[[str], Awaitable[None]],
+    failures: dict[str, int] | None = None,
+) -> None:
     """Processes keys forever; a failed sync is retried with backoff instead of killing the loop."""
     failures = {} if failures is None else failures
     while True:
@@ -535,15 +576,28 @@ class EventRecorder:
         from datetime import datetime, timezone
 
         t = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        ev = {"apiVersion": "v1", "kind": "Event",
-              # Named as client-go's recorder names them: OBJECT.UNIQUE-HEX.
-              "metadata": {"name": f"{md['name']}.{random.getrandbits(64):016x}", "namespace": ns},
-              "involvedObject": {"apiVersion": obj.get("apiVersion", "v1"), "kind": obj.get("kind", ""),
-                                 "namespace": ns, "name": md["name"], "uid": md.get("uid", "")},
-              "reason": reason, "message": message, "type": type_, "count": 1,
-              "firstTimestamp": t, "lastTimestamp": t,
-              "source": {"component": self.component, **({"host": self.host} if self.host else {})},
-              "reportingComponent": self.component, "reportingInstance": self.host or self.component}
+        ev = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            # Named as client-go's recorder names them: OBJECT.UNIQUE-HEX.
+            "metadata": {"name": f"{md['name']}.{random.getrandbits(64):016x}", "namespace": ns},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", "v1"),
+                "kind": obj.get("kind", ""),
+                "namespace": ns,
+                "name": md["name"],
+                "uid": md.get("uid", ""),
+            },
+            "reason": reason,
+            "message": message,
+            "type": type_,
+            "count": 1,
+            "firstTimestamp": t,
+            "lastTimestamp": t,
+            "source": {"component": self.component, **({"host": self.host} if self.host else {})},
+            "reportingComponent": self.component,
+            "reportingInstance": self.host or self.component,
+        }
 
         async def send() -> None:
             try:

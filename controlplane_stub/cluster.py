@@ -12,6 +12,7 @@ https://127.0.0.1:PORT as the host does (no rules or routes in the root namespac
 and process carries the cluster's name prefix (netns names) or the KPC_CLUSTER environment marker
 (processes), so `down` finds and removes everything, also after a crash.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -148,8 +149,15 @@ class Supervisor:
         full = (["ip", "netns", "exec", ns] if ns else []) + cmd
         self.specs[name] = full
         out = (self.logs / f"{name}.log").open("ab")
-        p = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=self.env, cwd=str(self.dir), start_new_session=True)
+        p = subprocess.Popen(
+            full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=str(self.dir),
+            start_new_session=True,
+        )
         out.close()
         self.procs[name] = p
         self.st.pids[name] = p.pid
@@ -162,11 +170,25 @@ class Supervisor:
             raise RuntimeError("kproxy-apiserver is not installed (pip install -e . in the repo)")
         ad = self.dir / "apiserver"
         ad.mkdir(exist_ok=True)
-        cmd = [exe, "--data-dir", str(ad), "--secure-port", str(self.args.api_port),
-               "--service-cluster-ip-range", SERVICE_CIDR]
+        cmd = [
+            exe,
+            "--data-dir",
+            str(ad),
+            "--secure-port",
+            str(self.args.api_port),
+            "--service-cluster-ip-range",
+            SERVICE_CIDR,
+        ]
         out = (self.logs / "apiserver.log").open("ab")
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL,
-                             env=self.env, cwd=str(self.dir), start_new_session=True)
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=str(self.dir),
+            start_new_session=True,
+        )
         out.close()
         self.procs["apiserver"] = p
         self.st.pids["apiserver"] = p.pid
@@ -177,7 +199,9 @@ class Supervisor:
         while time.monotonic() < deadline:
             line = p.stdout.readline()
             if not line and p.poll() is not None:
-                raise RuntimeError(f"kproxy-apiserver exited with {p.returncode}; see {self.logs}/apiserver.log")
+                raise RuntimeError(
+                    f"kproxy-apiserver exited with {p.returncode}; see {self.logs}/apiserver.log"
+                )
             if b" ready url=" in line:
                 break
         else:
@@ -255,6 +279,7 @@ class Supervisor:
                 w.close()
                 return
             await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
+
         return handle
 
     def build_network(self) -> None:
@@ -264,17 +289,33 @@ class Supervisor:
             self.progress(f"node {n.name}: netns {n.netns}, {n.ip} on the node network, pods {n.pod_cidr}")
         netns.setup_client(self.topo, self.node_nets, [self.st.lb_pool, SERVICE_CIDR])
         # The node network's own namespace routes pod CIDRs too (the DNS server answers from there).
-        netns.ip(ns=self.topo.net_ns, batch="".join(
-            f"route replace {n.pod_cidr} via {n.ip} dev br0\n" for n in self.node_nets) +
-            "".join(f"route replace {c} via {self.node_nets[0].ip} dev br0\n" for c in (SERVICE_CIDR,)))
-        self.progress(f"client netns {self.topo.client_ns} ({self.topo.node_network_ip(2)}): routes to pods, "
-                      f"Services {SERVICE_CIDR} and LoadBalancer IPs {self.st.lb_pool} via the nodes")
+        netns.ip(
+            ns=self.topo.net_ns,
+            batch="".join(f"route replace {n.pod_cidr} via {n.ip} dev br0\n" for n in self.node_nets)
+            + "".join(f"route replace {c} via {self.node_nets[0].ip} dev br0\n" for c in (SERVICE_CIDR,)),
+        )
+        self.progress(
+            f"client netns {self.topo.client_ns} ({self.topo.node_network_ip(2)}): routes to pods, "
+            f"Services {SERVICE_CIDR} and LoadBalancer IPs {self.st.lb_pool} via the nodes"
+        )
 
     def start_agents(self) -> None:
         for i, n in enumerate(self.node_nets, start=1):
-            cmd = self_command() + ["_agent", "--kubeconfig", self.st.kubeconfig, "--prefix", self.st.prefix,
-                                    "--node-index", str(i), "--data-dir", str(self.dir / "nodes" / n.name),
-                                    "--zone", f"zone-{'abc'[(i - 1) % 3]}", "--backoff-base", str(self.args.backoff_base)]
+            cmd = self_command() + [
+                "_agent",
+                "--kubeconfig",
+                self.st.kubeconfig,
+                "--prefix",
+                self.st.prefix,
+                "--node-index",
+                str(i),
+                "--data-dir",
+                str(self.dir / "nodes" / n.name),
+                "--zone",
+                f"zone-{'abc'[(i - 1) % 3]}",
+                "--backoff-base",
+                str(self.args.backoff_base),
+            ]
             if self.args.image_catalog:
                 cmd += ["--image-catalog", self.args.image_catalog]
             if self.st.components.get("dns", "").startswith("running"):
@@ -286,8 +327,13 @@ class Supervisor:
         exe = tool("kproxy")
         if exe is None:
             return "kproxy: not available yet (not installed)"
-        r = subprocess.run([exe, "--proxy-mode", self.st.proxy_mode, "--help"], capture_output=True, text=True,
-                           timeout=60, cwd=str(self.dir))
+        r = subprocess.run(
+            [exe, "--proxy-mode", self.st.proxy_mode, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(self.dir),
+        )
         if r.returncode != 0:
             return f"kproxy: not available yet ({(r.stderr or r.stdout).strip().splitlines()[-1:]})"
         return ""
@@ -302,10 +348,25 @@ class Supervisor:
         kc = str(ro if ro.exists() else self.st.kubeconfig)
         exe = tool("kproxy") or "kproxy"
         for i, n in enumerate(self.node_nets):
-            self.spawn(f"kproxy-{n.name}", [exe, "--proxy-mode", self.st.proxy_mode, "--kubeconfig", kc,
-                                            "--hostname-override", n.name, "--cluster-cidr", self.topo.pod_cidr_base,
-                                            "--healthz-bind-address", f"{n.ip}:10256",
-                                            "--metrics-bind-address", "127.0.0.1:10249"], ns=n.netns)
+            self.spawn(
+                f"kproxy-{n.name}",
+                [
+                    exe,
+                    "--proxy-mode",
+                    self.st.proxy_mode,
+                    "--kubeconfig",
+                    kc,
+                    "--hostname-override",
+                    n.name,
+                    "--cluster-cidr",
+                    self.topo.pod_cidr_base,
+                    "--healthz-bind-address",
+                    f"{n.ip}:10256",
+                    "--metrics-bind-address",
+                    "127.0.0.1:10249",
+                ],
+                ns=n.netns,
+            )
         await asyncio.sleep(3)
         dead = [n.name for n in self.node_nets if self.procs[f"kproxy-{n.name}"].poll() is not None]
         if dead:
@@ -323,25 +384,59 @@ class Supervisor:
             return
         ro = self.dir / "apiserver" / "readonly.kubeconfig"
         addr = self.topo.node_network_ip(1)
-        self.spawn("dns", [exe, "--kubeconfig", str(ro if ro.exists() else self.st.kubeconfig),
-                           "--dns-bind-address", addr, "--dns-port", "53", "--health-port", "0"], ns=self.topo.net_ns)
+        self.spawn(
+            "dns",
+            [
+                exe,
+                "--kubeconfig",
+                str(ro if ro.exists() else self.st.kubeconfig),
+                "--dns-bind-address",
+                addr,
+                "--dns-port",
+                "53",
+                "--health-port",
+                "0",
+            ],
+            ns=self.topo.net_ns,
+        )
         await asyncio.sleep(1.5)
         if self.procs["dns"].poll() is not None:
             self.st.components["dns"] = f"kproxy-dns exited (see {self.logs}/dns.log)"
             self.progress(f"cluster DNS: {self.st.components['dns']}")
             return
         # kube-dns: a Service without selector whose EndpointSlice points at the DNS server.
-        svc = {"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
-               "spec": {"clusterIP": DNS_IP, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
-                                                       {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}
-        es = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-              "metadata": {"name": "kube-dns-kpc", "namespace": "kube-system",
-                           "labels": {"kubernetes.io/service-name": "kube-dns",
-                                      "endpointslice.kubernetes.io/managed-by": "kproxy-cluster"}},
-              "addressType": "IPv4",
-              "endpoints": [{"addresses": [addr], "conditions": {"ready": True, "serving": True, "terminating": False}}],
-              "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}
+        svc = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+            "spec": {
+                "clusterIP": DNS_IP,
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                ],
+            },
+        }
+        es = {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kube-dns-kpc",
+                "namespace": "kube-system",
+                "labels": {
+                    "kubernetes.io/service-name": "kube-dns",
+                    "endpointslice.kubernetes.io/managed-by": "kproxy-cluster",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": [addr], "conditions": {"ready": True, "serving": True, "terminating": False}}
+            ],
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ],
+        }
         for res, obj in (("services", svc), ("endpointslices", es)):
             try:
                 await c.create(api.path(res, "kube-system"), obj)
@@ -355,8 +450,14 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             nodes, _ = await c.list(api.path("nodes"))
-            ready = [n for n in nodes if any(x["type"] == "Ready" and x["status"] == "True"
-                                             for x in (n.get("status") or {}).get("conditions") or [])]
+            ready = [
+                n
+                for n in nodes
+                if any(
+                    x["type"] == "Ready" and x["status"] == "True"
+                    for x in (n.get("status") or {}).get("conditions") or []
+                )
+            ]
             if len(ready) >= len(self.node_nets):
                 return
             await asyncio.sleep(0.3)
@@ -374,9 +475,14 @@ class Supervisor:
             await self.relay(ns, self.st.api_port)
         self.progress("API server reachable at the same URL inside every node netns (socket relay)")
         c = api.Client(api.Config.from_kubeconfig(self.st.kubeconfig))
-        self.spawn("controllers", self_command() + ["_controllers", "--kubeconfig", self.st.kubeconfig,
-                                                    "--lb-pool", self.st.lb_pool])
-        self.st.components["controllers"] = "endpointslice, deployment, replicaset, scheduler, loadbalancer, gc"
+        self.spawn(
+            "controllers",
+            self_command()
+            + ["_controllers", "--kubeconfig", self.st.kubeconfig, "--lb-pool", self.st.lb_pool],
+        )
+        self.st.components["controllers"] = (
+            "endpointslice, deployment, replicaset, scheduler, loadbalancer, gc"
+        )
         self.progress("controllers started")
         if self.args.dns:
             await self.start_dns(c)
@@ -408,7 +514,7 @@ class Supervisor:
                 if n > 5:
                     continue
                 log.warning("component=%s exited rc=%s; restart #%d", name, p.returncode, n)
-                await asyncio.sleep(min(2 ** n, 30))
+                await asyncio.sleep(min(2**n, 30))
                 spec = self.specs[name]
                 ns = spec[3] if spec[:3] == ["ip", "netns", "exec"] else None
                 self.spawn(name, spec[4:] if ns else spec, ns=ns)
@@ -417,8 +523,12 @@ class Supervisor:
         self.stopping = True
         for s in self.relay_servers:
             s.close()
-        order = [k for k in self.procs if k.startswith("kproxy")] + [k for k in self.procs if k.startswith("agent")] + \
-            [k for k in self.procs if k in ("controllers", "dns")] + ["apiserver"]
+        order = (
+            [k for k in self.procs if k.startswith("kproxy")]
+            + [k for k in self.procs if k.startswith("agent")]
+            + [k for k in self.procs if k in ("controllers", "dns")]
+            + ["apiserver"]
+        )
         for name in order:
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
@@ -494,8 +604,10 @@ def cmd_controllers(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with api.Client(api.Config.from_kubeconfig(args.kubeconfig), user_agent="kpc-controllers") as c:
-            await ControllerManager(c, ControllerOptions(lb_pool=args.lb_pool,
-                                                         max_endpoints_per_slice=args.max_endpoints_per_slice)).run()
+            await ControllerManager(
+                c,
+                ControllerOptions(lb_pool=args.lb_pool, max_endpoints_per_slice=args.max_endpoints_per_slice),
+            ).run()
 
     return _run_until_signal(run())
 
@@ -506,11 +618,20 @@ def cmd_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     topo = netns.Topology(prefix=args.prefix)
     node = topo.node(args.node_index)
-    cfg = AgentConfig(node=node, prefix=args.prefix, data_dir=Path(args.data_dir), catalog_file=args.image_catalog,
-                      zone=args.zone, dns_ip=args.dns_ip, backoff_base=args.backoff_base)
+    cfg = AgentConfig(
+        node=node,
+        prefix=args.prefix,
+        data_dir=Path(args.data_dir),
+        catalog_file=args.image_catalog,
+        zone=args.zone,
+        dns_ip=args.dns_ip,
+        backoff_base=args.backoff_base,
+    )
 
     async def run() -> None:
-        async with api.Client(api.Config.from_kubeconfig(args.kubeconfig), user_agent=f"kpc-agent/{node.name}") as c:
+        async with api.Client(
+            api.Config.from_kubeconfig(args.kubeconfig), user_agent=f"kpc-agent/{node.name}"
+        ) as c:
             await NodeAgent(c, cfg).run()
 
     return _run_until_signal(run())
@@ -542,8 +663,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     d = Path(args.data_dir)
     old = State.load(d)
     if old and alive(old.supervisor_pid):
-        print(f"cluster {old.name} is already up (supervisor pid {old.supervisor_pid}); "
-              f"`kproxy-cluster down --name {old.name}` first", file=sys.stderr)
+        print(
+            f"cluster {old.name} is already up (supervisor pid {old.supervisor_pid}); "
+            f"`kproxy-cluster down --name {old.name}` first",
+            file=sys.stderr,
+        )
         return 1
     if args.nodes < 1 or args.nodes > 200:
         print("--nodes: between 1 and 200", file=sys.stderr)
@@ -553,11 +677,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         shutil.rmtree(d / old_dir, ignore_errors=True)
     (d / "logs").mkdir(parents=True, exist_ok=True)
     (d / "progress.log").write_text("")
-    st = State(name=args.name, prefix=f"{args.name}-", data_dir=str(d), nodes=args.nodes,
-               proxy_mode=args.proxy_mode, lb_pool=args.lb_pool)
+    st = State(
+        name=args.name,
+        prefix=f"{args.name}-",
+        data_dir=str(d),
+        nodes=args.nodes,
+        proxy_mode=args.proxy_mode,
+        lb_pool=args.lb_pool,
+    )
     st.save()
-    cmd = self_command() + ["_supervise", "--data-dir", str(d), "--api-port", str(args.api_port),
-                            "--backoff-base", str(args.backoff_base)]
+    cmd = self_command() + [
+        "_supervise",
+        "--data-dir",
+        str(d),
+        "--api-port",
+        str(args.api_port),
+        "--backoff-base",
+        str(args.backoff_base),
+    ]
     if args.image_catalog:
         cmd += ["--image-catalog", str(Path(args.image_catalog).resolve())]
     if not args.dns:
@@ -566,12 +703,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         cmd += ["--no-localhost-lb"]
     out = (d / "logs" / "supervisor.log").open("ab")
     env = dict(os.environ, **{MARKER: st.prefix})
-    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True, env=env, cwd=str(d))
+    p = subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+        cwd=str(d),
+    )
     st.supervisor_pid = p.pid
     st.save()
-    print(f"kproxy-cluster: starting {args.name} ({args.nodes} nodes, --proxy-mode {args.proxy_mode}); "
-          f"logs in {d}/logs", flush=True)
+    print(
+        f"kproxy-cluster: starting {args.name} ({args.nodes} nodes, --proxy-mode {args.proxy_mode}); "
+        f"logs in {d}/logs",
+        flush=True,
+    )
     seen = 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -580,17 +727,21 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {line}", flush=True)
             if line.startswith("READY"):
                 kc = st.kubeconfig
-                print(f"\nThe cluster is up. Use it with:\n  export KUBECONFIG={kc}\n  kubectl get nodes -o wide\n"
-                      f"  kproxy-cluster exec --name {args.name} -- curl -s http://LB_IP:PORT   "
-                      f"(from the client netns on the node network)\n  kproxy-cluster down --name {args.name}")
+                print(
+                    f"\nThe cluster is up. Use it with:\n  export KUBECONFIG={kc}\n  kubectl get nodes -o wide\n"
+                    f"  kproxy-cluster exec --name {args.name} -- curl -s http://LB_IP:PORT   "
+                    f"(from the client netns on the node network)\n  kproxy-cluster down --name {args.name}"
+                )
                 return 0
             if line.startswith("FAILED") or line.startswith("STOPPED"):
                 print(f"kproxy-cluster up failed; see {d}/logs/supervisor.log", file=sys.stderr)
                 return 1
         seen = len(lines)
         if p.poll() is not None:
-            print(f"kproxy-cluster: the supervisor exited with {p.returncode}; see {d}/logs/supervisor.log",
-                  file=sys.stderr)
+            print(
+                f"kproxy-cluster: the supervisor exited with {p.returncode}; see {d}/logs/supervisor.log",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(0.2)
     print(f"kproxy-cluster up: not ready after {args.timeout} s; see {d}/logs", file=sys.stderr)
@@ -623,7 +774,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     if st:
         st.ready, st.supervisor_pid, st.pids, st.components = False, 0, {}, {}
         st.save()
-    print(f"kproxy-cluster: {args.name} is down (removed {len(gone)} netns, killed {killed} leftover processes)")
+    print(
+        f"kproxy-cluster: {args.name} is down (removed {len(gone)} netns, killed {killed} leftover processes)"
+    )
     return 0
 
 
@@ -633,22 +786,41 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no cluster {args.name} (no {args.data_dir}/state.json)")
         return 1
     up = alive(st.supervisor_pid)
-    print(f"cluster {st.name}: {'up' if up and st.ready else 'starting' if up else 'down'}  data-dir {st.data_dir}")
+    print(
+        f"cluster {st.name}: {'up' if up and st.ready else 'starting' if up else 'down'}  data-dir {st.data_dir}"
+    )
     print(f"kubeconfig: {st.kubeconfig}")
     for name, pid in sorted(st.pids.items()):
         print(f"  {name:<22} pid {pid:<8} {'running' if alive(pid) else 'exited'}")
     for name, what in sorted(st.components.items()):
         print(f"  {name:<22} {what}")
     if up and st.ready:
+
         async def nodes() -> list[dict[str, Any]]:
             async with api.Client(api.Config.from_kubeconfig(st.kubeconfig)) as c:
                 items, _ = await c.list(api.path("nodes"))
                 return items
 
         for n in asyncio.run(nodes()):
-            ready = next((x["status"] for x in (n.get("status") or {}).get("conditions") or [] if x["type"] == "Ready"), "?")
-            addr = next((a["address"] for a in (n.get("status") or {}).get("addresses") or [] if a["type"] == "InternalIP"), "")
-            print(f"  node {n['metadata']['name']:<10} Ready={ready:<6} {addr:<14} podCIDR {n['spec'].get('podCIDR')}")
+            ready = next(
+                (
+                    x["status"]
+                    for x in (n.get("status") or {}).get("conditions") or []
+                    if x["type"] == "Ready"
+                ),
+                "?",
+            )
+            addr = next(
+                (
+                    a["address"]
+                    for a in (n.get("status") or {}).get("addresses") or []
+                    if a["type"] == "InternalIP"
+                ),
+                "",
+            )
+            print(
+                f"  node {n['metadata']['name']:<10} Ready={ready:<6} {addr:<14} podCIDR {n['spec'].get('podCIDR')}"
+            )
     print(f"  netns: {' '.join(netns.owned(st.prefix))}")
     return 0 if up else 1
 
@@ -660,7 +832,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return 1
     cmd = [c for c in args.command if c != "--"] if args.command and args.command[0] == "--" else args.command
     if not cmd:
-        print("kproxy-cluster exec: give a command after --, e.g. exec -- curl http://IP:PORT", file=sys.stderr)
+        print(
+            "kproxy-cluster exec: give a command after --, e.g. exec -- curl http://IP:PORT", file=sys.stderr
+        )
         return 2
     env = dict(os.environ, KUBECONFIG=st.kubeconfig)
     return subprocess.run(["ip", "netns", "exec", f"{st.prefix}client", *cmd], env=env).returncode
@@ -686,12 +860,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n$ kubectl apply -f {seed}", flush=True)
         subprocess.run(["kubectl", "apply", "-f", str(seed)], env=env, check=True)
         print("$ kubectl rollout status deployment/flask-kubernetes", flush=True)
-        subprocess.run(["kubectl", "rollout", "status", "deployment/flask-kubernetes", "--timeout=180s"], env=env, check=True)
+        subprocess.run(
+            ["kubectl", "rollout", "status", "deployment/flask-kubernetes", "--timeout=180s"],
+            env=env,
+            check=True,
+        )
         subprocess.run(["kubectl", "get", "pods", "-o", "wide"], env=env)
         lb_ip = ""
         for _ in range(100):
-            r = subprocess.run(["kubectl", "get", "svc", "flask-kubernetes-service", "-o",
-                                "jsonpath={.status.loadBalancer.ingress[0].ip}"], env=env, capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    "kubectl",
+                    "get",
+                    "svc",
+                    "flask-kubernetes-service",
+                    "-o",
+                    "jsonpath={.status.loadBalancer.ingress[0].ip}",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             lb_ip = r.stdout.strip()
             if lb_ip:
                 break
@@ -702,8 +891,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"\n$ kproxy-cluster exec -- curl -s http://{lb_ip}:6000", flush=True)
             ok = False
             for _ in range(30):  # kproxy programs the LB IP shortly after the endpoints are ready
-                r = subprocess.run(["ip", "netns", "exec", f"{st.prefix}client", "curl", "-s", "-m", "2",
-                                    f"http://{lb_ip}:6000"], capture_output=True, text=True)
+                r = subprocess.run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        f"{st.prefix}client",
+                        "curl",
+                        "-s",
+                        "-m",
+                        "2",
+                        f"http://{lb_ip}:6000",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if r.returncode == 0 and r.stdout:
                     print(r.stdout, end="", flush=True)
                     ok = True
@@ -712,14 +914,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if not ok:
                 print(f"(no answer through the LoadBalancer IP {lb_ip}:6000 yet; kproxy: {kp})")
         else:
-            ips = subprocess.run(["kubectl", "get", "pods", "-l", "app=flask-kubernetes", "-o",
-                                  "jsonpath={.items[0].status.podIP}"], env=env, capture_output=True, text=True).stdout
+            ips = subprocess.run(
+                [
+                    "kubectl",
+                    "get",
+                    "pods",
+                    "-l",
+                    "app=flask-kubernetes",
+                    "-o",
+                    "jsonpath={.items[0].status.podIP}",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            ).stdout
             print(f"\n{kp or 'kproxy: not available yet'}; so this curls a pod IP directly, not the Service:")
             print(f"$ kproxy-cluster exec -- curl -s http://{ips}:5000", flush=True)
-            subprocess.run(["ip", "netns", "exec", f"{st.prefix}client", "curl", "-s", "-m", "5", f"http://{ips}:5000"])
-        print(f"\nThe cluster stays up until Ctrl-C. Meanwhile, in another shell:\n  export KUBECONFIG={st.kubeconfig}\n"
-              f"  kubectl get pods,svc,endpointslices -o wide\n  curl http://localhost:6000  (relayed to the LB IP)",
-              flush=True)
+            subprocess.run(
+                ["ip", "netns", "exec", f"{st.prefix}client", "curl", "-s", "-m", "5", f"http://{ips}:5000"]
+            )
+        print(
+            f"\nThe cluster stays up until Ctrl-C. Meanwhile, in another shell:\n  export KUBECONFIG={st.kubeconfig}\n"
+            f"  kubectl get pods,svc,endpointslices -o wide\n  curl http://localhost:6000  (relayed to the LB IP)",
+            flush=True,
+        )
         if args.no_wait:
             return 0
         try:
@@ -732,26 +950,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kproxy-cluster", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="kproxy-cluster", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--name", default="kpc", help="cluster name; prefixes every netns (default kpc)")
-        sp.add_argument("--data-dir", default="", help="state, logs, kubeconfig (default ~/.kproxy-cluster/NAME)")
+        sp.add_argument(
+            "--data-dir", default="", help="state, logs, kubeconfig (default ~/.kproxy-cluster/NAME)"
+        )
 
     def up_flags(sp: argparse.ArgumentParser) -> None:
         common(sp)
         sp.add_argument("--nodes", type=int, default=3)
-        sp.add_argument("--proxy-mode", default="iptables", help="kproxy mode on every node (iptables, ipvs, "
-                        "userspace, nftables) or none")
+        sp.add_argument(
+            "--proxy-mode",
+            default="iptables",
+            help="kproxy mode on every node (iptables, ipvs, userspace, nftables) or none",
+        )
         sp.add_argument("--lb-pool", default="10.251.0.0/24", help="LoadBalancer IPs (CIDR or a-b ranges)")
         sp.add_argument("--api-port", type=int, default=0, help="API server port (default: a free one)")
-        sp.add_argument("--image-catalog", default="", help="image -> command catalog "
-                        "(default examples/flask-kubernetes/images.yaml)")
+        sp.add_argument(
+            "--image-catalog",
+            default="",
+            help="image -> command catalog (default examples/flask-kubernetes/images.yaml)",
+        )
         sp.add_argument("--backoff-base", type=float, default=10.0, help="crash-loop backoff base seconds")
         sp.add_argument("--no-dns", dest="dns", action="store_false", help="do not start kproxy-dns")
-        sp.add_argument("--no-localhost-lb", dest="localhost_lb", action="store_false",
-                        help="do not relay LoadBalancer ports to localhost")
+        sp.add_argument(
+            "--no-localhost-lb",
+            dest="localhost_lb",
+            action="store_false",
+            help="do not relay LoadBalancer ports to localhost",
+        )
         sp.add_argument("--timeout", type=float, default=180.0)
 
     up_flags(sub.add_parser("up", help="start the cluster"))
@@ -793,9 +1025,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "name") and not getattr(args, "data_dir", ""):
         args.data_dir = str(default_data_dir(args.name))
-    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "exec": cmd_exec, "demo": cmd_demo,
-                "kubeconfig": cmd_kubeconfig, "_supervise": cmd_supervise, "_controllers": cmd_controllers,
-                "_agent": cmd_agent}
+    handlers = {
+        "up": cmd_up,
+        "down": cmd_down,
+        "status": cmd_status,
+        "exec": cmd_exec,
+        "demo": cmd_demo,
+        "kubeconfig": cmd_kubeconfig,
+        "_supervise": cmd_supervise,
+        "_controllers": cmd_controllers,
+        "_agent": cmd_agent,
+    }
     return handlers[args.cmd](args)
 
 

@@ -4,6 +4,7 @@ There is no container runtime on the one-machine cluster; a container is a proce
 network namespace. The catalog plays the image's ENTRYPOINT/CMD: a container's `command` replaces
 the image's command and its `args` replace the image's args, as in Kubernetes.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,7 +49,9 @@ class Catalog:
         images: dict[str, Image] = {}
         for name, spec in (doc.get("images") or {}).items():
             if not isinstance(spec, dict) or not isinstance(spec.get("command", []), list):
-                raise ValueError(f"--image-catalog {p}: images.{name}: expected a mapping with a command list")
+                raise ValueError(
+                    f"--image-catalog {p}: images.{name}: expected a mapping with a command list"
+                )
 
             def fill(v: Any) -> str:
                 return str(v).format(**subst)

@@ -12,6 +12,7 @@ Topology (N nodes):
     PREFIX-client   eth0 10.250.0.2/24 on the node network: the "outside" client (`exec`)
     pod namespaces  eth0 10.244.I.x/24 on their node's cbr0, default route via 10.244.I.1
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -143,15 +144,22 @@ class Topology:
     def node(self, index: int) -> NodeNet:
         base = ipaddress.ip_network(self.pod_cidr_base)
         pod_cidr = list(base.subnets(new_prefix=24))[index]
-        return NodeNet(name=f"node-{index}", netns=f"{self.prefix}n{index}",
-                       ip=self.node_network_ip(10 + index), pod_cidr=str(pod_cidr))
+        return NodeNet(
+            name=f"node-{index}",
+            netns=f"{self.prefix}n{index}",
+            ip=self.node_network_ip(10 + index),
+            pod_cidr=str(pod_cidr),
+        )
 
 
 def setup_node_network(t: Topology) -> None:
     add(t.net_ns)
     if "br0" not in ip("-o", "link", "show", ns=t.net_ns):
-        ip(ns=t.net_ns, batch="link add br0 type bridge\nlink set br0 up\n"
-           f"addr add {t.node_network_ip(1)}/{t.prefixlen} dev br0\n")
+        ip(
+            ns=t.net_ns,
+            batch="link add br0 type bridge\nlink set br0 up\n"
+            f"addr add {t.node_network_ip(1)}/{t.prefixlen} dev br0\n",
+        )
 
 
 def _attach_to_node_network(t: Topology, ns: str, port: str, addr: str) -> None:
@@ -168,13 +176,21 @@ def setup_node(t: Topology, node: NodeNet, others: list[NodeNet]) -> None:
     _attach_to_node_network(t, node.netns, f"v{node.name}"[:15], node.ip)
     plen = ipaddress.ip_network(node.pod_cidr).prefixlen
     if "cbr0" not in ip("-o", "link", "show", ns=node.netns):
-        ip(ns=node.netns, batch="link add cbr0 type bridge\nlink set cbr0 up\n"
-           f"addr add {node.gateway}/{plen} dev cbr0\n")
+        ip(
+            ns=node.netns,
+            batch=f"link add cbr0 type bridge\nlink set cbr0 up\naddr add {node.gateway}/{plen} dev cbr0\n",
+        )
     # Forwarding between pods, other nodes and the node network; bridged pod traffic through
     # iptables so that a pod reaching a Service backed by a pod on the same bridge gets un-DNATed.
-    sysctl(node.netns, "net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1",
-           "net.ipv4.conf.all.route_localnet=1")
-    routes = "".join(f"route replace {o.pod_cidr} via {o.ip} dev eth0\n" for o in others if o.name != node.name)
+    sysctl(
+        node.netns,
+        "net.ipv4.ip_forward=1",
+        "net.bridge.bridge-nf-call-iptables=1",
+        "net.ipv4.conf.all.route_localnet=1",
+    )
+    routes = "".join(
+        f"route replace {o.pod_cidr} via {o.ip} dev eth0\n" for o in others if o.name != node.name
+    )
     if routes:
         ip(ns=node.netns, batch=routes)
 
@@ -202,8 +218,11 @@ def setup_pod(node: NodeNet, pod_ns: str, veth: str, pod_ip: str, resolv_conf: s
         ip("link", "add", veth, "netns", node.netns, "type", "veth", "peer", "name", "eth0", "netns", pod_ns)
         ip(ns=node.netns, batch=f"link set {veth} master cbr0\nlink set {veth} up\n")
         plen = ipaddress.ip_network(node.pod_cidr).prefixlen
-        ip(ns=pod_ns, batch=f"addr add {pod_ip}/{plen} dev eth0\nlink set eth0 up\n"
-           f"route replace default via {node.gateway} dev eth0\n")
+        ip(
+            ns=pod_ns,
+            batch=f"addr add {pod_ip}/{plen} dev eth0\nlink set eth0 up\n"
+            f"route replace default via {node.gateway} dev eth0\n",
+        )
 
 
 def _setns_thread(ns: str, fn: Callable[[], object]) -> object:

@@ -1,4 +1,5 @@
 """The node agent (our kubelet): registers its Node, heartbeats a Lease, runs the pods bound to it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -59,7 +60,9 @@ class Ipam:
 
 
 def _ready(status: Obj) -> str:
-    return next((str(c.get("status")) for c in status.get("conditions") or [] if c.get("type") == "Ready"), "")
+    return next(
+        (str(c.get("status")) for c in status.get("conditions") or [] if c.get("type") == "Ready"), ""
+    )
 
 
 def micro_time() -> str:
@@ -85,36 +88,76 @@ class NodeAgent:
         return f"search {ns}.svc.{d} svc.{d} {d}\nnameserver {self.config.dns_ip}\noptions ndots:5\n"
 
     def node_object(self) -> Obj:
-        labels = {"kubernetes.io/hostname": self.node.name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64", **self.config.labels}
+        labels = {
+            "kubernetes.io/hostname": self.node.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            **self.config.labels,
+        }
         if self.config.zone:
             labels["topology.kubernetes.io/zone"] = self.config.zone
-        return {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.node.name, "labels": labels},
-                "spec": {"podCIDR": self.node.pod_cidr, "podCIDRs": [self.node.pod_cidr]}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node.name, "labels": labels},
+            "spec": {"podCIDR": self.node.pod_cidr, "podCIDRs": [self.node.pod_cidr]},
+        }
 
     def node_status(self) -> Obj:
         t = now()
-        cap = {"cpu": str(os.cpu_count() or 1), "memory": "4Gi", "pods": str(self.config.max_pods),
-               "ephemeral-storage": "10Gi"}
+        cap = {
+            "cpu": str(os.cpu_count() or 1),
+            "memory": "4Gi",
+            "pods": str(self.config.max_pods),
+            "ephemeral-storage": "10Gi",
+        }
         conds = [
-            {"type": typ, "status": "False", "reason": reason, "message": msg, "lastHeartbeatTime": t,
-             "lastTransitionTime": self.started}
+            {
+                "type": typ,
+                "status": "False",
+                "reason": reason,
+                "message": msg,
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": self.started,
+            }
             for typ, reason, msg in (
                 ("MemoryPressure", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
                 ("DiskPressure", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-                ("PIDPressure", "KubeletHasSufficientPID", "kubelet has sufficient PID available"))
+                ("PIDPressure", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            )
         ]
-        conds.append({"type": "Ready", "status": "True", "reason": "KubeletReady",
-                      "message": "kubelet is posting ready status", "lastHeartbeatTime": t,
-                      "lastTransitionTime": self.started})
-        return {"addresses": [{"type": "InternalIP", "address": self.node.ip},
-                              {"type": "Hostname", "address": self.node.name}],
-                "capacity": cap, "allocatable": cap, "conditions": conds,
-                "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
-                "nodeInfo": {"kubeletVersion": "v1.32.0-kpc", "kubeProxyVersion": "", "osImage": "kproxy-cluster netns node",
-                             "operatingSystem": "linux", "architecture": "amd64", "containerRuntimeVersion": "kpc://0.1",
-                             "kernelVersion": os.uname().release, "machineID": "", "systemUUID": "", "bootID": ""}}
+        conds.append(
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "kubelet is posting ready status",
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": self.started,
+            }
+        )
+        return {
+            "addresses": [
+                {"type": "InternalIP", "address": self.node.ip},
+                {"type": "Hostname", "address": self.node.name},
+            ],
+            "capacity": cap,
+            "allocatable": cap,
+            "conditions": conds,
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "kubeletVersion": "v1.32.0-kpc",
+                "kubeProxyVersion": "",
+                "osImage": "kproxy-cluster netns node",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "kpc://0.1",
+                "kernelVersion": os.uname().release,
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+        }
 
     async def register(self) -> None:
         self.started = now()
@@ -136,10 +179,16 @@ class NodeAgent:
 
     async def lease_loop(self) -> None:
         url = api.path("leases", "kube-node-lease", self.node.name)
-        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                 "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.node.name, "leaseDurationSeconds": self.config.lease_seconds,
-                          "renewTime": micro_time()}}
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
+            "spec": {
+                "holderIdentity": self.node.name,
+                "leaseDurationSeconds": self.config.lease_seconds,
+                "renewTime": micro_time(),
+            },
+        }
         try:
             await self.client.create(api.path("leases", "kube-node-lease"), lease)
         except api.ApiError as e:
@@ -150,17 +199,22 @@ class NodeAgent:
             await asyncio.sleep(self.config.heartbeat_seconds)
             beats += 1
             try:
-                await self.client.patch(url, {"spec": {"renewTime": micro_time(),
-                                                       "holderIdentity": self.node.name}})
+                await self.client.patch(
+                    url, {"spec": {"renewTime": micro_time(), "holderIdentity": self.node.name}}
+                )
                 node = await self.client.get(api.path("nodes", name=self.node.name))
-                ready: Obj = next((c for c in (node.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), {})
+                ready: Obj = next(
+                    (c for c in (node.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"),
+                    {},
+                )
                 # The Node's own status more rarely, as the kubelet does; at once when the node
                 # lifecycle controller marked it Unknown while this agent was not heard from.
                 if beats % 4 == 0 or ready.get("status") != "True":
                     if ready.get("status") != "True":
                         self.started = now()
-                    await self.client.patch(api.path("nodes", name=self.node.name) + "/status",
-                                            {"status": self.node_status()})
+                    await self.client.patch(
+                        api.path("nodes", name=self.node.name) + "/status", {"status": self.node_status()}
+                    )
             except api.ApiError as e:
                 log.warning("node=%s heartbeat: %s", self.node.name, e)
 
@@ -207,7 +261,9 @@ class NodeAgent:
     async def _final_delete(self, pod: Obj) -> None:
         md = pod["metadata"]
         try:
-            await self.client.delete(api.path("pods", md["namespace"], md["name"]), grace_seconds=0, uid=md.get("uid", ""))
+            await self.client.delete(
+                api.path("pods", md["namespace"], md["name"]), grace_seconds=0, uid=md.get("uid", "")
+            )
         except api.ApiError as e:
             if e.code not in (404, 409):
                 log.warning("pod=%s/%s final delete: %s", md["namespace"], md["name"], e)

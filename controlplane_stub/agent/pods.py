@@ -5,6 +5,7 @@ probes, restarts them per restartPolicy with the kubelet's crash-loop backoff, a
 status (phase, conditions, containerStatuses, podIP) with merge patches to pods/NAME/status whenever
 it changes. Graceful termination sends SIGTERM, then SIGKILL after the grace period.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -105,8 +106,17 @@ class ContainerRunner:
                 out.flush()
                 try:
                     self.proc = await asyncio.create_subprocess_exec(
-                        "ip", "netns", "exec", w.netns, *argv, env=env, cwd=cwd or None,
-                        stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+                        "ip",
+                        "netns",
+                        "exec",
+                        w.netns,
+                        *argv,
+                        env=env,
+                        cwd=cwd or None,
+                        stdout=out,
+                        stderr=out,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        start_new_session=True,
                     )
                 except OSError as e:
                     self.state = {"waiting": {"reason": "RunContainerError", "message": str(e)}}
@@ -115,7 +125,11 @@ class ContainerRunner:
                     continue
             started = now()
             if self.restart_count == 0:
-                w.event("Normal", "Pulled", f'Container image "{self.spec.get("image", "")}" already present on machine')
+                w.event(
+                    "Normal",
+                    "Pulled",
+                    f'Container image "{self.spec.get("image", "")}" already present on machine',
+                )
                 w.event("Normal", "Created", f"Created container {self.name}")
             w.event("Normal", "Started", f"Started container {self.name}")
             t_start = time.monotonic()
@@ -123,10 +137,15 @@ class ContainerRunner:
             self.state = {"running": {"startedAt": started}}
             self.ready = not self.init and "readinessProbe" not in self.spec
             w.changed()
-            probe_tasks = [] if self.init else [
-                asyncio.create_task(self._probe_loop(kind)) for kind in ("readinessProbe", "livenessProbe")
-                if kind in self.spec
-            ]
+            probe_tasks = (
+                []
+                if self.init
+                else [
+                    asyncio.create_task(self._probe_loop(kind))
+                    for kind in ("readinessProbe", "livenessProbe")
+                    if kind in self.spec
+                ]
+            )
             rc = await self.proc.wait()
             for t in probe_tasks:
                 t.cancel()
@@ -135,8 +154,15 @@ class ContainerRunner:
             reason = "Completed" if rc == 0 else "Error"
             if rc < 0:
                 rc = 128 - rc  # killed by signal N: the runtime reports 128+N
-            self.last_state = {"terminated": {"exitCode": rc, "reason": reason, "startedAt": started,
-                                              "finishedAt": now(), "containerID": f"kpc://{self.proc.pid}"}}
+            self.last_state = {
+                "terminated": {
+                    "exitCode": rc,
+                    "reason": reason,
+                    "startedAt": started,
+                    "finishedAt": now(),
+                    "containerID": f"kpc://{self.proc.pid}",
+                }
+            }
             if self.stopping or policy == "Never" or (policy == "OnFailure" and rc == 0):
                 self.state, self.last_state = self.last_state, {}
                 self.done = True
@@ -145,13 +171,23 @@ class ContainerRunner:
             # kubelet's crash-loop backoff: the first restart at once, then base, 2*base ... 5 min.
             if time.monotonic() - t_start > 600:
                 self.restart_count = 0
-            delay = 0.0 if self.restart_count == 0 else min(backoff_base * 2 ** (self.restart_count - 1), 300.0)
+            delay = (
+                0.0 if self.restart_count == 0 else min(backoff_base * 2 ** (self.restart_count - 1), 300.0)
+            )
             self.restart_count += 1
             if delay:
-                w.event("Warning", "BackOff", f"Back-off restarting failed container {self.name} in pod "
-                        f"{w.pod['metadata']['name']}_{w.pod['metadata']['namespace']}")
-            self.state = {"waiting": {"reason": "CrashLoopBackOff" if delay else "ContainerCreating",
-                                      "message": f"back-off {delay:.0f}s restarting failed container={self.name}"}}
+                w.event(
+                    "Warning",
+                    "BackOff",
+                    f"Back-off restarting failed container {self.name} in pod "
+                    f"{w.pod['metadata']['name']}_{w.pod['metadata']['namespace']}",
+                )
+            self.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff" if delay else "ContainerCreating",
+                    "message": f"back-off {delay:.0f}s restarting failed container={self.name}",
+                }
+            }
             w.changed()
             self.liveness_kill = False
             await w.sleep_unless_stopping(delay)
@@ -184,7 +220,9 @@ class ContainerRunner:
             elif not ok and st.failures >= failure_needed:
                 log.info("pod=%s container=%s liveness probe failed: %s; restarting", w.key, self.name, msg)
                 w.event("Warning", "Unhealthy", f"Liveness probe failed: {msg}")
-                w.event("Normal", "Killing", f"Container {self.name} failed liveness probe, will be restarted")
+                w.event(
+                    "Normal", "Killing", f"Container {self.name} failed liveness probe, will be restarted"
+                )
                 self.liveness_kill = True
                 await self.kill(float(w.pod["spec"].get("terminationGracePeriodSeconds", 30)))
                 return
@@ -233,8 +271,9 @@ class PodWorker:
 
     # -- helpers used by containers --------------------------------------------------------
     def event(self, type_: str, reason: str, message: str) -> None:
-        self.agent.events.event({"apiVersion": "v1", "kind": "Pod", "metadata": self.pod["metadata"]},
-                                type_, reason, message)
+        self.agent.events.event(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": self.pod["metadata"]}, type_, reason, message
+        )
 
     def changed(self) -> None:
         self._changed.set()
@@ -247,12 +286,22 @@ class PodWorker:
 
     def container_env(self, c: Obj, image_env: dict[str, str]) -> dict[str, str]:
         md, spec = self.pod["metadata"], self.pod["spec"]
-        env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": "/root",
-               "HOSTNAME": str(md["name"]), "LANG": "C.UTF-8"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": "/root",
+            "HOSTNAME": str(md["name"]),
+            "LANG": "C.UTF-8",
+        }
         env.update(image_env)
-        fields = {"metadata.name": md["name"], "metadata.namespace": md["namespace"], "metadata.uid": self.uid,
-                  "spec.nodeName": spec.get("nodeName", ""), "status.podIP": self.pod_ip,
-                  "status.hostIP": self.agent.node.ip, "spec.serviceAccountName": spec.get("serviceAccountName", "")}
+        fields = {
+            "metadata.name": md["name"],
+            "metadata.namespace": md["namespace"],
+            "metadata.uid": self.uid,
+            "spec.nodeName": spec.get("nodeName", ""),
+            "status.podIP": self.pod_ip,
+            "status.hostIP": self.agent.node.ip,
+            "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        }
         for e in c.get("env") or []:
             if "value" in e:
                 env[e["name"]] = str(e["value"])
@@ -272,8 +321,14 @@ class PodWorker:
             if netns.exists(self.netns):
                 # Left by an earlier run of this agent (its processes were its children): start clean.
                 await asyncio.to_thread(netns.delete, self.netns)
-            await asyncio.to_thread(netns.setup_pod, self.agent.node, self.netns, self.veth, self.pod_ip,
-                                    self.agent.resolv_conf(self.pod))
+            await asyncio.to_thread(
+                netns.setup_pod,
+                self.agent.node,
+                self.netns,
+                self.veth,
+                self.pod_ip,
+                self.agent.resolv_conf(self.pod),
+            )
             self.changed()
             for ic in self.init_containers:
                 await ic.run()
@@ -326,16 +381,22 @@ class PodWorker:
         prev = self.transitions.get(typ)
         if prev is None or prev[0] != status:
             self.transitions[typ] = (status, now())
-        c: Obj = {"type": typ, "status": status, "lastProbeTime": None,
-                  "lastTransitionTime": self.transitions[typ][1]}
+        c: Obj = {
+            "type": typ,
+            "status": status,
+            "lastProbeTime": None,
+            "lastTransitionTime": self.transitions[typ][1],
+        }
         if reason and not ok:
             c["reason"] = reason
         return c
 
     def phase(self) -> str:
         if not self.initialized:
-            if any(ic.done and ic.exit_code not in (0, None) for ic in self.init_containers) and \
-                    self.pod["spec"].get("restartPolicy") == "Never":
+            if (
+                any(ic.done and ic.exit_code not in (0, None) for ic in self.init_containers)
+                and self.pod["spec"].get("restartPolicy") == "Never"
+            ):
                 return "Failed"
             return "Pending"
         cs = self.containers
@@ -393,6 +454,9 @@ class PodWorker:
                     self._changed.set()
                     await asyncio.sleep(0.5)
                     continue
-            if self._stop.is_set() and all(c.done or not c.started_once for c in self.containers + self.init_containers) \
-                    and not self._changed.is_set():
+            if (
+                self._stop.is_set()
+                and all(c.done or not c.started_once for c in self.containers + self.init_containers)
+                and not self._changed.is_set()
+            ):
                 return

@@ -1,4 +1,5 @@
 """Container probes (httpGet, tcpSocket, exec) as the kubelet runs them, from the node's netns."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,14 +32,17 @@ async def _connect(node_ns: str, host: str, port: int, timeout: float) -> socket
     return sock
 
 
-async def http_get(node_ns: str, host: str, port: int, path: str, timeout: float,
-                   headers: list[dict[str, str]] | None = None) -> tuple[bool, str]:
+async def http_get(
+    node_ns: str, host: str, port: int, path: str, timeout: float, headers: list[dict[str, str]] | None = None
+) -> tuple[bool, str]:
     sock = await _connect(node_ns, host, port, timeout)
     try:
         reader, writer = await asyncio.open_connection(sock=sock)
         extra = "".join(f"{h['name']}: {h['value']}\r\n" for h in headers or [])
-        writer.write(f"GET {path or '/'} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\n"
-                     f"{extra}\r\n".encode())
+        writer.write(
+            f"GET {path or '/'} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.32\r\n"
+            f"{extra}\r\n".encode()
+        )
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
         writer.close()
@@ -57,8 +61,13 @@ async def tcp_socket(node_ns: str, host: str, port: int, timeout: float) -> tupl
 
 async def exec_in(pod_ns: str, command: list[str], timeout: float) -> tuple[bool, str]:
     proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", pod_ns, *command,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "ip",
+        "netns",
+        "exec",
+        pod_ns,
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -69,18 +78,27 @@ async def exec_in(pod_ns: str, command: list[str], timeout: float) -> tuple[bool
     return proc.returncode == 0, out.decode(errors="replace")[-200:]
 
 
-async def run_probe(probe: dict[str, Any], container: dict[str, Any], node_ns: str, pod_ns: str,
-                    pod_ip: str) -> tuple[bool, str]:
+async def run_probe(
+    probe: dict[str, Any], container: dict[str, Any], node_ns: str, pod_ns: str, pod_ip: str
+) -> tuple[bool, str]:
     """One probe attempt: (success, message)."""
     timeout = float(probe.get("timeoutSeconds", 1))
     try:
         if "httpGet" in probe:
             h = probe["httpGet"]
-            return await http_get(node_ns, h.get("host") or pod_ip, resolve_port(h.get("port"), container),
-                                  h.get("path", "/"), timeout, h.get("httpHeaders"))
+            return await http_get(
+                node_ns,
+                h.get("host") or pod_ip,
+                resolve_port(h.get("port"), container),
+                h.get("path", "/"),
+                timeout,
+                h.get("httpHeaders"),
+            )
         if "tcpSocket" in probe:
             t = probe["tcpSocket"]
-            return await tcp_socket(node_ns, t.get("host") or pod_ip, resolve_port(t.get("port"), container), timeout)
+            return await tcp_socket(
+                node_ns, t.get("host") or pod_ip, resolve_port(t.get("port"), container), timeout
+            )
         if "exec" in probe:
             return await exec_in(pod_ns, list(probe["exec"].get("command") or []), timeout)
     except (TimeoutError, OSError, ValueError) as e:

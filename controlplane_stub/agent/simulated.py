@@ -4,6 +4,7 @@ with IPs from the node's podCIDR, but no namespaces and no processes.
 For control-plane benchmarks and controller tests at a scale (thousands of pods) that real
 processes on one machine cannot reach. Everything they write goes through the real API server.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,11 +18,20 @@ Obj = dict[str, Any]
 
 
 class SimulatedNodes:
-    def __init__(self, client: api.Client, count: int, *, prefix: str = "sim", zone_count: int = 3,
-                 ready_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        client: api.Client,
+        count: int,
+        *,
+        prefix: str = "sim",
+        zone_count: int = 3,
+        ready_delay: float = 0.0,
+    ) -> None:
         self.client = client
         self.names = [f"{prefix}-{i}" for i in range(1, count + 1)]
-        self.cidrs = {n: ipaddress.ip_network(f"10.{200 + i // 256}.{i % 256}.0/24") for i, n in enumerate(self.names)}
+        self.cidrs = {
+            n: ipaddress.ip_network(f"10.{200 + i // 256}.{i % 256}.0/24") for i, n in enumerate(self.names)
+        }
         self.next_ip = {n: 2 for n in self.names}
         self.zone_count = zone_count
         self.ready_delay = ready_delay
@@ -33,20 +43,44 @@ class SimulatedNodes:
 
     async def register(self) -> None:
         for i, n in enumerate(self.names):
-            node = {"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": n, "labels": {"kubernetes.io/hostname": n,
-                                                       "topology.kubernetes.io/zone": f"zone-{i % self.zone_count}"}},
-                    "spec": {"podCIDR": str(self.cidrs[n])}}
+            node = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": n,
+                    "labels": {
+                        "kubernetes.io/hostname": n,
+                        "topology.kubernetes.io/zone": f"zone-{i % self.zone_count}",
+                    },
+                },
+                "spec": {"podCIDR": str(self.cidrs[n])},
+            }
             try:
                 await self.client.create(api.path("nodes"), node)
             except api.ApiError as e:
                 if e.code != 409:
                     raise
             t = now()
-            await self.client.patch(api.path("nodes", name=n) + "/status", {"status": {
-                "addresses": [{"type": "InternalIP", "address": str(self.cidrs[n].network_address + 1)}],
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                "message": "simulated", "lastHeartbeatTime": t, "lastTransitionTime": t}]}})
+            await self.client.patch(
+                api.path("nodes", name=n) + "/status",
+                {
+                    "status": {
+                        "addresses": [
+                            {"type": "InternalIP", "address": str(self.cidrs[n].network_address + 1)}
+                        ],
+                        "conditions": [
+                            {
+                                "type": "Ready",
+                                "status": "True",
+                                "reason": "KubeletReady",
+                                "message": "simulated",
+                                "lastHeartbeatTime": t,
+                                "lastTransitionTime": t,
+                            }
+                        ],
+                    }
+                },
+            )
 
     def _on_pod(self, event: str, pod: Obj, old: Obj | None) -> None:
         node = pod["spec"].get("nodeName")
@@ -80,13 +114,29 @@ class SimulatedNodes:
         ip = str(self.cidrs[node].network_address + self.next_ip[node])
         self.next_ip[node] += 1
         t = now()
-        conds = [{"type": typ, "status": "True", "lastProbeTime": None, "lastTransitionTime": t}
-                 for typ in ("Initialized", "Ready", "ContainersReady", "PodScheduled")]
-        st = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": str(self.cidrs[node].network_address + 1),
-              "startTime": t, "conditions": conds,
-              "containerStatuses": [{"name": c["name"], "image": c.get("image", ""), "ready": True, "restartCount": 0,
-                                     "started": True, "state": {"running": {"startedAt": t}}}
-                                    for c in pod["spec"].get("containers") or []]}
+        conds = [
+            {"type": typ, "status": "True", "lastProbeTime": None, "lastTransitionTime": t}
+            for typ in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
+        ]
+        st = {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": str(self.cidrs[node].network_address + 1),
+            "startTime": t,
+            "conditions": conds,
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "ready": True,
+                    "restartCount": 0,
+                    "started": True,
+                    "state": {"running": {"startedAt": t}},
+                }
+                for c in pod["spec"].get("containers") or []
+            ],
+        }
         try:
             await self.client.patch(api.obj_path("pods", pod, "status"), {"status": st})
         except api.ApiError as e:
@@ -97,9 +147,12 @@ class SimulatedNodes:
         from controlplane_stub.agent.node import micro_time
 
         for n in self.names:
-            lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                     "metadata": {"name": n, "namespace": "kube-node-lease"},
-                     "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": micro_time()}}
+            lease = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": n, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": micro_time()},
+            }
             try:
                 await self.client.create(api.path("leases", "kube-node-lease"), lease)
             except api.ApiError as e:
@@ -109,8 +162,9 @@ class SimulatedNodes:
             await asyncio.sleep(every)
             for n in self.names:
                 if n not in self.silent:
-                    await self.client.patch(api.path("leases", "kube-node-lease", n),
-                                            {"spec": {"renewTime": micro_time()}})
+                    await self.client.patch(
+                        api.path("leases", "kube-node-lease", n), {"spec": {"renewTime": micro_time()}}
+                    )
 
     async def run(self) -> None:
         await self.register()

@@ -1,4 +1,5 @@
 """Helpers the controllers share: label selectors, owner references, pod readiness, times."""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -43,8 +44,14 @@ def map_selector_matches(selector: dict[str, str] | None, labels: dict[str, str]
 
 
 def controller_ref(owner: Obj) -> Obj:
-    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
-            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def controller_of(obj: Obj) -> Obj | None:
@@ -83,8 +90,9 @@ def pod_available(pod: Obj, min_ready_seconds: int, at: float) -> bool:
 
 def pod_active(pod: Obj) -> bool:
     """Counts toward a ReplicaSet's replicas: not terminal and not being deleted."""
-    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and \
-        not pod["metadata"].get("deletionTimestamp")
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and not pod["metadata"].get(
+        "deletionTimestamp"
+    )
 
 
 def resolve_int_or_percent(v: Any, total: int, round_up: bool) -> int:

@@ -4,6 +4,7 @@ The rolling update follows upstream's arithmetic (pkg/controller/deployment/roll
 ReplicaSet grows while the total stays within replicas + maxSurge; old ReplicaSets shrink while the
 available pods stay at or above replicas - maxUnavailable (unhealthy old pods go first).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def template_hash(template: Obj, collision_count: int = 0) -> str:
     """A stable short hash of a pod template: FNV-1a 32 over its canonical JSON, then encoded
     into consonants and digits (the shape of upstream's pod-template-hash values)."""
     h = 0x811C9DC5
-    for b in json.dumps(template, sort_keys=True, separators=(",", ":")).encode() + str(collision_count).encode():
+    for b in (
+        json.dumps(template, sort_keys=True, separators=(",", ":")).encode() + str(collision_count).encode()
+    ):
         h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
     return "".join(SAFE_ALPHABET[ord(c) % len(SAFE_ALPHABET)] for c in str(h))[:10]
 
@@ -85,7 +88,9 @@ class DeploymentController:
         rolling = strategy.get("type", "RollingUpdate") == "RollingUpdate"
         ru = strategy.get("rollingUpdate") or {}
         max_surge = resolve_int_or_percent(ru.get("maxSurge", "25%"), replicas, True) if rolling else 0
-        max_unavail = resolve_int_or_percent(ru.get("maxUnavailable", "25%"), replicas, False) if rolling else 0
+        max_unavail = (
+            resolve_int_or_percent(ru.get("maxUnavailable", "25%"), replicas, False) if rolling else 0
+        )
         if rolling and max_surge == 0 and max_unavail == 0:
             max_unavail = 1  # upstream: both zero would deadlock the rollout
         if spec.get("paused"):
@@ -98,7 +103,9 @@ class DeploymentController:
             await self._annotate_revision(new, max(revision_of(r) for r in olds) + 1)
 
         if not rolling:
-            active_old = [rs for rs in olds if replicas_of(rs) > 0 or (rs.get("status") or {}).get("replicas", 0) > 0]
+            active_old = [
+                rs for rs in olds if replicas_of(rs) > 0 or (rs.get("status") or {}).get("replicas", 0) > 0
+            ]
             for rs in olds:
                 if replicas_of(rs) > 0:
                     await self._scale(d, rs, 0)
@@ -110,8 +117,9 @@ class DeploymentController:
         await self._sync_revision_annotation(d, new)
         await self._update_status(d, new, [self.rss.cache.get(key_of(r), r) for r in rss], max_unavail)
 
-    async def _create_new_rs(self, d: Obj, h: str, olds: list[Obj], replicas: int, rolling: bool,
-                             max_surge: int) -> Obj:
+    async def _create_new_rs(
+        self, d: Obj, h: str, olds: list[Obj], replicas: int, rolling: bool, max_surge: int
+    ) -> Obj:
         tmpl = json.loads(json.dumps(d["spec"]["template"]))
         tmpl.setdefault("metadata", {}).setdefault("labels", {})[HASH_LABEL] = h
         selector = json.loads(json.dumps(d["spec"]["selector"]))
@@ -124,34 +132,52 @@ class DeploymentController:
         else:
             start = 0
         rev = max((revision_of(r) for r in olds), default=0) + 1
-        rs = {"apiVersion": "apps/v1", "kind": "ReplicaSet",
-              "metadata": {"name": f"{d['metadata']['name']}-{h}", "namespace": d["metadata"]["namespace"],
-                           "labels": dict(tmpl["metadata"]["labels"]),
-                           "annotations": {REVISION: str(rev),
-                                           "deployment.kubernetes.io/desired-replicas": str(replicas),
-                                           "deployment.kubernetes.io/max-replicas": str(replicas + max_surge)},
-                           "ownerReferences": [controller_ref(d)]},
-              "spec": {"replicas": start, "minReadySeconds": int(d["spec"].get("minReadySeconds", 0)),
-                       "selector": selector, "template": tmpl}}
+        rs = {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": {
+                "name": f"{d['metadata']['name']}-{h}",
+                "namespace": d["metadata"]["namespace"],
+                "labels": dict(tmpl["metadata"]["labels"]),
+                "annotations": {
+                    REVISION: str(rev),
+                    "deployment.kubernetes.io/desired-replicas": str(replicas),
+                    "deployment.kubernetes.io/max-replicas": str(replicas + max_surge),
+                },
+                "ownerReferences": [controller_ref(d)],
+            },
+            "spec": {
+                "replicas": start,
+                "minReadySeconds": int(d["spec"].get("minReadySeconds", 0)),
+                "selector": selector,
+                "template": tmpl,
+            },
+        }
         try:
             created = await self.client.create(api.path("replicasets", d["metadata"]["namespace"]), rs)
         except api.ApiError as e:
             if e.code != 409:
                 raise
             created = await self.client.get(api.obj_path("replicasets", rs))
-            if not (created["metadata"].get("ownerReferences") and
-                    (controller_of(created) or {}).get("uid") == d["metadata"]["uid"]):
+            if not (
+                created["metadata"].get("ownerReferences")
+                and (controller_of(created) or {}).get("uid") == d["metadata"]["uid"]
+            ):
                 # A hash collision with a ReplicaSet that is not ours: bump collisionCount.
                 cc = int((d.get("status") or {}).get("collisionCount", 0)) + 1
-                await self.client.patch(api.obj_path("deployments", d, "status"), {"status": {"collisionCount": cc}})
+                await self.client.patch(
+                    api.obj_path("deployments", d, "status"), {"status": {"collisionCount": cc}}
+                )
                 raise
         await self.rss.assume(created)
-        await self._set_progressing(d, "True", "NewReplicaSetCreated",
-                                    f'Created new replica set "{created["metadata"]["name"]}"')
+        await self._set_progressing(
+            d, "True", "NewReplicaSetCreated", f'Created new replica set "{created["metadata"]["name"]}"'
+        )
         return created
 
-    async def _rolling(self, d: Obj, new: Obj, olds: list[Obj], replicas: int, max_surge: int,
-                       max_unavail: int) -> None:
+    async def _rolling(
+        self, d: Obj, new: Obj, olds: list[Obj], replicas: int, max_surge: int, max_unavail: int
+    ) -> None:
         all_rs = [new] + olds
         total = sum(replicas_of(r) for r in all_rs)
         # Scale up the new ReplicaSet within replicas + maxSurge.
@@ -199,25 +225,34 @@ class DeploymentController:
             return
         r = await self.client.patch(api.obj_path("replicasets", rs), {"spec": {"replicas": max(n, 0)}})
         await self.rss.assume(r)
-        self.events.event({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": d["metadata"]},
-                          "Normal", "ScalingReplicaSet",
-                          f"Scaled {'up' if n > old else 'down'} replica set {rs['metadata']['name']} from {old} to {n}")
+        self.events.event(
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": d["metadata"]},
+            "Normal",
+            "ScalingReplicaSet",
+            f"Scaled {'up' if n > old else 'down'} replica set {rs['metadata']['name']} from {old} to {n}",
+        )
 
     async def _annotate_revision(self, rs: Obj, rev: int) -> None:
-        r = await self.client.patch(api.obj_path("replicasets", rs), {"metadata": {"annotations": {REVISION: str(rev)}}})
+        r = await self.client.patch(
+            api.obj_path("replicasets", rs), {"metadata": {"annotations": {REVISION: str(rev)}}}
+        )
         await self.rss.assume(r)
 
     async def _sync_revision_annotation(self, d: Obj, new: Obj) -> None:
         rev = str(revision_of(self.rss.cache.get(key_of(new), new)))
         if (d["metadata"].get("annotations") or {}).get(REVISION) != rev:
-            r = await self.client.patch(api.obj_path("deployments", d), {"metadata": {"annotations": {REVISION: rev}}})
+            r = await self.client.patch(
+                api.obj_path("deployments", d), {"metadata": {"annotations": {REVISION: rev}}}
+            )
             await self.deployments.assume(r)
 
     async def _cleanup(self, d: Obj, olds: list[Obj]) -> None:
         """Deletes the oldest empty old ReplicaSets beyond revisionHistoryLimit."""
         limit = int(d["spec"].get("revisionHistoryLimit", 10))
         empty = [self.rss.cache.get(key_of(r), r) for r in olds]
-        empty = [r for r in empty if replicas_of(r) == 0 and int((r.get("status") or {}).get("replicas", 0)) == 0]
+        empty = [
+            r for r in empty if replicas_of(r) == 0 and int((r.get("status") or {}).get("replicas", 0)) == 0
+        ]
         empty.sort(key=revision_of)
         for rs in empty[: max(len(empty) - limit, 0)]:
             await self.client.delete(api.obj_path("replicasets", rs))
@@ -236,17 +271,29 @@ class DeploymentController:
                 status, reason, message = conds[typ]
                 prev = old.get(typ)
                 transition = prev["lastTransitionTime"] if prev and prev.get("status") == status else t
-                same = prev and prev.get("status") == status and prev.get("reason") == reason \
+                same = (
+                    prev
+                    and prev.get("status") == status
+                    and prev.get("reason") == reason
                     and prev.get("message") == message
-                out.append({"type": typ, "status": status, "reason": reason, "message": message,
-                            "lastUpdateTime": prev.get("lastUpdateTime", t) if same and prev else t,
-                            "lastTransitionTime": transition})
+                )
+                out.append(
+                    {
+                        "type": typ,
+                        "status": status,
+                        "reason": reason,
+                        "message": message,
+                        "lastUpdateTime": prev.get("lastUpdateTime", t) if same and prev else t,
+                        "lastTransitionTime": transition,
+                    }
+                )
             elif typ in old:
                 out.append(old[typ])
         st["conditions"] = out
         cur = d.get("status") or {}
-        if all(cur.get(k) == v for k, v in st.items() if k != "conditions") and \
-                _conds_equal(cur.get("conditions") or [], out):
+        if all(cur.get(k) == v for k, v in st.items() if k != "conditions") and _conds_equal(
+            cur.get("conditions") or [], out
+        ):
             return
         try:
             r = await self.client.patch(api.obj_path("deployments", d, "status"), {"status": st})
@@ -280,29 +327,53 @@ class DeploymentController:
         if available >= replicas - max_unavail:
             conds["Available"] = ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
         else:
-            conds["Available"] = ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+            conds["Available"] = (
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+            )
         name = new["metadata"]["name"] if new is not None else ""
-        complete = new is not None and updated == replicas and st["replicas"] == replicas and available >= replicas \
+        complete = (
+            new is not None
+            and updated == replicas
+            and st["replicas"] == replicas
+            and available >= replicas
             and d["metadata"].get("generation", 1) == st["observedGeneration"]
+        )
         prog = condition(d, "Progressing")
         if d["spec"].get("paused"):
             conds["Progressing"] = ("Unknown", "DeploymentPaused", "Deployment is paused")
         elif complete:
-            conds["Progressing"] = ("True", "NewReplicaSetAvailable", f'ReplicaSet "{name}" has successfully progressed.')
-        elif prog and prog.get("reason") == "NewReplicaSetCreated" and prog.get("message", "").endswith(f'"{name}"') \
-                and st["updatedReplicas"] == 0:
+            conds["Progressing"] = (
+                "True",
+                "NewReplicaSetAvailable",
+                f'ReplicaSet "{name}" has successfully progressed.',
+            )
+        elif (
+            prog
+            and prog.get("reason") == "NewReplicaSetCreated"
+            and prog.get("message", "").endswith(f'"{name}"')
+            and st["updatedReplicas"] == 0
+        ):
             conds["Progressing"] = (prog["status"], prog["reason"], prog["message"])
         else:
             deadline = int(d["spec"].get("progressDeadlineSeconds", 600))
             last = (prog or {}).get("lastUpdateTime")
             from controlplane_stub.controllers.common import parse_time
 
-            if prog and prog.get("reason") == "ReplicaSetUpdated" and last and \
-                    parse_time(str(last)) + deadline < time.time() and \
-                    (d.get("status") or {}).get("updatedReplicas") == updated and \
-                    (d.get("status") or {}).get("availableReplicas") == available:
-                conds["Progressing"] = ("False", "ProgressDeadlineExceeded",
-                                        f'ReplicaSet "{name}" has timed out progressing.')
+            if (
+                prog
+                and prog.get("reason") == "ReplicaSetUpdated"
+                and last
+                and parse_time(str(last)) + deadline < time.time()
+                and (d.get("status") or {}).get("updatedReplicas") == updated
+                and (d.get("status") or {}).get("availableReplicas") == available
+            ):
+                conds["Progressing"] = (
+                    "False",
+                    "ProgressDeadlineExceeded",
+                    f'ReplicaSet "{name}" has timed out progressing.',
+                )
             else:
                 conds["Progressing"] = ("True", "ReplicaSetUpdated", f'ReplicaSet "{name}" is progressing.')
             self.queue.add_after(key_of(d), 5.0)
@@ -311,5 +382,8 @@ class DeploymentController:
 
 def _conds_equal(a: list[Obj], b: list[Obj]) -> bool:
     def norm(cs: list[Obj]) -> list[tuple[str, str, str, str]]:
-        return sorted((c.get("type", ""), c.get("status", ""), c.get("reason", ""), c.get("message", "")) for c in cs)
+        return sorted(
+            (c.get("type", ""), c.get("status", ""), c.get("reason", ""), c.get("message", "")) for c in cs
+        )
+
     return norm(a) == norm(b)

@@ -5,6 +5,7 @@ endpoint is rewritten in place, new ones fill the slices with room before a new 
 and only slices whose content changed are written. One pod change therefore rewrites one slice.
 Endpoints are grouped by their resolved ports (a named targetPort can resolve differently per pod).
 """
+
 from __future__ import annotations
 
 import json
@@ -81,9 +82,18 @@ class SelectorIndex:
 
 
 class EndpointSliceController:
-    def __init__(self, client: api.Client, services: Informer, svc_index: SelectorIndex, pods: Informer,
-                 pod_index: Indexes, nodes: Informer, slices: Informer, endpoints: Informer,
-                 max_per_slice: int = 100) -> None:
+    def __init__(
+        self,
+        client: api.Client,
+        services: Informer,
+        svc_index: SelectorIndex,
+        pods: Informer,
+        pod_index: Indexes,
+        nodes: Informer,
+        slices: Informer,
+        endpoints: Informer,
+        max_per_slice: int = 100,
+    ) -> None:
         self.client = client
         self.services, self.svc_index = services, svc_index
         self.pods, self.pod_index = pods, pod_index
@@ -124,8 +134,11 @@ class EndpointSliceController:
             if svc is None:
                 continue
             sel = svc["spec"].get("selector") or {}
-            if any(all((p["metadata"].get("labels") or {}).get(k) == v for k, v in sel.items())
-                   for p in (pod, old) if p is not None):
+            if any(
+                all((p["metadata"].get("labels") or {}).get(k) == v for k, v in sel.items())
+                for p in (pod, old)
+                if p is not None
+            ):
                 self._enqueue(skey)
 
     def _on_slice(self, event: str, sl: Obj, old: Obj | None) -> None:
@@ -138,7 +151,9 @@ class EndpointSliceController:
             names.discard(key_of(sl))
         else:
             names.add(key_of(sl))
-        if old is not None and old["metadata"].get("resourceVersion") == sl["metadata"].get("resourceVersion"):
+        if old is not None and old["metadata"].get("resourceVersion") == sl["metadata"].get(
+            "resourceVersion"
+        ):
             return  # our own write coming back
         if event != "ADDED" or old is not None:
             self.queue.add(skey)  # someone else changed or removed a slice we manage: repair it
@@ -146,7 +161,11 @@ class EndpointSliceController:
     # -- sync --------------------------------------------------------------------------------
     def _zone(self, node: str) -> str:
         n = self.nodes.cache.get(node)
-        return ((n or {}).get("metadata", {}).get("labels") or {}).get("topology.kubernetes.io/zone", "") if n else ""
+        return (
+            ((n or {}).get("metadata", {}).get("labels") or {}).get("topology.kubernetes.io/zone", "")
+            if n
+            else ""
+        )
 
     def desired(self, svc: Obj) -> dict[str, tuple[list[Obj], list[Obj]]]:
         """ports key -> (ports, endpoints) for the pods the Service selects."""
@@ -163,10 +182,16 @@ class EndpointSliceController:
             serving = ready
             if terminating and not publish:
                 ready = False
-            ep: Obj = {"addresses": [ip],
-                       "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
-                       "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["metadata"]["name"],
-                                     "uid": pod["metadata"]["uid"]}}
+            ep: Obj = {
+                "addresses": [ip],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                "targetRef": {
+                    "kind": "Pod",
+                    "namespace": ns,
+                    "name": pod["metadata"]["name"],
+                    "uid": pod["metadata"]["uid"],
+                },
+            }
             node = pod["spec"].get("nodeName")
             if node:
                 ep["nodeName"] = node
@@ -192,17 +217,26 @@ class EndpointSliceController:
         await self._reconcile_endpoints(svc, groups, trigger)
 
     def _labels(self, svc: Obj) -> dict[str, str]:
-        labels = {k: v for k, v in (svc["metadata"].get("labels") or {}).items()
-                  if k not in (MANAGED_BY, SERVICE_NAME)}
+        labels = {
+            k: v
+            for k, v in (svc["metadata"].get("labels") or {}).items()
+            if k not in (MANAGED_BY, SERVICE_NAME)
+        }
         labels[SERVICE_NAME] = svc["metadata"]["name"]
         labels[MANAGED_BY] = CONTROLLER_NAME
         if svc["spec"].get("clusterIP") == "None":
             labels[HEADLESS] = ""
         return labels
 
-    async def _reconcile_slices(self, svc: Obj, groups: dict[str, tuple[list[Obj], list[Obj]]], trigger: str) -> None:
+    async def _reconcile_slices(
+        self, svc: Obj, groups: dict[str, tuple[list[Obj], list[Obj]]], trigger: str
+    ) -> None:
         skey = key_of(svc)
-        existing = [self.slices.cache[k] for k in sorted(self.slices_by_service.get(skey, ())) if k in self.slices.cache]
+        existing = [
+            self.slices.cache[k]
+            for k in sorted(self.slices_by_service.get(skey, ()))
+            if k in self.slices.cache
+        ]
         existing = [s for s in existing if s["metadata"].get("deletionTimestamp") is None]
         by_group: dict[str, list[Obj]] = {}
         for s in existing:
@@ -234,17 +268,23 @@ class EndpointSliceController:
             for s, kept in new_contents:
                 if not kept:
                     to_delete.append(s)
-                elif _eps_key(kept) != _eps_key(s.get("endpoints") or []) or s.get("ports") != ports or \
-                        not _labels_ok(s, labels):
+                elif (
+                    _eps_key(kept) != _eps_key(s.get("endpoints") or [])
+                    or s.get("ports") != ports
+                    or not _labels_ok(s, labels)
+                ):
                     to_write.append(self._slice(svc, ports, kept, labels, trigger, s))
             for i in range(0, len(rest), self.max_per_slice):
-                to_create.append(self._slice(svc, ports, rest[i:i + self.max_per_slice], labels, trigger, None))
+                to_create.append(
+                    self._slice(svc, ports, rest[i : i + self.max_per_slice], labels, trigger, None)
+                )
         for slices in by_group.values():
             to_delete.extend(slices)
         if not groups:
             # Upstream keeps one empty "placeholder" slice for a Service without endpoints.
-            keep = next((s for s in to_delete if not (s.get("endpoints") or [])), None) or \
-                (to_delete[0] if to_delete else None)
+            keep = next((s for s in to_delete if not (s.get("endpoints") or [])), None) or (
+                to_delete[0] if to_delete else None
+            )
             if keep is not None:
                 to_delete.remove(keep)
                 if keep.get("endpoints") or keep.get("ports"):
@@ -264,23 +304,47 @@ class EndpointSliceController:
             self.slice_writes += 1
             await self.slices.assume_deleted(s)
 
-    def _slice(self, svc: Obj, ports: list[Obj], eps: list[Obj], labels: dict[str, str], trigger: str,
-               current: Obj | None) -> Obj:
+    def _slice(
+        self,
+        svc: Obj,
+        ports: list[Obj],
+        eps: list[Obj],
+        labels: dict[str, str],
+        trigger: str,
+        current: Obj | None,
+    ) -> Obj:
         md: Obj
         if current is not None:
             md = json.loads(json.dumps(current["metadata"]))
         else:
-            md = {"generateName": f"{svc['metadata']['name']}-", "namespace": svc["metadata"]["namespace"],
-                  "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc["metadata"]["name"],
-                                       "uid": svc["metadata"]["uid"], "controller": True,
-                                       "blockOwnerDeletion": True}]}
+            md = {
+                "generateName": f"{svc['metadata']['name']}-",
+                "namespace": svc["metadata"]["namespace"],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Service",
+                        "name": svc["metadata"]["name"],
+                        "uid": svc["metadata"]["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            }
         md["labels"] = {**(md.get("labels") or {}), **labels}
         md.setdefault("annotations", {})[TRIGGER_TIME] = trigger
-        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": md,
-                "addressType": "IPv4", "endpoints": eps, "ports": ports}
+        return {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": md,
+            "addressType": "IPv4",
+            "endpoints": eps,
+            "ports": ports,
+        }
 
-    async def _reconcile_endpoints(self, svc: Obj, groups: dict[str, tuple[list[Obj], list[Obj]]],
-                                   trigger: str) -> None:
+    async def _reconcile_endpoints(
+        self, svc: Obj, groups: dict[str, tuple[list[Obj], list[Obj]]], trigger: str
+    ) -> None:
         publish = bool(svc["spec"].get("publishNotReadyAddresses"))
         subsets = []
         total = 0
@@ -323,13 +387,23 @@ class EndpointSliceController:
                         left -= len(sub[f])
         key = key_of(svc)
         cur = self.endpoints.cache.get(key)
-        if cur is not None and (cur.get("subsets") or []) == subsets and \
-                (cur["metadata"].get("labels") or {}) == labels:
+        if (
+            cur is not None
+            and (cur.get("subsets") or []) == subsets
+            and (cur["metadata"].get("labels") or {}) == labels
+        ):
             return
-        body: Obj = {"apiVersion": "v1", "kind": "Endpoints",
-                     "metadata": {"name": svc["metadata"]["name"], "namespace": svc["metadata"]["namespace"],
-                                  "labels": labels, "annotations": annotations},
-                     "subsets": subsets}
+        body: Obj = {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {
+                "name": svc["metadata"]["name"],
+                "namespace": svc["metadata"]["namespace"],
+                "labels": labels,
+                "annotations": annotations,
+            },
+            "subsets": subsets,
+        }
         if cur is None:
             try:
                 r = await self.client.create(api.path("endpoints", svc["metadata"]["namespace"]), body)
@@ -349,15 +423,21 @@ class EndpointSliceController:
                 await self.client.delete(api.obj_path("endpointslices", s))
                 await self.slices.assume_deleted(s)
         ep = self.endpoints.cache.get(key)
-        if ep is not None and (svc is None or svc["spec"].get("selector")) :
+        if ep is not None and (svc is None or svc["spec"].get("selector")):
             await self.client.delete(api.obj_path("endpoints", ep))
             await self.endpoints.assume_deleted(ep)
 
 
 def _endpoint_view(pod: Obj) -> tuple[Any, ...]:
     st = pod.get("status") or {}
-    return (st.get("podIP"), st.get("phase"), pod_ready(pod), pod["metadata"].get("deletionTimestamp"),
-            pod["spec"].get("nodeName"), json.dumps(pod["metadata"].get("labels") or {}, sort_keys=True))
+    return (
+        st.get("podIP"),
+        st.get("phase"),
+        pod_ready(pod),
+        pod["metadata"].get("deletionTimestamp"),
+        pod["spec"].get("nodeName"),
+        json.dumps(pod["metadata"].get("labels") or {}, sort_keys=True),
+    )
 
 
 def _eps_key(eps: list[Obj]) -> str:

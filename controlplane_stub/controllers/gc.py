@@ -4,6 +4,7 @@ kubectl deletes a Deployment with propagationPolicy=Background and leaves the Re
 to the garbage collector, so the cluster needs one. It follows controller ownerReferences only
 (Deployment -> ReplicaSet -> Pod; EndpointSlices are removed by their own controller).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,14 @@ Obj = dict[str, Any]
 
 
 class GarbageCollector:
-    def __init__(self, client: api.Client, owners: Informer, dependents: Informer, dep_index: Indexes,
-                 dep_resource: str) -> None:
+    def __init__(
+        self,
+        client: api.Client,
+        owners: Informer,
+        dependents: Informer,
+        dep_index: Indexes,
+        dep_resource: str,
+    ) -> None:
         self.client = client
         self.owners = owners
         self.dependents = dependents
@@ -36,7 +43,8 @@ class GarbageCollector:
             # Servers that cascade deletes themselves are given a moment first: collecting the same
             # dependents from two places only makes the two race.
             asyncio.get_running_loop().call_later(
-                self.delay, lambda: asyncio.ensure_future(self.delete_dependents(uid)))
+                self.delay, lambda: asyncio.ensure_future(self.delete_dependents(uid))
+            )
 
     async def delete_dependents(self, uid: str) -> None:
         for d in self.dep_index.owned_by(uid):

@@ -1,4 +1,5 @@
 """Indexes kept next to informer caches so that a sync touches only the objects it concerns."""
+
 from __future__ import annotations
 
 from collections import defaultdict

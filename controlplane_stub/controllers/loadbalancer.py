@@ -1,6 +1,7 @@
 """LoadBalancer IPs for type LoadBalancer Services from a pool, as a bare-metal load balancer
 (MetalLB) assigns them: status.loadBalancer.ingress[0].ip. Announcing the IPs is the network's
 part: the one-machine cluster routes the pool to the nodes, where kproxy programs them."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -57,11 +58,18 @@ class LoadBalancerController:
 
     @staticmethod
     def _ingress_ips(svc: Obj) -> list[str]:
-        return [i["ip"] for i in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or [] if i.get("ip")]
+        return [
+            i["ip"]
+            for i in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+            if i.get("ip")
+        ]
 
     def _wanted(self, svc: Obj) -> bool:
-        return svc["spec"].get("type") == "LoadBalancer" and not svc["spec"].get("loadBalancerClass") \
+        return (
+            svc["spec"].get("type") == "LoadBalancer"
+            and not svc["spec"].get("loadBalancerClass")
             and not svc["metadata"].get("deletionTimestamp")
+        )
 
     async def sync(self, key: str) -> None:
         svc = self.services.cache.get(key)
@@ -99,7 +107,9 @@ class LoadBalancerController:
         # JSON merge patch: null removes the list (an empty object would merge into nothing).
         lb: Obj = {"ingress": [{"ip": ip, "ipMode": "VIP"} for ip in ips] if ips else None}
         try:
-            r = await self.client.patch(api.obj_path("services", svc, "status"), {"status": {"loadBalancer": lb}})
+            r = await self.client.patch(
+                api.obj_path("services", svc, "status"), {"status": {"loadBalancer": lb}}
+            )
             await self.services.assume(r)
         except api.ApiError as e:
             if e.code != 404:

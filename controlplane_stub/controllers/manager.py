@@ -1,4 +1,5 @@
 """Runs every controller in one process (as kube-controller-manager + kube-scheduler do)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,7 +54,15 @@ class ControllerManager:
         self.deployments = Informer(client, "deployments")
         self.slices = Informer(client, "endpointslices", label_selector=f"{MANAGED_BY}={CONTROLLER_NAME}")
         self.endpoints = Informer(client, "endpoints")
-        self.informers = [self.pods, self.services, self.nodes, self.rss, self.deployments, self.slices, self.endpoints]
+        self.informers = [
+            self.pods,
+            self.services,
+            self.nodes,
+            self.rss,
+            self.deployments,
+            self.slices,
+            self.endpoints,
+        ]
         en = set(opts.enabled)
         self.workers: list[tuple[str, api.WorkQueue, Callable[[str], Awaitable[None]]]] = []
         self.gcs: list[tuple[GarbageCollector, str]] = []
@@ -61,12 +70,28 @@ class ControllerManager:
         if "nodelifecycle" in en:
             self.leases = Informer(client, "leases", namespace="kube-node-lease")
             self.informers.append(self.leases)
-            self.nlc = NodeLifecycleController(client, self.nodes, self.leases, self.pods, self.pod_index,
-                                               opts.node_grace_seconds, opts.node_monitor_period)
+            self.nlc = NodeLifecycleController(
+                client,
+                self.nodes,
+                self.leases,
+                self.pods,
+                self.pod_index,
+                opts.node_grace_seconds,
+                opts.node_monitor_period,
+            )
             self.loops.append(self.nlc.run)
         if "endpointslice" in en:
-            self.eps = EndpointSliceController(client, self.services, self.svc_selectors, self.pods, self.pod_index,
-                                               self.nodes, self.slices, self.endpoints, opts.max_endpoints_per_slice)
+            self.eps = EndpointSliceController(
+                client,
+                self.services,
+                self.svc_selectors,
+                self.pods,
+                self.pod_index,
+                self.nodes,
+                self.slices,
+                self.endpoints,
+                opts.max_endpoints_per_slice,
+            )
             self.workers.append(("endpointslice", self.eps.queue, self.eps.sync))
         if "replicaset" in en:
             self.rsc = ReplicaSetController(client, self.pods, self.pod_index, self.rss)
@@ -81,8 +106,13 @@ class ControllerManager:
             self.lb = LoadBalancerController(client, self.services, parse_pool(opts.lb_pool))
             self.workers.append(("loadbalancer", self.lb.queue, self.lb.sync))
         if "gc" in en:
-            self.gcs = [(GarbageCollector(client, self.deployments, self.rss, self.rs_index, "replicasets"), "Deployment"),
-                        (GarbageCollector(client, self.rss, self.pods, self.pod_index, "pods"), "ReplicaSet")]
+            self.gcs = [
+                (
+                    GarbageCollector(client, self.deployments, self.rss, self.rs_index, "replicasets"),
+                    "Deployment",
+                ),
+                (GarbageCollector(client, self.rss, self.pods, self.pod_index, "pods"), "ReplicaSet"),
+            ]
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(i.run(), name=f"informer {i.resource}") for i in self.informers]
@@ -94,8 +124,10 @@ class ControllerManager:
             # API round trips far more than on CPU, as upstream's --concurrent-*-syncs assume.
             for n, q, s in self.workers:
                 failures: dict[str, int] = {}
-                tasks += [asyncio.create_task(run_worker(n, q, s, failures), name=f"worker {n}/{i}")
-                          for i in range(self.opts.workers)]
+                tasks += [
+                    asyncio.create_task(run_worker(n, q, s, failures), name=f"worker {n}/{i}")
+                    for i in range(self.opts.workers)
+                ]
             tasks += [asyncio.create_task(loop()) for loop in self.loops]
             log.info("controllers running: %s", ", ".join(n for n, _, _ in self.workers))
             self.opts.ready.set()

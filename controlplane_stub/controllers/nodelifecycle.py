@@ -1,6 +1,7 @@
 """Node lifecycle: a node whose Lease is not renewed within the grace period turns Ready=Unknown,
 and the pods on it are marked not Ready, so that their endpoints stop receiving traffic (upstream's
 node lifecycle controller, without the NoExecute eviction)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,16 @@ def lease_age(lease: Obj | None, at: float) -> float:
 
 
 class NodeLifecycleController:
-    def __init__(self, client: api.Client, nodes: Informer, leases: Informer, pods: Informer, pod_index: Indexes,
-                 grace_seconds: float = 40.0, period: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: api.Client,
+        nodes: Informer,
+        leases: Informer,
+        pods: Informer,
+        pod_index: Indexes,
+        grace_seconds: float = 40.0,
+        period: float = 5.0,
+    ) -> None:
         self.client = client
         self.nodes = nodes
         self.leases = leases
@@ -61,11 +70,21 @@ class NodeLifecycleController:
             t = now()
             conds = [dict(c) for c in (node.get("status") or {}).get("conditions") or []]
             for c in conds:
-                c.update(status="Unknown", reason="NodeStatusUnknown", message="Kubelet stopped posting node status.",
-                         lastTransitionTime=t)
-            await self.client.patch(api.path("nodes", name=name) + "/status", {"status": {"conditions": conds}})
-            self.events.event({"apiVersion": "v1", "kind": "Node", "metadata": node["metadata"]}, "Normal",
-                              "NodeNotReady", f"Node {name} status is now: NodeNotReady")
+                c.update(
+                    status="Unknown",
+                    reason="NodeStatusUnknown",
+                    message="Kubelet stopped posting node status.",
+                    lastTransitionTime=t,
+                )
+            await self.client.patch(
+                api.path("nodes", name=name) + "/status", {"status": {"conditions": conds}}
+            )
+            self.events.event(
+                {"apiVersion": "v1", "kind": "Node", "metadata": node["metadata"]},
+                "Normal",
+                "NodeNotReady",
+                f"Node {name} status is now: NodeNotReady",
+            )
             await self.mark_pods_not_ready(name, t)
 
     async def mark_pods_not_ready(self, node: str, t: str) -> None:
@@ -81,7 +100,9 @@ class NodeLifecycleController:
                     changed = True
             if changed:
                 try:
-                    await self.client.patch(api.obj_path("pods", pod, "status"), {"status": {"conditions": conds}})
+                    await self.client.patch(
+                        api.obj_path("pods", pod, "status"), {"status": {"conditions": conds}}
+                    )
                 except api.ApiError as e:
                     if e.code != 404:
                         raise

@@ -1,4 +1,5 @@
 """ReplicaSet controller: keeps spec.replicas active pods per ReplicaSet and reports its status."""
+
 from __future__ import annotations
 
 import asyncio
@@ -77,23 +78,32 @@ class ReplicaSetController:
         if diff > 0:
             await self._create(rs, min(diff, BURST_REPLICAS))
         elif diff < 0:
-            victims = sorted(pods, key=deletion_rank)[: -diff]
+            victims = sorted(pods, key=deletion_rank)[:-diff]
             await asyncio.gather(*(self._delete(p) for p in victims))
         await self._update_status(rs, ns)
 
     async def _create(self, rs: Obj, n: int) -> None:
         tmpl = rs["spec"]["template"]
         md = tmpl.get("metadata") or {}
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"generateName": rs["metadata"]["name"] + "-", "namespace": rs["metadata"]["namespace"],
-                            "labels": dict(md.get("labels") or {}), "annotations": dict(md.get("annotations") or {}),
-                            "ownerReferences": [controller_ref(rs)]},
-               "spec": tmpl["spec"]}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": rs["metadata"]["name"] + "-",
+                "namespace": rs["metadata"]["namespace"],
+                "labels": dict(md.get("labels") or {}),
+                "annotations": dict(md.get("annotations") or {}),
+                "ownerReferences": [controller_ref(rs)],
+            },
+            "spec": tmpl["spec"],
+        }
         url = api.path("pods", rs["metadata"]["namespace"])
         batch, done = SLOW_START_INITIAL_BATCH, 0
         while done < n:
             size = min(batch, n - done)
-            results = await asyncio.gather(*(self.client.create(url, pod) for _ in range(size)), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self.client.create(url, pod) for _ in range(size)), return_exceptions=True
+            )
             failed = [r for r in results if isinstance(r, BaseException)]
             for r in results:
                 if isinstance(r, dict):
@@ -120,8 +130,11 @@ class ReplicaSetController:
         ready = sum(1 for p in pods if pod_ready(p))
         st: Obj = {
             "replicas": len(pods),
-            "fullyLabeledReplicas": sum(1 for p in pods if selector_matches({"matchLabels": labels},
-                                                                              p["metadata"].get("labels") or {})),
+            "fullyLabeledReplicas": sum(
+                1
+                for p in pods
+                if selector_matches({"matchLabels": labels}, p["metadata"].get("labels") or {})
+            ),
             "readyReplicas": ready,
             "availableReplicas": available,
             "observedGeneration": rs["metadata"].get("generation", 1),

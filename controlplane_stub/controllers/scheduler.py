@@ -4,6 +4,7 @@ Filters: node Ready, not unschedulable, nodeSelector, NoSchedule/NoExecute taint
 Score (lower wins): pods of the same owner on the node, then all pods on the node, then name
 (upstream's PodTopologySpread default + LeastAllocated, reduced to counts).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -69,9 +70,12 @@ class Scheduler:
         nodes.add_handler(self._on_node)
 
     def _wants(self, pod: Obj) -> bool:
-        return not pod["spec"].get("nodeName") and not pod["metadata"].get("deletionTimestamp") and \
-            pod["spec"].get("schedulerName", SCHEDULER_NAME) == SCHEDULER_NAME and \
-            (pod.get("status") or {}).get("phase", "Pending") == "Pending"
+        return (
+            not pod["spec"].get("nodeName")
+            and not pod["metadata"].get("deletionTimestamp")
+            and pod["spec"].get("schedulerName", SCHEDULER_NAME) == SCHEDULER_NAME
+            and (pod.get("status") or {}).get("phase", "Pending") == "Pending"
+        )
 
     def _on_pod(self, event: str, pod: Obj, old: Obj | None) -> None:
         k = key_of(pod)
@@ -110,12 +114,19 @@ class Scheduler:
                 candidates.append(node["metadata"]["name"])
         if not candidates:
             self.unschedulable.add(key)
-            msg = f"0/{len(self.nodes.cache)} nodes are available: " + ", ".join(
-                f"{n} {r}" for r, n in sorted(reasons.items())) + "."
+            msg = (
+                f"0/{len(self.nodes.cache)} nodes are available: "
+                + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+                + "."
+            )
             if key not in self.unschedulable_reported:
                 self.unschedulable_reported.add(key)
-                self.events.event({"apiVersion": "v1", "kind": "Pod", "metadata": pod["metadata"]},
-                                  "Warning", "FailedScheduling", msg)
+                self.events.event(
+                    {"apiVersion": "v1", "kind": "Pod", "metadata": pod["metadata"]},
+                    "Warning",
+                    "FailedScheduling",
+                    msg,
+                )
             await self._condition(pod, "False", "Unschedulable", msg)
             self.queue.add_after(key, 5.0)
             return
@@ -144,10 +155,19 @@ class Scheduler:
         try:
             if self.binding_supported:
                 try:
-                    await self.client.create(api.path("pods", md["namespace"], md["name"], "binding"), {
-                        "apiVersion": "v1", "kind": "Binding",
-                        "metadata": {"name": md["name"], "namespace": md["namespace"], "uid": md.get("uid")},
-                        "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+                    await self.client.create(
+                        api.path("pods", md["namespace"], md["name"], "binding"),
+                        {
+                            "apiVersion": "v1",
+                            "kind": "Binding",
+                            "metadata": {
+                                "name": md["name"],
+                                "namespace": md["namespace"],
+                                "uid": md.get("uid"),
+                            },
+                            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+                        },
+                    )
                     self.unschedulable.discard(key)
                     self._scheduled(pod, node)
                     return
@@ -171,18 +191,32 @@ class Scheduler:
 
     def _scheduled(self, pod: Obj, node: str) -> None:
         md = pod["metadata"]
-        self.events.event({"apiVersion": "v1", "kind": "Pod", "metadata": md}, "Normal", "Scheduled", f"Successfully assigned {md['namespace']}/{md['name']} to {node}")
+        self.events.event(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": md},
+            "Normal",
+            "Scheduled",
+            f"Successfully assigned {md['namespace']}/{md['name']} to {node}",
+        )
 
     async def _condition(self, pod: Obj, status: str, reason: str, message: str) -> None:
         c = condition(pod, "PodScheduled")
         if c and c.get("status") == status and c.get("message", "") == message:
             return
-        cond: Obj = {"type": "PodScheduled", "status": status, "lastProbeTime": None, "lastTransitionTime": now()}
+        cond: Obj = {
+            "type": "PodScheduled",
+            "status": status,
+            "lastProbeTime": None,
+            "lastTransitionTime": now(),
+        }
         if reason:
             cond["reason"], cond["message"] = reason, message
-        conds = [x for x in (pod.get("status") or {}).get("conditions") or [] if x.get("type") != "PodScheduled"]
+        conds = [
+            x for x in (pod.get("status") or {}).get("conditions") or [] if x.get("type") != "PodScheduled"
+        ]
         try:
-            await self.client.patch(api.obj_path("pods", pod, "status"), {"status": {"conditions": conds + [cond]}})
+            await self.client.patch(
+                api.obj_path("pods", pod, "status"), {"status": {"conditions": conds + [cond]}}
+            )
         except api.ApiError as e:
             if e.code != 404:
                 raise

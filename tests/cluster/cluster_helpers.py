@@ -8,6 +8,7 @@ Fixtures in conftest.py:
   (Nodes and pods that report Ready without processes) in a background event loop thread.
 - `cluster`: a real `kproxy-cluster up` (netns nodes, real pod processes), torn down with `down`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -93,8 +94,13 @@ class ControlPlane:
         self.call(self.client.delete(url))
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 20, interval: float = 0.1, what: str = "condition",
-             dump: Callable[[], str] | None = None) -> T:
+def wait_for(
+    cond: Callable[[], T],
+    timeout: float = 20,
+    interval: float = 0.1,
+    what: str = "condition",
+    dump: Callable[[], str] | None = None,
+) -> T:
     """Polls cond until it returns something truthy (bounded in time); fails with what was last seen."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -130,9 +136,15 @@ class Cluster:
         return json.loads(self.kubectl("get", *args, "-o", "json"))
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "kproxy-cluster"), *args, "--name", self.name] if args[0] != "exec" else
-                              [str(BIN / "kproxy-cluster"), "exec", "--name", self.name, *args[1:]],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "kproxy-cluster"), *args, "--name", self.name]
+            if args[0] != "exec"
+            else [str(BIN / "kproxy-cluster"), "exec", "--name", self.name, *args[1:]],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def refresh(self) -> None:
         self.state = json.loads((Path(self.home) / self.name / "state.json").read_text())

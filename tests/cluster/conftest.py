@@ -1,4 +1,5 @@
 """Fixtures for the one-machine cluster tests (helpers live in cluster_helpers.py)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,12 @@ def controlplane(apiserver: APIServerProcess) -> Iterator[ControlPlane]:
 
     async def start() -> ControlPlane:
         c = api.Client(cfg)
-        opts = ControllerOptions(max_endpoints_per_slice=3, lb_pool="10.251.0.10-10.251.0.11",
-                                 node_grace_seconds=10.0, node_monitor_period=0.5)
+        opts = ControllerOptions(
+            max_endpoints_per_slice=3,
+            lb_pool="10.251.0.10-10.251.0.11",
+            node_grace_seconds=10.0,
+            node_monitor_period=0.5,
+        )
         mgr = ControllerManager(c, opts)
         sim = SimulatedNodes(api.Client(cfg), 3, prefix="sim")
         await sim.register()
@@ -59,17 +64,32 @@ def cluster() -> Iterator[Cluster]:
     name = "kpt" + secrets.token_hex(3)
     home = tempfile.mkdtemp(prefix="kpt-cluster-")
     env = dict(os.environ, KPROXY_CLUSTER_HOME=home)
-    cmd = [str(BIN / "kproxy-cluster"), "up", "--name", name, "--nodes", "3", "--backoff-base", "1", "--no-dns",
-           "--no-localhost-lb", "--timeout", "90"]
+    cmd = [
+        str(BIN / "kproxy-cluster"),
+        "up",
+        "--name",
+        name,
+        "--nodes",
+        "3",
+        "--backoff-base",
+        "1",
+        "--no-dns",
+        "--no-localhost-lb",
+        "--timeout",
+        "90",
+    ]
     root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     c = Cluster(name, home, str(Path(home) / name / "kubeconfig"), {}, root_links)
     try:
-        assert r.returncode == 0, f"kproxy-cluster up failed:\n{r.stdout}\n{r.stderr}\n" + \
-            (Path(home) / name / "logs" / "supervisor.log").read_text()[-3000:]
+        assert r.returncode == 0, (
+            f"kproxy-cluster up failed:\n{r.stdout}\n{r.stderr}\n"
+            + (Path(home) / name / "logs" / "supervisor.log").read_text()[-3000:]
+        )
         c.refresh()
         yield c
     finally:
-        subprocess.run([str(BIN / "kproxy-cluster"), "down", "--name", name], env=env, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [str(BIN / "kproxy-cluster"), "down", "--name", name], env=env, capture_output=True, timeout=120
+        )
         shutil.rmtree(home, ignore_errors=True)

@@ -1,5 +1,6 @@
 """Controllers against a real kproxy-apiserver; the nodes are simulated (they report pods Ready
 without running processes; the e2e tests in test_cluster_e2e.py run real ones)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,21 +26,47 @@ def ns_name(cp: ControlPlane) -> str:
     return ns
 
 
-def deployment(name: str, replicas: int, labels: dict[str, str], port_name: str = "http", port: int = 8080,
-               strategy: Obj | None = None) -> Obj:
-    d: Obj = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-              "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                       "template": {"metadata": {"labels": labels},
-                                    "spec": {"containers": [{"name": "c", "image": "busybox",
-                                                             "ports": [{"name": port_name, "containerPort": port}]}]}}}}
+def deployment(
+    name: str,
+    replicas: int,
+    labels: dict[str, str],
+    port_name: str = "http",
+    port: int = 8080,
+    strategy: Obj | None = None,
+) -> Obj:
+    d: Obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "busybox",
+                            "ports": [{"name": port_name, "containerPort": port}],
+                        }
+                    ]
+                },
+            },
+        },
+    }
     if strategy:
         d["spec"]["strategy"] = strategy
     return d
 
 
 def service(name: str, selector: dict[str, str], target: Any = "http", **spec: Any) -> Obj:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"selector": selector, "ports": [{"name": "web", "port": 80, "targetPort": target}], **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"selector": selector, "ports": [{"name": "web", "port": 80, "targetPort": target}], **spec},
+    }
 
 
 def slices(cp: ControlPlane, ns: str, svc: str) -> list[Obj]:
@@ -51,10 +78,19 @@ def ready_ips(sl: list[Obj]) -> list[str]:
 
 
 def debug_state(cp: ControlPlane, ns: str) -> str:
-    pods = [(p["metadata"]["name"], p["spec"].get("nodeName"), (p.get("status") or {}).get("phase"),
-             (p.get("status") or {}).get("podIP")) for p in cp.items(api.path("pods", ns))]
-    sl = [(s["metadata"]["name"], [(e["addresses"], e["conditions"]) for e in s.get("endpoints") or []])
-          for s in cp.items(api.path("endpointslices", ns))]
+    pods = [
+        (
+            p["metadata"]["name"],
+            p["spec"].get("nodeName"),
+            (p.get("status") or {}).get("phase"),
+            (p.get("status") or {}).get("podIP"),
+        )
+        for p in cp.items(api.path("pods", ns))
+    ]
+    sl = [
+        (s["metadata"]["name"], [(e["addresses"], e["conditions"]) for e in s.get("endpoints") or []])
+        for s in cp.items(api.path("endpointslices", ns))
+    ]
     q = {n: len(q) for n, q, _ in cp.manager.workers}
     return f"pods={pods}\nslices={sl}\nqueues={q}"
 
@@ -67,7 +103,13 @@ def test_pure_helpers() -> None:
     h = template_hash(t)
     assert h == template_hash({"spec": t["spec"], "metadata": t["metadata"]})  # key order does not matter
     assert h != template_hash(t, 1) and h.isalnum() and not set(h) & set("aeiou")
-    assert parse_pool("10.0.0.1-10.0.0.3, 10.0.1.0/30") == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.1.1", "10.0.1.2"]
+    assert parse_pool("10.0.0.1-10.0.0.3, 10.0.1.0/30") == [
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.0.3",
+        "10.0.1.1",
+        "10.0.1.2",
+    ]
     with pytest.raises(ValueError, match="--lb-pool"):
         parse_pool("10.0.0.5-10.0.0.1")
 
@@ -77,8 +119,12 @@ def test_slices_capped_named_ports_and_low_churn(controlplane: ControlPlane) -> 
     ns = ns_name(cp)
     cp.create(api.path("services", ns), service("web", {"app": "web"}))
     cp.create(api.path("deployments", ns), deployment("web", 7, {"app": "web"}))
-    sl = wait_for(lambda: (s := slices(cp, ns, "web")) and len(ready_ips(s)) == 7 and s, timeout=40,
-                  what="7 ready endpoints", dump=lambda: debug_state(cp, ns))
+    sl = wait_for(
+        lambda: (s := slices(cp, ns, "web")) and len(ready_ips(s)) == 7 and s,
+        timeout=40,
+        what="7 ready endpoints",
+        dump=lambda: debug_state(cp, ns),
+    )
     assert len(sl) == 3 and all(len(s["endpoints"]) <= 3 for s in sl)
     for s in sl:
         md = s["metadata"]
@@ -87,10 +133,24 @@ def test_slices_capped_named_ports_and_low_churn(controlplane: ControlPlane) -> 
         assert md["ownerReferences"][0]["kind"] == "Service"
         assert s["ports"] == [{"name": "web", "port": 8080, "protocol": "TCP"}]  # named targetPort resolved
         for e in s["endpoints"]:
-            assert e["targetRef"]["kind"] == "Pod" and e["nodeName"].startswith("sim-") and e["zone"].startswith("zone-")
+            assert (
+                e["targetRef"]["kind"] == "Pod"
+                and e["nodeName"].startswith("sim-")
+                and e["zone"].startswith("zone-")
+            )
     # Legacy Endpoints mirror the slices.
-    wait_for(lambda: sorted(a["ip"] for a in (cp.get(api.path("endpoints", ns, "web")).get("subsets") or [{}])[0]
-                            .get("addresses", [])) == ready_ips(sl), what="the Endpoints object to follow")
+    wait_for(
+        lambda: (
+            sorted(
+                a["ip"]
+                for a in (cp.get(api.path("endpoints", ns, "web")).get("subsets") or [{}])[0].get(
+                    "addresses", []
+                )
+            )
+            == ready_ips(sl)
+        ),
+        what="the Endpoints object to follow",
+    )
     # One pod replaced: only the slice that held it is rewritten.
     before = {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in sl}
     full = next(s for s in sl if len(s["endpoints"]) == 3)  # (a slice emptied by the delete would go)
@@ -105,7 +165,11 @@ def test_slices_capped_named_ports_and_low_churn(controlplane: ControlPlane) -> 
     after = wait_for(replaced, what="the replacement pod's endpoint", dump=lambda: debug_state(cp, ns))
     time.sleep(0.5)
     after = slices(cp, ns, "web")
-    changed = [s["metadata"]["name"] for s in after if before.get(s["metadata"]["name"]) != s["metadata"]["resourceVersion"]]
+    changed = [
+        s["metadata"]["name"]
+        for s in after
+        if before.get(s["metadata"]["name"]) != s["metadata"]["resourceVersion"]
+    ]
     assert changed == [full["metadata"]["name"]], (changed, before)
 
 
@@ -123,41 +187,77 @@ def test_not_ready_pods_headless_hostname_and_publish_not_ready(controlplane: Co
     cp = controlplane
     ns = ns_name(cp)
     # A pod bound to a node no agent runs: its status is written here, Running but not Ready.
-    pod = cp.create(api.path("pods", ns), {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "db-0", "labels": {"app": "db"}},
-        "spec": {"nodeName": "ghost", "hostname": "db-0", "subdomain": "db",
-                 "containers": [{"name": "c", "image": "busybox"}]}})
-    cp.patch(api.obj_path("pods", pod, "status"), {"status": {
-        "phase": "Running", "podIP": "10.9.9.9", "podIPs": [{"ip": "10.9.9.9"}],
-        "conditions": [{"type": "Ready", "status": "False"}]}})
+    pod = cp.create(
+        api.path("pods", ns),
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "db-0", "labels": {"app": "db"}},
+            "spec": {
+                "nodeName": "ghost",
+                "hostname": "db-0",
+                "subdomain": "db",
+                "containers": [{"name": "c", "image": "busybox"}],
+            },
+        },
+    )
+    cp.patch(
+        api.obj_path("pods", pod, "status"),
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": "10.9.9.9",
+                "podIPs": [{"ip": "10.9.9.9"}],
+                "conditions": [{"type": "Ready", "status": "False"}],
+            }
+        },
+    )
     cp.create(api.path("services", ns), service("db", {"app": "db"}, target=5432, clusterIP="None"))
-    cp.create(api.path("services", ns), service("db-all", {"app": "db"}, target=5432, publishNotReadyAddresses=True))
+    cp.create(
+        api.path("services", ns), service("db-all", {"app": "db"}, target=5432, publishNotReadyAddresses=True)
+    )
     sl = wait_for(lambda: (s := slices(cp, ns, "db")) and s[0].get("endpoints") and s, what="db slice")
     e = sl[0]["endpoints"][0]
     assert e["conditions"] == {"ready": False, "serving": False, "terminating": False}
     assert e["hostname"] == "db-0"
     assert "service.kubernetes.io/headless" in sl[0]["metadata"]["labels"]
-    ep = wait_for(lambda: (cp.items(api.path("endpoints", ns), fieldSelector="metadata.name=db") or [{}])[0]
-                  .get("subsets"), what="db Endpoints")
+    ep = wait_for(
+        lambda: (cp.items(api.path("endpoints", ns), fieldSelector="metadata.name=db") or [{}])[0].get(
+            "subsets"
+        ),
+        what="db Endpoints",
+    )
     assert ep[0]["notReadyAddresses"][0]["ip"] == "10.9.9.9" and "addresses" not in ep[0]
-    sl2 = wait_for(lambda: (s := slices(cp, ns, "db-all")) and s[0].get("endpoints") and s, what="db-all slice")
+    sl2 = wait_for(
+        lambda: (s := slices(cp, ns, "db-all")) and s[0].get("endpoints") and s, what="db-all slice"
+    )
     assert sl2[0]["endpoints"][0]["conditions"]["ready"] is True
     # Ready now: the endpoint follows.
-    cp.patch(api.obj_path("pods", pod, "status"), {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    cp.patch(
+        api.obj_path("pods", pod, "status"), {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    )
     wait_for(lambda: ready_ips(slices(cp, ns, "db")) == ["10.9.9.9"], what="db endpoint ready")
     # A Service whose pods are all gone keeps one empty placeholder slice.
     # Grace 0: no agent runs on "ghost" to confirm a graceful deletion.
     cp.call(cp.client.delete(api.path("pods", ns, "db-0"), grace_seconds=0))
-    wait_for(lambda: (s := slices(cp, ns, "db")) and len(s) == 1 and not s[0].get("endpoints"), what="placeholder")
+    wait_for(
+        lambda: (s := slices(cp, ns, "db")) and len(s) == 1 and not s[0].get("endpoints"), what="placeholder"
+    )
 
 
 def test_scheduler_spreads_and_honors_node_selector(controlplane: ControlPlane) -> None:
     cp = controlplane
     ns = ns_name(cp)
     cp.create(api.path("deployments", ns), deployment("spread", 6, {"app": "spread"}))
-    pods = wait_for(lambda: (p := cp.items(api.path("pods", ns))) and len(p) == 6 and
-                    all(x["spec"].get("nodeName") for x in p) and p, what="6 scheduled pods")
+    pods = wait_for(
+        lambda: (
+            (p := cp.items(api.path("pods", ns)))
+            and len(p) == 6
+            and all(x["spec"].get("nodeName") for x in p)
+            and p
+        ),
+        what="6 scheduled pods",
+    )
     per_node: dict[str, int] = {}
     for p in pods:
         per_node[p["spec"]["nodeName"]] = per_node.get(p["spec"]["nodeName"], 0) + 1
@@ -165,8 +265,15 @@ def test_scheduler_spreads_and_honors_node_selector(controlplane: ControlPlane) 
     d = deployment("pinned", 2, {"app": "pinned"})
     d["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "sim-2"}
     cp.create(api.path("deployments", ns), d)
-    pinned = wait_for(lambda: (p := cp.items(api.path("pods", ns), labelSelector="app=pinned")) and len(p) == 2
-                      and all(x["spec"].get("nodeName") for x in p) and p, what="pinned pods")
+    pinned = wait_for(
+        lambda: (
+            (p := cp.items(api.path("pods", ns), labelSelector="app=pinned"))
+            and len(p) == 2
+            and all(x["spec"].get("nodeName") for x in p)
+            and p
+        ),
+        what="pinned pods",
+    )
     assert {p["spec"]["nodeName"] for p in pinned} == {"sim-2"}
     d = deployment("nowhere", 1, {"app": "nowhere"})
     d["spec"]["template"]["spec"]["nodeSelector"] = {"disk": "ssd"}
@@ -188,30 +295,62 @@ def test_rolling_update_respects_surge_and_availability(controlplane: ControlPla
     ns = ns_name(cp)
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     cp.create(api.path("deployments", ns), deployment("roll", 4, {"app": "roll"}, strategy=strategy))
-    wait_for(lambda: (cp.get(api.path("deployments", ns, "roll")).get("status") or {}).get("availableReplicas") == 4,
-             what="4 available")
+    wait_for(
+        lambda: (
+            (cp.get(api.path("deployments", ns, "roll")).get("status") or {}).get("availableReplicas") == 4
+        ),
+        what="4 available",
+    )
     seen: list[tuple[int, int]] = []  # (active pods, ready active pods) at every pod event
 
     def on_pod(ev: str, pod: Obj, old: Obj | None) -> None:
         if pod["metadata"]["namespace"] != ns:
             return
-        active = [p for p in cp.manager.pods.cache.values() if p["metadata"]["namespace"] == ns
-                  and not p["metadata"].get("deletionTimestamp")]
-        ready = [p for p in active if any(c["type"] == "Ready" and c["status"] == "True"
-                                          for c in (p.get("status") or {}).get("conditions") or [])]
+        active = [
+            p
+            for p in cp.manager.pods.cache.values()
+            if p["metadata"]["namespace"] == ns and not p["metadata"].get("deletionTimestamp")
+        ]
+        ready = [
+            p
+            for p in active
+            if any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
+        ]
         seen.append((len(active), len(ready)))
 
     cp.manager.pods.add_handler(on_pod)
     try:
-        cp.patch(api.path("deployments", ns, "roll"),
-                 {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "busybox:1.36",
-                                                                 "ports": [{"name": "http", "containerPort": 8080}]}]}}}})
+        cp.patch(
+            api.path("deployments", ns, "roll"),
+            {
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "c",
+                                    "image": "busybox:1.36",
+                                    "ports": [{"name": "http", "containerPort": 8080}],
+                                }
+                            ]
+                        }
+                    }
+                }
+            },
+        )
 
         def done() -> bool:
             d = cp.get(api.path("deployments", ns, "roll"))
             st = d.get("status") or {}
-            return st.get("observedGeneration") == d["metadata"]["generation"] == 2 and \
-                st.get("updatedReplicas") == 4 and st.get("availableReplicas") == 4 and st.get("replicas") == 4
+            return (
+                st.get("observedGeneration") == d["metadata"]["generation"] == 2
+                and st.get("updatedReplicas") == 4
+                and st.get("availableReplicas") == 4
+                and st.get("replicas") == 4
+            )
 
         wait_for(done, timeout=30, what="rollout complete")
     finally:
@@ -222,15 +361,19 @@ def test_rolling_update_respects_surge_and_availability(controlplane: ControlPla
     d = cp.get(api.path("deployments", ns, "roll"))
     assert d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
     conds = {c["type"]: c for c in d["status"]["conditions"]}
-    assert conds["Progressing"]["reason"] == "NewReplicaSetAvailable" and conds["Available"]["status"] == "True"
+    assert (
+        conds["Progressing"]["reason"] == "NewReplicaSetAvailable" and conds["Available"]["status"] == "True"
+    )
     rss = cp.items(api.path("replicasets", ns))
     assert sorted(r["spec"]["replicas"] for r in rss) == [0, 4]
     assert all(r["metadata"]["labels"].get("pod-template-hash") for r in rss)
     # Deleting the Deployment takes its ReplicaSets and pods with it: our garbage collector's work
     # (Orphan keeps kproxy-apiserver's own synchronous cascade out of it).
     cp.call(cp.client.delete(api.path("deployments", ns, "roll"), propagation="Orphan"))
-    wait_for(lambda: not cp.items(api.path("replicasets", ns)) and not cp.items(api.path("pods", ns)),
-             what="dependents collected")
+    wait_for(
+        lambda: not cp.items(api.path("replicasets", ns)) and not cp.items(api.path("pods", ns)),
+        what="dependents collected",
+    )
 
 
 def test_loadbalancer_pool(controlplane: ControlPlane) -> None:
@@ -251,8 +394,10 @@ def test_loadbalancer_pool(controlplane: ControlPlane) -> None:
     cp.delete(api.path("services", ns, "lb1"))
     assert wait_for(lambda: ingress("lb3"), what="lb3 gets the freed IP") == [freed]
     # Switching a Service away from LoadBalancer releases its IP.
-    cp.patch(api.path("services", ns, "lb2"), {"spec": {"type": "ClusterIP", "externalTrafficPolicy": None,
-                                                         "allocateLoadBalancerNodePorts": None}})
+    cp.patch(
+        api.path("services", ns, "lb2"),
+        {"spec": {"type": "ClusterIP", "externalTrafficPolicy": None, "allocateLoadBalancerNodePorts": None}},
+    )
     wait_for(lambda: ingress("lb2") == [], what="lb2 ingress cleared")
 
 
@@ -263,11 +408,19 @@ def test_informer_relists_after_410(controlplane: ControlPlane) -> None:
     async def scenario() -> tuple[int, int]:
         # Push resourceVersion 1 out of the server's 300-event window.
         ns = "kpt-" + secrets.token_hex(3)
-        await cp.client.create(api.path("namespaces"), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        await cp.client.create(
+            api.path("namespaces"), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        )
         for i in range(0, 320, 40):
-            await asyncio.gather(*(cp.client.create(f"/api/v1/namespaces/{ns}/configmaps",
-                                                    {"apiVersion": "v1", "kind": "ConfigMap",
-                                                     "metadata": {"name": f"c{i + j}"}}) for j in range(40)))
+            await asyncio.gather(
+                *(
+                    cp.client.create(
+                        f"/api/v1/namespaces/{ns}/configmaps",
+                        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i + j}"}},
+                    )
+                    for j in range(40)
+                )
+            )
         inf = api.Informer(cp.client, "namespaces")
         inf.rv = "1"  # far older than anything the window holds after the tests above
         task = asyncio.create_task(inf.run())
@@ -285,24 +438,42 @@ def test_informer_relists_after_410(controlplane: ControlPlane) -> None:
     assert n >= 4  # default, kube-system, kube-public, kube-node-lease at least
 
 
-def test_node_without_lease_renewal_turns_unknown_and_its_endpoints_not_ready(controlplane: ControlPlane) -> None:
+def test_node_without_lease_renewal_turns_unknown_and_its_endpoints_not_ready(
+    controlplane: ControlPlane,
+) -> None:
     """Runs last in this module: it takes node sim-3 down for good."""
     cp = controlplane
     ns = ns_name(cp)
     cp.create(api.path("services", ns), service("lc", {"app": "lc"}))
     cp.create(api.path("deployments", ns), deployment("lc", 3, {"app": "lc"}))
-    sl = wait_for(lambda: (s := slices(cp, ns, "lc")) and len(ready_ips(s)) == 3 and s, what="3 ready endpoints")
+    sl = wait_for(
+        lambda: (s := slices(cp, ns, "lc")) and len(ready_ips(s)) == 3 and s, what="3 ready endpoints"
+    )
     on_sim3 = {e["addresses"][0] for s in sl for e in s["endpoints"] if e["nodeName"] == "sim-3"}
     assert on_sim3, "spreading put no pod on sim-3"
     # Leases are renewed every 0.5 s with a 10 s grace: nothing may have turned Unknown so far.
-    assert all(c["status"] == "True" for n in cp.items(api.path("nodes")) for c in n["status"]["conditions"]
-               if c["type"] == "Ready")
+    assert all(
+        c["status"] == "True"
+        for n in cp.items(api.path("nodes"))
+        for c in n["status"]["conditions"]
+        if c["type"] == "Ready"
+    )
     cp.sim.silent.add("sim-3")
-    node = wait_for(lambda: (n := cp.get(api.path("nodes", name="sim-3"))) and
-                    any(c["type"] == "Ready" and c["status"] == "Unknown" for c in n["status"]["conditions"]) and n,
-                    timeout=30, what="sim-3 Ready=Unknown")
-    assert next(c for c in node["status"]["conditions"] if c["type"] == "Ready")["reason"] == "NodeStatusUnknown"
-    after = wait_for(lambda: (s := slices(cp, ns, "lc")) and set(ready_ips(s)).isdisjoint(on_sim3) and s,
-                     what="sim-3's endpoints not ready")
+    node = wait_for(
+        lambda: (
+            (n := cp.get(api.path("nodes", name="sim-3")))
+            and any(c["type"] == "Ready" and c["status"] == "Unknown" for c in n["status"]["conditions"])
+            and n
+        ),
+        timeout=30,
+        what="sim-3 Ready=Unknown",
+    )
+    assert (
+        next(c for c in node["status"]["conditions"] if c["type"] == "Ready")["reason"] == "NodeStatusUnknown"
+    )
+    after = wait_for(
+        lambda: (s := slices(cp, ns, "lc")) and set(ready_ips(s)).isdisjoint(on_sim3) and s,
+        what="sim-3's endpoints not ready",
+    )
     assert len(ready_ips(after)) == 3 - len(on_sim3)
     assert cp.get(api.path("nodes", name="sim-1"))["status"]["conditions"][0]["status"] == "True"

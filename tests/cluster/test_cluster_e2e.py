@@ -1,5 +1,6 @@
 """The one-machine cluster end to end: `kproxy-cluster up` with 3 netns nodes, the seed app as
 real Flask processes in pod namespaces, kubectl, real HTTP across nodes, and `down`."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,11 @@ Obj = dict[str, Any]
 
 
 def seed_pods(c: Cluster) -> list[Obj]:
-    return [p for p in c.json("pods", "-l", "app=flask-kubernetes")["items"] if not p["metadata"].get("deletionTimestamp")]
+    return [
+        p
+        for p in c.json("pods", "-l", "app=flask-kubernetes")["items"]
+        if not p["metadata"].get("deletionTimestamp")
+    ]
 
 
 def slice_endpoints(c: Cluster) -> list[Obj]:
@@ -32,7 +37,10 @@ def slice_endpoints(c: Cluster) -> list[Obj]:
 
 
 def is_ready(p: Obj) -> bool:
-    return any(x["type"] == "Ready" and x["status"] == "True" for x in (p.get("status") or {}).get("conditions") or [])
+    return any(
+        x["type"] == "Ready" and x["status"] == "True"
+        for x in (p.get("status") or {}).get("conditions") or []
+    )
 
 
 def curl_from_client(c: Cluster, url: str) -> subprocess.CompletedProcess[str]:
@@ -95,8 +103,10 @@ def test_seed_runs_four_ready_pods_across_three_nodes(cluster: Cluster) -> None:
         assert Path(f"/proc/{pid}").exists()
         assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
         assert p["status"]["podIP"].startswith("10.244.")
-    eps = wait_for(lambda: (e := slice_endpoints(c)) and sum(x["conditions"]["ready"] for x in e) == 4 and e,
-                   what="4 ready endpoints")
+    eps = wait_for(
+        lambda: (e := slice_endpoints(c)) and sum(x["conditions"]["ready"] for x in e) == 4 and e,
+        what="4 ready endpoints",
+    )
     assert sorted(e["addresses"][0] for e in eps) == sorted(p["status"]["podIP"] for p in pods)
     assert {e["nodeName"] for e in eps} == {"node-1", "node-2", "node-3"}
     # Real HTTP from the outside client netns to every pod, across the node network and routes.
@@ -104,14 +114,19 @@ def test_seed_runs_four_ready_pods_across_three_nodes(cluster: Cluster) -> None:
         r = curl_from_client(c, f"http://{p['status']['podIP']}:5000/")
         assert r.stdout == "Hello from Kubernetes!\n", r
     svc = c.json("svc", SVC)
-    lb_ip = wait_for(lambda: (c.json("svc", SVC).get("status") or {}).get("loadBalancer", {}).get("ingress"),
-                     what="LoadBalancer IP")[0]["ip"]
+    lb_ip = wait_for(
+        lambda: (c.json("svc", SVC).get("status") or {}).get("loadBalancer", {}).get("ingress"),
+        what="LoadBalancer IP",
+    )[0]["ip"]
     assert lb_ip.startswith("10.251.0.") and svc["spec"]["type"] == "LoadBalancer"
     c.refresh()
     if not c.state["components"].get("kproxy", "").startswith("running"):
         pytest.skip(f"kproxy not running in this cluster: {c.state['components'].get('kproxy')}")
-    r = wait_for(lambda: (x := curl_from_client(c, f"http://{lb_ip}:6000/")).stdout and x, timeout=30,
-                 what="an answer through the LoadBalancer IP")
+    r = wait_for(
+        lambda: (x := curl_from_client(c, f"http://{lb_ip}:6000/")).stdout and x,
+        timeout=30,
+        what="an answer through the LoadBalancer IP",
+    )
     assert r.stdout == "Hello from Kubernetes!\n"
 
 
@@ -120,17 +135,27 @@ def test_kubectl_get_wide_and_describe(cluster: Cluster) -> None:
     pods = seed_pods(c)
     wide = c.kubectl("get", "pods", "-o", "wide")
     header = wide.splitlines()[0].split()
-    assert header[:5] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"] and "IP" in header and "NODE" in header, wide
+    assert (
+        header[:5] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"] and "IP" in header and "NODE" in header
+    ), wide
     rows = {line.split()[0]: line.split() for line in wide.splitlines()[1:]}
     for p in pods:
         row = rows[p["metadata"]["name"]]
         assert row[1:3] == ["1/1", "Running"], row
-        assert row[header.index("IP")] == p["status"]["podIP"] and row[header.index("NODE")] == p["spec"]["nodeName"]
+        assert (
+            row[header.index("IP")] == p["status"]["podIP"]
+            and row[header.index("NODE")] == p["spec"]["nodeName"]
+        )
     name = pods[0]["metadata"]["name"]
     desc = c.kubectl("describe", "pod", name)
-    for needle in (f"Name:         {name}", f"Node:         {pods[0]['spec']['nodeName']}/",
-                   "Status:       Running", f"IP:           {pods[0]['status']['podIP']}",
-                   "Image:          flask-kubernetes:latest", "Controlled By:  ReplicaSet/flask-kubernetes-"):
+    for needle in (
+        f"Name:         {name}",
+        f"Node:         {pods[0]['spec']['nodeName']}/",
+        "Status:       Running",
+        f"IP:           {pods[0]['status']['podIP']}",
+        "Image:          flask-kubernetes:latest",
+        "Controlled By:  ReplicaSet/flask-kubernetes-",
+    ):
         assert needle in desc, f"{needle!r} not in:\n{desc}"
     assert any(line.split()[:2] == ["Ready", "True"] for line in desc.splitlines()), desc
     nodes = c.kubectl("get", "nodes")
@@ -141,13 +166,30 @@ def test_scale_to_two_and_the_slice_follows(cluster: Cluster) -> None:
     c = cluster
     before = {p["metadata"]["uid"] for p in seed_pods(c)}
     c.kubectl("scale", "deployment/flask-kubernetes", "--replicas=2")
-    wait_for(lambda: len(seed_pods(c)) == 2 and len(slice_endpoints(c)) == 2, timeout=40, what="2 pods, 2 endpoints")
+    wait_for(
+        lambda: len(seed_pods(c)) == 2 and len(slice_endpoints(c)) == 2,
+        timeout=40,
+        what="2 pods, 2 endpoints",
+    )
     pods = seed_pods(c)
     assert {p["metadata"]["uid"] for p in pods} <= before  # scaled down, nothing replaced
     assert sorted(e["addresses"][0] for e in slice_endpoints(c)) == sorted(p["status"]["podIP"] for p in pods)
     prefix = c.state["prefix"]
-    wait_for(lambda: len([n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-                          .stdout.split() if n.startswith(prefix + "p")]) == 2, what="2 pod netns left")
+    wait_for(
+        lambda: (
+            len(
+                [
+                    n
+                    for n in subprocess.run(
+                        ["ip", "netns", "list"], capture_output=True, text=True
+                    ).stdout.split()
+                    if n.startswith(prefix + "p")
+                ]
+            )
+            == 2
+        ),
+        what="2 pod netns left",
+    )
 
 
 def test_rolling_update_with_max_unavailable_zero_keeps_ready_endpoints(cluster: Cluster) -> None:
@@ -155,18 +197,37 @@ def test_rolling_update_with_max_unavailable_zero_keeps_ready_endpoints(cluster:
     rec = SliceRecorder(c)
     try:
         wait_for(lambda: rec.history, what="the slice watch")
-        patch = {"spec": {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                          "template": {"spec": {"containers": [{
-                              "name": "flask-kubernetes", "image": "flask-kubernetes:latest",
-                              "imagePullPolicy": "Never", "ports": [{"containerPort": 5000}],
-                              "readinessProbe": {"httpGet": {"path": "/healthz", "port": 5000},
-                                                 "periodSeconds": 1, "failureThreshold": 1}}]}}}}
+        patch = {
+            "spec": {
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "flask-kubernetes",
+                                "image": "flask-kubernetes:latest",
+                                "imagePullPolicy": "Never",
+                                "ports": [{"containerPort": 5000}],
+                                "readinessProbe": {
+                                    "httpGet": {"path": "/healthz", "port": 5000},
+                                    "periodSeconds": 1,
+                                    "failureThreshold": 1,
+                                },
+                            }
+                        ]
+                    }
+                },
+            }
+        }
         old_ips = set(rec.history[-1][1])
         c.kubectl("patch", "deployment/flask-kubernetes", "--type=strategic", "-p", json.dumps(patch))
         out = c.kubectl("rollout", "status", "deployment/flask-kubernetes", "--timeout=90s", timeout=100)
         assert "successfully rolled out" in out
-        wait_for(lambda: len(rec.history[-1][1]) == 2 and not rec.history[-1][1] & old_ips, timeout=30,
-                 what="2 new ready endpoints")
+        wait_for(
+            lambda: len(rec.history[-1][1]) == 2 and not rec.history[-1][1] & old_ips,
+            timeout=30,
+            what="2 new ready endpoints",
+        )
     finally:
         rec.stop()
     ready_counts = [len(r) for _, r, _ in rec.history]
@@ -203,9 +264,20 @@ def test_killed_container_restarts_and_its_endpoint_flaps(cluster: Cluster) -> N
 
 
 def apply_pod(c: Cluster, name: str, spec: Obj) -> None:
-    doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"test": "pods"}}, "spec": spec}
-    subprocess.run(["kubectl", "apply", "-f", "-"], input=json.dumps(doc), text=True, check=True,
-                   capture_output=True, env=c.env)
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"test": "pods"}},
+        "spec": spec,
+    }
+    subprocess.run(
+        ["kubectl", "apply", "-f", "-"],
+        input=json.dumps(doc),
+        text=True,
+        check=True,
+        capture_output=True,
+        env=c.env,
+    )
 
 
 def pod_status(c: Cluster, name: str) -> Obj:
@@ -214,31 +286,68 @@ def pod_status(c: Cluster, name: str) -> Obj:
 
 def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    apply_pod(c, "never", {"restartPolicy": "Never",
-                           "containers": [{"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 3"]}]})
-    apply_pod(c, "onfailure", {"restartPolicy": "OnFailure",
-                               "containers": [{"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 0"]}]})
+    apply_pod(
+        c,
+        "never",
+        {
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 3"]}],
+        },
+    )
+    apply_pod(
+        c,
+        "onfailure",
+        {
+            "restartPolicy": "OnFailure",
+            "containers": [{"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 0"]}],
+        },
+    )
     flag = tmp_path / "unhealthy"
-    apply_pod(c, "probed", {"containers": [{
-        "name": "web", "image": "busybox", "command": [sys.executable, "-m", "http.server", "8000"],
-        "workingDir": str(tmp_path),
-        "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1},
-        "livenessProbe": {"exec": {"command": ["test", "!", "-e", str(flag)]}, "periodSeconds": 1,
-                          "failureThreshold": 1}}]})
+    apply_pod(
+        c,
+        "probed",
+        {
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "busybox",
+                    "command": [sys.executable, "-m", "http.server", "8000"],
+                    "workingDir": str(tmp_path),
+                    "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+                    "livenessProbe": {
+                        "exec": {"command": ["test", "!", "-e", str(flag)]},
+                        "periodSeconds": 1,
+                        "failureThreshold": 1,
+                    },
+                }
+            ]
+        },
+    )
     st = wait_for(lambda: (x := pod_status(c, "never")).get("phase") == "Failed" and x, what="never: Failed")
     assert st["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
     assert st["containerStatuses"][0]["restartCount"] == 0
-    st = wait_for(lambda: (x := pod_status(c, "onfailure")).get("phase") == "Succeeded" and x, what="Succeeded")
+    st = wait_for(
+        lambda: (x := pod_status(c, "onfailure")).get("phase") == "Succeeded" and x, what="Succeeded"
+    )
     assert st["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
     # tcpSocket readiness: Ready once the server listens; http.server answers real HTTP on the pod IP.
-    st = wait_for(lambda: (x := pod_status(c, "probed")).get("containerStatuses") and
-                  x["containerStatuses"][0]["ready"] and x, what="probed: ready")
+    st = wait_for(
+        lambda: (
+            (x := pod_status(c, "probed")).get("containerStatuses")
+            and x["containerStatuses"][0]["ready"]
+            and x
+        ),
+        what="probed: ready",
+    )
     r = curl_from_client(c, f"http://{st['podIP']}:8000/")
     assert r.returncode == 0 and "Directory listing" in r.stdout
     # exec liveness: failing it restarts the container.
     flag.write_text("x")
-    st = wait_for(lambda: (x := pod_status(c, "probed"))["containerStatuses"][0]["restartCount"] >= 1 and x,
-                  timeout=30, what="liveness restart")
+    st = wait_for(
+        lambda: (x := pod_status(c, "probed"))["containerStatuses"][0]["restartCount"] >= 1 and x,
+        timeout=30,
+        what="liveness restart",
+    )
     flag.unlink()
     wait_for(lambda: pod_status(c, "probed")["containerStatuses"][0]["ready"], timeout=30, what="ready again")
     c.kubectl("delete", "pod", "never", "onfailure", "probed", "--wait=false")
@@ -247,14 +356,42 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
 def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster) -> None:
     c = cluster
     # A container that ignores SIGTERM: it must be SIGKILLed once terminationGracePeriodSeconds pass.
-    apply_pod(c, "stubborn", {"terminationGracePeriodSeconds": 3, "containers": [{
-        "name": "c", "image": "busybox", "command": ["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"]}]})
-    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "stubborn"},
-           "spec": {"selector": {"test": "pods"}, "ports": [{"port": 80}]}}
-    subprocess.run(["kubectl", "apply", "-f", "-"], input=json.dumps(svc), text=True, check=True,
-                   capture_output=True, env=c.env)
-    st = wait_for(lambda: (x := pod_status(c, "stubborn")).get("containerStatuses") and
-                  "running" in x["containerStatuses"][0]["state"] and x, what="stubborn running")
+    apply_pod(
+        c,
+        "stubborn",
+        {
+            "terminationGracePeriodSeconds": 3,
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "busybox",
+                    "command": ["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"],
+                }
+            ],
+        },
+    )
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "stubborn"},
+        "spec": {"selector": {"test": "pods"}, "ports": [{"port": 80}]},
+    }
+    subprocess.run(
+        ["kubectl", "apply", "-f", "-"],
+        input=json.dumps(svc),
+        text=True,
+        check=True,
+        capture_output=True,
+        env=c.env,
+    )
+    st = wait_for(
+        lambda: (
+            (x := pod_status(c, "stubborn")).get("containerStatuses")
+            and "running" in x["containerStatuses"][0]["state"]
+            and x
+        ),
+        what="stubborn running",
+    )
     pid = int(st["containerStatuses"][0]["containerID"].removeprefix("kpc://"))
 
     def endpoint() -> Obj | None:
@@ -269,11 +406,17 @@ def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster)
     graceful = bool(pod["metadata"].get("deletionTimestamp"))
     if graceful:
         # The API server keeps the pod while its node agent stops it: the endpoint turns terminating.
-        e = wait_for(lambda: (x := endpoint()) and x["conditions"]["terminating"] and x, what="terminating endpoint")
+        e = wait_for(
+            lambda: (x := endpoint()) and x["conditions"]["terminating"] and x, what="terminating endpoint"
+        )
         assert e["conditions"]["ready"] is False
     time.sleep(max(0.0, 1.5 - (time.monotonic() - t0)))
-    assert Path(f"/proc/{pid}").exists(), "the container died before its grace period although it ignores SIGTERM"
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=15, interval=0.05, what="SIGKILL after the grace")
+    assert Path(f"/proc/{pid}").exists(), (
+        "the container died before its grace period although it ignores SIGTERM"
+    )
+    wait_for(
+        lambda: not Path(f"/proc/{pid}").exists(), timeout=15, interval=0.05, what="SIGKILL after the grace"
+    )
     assert time.monotonic() - t0 >= 2.8
     # Then the agent confirms the deletion: pod object and endpoint are gone.
     wait_for(lambda: "stubborn" not in c.kubectl("get", "pods", "-o", "name"), what="the pod object removed")
@@ -285,20 +428,30 @@ def test_down_leaves_no_namespace_link_or_process(cluster: Cluster) -> None:
     c = cluster
     c.refresh()
     prefix, pids = c.state["prefix"], dict(c.state["pids"])
-    pod_pids = [int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("kpc://")) for p in seed_pods(c)]
+    pod_pids = [
+        int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("kpc://")) for p in seed_pods(c)
+    ]
     r = c.cli("down", timeout=120)
     assert r.returncode == 0 and "is down" in r.stdout, r
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [n for n in netns.split() if n.startswith(prefix)]
-    assert not [d for d in os.listdir("/etc/netns") if d.startswith(prefix)] if os.path.isdir("/etc/netns") else True
+    assert (
+        not [d for d in os.listdir("/etc/netns") if d.startswith(prefix)]
+        if os.path.isdir("/etc/netns")
+        else True
+    )
     for name, pid in list(pids.items()) + [(f"pod pid {p}", p) for p in pod_pids]:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3], \
-            f"{name} (pid {pid}) survived down"
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+        ), f"{name} (pid {pid}) survived down"
     marker = f"KPC_CLUSTER={prefix}".encode()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                assert marker not in d.joinpath("environ").read_bytes().split(b"\0"), f"pid {d.name} survived down"
+                assert marker not in d.joinpath("environ").read_bytes().split(b"\0"), (
+                    f"pid {d.name} survived down"
+                )
             except OSError:
                 pass
     # Nothing is left in the root namespace: no link that was not there before `up`.

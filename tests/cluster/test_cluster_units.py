@@ -1,4 +1,5 @@
 """Pure pieces of the cluster: image catalog semantics, pod IPAM, scale-down order, topology."""
+
 from __future__ import annotations
 
 import sys
@@ -17,11 +18,17 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_catalog_command_and_args_override_like_entrypoint_and_cmd(tmp_path: Path) -> None:
     cat = tmp_path / "images.yaml"
-    cat.write_text("images:\n  app:v1:\n    command: ['{python}', '{dir}/app.py']\n    args: ['--port', '1']\n"
-                   "    env: {A: b}\n    workingDir: '{dir}'\n")
+    cat.write_text(
+        "images:\n  app:v1:\n    command: ['{python}', '{dir}/app.py']\n    args: ['--port', '1']\n"
+        "    env: {A: b}\n    workingDir: '{dir}'\n"
+    )
     c = Catalog.load(cat)
     argv, env, cwd = c.resolve({"name": "x", "image": "app:v1"})
-    assert argv == [sys.executable, f"{tmp_path}/app.py", "--port", "1"] and env == {"A": "b"} and cwd == str(tmp_path)
+    assert (
+        argv == [sys.executable, f"{tmp_path}/app.py", "--port", "1"]
+        and env == {"A": "b"}
+        and cwd == str(tmp_path)
+    )
     # args replace the image's args; command replaces both (Kubernetes' ENTRYPOINT/CMD rules).
     assert c.resolve({"name": "x", "image": "app:v1", "args": ["--port", "2"]})[0][-2:] == ["--port", "2"]
     assert c.resolve({"name": "x", "image": "app:v1", "command": ["sh"]})[0] == ["sh"]
@@ -52,25 +59,34 @@ def test_ipam_never_hands_out_the_gateway_and_reuses_late() -> None:
 
 def test_scale_down_removes_unscheduled_then_pending_then_unready_first() -> None:
     def pod(name: str, node: str, phase: str, ready: bool, created: str) -> dict[str, object]:
-        return {"metadata": {"name": name, "creationTimestamp": created}, "spec": {"nodeName": node},
-                "status": {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}]}}
+        return {
+            "metadata": {"name": name, "creationTimestamp": created},
+            "spec": {"nodeName": node},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}]},
+        }
 
-    pods = [pod("ready-old", "n1", "Running", True, "2026-01-01T00:00:00Z"),
-            pod("ready-new", "n1", "Running", True, "2026-01-02T00:00:00Z"),
-            pod("unready", "n1", "Running", False, "2026-01-01T00:00:00Z"),
-            pod("pending", "n1", "Pending", False, "2026-01-01T00:00:00Z"),
-            pod("unscheduled", "", "Pending", False, "2026-01-01T00:00:00Z")]
+    pods = [
+        pod("ready-old", "n1", "Running", True, "2026-01-01T00:00:00Z"),
+        pod("ready-new", "n1", "Running", True, "2026-01-02T00:00:00Z"),
+        pod("unready", "n1", "Running", False, "2026-01-01T00:00:00Z"),
+        pod("pending", "n1", "Pending", False, "2026-01-01T00:00:00Z"),
+        pod("unscheduled", "", "Pending", False, "2026-01-01T00:00:00Z"),
+    ]
     order = [p["metadata"]["name"] for p in sorted(pods, key=deletion_rank)]  # type: ignore[arg-type, index]
     assert order == ["unscheduled", "pending", "unready", "ready-new", "ready-old"]
 
 
 def test_scheduler_filters() -> None:
-    node = {"metadata": {"name": "n", "labels": {"disk": "ssd"}},
-            "spec": {"taints": [{"key": "dedicated", "value": "x", "effect": "NoSchedule"}]},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    node = {
+        "metadata": {"name": "n", "labels": {"disk": "ssd"}},
+        "spec": {"taints": [{"key": "dedicated", "value": "x", "effect": "NoSchedule"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
     pod = {"spec": {"nodeSelector": {"disk": "ssd"}}}
     assert "taint" in fits(pod, node)
-    pod["spec"]["tolerations"] = [{"key": "dedicated", "operator": "Equal", "value": "x", "effect": "NoSchedule"}]
+    pod["spec"]["tolerations"] = [
+        {"key": "dedicated", "operator": "Equal", "value": "x", "effect": "NoSchedule"}
+    ]
     assert fits(pod, node) == ""
     pod["spec"]["nodeSelector"] = {"disk": "hdd"}
     assert "selector" in fits(pod, node)
@@ -81,5 +97,10 @@ def test_scheduler_filters() -> None:
 def test_topology_addresses() -> None:
     t = Topology(prefix="kptab-")
     n2 = t.node(2)
-    assert (n2.netns, n2.ip, n2.pod_cidr, n2.gateway) == ("kptab-n2", "10.250.0.12", "10.244.2.0/24", "10.244.2.1")
+    assert (n2.netns, n2.ip, n2.pod_cidr, n2.gateway) == (
+        "kptab-n2",
+        "10.250.0.12",
+        "10.244.2.0/24",
+        "10.244.2.1",
+    )
     assert t.client_ns == "kptab-client" and t.net_ns == "kptab-net"
