@@ -72,9 +72,8 @@ def main(argv: list[str]) -> None:
     res = px.sync(SyncRequest(services=services, endpoints=endpoints))
     assert res.ok, res.error
     assert px.last_plan is not None
-    data = px.last_plan.data
     out["first_full"] = dict(px.last_plan_stats)
-    out["restore_bytes"] = len(data)
+    out["restore_bytes"] = px.last_plan_stats["bytes"]
     out["nat_rules"] = res.rules_total.get("nat", 0)
 
     # Partial sync after one endpoint change (a pod replaced): what the runner does on a slice update.
@@ -90,6 +89,9 @@ def main(argv: list[str]) -> None:
     assert res.ok, res.error
     out["resync_full"] = dict(px.last_plan_stats)
     out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The floor's input: the resync's bytes (the same ruleset; jumps already existed, so no -I lines).
+    assert px.last_plan is not None
+    data = px.last_plan.data
 
     # The floor: the same bytes restored by a bare iptables-restore into an empty namespace.
     assert px.cleanup()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,10 +95,41 @@ class IPTables:
             raise IPTablesError(cmd, proc.returncode, proc.stderr.decode(errors="replace"))
         return proc.stdout
 
-    def restore(self, data: bytes) -> None:
-        """Apply a restore buffer with --noflush; raises IPTablesError (with .line) on failure."""
+    def restore(self, data: bytes | Sequence[str]) -> None:
+        """Apply restore input with --noflush; raises IPTablesError (with .line) on failure.
+
+        `data` may be a list of str chunks: they are encoded and written one by one, so the
+        full input (tens of MiB at 10,000 Services) never exists as one string plus its bytes.
+        """
         self.restores += 1
-        self._run([_tool(self.backend, "iptables-restore"), "-w", str(self.wait_seconds), "--noflush"], data)
+        cmd = [
+            *_netns_prefix(self.netns),
+            _tool(self.backend, "iptables-restore"),
+            "-w",
+            str(self.wait_seconds),
+        ]
+        cmd.append("--noflush")
+        chunks: Sequence[bytes | str] = [data] if isinstance(data, bytes) else data
+        # stderr goes to a file: a pipe could fill while we are still writing stdin.
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+            assert proc.stdin is not None
+            try:
+                for chunk in chunks:
+                    proc.stdin.write(chunk if isinstance(chunk, bytes) else chunk.encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the tool stopped reading (bad input): its exit code and stderr say why
+            try:
+                rc = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise IPTablesError(cmd, -9, f"timed out after {self.timeout}s") from None
+            err.seek(0)
+            stderr = err.read().decode(errors="replace")
+        if rc != 0:
+            raise IPTablesError(cmd, rc, stderr)
 
     def save(self, table: str) -> str:
         return self._run([_tool(self.backend, "iptables-save"), "-t", table]).decode()

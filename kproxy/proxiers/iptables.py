@@ -116,7 +116,7 @@ class _Programmed:
 class Plan:
     """One sync's restore input and the bookkeeping to commit when it succeeds."""
 
-    data: bytes
+    chunks: list[str]  # streamed to iptables-restore: never joined on the sync path (peak RSS)
     programmed: dict[ServicePortName, _Programmed]
     owned_chains: set[str]
     full: bool
@@ -124,6 +124,11 @@ class Plan:
     wrote_dispatch: bool
     wrote_filter: bool
     deleted_chains: list[str] = field(default_factory=list)
+
+    @property
+    def data(self) -> bytes:
+        """The whole restore input (tests, error context); the sync itself streams `chunks`."""
+        return "".join(self.chunks).encode()
 
 
 def _eligible(svc: ServicePort | None) -> bool:
@@ -364,15 +369,15 @@ class IptablesProxier(Proxier):
             if dispatch_changed:
                 buf.extend(self._nodeports_tail())
             buf.append("COMMIT\n")
-        data = "".join(buf).encode()
+        size = sum(len(c) for c in buf)
         self.last_plan_stats = {
             "render_s": t1 - t0,
             "assemble_s": time.perf_counter() - t1,
-            "bytes": len(data),
+            "bytes": size,
         }
         self._large = large
         return Plan(
-            data=data,
+            chunks=buf if size else [],
             programmed=programmed,
             owned_chains=new_owned,
             full=full,
@@ -421,9 +426,9 @@ class IptablesProxier(Proxier):
         # CPU seconds of the restore process (user+sys, the kernel's commit included): a fair
         # figure on a loaded machine where wall time mostly measures waiting for a core.
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if plan.data:
+        if plan.chunks:
             try:
-                self.iptables.restore(plan.data)
+                self.iptables.restore(plan.chunks)
             except (IPTablesError, OSError, Exception) as e:  # noqa: BLE001 - any failure must force a resync
                 self._need_full = True
                 self._need_dump = True

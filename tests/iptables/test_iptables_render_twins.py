@@ -121,7 +121,7 @@ def _service(draw: st.DrawFn) -> ServicePort:
     )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     svc=_service(),
     eps=st.lists(_endpoint, max_size=12, unique_by=lambda e: (e.ip, e.port)),
