@@ -169,3 +169,32 @@ def test_render_rules_shape() -> None:
             "-j DNAT --to-destination 192.0.2.1:40000") in lines
     # ClusterIP, externalIP and LB ingress IP: a REDIRECT and a DNAT each; the nodePort: two more.
     assert sum(1 for ln in lines if "--to-ports 40000" in ln or "192.0.2.1:40000" in ln) == 8
+
+
+@pytest.mark.timeout(60)
+def test_localhost_only_in_the_root_namespace(impl: str) -> None:
+    """The rule-free variant where Docker Desktop users meet it: the root namespace, 127.0.0.1 only."""
+    backend = socket.socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen(8)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    node_port = probe.getsockname()[1]
+    probe.close()  # a free port for the "nodePort" (another process could take it meanwhile: unlikely)
+    name = ServicePortName("default", "desk", "")
+    svc = ServicePort(name, "NodePort", ("10.96.0.99",), 80, "TCP", node_port=node_port)
+    eps = {name: (Endpoint("127.0.0.1", backend.getsockname()[1]),)}
+    p = new_proxier(SimpleNamespace(relay_impl=impl, userspace_localhost_only=True))
+    try:
+        assert isinstance(p, UserspaceProxier) and p.iptables is None  # no firewall access at all
+        assert p.sync(SyncRequest({name: svc}, eps)).ok
+        with socket.create_connection(("127.0.0.1", node_port), timeout=5) as c:
+            conn, _ = backend.accept()
+            with conn:
+                c.sendall(b"desktop")
+                assert conn.recv(100) == b"desktop"
+                conn.sendall(b"hello")
+                assert c.recv(100) == b"hello"
+    finally:
+        p.close()
+        backend.close()
