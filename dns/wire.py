@@ -8,6 +8,7 @@ bytes and are tested side by side.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import struct
@@ -88,8 +89,10 @@ class Message(msgspec.Struct, gc=False):
 
 # ---------------------------------------------------------------------------------------- names
 
+@functools.lru_cache(maxsize=4096)
 def name_to_wire(name: str) -> bytes:
-    """Uncompressed wire form of a presentation name ("" or "." is the root)."""
+    """Uncompressed wire form of a presentation name ("" or "." is the root). Cached: while a
+    Service is encoded the same owners come back several times."""
     out = bytearray()
     name = name.rstrip(".")
     if name:
@@ -165,26 +168,33 @@ class _Writer:
         self.names: dict[str, int] = {}
 
     def name(self, name: str, compress: bool = True) -> None:
+        # The hot loop of pre-encoding a zone: locals only, one len() per label.
+        buf = self.buf
+        names = self.names
         name = name.rstrip(".")
         if name:
             lower = name.lower()
             pos = 0
+            off = len(buf)
             for label in name.split("."):
                 suffix = lower[pos:]
                 if compress:
-                    ptr = self.names.get(suffix)
+                    ptr = names.get(suffix)
                     if ptr is not None:
-                        self.buf += struct.pack("!H", 0xC000 | ptr)
+                        buf.append(0xC0 | (ptr >> 8))
+                        buf.append(ptr & 0xFF)
                         return
-                if len(self.buf) < 0x3FFF and suffix not in self.names:
-                    self.names[suffix] = len(self.buf)
+                if off < 0x3FFF:
+                    names.setdefault(suffix, off)
                 raw = label.encode("ascii")
-                if not 0 < len(raw) <= MAX_LABEL:
+                n = len(raw)
+                if not 0 < n <= MAX_LABEL:
                     raise WireError(f"label {label!r} in {name!r}: length must be 1..63")
-                self.buf.append(len(raw))
-                self.buf += raw
-                pos += len(label) + 1
-        self.buf.append(0)
+                buf.append(n)
+                buf += raw
+                off += n + 1
+                pos += n + 1
+        buf.append(0)
 
     def rr(self, rr: RR) -> None:
         self.name(rr.name)
