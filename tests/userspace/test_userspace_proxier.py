@@ -183,7 +183,7 @@ def test_localhost_only_in_the_root_namespace(impl: str) -> None:
     probe.close()  # a free port for the "nodePort" (another process could take it meanwhile: unlikely)
     name = ServicePortName("default", "desk", "")
     svc = ServicePort(name, "NodePort", ("10.96.0.99",), 80, "TCP", node_port=node_port)
-    eps = {name: (Endpoint("127.0.0.1", backend.getsockname()[1]),)}
+    eps: EndpointsMap = {name: (Endpoint("127.0.0.1", backend.getsockname()[1]),)}
     p = new_proxier(SimpleNamespace(relay_impl=impl, userspace_localhost_only=True))
     try:
         assert isinstance(p, UserspaceProxier) and p.iptables is None  # no firewall access at all
