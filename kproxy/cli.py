@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bind-address", help="the node's primary IP (default 0.0.0.0: from the Node object)")
     a("--healthz-bind-address", help="IP:port of the health server (default 0.0.0.0:10256; empty disables)")
     a("--metrics-bind-address", help="IP:port of the metrics server (default 127.0.0.1:10249; empty disables)")
+    _bool_flag(p, "--bind-address-hard-fail", "bind_address_hard_fail",
+               "exit when the healthz or metrics port cannot be bound (default: log and go on)")
     _bool_flag(p, "--masquerade-all", "masquerade_all", "SNAT all traffic sent via Service cluster IPs")
     a("--iptables-masquerade-bit", dest="masquerade_bit", type=_int, help="fwmark bit for SNAT (0-31)")
     a("--iptables-sync-period", type=_duration, help="max interval between syncs, e.g. 30s")

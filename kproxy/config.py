@@ -32,6 +32,7 @@ class KProxyConfig:
     hostname_override: str = ""  # resolved to the node name by resolve_node_name()
     cluster_cidr: str = ""
     bind_address: str = "0.0.0.0"
+    bind_address_hard_fail: bool = False  # a healthz/metrics port that cannot be bound is fatal
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     nodeport_addresses: tuple[str, ...] = ()
@@ -152,6 +153,7 @@ _FILE_FIELDS: dict[str, tuple[str, str]] = {
     "clusterCIDR": ("cluster_cidr", "str"),
     "hostnameOverride": ("hostname_override", "str"),
     "bindAddress": ("bind_address", "str"),
+    "bindAddressHardFail": ("bind_address_hard_fail", "bool"),
     "healthzBindAddress": ("healthz_bind_address", "str"),
     "metricsBindAddress": ("metrics_bind_address", "str"),
     "nodePortAddresses": ("nodeport_addresses", "list"),
@@ -183,7 +185,7 @@ _FILE_FIELDS: dict[str, tuple[str, str]] = {
     "conntrack.udpStreamTimeout": ("conntrack_udp_stream_timeout", "duration"),
 }
 _IGNORED = frozenset((
-    "apiVersion", "kind", "bindAddressHardFail", "enableProfiling", "featureGates", "logging",
+    "apiVersion", "kind", "enableProfiling", "featureGates", "logging",
     "oomScoreAdj", "portRange", "detectLocalMode", "detectLocal", "showHiddenMetricsForVersion",
     "winkernel", "clientConnection.acceptContentTypes", "clientConnection.contentType",
     "clientConnection.qps", "clientConnection.burst", "conntrack.tcpBeLiberal",

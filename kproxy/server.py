@@ -155,7 +155,10 @@ def apply_conntrack_settings(cfg: KProxyConfig, proc_sys: Path = Path("/proc/sys
     return written
 
 
-async def _start_http(app: web.Application, address: str, what: str) -> web.AppRunner | None:
+async def _start_http(app: web.Application, address: str, what: str,
+                      hard_fail: bool) -> web.AppRunner | None:
+    """Serve app on IP:port; "" disables. A port that cannot be bound is logged and skipped,
+    or fatal with --bind-address-hard-fail, as upstream."""
     if not address:
         return None
     host, _, port = address.rpartition(":")
@@ -166,7 +169,11 @@ async def _start_http(app: web.Application, address: str, what: str) -> web.AppR
         await web.TCPSite(runner, host, int(port), reuse_address=True).start()
     except OSError as err:
         await runner.cleanup()
-        raise ConfigError(f"--{what}-bind-address {address}: cannot listen ({err.strerror})") from None
+        msg = f"--{what}-bind-address {address}: cannot listen ({err.strerror})"
+        if hard_fail:
+            raise ConfigError(msg) from None
+        log.error("%s; going on without it (--bind-address-hard-fail makes this fatal)", msg)
+        return None
     log.info("serving %s address=%s", what, address)
     return runner
 
@@ -313,7 +320,7 @@ class ProxyServer:
             for app, addr, what in ((health_app(self.health, self.metrics), self.cfg.healthz_bind_address,
                                      "healthz"),
                                     (self._metrics_app(), self.cfg.metrics_bind_address, "metrics")):
-                site = await _start_http(app, addr, what)
+                site = await _start_http(app, addr, what, self.cfg.bind_address_hard_fail)
                 if site is not None:
                     http.append(site)
             svc_inf: SummaryStore[Service] = SummaryStore(self.on_service)

@@ -127,3 +127,31 @@ def test_a_raising_proxier_is_a_failed_sync_that_keeps_stale_udp_entries() -> No
     assert flaky.requests[1].stale_services == [dns] and flaky.requests[1].full
     assert srv.health.last_updated is not None
     assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"} 7.0' in srv.metrics.exposition().decode()
+
+
+def test_busy_port_is_logged_or_fatal_with_hard_fail() -> None:
+    import socket
+
+    from aiohttp import web
+
+    from kproxy.server import _start_http
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+
+        async def main() -> None:
+            assert await _start_http(web.Application(), addr, "healthz", hard_fail=False) is None
+            with pytest.raises(ConfigError, match=f"--healthz-bind-address {addr}: cannot listen"):
+                await _start_http(web.Application(), addr, "healthz", hard_fail=True)
+            assert await _start_http(web.Application(), "", "metrics", hard_fail=True) is None
+
+        asyncio.run(main())
+    assert parse_config_flag(["--bind-address-hard-fail"]).bind_address_hard_fail
+
+
+def parse_config_flag(argv: list[str]) -> KProxyConfig:
+    from kproxy.cli import parse_config
+
+    return parse_config([*argv, "--hostname-override", "n"])
