@@ -173,6 +173,9 @@ class UserspaceProxier(Proxier):
                     log.error("userspace: cannot open listener service=%s err=%s", name, exc)
                     continue
             assert served is not None
+            if fresh and not self.localhost_only and len(_v4(svc.cluster_ips + svc.external_ips)) < len(
+                    [ip for ip in svc.cluster_ips + svc.external_ips if ip]):
+                log.warning("userspace: IPv6 service IPs are not redirected (IPv4 only) service=%s", name)
             served.svc = svc
             if fresh or request.full or name in request.changed:
                 self._set_endpoints(served, request.endpoints)
