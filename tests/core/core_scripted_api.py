@@ -20,7 +20,7 @@ class ScriptedApi:
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     rv: int = 100
     # watch scripts consumed one per watch request: list of events (dicts) then end-of-stream;
-    # a string "410" answers the watch request itself with HTTP 410.
+    # a string "410" or "500" answers the watch request itself with that HTTP status.
     watch_scripts: list[Any] = field(default_factory=list)
     list_calls: list[dict[str, str]] = field(default_factory=list)
     watch_calls: list[dict[str, str]] = field(default_factory=list)
@@ -54,6 +54,8 @@ async def scripted_api() -> AsyncIterator[ScriptedApi]:
             script = api.watch_scripts.pop(0) if api.watch_scripts else []
             if script == "410":
                 return web.json_response(_status(410, "Expired", "too old resource version"), status=410)
+            if script == "500":
+                return web.json_response(_status(500, "InternalError", "etcd is sad"), status=500)
             resp = web.StreamResponse()
             resp.content_type = "application/json"
             await resp.prepare(request)

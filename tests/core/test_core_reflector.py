@@ -231,3 +231,22 @@ def test_paged_store_gets_pages_and_survives_a_restarted_list() -> None:
             assert len(st) == 5 and st.resource_version == str(api.rv)
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_5xx_on_watch_backs_off_and_resumes_from_the_same_rv() -> None:
+    async def main() -> None:
+        async with scripted_api() as api:
+            api.put("a")
+            rv = str(api.rv)
+            api.watch_scripts = ["500", "500"]
+            api.hang_after_script = True
+            rec = Recorder()
+            client, r = _reflector(api, rec)
+            r.backoff = Backoff(initial=0.1, cap=0.1, jitter=0.0)
+            async with running(client, r):
+                await _until(lambda: len(api.watch_calls) >= 3)
+            assert r.lists == 1  # a 5xx is not a reason to relist
+            assert [w["resourceVersion"] for w in api.watch_calls[:3]] == [rv, rv, rv]
+
+    asyncio.run(main())
