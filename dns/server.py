@@ -203,8 +203,12 @@ def render_metrics(resolver: Resolver) -> str:
         for suffix, labels, value in samples:
             out.append(f"{name}{suffix}{labels} {float(value)!r}")
 
+    by_type: dict[str, int] = {}
+    for t, c in snap["types"].items():  # rare types share "other": one series per label set
+        label = wire.TYPE_NAMES.get(t, "other")
+        by_type[label] = by_type.get(label, 0) + c
     family("kdns_dns_requests_total", "counter", "DNS requests by query type.",
-           [("", _labels(type=wire.TYPE_NAMES.get(t, "other")), c) for t, c in sorted(snap["types"].items())])
+           [("", _labels(type=t), c) for t, c in sorted(by_type.items())])
     family("kdns_dns_responses_total", "counter", "DNS responses by rcode.",
            [("", _labels(rcode=wire.RCODE_NAMES.get(r, str(r))), c) for r, c in sorted(snap["rcodes"].items())])
     cum = 0

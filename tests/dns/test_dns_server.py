@@ -146,6 +146,12 @@ def test_dns_health_ready_metrics(srv: KdnsProcess) -> None:
     assert metric(text, "kdns_dns_request_duration_seconds_count") >= 7
     assert 'kdns_dns_request_duration_seconds_bucket{le="+Inf"}' in text
     assert "kdns_cache_hits_total" in text and "kdns_cache_misses_total" in text
+    # two rare query types are one "other" series, not two lines with the same labels
+    srv.query(f"web.default.svc.{ZONE}", 99)
+    srv.query(f"web.default.svc.{ZONE}", 100)
+    series = [ln.rsplit(" ", 1)[0] for ln in srv.http("/metrics")[1].splitlines() if not ln.startswith("#")]
+    assert len(series) == len(set(series))
+    assert 'kdns_dns_requests_total{type="other"}' in series
 
 
 @pytest.mark.timeout(40)
