@@ -26,7 +26,7 @@ import pytest
 from kproxy.kube.client import ApiClient, ApiError
 from kproxy.kube.informer import Informer
 from kproxy.kube.ingest import Service
-from kproxy.kube.kubeconfig import TokenSource, load_kubeconfig
+from kproxy.kube.kubeconfig import TokenSource, in_cluster, load_kubeconfig
 from kproxy.kube.reflector import Backoff, Reflector
 
 testing = pytest.importorskip("controlplane_stub.apiserver.testing")
@@ -106,6 +106,24 @@ def test_reflector_list_watch_bookmark_resume_and_410(api: Api) -> None:
             with pytest.raises(ApiError) as err:
                 await anon.get("/api/v1/services")
         assert (err.value.code, err.value.status.reason) == (401, "Unauthorized")
+        # In-cluster access: a service-account directory with the token and the CA, and
+        # KUBERNETES_SERVICE_HOST/PORT pointing at the server.
+        sa = Path(api.proc.data_dir) / "core-sa"
+        sa.mkdir()
+        (sa / "token").write_text(api.proc.readonly_token)
+        (sa / "ca.crt").write_bytes(Path(api.proc.ca_file).read_bytes())
+        host, port = api.proc.url.removeprefix("https://").rsplit(":", 1)
+        old_env = {k: os.environ.get(k) for k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")}
+        os.environ.update(KUBERNETES_SERVICE_HOST=host, KUBERNETES_SERVICE_PORT=port.rstrip("/"))
+        try:
+            async with ApiClient(in_cluster(sa)) as pod:
+                assert b'"ServiceList"' in await pod.get("/api/v1/services")
+        finally:
+            for k, v in old_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         inf: Informer[Service] = Informer()
         # Fixed 1 s backoff without jitter: the blocking restarts below decide what the
         # reflector sees when it reconnects.
