@@ -63,6 +63,9 @@ class KProxyConfig:
     conntrack_udp_stream_timeout: float = 0.0
     config_sync_period: float = 900.0
     udp_idle_timeout: float = 0.25  # userspace mode: idle UDP "connection" lifetime (--udp-timeout)
+    # userspace mode without any rules: NodePort/LB services on 127.0.0.1:PORT only (no kube-proxy
+    # equivalent; for hosts where the proxy may not own the firewall, as Docker Desktop does).
+    userspace_localhost_only: bool = False
     cleanup: bool = False
     verbosity: int = 0
     healthcheck_bind_address: str = ""  # service health-check node ports listen here ("" = all)

@@ -146,3 +146,10 @@ def test_console_script_reports_bad_flag() -> None:
     assert r.returncode == 1 and r.stdout == b""
     assert r.stderr.decode().splitlines() == [
         "kproxy: error: argument --iptables-min-sync-period: invalid duration '1q' (expected e.g. 30s, 1m0s, 500ms)"]
+
+
+def test_userspace_localhost_only_flag() -> None:
+    assert parse_config(["--proxy-mode", "userspace"]).userspace_localhost_only is False
+    cfg = parse_config(["--proxy-mode", "userspace", "--userspace-localhost-only"])
+    assert cfg.userspace_localhost_only is True
+    assert parse_config(["--userspace-localhost-only=false"]).userspace_localhost_only is False
