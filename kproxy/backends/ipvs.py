@@ -5,11 +5,12 @@ its message class costs ~0.7 ms to encode a single real server (measured with py
 i.e. over a minute for 10,000 services x 10 endpoints. This module encodes the same generic
 netlink messages (layout from include/uapi/linux/ip_vs.h, the one pyroute2's ipvsmsg describes)
 with `struct`, packs hundreds of them into one sendmsg and reads the kernel's answers in bulk.
-pyroute2 still creates the kube-ipvs0 link (one-off) and its ipvsmsg parser is what the tests use
-to cross-check the bytes here. Known pyroute2 0.9.7 pitfalls this module sidesteps, each pinned by
-a VM test: IPVSDest defaults to fwd_method 3 (direct routing; kube-proxy needs 0, masquerade);
-IPVSService/IPVSDest.from_message() report defaults for fwd_method, timeout and flags instead of
-the kernel's values; the "update" verb maps to a delete (the right verb is "set").
+pyroute2's ipvsmsg parser is what the tests use to cross-check the bytes here, and the VM tests
+drive pyroute2's IPVS API against the state kproxy wrote. Known pyroute2 0.9.7 pitfalls this
+module sidesteps, each pinned by a VM test: IPVSDest defaults to fwd_method 3 (direct routing;
+kube-proxy needs 0, masquerade); IPVSService/IPVSDest.from_message() report defaults for
+fwd_method, timeout and flags instead of the kernel's values; the "update" verb maps to a delete
+(the right verb is "set"). The kube-ipvs0 link is created with plain rtnetlink as well.
 
 IPVS has no transactions: the kernel applies the messages of a batch one by one and answers each
 failure with its own error. `apply` returns those errors; callers diff against a fresh dump on the
@@ -326,8 +327,8 @@ class _Socket:
                     return out
                 out.append(payload)
 
-    def request(self, kind: int, body: bytes) -> None:
-        _, msg = self.message(kind, NLM_F_REQUEST, body)
+    def request(self, kind: int, body: bytes, flags: int = 0) -> None:
+        _, msg = self.message(kind, NLM_F_REQUEST | flags, body)
         failed = self.batch([msg])
         if failed:
             err = failed[0][1]
@@ -487,27 +488,38 @@ class Addresses:
         return [(m, e) for m, e in self._nl.batch(msgs) if e not in (errno.EEXIST, errno.EADDRNOTAVAIL)]
 
 
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
+_IFINFOMSG = struct.Struct("=BxHiII")
+
+
 def ensure_dummy_link(name: str) -> int:
     """Creates the dummy link if missing (kept down, like upstream's kube-ipvs0: its addresses
-    are still local, so the kernel accepts packets for them); returns its ifindex."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            ipr.link("add", ifname=name, kind="dummy")
-            found = ipr.link_lookup(ifname=name)
-        return int(found[0])
+    are still local, so the kernel accepts packets for them); returns its ifindex. Plain
+    rtnetlink: importing pyroute2's IPRoute costs seconds under UML, for one message."""
+    index = link_index(name)
+    if index:
+        return index
+    sock = _Socket(socket.NETLINK_ROUTE)
+    try:
+        body = (_IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _nla(IFLA_IFNAME, name.encode() + b"\0")
+                + _nla(IFLA_LINKINFO, _nla(IFLA_INFO_KIND, b"dummy")))
+        sock.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
+    finally:
+        sock.close()
+    return link_index(name)
 
 
 def delete_link(name: str) -> bool:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if found:
-            ipr.link("del", index=found[0])
-        return bool(found)
+    index = link_index(name)
+    if not index:
+        return False
+    sock = _Socket(socket.NETLINK_ROUTE)
+    try:
+        sock.request(RTM_DELLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0))
+    finally:
+        sock.close()
+    return True
 
 
 def link_index(name: str) -> int:

@@ -150,31 +150,31 @@ class Topology:
         return line[0], line[1]
 
 
+def ip_batch(lines: list[str], netns: str = "") -> None:
+    """Many `ip` commands in one process (process starts are slow under UML)."""
+    cmd = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    proc = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+
+
 def setup_topology(suffix: str, n_backends: int) -> Topology:
     client = f"kptc{suffix}"
     bridge = f"kptbr{suffix}"
-    sh("ip", "netns", "add", client)
-    sh("ip", "link", "add", f"kptcv{suffix}", "type", "veth", "peer", "name", "eth0", "netns", client)
-    sh("ip", "addr", "add", f"{NODE_CLIENT_IP}/24", "dev", f"kptcv{suffix}")
-    sh("ip", "link", "set", f"kptcv{suffix}", "up")
-    sh("ip", "-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
-    sh("ip", "-n", client, "link", "set", "eth0", "up")
-    sh("ip", "-n", client, "link", "set", "lo", "up")
-    sh("ip", "-n", client, "route", "add", "default", "via", NODE_CLIENT_IP)
-    sh("ip", "link", "add", bridge, "type", "bridge")
-    sh("ip", "addr", "add", f"{NODE_POD_IP}/24", "dev", bridge)
-    sh("ip", "link", "set", bridge, "up")
+    spaces = [(f"kptb{i}{suffix}", f"kptbv{i}{suffix}", f"10.244.0.{10 + i}") for i in range(n_backends)]
+    root = [f"netns add {client}", f"link add kptcv{suffix} type veth peer name eth0 netns {client}",
+            f"addr add {NODE_CLIENT_IP}/24 dev kptcv{suffix}", f"link set kptcv{suffix} up",
+            f"link add {bridge} type bridge", f"addr add {NODE_POD_IP}/24 dev {bridge}", f"link set {bridge} up"]
+    for ns, veth, _ip in spaces:
+        root += [f"netns add {ns}", f"link add {veth} type veth peer name eth0 netns {ns}",
+                 f"link set {veth} master {bridge} up"]
+    ip_batch(root)
+    ip_batch([f"addr add {CLIENT_IP}/24 dev eth0", "link set eth0 up", "link set lo up",
+              f"route add default via {NODE_CLIENT_IP}"], client)
     backends = []
-    for i in range(n_backends):
-        ns = f"kptb{i}{suffix}"
-        ip = f"10.244.0.{10 + i}"
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", f"kptbv{i}{suffix}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "link", "set", f"kptbv{i}{suffix}", "master", bridge, "up")
-        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "route", "add", "default", "via", NODE_POD_IP)
+    for i, (ns, _veth, ip) in enumerate(spaces):
+        ip_batch([f"addr add {ip}/24 dev eth0", "link set eth0 up", "link set lo up",
+                  f"route add default via {NODE_POD_IP}"], ns)
         b = Backend(f"b{i}", ns, ip)
         b.start()
         backends.append(b)
