@@ -53,6 +53,8 @@ KUBELET_FIREWALL = "KUBE-FIREWALL"
 # the cache request to "all chains" and skips that list; "-Z" (zero counters) is the only such
 # command without lasting effect beyond the counters. Used only above this many chain lines.
 NFT_ALL_CHAINS_THRESHOLD = 64
+# last_plan keeps its restore input only up to this size.
+KEEP_INPUT_BYTES = 4 << 20
 NODEPORTS_TAIL_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
 
 
@@ -441,6 +443,10 @@ class IptablesProxier(Proxier):
                 return SyncResult(ok=False, error=err)
         t_restore = time.perf_counter()
         child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if self.last_plan_stats.get("bytes", 0) > KEEP_INPUT_BYTES:
+            # Do not hold tens of MiB of applied rules until the next sync (it would double the
+            # next full sync's peak); small inputs stay for logs and tests.
+            plan.chunks = []
         old = self._programmed
         self._programmed = plan.programmed
         self._owned_chains = plan.owned_chains
