@@ -130,7 +130,7 @@ def test_timeout_seconds_ends_the_stream(apiserver: APIServerProcess, namespace:
     started = time.monotonic()
     events = _watch(apiserver, f"/api/v1/namespaces/{namespace}/pods", params={"timeoutSeconds": "1"})
     elapsed = time.monotonic() - started
-    assert events == [] and 0.9 <= elapsed < 5
+    assert events == [] and 0.9 <= elapsed < 10
 
 
 def test_fifty_watchers_each_see_every_event_once_in_order(apiserver: APIServerProcess, admin: Client,
