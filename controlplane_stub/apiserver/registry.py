@@ -161,6 +161,10 @@ class Registry:
                     self._release_quietly(obj, old)
                 return obj
             meta = obj["metadata"]
+            if not meta.get("name"):
+                raise invalid(res.kind, "", [{"reason": "FieldValueRequired", "field": "metadata.name",
+                                             "message": "Required value: name or generateName is required"}],
+                              res.group)
             key = res.key(meta.get("namespace", ""), meta["name"])
             if old is None:
                 try:

@@ -276,6 +276,8 @@ class APIServer:
                         options = json.loads(raw)
                     except ValueError as e:
                         raise bad_request(f"error decoding DeleteOptions: {e}") from None
+                    if not isinstance(options, dict):
+                        raise bad_request("DeleteOptions must be a JSON object")
             if (options.get("dryRun") or []) == ["All"]:
                 dry_run = True
             if "propagationPolicy" in q:
