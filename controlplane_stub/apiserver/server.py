@@ -15,6 +15,7 @@ from aiohttp import web
 from ..store.base import Compacted, FutureRevision, Obj, Store
 from . import discovery, semantics
 from .errors import StatusError, bad_request, gone
+from .metrics import APIMetrics
 from .pki import User
 from .registry import Registry
 from .resources import BY_GROUP_VERSION, Resource
@@ -60,6 +61,7 @@ class APIServer:
         self.watches = WatchHub(store, bookmark_interval, min_request_timeout)
         self.external_address = external_address
         self.ready = False
+        self.metrics = APIMetrics(lambda: self.store.revision, lambda: self.watches.active)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
@@ -68,6 +70,7 @@ class APIServer:
             r.add_get(p, self._health)
             r.add_get(p + "/{check:.*}", self._health)
         r.add_get("/version", self._version)
+        r.add_get("/metrics", self._metrics)
         r.add_get("/openapi/v2", self._openapi_v2)
         r.add_get("/openapi/v3", self._openapi_v3)
         r.add_get("/openapi/v3/{gv:.*}", self._openapi_v3_gv)
@@ -100,6 +103,12 @@ class APIServer:
         except Exception as e:
             log.exception("event=internal_error method=%s path=%s", request.method, request.path)
             resp = status_response(StatusError(500, "InternalError", f"Internal error occurred: {e}"))
+        metric = request.get("metric")
+        if metric is not None:
+            verb, resource, sub = metric
+            # Watches are long-running: counted, but their duration is not request latency.
+            self.metrics.observe(verb, resource, sub, resp.status,
+                                 0.0 if verb == "WATCH" else time.monotonic() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("method=%s path=%s code=%s ms=%.1f", request.method, request.path_qs, resp.status,
                       (time.monotonic() - started) * 1000)
@@ -115,6 +124,7 @@ class APIServer:
 
     @staticmethod
     def _authorize(request: web.Request, verb: str, t: Target) -> None:
+        request["metric"] = (verb.upper(), t.res.id, t.sub)
         user: User = request["user"]
         if user.is_admin or verb in ("get", "list", "watch"):
             return
@@ -133,6 +143,10 @@ class APIServer:
         if "verbose" in request.query:
             return web.Response(text=f"[+]ping ok\n[+]etcd ok\n{request.path.strip('/')} check passed\n")
         return web.Response(text="ok")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, ctype = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def _version(self, request: web.Request) -> web.Response:
         return json_response(discovery.version())

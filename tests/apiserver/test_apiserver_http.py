@@ -342,3 +342,18 @@ def test_rejected_and_dry_run_writes_leak_no_allocations(admin: Client, namespac
     # deleting gives the port back
     assert admin.delete(f"{base}/ok2")[0] == 200
     assert admin.post(base, nodeport("ok3", 30556))[0] == 201
+
+
+def test_metrics(apiserver: APIServerProcess, admin: Client, namespace: str) -> None:
+    admin.post(f"/api/v1/namespaces/{namespace}/services", service("m"))
+    admin.get(f"/api/v1/namespaces/{namespace}/services/missing")
+    assert Client(apiserver, None).get("/metrics")[0] == 401
+    code, text = admin.get("/metrics")
+    assert code == 200
+    lines = text.splitlines()
+    assert any(line.startswith('apiserver_request_total{code="201",resource="services",subresource="",verb="CREATE"}')
+               for line in lines), text[:2000]
+    assert any(line.startswith('apiserver_request_total{code="404",resource="services",subresource="",verb="GET"}')
+               for line in lines)
+    rev = next(float(line.split()[-1]) for line in lines if line.startswith("kproxy_apiserver_store_revision "))
+    assert rev == float(admin.get("/api/v1/namespaces")[1]["metadata"]["resourceVersion"])

@@ -1,0 +1,34 @@
+"""/metrics in Prometheus text format, with kube-apiserver's metric names where one exists.
+
+One CollectorRegistry per server (no process-global state), so tests can run several servers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class APIMetrics:
+    def __init__(self, revision: Callable[[], int], watchers: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("apiserver_request_total", "Requests by verb, resource, subresource and HTTP code.",
+                                ["verb", "resource", "subresource", "code"], registry=self.registry)
+        self.latency = Histogram("apiserver_request_duration_seconds",
+                                 "Request latency (watches: until the stream starts).", ["verb", "resource"],
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        rev = Gauge("kproxy_apiserver_store_revision", "Current global revision of the store.",
+                    registry=self.registry)
+        rev.set_function(lambda: float(revision()))
+        live = Gauge("apiserver_longrunning_requests", "Open watch streams.", ["verb"], registry=self.registry)
+        live.labels("WATCH").set_function(lambda: float(watchers()))
+
+    def observe(self, verb: str, resource: str, subresource: str, code: int, seconds: float) -> None:
+        self.requests.labels(verb, resource, subresource, str(code)).inc()
+        self.latency.labels(verb, resource).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
