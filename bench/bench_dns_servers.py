@@ -280,7 +280,7 @@ def write_readme(rows: list[dict[str, Any]]) -> None:
         "the zone loaded from `--objects` (with `--kubeconfig` the API client adds about 20 MiB of "
         "imports). dnsmasq answers from host-record/srv-host lines and is slow on this zone (it scans "
         "its SRV entries on every query), as the issue reported.\n\n"
-        "Measured separately on 2026-11-23 (same machine, load average about 5): the answer path alone "
+        "Measured separately on 2026-11-23, same machine (load average 4 to 10): the answer path alone "
         "(`bench/bench_dns_answer.py`, no sockets) takes 0.85 us per query compiled and 6.3 us pure "
         "(7.4x); fed by kproxy-apiserver with the same 10,000 Services through `--kubeconfig`, "
         "kproxy-dns was ready 7.2 s after start and its RSS was 75.8 MiB (the API client's aiohttp "
