@@ -1,7 +1,7 @@
 """Discovery documents (/version, /api, /apis, /api/v1, /apis/G/V) built from resources.py.
 
-kubectl 1.32 asks for aggregated discovery first (Accept: ...as=APIGroupDiscoveryList) and falls
-back to these legacy documents when the answer is plain application/json, as it is here.
+kubectl 1.32 asks for aggregated discovery first (Accept: ...as=APIGroupDiscoveryList) and gets it
+(aggregated() below); other clients get the legacy documents.
 """
 from __future__ import annotations
 
@@ -91,3 +91,60 @@ def resource_list(group: str, version: str) -> dict[str, Any] | None:
         resources.extend(_entries(r))
     return {"kind": "APIResourceList", "apiVersion": "v1",
             "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+
+
+# Aggregated discovery (apidiscovery.k8s.io/v2): kubectl 1.26+ asks for it first and then needs two
+# requests (/api, /apis) instead of one per group-version.
+AGGREGATED_V2 = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+
+
+def wants_aggregated(accept: str) -> bool:
+    """True when the first acceptable type the client lists is the v2 aggregated document."""
+    for part in accept.split(","):
+        params = {p.strip() for p in part.split(";")[1:]}
+        if {"g=apidiscovery.k8s.io", "v=v2", "as=APIGroupDiscoveryList"} <= params:
+            return True
+        if part.strip().startswith("application/json") and not params:
+            return False
+    return False
+
+
+def _resource_v2(r: Resource) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "resource": r.plural,
+        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+        "scope": "Namespaced" if r.namespaced else "Cluster",
+        "singularResource": r.singular_name,
+        "verbs": list(r.verbs),
+    }
+    if r.short_names:
+        doc["shortNames"] = list(r.short_names)
+    if r.categories:
+        doc["categories"] = list(r.categories)
+    subs = []
+    for sub in r.subresources:
+        if sub == "scale":
+            subs.append({"subresource": "scale", "responseKind": {"group": "autoscaling", "version": "v1",
+                                                                  "kind": "Scale"},
+                         "verbs": ["get", "patch", "update"]})
+        elif sub == "binding":
+            subs.append({"subresource": "binding", "responseKind": {"group": "", "version": "v1", "kind": "Binding"},
+                         "verbs": ["create"]})
+        else:
+            subs.append({"subresource": sub, "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+                         "verbs": ["get", "patch", "update"]})
+    if subs:
+        doc["subresources"] = subs
+    return doc
+
+
+def aggregated(core: bool) -> dict[str, Any]:
+    """The APIGroupDiscoveryList for /api (core=True) or /apis."""
+    groups = [""] if core else list(GROUPS)
+    items = []
+    for g in groups:
+        versions = [{"version": v, "resources": [_resource_v2(r) for r in BY_GROUP_VERSION[(g, v)].values()],
+                     "freshness": "Current"}
+                    for (gg, v) in sorted(BY_GROUP_VERSION) if gg == g]
+        items.append({"metadata": {"name": g, "creationTimestamp": None}, "versions": versions})
+    return {"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items}

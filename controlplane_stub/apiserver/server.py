@@ -173,10 +173,18 @@ class APIServer:
         return json_response(doc)
 
     async def _api_root(self, request: web.Request) -> web.Response:
+        if discovery.wants_aggregated(request.headers.get("Accept", "")):
+            return self._aggregated(True)
         return json_response(discovery.api_versions(self.external_address))
 
     async def _apis_root(self, request: web.Request) -> web.Response:
+        if discovery.wants_aggregated(request.headers.get("Accept", "")):
+            return self._aggregated(False)
         return json_response(discovery.api_group_list())
+
+    @staticmethod
+    def _aggregated(core: bool) -> web.Response:
+        return web.Response(body=_encode(discovery.aggregated(core)), headers={"Content-Type": discovery.AGGREGATED_V2})
 
     # -- resource paths ------------------------------------------------------------------------
 

@@ -103,3 +103,21 @@ def test_discovery_documents() -> None:
     groups = discovery.api_group_list()["groups"]
     assert [g["name"] for g in groups] == ["apps", "discovery.k8s.io", "coordination.k8s.io"]
     assert discovery.resource_list("apps", "v2") is None and discovery.api_group("nope") is None
+
+
+def test_aggregated_discovery_negotiation_and_shape() -> None:
+    kubectl_accept = ("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,"
+                      "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json")
+    assert discovery.wants_aggregated(kubectl_accept)
+    assert not discovery.wants_aggregated("application/json, */*")
+    assert not discovery.wants_aggregated("")
+    core = discovery.aggregated(True)
+    assert core["kind"] == "APIGroupDiscoveryList" and [i["metadata"]["name"] for i in core["items"]] == [""]
+    pods = next(r for r in core["items"][0]["versions"][0]["resources"] if r["resource"] == "pods")
+    assert pods["scope"] == "Namespaced" and pods["shortNames"] == ["po"]
+    assert {s["subresource"] for s in pods["subresources"]} == {"status", "binding"}
+    apps = discovery.aggregated(False)
+    deploy = next(r for i in apps["items"] if i["metadata"]["name"] == "apps"
+                  for r in i["versions"][0]["resources"] if r["resource"] == "deployments")
+    scale = next(s for s in deploy["subresources"] if s["subresource"] == "scale")
+    assert scale["responseKind"] == {"group": "autoscaling", "version": "v1", "kind": "Scale"}
