@@ -183,6 +183,7 @@ class IptablesProxier(Proxier):
         self._node_ips: tuple[str, ...] = self._config_node_ips
         self.last_plan_stats: dict[str, float] = {}
         self.last_plan: Plan | None = None
+        self.keep_input_bytes = KEEP_INPUT_BYTES
         # Seconds between canary checks on partial syncs (0: every sync). Full syncs recreate it.
         self.canary_interval = 30.0
         self._last_canary_check = time.monotonic()
@@ -443,7 +444,7 @@ class IptablesProxier(Proxier):
                 return SyncResult(ok=False, error=err)
         t_restore = time.perf_counter()
         child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if self.last_plan_stats.get("bytes", 0) > KEEP_INPUT_BYTES:
+        if self.last_plan_stats.get("bytes", 0) > self.keep_input_bytes:
             # Do not hold tens of MiB of applied rules until the next sync (it would double the
             # next full sync's peak); small inputs stay for logs and tests.
             plan.chunks = []
