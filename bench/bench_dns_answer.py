@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dns_servers import kube_objects, query_file  # noqa: E402
-
-from kdns import _purewire, wire  # noqa: E402
-from kdns.objects import load_objects  # noqa: E402
-from kdns.records import ZoneIndex  # noqa: E402
+from bench_dns_servers import kube_objects, query_file
+from kdns import _purewire, wire
+from kdns.objects import load_objects
+from kdns.records import ZoneIndex
 
 try:
     from kdns import _wire as compiled

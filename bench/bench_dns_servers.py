@@ -194,7 +194,7 @@ def _wait_answering(port: int, name: str, proc: subprocess.Popen[bytes], timeout
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         r = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), name, "A", "+short", "+tries=1", "+time=1"],
-                           capture_output=True, text=True, timeout=10)
+                           capture_output=True, text=True, timeout=10, check=False)
         # dig prints its errors on stdout too: only an address means the zone is loaded.
         if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", r.stdout.strip()):
             time.sleep(0.5)  # let start-up work (GC after the load) finish before CPU is counted
@@ -208,7 +208,7 @@ def run_dnsperf(port: int, queries: Path, seconds: float, rate: int = 0) -> dict
     latency is the server's answer time rather than queueing behind the client's window."""
     cmd = ["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
            "-l", str(seconds), "-q", "256", "-c", "4", "-t", "2", *(["-Q", str(rate)] if rate else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
     def num(pattern: str) -> float:
         m = re.search(pattern, out)
         return float(m.group(1)) if m else 0.0
@@ -223,8 +223,9 @@ def run_dnsperf(port: int, queries: Path, seconds: float, rate: int = 0) -> dict
 
 
 def measure(name: str, cmd: list[str], port: int, workdir: Path, queries: Path) -> dict[str, Any]:
-    proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=subprocess.DEVNULL,
-                            stderr=open(workdir / f"{name}.log", "wb"), cwd=workdir)
+    with open(workdir / f"{name}.log", "wb") as log:  # Popen keeps its own copy of the fd
+        proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=subprocess.DEVNULL, stderr=log,
+                                cwd=workdir)
     try:
         _wait_answering(port, _fqdn(1), proc)
         rss_before = _rss_mib(proc.pid)
@@ -246,8 +247,8 @@ def measure(name: str, cmd: list[str], port: int, workdir: Path, queries: Path) 
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| server | queries completed | lost | qps (wall) | server CPU s | qps per CPU-second | "
-             f"avg latency ms (saturated) | avg latency ms at {PACED_QPS} qps | NXDOMAIN | RSS MiB |",
+    lines = [("| server | queries completed | lost | qps (wall) | server CPU s | qps per CPU-second | "
+              f"avg latency ms (saturated) | avg latency ms at {PACED_QPS} qps | NXDOMAIN | RSS MiB |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['server']} | {r['completed']:.0f} | {r['lost']:.0f} | {r['qps']:.0f} | {r['cpu_s']:.2f} | "
@@ -286,7 +287,7 @@ def write_readme(rows: list[dict[str, Any]]) -> None:
         "kproxy-dns was ready 7.2 s after start and its RSS was 75.8 MiB (the API client's aiohttp "
         "is the difference to the 56 MiB above).\n"
     )
-    pattern = re.compile(r"^## dns\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(r"^## dns\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
 

@@ -86,7 +86,6 @@ def _answer(q: bytes, table: Table, tcp: bool) -> tuple[bytes | None, int]:
         if pos - 12 > 254:
             return None, -1
     qend = pos + 1
-    qlen = qend - 12
     if qend + 4 > n:
         return None, -1
     qtype = (q[qend] << 8) | q[qend + 1]

@@ -50,6 +50,13 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _write_port_file(path: str, port: int) -> None:
+    """Atomically: a reader polling for the file never sees it empty."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(str(port))
+    os.replace(path + ".tmp", path)
+
+
 async def run(args: argparse.Namespace) -> None:
     index = ZoneIndex(zone=args.zone, ttl=args.ttl)
     upstreams = [parse_upstream(u) for u in args.upstream] or resolv_conf_upstreams(args.resolv_conf)
@@ -74,9 +81,7 @@ async def run(args: argparse.Namespace) -> None:
         health = HealthServer(resolver, args.health_bind_address, args.health_port)
         await health.start()
     if args.port_file:
-        with open(args.port_file + ".tmp", "w", encoding="utf-8") as f:
-            f.write(str(server.port))
-        os.replace(args.port_file + ".tmp", args.port_file)
+        _write_port_file(args.port_file, server.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

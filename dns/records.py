@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import sys
 import time
 from collections.abc import Iterable
-import sys
 from typing import Any, cast
 
 from kdns import wire

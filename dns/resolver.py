@@ -29,7 +29,7 @@ UDP_CAP = 4096
 class Forward:
     """A query for a name outside the cluster zone, already parsed."""
 
-    __slots__ = ("msg", "tcp", "started")
+    __slots__ = ("msg", "started", "tcp")
 
     def __init__(self, msg: Message, tcp: bool, started: float) -> None:
         self.msg = msg
@@ -38,7 +38,7 @@ class Forward:
 
 
 class _Entry:
-    __slots__ = ("expires", "stored", "msg")
+    __slots__ = ("expires", "msg", "stored")
 
     def __init__(self, expires: float, stored: float, msg: Message) -> None:
         self.expires = expires
@@ -129,7 +129,7 @@ class Resolver:
             out: bytes | Forward | None = wire.impl.answer(data, self.index.table, tcp)
             if out is None:
                 out = self._slow(data, tcp, t0)
-        except Exception:  # noqa: BLE001 - the last line of defence: one bad packet, not the server
+        except Exception:  # the last line of defence: one bad packet, not the whole server
             self.internal_errors += 1
             log.exception("query handling failed len=%d", len(data))
             out = self._error(data, wire.SERVFAIL) if len(data) >= 12 else None
@@ -224,7 +224,7 @@ class Resolver:
         else:
             try:
                 up = await self._shared_exchange(key, q)
-            except (OSError, asyncio.TimeoutError, WireError) as exc:
+            except (TimeoutError, OSError, WireError) as exc:
                 self.upstream_errors += 1
                 log.warning("upstream failed name=%s type=%d err=%r", q.name, q.qtype, exc)
                 out = self._reply(msg, wire.SERVFAIL, aa=False, tcp=fwd.tcp)
@@ -276,7 +276,7 @@ class Resolver:
                 if resp.rcode in (wire.SERVFAIL, wire.REFUSED, wire.NOTIMP):
                     raise OSError(f"upstream {host}:{port} answered rcode {resp.rcode}")
                 return resp
-            except (OSError, asyncio.TimeoutError, WireError) as exc:
+            except (TimeoutError, OSError, WireError) as exc:
                 last = exc
         raise last
 

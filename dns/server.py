@@ -174,7 +174,7 @@ class DNSServer:
                 writer.write(struct.pack("!H", len(out)) + out)
                 if writer.transport.get_write_buffer_size() > 1 << 20:
                     await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             if tasks:
@@ -279,7 +279,7 @@ class HealthServer:
                          f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
                          + (data if parts[0] != "HEAD" else b""))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         finally:
             writer.close()

@@ -94,8 +94,9 @@ class KdnsProcess:
         cmd = [str(KDNS), "--dns-bind-address", "127.0.0.1", "--dns-port", "0",
                "--health-bind-address", "127.0.0.1", "--health-port", str(self.health_port),
                "--port-file", str(port_file), "--v", "debug", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
-                                     env={**os.environ, **(env or {})}, cwd=self.workdir)
+        with open(self.log, "wb") as log:  # Popen keeps its own copy of the fd
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                         env={**os.environ, **(env or {})}, cwd=self.workdir)
         deadline = time.monotonic() + 20
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -123,8 +124,8 @@ class KdnsProcess:
         return dns.query.udp(q, "127.0.0.1", port=self.port, timeout=timeout, ignore_trailing=False)
 
     def dig(self, *args: str) -> str:
-        r = subprocess.run(["dig", f"@127.0.0.1", "-p", str(self.port), "+tries=1", "+time=3", *args],
-                           capture_output=True, text=True, timeout=20)
+        r = subprocess.run(["dig", "@127.0.0.1", "-p", str(self.port), "+tries=1", "+time=3", *args],
+                           capture_output=True, text=True, timeout=20, check=False)
         return r.stdout
 
     def stop(self) -> None:
@@ -229,7 +230,7 @@ class FakeUpstream:
                 return
             try:
                 data, addr = self.udp.recvfrom(4096)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             if self.delay:
                 time.sleep(self.delay)
@@ -241,7 +242,7 @@ class FakeUpstream:
                 return
             try:
                 conn, _ = self.tcp.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             with conn:
                 conn.settimeout(2)

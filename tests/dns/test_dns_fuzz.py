@@ -17,10 +17,9 @@ import pytest
 from conftest import ZONE, KdnsProcess, endpoint_slice, service, start_kdns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_dns_wire_twins import _index, corpus
-
 from kdns import _purewire, wire
 from kdns.resolver import Forward, Resolver
+from test_dns_wire_twins import _index, corpus
 
 TWINS: list[ModuleType] = [_purewire]
 try:

@@ -6,10 +6,17 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from kdns import _purewire
-from kdns.objects import (Endpoint, EndpointConditions, EndpointPort, EndpointSlice, ObjectMeta, Service,
-                          ServicePort, ServiceSpec)
+from kdns.objects import (
+    Endpoint,
+    EndpointConditions,
+    EndpointPort,
+    EndpointSlice,
+    ObjectMeta,
+    Service,
+    ServicePort,
+    ServiceSpec,
+)
 from kdns.records import ZoneIndex
 
 

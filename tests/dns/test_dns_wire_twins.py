@@ -15,10 +15,17 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 import pytest
-
 from kdns import _purewire, wire
-from kdns.objects import (Endpoint, EndpointConditions, EndpointPort, EndpointSlice, ObjectMeta, Service,
-                          ServicePort, ServiceSpec)
+from kdns.objects import (
+    Endpoint,
+    EndpointConditions,
+    EndpointPort,
+    EndpointSlice,
+    ObjectMeta,
+    Service,
+    ServicePort,
+    ServiceSpec,
+)
 from kdns.records import ZoneIndex
 
 _wire: ModuleType | None
@@ -61,7 +68,7 @@ def _tables(idx: ZoneIndex) -> list[Any]:
 NAMES = [f"web.default.svc.{ZONE}", f"WEB.Default.svc.{ZONE}", f"db.prod.svc.{ZONE}", f"_pg._tcp.db.prod.svc.{ZONE}",
          f"db-1.db.prod.svc.{ZONE}", f"10-1-0-2.db.prod.svc.{ZONE}", f"nope.prod.svc.{ZONE}", f"prod.svc.{ZONE}",
          ZONE, f"dns-version.{ZONE}", f"1-2-3-4.ns.pod.{ZONE}", "10.0.96.10.in-addr.arpa", "example.org",
-         f"ext.default.svc.{ZONE}", f"xcluster.local", f"a.b.c.d.e.f.g.{ZONE}"]
+         f"ext.default.svc.{ZONE}", "xcluster.local", f"a.b.c.d.e.f.g.{ZONE}"]
 TYPES = ["A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "CNAME", "MX", "ANY"]
 
 
