@@ -73,7 +73,6 @@ def cluster() -> Iterator[Cluster]:
         "3",
         "--backoff-base",
         "1",
-        "--no-dns",
         "--no-localhost-lb",
         "--timeout",
         "90",

@@ -16,6 +16,7 @@ import pytest
 from cluster_helpers import Cluster, LoopThread, wait_for
 
 from controlplane_stub import client as api
+from controlplane_stub.agent.pods import pod_netns_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kubectl, pytest.mark.timeout(180)]
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed" / "flask-kubernetes.yaml"
@@ -128,6 +129,32 @@ def test_seed_runs_four_ready_pods_across_three_nodes(cluster: Cluster) -> None:
         what="an answer through the LoadBalancer IP",
     )
     assert r.stdout == "Hello from Kubernetes!\n"
+
+
+def test_pods_resolve_services_through_the_cluster_dns(cluster: Cluster) -> None:
+    c = cluster
+    c.refresh()
+    comps = c.state["components"]
+    if not comps.get("dns", "").startswith("running") or not comps.get("kproxy", "").startswith("running"):
+        pytest.skip(f"cluster DNS needs kproxy-dns and kproxy: dns={comps.get('dns')!r} kproxy={comps.get('kproxy')!r}")
+    pod = seed_pods(c)[0]
+    pod_ns = pod_netns_name(c.state["prefix"], pod["metadata"]["uid"])
+    resolv = subprocess.run(["ip", "netns", "exec", pod_ns, "cat", "/etc/resolv.conf"], capture_output=True,
+                            text=True, timeout=10).stdout
+    assert "nameserver 10.96.0.10" in resolv and "search default.svc.cluster.local svc.cluster.local" in resolv
+    cluster_ip = c.json("svc", SVC)["spec"]["clusterIP"]
+
+    def lookup() -> str:
+        r = subprocess.run(["ip", "netns", "exec", pod_ns, "getent", "hosts", SVC], capture_output=True,
+                           text=True, timeout=15)
+        return r.stdout
+
+    out = wait_for(lambda: lookup(), timeout=30, what="the Service name to resolve inside the pod")
+    assert out.split()[0] == cluster_ip, out
+    # and the name works end to end: pod -> DNS -> ClusterIP -> (kproxy) -> some pod.
+    r = subprocess.run(["ip", "netns", "exec", pod_ns, "curl", "-s", "-m", "3", f"http://{SVC}:6000/whoami"],
+                       capture_output=True, text=True, timeout=15)
+    assert r.stdout.strip() in {p["metadata"]["name"] for p in seed_pods(c)}, r
 
 
 def test_kubectl_get_wide_and_describe(cluster: Cluster) -> None:
