@@ -564,6 +564,8 @@ async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
 def cmd_supervise(args: argparse.Namespace) -> int:
     st = State.load(Path(args.data_dir))
     assert st is not None, f"{args.data_dir}/state.json missing"
+    st.supervisor_pid = os.getpid()  # (cmd_up writes it too, but this copy is the one saved from now on)
+    st.save()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     sup = Supervisor(st, args)
     loop = asyncio.new_event_loop()
@@ -712,8 +714,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         env=env,
         cwd=str(d),
     )
+    # No save here: the supervisor owns state.json from now on (it records its own pid first).
     st.supervisor_pid = p.pid
-    st.save()
     print(
         f"kproxy-cluster: starting {args.name} ({args.nodes} nodes, --proxy-mode {args.proxy_mode}); "
         f"logs in {d}/logs",

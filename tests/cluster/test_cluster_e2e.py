@@ -136,24 +136,37 @@ def test_pods_resolve_services_through_the_cluster_dns(cluster: Cluster) -> None
     c.refresh()
     comps = c.state["components"]
     if not comps.get("dns", "").startswith("running") or not comps.get("kproxy", "").startswith("running"):
-        pytest.skip(f"cluster DNS needs kproxy-dns and kproxy: dns={comps.get('dns')!r} kproxy={comps.get('kproxy')!r}")
+        pytest.skip(
+            f"cluster DNS needs kproxy-dns and kproxy: dns={comps.get('dns')!r} kproxy={comps.get('kproxy')!r}"
+        )
     pod = seed_pods(c)[0]
     pod_ns = pod_netns_name(c.state["prefix"], pod["metadata"]["uid"])
-    resolv = subprocess.run(["ip", "netns", "exec", pod_ns, "cat", "/etc/resolv.conf"], capture_output=True,
-                            text=True, timeout=10).stdout
-    assert "nameserver 10.96.0.10" in resolv and "search default.svc.cluster.local svc.cluster.local" in resolv
+    resolv = subprocess.run(
+        ["ip", "netns", "exec", pod_ns, "cat", "/etc/resolv.conf"], capture_output=True, text=True, timeout=10
+    ).stdout
+    assert (
+        "nameserver 10.96.0.10" in resolv and "search default.svc.cluster.local svc.cluster.local" in resolv
+    )
     cluster_ip = c.json("svc", SVC)["spec"]["clusterIP"]
 
     def lookup() -> str:
-        r = subprocess.run(["ip", "netns", "exec", pod_ns, "getent", "hosts", SVC], capture_output=True,
-                           text=True, timeout=15)
+        r = subprocess.run(
+            ["ip", "netns", "exec", pod_ns, "getent", "hosts", SVC],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
         return r.stdout
 
     out = wait_for(lambda: lookup(), timeout=30, what="the Service name to resolve inside the pod")
     assert out.split()[0] == cluster_ip, out
     # and the name works end to end: pod -> DNS -> ClusterIP -> (kproxy) -> some pod.
-    r = subprocess.run(["ip", "netns", "exec", pod_ns, "curl", "-s", "-m", "3", f"http://{SVC}:6000/whoami"],
-                       capture_output=True, text=True, timeout=15)
+    r = subprocess.run(
+        ["ip", "netns", "exec", pod_ns, "curl", "-s", "-m", "3", f"http://{SVC}:6000/whoami"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
     assert r.stdout.strip() in {p["metadata"]["name"] for p in seed_pods(c)}, r
 
 
@@ -451,13 +464,28 @@ def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster)
     c.kubectl("delete", "svc", "stubborn")
 
 
-def test_down_leaves_no_namespace_link_or_process(cluster: Cluster) -> None:
+def test_down_after_a_crash_leaves_no_namespace_link_or_process(cluster: Cluster) -> None:
     c = cluster
     c.refresh()
     prefix, pids = c.state["prefix"], dict(c.state["pids"])
     pod_pids = [
         int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("kpc://")) for p in seed_pods(c)
     ]
+    # A crash first: the supervisor dies with SIGKILL, so none of its shutdown code runs and the API
+    # server, controllers, agents, kproxies and pods are left running. `down` must find them anyway.
+    sup = int(c.state["supervisor_pid"])
+    assert sup > 1 and "_supervise" in Path(f"/proc/{sup}/cmdline").read_bytes().decode(errors="replace")
+    os.kill(sup, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            not Path(f"/proc/{sup}").exists()
+            or "Z" in Path(f"/proc/{sup}/stat").read_text().split(")")[-1][:3]
+        ),
+        what="the supervisor gone",
+    )
+    assert all(Path(f"/proc/{pid}").exists() for pid in pod_pids), (
+        "pods should outlive the crashed supervisor"
+    )
     r = c.cli("down", timeout=120)
     assert r.returncode == 0 and "is down" in r.stdout, r
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
