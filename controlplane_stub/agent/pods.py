@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from controlplane_stub.agent.node import NodeAgent
 
 log = logging.getLogger("kpc.agent")
+UNSHARE = shutil.which("unshare")
+HOSTNAME_BIN = shutil.which("hostname")
 Obj = dict[str, Any]
 
 
@@ -110,6 +113,7 @@ class ContainerRunner:
                         "netns",
                         "exec",
                         w.netns,
+                        *w.uts_wrapper(),
                         *argv,
                         env=env,
                         cwd=cwd or None,
@@ -274,6 +278,14 @@ class PodWorker:
         self.agent.events.event(
             {"apiVersion": "v1", "kind": "Pod", "metadata": self.pod["metadata"]}, type_, reason, message
         )
+
+    def uts_wrapper(self) -> list[str]:
+        """Runs the container in its own UTS namespace whose hostname is the pod's name (or
+        spec.hostname), as in Kubernetes; `unshare` execs, so the container keeps its pid."""
+        if UNSHARE is None or HOSTNAME_BIN is None:
+            return []
+        name = str(self.pod["spec"].get("hostname") or self.pod["metadata"]["name"])[:63]
+        return [UNSHARE, "--uts", "--", "sh", "-c", f'{HOSTNAME_BIN} "$1" && shift && exec "$@"', "sh", name]
 
     def changed(self) -> None:
         self._changed.set()

@@ -103,6 +103,11 @@ def test_seed_runs_four_ready_pods_across_three_nodes(cluster: Cluster) -> None:
         # A real process, and it lives in the pod's own network namespace, not the host's.
         assert Path(f"/proc/{pid}").exists()
         assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        # its own UTS namespace too, named after the pod
+        uts = subprocess.run(
+            ["nsenter", "-t", str(pid), "-u", "hostname"], capture_output=True, text=True, timeout=10
+        )
+        assert uts.stdout.strip() == p["metadata"]["name"], uts
         assert p["status"]["podIP"].startswith("10.244.")
     eps = wait_for(
         lambda: (e := slice_endpoints(c)) and sum(x["conditions"]["ready"] for x in e) == 4 and e,
