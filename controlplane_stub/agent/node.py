@@ -44,9 +44,14 @@ class Ipam:
         self.free = [str(h) for h in list(net.hosts())[1:]]
         self.used: dict[str, str] = {}
 
-    def allocate(self, uid: str) -> str:
+    def allocate(self, uid: str, prefer: str = "") -> str:
+        """An IP for the pod; `prefer` (the pod's earlier IP, after an agent restart) if still free."""
         if uid in self.used:
             return self.used[uid]
+        if prefer and prefer in self.free:
+            self.free.remove(prefer)
+            self.used[uid] = prefer
+            return prefer
         if not self.free:
             raise RuntimeError("podCIDR exhausted")
         ip = self.free.pop(0)

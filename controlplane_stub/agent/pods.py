@@ -329,7 +329,9 @@ class PodWorker:
         writer = asyncio.create_task(self._status_writer())
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.pod_ip = self.agent.ipam.allocate(self.uid)
+            self.pod_ip = self.agent.ipam.allocate(
+                self.uid, (self.pod.get("status") or {}).get("podIP") or ""
+            )
             if netns.exists(self.netns):
                 # Left by an earlier run of this agent (its processes were its children): start clean.
                 await asyncio.to_thread(netns.delete, self.netns)

@@ -469,6 +469,34 @@ def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster)
     c.kubectl("delete", "svc", "stubborn")
 
 
+def test_a_crashed_node_agent_is_restarted_and_its_pods_come_back_with_their_ips(cluster: Cluster) -> None:
+    c = cluster
+    c.refresh()
+    before = {p["metadata"]["name"]: p["status"]["podIP"] for p in seed_pods(c)}
+    on_node = [p for p in seed_pods(c) if p["spec"]["nodeName"] == "node-1"] or seed_pods(c)
+    node = on_node[0]["spec"]["nodeName"]
+    agent = int(c.state["pids"][f"agent-{node}"])
+    old_pid = int(on_node[0]["status"]["containerStatuses"][0]["containerID"].removeprefix("kpc://"))
+    os.kill(agent, signal.SIGKILL)
+
+    def back() -> bool:
+        c.refresh()
+        new_agent = int(c.state["pids"][f"agent-{node}"])
+        pods = seed_pods(c)
+        p = next((x for x in pods if x["metadata"]["name"] == on_node[0]["metadata"]["name"]), None)
+        if new_agent == agent or p is None or not is_ready(p):
+            return False
+        cid = p["status"]["containerStatuses"][0].get("containerID", "")
+        return bool(cid) and int(cid.removeprefix("kpc://")) != old_pid
+
+    wait_for(back, timeout=60, interval=0.5, what="the agent restarted and the pod running again")
+    assert {p["metadata"]["name"]: p["status"]["podIP"] for p in seed_pods(c)} == before
+    wait_for(
+        lambda: sum(e["conditions"]["ready"] for e in slice_endpoints(c)) == len(before),
+        what="endpoints ready",
+    )
+
+
 def test_down_after_a_crash_leaves_no_namespace_link_or_process(cluster: Cluster) -> None:
     c = cluster
     c.refresh()

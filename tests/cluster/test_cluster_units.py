@@ -55,6 +55,8 @@ def test_ipam_never_hands_out_the_gateway_and_reuses_late() -> None:
         ipam.allocate("u9")
     ipam.release("u0")
     assert ipam.allocate("u10") == "10.244.7.2"
+    ipam.release("u3")
+    assert ipam.allocate("u11", prefer="10.244.7.5") == "10.244.7.5"  # an agent restart keeps pod IPs
 
 
 def test_scale_down_removes_unscheduled_then_pending_then_unready_first() -> None:
