@@ -11,9 +11,10 @@ from __future__ import annotations
 import ipaddress
 import struct
 import subprocess
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AbstractSet, Callable, Mapping
-
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kproxy.backends.ipvs import _Socket
@@ -53,11 +54,11 @@ class IPSets:
     timeout: float = 120.0
     restores: int = field(default=0, init=False)
     _known: dict[str, set[str]] | None = field(default=None, init=False)
-    _nl: "_Socket | None" = field(default=None, init=False, repr=False)
+    _nl: _Socket | None = field(default=None, init=False, repr=False)
 
     def _run(self, args: list[str], stdin: str | None = None) -> str:
         cmd = [*_prefix(self.netns), "ipset", *args]
-        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=self.timeout)
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False, timeout=self.timeout)
         if proc.returncode != 0:
             raise IPSetError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout

@@ -24,8 +24,8 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 # netlink (include/uapi/linux/netlink.h)
 NLMSG_ERROR = 2
@@ -369,7 +369,7 @@ class IPVS:
     def close(self) -> None:
         self._nl.close()
 
-    def __enter__(self) -> IPVS:
+    def __enter__(self) -> IPVS:  # noqa: PYI034 - not subclassed
         return self
 
     def __exit__(self, *exc: object) -> None:

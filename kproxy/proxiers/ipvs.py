@@ -42,8 +42,10 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Callable, Iterable
+from typing import Any
 
 from kproxy.backends import ipvs as nl
 from kproxy.backends.ipset import IPSets, SetSpec
@@ -285,8 +287,8 @@ def render_iptables(opts: IPVSOptions, jumps_missing: Iterable[tuple[str, str, s
         f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {m} -j ACCEPT',
         "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         f"-A KUBE-NODE-PORT -m set --match-set {KUBE_HEALTH_CHECK_NODE_PORT} dst -j ACCEPT",
-        f"-A KUBE-PROXY-FIREWALL -m set --match-set {KUBE_LOAD_BALANCER_FW} dst,dst"
-        f" -m set ! --match-set {KUBE_LOAD_BALANCER_SOURCE_CIDR} dst,dst,src -j DROP",
+        (f"-A KUBE-PROXY-FIREWALL -m set --match-set {KUBE_LOAD_BALANCER_FW} dst,dst"
+         f" -m set ! --match-set {KUBE_LOAD_BALANCER_SOURCE_CIDR} dst,dst,src -j DROP"),
     ]
     for s in (KUBE_LOAD_BALANCER, KUBE_CLUSTER_IP, KUBE_EXTERNAL_IP, KUBE_EXTERNAL_IP_LOCAL):
         flt.append(f"-A KUBE-IPVS-FILTER -m set --match-set {s} dst,dst -j RETURN")
@@ -416,7 +418,7 @@ class IPVSProxier(Proxier):
         full = request.full or self._need_full
         try:
             result = self._sync(request, full)
-        except Exception as e:  # noqa: BLE001 - any failure: report, and resync fully next time
+        except Exception as e:
             log.exception("msg=%s", "ipvs sync failed")
             self._need_full = self._deep_read = True
             return SyncResult(ok=False, error=f"{type(e).__name__}: {e}")
@@ -677,4 +679,4 @@ def new_proxier(config: Any) -> Proxier:
     )
 
 
-__all__ = ["IPVSProxier", "IPVSOptions", "new_proxier", "build_fragment", "render_iptables"]
+__all__ = ["IPVSOptions", "IPVSProxier", "build_fragment", "new_proxier", "render_iptables"]

@@ -28,7 +28,7 @@ NAME = ServicePortName("ns", "web", "http", "TCP")
 
 
 def sp(**kw: object) -> ServicePort:
-    base: dict[str, object] = dict(name=NAME, type="ClusterIP", cluster_ips=("10.96.0.10",), port=80, protocol="TCP")
+    base: dict[str, object] = {"name": NAME, "type": "ClusterIP", "cluster_ips": ("10.96.0.10",), "port": 80, "protocol": "TCP"}
     base.update(kw)
     return ServicePort(**base)  # type: ignore[arg-type]
 

@@ -2,8 +2,9 @@
 and no dummy links, the VM's kernel has both. The inner pytest output is printed here."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+
 
 def _live_uml_processes() -> set[int]:
     pids = set()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,10 +11,10 @@ if os.environ.get("KPROXY_IN_VM") != "1":
     pytest.skip("the IPVS suite runs only inside the VM (tests/vm/run sets KPROXY_IN_VM=1)",
                 allow_module_level=True)
 
-from ipvs_helpers import State, Topology, make_proxier, setup_topology, teardown_topology  # noqa: E402
+from ipvs_helpers import State, Topology, make_proxier, setup_topology, teardown_topology
 
-from kproxy.proxiers.base import SyncRequest  # noqa: E402
-from kproxy.proxiers.ipvs import IPVSProxier  # noqa: E402
+from kproxy.proxiers.base import SyncRequest
+from kproxy.proxiers.ipvs import IPVSProxier
 
 
 @pytest.fixture(scope="session")

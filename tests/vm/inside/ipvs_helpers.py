@@ -15,10 +15,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import pytest
+from typing import Any
 
 from kproxy.backends.ipset import IPSets
 from kproxy.backends.iptables import IPTables
@@ -34,7 +33,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def sh(*cmd: str, check: bool = True) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
     return proc.stdout
@@ -93,7 +92,7 @@ class Backend:
         while not self._stop.is_set():
             try:
                 conn, peer = self._sock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -153,7 +152,7 @@ class Topology:
 def ip_batch(lines: list[str], netns: str = "") -> None:
     """Many `ip` commands in one process (process starts are slow under UML)."""
     cmd = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
-    proc = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, check=False, timeout=60)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
 

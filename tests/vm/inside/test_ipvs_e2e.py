@@ -3,8 +3,6 @@ virtual servers to backend netns, driven by SyncRequests; kernel state checked w
 ip and ipset (tools allowed in tests, never used by kproxy at run time)."""
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections import Counter
 
@@ -18,7 +16,6 @@ from ipvs_helpers import (
     endpoints,
     service,
     sh,
-    wait_for,
 )
 
 from kproxy.proxiers.ipvs import IPVSProxier

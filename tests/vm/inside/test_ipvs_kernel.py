@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from ipvs_helpers import (
@@ -145,8 +146,8 @@ def test_ipvs_options_scheduler_timeouts_strict_arp() -> None:
         st.sync()
         assert "TCP  10.96.1.4:80 sh" in sh("ipvsadm", "-Ln")
         assert "(tcp tcpfin udp): 900 30 60" in sh("ipvsadm", "-L", "--timeout")
-        assert open("/proc/sys/net/ipv4/conf/all/arp_ignore").read().strip() == "1"
-        assert open("/proc/sys/net/ipv4/conf/all/arp_announce").read().strip() == "2"
+        assert Path("/proc/sys/net/ipv4/conf/all/arp_ignore").read_text().strip() == "1"
+        assert Path("/proc/sys/net/ipv4/conf/all/arp_announce").read_text().strip() == "2"
         with pytest.raises(ValueError, match="--ipvs-scheduler"):
             make_proxier(scheduler="fastest")
     finally:

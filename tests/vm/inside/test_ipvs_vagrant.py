@@ -19,7 +19,7 @@ def test_ipvs_vagrant_provisioning_offline_steps(tmp_path: Path) -> None:
     proc = subprocess.run(
         ["bash", str(PROVISION), "--role", "server", "--node-ip", "10.250.0.1", "--server-ip", "10.250.0.1",
          "--repo", str(REPO), "--root", str(tmp_path), "--steps", "kernel,units,check"],
-        capture_output=True, text=True, timeout=100, env=dict(os.environ, PYTHON=sys.executable))
+        capture_output=True, text=True, check=False, timeout=100, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stderr
     assert "IPVS reachable over netlink" in proc.stdout
     modules = Path("/proc/modules").read_text()
@@ -32,7 +32,7 @@ def test_ipvs_vagrant_provisioning_offline_steps(tmp_path: Path) -> None:
     api = (tmp_path / "etc/systemd/system/kproxy-apiserver.service").read_text()
     assert "--tls-san 10.250.0.1" in api
     assert (tmp_path / "etc/modules-load.d/kproxy-ipvs.conf").read_text().split()[0] == "ip_vs"
-    bad = subprocess.run(["bash", str(PROVISION), "--role", "leader"], capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(["bash", str(PROVISION), "--role", "leader"], capture_output=True, text=True, check=False, timeout=30)
     assert bad.returncode == 2 and "--role must be server or node" in bad.stderr
 
 
@@ -45,7 +45,7 @@ def test_ipvs_kproxy_cli_cleanup_removes_ipvs_state() -> None:
     sh("ipvsadm", "-A", "-t", "10.96.5.5:80", "-s", "rr")
     sh("ipset", "create", "KUBE-CLUSTER-IP", "hash:ip,port")
     kproxy = Path(sys.executable).parent / "kproxy"
-    proc = subprocess.run([str(kproxy), "--proxy-mode", "ipvs", "--cleanup"], capture_output=True, text=True,
+    proc = subprocess.run([str(kproxy), "--proxy-mode", "ipvs", "--cleanup"], capture_output=True, text=True, check=False,
                           timeout=100)
     assert proc.returncode == 0, proc.stderr
     assert "10.96.5.5" not in sh("ipvsadm", "-Ln")
