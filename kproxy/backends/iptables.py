@@ -101,6 +101,18 @@ class IPTables:
         `data` may be a list of str chunks: they are encoded and written one by one, so the
         full input (tens of MiB at 10,000 Services) never exists as one string plus its bytes.
         """
+        stream = self.open_restore()
+        try:
+            for chunk in [data] if isinstance(data, bytes) else data:
+                stream.write(chunk)
+        except BaseException:
+            stream.abort()
+            raise
+        stream.close()
+
+    def open_restore(self) -> RestoreStream:
+        """Start `iptables-restore --noflush` and return a writer: the caller renders straight
+        into its stdin, so the input never has to exist in memory as a whole."""
         self.restores += 1
         cmd = [
             *_netns_prefix(self.netns),
@@ -109,27 +121,7 @@ class IPTables:
             str(self.wait_seconds),
         ]
         cmd.append("--noflush")
-        chunks: Sequence[bytes | str] = [data] if isinstance(data, bytes) else data
-        # stderr goes to a file: a pipe could fill while we are still writing stdin.
-        with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-            assert proc.stdin is not None
-            try:
-                for chunk in chunks:
-                    proc.stdin.write(chunk if isinstance(chunk, bytes) else chunk.encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass  # the tool stopped reading (bad input): its exit code and stderr say why
-            try:
-                rc = proc.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise IPTablesError(cmd, -9, f"timed out after {self.timeout}s") from None
-            err.seek(0)
-            stderr = err.read().decode(errors="replace")
-        if rc != 0:
-            raise IPTablesError(cmd, rc, stderr)
+        return RestoreStream(cmd, self.timeout)
 
     def save(self, table: str) -> str:
         return self._run([_tool(self.backend, "iptables-save"), "-t", table]).decode()
@@ -170,6 +162,53 @@ class IPTables:
             if "inet" in parts:
                 ips.append(parts[parts.index("inet") + 1].split("/")[0])
         return ips
+
+
+class RestoreStream:
+    """A running iptables-restore fed chunk by chunk. Nothing is applied unless close() sees the
+    input through to EOF; abort() kills the tool before it reads a COMMIT it was never sent."""
+
+    def __init__(self, cmd: list[str], timeout: float) -> None:
+        self.cmd = cmd
+        self.timeout = timeout
+        self.bytes = 0
+        # stderr goes to a file: a pipe could fill while we are still writing stdin.
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()/abort()
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err)
+        self._broken = False
+
+    def write(self, chunk: str | bytes) -> None:
+        if self._broken:
+            return  # the tool stopped reading (bad input): close() reports its error
+        data = chunk if isinstance(chunk, bytes) else chunk.encode()
+        self.bytes += len(data)
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(data)
+        except BrokenPipeError:
+            self._broken = True
+
+    def abort(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._err.close()
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            rc = self._proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise IPTablesError(self.cmd, -9, f"timed out after {self.timeout}s") from None
+        self._err.seek(0)
+        stderr = self._err.read().decode(errors="replace")
+        self._err.close()
+        if rc != 0:
+            raise IPTablesError(self.cmd, rc, stderr)
 
 
 def chains_in_dump(dump: str) -> set[str]:

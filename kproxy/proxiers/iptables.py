@@ -24,11 +24,19 @@ import ipaddress
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.backends.conntrack import Conntrack
-from kproxy.backends.iptables import Backend, IPTables, IPTablesError, chains_in_dump, detect_backend
+from kproxy.backends.iptables import (
+    Backend,
+    IPTables,
+    IPTablesError,
+    RestoreStream,
+    chains_in_dump,
+    detect_backend,
+)
 from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import NamespacedName, ServiceHealthServer
 from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
@@ -255,7 +263,18 @@ class IptablesProxier(Proxier):
         return missing
 
     def plan(self, request: SyncRequest, full: bool) -> Plan:
-        """Build the restore buffer for this sync without applying it."""
+        """Build this sync's restore input in memory without applying it (tests, tools)."""
+        chunks: list[str] = []
+        plan = self._emit(request, full, chunks.append)
+        plan.chunks = chunks
+        return plan
+
+    def _emit(self, request: SyncRequest, full: bool, write: Callable[[str], None]) -> Plan:
+        """Render the sync and hand the restore input to `write` chunk by chunk, in an order
+        that needs nothing rendered later: each Service's chains are declared and filled as
+        soon as it is rendered; the shared chains (KUBE-SERVICES etc., built from per-service
+        fragments kept in memory) are declared and written after all Services; the filter
+        table, whose chains are all shared, comes after the nat table."""
         services = request.services
         endpoints = request.endpoints
         large = self._large_cluster(services, endpoints)
@@ -263,20 +282,42 @@ class IptablesProxier(Proxier):
             full = True  # every SVC/SEP chain changes shape (comments on/off)
         r = self.render
         t0 = time.perf_counter()
+        render_s = 0.0
+        size = 0
 
         programmed = {} if full else dict(self._programmed)
         if full:
             names = sorted(n for n, s in services.items() if _eligible(s))
         else:
             names = sorted(request.changed)
-        chain_decls: list[str] = []
-        chain_rules: list[str] = []
+        previous: set[str] = set()
+        missing: dict[str, list[str]] = {"filter": [], "nat": []}
+        if full:
+            previous = chains_in_dump(self.iptables.save("nat")) if self._need_dump else self._owned_chains
+            missing = self._missing_jumps()
+        # The chain count is only known after rendering; a Service with endpoints has its SVC
+        # chain and one per endpoint, so three per Service is the usual floor.
+        zero = self.iptables.backend == "nft" and len(names) * 3 > NFT_ALL_CHAINS_THRESHOLD
+        nat_open = False
+
+        def nat(chunk: str) -> None:
+            nonlocal nat_open, size
+            if not nat_open:
+                head = "*nat\n" + ("-Z\n" if zero else "")
+                if full:
+                    head += "".join(f":{c} - [0:0]\n" for c in NAT_CHAINS) + f":{CANARY} - [0:0]\n"
+                write(head)
+                size += len(head)
+                nat_open = True
+            write(chunk)
+            size += len(chunk)
+
         stale: set[str] = set()
         new_owned: set[str] = set() if full else set(self._owned_chains)
         dispatch_changed = full
         filter_changed = full
         empty: tuple[Endpoint, ...] = ()
-        n_chains = 0
+        rendered = 0
         masq_all = self.masquerade_all
         cidr = self.cluster_cidr
         node_ips = self._node_ips
@@ -293,16 +334,18 @@ class IptablesProxier(Proxier):
                 continue
             assert svc is not None
             eps = endpoints.get(name, empty)
-            out = r.render_service_port(svc, eps, masq_all, cidr, large, node_ips)
-            filt, disp, decls, rules, chains, _has = out
-            chain_decls.append(decls)
-            n_chains += len(chains)
-            chain_rules.append(rules)
+            tr = time.perf_counter()
+            filt, disp, decls, rules, chains, _has = r.render_service_port(
+                svc, eps, masq_all, cidr, large, node_ips
+            )
+            render_s += time.perf_counter() - tr
+            rendered += 1
+            if decls:
+                nat(decls + rules)
             serving: frozenset[tuple[str, int]] = frozenset()
             if svc.protocol == "UDP":
                 serving = frozenset((e.ip, e.port) for e in eps if e.serving or e.ready)
-            new = _Programmed(svc, filt, disp, tuple(chains), rules.count("\n"), serving)
-            programmed[name] = new
+            programmed[name] = _Programmed(svc, filt, disp, tuple(chains), rules.count("\n"), serving)
             if old is not None and not full:
                 stale.update(c for c in old.chains if c not in chains)
                 new_owned.difference_update(old.chains)
@@ -315,79 +358,71 @@ class IptablesProxier(Proxier):
                 filter_changed = filter_changed or bool(filt)
             new_owned.update(chains)
         if full:
-            previous = self._owned_chains
-            if self._need_dump:
-                previous = chains_in_dump(self.iptables.save("nat"))
             stale = {c for c in previous if c.startswith(SERVICE_CHAIN_PREFIXES) and c not in new_owned}
         else:
             stale.difference_update(new_owned)
-        t1 = time.perf_counter()
+        stale_sorted = sorted(stale)
 
-        missing = self._missing_jumps() if full else {"filter": [], "nat": []}
-        buf: list[str] = []
+        tail: list[str] = []
+        if dispatch_changed and not full:
+            tail.append(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n")
+        tail.extend(f":{c} - [0:0]\n" for c in stale_sorted)
+        tail.extend(missing["nat"])
         if full:
-            buf.append(f"*mangle\n:{CANARY} - [0:0]\nCOMMIT\n")
-        zero = self.iptables.backend == "nft"
+            m = self.masquerade_mark
+            tail.append(f"-A KUBE-POSTROUTING -m mark ! --mark {m}/{m} -j RETURN\n")
+            tail.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {m}\n")
+            tail.append(
+                '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT"'
+                " -j MASQUERADE --random-fully\n"
+            )
+            tail.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {m}\n")
+        if dispatch_changed:
+            tail.extend(p.dispatch for p in self._ordered(programmed) if p.dispatch)
+        tail.extend(f"-X {c}\n" for c in stale_sorted)
+        if dispatch_changed:
+            tail.extend(self._nodeports_tail())
+        if tail or nat_open:
+            nat("".join(tail))
+            nat("COMMIT\n")
+
+        fsec: list[str] = []
         if filter_changed:
-            buf.append("*filter\n")
-            buf.extend(f":{c} - [0:0]\n" for c in FILTER_CHAINS)
+            fsec.append("*filter\n")
+            fsec.extend(f":{c} - [0:0]\n" for c in FILTER_CHAINS)
             if self.localhost_nodeports:
-                buf.append(f":{KUBELET_FIREWALL} - [0:0]\n")
+                fsec.append(f":{KUBELET_FIREWALL} - [0:0]\n")
             if full:
-                buf.append(f":{CANARY} - [0:0]\n")
-            buf.extend(missing["filter"])
-            buf.extend(p.filter for p in self._ordered(programmed) if p.filter)
-            buf.extend(self._filter_globals())
-            buf.append("COMMIT\n")
+                fsec.append(f":{CANARY} - [0:0]\n")
+            fsec.extend(missing["filter"])
+            fsec.extend(p.filter for p in self._ordered(programmed) if p.filter)
+            fsec.extend(self._filter_globals())
+            fsec.append("COMMIT\n")
         elif missing["filter"]:
-            buf.append("*filter\n")
-            buf.extend(missing["filter"])
-            buf.append("COMMIT\n")
-        wrote_nat = dispatch_changed or bool(chain_decls) or bool(stale) or full
-        if wrote_nat:
-            buf.append("*nat\n")
-            if zero and n_chains + len(stale) > NFT_ALL_CHAINS_THRESHOLD:
-                buf.append("-Z\n")
-            if dispatch_changed:
-                buf.append(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n")
-            if full:
-                buf.append(f":KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:{CANARY} - [0:0]\n")
-            buf.extend(chain_decls)
-            stale_sorted = sorted(stale)
-            buf.extend(f":{c} - [0:0]\n" for c in stale_sorted)
-            buf.extend(missing["nat"])
-            if full:
-                m = self.masquerade_mark
-                buf.append(f"-A KUBE-POSTROUTING -m mark ! --mark {m}/{m} -j RETURN\n")
-                buf.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {m}\n")
-                buf.append(
-                    '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT"'
-                    " -j MASQUERADE --random-fully\n"
-                )
-                buf.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {m}\n")
-            if dispatch_changed:
-                buf.extend(p.dispatch for p in self._ordered(programmed) if p.dispatch)
-            buf.extend(chain_rules)
-            buf.extend(f"-X {c}\n" for c in stale_sorted)
-            if dispatch_changed:
-                buf.extend(self._nodeports_tail())
-            buf.append("COMMIT\n")
-        size = sum(len(c) for c in buf)
+            fsec.append("*filter\n")
+            fsec.extend(missing["filter"])
+            fsec.append("COMMIT\n")
+        if full:
+            fsec.append(f"*mangle\n:{CANARY} - [0:0]\nCOMMIT\n")
+        if fsec:
+            chunk = "".join(fsec)
+            write(chunk)
+            size += len(chunk)
         self.last_plan_stats = {
-            "render_s": t1 - t0,
-            "assemble_s": time.perf_counter() - t1,
+            "render_s": render_s,
+            "assemble_s": time.perf_counter() - t0 - render_s,
             "bytes": size,
         }
         self._large = large
         return Plan(
-            chunks=buf if size else [],
+            chunks=[],  # filled by the caller: plan() collects, sync() streams
             programmed=programmed,
             owned_chains=new_owned,
             full=full,
-            rendered=len(chain_decls),
+            rendered=rendered,
             wrote_dispatch=dispatch_changed,
             wrote_filter=filter_changed,
-            deleted_chains=sorted(stale),
+            deleted_chains=stale_sorted,
         )
 
     @staticmethod
@@ -414,29 +449,50 @@ class IptablesProxier(Proxier):
         full = request.full or self._need_full or self._flushed_by_someone_else()
         start = time.perf_counter()
         cpu0 = time.process_time()
-        try:
-            if full:
-                self._prepare_full_sync()
-            plan = self.plan(request, full)
-            self.last_plan = plan
-        except (IPTablesError, OSError, ValueError) as e:
-            self._need_full = True
-            self._need_dump = True
-            log.error("iptables sync failed before restore err=%s", e)
-            return SyncResult(ok=False, error=str(e))
-        t_render = time.perf_counter()
-        cpu1 = time.process_time()
         # CPU seconds of the restore process (user+sys, the kernel's commit included): a fair
         # figure on a loaded machine where wall time mostly measures waiting for a core.
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if plan.chunks:
+        stream: RestoreStream | None = None
+        kept: list[str] = []
+        kept_size = 0
+
+        def write(chunk: str) -> None:
+            # Rendering streams into the running iptables-restore: the input never exists whole
+            # in memory. Small inputs are also kept (logs, error context, tests).
+            nonlocal stream, kept_size
+            if stream is None:
+                stream = self.iptables.open_restore()
+            stream.write(chunk)
+            if kept_size <= self.keep_input_bytes:
+                kept_size += len(chunk)
+                if kept_size > self.keep_input_bytes:
+                    kept.clear()
+                else:
+                    kept.append(chunk)
+
+        try:
+            if full:
+                self._prepare_full_sync()
+            plan = self._emit(request, full, write)
+        except Exception as e:  # nothing may stay half-applied: kill the restore before EOF
+            if stream is not None:
+                stream.abort()
+            self._need_full = True
+            self._need_dump = True
+            log.exception("iptables sync failed while rendering")
+            return SyncResult(ok=False, error=f"render: {e}")
+        plan.chunks = kept
+        self.last_plan = plan
+        t_render = time.perf_counter()
+        cpu1 = time.process_time()
+        if stream is not None:
             try:
-                self.iptables.restore(plan.chunks)
-            except (IPTablesError, OSError, Exception) as e:  # noqa: BLE001 - any failure must force a resync
+                stream.close()
+            except (IPTablesError, OSError) as e:
                 self._need_full = True
                 self._need_dump = True
                 err = str(e)
-                if isinstance(e, IPTablesError) and e.line:
+                if isinstance(e, IPTablesError) and e.line and kept:
                     lines = plan.data.decode(errors="replace").splitlines()
                     ctx = lines[max(0, e.line - 2) : e.line + 1]
                     err += " near: " + " | ".join(ctx)
@@ -444,10 +500,6 @@ class IptablesProxier(Proxier):
                 return SyncResult(ok=False, error=err)
         t_restore = time.perf_counter()
         child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if self.last_plan_stats.get("bytes", 0) > self.keep_input_bytes:
-            # Do not hold tens of MiB of applied rules until the next sync (it would double the
-            # next full sync's peak); small inputs stay for logs and tests.
-            plan.chunks = []
         old = self._programmed
         self._programmed = plan.programmed
         self._owned_chains = plan.owned_chains
