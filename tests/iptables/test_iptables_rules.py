@@ -272,3 +272,23 @@ def test_flushed_tables_are_detected_by_the_canary(px: IptablesProxier) -> None:
     assert px.last_plan is not None and px.last_plan.full
     assert tr.trace(POD_SRC, VIP, 80) == {Outcome("ACCEPT", f"{E1}:80", False)}
     assert tr.trace(POD_SRC, "172.30.0.42", 80) == {Outcome("ACCEPT", f"{E2}:80", False)}
+
+
+def test_backend_detection_prefers_the_one_holding_kube_rules(
+    rules_netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kproxy.backends.iptables import BACKEND_ENV, detect_backend
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    legacy = IPTables(backend="legacy", netns=rules_netns)
+    assert detect_backend(rules_netns) == "nft"  # nothing anywhere: the image default
+    legacy.command("-t", "mangle", "-N", "KUBE-KUBELET-CANARY")  # what a legacy kubelet leaves
+    try:
+        assert detect_backend(rules_netns) == "legacy"
+        monkeypatch.setenv(BACKEND_ENV, "nft")
+        assert detect_backend(rules_netns) == "nft"
+        monkeypatch.setenv(BACKEND_ENV, "bogus")
+        with pytest.raises(ValueError, match=BACKEND_ENV):
+            detect_backend(rules_netns)
+    finally:
+        legacy.command("-t", "mangle", "-X", "KUBE-KUBELET-CANARY")
