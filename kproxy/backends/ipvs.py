@@ -393,6 +393,26 @@ class IPVS:
         return self._msg(CMD_NEW_DEST, _nla(CMD_ATTR_SERVICE, service_key_attrs(vs)) + _nla(CMD_ATTR_DEST, dest_attrs(rs)),
                          NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL)
 
+    def add_dests(self, vs: VirtualServer, dests: Iterable[tuple[str, int]], weight: int = 1) -> list[bytes]:
+        """NEW_DEST messages for many real servers of one service: the full-sync hot path, so
+        the service part, the header layout and the attribute tail are packed once."""
+        head = _GENLHDR.pack(CMD_NEW_DEST, IPVS_GENL_VERSION, 0) + _nla(CMD_ATTR_SERVICE, service_key_attrs(vs))
+        tail = _dest_tail(weight)
+        flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+        nl = self._nl
+        out = []
+        for address, port in dests:
+            if ":" in address:
+                attrs = (_ADDR6_HDR + socket.inet_pton(socket.AF_INET6, address) + _PORT_HDR
+                         + _BE16.pack(port) + b"\0\0" + _FAMILY6 + tail)
+            else:
+                attrs = (_ADDR4_HDR + socket.inet_pton(socket.AF_INET, address) + _PORT_HDR
+                         + _BE16.pack(port) + b"\0\0" + _FAMILY4 + tail)
+            body = head + _NLA.pack(4 + len(attrs), CMD_ATTR_DEST) + attrs
+            nl.seq += 1
+            out.append(_NLMSGHDR.pack(16 + len(body), self.family_id, flags, nl.seq, 0) + body)
+        return out
+
     def update_dest(self, vs: VirtualServer, rs: RealServer) -> bytes:
         return self._msg(CMD_SET_DEST, _nla(CMD_ATTR_SERVICE, service_key_attrs(vs)) + _nla(CMD_ATTR_DEST, dest_attrs(rs)))
 

@@ -539,14 +539,17 @@ class IPVSProxier(Proxier):
                 msgs.append(self.ipvs.update_service(vs))
                 self._k_services[key] = vs
             dests = self._k_dests.setdefault(key, {})
+            new = [rk for rk in rs_keys if rk not in dests]
+            if new:
+                msgs += self.ipvs.add_dests(vs, new)
+                dests.update(dict.fromkeys(new, 1))
             for rk in rs_keys:
-                w = dests.get(rk)
-                if w is None:
-                    msgs.append(self.ipvs.add_dest(vs, nl.RealServer(rk[0], rk[1], 1)))
-                elif w != 1:
+                if dests[rk] != 1:  # weight 0 (terminating, now back) or a foreign setting
                     msgs.append(self.ipvs.update_dest(vs, nl.RealServer(rk[0], rk[1], 1)))
-                dests[rk] = 1
-                self._terminating.pop((key, rk), None)
+                    dests[rk] = 1
+            if self._terminating:
+                for rk in rs_keys:
+                    self._terminating.pop((key, rk), None)
             for rk in [rk for rk in dests if rk not in rs_keys]:
                 if vs.protocol in GRACEFUL_PROTOCOLS:
                     if dests[rk] != 0:

@@ -69,6 +69,12 @@ def test_ipvs_dest_message_decodes_as_masquerade_with_pyroute2(ipvs: _FakeIPVS) 
     svc = msg.get("IPVS_CMD_ATTR_SERVICE")
     assert (svc.get("IPVS_SVC_ATTR_ADDR"), svc.get("IPVS_SVC_ATTR_PORT"), svc.get("IPVS_SVC_ATTR_PROTOCOL")) == (
         "10.96.0.10", 80, socket.IPPROTO_TCP)
+    # The bulk builder of a full sync encodes the same message as the one-by-one path.
+    bulk = ipvs.add_dests(vs, [("10.244.1.5", 8080), ("fd00::5", 53)])
+    assert _decode(bulk[0]).get("IPVS_CMD_ATTR_DEST") == dest
+    single = ipvs.add_dest(vs, nl.RealServer("10.244.1.5", 8080, 1))
+    assert (bulk[0][:8], bulk[0][16:]) == (single[:8], single[16:])  # all but sequence number and pid
+    assert _decode(bulk[1]).get("IPVS_CMD_ATTR_DEST").get("IPVS_DEST_ATTR_ADDR") == "fd00::5"
     v6 = _decode(ipvs.delete_dest(nl.VirtualServer("fd00::a", 80, "UDP"), nl.RealServer("fd00::5", 53)))
     assert v6.get("IPVS_CMD_ATTR_DEST").get("IPVS_DEST_ATTR_ADDR") == "fd00::5"
     assert v6.get("IPVS_CMD_ATTR_DEST").get("IPVS_DEST_ATTR_FWD_METHOD") is None  # key only
