@@ -42,6 +42,24 @@ def template_hash(template: Obj, collision_count: int = 0) -> str:
     return "".join(SAFE_ALPHABET[ord(c) % len(SAFE_ALPHABET)] for c in str(h))[:10]
 
 
+def _normalized(v: Any) -> Any:
+    """The template without null fields (kubectl sends metadata.creationTimestamp: null, which the
+    real server drops on decode), so that equal templates compare and hash equal."""
+    if isinstance(v, dict):
+        return {k: _normalized(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_normalized(x) for x in v]
+    return v
+
+
+def _without_hash(template: Obj) -> Obj:
+    t: Obj = json.loads(json.dumps(template))
+    labels = (t.get("metadata") or {}).get("labels")
+    if isinstance(labels, dict):
+        labels.pop(HASH_LABEL, None)
+    return t
+
+
 def replicas_of(rs: Obj) -> int:
     return int(rs["spec"].get("replicas", 0))
 
@@ -80,9 +98,15 @@ class DeploymentController:
         spec = d["spec"]
         replicas = int(spec.get("replicas", 1))
         rss = self.owned(d)
-        want_tmpl = spec["template"]
+        want_tmpl = _normalized(spec["template"])
         h = template_hash(want_tmpl, int((d.get("status") or {}).get("collisionCount", 0)))
         new = next((rs for rs in rss if (rs["metadata"].get("labels") or {}).get(HASH_LABEL) == h), None)
+        if new is None:
+            # `kubectl rollout undo` writes back an old ReplicaSet's template: reuse that ReplicaSet
+            # (upstream compares templates ignoring the hash label, EqualIgnoreHash).
+            new = next(
+                (rs for rs in rss if _normalized(_without_hash(rs["spec"]["template"])) == want_tmpl), None
+            )
         olds = [rs for rs in rss if rs is not new]
         strategy = spec.get("strategy") or {}
         rolling = strategy.get("type", "RollingUpdate") == "RollingUpdate"
@@ -120,7 +144,7 @@ class DeploymentController:
     async def _create_new_rs(
         self, d: Obj, h: str, olds: list[Obj], replicas: int, rolling: bool, max_surge: int
     ) -> Obj:
-        tmpl = json.loads(json.dumps(d["spec"]["template"]))
+        tmpl = _normalized(json.loads(json.dumps(d["spec"]["template"])))
         tmpl.setdefault("metadata", {}).setdefault("labels", {})[HASH_LABEL] = h
         selector = json.loads(json.dumps(d["spec"]["selector"]))
         selector.setdefault("matchLabels", {})[HASH_LABEL] = h

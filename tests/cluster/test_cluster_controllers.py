@@ -376,6 +376,63 @@ def test_rolling_update_respects_surge_and_availability(controlplane: ControlPla
     )
 
 
+def test_rollback_reuses_the_old_replicaset(controlplane: ControlPlane) -> None:
+    """What `kubectl rollout undo` does: write an old ReplicaSet's template back (with the
+    `creationTimestamp: null` kubectl adds); the controller scales that ReplicaSet up again."""
+    cp = controlplane
+    ns = ns_name(cp)
+    d = deployment("undo", 2, {"app": "undo"})
+    cp.create(api.path("deployments", ns), d)
+
+    def settled(gen: int) -> bool:
+        x = cp.get(api.path("deployments", ns, "undo"))
+        st = x.get("status") or {}
+        return (
+            st.get("observedGeneration") == x["metadata"]["generation"] == gen
+            and st.get("updatedReplicas") == 2
+            and st.get("availableReplicas") == 2
+            and st.get("replicas") == 2
+        )
+
+    wait_for(lambda: settled(1), what="revision 1 rolled out")
+    first = cp.items(api.path("replicasets", ns))[0]
+    cp.patch(
+        api.path("deployments", ns, "undo"),
+        {
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "c",
+                                "image": "busybox:2",
+                                "ports": [{"name": "http", "containerPort": 8080}],
+                            }
+                        ]
+                    }
+                }
+            }
+        },
+    )
+    wait_for(lambda: settled(2), what="revision 2 rolled out")
+    old_template = cp.get(api.obj_path("replicasets", first))["spec"]["template"]
+    old_template["metadata"]["labels"].pop("pod-template-hash")
+    old_template["metadata"]["creationTimestamp"] = None
+    cp.call(
+        cp.client.patch(
+            api.path("deployments", ns, "undo"),
+            [{"op": "replace", "path": "/spec/template", "value": old_template}],
+            kind="json",
+        )
+    )
+    wait_for(lambda: settled(3), what="the rollback rolled out")
+    rss = {r["metadata"]["name"]: r for r in cp.items(api.path("replicasets", ns))}
+    assert len(rss) == 2, sorted(rss)
+    back = rss[first["metadata"]["name"]]
+    assert back["spec"]["replicas"] == 2
+    assert back["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3"
+
+
 def test_loadbalancer_pool(controlplane: ControlPlane) -> None:
     cp = controlplane
     ns = ns_name(cp)
