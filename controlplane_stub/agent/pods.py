@@ -66,6 +66,7 @@ class ContainerRunner:
     exit_code: int | None = None
     stopping: bool = False
     liveness_kill: bool = False
+    started: bool = False
 
     @property
     def name(self) -> str:
@@ -78,7 +79,7 @@ class ContainerRunner:
             "imageID": f"kpc-catalog://{self.spec.get('image', '')}",
             "ready": self.ready,
             "restartCount": self.restart_count,
-            "started": "running" in self.state,
+            "started": "running" in self.state and self.started,
             "state": self.state,
         }
         if self.proc is not None:
@@ -139,17 +140,12 @@ class ContainerRunner:
             t_start = time.monotonic()
             self.started_once = True
             self.state = {"running": {"startedAt": started}}
-            self.ready = not self.init and "readinessProbe" not in self.spec
+            # With a startupProbe, the container is not "started" (and its readiness and liveness
+            # probes do not run) until that probe succeeds, as in the kubelet.
+            self.started = "startupProbe" not in self.spec
+            self.ready = not self.init and self.started and "readinessProbe" not in self.spec
             w.changed()
-            probe_tasks = (
-                []
-                if self.init
-                else [
-                    asyncio.create_task(self._probe_loop(kind))
-                    for kind in ("readinessProbe", "livenessProbe")
-                    if kind in self.spec
-                ]
-            )
+            probe_tasks = [] if self.init else [asyncio.create_task(self._probes())]
             rc = await self.proc.wait()
             for t in probe_tasks:
                 t.cancel()
@@ -199,7 +195,19 @@ class ContainerRunner:
             self.done = True
             w.changed()
 
-    async def _probe_loop(self, kind: str) -> None:
+    async def _probes(self) -> None:
+        if not self.started:
+            if not await self._probe_loop("startupProbe"):
+                return
+            self.started = True
+            self.ready = "readinessProbe" not in self.spec
+            self.worker.changed()
+        await asyncio.gather(
+            *(self._probe_loop(k) for k in ("readinessProbe", "livenessProbe") if k in self.spec)
+        )
+
+    async def _probe_loop(self, kind: str) -> bool:
+        """Runs one probe forever (a startupProbe: until it succeeds, then True, or fails, then False)."""
         w = self.worker
         probe = self.spec[kind]
         period = float(probe.get("periodSeconds", 10))
@@ -213,7 +221,17 @@ class ContainerRunner:
                 st.successes, st.failures = st.successes + 1, 0
             else:
                 st.failures, st.successes = st.failures + 1, 0
-            if kind == "readinessProbe":
+            if kind == "startupProbe":
+                if ok and st.successes >= success_needed:
+                    return True
+                if not ok and st.failures >= failure_needed:
+                    w.event("Warning", "Unhealthy", f"Startup probe failed: {msg}")
+                    w.event(
+                        "Normal", "Killing", f"Container {self.name} failed startup probe, will be restarted"
+                    )
+                    await self.kill(float(w.pod["spec"].get("terminationGracePeriodSeconds", 30)))
+                    return False
+            elif kind == "readinessProbe":
                 if ok and st.successes >= success_needed and not self.ready:
                     self.ready = True
                     w.changed()
@@ -229,7 +247,7 @@ class ContainerRunner:
                 )
                 self.liveness_kill = True
                 await self.kill(float(w.pod["spec"].get("terminationGracePeriodSeconds", 30)))
-                return
+                return False
             await asyncio.sleep(period)
 
     async def kill(self, grace: float) -> None:

@@ -395,7 +395,43 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
     )
     flag.unlink()
     wait_for(lambda: pod_status(c, "probed")["containerStatuses"][0]["ready"], timeout=30, what="ready again")
-    c.kubectl("delete", "pod", "never", "onfailure", "probed", "--wait=false")
+    # startupProbe: not started and not ready (readiness not even probed) until it succeeds.
+    gate = tmp_path / "started"
+    apply_pod(
+        c,
+        "slowstart",
+        {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "busybox",
+                    "command": ["sh", "-c", "while :; do sleep 0.2; done"],
+                    "startupProbe": {
+                        "exec": {"command": ["test", "-e", str(gate)]},
+                        "periodSeconds": 1,
+                        "failureThreshold": 60,
+                    },
+                    "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1},
+                }
+            ]
+        },
+    )
+    cs = wait_for(
+        lambda: (
+            (x := pod_status(c, "slowstart").get("containerStatuses")) and "running" in x[0]["state"] and x[0]
+        ),
+        what="slowstart running",
+    )
+    time.sleep(2.0)
+    cs = pod_status(c, "slowstart")["containerStatuses"][0]
+    assert cs["started"] is False and cs["ready"] is False, cs
+    gate.write_text("x")
+    cs = wait_for(
+        lambda: (x := pod_status(c, "slowstart")["containerStatuses"][0])["ready"] and x,
+        what="started and ready after the startup probe",
+    )
+    assert cs["started"] is True and cs["restartCount"] == 0
+    c.kubectl("delete", "pod", "never", "onfailure", "probed", "slowstart", "--wait=false")
 
 
 def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster) -> None:
