@@ -942,10 +942,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         if args.no_wait:
             return 0
+        def stop(*_: object) -> None:
+            raise KeyboardInterrupt
+
+        # Explicit handlers: a shell's background job inherits SIGINT ignored, and `kill` sends TERM.
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
         try:
             signal.pause()
         except KeyboardInterrupt:
-            pass
+            print("\nstopping the cluster", flush=True)
         return 0
     finally:
         cmd_down(args)
