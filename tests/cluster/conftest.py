@@ -53,7 +53,11 @@ def controlplane(apiserver: APIServerProcess) -> Iterator[ControlPlane]:
     try:
         yield cp
     finally:
-        loop.stop()
+        try:
+            loop.run(cp.client.close(), 5)
+            loop.run(cp.sim.client.close(), 5)
+        finally:
+            loop.stop()
 
 
 @pytest.fixture(scope="module")
