@@ -97,6 +97,7 @@ def test_ipvs_vs_iptables_sync_in_one_vm(benchmark: Any) -> None:
         return result
 
     figures = benchmark.pedantic(run, rounds=1, iterations=1)
+    print(json.dumps(figures, indent=1))
     for n in SIZES:
         ipvs, ipt = figures[f"ipvs_{n}"], figures[f"iptables_{n}"]
         ratio_full = ipt["full_s"] / ipvs["full_s"]
