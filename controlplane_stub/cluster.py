@@ -842,6 +842,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return subprocess.run(["ip", "netns", "exec", f"{st.prefix}client", *cmd], env=env).returncode
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Container logs (kubectl logs needs a kubelet API the API server would proxy to; the node
+    agents write one file per container instead, appended across restarts)."""
+    st = _state(args)
+    if st is None:
+        print(f"kproxy-cluster logs: no cluster {args.name}", file=sys.stderr)
+        return 1
+    dirs = sorted(Path(st.data_dir).glob(f"nodes/*/logs/{args.namespace}_{args.pod}_*"))
+    if not dirs:
+        print(f"kproxy-cluster logs: no logs for pod {args.namespace}/{args.pod}", file=sys.stderr)
+        return 1
+    files = sorted(dirs[-1].glob(f"{args.container or '*'}.log"))
+    if not files:
+        print(f"kproxy-cluster logs: pod {args.pod} has no container {args.container!r}", file=sys.stderr)
+        return 1
+    for f in files:
+        sys.stdout.write(f.read_text(errors="replace"))
+    return 0
+
+
 def cmd_kubeconfig(args: argparse.Namespace) -> int:
     st = _state(args)
     if st is None:
@@ -942,6 +962,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         if args.no_wait:
             return 0
+
         def stop(*_: object) -> None:
             raise KeyboardInterrupt
 
@@ -1002,6 +1023,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sub.add_parser("down", help="remove every netns and process of the cluster (idempotent)"))
     common(sub.add_parser("status", help="nodes and components"))
     common(sub.add_parser("kubeconfig", help="print the kubeconfig path"))
+    lg = sub.add_parser("logs", help="a pod's container logs (from the node agent's log files)")
+    common(lg)
+    lg.add_argument("pod")
+    lg.add_argument("-n", "--namespace", default="default")
+    lg.add_argument("-c", "--container", default="")
     ex = sub.add_parser("exec", help="run a command in the client netns on the node network")
     common(ex)
     ex.add_argument("command", nargs=argparse.REMAINDER)
@@ -1040,6 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
         "exec": cmd_exec,
         "demo": cmd_demo,
         "kubeconfig": cmd_kubeconfig,
+        "logs": cmd_logs,
         "_supervise": cmd_supervise,
         "_controllers": cmd_controllers,
         "_agent": cmd_agent,

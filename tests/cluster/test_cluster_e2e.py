@@ -203,6 +203,8 @@ def test_kubectl_get_wide_and_describe(cluster: Cluster) -> None:
     ):
         assert needle in desc, f"{needle!r} not in:\n{desc}"
     assert any(line.split()[:2] == ["Ready", "True"] for line in desc.splitlines()), desc
+    logs = c.cli("logs", name)
+    assert logs.returncode == 0 and "Running on http://" in logs.stdout, logs  # Flask's own start line
     nodes = c.kubectl("get", "nodes")
     assert all(f"node-{i}" in nodes for i in (1, 2, 3))
 
