@@ -370,7 +370,7 @@ class Supervisor:
         await asyncio.sleep(3)
         dead = [n.name for n in self.node_nets if self.procs[f"kproxy-{n.name}"].poll() is not None]
         if dead:
-            msg = f"kproxy: exited on {', '.join(dead)} (see {self.logs}/kproxy-NODE.log)"
+            msg = f"exited on {', '.join(dead)} (see {self.logs}/kproxy-NODE.log)"
         else:
             msg = f"running --proxy-mode {self.st.proxy_mode} on {len(self.node_nets)} nodes"
         self.st.components["kproxy"] = msg
