@@ -3,6 +3,8 @@ virtual servers to backend netns, driven by SyncRequests; kernel state checked w
 ip and ipset (tools allowed in tests, never used by kproxy at run time)."""
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections import Counter
 
@@ -16,6 +18,7 @@ from ipvs_helpers import (
     endpoints,
     service,
     sh,
+    wait_for,
 )
 
 from kproxy.proxiers.ipvs import IPVSProxier
@@ -101,7 +104,7 @@ def test_ipvs_endpoint_change_moves_new_connections(topo: Topology, state: State
     assert names(topo, "10.96.0.16", 80, 3) == Counter({"b1": 3})
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_ipvs_graceful_termination_lets_established_finish(topo: Topology, state: State, proxier: IPVSProxier) -> None:
     name = state.set(service("grace", "10.96.0.17"), endpoints(B0))
     state.sync()
@@ -119,7 +122,17 @@ def test_ipvs_graceful_termination_lets_established_finish(topo: Topology, state
     assert f.readline() == b"b0:still-there\n"  # the established one keeps working
     state.sync({name})
     assert "10.244.0.10:8080" in ipvsadm()  # not reaped while in use
-    conn.close()
-    # Once the IPVS connection entries expire (TIME_WAIT/CLOSE) the next sync deletes it; UDP
-    # real servers never wait.
     assert proxier.terminating()
+    # Reset the connection: its IPVS entry goes to CLOSE (10 s) instead of TIME_WAIT (2 min);
+    # once it expires, a sync deletes the drained real server.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    f.close()  # the file object holds the socket open until it is closed too
+    conn.close()
+
+    def reaped() -> bool:
+        state.sync({name})
+        return "10.244.0.10:8080" not in ipvsadm()
+
+    assert wait_for(reaped, timeout=25, step=1.0), ipvsadm()
+    assert proxier.terminating() == []
+    assert "10.244.0.11:8080" in ipvsadm()
