@@ -136,3 +136,17 @@ def test_ipvs_graceful_termination_lets_established_finish(topo: Topology, state
     assert wait_for(reaped, timeout=25, step=1.0), ipvsadm()
     assert proxier.terminating() == []
     assert "10.244.0.11:8080" in ipvsadm()
+
+
+@pytest.mark.timeout(60)
+def test_ipvs_loadbalancer_source_ranges(topo: Topology, state: State) -> None:
+    name = state.set(service("fw", "10.96.0.18", type="LoadBalancer", load_balancer_ips=("192.0.2.20",),
+                             load_balancer_source_ranges=(f"{CLIENT_IP.rsplit('.', 1)[0]}.0/24",)), endpoints(B0))
+    state.sync()
+    assert topo.greet("192.0.2.20", 80)[0] == "b0"  # the client's range is allowed
+    state.set(service("fw", "10.96.0.18", type="LoadBalancer", load_balancer_ips=("192.0.2.20",),
+                      load_balancer_source_ranges=("203.0.113.0/24",)), endpoints(B0))
+    state.sync({name})
+    with pytest.raises(TimeoutError):  # dropped by KUBE-PROXY-FIREWALL, not refused
+        topo.connect("192.0.2.20", 80, timeout=1.5)
+    assert topo.greet("10.96.0.18", 80)[0] == "b0"  # the ClusterIP is not firewalled
