@@ -115,6 +115,14 @@ _FIELD_PATHS: dict[str, tuple[str, ...]] = {
     "involvedObject.name": ("involvedObject", "name"),
     "involvedObject.kind": ("involvedObject", "kind"),
     "involvedObject.namespace": ("involvedObject", "namespace"),
+    # kubectl describe pins the uid too, so events of an earlier object of the same name stay out.
+    "involvedObject.uid": ("involvedObject", "uid"),
+    "involvedObject.apiVersion": ("involvedObject", "apiVersion"),
+    "involvedObject.resourceVersion": ("involvedObject", "resourceVersion"),
+    "involvedObject.fieldPath": ("involvedObject", "fieldPath"),
+    "reason": ("reason",),
+    "reportingComponent": ("reportingComponent",),
+    "source": ("source", "component"),
     "type": ("type",),
     "spec.serviceName": ("spec", "serviceName"),
 }

@@ -48,6 +48,17 @@ def test_field_selector_pins_name_and_rejects_unknown_fields() -> None:
     assert e.value.code == 400 and "field label not supported" in e.value.message
 
 
+def test_event_field_selector_as_kubectl_describe_sends_it() -> None:
+    sel = "involvedObject.name=web-1,involvedObject.namespace=default,involvedObject.uid=u1"
+    m, _ = object_matcher("", sel, "Event")
+    assert m is not None
+    ev = {"involvedObject": {"name": "web-1", "namespace": "default", "uid": "u1"}, "source": {"component": "s"}}
+    assert m(ev)
+    assert not m({**ev, "involvedObject": {**ev["involvedObject"], "uid": "u0"}})  # an earlier pod of that name
+    src, _ = object_matcher("", "source=s,reason!=Killing", "Event")
+    assert src is not None and src(ev)
+
+
 def _field(num: int, payload: bytes) -> bytes:
     assert len(payload) < 128
     return bytes([num << 3 | 2, len(payload)]) + payload

@@ -203,6 +203,9 @@ def test_kubectl_get_wide_and_describe(cluster: Cluster) -> None:
     ):
         assert needle in desc, f"{needle!r} not in:\n{desc}"
     assert any(line.split()[:2] == ["Ready", "True"] for line in desc.splitlines()), desc
+    # describe lists events by involvedObject name, namespace and uid: the scheduler's event is there.
+    events = desc.split("Events:", 1)[1]
+    assert "Scheduled" in events and f"Successfully assigned default/{name} to" in events, desc
     logs = c.cli("logs", name)
     assert logs.returncode == 0 and "Running on http://" in logs.stdout, logs  # Flask's own start line
     nodes = c.kubectl("get", "nodes")
