@@ -27,6 +27,15 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Every failed attempt means another write committed, so the writers as a whole progress; the bound
+# only stops a pathological loop (kube-apiserver retries until the request's deadline).
+_PATCH_ATTEMPTS = 100
+
+
+def _revision(obj: Obj | None) -> str:
+    return "" if obj is None else str(obj["metadata"].get("resourceVersion", ""))
+
+
 def _conflict_msg() -> str:
     return "the object has been modified; please apply your changes to the latest version and try again"
 
@@ -234,7 +243,33 @@ class Registry:
     async def patch(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes, subresource: str,
                     *, dry_run: bool, field_manager: str, force: bool, field_validation: str = "Ignore",
                     warnings: list[str] | None = None) -> tuple[Obj, bool]:
-        """Returns (object, created): server-side apply creates what is missing."""
+        """Returns (object, created): server-side apply creates what is missing.
+
+        A patch that names no resourceVersion is applied to whatever is current, as kube-apiserver's
+        GuaranteedUpdate does: when another writer commits between our read and our write, the patch
+        is applied again to the new object instead of failing with 409 (kubectl scale or label would
+        otherwise race every controller's status write).
+        """
+        key = res.key(namespace, name)
+        for _ in range(_PATCH_ATTEMPTS - 1):
+            seen = self.store.get(key)
+            try:
+                return await self._patch_once(res, namespace, name, content_type, body, subresource,
+                                              dry_run=dry_run, field_manager=field_manager, force=force,
+                                              field_validation=field_validation, warnings=warnings)
+            except StatusError as e:
+                now = self.store.get(key)
+                if e.code != 409 or _revision(now) == _revision(seen):
+                    raise  # a conflict the patch itself asks for (a stale resourceVersion, SSA fields)
+                if warnings is not None:
+                    warnings.clear()
+        return await self._patch_once(res, namespace, name, content_type, body, subresource,
+                                      dry_run=dry_run, field_manager=field_manager, force=force,
+                                      field_validation=field_validation, warnings=warnings)
+
+    async def _patch_once(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes,
+                          subresource: str, *, dry_run: bool, field_manager: str, force: bool,
+                          field_validation: str, warnings: list[str] | None) -> tuple[Obj, bool]:
         old = self.store.get(res.key(namespace, name))
         if content_type == "application/apply-patch+yaml":
             import yaml

@@ -210,6 +210,31 @@ def test_merge_patch_and_apply_patch(admin: Client, namespace: str) -> None:
     assert admin.patch(f"{base}/missing", {"data": {}})[0] == 404
 
 
+def test_racing_patches_all_apply_and_a_stale_one_conflicts(apiserver: APIServerProcess, admin: Client,
+                                                             namespace: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = f"/api/v1/namespaces/{namespace}/configmaps/race"
+    code, created = admin.post(f"/api/v1/namespaces/{namespace}/configmaps",
+                               {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "race"}})
+    assert code == 201, created
+
+    def writer(i: int) -> list[int]:
+        c = Client(apiserver, apiserver.token)
+        return [c.patch(path, {"metadata": {"labels": {f"w{i}-{j}": "x"}}})[0] for j in range(5)]
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = [code for codes in pool.map(writer, range(12)) for code in codes]
+    # No resourceVersion in these patches: each applies to whatever is current, none gets a 409.
+    assert codes == [200] * 60
+    labels = admin.get(path)[1]["metadata"]["labels"]
+    assert {f"w{i}-{j}" for i in range(12) for j in range(5)} <= set(labels)
+    stale = {"metadata": {"resourceVersion": created["metadata"]["resourceVersion"], "labels": {"late": "x"}}}
+    code, status = admin.patch(path, stale)
+    assert code == 409 and status["reason"] == "Conflict"
+    assert "late" not in admin.get(path)[1]["metadata"]["labels"]
+
+
 def test_readonly_token_can_read_not_write(apiserver: APIServerProcess) -> None:
     ro = Client(apiserver, apiserver.readonly_token)
     assert ro.get("/api/v1/services")[0] == 200
