@@ -359,14 +359,18 @@ class Registry:
             raise StatusError(403, "Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted',
                               kind="namespaces", name=name)
         if res.plural == "pods":
-            terminating = self._graceful_pod_delete(old, options)
-            if terminating is not None:
+            for _ in range(_PATCH_ATTEMPTS):
+                terminating = self._graceful_pod_delete(old, options)
+                if terminating is None:
+                    break
                 if dry_run or terminating is old:
                     return terminating
                 try:
                     return await self.store.update(key, terminating, int(old["metadata"]["resourceVersion"]))
                 except (KeyNotFound, RevisionConflict):
-                    raise conflict(res.plural, name, _conflict_msg(), res.group) from None
+                    old = self._current_for_retry(res, key, name, pre)
+            else:
+                raise conflict(res.plural, name, _conflict_msg(), res.group)
         if dry_run:
             return old
         if res.plural == "namespaces":
@@ -374,13 +378,28 @@ class Registry:
             await self._delete_namespace_contents(name)
         elif options.get("propagationPolicy") != "Orphan" and options.get("orphanDependents") is not True:
             await self._delete_dependents(old)
-        try:
-            gone = await self.store.delete(key, int(old["metadata"]["resourceVersion"]))
-        except (KeyNotFound, RevisionConflict):
-            raise conflict(res.plural, name, _conflict_msg(), res.group) from None
+        for attempt in range(_PATCH_ATTEMPTS):
+            try:
+                gone = await self.store.delete(key, int(old["metadata"]["resourceVersion"]))
+                break
+            except (KeyNotFound, RevisionConflict):
+                # A controller's status write landed while we cascaded: delete what is there now,
+                # as kube-apiserver does unless the client pinned a resourceVersion.
+                if attempt == _PATCH_ATTEMPTS - 1:
+                    raise conflict(res.plural, name, _conflict_msg(), res.group) from None
+                old = self._current_for_retry(res, key, name, pre)
         if res.id == "services":
             self._release_quietly(gone)
         return gone
+
+    def _current_for_retry(self, res: Resource, key: str, name: str, pre: Obj) -> Obj:
+        """The object as it is now, for another attempt at a delete that lost a write race."""
+        cur = self.store.get(key)
+        if cur is None:
+            raise not_found(res.plural, name, res.group)
+        if pre.get("resourceVersion") or (pre.get("uid") and pre["uid"] != cur["metadata"].get("uid")):
+            raise conflict(res.plural, name, _conflict_msg(), res.group)
+        return cur
 
     @staticmethod
     def _graceful_pod_delete(pod: Obj, options: Obj) -> Obj | None:
@@ -417,7 +436,11 @@ class Registry:
             dres = BY_ID[rid]
             for obj in self.decode_all(self.store.list(dres.prefix(ns)).items):
                 if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []):
-                    await self.delete(dres, ns, obj["metadata"]["name"], {}, dry_run=False)
+                    try:
+                        await self.delete(dres, ns, obj["metadata"]["name"], {}, dry_run=False)
+                    except StatusError as e:
+                        if e.code != 404:  # already gone (the garbage collector got there first) is fine
+                            raise
 
     async def _mark_terminating(self, key: str, ns: Obj) -> Obj:
         """Phase Terminating first (a MODIFIED event, as the real server shows it): from then on

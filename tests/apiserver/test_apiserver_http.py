@@ -235,6 +235,47 @@ def test_racing_patches_all_apply_and_a_stale_one_conflicts(apiserver: APIServer
     assert "late" not in admin.get(path)[1]["metadata"]["labels"]
 
 
+def test_cascading_delete_wins_over_racing_status_writes(apiserver: APIServerProcess, admin: Client,
+                                                          namespace: str) -> None:
+    import threading
+
+    base = f"/apis/apps/v1/namespaces/{namespace}"
+    tmpl = {"metadata": {"labels": {"app": "d"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}
+    code, dep = admin.post(f"{base}/deployments", {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "d"}}, "template": tmpl}})
+    assert code == 201, dep
+    owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "d", "uid": dep["metadata"]["uid"],
+             "controller": True}
+    code, rs = admin.post(f"{base}/replicasets", {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "d-1", "ownerReferences": [owner]},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "d"}}, "template": tmpl}})
+    assert code == 201, rs
+    stop = threading.Event()
+    status_codes: list[int] = []
+
+    def controller() -> None:  # what the deployment controller does all the time: status writes
+        c = Client(apiserver, apiserver.token)
+        n = 0
+        while not stop.is_set() and n < 2000:
+            n += 1
+            status_codes.append(c.patch(f"{base}/deployments/d/status", {"status": {"observedGeneration": n}})[0])
+
+    t = threading.Thread(target=controller)
+    t.start()
+    try:
+        while len(status_codes) < 5:
+            stop.wait(0.01)
+        code, gone = admin.delete(f"{base}/deployments/d")
+    finally:
+        stop.set()
+        t.join(30)
+    assert code == 200, gone
+    assert admin.get(f"{base}/deployments/d")[0] == 404
+    assert admin.get(f"{base}/replicasets/d-1")[0] == 404
+    assert status_codes[-1] == 404 and set(status_codes) <= {200, 404}
+
+
 def test_readonly_token_can_read_not_write(apiserver: APIServerProcess) -> None:
     ro = Client(apiserver, apiserver.readonly_token)
     assert ro.get("/api/v1/services")[0] == 200
