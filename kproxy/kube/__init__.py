@@ -1,7 +1,8 @@
 """A small Kubernetes client for the node programs (kproxy and kdns): only documented API behaviour.
 
 - kubeconfig.py  ClusterAccess from --kubeconfig/--master/KUBECONFIG or the in-cluster service account
-- client.py      ApiClient (aiohttp): get() and a line-by-line watch(); errors are ApiError(Status)
+- client.py      ApiClient (HTTP/1.1 on asyncio streams): get() and a line-by-line watch(); errors are
+                 ApiError(Status)
 - types.py       ObjectMeta (snake_case fields, camelCase on the wire), ObjectList[T], Status, ...
 - reflector.py   Reflector[T]: paginated list -> store.replace(), then watch -> store.apply();
                  bookmarks, resume from the last resourceVersion, relist on 410, capped jittered backoff

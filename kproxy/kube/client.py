@@ -1,21 +1,29 @@
-"""A small asynchronous Kubernetes REST client on aiohttp: GET (list/get) and streaming watch.
+"""A small asynchronous Kubernetes REST client: GET (list/get) and streaming watch, HTTP/1.1 over
+asyncio streams.
 
 Only documented API behaviour: JSON over HTTP(S), bearer/basic/client-certificate auth, Status
-bodies for errors, newline-delimited watch events.
+bodies for errors, newline-delimited watch events. Two kinds of GET are all the node programs send,
+so this speaks just enough HTTP/1.1 for them (Content-Length, chunked and read-to-close bodies,
+keep-alive for list pages) instead of importing aiohttp's client: that import alone is about
+12 MiB of RSS, a fifth of kproxy-dns's 60 MiB budget at 10,000 Services (bench/bench_dns_memory.py).
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Self
-
-import aiohttp
+from urllib.parse import urlencode, urlsplit
 
 from kproxy import __version__
 from kproxy.kube.kubeconfig import ClusterAccess
 from kproxy.kube.types import Status, decode_status
 
 USER_AGENT = f"kproxy/{__version__}"
+# StreamReader's buffer limit: a header line longer than this is refused; bodies are read in
+# pieces of up to this size, so it also bounds the transient copy of a watch stream.
+_READ_LIMIT = 256 * 1024
+_IDLE_MAX = 4  # kept-alive connections for list pages (one per concurrent reflector is plenty)
 
 
 class ApiError(Exception):
@@ -30,87 +38,220 @@ class ApiError(Exception):
         return self.status.code
 
 
+class ProtocolError(ConnectionError):
+    """The connection ended early or the answer is not the HTTP/1.1 expected. A ConnectionError,
+    so callers retry it as they retry a dropped connection."""
+
+
+_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class _Response:
+    """Status, headers and the body reader of one response on one connection."""
+
+    def __init__(self, conn: _Conn, status: int, headers: dict[str, str]) -> None:
+        self.conn = conn
+        self.status = status
+        self.headers = headers
+        self.complete = False  # body read to its end: the connection may carry another request
+
+    @property
+    def reusable(self) -> bool:
+        return (self.complete and self.headers.get("connection", "").lower() != "close"
+                and ("content-length" in self.headers or self._chunked))
+
+    @property
+    def _chunked(self) -> bool:
+        return "chunked" in self.headers.get("transfer-encoding", "").lower()
+
+    async def pieces(self, read_timeout: float | None = None) -> AsyncGenerator[bytes, None]:
+        """The body as it arrives; read_timeout bounds each wait for data (a stalled stream)."""
+        reader = self.conn[0]
+
+        async def timed(coro: Any) -> Any:
+            return await (asyncio.wait_for(coro, read_timeout) if read_timeout else coro)
+
+        try:
+            if self._chunked:
+                while True:
+                    size_line = await timed(reader.readline())
+                    if not size_line:
+                        raise ProtocolError("connection closed inside a chunked body")
+                    size = int(size_line.split(b";", 1)[0].strip(), 16)
+                    if size == 0:
+                        while (await timed(reader.readline())).strip():
+                            pass  # trailers: none are used
+                        break
+                    while size:
+                        piece = await timed(reader.read(min(size, _READ_LIMIT)))
+                        if not piece:
+                            raise ProtocolError("connection closed inside a chunk")
+                        size -= len(piece)
+                        yield piece
+                    if (await timed(reader.readexactly(2))) != b"\r\n":
+                        raise ProtocolError("chunk not followed by CRLF")
+            elif "content-length" in self.headers:
+                left = int(self.headers["content-length"])
+                while left > 0:
+                    piece = await timed(reader.read(min(left, _READ_LIMIT)))
+                    if not piece:
+                        raise ProtocolError(f"connection closed with {left} bytes of the body unread")
+                    left -= len(piece)
+                    yield piece
+            else:
+                while piece := await timed(reader.read(_READ_LIMIT)):
+                    yield piece
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as err:
+            raise ProtocolError(f"bad response body: {err}") from err
+        self.complete = True
+
+    async def read(self) -> bytes:
+        return b"".join([p async for p in self.pieces()])
+
+
 class ApiClient:
-    """One aiohttp session per client; create and use it inside a running event loop."""
+    """Connections are opened on demand inside a running event loop; close() ends the idle ones."""
 
     def __init__(self, access: ClusterAccess, *, connect_timeout: float = 10.0,
                  request_timeout: float = 60.0) -> None:
         self.access = access
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
-        self._session: aiohttp.ClientSession | None = None
+        url = urlsplit(access.server)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"API server URL {access.server!r}: expected http(s)://host[:port]")
+        self._host = url.hostname
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._host_header = url.netloc.rpartition("@")[2]
+        self._prefix = url.path.rstrip("/")  # a server URL may carry a path (API behind a proxy)
         self._ssl = access.ssl_context()
+        self._idle: list[_Conn] = []
 
     @property
     def server(self) -> str:
         return self.access.server
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False, limit=0)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers={"Accept": "application/json", "User-Agent": USER_AGENT},
-                # Kubernetes JSON is never compressed unless asked; no cookies are involved.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
-
-    def _headers(self) -> dict[str, str]:
-        auth = self.access.auth_header()
-        return {"Authorization": auth} if auth else {}
-
-    def _request_kwargs(self) -> dict[str, Any]:
+    async def _connect(self) -> _Conn:
         kw: dict[str, Any] = {}
-        if self.access.tls_server_name:
-            kw["server_hostname"] = self.access.tls_server_name
-        return kw
+        if self._ssl is not None:
+            kw["ssl"] = self._ssl
+            # tls-server-name: SNI and the certificate check use it instead of the URL's host.
+            kw["server_hostname"] = self.access.tls_server_name or self._host
+            kw["ssl_handshake_timeout"] = self._connect_timeout
+        return await asyncio.wait_for(
+            asyncio.open_connection(self._host, self._port, limit=_READ_LIMIT, **kw), self._connect_timeout)
+
+    def _head(self, path: str, params: Mapping[str, str]) -> bytes:
+        target = self._prefix + path
+        if params:
+            target += ("&" if "?" in path else "?") + urlencode(params)
+        lines = [f"GET {target} HTTP/1.1", f"Host: {self._host_header}", "Accept: application/json",
+                 f"User-Agent: {USER_AGENT}"]
+        auth = self.access.auth_header()
+        if auth:
+            lines.append(f"Authorization: {auth}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _send(self, conn: _Conn, head: bytes, read_timeout: float | None) -> _Response:
+        reader, writer = conn
+        writer.write(head)
+        await writer.drain()
+        try:
+            line = await asyncio.wait_for(reader.readline(), read_timeout)
+            if not line:
+                raise ProtocolError("connection closed before the response")
+            version, _, rest = line.partition(b" ")
+            if not version.startswith(b"HTTP/1."):
+                raise ProtocolError(f"not an HTTP/1.x response: {line[:80]!r}")
+            status = int(rest[:3])
+            headers: dict[str, str] = {}
+            while (line := await asyncio.wait_for(reader.readline(), read_timeout)).strip():
+                name, sep, value = line.decode("latin-1").partition(":")
+                if not sep:
+                    raise ProtocolError(f"bad header line: {line[:80]!r}")
+                headers[name.strip().lower()] = value.strip()
+            if not line:
+                raise ProtocolError("connection closed inside the response headers")
+        except (asyncio.LimitOverrunError, ValueError) as err:
+            raise ProtocolError(f"bad response head: {err}") from err
+        return _Response(conn, status, headers)
+
+    async def _open(self, path: str, params: Mapping[str, str], *, reuse: bool,
+                    read_timeout: float | None) -> _Response:
+        """Send the request on a kept-alive connection if there is one (falling back to a fresh
+        connection when the server had closed it meanwhile), else on a new one."""
+        head = self._head(path, params)
+        while reuse and self._idle:
+            conn = self._idle.pop()
+            if conn[0].at_eof():
+                _close(conn)
+                continue
+            try:
+                return await self._send(conn, head, read_timeout)
+            except (ConnectionError, OSError):
+                _close(conn)  # closed by the server while idle: GET is safe to send again
+        conn = await self._connect()
+        try:
+            return await self._send(conn, head, read_timeout)
+        except BaseException:
+            _close(conn)
+            raise
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> bytes:
         """GET path and return the body; non-2xx raises ApiError with the server's Status."""
-        session = self._get_session()
-        timeout = aiohttp.ClientTimeout(total=self._request_timeout, connect=self._connect_timeout)
-        async with session.get(self.server + path, params=dict(params or {}), headers=self._headers(),
-                               timeout=timeout, **self._request_kwargs()) as resp:
-            body = await resp.read()
-            if resp.status >= 300:
-                raise ApiError(decode_status(body, resp.status), "GET", path)
-            return body
+        async with asyncio.timeout(self._request_timeout):
+            resp = await self._open(path, params or {}, reuse=True, read_timeout=None)
+            try:
+                body = await resp.read()
+            finally:
+                if resp.reusable and len(self._idle) < _IDLE_MAX:
+                    self._idle.append(resp.conn)
+                else:
+                    _close(resp.conn)
+        if resp.status >= 300:
+            raise ApiError(decode_status(body, resp.status), "GET", path)
+        return body
 
     async def watch(self, path: str, params: Mapping[str, str], *,
                     read_timeout: float) -> AsyncIterator[bytes]:
         """Open a watch and yield one raw JSON event per line until the server ends the stream.
 
-        Lines are split by hand rather than with StreamReader.readline, whose line limit
-        (128 KiB) a large EndpointSlice event can exceed."""
-        session = self._get_session()
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout, sock_read=read_timeout)
+        A watch has a connection of its own, closed when the stream ends or the caller stops
+        iterating. Lines are split by hand: a large EndpointSlice event can be longer than any
+        sensible line limit."""
         query = dict(params)
         query["watch"] = "true"
-        async with session.get(self.server + path, params=query, headers=self._headers(),
-                               timeout=timeout, **self._request_kwargs()) as resp:
+        async with asyncio.timeout(self._connect_timeout + read_timeout):
+            resp = await self._open(path, query, reuse=False, read_timeout=read_timeout)
+        try:
             if resp.status >= 300:
-                raise ApiError(decode_status(await resp.read(), resp.status), "WATCH", path)
+                body = await asyncio.wait_for(resp.read(), read_timeout)
+                raise ApiError(decode_status(body, resp.status), "WATCH", path)
             buf = bytearray()
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                start = 0
-                while True:
-                    nl = buf.find(b"\n", start)
-                    if nl < 0:
-                        break
-                    if nl > start:
-                        yield bytes(buf[start:nl])
-                    start = nl + 1
-                if start:
-                    del buf[:start]
+            async with contextlib.aclosing(resp.pieces(read_timeout)) as pieces:
+                async for chunk in pieces:
+                    buf += chunk
+                    start = 0
+                    while True:
+                        nl = buf.find(b"\n", start)
+                        if nl < 0:
+                            break
+                        if nl > start:
+                            yield bytes(buf[start:nl])
+                        start = nl + 1
+                    if start:
+                        del buf[:start]
             if buf.strip():
                 yield bytes(buf)
+        finally:
+            _close(resp.conn)
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-            # Lets the connector close its transports before the loop goes away (aiohttp docs).
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            _close(conn)
+        if idle:
+            # Lets the transports finish closing (TLS close_notify) before the loop goes away.
             await asyncio.sleep(0)
 
     async def __aenter__(self) -> Self:
@@ -118,3 +259,9 @@ class ApiClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _close(conn: _Conn) -> None:
+    writer = conn[1]
+    if not writer.is_closing():
+        writer.close()

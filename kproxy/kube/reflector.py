@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
-import aiohttp
 import msgspec
 
 from kproxy.kube.client import ApiClient, ApiError
@@ -78,8 +77,9 @@ class Backoff:
         self._next = self.initial
 
 
-# Errors after which a watch/list is retried from the last resourceVersion.
-_RETRYABLE = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError, msgspec.DecodeError)
+# Errors after which a watch/list is retried from the last resourceVersion (the client's
+# ProtocolError, a cut connection, is a ConnectionError).
+_RETRYABLE = (asyncio.TimeoutError, ConnectionError, OSError, msgspec.DecodeError)
 
 
 class Reflector(Generic[T]):
