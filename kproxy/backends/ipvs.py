@@ -248,6 +248,9 @@ class _Socket:
         self.sock.bind((0, 0))
         self.seq = 0
         self.sends = 0  # sendmsg calls, for tests and benchmarks (batching is a requirement)
+        self._sbuf = bytearray(_SEND_CHUNK + 4096)
+        # Netlink caps a datagram at 32 KiB (af_netlink's max_recvmsg_len), so 64 KiB never truncates.
+        self._rbuf = bytearray(64 * 1024)
 
     def close(self) -> None:
         self.sock.close()
@@ -257,7 +260,10 @@ class _Socket:
         return self.seq, _NLMSGHDR.pack(16 + len(body), kind, flags, self.seq, 0) + body
 
     def _recv_messages(self) -> Iterator[tuple[int, int, int, bytes]]:
-        data = self.sock.recv(1 << 20)
+        # recv_into a buffer kept for the socket's life: a plain recv(N) allocates N fresh bytes
+        # per answer (page faults, which UML makes expensive).
+        n = self.sock.recv_into(self._rbuf)
+        data = bytes(self._rbuf[:n])
         offset = 0
         while offset + 16 <= len(data):
             length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
@@ -267,26 +273,30 @@ class _Socket:
             offset += (length + 3) & ~3
 
     def batch(self, messages: Iterable[bytes]) -> list[tuple[bytes, int]]:
-        """Sends request messages (each without NLM_F_ACK) in chunks, asking an ACK only for the
-        last one of each chunk: the kernel handles a chunk in order, so that ACK arrives after
-        every error of the chunk. Returns (message, errno) for each failed message."""
+        """Sends request messages (each without NLM_F_ACK) in chunks of ~_SEND_CHUNK bytes,
+        asking an ACK only for the last one of each chunk: the kernel handles a chunk in order,
+        so that ACK arrives after every error of the chunk (errors are answered without
+        NLM_F_ACK; an ACK per message would double the answers the kernel builds and we read).
+        Returns (message, errno) for each failed message.
+
+        `messages` is consumed lazily and copied into one send buffer reused for every chunk:
+        a full sync's 110,000 messages never exist at once. That matters under User-Mode Linux,
+        where each newly touched page of process memory costs ~55 us (20x native)."""
         failed: list[tuple[bytes, int]] = []
-        chunk: list[bytes] = []
+        buf = self._sbuf
         size = 0
+        last = 0  # offset of the chunk's last message (it gets the ACK flag)
 
         def flush() -> None:
-            nonlocal chunk, size
-            if not chunk:
+            nonlocal size
+            if not size:
                 return
-            by_seq = {}
-            for m in chunk:
-                by_seq[_NLMSGHDR.unpack_from(m)[3]] = m
-            last = bytearray(chunk[-1])
-            _, kind, flags, seq, pid = _NLMSGHDR.unpack_from(last)
-            _NLMSGHDR.pack_into(last, 0, len(last), kind, flags | NLM_F_ACK, seq, pid)
-            chunk[-1] = bytes(last)
-            self.sock.send(b"".join(chunk))
+            flags = _U16.unpack_from(buf, last + 6)[0]
+            _U16.pack_into(buf, last + 6, flags | NLM_F_ACK)
+            seq = _U32.unpack_from(buf, last + 8)[0]
+            self.sock.send(memoryview(buf)[:size])
             self.sends += 1
+            errors: list[tuple[int, int]] = []
             done = False
             while not done:
                 for kind, _f, rseq, payload in self._recv_messages():
@@ -294,14 +304,28 @@ class _Socket:
                         continue
                     err = -struct.unpack_from("=i", payload)[0]
                     if err:
-                        failed.append((by_seq.get(rseq, b""), err))
+                        errors.append((rseq, err))
                     if rseq == seq:
                         done = True
-            chunk, size = [], 0
+            if errors:  # rare: index the chunk's messages by sequence number only now
+                by_seq: dict[int, bytes] = {}
+                off = 0
+                while off < size:
+                    length, _k, _fl, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
+                    by_seq[mseq] = bytes(buf[off : off + length])
+                    off += (length + 3) & ~3
+                failed.extend((by_seq.get(rseq, b""), err) for rseq, err in errors)
+            size = 0
 
         for m in messages:
-            chunk.append(m)
-            size += len(m)
+            n = len(m)
+            if size + n > len(buf):
+                flush()
+                if n > len(buf):  # a message larger than the buffer (none of ours is)
+                    buf = self._sbuf = bytearray(n)
+            buf[size : size + n] = m
+            last = size
+            size += (n + 3) & ~3  # messages are 4-byte aligned (ours already are)
             if size >= _SEND_CHUNK:
                 flush()
         flush()

@@ -109,20 +109,24 @@ def test_ipvs_fragment_clusterip_nodeport_lb_local_policy() -> None:
         ("192.0.2.1", 80, "TCP"): ("lc", 1, 60, local),
         ("10.0.0.1", 30080, "TCP"): ("lc", 1, 60, local),
     }
-    assert frag.addresses == {"10.96.0.10", "192.0.2.1", "198.51.100.1"}
-    assert frag.entries[KUBE_CLUSTER_IP] == {"10.96.0.10,tcp:80"}
-    assert frag.entries[KUBE_EXTERNAL_IP_LOCAL] == {"198.51.100.1,tcp:80"}
-    assert frag.entries[KUBE_NODE_PORT_LOCAL_TCP] == {"30080"}
-    assert frag.entries[KUBE_LOAD_BALANCER_SOURCE_CIDR] == {"192.0.2.1,tcp:80,203.0.113.0/24"}
-    assert frag.entries[KUBE_LOOP_BACK] == {"10.244.0.5,tcp:8080,10.244.0.5"}
-    assert frag.entries[KUBE_IPVS_IPS] == frag.addresses
+    assert frag.addresses == ("10.96.0.10", "192.0.2.1", "198.51.100.1")
+    assert frag.set_entries(KUBE_CLUSTER_IP) == {"10.96.0.10,tcp:80"}
+    assert frag.set_entries(KUBE_EXTERNAL_IP_LOCAL) == {"198.51.100.1,tcp:80"}
+    assert frag.set_entries(KUBE_NODE_PORT_LOCAL_TCP) == {"30080"}
+    assert frag.set_entries(KUBE_LOAD_BALANCER_SOURCE_CIDR) == {"192.0.2.1,tcp:80,203.0.113.0/24"}
+    assert frag.set_entries(KUBE_LOOP_BACK) == {"10.244.0.5,tcp:8080,10.244.0.5"}
+    assert frag.set_entries(KUBE_IPVS_IPS) == set(frag.addresses)
+    assert len(set(frag.entries)) == len(frag.entries)  # distinct: the sync's diff relies on it
 
 
 @pytest.mark.timeout(30)
 def test_ipvs_fragment_internal_local_headless_and_terminating_fallback() -> None:
     frag = build_fragment(sp(internal_policy_local=True), [ep("10.244.0.5"), ep("10.244.1.5", is_local=True)], [],
                           IPVSOptions())
-    assert frag.servers[("10.96.0.10", 80, "TCP")][1] == {("10.244.1.5", 8080)}
+    assert frag.servers[("10.96.0.10", 80, "TCP")][1] == (("10.244.1.5", 8080),)
+    # The same endpoint listed twice (two EndpointSlices) is one real server.
+    dup = build_fragment(sp(), [ep("10.244.0.5"), ep("10.244.0.5")], [], IPVSOptions())
+    assert dup.servers[("10.96.0.10", 80, "TCP")][1] == (("10.244.0.5", 8080),)
     assert build_fragment(sp(cluster_ips=()), [ep("10.244.0.5")], [], IPVSOptions()).servers == {}
     # No ready endpoint: serving+terminating ones keep the service up (upstream's fallback).
     eps = [ep("10.244.0.5", ready=False, serving=True, terminating=True), ep("10.244.0.6", ready=False, serving=False)]
