@@ -226,6 +226,18 @@ def test_full_sync_removes_chains_left_by_a_previous_process(px: IptablesProxier
     assert px.iptables.save("nat").count("-A PREROUTING") == 1
 
 
+def test_periodic_full_sync_removes_chains_of_a_vanished_service(px: IptablesProxier) -> None:
+    # No dump on a periodic full sync: the stale chains come from what this proxier programmed.
+    a, b = svc(spn("a"), "172.30.3.1"), svc(spn("b"), "172.30.3.2")
+    applied(px, request([a, b], {a.name: (ep(E1), ep(E2)), b.name: (ep(E2),)}))
+    data, tr = applied(px, request([a], {a.name: (ep(E1),)}))
+    assert data.count("-X KUBE-SEP-") == 2 and data.count("-X KUBE-SVC-") == 1
+    nat = px.iptables.save("nat")
+    assert nat.count(":KUBE-SVC-") == 1 and nat.count(":KUBE-SEP-") == 1
+    assert tr.trace(POD_SRC, "172.30.3.2", 80) == {Outcome("ACCEPT", "", False)}
+    assert eps_of(*tr.trace(POD_SRC, "172.30.3.1", 80)) == {f"{E1}:8080"}
+
+
 def test_nodeport_addresses_and_masquerade_all(rules_netns: str) -> None:
     p = IptablesProxier(
         IPTables(backend="nft", netns=rules_netns),
