@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any, Self
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from typing import Any, Self, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 from kproxy import __version__
@@ -21,9 +21,12 @@ from kproxy.kube.types import Status, decode_status
 
 USER_AGENT = f"kproxy/{__version__}"
 # StreamReader's buffer limit: a header line longer than this is refused; bodies are read in
-# pieces of up to this size, so it also bounds the transient copy of a watch stream.
-_READ_LIMIT = 256 * 1024
-_IDLE_MAX = 4  # kept-alive connections for list pages (one per concurrent reflector is plenty)
+# pieces of up to this size, and the reader buffers about twice that per connection.
+_READ_LIMIT = 64 * 1024
+# Kept-alive connections carry the pages of a list; after it the next GET is a relist, minutes or
+# hours away, so an idle connection (and its buffer) is closed after a few seconds.
+_IDLE_MAX = 4
+_IDLE_SECONDS = 5.0
 
 
 class ApiError(Exception):
@@ -44,6 +47,17 @@ class ProtocolError(ConnectionError):
 
 
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+_T = TypeVar("_T")
+
+
+async def _within(seconds: float | None, aw: Awaitable[_T]) -> _T:
+    """aw, failing with TimeoutError after `seconds` (None: no limit). asyncio.timeout rather than
+    wait_for: on Python 3.11, wait_for drops a cancellation that arrives as the awaited read
+    completes, and a cancelled watch then sits in its next read for minutes."""
+    if seconds is None:
+        return await aw
+    async with asyncio.timeout(seconds):
+        return await aw
 
 
 class _Response:
@@ -68,8 +82,8 @@ class _Response:
         """The body as it arrives; read_timeout bounds each wait for data (a stalled stream)."""
         reader = self.conn[0]
 
-        async def timed(coro: Any) -> Any:
-            return await (asyncio.wait_for(coro, read_timeout) if read_timeout else coro)
+        async def timed(aw: Awaitable[_T]) -> _T:
+            return await _within(read_timeout, aw)
 
         try:
             if self._chunked:
@@ -125,7 +139,8 @@ class ApiClient:
         self._host_header = url.netloc.rpartition("@")[2]
         self._prefix = url.path.rstrip("/")  # a server URL may carry a path (API behind a proxy)
         self._ssl = access.ssl_context()
-        self._idle: list[_Conn] = []
+        self._idle: list[tuple[_Conn, float]] = []  # (connection, loop time it became idle)
+        self._reaper: asyncio.TimerHandle | None = None
 
     @property
     def server(self) -> str:
@@ -138,8 +153,8 @@ class ApiClient:
             # tls-server-name: SNI and the certificate check use it instead of the URL's host.
             kw["server_hostname"] = self.access.tls_server_name or self._host
             kw["ssl_handshake_timeout"] = self._connect_timeout
-        return await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port, limit=_READ_LIMIT, **kw), self._connect_timeout)
+        return await _within(self._connect_timeout,
+                             asyncio.open_connection(self._host, self._port, limit=_READ_LIMIT, **kw))
 
     def _head(self, path: str, params: Mapping[str, str]) -> bytes:
         target = self._prefix + path
@@ -157,7 +172,7 @@ class ApiClient:
         writer.write(head)
         await writer.drain()
         try:
-            line = await asyncio.wait_for(reader.readline(), read_timeout)
+            line = await _within(read_timeout, reader.readline())
             if not line:
                 raise ProtocolError("connection closed before the response")
             version, _, rest = line.partition(b" ")
@@ -165,7 +180,7 @@ class ApiClient:
                 raise ProtocolError(f"not an HTTP/1.x response: {line[:80]!r}")
             status = int(rest[:3])
             headers: dict[str, str] = {}
-            while (line := await asyncio.wait_for(reader.readline(), read_timeout)).strip():
+            while (line := await _within(read_timeout, reader.readline())).strip():
                 name, sep, value = line.decode("latin-1").partition(":")
                 if not sep:
                     raise ProtocolError(f"bad header line: {line[:80]!r}")
@@ -182,7 +197,7 @@ class ApiClient:
         connection when the server had closed it meanwhile), else on a new one."""
         head = self._head(path, params)
         while reuse and self._idle:
-            conn = self._idle.pop()
+            conn = self._idle.pop()[0]
             if conn[0].at_eof():
                 _close(conn)
                 continue
@@ -204,8 +219,8 @@ class ApiClient:
             try:
                 body = await resp.read()
             finally:
-                if resp.reusable and len(self._idle) < _IDLE_MAX:
-                    self._idle.append(resp.conn)
+                if resp.reusable:
+                    self._park(resp.conn)
                 else:
                     _close(resp.conn)
         if resp.status >= 300:
@@ -225,7 +240,7 @@ class ApiClient:
             resp = await self._open(path, query, reuse=False, read_timeout=read_timeout)
         try:
             if resp.status >= 300:
-                body = await asyncio.wait_for(resp.read(), read_timeout)
+                body = await _within(read_timeout, resp.read())
                 raise ApiError(decode_status(body, resp.status), "WATCH", path)
             buf = bytearray()
             async with contextlib.aclosing(resp.pieces(read_timeout)) as pieces:
@@ -246,9 +261,32 @@ class ApiClient:
         finally:
             _close(resp.conn)
 
+    def _park(self, conn: _Conn) -> None:
+        if len(self._idle) >= _IDLE_MAX:
+            _close(conn)
+            return
+        loop = asyncio.get_running_loop()
+        self._idle.append((conn, loop.time()))
+        if self._reaper is None:
+            self._reaper = loop.call_later(_IDLE_SECONDS, self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - _IDLE_SECONDS
+        for conn, since in self._idle:
+            if since <= cutoff:
+                _close(conn)
+        self._idle = [(c, since) for c, since in self._idle if since > cutoff]
+        if self._idle:
+            self._reaper = loop.call_later(self._idle[0][1] - cutoff, self._reap)
+
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             _close(conn)
         if idle:
             # Lets the transports finish closing (TLS close_notify) before the loop goes away.
