@@ -2,6 +2,9 @@
 while decoding, so a whole object is never materialized)."""
 from __future__ import annotations
 
+from sys import intern
+from typing import Self
+
 import msgspec
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -16,6 +19,15 @@ class ObjectMeta(msgspec.Struct, rename="camel", gc=False):
     namespace: str = ""
     resource_version: str = ""
     labels: dict[str, str] | None = None
+
+    def compact(self) -> None:
+        # The Reflector has read resourceVersion before the object reaches the index, and a
+        # slice's only label read is the Service name: neither is worth keeping per object.
+        self.namespace = intern(self.namespace)
+        self.resource_version = ""
+        if self.labels:
+            svc = self.labels.get(SERVICE_NAME_LABEL)
+            self.labels = {SERVICE_NAME_LABEL: svc} if svc else None
 
 
 class ServicePort(msgspec.Struct, rename="camel", gc=False):
@@ -37,6 +49,20 @@ class ServiceSpec(msgspec.Struct, rename="camel", gc=False):
 class Service(msgspec.Struct, gc=False):
     metadata: ObjectMeta = msgspec.field(default_factory=ObjectMeta)
     spec: ServiceSpec = msgspec.field(default_factory=ServiceSpec)
+
+    def compact(self) -> Self:
+        """The object as the index keeps it: the strings that repeat across Services shared, the
+        ones it never reads dropped (the decoder makes a fresh copy of every string; at 10,000
+        Services that is about 3 MiB of the process's 60)."""
+        self.metadata.compact()
+        spec = self.spec
+        spec.type = intern(spec.type)
+        if spec.cluster_ips and spec.cluster_ips[0] == spec.cluster_ip:
+            spec.cluster_ips[0] = spec.cluster_ip
+        for p in spec.ports or ():
+            p.name = intern(p.name)
+            p.protocol = intern(p.protocol)
+        return self
 
     @property
     def key(self) -> tuple[str, str]:
@@ -69,6 +95,15 @@ class EndpointSlice(msgspec.Struct, rename="camel", gc=False):
     address_type: str = "IPv4"
     endpoints: list[Endpoint] | None = None
     ports: list[EndpointPort] | None = None
+
+    def compact(self) -> Self:
+        """As Service.compact."""
+        self.metadata.compact()
+        self.address_type = intern(self.address_type)
+        for p in self.ports or ():
+            p.name = intern(p.name) if p.name else p.name
+            p.protocol = intern(p.protocol) if p.protocol else p.protocol
+        return self
 
     @property
     def key(self) -> tuple[str, str]:

@@ -77,7 +77,7 @@ class ZoneIndex:
     # ----------------------------------------------------------------------- object events
 
     def set_service(self, svc: Service) -> None:
-        self.services[svc.key] = svc
+        self.services[svc.key] = svc.compact()
         self._refresh(svc.key)
 
     def delete_service(self, key: ServiceKey) -> None:
@@ -85,6 +85,7 @@ class ZoneIndex:
         self._refresh(key)
 
     def set_slice(self, eps: EndpointSlice) -> None:
+        eps.compact()
         old = self.slices.get(eps.key)
         self.slices[eps.key] = eps
         old_svc = old.service_key if old is not None else None
@@ -109,12 +110,12 @@ class ZoneIndex:
         the server for a zone rebuild."""
         touched: set[ServiceKey] = set()
         if services is not None:
-            new = {s.key: s for s in services}
+            new = {s.key: s.compact() for s in services}
             old = self.services
             touched |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
             self.services = new
         if slices is not None:
-            new_slices = {e.key: e for e in slices}
+            new_slices = {e.key: e.compact() for e in slices}
             for k in self.slices.keys() | new_slices.keys():
                 a, b = self.slices.get(k), new_slices.get(k)
                 if a != b:

