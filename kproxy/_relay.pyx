@@ -396,6 +396,10 @@ cdef class RelayCore:
             free(l.sess)
             free(l)
             raise MemoryError()
+        if not udp:
+            # Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt here
+            # instead of one per connection.
+            _set_nodelay(fd)
         with nogil:
             pthread_mutex_lock(&self.mu)
             l.id = self.next_id
@@ -641,7 +645,6 @@ cdef class RelayCore:
                 self.conns.prev = c
             self.conns = c
             self.n_active += 1
-            _set_nodelay(fd)
             ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
             ev.data.ptr = &c.cs
             epoll_ctl(self.ep, EPOLL_CTL_ADD, fd, &ev)
@@ -716,16 +719,25 @@ cdef class RelayCore:
         p.r = p.w = -1
         p.fill = 0
 
-    cdef void _established(self, Conn* c) noexcept nogil:
-        cdef int err = 0
-        cdef socklen_t elen = sizeof(err)
-        if getsockopt(c.ufd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0 or err != 0:
-            self._connect_failed(c)
-            return
+    cdef void _established(self, Conn* c, uint32_t events) noexcept nogil:
+        # epoll re-polls the socket when it reports it, so EPOLLOUT without ERR/HUP means the
+        # connect succeeded: no getsockopt(SO_ERROR) needed.
         c.connecting = 0
-        self._pump_both(c)
+        # Client events were ignored while connecting: its bytes (or FIN) may be waiting.
+        if self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut) < 0:
+            self._close_conn(c, 1)
+            return
+        # The upstream's edge for bytes that came with the connect is in `events`; later ones
+        # raise an edge of their own, so an empty upstream is not read in vain.
+        if events & (EPOLLIN | EPOLLRDHUP):
+            if self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut) < 0:
+                self._close_conn(c, 1)
+                return
+        if c.c_shut and c.u_shut:
+            self._close_conn(c, 0)
 
-    cdef int _pump(self, int src, int dst, Pipe* p, int* src_eof, int* dst_shut) noexcept nogil:
+    cdef int _pump(self, int src, int dst, Pipe* p, int* src_eof, int* dst_shut,
+                   int* dst_eof, int* src_shut) noexcept nogil:
         """Move what src has to dst through the pipe until one of them would block.
         Returns -1 when the connection is broken (reset either side)."""
         cdef ssize_t n
@@ -744,8 +756,11 @@ cdef class RelayCore:
             if src_eof[0]:
                 self._put_pipe(p)
                 if not dst_shut[0]:
-                    # Half-close: pass the FIN on, keep the other direction open.
-                    shutdown(dst, SHUT_WR)
+                    # Half-close: pass the FIN on, keep the other direction open. When the other
+                    # direction is already over (dst sent its FIN, which we passed on), the
+                    # close() that follows sends this FIN: skip the shutdown syscall.
+                    if not (dst_eof[0] and src_shut[0]):
+                        shutdown(dst, SHUT_WR)
                     dst_shut[0] = 1
                 return 0
             if p.r < 0 and self._get_pipe(p) < 0:
@@ -764,30 +779,39 @@ cdef class RelayCore:
                 continue
             return -1
 
-    cdef void _pump_both(self, Conn* c) noexcept nogil:
-        if self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut) < 0:
-            self._close_conn(c, 1)
-            return
-        if self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut) < 0:
-            self._close_conn(c, 1)
-            return
-        if c.c_shut and c.u_shut:
-            self._close_conn(c, 0)
-
     cdef void _conn_event(self, Side* s, uint32_t events) noexcept nogil:
         cdef Conn* c = s.conn
+        cdef int r = 0
         if c.dead:
             return
         if c.connecting:
             if s.kind == K_UPSTREAM:
-                if events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                    self._established(c)
+                if events & (EPOLLERR | EPOLLHUP):
+                    self._connect_failed(c)   # refused or reset: the next endpoint
+                elif events & EPOLLOUT:
+                    self._established(c, events)
             elif events & EPOLLERR:
                 self._close_conn(c, 1)   # client gone before the upstream answered
             return
-        self._pump_both(c)
-        if not c.dead and (events & EPOLLERR):
+        # Only the directions this event concerns: readable (or FIN/error) moves this side's
+        # bytes on; writable resumes the other side's bytes only if some wait in its pipe.
+        # Pumping both on every event cost a failed splice or two per event.
+        if s.kind == K_CLIENT:
+            if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                r = self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut)
+            if r == 0 and (events & EPOLLOUT) and c.u2c.fill > 0:
+                r = self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut)
+        else:
+            if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                r = self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut)
+            if r == 0 and (events & EPOLLOUT) and c.c2u.fill > 0:
+                r = self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut)
+        if r < 0:
             self._close_conn(c, 1)
+        elif events & EPOLLERR:
+            self._close_conn(c, 1)
+        elif c.c_shut and c.u_shut:
+            self._close_conn(c, 0)
 
     cdef void _close_conn(self, Conn* c, int reset) noexcept nogil:
         if c.dead:
