@@ -49,10 +49,13 @@ def report(r: dict[str, Any]) -> str:
     f, p, rs = r["first_full"], r["partial"], r["resync_full"]
     floor = min(r["bare_noflush_s"], r["bare_flush_s"])
     go = GO.get((r["backend"], r["services"]))
+    partials = ", ".join(f"{x['total_s'] * 1000:.0f}" for x in r["partials"])
+    floors = ", ".join(f"{x * 1000:.0f}" for x in r["partial_floor_s"])
     line = (
         f"{r['backend']:6} {r['services']:>6} svc: full {f['total_s']:.2f}s (render {f['render_s'] + f['assemble_s']:.2f}"
         f" + restore {f['restore_s']:.2f}), bare restore {r['bare_noflush_s']:.2f}s noflush / {r['bare_flush_s']:.2f}s"
-        f" flush -> {f['total_s'] / floor:.2f}x floor; partial {p['total_s'] * 1000:.0f} ms; resync {rs['total_s']:.2f}s;"
+        f" flush -> {f['total_s'] / floor:.2f}x floor; partial {p['total_s'] * 1000:.0f} ms"
+        f" (all: {partials} ms; bare one-chain restore {floors} ms); resync {rs['total_s']:.2f}s;"
         f" RSS {r['rss_mib']:.0f} MiB"
     )
     if "plan_cpu_s" in f:
@@ -80,5 +83,6 @@ def test_iptables_full_and_partial_sync(benchmark: Any, backend: str, n: int) ->
     r = results[0]
     benchmark.extra_info.update(r)
     print("\n" + report(r))
+    print("RESULT " + json.dumps(r))
     # Sanity, not timing: the ruleset really is 10 endpoints per service (2 SEP rules + 1 SVC rule each).
     assert r["nat_rules"] >= n * 10 * 3

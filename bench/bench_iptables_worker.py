@@ -24,6 +24,7 @@ from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.iptables import IptablesProxier
 
 ENDPOINTS = 10
+PARTIALS = 3
 
 
 def model(n: int) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
@@ -64,6 +65,7 @@ def main(argv: list[str]) -> None:
     px = IptablesProxier(ipt, cluster_cidr="10.0.0.0/8")
     px.keep_input_bytes = 1 << 40  # the floor below restores the same bytes (kept after the sync: no peak)
     out: dict[str, object] = {
+        "load_avg_start": os.getloadavg(),
         "backend": backend,
         "services": n,
         "endpoints": n * ENDPOINTS,
@@ -77,13 +79,30 @@ def main(argv: list[str]) -> None:
     out["restore_bytes"] = px.last_plan_stats["bytes"]
     out["nat_rules"] = res.rules_total.get("nat", 0)
 
-    # Partial sync after one endpoint change (a pod replaced): what the runner does on a slice update.
-    name = next(iter(services))
+    # Partial syncs after one endpoint change (a pod replaced): what the runner does on a slice
+    # update; three different Services, so the spread on a shared machine shows.
     changed = dict(endpoints)
-    changed[name] = (*endpoints[name][:-1], Endpoint("10.250.0.1", 8080))
-    res = px.sync(SyncRequest(services=services, endpoints=changed, changed=frozenset({name}), full=False))
-    assert res.ok, res.error
-    out["partial"] = dict(px.last_plan_stats)
+    partials = []
+    names = list(services)
+    for k, name in enumerate(names[k * n // PARTIALS] for k in range(PARTIALS)):
+        changed[name] = (*endpoints[name][:-1], Endpoint(f"10.250.0.{k + 1}", 8080))
+        res = px.sync(SyncRequest(services=services, endpoints=changed, changed=frozenset({name}), full=False))
+        assert res.ok, res.error
+        partials.append(dict(px.last_plan_stats))
+    out["partials"] = partials
+    out["partial"] = sorted(partials, key=lambda p: p["total_s"])[len(partials) // 2]  # the median
+    # The partial floor, in the same table: a bare iptables-restore --noflush of one chain (the
+    # last partial's new endpoint's KUBE-SEP- chain, flushed and refilled with its two rules). On
+    # legacy any restore reads and replaces the whole table; on nf_tables any added rule makes
+    # the kernel re-validate every chain reachable from the base chains at commit.
+    assert px.last_plan is not None
+    lines = px.last_plan.data.decode().splitlines()
+    dnat = f"--to-destination 10.250.0.{PARTIALS}:8080"
+    sep = next(ln.split()[1] for ln in lines if ln.startswith("-A KUBE-SEP-") and dnat in ln)
+    one_chain = "*nat\n" + f":{sep} - [0:0]\n" + "".join(ln + "\n" for ln in lines if ln.startswith(f"-A {sep} "))
+    floors = [timed_restore(backend, netns, (one_chain + "COMMIT\n").encode(), noflush=True) for _ in range(PARTIALS)]
+    out["partial_floor_s"] = [f[0] for f in floors]
+    out["partial_floor_cpu_s"] = [f[1] for f in floors]
 
     # Periodic full resync with everything already in the kernel.
     res = px.sync(SyncRequest(services=services, endpoints=changed))
