@@ -3,11 +3,27 @@ while decoding, so a whole object is never materialized)."""
 from __future__ import annotations
 
 from sys import intern
-from typing import Self
+from typing import Any, Self, TypeVar
 
 import msgspec
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# The table compact() shares equal immutable parts through (port lists, endpoint conditions): the
+# index owns one. Bounded: past this many distinct values it starts over instead of growing.
+Shared = dict[Any, Any]
+SHARED_MAX = 4096
+_V = TypeVar("_V")
+
+
+def share(table: Shared, value: _V) -> _V:
+    """The table's instance equal to value (value itself the first time)."""
+    found: _V | None = table.get(value)
+    if found is not None:
+        return found
+    if len(table) >= SHARED_MAX:
+        table.clear()
+    table[value] = value
+    return value
 
 
 class ObjectMeta(msgspec.Struct, rename="camel", gc=False):
@@ -30,7 +46,7 @@ class ObjectMeta(msgspec.Struct, rename="camel", gc=False):
             self.labels = {SERVICE_NAME_LABEL: svc} if svc else None
 
 
-class ServicePort(msgspec.Struct, rename="camel", gc=False):
+class ServicePort(msgspec.Struct, rename="camel", frozen=True, gc=False):
     name: str = ""
     port: int = 0
     protocol: str = "TCP"
@@ -40,8 +56,9 @@ class ServiceSpec(msgspec.Struct, rename="camel", gc=False):
     type: str = "ClusterIP"
     # "IP" is upper case on the wire, which rename="camel" would not produce.
     cluster_ip: str = msgspec.field(default="", name="clusterIP")
-    cluster_ips: list[str] = msgspec.field(default_factory=list, name="clusterIPs")
-    ports: list[ServicePort] | None = None
+    cluster_ips: tuple[str, ...] = msgspec.field(default=(), name="clusterIPs")
+    # Tuples of frozen ports: hashable, so Services with the same ports share one (compact()).
+    ports: tuple[ServicePort, ...] | None = None
     external_name: str = ""
     publish_not_ready_addresses: bool = False
 
@@ -50,18 +67,18 @@ class Service(msgspec.Struct, gc=False):
     metadata: ObjectMeta = msgspec.field(default_factory=ObjectMeta)
     spec: ServiceSpec = msgspec.field(default_factory=ServiceSpec)
 
-    def compact(self) -> Self:
-        """The object as the index keeps it: the strings that repeat across Services shared, the
-        ones it never reads dropped (the decoder makes a fresh copy of every string; at 10,000
-        Services that is about 3 MiB of the process's 60)."""
+    def compact(self, shared: Shared) -> Self:
+        """The object as the index keeps it: what repeats across Services shared, what it never
+        reads dropped (the decoder makes a fresh copy of every string and list; at 10,000 Services
+        that is about 4 MiB of the process's 60). clusterIPs equal to [clusterIP] become empty,
+        which every reader takes as [clusterIP]."""
         self.metadata.compact()
         spec = self.spec
         spec.type = intern(spec.type)
-        if spec.cluster_ips and spec.cluster_ips[0] == spec.cluster_ip:
-            spec.cluster_ips[0] = spec.cluster_ip
-        for p in spec.ports or ():
-            p.name = intern(p.name)
-            p.protocol = intern(p.protocol)
+        if tuple(spec.cluster_ips) == (spec.cluster_ip,):
+            spec.cluster_ips = ()
+        if spec.ports:
+            spec.ports = share(shared, tuple(spec.ports))
         return self
 
     @property
@@ -74,7 +91,7 @@ class Service(msgspec.Struct, gc=False):
                                                   and self.spec.type != "ExternalName")
 
 
-class EndpointConditions(msgspec.Struct, gc=False):
+class EndpointConditions(msgspec.Struct, frozen=True, gc=False):
     ready: bool | None = None  # nil means ready (discovery.k8s.io/v1)
 
 
@@ -84,7 +101,7 @@ class Endpoint(msgspec.Struct, gc=False):
     hostname: str | None = None
 
 
-class EndpointPort(msgspec.Struct, gc=False):
+class EndpointPort(msgspec.Struct, frozen=True, gc=False):
     name: str | None = None
     port: int | None = None
     protocol: str | None = "TCP"
@@ -94,15 +111,16 @@ class EndpointSlice(msgspec.Struct, rename="camel", gc=False):
     metadata: ObjectMeta = msgspec.field(default_factory=ObjectMeta)
     address_type: str = "IPv4"
     endpoints: list[Endpoint] | None = None
-    ports: list[EndpointPort] | None = None
+    ports: tuple[EndpointPort, ...] | None = None
 
-    def compact(self) -> Self:
+    def compact(self, shared: Shared) -> Self:
         """As Service.compact."""
         self.metadata.compact()
         self.address_type = intern(self.address_type)
-        for p in self.ports or ():
-            p.name = intern(p.name) if p.name else p.name
-            p.protocol = intern(p.protocol) if p.protocol else p.protocol
+        if self.ports:
+            self.ports = share(shared, tuple(self.ports))
+        for ep in self.endpoints or ():
+            ep.conditions = share(shared, ep.conditions)
         return self
 
     @property

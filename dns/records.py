@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from kdns import wire
-from kdns.objects import EndpointSlice, Service
+from kdns.objects import EndpointSlice, Service, Shared
 from kdns.wire import AAAA, CNAME, NS, PTR, RR, SOA, SRV, TXT, A, Message, Question
 
 SCHEMA_VERSION = "1.1.0"
@@ -50,6 +50,7 @@ class ZoneIndex:
         self.ttl = ttl
         self.table = table if table is not None else wire.impl.Table()
         self.services: dict[ServiceKey, Service] = {}
+        self._shared: Shared = {}  # equal parts of the objects kept, stored once (objects.share)
         self.slices: dict[ServiceKey, EndpointSlice] = {}
         self.slices_by_service: dict[ServiceKey, set[ServiceKey]] = {}
         # RRset keys (wire owner + type; type 0 marks a name that exists without records) per
@@ -77,7 +78,7 @@ class ZoneIndex:
     # ----------------------------------------------------------------------- object events
 
     def set_service(self, svc: Service) -> None:
-        self.services[svc.key] = svc.compact()
+        self.services[svc.key] = svc.compact(self._shared)
         self._refresh(svc.key)
 
     def delete_service(self, key: ServiceKey) -> None:
@@ -85,7 +86,7 @@ class ZoneIndex:
         self._refresh(key)
 
     def set_slice(self, eps: EndpointSlice) -> None:
-        eps.compact()
+        eps.compact(self._shared)
         old = self.slices.get(eps.key)
         self.slices[eps.key] = eps
         old_svc = old.service_key if old is not None else None
@@ -110,12 +111,12 @@ class ZoneIndex:
         the server for a zone rebuild."""
         touched: set[ServiceKey] = set()
         if services is not None:
-            new = {s.key: s.compact() for s in services}
+            new = {s.key: s.compact(self._shared) for s in services}
             old = self.services
             touched |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
             self.services = new
         if slices is not None:
-            new_slices = {e.key: e.compact() for e in slices}
+            new_slices = {e.key: e.compact(self._shared) for e in slices}
             for k in self.slices.keys() | new_slices.keys():
                 a, b = self.slices.get(k), new_slices.get(k)
                 if a != b:

@@ -122,3 +122,28 @@ def test_dns_deferred_replace_encodes_in_slices_to_the_same_index() -> None:
         assert rounds < 100
     assert rounds >= 5  # really done in slices
     assert later.answers == now.answers and later.names == now.names
+
+
+def test_dns_index_keeps_compacted_objects_with_shared_parts() -> None:
+    import msgspec
+    from kdns.objects import SHARED_MAX, share
+
+    def decoded(name: str, ip: str) -> Service:
+        return msgspec.json.decode(
+            b'{"metadata":{"name":"%s","namespace":"ns","resourceVersion":"42"},"spec":{"type":"ClusterIP",'
+            b'"clusterIP":"%s","clusterIPs":["%s"],"ports":[{"name":"http","port":80,"protocol":"TCP"}]}}'
+            % (name.encode(), ip.encode(), ip.encode()), type=Service)
+
+    idx = ZoneIndex(table=_purewire.Table())
+    idx.replace(services=[decoded("a", "10.96.0.1"), decoded("b", "10.96.0.2")])
+    a, b = idx.services[("ns", "a")], idx.services[("ns", "b")]
+    assert a.spec.ports is b.spec.ports and a.metadata.namespace is b.metadata.namespace
+    assert (a.metadata.resource_version, a.spec.cluster_ips) == ("", ())
+    assert [rr.data for rr in idx.rrset("a.ns.svc.cluster.local", 1)] == ["10.96.0.1"]
+    # A relist of the same objects is equal once compacted: nothing to re-encode.
+    idx.replace(services=[decoded("a", "10.96.0.1"), decoded("b", "10.96.0.2")], defer=True)
+    assert not idx.pending
+    table: dict[object, object] = {}
+    for i in range(SHARED_MAX + 5):
+        share(table, (i,))
+    assert len(table) <= SHARED_MAX
