@@ -24,9 +24,10 @@ USER_AGENT = f"kproxy/{__version__}"
 # pieces of up to this size, and the reader buffers about twice that per connection.
 _READ_LIMIT = 64 * 1024
 # Kept-alive connections carry the pages of a list; after it the next GET is a relist, minutes or
-# hours away, so an idle connection (and its buffer) is closed after a few seconds.
+# hours away, so an idle connection (and its buffers: 256 KiB for TLS alone) is closed after a
+# second.
 _IDLE_MAX = 4
-_IDLE_SECONDS = 5.0
+_IDLE_SECONDS = 1.0
 
 
 class ApiError(Exception):
