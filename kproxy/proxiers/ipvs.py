@@ -28,11 +28,17 @@ traffic), vs/expire_nodest_conn, vs/expire_quiescent_template, and vs/conn_reuse
 kernel has it on kernels >= 5.9 (the 1-second SYN drop upstream hit is fixed there; a VM test
 proves reuse is immediate) and set to 0 on older ones.
 
+After a successful sync, as upstream: the health check node port listeners of
+externalTrafficPolicy Local Services follow their local ready endpoint counts (healthcheck.py),
+and UDP conntrack entries NATed to a removed real server, or recorded while a UDP Service had no
+endpoint, are deleted (backends/conntrack.py).
+
 Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object with them):
 ipvs_scheduler (default "rr"), ipvs_strict_arp, ipvs_tcp_timeout, ipvs_tcpfin_timeout,
-ipvs_udp_timeout (seconds, 0 = kernel default), cluster_cidr, masquerade_all, masquerade_bit,
-nodeport_addresses (CIDRs), hostname_override; optional: iptables_backend (default "legacy":
-the UML test kernel has no nf_tables), node_ips (explicit NodePort addresses).
+ipvs_udp_timeout (seconds, 0 = kernel default), ipvs_exclude_cidrs (virtual servers there are
+never deleted as stale), cluster_cidr, masquerade_all, masquerade_bit, nodeport_addresses (CIDRs),
+hostname_override, healthcheck_bind_address; optional: iptables_backend (default "legacy": the
+UML test kernel has no nf_tables), node_ips (explicit NodePort addresses).
 """
 from __future__ import annotations
 
@@ -50,8 +56,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.backends import ipvs as nl
+from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.ipset import IPSets, SetSpec
 from kproxy.backends.iptables import IPTables
+from kproxy.healthcheck import NamespacedName, ServiceHealthServer
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 
@@ -123,6 +131,9 @@ class IPVSOptions:
     masquerade_all: bool = False
     masquerade_bit: int = 14
     nodeport_addresses: tuple[str, ...] = ()
+    # --ipvs-exclude-cidrs: virtual servers in these CIDRs are never deleted as stale (someone
+    # else's, e.g. a node-local load balancer's), as upstream's cleanLegacyService.
+    exclude_cidrs: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -137,6 +148,12 @@ class _Fragment:
 
     def set_entries(self, name: str) -> set[str]:
         return {e for s, e in self.entries if s == name}
+
+    def real_server_ips(self) -> set[str]:
+        return {ip for _vs, rs in self.servers.values() for ip, _port in rs}
+
+    def node_port(self, protocol_set: str) -> int:
+        return next((int(e) for s, e in self.entries if s == protocol_set), 0)
 
 
 class _RefSet:
@@ -345,12 +362,19 @@ class IPVSProxier(Proxier):
         iptables: IPTables,
         ipsets: IPSets | None = None,
         node_ips: Callable[[], list[str]] | None = None,
+        conntrack: Conntrack | None = None,
+        health_server: ServiceHealthServer | None = None,
     ) -> None:
         if opts.scheduler not in SCHEDULERS:
             raise ValueError(f"--ipvs-scheduler {opts.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
         self.opts = opts
+        self._exclude = [ipaddress.ip_network(c, strict=False) for c in opts.exclude_cidrs]
         self.iptables = iptables
-        self.iptables_save = f"iptables-{iptables.backend}-save"
+        self.conntrack = conntrack
+        self.health_server = health_server
+        # ServicePorts with externalTrafficPolicy Local and a health check node port:
+        # (port, local ready endpoints), kept per name so partial syncs update only theirs.
+        self._health: dict[ServicePortName, tuple[int, int]] = {}
         self.ipsets = ipsets or IPSets(SET_SPECS)
         self._node_ips_fn = node_ips
         self.ipvs = nl.IPVS()
@@ -464,11 +488,17 @@ class IPVSProxier(Proxier):
         dirty_sets: set[str] = set()
         addr_candidates: set[str] = set()
         empty = _Fragment()
+        udp_changes: list[tuple[_Fragment, _Fragment]] = []
+        health_changed = False
         for name in names:
             sp = request.services.get(name)
-            new = (build_fragment(sp, request.endpoints.get(name, ()), self._node_ips, self.opts)
-                   if sp is not None else empty)
+            eps = request.endpoints.get(name, ())
+            new = build_fragment(sp, eps, self._node_ips, self.opts) if sp is not None else empty
             old = self._fragments.pop(name, empty)
+            if name.protocol == "UDP" and self.conntrack is not None and old.servers != new.servers:
+                udp_changes.append((old, new))
+            if self.health_server is not None:
+                health_changed |= self._track_health(name, sp, eps)
             # Only what differs between the old and new fragment touches the shared state, so
             # a one-endpoint change never rescans 10,000 addresses or set entries.
             if old.addresses != new.addresses:
@@ -535,6 +565,10 @@ class IPVSProxier(Proxier):
             return SyncResult(ok=False, error=f"{len(failed)} netlink requests failed: {detail}")
         self._need_full = False
         self._deep_read = False
+        if udp_changes or request.stale_endpoints:
+            self._clean_conntrack(udp_changes, request)
+        if self.health_server is not None and (health_changed or full):
+            self._sync_health()
         return SyncResult(ok=True, rules_total={
             "ipvs_virtual_servers": len(self._k_services),
             "ipvs_real_servers": sum(len(d) for d in self._k_dests.values()),
@@ -557,7 +591,7 @@ class IPVSProxier(Proxier):
             want = self._servers.get(key)
             have = self._k_services.get(key)
             if want is None:
-                if have is not None:
+                if have is not None and not self._excluded(have.address):
                     yield self.ipvs.delete_service(have)
                     del self._k_services[key]
                     self._k_dests.pop(key, None)
@@ -615,6 +649,66 @@ class IPVSProxier(Proxier):
                     self._k_dests.get(key, {}).pop(rk, None)
                     del self._terminating[(key, rk)]
 
+    def _excluded(self, address: str) -> bool:
+        if not self._exclude:
+            return False
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self._exclude)
+
+    def _track_health(self, name: ServicePortName, sp: ServicePort | None, eps: Iterable[Endpoint]) -> bool:
+        """Records one ServicePort's health check node port and local ready endpoint count;
+        True if that changed what the health server must serve."""
+        before = self._health.get(name)
+        if sp is not None and sp.health_check_node_port and sp.external_policy_local:
+            self._health[name] = (sp.health_check_node_port, sum(1 for e in eps if e.is_local and e.ready))
+        else:
+            self._health.pop(name, None)
+        return self._health.get(name) != before
+
+    def _sync_health(self) -> None:
+        """Upstream's SyncServices/SyncEndpoints: one listener per Service (not per port), 200
+        while the node has a local ready endpoint. The iptables rule KUBE-NODE-PORT accepts
+        these ports (the KUBE-HEALTH-CHECK-NODE-PORT set)."""
+        assert self.health_server is not None
+        ports: dict[NamespacedName, int] = {}
+        counts: dict[NamespacedName, int] = {}
+        for name, (port, local) in self._health.items():
+            nsn = NamespacedName(name.namespace, name.name)
+            ports[nsn] = port
+            counts[nsn] = max(counts.get(nsn, 0), local)
+        self.health_server.sync_services(ports)
+        self.health_server.sync_endpoints(counts)
+
+    def _clean_conntrack(self, changes: list[tuple[_Fragment, _Fragment]], request: SyncRequest) -> None:
+        """Stale UDP conntrack entries, as upstream (pkg/proxy/conntrack): UDP has no teardown,
+        so a client that keeps sending keeps matching the entry NATed to a real server that is
+        gone, or the one that saw the service without endpoints."""
+        if self.conntrack is None:
+            return
+        ct = self.conntrack
+        ct.deletions.clear()
+        for old, new in changes:
+            vips = old.addresses or new.addresses
+            if not old.real_server_ips() and new.real_server_ips():  # gained its first endpoint
+                for vip in new.addresses:
+                    ct.clear_entries_for_ip(vip, "udp")
+                if new.node_port(KUBE_NODE_PORT_UDP):
+                    ct.clear_entries_for_port(new.node_port(KUBE_NODE_PORT_UDP), "udp")
+            node_port = old.node_port(KUBE_NODE_PORT_UDP)
+            for ep_ip in sorted(old.real_server_ips() - new.real_server_ips()):
+                for vip in vips:
+                    ct.clear_entries_for_nat(vip, ep_ip, "udp")
+                if node_port:
+                    ct.clear_entries_for_port_nat(ep_ip, node_port, "udp")
+        # Endpoints the trackers saw go away between syncs whose fragment did not change (gone
+        # and back, or a sync that did not rebuild them).
+        for name, ep in request.stale_endpoints:
+            frag = self._fragments.get(name)
+            if name.protocol != "UDP" or frag is None or ep.ip in frag.real_server_ips():
+                continue
+            for vip in frag.addresses:
+                ct.clear_entries_for_nat(vip, ep.ip, "udp")
+
     def terminating(self) -> list[tuple[VSKey, RSKey]]:
         return sorted(self._terminating)
 
@@ -623,7 +717,7 @@ class IPVSProxier(Proxier):
         out: dict[tuple[str, str], list[str]] = {}
         table = ""
         # One iptables-save for every table (process starts are the cost here, not the bytes).
-        for line in self.iptables._run([self.iptables_save]).decode().splitlines():
+        for line in self.iptables.save_all().splitlines():
             if line.startswith("*"):
                 table = line[1:].strip()
             elif line.startswith("-A "):
@@ -682,6 +776,8 @@ class IPVSProxier(Proxier):
         return ok
 
     def close(self) -> None:
+        if self.health_server is not None:
+            self.health_server.close()
         self.ipvs.close()
         self.addrs.close()
         self.ipsets.close()
@@ -707,6 +803,7 @@ def options_from_config(config: Any) -> IPVSOptions:
         masquerade_all=bool(getattr(config, "masquerade_all", False)),
         masquerade_bit=int(getattr(config, "masquerade_bit", None) or 14),
         nodeport_addresses=tuple(c for c in _tuple(getattr(config, "nodeport_addresses", ())) if c != "primary"),
+        exclude_cidrs=_tuple(getattr(config, "ipvs_exclude_cidrs", ())),
     )
 
 
@@ -720,6 +817,8 @@ def new_proxier(config: Any) -> Proxier:
         options_from_config(config),
         IPTables(backend="nft" if backend == "nft" else "legacy"),
         node_ips=(lambda: list(explicit)) if explicit else None,
+        conntrack=Conntrack(),
+        health_server=ServiceHealthServer(getattr(config, "healthcheck_bind_address", "") or ""),
     )
 
 

@@ -160,3 +160,15 @@ def test_ipvs_ipset_entries_encode_to_kernel_layout() -> None:
     _, kind = struct.unpack_from("=HH", data)
     assert kind & ipset_backend.NLA_F_NESTED
     assert ipset_backend.encode_entry("bitmap:port", "30080") == struct.pack("=HH", 6, 4 | 0x4000) + struct.pack("!H", 30080) + b"\0\0"
+
+
+@pytest.mark.timeout(30)
+def test_ipvs_exclude_cidrs_come_from_the_config() -> None:
+    from types import SimpleNamespace
+
+    from kproxy.proxiers.ipvs import options_from_config
+
+    opts = options_from_config(SimpleNamespace(ipvs_exclude_cidrs=("10.99.0.0/16", "fd00:99::/64")))
+    assert opts.exclude_cidrs == ("10.99.0.0/16", "fd00:99::/64")
+    assert options_from_config(SimpleNamespace(ipvs_exclude_cidrs="10.1.0.0/16, 10.2.0.0/16")).exclude_cidrs == (
+        "10.1.0.0/16", "10.2.0.0/16")

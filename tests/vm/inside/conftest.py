@@ -13,6 +13,8 @@ if os.environ.get("KPROXY_IN_VM") != "1":
 
 from ipvs_helpers import State, Topology, make_proxier, setup_topology, teardown_topology
 
+from kproxy.backends.conntrack import Conntrack
+from kproxy.healthcheck import ServiceHealthServer
 from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.ipvs import IPVSProxier
 
@@ -28,8 +30,9 @@ def topo() -> Iterator[Topology]:
 
 @pytest.fixture(scope="session")
 def session_proxier() -> Iterator[IPVSProxier]:
-    """One proxier for the suite (as one kproxy process would be); cleanup() at the end."""
-    p = make_proxier(tcpfin_timeout=2)
+    """One proxier for the suite (as one kproxy process would be, with its conntrack cleaner and
+    health check server); cleanup() at the end."""
+    p = make_proxier(Conntrack(), ServiceHealthServer(), tcpfin_timeout=2)
     try:
         yield p
     finally:

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.ipset import IPSets
 from kproxy.backends.iptables import IPTables
+from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.ipvs import SET_SPECS, IPVSOptions, IPVSProxier
@@ -188,9 +190,10 @@ def teardown_topology(suffix: str, n_backends: int) -> None:
     sh("ip", "link", "del", f"kptcv{suffix}", check=False)
 
 
-def make_proxier(**opts: Any) -> IPVSProxier:
+def make_proxier(conntrack: Conntrack | None = None, health_server: ServiceHealthServer | None = None,
+                 **opts: Any) -> IPVSProxier:
     return IPVSProxier(IPVSOptions(**opts), IPTables(backend="legacy"), IPSets(SET_SPECS),
-                       node_ips=lambda: [NODE_CLIENT_IP])
+                       node_ips=lambda: [NODE_CLIENT_IP], conntrack=conntrack, health_server=health_server)
 
 
 def spn(name: str, port: str = "http", protocol: str = "TCP") -> ServicePortName:
