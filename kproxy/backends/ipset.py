@@ -1,13 +1,16 @@
-"""ipset: desired sets rendered into ONE `ipset restore` per sync, diffed against the kernel.
+"""ipset: desired sets diffed against the kernel, changes sent in nfnetlink batches.
 
 Upstream's IPVS proxier keeps a handful of sets (KUBE-CLUSTER-IP, KUBE-LOOP-BACK, ...) that its
 few iptables rules match on, so the rule count stays constant as services grow. Here a sync
-computes the entries each set should hold, diffs them against what the kernel holds (read once
-with `ipset save` on a full sync, remembered afterwards) and sends only the adds and deletes,
-with the creates, in one `ipset restore -exist`: a one-endpoint change is a few lines.
+computes the entries each set should hold, diffs them against what the kernel holds (read on a
+full sync: which sets exist over netlink, their members with `ipset save` only if some do;
+remembered afterwards) and sends only the creates, adds and deletes: a one-endpoint change is a
+few entries. In a foreign netns (`netns` set) the same changes go through one `ipset restore`.
 """
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 import subprocess
@@ -63,8 +66,36 @@ class IPSets:
             raise IPSetError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout
 
+    def _socket(self) -> _Socket:
+        from kproxy.backends.ipvs import _Socket
+
+        if self._nl is None:
+            self._nl = _Socket(NETLINK_NETFILTER)
+        return self._nl
+
+    def _present(self) -> set[str]:
+        """Which owned sets exist, over nfnetlink: one IPSET_CMD_HEADER per set in one batch,
+        ENOENT meaning absent. Why: on an empty node this spares `ipset save`, a process start
+        (~50 ms under User-Mode Linux) that would only list nothing."""
+        nlsock = self._socket()
+        by_seq: dict[int, str] = {}
+        msgs = []
+        for spec in self.specs:
+            seq, msg = nlsock.message((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_HEADER, 1,
+                                      _ipset_head(0) + _nla(IPSET_ATTR_SETNAME, spec.name.encode() + b"\0"))
+            by_seq[seq] = spec.name
+            msgs.append(msg)
+        present = {s.name for s in self.specs}
+        for msg, err in nlsock.batch(msgs):
+            if err != errno.ENOENT:
+                raise IPSetError(f"ipset header query failed: {os.strerror(err)}")
+            present.discard(by_seq[struct.unpack_from("=I", msg, 8)[0]])
+        return present
+
     def read(self) -> dict[str, set[str]]:
         """Members of our sets as the kernel holds them (missing sets are absent)."""
+        if self.netns is None and not self._present():
+            return {}
         names = {s.name for s in self.specs}
         out: dict[str, set[str]] = {}
         for line in self._run(["save"]).splitlines():
@@ -86,16 +117,17 @@ class IPSets:
             self._nl = None
 
     def sync(self, desired: Mapping[str, AbstractSet[str]], only: AbstractSet[str] | None = None) -> int:
-        """Brings every owned set to `desired`: creates missing sets (one `ipset restore`), then
-        sends the adds and deletes over netlink in batches (in a foreign netns, through
-        `ipset restore` as well). `only` names the sets that may have changed since the last
+        """Brings every owned set to `desired`: creates missing sets, then sends the adds and
+        deletes, all over nfnetlink in batches (in a foreign netns, through one `ipset restore`). `only` names the sets that may have changed since the last
         successful sync (the others are skipped). Returns the number of entries changed."""
         known = self._known if self._known is not None else self.read()
         self._known = None  # unknown until everything below succeeded
-        creates = [s.create_line() for s in self.specs if s.name not in known]
-        if creates:
+        missing = [s for s in self.specs if s.name not in known]
+        if missing and self.netns is None:
+            self._create(missing)
+        elif missing:
             self.restores += 1
-            self._run(["restore", "-exist"], "\n".join(creates) + "\n")
+            self._run(["restore", "-exist"], "\n".join(s.create_line() for s in missing) + "\n")
         changes: list[tuple[SetSpec, list[str], list[str]]] = []
         for spec in self.specs:
             if only is not None and spec.name not in only and spec.name in known:
@@ -108,11 +140,7 @@ class IPSets:
                 changes.append((spec, dels, adds))
         count = sum(len(d) + len(a) for _, d, a in changes)
         if changes and self.netns is None:
-            from kproxy.backends.ipvs import _Socket
-
-            if self._nl is None:
-                self._nl = _Socket(NETLINK_NETFILTER)
-            nlsock = self._nl
+            nlsock = self._socket()
 
             def frame(kind: int, flags: int, body: bytes) -> bytes:
                 return nlsock.message(kind, flags, body)[1]
@@ -136,6 +164,40 @@ class IPSets:
         self._known = known
         return count
 
+    def _create(self, specs: list[SetSpec]) -> None:
+        """IPSET_CMD_CREATE over nfnetlink, what `ipset restore -exist` sends for create_line()
+        (no NLM_F_EXCL: an identical existing set is fine). The kernel wants a type revision it
+        knows; IPSET_CMD_TYPE answers its highest one."""
+        from kproxy.backends.ipvs import _attrs
+
+        nlsock = self._socket()
+        revisions: dict[tuple[str, int], int] = {}
+        msgs = []
+        for spec in specs:
+            family = _FAMILIES[spec.family] if spec.type != "bitmap:port" else 0
+            typename = _nla(IPSET_ATTR_TYPENAME, spec.type.encode() + b"\0")
+            rev = revisions.get((spec.type, family))
+            if rev is None:
+                answer = nlsock.query((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_TYPE,
+                                      _ipset_head(family) + typename + _nla(IPSET_ATTR_FAMILY, bytes([family])))
+                attrs = _attrs(answer[0][4:]) if answer else {}
+                if IPSET_ATTR_REVISION not in attrs:
+                    raise IPSetError(f"ipset type {spec.type}: the kernel did not report a revision")
+                rev = revisions[(spec.type, family)] = attrs[IPSET_ATTR_REVISION][0]
+            if spec.type == "bitmap:port":
+                data = (_nla(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", 0))
+                        + _nla(IPSET_ATTR_PORT_TO | NLA_F_NET_BYTEORDER, struct.pack("!H", 65535)))
+            else:  # create_line(): hashsize 1024 maxelem 1048576
+                data = (_nla(IPSET_ATTR_HASHSIZE | NLA_F_NET_BYTEORDER, struct.pack("!I", 1024))
+                        + _nla(IPSET_ATTR_MAXELEM | NLA_F_NET_BYTEORDER, struct.pack("!I", 1048576)))
+            body = (_ipset_head(family) + _nla(IPSET_ATTR_SETNAME, spec.name.encode() + b"\0") + typename
+                    + _nla(IPSET_ATTR_REVISION, bytes([rev])) + _nla(IPSET_ATTR_FAMILY, bytes([family]))
+                    + _nla(IPSET_ATTR_DATA | NLA_F_NESTED, data))
+            msgs.append(nlsock.message((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_CREATE, 1, body)[1])
+        failed = nlsock.batch(msgs)
+        if failed:
+            raise IPSetError(f"{len(failed)} ipset creates failed: {os.strerror(failed[0][1])}")
+
     def destroy(self) -> None:
         """Destroys every owned set that exists, in one restore (iptables rules using them must
         be gone first)."""
@@ -155,9 +217,11 @@ class IPSets:
 # semantics: re-adding a present entry or deleting an absent one is not an error.
 NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 7
-IPSET_CMD_ADD, IPSET_CMD_DEL = 9, 10
-IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_DATA, IPSET_ATTR_ADT, IPSET_ATTR_LINENO = 1, 2, 7, 8, 9
-IPSET_ATTR_IP, IPSET_ATTR_CIDR, IPSET_ATTR_PORT, IPSET_ATTR_PROTO = 1, 3, 4, 7
+IPSET_CMD_CREATE, IPSET_CMD_ADD, IPSET_CMD_DEL, IPSET_CMD_HEADER, IPSET_CMD_TYPE = 2, 9, 10, 12, 13
+IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_TYPENAME, IPSET_ATTR_REVISION = 1, 2, 3, 4
+IPSET_ATTR_FAMILY, IPSET_ATTR_DATA, IPSET_ATTR_ADT, IPSET_ATTR_LINENO = 5, 7, 8, 9
+IPSET_ATTR_IP, IPSET_ATTR_CIDR, IPSET_ATTR_PORT, IPSET_ATTR_PORT_TO, IPSET_ATTR_PROTO = 1, 3, 4, 5, 7
+IPSET_ATTR_HASHSIZE, IPSET_ATTR_MAXELEM = 18, 19
 IPSET_ATTR_IP2, IPSET_ATTR_CIDR2 = 20, 21
 IPSET_ATTR_IPADDR_IPV4, IPSET_ATTR_IPADDR_IPV6 = 1, 2
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
@@ -165,9 +229,17 @@ _ENTRIES_PER_MESSAGE = 512
 _IP_PROTOS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 
+_FAMILIES = {"inet": 2, "inet6": 10}  # NFPROTO_IPV4, NFPROTO_IPV6
+
+
 def _nla(kind: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length & 3)
+
+
+def _ipset_head(family: int) -> bytes:
+    """nfgenmsg, then the protocol attribute every ipset message starts with."""
+    return struct.pack("=BBH", family, 0, 0) + _nla(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
 
 
 def _ip_attr(kind: int, address: str) -> bytes:
@@ -203,8 +275,7 @@ def encode_messages(spec: SetSpec, cmd: int, entries: list[str], message: Callab
     """nfnetlink messages carrying `entries` (a list per message). `message(type, flags, body)`
     frames one netlink message (sequence numbers belong to the socket)."""
     family = 10 if spec.family == "inet6" else 2
-    head = struct.pack("=BBH", family, 0, 0) + _nla(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL])) \
-        + _nla(IPSET_ATTR_SETNAME, spec.name.encode() + b"\0")
+    head = _ipset_head(family) + _nla(IPSET_ATTR_SETNAME, spec.name.encode() + b"\0")
     out = []
     for i in range(0, len(entries), _ENTRIES_PER_MESSAGE):
         adt = b"".join(_nla(IPSET_ATTR_DATA | NLA_F_NESTED, encode_entry(spec.type, e))

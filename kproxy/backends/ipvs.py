@@ -351,6 +351,23 @@ class _Socket:
                     return out
                 out.append(payload)
 
+    def query(self, kind: int, body: bytes) -> list[bytes]:
+        """One request with NLM_F_ACK; returns the payloads of the answers before the ACK."""
+        seq, msg = self.message(kind, NLM_F_REQUEST | NLM_F_ACK, body)
+        self.sock.send(msg)
+        self.sends += 1
+        out: list[bytes] = []
+        while True:
+            for rkind, _flags, rseq, payload in self._recv_messages():
+                if rseq != seq:
+                    continue
+                if rkind == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", payload)[0]
+                    if err:
+                        raise NetlinkError(err, f"netlink request type {kind}: {os.strerror(err)}")
+                    return out
+                out.append(payload)
+
     def request(self, kind: int, body: bytes, flags: int = 0) -> None:
         _, msg = self.message(kind, NLM_F_REQUEST | flags, body)
         failed = self.batch([msg])

@@ -1,10 +1,12 @@
 """IPVS mode's node-level duties beyond virtual servers: --ipvs-exclude-cidrs, the per-Service
-health check node ports of externalTrafficPolicy Local, and stale UDP conntrack cleanup when an
-endpoint goes away. Runs inside the VM."""
+health check node ports of externalTrafficPolicy Local, stale UDP conntrack cleanup when an
+endpoint goes away, and its ipsets created over nfnetlink. Runs inside the VM."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -26,8 +28,9 @@ from ipvs_helpers import (
 )
 
 from kproxy.backends import ipvs as nl
+from kproxy.backends.ipset import IPSets
 from kproxy.proxiers.base import SyncRequest
-from kproxy.proxiers.ipvs import IPVSProxier
+from kproxy.proxiers.ipvs import KUBE_CLUSTER_IP, KUBE_NODE_PORT_TCP, SET_SPECS, IPVSProxier
 
 B0, B1 = "10.244.0.10", "10.244.0.11"
 UDP_PORT = 5353
@@ -156,3 +159,35 @@ def test_ipvs_stale_udp_conntrack_is_cleared_when_an_endpoint_goes(topo: Topolog
         assert wait_for(lambda: ask() == b"b1", timeout=10)
     finally:
         sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_ipset_sets_created_over_netlink_match_ipset_restore() -> None:
+    ns = f"kptset{os.getpid()}"
+    sh("ip", "netns", "add", ns)
+    sets = IPSets(SET_SPECS)
+    try:
+        def first_sync() -> int:
+            sets.sync({KUBE_CLUSTER_IP: {"10.96.0.1,tcp:80"}, KUBE_NODE_PORT_TCP: {"30080"}})
+            return sets.restores
+
+        assert in_netns(ns, first_sync) == 0  # an empty node: no `ipset save`/`restore` process
+        headers = sh("ip", "netns", "exec", ns, "ipset", "list", "-t")
+        assert "Name: KUBE-CLUSTER-IP\nType: hash:ip,port\n" in headers
+        assert "Header: family inet hashsize 1024 maxelem 1048576" in headers
+        assert "Name: KUBE-NODE-PORT-TCP\nType: bitmap:port\n" in headers and "Header: range 0-65535" in headers
+        assert headers.count("Name: KUBE-") == len(SET_SPECS)
+        # The tool accepts its own create lines for these sets as identical (-exist), so the
+        # restore path (a foreign netns) and the netlink path build the same sets.
+        creates = "".join(s.create_line() + "\n" for s in SET_SPECS)
+        proc = subprocess.run(["ip", "netns", "exec", ns, "ipset", "restore", "-exist"], input=creates,
+                              capture_output=True, text=True, check=False, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        # A restart finds them and reads the members back (through `ipset save`).
+        again = IPSets(SET_SPECS)
+        known = in_netns(ns, again.read)
+        again.close()
+        assert known[KUBE_CLUSTER_IP] == {"10.96.0.1,tcp:80"} and known[KUBE_NODE_PORT_TCP] == {"30080"}
+    finally:
+        sets.close()
+        sh("ip", "netns", "del", ns)
