@@ -333,10 +333,14 @@ class _Socket:
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
         """One NLM_F_DUMP request; returns the payload of each answer (after nlmsghdr)."""
-        _, msg = self.message(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
+        return self.query(kind, body, NLM_F_DUMP)
+
+    def query(self, kind: int, body: bytes, flags: int = NLM_F_ACK) -> list[bytes]:
+        """One request (a dump, or one with NLM_F_ACK); returns the payloads of its answers up
+        to NLMSG_DONE or the ACK."""
+        seq, msg = self.message(kind, NLM_F_REQUEST | flags, body)
         self.sock.send(msg)
         self.sends += 1
-        seq = self.seq
         out: list[bytes] = []
         while True:
             for rkind, _flags, rseq, payload in self._recv_messages():
@@ -344,23 +348,6 @@ class _Socket:
                     continue
                 if rkind == NLMSG_DONE:
                     return out
-                if rkind == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", payload)[0]
-                    if err:
-                        raise NetlinkError(err, f"netlink dump type {kind}: {os.strerror(err)}")
-                    return out
-                out.append(payload)
-
-    def query(self, kind: int, body: bytes) -> list[bytes]:
-        """One request with NLM_F_ACK; returns the payloads of the answers before the ACK."""
-        seq, msg = self.message(kind, NLM_F_REQUEST | NLM_F_ACK, body)
-        self.sock.send(msg)
-        self.sends += 1
-        out: list[bytes] = []
-        while True:
-            for rkind, _flags, rseq, payload in self._recv_messages():
-                if rseq != seq:
-                    continue
                 if rkind == NLMSG_ERROR:
                     err = -struct.unpack_from("=i", payload)[0]
                     if err:
