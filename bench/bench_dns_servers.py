@@ -222,6 +222,16 @@ def run_dnsperf(port: int, queries: Path, seconds: float, rate: int = 0) -> dict
     }
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the server does not exit within 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def measure(name: str, cmd: list[str], port: int, workdir: Path, queries: Path) -> dict[str, Any]:
     with open(workdir / f"{name}.log", "wb") as log:  # Popen keeps its own copy of the fd
         proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=subprocess.DEVNULL, stderr=log,
@@ -235,12 +245,7 @@ def measure(name: str, cmd: list[str], port: int, workdir: Path, queries: Path) 
         rss = _rss_mib(proc.pid)
         paced = run_dnsperf(port, queries, min(SECONDS, 5.0), rate=PACED_QPS)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     return {"server": name, **perf, "paced_latency_ms": paced["latency_ms"], "paced_lost": paced["lost"],
             "cpu_s": cpu, "qps_per_cpu_s": perf["completed"] / cpu if cpu else 0.0,
             "rss_mib": max(rss, rss_before)}
@@ -257,20 +262,42 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(rows: list[dict[str, Any]]) -> None:
-    path = ROOT / "bench" / "README.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+README = ROOT / "bench" / "README.md"
+# bench_dns_memory.py writes this subsection of "## dns"; write_readme() keeps it.
+MEMORY_HEADING = "### kproxy-dns memory"
+
+
+def machine() -> str:
+    """Date, CPU, cores and the 1-minute load average, for a figure's caption."""
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    section = (
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores, "
+            f"load average {Path('/proc/loadavg').read_text().split()[0]}")
+
+
+def update_dns_readme(block: str, *, memory: bool = False) -> None:
+    """Rewrites one part of bench/README.md's "## dns" section, leaving the rest of the file as it
+    is: the servers part (from the heading to the memory subsection) or the memory subsection."""
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    m = re.search(r"^## dns\n.*?(?=^## |\Z)", text, re.DOTALL | re.MULTILINE)
+    head, sep, tail = (m.group(0) if m else "## dns\n").partition(MEMORY_HEADING)
+    parts = [head, sep + tail if sep else ""]
+    parts[1 if memory else 0] = block
+    section = "".join(p.rstrip("\n") + "\n\n" for p in parts if p)
+    text = text[:m.start()] + section + text[m.end():] if m else text.rstrip("\n") + "\n\n" + section
+    README.write_text(text)
+
+
+def write_readme(rows: list[dict[str, Any]]) -> None:
+    update_dns_readme(
         "## dns\n\n"
-        f"`bench/bench_dns_servers.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, "
-        f"{os.cpu_count()} cores, load average {Path('/proc/loadavg').read_text().split()[0]}. dnsperf (-q 256, {SECONDS:.0f} s) over 127.0.0.1 against each server pinned "
-        "to one core, dnsperf on the other; zone: 10,000 Services (1,000 headless x 5 pods), SRV and PTR; "
-        "mix 80% A, 10% SRV, 5% NXDOMAIN, 5% PTR. qps per CPU-second = answers / (server utime+stime).\n\n"
+        f"`bench/bench_dns_servers.py`, {machine()}. dnsperf (-q 256, {SECONDS:.0f} s) over 127.0.0.1 against "
+        "each server pinned to one core, dnsperf on the other; zone: 10,000 Services (1,000 headless x 5 pods), "
+        "SRV and PTR; mix 80% A, 10% SRV, 5% NXDOMAIN, 5% PTR. qps per CPU-second = answers / (server "
+        "utime+stime).\n\n"
         + _table(rows) + "\n\n"
         "Notes: the machine is shared (2 cores, other suites may run at the same time: look at the "
         "load average printed by the test), so qps (wall) and latency move a lot between runs; qps per "
@@ -278,18 +305,12 @@ def write_readme(rows: list[dict[str, Any]]) -> None:
         "outstanding (queueing behind the client's window: Little's law); the paced column (dnsperf -Q, "
         "5 s) is the answer time below saturation. kproxy-dns runs its compiled path "
         "(kdns._wire: recvmmsg/sendmmsg batches, pre-encoded answers); RSS is VmRSS after the run with "
-        "the zone loaded from `--objects` (with `--kubeconfig` the API client adds about 20 MiB of "
-        "imports). dnsmasq answers from host-record/srv-host lines and is slow on this zone (it scans "
+        "the zone loaded from `--objects` (as deployed, fed by the API server: see the memory table "
+        "below). dnsmasq answers from host-record/srv-host lines and is slow on this zone (it scans "
         "its SRV entries on every query), as the issue reported.\n\n"
         "Measured separately on 2026-11-23, same machine (load average 4 to 10): the answer path alone "
         "(`bench/bench_dns_answer.py`, no sockets) takes 0.85 us per query compiled and 6.3 us pure "
-        "(7.4x); fed by kproxy-apiserver with the same 10,000 Services through `--kubeconfig`, "
-        "kproxy-dns was ready 7.2 s after start and its RSS was 75.8 MiB (the API client's aiohttp "
-        "is the difference to the 56 MiB above).\n"
-    )
-    pattern = re.compile(r"^## dns\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+        "(7.4x).\n")
 
 
 def _have(*tools: str) -> list[str]:
