@@ -244,7 +244,11 @@ class ZoneIndex:
 
     def _apply(self, key: ServiceKey, new: Contrib) -> None:
         old_keys = self.keys_of.pop(key, ())
-        new_map = {self._rrkey(owner, rtype): (owner, rtype) for owner, rtype in new}
+        # An existence marker (type 0) is only needed for a name with no records of its own: a
+        # kept key per Service otherwise (about 0.7 MiB at 10,000 Services).
+        owners = {owner for owner, rtype in new if rtype}
+        new_map = {self._rrkey(owner, rtype): (owner, rtype) for owner, rtype in new
+                   if rtype or owner not in owners}
         new_keys = tuple(new_map)
         if new_keys:
             self.keys_of[key] = new_keys
