@@ -308,6 +308,7 @@ class _Socket:
                     if rseq == seq:
                         done = True
             if errors:  # rare: index the chunk's messages by sequence number only now
+                _U16.pack_into(buf, last + 6, flags)  # report the message as the caller built it
                 by_seq: dict[int, bytes] = {}
                 off = 0
                 while off < size:

@@ -2,6 +2,7 @@
 against pyroute2's own IPVS message parser (an independent decoder of the same ABI)."""
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -172,3 +173,24 @@ def test_ipvs_exclude_cidrs_come_from_the_config() -> None:
     assert opts.exclude_cidrs == ("10.99.0.0/16", "fd00:99::/64")
     assert options_from_config(SimpleNamespace(ipvs_exclude_cidrs="10.1.0.0/16, 10.2.0.0/16")).exclude_cidrs == (
         "10.1.0.0/16", "10.2.0.0/16")
+
+
+@pytest.mark.timeout(30)
+def test_netlink_batch_maps_each_error_to_its_message_through_the_reused_buffer() -> None:
+    # Read-only requests to the host's rtnetlink: RTM_GETLINK of absent interfaces fails with
+    # ENODEV, one of loopback (index 1) answers data, which the batch must skip.
+    rtm_getlink = 18
+    sock = nl._Socket(socket.NETLINK_ROUTE)
+    try:
+        def getlink(index: int) -> bytes:
+            return sock.message(rtm_getlink, nl.NLM_F_REQUEST, struct.pack("=BxHiII", 0, 0, index, 0, 0))[1]
+
+        absent = [getlink(2_000_000 + i) for i in range(10_000)]
+        msgs = absent[:5000] + [getlink(1)] + absent[5000:]
+        failed = sock.batch(iter(msgs))  # lazily consumed, as the proxier's generator is
+        assert [m for m, _ in failed] == absent
+        assert {e for _, e in failed} == {errno.ENODEV}
+        assert sock.sends == 3  # 320 KB of requests in 128 KiB chunks, one ACK per chunk
+        assert sock.batch([]) == [] and sock.sends == 3
+    finally:
+        sock.close()
