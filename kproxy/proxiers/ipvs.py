@@ -687,6 +687,7 @@ class IPVSProxier(Proxier):
             return
         ct = self.conntrack
         ct.deletions.clear()
+        cleared: set[tuple[str, str]] = set()  # (vip, real server ip): one conntrack run each
         for old, new in changes:
             vips = old.addresses or new.addresses
             if not old.real_server_ips() and new.real_server_ips():  # gained its first endpoint
@@ -697,6 +698,7 @@ class IPVSProxier(Proxier):
             node_port = old.node_port(KUBE_NODE_PORT_UDP)
             for ep_ip in sorted(old.real_server_ips() - new.real_server_ips()):
                 for vip in vips:
+                    cleared.add((vip, ep_ip))
                     ct.clear_entries_for_nat(vip, ep_ip, "udp")
                 if node_port:
                     ct.clear_entries_for_port_nat(ep_ip, node_port, "udp")
@@ -707,7 +709,9 @@ class IPVSProxier(Proxier):
             if name.protocol != "UDP" or frag is None or ep.ip in frag.real_server_ips():
                 continue
             for vip in frag.addresses:
-                ct.clear_entries_for_nat(vip, ep.ip, "udp")
+                if (vip, ep.ip) not in cleared:
+                    cleared.add((vip, ep.ip))
+                    ct.clear_entries_for_nat(vip, ep.ip, "udp")
 
     def terminating(self) -> list[tuple[VSKey, RSKey]]:
         return sorted(self._terminating)
@@ -770,6 +774,9 @@ class IPVSProxier(Proxier):
         self._addresses = _RefSet()
         self._entries = {s.name: _RefSet() for s in SET_SPECS}
         self._terminating.clear()
+        self._health.clear()
+        if self.health_server is not None:
+            self.health_server.sync_services({})
         self._rules_applied = False
         self._need_full = self._deep_read = True
         self._k_dests.clear()
