@@ -15,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +224,7 @@ class State:
         self.endpoints[sp.name] = eps
         return sp.name
 
-    def sync(self, changed: set[ServicePortName] | None = None) -> None:
+    def sync(self, changed: Iterable[ServicePortName] | None = None) -> None:
         req = SyncRequest(dict(self.services), dict(self.endpoints),
                           changed=frozenset(changed or ()), full=changed is None)
         result = self.proxier.sync(req)
