@@ -586,7 +586,6 @@ class IPVSProxier(Proxier):
         the batch as it sends: 110,000 messages are never held at once. Counts into
         last_messages."""
         now = time.monotonic()
-        check_drain: list[nl.VirtualServer] = []
         for key in dirty:
             want = self._servers.get(key)
             have = self._k_services.get(key)
@@ -595,8 +594,6 @@ class IPVSProxier(Proxier):
                     yield self.ipvs.delete_service(have)
                     del self._k_services[key]
                     self._k_dests.pop(key, None)
-                    for tk in [tk for tk in self._terminating if tk[0] == key]:
-                        del self._terminating[tk]
                 continue
             vs, rs_keys = want
             if have is None:
@@ -631,17 +628,23 @@ class IPVSProxier(Proxier):
                 else:
                     yield self.ipvs.delete_dest(vs, nl.RealServer(rk[0], rk[1]))
                     del dests[rk]
-        # Reap drained real servers of every service with terminating ones (not only dirty).
-        for key in {k for k, _ in self._terminating}:
+        # Reap drained real servers of every service with terminating ones (not only dirty): one
+        # dump per such service, the terminating entries indexed by service once (scanning them
+        # all per service was quadratic when many Services scale down together).
+        by_service: dict[VSKey, list[RSKey]] = {}
+        for key, rk in self._terminating:
+            by_service.setdefault(key, []).append(rk)
+        for key, rks in by_service.items():
             vs_t = self._k_services.get(key)
-            if vs_t is not None:
-                check_drain.append(vs_t)
-        for vs_t in check_drain:
+            if vs_t is None:  # the service itself is gone (deleted above, or by someone else)
+                for rk in rks:
+                    del self._terminating[(key, rk)]
+                continue
             try:
                 live = {rs.key: rs for rs in self.ipvs.dests(vs_t)}
             except nl.NetlinkError:
                 continue
-            for (key, rk) in [tk for tk in self._terminating if tk[0] == vs_t.key]:
+            for rk in rks:
                 rs = live.get(rk)
                 if rs is None or rs.active_conns + rs.inactive_conns == 0:
                     if rs is not None:
