@@ -50,7 +50,7 @@ class ZoneIndex:
         self.ttl = ttl
         self.table = table if table is not None else wire.impl.Table()
         self.services: dict[ServiceKey, Service] = {}
-        self._shared: Shared = {}  # equal parts of the objects kept, stored once (objects.share)
+        self.shared: Shared = {}  # equal parts of the objects kept, stored once (objects.share)
         self.slices: dict[ServiceKey, EndpointSlice] = {}
         self.slices_by_service: dict[ServiceKey, set[ServiceKey]] = {}
         # RRset keys (wire owner + type; type 0 marks a name that exists without records) per
@@ -78,7 +78,7 @@ class ZoneIndex:
     # ----------------------------------------------------------------------- object events
 
     def set_service(self, svc: Service) -> None:
-        self.services[svc.key] = svc.compact(self._shared)
+        self.services[svc.key] = svc.compact(self.shared)
         self._refresh(svc.key)
 
     def delete_service(self, key: ServiceKey) -> None:
@@ -86,7 +86,7 @@ class ZoneIndex:
         self._refresh(key)
 
     def set_slice(self, eps: EndpointSlice) -> None:
-        eps.compact(self._shared)
+        eps.compact(self.shared)
         old = self.slices.get(eps.key)
         self.slices[eps.key] = eps
         old_svc = old.service_key if old is not None else None
@@ -111,12 +111,12 @@ class ZoneIndex:
         the server for a zone rebuild."""
         touched: set[ServiceKey] = set()
         if services is not None:
-            new = {s.key: s.compact(self._shared) for s in services}
+            new = {s.key: s.compact(self.shared) for s in services}
             old = self.services
             touched |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
             self.services = new
         if slices is not None:
-            new_slices = {e.key: e.compact(self._shared) for e in slices}
+            new_slices = {e.key: e.compact(self.shared) for e in slices}
             for k in self.slices.keys() | new_slices.keys():
                 a, b = self.slices.get(k), new_slices.get(k)
                 if a != b:

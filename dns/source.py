@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+from typing import Generic, TypeVar
 
 from kdns.objects import EndpointSlice, Service, load_objects
 from kdns.records import ZoneIndex
@@ -43,16 +44,41 @@ class IndexFeeder:
             self.idle.set()
 
 
-class ServiceStore:
-    """Reflector store for Services (the ReflectorStore protocol)."""
+_O = TypeVar("_O", Service, EndpointSlice)
+
+
+class _ObjectStore(Generic[_O]):
+    """A Reflector store (with the PagedReflectorStore extension) feeding the index. Each list page
+    is compacted as it arrives, so the garbage of decoding one page is freed before the next page
+    is decoded into the same memory: compacting only once the whole list is in left that garbage
+    as holes between the kept objects (3.4 MiB more RSS at 10,000 Services, bench_dns_memory.py)."""
 
     def __init__(self, index: ZoneIndex, feeder: IndexFeeder) -> None:
         self.index = index
         self.feeder = feeder
+        self._listed: list[_O] = []
 
-    def replace(self, items: list[Service], resource_version: str) -> None:
-        self.index.replace(services=items, defer=True)
+    def begin_replace(self) -> None:
+        self._listed = []
+
+    def replace_page(self, items: list[_O]) -> None:
+        self._listed.extend(item.compact(self.index.shared) for item in items)
+
+    def end_replace(self, resource_version: str) -> None:
+        items, self._listed = self._listed, []
+        self.replace(items, resource_version)
+
+    def replace(self, items: list[_O], resource_version: str) -> None:
+        self._replace(items)
         self.feeder.kick()
+
+    def _replace(self, items: list[_O]) -> None:
+        raise NotImplementedError
+
+
+class ServiceStore(_ObjectStore[Service]):
+    def _replace(self, items: list[Service]) -> None:
+        self.index.replace(services=items, defer=True)
 
     def apply(self, event_type: str, item: Service) -> None:
         if event_type == "DELETED":
@@ -61,14 +87,9 @@ class ServiceStore:
             self.index.set_service(item)
 
 
-class SliceStore:
-    def __init__(self, index: ZoneIndex, feeder: IndexFeeder) -> None:
-        self.index = index
-        self.feeder = feeder
-
-    def replace(self, items: list[EndpointSlice], resource_version: str) -> None:
+class SliceStore(_ObjectStore[EndpointSlice]):
+    def _replace(self, items: list[EndpointSlice]) -> None:
         self.index.replace(slices=items, defer=True)
-        self.feeder.kick()
 
     def apply(self, event_type: str, item: EndpointSlice) -> None:
         if event_type == "DELETED":
