@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None, modes: ModeTable | None = None) -> i
         registry = server.ModeRegistry(modes)
         factory = registry.factory(cfg.mode)
         if cfg.cleanup:
-            return server.cleanup(cfg, factory)
+            return server.cleanup(cfg, factory, registry)
         asyncio.run(server.serve(cfg, factory))
         return 0
     except server.ProxierInitError as err:

@@ -94,17 +94,72 @@ class ModeRegistry:
         return fn  # type: ignore[no-any-return]
 
 
-def cleanup(cfg: KProxyConfig, factory: ProxierFactory) -> int:
-    try:
-        proxier = factory(cfg)
-    except Exception as err:
-        raise ProxierInitError(cfg.mode, err) from err
-    try:
-        ok = proxier.cleanup()
-    finally:
-        proxier.close()
+# What `--cleanup` visits besides the configured mode, as kube-proxy's cleanupLeftovers does:
+# an operator switching modes runs it to remove what the previous mode left in the kernel.
+CLEANUP_MODES = ("iptables", "ipvs", "userspace")
+
+
+def cleanup(cfg: KProxyConfig, factory: ProxierFactory, registry: ModeRegistry | None = None) -> int:
+    ok = True
+    if registry is not None:
+        for mode in CLEANUP_MODES:
+            if mode != cfg.mode:
+                ok = _cleanup_leftovers(registry, mode, cfg) and ok
+    leftovers = _leftovers_cleaner(cfg.mode) if registry is not None else None
+    if leftovers is not None:
+        ok = bool(leftovers(cfg)) and ok
+    else:
+        try:
+            proxier = factory(cfg)
+        except Exception as err:
+            raise ProxierInitError(cfg.mode, err) from err
+        try:
+            ok = proxier.cleanup() and ok
+        finally:
+            proxier.close()
     log.info("cleanup mode=%s ok=%s", cfg.mode, ok)
     return 0 if ok else 1
+
+
+def _leftovers_cleaner(mode: str) -> Callable[[KProxyConfig], bool] | None:
+    """A built-in mode's cleanup_leftovers(config), for modes whose kernel state can be removed
+    without building a whole proxier (the userspace mode needs no relay and no node address)."""
+    target = BUILTIN_MODES.get(mode)
+    if target is None:
+        return None
+    try:
+        module = importlib.import_module(target)
+    except ModuleNotFoundError:
+        return None
+    fn = getattr(module, "cleanup_leftovers", None)
+    return fn if callable(fn) else None
+
+
+def _cleanup_leftovers(registry: ModeRegistry, mode: str, cfg: KProxyConfig) -> bool:
+    """Another mode's leftovers: its module's cleanup_leftovers(config) when it has one, else its
+    proxier's cleanup. A mode that cannot start here (no IPVS in this kernel) cannot have left
+    anything in it, so that counts as clean."""
+    if mode not in BUILTIN_MODES:
+        return True
+    leftovers = _leftovers_cleaner(mode)
+    try:
+        if leftovers is not None:
+            clean = bool(leftovers(cfg))
+        else:
+            try:
+                proxier = registry.factory(mode)(cfg)
+            except Exception as err:  # noqa: BLE001
+                log.info("cleanup mode=%s skipped: cannot start here: %s", mode, err)
+                return True
+            try:
+                clean = proxier.cleanup()
+            finally:
+                proxier.close()
+    except Exception as err:  # noqa: BLE001
+        log.error("cleanup mode=%s failed err=%s", mode, err)
+        return False
+    log.info("cleanup mode=%s ok=%s", mode, clean)
+    return clean
 
 
 KERNEL_MODES = frozenset(("iptables", "ipvs", "nftables"))

@@ -213,19 +213,7 @@ class UserspaceProxier(Proxier):
         """Remove the jumps and the four chains; listeners are closed by close()."""
         if self.iptables is None:
             return True
-        ok = True
-        for parent, _, match, target in JUMPS:
-            for _ in range(16):  # bounded: duplicates from older runs are deleted one by one
-                try:
-                    self.iptables.command("-t", "nat", "-D", parent, *match, "-j", target)
-                except IPTablesError:
-                    break
-        body = "".join(f":{c} - [0:0]\n" for c in CHAINS) + "".join(f"-X {c}\n" for c in CHAINS)
-        try:
-            self.iptables.restore(f"*nat\n{body}COMMIT\n".encode())
-        except (IPTablesError, OSError) as exc:
-            log.error("userspace: cleanup failed err=%s", exc)
-            ok = False
+        ok = remove_rules(self.iptables)
         self._jumps_ok = False
         self._applied = b""
         return ok
@@ -242,6 +230,31 @@ def _node_ipv4(iptables: IPTables) -> str:
         if not ip.startswith("127."):
             return ip
     raise ValueError("userspace proxier: no non-loopback IPv4 address on this node; set --bind-address")
+
+
+def remove_rules(iptables: IPTables) -> bool:
+    """Removes the jumps and the four chains of this mode from the nat table. True if clean."""
+    for parent, _, match, target in JUMPS:
+        for _ in range(16):  # bounded: duplicates from older runs are deleted one by one
+            try:
+                iptables.command("-t", "nat", "-D", parent, *match, "-j", target)
+            except IPTablesError:
+                break
+    body = "".join(f":{c} - [0:0]\n" for c in CHAINS) + "".join(f"-X {c}\n" for c in CHAINS)
+    try:
+        iptables.restore(f"*nat\n{body}COMMIT\n".encode())
+    except (IPTablesError, OSError) as exc:
+        log.error("userspace: cleanup failed err=%s", exc)
+        return False
+    return True
+
+
+def cleanup_leftovers(config: Any) -> bool:
+    """`kproxy --cleanup` in another mode: what this mode leaves in the kernel is only its rules,
+    so neither a relay nor the node's address is needed to remove them."""
+    netns = getattr(config, "netns", None) or None
+    backend = getattr(config, "iptables_backend", "") or detect_backend(netns)
+    return remove_rules(IPTables(backend="nft" if backend == "nft" else "legacy", netns=netns))
 
 
 def new_proxier(config: Any) -> Proxier:
