@@ -167,6 +167,13 @@ class IptablesProxier(Proxier):
     ) -> None:
         if not 0 <= masquerade_bit <= 31:
             raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
+        if "primary" in nodeport_addresses:
+            # kube-proxy's --nodeport-addresses primary: NodePorts only on the node's primary IPs
+            # (the Node object's addresses or --bind-address), not on every local address.
+            primary = tuple(f"{ip}/32" for ip in node_ips if ":" not in ip)
+            if not primary:
+                log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
+            nodeport_addresses = tuple(c for c in nodeport_addresses if c != "primary") + primary
         for cidr in nodeport_addresses:
             ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
         self.iptables = iptables
@@ -681,7 +688,7 @@ def new_proxier(config: Any) -> Proxier:
         IPTables(backend=backend, netns=netns),
         node_name=getattr(config, "hostname_override", "") or "",
         cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
-        nodeport_addresses=tuple(c for c in nodeport_addresses if c != "primary"),
+        nodeport_addresses=tuple(nodeport_addresses),
         masquerade_all=bool(getattr(config, "masquerade_all", False)),
         masquerade_bit=int(
             getattr(config, "masquerade_bit", 14)

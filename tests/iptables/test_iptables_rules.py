@@ -260,6 +260,21 @@ def test_nodeport_addresses_and_masquerade_all(rules_netns: str) -> None:
         assert p.cleanup()
 
 
+def test_nodeport_addresses_primary_means_the_nodes_own_ips(rules_netns: str) -> None:
+    p = IptablesProxier(IPTables(backend="nft", netns=rules_netns), nodeport_addresses=("primary",),
+                        node_ips=(NODE,))
+    try:
+        s = svc(spn("svc1"), VIP, node_port=3001)
+        data, tr = applied(p, request([s], {s.name: (ep(E1, 80),)}))
+        tail = [ln for ln in data.splitlines() if ln.startswith("-A KUBE-SERVICES") and ln.endswith("-j KUBE-NODEPORTS")]
+        assert tail == ['-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be'
+                        f' the last rule in this chain" -d {NODE} -j KUBE-NODEPORTS'], tail
+        assert tr.trace(EXTERNAL, NODE, 3001) == {Outcome("ACCEPT", f"{E1}:80", True)}
+        assert tr.trace(EXTERNAL, "10.0.0.5", 3001) == {Outcome("ACCEPT", "", False)}  # local, not primary
+    finally:
+        assert p.cleanup()
+
+
 def test_large_cluster_drops_endpoint_comments(px: IptablesProxier) -> None:
     services = [svc(spn(f"s{i}"), f"172.30.3.{i + 1}") for i in range(101)]
     eps = {s.name: tuple(ep(f"10.2.{i}.{j + 1}") for j in range(10)) for i, s in enumerate(services)}
