@@ -1,13 +1,16 @@
 """The record index updated event by event must equal an index built from scratch from the final
 objects (same encoded answers, same existing names), whatever the order of events; and a relist
-that changes nothing re-encodes nothing."""
+that changes nothing re-encodes nothing. The Reflector stores feed it page by page."""
 from __future__ import annotations
 
+import asyncio
 import random
 
+import msgspec
 import pytest
 from kdns import _purewire
 from kdns.objects import (
+    SHARED_MAX,
     Endpoint,
     EndpointConditions,
     EndpointPort,
@@ -16,8 +19,12 @@ from kdns.objects import (
     Service,
     ServicePort,
     ServiceSpec,
+    share,
 )
 from kdns.records import ZoneIndex
+from kdns.source import IndexFeeder, ServiceStore, SliceStore
+
+from kproxy.kube.reflector import PagedReflectorStore
 
 
 def _random_service(rnd: random.Random, ns: str, name: str) -> Service:
@@ -125,9 +132,6 @@ def test_dns_deferred_replace_encodes_in_slices_to_the_same_index() -> None:
 
 
 def test_dns_index_keeps_compacted_objects_with_shared_parts() -> None:
-    import msgspec
-    from kdns.objects import SHARED_MAX, share
-
     def decoded(name: str, ip: str) -> Service:
         return msgspec.json.decode(
             b'{"metadata":{"name":"%s","namespace":"ns","resourceVersion":"42"},"spec":{"type":"ClusterIP",'
@@ -147,3 +151,44 @@ def test_dns_index_keeps_compacted_objects_with_shared_parts() -> None:
     for i in range(SHARED_MAX + 5):
         share(table, (i,))
     assert len(table) <= SHARED_MAX
+
+
+def test_dns_stores_take_a_list_page_by_page_and_a_relist_drops_what_vanished() -> None:
+    def svc(name: str, ip: str) -> Service:
+        return Service(ObjectMeta(name=name, namespace="ns", resource_version="7"),
+                       ServiceSpec(cluster_ip=ip, cluster_ips=[ip], ports=[ServicePort("http", 80, "TCP")]))
+
+    def headless_slice(name: str, ip: str) -> EndpointSlice:
+        return EndpointSlice(ObjectMeta(name=f"{name}-x", namespace="ns",
+                                        labels={"kubernetes.io/service-name": name, "other": "label"}),
+                             endpoints=[Endpoint([ip], EndpointConditions(True))],
+                             ports=[EndpointPort("http", 8080, "TCP")])
+
+    async def main() -> None:
+        idx = ZoneIndex(table=_purewire.Table())
+        feeder = IndexFeeder(idx)
+        services, slices = ServiceStore(idx, feeder), SliceStore(idx, feeder)
+        assert isinstance(services, PagedReflectorStore) and isinstance(slices, PagedReflectorStore)
+        services.begin_replace()
+        services.replace_page([svc("a", "10.96.0.1"), svc("b", "10.96.0.2")])
+        services.replace_page([svc("c", "10.96.0.3"), Service(ObjectMeta(name="h", namespace="ns"),
+                                                              ServiceSpec(cluster_ip="None"))])
+        assert not idx.services  # nothing reaches the index before the list is complete
+        services.end_replace("9")
+        slices.begin_replace()
+        slices.replace_page([headless_slice("h", "10.1.0.5")])
+        slices.end_replace("9")
+        await feeder.idle.wait()
+        assert sorted(n for _, n in idx.services) == ["a", "b", "c", "h"]
+        assert idx.slices[("ns", "h-x")].metadata.labels == {"kubernetes.io/service-name": "h"}
+        assert [rr.data for rr in idx.rrset("h.ns.svc.cluster.local", 1)] == ["10.1.0.5"]
+        # A relist in which b is gone (deleted while the watch was down).
+        services.begin_replace()
+        services.replace_page([svc("a", "10.96.0.1"), svc("c", "10.96.0.3")])
+        services.replace_page([Service(ObjectMeta(name="h", namespace="ns"), ServiceSpec(cluster_ip="None"))])
+        services.end_replace("12")
+        await feeder.idle.wait()
+        assert ("ns", "b") not in idx.services and not idx.rrset("b.ns.svc.cluster.local", 1)
+        assert [rr.data for rr in idx.rrset("c.ns.svc.cluster.local", 1)] == ["10.96.0.3"]
+
+    asyncio.run(main())
