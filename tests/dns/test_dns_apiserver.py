@@ -12,7 +12,7 @@ import dns.rcode
 import pytest
 import requests
 import urllib3
-from conftest import ZONE, KdnsProcess, endpoint_slice, start_kdns
+from dns_helpers import ZONE, KdnsProcess, endpoint_slice, start_kdns
 
 testing = pytest.importorskip("controlplane_stub.apiserver.testing", reason="the API server is not in this tree")
 

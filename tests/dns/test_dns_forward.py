@@ -9,7 +9,7 @@ import dns.flags
 import dns.message
 import dns.rcode
 import pytest
-from conftest import ZONE, free_port, service
+from dns_helpers import ZONE, free_port, service
 
 
 @pytest.mark.timeout(40)

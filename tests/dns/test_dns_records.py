@@ -12,7 +12,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-from conftest import ZONE, KdnsProcess, endpoint_slice, service, start_kdns
+from dns_helpers import ZONE, KdnsProcess, endpoint_slice, service, start_kdns
 
 OBJECTS = [
     service("web", ip="10.96.0.10", ports=[("http", 80, "TCP"), ("", 8080, "TCP")]),

@@ -13,7 +13,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-from conftest import ZONE, KdnsProcess, endpoint_slice, free_port, service, start_kdns
+from dns_helpers import ZONE, KdnsProcess, endpoint_slice, free_port, service, start_kdns
 
 BIG = 60  # endpoints of the headless "big" service: ~1 KiB of A records
 
