@@ -89,18 +89,63 @@ class Message(msgspec.Struct, gc=False):
 
 # ---------------------------------------------------------------------------------------- names
 
+def label_text(raw: bytes) -> str:
+    """A label in presentation format (RFC 1035 5.1): a dot or backslash inside it and bytes
+    outside printable ASCII are escaped, so the text splits back into the very same labels and
+    a question is echoed byte for byte (a label "a.b" is not two labels)."""
+    if raw.isascii():
+        text = raw.decode("ascii")
+        if text.isprintable() and " " not in text and "." not in text and "\\" not in text:
+            return text
+    return "".join(
+        chr(b) if 0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) else ("\\" + chr(b) if b in (0x2E, 0x5C) else f"\\{b:03d}")
+        for b in raw
+    )
+
+
+def text_labels(name: str) -> list[bytes]:
+    """Raw labels of a presentation name, undoing label_text's escapes."""
+    if "\\" not in name:
+        return [label.encode("ascii") for label in name.split(".")]
+    labels: list[bytes] = []
+    cur = bytearray()
+    i, n = 0, len(name)
+    while i < n:
+        c = name[i]
+        if c == "\\":
+            if name[i + 1:i + 4].isdigit() and len(name[i + 1:i + 4]) == 3:
+                value = int(name[i + 1:i + 4])
+                if value > 255:
+                    raise WireError(f"escape \\{name[i + 1:i + 4]} in {name!r} is not a byte")
+                cur.append(value)
+                i += 4
+                continue
+            if i + 1 >= n:
+                raise WireError(f"name {name!r} ends in a lone backslash")
+            cur += name[i + 1].encode("ascii")
+            i += 2
+            continue
+        if c == ".":
+            labels.append(bytes(cur))
+            cur = bytearray()
+        else:
+            cur += c.encode("ascii")
+        i += 1
+    labels.append(bytes(cur))
+    return labels
+
+
 @functools.lru_cache(maxsize=256)
 def name_to_wire(name: str) -> bytes:
     """Uncompressed wire form of a presentation name ("" or "." is the root). Cached: while a
     Service is encoded the same owners come back several times. Only that many: a 10,000-Service
     zone build has the same hit rate with 256 entries as with 4,096, which kept 1.4 MiB alive."""
     out = bytearray()
-    name = name.rstrip(".")
+    name = _strip_root(name)
     if name:
-        for label in name.split("."):
-            raw = label.encode("ascii")
+        for raw in text_labels(name):
             if not 0 < len(raw) <= MAX_LABEL:
-                raise WireError(f"label {label!r} in {name!r}: length must be 1..63")
+                raise WireError(f"label {raw!r} in {name!r}: length must be 1..63")
             out.append(len(raw))
             out += raw
     out.append(0)
@@ -113,9 +158,16 @@ def wire_to_name(wire: bytes) -> str:
     labels, pos = [], 0
     while wire[pos]:
         n = wire[pos]
-        labels.append(wire[pos + 1:pos + 1 + n].decode("ascii", "backslashreplace"))
+        labels.append(label_text(wire[pos + 1:pos + 1 + n]))
         pos += n + 1
     return ".".join(labels)
+
+
+def _strip_root(name: str) -> str:
+    """The name without its root dot(s); an escaped dot at the end ("a\\.") is part of a label."""
+    while name.endswith(".") and not (name.endswith("\\.") and not name.endswith("\\\\.")):
+        name = name[:-1]
+    return name
 
 
 def read_name(data: bytes, offset: int) -> tuple[str, int]:
@@ -157,7 +209,7 @@ def read_name(data: bytes, offset: int) -> tuple[str, int]:
         length += n + 1
         if length > MAX_NAME:
             raise WireError(f"name at offset {offset} is longer than 255 octets")
-        labels.append(data[pos + 1:pos + 1 + n].decode("ascii", "backslashreplace"))
+        labels.append(label_text(data[pos + 1:pos + 1 + n]))
         pos += n + 1
 
 
@@ -172,6 +224,10 @@ class _Writer:
         # The hot loop of pre-encoding a zone: locals only, one len() per label.
         buf = self.buf
         names = self.names
+        if "\\" in name:
+            # Escaped labels (only in odd questions): written whole, never a compression target.
+            buf += name_to_wire(name)
+            return
         name = name.rstrip(".")
         if name:
             lower = name.lower()

@@ -14,7 +14,7 @@ from typing import Any
 import dns.message
 import dns.rcode
 import pytest
-from conftest import ZONE, KdnsProcess, endpoint_slice, service, start_kdns
+from dns_helpers import ZONE, KdnsProcess, endpoint_slice, service, start_kdns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kdns import _purewire, wire
@@ -83,6 +83,23 @@ def _check(resolver: Resolver, data: bytes) -> None:
 @given(st.one_of(st.binary(max_size=600), near_valid))
 def test_dns_handler_never_raises(resolver: Resolver, data: bytes) -> None:
     _check(resolver, data)
+
+
+@pytest.mark.parametrize("qname", [
+    b"\x03a.b\x03web\x07default\x03svc\x07cluster\x05local\x00",  # a dot inside a label
+    b"\x01.\x03web\x00",  # a label that is only a dot (its text was once "..": an empty label)
+    b"\x02\xa0\\\x02\xe0\x1c\x03web\x00",  # non-ASCII bytes and a backslash
+])
+def test_odd_labels_get_an_answer_that_echoes_the_question_bytes(resolver: Resolver, qname: bytes) -> None:
+    query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+    _check(resolver, query)
+    out = resolver.local(query, False)
+    if isinstance(out, bytes):  # answered here (NXDOMAIN in the zone): the question comes back as sent
+        assert out[12:12 + len(qname) + 4] == query[12:]
+    else:  # forwarded: the upstream gets the same name
+        assert isinstance(out, Forward)
+    name, _ = wire.read_name(query, 12)
+    assert wire.name_to_wire(name) == qname
 
 
 @pytest.mark.timeout(60)
