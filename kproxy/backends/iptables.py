@@ -16,9 +16,11 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from kproxy.backends import xtables
 
 Backend = Literal["nft", "legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "legacy")
@@ -87,6 +89,7 @@ class IPTables:
     wait_seconds: int = 30
     timeout: float = 120.0
     restores: int = field(default=0, init=False)
+    saves: int = field(default=0, init=False)  # iptables-save processes, for tests
 
     def _run(self, args: list[str], stdin: bytes | None = None) -> bytes:
         cmd = [*_netns_prefix(self.netns), *args]
@@ -124,12 +127,37 @@ class IPTables:
         return RestoreStream(cmd, self.timeout)
 
     def save(self, table: str) -> str:
+        self.saves += 1
         return self._run([_tool(self.backend, "iptables-save"), "-t", table]).decode()
 
     def save_all(self) -> str:
         """`iptables-save` of every table in one process (process starts are the cost under
         User-Mode Linux, not the bytes)."""
+        self.saves += 1
         return self._run([_tool(self.backend, "iptables-save")]).decode()
+
+    def builtin_jumps(self, tables: tuple[str, ...]) -> set[tuple[str, str, str]]:
+        """(table, built-in chain, target chain) of every `-j CHAIN` rule in a built-in chain.
+        Legacy back end in our own namespace: read from the kernel (backends/xtables.py), no
+        iptables-save process; otherwise (nf_tables, another netns, or the kernel interface
+        refused) parsed from one iptables-save."""
+        if self.backend == "legacy" and self.netns is None:
+            try:
+                return xtables.builtin_jumps(tables)
+            except (OSError, ValueError):
+                pass
+        out: set[tuple[str, str, str]] = set()
+        lines = self.save_all().splitlines()
+        # User chains are declared with policy "-" (built-ins with ACCEPT/DROP); only jumps to
+        # them count, as in the kernel read (not -j ACCEPT, -j MASQUERADE ...).
+        user = {(t, line[1:].split()[0]) for t, line in _with_tables(lines) if line.startswith(":") and " - " in line}
+        for table, line in _with_tables(lines):
+            if line.startswith("-A ") and table in tables:
+                parts = line.split()
+                # A jump to a user chain ends the line (user chains take no target options).
+                if parts[1] in xtables.HOOKS and parts[-2] == "-j" and (table, parts[-1]) in user:
+                    out.add((table, parts[1], parts[-1]))
+        return out
 
     def command(self, *args: str) -> str:
         return self._run([_tool(self.backend, "iptables"), "-w", str(self.wait_seconds), *args]).decode()
@@ -214,6 +242,15 @@ class RestoreStream:
         self._err.close()
         if rc != 0:
             raise IPTablesError(self.cmd, rc, stderr)
+
+
+def _with_tables(lines: list[str]) -> Iterator[tuple[str, str]]:
+    """(table, line) for each line of an iptables-save dump."""
+    table = ""
+    for line in lines:
+        if line.startswith("*"):
+            table = line[1:].strip()
+        yield table, line
 
 
 def chains_in_dump(dump: str) -> set[str]:

