@@ -254,7 +254,14 @@ def cleanup_leftovers(config: Any) -> bool:
     so neither a relay nor the node's address is needed to remove them."""
     netns = getattr(config, "netns", None) or None
     backend = getattr(config, "iptables_backend", "") or detect_backend(netns)
-    return remove_rules(IPTables(backend="nft" if backend == "nft" else "legacy", netns=netns))
+    iptables = IPTables(backend="nft" if backend == "nft" else "legacy", netns=netns)
+    try:
+        present = any(f":{c} " in line for line in iptables.save("nat").splitlines() for c in CHAINS)
+    except (IPTablesError, OSError) as exc:
+        # A back end this kernel cannot run (no nf_tables under User-Mode Linux) holds nothing.
+        log.info("userspace: nothing to clean, iptables-save failed err=%s", exc)
+        return True
+    return remove_rules(iptables) if present else True
 
 
 def new_proxier(config: Any) -> Proxier:
