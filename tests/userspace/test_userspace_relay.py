@@ -351,7 +351,12 @@ def test_out_of_fds_pauses_accept_then_recovers(impl: str, topo: Topology, backe
         stats = json.loads(out.split("stats ", 1)[1])
         print(f"{impl}: {stats}")
         assert stats["accepted"] >= 33
-        assert stats["accept_paused"] >= 1  # the run did reach the limit
+        if impl == "compiled":
+            # The run did reach the limit in accept(). Not asserted for the asyncio twin: whether
+            # its accept() or an upstream socket() meets the limit first depends on how many
+            # clients asyncio finds queued per wakeup (about 1 run in 3 here never hits it in
+            # accept(), with the machine idle).
+            assert stats["accept_paused"] >= 1
     finally:
         for s in clients:
             s.close()
