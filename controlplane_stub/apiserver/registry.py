@@ -251,26 +251,24 @@ class Registry:
         otherwise race every controller's status write).
         """
         key = res.key(namespace, name)
-        for _ in range(_PATCH_ATTEMPTS - 1):
-            seen = self.store.get(key)
+        for attempt in range(_PATCH_ATTEMPTS):
+            old = self.store.get(key)
             try:
-                return await self._patch_once(res, namespace, name, content_type, body, subresource,
+                return await self._patch_once(res, old, namespace, name, content_type, body, subresource,
                                               dry_run=dry_run, field_manager=field_manager, force=force,
                                               field_validation=field_validation, warnings=warnings)
             except StatusError as e:
-                now = self.store.get(key)
-                if e.code != 409 or _revision(now) == _revision(seen):
-                    raise  # a conflict the patch itself asks for (a stale resourceVersion, SSA fields)
+                # A conflict the patch itself asks for (a stale resourceVersion, SSA fields) comes
+                # back at once; one caused by another write is retried on the new object.
+                if e.code != 409 or attempt == _PATCH_ATTEMPTS - 1 or _revision(self.store.get(key)) == _revision(old):
+                    raise
                 if warnings is not None:
                     warnings.clear()
-        return await self._patch_once(res, namespace, name, content_type, body, subresource,
-                                      dry_run=dry_run, field_manager=field_manager, force=force,
-                                      field_validation=field_validation, warnings=warnings)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _patch_once(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes,
-                          subresource: str, *, dry_run: bool, field_manager: str, force: bool,
+    async def _patch_once(self, res: Resource, old: Obj | None, namespace: str, name: str, content_type: str,
+                          body: bytes, subresource: str, *, dry_run: bool, field_manager: str, force: bool,
                           field_validation: str, warnings: list[str] | None) -> tuple[Obj, bool]:
-        old = self.store.get(res.key(namespace, name))
         if content_type == "application/apply-patch+yaml":
             import yaml
 
