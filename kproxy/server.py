@@ -74,6 +74,24 @@ class ModeRegistry:
     def names(self) -> list[str]:
         return sorted(self._table)
 
+    def is_builtin(self, mode: str) -> bool:
+        """One of kube-proxy's modes, served by kproxy's own module (not a factory put in its place)."""
+        return mode in BUILTIN_MODES and self._table.get(mode) == BUILTIN_MODES[mode]
+
+    def leftovers_cleaner(self, mode: str) -> Callable[[KProxyConfig], bool] | None:
+        """A built-in mode module's cleanup_leftovers(config), for modes whose kernel state can be
+        removed without a whole proxier (the userspace mode needs no relay and no node address);
+        None for modes without one and for factories put in place of a module."""
+        target = self._table.get(mode)
+        if not isinstance(target, str):
+            return None
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError:
+            return None
+        fn = getattr(module, "cleanup_leftovers", None)
+        return fn if callable(fn) else None
+
     def factory(self, mode: str) -> ProxierFactory:
         target = self._table.get(mode)
         if target is None:
@@ -101,64 +119,47 @@ CLEANUP_MODES = ("iptables", "ipvs", "userspace")
 
 def cleanup(cfg: KProxyConfig, factory: ProxierFactory, registry: ModeRegistry | None = None) -> int:
     ok = True
-    if registry is not None:
+    # Only for kube-proxy's own modes: a mode registered in their place (tests' recording
+    # proxier) cleans what it made and leaves the node's kernel state alone.
+    if registry is not None and registry.is_builtin(cfg.mode):
         for mode in CLEANUP_MODES:
             if mode != cfg.mode:
-                ok = _cleanup_leftovers(registry, mode, cfg) and ok
-    leftovers = _leftovers_cleaner(cfg.mode) if registry is not None else None
-    if leftovers is not None:
-        ok = bool(leftovers(cfg)) and ok
-    else:
-        try:
-            proxier = factory(cfg)
-        except Exception as err:
-            raise ProxierInitError(cfg.mode, err) from err
-        try:
-            ok = proxier.cleanup() and ok
-        finally:
-            proxier.close()
+                try:
+                    ok = _clean_mode(registry, mode, cfg, None) and ok
+                except Exception as err:  # noqa: BLE001 - another mode's failure is reported, not fatal
+                    log.error("cleanup mode=%s failed err=%s", mode, err)
+                    ok = False
+    ok = _clean_mode(registry, cfg.mode, cfg, factory) and ok
     log.info("cleanup mode=%s ok=%s", cfg.mode, ok)
     return 0 if ok else 1
 
 
-def _leftovers_cleaner(mode: str) -> Callable[[KProxyConfig], bool] | None:
-    """A built-in mode's cleanup_leftovers(config), for modes whose kernel state can be removed
-    without building a whole proxier (the userspace mode needs no relay and no node address)."""
-    target = BUILTIN_MODES.get(mode)
-    if target is None:
-        return None
-    try:
-        module = importlib.import_module(target)
-    except ModuleNotFoundError:
-        return None
-    fn = getattr(module, "cleanup_leftovers", None)
-    return fn if callable(fn) else None
-
-
-def _cleanup_leftovers(registry: ModeRegistry, mode: str, cfg: KProxyConfig) -> bool:
-    """Another mode's leftovers: its module's cleanup_leftovers(config) when it has one, else its
-    proxier's cleanup. A mode that cannot start here (no IPVS in this kernel) cannot have left
-    anything in it, so that counts as clean."""
-    if mode not in BUILTIN_MODES:
-        return True
-    leftovers = _leftovers_cleaner(mode)
-    try:
-        if leftovers is not None:
-            clean = bool(leftovers(cfg))
-        else:
-            try:
-                proxier = registry.factory(mode)(cfg)
-            except Exception as err:  # noqa: BLE001
-                log.info("cleanup mode=%s skipped: cannot start here: %s", mode, err)
-                return True
-            try:
-                clean = proxier.cleanup()
-            finally:
-                proxier.close()
-    except Exception as err:  # noqa: BLE001
-        log.error("cleanup mode=%s failed err=%s", mode, err)
-        return False
-    log.info("cleanup mode=%s ok=%s", mode, clean)
+def _clean_mode(registry: ModeRegistry | None, mode: str, cfg: KProxyConfig, factory: ProxierFactory | None) -> bool:
+    """One mode's cleanup: its module's cleanup_leftovers(config) when it has one (no proxier
+    needed), else its proxier's cleanup(). `factory` is given for the configured mode, whose
+    proxier must start; another mode that cannot start here (no IPVS in this kernel) cannot have
+    left anything in it, so that counts as clean."""
+    configured = factory is not None
+    leftovers = registry.leftovers_cleaner(mode) if registry is not None else None
+    if leftovers is not None:
+        clean = bool(leftovers(cfg))
+    else:
+        try:
+            if factory is None:
+                assert registry is not None, "another mode's cleanup comes from the registry"
+                factory = registry.factory(mode)
+            proxier = factory(cfg)
+        except Exception as err:
+            if configured:
+                raise ProxierInitError(mode, err) from err
+            log.info("cleanup mode=%s skipped: cannot start here: %s", mode, err)
+            return True
+        try:
+            clean = proxier.cleanup()
+        finally:
+            proxier.close()
+    if not configured:
+        log.info("cleanup mode=%s ok=%s", mode, clean)
     return clean
 
 

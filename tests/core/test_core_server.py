@@ -155,3 +155,24 @@ def parse_config_flag(argv: list[str]) -> KProxyConfig:
     from kproxy.cli import parse_config
 
     return parse_config([*argv, "--hostname-override", "n"])
+
+
+def test_cleanup_visits_every_mode_only_for_kube_proxys_own_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kproxy import server
+
+    visited: list[tuple[str, bool]] = []
+
+    def clean(registry: Any, mode: str, cfg: KProxyConfig, factory: Any) -> bool:
+        visited.append((mode, factory is not None))
+        return True
+
+    monkeypatch.setattr(server, "_clean_mode", clean)
+    # A mode registered in place of a module (tests' recording proxier) leaves the kernel alone.
+    registry = ModeRegistry({"recording": lambda c: None})
+    assert server.cleanup(KProxyConfig(mode="recording"), registry.factory("recording"), registry) == 0
+    assert visited == [("recording", True)]
+    visited.clear()
+    registry = ModeRegistry()
+    assert server.cleanup(KProxyConfig(mode="ipvs"), lambda c: None, registry) == 0  # type: ignore[arg-type,return-value]
+    assert visited == [("iptables", False), ("userspace", False), ("ipvs", True)]
+    assert not ModeRegistry({"iptables": lambda c: None}).is_builtin("iptables")
