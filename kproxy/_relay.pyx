@@ -60,10 +60,11 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockopt(int fd, int level, int name, void* val, socklen_t* vlen)
     int shutdown(int fd, int how)
     ssize_t send(int fd, const void* buf, size_t n, int flags)
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
     int recvmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags, timespec* timeout)
     int sendmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags)
     enum: AF_INET, AF_INET6, SOCK_STREAM, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_CLOEXEC
-    enum: SOL_SOCKET, SO_ERROR, SO_LINGER, SHUT_WR, MSG_DONTWAIT
+    enum: SOL_SOCKET, SO_ERROR, SO_LINGER, SHUT_WR, MSG_DONTWAIT, MSG_NOSIGNAL
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:
@@ -130,6 +131,7 @@ DEF UDP_BUF = 65536
 DEF ACCEPT_BATCH = 128
 DEF PIPE_SIZE = 262144    # more pipe slots: one splice moves more of a socket's skbs
 DEF POOL_MAX = 256        # idle pipes kept for reuse
+DEF COPY_BUF = 16384      # a direction's reads are copied through this until one fills it, then spliced
 
 cdef enum:
     K_LISTENER = 1
@@ -183,6 +185,7 @@ cdef struct Pipe:
     int r
     int w
     ssize_t fill
+    int bulk        # this direction filled a whole copy buffer once: splice from now on
 
 cdef struct Conn
 
@@ -305,6 +308,7 @@ cdef class RelayCore:
     cdef int npool
     # UDP batch buffers, used only by the loop thread.
     cdef uint8_t* ubuf
+    cdef char* tbuf           # the copy path's buffer (one loop thread: one buffer)
     cdef mmsghdr* umsg
     cdef iovec* uiov
     cdef sockaddr_storage* uaddr
@@ -339,7 +343,8 @@ cdef class RelayCore:
         self.uiov = <iovec*>calloc(UDP_BATCH, sizeof(iovec))
         self.uaddr = <sockaddr_storage*>calloc(UDP_BATCH, sizeof(sockaddr_storage))
         self.pool = <int*>malloc(2 * POOL_MAX * sizeof(int))
-        if not self.pool or not self.dead or not self.ubuf or not self.umsg or not self.uiov or not self.uaddr:
+        self.tbuf = <char*>malloc(COPY_BUF)
+        if not self.tbuf or not self.pool or not self.dead or not self.ubuf or not self.umsg or not self.uiov or not self.uaddr:
             raise MemoryError()
 
     def __dealloc__(self):
@@ -364,6 +369,7 @@ cdef class RelayCore:
         pthread_mutex_destroy(&self.mu)
         free(self.dead)
         free(self.ubuf)
+        free(self.tbuf)
         free(self.umsg)
         free(self.uiov)
         free(self.uaddr)
@@ -645,12 +651,17 @@ cdef class RelayCore:
                 self.conns.prev = c
             self.conns = c
             self.n_active += 1
-            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-            ev.data.ptr = &c.cs
-            epoll_ctl(self.ep, EPOLL_CTL_ADD, fd, &ev)
             idx = self._pick(l, c.ckey, c.cklen)
             c.next_idx = <unsigned int>idx
             self._connect(c, l)
+            if not c.dead:
+                self._forward_early(c)
+            if not c.dead:
+                # Watched only now: the bytes passed on early raise no event of their own, and
+                # EPOLL_CTL_ADD reports whatever arrived since.
+                ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+                ev.data.ptr = &c.cs
+                epoll_ctl(self.ep, EPOLL_CTL_ADD, fd, &ev)
 
     cdef void _connect(self, Conn* c, Listener* l) noexcept nogil:
         """Start a connect to endpoint c.next_idx; on refusal move on until every one was tried."""
@@ -724,22 +735,25 @@ cdef class RelayCore:
         # connect succeeded: no getsockopt(SO_ERROR) needed.
         c.connecting = 0
         # Client events were ignored while connecting: its bytes (or FIN) may be waiting.
-        if self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut) < 0:
+        if self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut, 1) < 0:
             self._close_conn(c, 1)
             return
         # The upstream's edge for bytes that came with the connect is in `events`; later ones
         # raise an edge of their own, so an empty upstream is not read in vain.
         if events & (EPOLLIN | EPOLLRDHUP):
-            if self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut) < 0:
+            if self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut,
+                          events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) < 0:
                 self._close_conn(c, 1)
                 return
         if c.c_shut and c.u_shut:
             self._close_conn(c, 0)
 
     cdef int _pump(self, int src, int dst, Pipe* p, int* src_eof, int* dst_shut,
-                   int* dst_eof, int* src_shut) noexcept nogil:
+                   int* dst_eof, int* src_shut, int drain) noexcept nogil:
         """Move what src has to dst through the pipe until one of them would block.
-        Returns -1 when the connection is broken (reset either side)."""
+        drain: read src until EAGAIN or EOF even after a short read, because a FIN may be queued
+        behind the bytes (its edge came with the event being handled, or was ignored while
+        connecting). Returns -1 when the connection is broken (reset either side)."""
         cdef ssize_t n
         while True:
             if p.fill > 0:
@@ -763,6 +777,14 @@ cdef class RelayCore:
                         shutdown(dst, SHUT_WR)
                     dst_shut[0] = 1
                 return 0
+            if not p.bulk:
+                n = self._copy(src, dst, p, src_eof)
+                if n == 2 and not drain:
+                    self._put_pipe(p)
+                    return 0
+                if n <= 0:
+                    return <int>n
+                continue
             if p.r < 0 and self._get_pipe(p) < 0:
                 return -1
             n = splice(src, NULL, p.w, NULL, <size_t>PIPE_SIZE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
@@ -779,9 +801,92 @@ cdef class RelayCore:
                 continue
             return -1
 
+    cdef ssize_t _copy(self, int src, int dst, Pipe* p, int* src_eof) noexcept nogil:
+        """One read of a direction that has only seen small messages, passed on by copy: for a
+        request or a reply, recv + send cost less than splicing through a pipe, and a short read
+        says the socket is drained (the next bytes raise a new edge), which saves the read that
+        would fail with EAGAIN. Returns 1 to read again, 2 after a short read, 0 when done until
+        the next event, -1 when broken."""
+        cdef ssize_t n, m, w
+        n = recv(src, self.tbuf, COPY_BUF, MSG_DONTWAIT)
+        if n == 0:
+            src_eof[0] = 1
+            return 1
+        if n < 0:
+            if errno == EINTR:
+                return 1
+            if errno == EAGAIN:
+                self._put_pipe(p)
+                return 0
+            return -1
+        m = send(dst, self.tbuf, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if m < 0:
+            if errno != EAGAIN and errno != EINTR:
+                return -1
+            m = 0
+        self.n_bytes += <uint64_t>m
+        if m < n:
+            # dst is full: the rest waits in the (empty, larger than COPY_BUF) pipe, as spliced
+            # bytes would, and dst's EPOLLOUT edge resumes the direction.
+            if p.r < 0 and self._get_pipe(p) < 0:
+                return -1
+            w = write(p.w, self.tbuf + m, <size_t>(n - m))
+            if w != n - m:
+                return -1
+            p.fill += w
+            if n == COPY_BUF:
+                p.bulk = 1
+            return 0
+        if n == COPY_BUF:
+            p.bulk = 1   # a stream: its bytes need not pass through user space
+            return 1
+        return 2
+
+    cdef void _forward_early(self, Conn* c) noexcept nogil:
+        """Over a local link the upstream handshake completes inside connect(), and the client's
+        first bytes are often queued by then: pass them on now, not one loop turn later when the
+        connect's EPOLLOUT is reported. A send that is refused means the endpoint refused the
+        connect: the next endpoint gets the bytes."""
+        cdef ssize_t n, m, w
+        n = recv(c.cfd, self.tbuf, COPY_BUF, MSG_DONTWAIT)
+        if n == 0:
+            c.c_eof = 1   # _established passes the FIN on
+            return
+        if n < 0:
+            if errno != EAGAIN and errno != EINTR:
+                self._close_conn(c, 1)
+            return
+        while True:
+            m = send(c.ufd, self.tbuf, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if m >= 0 or errno == EAGAIN or errno == EINTR:
+                break
+            self._connect_failed(c)
+            if c.dead:
+                return
+        if m > 0:
+            c.connecting = 0
+            self.n_bytes += <uint64_t>m
+        else:
+            m = 0   # still connecting: EPOLLOUT takes it from the pipe
+        if m < n:
+            if self._get_pipe(&c.c2u) < 0:
+                self._close_conn(c, 1)
+                return
+            w = write(c.c2u.w, self.tbuf + m, <size_t>(n - m))
+            if w != n - m:
+                self._close_conn(c, 1)
+                return
+            c.c2u.fill += w
+        if n == COPY_BUF:
+            c.c2u.bulk = 1
+            if not c.connecting and c.c2u.fill == 0:
+                if self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut, 1) < 0:
+                    self._close_conn(c, 1)
+
     cdef void _conn_event(self, Side* s, uint32_t events) noexcept nogil:
         cdef Conn* c = s.conn
         cdef int r = 0
+        cdef uint32_t hup
         if c.dead:
             return
         if c.connecting:
@@ -796,16 +901,19 @@ cdef class RelayCore:
         # Only the directions this event concerns: readable (or FIN/error) moves this side's
         # bytes on; writable resumes the other side's bytes only if some wait in its pipe.
         # Pumping both on every event cost a failed splice or two per event.
+        # A resumed direction drains its source: the source's own edges may have come and gone
+        # while its bytes waited in the pipe.
+        hup = events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
         if s.kind == K_CLIENT:
             if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-                r = self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut)
+                r = self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut, hup)
             if r == 0 and (events & EPOLLOUT) and c.u2c.fill > 0:
-                r = self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut)
+                r = self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut, 1)
         else:
             if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-                r = self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut)
+                r = self._pump(c.ufd, c.cfd, &c.u2c, &c.u_eof, &c.c_shut, &c.c_eof, &c.u_shut, hup)
             if r == 0 and (events & EPOLLOUT) and c.c2u.fill > 0:
-                r = self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut)
+                r = self._pump(c.cfd, c.ufd, &c.c2u, &c.c_eof, &c.u_shut, &c.u_eof, &c.c_shut, 1)
         if r < 0:
             self._close_conn(c, 1)
         elif events & EPOLLERR:

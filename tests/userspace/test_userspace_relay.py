@@ -411,3 +411,54 @@ def test_ipv6_listener_and_endpoints(relay: Relay, topo: Topology) -> None:
     finally:
         srv.close()
         usrv.close()
+
+
+@pytest.mark.timeout(60)
+def test_small_messages_to_a_stalled_backend_arrive_whole(relay: Relay, topo: Topology) -> None:
+    """Small writes are relayed by copy until a direction turns into a stream; when the receiver
+    stalls, what the relay read but could not send must wait (in its pipe) and arrive in order,
+    both ways, with the FIN behind it."""
+    port = 7300
+    srv = socket_in_netns(topo.backend, socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited: the window closes early
+    srv.bind((BACKEND_IPS[2], port))
+    srv.listen(1)
+    srv.settimeout(20)
+    got: dict[str, int] = {}
+
+    def stalled_echo() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            time.sleep(1.0)  # not reading: the relay's upstream send fills and goes short
+            n, crc = 0, 0
+            while chunk := conn.recv(700):  # small reads and writes: the copy path both ways
+                n, crc = n + len(chunk), zlib.crc32(chunk, crc)
+                conn.sendall(chunk)
+            got.update(n=n, crc=crc)
+
+    t = threading.Thread(target=stalled_echo, daemon=True)
+    t.start()
+    addr = _tcp_service(relay, [(BACKEND_IPS[2], port)])
+    sizes = [1 + (i * 7919) % 1400 for i in range(4000)]  # about 2.8 MB in writes under 1.4 KB
+    blob = os.urandom(sum(sizes))
+    echoed = bytearray()
+    with topo.tcp(topo.client, addr, timeout=20) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+        def reader() -> None:
+            time.sleep(1.5)  # the client reads late too: the reply direction backs up the same way
+            while chunk := s.recv(900):
+                echoed.extend(chunk)
+
+        rt = threading.Thread(target=reader, daemon=True)
+        rt.start()
+        off = 0
+        for size in sizes:
+            s.sendall(blob[off:off + size])
+            off += size
+        s.shutdown(socket.SHUT_WR)
+        rt.join(30)
+    t.join(10)
+    srv.close()
+    assert got == {"n": len(blob), "crc": zlib.crc32(blob)}
+    assert len(echoed) == len(blob) and zlib.crc32(echoed) == zlib.crc32(blob)
