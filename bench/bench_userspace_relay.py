@@ -5,8 +5,8 @@
                                    iptables DNAT of 10.96.1.1 here)        uvloop echo :7100
 
 Targets: direct (no proxy, the same routed path: the limit), iptables DNAT (the kernel path, rules
-only inside the proxy ns), kproxy's relay compiled (epoll + splice, no GIL) and its asyncio twin,
-haproxy (mode tcp, nbthread 1: one core, like the relay's single loop; plain and with
+only inside the proxy ns), kproxy's relay compiled (epoll + splice, no GIL), the same with
+--tcp-congestion cubic on its two legs (kproxy-cubic), its asyncio twin, haproxy (mode tcp, nbthread 1: one core, like the relay's single loop; plain and with
 splice forced both ways) and socat (fork per connection). Each proxy is a process of its own in the
 proxy ns.
 
@@ -15,7 +15,8 @@ receiver, proxy, softirq and the whole machine),
 new connections per second (2 client processes, connect + 1-byte echo + close, 2 s) and ping-pong
 latency on one connection (3000 64-byte messages, p50/p99). Each figure is the median of 5 rounds,
 the targets interleaved round by round (the machine is shared: load drifts); every figure carries its ratio to `direct`, measured first in the same run.
-Run: `.venv/bin/pytest bench/bench_userspace_relay.py --benchmark-enable -s` (from the repo root).
+Run: `.venv/bin/pytest bench/bench_userspace_relay.py --benchmark-enable -s` (from the repo root);
+KPROXY_BENCH_PROXY_CC=reno sets the proxy namespace's default congestion control for every proxy.
 """
 from __future__ import annotations
 
@@ -37,12 +38,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT_IP, PROXY_FRONT, PROXY_BACK, SERVER_IP, VIP = "10.78.1.2", "10.78.1.1", "10.78.0.1", "10.78.0.2", "10.96.1.1"
 IPERF_PORT, ECHO_PORT = 5201, 7100
-ALL_TARGETS = ["direct", "iptables-dnat", "kproxy-compiled", "kproxy-pure", "haproxy", "haproxy-splice", "socat"]
+ALL_TARGETS = ["direct", "iptables-dnat", "kproxy-compiled", "kproxy-cubic", "kproxy-pure", "haproxy", "haproxy-splice",
+               "socat"]
 # A subset for quick A/B runs while tuning, e.g. KPROXY_BENCH_TARGETS=direct,kproxy-compiled,haproxy-splice;
 # ratios need `direct` in the set.
 TARGETS = [t for t in os.environ.get("KPROXY_BENCH_TARGETS", ",".join(ALL_TARGETS)).split(",") if t in ALL_TARGETS]
 RESULTS: dict[str, dict[str, float]] = {t: {} for t in TARGETS}
+RESULTS_META: dict[str, str] = {}
 ROUNDS = int(os.environ.get("KPROXY_BENCH_ROUNDS", "5"))  # each figure is the median of these
+# The proxy namespace's default TCP congestion control, for every proxy in it (a child namespace may
+# pick one of net.ipv4.tcp_allowed_congestion_control, e.g. reno); unset: inherited from the host.
+PROXY_NS_CC = os.environ.get("KPROXY_BENCH_PROXY_CC", "")
 
 ECHO_SERVER = """
 import asyncio, sys
@@ -197,6 +203,13 @@ def bed() -> Iterator[Bed]:
             sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000",
                "net.ipv4.tcp_tw_reuse=1", "net.core.somaxconn=8192")
         sh("ip", "netns", "exec", b.proxy, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if PROXY_NS_CC:
+            sh("ip", "netns", "exec", b.proxy, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={PROXY_NS_CC}")
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            RESULTS_META["host_cc"] = f.read().strip()
+        RESULTS_META["proxy_ns_cc"] = subprocess.run(
+            ["ip", "netns", "exec", b.proxy, "sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         for port in (IPERF_PORT, ECHO_PORT):
             sh("ip", "netns", "exec", b.proxy, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", VIP, "-p", "tcp",
                "--dport", str(port), "-j", "DNAT", "--to-destination", f"{SERVER_IP}:{port}")
@@ -210,11 +223,16 @@ def bed() -> Iterator[Bed]:
         b.targets["iptables-dnat"] = Target(VIP, IPERF_PORT, ECHO_PORT)
 
         env = dict(os.environ, PYTHONPATH=REPO)
-        for name, impl, base in (("kproxy-compiled", "compiled", 6000), ("kproxy-pure", "pure", 6010)):
+        # kproxy-cubic: the compiled relay with --tcp-congestion cubic on both of its legs, whatever
+        # the namespace's default (as root a socket may pick any available algorithm).
+        for name, impl, base, extra in (("kproxy-compiled", "compiled", 6000, []), ("kproxy-pure", "pure", 6010, []),
+                                        ("kproxy-cubic", "compiled", 6050, ["--tcp-congestion", "cubic"])):
+            if name not in TARGETS:
+                continue
             pids = []
             for off, port in ((1, IPERF_PORT), (2, ECHO_PORT)):
                 p = ns_popen(b.proxy, sys.executable, "-m", "kproxy.relay", "--impl", impl, "--listen",
-                             f"{PROXY_FRONT}:{base + off}", "--backend", f"{SERVER_IP}:{port}",
+                             f"{PROXY_FRONT}:{base + off}", "--backend", f"{SERVER_IP}:{port}", *extra,
                              stdout=subprocess.PIPE, env=env)
                 procs.append(p)
                 assert p.stdout is not None and p.stdout.readline().startswith("ready")
@@ -264,7 +282,8 @@ def _print_table() -> None:
     def f(r: dict[str, float], k: str, fmt: str = ".2f") -> str:
         return format(r[k], fmt) if k in r else "-"
 
-    print(f"\nload average {os.getloadavg()[0]:.2f}")
+    print(f"\nload average {os.getloadavg()[0]:.2f}; TCP congestion control: host {RESULTS_META.get('host_cc', '?')}, "
+          f"proxy namespace {RESULTS_META.get('proxy_ns_cc', '?')}")
     print("\n| target | throughput Gbit/s (min-max) | vs direct | conn/s (min-max) | vs direct "
           "| p50 µs | p99 µs |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -289,7 +308,7 @@ def _print_table() -> None:
                   f"{f(r, 'softirq_s_per_gb')} | {f(r, 'machine_s_per_gb')} | {f(r, 'cores_busy')} | "
                   f"{f(r, 'proxy_on_cpu', '.0%')} / {f(r, 'proxy_cpu_wait', '.0%')} | {f(r, 'cpu_us_per_conn', '.0f')} |")
     with open(os.path.join(tempfile.gettempdir(), "bench_userspace_results.json"), "w") as fh:
-        json.dump(RESULTS, fh, indent=1)
+        json.dump({"meta": RESULTS_META, **RESULTS}, fh, indent=1)
 
 
 def _ratio(target: str, key: str) -> float:

@@ -84,7 +84,7 @@ cdef extern from "<netinet/in.h>" nogil:
     uint16_t ntohs(uint16_t)
 
 cdef extern from "<netinet/tcp.h>" nogil:
-    enum: TCP_NODELAY
+    enum: TCP_NODELAY, TCP_CONGESTION
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char* src, void* dst)
@@ -299,6 +299,8 @@ cdef class RelayCore:
     cdef int next_id
     cdef int stopping
     cdef double connect_timeout
+    cdef char cc[16]          # TCP congestion control for upstream sockets ("": the node's default)
+    cdef int cc_len
     cdef void** dead
     cdef int ndead
     cdef int capdead
@@ -323,7 +325,7 @@ cdef class RelayCore:
     cdef uint64_t n_udp_out
     cdef uint64_t n_accept_paused
 
-    def __cinit__(self, double connect_timeout=1.0):
+    def __cinit__(self, double connect_timeout=1.0, bytes tcp_congestion=b""):
         cdef epoll_event ev
         self.ep = epoll_create1(EPOLL_CLOEXEC)
         self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -335,6 +337,12 @@ cdef class RelayCore:
         ev.data.ptr = &self.wake_kind
         epoll_ctl(self.ep, EPOLL_CTL_ADD, self.wakefd, &ev)
         self.connect_timeout = connect_timeout
+        if len(tcp_congestion) > 15:
+            raise ValueError(f"relay: TCP congestion control name {tcp_congestion!r} is too long")
+        self.cc_len = len(tcp_congestion)
+        memset(self.cc, 0, 16)
+        if self.cc_len:
+            memcpy(self.cc, PyBytes_AsString(tcp_congestion), self.cc_len)
         self.next_id = 1
         self.capdead = 64
         self.dead = <void**>malloc(self.capdead * sizeof(void*))
@@ -677,6 +685,9 @@ cdef class RelayCore:
             if fd < 0:
                 break
             _set_nodelay(fd)
+            if self.cc_len:
+                # Checked by the caller when the core was built; a failure here keeps the default.
+                setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, self.cc, <socklen_t>self.cc_len)
             r = connect(fd, <sockaddr*>&b.addr, b.alen)
             if r < 0 and errno != EINPROGRESS:
                 close(fd)

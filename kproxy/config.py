@@ -66,6 +66,9 @@ class KProxyConfig:
     # userspace mode without any rules: NodePort/LB services on 127.0.0.1:PORT only (no kube-proxy
     # equivalent; for hosts where the proxy may not own the firewall, as Docker Desktop does).
     userspace_localhost_only: bool = False
+    # kproxy only: congestion control of the relay's TCP legs ("" = the node's default). bbr without
+    # the fq qdisc paces in the relay a stream the client already paces (bench/README.md, userspace).
+    userspace_tcp_congestion: str = ""
     cleanup: bool = False
     verbosity: int = 0
     healthcheck_bind_address: str = ""  # service health-check node ports listen here ("" = all)
@@ -293,6 +296,13 @@ def validate(cfg: KProxyConfig) -> None:
         raise ConfigError("--udp-timeout/udpIdleTimeout: must be greater than 0")
     if cfg.iptables_backend not in ("", "nft", "legacy"):
         raise ConfigError(f"--iptables-backend: {cfg.iptables_backend!r} is not nft or legacy")
+    if cfg.userspace_tcp_congestion and cfg.mode == "userspace":
+        from kproxy.relay import check_tcp_congestion  # the relay's module: only in this mode
+
+        try:
+            check_tcp_congestion(cfg.userspace_tcp_congestion)
+        except ValueError as exc:
+            raise ConfigError(f"--userspace-tcp-congestion: {exc}") from None
 
 
 def resolve_node_name(cfg: KProxyConfig) -> str:

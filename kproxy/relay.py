@@ -102,13 +102,31 @@ def bind_listener(netns: str | None, proto: Proto, host: str, port: int, backlog
     return sock
 
 
-def new_core(impl: Impl, connect_timeout: float = 1.0) -> RelayCoreAPI:
+def check_tcp_congestion(name: str) -> None:
+    """Raise ValueError unless this kernel lets the relay's sockets use congestion control `name`."""
+    if not name:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        except OSError as exc:
+            try:
+                with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+                    avail = f.read().strip()
+            except OSError:
+                avail = "unknown"
+            raise ValueError(f"TCP congestion control {name!r} cannot be used here ({exc.strerror}); "
+                             f"available: {avail}") from exc
+
+
+def new_core(impl: Impl, connect_timeout: float = 1.0, tcp_congestion: str = "") -> RelayCoreAPI:
+    check_tcp_congestion(tcp_congestion)
     if impl == "compiled":
         from kproxy import _relay
 
-        core: RelayCoreAPI = _relay.RelayCore(connect_timeout)
+        core: RelayCoreAPI = _relay.RelayCore(connect_timeout, tcp_congestion.encode())
         return core
-    return AsyncioRelayCore(connect_timeout)
+    return AsyncioRelayCore(connect_timeout, tcp_congestion)
 
 
 def compiled_available() -> bool:
@@ -123,12 +141,17 @@ class Relay:
     """A relay core running in its own thread, plus the listener sockets it serves."""
 
     def __init__(self, impl: Impl | Literal["auto"] = "auto", netns: str | None = None,
-                 connect_timeout: float = 1.0) -> None:
+                 connect_timeout: float = 1.0, tcp_congestion: str = "") -> None:
+        """tcp_congestion: the congestion control of both legs of every relayed TCP connection
+        ("": the node's default). Over a local link the client's own controller already paces
+        the stream end to end; a second pacing controller (bbr without the fq qdisc) in the
+        relay costs throughput (bench/README.md, userspace)."""
         if impl == "auto":
             impl = "compiled" if compiled_available() and os.environ.get("KPROXY_PURE") != "1" else "pure"
         self.impl: Impl = impl
         self.netns = netns
-        self.core = new_core(impl, connect_timeout)
+        self.tcp_congestion = tcp_congestion
+        self.core = new_core(impl, connect_timeout, tcp_congestion)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -168,6 +191,9 @@ class Relay:
     def listen(self, proto: Proto, host: str, port: int = 0) -> tuple[int, int]:
         """Open a listener; returns (listener id, bound port)."""
         sock = bind_listener(self.netns, proto, host, port)
+        if proto == "TCP" and self.tcp_congestion:
+            # Accepted sockets inherit it: the client-facing leg.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.tcp_congestion.encode())
         bound = int(sock.getsockname()[1])
         lid = self.core.add_listener(sock.detach(), proto == "UDP")
         return lid, bound
@@ -325,6 +351,8 @@ class _ClientHalf(_Half):
             except OSError:
                 break  # out of fds: reset this client, as the compiled core does
             sock.setblocking(False)
+            if self.core.tcp_congestion:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.core.tcp_congestion.encode())
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, addr), self.core.connect_timeout)
             except (TimeoutError, OSError):
@@ -344,8 +372,9 @@ class _ClientHalf(_Half):
 class AsyncioRelayCore:
     """The pure-Python twin of kproxy._relay.RelayCore, on an asyncio loop in `run()`'s thread."""
 
-    def __init__(self, connect_timeout: float = 1.0) -> None:
+    def __init__(self, connect_timeout: float = 1.0, tcp_congestion: str = "") -> None:
         self.connect_timeout = connect_timeout
+        self.tcp_congestion = tcp_congestion
         self.loop = asyncio.new_event_loop()
         self.listeners: dict[int, _Listener] = {}
         self._next_id = 1
@@ -565,8 +594,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--udp", action="store_true", help="relay UDP instead of TCP")
     ap.add_argument("--backend", type=_hostport, action="append", default=[], help="endpoint IP:PORT (repeat)")
     ap.add_argument("--affinity", type=float, default=0.0, help="ClientIP affinity timeout in seconds")
+    ap.add_argument("--tcp-congestion", default="", help="congestion control of the relayed TCP legs "
+                    "(default: the node's)")
     args = ap.parse_args(argv)
-    relay = Relay(args.impl).start()
+    try:
+        relay = Relay(args.impl, tcp_congestion=args.tcp_congestion).start()
+    except ValueError as exc:
+        ap.error(str(exc))
     lid, port = relay.listen("UDP" if args.udp else "TCP", *args.listen)
     relay.set_endpoints(lid, args.backend, args.affinity)
     done = threading.Event()

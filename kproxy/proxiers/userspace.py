@@ -26,7 +26,8 @@ optional: netns (run in that network namespace: tests), userspace_localhost_only
 bind_address (the node IP for OUTPUT DNAT; "" or 0.0.0.0: the first IPv4 of node_ips, which the
 server fills from the Node object, else the first non-loopback IPv4 address on the node),
 iptables_backend ("nft"|"legacy"|"" auto), udp_idle_timeout (seconds, upstream --udp-timeout,
-default 0.25), relay_impl ("auto"|"compiled"|"pure"; KPROXY_PURE=1 forces pure under auto).
+default 0.25), relay_impl ("auto"|"compiled"|"pure"; KPROXY_PURE=1 forces pure under auto),
+userspace_tcp_congestion (--userspace-tcp-congestion: the relayed TCP legs' congestion control).
 Not done here (upstream's userspace mode did not either): IPv6 rules, source ranges, traffic policies.
 """
 from __future__ import annotations
@@ -285,6 +286,6 @@ def new_proxier(config: Any) -> Proxier:
             node_ip = bind
         else:
             node_ip = known[0] if known else _node_ipv4(iptables)
-    relay = Relay(impl, netns=netns).start()
+    relay = Relay(impl, netns=netns, tcp_congestion=str(getattr(config, "userspace_tcp_congestion", "") or "")).start()
     return UserspaceProxier(relay, iptables, node_ip=node_ip, localhost_only=localhost_only,
                             udp_idle_timeout=udp_timeout)

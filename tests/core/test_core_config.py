@@ -129,6 +129,8 @@ def test_bad_config_file_names_file_and_field(tmp_path: Path, content: str, need
     (["--config", "/nonexistent/kp.yaml"], "--config /nonexistent/kp.yaml: No such file or directory"),
     (["--nodeport-addresses", "10.0.0.0/8,bogus"], "--nodeport-addresses: 'bogus' is not a CIDR"),
     (["--kubeconfig", "/nonexistent/kc"], "--kubeconfig: cannot read kubeconfig /nonexistent/kc"),
+    (["--proxy-mode", "userspace", "--userspace-tcp-congestion", "no-such-cc"],
+     "--userspace-tcp-congestion: TCP congestion control 'no-such-cc' cannot be used here"),
 ])
 def test_bad_flags_one_line_exit_1(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     # Every case fails before anything listens or connects.
@@ -153,3 +155,9 @@ def test_userspace_localhost_only_flag() -> None:
     cfg = parse_config(["--proxy-mode", "userspace", "--userspace-localhost-only"])
     assert cfg.userspace_localhost_only is True
     assert parse_config(["--userspace-localhost-only=false"]).userspace_localhost_only is False
+
+
+def test_userspace_tcp_congestion_flag() -> None:
+    assert parse_config(["--proxy-mode", "userspace"]).userspace_tcp_congestion == ""
+    cfg = parse_config(["--proxy-mode", "userspace", "--userspace-tcp-congestion", "reno"])
+    assert cfg.userspace_tcp_congestion == "reno"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -16,7 +17,9 @@ from userspace_helpers import (
     NODE_CLIENT_IP,
     Backends,
     Topology,
+    congestion_of,
     expect_refused_at_once,
+    non_default_congestion,
     request,
 )
 
@@ -145,11 +148,19 @@ def test_endpoint_changes_and_service_removal(proxier: UserspaceProxier, topo: T
 @pytest.mark.timeout(60)
 def test_localhost_only_serves_nodeports_without_rules(impl: str, topo: Topology, backends: Backends) -> None:
     nat_before = _nat(topo)
-    p = new_proxier(SimpleNamespace(netns=topo.node, relay_impl=impl, userspace_localhost_only=True))
+    cc = non_default_congestion()
+    p = new_proxier(SimpleNamespace(netns=topo.node, relay_impl=impl, userspace_localhost_only=True,
+                                    userspace_tcp_congestion=cc))
     try:
         services, endpoints = _state()
         assert p.sync(SyncRequest(services, endpoints)).ok
         assert sorted(_names(topo, topo.node, ("127.0.0.1", 30080), 3)) == sorted(BACKEND_IPS)
+        with topo.tcp(topo.node, ("127.0.0.1", 30080)) as held:  # --userspace-tcp-congestion on both legs
+            held.sendall(b"x")
+            deadline = time.monotonic() + 10
+            while congestion_of(topo.node, BACKEND_PORT) != {cc} and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert congestion_of(topo.node, BACKEND_PORT) == {cc}
         assert _names(topo, topo.node, ("127.0.0.1", 80), 1)[0] in BACKEND_IPS  # LoadBalancer: its port too
         with pytest.raises(OSError):  # ClusterIPs need rules: not served in this variant
             topo.tcp(topo.node, ("10.96.0.12", 80), timeout=1).close()

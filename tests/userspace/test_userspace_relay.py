@@ -19,7 +19,9 @@ from userspace_helpers import (
     NODE_CLIENT_IP,
     Backends,
     Topology,
+    congestion_of,
     expect_refused_at_once,
+    non_default_congestion,
     pattern_chunks,
     request,
     rss_kib,
@@ -462,3 +464,28 @@ def test_small_messages_to_a_stalled_backend_arrive_whole(relay: Relay, topo: To
     srv.close()
     assert got == {"n": len(blob), "crc": zlib.crc32(blob)}
     assert len(echoed) == len(blob) and zlib.crc32(echoed) == zlib.crc32(blob)
+
+
+
+@pytest.mark.timeout(30)
+def test_tcp_congestion_applies_to_both_legs(impl: str, topo: Topology, backends: Backends) -> None:
+    want = non_default_congestion()
+    with pytest.raises(ValueError, match="'no-such-cc' cannot be used here.*available: "):
+        Relay(impl, netns=topo.node, tcp_congestion="no-such-cc")  # type: ignore[arg-type]
+    relay = Relay(impl, netns=topo.node, tcp_congestion=want).start()  # type: ignore[arg-type]
+    try:
+        addr = _tcp_service(relay, ALL[:1])
+        with topo.tcp(topo.client, addr) as s:
+            s.sendall(b"x")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                legs = (congestion_of(topo.node, addr[1]), congestion_of(topo.node, BACKEND_PORT))
+                if legs == ({want}, {want}):
+                    break
+                time.sleep(0.05)
+            assert legs == ({want}, {want}), legs
+            # The client's own socket, in its namespace, keeps its default.
+            assert want not in congestion_of(topo.client, addr[1])
+            assert request(s, b"")[0] == BACKEND_IPS[0]
+    finally:
+        relay.stop()

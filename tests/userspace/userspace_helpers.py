@@ -200,3 +200,18 @@ def pattern_chunks(total: int, chunk: int = 4 << 20) -> Iterator[memoryview]:
         yield doubled[off : off + n]
         sent += n
         k += 1
+
+
+def congestion_of(ns: str, port: int) -> set[str]:
+    """The congestion control `ss` reports for the established TCP sockets in ns with port at either end."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htin", "state", "established",
+                          f"( sport = :{port} or dport = :{port} )"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    known = {"reno", "cubic", "bbr", "dctcp", "htcp", "vegas", "westwood", "bic"}
+    return {w for w in out.split() if w in known}
+
+
+def non_default_congestion() -> str:
+    """A congestion control a new socket does not get by default here, so that setting it shows."""
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        return "cubic" if f.read().strip() == "reno" else "reno"
