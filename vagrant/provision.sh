@@ -64,13 +64,15 @@ step_units() {
   local units="$ROOT/etc/systemd/system"
   mkdir -p "$units" "$ROOT$DATA"
   if [ "$ROLE" = server ]; then
+    # --advertise-address: the kubernetes Service's endpoint must be the private-network IP the
+    # nodes reach, not the default route's source (Vagrant's NAT interface) that 0.0.0.0 would pick.
     cat > "$units/kproxy-apiserver.service" <<UNIT
 [Unit]
 Description=kproxy control plane (Kubernetes API on SQLite)
 After=network-online.target
 
 [Service]
-ExecStart=$VENV/bin/kproxy-apiserver --data-dir $DATA/apiserver --bind-address 0.0.0.0 --secure-port 6443 --tls-san $SERVER_IP
+ExecStart=$VENV/bin/kproxy-apiserver --data-dir $DATA/apiserver --bind-address 0.0.0.0 --advertise-address $SERVER_IP --secure-port 6443 --tls-san $SERVER_IP
 Restart=always
 
 [Install]

@@ -193,6 +193,37 @@ class ServiceAllocator:
         self.port_range_text = f"{low}-{high}"
         band = min(max(16, (high - low + 1) // 32), 128)
         self.node_ports = OffsetRange(low, high, band)
+        # ClusterIPs held for one Service whatever its lifetime ("namespace/name" by IP): the
+        # kubernetes Service's address stays out of every other Service's reach even while that
+        # Service is deleted and waits for the bootstrap controller to re-create it.
+        self.reserved: dict[str, str] = {}
+
+    def first_ip(self) -> str:
+        """The first usable address of the primary range: the kubernetes Service's ClusterIP."""
+        return self.ranges[0].ip_of(self.ranges[0].offsets.low)
+
+    def reserve_for(self, ip: str, namespace: str, name: str, *, held_by_owner: bool) -> bool:
+        """Hold ip for namespace/name only, now and after that Service is deleted.
+
+        held_by_owner: the stored namespace/name already has ip (load() marked it used). False when
+        ip is out of range or something else holds it (a Service stored before the reservation
+        existed); the caller tries again once that Service is gone.
+        """
+        owner = f"{namespace}/{name}"
+        if self.reserved.get(ip) == owner:
+            return True
+        rng = self.by_family.get(_family_of(ip) or "")
+        if rng is None:
+            return False
+        try:
+            rng.reserve(ip)
+        except NotInRange:
+            return False
+        except AlreadyAllocated:
+            if not held_by_owner:
+                return False
+        self.reserved[ip] = owner
+        return True
 
     @property
     def dual_stack(self) -> bool:
@@ -239,7 +270,9 @@ class ServiceAllocator:
         if not isinstance(spec, dict):
             return
         old_spec = old.get("spec") if old is not None and isinstance(old.get("spec"), dict) else None
-        name = str((obj.get("metadata") or {}).get("name", ""))
+        meta = obj.get("metadata") or {}
+        name = str(meta.get("name", ""))
+        owner = f'{meta.get("namespace", "")}/{name}'
         if old_spec is not None:
             self._patch_allocated_values(spec, old_spec)
             self._drop_type_dependent_fields(spec, old_spec)
@@ -247,7 +280,7 @@ class ServiceAllocator:
         old_ports = _node_ports(old_spec) if old_spec is not None else set()
         txn = _Txn()
         try:
-            self._assign_ips(spec, name, old_ips, txn)
+            self._assign_ips(spec, name, owner, old_ips, txn)
             self._assign_node_ports(spec, name, old_ports, txn)
         except BaseException:
             self._rollback(txn)
@@ -331,7 +364,7 @@ class ServiceAllocator:
             families.append(next(f for f in self.families if f != families[0]))
         return policy, families
 
-    def _assign_ips(self, spec: Obj, name: str, old_ips: set[str], txn: _Txn) -> None:
+    def _assign_ips(self, spec: Obj, name: str, owner: str, old_ips: set[str], txn: _Txn) -> None:
         if spec.get("type") == "ExternalName":
             return
         policy, families = self._families(spec, name)
@@ -348,6 +381,11 @@ class ServiceAllocator:
             wanted = ips[i] if i < len(ips) else ""
             if wanted and wanted in old_ips:
                 result.append(wanted)  # the update keeps its own address
+                continue
+            if wanted and self.reserved.get(wanted) == owner:
+                # Its reserved address: already marked used, and not part of txn so that a failed
+                # write does not give it back.
+                result.append(wanted)
                 continue
             if wanted:
                 try:
@@ -437,6 +475,8 @@ class ServiceAllocator:
     # --- release -----------------------------------------------------------------------------------
 
     def _release_ip(self, ip: str) -> None:
+        if ip in self.reserved:
+            return  # held for its owner beyond the Service's lifetime (reserve_for)
         rng = self.by_family.get(_family_of(ip) or "")
         if rng is not None:
             rng.release(ip)

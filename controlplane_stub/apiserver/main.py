@@ -13,7 +13,7 @@ import sys
 from aiohttp import web
 
 from ..store.sqlite import SQLiteStore
-from . import pki, semantics
+from . import bootstrap, pki, semantics
 from .registry import Registry
 from .server import APIServer
 
@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--secure-port", type=int, default=6443, help="HTTPS port; 0 picks a free one (default 6443)")
     p.add_argument("--insecure-port", type=int, default=-1,
                    help="plain-HTTP port on the bind address instead of HTTPS (tests only; -1 = off, 0 = free port)")
+    p.add_argument("--advertise-address", default="",
+                   help="IP the kubernetes Service's endpoints point at (default: --bind-address if it is one "
+                        "IP, else the host's first non-loopback IPv4, else 127.0.0.1)")
+    p.add_argument("--bootstrap-reconcile-interval", type=float, default=bootstrap.DEFAULT_INTERVAL,
+                   help="seconds between passes that re-create the system namespaces and the kubernetes "
+                        "Service and its endpoints when deleted (kproxy only; default 10, as upstream)")
     p.add_argument("--tls-san", action="append", default=[], help="extra name/IP for the serving certificate")
     p.add_argument("--token-auth-file", default="",
                    help="token,user,uid,\"groups\" lines (default: DATA/tokens.csv, generated on first start)")
@@ -52,6 +58,18 @@ def _node_port_range(s: str) -> tuple[int, int]:
     if not 0 < lo <= hi < 65536:
         raise SystemExit(f"kproxy-apiserver: --service-node-port-range {s!r}: want 1 <= LOW <= HIGH <= 65535")
     return lo, hi
+
+
+def _advertise_address(flag: str, bind_address: str) -> str:
+    if not flag:
+        return bootstrap.default_advertise_address(bind_address)
+    try:
+        ip = ipaddress.ip_address(flag)
+    except ValueError:
+        raise SystemExit(f"kproxy-apiserver: --advertise-address {flag!r}: want an IP address, e.g. 192.168.1.10")
+    if ip.is_unspecified:
+        raise SystemExit(f"kproxy-apiserver: --advertise-address {flag}: want one IP, not the unspecified address")
+    return str(ip)
 
 
 def _cidrs(s: str) -> list[str]:
@@ -84,6 +102,9 @@ async def serve(args: argparse.Namespace) -> int:
                                             pki.default_sans([args.bind_address, *args.tls_san]))
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(crt, key)
+    advertise = _advertise_address(args.advertise_address, args.bind_address)
+    if args.bootstrap_reconcile_interval <= 0:
+        raise SystemExit("kproxy-apiserver: --bootstrap-reconcile-interval: want a number of seconds > 0")
     store = SQLiteStore(os.path.join(data, "store.db"), window=args.watch_cache_size)
     try:
         allocator = semantics.service_allocator(_cidrs(args.service_cluster_ip_range),
@@ -105,6 +126,13 @@ async def serve(args: argparse.Namespace) -> int:
         hostport = f"[{host}]:{actual}" if ":" in host else f"{host}:{actual}"
         url = f"{'http' if plain else 'https'}://{hostport}"
         api.external_address = hostport
+        # The kubernetes Service, its endpoints and the namespaces exist before the server says it
+        # is ready (kubectl get svc right after start shows it); later passes re-create them.
+        controller = bootstrap.BootstrapController(
+            registry, allocator, bootstrap.KubernetesService(allocator.first_ip(), advertise, actual),
+            args.bootstrap_reconcile_interval)
+        await controller.reconcile()
+        reconciling = asyncio.create_task(controller.run())
         admin_cfg = os.path.join(data, "admin.kubeconfig")
         ro_cfg = os.path.join(data, "readonly.kubeconfig")
         pki.write_kubeconfig(admin_cfg, url, ca_crt, pki.token_for(users, admin=True), "admin")
@@ -113,8 +141,9 @@ async def serve(args: argparse.Namespace) -> int:
         except LookupError:
             ro_cfg = ""
         api.ready = True
-        log.info("event=ready url=%s kubeconfig=%s readonly_kubeconfig=%s revision=%d semantics=%s", url, admin_cfg,
-                 ro_cfg, store.revision, ",".join(k for k, v in semantics.available().items() if v) or "none")
+        log.info("event=ready url=%s kubeconfig=%s readonly_kubeconfig=%s advertise_address=%s revision=%d "
+                 "semantics=%s", url, admin_cfg, ro_cfg, advertise, store.revision,
+                 ",".join(k for k, v in semantics.available().items() if v) or "none")
         # One machine-readable line on stdout for scripts and testing.py.
         print(f"kproxy-apiserver ready url={url} kubeconfig={admin_cfg}", flush=True)
         stop = asyncio.Event()
@@ -123,6 +152,7 @@ async def serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("event=shutdown watches=%d", api.watches.active)
+        reconciling.cancel()
         # cleanup() closes the listener first, then on_shutdown ends the watch streams: clients that
         # re-watch at once find the port closed (and retry) instead of a server about to vanish.
         await runner.cleanup()

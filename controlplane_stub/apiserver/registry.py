@@ -50,10 +50,18 @@ class Registry:
     async def bootstrap(self) -> None:
         services = BY_ID["services"]
         self.allocator.load(self.decode_all(self.store.list(services.prefix()).items))
+        await self.ensure_system_namespaces()
+
+    async def ensure_system_namespaces(self) -> list[str]:
+        """Create the system namespaces that do not exist (kube-apiserver's bootstrap controller
+        does this at start and then periodically: kube-node-lease may be deleted). Returns those made."""
+        made = []
         for ns in SYSTEM_NAMESPACES:
             if self.store.get(BY_ID["namespaces"].key("", ns)) is None:
                 await self.create(BY_ID["namespaces"], "", {"apiVersion": "v1", "kind": "Namespace",
                                                       "metadata": {"name": ns}}, dry_run=False)
+                made.append(ns)
+        return made
 
     @staticmethod
     def decode_all(items: list[tuple[str, bytes]]) -> list[Obj]:

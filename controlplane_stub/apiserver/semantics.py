@@ -63,6 +63,9 @@ class Allocator(Protocol):
     def release(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
         """Free what obj holds beyond old (everything when old is None); old's values stay taken."""
 
+    def first_ip(self) -> str | None: ...
+    def reserve_for(self, ip: str, namespace: str, name: str, *, held_by_owner: bool) -> bool: ...
+
 
 class _NoAllocator:
     """Stand-in until allocators.py lands: allocates nothing."""
@@ -75,6 +78,12 @@ class _NoAllocator:
 
     def release(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
         pass
+
+    def first_ip(self) -> str | None:
+        return None  # no range: the kubernetes Service cannot get its ClusterIP here
+
+    def reserve_for(self, ip: str, namespace: str, name: str, *, held_by_owner: bool) -> bool:
+        return False
 
 
 def service_allocator(cidrs: list[str], node_port_range: tuple[int, int]) -> Allocator:

@@ -73,7 +73,8 @@ def test_watch_stream_continues_across_server_restart() -> None:
         def run() -> None:
             try:
                 # No timeout_seconds: with it the client does not re-watch when a stream ends.
-                for ev in w.stream(v1.list_namespaced_service, "default"):
+                # label_selector: this test's Services, not the API server's own default/kubernetes.
+                for ev in w.stream(v1.list_namespaced_service, "default", label_selector="app"):
                     obj: Any = ev["object"]
                     events.put((ev["type"], obj.metadata.name, obj.metadata.resource_version))
             except Exception as e:  # noqa: BLE001 - reported to the test thread

@@ -132,7 +132,8 @@ def test_reflector_list_watch_bookmark_resume_and_410(api: Api) -> None:
         task = asyncio.create_task(r.run())
         try:
             await _until(r.has_synced)
-            assert sorted(inf.keys()) == [f"default/s{i}" for i in range(5)]
+            # The API server's own default/kubernetes Service is listed with the test's.
+            assert sorted(inf.keys()) == sorted(["default/kubernetes", *(f"default/s{i}" for i in range(5))])
             assert inf.get("default/s3").spec.ports[0].port == 83  # type: ignore[union-attr]
 
             api.service("s5", [{"port": 90}])
@@ -264,17 +265,22 @@ def test_kproxy_process_syncs_health_metrics(api: Api, tmp_path: Path) -> None:
         assert first["full"] and first["ok"]
         assert first["node_name"] == "node-a" and first["node_ips"] == ["10.0.0.5"]
         # Headless, proxy-name-labelled services and their endpoints never reach the proxier.
-        assert sorted(first["services"]) == ["default/dns:dns/UDP", "default/web:http/TCP"]
+        # The API server's own default/kubernetes Service is proxied too, as on a real node.
+        assert sorted(first["services"]) == ["default/dns:dns/UDP", "default/kubernetes:https/TCP",
+                                             "default/web:http/TCP"]
         assert first["services"]["default/web:http/TCP"] == [[web_ip], 80, "ClusterIP", 0]
         assert first["endpoints"] == {"default/web:http/TCP": [["10.1.0.1:8080", True, True],
-                                                               ["10.1.0.2:8080", True, False]]}
+                                                               ["10.1.0.2:8080", True, False]],
+                                      "default/kubernetes:https/TCP": [[f"127.0.0.1:{api.proc.port}", True,
+                                                                        False]]}
 
         code, body = _http(f"http://127.0.0.1:{hz}/healthz")
         assert code == 200 and json.loads(body)["nodeEligible"] is True
         assert _http(f"http://127.0.0.1:{hz}/livez")[0] == 200
         code, metrics = _http(f"http://127.0.0.1:{mp}/metrics")
         assert code == 200 and "kubeproxy_sync_proxy_rules_duration_seconds_count" in metrics
-        assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"} 2.0' in metrics
+        # The recorder reports one nat rule per service: dns, web and kubernetes.
+        assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"} 3.0' in metrics
         assert _http(f"http://127.0.0.1:{mp}/proxyMode") == (200, "recording")
 
         # An endpoint change: a partial sync naming just that ServicePort; latency observed.

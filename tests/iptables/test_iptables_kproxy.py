@@ -24,10 +24,19 @@ from typing import Any
 import pytest
 from iptables_topology import NODE_IP, PODS, Topology
 
+from kproxy._purepath import port_proto_hash
 from kproxy.relay import Relay, bind_listener
 
 testing = pytest.importorskip("controlplane_stub.apiserver.testing")
 pytestmark = pytest.mark.e2e
+# The chain of the Service every API server keeps (default/kubernetes, port "https").
+KUBERNETES_SVC_CHAIN = "KUBE-SVC-" + port_proto_hash("default/kubernetes:https", "tcp")
+
+
+def _svc_chains(topology: Topology, backend: str) -> set[str]:
+    """The KUBE-SVC- chains declared in the node's nat table."""
+    out = topology.node_exec(f"iptables-{backend}-save", "-t", "nat").stdout
+    return {line[1:].split()[0] for line in out.splitlines() if line.startswith(":KUBE-SVC-")}
 
 
 class Api:
@@ -137,9 +146,10 @@ def test_kproxy_iptables_mode_end_to_end(backend: str, api: Api, topology: Topol
         moved = _wait(topology, vip, 80, {"pod2"}, proc)
         assert moved < 10, f"endpoint change took {moved:.1f}s to reach the kernel"
         # A Service delete removes its rules (no endpoints left to reach: timeouts or refusals).
+        # The API server's own default/kubernetes Service keeps its chain, as on a real node.
         api.call("DELETE", "/api/v1/namespaces/default/services/web")
         t0 = time.monotonic()
-        while "KUBE-SVC-" in topology.node_exec(f"iptables-{backend}-save", "-t", "nat").stdout:
+        while _svc_chains(topology, backend) != {KUBERNETES_SVC_CHAIN}:
             assert time.monotonic() - t0 < 20, "service chains not removed after the Service was deleted"
             time.sleep(0.1)
     finally:
