@@ -818,7 +818,7 @@ cdef class RelayCore:
         says the socket is drained (the next bytes raise a new edge), which saves the read that
         would fail with EAGAIN. Returns 1 to read again, 2 after a short read, 0 when done until
         the next event, -1 when broken."""
-        cdef ssize_t n, m, w
+        cdef ssize_t n, m
         n = recv(src, self.tbuf, COPY_BUF, MSG_DONTWAIT)
         if n == 0:
             src_eof[0] = 1
@@ -837,14 +837,9 @@ cdef class RelayCore:
             m = 0
         self.n_bytes += <uint64_t>m
         if m < n:
-            # dst is full: the rest waits in the (empty, larger than COPY_BUF) pipe, as spliced
-            # bytes would, and dst's EPOLLOUT edge resumes the direction.
-            if p.r < 0 and self._get_pipe(p) < 0:
+            # dst is full: dst's EPOLLOUT edge resumes the direction from the pipe.
+            if self._spill(p, m, n) < 0:
                 return -1
-            w = write(p.w, self.tbuf + m, <size_t>(n - m))
-            if w != n - m:
-                return -1
-            p.fill += w
             if n == COPY_BUF:
                 p.bulk = 1
             return 0
@@ -853,12 +848,24 @@ cdef class RelayCore:
             return 1
         return 2
 
+    cdef int _spill(self, Pipe* p, ssize_t m, ssize_t n) noexcept nogil:
+        """Keep tbuf[m:n], read but not yet sent, in the direction's pipe (empty, and larger than
+        COPY_BUF), where the next pump finds it first, as it finds spliced bytes. -1 on failure."""
+        cdef ssize_t w
+        if p.r < 0 and self._get_pipe(p) < 0:
+            return -1
+        w = write(p.w, self.tbuf + m, <size_t>(n - m))
+        if w != n - m:
+            return -1
+        p.fill += w
+        return 0
+
     cdef void _forward_early(self, Conn* c) noexcept nogil:
         """Over a local link the upstream handshake completes inside connect(), and the client's
         first bytes are often queued by then: pass them on now, not one loop turn later when the
         connect's EPOLLOUT is reported. A send that is refused means the endpoint refused the
         connect: the next endpoint gets the bytes."""
-        cdef ssize_t n, m, w
+        cdef ssize_t n, m
         n = recv(c.cfd, self.tbuf, COPY_BUF, MSG_DONTWAIT)
         if n == 0:
             c.c_eof = 1   # _established passes the FIN on
@@ -879,15 +886,9 @@ cdef class RelayCore:
             self.n_bytes += <uint64_t>m
         else:
             m = 0   # still connecting: EPOLLOUT takes it from the pipe
-        if m < n:
-            if self._get_pipe(&c.c2u) < 0:
-                self._close_conn(c, 1)
-                return
-            w = write(c.c2u.w, self.tbuf + m, <size_t>(n - m))
-            if w != n - m:
-                self._close_conn(c, 1)
-                return
-            c.c2u.fill += w
+        if m < n and self._spill(&c.c2u, m, n) < 0:
+            self._close_conn(c, 1)
+            return
         if n == COPY_BUF:
             c.c2u.bulk = 1
             if not c.connecting and c.c2u.fill == 0:
