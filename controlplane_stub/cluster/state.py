@@ -1,0 +1,99 @@
+"""Where a cluster keeps its state (state.json in its data dir) and how its processes are found."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MARKER = "KPC_CLUSTER"
+REPO = Path(__file__).resolve().parents[2]
+SEED = REPO / "examples" / "seed" / "flask-kubernetes.yaml"
+DNS_IP = "10.96.0.10"
+SERVICE_CIDR = "10.96.0.0/12"
+
+
+def default_data_dir(name: str) -> Path:
+    base = os.environ.get("KPROXY_CLUSTER_HOME") or os.path.expanduser("~/.kproxy-cluster")
+    return Path(base) / name
+
+
+def self_command() -> list[str]:
+    script = Path(sys.executable).parent / "kproxy-cluster"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from controlplane_stub.cluster import main; sys.exit(main())"]
+
+
+def tool(name: str) -> str | None:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else shutil.which(name)
+
+
+@dataclass
+class State:
+    name: str
+    prefix: str
+    data_dir: str
+    nodes: int
+    proxy_mode: str
+    lb_pool: str
+    api_port: int = 0
+    api_url: str = ""
+    supervisor_pid: int = 0
+    pids: dict[str, int] = field(default_factory=dict)
+    components: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self.data_dir) / "state.json"
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(self.path)
+
+    @staticmethod
+    def load(data_dir: Path) -> State | None:
+        try:
+            return State(**json.loads((data_dir / "state.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @property
+    def kubeconfig(self) -> str:
+        return str(Path(self.data_dir) / "kubeconfig")
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def marked_pids(prefix: str) -> list[int]:
+    """Processes started for this cluster (they carry KPC_CLUSTER=prefix in their environment)."""
+    want = f"{MARKER}={prefix}".encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if want in (d / "environ").read_bytes().split(b"\0"):
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
