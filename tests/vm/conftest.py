@@ -27,13 +27,14 @@ class VMResult:
     stderr: str
 
 
-def run_in_vm(command: list[str], timeout: int, extra: list[str] | None = None) -> VMResult:
+def run_in_vm(command: list[str], timeout: int, extra: list[str] | None = None,
+              runner: Path = RUNNER, cwd: Path = REPO) -> VMResult:
     """Runs COMMAND in one VM boot. Skips the calling test only when the VM cannot start.
 
     The runner gets its own session so that a pytest timeout here kills the whole runner group;
     the runner itself kills the UML processes it started."""
-    args = [str(RUNNER), "--timeout", str(timeout), *(extra or []), "--", *command]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    args = [str(runner), "--timeout", str(timeout), *(extra or []), "--", *command]
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout + 30)
@@ -51,7 +52,7 @@ def run_in_vm(command: list[str], timeout: int, extra: list[str] | None = None) 
 
 @pytest.fixture
 def vm() -> Callable[..., VMResult]:
-    """run_in_vm, for tests: vm(["cmd", ...], timeout=60)."""
+    """run_in_vm, for tests: vm(["cmd", ...], timeout=60[, runner=..., cwd=...])."""
     return run_in_vm
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,3 +58,26 @@ def test_ipvs_runner_timeout_kills_the_vm(vm: Callable[..., Any]) -> None:
     assert "timed out after 6s" in res.stderr
     # None of the VM's processes (found by the runner's umid) may outlive it; zombies aside.
     assert _live_uml_processes() - before == set()
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(90)
+def test_ipvs_runner_works_from_a_checkout_under_tmp(vm: Callable[..., Any]) -> None:
+    # A checkout cloned under the system's temporary directory: the VM mounts its own tmpfs on
+    # /tmp, which used to hide the caller's directory ("cd: ...: No such file or directory").
+    # The runner itself is copied there too, as it is in such a checkout.
+    checkout = Path(tempfile.mkdtemp(prefix="kptvm-checkout-", dir="/tmp"))
+    try:
+        runner = checkout / "tests" / "vm" / "run"
+        runner.parent.mkdir(parents=True)
+        shutil.copy2(Path(__file__).resolve().parent / "run", runner)
+        (checkout / "marker.txt").write_text("from-the-checkout\n")
+        res = vm(["bash", "-c", "pwd; cat marker.txt; echo tmp-write > /tmp/x && cat /tmp/x; "
+                  "touch in-vm-only.txt"],
+                 timeout=60, runner=runner, cwd=checkout)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == [str(checkout), "from-the-checkout", "tmp-write"]
+        # The checkout is seen through the VM's overlay: writes there stay in the VM.
+        assert not (checkout / "in-vm-only.txt").exists()
+    finally:
+        shutil.rmtree(checkout, ignore_errors=True)
