@@ -74,6 +74,8 @@ class KProxyConfig:
     healthcheck_bind_address: str = ""  # service health-check node ports listen here ("" = all)
     netns: str | None = None
     node_ips: tuple[str, ...] = field(default=())  # from the Node object, set by the server
+    # The Node's topology.kubernetes.io/zone label, set by the server: topology hints need it.
+    node_zone: str = ""
 
     @property
     def node_name(self) -> str:

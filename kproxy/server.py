@@ -361,7 +361,10 @@ class ProxyServer:
             self.cfg.node_ips = tuple(node_ips(self.node))
         elif self.cfg.bind_address not in ("0.0.0.0", "::"):
             self.cfg.node_ips = (self.cfg.bind_address,)
-        log.info("node=%s node_ips=%s", self.cfg.node_name, ",".join(self.cfg.node_ips) or "-")
+        if self.node is not None:
+            self.cfg.node_zone = self.node.metadata.labels.get("topology.kubernetes.io/zone", "")
+        log.info("node=%s node_ips=%s zone=%s", self.cfg.node_name, ",".join(self.cfg.node_ips) or "-",
+                 self.cfg.node_zone or "-")
 
     async def run(self) -> None:
         http: list[web.AppRunner] = []

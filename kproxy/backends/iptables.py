@@ -55,7 +55,8 @@ def detect_backend(netns: str | None = None) -> Backend:
     """Pick the back end as upstream's iptables-wrapper does: the one that already holds kube rules.
 
     KPROXY_IPTABLES_BACKEND=nft|legacy overrides. Otherwise count KUBE- lines in each back end's
-    mangle/nat dump; legacy wins only with strictly more (nf_tables is the image default).
+    mangle/nat dump; legacy wins only with strictly more (nf_tables is the image default), or
+    when only legacy works on this kernel.
     """
     forced = os.environ.get(BACKEND_ENV, "")
     if forced:
@@ -65,16 +66,19 @@ def detect_backend(netns: str | None = None) -> Backend:
     counts: dict[Backend, int] = {}
     for backend in BACKENDS:
         try:
-            out = subprocess.run(
+            proc = subprocess.run(
                 [*_netns_prefix(netns), _tool(backend, "iptables-save")],
                 check=False,
                 capture_output=True,
                 text=True,
                 timeout=30,
-            ).stdout
+            )
         except (OSError, subprocess.TimeoutExpired):
-            out = ""
-        counts[backend] = sum(1 for line in out.splitlines() if "KUBE-" in line)
+            counts[backend] = -1
+            continue
+        # A back end this kernel cannot run (no nf_tables, e.g. User-Mode Linux) is no candidate.
+        ok = proc.returncode == 0
+        counts[backend] = sum(1 for line in proc.stdout.splitlines() if "KUBE-" in line) if ok else -1
     return "legacy" if counts["legacy"] > counts["nft"] else "nft"
 
 

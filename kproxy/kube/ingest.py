@@ -144,12 +144,21 @@ class EndpointConditions(msgspec.Struct, gc=False):
     terminating: bool | None = None
 
 
+class ForZone(msgspec.Struct, gc=False):
+    name: str = ""
+
+
+class EndpointHints(msgspec.Struct, rename="camel", gc=False):
+    for_zones: list[ForZone] | None = None
+
+
 class SliceEndpoint(msgspec.Struct, rename="camel", gc=False):
     addresses: list[str] = []
     conditions: EndpointConditions = msgspec.field(default_factory=EndpointConditions)
     hostname: str | None = None
     node_name: str | None = None
     zone: str | None = None
+    hints: EndpointHints | None = None
 
 
 class EndpointPort(msgspec.Struct, gc=False):
@@ -206,9 +215,17 @@ def slice_endpoints(es: EndpointSlice, node_name: str) -> SliceEndpoints:
                 zone=intern(e.zone) if e.zone else "",
                 hostname=e.hostname or "",
                 is_local=bool(node_name) and node == node_name,
+                zone_hints=_zone_hints(e.hints),
             )
         out[spn] = tuple(sorted(eps.values()))
     return out
+
+
+def _zone_hints(hints: EndpointHints | None) -> tuple[str, ...]:
+    """hints.forZones as a sorted tuple of zone names (empty names dropped)."""
+    if hints is None or not hints.for_zones:
+        return ()
+    return tuple(sorted({intern(z.name) for z in hints.for_zones if z.name}))
 
 
 def trigger_time(es: EndpointSlice) -> str:

@@ -72,6 +72,7 @@ class Endpoint(msgspec.Struct, frozen=True, gc=False, order=True):
     zone: str = ""
     hostname: str = ""
     is_local: bool = False  # node_name equals this node's name (set at ingestion)
+    zone_hints: tuple[str, ...] = ()  # hints.forZones[].name: zones this endpoint should serve
 
     @property
     def addr(self) -> str:

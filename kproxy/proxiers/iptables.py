@@ -38,9 +38,10 @@ from kproxy.backends.iptables import (
     detect_backend,
 )
 from kproxy.fastpath import impl as fastpath
-from kproxy.healthcheck import NamespacedName, ServiceHealthServer
+from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxy import apply_cleanup, sync_health_server, udp_conntrack_cleanup
 
 log = logging.getLogger(__name__)
 
@@ -564,63 +565,33 @@ class IptablesProxier(Proxier):
 
     def _sync_health(self, request: SyncRequest) -> None:
         assert self.health_server is not None
-        ports: dict[NamespacedName, int] = {}
-        counts: dict[NamespacedName, int] = {}
-        for name, svc in request.services.items():
-            if svc.health_check_node_port and svc.external_policy_local:
-                nsn = NamespacedName(name.namespace, name.name)
-                ports[nsn] = svc.health_check_node_port
-                local = sum(1 for e in request.endpoints.get(name, ()) if e.is_local and e.ready)
-                counts[nsn] = max(counts.get(nsn, 0), local)
-        self.health_server.sync_services(ports)
-        self.health_server.sync_endpoints(counts)
+        sync_health_server(self.health_server, request.services, request.endpoints)
 
     def _clean_conntrack(self, request: SyncRequest, old: dict[ServicePortName, _Programmed]) -> None:
-        """Delete UDP conntrack entries that would keep steering packets to the wrong place."""
+        """Delete UDP conntrack entries that would keep steering packets to the wrong place
+        (kproxy.proxy.udp_conntrack_cleanup decides which): endpoints the rules no longer DNAT
+        to, endpoints the trackers saw go, and UDP Services that got their first endpoint."""
         assert self.conntrack is not None
-        ct = self.conntrack
-        ct.deletions.clear()
-        stale_eps: set[tuple[ServicePortName, str]] = set()
-        gained: set[ServicePortName] = set()
+        stale = [(n, e) for n, e in request.stale_endpoints if n.protocol == "UDP"]
+        newly = [n for n in request.stale_services if n.protocol == "UDP" and n in self._programmed]
         for name, prev in old.items():
             if prev.svc.protocol != "UDP":
                 continue
             now = self._programmed.get(name)
             now_serving = now.serving if now is not None else frozenset()
-            for ip, _port in prev.serving - now_serving:
-                stale_eps.add((name, ip))
+            stale.extend((name, Endpoint(ip=ip, port=port)) for ip, port in sorted(prev.serving - now_serving))
         for name, cur in self._programmed.items():
             if cur.svc.protocol == "UDP" and cur.serving:
-                prev2 = old.get(name)
-                if prev2 is None or not prev2.serving:
-                    gained.add(name)
-        for name, ep in request.stale_endpoints:
-            if name.protocol == "UDP":
-                stale_eps.add((name, ep.ip))
-        for name in request.stale_services:
-            if name.protocol == "UDP" and name in self._programmed:
-                gained.add(name)
-        for name in sorted(gained):
-            svc = self._programmed[name].svc
-            for ip in self._service_ips(svc):
-                ct.clear_entries_for_ip(ip, "udp")
-            if svc.node_port:
-                ct.clear_entries_for_port(svc.node_port, "udp")
-        for name, ep_ip in sorted(stale_eps):
-            prog = old.get(name) or self._programmed.get(name)
-            if prog is None:
-                continue
-            for ip in self._service_ips(prog.svc):
-                ct.clear_entries_for_nat(ip, ep_ip, "udp")
-            if prog.svc.node_port:
-                ct.clear_entries_for_port_nat(ep_ip, prog.svc.node_port, "udp")
-
-    @staticmethod
-    def _service_ips(svc: ServicePort) -> list[str]:
-        ips = [ip for ip in svc.cluster_ips if ":" not in ip]
-        ips += [ip for ip in svc.external_ips if ":" not in ip]
-        ips += [ip for ip in svc.load_balancer_ips if ":" not in ip]
-        return ips
+                before = old.get(name)
+                if before is None or not before.serving:
+                    newly.append(name)
+        if not stale and not newly:
+            self.conntrack.deletions.clear()
+            return
+        names = {n for n, _ in stale} | set(newly)
+        current = {n: self._programmed[n].svc for n in names if n in self._programmed}
+        previous = {n: old[n].svc for n in names if n in old}
+        apply_cleanup(self.conntrack, udp_conntrack_cleanup(current, stale, newly, previous))
 
     # ---- cleanup ----
 

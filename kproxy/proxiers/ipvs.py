@@ -4,8 +4,9 @@ Per ServicePort it programs, as upstream does:
   - every ClusterIP, externalIP and LoadBalancer ingress IP as an address on the dummy link
     kube-ipvs0 (kept down; the addresses are still local, so IPVS sees their packets at LOCAL_IN);
   - one IPVS virtual server per service IP:port, and one per node address for a NodePort, with
-    a masquerading real server per usable endpoint (ready ones; serving-terminating ones only
-    when no endpoint is ready), the configured scheduler, and ClientIP affinity as persistence;
+    a masquerading real server per endpoint kproxy.proxy selects for that traffic (ready ones,
+    the serving+terminating fallback, traffic policies and zone hints as in every mode), the
+    configured scheduler, and ClientIP affinity as persistence;
   - ipset entries (KUBE-CLUSTER-IP, KUBE-LOOP-BACK, KUBE-EXTERNAL-IP[-LOCAL],
     KUBE-LOAD-BALANCER[-LOCAL|-FW|-SOURCE-CIDR], KUBE-NODE-PORT[-LOCAL]-TCP/UDP, KUBE-IPVS-IPS)
     that a constant handful of iptables rules match on (masquerade, NodePort, hairpin, the
@@ -37,8 +38,8 @@ Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object
 ipvs_scheduler (default "rr"), ipvs_strict_arp, ipvs_tcp_timeout, ipvs_tcpfin_timeout,
 ipvs_udp_timeout (seconds, 0 = kernel default), ipvs_exclude_cidrs (virtual servers there are
 never deleted as stale), cluster_cidr, masquerade_all, masquerade_bit, nodeport_addresses (CIDRs),
-hostname_override, healthcheck_bind_address; optional: iptables_backend (default "legacy": the
-UML test kernel has no nf_tables), node_ips (explicit NodePort addresses).
+hostname_override, healthcheck_bind_address, node_zone; optional: iptables_backend (default:
+detected as in iptables mode), node_ips (explicit NodePort addresses).
 """
 from __future__ import annotations
 
@@ -58,10 +59,11 @@ from typing import Any
 from kproxy.backends import ipvs as nl
 from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.ipset import IPSets, SetSpec
-from kproxy.backends.iptables import IPTables
-from kproxy.healthcheck import NamespacedName, ServiceHealthServer
+from kproxy.backends.iptables import IPTables, detect_backend
+from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxy import apply_cleanup, service_endpoints, sync_health_server, udp_conntrack_cleanup
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ class IPVSOptions:
     # --ipvs-exclude-cidrs: virtual servers in these CIDRs are never deleted as stale (someone
     # else's, e.g. a node-local load balancer's), as upstream's cleanLegacyService.
     exclude_cidrs: tuple[str, ...] = ()
+    node_zone: str = ""  # the Node's topology.kubernetes.io/zone: zone hints need it
 
 
 @dataclass(slots=True)
@@ -198,14 +201,6 @@ def _diff(old: tuple[Any, ...], new: tuple[Any, ...]) -> tuple[tuple[Any, ...], 
     return tuple(x for x in old if x not in n), tuple(x for x in new if x not in o)
 
 
-def usable_endpoints(eps: Iterable[Endpoint]) -> list[Endpoint]:
-    """Ready endpoints; when none is ready, the serving-and-terminating ones (upstream's
-    CategorizeEndpoints fallback that keeps a service reachable during a rolling update)."""
-    eps = list(eps)
-    ready = [e for e in eps if e.ready]
-    return ready if ready else [e for e in eps if e.serving and e.terminating]
-
-
 def _proto(sp: ServicePort) -> str:
     return sp.protocol.lower()
 
@@ -215,13 +210,11 @@ def build_fragment(sp: ServicePort, eps: Iterable[Endpoint], node_ips: Iterable[
     frag = _Fragment()
     if sp.is_headless or sp.type == "ExternalName":
         return frag
-    eps = usable_endpoints(eps)
     family_v6 = ":" in sp.cluster_ips[0]
-    eps = [e for e in eps if (":" in e.ip) == family_v6]
-    all_rs = tuple(sorted({(e.ip, e.port) for e in eps}))
-    local_rs = tuple(sorted({(e.ip, e.port) for e in eps if e.is_local}))
-    cluster_rs = local_rs if sp.internal_policy_local else all_rs
-    external_rs = local_rs if sp.external_policy_local else all_rs
+    # Which endpoints serve which traffic is kproxy.proxy's decision, the same in every mode.
+    decision = service_endpoints(sp, [e for e in eps if (":" in e.ip) == family_v6], opts.node_zone)
+    cluster_rs = tuple(sorted({(e.ip, e.port) for e in decision.internal}))
+    external_rs = tuple(sorted({(e.ip, e.port) for e in decision.external}))
     flags = nl.IP_VS_SVC_F_PERSISTENT if sp.session_affinity_timeout is not None else 0
     timeout = sp.session_affinity_timeout or 0
     proto = _proto(sp)
@@ -266,7 +259,7 @@ def build_fragment(sp: ServicePort, eps: Iterable[Endpoint], node_ips: Iterable[
             entry(KUBE_NODE_PORT_LOCAL_TCP if sp.protocol == "TCP" else KUBE_NODE_PORT_LOCAL_UDP, str(sp.node_port))
     if sp.health_check_node_port and sp.external_policy_local:
         entry(KUBE_HEALTH_CHECK_NODE_PORT, str(sp.health_check_node_port))
-    for e in eps:
+    for e in decision.reachable:
         if e.is_local:  # hairpin: a pod reaching itself through its own service
             entry(KUBE_LOOP_BACK, f"{e.ip},{proto}:{e.port},{e.ip}")
     for a in addresses:
@@ -372,9 +365,11 @@ class IPVSProxier(Proxier):
         self.iptables = iptables
         self.conntrack = conntrack
         self.health_server = health_server
-        # ServicePorts with externalTrafficPolicy Local and a health check node port:
-        # (port, local ready endpoints), kept per name so partial syncs update only theirs.
-        self._health: dict[ServicePortName, tuple[int, int]] = {}
+        # ServicePorts with a health check node port: a partial sync touching none of them
+        # leaves the health server alone.
+        self._health: set[ServicePortName] = set()
+        # The last state of each UDP ServicePort: a deleted one's stale conntrack entries need it.
+        self._udp: dict[ServicePortName, ServicePort] = {}
         self.ipsets = ipsets or IPSets(SET_SPECS)
         self._node_ips_fn = node_ips
         self.ipvs = nl.IPVS()
@@ -488,7 +483,7 @@ class IPVSProxier(Proxier):
         dirty_sets: set[str] = set()
         addr_candidates: set[str] = set()
         empty = _Fragment()
-        udp_changes: list[tuple[_Fragment, _Fragment]] = []
+        udp_changes: list[tuple[ServicePortName, _Fragment, _Fragment]] = []
         health_changed = False
         for name in names:
             sp = request.services.get(name)
@@ -496,9 +491,9 @@ class IPVSProxier(Proxier):
             new = build_fragment(sp, eps, self._node_ips, self.opts) if sp is not None else empty
             old = self._fragments.pop(name, empty)
             if name.protocol == "UDP" and self.conntrack is not None and old.servers != new.servers:
-                udp_changes.append((old, new))
+                udp_changes.append((name, old, new))
             if self.health_server is not None:
-                health_changed |= self._track_health(name, sp, eps)
+                health_changed |= self._track_health(name, sp)
             # Only what differs between the old and new fragment touches the shared state, so
             # a one-endpoint change never rescans 10,000 addresses or set entries.
             if old.addresses != new.addresses:
@@ -568,7 +563,13 @@ class IPVSProxier(Proxier):
         if udp_changes or request.stale_endpoints:
             self._clean_conntrack(udp_changes, request)
         if self.health_server is not None and (health_changed or full):
-            self._sync_health()
+            sync_health_server(self.health_server, request.services, request.endpoints)
+        for name in names:
+            sp = request.services.get(name)
+            if sp is not None and sp.protocol == "UDP":
+                self._udp[name] = sp
+            else:
+                self._udp.pop(name, None)
         return SyncResult(ok=True, rules_total={
             "ipvs_virtual_servers": len(self._k_services),
             "ipvs_real_servers": sum(len(d) for d in self._k_dests.values()),
@@ -658,63 +659,38 @@ class IPVSProxier(Proxier):
         ip = ipaddress.ip_address(address)
         return any(ip in net for net in self._exclude)
 
-    def _track_health(self, name: ServicePortName, sp: ServicePort | None, eps: Iterable[Endpoint]) -> bool:
-        """Records one ServicePort's health check node port and local ready endpoint count;
-        True if that changed what the health server must serve."""
-        before = self._health.get(name)
+    def _track_health(self, name: ServicePortName, sp: ServicePort | None) -> bool:
+        """True if this ServicePort has, or had, a health check node port: the health server's
+        listeners and counts (kproxy.proxy.health_checks) must be brought up to date. The
+        iptables rule KUBE-NODE-PORT accepts these ports (the KUBE-HEALTH-CHECK-NODE-PORT set)."""
+        had = name in self._health
         if sp is not None and sp.health_check_node_port and sp.external_policy_local:
-            self._health[name] = (sp.health_check_node_port, sum(1 for e in eps if e.is_local and e.ready))
-        else:
-            self._health.pop(name, None)
-        return self._health.get(name) != before
+            self._health.add(name)
+            return True
+        self._health.discard(name)
+        return had
 
-    def _sync_health(self) -> None:
-        """Upstream's SyncServices/SyncEndpoints: one listener per Service (not per port), 200
-        while the node has a local ready endpoint. The iptables rule KUBE-NODE-PORT accepts
-        these ports (the KUBE-HEALTH-CHECK-NODE-PORT set)."""
-        assert self.health_server is not None
-        ports: dict[NamespacedName, int] = {}
-        counts: dict[NamespacedName, int] = {}
-        for name, (port, local) in self._health.items():
-            nsn = NamespacedName(name.namespace, name.name)
-            ports[nsn] = port
-            counts[nsn] = max(counts.get(nsn, 0), local)
-        self.health_server.sync_services(ports)
-        self.health_server.sync_endpoints(counts)
-
-    def _clean_conntrack(self, changes: list[tuple[_Fragment, _Fragment]], request: SyncRequest) -> None:
-        """Stale UDP conntrack entries, as upstream (pkg/proxy/conntrack): UDP has no teardown,
-        so a client that keeps sending keeps matching the entry NATed to a real server that is
-        gone, or the one that saw the service without endpoints."""
+    def _clean_conntrack(self, changes: list[tuple[ServicePortName, _Fragment, _Fragment]],
+                         request: SyncRequest) -> None:
+        """Stale UDP conntrack entries (kproxy.proxy.udp_conntrack_cleanup decides which): real
+        servers that left a UDP service's fragment (endpoint gone, or no longer selected by a
+        traffic policy), endpoints the trackers saw go, and services that got their first one."""
         if self.conntrack is None:
             return
-        ct = self.conntrack
-        ct.deletions.clear()
-        cleared: set[tuple[str, str]] = set()  # (vip, real server ip): one conntrack run each
-        for old, new in changes:
-            vips = old.addresses or new.addresses
-            if not old.real_server_ips() and new.real_server_ips():  # gained its first endpoint
-                for vip in new.addresses:
-                    ct.clear_entries_for_ip(vip, "udp")
-                if new.node_port(KUBE_NODE_PORT_UDP):
-                    ct.clear_entries_for_port(new.node_port(KUBE_NODE_PORT_UDP), "udp")
-            node_port = old.node_port(KUBE_NODE_PORT_UDP)
-            for ep_ip in sorted(old.real_server_ips() - new.real_server_ips()):
-                for vip in vips:
-                    cleared.add((vip, ep_ip))
-                    ct.clear_entries_for_nat(vip, ep_ip, "udp")
-                if node_port:
-                    ct.clear_entries_for_port_nat(ep_ip, node_port, "udp")
-        # Endpoints the trackers saw go away between syncs whose fragment did not change (gone
-        # and back, or a sync that did not rebuild them).
+        stale: list[tuple[ServicePortName, Endpoint]] = []
+        newly_active: list[ServicePortName] = []
+        for name, old, new in changes:
+            before, after = old.real_server_ips(), new.real_server_ips()
+            stale.extend((name, Endpoint(ip=ip, port=0)) for ip in sorted(before - after))
+            if not before and after:
+                newly_active.append(name)
         for name, ep in request.stale_endpoints:
             frag = self._fragments.get(name)
-            if name.protocol != "UDP" or frag is None or ep.ip in frag.real_server_ips():
-                continue
-            for vip in frag.addresses:
-                if (vip, ep.ip) not in cleared:
-                    cleared.add((vip, ep.ip))
-                    ct.clear_entries_for_nat(vip, ep.ip, "udp")
+            if frag is None or ep.ip not in frag.real_server_ips():  # not back again
+                stale.append((name, ep))
+        plan = udp_conntrack_cleanup(request.services, stale, newly_active, self._udp, "IPv4")
+        plan |= udp_conntrack_cleanup(request.services, stale, newly_active, self._udp, "IPv6")
+        apply_cleanup(self.conntrack, plan)
 
     def terminating(self) -> list[tuple[VSKey, RSKey]]:
         return sorted(self._terminating)
@@ -812,15 +788,19 @@ def options_from_config(config: Any) -> IPVSOptions:
         udp_timeout=int(getattr(config, "ipvs_udp_timeout", 0) or 0),
         cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
         masquerade_all=bool(getattr(config, "masquerade_all", False)),
-        masquerade_bit=int(getattr(config, "masquerade_bit", None) or 14),
+        # masqueradeBit 0 is valid (validation accepts 0..31): only an unset one means 14.
+        masquerade_bit=int(bit) if (bit := getattr(config, "masquerade_bit", None)) is not None else 14,
         nodeport_addresses=tuple(c for c in _tuple(getattr(config, "nodeport_addresses", ())) if c != "primary"),
         exclude_cidrs=_tuple(getattr(config, "ipvs_exclude_cidrs", ())),
+        node_zone=str(getattr(config, "node_zone", "") or ""),
     )
 
 
 def new_proxier(config: Any) -> Proxier:
     """Builds the IPVS proxier from kproxy.config.KProxyConfig (see the module docstring)."""
-    backend = getattr(config, "iptables_backend", "") or "legacy"
+    # Detected as in iptables mode (the back end that holds the node's KUBE- rules; nft unless
+    # only legacy works on this kernel, as under the User-Mode Linux test VM).
+    backend = getattr(config, "iptables_backend", "") or detect_backend()
     if backend not in ("nft", "legacy"):
         raise ValueError(f"iptables backend {backend!r}: expected nft or legacy")
     explicit = _tuple(getattr(config, "node_ips", ()))

@@ -22,7 +22,6 @@ from kproxy.proxiers.ipvs import (
     IPVSOptions,
     build_fragment,
     render_iptables,
-    usable_endpoints,
 )
 
 NAME = ServicePortName("ns", "web", "http", "TCP")
@@ -131,7 +130,13 @@ def test_ipvs_fragment_internal_local_headless_and_terminating_fallback() -> Non
     assert build_fragment(sp(cluster_ips=()), [ep("10.244.0.5")], [], IPVSOptions()).servers == {}
     # No ready endpoint: serving+terminating ones keep the service up (upstream's fallback).
     eps = [ep("10.244.0.5", ready=False, serving=True, terminating=True), ep("10.244.0.6", ready=False, serving=False)]
-    assert [e.ip for e in usable_endpoints(eps)] == ["10.244.0.5"]
+    frag = build_fragment(sp(), eps, [], IPVSOptions())
+    assert frag.servers[("10.96.0.10", 80, "TCP")][1] == (("10.244.0.5", 8080),)
+    # internalTrafficPolicy Local with only a local serving+terminating endpoint and a remote
+    # ready one: the local terminating endpoint serves (upstream's CategorizeEndpoints), not none.
+    eps = [ep("10.244.1.5", ready=False, serving=True, terminating=True, is_local=True), ep("10.244.0.5")]
+    frag = build_fragment(sp(internal_policy_local=True), eps, [], IPVSOptions())
+    assert frag.servers[("10.96.0.10", 80, "TCP")][1] == (("10.244.1.5", 8080),)
 
 
 @pytest.mark.timeout(30)

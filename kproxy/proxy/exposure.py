@@ -1,0 +1,73 @@
+"""Where a ServicePort is exposed, as data: its addresses by role and its source ranges.
+
+Upstream's ServicePort.ExternallyAccessible decides whether the external traffic policy applies
+at all; LoadBalancer source ranges (spec.loadBalancerSourceRanges) restrict who may reach the
+LoadBalancer IPs. Ranges are parsed once here: a range that does not parse is dropped (the API
+server validates them; a proxy must not fail a whole sync on one bad object).
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kproxy.model import IPFamily, ServicePort
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _is_v6(ip: str) -> bool:
+    return ":" in ip
+
+
+def externally_accessible(svc: ServicePort) -> bool:
+    """A node port, an external IP or a LoadBalancer IP: the external traffic policy applies."""
+    return svc.node_port != 0 or bool(svc.external_ips) or bool(svc.load_balancer_ips)
+
+
+def service_ips(svc: ServicePort, family: IPFamily = "IPv4") -> list[str]:
+    """Every address the ServicePort answers on in one family: cluster IPs, then external IPs,
+    then LoadBalancer IPs (upstream's order for conntrack cleanup), without repeats."""
+    v6 = family == "IPv6"
+    ips = [ip for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips) if ip and _is_v6(ip) == v6]
+    return list(dict.fromkeys(ips))
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRanges:
+    """spec.loadBalancerSourceRanges parsed; empty means everyone may connect."""
+
+    networks: tuple[Network, ...]
+
+    @classmethod
+    def parse(cls, ranges: Iterable[str]) -> SourceRanges:
+        nets: list[Network] = []
+        for cidr in ranges:
+            try:
+                nets.append(ipaddress.ip_network(cidr.strip(), strict=False))
+            except ValueError:
+                continue
+        return cls(tuple(dict.fromkeys(nets)))
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.networks)
+
+    def allows(self, ip: str) -> bool:
+        """Whether a client at `ip` may reach the LoadBalancer IPs (any range contains it)."""
+        if not self.networks:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr.version == n.version and addr in n for n in self.networks)
+
+    def contains_any(self, ips: Iterable[str]) -> bool:
+        """Upstream's rule: when a range contains one of the node's IPs, traffic from the LB IP
+        itself (a hairpinning load balancer that keeps its own address) is allowed too."""
+        return bool(self.networks) and any(self.allows(ip) for ip in ips)
+
+    def cidrs(self, family: IPFamily = "IPv4") -> list[str]:
+        v = 6 if family == "IPv6" else 4
+        return [str(n) for n in self.networks if n.version == v]
