@@ -13,9 +13,12 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from kproxy.relay import socket_in_netns
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,23 @@ class NamespacedName:
 
 
 class _Listener:
-    def __init__(self, owner: ServiceHealthServer, nsn: NamespacedName, port: int, address: str) -> None:
+    def __init__(self, owner: ServiceHealthServer, nsn: NamespacedName, port: int, address: str,
+                 netns: str | None = None) -> None:
         self.nsn = nsn
         self.port = port
         handler = _make_handler(owner, nsn)
-        self.server = http.server.ThreadingHTTPServer((address, port), handler)
+        self.server = http.server.ThreadingHTTPServer((address, port), handler, bind_and_activate=False)
+        if netns is not None:
+            # The listening socket must belong to the node's namespace (tests run the proxier
+            # for a namespace they made); accepted sockets inherit it.
+            self.server.socket.close()
+            self.server.socket = socket_in_netns(netns, self.server.address_family, socket.SOCK_STREAM)
+        try:
+            self.server.server_bind()
+            self.server.server_activate()
+        except OSError:
+            self.server.server_close()
+            raise
         self.server.daemon_threads = True
         self.thread = threading.Thread(
             target=self.server.serve_forever,
@@ -79,8 +94,10 @@ def _make_handler(
 class ServiceHealthServer:
     """Owns one listener per health-check node port; SyncServices/SyncEndpoints as upstream."""
 
-    def __init__(self, bind_address: str = "", proxy_healthy: Callable[[], bool] | None = None) -> None:
+    def __init__(self, bind_address: str = "", proxy_healthy: Callable[[], bool] | None = None,
+                 netns: str | None = None) -> None:
         self._address = bind_address
+        self._netns = netns
         self._proxy_healthy = proxy_healthy or (lambda: True)
         self._lock = threading.Lock()
         self._listeners: dict[NamespacedName, _Listener] = {}
@@ -109,7 +126,7 @@ class ServiceHealthServer:
                 if nsn in self._listeners or port <= 0:
                     continue
                 try:
-                    self._listeners[nsn] = _Listener(self, nsn, port, self._address)
+                    self._listeners[nsn] = _Listener(self, nsn, port, self._address, self._netns)
                 except OSError as e:
                     msg = f"health check node port {port} for {nsn.namespace}/{nsn.name}: {e}"
                     log.error("healthcheck listen failed %s", msg)

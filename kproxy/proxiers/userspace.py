@@ -12,10 +12,24 @@ All four chains are rewritten in ONE iptables-restore --noflush per sync (none w
 rules did not change: endpoint changes only touch the relay); the jumps into them are ensured with
 `iptables -C/-I` on full syncs only.
 
+Which endpoints serve which traffic is kproxy.proxy's decision, as in every mode: ready ones,
+the serving+terminating fallback, internal/external traffic policy Local (ClusterIP traffic and
+external traffic get listeners of their own when the two policies differ; pod and node traffic
+to an external address short-circuits to the cluster-wide listener, as upstream's), zone hints.
+A filter chain (KUBE-USERSPACE-FIREWALL, from INPUT/FORWARD/OUTPUT for new connections) refuses
+what the relay must never see: REJECT when a Service has no endpoint at all, DROP when a Local
+policy has no local endpoint, DROP for LoadBalancer IP traffic from outside
+loadBalancerSourceRanges (the nat rules redirect only sources inside them, so the relay never
+dials a backend for the others). Health-check node ports: the shared ServiceHealthServer.
+
 The relay (kproxy.relay: the compiled epoll/splice core, or its asyncio twin) does the rest: round
-robin over ready endpoints, ClientIP affinity with its timeout, the next endpoint on a refused
-connect, UDP sessions with an idle timeout, existing connections left alone when endpoints go,
-and an immediate reset when a service has no endpoints.
+robin over the chosen endpoints, ClientIP affinity with its timeout, the next endpoint on a
+refused connect, UDP sessions with an idle timeout, existing connections left alone when
+endpoints go.
+
+What this mode cannot do: keep the client's source address (every relayed connection is a new
+one from the node: externalTrafficPolicy Local selects local endpoints, but they see the node's
+address), IPv6 rules.
 
 `localhost_only` (--userspace-localhost-only) is the rule-free variant: NodePort and LoadBalancer
 services are served on 127.0.0.1:nodePort (and LoadBalancer ones also on 127.0.0.1:port), as
@@ -27,8 +41,9 @@ bind_address (the node IP for OUTPUT DNAT; "" or 0.0.0.0: the first IPv4 of node
 server fills from the Node object, else the first non-loopback IPv4 address on the node),
 iptables_backend ("nft"|"legacy"|"" auto), udp_idle_timeout (seconds, upstream --udp-timeout,
 default 0.25), relay_impl ("auto"|"compiled"|"pure"; KPROXY_PURE=1 forces pure under auto),
-userspace_tcp_congestion (--userspace-tcp-congestion: the relayed TCP legs' congestion control).
-Not done here (upstream's userspace mode did not either): IPv6 rules, source ranges, traffic policies.
+userspace_tcp_congestion (--userspace-tcp-congestion: the relayed TCP legs' congestion control),
+cluster_cidr (the first IPv4 CIDR: pod traffic's short circuit), node_zone, node_ips,
+healthcheck_bind_address.
 """
 from __future__ import annotations
 
@@ -37,8 +52,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kproxy.backends.iptables import IPTables, IPTablesError, detect_backend
+from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import EndpointsMap, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxy import ServiceEndpoints, SourceRanges, externally_accessible, service_endpoints, sync_health_server
+from kproxy.proxy.endpoints import external_policy_local
 from kproxy.relay import Relay
 
 log = logging.getLogger(__name__)
@@ -55,6 +73,15 @@ JUMPS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("PREROUTING", "-A", ("-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "handle service NodePorts; NOTE: this must be the last rule in the chain"), NODEPORT_CONTAINER),
     ("OUTPUT", "-A", ("-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "handle service NodePorts; NOTE: this must be the last rule in the chain"), NODEPORT_HOST),
 )
+FIREWALL = "KUBE-USERSPACE-FIREWALL"
+# filter: what the relay must never see (no endpoints: REJECT; Local policy without local
+# endpoints, or a source outside loadBalancerSourceRanges: DROP). Packets the nat chains
+# redirected have the proxy port as destination by then, so these rules only see the others.
+FILTER_JUMPS: tuple[tuple[str, str, tuple[str, ...], str], ...] = tuple(
+    (parent, "-I", ("-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment",
+                    "kubernetes userspace service firewall"), FIREWALL)
+    for parent in ("INPUT", "FORWARD", "OUTPUT")
+)
 LOCALHOST = "127.0.0.1"
 
 
@@ -66,25 +93,98 @@ def _v4(ips: tuple[str, ...]) -> list[str]:
     return [ip for ip in ips if ip and ":" not in ip]
 
 
-def render_rules(served: list[tuple[ServicePort, int]], node_ip: str) -> bytes:
-    """The nat table for these (ServicePort, proxy port) pairs: sans I/O, one restore buffer."""
-    out = ["*nat\n", *(f":{c} - [0:0]\n" for c in CHAINS)]
-    for svc, proxy_port in sorted(served, key=lambda sp: (str(sp[0].name), sp[0].protocol)):
-        proto = svc.protocol.lower()
-        comment = f'-m comment --comment "{svc.name}"'
-        redirect = f"-j REDIRECT --to-ports {proxy_port}"
-        dnat = f"-j DNAT --to-destination {node_ip}:{proxy_port}"
-        portal_ips = _v4(svc.cluster_ips) + _v4(svc.external_ips) + _v4(svc.load_balancer_ips)
-        for ip in dict.fromkeys(portal_ips):
-            match = f"{comment} -d {ip}/32 -p {proto} -m {proto} --dport {svc.port}"
-            out.append(f"-A {PORTALS_CONTAINER} {match} {redirect}\n")
-            out.append(f"-A {PORTALS_HOST} {match} {dnat}\n")
-        if svc.node_port and svc.type in ("NodePort", "LoadBalancer"):
-            match = f"{comment} -p {proto} -m {proto} --dport {svc.node_port}"
-            out.append(f"-A {NODEPORT_CONTAINER} {match} {redirect}\n")
-            out.append(f"-A {NODEPORT_HOST} {match} {dnat}\n")
-    out.append("COMMIT\n")
-    return "".join(out).encode()
+@dataclass(frozen=True, slots=True)
+class Portal:
+    """One ServicePort as the rules see it: its relay ports and kproxy.proxy's decision.
+
+    `internal_port` serves ClusterIP traffic (the internal policy's endpoints); `external_port`
+    serves NodePort / external IP / LoadBalancer traffic (the external policy's), the same port
+    when both policies pick the same endpoints; `cluster_port` is where traffic from pods
+    (cluster CIDR) and from the node itself to an external address goes under
+    externalTrafficPolicy Local (upstream's short circuit to the cluster-wide endpoints), 0 when
+    no listener holds them (both policies Local)."""
+
+    svc: ServicePort
+    internal_port: int
+    external_port: int
+    cluster_port: int
+    decision: ServiceEndpoints
+
+
+def render_rules(portals: list[Portal], node_ip: str, cluster_cidr: str = "",
+                 node_ips: tuple[str, ...] = ()) -> bytes:
+    """The nat and filter tables for these portals: sans I/O, one restore buffer."""
+    nat = ["*nat\n", *(f":{c} - [0:0]\n" for c in CHAINS)]
+    filt = ["*filter\n", f":{FIREWALL} - [0:0]\n"]
+    for p in sorted(portals, key=lambda p: (str(p.svc.name), p.svc.protocol)):
+        _render_portal(p, node_ip, cluster_cidr, node_ips, nat, filt)
+    return "".join([*nat, "COMMIT\n", *filt, "COMMIT\n"]).encode()
+
+
+def _render_portal(p: Portal, node_ip: str, cluster_cidr: str, node_ips: tuple[str, ...],
+                   nat: list[str], filt: list[str]) -> None:
+    svc, d = p.svc, p.decision
+    proto = svc.protocol.lower()
+    comment = f'-m comment --comment "{svc.name}"'
+
+    def redirect(port: int) -> str:
+        return f"-j REDIRECT --to-ports {port}"
+
+    def dnat(port: int) -> str:
+        return f"-j DNAT --to-destination {node_ip}:{port}"
+
+    def refuse(match: str, drop: bool) -> None:
+        reason = "has no local endpoints" if drop else "has no endpoints"
+        filt.append(f'-A {FIREWALL} -m comment --comment "{svc.name} {reason}" {match} '
+                    f"-j {'DROP' if drop else 'REJECT'}\n")
+
+    def external(container: str, host: str, match: str, dst: str, sources: list[str] | None) -> None:
+        """One external address (an IP, or the node port); `sources` restricts who may use it."""
+        if not d.has_any:
+            refuse(dst, drop=False)
+            return
+        short = p.cluster_port if external_policy_local(svc) else 0
+        if sources is None:
+            if short and cluster_cidr:
+                nat.append(f"-A {container} {comment} -s {cluster_cidr} {match} {redirect(short)}\n")
+            if not d.drops_external:
+                nat.append(f"-A {container} {comment} {match} {redirect(p.external_port)}\n")
+            if short or not d.drops_external:
+                nat.append(f"-A {host} {comment} {match} {dnat(short or p.external_port)}\n")
+            if d.drops_external:
+                refuse(dst, drop=True)
+            return
+        if not d.drops_external:
+            for src in sources:
+                nat.append(f"-A {container} {comment} -s {src} {match} {redirect(p.external_port)}\n")
+                nat.append(f"-A {host} {comment} -s {src} {match} {dnat(p.external_port)}\n")
+        # Not redirected: a source outside the ranges (or no local endpoint) meets this DROP.
+        filt.append(f'-A {FIREWALL} -m comment --comment "{svc.name} traffic not accepted by source ranges" '
+                    f"{dst} -j DROP\n")
+
+    for ip in dict.fromkeys(_v4(svc.cluster_ips)):
+        match = f"-d {ip}/32 -p {proto} -m {proto} --dport {svc.port}"
+        if not d.has_any:
+            refuse(match, drop=False)
+        elif d.drops_internal:
+            refuse(match, drop=True)
+        else:
+            nat.append(f"-A {PORTALS_CONTAINER} {comment} {match} {redirect(p.internal_port)}\n")
+            nat.append(f"-A {PORTALS_HOST} {comment} {match} {dnat(p.internal_port)}\n")
+    for ip in dict.fromkeys(_v4(svc.external_ips)):
+        match = f"-d {ip}/32 -p {proto} -m {proto} --dport {svc.port}"
+        external(PORTALS_CONTAINER, PORTALS_HOST, match, match, None)
+    ranges = SourceRanges.parse(svc.load_balancer_source_ranges)
+    for ip in dict.fromkeys(_v4(svc.load_balancer_ips)):
+        match = f"-d {ip}/32 -p {proto} -m {proto} --dport {svc.port}"
+        sources = None
+        if ranges.restricted:
+            # Upstream: a node inside the ranges also lets the LB IP itself in (hairpin).
+            sources = ranges.cidrs() + ([f"{ip}/32"] if ranges.contains_any(node_ips) else [])
+        external(PORTALS_CONTAINER, PORTALS_HOST, match, match, sources)
+    if svc.node_port and svc.type in ("NodePort", "LoadBalancer"):
+        match = f"-p {proto} -m {proto} --dport {svc.node_port}"
+        external(NODEPORT_CONTAINER, NODEPORT_HOST, match, f"-m addrtype --dst-type LOCAL {match}", None)
 
 
 def localhost_ports(svc: ServicePort) -> list[int]:
@@ -97,18 +197,34 @@ def localhost_ports(svc: ServicePort) -> list[int]:
     return ports
 
 
+def _separate_external(svc: ServicePort) -> bool:
+    """External traffic needs a listener of its own when the two policies differ."""
+    return externally_accessible(svc) and external_policy_local(svc) != svc.internal_policy_local
+
+
 @dataclass
 class _Served:
     svc: ServicePort
-    listeners: list[int] = field(default_factory=list)  # relay listener ids
-    proxy_port: int = 0
+    # relay listener ids by role; in localhost_only mode every listener is "cluster" (node traffic)
+    listeners: dict[str, list[int]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)  # role -> proxy port
+    decision: ServiceEndpoints | None = None
+
+    def portal(self) -> Portal:
+        assert self.decision is not None
+        internal = self.ports.get("internal", 0)
+        ext = self.ports.get("external", internal)
+        cluster = internal if not self.svc.internal_policy_local else 0
+        return Portal(self.svc, internal, ext, cluster, self.decision)
 
 
 class UserspaceProxier(Proxier):
     mode = "userspace"
 
     def __init__(self, relay: Relay, iptables: IPTables | None, *, node_ip: str = "",
-                 localhost_only: bool = False, udp_idle_timeout: float = 0.25) -> None:
+                 localhost_only: bool = False, udp_idle_timeout: float = 0.25, cluster_cidr: str = "",
+                 node_zone: str = "", node_ips: tuple[str, ...] = (),
+                 health_server: ServiceHealthServer | None = None) -> None:
         if not localhost_only and (iptables is None or not node_ip):
             raise ValueError("userspace proxier: iptables and node_ip are needed unless localhost_only")
         self.relay = relay
@@ -116,41 +232,58 @@ class UserspaceProxier(Proxier):
         self.node_ip = node_ip
         self.localhost_only = localhost_only
         self.udp_idle_timeout = udp_idle_timeout
+        self.cluster_cidr = cluster_cidr
+        self.node_zone = node_zone
+        self.node_ips = tuple(dict.fromkeys((node_ip, *node_ips))) if node_ip else node_ips
+        self.health_server = health_server
         self._served: dict[ServicePortName, _Served] = {}
         self._jumps_ok = False
-        self._applied = b""  # the nat buffer the kernel holds, to skip restores that change nothing
+        self._applied = b""  # the buffer the kernel holds, to skip restores that change nothing
 
     # ---- listeners
+
+    def _roles(self, svc: ServicePort) -> list[str]:
+        if self.localhost_only:
+            return ["cluster"]
+        return ["internal", "external"] if _separate_external(svc) else ["internal"]
 
     def _open(self, svc: ServicePort) -> _Served:
         served = _Served(svc)
         try:
-            if self.localhost_only:
-                for port in localhost_ports(svc):
-                    lid, _ = self.relay.listen(svc.protocol, LOCALHOST, port)  # type: ignore[arg-type]
-                    served.listeners.append(lid)
-            else:
-                lid, served.proxy_port = self.relay.listen(svc.protocol, "0.0.0.0", 0)  # type: ignore[arg-type]
-                served.listeners.append(lid)
+            for role in self._roles(svc):
+                lids = served.listeners.setdefault(role, [])
+                if self.localhost_only:
+                    for port in localhost_ports(svc):
+                        lid, _ = self.relay.listen(svc.protocol, LOCALHOST, port)  # type: ignore[arg-type]
+                        lids.append(lid)
+                else:
+                    lid, served.ports[role] = self.relay.listen(svc.protocol, "0.0.0.0", 0)  # type: ignore[arg-type]
+                    lids.append(lid)
         except OSError:
             self._close(served)
             raise
         return served
 
     def _close(self, served: _Served) -> None:
-        for lid in served.listeners:
-            self.relay.remove(lid)
+        for lids in served.listeners.values():
+            for lid in lids:
+                self.relay.remove(lid)
         served.listeners.clear()
 
     def _needs_reopen(self, old: ServicePort, new: ServicePort) -> bool:
-        if old.protocol != new.protocol:
+        if old.protocol != new.protocol or self._roles(old) != self._roles(new):
             return True
         return self.localhost_only and localhost_ports(old) != localhost_ports(new)
 
     def _set_endpoints(self, served: _Served, endpoints: EndpointsMap) -> None:
-        eps = [(e.ip, e.port) for e in endpoints.get(served.svc.name, ()) if e.ready]
-        for lid in served.listeners:
-            self.relay.set_endpoints(lid, eps, served.svc.session_affinity_timeout, self.udp_idle_timeout)
+        v4 = [e for e in endpoints.get(served.svc.name, ()) if ":" not in e.ip]
+        d = served.decision = service_endpoints(served.svc, v4, self.node_zone)
+        # Traffic the rules refuse or drop never reaches a listener: only its endpoints matter.
+        chosen = {"internal": d.internal, "external": d.external, "cluster": d.cluster or d.external}
+        for role, lids in served.listeners.items():
+            eps = [(e.ip, e.port) for e in chosen[role]]
+            for lid in lids:
+                self.relay.set_endpoints(lid, eps, served.svc.session_affinity_timeout, self.udp_idle_timeout)
 
     # ---- sync
 
@@ -177,16 +310,21 @@ class UserspaceProxier(Proxier):
             if fresh and not self.localhost_only and len(_v4(svc.cluster_ips + svc.external_ips)) < len(
                     [ip for ip in svc.cluster_ips + svc.external_ips if ip]):
                 log.warning("userspace: IPv6 service IPs are not redirected (IPv4 only) service=%s", name)
+            changed = served.svc != svc
             served.svc = svc
-            if fresh or request.full or name in request.changed:
+            if fresh or changed or request.full or name in request.changed:
                 self._set_endpoints(served, request.endpoints)
+        if self.health_server is not None:
+            errors += sync_health_server(self.health_server, request.services, request.endpoints)
         rules = 0
         if not self.localhost_only:
             assert self.iptables is not None
-            data = render_rules([(s.svc, s.proxy_port) for s in self._served.values()], self.node_ip)
+            data = render_rules([s.portal() for s in self._served.values()], self.node_ip,
+                                self.cluster_cidr, self.node_ips)
             rules = data.count(b"\n-A ")
             try:
-                # Endpoint-only changes live in the relay: the rules stay as they are.
+                # Endpoint-only changes live in the relay: the rules stay as they are, unless
+                # they decide what the rules do (none left, no local one left).
                 if data != self._applied or request.full:
                     self._applied = b""
                     self.iptables.restore(data)
@@ -202,12 +340,13 @@ class UserspaceProxier(Proxier):
 
     def _ensure_jumps(self) -> None:
         assert self.iptables is not None
-        for parent, how, match, target in JUMPS:
-            args = [parent, *match, "-j", target]
-            try:
-                self.iptables.command("-t", "nat", "-C", *args)
-            except IPTablesError:
-                self.iptables.command("-t", "nat", how, *args)
+        for table, jumps in (("nat", JUMPS), ("filter", FILTER_JUMPS)):
+            for parent, how, match, target in jumps:
+                args = [parent, *match, "-j", target]
+                try:
+                    self.iptables.command("-t", table, "-C", *args)
+                except IPTablesError:
+                    self.iptables.command("-t", table, how, *args)
         self._jumps_ok = True
 
     def cleanup(self) -> bool:
@@ -224,6 +363,8 @@ class UserspaceProxier(Proxier):
             self._close(served)
         self._served.clear()
         self.relay.stop()
+        if self.health_server is not None:
+            self.health_server.close()
 
 
 def _node_ipv4(iptables: IPTables) -> str:
@@ -234,16 +375,18 @@ def _node_ipv4(iptables: IPTables) -> str:
 
 
 def remove_rules(iptables: IPTables) -> bool:
-    """Removes the jumps and the four chains of this mode from the nat table. True if clean."""
-    for parent, _, match, target in JUMPS:
-        for _ in range(16):  # bounded: duplicates from older runs are deleted one by one
-            try:
-                iptables.command("-t", "nat", "-D", parent, *match, "-j", target)
-            except IPTablesError:
-                break
+    """Removes the jumps and the chains of this mode (nat and filter). True if clean."""
+    for table, jumps in (("nat", JUMPS), ("filter", FILTER_JUMPS)):
+        for parent, _, match, target in jumps:
+            for _ in range(16):  # bounded: duplicates from older runs are deleted one by one
+                try:
+                    iptables.command("-t", table, "-D", parent, *match, "-j", target)
+                except IPTablesError:
+                    break
     body = "".join(f":{c} - [0:0]\n" for c in CHAINS) + "".join(f"-X {c}\n" for c in CHAINS)
+    fbody = f":{FIREWALL} - [0:0]\n-X {FIREWALL}\n"
     try:
-        iptables.restore(f"*nat\n{body}COMMIT\n".encode())
+        iptables.restore(f"*nat\n{body}COMMIT\n*filter\n{fbody}COMMIT\n".encode())
     except (IPTablesError, OSError) as exc:
         log.error("userspace: cleanup failed err=%s", exc)
         return False
@@ -258,6 +401,7 @@ def cleanup_leftovers(config: Any) -> bool:
     iptables = IPTables(backend="nft" if backend == "nft" else "legacy", netns=netns)
     try:
         present = any(f":{c} " in line for line in iptables.save("nat").splitlines() for c in CHAINS)
+        present = present or any(line.startswith(f":{FIREWALL} ") for line in iptables.save("filter").splitlines())
     except (IPTablesError, OSError) as exc:
         # A back end this kernel cannot run (no nf_tables under User-Mode Linux) holds nothing.
         log.info("userspace: nothing to clean, iptables-save failed err=%s", exc)
@@ -287,5 +431,13 @@ def new_proxier(config: Any) -> Proxier:
         else:
             node_ip = known[0] if known else _node_ipv4(iptables)
     relay = Relay(impl, netns=netns, tcp_congestion=str(getattr(config, "userspace_tcp_congestion", "") or "")).start()
+    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
+    # Pod traffic to an external address short-circuits (as upstream's) only with one IPv4 CIDR.
+    cidrs = [c.strip() for c in (cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr)).split(",")]
+    v4_cidrs = [c for c in cidrs if c and ":" not in c]
+    health = None if localhost_only else ServiceHealthServer(
+        str(getattr(config, "healthcheck_bind_address", "") or ""), netns=netns)
     return UserspaceProxier(relay, iptables, node_ip=node_ip, localhost_only=localhost_only,
-                            udp_idle_timeout=udp_timeout)
+                            udp_idle_timeout=udp_timeout, cluster_cidr=v4_cidrs[0] if v4_cidrs else "",
+                            node_zone=str(getattr(config, "node_zone", "") or ""),
+                            node_ips=tuple(getattr(config, "node_ips", ()) or ()), health_server=health)

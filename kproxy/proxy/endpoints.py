@@ -31,7 +31,10 @@ def external_policy_local(svc: ServicePort) -> bool:
 
 
 def uses_cluster_endpoints(svc: ServicePort) -> bool:
-    return not svc.internal_policy_local or (externally_accessible(svc) and not svc.external_policy_local)
+    """Internal policy Cluster, or any external traffic at all: even under externalTrafficPolicy
+    Local, traffic from pods and from the node to an external address goes cluster-wide (upstream's
+    short circuit, as if it went out to the load balancer and came back)."""
+    return not svc.internal_policy_local or externally_accessible(svc)
 
 
 def uses_local_endpoints(svc: ServicePort) -> bool:

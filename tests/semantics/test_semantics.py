@@ -127,6 +127,11 @@ def test_matches_model(s: ServicePort, eps: list[Endpoint], zone: str) -> None:
     assert {e.addr for e in got.internal} == want.internal
     assert {e.addr for e in got.external} == want.external
     assert got.has_any == want.has_any
+    # pod and node traffic to an external address short-circuits to the cluster-wide endpoints
+    if model_external_reachable(s) or not s.internal_policy_local:
+        assert {e.addr for e in got.cluster} == model_cluster(eps, zone)
+    else:
+        assert got.cluster == ()
     # every endpoint some traffic goes to has a place in `reachable`, and nothing else does
     reach = {e.addr for e in got.reachable}
     assert want.internal | want.external <= reach

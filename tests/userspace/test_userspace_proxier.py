@@ -25,7 +25,8 @@ from userspace_helpers import (
 
 from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import SyncRequest
-from kproxy.proxiers.userspace import UserspaceProxier, new_proxier, render_rules
+from kproxy.proxiers.userspace import Portal, UserspaceProxier, new_proxier, render_rules
+from kproxy.proxy import service_endpoints
 from kproxy.relay import socket_in_netns
 
 pytestmark = pytest.mark.e2e
@@ -98,7 +99,7 @@ def test_clusterip_nodeport_external_and_lb_reach_every_backend(proxier: Userspa
     assert sorted(_names(topo, topo.node, ("127.0.0.1", 30080), 3)) == sorted(BACKEND_IPS)
     nat = _nat(topo)
     assert "-A PREROUTING -m comment" in nat and "-j KUBE-PORTALS-CONTAINER" in nat
-    port = proxier._served[WEB].proxy_port
+    port = proxier._served[WEB].ports["internal"]
     assert re.search(rf"-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp .*--dport 80 -j REDIRECT --to-ports {port}\n", nat)
     assert re.search(rf"-A KUBE-NODEPORT-HOST -p tcp .*--dport 30080 -j DNAT --to-destination {NODE_CLIENT_IP}:{port}\n", nat)
 
@@ -170,16 +171,22 @@ def test_localhost_only_serves_nodeports_without_rules(impl: str, topo: Topology
 
 
 def test_render_rules_shape() -> None:
-    services, _ = _state()
-    data = render_rules([(services[WEB], 40000), (services[DNS], 40001)], "192.0.2.1").decode()
+    services, endpoints = _state()
+    portals = [Portal(services[n], port, port, port, service_endpoints(services[n], endpoints.get(n, ())))
+               for n, port in ((WEB, 40000), (DNS, 40001), (EMPTY, 40002))]
+    data = render_rules(portals, "192.0.2.1").decode()
     lines = data.splitlines()
-    assert lines[0] == "*nat" and lines[-1] == "COMMIT"
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT" and "*filter" in lines
     assert ('-A KUBE-PORTALS-CONTAINER -m comment --comment "kube-system/dns:dns" -d 10.96.0.53/32 '
             "-p udp -m udp --dport 53 -j REDIRECT --to-ports 40001") in lines
     assert ('-A KUBE-NODEPORT-HOST -m comment --comment "default/web:http" -p tcp -m tcp --dport 30080 '
             "-j DNAT --to-destination 192.0.2.1:40000") in lines
     # ClusterIP, externalIP and LB ingress IP: a REDIRECT and a DNAT each; the nodePort: two more.
     assert sum(1 for ln in lines if "--to-ports 40000" in ln or "192.0.2.1:40000" in ln) == 8
+    # No endpoints: refused by the kernel, the relay never sees it.
+    assert not any("40002" in ln for ln in lines)
+    assert ('-A KUBE-USERSPACE-FIREWALL -m comment --comment "default/empty: has no endpoints" '
+            "-d 10.96.0.11/32 -p tcp -m tcp --dport 80 -j REJECT") in lines
 
 
 @pytest.mark.timeout(60)
