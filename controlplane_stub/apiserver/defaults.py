@@ -6,6 +6,7 @@ Cluster IPs, node ports and ipFamilies are not defaults: the ServiceAllocator as
 """
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from typing import Any
 
@@ -198,6 +199,15 @@ def default_namespace(ns: Obj) -> None:
 
 def default_secret(secret: Obj) -> None:
     secret.setdefault("type", "Opaque")
+    # stringData is write-only: the v1 -> internal conversion merges it into data (base64, its
+    # entries win) and it is never stored or returned.
+    string_data = secret.pop("stringData", None)
+    if isinstance(string_data, dict) and string_data:
+        data = secret.get("data")
+        if not isinstance(data, dict):
+            data = secret["data"] = {}
+        for key, value in string_data.items():
+            data[key] = base64.b64encode(str(value).encode("utf-8")).decode("ascii")
 
 
 def default_endpoints(ep: Obj) -> None:
@@ -245,3 +255,24 @@ def apply_defaults(resource: str, obj: dict[str, Any]) -> None:
     defaulter = _DEFAULTERS.get(resource)
     if defaulter is not None:
         defaulter(obj)
+
+
+def normalize_cluster_ips(svc: dict[str, Any], old: dict[str, Any]) -> None:
+    """On a Service update, guess which of the linked clusterIP / clusterIPs the client changed and
+    make the other follow (upstream's NormalizeClusterIPs), so that validation sees the change and
+    refuses it (422 "may not change once set") instead of the old value silently winning."""
+    spec, old_spec = svc.get("spec"), old.get("spec")
+    if not isinstance(spec, dict) or not isinstance(old_spec, dict):
+        return
+    if spec.get("type") == "ExternalName" or old_spec.get("type") == "ExternalName":
+        return
+    same_ips = spec.get("clusterIPs") == old_spec.get("clusterIPs")
+    same_ip = spec.get("clusterIP") == old_spec.get("clusterIP")
+    if old_spec.get("clusterIP") and not spec.get("clusterIP"):
+        if same_ips:
+            spec.pop("clusterIPs", None)  # cleared on purpose: the allocator keeps the old one
+        return
+    if not same_ip and same_ips:
+        spec["clusterIPs"] = [spec["clusterIP"]]
+    elif not same_ips and same_ip and isinstance(spec.get("clusterIPs"), list) and spec["clusterIPs"]:
+        spec["clusterIP"] = spec["clusterIPs"][0]

@@ -86,7 +86,7 @@ def _cidrs(s: str) -> list[str]:
 
 async def serve(args: argparse.Namespace) -> int:
     data = os.path.abspath(args.data_dir)
-    os.makedirs(data, exist_ok=True)
+    pki.secure_data_dir(data)
     token_file = args.token_auth_file or os.path.join(data, "tokens.csv")
     if not args.token_auth_file:
         pki.ensure_token_file(token_file)

@@ -469,34 +469,40 @@ def openapi_v2_protobuf() -> bytes:
 
 # --- unknown fields (fieldValidation) ----------------------------------------------------------------
 
-def unknown_fields(resource: str, obj: Any) -> list[str]:
-    """Paths of the fields in obj that the published schema does not declare (strict decoding)."""
+def unknown_fields(resource: str, obj: Any, *, drop: bool = False) -> list[str]:
+    """Paths of the fields in obj that the published schema does not declare (strict decoding);
+    drop=True also deletes them from obj."""
     definition = RESOURCE_DEFINITION.get(resource)
     if definition is None or not isinstance(obj, dict):
         return []
     found: list[str] = []
-    _walk(obj, definition, "", found)
+    _walk(obj, definition, "", found, drop)
     return found
 
 
-def _walk(value: Any, definition: str, path: str, found: list[str]) -> None:
+def _walk(value: Any, definition: str, path: str, found: list[str], drop: bool) -> None:
     if not isinstance(value, dict):
         return
     fields = _TYPE_FIELDS[definition]
+    unknown: list[str] = []
     for key, sub in value.items():
         here = f"{path}.{key}" if path else str(key)
         spec = fields.get(key)
         if spec is None:
             found.append(here)
+            unknown.append(key)
             continue
         inner = spec.strip("[]")
         if inner not in _FULL:
             continue
         if spec.startswith("[") and isinstance(sub, list):
             for i, element in enumerate(sub):
-                _walk(element, _FULL[inner], f"{here}[{i}]", found)
+                _walk(element, _FULL[inner], f"{here}[{i}]", found, drop)
         elif not spec.startswith("["):
-            _walk(sub, _FULL[inner], here, found)
+            _walk(sub, _FULL[inner], here, found, drop)
+    if drop:
+        for key in unknown:
+            del value[key]
 
 
 # --- JSON types (decoding) ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from . import bodies
 from .errors import StatusError
 
 Obj = dict[str, Any]
@@ -130,18 +131,20 @@ def _type(name: str) -> dict[str, FieldMeta] | None:
 
 # --- decoding ----------------------------------------------------------------------------------------
 
-def _decode(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StatusError(400, "BadRequest", f"error decoding patch: {e}") from None
+def _decode(body: bytes, duplicates: list[str] | None = None) -> Any:
+    decoded = bodies.decode_json(body, "error decoding patch")
+    if duplicates is not None:
+        duplicates.extend(decoded.duplicates)
+    return decoded.obj
 
 
-def apply_patch(content_type: str, current: dict[str, Any], body: bytes, resource: str) -> dict[str, Any]:
-    """The object after applying a PATCH body of the given content type to current (not modified)."""
+def apply_patch(content_type: str, current: dict[str, Any], body: bytes, resource: str,
+                duplicates: list[str] | None = None) -> dict[str, Any]:
+    """The object after applying a PATCH body of the given content type to current (not modified).
+    The body's duplicate keys are added to duplicates (fieldValidation)."""
     media = content_type.split(";", 1)[0].strip().lower()
     if media == MERGE_PATCH:
-        doc = _decode(body)
+        doc = _decode(body, duplicates)
         result = json_merge_patch(current, doc)
         if not isinstance(result, dict):
             raise StatusError(400, "BadRequest", "Invalid JSON Patch")
@@ -149,7 +152,7 @@ def apply_patch(content_type: str, current: dict[str, Any], body: bytes, resourc
     if media == JSON_PATCH:
         return json_patch(current, _decode(body))
     if media == STRATEGIC_MERGE_PATCH:
-        doc = _decode(body)
+        doc = _decode(body, duplicates)
         if not isinstance(doc, dict):
             raise StatusError(400, "BadRequest", "error decoding patch: a strategic merge patch must be a JSON object")
         return strategic_merge_patch(current, doc, resource)
@@ -246,10 +249,15 @@ def _remove(doc: Any, tokens: list[str]) -> Any:
     raise _PatchFailed("missing value")
 
 
+def _encoded_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
 def json_patch(current: Obj, ops: Any) -> Obj:
     if not isinstance(ops, list) or not all(isinstance(op, dict) for op in ops):
         raise StatusError(400, "BadRequest", "json: cannot unmarshal object into Go value of type jsonpatch.Patch")
     doc: Any = copy.deepcopy(current)
+    copied = 0  # bytes duplicated by "copy" ops: each may double the document, so they are capped
     for op in ops:
         kind = op.get("op")
         path = op.get("path")
@@ -272,6 +280,11 @@ def json_patch(current: Obj, ops: Any) -> Obj:
                 src = _pointer(op.get("from"))
                 if kind == "move" and tokens[: len(src)] == src and len(tokens) > len(src):
                     raise _PatchFailed("a location cannot be moved into one of its children")
+                if kind == "copy":
+                    copied += _encoded_size(_resolve(doc, src))
+                    if copied > bodies.MAX_REQUEST_BYTES:
+                        raise StatusError(413, "RequestEntityTooLarge", "the JSON patch's copy operations exceed "
+                                          f"the request size limit of {bodies.MAX_REQUEST_BYTES} bytes")
                 value = _remove(doc, src) if kind == "move" else copy.deepcopy(_resolve(doc, src))
                 doc = _add(doc, tokens, value)
             elif kind == "test":

@@ -24,8 +24,23 @@ ADMIN_GROUP = "system:masters"
 
 def _write_private(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def secure_data_dir(path: str) -> None:
+    """The data directory holds the store (every Secret), the CA key and the tokens: it becomes
+    0700 and every file in it 0600, also what an older version left readable; the process umask
+    becomes 077 so that what the server writes later (SQLite's -wal/-shm, kubeconfigs) is private too."""
+    os.umask(0o077)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for root, _, files in os.walk(path):
+        os.chmod(root, 0o700)
+        for name in files:
+            file_path = os.path.join(root, name)
+            if not os.path.islink(file_path):  # a link's target may be anything, anywhere
+                os.chmod(file_path, 0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

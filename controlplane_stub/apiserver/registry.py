@@ -14,7 +14,8 @@ import uuid
 from typing import Any
 
 from ..store.base import KeyExists, KeyNotFound, Obj, RevisionConflict, Store
-from . import semantics
+from . import bodies, semantics
+from .defaults import normalize_cluster_ips
 from .errors import StatusError, already_exists, bad_request, conflict, invalid, not_found
 from .resources import BY_ID, DEPENDENTS, RESOURCES, Resource
 
@@ -114,17 +115,22 @@ class Registry:
             log.debug("event=release_failed service=%s", (svc.get("metadata") or {}).get("name"), exc_info=True)
 
     @staticmethod
-    def check_fields(res: Resource, obj: Any, directive: str, warnings: list[str] | None) -> None:
-        """?fieldValidation: Strict rejects unknown fields (400), Warn reports them, Ignore skips."""
-        if directive == "Ignore" or not isinstance(obj, dict):
+    def check_fields(res: Resource, obj: Any, directive: str, warnings: list[str] | None,
+                     duplicates: list[str] | tuple[str, ...] = ()) -> None:
+        """?fieldValidation, as kube-apiserver's decoder: Strict rejects unknown and duplicate fields
+        (400); Warn drops unknown fields and reports them and the duplicates; Ignore drops them
+        silently. Unknown fields are never stored (a typed decoder has nowhere to put them)."""
+        if not isinstance(obj, dict):
             return
-        unknown = semantics.unknown_fields(res.id, obj)
-        if not unknown:
+        unknown = semantics.unknown_fields(res.id, obj, drop=directive != "Strict")
+        if directive == "Ignore" or not (unknown or duplicates):
             return
         if directive == "Strict":
-            raise semantics.strict_decoding_error(res.kind, res.version, unknown)
+            problems = [f'unknown field "{f}"' for f in unknown] + [f'duplicate field "{f}"' for f in duplicates]
+            raise semantics.strict_decoding_error(res.kind, res.version, problems)
         if warnings is not None:
             warnings.extend(f'unknown field "{f}"' for f in unknown)
+            warnings.extend(f'duplicate field "{f}"' for f in duplicates)
 
     # -- verbs ---------------------------------------------------------------------------------
 
@@ -164,8 +170,10 @@ class Registry:
             obj["status"] = {}
 
     async def _admit_and_store(self, res: Resource, obj: Obj, old: Obj | None, dry_run: bool) -> Obj:
-        semantics.apply_defaults(res.id, obj)
         is_svc = res.id == "services"
+        if is_svc and old is not None:
+            normalize_cluster_ips(obj, old)
+        semantics.apply_defaults(res.id, obj)
         if is_svc:
             self.allocator.assign(obj, old)
         try:
@@ -173,6 +181,7 @@ class Registry:
                 semantics.validate_create(res.id, obj)
             else:
                 semantics.validate_update(res.id, obj, old)
+            bodies.check_object_size(obj)
             if dry_run:
                 if is_svc:
                     self._release_quietly(obj, old)
@@ -277,13 +286,10 @@ class Registry:
     async def _patch_once(self, res: Resource, old: Obj | None, namespace: str, name: str, content_type: str,
                           body: bytes, subresource: str, *, dry_run: bool, field_manager: str, force: bool,
                           field_validation: str, warnings: list[str] | None) -> tuple[Obj, bool]:
+        duplicates: list[str] = []
         if content_type == "application/apply-patch+yaml":
-            import yaml
-
-            try:
-                applied = yaml.safe_load(body)
-            except yaml.YAMLError as e:
-                raise bad_request(f"error decoding YAML: {e}") from None
+            decoded = bodies.decode_yaml(body)
+            applied, duplicates = decoded.obj, decoded.duplicates
             if not isinstance(applied, dict):
                 raise bad_request("the body of an apply patch must be an object")
             if (applied.get("metadata") or {}).get("name", name) != name:
@@ -293,17 +299,17 @@ class Registry:
             if old is None:
                 if subresource:
                     raise not_found(res.plural, name, res.group)
-                self.check_fields(res, applied, field_validation, warnings)
+                self.check_fields(res, applied, field_validation, warnings, duplicates)
                 obj = semantics.server_side_apply(None, applied, field_manager, force)
                 obj.setdefault("metadata", {})["name"] = name
                 return (await self.create(res, namespace, obj, dry_run=dry_run)), True
-            self.check_fields(res, applied, field_validation, warnings)
+            self.check_fields(res, applied, field_validation, warnings, duplicates)
             new = semantics.server_side_apply(copy.deepcopy(old), applied, field_manager, force)
         else:
             if old is None:
                 raise not_found(res.plural, name, res.group)
-            new = semantics.apply_patch(content_type, copy.deepcopy(old), body, res.id)
-            self.check_fields(res, new, field_validation, warnings)
+            new = semantics.apply_patch(content_type, copy.deepcopy(old), body, res.id, duplicates)
+            self.check_fields(res, new, field_validation, warnings, duplicates)
         new = self._check_identity(res, namespace, new)
         rv = new["metadata"].get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:

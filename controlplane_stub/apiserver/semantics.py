@@ -106,9 +106,10 @@ def _merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def apply_patch(content_type: str, current: dict[str, Any], body: bytes, resource: str) -> dict[str, Any]:
+def apply_patch(content_type: str, current: dict[str, Any], body: bytes, resource: str,
+                duplicates: list[str] | None = None) -> dict[str, Any]:
     if _patch is not None:
-        out: dict[str, Any] = _patch.apply_patch(content_type, current, body, resource)
+        out: dict[str, Any] = _patch.apply_patch(content_type, current, body, resource, duplicates)
         return out
     if content_type in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
         try:
@@ -164,21 +165,22 @@ def openapi_v2_protobuf() -> bytes | None:
     return None
 
 
-def unknown_fields(resource: str, obj: dict[str, Any]) -> list[str]:
-    """Dotted paths of fields the schema does not declare ([] when validation.py cannot tell)."""
+def unknown_fields(resource: str, obj: dict[str, Any], *, drop: bool = False) -> list[str]:
+    """Dotted paths of fields the schema does not declare ([] when validation.py cannot tell);
+    drop=True also removes them from obj."""
     if _validation is not None and hasattr(_validation, "unknown_fields"):
-        out: list[str] = _validation.unknown_fields(resource, obj)
+        out: list[str] = _validation.unknown_fields(resource, obj, drop=drop)
         return out
     return []
 
 
-def strict_decoding_error(kind: str, version: str, fields: list[str]) -> StatusError:
+def strict_decoding_error(kind: str, version: str, problems: list[str]) -> StatusError:
+    """problems: 'unknown field "spec.x"', 'duplicate field "metadata.name"', ..."""
     if _validation is not None and hasattr(_validation, "strict_decoding_error"):
-        err: StatusError = _validation.strict_decoding_error(kind, version, fields)
+        err: StatusError = _validation.strict_decoding_error(kind, version, problems)
         return err
-    listed = ", ".join(f'unknown field "{f}"' for f in fields)
-    return StatusError(400, "BadRequest",
-                       f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: {listed}')
+    return StatusError(400, "BadRequest", f'{kind} in version "{version}" cannot be handled as a {kind}: strict '
+                       f'decoding error: {", ".join(problems)}')
 
 
 def openapi_v3_index() -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from ..store.base import Compacted, FutureRevision, Obj, Store
-from . import discovery, semantics
+from . import bodies, discovery, semantics
 from .errors import StatusError, bad_request, gone
 from .metrics import APIMetrics
 from .pki import User
@@ -28,6 +28,7 @@ _decode = msgspec.json.decode
 
 _ANONYMOUS_PATHS = ("/healthz", "/livez", "/readyz", "/version")
 _READ_METHODS = ("GET", "HEAD")
+_VIEW_HIDDEN = frozenset({"secrets"})  # resources the read-only identity may not read
 _PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json",
                 "application/strategic-merge-patch+json", "application/apply-patch+yaml")
 
@@ -126,7 +127,9 @@ class APIServer:
     def _authorize(request: web.Request, verb: str, t: Target) -> None:
         request["metric"] = (verb.upper(), t.res.id, t.sub)
         user: User = request["user"]
-        if user.is_admin or verb in ("get", "list", "watch"):
+        # The read-only identity is Kubernetes' `view` role: every read except Secrets (their values
+        # are credentials that would let a viewer act as someone else).
+        if user.is_admin or (verb in ("get", "list", "watch") and t.res.id not in _VIEW_HIDDEN):
             return
         what = f'{t.res.plural}/{t.sub}' if t.sub else t.res.plural
         obj = f'{what} "{t.name}"' if t.name else what
@@ -225,6 +228,8 @@ class APIServer:
         return status_response(StatusError(404, "NotFound", "the server could not find the requested resource"))
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if not request.match_info.get("tail", "").strip("/"):  # /api/ and /apis/: the discovery roots
+            return await (self._api_root if request.path.startswith("/api/") else self._apis_root)(request)
         parsed = self._parse(request.path)
         if isinstance(parsed, web.Response):
             return parsed
@@ -258,22 +263,22 @@ class APIServer:
         if method == "POST" and t.sub == "binding":
             self._authorize(request, "create", t)
             body = await self._read_body(request)
-            await self.registry.bind(t.namespace, t.name, body, dry_run=dry_run)
+            await self.registry.bind(t.namespace, t.name, body.obj, dry_run=dry_run)
             return json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                                   "code": 201}, 201)
         if method == "POST" and not t.name:
             self._authorize(request, "create", t)
             body = await self._read_body(request)
-            self.registry.check_fields(t.res, body, field_validation, warnings)
-            created = await self.registry.create(t.res, t.namespace, body, dry_run=dry_run)
+            self.registry.check_fields(t.res, body.obj, field_validation, warnings, body.duplicates)
+            created = await self.registry.create(t.res, t.namespace, body.obj, dry_run=dry_run)
             return self._warn(self._object_response(request, t, created, 201), warnings)
         if method == "PUT" and t.name:
             self._authorize(request, "update", t)
             body = await self._read_body(request)
             if t.sub == "scale":
-                return json_response(await self._update_scale(t, body, dry_run))
-            self.registry.check_fields(t.res, body, field_validation, warnings)
-            updated = await self.registry.update(t.res, t.namespace, t.name, body, t.sub, dry_run=dry_run)
+                return json_response(await self._update_scale(t, body.obj, dry_run))
+            self.registry.check_fields(t.res, body.obj, field_validation, warnings, body.duplicates)
+            updated = await self.registry.update(t.res, t.namespace, t.name, body.obj, t.sub, dry_run=dry_run)
             return self._warn(self._object_response(request, t, updated, 200), warnings)
         if method == "PATCH" and t.name:
             self._authorize(request, "patch", t)
@@ -294,10 +299,7 @@ class APIServer:
             if request.can_read_body:
                 raw = await request.read()
                 if raw.strip():
-                    try:
-                        options = json.loads(raw)
-                    except ValueError as e:
-                        raise bad_request(f"error decoding DeleteOptions: {e}") from None
+                    options = bodies.decode_json(raw, "error decoding DeleteOptions").obj
                     if not isinstance(options, dict):
                         raise bad_request("DeleteOptions must be a JSON object")
             if (options.get("dryRun") or []) == ["All"]:
@@ -322,27 +324,8 @@ class APIServer:
         return resp
 
     @staticmethod
-    async def _read_body(request: web.Request) -> Any:
-        raw = await request.read()
-        ctype = request.content_type
-        if ctype in ("application/yaml", "application/x-yaml"):
-            import yaml
-
-            try:
-                return yaml.safe_load(raw)
-            except yaml.YAMLError as e:
-                raise bad_request(f"error decoding YAML: {e}") from None
-        if ctype == "application/vnd.kubernetes.protobuf":
-            from .protobuf import decode_object
-
-            return decode_object(raw)
-        if ctype not in ("application/json", "", "application/octet-stream", "text/plain"):
-            raise StatusError(415, "UnsupportedMediaType", 'the body of the request was in an unknown format - '
-                              'accepted media types include: application/json, application/yaml')
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise bad_request(f"the body of the request was in an unknown format: {e}") from None
+    async def _read_body(request: web.Request) -> bodies.Decoded:
+        return bodies.decode_request(await request.read(), request.content_type)
 
     # -- get / list ----------------------------------------------------------------------------
 
@@ -546,9 +529,10 @@ class APIServer:
         current = self.registry.get(t.res, t.namespace, t.name)
         scale = self._scale_of(current)
         if ctype == "application/apply-patch+yaml":
-            import yaml
-
-            patched = semantics.server_side_apply(scale, yaml.safe_load(raw) or {}, "", True)
+            applied = bodies.decode_yaml(raw).obj or {}
+            if not isinstance(applied, dict):
+                raise bad_request("the body of an apply patch must be an object")
+            patched = semantics.server_side_apply(scale, applied, "", True)
         else:
             patched = semantics.apply_patch(ctype, scale, raw, "scale")
         return await self._apply_scale(t, current, patched, dry_run)

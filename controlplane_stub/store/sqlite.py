@@ -62,8 +62,16 @@ class _Op:
 class SQLiteStore(Store):
     def __init__(self, path: str, *, window: int = 10000, compact_every: int = 1000) -> None:
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._lockfile = open(path + ".lock", "w")  # noqa: SIM115 - held for the store's lifetime
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        # The store holds every Secret: its files are the owner's alone, whatever the umask, also
+        # when they were made by an older version (SQLite gives -wal/-shm the database's mode).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.exists(name):
+                os.chmod(name, 0o600)
+        lock_fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(lock_fd, 0o600)
+        self._lockfile = os.fdopen(lock_fd, "w")  # held for the store's lifetime
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

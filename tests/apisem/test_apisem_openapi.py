@@ -132,7 +132,7 @@ def test_unknown_fields_for_strict_validation(seed_deployment: dict[str, Any]) -
     assert unknown_fields("deployments.apps", seed_deployment) == [
         "metadata.labelz", "spec.template.spec.containers[0].ports[0].hostt",
         "spec.template.spec.containers[0].imagee", "spec.replicaz"]
-    err = strict_decoding_error("Deployment", "v1", ["spec.replicaz", "spec.x"])
+    err = strict_decoding_error("Deployment", "v1", ['unknown field "spec.replicaz"', 'unknown field "spec.x"'])
     assert err.code == 400 and err.reason == "BadRequest"
     assert err.message == ('Deployment in version "v1" cannot be handled as a Deployment: strict decoding error: '
                            'unknown field "spec.replicaz", unknown field "spec.x"')

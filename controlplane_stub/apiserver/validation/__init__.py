@@ -1,0 +1,133 @@
+"""Validation as kube-apiserver does it, with its field paths and message texts.
+
+The rules and texts follow upstream's pkg/apis/{core,apps,discovery,coordination}/validation and
+apimachinery's util/validation; a 422 Status lists every problem found as details.causes, each
+{"reason": "FieldValue...", "message": ErrorBody, "field": path}, exactly like the real server,
+so kubectl prints the same lines for the same mistakes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import StatusError
+from .apps import _validate_deployment, _validate_replicaset, _validate_selector_update
+from .cluster import _validate_event, _validate_lease, _validate_namespace
+from .configdata import _immutable_data, _validate_configmap, _validate_secret, _validate_secret_update
+from .endpoints import _validate_endpoints, _validate_endpointslice
+from .fielderrors import FieldErrors, Obj
+from .meta import _obj, _str, validate_object_meta, validate_object_meta_update
+from .names import is_dns1123_subdomain
+from .nodes import _validate_node, _validate_node_update
+from .pods import QUANTITY_ERR, _validate_pod, _validate_pod_update, bad_quantity
+from .services import _validate_service, _validate_service_update, externally_accessible
+
+# What other modules import from the package (allocators.py, defaults.py, tests).
+__all__ = ["FieldErrors", "decode_check", "externally_accessible", "strict_decoding_error", "unknown_fields",
+           "validate_create", "validate_update"]
+
+# --- dispatch --------------------------------------------------------------------------------------
+
+Validator = Callable[[FieldErrors, Obj], None]
+UpdateValidator = Callable[[FieldErrors, Obj, Obj], None]
+
+# resource id -> (Kind, API group for the Status, create validator)
+_CREATE: dict[str, tuple[str, str, Validator]] = {
+    "services": ("Service", "", _validate_service),
+    "pods": ("Pod", "", _validate_pod),
+    "namespaces": ("Namespace", "", _validate_namespace),
+    "nodes": ("Node", "", _validate_node),
+    "configmaps": ("ConfigMap", "", _validate_configmap),
+    "secrets": ("Secret", "", _validate_secret),
+    "endpoints": ("Endpoints", "", _validate_endpoints),
+    "events": ("Event", "", _validate_event),
+    "endpointslices.discovery.k8s.io": ("EndpointSlice", "discovery.k8s.io", _validate_endpointslice),
+    "deployments.apps": ("Deployment", "apps", _validate_deployment),
+    "replicasets.apps": ("ReplicaSet", "apps", _validate_replicaset),
+    "leases.coordination.k8s.io": ("Lease", "coordination.k8s.io", _validate_lease),
+}
+
+_UPDATE: dict[str, UpdateValidator] = {
+    "nodes": _validate_node_update,
+    "services": _validate_service_update,
+    "pods": _validate_pod_update,
+    "deployments.apps": _validate_selector_update,
+    "replicasets.apps": _validate_selector_update,
+    "configmaps": lambda errs, obj, old: _immutable_data(errs, obj, old, ("data", "binaryData")),
+    "secrets": _validate_secret_update,
+    "endpointslices.discovery.k8s.io": lambda errs, obj, old: (
+        errs.invalid("addressType", obj.get("addressType"), "field is immutable")
+        if old.get("addressType") and obj.get("addressType") != old.get("addressType") else None),
+}
+
+
+def _kind_and_name(resource: str, obj: Obj) -> tuple[str, str, str]:
+    kind, group, _ = _CREATE.get(resource, (str(obj.get("kind", "")), "", None))
+    meta = _obj(obj.get("metadata"))
+    name = _str(meta.get("name")) or _str(meta.get("generateName"))
+    return kind, name, group
+
+
+def validate_create(resource: str, obj: dict[str, Any]) -> None:
+    """Raise a 422 Invalid StatusError listing every problem of a new object."""
+    errs = FieldErrors()
+    entry = _CREATE.get(resource)
+    if entry is None:
+        validate_object_meta(errs, obj.get("metadata"), True, is_dns1123_subdomain)
+    else:
+        entry[2](errs, obj)
+    kind, name, group = _kind_and_name(resource, obj)
+    errs.raise_if_any(kind, name, group)
+
+
+def validate_update(resource: str, obj: dict[str, Any], old: dict[str, Any]) -> None:
+    """validate_create's rules plus what may not change (immutable fields)."""
+    errs = FieldErrors()
+    validate_object_meta_update(errs, obj.get("metadata"), old.get("metadata"))
+    entry = _CREATE.get(resource)
+    if entry is not None:
+        entry[2](errs, obj)
+    updater = _UPDATE.get(resource)
+    if updater is not None:
+        updater(errs, obj, old)
+    kind, name, group = _kind_and_name(resource, obj)
+    errs.raise_if_any(kind, name, group)
+
+
+# --- fieldValidation: unknown fields ---------------------------------------------------------------
+
+
+def unknown_fields(resource: str, obj: dict[str, Any], *, drop: bool = False) -> list[str]:
+    """Fields of obj the published OpenAPI schema does not declare, as dotted paths with [i] indexes;
+    drop=True also removes them from obj (a typed decoder has nowhere to put them).
+
+    For ?fieldValidation=Strict (raise strict_decoding_error) and Warn (one warning per field,
+    with the text `unknown field "<path>"`); Ignore drops them without a word.
+    """
+    from ..openapi import unknown_fields as schema_unknown_fields  # openapi imports patch; keep it lazy
+
+    found: list[str] = schema_unknown_fields(resource, obj, drop=drop)
+    return found
+
+
+def strict_decoding_error(kind: str, version: str, problems: list[str]) -> StatusError:
+    """The 400 the real server answers under fieldValidation=Strict; problems are the decoder's
+    texts ('unknown field "spec.x"', 'duplicate field "metadata.name"')."""
+    return StatusError(400, "BadRequest", f'{kind} in version "{version}" cannot be handled as a {kind}: strict '
+                       f'decoding error: {", ".join(problems)}')
+
+
+def decode_check(resource: str, obj: dict[str, Any]) -> None:
+    """What the real server's JSON decoding rejects (400) before defaulting and validation."""
+    from ..openapi import type_error  # openapi imports patch; keep it lazy
+
+    found = type_error(resource, obj)
+    if found is None:
+        spec = _obj(obj.get("spec"))
+        pod_spec = spec if resource == "pods" else _obj(_obj(spec.get("template")).get("spec"))
+        if resource not in ("pods", "deployments.apps", "replicasets.apps") or not bad_quantity(pod_spec):
+            return
+        found = QUANTITY_ERR
+    kind = _str(obj.get("kind")) or _CREATE.get(resource, ("",))[0]
+    version = _str(obj.get("apiVersion")).rsplit("/", 1)[-1] or "v1"
+    raise StatusError(400, "BadRequest", f'{kind} in version "{version}" cannot be handled as a {kind}: {found}')
