@@ -10,6 +10,8 @@ from hashlib import sha256
 from base64 import b32encode
 import ipaddress
 
+from kproxy.proxy.endpoints import categorize, uses_cluster_endpoints
+
 LARGE_CLUSTER_ENDPOINTS = 1000
 R_FILTER, R_DISPATCH, R_CHAINS, R_RULES, R_CHAIN_NAMES, R_HAS_ENDPOINTS = range(6)
 
@@ -35,54 +37,6 @@ cpdef str probability(long n):
 
 def _ep_key(ep):
     return ep.addr
-
-
-cpdef tuple categorize_endpoints(tuple endpoints, bint uses_cluster, bint uses_local):
-    cdef list cluster = []
-    cdef list local = []
-    cdef bint has_any = False
-    cdef bint local_ready = False
-    cdef bint local_terminating = False
-    cdef dict merged
-    if uses_cluster:
-        for ep in endpoints:
-            if ep.ready:
-                cluster.append(ep)
-        if not cluster:
-            for ep in endpoints:
-                if ep.serving and ep.terminating:
-                    cluster.append(ep)
-        if cluster:
-            has_any = True
-    if not uses_local:
-        return cluster, local, cluster, has_any
-    for ep in endpoints:
-        if ep.ready:
-            has_any = True
-            if ep.is_local:
-                local_ready = True
-        elif ep.serving and ep.terminating:
-            has_any = True
-            if ep.is_local:
-                local_terminating = True
-    if local_ready:
-        for ep in endpoints:
-            if ep.is_local and ep.ready:
-                local.append(ep)
-    elif local_terminating:
-        for ep in endpoints:
-            if ep.is_local and ep.serving and ep.terminating:
-                local.append(ep)
-    if not uses_cluster:
-        return cluster, local, local, has_any
-    if not local_terminating or local_ready:
-        return cluster, local, cluster, has_any
-    merged = {}
-    for ep in cluster:
-        merged[ep.addr] = ep
-    for ep in local:
-        merged[ep.addr] = ep
-    return cluster, local, sorted(merged.values(), key=_ep_key), has_any
 
 
 cdef bint _source_ranges_contain(tuple ranges, tuple ips):
@@ -130,7 +84,7 @@ cdef void _service_to_endpoint_rules(list out, str spn, str chain, list eps, dic
 
 
 cpdef tuple render_service_port(object svc, tuple endpoints, bint masquerade_all, str cluster_cidr,
-                                bint large_cluster, tuple node_ips):
+                                bint large_cluster, tuple node_ips, str node_zone=""):
     cdef str spn = str(svc.name)
     cdef str proto = svc.protocol.lower()
     cdef object vip = svc.cluster_ip("IPv4")
@@ -146,13 +100,18 @@ cpdef tuple render_service_port(object svc, tuple endpoints, bint masquerade_all
     cdef bint externally_accessible = node_port != 0 or len(external_ips) > 0 or len(lb_ips) > 0
     cdef bint ext_local = svc.external_policy_local and externally_accessible
     cdef bint int_local = svc.internal_policy_local
-    cdef bint uses_cluster = (not int_local) or (externally_accessible and not ext_local)
+    # Which endpoints serve which traffic: kproxy.proxy decides, the same in every mode.
+    cdef bint uses_cluster = uses_cluster_endpoints(svc)
     cdef bint uses_local = int_local or ext_local
     cdef long affinity = -1 if svc.session_affinity_timeout is None else svc.session_affinity_timeout
     cdef list eps = sorted(endpoints, key=_ep_key)
-    cdef list cluster_eps, local_eps, reachable
-    cdef bint has_eps
-    cluster_eps, local_eps, reachable, has_eps = categorize_endpoints(tuple(eps), uses_cluster, uses_local)
+    cat = categorize(svc, eps, node_zone)
+    cdef list cluster_eps = list(cat.cluster)
+    cdef list local_eps = list(cat.local)
+    cdef list reachable = list(cat.reachable)
+    cdef bint has_eps = cat.has_any
+    if len(reachable) != len(cluster_eps):
+        reachable.sort(key=_ep_key)
     cdef bint uses_cluster_chain = len(cluster_eps) > 0 and uses_cluster
     cdef bint uses_local_chain = len(local_eps) > 0 and uses_local
 

@@ -17,6 +17,8 @@ import hashlib
 import ipaddress
 from typing import Any
 
+from kproxy.proxy.endpoints import categorize, uses_cluster_endpoints
+
 # Upstream: largeClusterEndpointsThreshold; above it the per-endpoint comments are dropped.
 LARGE_CLUSTER_ENDPOINTS = 1000
 # Indexes into the tuple render_service_port returns (the compiled twin returns the same shape).
@@ -46,62 +48,6 @@ def probability(n: int) -> str:
 
 def _ep_key(ep: Any) -> str:
     return ep.addr  # type: ignore[no-any-return]
-
-
-def categorize_endpoints(
-    endpoints: tuple[Any, ...], uses_cluster: bool, uses_local: bool
-) -> tuple[list[Any], list[Any], list[Any], bool]:
-    """Upstream's proxy.CategorizeEndpoints without topology hints.
-
-    Returns (cluster, local, all locally reachable, has any usable endpoint). Ready endpoints
-    win; when none is ready, serving+terminating ones are the fallback (KEP-1669).
-    """
-    cluster: list[Any] = []
-    local: list[Any] = []
-    has_any = False
-    if uses_cluster:
-        for ep in endpoints:
-            if ep.ready:
-                cluster.append(ep)
-        if not cluster:
-            for ep in endpoints:
-                if ep.serving and ep.terminating:
-                    cluster.append(ep)
-        if cluster:
-            has_any = True
-    if not uses_local:
-        return cluster, local, cluster, has_any
-    local_ready = False
-    local_terminating = False
-    for ep in endpoints:
-        if ep.ready:
-            has_any = True
-            if ep.is_local:
-                local_ready = True
-        elif ep.serving and ep.terminating:
-            has_any = True
-            if ep.is_local:
-                local_terminating = True
-    if local_ready:
-        for ep in endpoints:
-            if ep.is_local and ep.ready:
-                local.append(ep)
-    elif local_terminating:
-        for ep in endpoints:
-            if ep.is_local and ep.serving and ep.terminating:
-                local.append(ep)
-    if not uses_cluster:
-        return cluster, local, local, has_any
-    if not local_terminating or local_ready:
-        # local holds only ready endpoints and cluster holds every ready one: a superset.
-        return cluster, local, cluster, has_any
-    merged: dict[str, Any] = {}
-    for ep in cluster:
-        merged[ep.addr] = ep
-    for ep in local:
-        merged[ep.addr] = ep
-    reachable = sorted(merged.values(), key=_ep_key)
-    return cluster, local, reachable, has_any
 
 
 def _source_ranges_contain(ranges: tuple[str, ...], ips: tuple[str, ...]) -> bool:
@@ -162,6 +108,7 @@ def render_service_port(
     cluster_cidr: str,
     large_cluster: bool,
     node_ips: tuple[str, ...],
+    node_zone: str = "",
 ) -> tuple[str, str, str, str, list[str], bool]:
     """Render one IPv4 ServicePort as upstream's syncProxyRules loop body does.
 
@@ -184,12 +131,16 @@ def render_service_port(
     externally_accessible = node_port != 0 or len(external_ips) > 0 or len(lb_ips) > 0
     ext_local = svc.external_policy_local and externally_accessible
     int_local = svc.internal_policy_local
-    uses_cluster = (not int_local) or (externally_accessible and not ext_local)
+    # Which endpoints serve which traffic: kproxy.proxy decides, the same in every mode.
+    uses_cluster = uses_cluster_endpoints(svc)
     uses_local = int_local or ext_local
     affinity = -1 if svc.session_affinity_timeout is None else svc.session_affinity_timeout
 
     eps = sorted(endpoints, key=_ep_key)
-    cluster_eps, local_eps, reachable, has_eps = categorize_endpoints(tuple(eps), uses_cluster, uses_local)
+    cat = categorize(svc, eps, node_zone)
+    cluster_eps, local_eps, reachable, has_eps = list(cat.cluster), list(cat.local), list(cat.reachable), cat.has_any
+    if len(reachable) != len(cluster_eps):
+        reachable.sort(key=_ep_key)
     uses_cluster_chain = len(cluster_eps) > 0 and uses_cluster
     uses_local_chain = len(local_eps) > 0 and uses_local
 

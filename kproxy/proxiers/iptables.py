@@ -41,7 +41,7 @@ from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
-from kproxy.proxy import apply_cleanup, sync_health_server, udp_conntrack_cleanup
+from kproxy.proxy import apply_cleanup, categorize, sync_health_server, udp_conntrack_cleanup
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class IptablesProxier(Proxier):
         health_server: ServiceHealthServer | None = None,
         renderer: Any = None,
         node_ips: tuple[str, ...] = (),
+        node_zone: str = "",
     ) -> None:
         if not 0 <= masquerade_bit <= 31:
             raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
@@ -191,6 +192,7 @@ class IptablesProxier(Proxier):
         self.conntrack = conntrack
         self.health_server = health_server
         self.render = renderer or fastpath
+        self.node_zone = node_zone  # the Node's topology.kubernetes.io/zone: zone hints need it
         # What the kernel holds, per ServicePort; the chains kproxy owns are the union of their
         # `chains` (no separate 110,000-name set at 10,000 Services: chain names embed the
         # ServicePort's hash, so every owned chain belongs to exactly one entry).
@@ -347,7 +349,7 @@ class IptablesProxier(Proxier):
             eps = endpoints.get(name, empty)
             tr = time.perf_counter()
             filt, disp, decls, rules, chains, _has = r.render_service_port(
-                svc, eps, masq_all, cidr, large, node_ips
+                svc, eps, masq_all, cidr, large, node_ips, self.node_zone
             )
             render_s += time.perf_counter() - tr
             rendered += 1
@@ -355,7 +357,8 @@ class IptablesProxier(Proxier):
                 nat(decls + rules)
             serving: frozenset[tuple[str, int]] = frozenset()
             if svc.protocol == "UDP":
-                serving = frozenset((e.ip, e.port) for e in eps if e.serving or e.ready)
+                # The endpoints the rules DNAT to (kproxy.proxy's choice), for conntrack cleanup.
+                serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)
             owned = " ".join(chains)
             programmed[name] = _Programmed(svc, filt, disp, owned, rules.count("\n"), serving)
             if dumped is not None:
@@ -670,4 +673,5 @@ def new_proxier(config: Any) -> Proxier:
         conntrack=Conntrack(netns=netns),
         health_server=ServiceHealthServer(hc_bind),
         node_ips=tuple(getattr(config, "node_ips", ()) or ()),
+        node_zone=str(getattr(config, "node_zone", "") or ""),
     )
