@@ -61,6 +61,12 @@ class ProxyMetrics:
             "Cumulative proxy iptables partial restore failures", namespace=ns, registry=r)
         self.healthz_total = Counter(
             "proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], namespace=ns, registry=r)
+        # kproxy's own (no upstream equivalent: kube-proxy trusts its API server): objects
+        # skipped because a field failed its parser (reason: the field's kind) or the object did
+        # not decode at all (reason "decode"). Both labels come from closed sets.
+        self.invalid_objects = Counter(
+            "kproxy_invalid_objects_total", "API objects skipped because a field is invalid or the object does not decode",
+            ["kind", "reason"], registry=r)
         self.livez_total = Counter(
             "proxy_livez", "Cumulative proxy livez HTTP status", ["code"], namespace=ns, registry=r)
 

@@ -27,6 +27,7 @@ from kproxy.kube.ingest import (
     ENDPOINTSLICE_LABEL_SELECTOR,
     SERVICE_LABEL_SELECTOR,
     EndpointSlice,
+    InvalidObject,
     Node,
     Service,
     node_eligible,
@@ -272,8 +273,23 @@ class ProxyServer:
         self.metrics.endpoint_changes_pending.set(self.state.endpoints_tracker.pending())
         self.runner.run()
 
+    def _invalid(self, err: InvalidObject) -> None:
+        # One line per invalid version of an object; the object counts as absent (its rules, if
+        # an earlier version had any, are removed) and nothing else is affected.
+        log.warning("skipping invalid object: %s", err)
+        self.metrics.invalid_objects.labels(kind=err.kind, reason=err.reason).inc()
+
+    def _undecodable(self, kind: str) -> Callable[[], None]:
+        return lambda: self.metrics.invalid_objects.labels(kind=kind, reason="decode").inc()
+
     def on_service(self, key: str, _old: str | None, svc: Service | None) -> None:
-        if self.state.services_tracker.update(key, service_ports(svc) if svc is not None else {}):
+        ports = {}
+        if svc is not None:
+            try:
+                ports = service_ports(svc)
+            except InvalidObject as err:
+                self._invalid(err)
+        if self.state.services_tracker.update(key, ports):
             self.metrics.service_changes_total.inc()
             self._queued()
 
@@ -291,7 +307,11 @@ class ProxyServer:
         trig = parse_trigger_time(trigger_time(es))
         if trig is not None and trig < self.start_time:
             trig = None  # as upstream: changes from before we started say nothing about us
-        eps = slice_endpoints(es, self.cfg.node_name)
+        try:
+            eps = slice_endpoints(es, self.cfg.node_name)
+        except InvalidObject as err:
+            self._invalid(err)
+            eps = {}
         if self.state.endpoints_tracker.update(new_service, name, eps, trig):
             self.metrics.endpoint_changes_total.inc()
             self._queued()
@@ -350,17 +370,24 @@ class ProxyServer:
     async def _find_node(self) -> None:
         node_inf: Informer[Node] = Informer(self.on_node)
         r = Reflector(self.client, "/api/v1/nodes", Node, node_inf,
-                      field_selector=f"metadata.name={self.cfg.node_name}", name="nodes")
+                      field_selector=f"metadata.name={self.cfg.node_name}", name="nodes",
+                      on_undecodable=self._undecodable("Node"))
         self._tasks.append(asyncio.create_task(r.run(), name="reflector-nodes"))
         try:
             await asyncio.wait_for(self._node_seen.wait(), NODE_WAIT)
         except TimeoutError:
             log.warning("node=%s not found after %.0fs: using bind-address %s", self.cfg.node_name,
                         NODE_WAIT, self.cfg.bind_address)
-        if self.node is not None and node_ips(self.node):
-            self.cfg.node_ips = tuple(node_ips(self.node))
+        ips = node_ips(self.node) if self.node is not None else []
+        if ips:
+            self.cfg.node_ips = tuple(ips)
         elif self.cfg.bind_address not in ("0.0.0.0", "::"):
             self.cfg.node_ips = (self.cfg.bind_address,)
+        if self.node is not None and not ips:
+            # As upstream's detectNodeIPs: a Node without a usable address is not fatal; NodePorts
+            # are then not bound to a node IP of its own (only --bind-address, if one was given).
+            log.warning("node=%s has no valid InternalIP/ExternalIP address; node IPs from --bind-address=%s",
+                        self.cfg.node_name, self.cfg.bind_address)
         if self.node is not None:
             self.cfg.node_zone = self.node.metadata.labels.get("topology.kubernetes.io/zone", "")
         log.info("node=%s node_ips=%s zone=%s", self.cfg.node_name, ",".join(self.cfg.node_ips) or "-",
@@ -385,9 +412,11 @@ class ProxyServer:
             svc_inf: SummaryStore[Service] = SummaryStore(self.on_service)
             es_inf: SummaryStore[EndpointSlice] = SummaryStore(self.on_slice, _slice_service_key)
             svc_r = Reflector(self.client, "/api/v1/services", Service, svc_inf,
-                              label_selector=SERVICE_LABEL_SELECTOR, name="services")
+                              label_selector=SERVICE_LABEL_SELECTOR, name="services",
+                              on_undecodable=self._undecodable("Service"))
             es_r = Reflector(self.client, "/apis/discovery.k8s.io/v1/endpointslices", EndpointSlice, es_inf,
-                             label_selector=ENDPOINTSLICE_LABEL_SELECTOR, name="endpointslices")
+                             label_selector=ENDPOINTSLICE_LABEL_SELECTOR, name="endpointslices",
+                             on_undecodable=self._undecodable("EndpointSlice"))
             for refl in (svc_r, es_r):
                 self._tasks.append(asyncio.create_task(refl.run(), name=f"reflector-{refl.name}"))
 

@@ -5,12 +5,16 @@ msgspec fills only these fields while parsing and skips the rest of the JSON.
 """
 from __future__ import annotations
 
+import logging
 from sys import intern
 
 import msgspec
 
+from kproxy.kube import validate
 from kproxy.kube.types import AnnotatedObjectMeta, ObjectMeta
-from kproxy.model import Endpoint, Protocol, ServicePort, ServicePortName
+from kproxy.model import CIDR, IP, Endpoint, Port, ServicePort, ServicePortName, SvcType
+
+log = logging.getLogger("kproxy.ingest")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -75,59 +79,92 @@ class Service(msgspec.Struct, gc=False):
     status: ServiceStatus = msgspec.field(default_factory=ServiceStatus)
 
 
-_PROTOCOL_CONST: dict[str, Protocol] = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP"}
-_TYPE_CONST = {"ClusterIP": "ClusterIP", "NodePort": "NodePort", "LoadBalancer": "LoadBalancer"}
+_TYPE_CONST: dict[str, SvcType] = {
+    "ClusterIP": "ClusterIP", "NodePort": "NodePort", "LoadBalancer": "LoadBalancer",
+}
 
 
-def _protocol(value: str | None) -> Protocol | None:
-    # The module's constant, not the decoded copy: 100,000 records then share one string.
-    return _PROTOCOL_CONST.get(value or "TCP")
+class InvalidObject(ValueError):
+    """An object with a field that failed its parser: skipped whole (nothing of it is
+    programmed) and reported once by the caller (a log line and kproxy_invalid_objects_total)."""
+
+    def __init__(self, kind: str, key: str, err: validate.InvalidField) -> None:
+        self.kind, self.key, self.reason = kind, key, err.reason
+        super().__init__(f"{kind} {validate.show(key)}: {err}")
+
+
+def _service_name(svc: Service) -> tuple[str, str]:
+    meta = svc.metadata
+    return (validate.dns1123_label(meta.namespace, "metadata.namespace"),
+            validate.dns1035_label(meta.name, "metadata.name"))
 
 
 def service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
     """All proxied ServicePorts of one Service; none for ExternalName and headless services
-    (upstream's ShouldSkipService). A Service being deleted is still served until it is gone."""
+    (upstream's ShouldSkipService). A Service being deleted is still served until it is gone.
+    Raises InvalidObject when a field that would be programmed fails its parser: one bad field
+    drops the whole Service, never a part of it (a half-programmed Service is worse than none)."""
+    try:
+        return _service_ports(svc)
+    except validate.InvalidField as err:
+        raise InvalidObject("Service", f"{svc.metadata.namespace}/{svc.metadata.name}", err) from None
+
+
+def _service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
     spec = svc.spec
     if spec.type == "ExternalName":
         return {}
-    cluster_ips = tuple(ip for ip in (spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else []))
-                        if ip and ip != "None")
-    if not cluster_ips:
+    raw_ips = [ip for ip in (spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])) if ip]
+    if not raw_ips or raw_ips[0] == "None":
         return {}
-    svc_type = _TYPE_CONST.get(spec.type, "ClusterIP")
+    if not spec.ports:
+        return {}
+    svc_type = _TYPE_CONST.get(spec.type)
+    if svc_type is None:
+        raise validate.InvalidField("type", "spec.type", spec.type, "not a Service type")
+    namespace, name = _service_name(svc)
+    cluster_ips = tuple(validate.ip(ip, "spec.clusterIPs") for ip in raw_ips)
     affinity: int | None = None
     if spec.session_affinity == "ClientIP":
         cfg = spec.session_affinity_config
         timeout = cfg.client_ip.timeout_seconds if cfg and cfg.client_ip else None
-        affinity = timeout if timeout else DEFAULT_AFFINITY_TIMEOUT
-    externally_accessible = svc_type in ("NodePort", "LoadBalancer") or bool(spec.external_ips)
+        affinity = (validate.affinity_timeout(timeout, "spec.sessionAffinityConfig.clientIP.timeoutSeconds")
+                    if timeout else DEFAULT_AFFINITY_TIMEOUT)
+    external_ips = tuple(validate.ip(ip, "spec.externalIPs") for ip in spec.external_ips)
+    externally_accessible = svc_type in ("NodePort", "LoadBalancer") or bool(external_ips)
     ext_local = externally_accessible and spec.external_traffic_policy == "Local"
     int_local = spec.internal_traffic_policy == "Local"
-    lb_ips: tuple[str, ...] = ()
-    if svc_type == "LoadBalancer" and svc.status.load_balancer:
-        # ipMode Proxy: the load balancer delivers to the node itself, the VIP must not be
-        # short-circuited on the node (KEP-1860).
-        lb_ips = tuple(i.ip for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy")
-    hc_port = spec.health_check_node_port if svc_type == "LoadBalancer" and ext_local else 0
-    ranges = tuple(r.strip() for r in spec.load_balancer_source_ranges if r.strip())
+    lb_ips: tuple[IP, ...] = ()
+    ranges: tuple[CIDR, ...] = ()
+    hc_port = Port(0)
+    if svc_type == "LoadBalancer":
+        if svc.status.load_balancer:
+            # ipMode Proxy: the load balancer delivers to the node itself, the VIP must not be
+            # short-circuited on the node (KEP-1860).
+            lb_ips = tuple(validate.ip(i.ip, "status.loadBalancer.ingress.ip")
+                           for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy")
+        ranges = tuple(validate.cidr(r, "spec.loadBalancerSourceRanges")
+                       for r in spec.load_balancer_source_ranges if r.strip())
+        if ext_local:
+            hc_port = validate.optional_port(spec.health_check_node_port, "spec.healthCheckNodePort")
+    with_node_port = svc_type in ("NodePort", "LoadBalancer")
+    # Interned: the same names recur in every Endpoint's and ServicePort's key, and the
+    # decoder makes a fresh copy of each occurrence (memory at 10,000 Services).
+    namespace, name = intern(namespace), intern(name)
     out: dict[ServicePortName, ServicePort] = {}
     for p in spec.ports:
-        proto = _protocol(p.protocol)
-        if proto is None or not p.port:
-            continue
-        # Interned: the same names recur in every Endpoint's and ServicePort's key, and the
-        # decoder makes a fresh copy of each occurrence (memory at 10,000 Services).
-        spn = ServicePortName(intern(svc.metadata.namespace), intern(svc.metadata.name), intern(p.name), proto)
+        proto = validate.protocol(p.protocol, "spec.ports.protocol")
+        spn = ServicePortName(namespace, name, intern(validate.port_name(p.name, "spec.ports.name")), proto)
         out[spn] = ServicePort(
             name=spn,
-            type=svc_type,  # type: ignore[arg-type]
+            type=svc_type,
             cluster_ips=cluster_ips,
-            port=p.port,
+            port=validate.port(p.port, "spec.ports.port"),
             protocol=proto,
-            node_port=p.node_port if svc_type in ("NodePort", "LoadBalancer") else 0,
-            external_ips=tuple(spec.external_ips),
+            node_port=validate.optional_port(p.node_port, "spec.ports.nodePort") if with_node_port else Port(0),
+            external_ips=external_ips,
             load_balancer_ips=lb_ips,
-            load_balancer_source_ranges=ranges if svc_type == "LoadBalancer" else (),
+            load_balancer_source_ranges=ranges,
             session_affinity_timeout=affinity,
             external_policy_local=ext_local,
             internal_policy_local=int_local,
@@ -184,30 +221,53 @@ SliceEndpoints = dict[ServicePortName, tuple[Endpoint, ...]]
 def slice_endpoints(es: EndpointSlice, node_name: str) -> SliceEndpoints:
     """Per ServicePortName, the endpoints of one slice with conditions defaulted as upstream:
     ready nil -> true; serving nil -> ready; terminating nil -> false. FQDN slices and slices
-    without a service-name label carry nothing for a proxy."""
+    without a service-name label carry nothing for a proxy. Raises InvalidObject when a port,
+    protocol, name or address fails its parser (the whole slice is skipped)."""
     svc = es.service_name
     if not svc or es.address_type not in ("IPv4", "IPv6"):
         return {}
+    try:
+        return _slice_endpoints(es, svc, node_name)
+    except validate.InvalidField as err:
+        raise InvalidObject("EndpointSlice", f"{es.metadata.namespace}/{es.metadata.name}", err) from None
+
+
+def _slice_endpoints(es: EndpointSlice, svc: str, node_name: str) -> SliceEndpoints:
+    namespace = intern(validate.dns1123_label(es.metadata.namespace, "metadata.namespace"))
+    svc = intern(validate.dns1035_label(svc, f"metadata.labels[{SERVICE_NAME_LABEL}]"))
+    v6 = es.address_type == "IPv6"
+    # Addresses are parsed once per slice, not once per port (a slice has one address list).
+    addresses: list[IP | None] = []
+    for e in es.endpoints or ():
+        if not e.addresses:
+            addresses.append(None)
+            continue
+        first = validate.ip(e.addresses[0], "endpoints.addresses")  # upstream uses only the first
+        if (":" in first) != v6:
+            raise validate.InvalidField("ip", "endpoints.addresses", e.addresses[0],
+                                        f"not an address of the slice's type {es.address_type}")
+        addresses.append(first)
     out: SliceEndpoints = {}
     for p in es.ports or ():
-        proto = _protocol(p.protocol)
-        if p.port is None or proto is None:
-            continue
-        spn = ServicePortName(intern(es.metadata.namespace), intern(svc), intern(p.name or ""), proto)
+        if p.port is None:
+            continue  # upstream: a port without a number carries no endpoints for a proxy
+        proto = validate.protocol(p.protocol, "ports.protocol")
+        port = validate.port(p.port, "ports.port")
+        spn = ServicePortName(namespace, svc, intern(validate.port_name(p.name, "ports.name")), proto)
         eps: dict[str, Endpoint] = {}  # by IP: one port, so the IP identifies the endpoint
-        for e in es.endpoints or ():
-            if not e.addresses:
+        for e, addr in zip(es.endpoints or (), addresses):
+            if addr is None:
                 continue
+            ip = addr
             c = e.conditions
             ready = True if c.ready is None else c.ready
-            ip = e.addresses[0]  # upstream uses only the first address of an endpoint
             seen = eps.get(ip)
             if seen is not None and (seen.ready or not ready):
                 continue  # a duplicate listing: keep the ready copy
             node = intern(e.node_name) if e.node_name else ""
             eps[ip] = Endpoint(
                 ip=ip,
-                port=p.port,
+                port=port,
                 ready=ready,
                 serving=ready if c.serving is None else c.serving,
                 terminating=bool(c.terminating),
@@ -260,14 +320,21 @@ class Node(msgspec.Struct, gc=False):
     status: NodeStatus = msgspec.field(default_factory=NodeStatus)
 
 
-def node_ips(node: Node) -> list[str]:
+def node_ips(node: Node) -> list[IP]:
     """The node's primary IPs, at most one per family, as upstream's GetNodeHostIPs: all
-    InternalIP addresses ahead of all ExternalIP ones, then the first of each family."""
+    InternalIP addresses ahead of all ExternalIP ones, then the first of each family. An
+    address that does not parse is skipped, as upstream's ParseIPSloppy -> nil is (the caller
+    warns when none is left)."""
     candidates = [a.address for a in node.status.addresses if a.type == "InternalIP"]
     candidates += [a.address for a in node.status.addresses if a.type == "ExternalIP"]
-    out: list[str] = []
+    out: list[IP] = []
     families: set[bool] = set()
-    for ip in candidates:
+    for text in candidates:
+        try:
+            ip = validate.ip(text, "status.addresses.address")
+        except validate.InvalidField as err:
+            log.warning("node=%s skipping address: %s", validate.show(node.metadata.name), err)
+            continue
         v6 = ":" in ip
         if v6 not in families:
             families.add(v6)

@@ -18,7 +18,7 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 import msgspec
 
 from kproxy.kube.client import ApiClient, ApiError
-from kproxy.kube.types import BookmarkObject, ObjectList, RawWatchEvent, Status
+from kproxy.kube.types import BookmarkObject, ListMeta, ObjectList, RawWatchEvent, Status
 
 log = logging.getLogger("kproxy.reflector")
 
@@ -77,6 +77,23 @@ class Backoff:
         self._next = self.initial
 
 
+class _Identity(msgspec.Struct, rename="camel", gc=False):
+    name: str = ""
+    namespace: str = ""
+    resource_version: str = ""
+
+
+class _IdentityOnly(msgspec.Struct, gc=False):
+    """What is read of an object that does not decode: just enough to key it."""
+
+    metadata: _Identity = msgspec.field(default_factory=_Identity)
+
+
+class _RawList(msgspec.Struct):
+    metadata: ListMeta = msgspec.field(default_factory=ListMeta)
+    items: list[msgspec.Raw] | None = None
+
+
 # Errors after which a watch/list is retried from the last resourceVersion (the client's
 # ProtocolError, a cut connection, is a ConnectionError).
 _RETRYABLE = (asyncio.TimeoutError, ConnectionError, OSError, msgspec.DecodeError)
@@ -86,7 +103,8 @@ class Reflector(Generic[T]):
     def __init__(self, client: ApiClient, path: str, item_type: type[T], store: ReflectorStore[T], *,
                  label_selector: str = "", field_selector: str = "", page_size: int = 500,
                  bookmarks: bool = True, name: str = "",
-                 min_watch_timeout: float = 300.0, backoff: Backoff | None = None) -> None:
+                 min_watch_timeout: float = 300.0, backoff: Backoff | None = None,
+                 on_undecodable: Callable[[], None] | None = None) -> None:
         self.client = client
         self.path = path
         self.item_type = item_type
@@ -100,8 +118,12 @@ class Reflector(Generic[T]):
         self.backoff = backoff or Backoff()
         self.last_resource_version = ""
         self.lists = 0  # completed lists, for tests and logs
+        self.undecodable = 0  # objects replaced by their identity stand-in
+        self._on_undecodable = on_undecodable
         self._synced = asyncio.Event()
         self._list_decoder = msgspec.json.Decoder(ObjectList[item_type])  # type: ignore[valid-type]
+        self._raw_list_decoder = msgspec.json.Decoder(_RawList)
+        self._identity_decoder = msgspec.json.Decoder(_IdentityOnly)
         self._item_decoder = msgspec.json.Decoder(item_type)
         self._event_decoder = msgspec.json.Decoder(RawWatchEvent)
         self._bookmark_decoder = msgspec.json.Decoder(BookmarkObject)
@@ -160,7 +182,7 @@ class Reflector(Generic[T]):
             paged.begin_replace()
         while True:
             body = await self.client.get(self.path, params)
-            page = self._list_decoder.decode(body)
+            page = self._decode_list(body)
             del body
             if page.items:
                 if paged is not None:
@@ -192,16 +214,27 @@ class Reflector(Generic[T]):
         started = time.monotonic()
         events = 0
         async for line in self.client.watch(self.path, params, read_timeout=timeout_s + 30.0):
-            ev = self._event_decoder.decode(line)
+            try:
+                ev = self._event_decoder.decode(line)
+            except msgspec.DecodeError as err:
+                # Not even a watch event: nothing in it can be applied, the stream goes on.
+                log.warning("reflector=%s skipping a watch line that is not an event: %s", self.name, err)
+                self._count_undecodable()
+                continue
             events += 1
             if ev.type in ("ADDED", "MODIFIED", "DELETED"):
-                item = self._item_decoder.decode(ev.object)
+                item = self._decode_item(ev.object)
+                if item is None:
+                    continue
                 rv = _resource_version(item)
                 self.store.apply(ev.type, item)
                 if rv:
                     self.last_resource_version = rv
             elif ev.type == "BOOKMARK":
-                rv = self._bookmark_decoder.decode(ev.object).metadata.resource_version
+                try:
+                    rv = self._bookmark_decoder.decode(ev.object).metadata.resource_version
+                except msgspec.DecodeError:
+                    rv = ""  # a bookmark only saves a relist; a broken one is ignored
                 if rv:
                     self.last_resource_version = rv
             elif ev.type == "ERROR":
@@ -218,6 +251,43 @@ class Reflector(Generic[T]):
             # instead of spinning on a server that keeps hanging up.
             raise ConnectionError("watch closed immediately without events")
         return events
+
+    def _decode_list(self, body: bytes) -> ObjectList[T]:
+        try:
+            return self._list_decoder.decode(body)
+        except msgspec.ValidationError:
+            pass  # valid JSON, some item of the wrong shape: decode item by item below
+        raw = self._raw_list_decoder.decode(body)
+        items = [item for item in (self._decode_item(r) for r in raw.items or ()) if item is not None]
+        return ObjectList(metadata=raw.metadata, items=items)
+
+    def _decode_item(self, raw: msgspec.Raw) -> T | None:
+        """The object as T; if it does not decode, its identity stand-in (see the module
+        docstring); None (skipped, logged) if not even its metadata can be read."""
+        try:
+            return self._item_decoder.decode(raw)
+        except msgspec.DecodeError as err:
+            error = str(err)
+        self._count_undecodable()
+        try:
+            ident = self._identity_decoder.decode(raw).metadata
+            stand_in = self._item_decoder.decode(msgspec.json.encode(_IdentityOnly(ident)))
+        except msgspec.DecodeError:
+            log.warning("reflector=%s skipping an object whose metadata cannot be read: %s", self.name, error)
+            return None
+        log.warning("reflector=%s object=%r resourceVersion=%s cannot be decoded, skipping its content: %s",
+                    self.name, _short(f"{ident.namespace}/{ident.name}" if ident.namespace else ident.name),
+                    _short(ident.resource_version), error)
+        return stand_in
+
+    def _count_undecodable(self) -> None:
+        self.undecodable += 1
+        if self._on_undecodable is not None:
+            self._on_undecodable()
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resource_version(item: msgspec.Struct) -> str:

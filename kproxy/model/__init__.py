@@ -6,12 +6,19 @@ trackers can tell "really changed" from "same content, new resourceVersion" by e
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NewType
 
 import msgspec
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 IPFamily = Literal["IPv4", "IPv6"]
+SvcType = Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]
+# Values that reach kernel interfaces, made only by kproxy.kube.validate's parsers (canonical
+# text of a parsed address / network; a port in 1-65535, or 0 for "none" where a field says so).
+# NewTypes cost nothing at run time and make mypy refuse a raw API string in their place.
+IP = NewType("IP", str)
+CIDR = NewType("CIDR", str)
+Port = NewType("Port", int)
 
 
 class ServicePortName(msgspec.Struct, frozen=True, gc=False, order=True):
@@ -35,25 +42,25 @@ class ServicePort(msgspec.Struct, frozen=True, gc=False):
     """One port of one Service with everything a proxier needs to program it."""
 
     name: ServicePortName
-    type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]
-    cluster_ips: tuple[str, ...]  # spec.clusterIPs; empty for headless ("None") and ExternalName
-    port: int
+    type: SvcType
+    cluster_ips: tuple[IP, ...]  # spec.clusterIPs; empty for headless ("None") and ExternalName
+    port: Port
     protocol: Protocol
-    node_port: int = 0
-    external_ips: tuple[str, ...] = ()
-    load_balancer_ips: tuple[str, ...] = ()  # status.loadBalancer.ingress[].ip
-    load_balancer_source_ranges: tuple[str, ...] = ()
+    node_port: Port = Port(0)
+    external_ips: tuple[IP, ...] = ()
+    load_balancer_ips: tuple[IP, ...] = ()  # status.loadBalancer.ingress[].ip
+    load_balancer_source_ranges: tuple[CIDR, ...] = ()
     # None: sessionAffinity None; else ClientIP with this timeout in seconds.
     session_affinity_timeout: int | None = None
     external_policy_local: bool = False  # externalTrafficPolicy: Local (only for NodePort/LB/externalIPs)
     internal_policy_local: bool = False  # internalTrafficPolicy: Local
-    health_check_node_port: int = 0
+    health_check_node_port: Port = Port(0)
 
     @property
     def is_headless(self) -> bool:
         return not self.cluster_ips
 
-    def cluster_ip(self, family: IPFamily) -> str | None:
+    def cluster_ip(self, family: IPFamily) -> IP | None:
         for ip in self.cluster_ips:
             if (":" in ip) == (family == "IPv6"):
                 return ip
@@ -63,8 +70,8 @@ class ServicePort(msgspec.Struct, frozen=True, gc=False):
 class Endpoint(msgspec.Struct, frozen=True, gc=False, order=True):
     """One backend of one ServicePort, from an EndpointSlice entry with the port resolved."""
 
-    ip: str
-    port: int
+    ip: IP
+    port: Port
     ready: bool = True
     serving: bool = True
     terminating: bool = False

@@ -39,7 +39,7 @@ from kproxy.backends.iptables import (
 )
 from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import ServiceHealthServer
-from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
+from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxy import apply_cleanup, categorize, sync_health_server, udp_conntrack_cleanup
 
@@ -122,7 +122,7 @@ class _Programmed:
     # 10,000 Services x 10 endpoints that is ~8 MiB less RSS); split only when one is diffed.
     chains: str
     nat_rules: int
-    serving: frozenset[tuple[str, int]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
+    serving: frozenset[tuple[IP, Port]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
 
 
 @dataclass(slots=True)
@@ -355,7 +355,7 @@ class IptablesProxier(Proxier):
             rendered += 1
             if decls:
                 nat(decls + rules)
-            serving: frozenset[tuple[str, int]] = frozenset()
+            serving: frozenset[tuple[IP, Port]] = frozenset()
             if svc.protocol == "UDP":
                 # The endpoints the rules DNAT to (kproxy.proxy's choice), for conntrack cleanup.
                 serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)

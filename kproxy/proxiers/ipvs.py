@@ -61,7 +61,7 @@ from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.ipset import IPSets, SetSpec
 from kproxy.backends.iptables import IPTables, detect_backend
 from kproxy.healthcheck import ServiceHealthServer
-from kproxy.model import Endpoint, ServicePort, ServicePortName
+from kproxy.model import IP, Endpoint, Port, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxy import apply_cleanup, service_endpoints, sync_health_server, udp_conntrack_cleanup
 
@@ -681,7 +681,7 @@ class IPVSProxier(Proxier):
         newly_active: list[ServicePortName] = []
         for name, old, new in changes:
             before, after = old.real_server_ips(), new.real_server_ips()
-            stale.extend((name, Endpoint(ip=ip, port=0)) for ip in sorted(before - after))
+            stale.extend((name, Endpoint(ip=IP(ip), port=Port(0))) for ip in sorted(before - after))
             if not before and after:
                 newly_active.append(name)
         for name, ep in request.stale_endpoints:

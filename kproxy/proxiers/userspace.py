@@ -281,7 +281,7 @@ class UserspaceProxier(Proxier):
         # Traffic the rules refuse or drop never reaches a listener: only its endpoints matter.
         chosen = {"internal": d.internal, "external": d.external, "cluster": d.cluster or d.external}
         for role, lids in served.listeners.items():
-            eps = [(e.ip, e.port) for e in chosen[role]]
+            eps: list[tuple[str, int]] = [(e.ip, e.port) for e in chosen[role]]
             for lid in lids:
                 self.relay.set_endpoints(lid, eps, served.svc.session_affinity_timeout, self.udp_idle_timeout)
 

@@ -63,7 +63,8 @@ async def scripted_api() -> AsyncIterator[ScriptedApi]:
                 if isinstance(ev, asyncio.Event):  # a gate the test opens when it is ready
                     await ev.wait()
                     continue
-                await resp.write(json.dumps(ev).encode() + b"\n")
+                # bytes: a line written as is (a frame that is not even JSON)
+                await resp.write((ev if isinstance(ev, bytes) else json.dumps(ev).encode()) + b"\n")
             if api.hang_after_script and not api.watch_scripts:
                 await asyncio.sleep(30)
             return resp

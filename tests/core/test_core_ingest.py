@@ -8,6 +8,7 @@ import pytest
 
 from kproxy.kube.ingest import (
     EndpointSlice,
+    InvalidObject,
     Node,
     Service,
     node_eligible,
@@ -73,10 +74,14 @@ def test_externalname_and_headless_produce_nothing(spec: dict[str, Any]) -> None
     assert service_ports(svc(spec)) == {}
 
 
-def test_nodeport_ignored_on_clusterip_and_unknown_protocol_skipped() -> None:
-    s = svc({"clusterIP": "10.0.0.1", "ports": [{"port": 1, "nodePort": 30001}, {"port": 2, "protocol": "ICMP"}]})
+def test_nodeport_ignored_on_clusterip_and_unknown_protocol_invalidates_the_service() -> None:
+    s = svc({"clusterIP": "10.0.0.1", "ports": [{"port": 1, "nodePort": 30001}]})
     (p,) = service_ports(s).values()
     assert p.port == 1 and p.node_port == 0 and p.session_affinity_timeout is None
+    # A protocol outside the closed set drops the whole Service (tests/core/test_core_hostile.py).
+    bad = svc({"clusterIP": "10.0.0.1", "ports": [{"port": 1}, {"port": 2, "protocol": "ICMP"}]})
+    with pytest.raises(InvalidObject, match="protocol"):
+        service_ports(bad)
 
 
 def eslice(endpoints: list[dict[str, Any]], ports: list[dict[str, Any]], **meta: Any) -> EndpointSlice:

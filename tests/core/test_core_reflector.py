@@ -250,3 +250,40 @@ def test_5xx_on_watch_backs_off_and_resumes_from_the_same_rv() -> None:
             assert [w["resourceVersion"] for w in api.watch_calls[:3]] == [rv, rv, rv]
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_an_object_that_does_not_decode_is_skipped_and_the_watch_goes_on() -> None:
+    """Issue 13: a type-wrong field made the reflector retry the same resourceVersion forever,
+    so no later change (not even the object's deletion) ever applied. Now it is handed over as a
+    stand-in with only its identity, and the list and the watch go on."""
+    async def main() -> None:
+        async with scripted_api() as api:
+            api.put("a", color="A")
+            bad_listed = api.put("b", color="B")
+            bad_listed["spec"] = {"color": 5}  # type-wrong in the list itself
+            rv = api.rv
+            good = {"metadata": {"name": "c", "namespace": "default", "resourceVersion": str(rv + 1)},
+                    "spec": {"color": "C"}}
+            bad = {"metadata": {"name": "c", "namespace": "default", "resourceVersion": str(rv + 2)},
+                   "spec": {"color": ["not", "a", "string"]}}
+            fixed = {"metadata": {"name": "c", "namespace": "default", "resourceVersion": str(rv + 3)},
+                     "spec": {"color": "C2"}}
+            gone = {"metadata": {"name": "b", "namespace": "default", "resourceVersion": str(rv + 4)},
+                    "spec": 7}
+            api.watch_scripts = [[_ev("ADDED", good), _ev("MODIFIED", bad), b"not json at all",
+                                  _ev("MODIFIED", fixed), _ev("DELETED", gone)]]
+            api.hang_after_script = True
+            rec = Recorder()
+            counted: list[int] = []
+            client, r = _reflector(api, rec, on_undecodable=lambda: counted.append(1))
+            async with running(client, r):
+                await _until(lambda: r.last_resource_version == str(rv + 4))
+                assert rec.calls[0] == ("replace", (["a", "b"], str(rv)))
+                # The stand-ins carry the identity and nothing else (the spec at its default).
+                assert rec.state == {"a": "A", "c": "C2"}
+                assert ("MODIFIED", "c") in rec.calls and ("DELETED", "b") in rec.calls
+                assert r.lists == 1 and len(api.watch_calls) == 1
+                assert len(counted) == r.undecodable == 4  # b listed, c modified, the garbage line, b deleted
+
+    asyncio.run(main())
