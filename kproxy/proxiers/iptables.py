@@ -671,7 +671,7 @@ def new_proxier(config: Any) -> Proxier:
         ),
         localhost_nodeports=bool(getattr(config, "localhost_nodeports", True)),
         conntrack=Conntrack(netns=netns),
-        health_server=ServiceHealthServer(hc_bind),
+        health_server=ServiceHealthServer(hc_bind, netns=netns),
         node_ips=tuple(getattr(config, "node_ips", ()) or ()),
         node_zone=str(getattr(config, "node_zone", "") or ""),
     )

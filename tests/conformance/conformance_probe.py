@@ -1,0 +1,111 @@
+"""Runs one conformance probe with real sockets in a client namespace and judges the outcome.
+
+Sockets are made inside the client's network namespace (kproxy.relay.socket_in_netns) and used
+from this process: no process per connection. Every socket has a timeout and every loop a count.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+
+from conformance_table import CLIENT_IP, Probe
+
+from kproxy.relay import socket_in_netns
+
+MAX_CONNECTIONS = 40  # (2/3)^40: a backend of three missed by chance once in 10^7 runs
+DROP_TIMEOUT = 1.5  # a dropped SYN or datagram: no answer within this (answers take milliseconds)
+
+MakeSocket = Callable[[int], socket.socket]  # socket type -> a socket in the client's namespace
+
+
+def netns_sockets(netns: str | None) -> MakeSocket:
+    return lambda kind: socket_in_netns(netns, socket.AF_INET, kind)
+
+
+def _one(make: MakeSocket, proto: str, addr: tuple[str, int], timeout: float) -> tuple[str, str]:
+    """(outcome, peer seen by the backend): outcome is a backend name, "refused", "dropped" or
+    "error:...". Backends answer "NAME PEER_IP"."""
+    s = make(socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        if proto == "TCP":
+            s.connect(addr)
+            data = s.recv(256)
+        else:
+            s.connect(addr)
+            s.send(b"ping")
+            data = s.recv(256)
+        if not data:
+            return "error:closed", ""
+        name, _, peer = data.decode(errors="replace").strip().partition(" ")
+        return name, peer
+    except ConnectionRefusedError:
+        return "refused", ""
+    except (TimeoutError, socket.timeout):
+        return "dropped", ""
+    except ConnectionResetError:
+        return "reset", ""
+    except OSError as e:
+        return f"error:{e.errno}", ""
+    finally:
+        s.close()
+
+
+def _health(make: MakeSocket, addr: tuple[str, int]) -> tuple[int, dict[str, object]]:
+    s = make(socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(addr)
+        s.sendall(f"GET / HTTP/1.0\r\nHost: {addr[0]}\r\n\r\n".encode())
+        raw = b""
+        for _ in range(64):  # bounded: the body is a few hundred bytes
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            raw += chunk
+    finally:
+        s.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    parsed: dict[str, object] = json.loads(body)
+    return status, parsed
+
+
+def run_probe(make: MakeSocket, probe: Probe, addr: tuple[str, int]) -> str:
+    """Empty string when the probe passed, else what went wrong (for the assertion message)."""
+    if probe.dst == "health":
+        status, body = _health(make, addr)
+        if status != probe.expect:
+            return f"health {addr}: status {status}, expected {probe.expect} ({body})"
+        if probe.local_endpoints is not None and body.get("localEndpoints") != probe.local_endpoints:
+            return f"health {addr}: localEndpoints {body.get('localEndpoints')}, expected {probe.local_endpoints}"
+        return ""
+    expect = probe.expect
+    timeout = DROP_TIMEOUT if expect == "dropped" else 5.0
+    results = [_one(make, probe.proto, addr, timeout) for _ in range(probe.count)]
+    if isinstance(expect, frozenset):
+        # iptables picks endpoints at random: more connections (bounded) until each expected
+        # backend answered, or something unexpected did.
+        for _ in range(MAX_CONNECTIONS - probe.count):
+            seen = {r[0] for r in results}
+            if expect <= seen or not seen <= expect:
+                break
+            results.append(_one(make, probe.proto, addr, timeout))
+    outcomes = [r[0] for r in results]
+    if isinstance(expect, str) and expect in ("refused", "dropped"):
+        # A refusal must come at once and a drop must not be answered at all.
+        return "" if set(outcomes) == {expect} else f"{addr}: got {outcomes}, expected {expect}"
+    if expect == "sticky":
+        names = set(outcomes)
+        ok = len(names) == 1 and not any(o.startswith(("error", "refused", "dropped", "reset")) for o in outcomes)
+        return "" if ok else f"{addr}: got {outcomes}, expected one backend for every connection"
+    assert isinstance(expect, frozenset)
+    if set(outcomes) != expect:
+        return f"{addr}: got {outcomes}, expected each of {sorted(expect)} and nothing else"
+    peers = {r[1] for r in results}
+    if probe.source == "client" and peers != {CLIENT_IP}:
+        return f"{addr}: backends saw {peers}, expected the client's address {CLIENT_IP}"
+    if probe.source == "not-client" and CLIENT_IP in peers:
+        return f"{addr}: backends saw the client's address, expected the node's"
+    return ""

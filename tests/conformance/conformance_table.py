@@ -1,0 +1,217 @@
+"""The Service conformance matrix: one table of scenarios, run with real packets against every mode.
+
+Each scenario is one Service (its own ClusterIP, node port, LoadBalancer IP and external IP, so
+all of them are programmed in one sync) with endpoints on the test topology's pods, and probes:
+a client (the node itself, a pod, or a host outside the cluster) connects to one of the
+Service's addresses and the probe states what must happen (which backends answer, refused,
+dropped, a health-check status). `LIMITS` is the one place where a mode is allowed to differ, each
+with the reason; the tests assert that documented behaviour instead.
+
+Topology (tests/iptables/iptables_topology.py, or its IPVS twin in the VM): an outside client
+192.168.50.2 routed via the node 192.168.50.1; pod1 10.1.0.2 and pod2 10.1.0.3 on the node's
+bridge (local endpoints), pod3 10.2.0.2 behind another link (a remote endpoint: its node_name is
+another node's). Backends answer "NAME PEER_IP" on TCP 8080 and UDP 8053. The node is in zone-a.
+
+Plain data and pure functions only: the VM imports this file too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kproxy.model import Endpoint, ServicePort, ServicePortName
+
+NODE_IP = "192.168.50.1"
+CLIENT_IP = "192.168.50.2"
+POD_IPS = {"pod1": "10.1.0.2", "pod2": "10.1.0.3", "pod3": "10.2.0.2"}
+LOCAL_PODS = frozenset({"pod1", "pod2"})
+NODE_NAME = "conformance-node"
+NODE_ZONE = "zone-a"
+CLUSTER_CIDR = "10.0.0.0/8"
+TCP_PORT, UDP_PORT = 8080, 8053
+
+Src = Literal["node", "pod", "outside", "self"]  # self: pod1 reaching a Service it backs (hairpin)
+Dst = Literal["cluster_ip", "node_port", "lb_ip", "external_ip", "health"]
+# A set of backend names (each connection answered by one of them, all of them seen over the
+# probe's connections unless `any_of`), or what happens instead.
+Outcome = frozenset[str] | Literal["refused", "dropped", "sticky"] | int  # int: HTTP status
+
+
+@dataclass(frozen=True)
+class Probe:
+    src: Src
+    dst: Dst
+    expect: Outcome
+    proto: Literal["TCP", "UDP"] = "TCP"
+    count: int = 6
+    # The source address the backend must see: "client" (kept), "not-client" (rewritten).
+    source: Literal["client", "not-client", ""] = ""
+    local_endpoints: int | None = None  # health check body: localEndpoints
+    phase: int = 1  # 2: after the scenario's `then` endpoints were synced
+
+    @property
+    def key(self) -> str:
+        return f"{self.src}->{self.dst}/{self.proto}" + (f"#{self.phase}" if self.phase > 1 else "")
+
+
+@dataclass(frozen=True)
+class Ep:
+    pod: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    zone_hints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    endpoints: tuple[Ep, ...] = ()
+    probes: tuple[Probe, ...] = ()
+    protocol: Literal["TCP", "UDP"] = "TCP"
+    external_ip: bool = False
+    source_ranges: tuple[str, ...] = ()
+    affinity: bool = False
+    itp_local: bool = False
+    etp_local: bool = False
+    health_check: bool = False
+    then: tuple[Ep, ...] | None = None  # endpoints of phase 2 (an endpoint change)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _names(*pods: str) -> frozenset[str]:
+    return frozenset(pods)
+
+
+BOTH = _names("pod1", "pod3")
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("ClusterIP from node, pod and outside", endpoints=(Ep("pod1"), Ep("pod3")), probes=(
+        Probe("node", "cluster_ip", BOTH), Probe("pod", "cluster_ip", BOTH), Probe("outside", "cluster_ip", BOTH))),
+    Scenario("NodePort", "NodePort", (Ep("pod1"), Ep("pod3")), probes=(
+        Probe("outside", "node_port", BOTH), Probe("node", "node_port", BOTH), Probe("pod", "node_port", BOTH))),
+    Scenario("LoadBalancer IP, source range allows the client", "LoadBalancer", (Ep("pod1"), Ep("pod3")),
+             source_ranges=("192.168.50.0/24",), probes=(Probe("outside", "lb_ip", BOTH),)),
+    Scenario("LoadBalancer IP, source range denies the client", "LoadBalancer", (Ep("pod1"), Ep("pod3")),
+             source_ranges=("203.0.113.0/24",), probes=(
+                 Probe("outside", "lb_ip", "dropped", count=1), Probe("outside", "node_port", BOTH))),
+    Scenario("external IP", endpoints=(Ep("pod1"), Ep("pod3")), external_ip=True, probes=(
+        Probe("outside", "external_ip", BOTH), Probe("node", "external_ip", BOTH))),
+    Scenario("session affinity ClientIP", endpoints=(Ep("pod1"), Ep("pod2"), Ep("pod3")), affinity=True, probes=(
+        Probe("outside", "cluster_ip", "sticky"),)),
+    Scenario("internalTrafficPolicy Local, local and remote endpoints", endpoints=(Ep("pod1"), Ep("pod3")),
+             itp_local=True, probes=(Probe("pod", "cluster_ip", _names("pod1")), Probe("node", "cluster_ip", _names("pod1")))),
+    Scenario("internalTrafficPolicy Local, only a remote endpoint", endpoints=(Ep("pod3"),), itp_local=True,
+             probes=(Probe("pod", "cluster_ip", "dropped", count=1),)),
+    Scenario("internalTrafficPolicy Local, only a terminating local endpoint and a remote ready one",
+             endpoints=(Ep("pod1", ready=False, terminating=True), Ep("pod3")), itp_local=True,
+             probes=(Probe("pod", "cluster_ip", _names("pod1")),)),
+    Scenario("externalTrafficPolicy Local, local and remote endpoints; health check 200", "LoadBalancer",
+             (Ep("pod1"), Ep("pod2"), Ep("pod3")), etp_local=True, health_check=True, probes=(
+                 Probe("outside", "node_port", _names("pod1", "pod2"), source="client"),
+                 Probe("outside", "lb_ip", _names("pod1", "pod2"), source="client"),
+                 Probe("outside", "cluster_ip", _names("pod1", "pod2", "pod3")),
+                 Probe("outside", "health", 200, count=1, local_endpoints=2))),
+    Scenario("externalTrafficPolicy Local, only a remote endpoint; health check 503", "LoadBalancer", (Ep("pod3"),),
+             etp_local=True, health_check=True, probes=(
+                 Probe("outside", "node_port", "dropped", count=1),
+                 Probe("pod", "node_port", _names("pod3")),  # pods short-circuit to the cluster-wide endpoints
+                 Probe("outside", "health", 503, count=1, local_endpoints=0))),
+    Scenario("externalTrafficPolicy Local, only a terminating local endpoint", "NodePort",
+             (Ep("pod1", ready=False, terminating=True), Ep("pod3")), etp_local=True,
+             probes=(Probe("outside", "node_port", _names("pod1")), Probe("outside", "cluster_ip", _names("pod3")))),
+    Scenario("terminating fallback: only serving+terminating endpoints", "NodePort",
+             (Ep("pod1", ready=False, terminating=True), Ep("pod2", ready=False, serving=False, terminating=True)),
+             probes=(Probe("outside", "cluster_ip", _names("pod1")), Probe("outside", "node_port", _names("pod1")))),
+    Scenario("no endpoints: refused", "NodePort", (Ep("pod1", ready=False, serving=False),), probes=(
+        Probe("outside", "cluster_ip", "refused", count=1), Probe("outside", "node_port", "refused", count=1),
+        Probe("node", "cluster_ip", "refused", count=1))),
+    Scenario("hairpin: a pod through its own Service", endpoints=(Ep("pod1"),), probes=(
+        Probe("self", "cluster_ip", _names("pod1")),)),
+    Scenario("endpoint change", endpoints=(Ep("pod1"),), then=(Ep("pod2"),), probes=(
+        Probe("outside", "cluster_ip", _names("pod1")), Probe("outside", "cluster_ip", _names("pod2"), phase=2))),
+    Scenario("UDP", "NodePort", (Ep("pod1"), Ep("pod3")), protocol="UDP", probes=(
+        Probe("outside", "cluster_ip", BOTH, proto="UDP"), Probe("node", "cluster_ip", BOTH, proto="UDP"),
+        Probe("outside", "node_port", BOTH, proto="UDP"))),
+    Scenario("topology PreferClose: a same-zone and an other-zone endpoint",
+             endpoints=(Ep("pod1", zone_hints=("zone-a",)), Ep("pod3", zone_hints=("zone-b",))), probes=(
+                 Probe("outside", "cluster_ip", _names("pod1")), Probe("pod", "cluster_ip", _names("pod1")))),
+)
+
+MODES = ("iptables-nft", "iptables-legacy", "userspace", "ipvs")
+
+# The one place a mode may differ: (mode, scenario, probe key) -> (what it does instead, why).
+LIMITS: dict[tuple[str, str, str], tuple[Probe, str]] = {
+    ("userspace", SCENARIOS[9].name, "outside->node_port/TCP"): (
+        Probe("outside", "node_port", _names("pod1", "pod2"), source="not-client"),
+        "the relay opens a new connection from the node: the endpoint sees the node's address"),
+    ("userspace", SCENARIOS[9].name, "outside->lb_ip/TCP"): (
+        Probe("outside", "lb_ip", _names("pod1", "pod2"), source="not-client"),
+        "the relay opens a new connection from the node: the endpoint sees the node's address"),
+}
+
+
+def expected(mode: str, scenario: Scenario, probe: Probe) -> tuple[Probe, str]:
+    """The probe as `mode` must pass it, and the documented reason when that is a limit."""
+    return LIMITS.get((mode, scenario.name, probe.key), (probe, ""))
+
+
+def addresses(index: int) -> dict[str, str | int]:
+    """Each scenario's own addresses and ports (index: its position in SCENARIOS)."""
+    return {
+        "cluster_ip": f"10.96.7.{index + 10}",
+        "lb_ip": f"10.98.7.{index + 10}",
+        "external_ip": f"10.99.7.{index + 10}",
+        "node_port": 31000 + index,
+        "health": 32000 + index,
+        "port": 80,
+    }
+
+
+def spn(scenario: Scenario) -> ServicePortName:
+    index = SCENARIOS.index(scenario)
+    return ServicePortName("conformance", f"s{index}", "p", scenario.protocol)
+
+
+def service_port(scenario: Scenario) -> ServicePort:
+    a = addresses(SCENARIOS.index(scenario))
+    return ServicePort(
+        name=spn(scenario),
+        type=scenario.type,
+        cluster_ips=(str(a["cluster_ip"]),),
+        port=int(a["port"]),
+        protocol=scenario.protocol,
+        node_port=int(a["node_port"]) if scenario.type != "ClusterIP" else 0,
+        external_ips=(str(a["external_ip"]),) if scenario.external_ip else (),
+        load_balancer_ips=(str(a["lb_ip"]),) if scenario.type == "LoadBalancer" else (),
+        load_balancer_source_ranges=scenario.source_ranges,
+        session_affinity_timeout=60 if scenario.affinity else None,
+        external_policy_local=scenario.etp_local,
+        internal_policy_local=scenario.itp_local,
+        health_check_node_port=int(a["health"]) if scenario.health_check else 0,
+    )
+
+
+def endpoints(scenario: Scenario, phase: int = 1) -> tuple[Endpoint, ...]:
+    eps = scenario.then if phase == 2 and scenario.then is not None else scenario.endpoints
+    port = UDP_PORT if scenario.protocol == "UDP" else TCP_PORT
+    return tuple(sorted(
+        Endpoint(ip=POD_IPS[e.pod], port=port, ready=e.ready, serving=e.serving, terminating=e.terminating,
+                 node_name=NODE_NAME if e.pod in LOCAL_PODS else "other-node", is_local=e.pod in LOCAL_PODS,
+                 zone_hints=e.zone_hints)
+        for e in eps))
+
+
+def state(phase: int = 1) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
+    services = {spn(s): service_port(s) for s in SCENARIOS}
+    eps = {spn(s): endpoints(s, phase) for s in SCENARIOS}
+    return services, {k: v for k, v in eps.items() if v}
+
+
+def target(scenario: Scenario, probe: Probe) -> tuple[str, int]:
+    a = addresses(SCENARIOS.index(scenario))
+    if probe.dst == "node_port":
+        return NODE_IP, int(a["node_port"])
+    if probe.dst == "health":
+        return NODE_IP, int(a["health"])
+    return str(a[probe.dst]), int(a["port"])

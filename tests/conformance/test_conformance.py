@@ -1,0 +1,96 @@
+"""The Service conformance matrix (conformance_table.py) against iptables on both back ends and
+userspace, in network namespaces, with real packets. IPVS runs the same table inside the
+User-Mode Linux VM (tests/vm/inside/test_ipvs_conformance.py): this kernel has no IPVS."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+from conformance_probe import netns_sockets, run_probe
+from conformance_table import (
+    CLUSTER_CIDR,
+    NODE_IP,
+    NODE_NAME,
+    NODE_ZONE,
+    SCENARIOS,
+    Scenario,
+    endpoints,
+    expected,
+    spn,
+    state,
+    target,
+)
+from iptables_topology import Topology
+
+from kproxy.proxiers.base import Proxier, SyncRequest
+
+pytestmark = pytest.mark.e2e
+
+HERE = ("iptables-nft", "iptables-legacy", "userspace")
+
+
+@dataclass
+class Mode:
+    name: str
+    proxier: Proxier
+    topo: Topology
+    services: dict
+    endpoints: dict
+
+    def sync_phase2(self, scenario: Scenario) -> None:
+        name = spn(scenario)
+        self.endpoints[name] = endpoints(scenario, 2)
+        res = self.proxier.sync(SyncRequest(dict(self.services), dict(self.endpoints),
+                                            changed=frozenset({name}), full=False))
+        assert res.ok, res.error
+
+    def client(self, src: str) -> str:
+        return {"node": self.topo.node, "outside": self.topo.client, "pod": self.topo.pods["pod2"],
+                "self": self.topo.pods["pod1"]}[src]
+
+
+def build(mode: str, topo: Topology) -> Proxier:
+    common = dict(netns=topo.node, cluster_cidr=CLUSTER_CIDR, hostname_override=NODE_NAME, node_ips=(NODE_IP,),
+                  node_zone=NODE_ZONE, healthcheck_bind_address="")
+    if mode.startswith("iptables"):
+        from kproxy.proxiers.iptables import new_proxier as iptables_proxier
+
+        return iptables_proxier(SimpleNamespace(**common, iptables_backend=mode.split("-")[1]))
+    from kproxy.proxiers.userspace import new_proxier as userspace_proxier
+
+    return userspace_proxier(SimpleNamespace(**common, iptables_backend="nft", bind_address=NODE_IP,
+                                             relay_impl="compiled", udp_idle_timeout=1.0))
+
+
+@pytest.fixture(scope="module", params=HERE)
+def mode(request: pytest.FixtureRequest, conformance_topology: Topology) -> Iterator[Mode]:
+    proxier = build(request.param, conformance_topology)
+    services, eps = state()
+    try:
+        res = proxier.sync(SyncRequest(services, eps))
+        assert res.ok, res.error
+        yield Mode(request.param, proxier, conformance_topology, services, eps)
+    finally:
+        proxier.close()
+        assert proxier.cleanup()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_conformance(mode: Mode, scenario: Scenario) -> None:
+    failures = []
+    for phase in (1, 2):
+        if phase == 2:
+            if scenario.then is None:
+                break
+            mode.sync_phase2(scenario)
+        for probe in scenario.probes:
+            if probe.phase != phase:
+                continue
+            want, reason = expected(mode.name, scenario, probe)
+            problem = run_probe(netns_sockets(mode.client(want.src)), want, target(scenario, want))
+            if problem:
+                failures.append(f"{want.key}{' (documented limit: ' + reason + ')' if reason else ''}: {problem}")
+    assert not failures, f"{mode.name} / {scenario.name}:\n" + "\n".join(failures)
