@@ -1,7 +1,8 @@
 """Pure-Python twin of kdns/_wire.pyx: the per-query hot path.
 
 Both modules expose the same API and must produce identical bytes (tests/dns/test_dns_wire_twins.py):
-  Table                 the pre-encoded answers of the cluster zone (records.py fills it)
+  Table                 the pre-encoded answers of the cluster zone (records.py fills it), and the
+                        guards: the sources allowed to query, the largest UDP answer
   answer(q, table, tcp) response bytes for a query the table can answer, else None (slow path)
   Stats                 request/response counters and a latency histogram
   drain_udp(sock, ...)  answer every datagram waiting on a non-blocking UDP socket; return misses
@@ -18,8 +19,11 @@ import time
 from collections.abc import Container
 from typing import Any
 
-UDP_CAP = 4096  # largest UDP answer we send, whatever the client advertises
-OPT_RR = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # root, OPT, size 1232, v0, no options
+UDP_SIZE = 1232  # default largest UDP answer (and what the OPT advertises): DNS flag day 2020
+UDP_SIZE_MAX = 4096  # the most an operator may configure (query buffers are that large)
+# Loopback only, until the server sets its --allow-query networks: (network, mask) pairs.
+LOOPBACK4 = bytes((127, 0, 0, 0, 255, 0, 0, 0))
+LOOPBACK6 = bytes(15) + b"\x01" + b"\xff" * 16
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))  # CoreDNS's request duration buckets
 BATCH = 64
 IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
@@ -34,6 +38,9 @@ class Table:
              one of them is NODATA, a miss on any other name under `zone` is NXDOMAIN.
     zone:    lowercase wire form of the cluster zone; `pod_zone` of pod.ZONE (synthesized by
              the slow path); soa_tail: the apex SOA record after its owner name.
+    allow4, allow6: sources drain_udp answers (packed network+mask pairs, kdns.acl.Acl.packed);
+             a datagram from any other source goes to the slow path, which refuses it.
+    udp_size: the largest UDP answer, also advertised in the OPT record (RFC 6891 6.2.5).
     """
 
     def __init__(self) -> None:
@@ -43,6 +50,10 @@ class Table:
         self.pod_zone = b"\x00"
         self.soa_tail = b""
         self.synced = False
+        self.allow4 = LOOPBACK4
+        self.allow6 = LOOPBACK6
+        self.udp_size = UDP_SIZE
+        self.opt_rr = _opt_rr(UDP_SIZE)
 
     def update(self, answers: dict[bytes, bytes], names: Container[bytes], zone: bytes,
                pod_zone: bytes, soa_tail: bytes, synced: bool) -> None:
@@ -52,6 +63,38 @@ class Table:
         self.pod_zone = pod_zone
         self.soa_tail = soa_tail
         self.synced = synced
+
+    def guard(self, allow4: bytes, allow6: bytes, udp_size: int) -> None:
+        if len(allow4) % 8 or len(allow6) % 32 or not 512 <= udp_size <= UDP_SIZE_MAX:
+            raise ValueError("allow4/allow6 must be 8/32-byte rules and udp_size 512..4096")
+        self.allow4 = allow4
+        self.allow6 = allow6
+        self.udp_size = udp_size
+        self.opt_rr = _opt_rr(udp_size)
+
+
+def _opt_rr(udp_size: int) -> bytes:
+    """Root owner, type OPT, our UDP size as its class, version 0, no flags, no options."""
+    return b"\x00\x00\x29" + struct.pack("!H", udp_size) + b"\x00\x00\x00\x00\x00\x00"
+
+
+def _match(src: bytes, rules: bytes) -> bool:
+    n = len(src)
+    for r in range(0, len(rules), 2 * n):
+        if all(src[k] & rules[r + n + k] == rules[r + k] for k in range(n)):
+            return True
+    return False
+
+
+def allowed(addr: Any, table: Table) -> bool:
+    """Whether a source address (as recvmsg returns it) is in the table's allowed networks."""
+    host = addr[0].split("%", 1)[0]
+    if ":" not in host:
+        return _match(socket.inet_pton(socket.AF_INET, host), table.allow4)
+    raw = socket.inet_pton(socket.AF_INET6, host)
+    if raw[:12] == b"\x00" * 10 + b"\xff\xff":  # IPv4-mapped: a v4 client on a dual-stack socket
+        return _match(raw[12:], table.allow4)
+    return _match(raw, table.allow6)
 
 
 def _under(lname: bytes, zone: bytes) -> int:
@@ -108,7 +151,7 @@ def _answer(q: bytes, table: Table, tcp: bool) -> tuple[bytes | None, int]:
         return None, qtype
     qname = q[12:qend]
     lname = qname.translate(_LOWER)
-    limit = 65535 if tcp else (min(edns, UDP_CAP) if edns >= 0 else 512)
+    limit = 65535 if tcp else (min(edns, table.udp_size) if edns >= 0 else 512)
     flags2 = q[2] & 0x01  # RD echoed
     flags3 = q[3] & 0x10  # CD echoed
     resp = table.answers.get(lname + q[qend:qend + 2])
@@ -131,12 +174,12 @@ def _answer(q: bytes, table: Table, tcp: bool) -> tuple[bytes | None, int]:
         out += table.soa_tail
     if edns >= 0:
         out[11] += 1
-        out += OPT_RR
+        out += table.opt_rr
     if len(out) > limit:
         out = bytearray(q[0:2]) + bytes((out[2] | 0x02, out[3], 0, 1, 0, 0, 0, 0, 0, 1 if edns >= 0 else 0))
         out += q[12:qend + 4]
         if edns >= 0:
-            out += OPT_RR
+            out += table.opt_rr
     return bytes(out), qtype
 
 
@@ -191,7 +234,7 @@ def reply_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, in
 def drain_udp(sock: socket.socket, table: Table, stats: Stats,
               max_batches: int) -> list[tuple[bytes, Any, list[tuple[int, int, bytes]]]]:
     """Answer datagrams until the socket is empty or max_batches*64 were read; the ones the table
-    cannot answer are returned as (query, address, reply ancillary data) for the slow path."""
+    cannot answer, or whose source it does not allow, are returned as (query, address, reply ancillary data) for the slow path."""
     misses: list[tuple[bytes, Any, list[tuple[int, int, bytes]]]] = []
     for _ in range(max_batches * BATCH):
         try:
@@ -202,7 +245,7 @@ def drain_udp(sock: socket.socket, table: Table, stats: Stats,
             continue  # over 4096 octets: no DNS client sends such a query (as the compiled twin)
         t0 = time.perf_counter()
         anc = reply_ancillary(ancdata)
-        resp, qtype = _answer(data, table, False)
+        resp, qtype = _answer(data, table, False) if allowed(addr, table) else (None, -1)
         if resp is None:
             misses.append((data, addr, anc))
             continue

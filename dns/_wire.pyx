@@ -11,6 +11,8 @@ from cpython.object cimport PyObject
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
 
+import socket
+
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     struct sockaddr:
@@ -87,11 +89,13 @@ DEF OUTCAP = 65546
 DEF NBUCKETS = 16
 DEF CTRL = 64  # room for one in_pktinfo/in6_pktinfo control message
 
-UDP_CAP = 4096
+UDP_SIZE = 1232
+UDP_SIZE_MAX = 4096
+LOOPBACK4 = bytes((127, 0, 0, 0, 255, 0, 0, 0))
+LOOPBACK6 = bytes(15) + b"\x01" + b"\xff" * 16
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))
-cdef int C_UDP_CAP = 4096
 cdef unsigned char OPT_RR[11]
-OPT_RR[:] = [0, 0, 0x29, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]
+OPT_RR[:] = [0, 0, 0x29, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]  # the udp size (octets 3-4) is patched per table
 cdef double C_BUCKETS[NBUCKETS]
 for _i in range(NBUCKETS):
     C_BUCKETS[_i] = 0.00025 * (2 ** _i)
@@ -105,6 +109,9 @@ cdef class Table:
     cdef public bytes pod_zone
     cdef public bytes soa_tail
     cdef public bint synced
+    cdef readonly bytes allow4
+    cdef readonly bytes allow6
+    cdef readonly int udp_size
 
     def __init__(self):
         self.answers = {}
@@ -113,6 +120,16 @@ cdef class Table:
         self.pod_zone = b"\x00"
         self.soa_tail = b""
         self.synced = False
+        self.allow4 = LOOPBACK4
+        self.allow6 = LOOPBACK6
+        self.udp_size = UDP_SIZE
+
+    def guard(self, bytes allow4, bytes allow6, int udp_size):
+        if len(allow4) % 8 or len(allow6) % 32 or not 512 <= udp_size <= UDP_SIZE_MAX:
+            raise ValueError("allow4/allow6 must be 8/32-byte rules and udp_size 512..4096")
+        self.allow4 = allow4
+        self.allow6 = allow6
+        self.udp_size = udp_size
 
     def update(self, dict answers, names, bytes zone, bytes pod_zone, bytes soa_tail, bint synced):
         self.answers = answers
@@ -238,7 +255,7 @@ cdef int _answer(const unsigned char *q, int n, Table table, bint tcp, unsigned 
     if tcp:
         limit = 65535
     elif edns >= 0:
-        limit = edns if edns < C_UDP_CAP else C_UDP_CAP
+        limit = edns if edns < table.udp_size else table.udp_size
     else:
         limit = 512
     flags2 = q[2] & 0x01
@@ -282,6 +299,8 @@ cdef int _answer(const unsigned char *q, int n, Table table, bint tcp, unsigned 
     if edns >= 0:
         out[11] += 1
         memcpy(out + outlen, OPT_RR, 11)
+        out[outlen + 3] = table.udp_size >> 8
+        out[outlen + 4] = table.udp_size & 0xFF
         outlen += 11
     if outlen > limit:
         out[2] |= 0x02
@@ -291,6 +310,8 @@ cdef int _answer(const unsigned char *q, int n, Table table, bint tcp, unsigned 
         outlen = 12 + qlen + 4
         if edns >= 0:
             memcpy(out + outlen, OPT_RR, 11)
+            out[outlen + 3] = table.udp_size >> 8
+            out[outlen + 4] = table.udp_size & 0xFF
             outlen += 11
     return outlen
 
@@ -308,6 +329,47 @@ def answer(bytes query, Table table, bint tcp):
     if n < 0:
         return None
     return PyBytes_FromStringAndSize(<char *>_answer_buf, n)
+
+
+cdef inline bint _match(const unsigned char *src, int n, bytes rules) noexcept:
+    cdef const unsigned char *r = <const unsigned char *>PyBytes_AS_STRING(rules)
+    cdef Py_ssize_t total = PyBytes_GET_SIZE(rules), off = 0
+    cdef int k
+    while off + 2 * n <= total:
+        k = 0
+        while k < n and (src[k] & r[off + n + k]) == r[off + k]:
+            k += 1
+        if k == n:
+            return True
+        off += 2 * n
+    return False
+
+
+cdef inline bint _allowed(sockaddr_storage *sa, Table table) noexcept:
+    """See kdns._purewire.allowed: the source against the table's (network, mask) pairs."""
+    cdef const unsigned char *a
+    if sa.ss_family == AF_INET:
+        return _match(<const unsigned char *>&(<sockaddr_in *>sa).sin_addr, 4, table.allow4)
+    if sa.ss_family != AF_INET6:
+        return False
+    a = (<sockaddr_in6 *>sa).sin6_addr.s6_addr
+    if a[0] == 0 and a[1] == 0 and a[2] == 0 and a[3] == 0 and a[4] == 0 and a[5] == 0 and a[6] == 0 \
+            and a[7] == 0 and a[8] == 0 and a[9] == 0 and a[10] == 0xFF and a[11] == 0xFF:
+        return _match(a + 12, 4, table.allow4)  # IPv4-mapped: a v4 client on a dual-stack socket
+    return _match(a, 16, table.allow6)
+
+
+def allowed(addr, Table table):
+    """See kdns._purewire.allowed (for tests; drain_udp checks the raw sockaddr)."""
+    cdef bytes raw
+    host = addr[0].split("%", 1)[0]
+    if ":" not in host:
+        raw = socket.inet_pton(socket.AF_INET, host)
+        return _match(<const unsigned char *>PyBytes_AS_STRING(raw), 4, table.allow4)
+    raw = socket.inet_pton(socket.AF_INET6, host)
+    if raw[:12] == b"\x00" * 10 + b"\xff\xff":
+        return _match(<const unsigned char *>PyBytes_AS_STRING(raw) + 12, 4, table.allow4)
+    return _match(<const unsigned char *>PyBytes_AS_STRING(raw), 16, table.allow6)
 
 
 cdef object _addr(sockaddr_storage *sa):
@@ -420,7 +482,10 @@ def drain_udp(sock, Table table, Stats stats, int max_batches):
             if b.rvec[i].msg_hdr.msg_flags & MSG_TRUNC:
                 continue
             have = _reply_pktinfo(&b.rvec[i].msg_hdr)
-            r = _answer(b.inbuf + i * MAXQ, b.rvec[i].msg_len, table, False, b.outbuf + nsend * OUTCAP, &qt)
+            if _allowed(&b.addrs[i], table):
+                r = _answer(b.inbuf + i * MAXQ, b.rvec[i].msg_len, table, False, b.outbuf + nsend * OUTCAP, &qt)
+            else:
+                r = -1  # the slow path refuses it (and counts it)
             if r < 0:
                 misses.append((PyBytes_FromStringAndSize(<char *>(b.inbuf + i * MAXQ), b.rvec[i].msg_len),
                                _addr(&b.addrs[i]), _ancillary(&b.rvec[i].msg_hdr, have)))

@@ -14,9 +14,10 @@ import signal
 import sys
 
 from kdns import wire
+from kdns.acl import Acl, default_networks, parse_networks
 from kdns.records import ZoneIndex
 from kdns.resolver import Resolver, parse_upstream, resolv_conf_upstreams
-from kdns.server import DNSServer, HealthServer
+from kdns.server import DNSServer, HealthServer, TcpLimits
 
 log = logging.getLogger("kdns")
 
@@ -39,6 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolv-conf", default="/etc/resolv.conf", help="where to read upstream nameservers")
     p.add_argument("--cache-size", type=int, default=10000, help="forward cache entries (0 = off)")
     p.add_argument("--upstream-timeout", type=float, default=2.0, help="seconds per upstream attempt")
+    p.add_argument("--allow-query", action="append", default=[], metavar="CIDR",
+                   help="sources that get answers (repeatable or comma-separated); others get REFUSED. "
+                        "Default: loopback, --cluster-cidr, --service-cluster-ip-range and the networks "
+                        "of this host's interfaces")
+    p.add_argument("--allow-recursion", action="append", default=[], metavar="CIDR",
+                   help="sources whose names outside the zone are forwarded upstream (also need "
+                        "--allow-query); others get REFUSED. Default: as --allow-query's default")
+    p.add_argument("--cluster-cidr", action="append", default=[], metavar="CIDR",
+                   help="the pods' CIDR(s), allowed by default (repeatable or comma-separated)")
+    p.add_argument("--service-cluster-ip-range", action="append", default=[], metavar="CIDR",
+                   help="the Services' CIDR(s), allowed by default (repeatable or comma-separated)")
+    p.add_argument("--max-udp-size", type=int, default=wire.SERVER_UDP_SIZE,
+                   help="largest UDP answer, also advertised in EDNS (512..4096, default 1232); "
+                        "larger answers are truncated (TC) and the client retries over TCP")
+    p.add_argument("--tcp-max-connections", type=int, default=TcpLimits.max_connections,
+                   help="TCP connections in total (default 512); past it the oldest idle one is closed")
+    p.add_argument("--tcp-max-connections-per-source", type=int, default=TcpLimits.max_per_source,
+                   help="TCP connections from one address (default 64); past it that address's "
+                        "oldest idle one is closed")
+    p.add_argument("--tcp-idle-timeout", type=float, default=TcpLimits.idle_timeout,
+                   help="seconds a TCP client may stay silent between queries (default 10)")
     p.add_argument("--port-file", default="", help="write the bound DNS port here once listening")
     p.add_argument("--v", "--log-level", dest="log_level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -68,17 +90,29 @@ async def run(args: argparse.Namespace) -> None:
         # every unknown name to itself forever, as CoreDNS's loop plugin detects.
         log.warning("ignoring upstreams that are this server: %s", looping)
         upstreams = [u for u in upstreams if u not in looping]
+    defaults: list[Acl] = []
+    if not args.allow_query or not args.allow_recursion:
+        defaults.append(Acl(default_networks(parse_networks(args.cluster_cidr, "--cluster-cidr"),
+                                             parse_networks(args.service_cluster_ip_range,
+                                                            "--service-cluster-ip-range"))))
+    allow_query = Acl(parse_networks(args.allow_query, "--allow-query")) if args.allow_query else defaults[0]
+    allow_recursion = (Acl(parse_networks(args.allow_recursion, "--allow-recursion")) if args.allow_recursion
+                       else defaults[0])
+    log.info("allow-query=%s allow-recursion=%s", allow_query, allow_recursion)
     resolver = Resolver(index, upstreams, wire.impl.Stats(), cache_size=args.cache_size,
-                        timeout=args.upstream_timeout)
+                        timeout=args.upstream_timeout, allow_query=allow_query,
+                        allow_recursion=allow_recursion, udp_size=args.max_udp_size)
     if args.objects:
         from kdns.source import load_file
 
         load_file(index, args.objects)
-    server = DNSServer(resolver, args.dns_bind_address, args.dns_port)
+    limits = TcpLimits(max_connections=args.tcp_max_connections, max_per_source=args.tcp_max_connections_per_source,
+                       idle_timeout=args.tcp_idle_timeout)
+    server = DNSServer(resolver, args.dns_bind_address, args.dns_port, limits)
     await server.start()
     health = None
     if args.health_port:
-        health = HealthServer(resolver, args.health_bind_address, args.health_port)
+        health = HealthServer(resolver, args.health_bind_address, args.health_port, server)
         await health.start()
     if args.port_file:
         _write_port_file(args.port_file, server.port)
@@ -120,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not 0 <= args.dns_port <= 65535:
         return _fail(f"--dns-port {args.dns_port}: must be 0..65535")
+    for flag in ("allow_query", "allow_recursion", "cluster_cidr", "service_cluster_ip_range"):
+        try:
+            parse_networks(getattr(args, flag), "--" + flag.replace("_", "-"))
+        except ValueError as exc:
+            return _fail(str(exc))
+    if not 512 <= args.max_udp_size <= 4096:
+        return _fail(f"--max-udp-size {args.max_udp_size}: must be 512..4096")
+    if args.tcp_max_connections < 1 or args.tcp_max_connections_per_source < 1:
+        return _fail("--tcp-max-connections and --tcp-max-connections-per-source must be at least 1")
+    if not 0 < args.tcp_idle_timeout <= 3600:
+        return _fail(f"--tcp-idle-timeout {args.tcp_idle_timeout}: must be in (0, 3600] seconds")
     if args.objects and not os.path.isfile(args.objects):
         return _fail(f"--objects {args.objects}: no such file")
     if args.kubeconfig and not os.path.isfile(args.kubeconfig):

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 from kdns import wire
+from kdns.acl import LOOPBACK, Acl
 from kdns.records import ZoneIndex
 from kdns.wire import Edns, Message, Question, WireError
 
@@ -23,7 +24,6 @@ log = logging.getLogger("kdns.resolver")
 
 MAX_POSITIVE_TTL = 3600  # CoreDNS cache defaults
 MAX_NEGATIVE_TTL = 1800
-UDP_CAP = 4096
 
 
 class Forward:
@@ -96,18 +96,32 @@ def _age(rrs: list[wire.RR], age: int) -> list[wire.RR]:
     return [wire.RR(r.name, r.rtype, max(0, r.ttl - age), r.data, r.rclass) for r in rrs]
 
 
-def _limit(msg: Message, tcp: bool) -> int:
+def _limit(msg: Message, tcp: bool, udp_size: int) -> int:
+    """RFC 6891 6.2.5 / RFC 7766: over UDP the smaller of the requester's size (512 without EDNS)
+    and ours, whatever the requester advertises; TCP takes a whole message."""
     if tcp:
         return 65535
     if msg.edns is None:
         return 512
-    return int(min(max(512, msg.edns.udp_size), UDP_CAP))
+    return int(min(max(512, msg.edns.udp_size), udp_size))
 
 
 class Resolver:
+    """allow_query: sources that get answers at all (others: REFUSED); allow_recursion: sources
+    whose names outside the zone are forwarded (others: REFUSED). A query with no source (None)
+    comes from inside the process and is trusted. udp_size: the largest UDP answer, advertised."""
+
     def __init__(self, index: ZoneIndex, upstreams: list[tuple[str, int]], stats: Any,
-                 cache_size: int = 10000, timeout: float = 2.0) -> None:
+                 cache_size: int = 10000, timeout: float = 2.0, *, allow_query: Acl | None = None,
+                 allow_recursion: Acl | None = None, udp_size: int = wire.SERVER_UDP_SIZE) -> None:
         self.index = index
+        self.allow_query = allow_query or Acl(LOOPBACK)
+        self.allow_recursion = allow_recursion or Acl(LOOPBACK)
+        self.udp_size = udp_size
+        self.refused_query = 0  # queries from sources outside allow_query
+        self.refused_recursion = 0  # names outside the zone asked by sources outside allow_recursion
+        # The hot path answers from the table without asking Python: it gets the same rules.
+        index.table.guard(*self.allow_query.packed(), udp_size)
         self.upstreams = upstreams
         self.stats = stats
         self.cache = Cache(cache_size)
@@ -121,14 +135,23 @@ class Resolver:
 
     # ------------------------------------------------------------------------- local
 
-    def local(self, data: bytes, tcp: bool) -> bytes | Forward | None:
+    def local(self, data: bytes, tcp: bool, source: str | None = None) -> bytes | Forward | None:
         """Response bytes, a Forward to resolve, or None to drop the packet. Never raises for
-        any input: a malformed query gets FORMERR when its header is readable."""
+        any input: a malformed query gets FORMERR when its header is readable. `source` is the
+        client's address, checked against allow_query and (for forwarding) allow_recursion."""
         t0 = time.perf_counter()
         try:
-            out: bytes | Forward | None = wire.impl.answer(data, self.index.table, tcp)
-            if out is None:
-                out = self._slow(data, tcp, t0)
+            out: bytes | Forward | None
+            if source is not None and not self.allow_query.allows(source):
+                self.refused_query += 1
+                out = self._refuse(data, tcp)
+            else:
+                out = wire.impl.answer(data, self.index.table, tcp)
+                if out is None:
+                    out = self._slow(data, tcp, t0)
+                if isinstance(out, Forward) and source is not None and not self.allow_recursion.allows(source):
+                    self.refused_recursion += 1
+                    out = self._reply(out.msg, wire.REFUSED, aa=False, tcp=tcp)
         except Exception:  # the last line of defence: one bad packet, not the whole server
             self.internal_errors += 1
             log.exception("query handling failed len=%d", len(data))
@@ -146,6 +169,17 @@ class Resolver:
             pass
         self.stats.record(qtype, resp[3] & 0xF, time.perf_counter() - t0)
 
+    def _refuse(self, data: bytes, tcp: bool) -> bytes | None:
+        """REFUSED for a source outside allow_query (unbound's `refuse`, CoreDNS acl's `block`):
+        with the question when it parses, header-only when not; responses are never answered."""
+        if len(data) < 12 or data[2] & 0x80:
+            return None
+        try:
+            msg = wire.parse_message(data)
+        except WireError:
+            return self._error(data, wire.REFUSED)
+        return self._reply(msg, wire.REFUSED, aa=False, tcp=tcp)
+
     @staticmethod
     def _error(data: bytes, rcode: int) -> bytes:
         """Header-only error response for a query we could not parse."""
@@ -156,11 +190,11 @@ class Resolver:
                authority: list[wire.RR] | None = None, additional: list[wire.RR] | None = None,
                aa: bool = True, tcp: bool = False) -> bytes:
         flags = wire.QR | wire.RA | (msg.flags & (wire.RD | wire.CD)) | (wire.AA if aa else 0) | (rcode & 0xF)
-        edns = Edns(ext_rcode=rcode >> 4) if msg.edns is not None else None
+        edns = Edns(udp_size=self.udp_size, ext_rcode=rcode >> 4) if msg.edns is not None else None
         out = Message(id=msg.id, flags=flags, questions=msg.questions, answers=answers or [],
                       authority=authority or [], additional=additional or [], edns=edns)
         body: bytes = wire.encode_message(out)
-        if len(body) > _limit(msg, tcp):
+        if len(body) > _limit(msg, tcp, self.udp_size):
             out.flags |= wire.TC
             out.answers, out.authority, out.additional = [], [], []
             body = wire.encode_message(out)

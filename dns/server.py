@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from kdns import wire
@@ -13,11 +14,9 @@ from kdns.resolver import Forward, Resolver
 
 log = logging.getLogger("kdns.server")
 
-TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent between queries
-TCP_MAX_INFLIGHT = 32  # forwarded queries pending per TCP connection
-TCP_MAX_CONNECTIONS = 512  # beyond this new connections are closed at once (fds are finite)
 MAX_FORWARDS = 1000  # forwarded queries pending in total (beyond: dropped, the client retries)
 IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
+TCP_READ_BUFFER = 16 << 10  # queries read ahead per connection (StreamReader pauses past twice this)
 UDP_BATCHES = 16  # recvmmsg batches per readiness callback, so TCP and watches get their turn
 
 
@@ -25,8 +24,41 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+@dataclass(frozen=True)
+class TcpLimits:
+    """What one TCP client may hold (RFC 7766 section 6.2). The timeouts are CoreDNS's server
+    defaults (read 3 s, write 5 s, idle 10 s). Past a connection limit the oldest idle connection
+    (global limit: of all; per-source limit: of that source) is closed to admit the new one, and
+    the new one is refused only when none is idle (see DNSServer._admit for why)."""
+
+    max_connections: int = 512  # in total (each is a file descriptor and two buffers)
+    max_per_source: int = 64  # from one client address
+    idle_timeout: float = 10.0  # between queries
+    read_timeout: float = 3.0  # from a query's length prefix to its last byte
+    write_timeout: float = 5.0  # for a client to take answers off a full send buffer
+    max_inflight: int = 16  # pipelined queries of one connection waiting for an upstream
+    write_buffer: int = 32 << 10  # unsent answer bytes before the server waits for the client
+
+
+class _Conn:
+    """One TCP client. `reading`: the session waits for the client (idle, or a query arriving
+    slowly) with nothing being forwarded or unsent, so closing it loses no answer."""
+
+    __slots__ = ("forwards", "reading", "source", "transport")
+
+    def __init__(self, source: str, transport: asyncio.WriteTransport) -> None:
+        self.source = source
+        self.transport = transport
+        self.reading = False
+        self.forwards = 0
+
+    def evictable(self) -> bool:
+        return self.reading and not self.forwards and not self.transport.get_write_buffer_size()
+
+
 class DNSServer:
-    def __init__(self, resolver: Resolver, host: str = "0.0.0.0", port: int = 53) -> None:
+    def __init__(self, resolver: Resolver, host: str = "0.0.0.0", port: int = 53,
+                 tcp_limits: TcpLimits | None = None) -> None:
         self.resolver = resolver
         self.host = host
         self.port = port
@@ -34,7 +66,13 @@ class DNSServer:
         self.tcp: asyncio.Server | None = None
         self.pending = 0
         self.tasks: set[asyncio.Task[None]] = set()
-        self.tcp_connections = 0
+        self.limits = tcp_limits or TcpLimits()
+        # Open TCP connections, least recently active first (a completed query moves one to the end).
+        self.conns: dict[_Conn, None] = {}
+        self.per_source: dict[str, int] = {}
+        self.tcp_refused = 0  # new connections closed at once: every slot busy
+        self.tcp_evicted = 0  # idle connections closed to make room
+        self.tcp_timeouts = 0  # connections closed for a read, write or idle timeout
 
     async def start(self) -> None:
         """Bind UDP and TCP on the same port (port 0: a free one, retried if TCP's is taken)."""
@@ -65,11 +103,16 @@ class DNSServer:
                 continue
             break
         assert tcp_sock is not None
+        # Accepted sockets inherit fixed, small kernel buffers: DNS messages are at most 64 KiB,
+        # and autotuning would let each client that sends without reading (or reads without
+        # sending) pin megabytes; the event loop then reads at most that much per call.
+        tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.write_buffer)
+        tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TCP_READ_BUFFER)
         tcp_sock.listen(512)
         tcp_sock.setblocking(False)
         self.port = port
         self.udp = udp
-        self.tcp = await asyncio.start_server(self._on_tcp, sock=tcp_sock)
+        self.tcp = await asyncio.start_server(self._on_tcp, sock=tcp_sock, limit=TCP_READ_BUFFER)
         loop.add_reader(udp.fileno(), self._on_udp)
         log.info("dns listening addr=%s port=%d compiled=%s", self.host, port, wire.COMPILED)
 
@@ -98,7 +141,7 @@ class DNSServer:
             log.debug("udp receive error: %r", exc)
             return
         for data, addr, anc in misses:
-            out = self.resolver.local(data, False)
+            out = self.resolver.local(data, False, addr[0])
             if isinstance(out, Forward):
                 self._spawn(self._udp_forward(out, addr, anc))
             elif out is not None:
@@ -135,62 +178,133 @@ class DNSServer:
 
     # ---------------------------------------------------------------------------- TCP
 
-    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.tcp_connections >= TCP_MAX_CONNECTIONS:
-            writer.close()
-            return
-        self.tcp_connections += 1
-        try:
-            await self._tcp_session(reader, writer)
-        finally:
-            self.tcp_connections -= 1
+    def _admit(self, conn: _Conn) -> bool:
+        """Make room for a new connection, or refuse it. Past a limit the least recently active
+        idle connection goes (RFC 7766 6.2.3: a server may close idle connections to reclaim
+        resources; clients reconnect). unbound instead stops accepting when its slots are full
+        (and shortens idle timeouts past half full), so 500 slow clients delay every new TCP
+        query until one times out; CoreDNS has no limit at all (a goroutine per connection).
+        Evicting the oldest idle one keeps new queries answered at once while no client can hold
+        more than the limits; only when every slot is busy with real work is the new one refused."""
+        lim = self.limits
+        if self.per_source.get(conn.source, 0) >= lim.max_per_source and not self._evict(conn.source):
+            return False
+        if len(self.conns) >= lim.max_connections and not self._evict(None):
+            return False
+        self.conns[conn] = None
+        self.per_source[conn.source] = self.per_source.get(conn.source, 0) + 1
+        return True
 
-    async def _tcp_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        inflight = asyncio.Semaphore(TCP_MAX_INFLIGHT)
+    def _evict(self, source: str | None) -> bool:
+        for old in self.conns:
+            if (source is None or old.source == source) and old.evictable():
+                self._release(old)
+                old.transport.abort()
+                self.tcp_evicted += 1
+                return True
+        return False
+
+    def _release(self, conn: _Conn) -> None:
+        if conn in self.conns:
+            del self.conns[conn]
+            left = self.per_source[conn.source] - 1
+            if left:
+                self.per_source[conn.source] = left
+            else:
+                del self.per_source[conn.source]
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        transport = writer.transport
+        conn = _Conn(str(peer[0]) if peer else "", transport)
+        if not self._admit(conn):
+            self.tcp_refused += 1
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=self.limits.write_buffer)
+        try:
+            await self._tcp_session(conn, reader, writer)
+        finally:
+            self._release(conn)
+
+    async def _tcp_session(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lim = self.limits
+        inflight = asyncio.Semaphore(lim.max_inflight)
         tasks: set[asyncio.Task[None]] = set()
+        transport = writer.transport
+        source = conn.source
 
         async def forward(fwd: Forward) -> None:
             try:
                 out = await self.resolver.forward(fwd)
-                if not writer.is_closing():
+                if not transport.is_closing():
                     writer.write(struct.pack("!H", len(out)) + out)
+                    if transport.get_write_buffer_size() > 2 * lim.write_buffer:
+                        transport.abort()  # a client that does not read its answers: closed
             finally:
+                conn.forwards -= 1
                 inflight.release()
 
+        graceful = idle = False
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                conn.reading = idle = True
+                async with asyncio.timeout(lim.idle_timeout):
+                    head = await reader.readexactly(2)
+                idle = False
                 (n,) = struct.unpack("!H", head)
-                data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE_TIMEOUT)
-                out = self.resolver.local(data, True)
+                async with asyncio.timeout(lim.read_timeout):
+                    data = await reader.readexactly(n)
+                conn.reading = False
+                if conn in self.conns:  # most recently active last: evicted last
+                    del self.conns[conn]
+                    self.conns[conn] = None
+                out = self.resolver.local(data, True, source)
                 if out is None:
                     break  # unreadable: close, as the stream can no longer be trusted
                 if isinstance(out, Forward):
-                    await inflight.acquire()
+                    conn.forwards += 1
+                    async with asyncio.timeout(lim.write_timeout + self.resolver.timeout * 2):
+                        await inflight.acquire()  # pipelined past max_inflight: stop reading until one ends
                     t = asyncio.ensure_future(forward(out))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
                     continue
                 writer.write(struct.pack("!H", len(out)) + out)
-                if writer.transport.get_write_buffer_size() > 1 << 20:
-                    await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                if transport.get_write_buffer_size() > lim.write_buffer:
+                    async with asyncio.timeout(lim.write_timeout):
+                        await writer.drain()  # a slow reader gets write_timeout, then is closed
+        except asyncio.IncompleteReadError as exc:
+            graceful = not exc.partial  # the client closed between queries
+        except TimeoutError:
+            self.tcp_timeouts += 1
+            # Silent between queries with every answer taken: a normal close. Mid-query, or with
+            # answers the client has not read for idle_timeout: aborted, nothing more to wait for.
+            graceful = idle and not transport.get_write_buffer_size()
+        except ConnectionError:
             pass
         finally:
-            if tasks:
+            conn.reading = False
+            if tasks and graceful:
                 await asyncio.wait(tasks, timeout=self.resolver.timeout * 2)
-            try:
-                await writer.drain()
-            except ConnectionError:
-                pass
-            writer.close()
+            for t in tasks:
+                t.cancel()
+            if graceful and not transport.is_closing():
+                try:
+                    async with asyncio.timeout(lim.write_timeout):
+                        await writer.drain()
+                    writer.close()
+                except (TimeoutError, ConnectionError):
+                    transport.abort()
+            else:
+                transport.abort()
 
 
 def _labels(**kv: str) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in kv.items()) + "}" if kv else ""
 
 
-def render_metrics(resolver: Resolver) -> str:
+def render_metrics(resolver: Resolver, server: DNSServer | None = None) -> str:
     """Prometheus text exposition (format 0.0.4), read from the counters at scrape time: nothing
     is updated per query in Python. Written by hand rather than with prometheus_client so the
     server stays small (the goal of issue 6: < 60 MiB at 10,000 Services)."""
@@ -230,6 +344,15 @@ def render_metrics(resolver: Resolver) -> str:
     family("kdns_internal_errors_total", "counter", "Queries whose handling raised (answered SERVFAIL).",
            [("", "", resolver.internal_errors)])
     family("kdns_zone_answers", "gauge", "Pre-encoded cluster answers.", [("", "", len(resolver.index.answers))])
+    family("kdns_refused_total", "counter", "Queries refused by the access lists (--allow-query, --allow-recursion).",
+           [("", _labels(acl="query"), resolver.refused_query), ("", _labels(acl="recursion"), resolver.refused_recursion)])
+    if server is not None:
+        family("kdns_tcp_connections", "gauge", "Open TCP client connections.", [("", "", len(server.conns))])
+        family("kdns_tcp_closed_total", "counter",
+               "TCP connections the server closed: refused (every slot busy), evicted (idle, to make "
+               "room), timeout (read, write or idle timeout).",
+               [("", _labels(reason="refused"), server.tcp_refused), ("", _labels(reason="evicted"), server.tcp_evicted),
+                ("", _labels(reason="timeout"), server.tcp_timeouts)])
     family("kdns_ready", "gauge", "1 once Services and EndpointSlices are synced.",
            [("", "", 1 if resolver.index.synced else 0)])
     return "\n".join(out) + "\n"
@@ -238,8 +361,9 @@ def render_metrics(resolver: Resolver) -> str:
 class HealthServer:
     """/health, /ready and /metrics over a minimal HTTP/1.1 (one request per connection)."""
 
-    def __init__(self, resolver: Resolver, host: str, port: int) -> None:
+    def __init__(self, resolver: Resolver, host: str, port: int, dns: DNSServer | None = None) -> None:
         self.resolver = resolver
+        self.dns = dns
         self.host = host
         self.port = port
         self.server: asyncio.Server | None = None
@@ -263,7 +387,7 @@ class HealthServer:
                 return 200, "text/plain", "OK"
             return 503, "text/plain", "not synced: Services and EndpointSlices not listed yet"
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(self.resolver)
+            return 200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(self.resolver, self.dns)
         return 404, "text/plain", "not found: try /health, /ready or /metrics\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

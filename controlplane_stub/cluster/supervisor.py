@@ -291,6 +291,11 @@ class Supervisor:
                 "53",
                 "--health-port",
                 "0",
+                # pods query it from their own addresses: allowed with the node network's
+                "--cluster-cidr",
+                self.topo.pod_cidr_base,
+                "--service-cluster-ip-range",
+                SERVICE_CIDR,
             ],
             ns=self.topo.net_ns,
         )

@@ -85,12 +85,12 @@ def endpoint_slice(name: str, service_name: str, endpoints: list[tuple[str, str 
 # ------------------------------------------------------------------------------- process
 
 class KdnsProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="kdns-test-"))
         self.health_port = free_port()
         port_file = self.workdir / "port"
         self.log = self.workdir / "kdns.log"
-        cmd = [str(KDNS), "--dns-bind-address", "127.0.0.1", "--dns-port", "0",
+        cmd = [*(prefix or []), str(KDNS), "--dns-bind-address", "127.0.0.1", "--dns-port", "0",
                "--health-bind-address", "127.0.0.1", "--health-port", str(self.health_port),
                "--port-file", str(port_file), "--v", "debug", *args]
         with open(self.log, "wb") as log:  # Popen keeps its own copy of the fd
@@ -99,13 +99,28 @@ class KdnsProcess:
         deadline = time.monotonic() + 20
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                text = self.log.read_text()[-3000:]
                 self.stop()
-                raise RuntimeError(f"kproxy-dns did not start: {self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"kproxy-dns did not start: {text}")
             time.sleep(0.05)
         self.port = int(port_file.read_text())
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def rss_mib(self) -> float:
+        """VmRSS of the server process (`ip netns exec` execs it, so the pid is the server's)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def metric(self, name: str) -> float:
+        """One sample of /metrics by its full name with labels (0 when absent)."""
+        for line in self.http("/metrics")[1].splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return 0.0
 
     def http(self, path: str) -> tuple[int, str]:
         try:
@@ -139,7 +154,7 @@ class KdnsProcess:
 
 
 def start_kdns(objects: list[dict[str, Any]] | None, extra: list[str] | None = None,
-               env: dict[str, str] | None = None) -> KdnsProcess:
+               env: dict[str, str] | None = None, prefix: list[str] | None = None) -> KdnsProcess:
     args = list(extra or [])
     tmp = None
     if objects is not None:
@@ -148,7 +163,7 @@ def start_kdns(objects: list[dict[str, Any]] | None, extra: list[str] | None = N
             json.dump({"kind": "List", "apiVersion": "v1", "items": objects}, f)
         args = ["--objects", tmp, *args]
     try:
-        return KdnsProcess(args, env)
+        return KdnsProcess(args, env, prefix)
     finally:
         if tmp:
             os.unlink(tmp)

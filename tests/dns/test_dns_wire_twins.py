@@ -2,6 +2,7 @@
 tables; the general codec (wire.py) must agree with dnspython."""
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 import time
@@ -15,7 +16,10 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kdns import _purewire, wire
+from kdns.acl import LOOPBACK, Acl
 from kdns.objects import (
     Endpoint,
     EndpointConditions,
@@ -232,3 +236,79 @@ def test_dns_name_limits() -> None:
         data += b"\x3f" + b"b" * 63 + bytes([0xC0 | ((start - 66) >> 8), (start - 66) & 0xFF])
     with pytest.raises(wire.WireError):
         wire.read_name(bytes(data), len(data) - 66)
+
+
+_rules = st.lists(st.tuples(st.binary(min_size=4, max_size=4), st.integers(0, 32)), max_size=4)
+_rules6 = st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.integers(0, 128)), max_size=4)
+
+
+def _packed(rules: list[tuple[bytes, int]], v6: bool) -> bytes:
+    nets = [ipaddress.ip_network((ipaddress.ip_address(raw), plen), strict=False) for raw, plen in rules]
+    return Acl(nets).packed()[1 if v6 else 0]
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(_rules, _rules6, st.binary(min_size=4, max_size=4), st.binary(min_size=16, max_size=16),
+       st.sampled_from(["v4", "v6", "mapped"]))
+def test_dns_twins_and_acl_agree_on_sources(r4: list[tuple[bytes, int]], r6: list[tuple[bytes, int]],
+                                            a4: bytes, a6: bytes, kind: str) -> None:
+    """The hot path's byte-wise source check (both twins) says what kdns.acl.Acl says."""
+    acl = Acl([ipaddress.ip_network((ipaddress.ip_address(raw), plen), strict=False) for raw, plen in r4 + r6])
+    host = {"v4": str(ipaddress.IPv4Address(a4)), "v6": str(ipaddress.IPv6Address(a6)),
+            "mapped": "::ffff:" + str(ipaddress.IPv4Address(a4))}[kind]
+    verdicts = set()
+    for mod in (_wire, _purewire):
+        t = mod.Table()  # type: ignore[union-attr]
+        t.guard(_packed(r4, False), _packed(r6, True), 1232)
+        verdicts.add(mod.allowed((host, 53), t))  # type: ignore[union-attr]
+    assert verdicts == {acl.allows(host)}
+
+
+@needs_compiled
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("udp_size", [512, 700, 1232, 4096])
+def test_dns_twins_identical_under_every_udp_size(udp_size: int) -> None:
+    idx = _index()
+    pairs = _tables(idx)
+    for _, t in pairs:
+        t.guard(*Acl(LOOPBACK).packed(), udp_size)
+    (cmod, ct), (pmod, pt) = pairs
+    truncated = 0
+    for packet in corpus(n_mutations=500, seed=udp_size):
+        c = cmod.answer(packet, ct, False)
+        assert c == pmod.answer(packet, pt, False), f"twins differ on {packet.hex()} udp_size={udp_size}"
+        if c is not None:
+            assert len(c) <= max(512, udp_size)
+            m = dns.message.from_wire(c)
+            truncated += bool(m.flags & dns.flags.TC)
+            if m.edns >= 0:
+                assert m.payload == udp_size  # what we advertise is what we keep to
+    assert udp_size > 1232 or truncated  # the corpus has answers over the smaller sizes
+
+
+@needs_compiled
+@pytest.mark.timeout(60)
+def test_dns_twins_drain_udp_refuses_to_answer_other_sources() -> None:
+    """A datagram from a source outside the table's networks is never answered by the hot path:
+    it is handed back (the slow path answers REFUSED)."""
+    idx = _index()
+    q = dns.message.make_query(f"web.default.svc.{ZONE}", "A").to_wire()
+    for mod, table in _tables(idx):
+        table.guard(Acl([ipaddress.ip_network("10.0.0.0/8")]).packed()[0], b"", 1232)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            server.bind(("127.0.0.1", 0))
+            server.setblocking(False)
+            client.sendto(q, server.getsockname())
+            time.sleep(0.05)
+            misses = mod.drain_udp(server, table, mod.Stats(), 1)
+            assert [m[0] for m in misses] == [q]
+            table.guard(*Acl(LOOPBACK).packed(), 1232)
+            client.sendto(q, server.getsockname())
+            time.sleep(0.05)
+            assert mod.drain_udp(server, table, mod.Stats(), 1) == []
+            client.settimeout(2)
+            assert client.recvfrom(2048)[0][:2] == q[:2]
+            if hasattr(mod, "forget_socket"):
+                mod.forget_socket(server)
