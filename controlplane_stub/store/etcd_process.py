@@ -1,0 +1,167 @@
+"""Start a real etcd cluster (Debian's etcd-server: /usr/bin/etcd) on loopback, for tests, bench and the cluster tool.
+
+    with running_etcd(members=3) as etcd:
+        etcd.urls                     # client URLs, one per member
+        etcd.kill(1); etcd.start(1)   # kill -9 one member, then bring it back with its data
+
+Ports are taken free from the kernel (bind to port 0) and the data lives under a temp dir (tmpfs
+when /dev/shm exists, as the bench's "same medium" rule wants); everything is removed on exit, even
+when the body raises.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+ETCD = os.environ.get("KPROXY_ETCD_BINARY", "/usr/bin/etcd")
+
+
+def etcd_available() -> bool:
+    return os.access(ETCD, os.X_OK)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    data_dir: str
+    client_port: int
+    peer_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+
+@dataclass
+class EtcdCluster:
+    base: str
+    members: list[EtcdMember] = field(default_factory=list)
+    token: str = ""
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(self.urls)
+
+    def _initial_cluster(self) -> str:
+        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+    def start(self, i: int, state: str = "new") -> None:
+        m = self.members[i]
+        os.makedirs(m.data_dir, exist_ok=True)
+        m.log_path = os.path.join(self.base, f"{m.name}.log")
+        cmd = [ETCD, "--name", m.name, "--data-dir", m.data_dir,
+               "--listen-client-urls", m.url, "--advertise-client-urls", m.url,
+               "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+               "--initial-cluster", self._initial_cluster(), "--initial-cluster-state", state,
+               "--initial-cluster-token", self.token,
+               # Small heartbeats: a killed member's leadership moves in about a second.
+               "--heartbeat-interval", "100", "--election-timeout", "1000",
+               "--quota-backend-bytes", str(2 << 30), "--logger", "zap", "--log-level", "warn"]
+        with open(m.log_path, "ab") as log:
+            m.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+
+    def kill(self, i: int) -> None:
+        """kill -9 member i (its data stays)."""
+        m = self.members[i]
+        if m.proc is not None and m.proc.poll() is None:
+            m.proc.send_signal(signal.SIGKILL)
+            m.proc.wait(10)
+
+    def stop(self, i: int) -> None:
+        m = self.members[i]
+        if m.proc is not None and m.proc.poll() is None:
+            m.proc.terminate()
+            try:
+                m.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                m.proc.kill()
+                m.proc.wait(10)
+
+    def wait_healthy(self, timeout: float = 30.0, members: list[int] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        for i in members if members is not None else range(len(self.members)):
+            m = self.members[i]
+            while True:
+                if m.proc is not None and m.proc.poll() is not None:
+                    raise RuntimeError(f"etcd {m.name} exited with {m.proc.returncode}: {self.tail(i)}")
+                try:
+                    with urllib.request.urlopen(m.url + "/health", timeout=2) as r:
+                        if b'"true"' in r.read():
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"etcd {m.name} not healthy after {timeout}s: {self.tail(i)}")
+                time.sleep(0.1)
+
+    def tail(self, i: int) -> str:
+        try:
+            with open(self.members[i].log_path, "rb") as f:
+                return f.read()[-1500:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def rss_kib(self) -> int:
+        """Resident memory of every running member, added up (KiB)."""
+        total = 0
+        for m in self.members:
+            if m.proc is None or m.proc.poll() is not None:
+                continue
+            try:
+                with open(f"/proc/{m.proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
+
+
+def _tmp_base() -> str:
+    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="kproxy-etcd-", dir=root)
+
+
+@contextmanager
+def running_etcd(members: int = 1, *, base: str | None = None, timeout: float = 30.0) -> Iterator[EtcdCluster]:
+    if not etcd_available():
+        raise RuntimeError(f"etcd not found at {ETCD} (apt-get install etcd-server; ./run setup does it)")
+    own = base is None
+    path = base or _tmp_base()
+    cluster = EtcdCluster(path, token=f"kproxy-{os.getpid()}-{time.monotonic_ns()}")
+    for i in range(members):
+        cluster.members.append(EtcdMember(f"m{i}", os.path.join(path, f"m{i}"), free_port(), free_port()))
+    with ExitStack() as stack:
+        stack.callback(lambda: own and shutil.rmtree(path, ignore_errors=True))
+        for i in range(members):
+            stack.callback(cluster.stop, i)
+        for i in range(members):
+            cluster.start(i)
+        cluster.wait_healthy(timeout)
+        yield cluster
