@@ -163,6 +163,23 @@ class IPTables:
                     out.add((table, parts[1], parts[-1]))
         return out
 
+    def chain_names(self, table: str) -> set[str]:
+        """Every chain of one table, without reading a rule: on nf_tables `nft list chains`
+        (iptables-save of a 10,000-Service table takes seconds), else from iptables-save."""
+        if self.backend == "nft":
+            # nft 1.0 lists the chains of a whole family ("list chains ip"), grouped by table.
+            out = self._run(["nft", "list", "chains", "ip"]).decode()
+            names: set[str] = set()
+            current = ""
+            for line in out.splitlines():
+                words = line.split()
+                if words[:2] == ["table", "ip"] and len(words) > 2:
+                    current = words[2]
+                elif words[:1] == ["chain"] and len(words) > 1 and current == table:
+                    names.add(words[1])
+            return names
+        return chains_in_dump(self.save(table))
+
     def command(self, *args: str) -> str:
         return self._run([_tool(self.backend, "iptables"), "-w", str(self.wait_seconds), *args]).decode()
 

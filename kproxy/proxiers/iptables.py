@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,12 +55,17 @@ FILTER_CHAINS = (
     "KUBE-PROXY-FIREWALL",
 )
 NAT_CHAINS = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ")
+BUILTIN_CHAINS = frozenset(("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"))
 KUBELET_FIREWALL = "KUBE-FIREWALL"
 # iptables-nft-restore (1.8.x) keeps the chains a transaction names in a sorted linked list
 # (nft-cache.c cache_chain_list_insert), so a restore naming n chains costs O(n^2) string
 # compares: 23 s instead of 1.5 s for 1,000 services here. A first command without a chain sets
 # the cache request to "all chains" and skips that list; "-Z" (zero counters) is the only such
-# command without lasting effect beyond the counters. Used only above this many chain lines.
+# command without lasting effect beyond the counters (-L/-S print the whole table: 3x slower).
+# But -Z zeroes the counters of every chain in the table, other software's included, so it is
+# used only while the nat table holds nothing but kproxy's chains and its jumps (checked before
+# each such restore, see _zero_is_private); beside other software a restore names its chains
+# one by one, slower and touching nothing else. Used only above this many chain lines.
 NFT_ALL_CHAINS_THRESHOLD = 64
 # last_plan keeps its restore input only up to this size.
 KEEP_INPUT_BYTES = 4 << 20
@@ -143,6 +148,28 @@ class Plan:
         return "".join(self.chunks).encode()
 
 
+def only_kproxy_in(chains: Iterable[str], rules: Iterable[str], owned: Callable[[str], bool]) -> bool:
+    """Whether a table holds nothing but kproxy's: every chain is built in or kproxy's, every rule
+    (`-A CHAIN ...` lines) is in one of kproxy's chains or is a jump from a built-in chain into
+    one. Only then may a restore zero the whole table's counters."""
+    if any(c not in BUILTIN_CHAINS and not owned(c) for c in chains):
+        return False
+    for line in rules:
+        if not line.startswith("-A "):
+            continue
+        parts = line.split()
+        if parts[1] in BUILTIN_CHAINS:
+            if not (parts[-2] == "-j" and owned(parts[-1])):
+                return False
+        elif not owned(parts[1]):
+            return False
+    return True
+
+
+def _owned_nat_chain(chain: str) -> bool:
+    return chain in NAT_CHAINS or chain == CANARY or chain.startswith(SERVICE_CHAIN_PREFIXES)
+
+
 def _eligible(svc: ServicePort | None) -> bool:
     # Headless and ExternalName services are not proxied; IPv4 only (one proxier per family).
     return svc is not None and svc.type != "ExternalName" and svc.cluster_ip("IPv4") is not None
@@ -208,6 +235,7 @@ class IptablesProxier(Proxier):
         # Seconds between canary checks on partial syncs (0: every sync). Full syncs recreate it.
         self.canary_interval = 30.0
         self._last_canary_check = time.monotonic()
+        self._shared_logged = False
 
     # ---- rendering (sans I/O apart from the first-sync dumps) ----
 
@@ -275,6 +303,28 @@ class IptablesProxier(Proxier):
                 missing[j.table].append(f"-I {j.src} 1 {j.spec()}\n")
         return missing
 
+    def _zero_is_private(self, nat_dump: str | None) -> bool:
+        """Whether "-Z" in the nat table would zero only kproxy's counters (NFT_ALL_CHAINS_THRESHOLD):
+        the table's chains (from this sync's dump, else `nft list chains`, no rules read) are all
+        built in or kproxy's, and the built-in chains hold only kproxy's jumps. Checked before
+        every such restore: other software may add its chains at any time."""
+        try:
+            if nat_dump is not None:
+                chains: set[str] = chains_in_dump(nat_dump)
+                rules = nat_dump.splitlines()
+            else:
+                chains = self.iptables.chain_names("nat")
+                rules = [r for c in sorted(BUILTIN_CHAINS & chains) for r in self.iptables.chain_rules("nat", c)]
+        except (IPTablesError, OSError) as e:
+            log.warning("cannot list the nat table's chains, not zeroing counters err=%s", e)
+            return False
+        private = only_kproxy_in(chains, rules, _owned_nat_chain)
+        if not private and not self._shared_logged:
+            self._shared_logged = True
+            log.info("the nat table holds other software's chains or rules: large restores name their "
+                     "chains one by one (slower on nf_tables) so that its counters are kept")
+        return private
+
     def plan(self, request: SyncRequest, full: bool) -> Plan:
         """Build this sync's restore input in memory without applying it (tests, tools)."""
         chunks: list[str] = []
@@ -306,13 +356,17 @@ class IptablesProxier(Proxier):
         # Full syncs after a failure or at start-up diff against the kernel's chain list (another
         # process may have left chains); otherwise against what we programmed, per ServicePort.
         dumped: set[str] | None = None
+        nat_dump: str | None = None
         missing: dict[str, list[str]] = {"filter": [], "nat": []}
         if full:
-            dumped = chains_in_dump(self.iptables.save("nat")) if self._need_dump else None
+            nat_dump = self.iptables.save("nat") if self._need_dump else None
+            dumped = chains_in_dump(nat_dump) if nat_dump is not None else None
             missing = self._missing_jumps()
         # The chain count is only known after rendering; a Service with endpoints has its SVC
         # chain and one per endpoint, so three per Service is the usual floor.
-        zero = self.iptables.backend == "nft" and len(names) * 3 > NFT_ALL_CHAINS_THRESHOLD
+        zero = (self.iptables.backend == "nft" and len(names) * 3 > NFT_ALL_CHAINS_THRESHOLD
+                and self._zero_is_private(nat_dump))
+        del nat_dump
         nat_open = False
 
         def nat(chunk: str) -> None:
@@ -623,8 +677,10 @@ class IptablesProxier(Proxier):
                 if chain not in ours_set and target in ours_set:
                     deletes.append("-D " + line[3:] + "\n")
             # The same nf_tables chain-list cost as a full sync (see NFT_ALL_CHAINS_THRESHOLD):
-            # without "-Z" first, deleting 110,000 chains takes minutes instead of seconds.
-            zero = "-Z\n" if self.iptables.backend == "nft" and len(ours) > NFT_ALL_CHAINS_THRESHOLD else ""
+            # without "-Z" first, deleting 110,000 chains takes minutes instead of seconds; as
+            # there, only when nothing but kproxy's chains and jumps would be zeroed.
+            zero = ("-Z\n" if self.iptables.backend == "nft" and len(ours) > NFT_ALL_CHAINS_THRESHOLD
+                    and only_kproxy_in(chains, dump.splitlines(), lambda c: c in ours_set) else "")
             body = (
                 zero
                 + "".join(deletes)
