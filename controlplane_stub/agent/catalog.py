@@ -7,6 +7,7 @@ the image's command and its `args` replace the image's args, as in Kubernetes.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,3 +90,14 @@ class Catalog:
         else:
             argv = img.command + (args if "args" in container else img.args)
         return argv, dict(img.env), str(container.get("workingDir") or img.working_dir)
+
+    def program_paths(self, container: dict[str, Any]) -> list[str]:
+        """The absolute paths in the catalog image's command and args (and where their links
+        lead) when the container runs them: paths the operator's catalog vouches for. None for a
+        container's own `command`: a pod spec does not choose what the node shows it."""
+        img = self.lookup(str(container.get("image", "")))
+        if img is None or container.get("command"):
+            return []
+        words = img.command + ([] if "args" in container else img.args)
+        paths = [w for w in words if os.path.isabs(w)]
+        return list(dict.fromkeys(paths + [os.path.realpath(p) for p in paths]))

@@ -1,9 +1,12 @@
 """Network namespaces for the one-machine cluster: the node network, nodes, pods, the client.
 
-Every namespace and link name starts with the cluster's prefix (e.g. `kpc-`), so that `down`, even
-after a crash, finds everything by name. Nothing is ever configured in the root namespace: links
-are created directly inside their target namespaces (`ip link add ... netns A type veth peer ...
-netns B`), and sysctls, addresses and routes are set with `ip -n NS` / `ip netns exec NS`.
+Every namespace and link name starts with the cluster's prefix (e.g. `kpc-`), and every namespace
+is written to the cluster's record (record.py) before it is made, so that `down`, even after a
+crash, removes exactly what the cluster made and nothing else of that name. A namespace that
+exists already and is not in the record is never adopted. Links live only inside those
+namespaces and go with them. Nothing is ever configured in the root namespace: links are created
+directly inside their target namespaces (`ip link add ... netns A type veth peer ... netns B`),
+and sysctls, addresses and routes are set with `ip -n NS` / `ip netns exec NS`.
 
 Topology (N nodes):
     PREFIX-net      bridge br0 10.250.0.1/24: the node network (an L2 segment)
@@ -26,6 +29,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from controlplane_stub.agent.record import Owned, Record
 
 NETNS_DIR = Path("/var/run/netns")
 ETC_NETNS = Path("/etc/netns")
@@ -56,9 +61,20 @@ def exists(ns: str) -> bool:
     return (NETNS_DIR / ns).exists()
 
 
-def add(ns: str) -> None:
-    if not exists(ns):
+def add(ns: str, record: Record | None) -> None:
+    """Makes netns ns and records it; an existing ns is reused only if the record says it is ours."""
+    if exists(ns):
+        if record is not None and not record.load().owns_netns(ns):
+            raise NetnsError(
+                f"netns {ns} exists and this cluster did not make it (not in {record.path}); "
+                "remove it or choose another --name"
+            )
+    else:
+        if record is not None:
+            record.netns_intent(ns)
         ip("netns", "add", ns)
+        if record is not None:
+            record.netns_made(ns)
     ip("link", "set", "lo", "up", ns=ns)
 
 
@@ -95,10 +111,21 @@ def delete(ns: str) -> None:
         etc.rmdir()
 
 
-def owned(prefix: str) -> list[str]:
-    if not NETNS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+def remove_owned(owned: Owned) -> list[str]:
+    """Removes the recorded namespaces that still exist and are still the ones recorded (the
+    processes inside first); a namespace of a recorded name but another inode is not ours."""
+    gone = [ns for ns in sorted(owned.netns) if exists(ns) and owned.owns_netns(ns)]
+    for ns in gone:
+        kill_all(ns)
+    for ns in gone:
+        delete(ns)
+    for ns in owned.netns:  # a pod's resolv.conf dir whose namespace was never made
+        etc = ETC_NETNS / ns
+        if not exists(ns) and etc.is_dir():
+            for f in etc.iterdir():
+                f.unlink(missing_ok=True)
+            etc.rmdir()
+    return gone
 
 
 def sysctl(ns: str, *settings: str) -> None:
@@ -152,8 +179,8 @@ class Topology:
         )
 
 
-def setup_node_network(t: Topology) -> None:
-    add(t.net_ns)
+def setup_node_network(t: Topology, record: Record | None) -> None:
+    add(t.net_ns, record)
     if "br0" not in ip("-o", "link", "show", ns=t.net_ns):
         ip(
             ns=t.net_ns,
@@ -171,8 +198,8 @@ def _attach_to_node_network(t: Topology, ns: str, port: str, addr: str) -> None:
     ip(ns=ns, batch=f"addr add {addr}/{t.prefixlen} dev eth0\nlink set eth0 up\n")
 
 
-def setup_node(t: Topology, node: NodeNet, others: list[NodeNet]) -> None:
-    add(node.netns)
+def setup_node(t: Topology, node: NodeNet, others: list[NodeNet], record: Record | None) -> None:
+    add(node.netns, record)
     _attach_to_node_network(t, node.netns, f"v{node.name}"[:15], node.ip)
     plen = ipaddress.ip_network(node.pod_cidr).prefixlen
     if "cbr0" not in ip("-o", "link", "show", ns=node.netns):
@@ -195,10 +222,10 @@ def setup_node(t: Topology, node: NodeNet, others: list[NodeNet]) -> None:
         ip(ns=node.netns, batch=routes)
 
 
-def setup_client(t: Topology, nodes: list[NodeNet], routed: list[str]) -> None:
+def setup_client(t: Topology, nodes: list[NodeNet], routed: list[str], record: Record | None) -> None:
     """The outside client: routes to every pod CIDR via its node, and to `routed` CIDRs (Service
     and LoadBalancer ranges) spread over all nodes (ECMP), as a router in front of a cluster does."""
-    add(t.client_ns)
+    add(t.client_ns, record)
     _attach_to_node_network(t, t.client_ns, "vclient", t.node_network_ip(2))
     lines = [f"route replace {n.pod_cidr} via {n.ip} dev eth0" for n in nodes]
     hops = " ".join(f"nexthop via {n.ip} dev eth0" for n in nodes)
@@ -206,13 +233,22 @@ def setup_client(t: Topology, nodes: list[NodeNet], routed: list[str]) -> None:
     ip(ns=t.client_ns, batch="\n".join(lines) + "\n")
 
 
-def setup_pod(node: NodeNet, pod_ns: str, veth: str, pod_ip: str, resolv_conf: str | None = None) -> None:
+def setup_pod(
+    node: NodeNet,
+    pod_ns: str,
+    veth: str,
+    pod_ip: str,
+    record: Record | None,
+    resolv_conf: str | None = None,
+) -> None:
     """A pod: its own netns with eth0 on the node's bridge and a default route via the bridge."""
+    if record is not None and not exists(pod_ns):
+        record.netns_intent(pod_ns)  # before /etc/netns/NAME too, so `down` finds that as well
     if resolv_conf is not None:
         d = ETC_NETNS / pod_ns
         d.mkdir(parents=True, exist_ok=True)
         (d / "resolv.conf").write_text(resolv_conf)
-    add(pod_ns)
+    add(pod_ns, record)
     if "eth0" not in ip("-o", "link", "show", ns=pod_ns):
         ip("link", "del", veth, ns=node.netns, check=False)  # a leftover of an earlier attempt
         ip("link", "add", veth, "netns", node.netns, "type", "veth", "peer", "name", "eth0", "netns", pod_ns)
@@ -274,19 +310,3 @@ def listener_in(ns: str, host: str, port: int) -> socket.socket:
     s = _setns_thread(ns, make)
     assert isinstance(s, socket.socket)
     return s
-
-
-def cleanup(prefix: str) -> list[str]:
-    """Removes every namespace named with prefix (and the processes inside); idempotent."""
-    gone = owned(prefix)
-    for ns in gone:
-        kill_all(ns)
-    for ns in gone:
-        delete(ns)
-    if ETC_NETNS.is_dir():
-        for d in ETC_NETNS.iterdir():
-            if d.name.startswith(prefix) and d.is_dir():
-                for f in d.iterdir():
-                    f.unlink(missing_ok=True)
-                d.rmdir()
-    return gone

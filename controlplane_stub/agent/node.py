@@ -15,6 +15,7 @@ from controlplane_stub import client as api
 from controlplane_stub.agent import netns
 from controlplane_stub.agent.catalog import Catalog
 from controlplane_stub.agent.pods import PodWorker, now
+from controlplane_stub.agent.record import Record
 
 log = logging.getLogger("kpc.agent")
 Obj = dict[str, Any]
@@ -29,7 +30,12 @@ class AgentConfig:
     zone: str = ""
     dns_ip: str = ""
     cluster_domain: str = "cluster.local"
-    backoff_base: float = 10.0
+    backoff_base: float = 10.0  # crash-loop back-off (backoff.py): first delay, cap, reset
+    backoff_cap: float = 300.0
+    backoff_reset: float = 600.0
+    # Directories no container may see (the cluster's tokens, keys, kubeconfigs; podinit.py).
+    hide_paths: list[str] = field(default_factory=list)
+    record_file: str = ""  # where the pod namespaces this agent makes are recorded (record.py)
     lease_seconds: int = 40
     heartbeat_seconds: float = 10.0
     max_pods: int = 110
@@ -80,6 +86,7 @@ class NodeAgent:
         self.config = config
         self.node = config.node
         self.catalog = Catalog.load(config.catalog_file or None)
+        self.record = Record(config.record_file) if config.record_file else None
         self.ipam = Ipam(self.node.pod_cidr)
         self.workers: dict[str, PodWorker] = {}
         self.events = api.EventRecorder(client, "kubelet", self.node.name)

@@ -14,20 +14,22 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from controlplane_stub.agent import netns, probes
+from controlplane_stub.agent.backoff import CrashLoopBackoff
 from controlplane_stub.agent.catalog import ImageError
+from controlplane_stub.agent.security import Identity, SecurityContextError, exposures, identity
 
 if TYPE_CHECKING:
     from controlplane_stub.agent.node import NodeAgent
 
 log = logging.getLogger("kpc.agent")
 UNSHARE = shutil.which("unshare")
-HOSTNAME_BIN = shutil.which("hostname")
 Obj = dict[str, Any]
 
 
@@ -67,6 +69,7 @@ class ContainerRunner:
     stopping: bool = False
     liveness_kill: bool = False
     started: bool = False
+    who: Identity | None = None
 
     @property
     def name(self) -> str:
@@ -92,18 +95,23 @@ class ContainerRunner:
         """Runs the container until it must not restart any more (policy, success or stop)."""
         w = self.worker
         policy = "OnFailure" if self.init else w.pod["spec"].get("restartPolicy", "Always")
-        backoff_base = w.agent.config.backoff_base
+        cfg = w.agent.config
+        backoff_base = cfg.backoff_base
+        backoff = CrashLoopBackoff(backoff_base, max(cfg.backoff_cap, backoff_base), cfg.backoff_reset)
         while not self.stopping:
             try:
                 argv, image_env, cwd = w.agent.catalog.resolve(self.spec)
-            except ImageError as e:
-                if self.state.get("waiting", {}).get("reason") != e.reason:
-                    w.event("Warning", e.reason, str(e))
-                self.state = {"waiting": {"reason": e.reason, "message": str(e)}}
+                self.who = identity(w.pod["spec"], self.spec)
+            except (ImageError, SecurityContextError) as e:
+                reason = e.reason if isinstance(e, ImageError) else "CreateContainerConfigError"
+                if self.state.get("waiting", {}).get("reason") != reason:
+                    w.event("Warning", reason if isinstance(e, ImageError) else "Failed", f"Error: {e}")
+                self.state = {"waiting": {"reason": reason, "message": str(e)}}
                 w.changed()
                 await w.sleep_unless_stopping(max(backoff_base, 1.0) * 2)
                 continue
-            env = w.container_env(self.spec, image_env)
+            env = w.container_env(self.spec, image_env, self.who)
+            wrapper = w.wrapper(self.who, w.agent.catalog.program_paths(self.spec), cwd)
             logf = w.log_dir / f"{self.name}.log"
             with logf.open("ab") as out:
                 out.write(f"--- {now()} start #{self.restart_count}: {argv}\n".encode())
@@ -114,10 +122,10 @@ class ContainerRunner:
                         "netns",
                         "exec",
                         w.netns,
-                        *w.uts_wrapper(),
+                        *wrapper,
                         *argv,
                         env=env,
-                        cwd=cwd or None,
+                        cwd="/",
                         stdout=out,
                         stderr=out,
                         stdin=asyncio.subprocess.DEVNULL,
@@ -168,12 +176,8 @@ class ContainerRunner:
                 self.done = True
                 w.changed()
                 return
-            # kubelet's crash-loop backoff: the first restart at once, then base, 2*base ... 5 min.
-            if time.monotonic() - t_start > 600:
-                self.restart_count = 0
-            delay = (
-                0.0 if self.restart_count == 0 else min(backoff_base * 2 ** (self.restart_count - 1), 300.0)
-            )
+            # kubelet's crash-loop backoff; restartCount itself only ever grows, as the kubelet's.
+            delay = backoff.after_exit(time.monotonic() - t_start)
             self.restart_count += 1
             if delay:
                 w.event(
@@ -216,7 +220,11 @@ class ContainerRunner:
         st = ProbeState()
         await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
         while True:
-            ok, msg = await probes.run_probe(probe, self.spec, w.agent.node.netns, w.netns, w.pod_ip)
+            # An exec probe runs as the container does: its user, its view of the files.
+            wrapper = w.wrapper(self.who, [], "") if self.who is not None else []
+            ok, msg = await probes.run_probe(
+                probe, self.spec, w.agent.node.netns, w.netns, w.pod_ip, exec_wrapper=wrapper
+            )
             if ok:
                 st.successes, st.failures = st.successes + 1, 0
             else:
@@ -297,13 +305,24 @@ class PodWorker:
             {"apiVersion": "v1", "kind": "Pod", "metadata": self.pod["metadata"]}, type_, reason, message
         )
 
-    def uts_wrapper(self) -> list[str]:
-        """Runs the container in its own UTS namespace whose hostname is the pod's name (or
-        spec.hostname), as in Kubernetes; `unshare` execs, so the container keeps its pid."""
-        if UNSHARE is None or HOSTNAME_BIN is None:
-            return []
+    def wrapper(self, who: Identity, trusted: list[str], workdir: str) -> list[str]:
+        """What runs before a container's argv (inside `ip netns exec POD`): its own UTS and mount
+        namespaces, then podinit (hostname, hidden cluster state, identity; see podinit.py).
+        `unshare` and podinit exec, so the container keeps the pid the agent started."""
+        if UNSHARE is None:
+            raise OSError("unshare (util-linux) is not installed")
         name = str(self.pod["spec"].get("hostname") or self.pod["metadata"]["name"])[:63]
-        return [UNSHARE, "--uts", "--", "sh", "-c", f'{HOSTNAME_BIN} "$1" && shift && exec "$@"', "sh", name]
+        cmd = [UNSHARE, "--uts", "--mount", "--propagation", "private", "--"]
+        cmd += [sys.executable, "-I", "-m", "controlplane_stub.agent.podinit", "--hostname", name]
+        cmd += ["--uid", str(who.uid), "--gid", str(who.gid), "--groups", ",".join(map(str, who.groups))]
+        cmd += ["--no-new-privs"] if who.no_new_privs else []
+        for d in self.agent.config.hide_paths:
+            cmd += ["--hide", d]
+        for parent, child in exposures(trusted, who):
+            cmd += ["--expose", parent, child]
+        if workdir:
+            cmd += ["--workdir", workdir]
+        return cmd + ["--"]
 
     def changed(self) -> None:
         self._changed.set()
@@ -314,11 +333,13 @@ class PodWorker:
         except TimeoutError:
             pass
 
-    def container_env(self, c: Obj, image_env: dict[str, str]) -> dict[str, str]:
+    def container_env(self, c: Obj, image_env: dict[str, str], who: Identity) -> dict[str, str]:
+        """The container's whole environment: made here from the pod spec and the image, never
+        inherited from the agent (whose environment is the cluster's)."""
         md, spec = self.pod["metadata"], self.pod["spec"]
         env = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": "/root",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root" if who.uid == 0 else "/",
             "HOSTNAME": str(md["name"]),
             "LANG": "C.UTF-8",
         }
@@ -350,8 +371,10 @@ class PodWorker:
             self.pod_ip = self.agent.ipam.allocate(
                 self.uid, (self.pod.get("status") or {}).get("podIP") or ""
             )
-            if netns.exists(self.netns):
+            rec = self.agent.record
+            if netns.exists(self.netns) and (rec is None or rec.load().owns_netns(self.netns)):
                 # Left by an earlier run of this agent (its processes were its children): start clean.
+                # One not in the record is not ours: setup_pod refuses it.
                 await asyncio.to_thread(netns.delete, self.netns)
             await asyncio.to_thread(
                 netns.setup_pod,
@@ -359,6 +382,7 @@ class PodWorker:
                 self.netns,
                 self.veth,
                 self.pod_ip,
+                self.agent.record,
                 self.agent.resolv_conf(self.pod),
             )
             self.changed()

@@ -59,13 +59,21 @@ async def tcp_socket(node_ns: str, host: str, port: int, timeout: float) -> tupl
     return True, ""
 
 
-async def exec_in(pod_ns: str, command: list[str], timeout: float) -> tuple[bool, str]:
+async def exec_in(
+    pod_ns: str, command: list[str], timeout: float, wrapper: list[str] | None = None
+) -> tuple[bool, str]:
+    """The command in the pod's netns, behind `wrapper` (the container's podinit: its user)."""
+    if not command:
+        return False, "exec probe has no command"
     proc = await asyncio.create_subprocess_exec(
         "ip",
         "netns",
         "exec",
         pod_ns,
+        *(wrapper or []),
         *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd="/",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -79,7 +87,12 @@ async def exec_in(pod_ns: str, command: list[str], timeout: float) -> tuple[bool
 
 
 async def run_probe(
-    probe: dict[str, Any], container: dict[str, Any], node_ns: str, pod_ns: str, pod_ip: str
+    probe: dict[str, Any],
+    container: dict[str, Any],
+    node_ns: str,
+    pod_ns: str,
+    pod_ip: str,
+    exec_wrapper: list[str] | None = None,
 ) -> tuple[bool, str]:
     """One probe attempt: (success, message)."""
     timeout = float(probe.get("timeoutSeconds", 1))
@@ -100,7 +113,8 @@ async def run_probe(
                 node_ns, t.get("host") or pod_ip, resolve_port(t.get("port"), container), timeout
             )
         if "exec" in probe:
-            return await exec_in(pod_ns, list(probe["exec"].get("command") or []), timeout)
+            cmd = [str(x) for x in probe["exec"].get("command") or []]
+            return await exec_in(pod_ns, cmd, timeout, exec_wrapper)
     except (TimeoutError, OSError, ValueError) as e:
         return False, f"probe failed: {e!r}"
     return False, "probe has no handler (httpGet, tcpSocket or exec)"

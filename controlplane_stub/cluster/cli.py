@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -15,12 +16,12 @@ from typing import Any
 
 from controlplane_stub import client as api
 from controlplane_stub.agent import netns
+from controlplane_stub.agent.record import Record
 from controlplane_stub.cluster.components import cmd_agent, cmd_controllers
 from controlplane_stub.cluster.state import (
     MARKER,
     SEED,
     State,
-    alive,
     default_data_dir,
     marked_pids,
     self_command,
@@ -38,7 +39,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     d = Path(args.data_dir)
     old = State.load(d)
-    if old and alive(old.supervisor_pid):
+    if old and supervisor_running(old):
         print(
             f"cluster {old.name} is already up (supervisor pid {old.supervisor_pid}); "
             f"`kproxy-cluster down --name {old.name}` first",
@@ -48,10 +49,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.nodes > 200:
         print("--nodes: between 1 and 200", file=sys.stderr)
         return 2
+    if not (0 < args.backoff_base <= args.backoff_cap and args.backoff_reset > 0):
+        print(
+            "--backoff-base, --backoff-cap, --backoff-reset: need 0 < base <= cap and reset > 0",
+            file=sys.stderr,
+        )
+        return 2
+    os.umask(0o077)
+    # What an earlier cluster of this data dir left after a crash goes first (only what it made).
+    if old is not None or (d / "owned.jsonl").exists():
+        remove_made(d, old)
     # Every `up` is a new cluster (as `kind create cluster`): no API objects survive a `down`.
     for old_dir in ("apiserver", "nodes", "logs"):
         shutil.rmtree(d / old_dir, ignore_errors=True)
-    (d / "logs").mkdir(parents=True, exist_ok=True)
+    # The cluster's directory holds its tokens and keys: the owner's only, as its parent.
+    d.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    (d / "logs").mkdir(mode=0o700, exist_ok=True)
     (d / "progress.log").write_text("")
     st = State(
         name=args.name,
@@ -60,6 +75,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         proxy_mode=args.proxy_mode,
         lb_pool=args.lb_pool,
+        instance=secrets.token_hex(6),
     )
     st.save()
     cmd = self_command() + [
@@ -70,6 +86,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         str(args.api_port),
         "--backoff-base",
         str(args.backoff_base),
+        "--backoff-cap",
+        str(args.backoff_cap),
+        "--backoff-reset",
+        str(args.backoff_reset),
     ]
     if args.image_catalog:
         cmd += ["--image-catalog", str(Path(args.image_catalog).resolve())]
@@ -78,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.localhost_lb:
         cmd += ["--no-localhost-lb"]
     out = (d / "logs" / "supervisor.log").open("ab")
-    env = dict(os.environ, **{MARKER: st.prefix})
+    env = dict(os.environ, **{MARKER: st.marker})
     p = subprocess.Popen(
         cmd,
         stdout=out,
@@ -88,6 +108,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env=env,
         cwd=str(d),
     )
+    st.record.process("supervisor", p.pid)
     # No save here: the supervisor owns state.json from now on (it records its own pid first).
     st.supervisor_pid = p.pid
     print(
@@ -124,31 +145,47 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    d = Path(args.data_dir)
-    st = State.load(d)
-    prefix = st.prefix if st else f"{args.name}-"
-    if st and alive(st.supervisor_pid):
-        os.kill(st.supervisor_pid, signal.SIGTERM)
-        deadline = time.monotonic() + 40
-        while alive(st.supervisor_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    # After a crash nothing above ran: find what is left by the marker and the name prefix.
+def supervisor_running(st: State) -> bool:
+    """The recorded supervisor process (same pid and start time) still runs."""
+    live = st.record.load().live_pids()
+    return live.get(st.supervisor_pid) == "supervisor"
+
+
+def remove_made(d: Path, st: State | None) -> tuple[list[str], int]:
+    """Kills the processes and removes the namespaces that the record of data dir d lists (and
+    processes that carry this `up`'s marker), nothing else; then forgets the record."""
+    rec = Record(d / "owned.jsonl")
+    owned = rec.load()
     killed = 0
     for _ in range(3):
-        pids = marked_pids(prefix) + [pid for pid in (st.pids.values() if st else []) if alive(pid)]
+        pids = set(owned.live_pids()) | set(marked_pids(st.marker) if st and st.instance else [])
+        pids.discard(os.getpid())
         if not pids:
             break
-        for pid in set(pids):
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
-    gone = netns.cleanup(prefix)
+    gone = netns.remove_owned(owned)
+    rec.forget()
+    return gone, killed
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    d = Path(args.data_dir)
+    st = State.load(d)
+    if st and supervisor_running(st):
+        os.kill(st.supervisor_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        while supervisor_running(st) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    # After a crash the supervisor's own shutdown did not run: the record says what is left.
+    gone, killed = remove_made(d, st)
     if st:
-        st.ready, st.supervisor_pid, st.pids, st.components = False, 0, {}, {}
+        st.ready, st.supervisor_pid, st.pids, st.components, st.supervised = False, 0, {}, {}, {}
         st.save()
     print(
         f"kproxy-cluster: {args.name} is down (removed {len(gone)} netns, killed {killed} leftover processes)"
@@ -156,49 +193,99 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ago(t: object) -> str:
+    if not isinstance(t, (int, float)) or t <= 0:
+        return "?"
+    stamp = time.strftime("%H:%M:%S", time.localtime(t))
+    return f"{stamp} ({max(0, time.time() - t):.0f} s ago)"
+
+
+def component_lines(st: State, sup_alive: bool) -> tuple[list[str], list[str]]:
+    """One line per supervised process, checked against /proc (not only what state.json says), and
+    the names of those not running."""
+    live = st.record.load().live_pids()
+    lines, down = [], []
+    for name, v in sorted(st.supervised.items()):
+        if not isinstance(v, dict):
+            continue
+        raw_pid = v.get("pid")
+        pid = raw_pid if isinstance(raw_pid, int) else 0
+        restarts, state, rc = v.get("restarts", 0), v.get("state"), v.get("last_exit")
+        running = state == "running" and live.get(pid) == name
+        if running:
+            what = f"running   pid {pid:<8} since {_ago(v.get('since'))}"
+        elif state == "backoff" and sup_alive:
+            nxt = v.get("next_start")
+            wait = (
+                f", next start in {max(0.0, nxt - time.time()):.0f} s"
+                if isinstance(nxt, (int, float))
+                else ""
+            )
+            what = f"DOWN      since {_ago(v.get('since'))}, exit code {rc}, crash-loop back-off{wait}"
+        elif state == "running" and sup_alive:
+            what = f"DOWN      pid {pid} exited (the supervisor restarts it)"
+        else:
+            what = f"DOWN      not supervised (last pid {pid}, {state})"
+        if not running:
+            down.append(name)
+        lines.append(f"  {name:<22} {what}, restarts {restarts}")
+    return lines, down
+
+
+def _nodes(st: State) -> list[str]:
+    async def get() -> list[dict[str, Any]]:
+        async with api.Client(api.Config.from_kubeconfig(st.kubeconfig)) as c:
+            items, _ = await c.list(api.path("nodes"))
+            return items
+
+    try:
+        items = asyncio.run(asyncio.wait_for(get(), 5))
+    except Exception as e:  # noqa: BLE001 - status reports whatever went wrong in one line
+        return [f"  nodes: the API server did not answer ({type(e).__name__}: {e})"]
+    out = []
+    for n in items:
+        if not isinstance(n, dict):
+            continue
+        status, md = n.get("status") or {}, n.get("metadata") or {}
+        conds = [x for x in status.get("conditions") or [] if isinstance(x, dict)]
+        addrs = [x for x in status.get("addresses") or [] if isinstance(x, dict)]
+        ready = next((str(x.get("status")) for x in conds if x.get("type") == "Ready"), "?")
+        addr = next((str(x.get("address")) for x in addrs if x.get("type") == "InternalIP"), "")
+        pod_cidr = (n.get("spec") or {}).get("podCIDR")
+        out.append(f"  node {md.get('name')!s:<10} Ready={ready:<6} {addr:<14} podCIDR {pod_cidr}")
+    return out
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """What runs, checked against /proc; exit code 0 only when every component runs."""
     st = _state(args)
     if st is None:
         print(f"no cluster {args.name} (no {args.data_dir}/state.json)")
         return 1
-    up = alive(st.supervisor_pid)
-    print(
-        f"cluster {st.name}: {'up' if up and st.ready else 'starting' if up else 'down'}  data-dir {st.data_dir}"
-    )
+    sup = supervisor_running(st)
+    lines, down = component_lines(st, sup)
+    if not sup:
+        word = "down (its supervisor is not running)" if st.supervised else "down"
+    elif not st.ready:
+        word = "starting"
+    elif down:
+        word = f"degraded: {', '.join(down)} not running"
+    else:
+        word = "up"
+    print(f"cluster {st.name}: {word}  data-dir {st.data_dir}")
     print(f"kubeconfig: {st.kubeconfig}")
-    for name, pid in sorted(st.pids.items()):
-        print(f"  {name:<22} pid {pid:<8} {'running' if alive(pid) else 'exited'}")
+    for line in lines:
+        print(line)
     for name, what in sorted(st.components.items()):
         print(f"  {name:<22} {what}")
-    if up and st.ready:
-
-        async def nodes() -> list[dict[str, Any]]:
-            async with api.Client(api.Config.from_kubeconfig(st.kubeconfig)) as c:
-                items, _ = await c.list(api.path("nodes"))
-                return items
-
-        for n in asyncio.run(nodes()):
-            ready = next(
-                (
-                    x["status"]
-                    for x in (n.get("status") or {}).get("conditions") or []
-                    if x["type"] == "Ready"
-                ),
-                "?",
-            )
-            addr = next(
-                (
-                    a["address"]
-                    for a in (n.get("status") or {}).get("addresses") or []
-                    if a["type"] == "InternalIP"
-                ),
-                "",
-            )
-            print(
-                f"  node {n['metadata']['name']:<10} Ready={ready:<6} {addr:<14} podCIDR {n['spec'].get('podCIDR')}"
-            )
-    print(f"  netns: {' '.join(netns.owned(st.prefix))}")
-    return 0 if up else 1
+    if sup and st.ready and "apiserver" not in down:
+        for line in _nodes(st):
+            print(line)
+    owned = st.record.load()
+    print(f"  netns: {' '.join(n for n in sorted(owned.netns) if owned.owns_netns(n) and netns.exists(n))}")
+    if not sup and (owned.netns or owned.live_pids()):
+        print(f"  what it made is still recorded: `kproxy-cluster down --name {st.name}` removes it")
+    return 0 if word == "up" else 1
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -272,7 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
             default="",
             help="image -> command catalog (default examples/flask-kubernetes/images.yaml)",
         )
-        sp.add_argument("--backoff-base", type=float, default=10.0, help="crash-loop backoff base seconds")
+        sp.add_argument(
+            "--backoff-base",
+            type=float,
+            default=10.0,
+            help="crash-loop back-off of components and containers: first delay (s), doubling",
+        )
+        sp.add_argument("--backoff-cap", type=float, default=300.0, help="... up to this (s)")
+        sp.add_argument(
+            "--backoff-reset", type=float, default=600.0, help="... and reset after a run this long (s)"
+        )
         sp.add_argument("--no-dns", dest="dns", action="store_false", help="do not start kproxy-dns")
         sp.add_argument(
             "--no-localhost-lb",
@@ -304,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-port", type=int, default=0)
     sv.add_argument("--image-catalog", default="")
     sv.add_argument("--backoff-base", type=float, default=10.0)
+    sv.add_argument("--backoff-cap", type=float, default=300.0)
+    sv.add_argument("--backoff-reset", type=float, default=600.0)
     sv.add_argument("--no-dns", dest="dns", action="store_false")
     sv.add_argument("--no-localhost-lb", dest="localhost_lb", action="store_false")
     ct = sub.add_parser("_controllers")
@@ -319,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--zone", default="")
     ag.add_argument("--dns-ip", default="")
     ag.add_argument("--backoff-base", type=float, default=10.0)
+    ag.add_argument("--backoff-cap", type=float, default=300.0)
+    ag.add_argument("--backoff-reset", type=float, default=600.0)
+    ag.add_argument("--hide-path", action="append", default=[], help="a directory containers must not see")
+    ag.add_argument("--record", default="", help="record the pod namespaces made here in this file")
     return p
 
 

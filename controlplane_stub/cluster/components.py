@@ -42,6 +42,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         zone=args.zone,
         dns_ip=args.dns_ip,
         backoff_base=args.backoff_base,
+        backoff_cap=args.backoff_cap,
+        backoff_reset=args.backoff_reset,
+        # By default a container sees neither this agent's directory nor its kubeconfig's.
+        hide_paths=args.hide_path
+        or [str(Path(args.kubeconfig).resolve().parent), str(Path(args.data_dir).resolve())],
+        record_file=args.record,
     )
 
     async def run() -> None:

@@ -6,8 +6,11 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from controlplane_stub.agent.record import Record
 
 MARKER = "KPC_CLUSTER"
 REPO = Path(__file__).resolve().parents[2]
@@ -47,21 +50,51 @@ class State:
     pids: dict[str, int] = field(default_factory=dict)
     components: dict[str, str] = field(default_factory=dict)
     ready: bool = False
+    # Unique per `up`: the value of the KPC_CLUSTER marker its processes carry (see marker).
+    instance: str = ""
+    # Per supervised process, as the supervisor last saw it: state (running, backoff, stopped),
+    # since (epoch seconds), restarts, pid, last_exit, next_start (epoch seconds, in back-off).
+    supervised: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
         return Path(self.data_dir) / "state.json"
 
+    @property
+    def marker(self) -> str:
+        return f"{self.prefix}{self.instance}"
+
+    @property
+    def record(self) -> Record:
+        """What this cluster made (netns, processes): what `down` removes (agent/record.py)."""
+        return Record(Path(self.data_dir) / "owned.jsonl")
+
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(self), indent=1))
         tmp.replace(self.path)
 
     @staticmethod
     def load(data_dir: Path) -> State | None:
+        """The state file, or None when it is missing or not one (a field of the wrong type is
+        reset to its default, so that `status` and `down` still work on a damaged file)."""
         try:
-            return State(**json.loads((data_dir / "state.json").read_text()))
-        except (OSError, ValueError, TypeError):
+            raw = json.loads((data_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(raw, dict):
+            return None
+        kept: dict[str, Any] = {}
+        for f in fields(State):
+            v = raw.get(f.name)
+            want = {"str": str, "int": int, "bool": bool}.get(str(f.type), dict)
+            if v is not None and isinstance(v, want) and not (want is int and isinstance(v, bool)):
+                kept[f.name] = v
+        try:
+            return State(**kept)
+        except TypeError:  # a required field missing
             return None
 
     @property
@@ -84,9 +117,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def marked_pids(prefix: str) -> list[int]:
-    """Processes started for this cluster (they carry KPC_CLUSTER=prefix in their environment)."""
-    want = f"{MARKER}={prefix}".encode()
+def marked_pids(marker: str) -> list[int]:
+    """Processes started by this `up` (they carry KPC_CLUSTER=State.marker in their environment)."""
+    want = f"{MARKER}={marker}".encode()
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == os.getpid():

@@ -1,25 +1,62 @@
-"""The supervisor: runs in its own session and owns every process and namespace of the cluster."""
+"""The supervisor: runs in its own session and owns every process and namespace of the cluster.
+
+Every process it starts (the API server included) is a supervised Component: when one exits it is
+started again after the kubelet's crash-loop back-off (agent/backoff.py; the delays come from
+`up --backoff-base/--backoff-cap/--backoff-reset`), with one log line per exit and per restart and
+its state (running or back-off, since when, restarts, last exit code) published in state.json for
+`status`. Every process and namespace is written to the cluster's record first (agent/record.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controlplane_stub import client as api
 from controlplane_stub.agent import netns
+from controlplane_stub.agent.backoff import CrashLoopBackoff
 from controlplane_stub.cluster.relays import pipe
 from controlplane_stub.cluster.state import DNS_IP, MARKER, SERVICE_CIDR, State, self_command, tool
 
 log = logging.getLogger("kpc.cluster")
+
+
+@dataclass
+class Component:
+    """One supervised process: what to run, and what happened to it."""
+
+    name: str
+    argv: list[str]
+    backoff: CrashLoopBackoff
+    proc: subprocess.Popen[bytes] | None = None
+    state: str = "starting"  # running | backoff | stopped
+    since: float = field(default_factory=time.time)
+    started: float = 0.0  # monotonic, of the current run
+    restarts: int = 0
+    last_exit: int | None = None
+    next_start: float = 0.0  # monotonic, while in back-off
+
+    def view(self) -> dict[str, Any]:
+        v: dict[str, Any] = {
+            "state": self.state,
+            "since": round(self.since, 3),
+            "restarts": self.restarts,
+            "pid": self.proc.pid if self.proc is not None else 0,
+            "last_exit": self.last_exit,
+        }
+        if self.state == "backoff":
+            v["next_start"] = round(time.time() + max(0.0, self.next_start - time.monotonic()), 3)
+        return v
 
 
 class Supervisor:
@@ -30,11 +67,24 @@ class Supervisor:
         self.logs = self.dir / "logs"
         self.topo = netns.Topology(prefix=st.prefix)
         self.node_nets = [self.topo.node(i) for i in range(1, st.nodes + 1)]
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.specs: dict[str, list[str]] = {}
+        self.comps: dict[str, Component] = {}
+        self.record = st.record
         self.relay_servers: list[asyncio.AbstractServer] = []
-        self.env = dict(os.environ, **{MARKER: st.prefix, "PYTHONUNBUFFERED": "1"})
+        self.env = dict(os.environ, **{MARKER: st.marker, "PYTHONUNBUFFERED": "1"})
         self.stopping = False
+
+    def backoff(self) -> CrashLoopBackoff:
+        a = self.args
+        return CrashLoopBackoff(a.backoff_base, max(a.backoff_cap, a.backoff_base), a.backoff_reset)
+
+    def exited(self, name: str) -> bool:
+        c = self.comps.get(name)
+        return c is None or c.proc is None or c.proc.poll() is not None
+
+    def publish(self) -> None:
+        self.st.supervised = {n: c.view() for n, c in self.comps.items()}
+        self.st.pids = {n: c.proc.pid for n, c in self.comps.items() if c.proc is not None}
+        self.st.save()
 
     def progress(self, msg: str) -> None:
         with (self.dir / "progress.log").open("a") as f:
@@ -43,21 +93,23 @@ class Supervisor:
 
     def spawn(self, name: str, cmd: list[str], ns: str | None = None) -> subprocess.Popen[bytes]:
         full = (["ip", "netns", "exec", ns] if ns else []) + cmd
-        self.specs[name] = full
-        out = (self.logs / f"{name}.log").open("ab")
-        p = subprocess.Popen(
-            full,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            cwd=str(self.dir),
-            start_new_session=True,
-        )
-        out.close()
-        self.procs[name] = p
-        self.st.pids[name] = p.pid
-        self.st.save()
+        comp = self.comps[name] = Component(name, full, self.backoff())
+        return self._start(comp)
+
+    def _start(self, comp: Component) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{comp.name}.log").open("ab") as out:
+            p = subprocess.Popen(
+                comp.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=str(self.dir),
+                start_new_session=True,
+            )
+        self.record.process(comp.name, p.pid)
+        comp.proc, comp.state, comp.since, comp.started = p, "running", time.time(), time.monotonic()
+        self.publish()
         return p
 
     def start_apiserver(self) -> None:
@@ -65,58 +117,34 @@ class Supervisor:
         if exe is None:
             raise RuntimeError("kproxy-apiserver is not installed (pip install -e . in the repo)")
         ad = self.dir / "apiserver"
-        ad.mkdir(exist_ok=True)
-        cmd = [
-            exe,
-            "--data-dir",
-            str(ad),
-            "--secure-port",
-            str(self.args.api_port),
-            "--service-cluster-ip-range",
-            SERVICE_CIDR,
-        ]
-        out = (self.logs / "apiserver.log").open("ab")
-        p = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            cwd=str(self.dir),
-            start_new_session=True,
-        )
-        out.close()
-        self.procs["apiserver"] = p
-        self.st.pids["apiserver"] = p.pid
-        self.st.save()
-        assert p.stdout is not None
+        ad.mkdir(mode=0o700, exist_ok=True)
+        logf = self.logs / "apiserver.log"
+        offset = logf.stat().st_size if logf.exists() else 0
+        cmd = [exe, "--data-dir", str(ad), "--secure-port", str(self.args.api_port)]
+        p = self.spawn("apiserver", cmd + ["--service-cluster-ip-range", SERVICE_CIDR])
         deadline = time.monotonic() + 60
-        line = b""
-        while time.monotonic() < deadline:
-            line = p.stdout.readline()
-            if not line and p.poll() is not None:
-                raise RuntimeError(
-                    f"kproxy-apiserver exited with {p.returncode}; see {self.logs}/apiserver.log"
-                )
-            if b" ready url=" in line:
-                break
-        else:
+        url = ""
+        while not url and time.monotonic() < deadline:
+            with logf.open("rb") as f:
+                f.seek(offset)
+                for line in f.read().splitlines():
+                    if b" ready url=" in line:
+                        url = line.decode(errors="replace").split("url=", 1)[1].split()[0]
+            if not url and p.poll() is not None:
+                raise RuntimeError(f"kproxy-apiserver exited with {p.returncode}; see {logf}")
+            time.sleep(0.1)
+        if not url:
             raise RuntimeError("kproxy-apiserver did not become ready in 60 s")
-        self.st.api_url = line.decode().split("url=", 1)[1].split()[0]
-        self.st.api_port = int(self.st.api_url.rsplit(":", 1)[1])
-        # Keep draining its stdout into the log so it never blocks on a full pipe.
-        stdout = p.stdout
-
-        def drain() -> None:
-            with (self.logs / "apiserver.log").open("ab") as f:
-                for chunk in iter(lambda: stdout.readline(), b""):
-                    f.write(chunk)
-
-
-        threading.Thread(target=drain, daemon=True).start()
+        self.st.api_url = url
+        self.st.api_port = int(url.rsplit(":", 1)[1])
+        # A restart must come back on the same port: the kubeconfigs and the relays point at it.
+        self.comps["apiserver"].argv[self.comps["apiserver"].argv.index("--secure-port") + 1] = str(
+            self.st.api_port
+        )
         shutil.copy(ad / "admin.kubeconfig", self.st.kubeconfig)
+        os.chmod(self.st.kubeconfig, 0o600)
         self.st.components["apiserver"] = self.st.api_url
-        self.st.save()
+        self.publish()
 
     async def relay(self, ns: str, port: int) -> None:
         """127.0.0.1:port inside ns -> 127.0.0.1:port of the host (where the API server listens)."""
@@ -146,10 +174,20 @@ class Supervisor:
             ing = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
             if not ing:
                 return
-            ip = ing[0].get("ip")
-            for p in svc["spec"].get("ports") or []:
-                port = int(p["port"])
-                if p.get("protocol", "TCP") != "TCP" or port in opened:
+            try:  # what the API says is input: an IP and ports 1-65535, or this Service is skipped
+                ip = str(ipaddress.IPv4Address(ing[0].get("ip")))
+                ports = [
+                    int(p["port"])
+                    for p in svc["spec"].get("ports") or []
+                    if p.get("protocol", "TCP") == "TCP"
+                ]
+                if not all(0 < x < 65536 for x in ports):
+                    raise ValueError(f"port out of range in {ports}")
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                log.warning("localhost LoadBalancer relay: Service skipped: %s", e)
+                return
+            for port in ports:
+                if port in opened:
                     continue
                 opened[port] = ip
                 try:
@@ -178,11 +216,11 @@ class Supervisor:
         return handle
 
     def build_network(self) -> None:
-        netns.setup_node_network(self.topo)
+        netns.setup_node_network(self.topo, self.record)
         for n in self.node_nets:
-            netns.setup_node(self.topo, n, self.node_nets)
+            netns.setup_node(self.topo, n, self.node_nets, self.record)
             self.progress(f"node {n.name}: netns {n.netns}, {n.ip} on the node network, pods {n.pod_cidr}")
-        netns.setup_client(self.topo, self.node_nets, [self.st.lb_pool, SERVICE_CIDR])
+        netns.setup_client(self.topo, self.node_nets, [self.st.lb_pool, SERVICE_CIDR], self.record)
         # The node network's own namespace routes pod CIDRs too (the DNS server answers from there).
         netns.ip(
             ns=self.topo.net_ns,
@@ -210,6 +248,14 @@ class Supervisor:
                 f"zone-{'abc'[(i - 1) % 3]}",
                 "--backoff-base",
                 str(self.args.backoff_base),
+                "--backoff-cap",
+                str(self.args.backoff_cap),
+                "--backoff-reset",
+                str(self.args.backoff_reset),
+                "--record",
+                str(self.record.path),
+                "--hide-path",
+                str(self.dir),
             ]
             if self.args.image_catalog:
                 cmd += ["--image-catalog", self.args.image_catalog]
@@ -263,7 +309,7 @@ class Supervisor:
                 ns=n.netns,
             )
         await asyncio.sleep(3)
-        dead = [n.name for n in self.node_nets if self.procs[f"kproxy-{n.name}"].poll() is not None]
+        dead = [n.name for n in self.node_nets if self.exited(f"kproxy-{n.name}")]
         if dead:
             msg = f"exited on {', '.join(dead)} (see {self.logs}/kproxy-NODE.log)"
         else:
@@ -300,7 +346,7 @@ class Supervisor:
             ns=self.topo.net_ns,
         )
         await asyncio.sleep(1.5)
-        if self.procs["dns"].poll() is not None:
+        if self.exited("dns"):
             self.st.components["dns"] = f"kproxy-dns exited (see {self.logs}/dns.log)"
             self.progress(f"cluster DNS: {self.st.components['dns']}")
             return
@@ -365,8 +411,6 @@ class Supervisor:
 
     async def run(self) -> None:
         t0 = time.monotonic()
-        self.progress(f"cleaning up leftovers of {self.st.prefix}* (if any)")
-        netns.cleanup(self.st.prefix)
         self.progress("starting the API server")
         await asyncio.to_thread(self.start_apiserver)
         self.progress(f"API server ready at {self.st.api_url}")
@@ -403,34 +447,59 @@ class Supervisor:
             await c.close()
 
     async def watch_children(self) -> None:
-        """Restarts a crashed agent, controller manager, kproxy or DNS (with backoff)."""
-        restarts: dict[str, int] = {}
+        """Restarts every component that exits, the API server too, after its back-off."""
         while not self.stopping:
-            await asyncio.sleep(1)
-            for name, p in list(self.procs.items()):
-                if p.poll() is None or name == "apiserver" or self.stopping:
+            await asyncio.sleep(0.25)
+            self.check_children()
+
+    def check_children(self) -> None:
+        now = time.monotonic()
+        for comp in list(self.comps.values()):
+            if self.stopping:
+                return
+            p = comp.proc
+            if comp.state == "running" and p is not None and p.poll() is not None:
+                ran = now - comp.started
+                delay = comp.backoff.after_exit(ran)
+                comp.state, comp.since, comp.last_exit = "backoff", time.time(), p.returncode
+                comp.next_start = now + delay
+                log.warning(
+                    "component=%s pid=%d exited rc=%s after %.1f s; restart #%d in %.1f s (crash-loop back-off)",
+                    comp.name,
+                    p.pid,
+                    p.returncode,
+                    ran,
+                    comp.restarts + 1,
+                    delay,
+                )
+                self.publish()
+            if comp.state == "backoff" and now >= comp.next_start:
+                comp.restarts += 1
+                try:
+                    p = self._start(comp)
+                except OSError as e:  # could not even start: counts as an exit at once
+                    comp.proc, comp.last_exit, comp.state, comp.since = None, None, "backoff", time.time()
+                    comp.next_start = now + comp.backoff.after_exit(0.0)
+                    log.error("component=%s restart #%d failed: %s", comp.name, comp.restarts, e)
+                    self.publish()
                     continue
-                n = restarts[name] = restarts.get(name, 0) + 1
-                if n > 5:
-                    continue
-                log.warning("component=%s exited rc=%s; restart #%d", name, p.returncode, n)
-                await asyncio.sleep(min(2**n, 30))
-                spec = self.specs[name]
-                ns = spec[3] if spec[:3] == ["ip", "netns", "exec"] else None
-                self.spawn(name, spec[4:] if ns else spec, ns=ns)
+                log.warning("component=%s restarted pid=%d (restart #%d)", comp.name, p.pid, comp.restarts)
 
     def stop_all(self) -> None:
         self.stopping = True
         for s in self.relay_servers:
             s.close()
         order = (
-            [k for k in self.procs if k.startswith("kproxy")]
-            + [k for k in self.procs if k.startswith("agent")]
-            + [k for k in self.procs if k in ("controllers", "dns")]
+            [k for k in self.comps if k.startswith("kproxy")]
+            + [k for k in self.comps if k.startswith("agent")]
+            + [k for k in self.comps if k in ("controllers", "dns")]
             + ["apiserver"]
         )
         for name in order:
-            p = self.procs.get(name)
+            comp = self.comps.get(name)
+            p = comp.proc if comp is not None else None
+            if comp is not None:
+                comp.state, comp.since = "stopped", time.time()
             if p is None or p.poll() is not None:
                 continue
             p.send_signal(signal.SIGTERM)
@@ -441,10 +510,12 @@ class Supervisor:
                 p.wait(5)
         # kproxy's rules (iptables/nft chains, IPVS services, ipsets) live inside the node namespaces,
         # so removing the namespaces removes them: no `kproxy --cleanup` pass is needed.
-        netns.cleanup(self.st.prefix)
+        netns.remove_owned(self.record.load())
+        self.publish()
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # every file of the cluster (logs, kubeconfigs, the API server's) is the owner's only
     st = State.load(Path(args.data_dir))
     assert st is not None, f"{args.data_dir}/state.json missing"
     st.supervisor_pid = os.getpid()  # (cmd_up writes it too, but this copy is the one saved from now on)

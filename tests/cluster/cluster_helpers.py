@@ -132,6 +132,20 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {r.stderr}")
         return r.stdout
 
+    def apply(self, doc: dict[str, Any]) -> None:
+        """kubectl apply of one object."""
+        r = subprocess.run(
+            ["kubectl", "apply", "-f", "-"],
+            input=json.dumps(doc),
+            text=True,
+            capture_output=True,
+            env=self.env,
+            check=False,
+            timeout=60,
+        )
+        if r.returncode != 0:
+            raise AssertionError(f"kubectl apply failed: {r.stderr}")
+
     def json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json"))
 

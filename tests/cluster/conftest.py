@@ -60,8 +60,7 @@ def controlplane(apiserver: APIServerProcess) -> Iterator[ControlPlane]:
             loop.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def _cluster(nodes: int, extra: list[str]) -> Iterator[Cluster]:
     needs_root()
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed")
@@ -74,12 +73,13 @@ def cluster() -> Iterator[Cluster]:
         "--name",
         name,
         "--nodes",
-        "3",
+        str(nodes),
         "--backoff-base",
         "1",
         "--no-localhost-lb",
         "--timeout",
         "90",
+        *extra,
     ]
     root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -96,3 +96,14 @@ def cluster() -> Iterator[Cluster]:
             [str(BIN / "kproxy-cluster"), "down", "--name", name], env=env, capture_output=True, timeout=120
         )
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    yield from _cluster(3, [])
+
+
+@pytest.fixture(scope="module")
+def small_cluster() -> Iterator[Cluster]:
+    """One node and a crash-loop back-off of 1 s doubling to 2 s, for the supervision tests."""
+    yield from _cluster(1, ["--backoff-cap", "2"])

@@ -108,6 +108,9 @@ def test_seed_runs_four_ready_pods_across_three_nodes(cluster: Cluster) -> None:
             ["nsenter", "-t", str(pid), "-u", "hostname"], capture_output=True, text=True, timeout=10
         )
         assert uts.stdout.strip() == p["metadata"]["name"], uts
+        # The seed app asks for no user: it runs as nobody (Flask binds its port 5000 unprivileged).
+        uids = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+        assert uids.split()[1:] == ["65534"] * 4, uids
         assert p["status"]["podIP"].startswith("10.244.")
     eps = wait_for(
         lambda: (e := slice_endpoints(c)) and sum(x["conditions"]["ready"] for x in e) == 4 and e,
@@ -314,19 +317,13 @@ def test_killed_container_restarts_and_its_endpoint_flaps(cluster: Cluster) -> N
 
 
 def apply_pod(c: Cluster, name: str, spec: Obj) -> None:
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": {"test": "pods"}},
-        "spec": spec,
-    }
-    subprocess.run(
-        ["kubectl", "apply", "-f", "-"],
-        input=json.dumps(doc),
-        text=True,
-        check=True,
-        capture_output=True,
-        env=c.env,
+    c.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": {"test": "pods"}},
+            "spec": spec,
+        }
     )
 
 
@@ -363,6 +360,8 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
                     "image": "busybox",
                     "command": [sys.executable, "-m", "http.server", "8000"],
                     "workingDir": str(tmp_path),
+                    # The host's Python and tmp_path lie below 0700 directories: root only.
+                    "securityContext": {"runAsUser": 0},
                     "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1},
                     "livenessProbe": {
                         "exec": {"command": ["test", "!", "-e", str(flag)]},
@@ -411,6 +410,7 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
                     "name": "c",
                     "image": "busybox",
                     "command": ["sh", "-c", "while :; do sleep 0.2; done"],
+                    "securityContext": {"runAsUser": 0},  # its exec probe reads tmp_path (0700)
                     "startupProbe": {
                         "exec": {"command": ["test", "-e", str(gate)]},
                         "periodSeconds": 1,
@@ -574,7 +574,8 @@ def test_down_after_a_crash_leaves_no_namespace_link_or_process(cluster: Cluster
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
         ), f"{name} (pid {pid}) survived down"
-    marker = f"KPC_CLUSTER={prefix}".encode()
+    marker = f"KPC_CLUSTER={c.state['prefix']}{c.state['instance']}".encode()
+    assert c.state["instance"]
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
