@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from iptables_helpers import stop_kproxy
 from iptables_rulecheck import rule_problems
 
 from kproxy.relay import Relay, bind_listener
@@ -232,14 +232,6 @@ def test_bad_objects_in_the_store_are_skipped_and_never_reach_the_firewall(
         assert "Traceback" not in text, text[-3000:]
         assert "relisting reflector=services" not in text  # the watch was kept, not restarted by a list
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        subprocess.run(["ip", "netns", "exec", rules_netns, kproxy or "kproxy", "--cleanup", "--proxy-mode",
-                        "iptables", "--iptables-backend", backend, "--hostname-override", "node-1"],
-                       capture_output=True, timeout=60, check=False)
+        stop_kproxy(proc, rules_netns, kproxy, backend)
     left = _dump(rules_netns, backend)
     assert "KUBE-SVC-" not in left and json.dumps(left).count("10.96.9.") == 0

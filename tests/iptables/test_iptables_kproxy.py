@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from iptables_helpers import stop_kproxy
 from iptables_topology import NODE_IP, PODS, Topology
 
 from kproxy._purepath import port_proto_hash
@@ -153,17 +153,7 @@ def test_kproxy_iptables_mode_end_to_end(backend: str, api: Api, topology: Topol
             assert time.monotonic() - t0 < 20, "service chains not removed after the Service was deleted"
             time.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        out = subprocess.run(
-            ["ip", "netns", "exec", topology.node, kproxy, "--cleanup", "--proxy-mode", "iptables",
-             "--iptables-backend", backend, "--hostname-override", "node-1"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        out = stop_kproxy(proc, topology.node, kproxy, backend)
     assert out.returncode == 0, out.stderr
     for table in ("filter", "nat", "mangle"):
         left = topology.node_exec(f"iptables-{backend}-save", "-t", table).stdout
