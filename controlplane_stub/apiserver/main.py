@@ -13,7 +13,7 @@ import sys
 from aiohttp import web
 
 from ..store.sqlite import SQLiteStore
-from . import bootstrap, pki, semantics
+from . import bootstrap, limits, pki, semantics
 from .registry import Registry
 from .server import APIServer
 
@@ -46,6 +46,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bookmark-interval", type=float, default=60.0, help="seconds between watch BOOKMARK events")
     p.add_argument("--min-request-timeout", type=float, default=1800.0,
                    help="watches without timeoutSeconds end after a random time in [this, 2*this) seconds")
+    p.add_argument("--max-requests-inflight", type=int, default=limits.DEFAULT_MAX_REQUESTS_INFLIGHT,
+                   help="read-only requests (watches excepted) served at once; beyond: 429 (0 = no limit, "
+                        "default 400)")
+    p.add_argument("--max-mutating-requests-inflight", type=int,
+                   default=limits.DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
+                   help="mutating requests served at once; beyond: 429 (0 = no limit, default 200)")
+    p.add_argument("--request-header-timeout", type=float, default=limits.DEFAULT_REQUEST_HEADER_TIMEOUT,
+                   help="seconds from accept to a connection's first complete request header, TLS handshake "
+                        "included (kproxy only; default 32, upstream's ReadHeaderTimeout)")
+    p.add_argument("--idle-connection-timeout", type=float, default=limits.DEFAULT_IDLE_CONNECTION_TIMEOUT,
+                   help="seconds a keep-alive connection may stay idle between requests (kproxy only; default "
+                        "90, upstream's IdleTimeout)")
+    p.add_argument("--send-timeout", type=float, default=limits.DEFAULT_SEND_TIMEOUT,
+                   help="seconds a list or watch client may take to accept the next 64 KiB of its response "
+                        "before it is disconnected (kproxy only; default 10)")
     p.add_argument("-v", "--v", type=int, default=1, help="log verbosity: 0 warnings, 1 info, 2+ debug")
     return p.parse_args(argv)
 
@@ -84,7 +99,18 @@ def _cidrs(s: str) -> list[str]:
     return out
 
 
+def check_limits(args: argparse.Namespace) -> None:
+    for flag in ("max_requests_inflight", "max_mutating_requests_inflight"):
+        if getattr(args, flag) < 0:
+            raise SystemExit(f"kproxy-apiserver: --{flag.replace('_', '-')}: want a number >= 0 (0 = no limit)")
+    for flag in ("request_header_timeout", "idle_connection_timeout", "send_timeout", "min_request_timeout"):
+        if not 0 < getattr(args, flag) < 1e9:
+            raise SystemExit(f"kproxy-apiserver: --{flag.replace('_', '-')}: want a number of seconds > 0")
+
+
 async def serve(args: argparse.Namespace) -> int:
+    check_limits(args)
+    limits.tune_process()
     data = os.path.abspath(args.data_dir)
     pki.secure_data_dir(data)
     token_file = args.token_auth_file or os.path.join(data, "tokens.csv")
@@ -111,14 +137,19 @@ async def serve(args: argparse.Namespace) -> int:
                                                 _node_port_range(args.service_node_port_range))
         registry = Registry(store, allocator)
         await registry.bootstrap()
+        guard = limits.ConnectionGuard(args.request_header_timeout)
         api = APIServer(store, registry, users, bookmark_interval=args.bookmark_interval,
-                        min_request_timeout=args.min_request_timeout)
-        runner = web.AppRunner(api.app(), handle_signals=False, access_log=None, 
-                               shutdown_timeout=3.0)
+                        min_request_timeout=args.min_request_timeout, send_timeout=args.send_timeout,
+                        max_requests_inflight=args.max_requests_inflight,
+                        max_mutating_requests_inflight=args.max_mutating_requests_inflight, connections=guard)
+        runner = web.AppRunner(api.app(), handle_signals=False, access_log=None,
+                               shutdown_timeout=3.0, keepalive_timeout=args.idle_connection_timeout)
         await runner.setup()
         port = args.insecure_port if plain else args.secure_port
-        site = web.TCPSite(runner, args.bind_address, port, ssl_context=ssl_ctx, reuse_address=True)
+        site = limits.GuardedSite(runner, args.bind_address, port, ssl_context=ssl_ctx, guard=guard)
         await site.start()
+        assert runner.server is not None
+        guard.start(runner.server)
         server = getattr(site, "_server", None)
         actual = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
         host = "127.0.0.1" if args.bind_address in ("0.0.0.0", "") else ("::1" if args.bind_address == "::"
@@ -153,6 +184,7 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
         log.info("event=shutdown watches=%d", api.watches.active)
         reconciling.cancel()
+        guard.stop()
         # cleanup() closes the listener first, then on_shutdown ends the watch streams: clients that
         # re-watch at once find the port closed (and retry) instead of a server about to vanish.
         await runner.cleanup()

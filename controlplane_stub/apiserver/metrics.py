@@ -13,7 +13,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class APIMetrics:
-    def __init__(self, revision: Callable[[], int], watchers: Callable[[], int]) -> None:
+    def __init__(self, revision: Callable[[], int], watchers: Callable[[], int],
+                 inflight: Callable[[bool], int] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("apiserver_request_total", "Requests by verb, resource, subresource and HTTP code.",
                                 ["verb", "resource", "subresource", "code"], registry=self.registry)
@@ -25,10 +26,24 @@ class APIMetrics:
         rev.set_function(lambda: float(revision()))
         live = Gauge("apiserver_longrunning_requests", "Open watch streams.", ["verb"], registry=self.registry)
         live.labels("WATCH").set_function(lambda: float(watchers()))
+        current = Gauge("apiserver_current_inflight_requests", "Requests holding an in-flight slot, by kind.",
+                        ["request_kind"], registry=self.registry)
+        if inflight is not None:
+            current.labels("readOnly").set_function(lambda: float(inflight(False)))
+            current.labels("mutating").set_function(lambda: float(inflight(True)))
+        self._rejected = Counter("apiserver_dropped_requests_total",
+                                 "Requests refused with 429 because every in-flight slot was taken.",
+                                 ["request_kind"], registry=self.registry)
+        self.terminated_watchers = Counter("apiserver_terminated_watchers_total",
+                                           "Watchers closed because they did not take events in time.",
+                                           ["resource"], registry=self.registry)
 
     def observe(self, verb: str, resource: str, subresource: str, code: int, seconds: float) -> None:
         self.requests.labels(verb, resource, subresource, str(code)).inc()
         self.latency.labels(verb, resource).observe(seconds)
+
+    def rejected(self, mutating: bool) -> None:
+        self._rejected.labels("mutating" if mutating else "readOnly").inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from ..store.base import Compacted, FutureRevision, Obj, Store
-from . import bodies, discovery, semantics
+from . import bodies, discovery, limits, semantics
 from .errors import StatusError, bad_request, gone
 from .metrics import APIMetrics
 from .pki import User
@@ -44,6 +44,14 @@ def status_response(err: StatusError) -> web.Response:
     return resp
 
 
+def _is_watch(request: web.Request) -> bool:
+    if request.query.get("watch") in ("true", "1"):
+        return True
+    parts = request.path.split("/", 5)  # "", api, v1, watch | "", apis, group, version, watch
+    return ((len(parts) > 3 and parts[1] == "api" and parts[3] == "watch")
+            or (len(parts) > 4 and parts[1] == "apis" and parts[4] == "watch"))
+
+
 @dataclass(slots=True)
 class Target:
     res: Resource
@@ -55,14 +63,23 @@ class Target:
 
 class APIServer:
     def __init__(self, store: Store, registry: Registry, users: dict[str, User], *, bookmark_interval: float = 60.0,
-                 min_request_timeout: float = 1800.0, external_address: str = "") -> None:
+                 min_request_timeout: float = 1800.0, external_address: str = "",
+                 send_timeout: float = limits.DEFAULT_SEND_TIMEOUT,
+                 max_requests_inflight: int = limits.DEFAULT_MAX_REQUESTS_INFLIGHT,
+                 max_mutating_requests_inflight: int = limits.DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
+                 connections: limits.ConnectionGuard | None = None) -> None:
         self.store = store
         self.registry = registry
         self.users = users
-        self.watches = WatchHub(store, bookmark_interval, min_request_timeout)
+        self.send_timeout = send_timeout
+        self.inflight = limits.InflightLimiter(max_requests_inflight, max_mutating_requests_inflight)
+        self.connections = connections
+        self.metrics = APIMetrics(lambda: self.store.revision, lambda: self.watches.active,
+                                  lambda mutating: self.inflight.current[int(mutating)])
+        self.watches = WatchHub(store, bookmark_interval, min_request_timeout, send_timeout=send_timeout,
+                                on_slow_watcher=lambda res: self.metrics.terminated_watchers.labels(res).inc())
         self.external_address = external_address
         self.ready = False
-        self.metrics = APIMetrics(lambda: self.store.revision, lambda: self.watches.active)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
@@ -90,10 +107,14 @@ class APIServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         started = time.monotonic()
+        if self.connections is not None:
+            self.connections.request_started(request.protocol)
+        counted: bool | None = None  # None: not counted; else whether it holds a mutating slot
         try:
             if not request.path.startswith(_ANONYMOUS_PATHS):
                 user = self._authenticate(request)
                 request["user"] = user
+                counted = self._admit(request, user)
             resp: web.StreamResponse = await handler(request)
         except StatusError as e:
             resp = status_response(e)
@@ -104,6 +125,9 @@ class APIServer:
         except Exception as e:
             log.exception("event=internal_error method=%s path=%s", request.method, request.path)
             resp = status_response(StatusError(500, "InternalError", f"Internal error occurred: {e}"))
+        finally:
+            if counted is not None:
+                self.inflight.release(counted)
         metric = request.get("metric")
         if metric is not None:
             verb, resource, sub = metric
@@ -114,6 +138,22 @@ class APIServer:
             log.debug("method=%s path=%s code=%s ms=%.1f", request.method, request.path_qs, resp.status,
                       (time.monotonic() - started) * 1000)
         return resp
+
+    def _admit(self, request: web.Request, user: User) -> bool | None:
+        """Takes an in-flight slot (429 when none is free); None for requests that hold none.
+
+        As upstream's WithMaxInFlightLimit: watches are long-running and not counted, and
+        system:masters is served even when the cap is reached, without taking a slot.
+        """
+        if request.method == "GET" and _is_watch(request):
+            return None
+        mutating = request.method not in _READ_METHODS
+        if self.inflight.acquire(mutating):
+            return mutating
+        if user.is_admin:
+            return None
+        self.metrics.rejected(mutating)
+        raise limits.too_many_requests()
 
     def _authenticate(self, request: web.Request) -> User:
         auth = request.headers.get("Authorization", "")
@@ -256,7 +296,7 @@ class APIServer:
                 self._authorize(request, "get", t)
                 return self._get(request, t)
             self._authorize(request, "list", t)
-            return self._list(request, t)
+            return await self._list(request, t)
         if t.watch_path:
             raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
                               "resource")
@@ -362,7 +402,7 @@ class APIServer:
         q = request.query
         return object_matcher(q.get("labelSelector", ""), q.get("fieldSelector", ""), t.res.kind)
 
-    def _list(self, request: web.Request, t: Target) -> web.Response:
+    async def _list(self, request: web.Request, t: Target) -> web.StreamResponse:
         q = request.query
         matcher, _ = self._selectors(request, t)
         try:
@@ -424,11 +464,38 @@ class APIServer:
         if self._wants_table(request):
             table = semantics.to_table(t.res.id, [_decode(v) for _, v in items], q.get("includeObject", "Metadata"))
             table["metadata"] = meta
-            return json_response(table)
+            return await self._send_body(request, [_encode(table)])
         head = (b'{"kind":"' + t.res.list_kind.encode() + b'","apiVersion":"' + t.res.api_version.encode()
                 + b'","metadata":' + _encode(meta) + b',"items":[')
-        body = head + b",".join(v for _, v in items) + b"]}"
-        return web.Response(body=body, content_type="application/json")
+        parts = [head]
+        for i, (_, v) in enumerate(items):
+            if i:
+                parts.append(b",")
+            parts.append(v)
+        parts.append(b"]}")
+        return await self._send_body(request, parts)
+
+    async def _send_body(self, request: web.Request, parts: list[bytes]) -> web.StreamResponse:
+        """A JSON body made of parts (shared, already encoded values), small or streamed.
+
+        A big body is never joined into one buffer per client: it is written piece by piece into a
+        capped transport buffer, and a client that stops reading is disconnected after the send
+        timeout (it would otherwise hold the whole response in the server, per request).
+        """
+        total = sum(len(p) for p in parts)
+        if total <= limits.SEND_PIECE:
+            return web.Response(body=b"".join(parts), content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = total
+        limits.cap_send_buffer(request)
+        await resp.prepare(request)
+        try:
+            for piece in limits.pieces(parts):
+                await limits.send(resp, piece, self.send_timeout)
+        except limits.SlowClient:
+            log.info("event=slow_client_closed verb=list path=%s total_bytes=%d", request.path, total)
+            limits.disconnect(request)
+        return resp
 
     @staticmethod
     def _encode_continue(revision: int, last_key: str) -> str:
@@ -466,10 +533,14 @@ class APIServer:
             if send_initial and not allow_bm:
                 raise StatusError(422, "Invalid", "allowWatchBookmarks: Forbidden: sendInitialEvents requires "
                                   "allowWatchBookmarks")
+        # An integer number of seconds (upstream's int64): "inf" or "nan" would never time out.
+        raw_timeout = q.get("timeoutSeconds", "") or "0"
         try:
-            timeout = float(q.get("timeoutSeconds", "0") or 0)
+            timeout = int(raw_timeout)
         except ValueError:
-            raise bad_request(f"invalid timeoutSeconds: {q.get('timeoutSeconds')!r}") from None
+            timeout = -1
+        if timeout < 0:
+            raise bad_request(f"invalid timeoutSeconds: {raw_timeout!r}: want a whole number of seconds >= 0")
         wr = WatchRequest(
             res=t.res,
             prefix=t.res.prefix(t.namespace),

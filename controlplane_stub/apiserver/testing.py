@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -141,3 +143,114 @@ def running_apiserver(*, https: bool = True, data_dir: str | None = None, port: 
         api.stop()
         if own_dir:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# -- hostile clients (tests/apiload, tests/apiserver/test_apiserver_limits.py) -------------------
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for pid {pid}")
+
+
+def raise_nofile(want: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE to `want` (bounded by the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+_TCP_ESTABLISHED = 1
+
+
+def _tcp_state(s: socket.socket) -> int:
+    """tcpi_state, the first byte of struct tcp_info (Linux)."""
+    try:
+        return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except OSError:
+        return 0
+
+
+class HostileClients:
+    """Connections to one API server that never finish what they start; all closed by close().
+
+    - silent(n): TCP connections that never send a byte (an HTTPS server waits for a ClientHello)
+    - partial_headers(n): a request line and one header, never the blank line that ends them
+    - stalled(n, path, token): a whole GET (a list or a watch) whose response is never read; the
+      receive buffer is shrunk before connect so the kernel does not absorb the response for us
+    """
+
+    def __init__(self, api: APIServerProcess, connect_timeout: float = 10.0) -> None:
+        self.api = api
+        self.host, self.port = "127.0.0.1", api.port
+        self.timeout = connect_timeout
+        self.socks: list[socket.socket] = []
+        self._ctx: ssl.SSLContext | None = None
+        if api.https:
+            self._ctx = ssl.create_default_context(cafile=api.ca_file)
+            self._ctx.check_hostname = False
+
+    def _connect(self, rcvbuf: int = 0) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socks.append(s)
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(self.timeout)
+        s.connect((self.host, self.port))
+        return s
+
+    def _tls(self, rcvbuf: int = 0) -> socket.socket:
+        raw = self._connect(rcvbuf)
+        if self._ctx is None:
+            return raw
+        self.socks.remove(raw)
+        s = self._ctx.wrap_socket(raw, server_hostname="localhost")
+        self.socks.append(s)
+        return s
+
+    def silent(self, n: int) -> None:
+        for _ in range(n):
+            self._connect()
+
+    def partial_headers(self, n: int) -> None:
+        for _ in range(n):
+            self._tls().sendall(b"GET /api/v1/namespaces HTTP/1.1\r\nHost: localhost\r\n")
+
+    def stalled(self, n: int, path: str, token: str) -> None:
+        req = (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+               f"Accept: application/json\r\n\r\n").encode()
+        for _ in range(n):
+            self._tls(rcvbuf=4096).sendall(req)
+
+    def closed_by_server(self, wait: float) -> int:
+        """How many of the connections the server has closed, waiting up to `wait` s for all of them.
+
+        Reads nothing (reading would turn a stalled client into a fast one): a connection counts as
+        closed once the kernel's TCP state for it has left ESTABLISHED (FIN or RST received).
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            closed = sum(1 for s in self.socks if _tcp_state(s) != _TCP_ESTABLISHED)
+            if closed == len(self.socks) or time.monotonic() >= deadline:
+                return closed
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.socks.clear()
+
+    def __enter__(self) -> HostileClients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

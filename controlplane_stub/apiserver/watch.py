@@ -10,12 +10,14 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
 
 from ..store.base import Compacted, Store, event_line
+from . import limits
 from .resources import Resource
 from .selectors import Matcher
 
@@ -56,24 +58,29 @@ def _bookmark_line(res: Resource, revision: int, initial_end: bool = False) -> b
 
 
 class WatchHub:
-    def __init__(self, store: Store, bookmark_interval: float, min_request_timeout: float) -> None:
+    def __init__(self, store: Store, bookmark_interval: float, min_request_timeout: float, *,
+                 send_timeout: float = limits.DEFAULT_SEND_TIMEOUT,
+                 on_slow_watcher: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.bookmark_interval = bookmark_interval
         self.min_request_timeout = min_request_timeout
+        self.send_timeout = send_timeout
+        self.on_slow_watcher = on_slow_watcher
         self.stopping = False
         self.active = 0
+        self.terminated = 0
 
     def stop(self) -> None:
         self.stopping = True
         self.store.wake_watchers()
 
     @staticmethod
-    def _encode_out(wr: WatchRequest, lines: list[bytes]) -> bytes:
+    def _encode_out(wr: WatchRequest, lines: Iterable[bytes]) -> Iterator[bytes]:
         if wr.table_include is None:
-            return b"".join(lines)
+            yield from lines
+            return
         from . import semantics
 
-        out = []
         for line in lines:
             ev = msgspec.json.decode(line)
             if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
@@ -81,17 +88,30 @@ class WatchHub:
                 table.setdefault("metadata", {})["resourceVersion"] = ev["object"]["metadata"].get(
                     "resourceVersion", "")
                 ev["object"] = table
-            out.append(_encode(ev) + b"\n")
-        return b"".join(out)
+            yield _encode(ev) + b"\n"
+
+    async def _send(self, resp: web.StreamResponse, wr: WatchRequest, lines: Iterable[bytes]) -> None:
+        """Lines go out in pieces of about 64 KiB: never one buffer per watcher for a whole state."""
+        for piece in limits.pieces(self._encode_out(wr, lines)):
+            await limits.send(resp, piece, self.send_timeout)
 
     async def serve(self, request: web.Request, wr: WatchRequest) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
                                                        "Cache-Control": "no-cache, private"})
         resp.enable_chunked_encoding()
+        limits.cap_send_buffer(request)
         await resp.prepare(request)
         self.active += 1
         try:
             await self._stream(request, resp, wr)
+        except limits.SlowClient:
+            # As the watch cache's cacheWatcher: a watcher that does not keep up is closed (the
+            # client relists or resumes) instead of the server buffering for it.
+            self.terminated += 1
+            if self.on_slow_watcher is not None:
+                self.on_slow_watcher(wr.res.id)
+            log.info("event=slow_watcher_closed resource=%s prefix=%s", wr.res.id, wr.prefix)
+            limits.disconnect(request)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -108,29 +128,33 @@ class WatchHub:
         initial = wr.send_initial_events if wr.send_initial_events is not None else rv in ("", "0")
         if initial:
             cursor = store.revision
+            # References to the store's values; each ADDED line is made when its piece is sent.
             items = store.list(wr.prefix).items
-            lines = []
-            for key, value in items:
-                if wr.exact_key and key != wr.exact_key:
-                    continue
-                if m is not None and not m(msgspec.json.decode(value)):
-                    continue
-                lines.append(event_line("ADDED", value))
-            if wr.send_initial_events and wr.allow_bookmarks:
-                lines.append(_bookmark_line(wr.res, cursor, initial_end=True))
-            if lines:
-                await resp.write(self._encode_out(wr, lines))
+
+            def initial_lines() -> Iterator[bytes]:
+                for key, value in items:
+                    if wr.exact_key and key != wr.exact_key:
+                        continue
+                    if m is not None and not m(msgspec.json.decode(value)):
+                        continue
+                    yield event_line("ADDED", value)
+                if wr.send_initial_events and wr.allow_bookmarks:
+                    yield _bookmark_line(wr.res, cursor, initial_end=True)
+
+            await self._send(resp, wr, initial_lines())
+            del items
         else:
             try:
                 cursor = int(rv)
             except ValueError:
-                await resp.write(_error_line(400, "BadRequest", f"invalid resource version: {rv!r}"))
+                await self._send(resp, wr, [_error_line(400, "BadRequest", f"invalid resource version: {rv!r}")])
                 return
         while not self.stopping:
             try:
                 events = store.events_since(cursor, 2000)
             except Compacted as e:
-                await resp.write(_error_line(410, "Expired", f"too old resource version: {cursor} ({e.compacted + 1})"))
+                await self._send(resp, wr, [_error_line(410, "Expired",
+                                                       f"too old resource version: {cursor} ({e.compacted + 1})")])
                 return
             out: list[bytes] = []
             for ev in events:
@@ -153,14 +177,14 @@ class WatchHub:
                 elif now_in:
                     out.append(ev.line)
             if out:
-                await resp.write(self._encode_out(wr, out))
+                await self._send(resp, wr, out)
             if events:
                 continue
             now = time.monotonic()
             if now >= deadline:
                 return
             if wr.allow_bookmarks and now >= next_bookmark:
-                await resp.write(_bookmark_line(wr.res, cursor))
+                await self._send(resp, wr, [_bookmark_line(wr.res, cursor)])
                 next_bookmark = now + self.bookmark_interval
             wait = min(deadline - now, _IDLE_CHECK)
             if wr.allow_bookmarks:
