@@ -109,6 +109,8 @@ class Supervisor:
             )
         self.record.process(comp.name, p.pid)
         comp.proc, comp.state, comp.since, comp.started = p, "running", time.time(), time.monotonic()
+        if comp.restarts:  # logged before state.json says so: whoever sees the state finds the line
+            log.warning("component=%s restarted pid=%d (restart #%d)", comp.name, p.pid, comp.restarts)
         self.publish()
         return p
 
@@ -476,14 +478,13 @@ class Supervisor:
             if comp.state == "backoff" and now >= comp.next_start:
                 comp.restarts += 1
                 try:
-                    p = self._start(comp)
+                    self._start(comp)
                 except OSError as e:  # could not even start: counts as an exit at once
                     comp.proc, comp.last_exit, comp.state, comp.since = None, None, "backoff", time.time()
                     comp.next_start = now + comp.backoff.after_exit(0.0)
                     log.error("component=%s restart #%d failed: %s", comp.name, comp.restarts, e)
                     self.publish()
                     continue
-                log.warning("component=%s restarted pid=%d (restart #%d)", comp.name, p.pid, comp.restarts)
 
     def stop_all(self) -> None:
         self.stopping = True

@@ -247,3 +247,17 @@ def test_a_component_is_restarted_after_any_number_of_crashes_with_a_log_line_ea
     # This cluster's back-off: 1 s doubling to a 2 s cap (`up --backoff-base 1 --backoff-cap 2`).
     assert delays[-7:] == [0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0], delays
     assert supervised(c, "controllers")["restarts"] >= 7
+
+
+def test_the_clusters_files_are_the_owners_only(small_cluster: Cluster) -> None:
+    d = Path(small_cluster.home) / small_cluster.name
+    assert d.stat().st_mode & 0o777 == 0o700
+    loose = []
+    for p in [d, *d.rglob("*")]:
+        st = p.lstat()
+        if p.is_symlink():
+            continue
+        if st.st_mode & 0o077:
+            loose.append(f"{p} {oct(st.st_mode & 0o777)}")
+    assert not loose, "readable by others: " + ", ".join(loose)
+    assert (d / "apiserver" / "tokens.csv").exists() and (d / "owned.jsonl").exists()
