@@ -204,6 +204,9 @@ class EndpointSliceController:
             ports = slice_ports(svc, pod)
             pk = ports_key(ports)
             groups.setdefault(pk, (ports, []))[1].append(ep)
+        if svc["spec"].get("trafficDistribution") == PREFER_CLOSE:
+            for _ports, eps in groups.values():
+                prefer_close_hints(eps)
         return groups
 
     async def sync(self, key: str) -> None:
@@ -426,6 +429,22 @@ class EndpointSliceController:
         if ep is not None and (svc is None or svc["spec"].get("selector")):
             await self.client.delete(api.obj_path("endpoints", ep))
             await self.endpoints.assume_deleted(ep)
+
+
+PREFER_CLOSE = "PreferClose"
+
+
+def prefer_close_hints(eps: list[Obj]) -> None:
+    """spec.trafficDistribution PreferClose, as upstream's trafficdist heuristic: every ready
+    endpoint with a zone is hinted for its own zone; endpoints that are not ready, or whose node
+    has no zone, get no hints (and a proxy then ignores the hints of the whole Service: it only
+    filters by zone when every ready endpoint carries one)."""
+    for ep in eps:
+        zone = ep.get("zone")
+        if ep["conditions"].get("ready") and zone:
+            ep["hints"] = {"forZones": [{"name": zone}]}
+        else:
+            ep.pop("hints", None)
 
 
 def _endpoint_view(pod: Obj) -> tuple[Any, ...]:

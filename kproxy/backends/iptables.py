@@ -56,7 +56,7 @@ def detect_backend(netns: str | None = None) -> Backend:
 
     KPROXY_IPTABLES_BACKEND=nft|legacy overrides. Otherwise count KUBE- lines in each back end's
     mangle/nat dump; legacy wins only with strictly more (nf_tables is the image default), or
-    when only legacy works on this kernel.
+    when nf_tables cannot run here or cannot hold a nat table (User-Mode Linux).
     """
     forced = os.environ.get(BACKEND_ENV, "")
     if forced:
@@ -79,7 +79,21 @@ def detect_backend(netns: str | None = None) -> Backend:
         # A back end this kernel cannot run (no nf_tables, e.g. User-Mode Linux) is no candidate.
         ok = proc.returncode == 0
         counts[backend] = sum(1 for line in proc.stdout.splitlines() if "KUBE-" in line) if ok else -1
+    if counts["nft"] == counts["legacy"] == 0 and not _nft_nat_works(netns):
+        return "legacy"  # a fresh node whose kernel has nf_tables without its nat chain type
     return "legacy" if counts["legacy"] > counts["nft"] else "nft"
+
+
+def _nft_nat_works(netns: str | None) -> bool:
+    """Whether nf_tables can hold a nat table here: a chain made and removed in one restore.
+    Asked only on a node with no KUBE- rules anywhere, where kproxy is about to make them."""
+    probe = b"*nat\n:KUBE-KPROXY-PROBE - [0:0]\n-X KUBE-KPROXY-PROBE\nCOMMIT\n"
+    try:
+        proc = subprocess.run([*_netns_prefix(netns), _tool("nft", "iptables-restore"), "-w", "30", "--noflush"],
+                              input=probe, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
 
 
 @dataclass

@@ -458,6 +458,30 @@ def test_loadbalancer_pool(controlplane: ControlPlane) -> None:
     wait_for(lambda: ingress("lb2") == [], what="lb2 ingress cleared")
 
 
+def test_prefer_close_sets_zone_hints(controlplane: ControlPlane) -> None:
+    """spec.trafficDistribution PreferClose: ready endpoints are hinted for their node's zone
+    (kproxy.proxy then prefers them); without it, or once a node has no zone, no hints."""
+    cp = controlplane
+    ns = ns_name(cp)
+    zones = {"sim-1": "zone-a", "sim-2": "zone-b", "sim-3": "zone-a"}
+    for node, zone in zones.items():
+        cp.patch(api.path("nodes", name=node), {"metadata": {"labels": {"topology.kubernetes.io/zone": zone}}})
+    cp.create(api.path("services", ns), service("near", {"app": "near"}, trafficDistribution="PreferClose"))
+    cp.create(api.path("services", ns), service("plain", {"app": "near"}))
+    cp.create(api.path("deployments", ns), deployment("near", 3, {"app": "near"}))
+    sl = wait_for(lambda: (s := slices(cp, ns, "near")) and len(ready_ips(s)) == 3
+                  and all(e.get("hints") for x in s for e in x["endpoints"]) and s, what="3 hinted endpoints")
+    for e in (e for x in sl for e in x["endpoints"]):
+        assert e["hints"] == {"forZones": [{"name": zones[e["nodeName"]]}]}
+        assert e["zone"] == zones[e["nodeName"]]
+    plain = wait_for(lambda: (s := slices(cp, ns, "plain")) and len(ready_ips(s)) == 3 and s, what="plain slice")
+    assert not any(e.get("hints") for x in plain for e in x["endpoints"])
+    # The Service stops asking: the hints go.
+    cp.patch(api.path("services", ns, "near"), {"spec": {"trafficDistribution": None}})
+    wait_for(lambda: not any(e.get("hints") for x in slices(cp, ns, "near") for e in x["endpoints"]),
+             what="hints removed")
+
+
 def test_informer_relists_after_410(controlplane: ControlPlane) -> None:
     """A watch from a resourceVersion older than the server's window gets 410; the informer relists."""
     cp = controlplane

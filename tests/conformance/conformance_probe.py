@@ -9,7 +9,7 @@ import json
 import socket
 from collections.abc import Callable
 
-from conformance_table import CLIENT_IP, Probe
+from conformance_table import CLIENT_IP, Probe, Scenario, expected, target
 
 from kproxy.relay import socket_in_netns
 
@@ -109,3 +109,24 @@ def run_probe(make: MakeSocket, probe: Probe, addr: tuple[str, int]) -> str:
     if probe.source == "not-client" and CLIENT_IP in peers:
         return f"{addr}: backends saw the client's address, expected the node's"
     return ""
+
+
+def check_scenario(mode: str, scenario: Scenario, client_netns: Callable[[str], str],
+                   sync_phase2: Callable[[], None]) -> list[str]:
+    """Runs every probe of one scenario as `mode` must pass it (conformance_table.expected);
+    between phase 1 and 2 `sync_phase2` programs the scenario's changed endpoints. Returns the
+    failures, each naming the documented limit it was judged by, if any."""
+    failures = []
+    for phase in (1, 2):
+        if phase == 2:
+            if scenario.then is None:
+                break
+            sync_phase2()
+        for probe in scenario.probes:
+            if probe.phase != phase:
+                continue
+            want, reason = expected(mode, scenario, probe)
+            problem = run_probe(netns_sockets(client_netns(want.src)), want, target(scenario, want))
+            if problem:
+                failures.append(f"{want.key}{' (documented limit: ' + reason + ')' if reason else ''}: {problem}")
+    return failures

@@ -141,13 +141,29 @@ SCENARIOS: tuple[Scenario, ...] = (
 MODES = ("iptables-nft", "iptables-legacy", "userspace", "ipvs")
 
 # The one place a mode may differ: (mode, scenario, probe key) -> (what it does instead, why).
+_NO_SOURCE = "the relay opens a new connection from the node: the endpoint sees the node's address"
+_IPVS_EMPTY = ("a virtual server without real servers is refused by the kernel (ip_vs_leave answers ICMP port "
+               "unreachable) where iptables drops; kube-proxy's IPVS mode behaves the same")
+_IPVS_NO_SHORT_CIRCUIT = ("one virtual server per node address and port serves every source, so pod traffic to a "
+                          "NodePort gets the external policy's endpoints (none here) instead of the cluster-wide "
+                          "ones; kube-proxy's IPVS mode behaves the same")
+
+
+def _scenario(prefix: str) -> str:
+    return next(s.name for s in SCENARIOS if s.name.startswith(prefix))
+
+
+_ETP_LOCAL = _scenario("externalTrafficPolicy Local, local and remote")
+_ETP_REMOTE = _scenario("externalTrafficPolicy Local, only a remote")
 LIMITS: dict[tuple[str, str, str], tuple[Probe, str]] = {
-    ("userspace", SCENARIOS[9].name, "outside->node_port/TCP"): (
-        Probe("outside", "node_port", _names("pod1", "pod2"), source="not-client"),
-        "the relay opens a new connection from the node: the endpoint sees the node's address"),
-    ("userspace", SCENARIOS[9].name, "outside->lb_ip/TCP"): (
-        Probe("outside", "lb_ip", _names("pod1", "pod2"), source="not-client"),
-        "the relay opens a new connection from the node: the endpoint sees the node's address"),
+    ("userspace", _ETP_LOCAL, "outside->node_port/TCP"): (
+        Probe("outside", "node_port", _names("pod1", "pod2"), source="not-client"), _NO_SOURCE),
+    ("userspace", _ETP_LOCAL, "outside->lb_ip/TCP"): (
+        Probe("outside", "lb_ip", _names("pod1", "pod2"), source="not-client"), _NO_SOURCE),
+    ("ipvs", _scenario("internalTrafficPolicy Local, only a remote"), "pod->cluster_ip/TCP"): (
+        Probe("pod", "cluster_ip", "refused", count=1), _IPVS_EMPTY),
+    ("ipvs", _ETP_REMOTE, "outside->node_port/TCP"): (Probe("outside", "node_port", "refused", count=1), _IPVS_EMPTY),
+    ("ipvs", _ETP_REMOTE, "pod->node_port/TCP"): (Probe("pod", "node_port", "refused", count=1), _IPVS_NO_SHORT_CIRCUIT),
 }
 
 

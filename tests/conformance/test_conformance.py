@@ -8,20 +8,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
-from conformance_probe import netns_sockets, run_probe
-from conformance_table import (
-    CLUSTER_CIDR,
-    NODE_IP,
-    NODE_NAME,
-    NODE_ZONE,
-    SCENARIOS,
-    Scenario,
-    endpoints,
-    expected,
-    spn,
-    state,
-    target,
-)
+from conformance_probe import check_scenario
+from conformance_table import CLUSTER_CIDR, NODE_IP, NODE_NAME, NODE_ZONE, SCENARIOS, Scenario, endpoints, spn, state
 from iptables_topology import Topology
 
 from kproxy.proxiers.base import Proxier, SyncRequest
@@ -80,17 +68,5 @@ def mode(request: pytest.FixtureRequest, conformance_topology: Topology) -> Iter
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_conformance(mode: Mode, scenario: Scenario) -> None:
-    failures = []
-    for phase in (1, 2):
-        if phase == 2:
-            if scenario.then is None:
-                break
-            mode.sync_phase2(scenario)
-        for probe in scenario.probes:
-            if probe.phase != phase:
-                continue
-            want, reason = expected(mode.name, scenario, probe)
-            problem = run_probe(netns_sockets(mode.client(want.src)), want, target(scenario, want))
-            if problem:
-                failures.append(f"{want.key}{' (documented limit: ' + reason + ')' if reason else ''}: {problem}")
+    failures = check_scenario(mode.name, scenario, mode.client, lambda: mode.sync_phase2(scenario))
     assert not failures, f"{mode.name} / {scenario.name}:\n" + "\n".join(failures)
