@@ -17,7 +17,7 @@ PROVISION = REPO / "vagrant" / "provision.sh"
 @pytest.mark.timeout(120)
 def test_ipvs_vagrant_provisioning_offline_steps(tmp_path: Path) -> None:
     proc = subprocess.run(
-        ["bash", str(PROVISION), "--role", "server", "--node-ip", "10.250.0.1", "--server-ip", "10.250.0.1",
+        ["bash", str(PROVISION), "--role", "server", "--node-ip", "10.250.0.11", "--server-ip", "10.250.0.11",
          "--repo", str(REPO), "--root", str(tmp_path), "--steps", "kernel,units,check"],
         capture_output=True, text=True, check=False, timeout=100, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stderr
@@ -27,13 +27,20 @@ def test_ipvs_vagrant_provisioning_offline_steps(tmp_path: Path) -> None:
         assert f"{m} " in modules
     assert Path("/proc/sys/net/ipv4/vs/expire_nodest_conn").read_text().strip() == "1"
     unit = (tmp_path / "etc/systemd/system/kproxy.service").read_text()
-    assert "--proxy-mode ipvs" in unit and "--master https://10.250.0.1:6443" in unit
-    assert "--nodeport-addresses 10.250.0.1/32" in unit
+    assert "--proxy-mode ipvs" in unit and "--master https://10.250.0.11:6443" in unit
+    assert "--nodeport-addresses 10.250.0.11/32" in unit and "--hostname-override node-1" in unit
     api = (tmp_path / "etc/systemd/system/kproxy-apiserver.service").read_text()
-    assert "--tls-san 10.250.0.1" in api
+    assert "--tls-san 10.250.0.11" in api
+    agent = (tmp_path / "etc/systemd/system/kproxy-node-agent.service").read_text()
+    assert "_agent" in agent and "--node-index 1" in agent
+    # The rest (the units running, the seed app across nodes) is tests/vm/test_cluster_vm.py.
     assert (tmp_path / "etc/modules-load.d/kproxy-ipvs.conf").read_text().split()[0] == "ip_vs"
     bad = subprocess.run(["bash", str(PROVISION), "--role", "leader"], capture_output=True, text=True, check=False, timeout=30)
     assert bad.returncode == 2 and "--role must be server or node" in bad.stderr
+    # The node agent derives a node's address from its index: a mismatch is refused in one line.
+    off = subprocess.run(["bash", str(PROVISION), "--role", "node", "--node-ip", "192.168.56.12", "--steps", "units",
+                          "--root", str(tmp_path)], capture_output=True, text=True, check=False, timeout=30)
+    assert off.returncode == 2 and "must have the address 10.250.0.12" in off.stderr, off.stderr
 
 
 @pytest.mark.timeout(120)
