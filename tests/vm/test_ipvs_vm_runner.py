@@ -11,17 +11,19 @@ from typing import Any
 import pytest
 
 
-def _live_uml_processes() -> set[int]:
+def _live_uml_processes(umid: str) -> set[int]:
+    """The live processes of the VM with this umid (other test runs may have VMs of their own)."""
+    mark = f" umid={umid} ".encode()
     pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
             state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if b"umid=kptvm-" in cmdline and state != "Z":
+        if mark in cmdline and state != "Z":
             pids.add(int(entry.name))
     return pids
 
@@ -50,14 +52,16 @@ def test_ipvs_runner_status_output_and_kernel(vm: Callable[..., Any], tmp_path: 
 
 @pytest.mark.vm
 @pytest.mark.timeout(90)
-def test_ipvs_runner_timeout_kills_the_vm(vm: Callable[..., Any]) -> None:
-    before = _live_uml_processes()
-    res = vm(["bash", "-c", "echo started; sleep 300"], timeout=6)
+def test_ipvs_runner_timeout_kills_the_vm(vm: Callable[..., Any], tmp_path: Path) -> None:
+    umid_file = tmp_path / "umid"
+    res = vm(["bash", "-c", "echo started; sleep 300"], timeout=6, extra=["--umid-file", str(umid_file)])
     assert res.returncode == 124
     assert res.stdout == "started\n"
     assert "timed out after 6s" in res.stderr
     # None of the VM's processes (found by the runner's umid) may outlive it; zombies aside.
-    assert _live_uml_processes() - before == set()
+    umid = umid_file.read_text().strip()
+    assert umid.startswith("kptvm-")
+    assert _live_uml_processes(umid) == set()
 
 
 @pytest.mark.vm
