@@ -243,6 +243,8 @@ class Registry:
                     new["status"] = copy.deepcopy(old["status"])
                 else:
                     new.pop("status", None)
+                if res.plural == "services":
+                    _drop_stale_load_balancer_status(new, old)
         meta, ometa = new["metadata"], old["metadata"]
         for kept in ("uid", "creationTimestamp", "namespace", "deletionTimestamp", "deletionGracePeriodSeconds",
                      "generation"):
@@ -486,3 +488,12 @@ class Registry:
                         self._release_quietly(gone)
             if not found:
                 return
+
+
+def _drop_stale_load_balancer_status(new: Obj, old: Obj) -> None:
+    """A Service switched away from LoadBalancer loses its load-balancer status in the same write, as
+    kube-apiserver's service strategy does: de-provisioning is asynchronous, but the user is not shown
+    that, and the status validation (ingress only on type LoadBalancer) would refuse the update."""
+    was_lb = (old.get("spec") or {}).get("type") == "LoadBalancer"
+    if was_lb and (new.get("spec") or {}).get("type") != "LoadBalancer" and isinstance(new.get("status"), dict):
+        new["status"]["loadBalancer"] = {}
