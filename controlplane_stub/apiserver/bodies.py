@@ -79,6 +79,16 @@ def check_object_size(obj: Any) -> None:
         raise too_large(size)
 
 
+def warning_header(text: str) -> str:
+    """A `Warning: 299 - "text"` value. The text may quote a client's field names: control
+    characters are escaped (a newline would otherwise end the header, and aiohttp refuses to send
+    it), as are the quoted-string's own specials."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    if not escaped.isprintable():
+        escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped)
+    return f'299 - "{escaped}"'
+
+
 # --- JSON ----------------------------------------------------------------------------------------
 
 def _parse_int(text: str) -> int:
@@ -274,7 +284,10 @@ def decode_yaml(raw: bytes | str, what: str = "error decoding YAML") -> Decoded:
     """One YAML document -> Decoded. Duplicate keys are reported like JSON's."""
     if len(raw) > MAX_REQUEST_BYTES:
         raise too_large(len(raw))
-    loader = _Loader(raw)
+    try:
+        loader = _Loader(raw)  # reads the encoding (a BOM) and the first bytes: may fail already
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise bad_request(f"{what}: {e}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -286,7 +299,7 @@ def decode_yaml(raw: bytes | str, what: str = "error decoding YAML") -> Decoded:
         raise bad_request(f"{what}: nesting deeper than {MAX_DEPTH} levels") from None
     except yaml.YAMLError as e:
         raise bad_request(f"{what}: {e}") from None
-    except (ValueError, TypeError, OverflowError) as e:  # e.g. an unhashable key
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as e:  # e.g. an unhashable key
         raise bad_request(f"{what}: {e}") from None
     finally:
         loader.dispose()

@@ -18,6 +18,7 @@ from . import bodies, semantics
 from .defaults import normalize_cluster_ips
 from .errors import StatusError, already_exists, bad_request, conflict, invalid, not_found
 from .resources import BY_ID, DEPENDENTS, RESOURCES, Resource
+from .validation import decode_check
 
 log = logging.getLogger("kproxy.apiserver.registry")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -82,11 +83,15 @@ class Registry:
             raise bad_request(f"the API version in the data ({api_version}) does not match the expected API "
                               f"version ({res.api_version})")
         obj["kind"], obj["apiVersion"] = res.kind, res.api_version
+        for key in [k for k, v in obj.items() if v is None]:
+            del obj[key]  # "spec": null decodes to an empty spec in Go: the field is simply absent
         meta = obj.get("metadata")
         if meta is None:
             meta = obj["metadata"] = {}
         if not isinstance(meta, dict):
             raise bad_request("metadata must be an object")
+        # Values of the wrong JSON type are the decoder's 400, before the server touches the object.
+        decode_check(res.id, obj)
         if res.namespaced:
             ns = meta.get("namespace") or namespace
             if namespace and ns != namespace:
@@ -294,6 +299,8 @@ class Registry:
             applied, duplicates = decoded.obj, decoded.duplicates
             if not isinstance(applied, dict):
                 raise bad_request("the body of an apply patch must be an object")
+            if not isinstance(applied.get("metadata") or {}, dict):
+                raise bad_request("metadata must be an object")
             if (applied.get("metadata") or {}).get("name", name) != name:
                 raise bad_request("the name of the object does not match the name on the URL")
             if not field_manager:

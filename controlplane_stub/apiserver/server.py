@@ -360,7 +360,7 @@ class APIServer:
     @staticmethod
     def _warn(resp: web.Response, warnings: list[str]) -> web.Response:
         for w in warnings:
-            resp.headers.add("Warning", '299 - "' + w.replace("\\", "\\\\").replace('"', '\\"') + '"')
+            resp.headers.add("Warning", bodies.warning_header(w))
         return resp
 
     @staticmethod
