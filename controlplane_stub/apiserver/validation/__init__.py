@@ -86,7 +86,11 @@ def validate_update(resource: str, obj: dict[str, Any], old: dict[str, Any]) -> 
     validate_object_meta_update(errs, obj.get("metadata"), old.get("metadata"))
     entry = _CREATE.get(resource)
     if entry is not None:
-        entry[2](errs, obj)
+        # As kube-apiserver: a Service update that leaves its status as it was is not checked against
+        # that status (ValidateServiceUpdate has no status rules; ValidateServiceStatusUpdate has),
+        # so `type: LoadBalancer -> ClusterIP` is allowed and the LB controller then clears the status.
+        kept = resource == "services" and obj.get("status") == old.get("status")
+        entry[2](errs, {k: v for k, v in obj.items() if k != "status"} if kept else obj)
     updater = _UPDATE.get(resource)
     if updater is not None:
         updater(errs, obj, old)
