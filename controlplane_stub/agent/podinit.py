@@ -1,9 +1,9 @@
 """The first program of every container (and exec probe): sets up what a runtime would, then execs.
 
 Run as root by the node agent inside the pod's network namespace and a new UTS and mount namespace
-(`ip netns exec POD unshare --uts --mount --propagation private -- python -I -m
-controlplane_stub.agent.podinit ... -- ARGV`; -I: the pod's PYTHON* variables do not reach this
-root process). In order:
+(`ip netns exec POD unshare --uts --mount --propagation private -- python -I -S .../podinit.py ...
+-- ARGV`; -I: the pod's PYTHON* variables do not reach this root process; -S and a stdlib-only
+module: no site-packages scan, so a container start costs one small Python start-up). In order:
 
 1. the hostname (the pod's name);
 2. each --hide directory (the cluster's state: tokens, keys, kubeconfigs) covered by an empty
@@ -19,10 +19,8 @@ root process). In order:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
-import socket
 import sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -84,25 +82,68 @@ def expose(parent: str, names: list[str]) -> None:
         os.close(fd)
 
 
+class Args:
+    """What the agent asked for (a plain class: dataclasses would import inspect)."""
+
+    def __init__(self) -> None:
+        self.uid = self.gid = -1
+        self.hostname = self.workdir = ""
+        self.groups: list[int] = []
+        self.no_new_privs = False
+        self.hide: list[str] = []
+        self.expose: list[tuple[str, str]] = []
+        self.command: list[str] = []
+
+
+def parse(argv: list[str]) -> Args:
+    """The flags the agent writes (no argparse: it would double this program's start-up time,
+    which every container start and exec probe pays)."""
+    a, i = Args(), 0
+    while i < len(argv):
+        f = argv[i]
+        if f == "--":
+            a.command = argv[i + 1 :]
+            break
+        if f == "--no-new-privs":
+            a.no_new_privs, i = True, i + 1
+            continue
+        n = 3 if f == "--expose" else 2
+        if i + n > len(argv):
+            raise ValueError(f"{f}: missing value")
+        v = argv[i + 1 : i + n]
+        if f == "--uid":
+            a.uid = int(v[0])
+        elif f == "--gid":
+            a.gid = int(v[0])
+        elif f == "--groups":
+            a.groups = [int(g) for g in v[0].split(",") if g]
+        elif f == "--hostname":
+            a.hostname = v[0]
+        elif f == "--hide":
+            a.hide.append(v[0])
+        elif f == "--expose":
+            a.expose.append((v[0], v[1]))
+        elif f == "--workdir":
+            a.workdir = v[0]
+        else:
+            raise ValueError(f"unknown flag {f}")
+        i += n
+    if a.uid < 0 or a.gid < 0 or not a.command:
+        raise ValueError("--uid, --gid and a command after -- are required")
+    return a
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="podinit")
-    p.add_argument("--hostname", default="")
-    p.add_argument("--uid", type=int, required=True)
-    p.add_argument("--gid", type=int, required=True)
-    p.add_argument("--groups", default="", help="comma-separated supplementary gids")
-    p.add_argument("--no-new-privs", action="store_true")
-    p.add_argument("--hide", action="append", default=[])
-    p.add_argument("--expose", nargs=2, action="append", default=[], metavar=("DIR", "NAME"))
-    p.add_argument("--workdir", default="")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    a = p.parse_args(argv)
-    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
-    if not cmd:
-        print("podinit: no command", file=sys.stderr)
+    try:
+        a = parse(argv)
+    except ValueError as e:
+        print(f"podinit: {e}", file=sys.stderr, flush=True)
         return 127
+    cmd = a.command
     try:
         if a.hostname:
-            socket.sethostname(a.hostname)
+            host = a.hostname.encode()
+            _check(libc.sethostname(host, len(host)), "sethostname")
         for d in a.hide:
             if os.path.isdir(d):
                 mount_tmpfs(d, "0555", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -111,8 +152,7 @@ def main(argv: list[str]) -> int:
             by_parent.setdefault(parent, []).append(name)
         for parent, names in by_parent.items():
             expose(parent, names)
-        groups = [int(g) for g in a.groups.split(",") if g]
-        os.setgroups(groups)
+        os.setgroups(a.groups)
         os.setresgid(a.gid, a.gid, a.gid)
         os.setresuid(a.uid, a.uid, a.uid)
         if a.no_new_privs:
@@ -123,13 +163,27 @@ def main(argv: list[str]) -> int:
         print(f"podinit: {e}", file=sys.stderr, flush=True)
         return 128
     os.closerange(3, 65536)
-    try:
-        os.execvp(cmd[0], cmd)
-    except OSError as e:
-        # A runtime reports a missing program as 127 and one it may not run as 126.
-        print(f"podinit: exec {cmd[0]}: {e.strerror}", file=sys.stderr, flush=True)
-        return 127 if isinstance(e, FileNotFoundError) else 126
-    return 0  # not reached: exec replaced this process
+    err = execvp(cmd)
+    # A runtime reports a missing program as 127 and one it may not run as 126.
+    print(f"podinit: exec {cmd[0]}: {err.strerror}", file=sys.stderr, flush=True)
+    return 127 if isinstance(err, FileNotFoundError) else 126
+
+
+def execvp(cmd: list[str]) -> OSError:
+    """os.execvp's PATH search, without its lazy `import warnings`: by now this process runs as
+    the container's user, who may not be able to read this Python's standard library."""
+    dirs = [""] if "/" in cmd[0] else os.environ.get("PATH", "/usr/bin:/bin").split(":")
+    denied: OSError | None = None
+    for d in dirs:
+        try:
+            os.execv(os.path.join(d, cmd[0]) if d else cmd[0], cmd)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as e:  # as glibc's execvp: go on, and report it if nothing runs
+            denied = denied or e
+        except OSError as e:  # found, but not a program
+            return e
+    return denied or FileNotFoundError(2, "No such file or directory")
 
 
 if __name__ == "__main__":

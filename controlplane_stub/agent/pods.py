@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlplane_stub.agent import netns, probes
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kpc.agent")
 UNSHARE = shutil.which("unshare")
+PODINIT = str(Path(__file__).resolve().parent / "podinit.py")
 Obj = dict[str, Any]
 
 
@@ -313,7 +315,7 @@ class PodWorker:
             raise OSError("unshare (util-linux) is not installed")
         name = str(self.pod["spec"].get("hostname") or self.pod["metadata"]["name"])[:63]
         cmd = [UNSHARE, "--uts", "--mount", "--propagation", "private", "--"]
-        cmd += [sys.executable, "-I", "-m", "controlplane_stub.agent.podinit", "--hostname", name]
+        cmd += [sys.executable, "-I", "-S", PODINIT, "--hostname", name]
         cmd += ["--uid", str(who.uid), "--gid", str(who.gid), "--groups", ",".join(map(str, who.groups))]
         cmd += ["--no-new-privs"] if who.no_new_privs else []
         for d in self.agent.config.hide_paths:

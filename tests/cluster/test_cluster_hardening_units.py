@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controlplane_stub.agent import podinit
 from controlplane_stub.agent.backoff import CrashLoopBackoff
 from controlplane_stub.agent.record import Record, proc_start
 from controlplane_stub.agent.security import (
@@ -196,3 +197,24 @@ def test_a_damaged_state_file_still_loads(tmp_path: Path) -> None:
     s = State(**base)
     s.save()
     assert (s.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_podinit_flags() -> None:
+    a = podinit.parse(
+        ["--uid", "1", "--gid", "2", "--groups", "3,4", "--no-new-privs", "--hide", "/d"]
+        + ["--expose", "/root", ".pyenv", "--workdir", "/w", "--", "sh", "-c", "--uid"]
+    )
+    assert (a.uid, a.gid, a.groups, a.no_new_privs, a.hide, a.expose, a.workdir) == (
+        1,
+        2,
+        [3, 4],
+        True,
+        ["/d"],
+        [("/root", ".pyenv")],
+        "/w",
+    )
+    assert a.command == ["sh", "-c", "--uid"]
+    for bad in (["--uid", "1", "--", "x"], ["--uid", "1", "--gid", "2"], ["--uid"], ["--bogus", "1"]):
+        with pytest.raises(ValueError):
+            podinit.parse(bad)
+    assert podinit.main(["--uid", "x"]) == 127
