@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -15,3 +17,27 @@ def kproxy_path(request: pytest.FixtureRequest) -> ModuleType:
     """Runs a test once against kproxy._fastpath and once against kproxy._purepath."""
     compiled, pure = _twins("kproxy._fastpath", "kproxy._purepath")
     return compiled if request.param == "compiled" else pure
+
+
+def _storage_backends() -> list[str]:
+    forced = os.environ.get("KPROXY_TEST_STORAGE")
+    return [forced] if forced else ["sqlite", "etcd3"]
+
+
+@pytest.fixture(scope="module", params=_storage_backends())
+def storage_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The API server's store for the servers a test module starts (controlplane_stub.apiserver.testing
+    reads KPROXY_TEST_STORAGE): sqlite, then etcd3 on one etcd member shared by the test process."""
+    from controlplane_stub.store.etcd_process import etcd_available
+
+    if request.param == "etcd3" and not etcd_available():
+        pytest.skip("etcd is not installed (apt-get install etcd-server; ./run setup does it)")
+    old = os.environ.get("KPROXY_TEST_STORAGE")
+    os.environ["KPROXY_TEST_STORAGE"] = request.param
+    try:
+        yield request.param
+    finally:
+        if old is None:
+            os.environ.pop("KPROXY_TEST_STORAGE", None)
+        else:
+            os.environ["KPROXY_TEST_STORAGE"] = old

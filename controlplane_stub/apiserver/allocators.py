@@ -197,6 +197,9 @@ class ServiceAllocator:
         # kubernetes Service's address stays out of every other Service's reach even while that
         # Service is deleted and waits for the bootstrap controller to re-create it.
         self.reserved: dict[str, str] = {}
+        # What the last assign() picked itself (not asked for by the client): the values an etcd
+        # write may re-pick when another API server took them first (EtcdReservations).
+        self.last_dynamic: set[str | int] = set()
 
     def first_ip(self) -> str:
         """The first usable address of the primary range: the kubernetes Service's ClusterIP."""
@@ -279,6 +282,7 @@ class ServiceAllocator:
         old_ips = set(_cluster_ips(old_spec)) if old_spec is not None else set()
         old_ports = _node_ports(old_spec) if old_spec is not None else set()
         txn = _Txn()
+        self.last_dynamic = set()
         try:
             self._assign_ips(spec, name, owner, old_ips, txn)
             self._assign_node_ports(spec, name, old_ports, txn)
@@ -404,6 +408,7 @@ class ServiceAllocator:
                 raise StatusError(500, "InternalError",
                                   "Internal error occurred: failed to allocate a serviceIP: range is full") from None
             txn.ips.append((rng, ip))
+            self.last_dynamic.add(ip)
             result.append(ip)
         spec["clusterIP"] = result[0]
         spec["clusterIPs"] = result
@@ -464,6 +469,7 @@ class ServiceAllocator:
             raise StatusError(500, "InternalError",
                               f"Internal error occurred: failed to allocate a {what}: range is full") from None
         txn.ports.append(value)
+        self.last_dynamic.add(value)
         return value
 
     def _rollback(self, txn: _Txn) -> None:
@@ -513,3 +519,99 @@ class ServiceAllocator:
     def allocated_node_ports(self) -> int:
         return len(self.node_ports.used)
 
+
+
+# --- several API servers on one etcd ---------------------------------------------------------------
+
+SERVICES_PREFIX = "/registry/services/"
+
+
+def reservation_names(svc: Obj | None) -> set[str]:
+    """The allocation keys a Service holds (kube's IPAddress objects, one per value):
+    ranges/serviceips/IP and ranges/servicenodeports/PORT."""
+    if svc is None:
+        return set()
+    spec = _spec(svc)
+    names = {f"ranges/serviceips/{ip}" for ip in _cluster_ips(spec) if ip != "None"}
+    names |= {f"ranges/servicenodeports/{p}" for p in _node_ports(spec)}
+    return names
+
+
+class EtcdReservations:
+    """Keeps ClusterIPs and NodePorts unique across API servers sharing one etcd.
+
+    Each API server allocates from its own ServiceAllocator (fast, in memory), and the allocation is
+    made binding by the same etcd transaction that writes the Service: it creates one key per value
+    it takes, compared absent (create_revision == 0), and deletes the keys of the values it gives
+    up. Two servers that picked the same value race in etcd; the loser's transaction writes nothing,
+    and the loser re-picks the values it chose itself (a value the client asked for gets the usual
+    422 "provided ... is already allocated"). Every server also follows the others' Service writes
+    through its store's mirror (observe), so its allocator rarely picks a value already taken.
+    """
+
+    def __init__(self, allocator: ServiceAllocator, internal_key: Any) -> None:
+        self.allocator = allocator
+        self.internal_key = internal_key  # "ranges/..." -> the etcd key under the store's prefix
+        self._dynamic: dict[int, set[str | int]] = {}
+        self.conflicts = 0
+
+    def ops(self, key: str, new: Obj | None, old: Obj | None) -> tuple[list[Any], list[Any], list[bytes]]:
+        from ..store.etcd_client import Delete, Put, cmp_create
+
+        if not key.startswith(SERVICES_PREFIX):
+            return [], [], []
+        if new is not None:
+            self._dynamic[id(new)] = set(self.allocator.last_dynamic)
+            if len(self._dynamic) > 4096:  # entries of writes that ended without a conflict
+                self._dynamic.clear()
+        owner = key[len(SERVICES_PREFIX):].encode()
+        want, have = reservation_names(new), reservation_names(old)
+        cmps: list[Any] = []
+        ops: list[Any] = []
+        reserved: list[bytes] = []
+        for name in sorted(want - have):
+            k = self.internal_key(name)
+            cmps.append(cmp_create(k, 0))
+            ops.append(Put(k, owner))
+            reserved.append(k)
+        ops.extend(Delete(self.internal_key(name)) for name in sorted(have - want))
+        return cmps, ops, reserved
+
+    def retry(self, obj: Obj, old: Obj | None, taken: list[str]) -> None:
+        """Another API server took some of obj's new values: re-pick them (see class doc)."""
+        self.conflicts += 1
+        dynamic = self._dynamic.pop(id(obj), set())
+        self.allocator.release(obj, old)
+        spec = _spec(obj)
+        for name in taken:
+            kind, _, value = name.rpartition("/")
+            if kind.endswith("serviceips"):
+                self.allocator._reserve_ip_quietly(value)  # someone else's now
+                if value in dynamic:
+                    spec.pop("clusterIP", None)
+                    spec.pop("clusterIPs", None)
+            elif kind.endswith("servicenodeports") and value.isdigit():
+                port = int(value)
+                try:
+                    self.allocator.node_ports.reserve(port)
+                except (NotInRange, AlreadyAllocated):
+                    pass
+                if port in dynamic:
+                    for p in _ports(spec):
+                        if p.get("nodePort") == port:
+                            p.pop("nodePort", None)
+                    if spec.get("healthCheckNodePort") == port:
+                        spec.pop("healthCheckNodePort", None)
+        self.allocator.assign(obj, old)
+
+    def observe(self, ev: Any) -> None:
+        """A Service write from the store's mirror (any API server's): mark its values used and give
+        back what it released. Idempotent, so this server's own writes pass through harmlessly."""
+        if not ev.key.startswith(SERVICES_PREFIX):
+            return
+        new = ev.obj if ev.type != "DELETED" else None
+        prev = ev.prev
+        if prev is not None:
+            self.allocator.release(prev, new)
+        if new is not None:
+            self.allocator.load([new])

@@ -13,6 +13,12 @@ All of it is re-created on every pass (10 s upstream) when deleted. The Service'
 corrected on the first pass after start (upstream reconciles ports and type only then), so a user's
 edit survives until the next restart, as on a real cluster.
 
+With several API servers on one etcd (--storage-backend etcd3) the endpoints list every live server,
+as upstream's lease endpoint reconciler does: each server keeps a key masterleases/IP:PORT under
+the etcd prefix, attached to an etcd lease it keeps alive (TTL 1.5 x the reconcile interval, 15 s
+by default as upstream); a server that dies stops renewing, etcd deletes its key when the lease
+expires, and the next pass of any server writes endpoints without it.
+
 The controller writes through the Registry (the same path as a request: defaults, allocation,
 validation), not over HTTP: it runs inside the server and needs no credentials.
 """
@@ -22,8 +28,9 @@ import asyncio
 import copy
 import ipaddress
 import logging
+import math
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import StatusError
@@ -78,6 +85,12 @@ class KubernetesService:
     cluster_ip: str | None  # None: no ClusterIP allocator (the Service is not made)
     advertise_address: str
     port: int  # the API server's own port: the Service's targetPort and the endpoints' port
+    # Every live API server (IP, port), this one included; empty: this one alone.
+    peers: tuple[tuple[str, int], ...] = ()
+
+    def _servers(self) -> list[tuple[str, int]]:
+        return sorted(set(self.peers) | {(self.advertise_address, self.port)}) if self.peers else \
+            [(self.advertise_address, self.port)]
 
     def service(self) -> Obj:
         assert self.cluster_ip is not None
@@ -91,17 +104,25 @@ class KubernetesService:
         return [{"name": PORT_NAME, "port": SERVICE_PORT, "protocol": "TCP", "targetPort": self.port}]
 
     def endpoints(self) -> Obj:
+        # One subset per port (upstream's servers share one port; on one test host they may not).
+        by_port: dict[int, list[str]] = {}
+        for ip, port in self._servers():
+            by_port.setdefault(port, []).append(ip)
         return {"apiVersion": "v1", "kind": "Endpoints",
                 "metadata": {"name": NAME, "namespace": NAMESPACE, "labels": {SKIP_MIRROR_LABEL: "true"}},
-                "subsets": [{"addresses": [{"ip": self.advertise_address}],
-                             "ports": [{"name": PORT_NAME, "port": self.port, "protocol": "TCP"}]}]}
+                "subsets": [{"addresses": [{"ip": ip} for ip in ips],
+                             "ports": [{"name": PORT_NAME, "port": port, "protocol": "TCP"}]}
+                            for port, ips in sorted(by_port.items())]}
 
     def endpoint_slice(self) -> Obj:
-        family = "IPv6" if ipaddress.ip_address(self.advertise_address).version == 6 else "IPv4"
+        # A slice has one port list for all its endpoints: the servers on this server's port.
+        version = ipaddress.ip_address(self.advertise_address).version
+        ips = [ip for ip, port in self._servers()
+               if port == self.port and ipaddress.ip_address(ip).version == version]
         return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": NAME, "namespace": NAMESPACE, "labels": {SERVICE_NAME_LABEL: NAME}},
-                "addressType": family,
-                "endpoints": [{"addresses": [self.advertise_address], "conditions": {"ready": True}}],
+                "addressType": "IPv6" if version == 6 else "IPv4",
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips],
                 "ports": [{"name": PORT_NAME, "port": self.port, "protocol": "TCP"}]}
 
 
@@ -113,20 +134,34 @@ class BootstrapController:
         self.want = want
         self.interval = interval
         self.passes = 0
+        self.leases: MasterLeases | None = None
+        store = registry.store
+        if hasattr(store, "internal_key") and hasattr(store, "client"):  # etcd: servers share the endpoints
+            self.leases = MasterLeases(store, want.advertise_address, want.port, max(3, math.ceil(1.5 * interval)))
 
     async def run(self) -> None:
         """Every interval until cancelled; a failed pass is logged and the next one tries again."""
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.reconcile()
-            except Exception:
-                # A bug in one pass must not end the loop: the Service would never come back.
-                log.exception("event=bootstrap_pass_failed")
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                try:
+                    await self.reconcile()
+                except Exception:
+                    # A bug in one pass must not end the loop: the Service would never come back.
+                    log.exception("event=bootstrap_pass_failed")
+        finally:
+            if self.leases is not None:
+                await asyncio.shield(self.leases.release())
 
     async def reconcile(self) -> None:
         first = self.passes == 0
         self.passes += 1
+        if self.leases is not None:
+            try:
+                peers = await self.leases.renew_and_list()
+                self.want = replace(self.want, peers=tuple(peers))
+            except Exception as e:  # etcd unreachable: keep the last list, try again next pass
+                log.warning("event=master_lease_failed error=%s", e)
         for step in (self._namespaces, self._service, self._endpoints, self._endpoint_slice):
             try:
                 await step(first)
@@ -202,3 +237,55 @@ def _cluster_ips(svc: Obj) -> list[str]:
     spec = svc.get("spec") or {}
     ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
     return [ip for ip in ips if isinstance(ip, str)]
+
+
+class MasterLeases:
+    """This API server's entry in masterleases/ (see module doc) and the list of every live one."""
+
+    def __init__(self, store: Any, address: str, port: int, ttl: int) -> None:
+        self.store = store
+        self.client = store.client
+        self.address = address
+        self.port = port
+        self.ttl = ttl
+        self.lease = 0
+        self.key: bytes = store.internal_key(f"masterleases/{address}:{port}" if ":" not in address
+                                             else f"masterleases/[{address}]:{port}")
+        self.prefix: bytes = store.internal_key("masterleases/")
+
+    async def renew_and_list(self) -> list[tuple[str, int]]:
+        from ..store.etcd_client import prefix_end
+
+        if not self.lease or await self.client.lease_keepalive(self.lease) <= 0:
+            self.lease = await self.client.lease_grant(self.ttl)
+            await self.client.put(self.key, f"{self.address} {self.port}".encode(), lease=self.lease)
+        out = []
+        for kv in (await self.client.range(self.prefix, prefix_end(self.prefix))).kvs:
+            parsed = parse_lease(kv.value)
+            if parsed is None:
+                log.warning("event=bad_master_lease key=%s", kv.key[:200])
+                continue
+            out.append(parsed)
+        return out
+
+    async def release(self) -> None:
+        """At shutdown: the key goes now rather than at the lease's expiry."""
+        if self.lease:
+            try:
+                await asyncio.wait_for(self.client.lease_revoke(self.lease), 2.0)
+            except Exception as e:
+                log.warning("event=master_lease_revoke_failed error=%s", e)
+            self.lease = 0
+
+
+def parse_lease(value: bytes) -> tuple[str, int] | None:
+    """"IP PORT" as written by MasterLeases; None when it is anything else."""
+    try:
+        ip_text, port_text = value.decode("ascii").split(" ")
+        ip = ipaddress.ip_address(ip_text)
+        port = int(port_text)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not 0 < port < 65536 or ip.is_unspecified or ip.is_multicast:
+        return None
+    return str(ip), port

@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from ..store.sqlite import SQLiteStore
+from ..store import backend
 from . import bootstrap, limits, pki, semantics
 from .registry import Registry
 from .server import APIServer
@@ -22,7 +22,7 @@ log = logging.getLogger("kproxy.apiserver")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kproxy-apiserver",
-                                description="A Kubernetes API server on an embedded SQLite store.")
+                                description="A Kubernetes API server on an embedded SQLite store or on etcd.")
     p.add_argument("--data-dir", default=os.environ.get("KPROXY_APISERVER_DATA", "./var/apiserver"),
                    help="database, PKI, token file and kubeconfigs (default ./var/apiserver)")
     p.add_argument("--bind-address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--send-timeout", type=float, default=limits.DEFAULT_SEND_TIMEOUT,
                    help="seconds a list or watch client may take to accept the next 64 KiB of its response "
                         "before it is disconnected (kproxy only; default 10)")
+    backend.add_flags(p)
     p.add_argument("-v", "--v", type=int, default=1, help="log verbosity: 0 warnings, 1 info, 2+ debug")
     return p.parse_args(argv)
 
@@ -131,10 +132,11 @@ async def serve(args: argparse.Namespace) -> int:
     advertise = _advertise_address(args.advertise_address, args.bind_address)
     if args.bootstrap_reconcile_interval <= 0:
         raise SystemExit("kproxy-apiserver: --bootstrap-reconcile-interval: want a number of seconds > 0")
-    store = SQLiteStore(os.path.join(data, "store.db"), window=args.watch_cache_size)
+    store = await backend.open_store(args, data)
     try:
         allocator = semantics.service_allocator(_cidrs(args.service_cluster_ip_range),
                                                 _node_port_range(args.service_node_port_range))
+        backend.share_allocations(store, allocator)
         registry = Registry(store, allocator)
         await registry.bootstrap()
         guard = limits.ConnectionGuard(args.request_header_timeout)

@@ -7,6 +7,9 @@
         api.ca_file                           # CA of the serving certificate (None with https=False)
         api.restart()                         # same data dir and port; api.kill() is kill -9
 
+KPROXY_TEST_STORAGE=etcd3 (or storage="etcd3") runs the server on etcd: one etcd member shared by
+the test process, a key prefix per data dir (controlplane_stub/store/etcd_process.py).
+
 The process is stopped (and the temp dir removed) on exit, even when the body raises.
 """
 from __future__ import annotations
@@ -131,10 +134,17 @@ class APIServerProcess:
 
 @contextmanager
 def running_apiserver(*, https: bool = True, data_dir: str | None = None, port: int = 0,
-                      extra_args: Sequence[str] = (), timeout: float = 30.0) -> Iterator[APIServerProcess]:
+                      extra_args: Sequence[str] = (), timeout: float = 30.0,
+                      storage: str | None = None) -> Iterator[APIServerProcess]:
     """A kproxy-apiserver subprocess on 127.0.0.1 (see module doc)."""
     own_dir = data_dir is None
     path = data_dir or tempfile.mkdtemp(prefix="kproxy-apiserver-")
+    if (storage or os.environ.get("KPROXY_TEST_STORAGE", "sqlite")) == "etcd3" and \
+            not any(a.startswith("--storage-backend") for a in extra_args):
+        from ..store.etcd_process import shared_etcd, shared_prefix
+
+        extra_args = ["--storage-backend", "etcd3", "--etcd-servers", shared_etcd().endpoints,
+                      "--etcd-prefix", shared_prefix(path), *extra_args]
     api = APIServerProcess(path, https, list(extra_args), port)
     try:
         api.start(timeout)

@@ -165,3 +165,27 @@ def running_etcd(members: int = 1, *, base: str | None = None, timeout: float = 
             cluster.start(i)
         cluster.wait_healthy(timeout)
         yield cluster
+
+
+_shared: EtcdCluster | None = None
+_shared_stack = ExitStack()
+
+
+def shared_etcd() -> EtcdCluster:
+    """One etcd member for the whole process (tests): started on first use, removed at exit.
+
+    Each API server that uses it gets its own --etcd-prefix (shared_prefix), so servers do not see
+    each other's objects and a server restarted on the same data dir finds its own again."""
+    global _shared
+    if _shared is None:
+        import atexit
+
+        _shared = _shared_stack.enter_context(running_etcd(1))
+        atexit.register(_shared_stack.close)
+    return _shared
+
+
+def shared_prefix(data_dir: str) -> str:
+    import hashlib
+
+    return "/registry-" + hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:16]

@@ -33,7 +33,7 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[APIServerProcess]:
+def api(storage_backend: str) -> Iterator[APIServerProcess]:
     urllib3.disable_warnings()
     with running_apiserver() as server:
         yield server
@@ -245,7 +245,7 @@ def test_data_dir_and_store_files_are_private() -> None:
     with open(leftover, "w") as f:
         f.write("x")
     os.chmod(leftover, 0o644)
-    with running_apiserver(data_dir=data) as api:
+    with running_apiserver(data_dir=data, storage="sqlite") as api:  # the SQLite store's files
         c = Client(api, api.token)
         assert c.call("POST", "/api/v1/namespaces/default/secrets",
                       {"metadata": {"name": "s"}, "data": {"k": "dg=="}}).status_code == 201

@@ -33,7 +33,7 @@ DNS1035 = ("a DNS-1035 label must consist of lower case alphanumeric characters 
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[APIServerProcess]:
+def api(storage_backend: str) -> Iterator[APIServerProcess]:
     with running_apiserver() as server:
         yield server
 

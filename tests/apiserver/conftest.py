@@ -10,8 +10,14 @@ from apiserver_helpers import Client
 from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _every_backend(storage_backend: str) -> str:
+    """Every test here runs on SQLite and on etcd (tests/conftest.py: storage_backend)."""
+    return storage_backend
+
+
 @pytest.fixture(scope="module")
-def apiserver() -> Iterator[APIServerProcess]:
+def apiserver(storage_backend: str) -> Iterator[APIServerProcess]:
     urllib3.disable_warnings()
     with running_apiserver(extra_args=["--bookmark-interval", "1", "--watch-cache-size", "200"]) as api:
         yield api

@@ -27,7 +27,7 @@ ADVERTISE = "192.0.2.10"
 
 
 @pytest.fixture(scope="module")
-def fresh() -> Iterator[APIServerProcess]:
+def fresh(storage_backend: str) -> Iterator[APIServerProcess]:
     """Default flags but a short reconcile interval: default range, advertise = the bind address."""
     urllib3.disable_warnings()
     with running_apiserver(extra_args=["--bootstrap-reconcile-interval", str(INTERVAL)]) as api:
@@ -35,7 +35,7 @@ def fresh() -> Iterator[APIServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def small() -> Iterator[APIServerProcess]:
+def small(storage_backend: str) -> Iterator[APIServerProcess]:
     """A service range that can be filled, and an explicit --advertise-address."""
     with running_apiserver(extra_args=["--bootstrap-reconcile-interval", str(INTERVAL), "--service-cluster-ip-range",
                                        SMALL_RANGE, "--advertise-address", ADVERTISE]) as api:

@@ -1,0 +1,113 @@
+"""Pure parts of the etcd backend: the sparse event window, Go durations, lease values, allocation keys."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controlplane_stub.apiserver.allocators import reservation_names
+from controlplane_stub.apiserver.bootstrap import parse_lease
+from controlplane_stub.store.base import Compacted, Event
+from controlplane_stub.store.etcd import SparseWindow, parse_duration
+from controlplane_stub.store.etcd_client import prefix_end
+
+
+def _window(capacity: int, floor: int, gaps: list[int]) -> tuple[SparseWindow, list[int]]:
+    async def build() -> tuple[SparseWindow, list[int]]:
+        w = SparseWindow(capacity, floor)
+        revs = []
+        rev = floor
+        for g in gaps:
+            rev += g  # a gap of 0 is a second event of one revision (a multi-key transaction)
+            w.append(Event(rev, "ADDED", f"/registry/x/{len(revs)}", b"{}", None))
+            revs.append(rev)
+        return w, revs
+    return asyncio.run(build())
+
+
+@given(st.integers(1, 20), st.integers(0, 50), st.lists(st.integers(0, 4), max_size=60), st.integers(0, 300))
+def test_sparse_window_returns_exactly_the_events_after_a_revision(capacity: int, floor: int, gaps: list[int],
+                                                                  since: int) -> None:
+    gaps = [g if i else max(g, 1) for i, g in enumerate(gaps)]
+    w, revs = _window(capacity, floor, gaps)
+    if since < w.floor:
+        with pytest.raises(Compacted):
+            w.since(since)
+        return
+    got = [e.revision for e in w.since(since, 1 << 30)]
+    assert got == [r for r in revs if r > since]
+    assert len(got) <= capacity + gaps.count(0)  # the window holds about capacity events
+    # Every event after the floor is held: nothing between floor and the first held one was dropped.
+    assert w.floor >= floor and all(r > w.floor for r in got)
+
+
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(1, 5))
+def test_sparse_window_never_splits_one_revision_between_reads(gaps: list[int], batch: int) -> None:
+    gaps = [max(gaps[0], 1), *gaps[1:]]
+    w, revs = _window(1000, 0, gaps)
+    cursor, seen = 0, []
+    while True:
+        evs = w.since(cursor, batch)
+        if not evs:
+            break
+        seen.extend(e.revision for e in evs)
+        cursor = evs[-1].revision
+    assert seen == revs
+
+
+def test_sparse_window_floor_raised_by_compaction() -> None:
+    w, _ = _window(100, 0, [1, 1, 5, 1])  # revisions 1 2 7 8
+    w.raise_floor(7)
+    assert [e.revision for e in w.since(7)] == [8]
+    with pytest.raises(Compacted):
+        w.since(6)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5m", 300), ("30s", 30), ("1m30s", 90), ("500ms", 0.5),
+                                                ("0", 0), ("1h", 3600), ("2", 2)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5x", "m", "1m-", "abc"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@given(st.binary(max_size=40))
+def test_parse_lease_takes_only_ip_and_port(value: bytes) -> None:
+    out = parse_lease(value)
+    if out is not None:
+        assert value.decode() == f"{out[0]} {out[1]}" or " " in value.decode()
+        assert 0 < out[1] < 65536
+
+
+def test_parse_lease_examples() -> None:
+    assert parse_lease(b"127.0.0.1 6443") == ("127.0.0.1", 6443)
+    assert parse_lease(b"::1 6443") == ("::1", 6443)
+    assert parse_lease(b"0.0.0.0 6443") is None
+    assert parse_lease(b"127.0.0.1 0") is None
+    assert parse_lease(b"127.0.0.1") is None
+    assert parse_lease(b"\xff 1") is None
+
+
+def test_reservation_names() -> None:
+    svc = {"spec": {"type": "NodePort", "clusterIPs": ["10.96.0.5", "fd00::5"], "healthCheckNodePort": 30001,
+                    "ports": [{"port": 80, "nodePort": 30000}, {"port": 81}]}}
+    assert reservation_names(svc) == {"ranges/serviceips/10.96.0.5", "ranges/serviceips/fd00::5",
+                                      "ranges/servicenodeports/30000", "ranges/servicenodeports/30001"}
+    assert reservation_names({"spec": {"clusterIP": "None"}}) == set()
+    assert reservation_names(None) == set()
+
+
+@given(st.binary(min_size=1, max_size=8))
+def test_prefix_end_bounds_every_key_with_the_prefix(prefix: bytes) -> None:
+    end = prefix_end(prefix)
+    if end == b"\x00":
+        assert set(prefix) == {0xFF}
+    else:
+        assert prefix < end and not end.startswith(prefix)
+        assert prefix + b"\xff" * 4 < end
