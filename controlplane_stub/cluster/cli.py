@@ -214,6 +214,7 @@ def component_lines(st: State, sup_alive: bool) -> tuple[list[str], list[str]]:
         running = state == "running" and live.get(pid) == name
         if running:
             what = f"running   pid {pid:<8} since {_ago(v.get('since'))}"
+            what += "" if sup_alive else " (not supervised: nothing restarts it)"
         elif state == "backoff" and sup_alive:
             nxt = v.get("next_start")
             wait = (

@@ -560,6 +560,13 @@ def test_down_after_a_crash_leaves_no_namespace_link_or_process(cluster: Cluster
     assert all(Path(f"/proc/{pid}").exists() for pid in pod_pids), (
         "pods should outlive the crashed supervisor"
     )
+    # `status` says what happened (no "up", no traceback) and what removes the rest.
+    st = c.cli("status", timeout=60)
+    assert st.returncode != 0 and "Traceback" not in st.stdout + st.stderr, st
+    assert f"cluster {c.name}: down (its supervisor is not running)" in st.stdout, st.stdout
+    assert "kproxy-cluster down" in st.stdout and "(not supervised: nothing restarts it)" in st.stdout, (
+        st.stdout
+    )
     r = c.cli("down", timeout=120)
     assert r.returncode == 0 and "is down" in r.stdout, r
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
