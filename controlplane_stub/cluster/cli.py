@@ -49,6 +49,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.nodes > 200:
         print("--nodes: between 1 and 200", file=sys.stderr)
         return 2
+    if not 1 <= args.apiservers <= 9 or (args.apiservers > 1 and args.store != "etcd"):
+        print("--apiservers: between 1 and 9, more than 1 only with --store etcd", file=sys.stderr)
+        return 2
     if not (0 < args.backoff_base <= args.backoff_cap and args.backoff_reset > 0):
         print(
             "--backoff-base, --backoff-cap, --backoff-reset: need 0 < base <= cap and reset > 0",
@@ -60,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if old is not None or (d / "owned.jsonl").exists():
         remove_made(d, old)
     # Every `up` is a new cluster (as `kind create cluster`): no API objects survive a `down`.
-    for old_dir in ("apiserver", "nodes", "logs"):
+    for old_dir in ("apiserver", "nodes", "logs", "etcd", *(f"apiserver-{i}" for i in range(10))):
         shutil.rmtree(d / old_dir, ignore_errors=True)
     # The cluster's directory holds its tokens and keys: the owner's only, as its parent.
     d.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -84,6 +87,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         str(d),
         "--api-port",
         str(args.api_port),
+        "--store",
+        args.store,
+        "--apiservers",
+        str(args.apiservers),
         "--backoff-base",
         str(args.backoff_base),
         "--backoff-cap",
@@ -355,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--lb-pool", default="10.251.0.0/24", help="LoadBalancer IPs (CIDR or a-b ranges)")
         sp.add_argument("--api-port", type=int, default=0, help="API server port (default: a free one)")
+        sp.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
+                        help="etcd: 3 etcd members on loopback and --apiservers API servers behind one address")
+        sp.add_argument("--apiservers", type=int, default=1, help="API servers with --store etcd (default 1)")
         sp.add_argument(
             "--image-catalog",
             default="",
@@ -399,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("_supervise")
     sv.add_argument("--data-dir", required=True)
     sv.add_argument("--api-port", type=int, default=0)
+    sv.add_argument("--store", default="sqlite")
+    sv.add_argument("--apiservers", type=int, default=1)
     sv.add_argument("--image-catalog", default="")
     sv.add_argument("--backoff-base", type=float, default=10.0)
     sv.add_argument("--backoff-cap", type=float, default=300.0)

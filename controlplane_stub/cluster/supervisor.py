@@ -25,6 +25,7 @@ from typing import Any
 from controlplane_stub import client as api
 from controlplane_stub.agent import netns
 from controlplane_stub.agent.backoff import CrashLoopBackoff
+from controlplane_stub.cluster.etcd import etcd_control_plane
 from controlplane_stub.cluster.relays import pipe
 from controlplane_stub.cluster.state import DNS_IP, MARKER, SERVICE_CIDR, State, self_command, tool
 
@@ -115,15 +116,25 @@ class Supervisor:
         return p
 
     def start_apiserver(self) -> None:
+        ad = self.dir / "apiserver"
+        ad.mkdir(mode=0o700, exist_ok=True)
+        url = self.spawn_apiserver("apiserver", ad, self.args.api_port)
+        self.st.api_url = url
+        self.st.api_port = int(url.rsplit(":", 1)[1])
+        shutil.copy(ad / "admin.kubeconfig", self.st.kubeconfig)
+        os.chmod(self.st.kubeconfig, 0o600)
+        self.st.components["apiserver"] = self.st.api_url
+        self.publish()
+
+    def spawn_apiserver(self, name: str, ad: Path, port: int, extra: list[str] | None = None) -> str:
+        """Start kproxy-apiserver as the component name with data dir ad; its URL once ready."""
         exe = tool("kproxy-apiserver")
         if exe is None:
             raise RuntimeError("kproxy-apiserver is not installed (pip install -e . in the repo)")
-        ad = self.dir / "apiserver"
-        ad.mkdir(mode=0o700, exist_ok=True)
-        logf = self.logs / "apiserver.log"
+        logf = self.logs / f"{name}.log"
         offset = logf.stat().st_size if logf.exists() else 0
-        cmd = [exe, "--data-dir", str(ad), "--secure-port", str(self.args.api_port)]
-        p = self.spawn("apiserver", cmd + ["--service-cluster-ip-range", SERVICE_CIDR])
+        cmd = [exe, "--data-dir", str(ad), "--secure-port", str(port)]
+        p = self.spawn(name, cmd + ["--service-cluster-ip-range", SERVICE_CIDR, *(extra or [])])
         deadline = time.monotonic() + 60
         url = ""
         while not url and time.monotonic() < deadline:
@@ -137,16 +148,10 @@ class Supervisor:
             time.sleep(0.1)
         if not url:
             raise RuntimeError("kproxy-apiserver did not become ready in 60 s")
-        self.st.api_url = url
-        self.st.api_port = int(url.rsplit(":", 1)[1])
         # A restart must come back on the same port: the kubeconfigs and the relays point at it.
-        self.comps["apiserver"].argv[self.comps["apiserver"].argv.index("--secure-port") + 1] = str(
-            self.st.api_port
-        )
-        shutil.copy(ad / "admin.kubeconfig", self.st.kubeconfig)
-        os.chmod(self.st.kubeconfig, 0o600)
-        self.st.components["apiserver"] = self.st.api_url
-        self.publish()
+        argv = self.comps[name].argv
+        argv[argv.index("--secure-port") + 1] = url.rsplit(":", 1)[1]
+        return url
 
     async def relay(self, ns: str, port: int) -> None:
         """127.0.0.1:port inside ns -> 127.0.0.1:port of the host (where the API server listens)."""
@@ -413,9 +418,12 @@ class Supervisor:
 
     async def run(self) -> None:
         t0 = time.monotonic()
-        self.progress("starting the API server")
-        await asyncio.to_thread(self.start_apiserver)
-        self.progress(f"API server ready at {self.st.api_url}")
+        if getattr(self.args, "store", "sqlite") == "etcd":
+            await etcd_control_plane(self, self.args.apiservers)
+        else:
+            self.progress("starting the API server")
+            await asyncio.to_thread(self.start_apiserver)
+            self.progress(f"API server ready at {self.st.api_url}")
         await asyncio.to_thread(self.build_network)
         for ns in [n.netns for n in self.node_nets] + [self.topo.client_ns, self.topo.net_ns]:
             await self.relay(ns, self.st.api_port)
@@ -494,7 +502,8 @@ class Supervisor:
             [k for k in self.comps if k.startswith("kproxy")]
             + [k for k in self.comps if k.startswith("agent")]
             + [k for k in self.comps if k in ("controllers", "dns")]
-            + ["apiserver"]
+            + [k for k in self.comps if k.startswith("apiserver")]
+            + [k for k in self.comps if k.startswith("etcd")]
         )
         for name in order:
             comp = self.comps.get(name)

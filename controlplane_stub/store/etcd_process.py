@@ -70,11 +70,10 @@ class EtcdCluster:
     def _initial_cluster(self) -> str:
         return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
-    def start(self, i: int, state: str = "new") -> None:
+    def command(self, i: int, state: str = "new") -> list[str]:
+        """Member i's command line (a restart with the same data dir rejoins, whatever state says)."""
         m = self.members[i]
-        os.makedirs(m.data_dir, exist_ok=True)
-        m.log_path = os.path.join(self.base, f"{m.name}.log")
-        cmd = [ETCD, "--name", m.name, "--data-dir", m.data_dir,
+        return [ETCD, "--name", m.name, "--data-dir", m.data_dir,
                "--listen-client-urls", m.url, "--advertise-client-urls", m.url,
                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                "--initial-cluster", self._initial_cluster(), "--initial-cluster-state", state,
@@ -82,6 +81,12 @@ class EtcdCluster:
                # Small heartbeats: a killed member's leadership moves in about a second.
                "--heartbeat-interval", "100", "--election-timeout", "1000",
                "--quota-backend-bytes", str(2 << 30), "--logger", "zap", "--log-level", "warn"]
+
+    def start(self, i: int, state: str = "new") -> None:
+        m = self.members[i]
+        os.makedirs(m.data_dir, exist_ok=True)
+        m.log_path = os.path.join(self.base, f"{m.name}.log")
+        cmd = self.command(i, state)
         with open(m.log_path, "ab") as log:
             m.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
@@ -148,15 +153,21 @@ def _tmp_base() -> str:
     return tempfile.mkdtemp(prefix="kproxy-etcd-", dir=root)
 
 
+def new_cluster(base: str, members: int) -> EtcdCluster:
+    """A cluster's layout: members m0.. with data under base, each on two free loopback ports."""
+    cluster = EtcdCluster(base, token=f"kproxy-{os.getpid()}-{time.monotonic_ns()}")
+    for i in range(members):
+        cluster.members.append(EtcdMember(f"m{i}", os.path.join(base, f"m{i}"), free_port(), free_port()))
+    return cluster
+
+
 @contextmanager
 def running_etcd(members: int = 1, *, base: str | None = None, timeout: float = 30.0) -> Iterator[EtcdCluster]:
     if not etcd_available():
         raise RuntimeError(f"etcd not found at {ETCD} (apt-get install etcd-server; ./run setup does it)")
     own = base is None
     path = base or _tmp_base()
-    cluster = EtcdCluster(path, token=f"kproxy-{os.getpid()}-{time.monotonic_ns()}")
-    for i in range(members):
-        cluster.members.append(EtcdMember(f"m{i}", os.path.join(path, f"m{i}"), free_port(), free_port()))
+    cluster = new_cluster(path, members)
     with ExitStack() as stack:
         stack.callback(lambda: own and shutil.rmtree(path, ignore_errors=True))
         for i in range(members):
