@@ -26,6 +26,25 @@ MAX_POSITIVE_TTL = 3600  # CoreDNS cache defaults
 MAX_NEGATIVE_TTL = 1800
 
 
+class LogLimit:
+    """At most one line per `every` seconds per kind, then a count of what was left out: a client
+    sending bad packets (or names whose upstream fails) must not get a log line, and disk, each."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self.last: dict[str, float] = {}
+        self.skipped: dict[str, int] = {}
+
+    def __call__(self, kind: str) -> int | None:
+        """None to stay quiet, else the number of lines left out since the last one."""
+        now = time.monotonic()
+        if now - self.last.get(kind, -1e9) < self.every:
+            self.skipped[kind] = self.skipped.get(kind, 0) + 1
+            return None
+        self.last[kind] = now
+        return self.skipped.pop(kind, 0)
+
+
 class Forward:
     """A query for a name outside the cluster zone, already parsed."""
 
@@ -56,6 +75,7 @@ class Cache:
         self.entries: OrderedDict[tuple[str, int, int], _Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.denial_hits = 0  # of the hits: NXDOMAIN/NODATA (CoreDNS's cache type="denial")
 
     def get(self, key: tuple[str, int, int], now: float) -> tuple[Message, int] | None:
         e = self.entries.get(key)
@@ -66,6 +86,8 @@ class Cache:
             return None
         self.entries.move_to_end(key)
         self.hits += 1
+        if not e.msg.answers:
+            self.denial_hits += 1
         return e.msg, int(now - e.stored)
 
     def put(self, key: tuple[str, int, int], msg: Message, now: float) -> None:
@@ -132,6 +154,14 @@ class Resolver:
         # pods resolving the same external name) wait for the one exchange instead of repeating it.
         self.inflight: dict[tuple[str, int, int], asyncio.Future[Message]] = {}
         self.coalesced = 0
+        self.log_limit = LogLimit()
+        # Python-side counters for CoreDNS's metric labels the hot path does not split: requests
+        # over TCP by qtype (UDP = all - TCP), and per upstream "host:port": queries sent,
+        # answers by rcode, and exchange durations (histogram counts over wire.impl.BUCKETS).
+        self.tcp_types: dict[int, int] = {}
+        self.fwd_requests: dict[str, int] = {}
+        self.fwd_responses: dict[tuple[str, int], int] = {}
+        self.fwd_durations: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------------- local
 
@@ -154,13 +184,15 @@ class Resolver:
                     out = self._reply(out.msg, wire.REFUSED, aa=False, tcp=tcp)
         except Exception:  # the last line of defence: one bad packet, not the whole server
             self.internal_errors += 1
-            log.exception("query handling failed len=%d", len(data))
+            skipped = self.log_limit("internal")
+            if skipped is not None:
+                log.exception("query handling failed len=%d (%d more not logged)", len(data), skipped)
             out = self._error(data, wire.SERVFAIL) if len(data) >= 12 else None
         if isinstance(out, bytes):
-            self._record(data, out, t0)
+            self._record(data, out, t0, tcp)
         return out
 
-    def _record(self, query: bytes, resp: bytes, t0: float) -> None:
+    def _record(self, query: bytes, resp: bytes, t0: float, tcp: bool) -> None:
         qtype = 0
         try:
             _, pos = wire.read_name(query, 12)
@@ -168,6 +200,8 @@ class Resolver:
         except (WireError, struct.error, IndexError):
             pass
         self.stats.record(qtype, resp[3] & 0xF, time.perf_counter() - t0)
+        if tcp:
+            self._count_tcp(qtype)
 
     def _refuse(self, data: bytes, tcp: bool) -> bytes | None:
         """REFUSED for a source outside allow_query (unbound's `refuse`, CoreDNS acl's `block`):
@@ -206,7 +240,9 @@ class Resolver:
         try:
             msg = wire.parse_message(data)
         except WireError as exc:
-            log.debug("malformed query: %s", exc)
+            skipped = self.log_limit("malformed")
+            if skipped is not None:
+                log.debug("malformed query: %s (%d more not logged)", exc, skipped)
             if data[2] & 0x80:
                 return None  # a response sent to us: never answer it (reflection loops)
             return self._error(data, wire.FORMERR)
@@ -260,9 +296,14 @@ class Resolver:
                 up = await self._shared_exchange(key, q)
             except (TimeoutError, OSError, WireError) as exc:
                 self.upstream_errors += 1
-                log.warning("upstream failed name=%s type=%d err=%r", q.name, q.qtype, exc)
+                skipped = self.log_limit("upstream")
+                if skipped is not None:
+                    log.warning("upstream failed name=%s type=%d err=%r (%d more not logged)", q.name, q.qtype, exc,
+                                skipped)
                 out = self._reply(msg, wire.SERVFAIL, aa=False, tcp=fwd.tcp)
                 self.stats.record(q.qtype, wire.SERVFAIL, time.perf_counter() - fwd.started)
+                if fwd.tcp:
+                    self._count_tcp(q.qtype)
                 return out
             age = 0
         answers = [wire.RR(q.name if r.name.lower() == key[0] else r.name, r.rtype, r.ttl, r.data, r.rclass)
@@ -270,7 +311,24 @@ class Resolver:
         out = self._reply(msg, up.rcode, answers=answers, authority=_age(up.authority, age),
                           additional=_age(up.additional, age), aa=False, tcp=fwd.tcp)
         self.stats.record(q.qtype, up.rcode & 0xF, time.perf_counter() - fwd.started)
+        if fwd.tcp:
+            self._count_tcp(q.qtype)
         return out
+
+    def _count_tcp(self, qtype: int) -> None:
+        key = qtype if qtype in wire.TYPE_NAMES else -1  # rare types share one key: a bounded dict
+        self.tcp_types[key] = self.tcp_types.get(key, 0) + 1
+
+    def _forwarded(self, to: str, rcode: int, seconds: float) -> None:
+        self.fwd_responses[(to, rcode)] = self.fwd_responses.get((to, rcode), 0) + 1
+        hist = self.fwd_durations.get(to)
+        if hist is None:
+            hist = self.fwd_durations[to] = [0.0] * (len(wire.impl.BUCKETS) + 2)  # buckets, +Inf, sum
+        i = 0
+        while i < len(wire.impl.BUCKETS) and seconds > wire.impl.BUCKETS[i]:
+            i += 1
+        hist[i] += 1
+        hist[-1] += seconds
 
     async def _shared_exchange(self, key: tuple[str, int, int], q: Question) -> Message:
         pending = self.inflight.get(key)
@@ -300,11 +358,15 @@ class Resolver:
         for host, port in self.upstreams:
             mid = random.getrandbits(16)
             query = wire.make_query(q.name, q.qtype, mid=mid, edns=Edns(udp_size=wire.SERVER_UDP_SIZE))
+            to = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            self.fwd_requests[to] = self.fwd_requests.get(to, 0) + 1
+            t0 = time.perf_counter()
             try:
                 data = await _udp_exchange(host, port, query, self.timeout)
                 resp = wire.parse_message(data)
                 if resp.flags & wire.TC:
                     resp = wire.parse_message(await _tcp_exchange(host, port, query, self.timeout))
+                self._forwarded(to, resp.rcode, time.perf_counter() - t0)
                 if resp.id != mid or not resp.questions or resp.questions[0].name.lower() != q.name.lower():
                     raise WireError(f"upstream {host}:{port} answered a different question")
                 if resp.rcode in (wire.SERVFAIL, wire.REFUSED, wire.NOTIMP):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +109,7 @@ class DNSServer:
         # sending) pin megabytes; the event loop then reads at most that much per call.
         tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.write_buffer)
         tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TCP_READ_BUFFER)
-        tcp_sock.listen(512)
+        tcp_sock.listen(4096)  # capped by net.core.somaxconn; reconnecting slow clients must not crowd out new ones
         tcp_sock.setblocking(False)
         self.port = port
         self.udp = udp
@@ -344,6 +345,7 @@ def render_metrics(resolver: Resolver, server: DNSServer | None = None) -> str:
     family("kdns_internal_errors_total", "counter", "Queries whose handling raised (answered SERVFAIL).",
            [("", "", resolver.internal_errors)])
     family("kdns_zone_answers", "gauge", "Pre-encoded cluster answers.", [("", "", len(resolver.index.answers))])
+    _coredns_families(resolver, server, snap, by_type, family)
     family("kdns_refused_total", "counter", "Queries refused by the access lists (--allow-query, --allow-recursion).",
            [("", _labels(acl="query"), resolver.refused_query), ("", _labels(acl="recursion"), resolver.refused_recursion)])
     if server is not None:
@@ -356,6 +358,63 @@ def render_metrics(resolver: Resolver, server: DNSServer | None = None) -> str:
     family("kdns_ready", "gauge", "1 once Services and EndpointSlices are synced.",
            [("", "", 1 if resolver.index.synced else 0)])
     return "\n".join(out) + "\n"
+
+
+_Family = Callable[[str, str, str, list[tuple[str, str, float]]], None]
+
+
+def _coredns_families(resolver: Resolver, server: DNSServer | None, snap: dict[str, Any], by_type: dict[str, int],
+                      family: _Family) -> None:
+    """The same counters under CoreDNS's metric names and labels (plugin/metrics, cache, forward),
+    so dashboards made for CoreDNS work. zone is "." (the server block kube-dns uses), view and
+    plugin are empty; the request duration histogram is not split by type (the hot path keeps one)."""
+    host, port = (server.host, server.port) if server is not None else ("", 53)
+    base = {"server": f"dns://{'' if host in ('0.0.0.0', '::') else host}:{port}", "zone": ".", "view": ""}
+    fam = "2" if ":" in host else "1"  # the listening socket's family: every request comes over it
+    tcp: dict[str, int] = {}
+    for t, c in resolver.tcp_types.items():
+        label = wire.TYPE_NAMES.get(t, "other")
+        tcp[label] = tcp.get(label, 0) + c
+    req: list[tuple[str, str, float]] = []
+    for t, c in sorted(by_type.items()):
+        req.append(("", _labels(**base, proto="udp", family=fam, type=t), c - tcp.get(t, 0)))
+        if tcp.get(t):
+            req.append(("", _labels(**base, proto="tcp", family=fam, type=t), tcp[t]))
+    family("coredns_dns_requests_total", "counter", "Counter of DNS requests made per zone, protocol and family.", req)
+    family("coredns_dns_responses_total", "counter", "Counter of response status codes.",
+           [("", _labels(**base, rcode=wire.RCODE_NAMES.get(r, str(r)), plugin=""), c)
+            for r, c in sorted(snap["rcodes"].items())])
+    cum = 0
+    samples: list[tuple[str, str, float]] = []
+    for bound, c in zip([*wire.impl.BUCKETS, float("inf")], snap["buckets"]):
+        cum += c
+        samples.append(("_bucket", _labels(**base, le="+Inf" if bound == float("inf") else repr(bound)), cum))
+    samples += [("_sum", _labels(**base), snap["sum"]), ("_count", _labels(**base), snap["count"])]
+    family("coredns_dns_request_duration_seconds", "histogram", "Histogram of the time (in seconds) each request took.",
+           samples)
+    cache = resolver.cache
+    cz = {"server": base["server"], "view": "", "zones": "."}
+    denial_entries = sum(1 for e in cache.entries.values() if not e.msg.answers)
+    family("coredns_cache_hits_total", "counter", "The count of cache hits.",
+           [("", _labels(**cz, type="success"), cache.hits - cache.denial_hits),
+            ("", _labels(**cz, type="denial"), cache.denial_hits)])
+    family("coredns_cache_misses_total", "counter", "The count of cache misses.", [("", _labels(**cz), cache.misses)])
+    family("coredns_cache_entries", "gauge", "The number of elements in the cache.",
+           [("", _labels(**cz, type="success"), len(cache.entries) - denial_entries),
+            ("", _labels(**cz, type="denial"), denial_entries)])
+    family("coredns_forward_requests_total", "counter", "Counter of requests made per upstream.",
+           [("", _labels(to=to), c) for to, c in sorted(resolver.fwd_requests.items())])
+    family("coredns_forward_responses_total", "counter", "Counter of responses received per upstream.",
+           [("", _labels(to=to, rcode=wire.RCODE_NAMES.get(r, str(r))), c)
+            for (to, r), c in sorted(resolver.fwd_responses.items())])
+    fwd: list[tuple[str, str, float]] = []
+    for to, hist in sorted(resolver.fwd_durations.items()):
+        cum = 0
+        for bound, c in zip([*wire.impl.BUCKETS, float("inf")], hist[:-1]):
+            cum += int(c)
+            fwd.append(("_bucket", _labels(to=to, le="+Inf" if bound == float("inf") else repr(bound)), cum))
+        fwd += [("_sum", _labels(to=to), hist[-1]), ("_count", _labels(to=to), cum)]
+    family("coredns_forward_request_duration_seconds", "histogram", "Histogram of the time each request took.", fwd)
 
 
 class HealthServer:

@@ -16,6 +16,7 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 import pytest
+from dns_mutator import seeds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kdns import _purewire, wire
@@ -79,19 +80,7 @@ TYPES = ["A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "CNAME", "MX", "ANY"]
 def corpus(n_mutations: int = 3000, seed: int = 1) -> list[bytes]:
     """Real queries in many shapes, then byte-level mutations of them."""
     rnd = random.Random(seed)
-    base: list[bytes] = []
-    for name in NAMES:
-        for t in TYPES:
-            for edns in (None, 512, 1232, 4096, 100):
-                q = dns.message.make_query(name, t, use_edns=False if edns is None else 0, payload=edns or 512)
-                q.id = rnd.randrange(65536)
-                if rnd.random() < 0.3:
-                    q.flags &= ~dns.flags.RD
-                if rnd.random() < 0.2:
-                    q.flags |= dns.flags.CD
-                if edns and rnd.random() < 0.3:
-                    q.use_edns(0, payload=edns, options=[dns.edns.GenericOption(10, b"12345678")])
-                base.append(q.to_wire())
+    base = seeds(seed, NAMES, list(TYPES), (None, 512, 1232, 4096, 100))
     out = list(base)
     for _ in range(n_mutations):
         p = bytearray(rnd.choice(base))
