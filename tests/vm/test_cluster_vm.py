@@ -65,8 +65,8 @@ def test_vm_cluster_seed_app_through_provision_seed_step(bed: Bed) -> None:
     for _, node, ip in pods.values():
         assert f"node-{node_of_pod_ip(ip)}" == node
     bed.kubectl("apply", "-f", str(REPO / "tests" / "vm" / "cluster" / "echo.yaml"))
-    bed.kubectl("rollout", "status", "deployment/echo-one", "deployment/echo-spread", "--timeout", "180s",
-                timeout=200)
+    bed.kubectl("rollout", "status", "deployment/echo-one", "deployment/echo-spread", "deployment/prober",
+                "--timeout", "180s", timeout=200)
 
 
 @pytest.mark.vm
@@ -116,6 +116,31 @@ def test_vm_cluster_external_traffic_policy_local(bed: Bed) -> None:
         # ... and does not forward: no answer through its NodePort.
         r = bed.curl(f"http://{node_ip(i)}:{np}/", max_time=2)
         assert not ok_body(r), f"node-{i} forwarded an externalTrafficPolicy Local connection: {r.stdout!r}"
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(200)
+def test_vm_cluster_pod_to_cluster_ip_across_nodes(bed: Bed) -> None:
+    # From a pod on node-2 (the prober fetches for the client): a ClusterIP reaches the pods of
+    # every node, each seeing the prober's own pod address (no masquerade inside the cluster
+    # CIDR: node-1's kernel routes the reply back to node-2, which un-NATs it); with
+    # internalTrafficPolicy Local only node-2's pod answers, and with no endpoint on node-2 the
+    # connection fails although other nodes have one.
+    (prober_ip,) = [ip for _, _, ip in bed.pods("app=prober").values()]
+    assert node_of_pod_ip(prober_ip) == 2
+
+    def via_prober(svc: str) -> str:
+        return ok_body(bed.curl(f"http://{prober_ip}:8080/?to=http://{bed.service_field(svc, '{.spec.clusterIP}')}:80/",
+                                max_time=5))
+
+    bed.curl_until(f"http://{prober_ip}:8080/?to=http://127.0.0.1:8080/", lambda b: b != "")
+    answers = [via_prober("echo-spread").split() for _ in range(15)]
+    assert {node_of_pod_ip(a[0]) for a in answers if len(a) == 2} == {1, 2, 3}, answers
+    assert {a[1] for a in answers} == {prober_ip}, answers
+    local = [via_prober("echo-spread-itp-local").split() for _ in range(6)]
+    assert {node_of_pod_ip(a[0]) for a in local if len(a) == 2} == {2} and all(len(a) == 2 for a in local), local
+    none = via_prober("echo-one-itp-local")
+    assert none.startswith("error "), f"internalTrafficPolicy Local without a local endpoint answered: {none!r}"
 
 
 @pytest.mark.vm

@@ -2,6 +2,7 @@
 
     PREFIX (netns)   bridge br0 10.250.0.2/24 (the client: curl, kubectl), tap1..tapN on br0,
                      routes to the LoadBalancer pool over every node (ECMP, as a router would)
+                     and to each node's pod CIDR 10.244.I.0/24 via that node
     VM node-I        eth0 (vec0 on tapI) 10.250.0.(10+I)/24; node-1 is the server (API server,
                      controllers, DNS); every node runs the node agent and kproxy
 
@@ -75,6 +76,8 @@ class Bed:
             batch += [f"tuntap add tap{i} mode tap", f"link set tap{i} master br0", f"link set tap{i} up"]
         hops = " ".join(f"nexthop via {node_ip(i)} dev br0" for i in range(1, self.nodes + 1))
         batch.append(f"route replace {LB_POOL} {hops}")
+        # Pod CIDRs via their nodes, so that the client can reach a prober pod directly.
+        batch += [f"route replace 10.244.{i}.0/24 via {node_ip(i)} dev br0" for i in range(1, self.nodes + 1)]
         subprocess.run(["ip", "-n", self.ns, "-batch", "-"], input="\n".join(batch) + "\n", text=True,
                        capture_output=True, timeout=30, check=True)
         for i in range(1, self.nodes + 1):
