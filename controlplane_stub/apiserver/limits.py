@@ -9,6 +9,7 @@ storage/cacher's slow-watcher handling), rebuilt on aiohttp/asyncio:
 - Requests in flight are capped (--max-requests-inflight / --max-mutating-requests-inflight); beyond
   the cap: 429 with Retry-After: 1. Watches are long-running and not counted; system:masters is
   never refused (a super-admin or loopback client always gets an answer), both as upstream.
+- A request body must arrive within --request-timeout (60 s, upstream's default), else 504.
 - A response is written in pieces of at most SEND_PIECE bytes into a transport whose buffer is
   capped at SEND_HIGH_WATER; a client that does not take the next piece within --send-timeout is
   disconnected (a watcher that falls behind is closed and relists, as the watch cache does). So a
@@ -51,6 +52,7 @@ TRIM_AFTER_CLOSED = 64
 DEFAULT_REQUEST_HEADER_TIMEOUT = 32.0
 DEFAULT_IDLE_CONNECTION_TIMEOUT = 90.0
 DEFAULT_SEND_TIMEOUT = 10.0
+DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_MAX_REQUESTS_INFLIGHT = 400
 DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT = 200
 

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-connection-timeout", type=float, default=limits.DEFAULT_IDLE_CONNECTION_TIMEOUT,
                    help="seconds a keep-alive connection may stay idle between requests (kproxy only; default "
                         "90, upstream's IdleTimeout)")
+    p.add_argument("--request-timeout", type=float, default=limits.DEFAULT_REQUEST_TIMEOUT,
+                   help="seconds a request's body may take to arrive; then 504 (default 60)")
     p.add_argument("--send-timeout", type=float, default=limits.DEFAULT_SEND_TIMEOUT,
                    help="seconds a list or watch client may take to accept the next 64 KiB of its response "
                         "before it is disconnected (kproxy only; default 10)")
@@ -104,7 +106,8 @@ def check_limits(args: argparse.Namespace) -> None:
     for flag in ("max_requests_inflight", "max_mutating_requests_inflight"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"kproxy-apiserver: --{flag.replace('_', '-')}: want a number >= 0 (0 = no limit)")
-    for flag in ("request_header_timeout", "idle_connection_timeout", "send_timeout", "min_request_timeout"):
+    for flag in ("request_header_timeout", "idle_connection_timeout", "send_timeout", "request_timeout",
+                 "min_request_timeout"):
         if not 0 < getattr(args, flag) < 1e9:
             raise SystemExit(f"kproxy-apiserver: --{flag.replace('_', '-')}: want a number of seconds > 0")
 
@@ -143,7 +146,8 @@ async def serve(args: argparse.Namespace) -> int:
         api = APIServer(store, registry, users, bookmark_interval=args.bookmark_interval,
                         min_request_timeout=args.min_request_timeout, send_timeout=args.send_timeout,
                         max_requests_inflight=args.max_requests_inflight,
-                        max_mutating_requests_inflight=args.max_mutating_requests_inflight, connections=guard)
+                        max_mutating_requests_inflight=args.max_mutating_requests_inflight, connections=guard,
+                        request_timeout=args.request_timeout)
         runner = web.AppRunner(api.app(), handle_signals=False, access_log=None,
                                shutdown_timeout=3.0, keepalive_timeout=args.idle_connection_timeout)
         await runner.setup()

@@ -1,6 +1,7 @@
 """HTTP layer: routing of Kubernetes REST paths, authentication/authorization, lists and discovery."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -67,11 +68,13 @@ class APIServer:
                  send_timeout: float = limits.DEFAULT_SEND_TIMEOUT,
                  max_requests_inflight: int = limits.DEFAULT_MAX_REQUESTS_INFLIGHT,
                  max_mutating_requests_inflight: int = limits.DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
-                 connections: limits.ConnectionGuard | None = None) -> None:
+                 connections: limits.ConnectionGuard | None = None,
+                 request_timeout: float = limits.DEFAULT_REQUEST_TIMEOUT) -> None:
         self.store = store
         self.registry = registry
         self.users = users
         self.send_timeout = send_timeout
+        self.request_timeout = request_timeout
         self.inflight = limits.InflightLimiter(max_requests_inflight, max_mutating_requests_inflight)
         self.connections = connections
         self.metrics = APIMetrics(lambda: self.store.revision, lambda: self.watches.active,
@@ -115,6 +118,8 @@ class APIServer:
                 user = self._authenticate(request)
                 request["user"] = user
                 counted = self._admit(request, user)
+                if request.body_exists:
+                    await self._read_body_in_time(request)
             resp: web.StreamResponse = await handler(request)
         except StatusError as e:
             resp = status_response(e)
@@ -138,6 +143,17 @@ class APIServer:
             log.debug("method=%s path=%s code=%s ms=%.1f", request.method, request.path_qs, resp.status,
                       (time.monotonic() - started) * 1000)
         return resp
+
+    async def _read_body_in_time(self, request: web.Request) -> None:
+        """Reads (and caches) the body within --request-timeout: a client that sends it slowly, or
+        never, would hold its in-flight slot and connection for ever (upstream answers 504 after
+        --request-timeout too). Handlers' later request.read() returns the cached bytes."""
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                await request.read()
+        except TimeoutError:
+            raise StatusError(504, "Timeout", "Timeout: request did not complete within the allotted timeout "
+                              f"({self.request_timeout:g} s) while reading its body") from None
 
     def _admit(self, request: web.Request, user: User) -> bool | None:
         """Takes an in-flight slot (429 when none is free); None for requests that hold none.
@@ -294,7 +310,7 @@ class APIServer:
                 return await self._watch(request, t)
             if t.name:
                 self._authorize(request, "get", t)
-                return self._get(request, t)
+                return await self._get(request, t)
             self._authorize(request, "list", t)
             return await self._list(request, t)
         if t.watch_path:
@@ -336,7 +352,7 @@ class APIServer:
             return self._warn(self._object_response(request, t, obj, 201 if was_created else 200), warnings)
         if method == "DELETE":
             options: Obj = {}
-            if request.can_read_body:
+            if request.body_exists:  # already read (and cached) by the middleware: can_read_body is False
                 raw = await request.read()
                 if raw.strip():
                     options = bodies.decode_json(raw, "error decoding DeleteOptions").obj
@@ -382,14 +398,14 @@ class APIServer:
             return json_response(table, status)
         return json_response(obj, status)
 
-    def _get(self, request: web.Request, t: Target) -> web.Response:
+    async def _get(self, request: web.Request, t: Target) -> web.StreamResponse:
         if t.sub == "scale":
             return json_response(self._scale_of(self.registry.get(t.res, t.namespace, t.name)))
         if not self._wants_table(request) and hasattr(self.store, "get_raw"):
             raw = self.store.get_raw(t.res.key(t.namespace, t.name))
             if raw is None:
                 raise self.registry_not_found(t)
-            return web.Response(body=raw, content_type="application/json")
+            return await self._send_body(request, [raw])  # an object may be MiBs: not whole per client
         return self._object_response(request, t, self.registry.get(t.res, t.namespace, t.name), 200)
 
     @staticmethod

@@ -208,9 +208,28 @@ def test_watch_timeouts(capped: tuple[APIServerProcess, Client, str]) -> None:
     assert 1.9 < time.monotonic() - t0 < 5.0
 
 
+def test_body_that_never_arrives_gets_504_and_frees_its_slot() -> None:
+    with running_apiserver(https=False, extra_args=["--request-timeout", "2", "--max-mutating-requests-inflight",
+                                                    "1"]) as api:
+        admin = Client(api, api.token)
+        with socket.create_connection(("127.0.0.1", api.port), timeout=15) as s:
+            s.sendall(f"POST /api/v1/namespaces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.token}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{".encode())
+            t0 = time.monotonic()
+            head = s.recv(65536)
+            waited = time.monotonic() - t0
+        # Old code: no answer at all, the slot held for as long as the client liked.
+        assert head.startswith(b"HTTP/1.1 504"), head[:200]
+        assert b'"reason":"Timeout"' in head
+        assert 1.5 < waited < 8
+        assert _metric(admin, 'apiserver_current_inflight_requests{request_kind="mutating"}') == 0
+        code, body = admin.post("/api/v1/namespaces", {"metadata": {"name": "after-" + secrets.token_hex(3)}})
+        assert code == 201, body
+
+
 def test_limit_flags_are_checked() -> None:
     for flags in (["--max-requests-inflight", "-1"], ["--send-timeout", "0"], ["--request-header-timeout", "nan"],
-                  ["--idle-connection-timeout", "-2"]):
+                  ["--idle-connection-timeout", "-2"], ["--request-timeout", "inf"]):
         with pytest.raises(SystemExit, match=flags[0]):
             check_limits(parse_args(flags))
     check_limits(parse_args(["--max-requests-inflight", "0"]))  # 0 = no limit, as upstream
