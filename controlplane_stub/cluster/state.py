@@ -102,21 +102,6 @@ class State:
         return str(Path(self.data_dir) / "kubeconfig")
 
 
-def alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def marked_pids(marker: str) -> list[int]:
     """Processes started by this `up` (they carry KPC_CLUSTER=State.marker in their environment)."""
     want = f"{MARKER}={marker}".encode()
