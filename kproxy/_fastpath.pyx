@@ -10,7 +10,7 @@ from hashlib import sha256
 from base64 import b32encode
 import ipaddress
 
-from kproxy.proxy.endpoints import categorize, uses_cluster_endpoints
+from kproxy.proxy.endpoints import categorize
 
 LARGE_CLUSTER_ENDPOINTS = 1000
 R_FILTER, R_DISPATCH, R_CHAINS, R_RULES, R_CHAIN_NAMES, R_HAS_ENDPOINTS = range(6)
@@ -100,9 +100,8 @@ cpdef tuple render_service_port(object svc, tuple endpoints, bint masquerade_all
     cdef bint externally_accessible = node_port != 0 or len(external_ips) > 0 or len(lb_ips) > 0
     cdef bint ext_local = svc.external_policy_local and externally_accessible
     cdef bint int_local = svc.internal_policy_local
-    # Which endpoints serve which traffic: kproxy.proxy decides, the same in every mode.
-    cdef bint uses_cluster = uses_cluster_endpoints(svc)
-    cdef bint uses_local = int_local or ext_local
+    # Which endpoints serve which traffic: kproxy.proxy decides, the same in every mode (its
+    # cluster list is empty when the service uses no cluster endpoints, and so is local).
     cdef long affinity = -1 if svc.session_affinity_timeout is None else svc.session_affinity_timeout
     cdef list eps = sorted(endpoints, key=_ep_key)
     cat = categorize(svc, eps, node_zone)
@@ -112,8 +111,8 @@ cpdef tuple render_service_port(object svc, tuple endpoints, bint masquerade_all
     cdef bint has_eps = cat.has_any
     if len(reachable) != len(cluster_eps):
         reachable.sort(key=_ep_key)
-    cdef bint uses_cluster_chain = len(cluster_eps) > 0 and uses_cluster
-    cdef bint uses_local_chain = len(local_eps) > 0 and uses_local
+    cdef bint uses_cluster_chain = len(cluster_eps) > 0
+    cdef bint uses_local_chain = len(local_eps) > 0
 
     cdef str internal_chain = svc_chain
     cdef bint has_internal = has_eps

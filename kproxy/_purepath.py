@@ -17,7 +17,7 @@ import hashlib
 import ipaddress
 from typing import Any
 
-from kproxy.proxy.endpoints import categorize, uses_cluster_endpoints
+from kproxy.proxy.endpoints import categorize
 
 # Upstream: largeClusterEndpointsThreshold; above it the per-endpoint comments are dropped.
 LARGE_CLUSTER_ENDPOINTS = 1000
@@ -131,9 +131,8 @@ def render_service_port(
     externally_accessible = node_port != 0 or len(external_ips) > 0 or len(lb_ips) > 0
     ext_local = svc.external_policy_local and externally_accessible
     int_local = svc.internal_policy_local
-    # Which endpoints serve which traffic: kproxy.proxy decides, the same in every mode.
-    uses_cluster = uses_cluster_endpoints(svc)
-    uses_local = int_local or ext_local
+    # Which endpoints serve which traffic: kproxy.proxy decides, the same in every mode (its
+    # cluster list is empty when the service uses no cluster endpoints, and so is local).
     affinity = -1 if svc.session_affinity_timeout is None else svc.session_affinity_timeout
 
     eps = sorted(endpoints, key=_ep_key)
@@ -141,8 +140,8 @@ def render_service_port(
     cluster_eps, local_eps, reachable, has_eps = list(cat.cluster), list(cat.local), list(cat.reachable), cat.has_any
     if len(reachable) != len(cluster_eps):
         reachable.sort(key=_ep_key)
-    uses_cluster_chain = len(cluster_eps) > 0 and uses_cluster
-    uses_local_chain = len(local_eps) > 0 and uses_local
+    uses_cluster_chain = len(cluster_eps) > 0
+    uses_local_chain = len(local_eps) > 0
 
     internal_chain = svc_chain
     has_internal = has_eps

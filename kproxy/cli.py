@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "--userspace-localhost-only", "userspace_localhost_only",
                "userspace mode: serve NodePort/LoadBalancer services on 127.0.0.1 only, with no rules")
     a("--userspace-tcp-congestion", help="kproxy only, userspace mode: TCP congestion control of the relayed "
-      "connections' two legs, e.g. cubic or reno (default: the node's)")
+      "connections' two legs, e.g. cubic or reno (default: the node's on the client leg; on the pod leg cubic "
+      "when the node's is bbr)")
     a("--cleanup", nargs="?", const=True, type=_bool, default=None,
       help="remove everything kproxy programmed and exit")
     a("-v", "--v", dest="verbosity", type=_int, help="log verbosity (0-10)")

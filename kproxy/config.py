@@ -66,8 +66,9 @@ class KProxyConfig:
     # userspace mode without any rules: NodePort/LB services on 127.0.0.1:PORT only (no kube-proxy
     # equivalent; for hosts where the proxy may not own the firewall, as Docker Desktop does).
     userspace_localhost_only: bool = False
-    # kproxy only: congestion control of the relay's TCP legs ("" = the node's default). bbr without
-    # the fq qdisc paces in the relay a stream the client already paces (bench/README.md, userspace).
+    # kproxy only: congestion control of the relay's TCP legs ("": the client leg keeps the node's
+    # default, the pod leg gets cubic on a bbr node: bbr without the fq qdisc paces in the relay a
+    # stream the client already paces; bench/README.md, userspace).
     userspace_tcp_congestion: str = ""
     cleanup: bool = False
     verbosity: int = 0

@@ -119,6 +119,30 @@ def check_tcp_congestion(name: str) -> None:
                              f"available: {avail}") from exc
 
 
+# The pod-facing leg's congestion control when the operator chose none, by the node's default.
+# bbr paces every flow; without the fq qdisc it paces in TCP itself, and a relayed stream then
+# crosses two paced senders in a row (the client's and the relay's upstream leg), which cost a
+# quarter of the throughput here (bench/README.md, userspace). That leg never leaves the node's
+# cluster network, where a loss-based controller is what kube-proxy's kernel paths meet anyway;
+# the client-facing leg keeps the node's choice (it may cross a WAN, where bbr is the point).
+POD_LEG_CONGESTION = {"bbr": "cubic"}
+
+
+def pod_leg_congestion(netns: str | None = None) -> str:
+    """The default congestion control of the relay's pod-facing (upstream) TCP leg in `netns`:
+    cubic on a bbr node (when the kernel has cubic), else "" (the node's own default)."""
+    with socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM) as probe:
+        default = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0].decode()
+        choice = POD_LEG_CONGESTION.get(default, "")
+        if not choice:
+            return ""
+        try:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, choice.encode())
+        except OSError:
+            return ""  # not built into this kernel: keep the node's
+    return choice
+
+
 def new_core(impl: Impl, connect_timeout: float = 1.0, tcp_congestion: str = "") -> RelayCoreAPI:
     check_tcp_congestion(tcp_congestion)
     if impl == "compiled":
@@ -142,16 +166,17 @@ class Relay:
 
     def __init__(self, impl: Impl | Literal["auto"] = "auto", netns: str | None = None,
                  connect_timeout: float = 1.0, tcp_congestion: str = "") -> None:
-        """tcp_congestion: the congestion control of both legs of every relayed TCP connection
-        ("": the node's default). Over a local link the client's own controller already paces
-        the stream end to end; a second pacing controller (bbr without the fq qdisc) in the
-        relay costs throughput (bench/README.md, userspace)."""
+        """tcp_congestion: the congestion control of both legs of every relayed TCP connection.
+        "" (the default): the client-facing leg keeps the node's default and the pod-facing leg
+        gets pod_leg_congestion() (cubic on a bbr node): a second pacing controller (bbr without
+        the fq qdisc) in the relay costs throughput (bench/README.md, userspace)."""
         if impl == "auto":
             impl = "compiled" if compiled_available() and os.environ.get("KPROXY_PURE") != "1" else "pure"
         self.impl: Impl = impl
         self.netns = netns
-        self.tcp_congestion = tcp_congestion
-        self.core = new_core(impl, connect_timeout, tcp_congestion)
+        self.tcp_congestion = tcp_congestion  # the client-facing leg's (set on the listeners)
+        self.upstream_congestion = tcp_congestion or pod_leg_congestion(netns)
+        self.core = new_core(impl, connect_timeout, self.upstream_congestion)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 

@@ -27,7 +27,7 @@ from userspace_helpers import (
     rss_kib,
 )
 
-from kproxy.relay import Relay, socket_in_netns
+from kproxy.relay import POD_LEG_CONGESTION, Relay, socket_in_netns
 
 pytestmark = pytest.mark.e2e
 ALL = [(ip, BACKEND_PORT) for ip in BACKEND_IPS]
@@ -467,6 +467,37 @@ def test_small_messages_to_a_stalled_backend_arrive_whole(relay: Relay, topo: To
 
 
 
+def _check_legs(relay: Relay, topo: Topology, client_leg: str, pod_leg: str) -> None:
+    """One relayed connection; `ss` must show these algorithms on its two legs in the node."""
+    addr = _tcp_service(relay, ALL[:1])
+    with topo.tcp(topo.client, addr) as s:
+        s.sendall(b"x")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            legs = (congestion_of(topo.node, addr[1]), congestion_of(topo.node, BACKEND_PORT))
+            if legs == ({client_leg}, {pod_leg}):
+                break
+            time.sleep(0.05)
+        assert legs == ({client_leg}, {pod_leg}), legs
+        # The client's own socket, in its namespace, keeps its default.
+        if client_leg != pod_leg:
+            assert pod_leg not in congestion_of(topo.client, addr[1])
+        assert request(s, b"")[0] == BACKEND_IPS[0]
+
+
+@pytest.mark.timeout(30)
+def test_default_congestion_pod_leg_cubic_on_a_bbr_node(impl: str, topo: Topology, backends: Backends) -> None:
+    """No flag: the client-facing leg keeps the node's default, the pod-facing leg gets cubic
+    when that default is bbr (POD_LEG_CONGESTION), else the default too."""
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        node_default = f.read().strip()  # a new namespace starts with the host's default
+    relay = Relay(impl, netns=topo.node).start()  # type: ignore[arg-type]
+    try:
+        _check_legs(relay, topo, node_default, POD_LEG_CONGESTION.get(node_default, node_default))
+    finally:
+        relay.stop()
+
+
 @pytest.mark.timeout(30)
 def test_tcp_congestion_applies_to_both_legs(impl: str, topo: Topology, backends: Backends) -> None:
     want = non_default_congestion()
@@ -474,18 +505,10 @@ def test_tcp_congestion_applies_to_both_legs(impl: str, topo: Topology, backends
         Relay(impl, netns=topo.node, tcp_congestion="no-such-cc")  # type: ignore[arg-type]
     relay = Relay(impl, netns=topo.node, tcp_congestion=want).start()  # type: ignore[arg-type]
     try:
-        addr = _tcp_service(relay, ALL[:1])
-        with topo.tcp(topo.client, addr) as s:
+        _check_legs(relay, topo, want, want)
+        with topo.tcp(topo.client, (topo_addr := _tcp_service(relay, ALL[:1]))) as s:
             s.sendall(b"x")
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                legs = (congestion_of(topo.node, addr[1]), congestion_of(topo.node, BACKEND_PORT))
-                if legs == ({want}, {want}):
-                    break
-                time.sleep(0.05)
-            assert legs == ({want}, {want}), legs
-            # The client's own socket, in its namespace, keeps its default.
-            assert want not in congestion_of(topo.client, addr[1])
+            assert want not in congestion_of(topo.client, topo_addr[1])  # the client's own socket: its default
             assert request(s, b"")[0] == BACKEND_IPS[0]
     finally:
         relay.stop()
