@@ -255,3 +255,48 @@ def test_bad_acl_flag_is_one_line(tmp_path: Any) -> None:
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--allow-query" in lines[0] and "10.0.0.0/33" in lines[0], r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_tcp_limit_refuses_only_when_every_connection_is_busy(kdns_factory: Any, fake_upstream: Any) -> None:
+    """Past --tcp-max-connections an idle connection is closed to admit a new one; when every
+    connection has a query in progress (here: forwarded to an upstream that takes 3 s), the new
+    one is refused (closed at once) and counted."""
+    up = fake_upstream({("slow.example", "A"): (60, ["192.0.2.9"])}, delay=3.0)
+    p = kdns_factory([service("web", ip="10.96.0.10")],
+                     ["--upstream", f"127.0.0.1:{up.port}", "--upstream-timeout", "5", "--v", "info",
+                      "--tcp-max-connections", "3"])
+    busy = []
+    try:
+        for i in range(3):
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+            q = dns.message.make_query("slow.example", "A").to_wire()  # one upstream exchange for all
+            s.sendall(struct.pack("!H", len(q)) + q)
+            busy.append(s)
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+            s.settimeout(3)
+            q = dns.message.make_query(f"web.default.svc.{ZONE}", "A").to_wire()
+            try:
+                s.sendall(struct.pack("!H", len(q)) + q)
+                refused = s.recv(100) == b""
+            except ConnectionError:
+                refused = True
+        assert refused
+        assert p.metric('kdns_tcp_closed_total{reason="refused"}') == 1
+        assert p.metric('kdns_tcp_closed_total{reason="evicted"}') == 0
+        for s in busy:  # the busy ones still get their answers
+            data = s.recv(65535)
+            assert dns.message.from_wire(data[2:]).answer[0][0].to_text() == "192.0.2.9"
+        # now idle: a new connection evicts the least recently active one and is answered
+        time.sleep(0.2)
+        assert p.query(f"web.default.svc.{ZONE}", "A", tcp=True).answer
+        assert p.metric('kdns_tcp_closed_total{reason="evicted"}') == 1
+        try:  # the first one was the one closed (aborted: an RST, or an EOF)
+            closed = busy[0].recv(100) == b""
+        except ConnectionError:
+            closed = True
+        assert closed
+    finally:
+        for s in busy:
+            s.close()
