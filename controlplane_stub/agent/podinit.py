@@ -6,11 +6,11 @@ Run as root by the node agent inside the pod's network namespace and a new UTS a
 module: no site-packages scan, so a container start costs one small Python start-up). In order:
 
 1. the hostname (the pod's name);
-2. each --hide directory (the cluster's state: tokens, keys, kubeconfigs) covered by an empty
-   read-only tmpfs, in this mount namespace only;
-3. each --expose DIR NAME: DIR covered by a tmpfs that shows only DIR/NAME (moved there with
+2. each --expose DIR NAME: DIR covered by a tmpfs that shows only DIR/NAME (moved there with
    open_tree/move_mount), so that a catalog image's program below a directory the user cannot enter
    (/root) runs without opening the rest of DIR;
+3. each --hide directory (the cluster's state: tokens, keys, kubeconfigs) covered by an empty
+   read-only tmpfs, in this mount namespace only;
 4. supplementary groups, gid, uid (all three ids, so nothing is left to regain root), no_new_privs
    if asked; the process keeps no capability once its uid is not 0;
 5. umask 022, the working directory, no descriptor above 2, then exec ARGV with the environment it
@@ -144,14 +144,16 @@ def main(argv: list[str]) -> int:
         if a.hostname:
             host = a.hostname.encode()
             _check(libc.sethostname(host, len(host)), "sethostname")
-        for d in a.hide:
-            if os.path.isdir(d):
-                mount_tmpfs(d, "0555", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         by_parent: dict[str, list[str]] = {}
         for parent, name in a.expose:
             by_parent.setdefault(parent, []).append(name)
         for parent, names in by_parent.items():
             expose(parent, names)
+        # Hidden after the exposures: a hidden directory below an exposed parent is already out of
+        # sight (isdir is False), and one that covers an exposed folder wins, as it should.
+        for d in a.hide:
+            if os.path.isdir(d):
+                mount_tmpfs(d, "0555", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         os.setgroups(a.groups)
         os.setresgid(a.gid, a.gid, a.gid)
         os.setresuid(a.uid, a.uid, a.uid)
