@@ -76,8 +76,8 @@ def test_ipvs_runner_works_from_a_checkout_under_tmp(vm: Callable[..., Any]) -> 
         runner.parent.mkdir(parents=True)
         shutil.copy2(Path(__file__).resolve().parent / "run", runner)
         (checkout / "marker.txt").write_text("from-the-checkout\n")
-        res = vm(["bash", "-c", "pwd; cat marker.txt; echo tmp-write > /tmp/x && cat /tmp/x; "
-                  "touch in-vm-only.txt"],
+        script = "pwd; cat marker.txt; echo tmp-write > /tmp/x && cat /tmp/x; touch in-vm-only.txt"
+        res = vm(["bash", "-c", script],
                  timeout=60, runner=runner, cwd=checkout)
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == [str(checkout), "from-the-checkout", "tmp-write"]
