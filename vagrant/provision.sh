@@ -92,7 +92,7 @@ step_packages() {
 step_kproxy() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel "Cython>=3.0"
-  "$VENV/bin/pip" install -q -e "$REPO[test]" --no-build-isolation
+  "$VENV/bin/pip" install -q -e "$REPO" --no-build-isolation
   (cd "$REPO" && "$VENV/bin/python" setup.py -q build_ext --inplace >/dev/null)
 }
 
@@ -160,6 +160,7 @@ After=kproxy-apiserver.service
 
 [Service]
 ExecStartPre=$BIN/kproxy-wait-kubeconfig
+TimeoutStartSec=180
 ExecStart=$VENV/bin/kproxy-cluster _controllers --kubeconfig $KUBECONFIG_FILE --lb-pool $LB_POOL
 Restart=always
 
@@ -173,6 +174,7 @@ After=kproxy-apiserver.service
 
 [Service]
 ExecStartPre=$BIN/kproxy-wait-kubeconfig
+TimeoutStartSec=180
 ExecStart=$VENV/bin/kproxy-dns --kubeconfig $KUBECONFIG_FILE --dns-bind-address $SERVER_IP --dns-port 53 --health-port 8080
 Restart=always
 
@@ -187,6 +189,7 @@ After=network-online.target
 
 [Service]
 ExecStartPre=$BIN/kproxy-wait-kubeconfig
+TimeoutStartSec=180
 ExecStart=$VENV/bin/kproxy-cluster _agent --kubeconfig $KUBECONFIG_FILE --prefix $PREFIX --node-index $NODE_INDEX --data-dir $DATA/agent --dns-ip $DNS_IP
 Restart=always
 
@@ -200,6 +203,7 @@ After=network-online.target
 
 [Service]
 ExecStartPre=$BIN/kproxy-wait-kubeconfig
+TimeoutStartSec=180
 ExecStart=$VENV/bin/kproxy --proxy-mode $MODE --kubeconfig $KUBECONFIG_FILE --master https://$SERVER_IP:6443 --hostname-override $NODE_NAME --cluster-cidr $POD_CIDR_BASE --nodeport-addresses $NODE_IP/32 --iptables-backend legacy --ipvs-scheduler rr
 ExecStopPost=$VENV/bin/kproxy --proxy-mode $MODE --cleanup
 Restart=always
