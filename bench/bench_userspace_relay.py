@@ -5,8 +5,9 @@
                                    iptables DNAT of 10.96.1.1 here)        uvloop echo :7100
 
 Targets: direct (no proxy, the same routed path: the limit), iptables DNAT (the kernel path, rules
-only inside the proxy ns), kproxy's relay compiled (epoll + splice, no GIL), the same with
---tcp-congestion cubic on its two legs (kproxy-cubic), its asyncio twin, haproxy (mode tcp, nbthread 1: one core, like the relay's single loop; plain and with
+only inside the proxy ns), kproxy's relay compiled (epoll + splice, no GIL; its default legs: the
+node's algorithm facing the client, cubic facing the pod on a bbr node), the same with
+--tcp-congestion cubic (kproxy-cubic) or bbr (kproxy-bbr: the old default here) on both legs, its asyncio twin, haproxy (mode tcp, nbthread 1: one core, like the relay's single loop; plain and with
 splice forced both ways) and socat (fork per connection). Each proxy is a process of its own in the
 proxy ns.
 
@@ -38,8 +39,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT_IP, PROXY_FRONT, PROXY_BACK, SERVER_IP, VIP = "10.78.1.2", "10.78.1.1", "10.78.0.1", "10.78.0.2", "10.96.1.1"
 IPERF_PORT, ECHO_PORT = 5201, 7100
-ALL_TARGETS = ["direct", "iptables-dnat", "kproxy-compiled", "kproxy-cubic", "kproxy-pure", "haproxy", "haproxy-splice",
-               "socat"]
+ALL_TARGETS = ["direct", "iptables-dnat", "kproxy-compiled", "kproxy-cubic", "kproxy-bbr", "kproxy-pure", "haproxy",
+               "haproxy-splice", "socat"]
 # A subset for quick A/B runs while tuning, e.g. KPROXY_BENCH_TARGETS=direct,kproxy-compiled,haproxy-splice;
 # ratios need `direct` in the set.
 TARGETS = [t for t in os.environ.get("KPROXY_BENCH_TARGETS", ",".join(ALL_TARGETS)).split(",") if t in ALL_TARGETS]
@@ -225,8 +226,10 @@ def bed() -> Iterator[Bed]:
         env = dict(os.environ, PYTHONPATH=REPO)
         # kproxy-cubic: the compiled relay with --tcp-congestion cubic on both of its legs, whatever
         # the namespace's default (as root a socket may pick any available algorithm).
+        # kproxy-bbr: both legs bbr, the relay's default before the pod-facing leg got cubic on bbr nodes.
         for name, impl, base, extra in (("kproxy-compiled", "compiled", 6000, []), ("kproxy-pure", "pure", 6010, []),
-                                        ("kproxy-cubic", "compiled", 6050, ["--tcp-congestion", "cubic"])):
+                                        ("kproxy-cubic", "compiled", 6050, ["--tcp-congestion", "cubic"]),
+                                        ("kproxy-bbr", "compiled", 6060, ["--tcp-congestion", "bbr"])):
             if name not in TARGETS:
                 continue
             pids = []
