@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kproxy.backends import xtables
+from kproxy.backends import nftchains, xtables
 
 Backend = Literal["nft", "legacy"]
 BACKENDS: tuple[Backend, ...] = ("nft", "legacy")
@@ -177,22 +177,14 @@ class IPTables:
                     out.add((table, parts[1], parts[-1]))
         return out
 
-    def chain_names(self, table: str) -> set[str]:
-        """Every chain of one table, without reading a rule: on nf_tables `nft list chains`
-        (iptables-save of a 10,000-Service table takes seconds), else from iptables-save."""
+    def other_chains(self, table: str, prefixes: tuple[str, ...], names: frozenset[str]) -> list[str]:
+        """The chains of one table that neither start with one of `prefixes` nor are one of
+        `names` (the caller's), without reading a rule: on
+        nf_tables a netlink chain dump (backends/nftchains.py: `nft list chains` and
+        iptables-save take seconds at 10,000 Services), else from iptables-save."""
         if self.backend == "nft":
-            # nft 1.0 lists the chains of a whole family ("list chains ip"), grouped by table.
-            out = self._run(["nft", "list", "chains", "ip"]).decode()
-            names: set[str] = set()
-            current = ""
-            for line in out.splitlines():
-                words = line.split()
-                if words[:2] == ["table", "ip"] and len(words) > 2:
-                    current = words[2]
-                elif words[:1] == ["chain"] and len(words) > 1 and current == table:
-                    names.add(words[1])
-            return names
-        return chains_in_dump(self.save(table))
+            return nftchains.other_chains(table, prefixes, names, self.netns)
+        return sorted(c for c in chains_in_dump(self.save(table)) if not c.startswith(prefixes) and c not in names)
 
     def command(self, *args: str) -> str:
         return self._run([_tool(self.backend, "iptables"), "-w", str(self.wait_seconds), *args]).decode()

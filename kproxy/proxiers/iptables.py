@@ -166,8 +166,11 @@ def only_kproxy_in(chains: Iterable[str], rules: Iterable[str], owned: Callable[
     return True
 
 
+_OWNED_NAT_NAMES = frozenset((*NAT_CHAINS, CANARY))
+
+
 def _owned_nat_chain(chain: str) -> bool:
-    return chain in NAT_CHAINS or chain == CANARY or chain.startswith(SERVICE_CHAIN_PREFIXES)
+    return chain in _OWNED_NAT_NAMES or chain.startswith(SERVICE_CHAIN_PREFIXES)
 
 
 def _eligible(svc: ServicePort | None) -> bool:
@@ -305,7 +308,7 @@ class IptablesProxier(Proxier):
 
     def _zero_is_private(self, nat_dump: str | None) -> bool:
         """Whether "-Z" in the nat table would zero only kproxy's counters (NFT_ALL_CHAINS_THRESHOLD):
-        the table's chains (from this sync's dump, else `nft list chains`, no rules read) are all
+        the table's chains (from this sync's dump, else a netlink chain dump, no rules read) are all
         built in or kproxy's, and the built-in chains hold only kproxy's jumps. Checked before
         every such restore: other software may add its chains at any time."""
         try:
@@ -313,17 +316,21 @@ class IptablesProxier(Proxier):
                 chains: set[str] = chains_in_dump(nat_dump)
                 rules = nat_dump.splitlines()
             else:
-                chains = self.iptables.chain_names("nat")
+                chains = set(self.iptables.other_chains("nat", SERVICE_CHAIN_PREFIXES, _OWNED_NAT_NAMES))
+                if chains - BUILTIN_CHAINS:
+                    return self._shared()
                 rules = [r for c in sorted(BUILTIN_CHAINS & chains) for r in self.iptables.chain_rules("nat", c)]
         except (IPTablesError, OSError) as e:
             log.warning("cannot list the nat table's chains, not zeroing counters err=%s", e)
             return False
-        private = only_kproxy_in(chains, rules, _owned_nat_chain)
-        if not private and not self._shared_logged:
+        return only_kproxy_in(chains, rules, _owned_nat_chain) or self._shared()
+
+    def _shared(self) -> bool:
+        if not self._shared_logged:
             self._shared_logged = True
             log.info("the nat table holds other software's chains or rules: large restores name their "
                      "chains one by one (slower on nf_tables) so that its counters are kept")
-        return private
+        return False
 
     def plan(self, request: SyncRequest, full: bool) -> Plan:
         """Build this sync's restore input in memory without applying it (tests, tools)."""
