@@ -177,14 +177,17 @@ class IPTables:
                     out.add((table, parts[1], parts[-1]))
         return out
 
-    def other_chains(self, table: str, prefixes: tuple[str, ...], names: frozenset[str]) -> list[str]:
-        """The chains of one table that neither start with one of `prefixes` nor are one of
-        `names` (the caller's), without reading a rule: on
-        nf_tables a netlink chain dump (backends/nftchains.py: `nft list chains` and
-        iptables-save take seconds at 10,000 Services), else from iptables-save."""
-        if self.backend == "nft":
-            return nftchains.other_chains(table, prefixes, names, self.netns)
-        return sorted(c for c in chains_in_dump(self.save(table)) if not c.startswith(prefixes) and c not in names)
+    def table_use(self, table: str) -> int:
+        """nf_tables only: how many chains (and sets, objects) the table holds, from the kernel
+        in one netlink message (backends/nftchains.py); OSError if it cannot say."""
+        if self.backend != "nft":
+            raise OSError(f"table_use: the {self.backend} back end has no use count")
+        return nftchains.table_use(table, self.netns)
+
+    def nft_chain_exists(self, table: str, chain: str) -> bool:
+        """nf_tables only: whether the chain exists in the kernel (iptables-nft -S shows the
+        built-in chains of a table even when they do not)."""
+        return nftchains.chain_exists(table, chain, self.netns)
 
     def command(self, *args: str) -> str:
         return self._run([_tool(self.backend, "iptables"), "-w", str(self.wait_seconds), *args]).decode()

@@ -56,6 +56,7 @@ FILTER_CHAINS = (
 )
 NAT_CHAINS = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ")
 BUILTIN_CHAINS = frozenset(("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"))
+NAT_BUILTIN_CHAINS = ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
 KUBELET_FIREWALL = "KUBE-FIREWALL"
 # iptables-nft-restore (1.8.x) keeps the chains a transaction names in a sorted linked list
 # (nft-cache.c cache_chain_list_insert), so a restore naming n chains costs O(n^2) string
@@ -308,22 +309,27 @@ class IptablesProxier(Proxier):
 
     def _zero_is_private(self, nat_dump: str | None) -> bool:
         """Whether "-Z" in the nat table would zero only kproxy's counters (NFT_ALL_CHAINS_THRESHOLD):
-        the table's chains (from this sync's dump, else a netlink chain dump, no rules read) are all
-        built in or kproxy's, and the built-in chains hold only kproxy's jumps. Checked before
-        every such restore: other software may add its chains at any time."""
+        every chain of the table is built in or kproxy's and the built-in chains hold only
+        kproxy's jumps. Checked before every such restore (other software may come at any time):
+        from this sync's dump when there is one; otherwise the built-in chains are listed (a few
+        rules each) and the table's chain count, from the kernel in one message, must be exactly
+        the built-in chains plus the chains kproxy's last successful sync left (any other chain,
+        set or object in the table makes it larger)."""
         try:
             if nat_dump is not None:
-                chains: set[str] = chains_in_dump(nat_dump)
-                rules = nat_dump.splitlines()
-            else:
-                chains = set(self.iptables.other_chains("nat", SERVICE_CHAIN_PREFIXES, _OWNED_NAT_NAMES))
-                if chains - BUILTIN_CHAINS:
-                    return self._shared()
-                rules = [r for c in sorted(BUILTIN_CHAINS & chains) for r in self.iptables.chain_rules("nat", c)]
+                return only_kproxy_in(chains_in_dump(nat_dump), nat_dump.splitlines(), _owned_nat_chain) or self._shared()
+            builtins: dict[str, list[str]] = {}
+            for chain in NAT_BUILTIN_CHAINS:
+                if self.iptables.nft_chain_exists("nat", chain):
+                    builtins[chain] = self.iptables.chain_rules("nat", chain)
+            if not only_kproxy_in(builtins, [r for rules in builtins.values() for r in rules], _owned_nat_chain):
+                return self._shared()
+            ours = len(_OWNED_NAT_NAMES) + sum(len(p.chains.split()) for p in self._programmed.values())
+            use = self.iptables.table_use("nat")
         except (IPTablesError, OSError) as e:
-            log.warning("cannot list the nat table's chains, not zeroing counters err=%s", e)
+            log.warning("cannot tell what the nat table holds, not zeroing counters err=%s", e)
             return False
-        return only_kproxy_in(chains, rules, _owned_nat_chain) or self._shared()
+        return use == len(builtins) + ours or self._shared()
 
     def _shared(self) -> bool:
         if not self._shared_logged:

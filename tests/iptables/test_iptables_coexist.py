@@ -110,9 +110,16 @@ def test_alone_in_the_table_the_fast_zero_path_is_kept(rules_netns: str) -> None
         svcs, eps = _services(N)
         assert p.sync(request(svcs, eps)).ok  # first sync: decided from the nat dump
         assert p.last_plan is not None and p.last_plan.data.decode().splitlines()[1] == "-Z"
-        assert p.sync(request(svcs, eps)).ok  # later full syncs: from `nft list chains`
+        assert p.sync(request(svcs, eps)).ok  # later full syncs: from the table's chain count
         assert p.last_plan is not None and p.last_plan.data.decode().splitlines()[1] == "-Z"
+        # A chain of another program that nothing jumps to: only the chain count sees it.
+        _ns_run(rules_netns, "iptables-nft-restore", "-c", "--noflush",
+                stdin="*nat\n:LONELY - [0:0]\n[9:900] -A LONELY -d 10.9.9.6/32 -j RETURN\nCOMMIT\n")
+        assert p.sync(request(svcs, eps)).ok
+        assert p.last_plan is not None and "-Z" not in p.last_plan.data.decode().splitlines()
+        assert "[9:900] -A LONELY -d 10.9.9.6/32 -j RETURN" in _save_counted(rules_netns, "nft")
     finally:
+        _ns_run(rules_netns, "iptables-nft-restore", "--noflush", stdin="*nat\n-F LONELY\n-X LONELY\nCOMMIT\n")
         assert p.cleanup()
 
 
