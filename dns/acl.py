@@ -29,6 +29,15 @@ class Acl:
         self.networks: tuple[Network, ...] = tuple(uniq)
         self._cache: dict[str, bool] = {}
 
+    def replace(self, networks: Iterable[Network]) -> bool:
+        """Take a new set of networks (the node's addresses changed); True when it differs."""
+        new = Acl(networks).networks
+        if set(new) == set(self.networks):
+            return False
+        self.networks = new
+        self._cache = {}
+        return True
+
     def allows(self, host: str) -> bool:
         hit = self._cache.get(host)
         if hit is not None:

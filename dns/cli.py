@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pods' CIDR(s), allowed by default (repeatable or comma-separated)")
     p.add_argument("--service-cluster-ip-range", action="append", default=[], metavar="CIDR",
                    help="the Services' CIDR(s), allowed by default (repeatable or comma-separated)")
+    p.add_argument("--node-networks-refresh", type=float, default=30.0, metavar="SECONDS",
+                   help="how often the default access list re-reads this host's interface addresses "
+                        "(default 30; 0 = only at start)")
     p.add_argument("--max-udp-size", type=int, default=wire.SERVER_UDP_SIZE,
                    help="largest UDP answer, also advertised in EDNS (512..4096, default 1232); "
                         "larger answers are truncated (TC) and the client retries over TCP")
@@ -77,6 +80,22 @@ def _write_port_file(path: str, port: int) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(str(port))
     os.replace(path + ".tmp", path)
+
+
+async def _refresh_defaults(acl: Acl, resolver: Resolver, args: argparse.Namespace) -> None:
+    """The default access list follows the node's addresses (DHCP, an added interface)."""
+    cluster = parse_networks(args.cluster_cidr, "--cluster-cidr")
+    services = parse_networks(args.service_cluster_ip_range, "--service-cluster-ip-range")
+    while True:
+        await asyncio.sleep(args.node_networks_refresh)
+        try:
+            nets = default_networks(cluster, services)
+        except OSError as exc:
+            log.warning("cannot read this host's addresses, keeping the access list: %r", exc)
+            continue
+        if acl.replace(nets):
+            resolver.refresh_guard()
+            log.info("node networks changed: default access list now %s", acl)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -120,6 +139,9 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    refresher = None
+    if defaults and args.node_networks_refresh > 0:
+        refresher = asyncio.create_task(_refresh_defaults(defaults[0], resolver, args))
     watcher = None
     if args.kubeconfig or args.master:
         from kdns.source import watch_cluster
@@ -135,6 +157,8 @@ async def run(args: argparse.Namespace) -> None:
         log.error("watch failed: %r", watcher.exception())
     if watcher is not None:
         watcher.cancel()
+    if refresher is not None:
+        refresher.cancel()
     await server.stop()
     if health is not None:
         await health.stop()
@@ -163,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--max-udp-size {args.max_udp_size}: must be 512..4096")
     if args.tcp_max_connections < 1 or args.tcp_max_connections_per_source < 1:
         return _fail("--tcp-max-connections and --tcp-max-connections-per-source must be at least 1")
+    if not 0 <= args.node_networks_refresh <= 86400:
+        return _fail(f"--node-networks-refresh {args.node_networks_refresh}: must be 0..86400 seconds")
     if not 0 < args.tcp_idle_timeout <= 3600:
         return _fail(f"--tcp-idle-timeout {args.tcp_idle_timeout}: must be in (0, 3600] seconds")
     if args.objects and not os.path.isfile(args.objects):

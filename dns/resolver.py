@@ -142,8 +142,7 @@ class Resolver:
         self.udp_size = udp_size
         self.refused_query = 0  # queries from sources outside allow_query
         self.refused_recursion = 0  # names outside the zone asked by sources outside allow_recursion
-        # The hot path answers from the table without asking Python: it gets the same rules.
-        index.table.guard(*self.allow_query.packed(), udp_size)
+        self.refresh_guard()
         self.upstreams = upstreams
         self.stats = stats
         self.cache = Cache(cache_size)
@@ -162,6 +161,11 @@ class Resolver:
         self.fwd_requests: dict[str, int] = {}
         self.fwd_responses: dict[tuple[str, int], int] = {}
         self.fwd_durations: dict[str, list[float]] = {}
+
+    def refresh_guard(self) -> None:
+        """The hot path answers from the table without asking Python: it gets the same rules
+        (again after allow_query changed)."""
+        self.index.table.guard(*self.allow_query.packed(), self.udp_size)
 
     # ------------------------------------------------------------------------- local
 

@@ -300,3 +300,31 @@ def test_tcp_limit_refuses_only_when_every_connection_is_busy(kdns_factory: Any,
     finally:
         for s in busy:
             s.close()
+
+
+@pytest.mark.timeout(90)
+def test_default_access_list_follows_the_node_addresses(public_host: dict[str, str]) -> None:
+    """The default access list is the node's networks as they are now: an address added to the
+    node later admits its network within --node-networks-refresh, and removing it refuses it again."""
+    node, net = public_host["node"], public_host["net"]
+    dev = next(line.split(":")[1].strip().split("@")[0] for line in subprocess.run(
+        ["ip", "-n", node, "-o", "link", "show", "type", "veth"], capture_output=True, text=True, check=True,
+        timeout=10).stdout.splitlines())
+    p = start_kdns([service("web", ip="10.96.0.10")], ["--dns-bind-address", "0.0.0.0", "--upstream", "127.0.0.1:9",
+                                                       "--node-networks-refresh", "0.5"],
+                   prefix=["ip", "netns", "exec", node])
+    try:
+        name = f"web.default.svc.{ZONE}"
+        assert _dig(net, "198.51.100.7", p.port, name) == "REFUSED"
+        _ip("addr", "add", "198.51.100.1/24", "dev", dev, ns=node)
+        deadline = time.monotonic() + 10
+        while _dig(net, "198.51.100.7", p.port, name) != "NOERROR" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _dig(net, "198.51.100.7", p.port, name) == "NOERROR"
+        _ip("addr", "del", "198.51.100.1/24", "dev", dev, ns=node)
+        deadline = time.monotonic() + 10
+        while _dig(net, "198.51.100.7", p.port, name) != "REFUSED" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _dig(net, "198.51.100.7", p.port, name) == "REFUSED"
+    finally:
+        p.stop()
