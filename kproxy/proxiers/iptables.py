@@ -149,12 +149,11 @@ class Plan:
         return "".join(self.chunks).encode()
 
 
-def only_kproxy_in(chains: Iterable[str], rules: Iterable[str], owned: Callable[[str], bool]) -> bool:
-    """Whether a table holds nothing but kproxy's: every chain is built in or kproxy's, every rule
-    (`-A CHAIN ...` lines) is in one of kproxy's chains or is a jump from a built-in chain into
-    one. Only then may a restore zero the whole table's counters."""
-    if any(c not in BUILTIN_CHAINS and not owned(c) for c in chains):
-        return False
+def only_kproxy_in(rules: Iterable[str], owned: Callable[[str], bool]) -> bool:
+    """Whether every counter of a table is kproxy's: every rule (`-A CHAIN ...` lines) is in one
+    of kproxy's chains or is a jump from a built-in chain into one. Only then may a restore zero
+    the whole table's counters. (Another program's chain without rules has no counter: kubelet's
+    KUBE-KUBELET-CANARY, on every node. iptables-nft's built-in chains have no policy counters.)"""
     for line in rules:
         if not line.startswith("-A "):
             continue
@@ -240,6 +239,7 @@ class IptablesProxier(Proxier):
         self.canary_interval = 30.0
         self._last_canary_check = time.monotonic()
         self._shared_logged = False
+        self._others_empty: set[str] = set()  # other programs' chains the last nat dump found
 
     # ---- rendering (sans I/O apart from the first-sync dumps) ----
 
@@ -313,23 +313,27 @@ class IptablesProxier(Proxier):
         kproxy's jumps. Checked before every such restore (other software may come at any time):
         from this sync's dump when there is one; otherwise the built-in chains are listed (a few
         rules each) and the table's chain count, from the kernel in one message, must be exactly
-        the built-in chains plus the chains kproxy's last successful sync left (any other chain,
-        set or object in the table makes it larger)."""
+        those, the rule-less chains of others the last dump found, and the chains kproxy's last
+        successful sync left (any other chain, set or object in the table makes it larger)."""
         try:
             if nat_dump is not None:
-                return only_kproxy_in(chains_in_dump(nat_dump), nat_dump.splitlines(), _owned_nat_chain) or self._shared()
-            builtins: dict[str, list[str]] = {}
-            for chain in NAT_BUILTIN_CHAINS:
+                self._others_empty = {c for c in chains_in_dump(nat_dump)
+                                      if c not in BUILTIN_CHAINS and not _owned_nat_chain(c)}
+                return only_kproxy_in(nat_dump.splitlines(), _owned_nat_chain) or self._shared()
+            # The built-in chains, and the rule-less chains of others the last dump found (they
+            # must still be rule-less), are listed; they and kproxy's must be all the table has.
+            listed: dict[str, list[str]] = {}
+            for chain in (*NAT_BUILTIN_CHAINS, *sorted(self._others_empty)):
                 if self.iptables.nft_chain_exists("nat", chain):
-                    builtins[chain] = self.iptables.chain_rules("nat", chain)
-            if not only_kproxy_in(builtins, [r for rules in builtins.values() for r in rules], _owned_nat_chain):
+                    listed[chain] = self.iptables.chain_rules("nat", chain)
+            if not only_kproxy_in([r for rules in listed.values() for r in rules], _owned_nat_chain):
                 return self._shared()
             ours = len(_OWNED_NAT_NAMES) + sum(len(p.chains.split()) for p in self._programmed.values())
             use = self.iptables.table_use("nat")
         except (IPTablesError, OSError) as e:
             log.warning("cannot tell what the nat table holds, not zeroing counters err=%s", e)
             return False
-        return use == len(builtins) + ours or self._shared()
+        return use == len(listed) + ours or self._shared()
 
     def _shared(self) -> bool:
         if not self._shared_logged:
@@ -693,7 +697,7 @@ class IptablesProxier(Proxier):
             # without "-Z" first, deleting 110,000 chains takes minutes instead of seconds; as
             # there, only when nothing but kproxy's chains and jumps would be zeroed.
             zero = ("-Z\n" if self.iptables.backend == "nft" and len(ours) > NFT_ALL_CHAINS_THRESHOLD
-                    and only_kproxy_in(chains, dump.splitlines(), lambda c: c in ours_set) else "")
+                    and only_kproxy_in(dump.splitlines(), lambda c: c in ours_set) else "")
             body = (
                 zero
                 + "".join(deletes)
