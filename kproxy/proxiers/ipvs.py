@@ -63,7 +63,8 @@ from kproxy.backends.iptables import IPTables, detect_backend
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, Port, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
-from kproxy.proxy import apply_cleanup, service_endpoints, sync_health_server, udp_conntrack_cleanup
+from kproxy.config import KProxyConfig
+from kproxy.proxy import apply_cleanup, nodeport_cidrs, service_endpoints, sync_health_server, udp_conntrack_cleanup
 
 log = logging.getLogger(__name__)
 
@@ -770,46 +771,38 @@ class IPVSProxier(Proxier):
         self.ipsets.close()
 
 
-def _tuple(value: Any) -> tuple[str, ...]:
-    if not value:
-        return ()
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return tuple(str(v) for v in value)
-
-
-def options_from_config(config: Any) -> IPVSOptions:
-    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
+def options_from_config(config: KProxyConfig) -> IPVSOptions:
+    """The IPVS options from the validated configuration (flags and KubeProxyConfiguration)."""
     return IPVSOptions(
-        scheduler=getattr(config, "ipvs_scheduler", "") or DEFAULT_SCHEDULER,
-        strict_arp=bool(getattr(config, "ipvs_strict_arp", False)),
-        tcp_timeout=int(getattr(config, "ipvs_tcp_timeout", 0) or 0),
-        tcpfin_timeout=int(getattr(config, "ipvs_tcpfin_timeout", 0) or 0),
-        udp_timeout=int(getattr(config, "ipvs_udp_timeout", 0) or 0),
-        cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
-        masquerade_all=bool(getattr(config, "masquerade_all", False)),
-        # masqueradeBit 0 is valid (validation accepts 0..31): only an unset one means 14.
-        masquerade_bit=int(bit) if (bit := getattr(config, "masquerade_bit", None)) is not None else 14,
-        nodeport_addresses=tuple(c for c in _tuple(getattr(config, "nodeport_addresses", ())) if c != "primary"),
-        exclude_cidrs=_tuple(getattr(config, "ipvs_exclude_cidrs", ())),
-        node_zone=str(getattr(config, "node_zone", "") or ""),
+        scheduler=config.ipvs_scheduler or DEFAULT_SCHEDULER,
+        strict_arp=config.ipvs_strict_arp,
+        tcp_timeout=int(config.ipvs_tcp_timeout),
+        tcpfin_timeout=int(config.ipvs_tcpfin_timeout),
+        udp_timeout=int(config.ipvs_udp_timeout),
+        cluster_cidr=config.cluster_cidr,
+        masquerade_all=config.masquerade_all,
+        masquerade_bit=config.masquerade_bit,  # 0 is valid (validation accepts 0..31)
+        # "primary" means the node's own IPs, as in iptables mode (not every address).
+        nodeport_addresses=tuple(c for c in nodeport_cidrs(config.nodeport_addresses, config.node_ips) if ":" not in c),
+        exclude_cidrs=config.ipvs_exclude_cidrs,
+        node_zone=config.node_zone,
     )
 
 
-def new_proxier(config: Any) -> Proxier:
-    """Builds the IPVS proxier from kproxy.config.KProxyConfig (see the module docstring)."""
+def new_proxier(config: KProxyConfig) -> Proxier:
+    """Builds the IPVS proxier from the validated configuration (see the module docstring)."""
     # Detected as in iptables mode (the back end that holds the node's KUBE- rules; nft unless
     # only legacy works on this kernel, as under the User-Mode Linux test VM).
-    backend = getattr(config, "iptables_backend", "") or detect_backend()
+    backend = config.iptables_backend or detect_backend()
     if backend not in ("nft", "legacy"):
         raise ValueError(f"iptables backend {backend!r}: expected nft or legacy")
-    explicit = _tuple(getattr(config, "node_ips", ()))
+    explicit = list(config.node_ips)
     return IPVSProxier(
         options_from_config(config),
         IPTables(backend="nft" if backend == "nft" else "legacy"),
         node_ips=(lambda: list(explicit)) if explicit else None,
         conntrack=Conntrack(),
-        health_server=ServiceHealthServer(getattr(config, "healthcheck_bind_address", "") or ""),
+        health_server=ServiceHealthServer(config.healthcheck_bind_address),
     )
 
 

@@ -35,27 +35,33 @@ address), IPv6 rules.
 services are served on 127.0.0.1:nodePort (and LoadBalancer ones also on 127.0.0.1:port), as
 Docker Desktop shows them, without touching the firewall; ClusterIPs are not reachable then.
 
-Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object with them), all
-optional: netns (run in that network namespace: tests), userspace_localhost_only (bool),
-bind_address (the node IP for OUTPUT DNAT; "" or 0.0.0.0: the first IPv4 of node_ips, which the
-server fills from the Node object, else the first non-loopback IPv4 address on the node),
-iptables_backend ("nft"|"legacy"|"" auto), udp_idle_timeout (seconds, upstream --udp-timeout,
-default 0.25), relay_impl ("auto"|"compiled"|"pure"; KPROXY_PURE=1 forces pure under auto),
-userspace_tcp_congestion (--userspace-tcp-congestion: the relayed TCP legs' congestion control),
-cluster_cidr (the first IPv4 CIDR: pod traffic's short circuit), node_zone, node_ips,
-healthcheck_bind_address.
+new_proxier takes the validated kproxy.config.KProxyConfig (typed: no attribute is guessed): netns
+(run in that network namespace: tests), userspace_localhost_only, bind_address (the node IP for
+OUTPUT DNAT; "" or 0.0.0.0: the first IPv4 of node_ips, which the server fills from the Node object,
+else the first non-loopback IPv4 address on the node), iptables_backend ("" detects), udp_idle_timeout
+(upstream --udp-timeout), userspace_tcp_congestion, cluster_cidr (the first IPv4 CIDR: pod
+traffic's short circuit), node_zone, node_ips, nodeport_addresses ("primary": the node's own IPs, as
+in every mode), healthcheck_bind_address; the relay implementation is its own argument.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from kproxy.backends.iptables import IPTables, IPTablesError, detect_backend
+from kproxy.backends.iptables import Backend, IPTables, IPTablesError, detect_backend
+from kproxy.config import KProxyConfig
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import EndpointsMap, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
-from kproxy.proxy import ServiceEndpoints, SourceRanges, externally_accessible, service_endpoints, sync_health_server
+from kproxy.proxy import (
+    ServiceEndpoints,
+    SourceRanges,
+    externally_accessible,
+    nodeport_cidrs,
+    service_endpoints,
+    sync_health_server,
+)
 from kproxy.proxy.endpoints import external_policy_local
 from kproxy.relay import Relay
 
@@ -112,17 +118,18 @@ class Portal:
 
 
 def render_rules(portals: list[Portal], node_ip: str, cluster_cidr: str = "",
-                 node_ips: tuple[str, ...] = ()) -> bytes:
-    """The nat and filter tables for these portals: sans I/O, one restore buffer."""
+                 node_ips: tuple[str, ...] = (), nodeport_addresses: tuple[str, ...] = ()) -> bytes:
+    """The nat and filter tables for these portals: sans I/O, one restore buffer.
+    `nodeport_addresses`: IPv4 CIDRs NodePorts answer on (empty: every local address)."""
     nat = ["*nat\n", *(f":{c} - [0:0]\n" for c in CHAINS)]
     filt = ["*filter\n", f":{FIREWALL} - [0:0]\n"]
     for p in sorted(portals, key=lambda p: (str(p.svc.name), p.svc.protocol)):
-        _render_portal(p, node_ip, cluster_cidr, node_ips, nat, filt)
+        _render_portal(p, node_ip, cluster_cidr, node_ips, nodeport_addresses, nat, filt)
     return "".join([*nat, "COMMIT\n", *filt, "COMMIT\n"]).encode()
 
 
 def _render_portal(p: Portal, node_ip: str, cluster_cidr: str, node_ips: tuple[str, ...],
-                   nat: list[str], filt: list[str]) -> None:
+                   nodeport_addresses: tuple[str, ...], nat: list[str], filt: list[str]) -> None:
     svc, d = p.svc, p.decision
     proto = svc.protocol.lower()
     comment = f'-m comment --comment "{svc.name}"'
@@ -183,8 +190,9 @@ def _render_portal(p: Portal, node_ip: str, cluster_cidr: str, node_ips: tuple[s
             sources = ranges.cidrs() + ([f"{ip}/32"] if ranges.contains_any(node_ips) else [])
         external(PORTALS_CONTAINER, PORTALS_HOST, match, match, sources)
     if svc.node_port and svc.type in ("NodePort", "LoadBalancer"):
-        match = f"-p {proto} -m {proto} --dport {svc.node_port}"
-        external(NODEPORT_CONTAINER, NODEPORT_HOST, match, f"-m addrtype --dst-type LOCAL {match}", None)
+        for cidr in nodeport_addresses or ("",):
+            match = (f"-d {cidr} " if cidr else "") + f"-p {proto} -m {proto} --dport {svc.node_port}"
+            external(NODEPORT_CONTAINER, NODEPORT_HOST, match, f"-m addrtype --dst-type LOCAL {match}", None)
 
 
 def localhost_ports(svc: ServicePort) -> list[int]:
@@ -224,7 +232,8 @@ class UserspaceProxier(Proxier):
     def __init__(self, relay: Relay, iptables: IPTables | None, *, node_ip: str = "",
                  localhost_only: bool = False, udp_idle_timeout: float = 0.25, cluster_cidr: str = "",
                  node_zone: str = "", node_ips: tuple[str, ...] = (),
-                 health_server: ServiceHealthServer | None = None) -> None:
+                 health_server: ServiceHealthServer | None = None,
+                 nodeport_addresses: tuple[str, ...] = ()) -> None:
         if not localhost_only and (iptables is None or not node_ip):
             raise ValueError("userspace proxier: iptables and node_ip are needed unless localhost_only")
         self.relay = relay
@@ -236,6 +245,7 @@ class UserspaceProxier(Proxier):
         self.node_zone = node_zone
         self.node_ips = tuple(dict.fromkeys((node_ip, *node_ips))) if node_ip else node_ips
         self.health_server = health_server
+        self.nodeport_addresses = tuple(c for c in nodeport_addresses if ":" not in c)
         self._served: dict[ServicePortName, _Served] = {}
         self._jumps_ok = False
         self._applied = b""  # the buffer the kernel holds, to skip restores that change nothing
@@ -320,7 +330,7 @@ class UserspaceProxier(Proxier):
         if not self.localhost_only:
             assert self.iptables is not None
             data = render_rules([s.portal() for s in self._served.values()], self.node_ip,
-                                self.cluster_cidr, self.node_ips)
+                                self.cluster_cidr, self.node_ips, self.nodeport_addresses)
             rules = data.count(b"\n-A ")
             try:
                 # Endpoint-only changes live in the relay: the rules stay as they are, unless
@@ -393,12 +403,10 @@ def remove_rules(iptables: IPTables) -> bool:
     return True
 
 
-def cleanup_leftovers(config: Any) -> bool:
+def cleanup_leftovers(config: KProxyConfig) -> bool:
     """`kproxy --cleanup` in another mode: what this mode leaves in the kernel is only its rules,
     so neither a relay nor the node's address is needed to remove them."""
-    netns = getattr(config, "netns", None) or None
-    backend = getattr(config, "iptables_backend", "") or detect_backend(netns)
-    iptables = IPTables(backend="nft" if backend == "nft" else "legacy", netns=netns)
+    iptables = IPTables(backend=_backend(config), netns=config.netns)
     try:
         present = any(f":{c} " in line for line in iptables.save("nat").splitlines() for c in CHAINS)
         present = present or any(line.startswith(f":{FIREWALL} ") for line in iptables.save("filter").splitlines())
@@ -409,35 +417,36 @@ def cleanup_leftovers(config: Any) -> bool:
     return remove_rules(iptables) if present else True
 
 
-def new_proxier(config: Any) -> Proxier:
-    """Build the userspace proxier from kproxy.config.KProxyConfig (see the module docstring)."""
-    netns = getattr(config, "netns", None) or None
-    localhost_only = bool(getattr(config, "userspace_localhost_only", False))
-    impl: Literal["auto", "compiled", "pure"] = getattr(config, "relay_impl", "auto") or "auto"
-    if impl not in ("auto", "compiled", "pure"):
-        raise ValueError(f"relay_impl {impl!r}: expected auto, compiled or pure")
-    udp_timeout = float(getattr(config, "udp_idle_timeout", 0.25) or 0.25)
+def _backend(config: KProxyConfig) -> Backend:
+    backend = config.iptables_backend or detect_backend(config.netns)
+    if backend not in ("nft", "legacy"):
+        raise ValueError(f"iptables_backend {backend!r}: expected nft or legacy")
+    return "nft" if backend == "nft" else "legacy"
+
+
+def new_proxier(config: KProxyConfig, relay_impl: Literal["auto", "compiled", "pure"] = "auto") -> Proxier:
+    """Build the userspace proxier from the validated configuration (see the module docstring);
+    `relay_impl` picks the relay (tests run both; KPROXY_PURE=1 forces pure under auto)."""
+    if relay_impl not in ("auto", "compiled", "pure"):
+        raise ValueError(f"relay_impl {relay_impl!r}: expected auto, compiled or pure")
+    netns = config.netns
     iptables: IPTables | None = None
     node_ip = ""
-    if not localhost_only:
-        backend = getattr(config, "iptables_backend", "") or detect_backend(netns)
-        if backend not in ("nft", "legacy"):
-            raise ValueError(f"iptables_backend {backend!r}: expected nft or legacy")
-        iptables = IPTables(backend="nft" if backend == "nft" else "legacy", netns=netns)
-        bind = str(getattr(config, "bind_address", "") or "")
-        known = [ip for ip in getattr(config, "node_ips", ()) or () if ":" not in ip]
+    if not config.userspace_localhost_only:
+        iptables = IPTables(backend=_backend(config), netns=netns)
+        bind = config.bind_address
+        known = [ip for ip in config.node_ips if ":" not in ip]
         if bind and bind not in ("0.0.0.0", "::"):
             node_ip = bind
         else:
             node_ip = known[0] if known else _node_ipv4(iptables)
-    relay = Relay(impl, netns=netns, tcp_congestion=str(getattr(config, "userspace_tcp_congestion", "") or "")).start()
-    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
+    relay = Relay(relay_impl, netns=netns, tcp_congestion=config.userspace_tcp_congestion).start()
     # Pod traffic to an external address short-circuits (as upstream's) only with one IPv4 CIDR.
-    cidrs = [c.strip() for c in (cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr)).split(",")]
-    v4_cidrs = [c for c in cidrs if c and ":" not in c]
-    health = None if localhost_only else ServiceHealthServer(
-        str(getattr(config, "healthcheck_bind_address", "") or ""), netns=netns)
-    return UserspaceProxier(relay, iptables, node_ip=node_ip, localhost_only=localhost_only,
-                            udp_idle_timeout=udp_timeout, cluster_cidr=v4_cidrs[0] if v4_cidrs else "",
-                            node_zone=str(getattr(config, "node_zone", "") or ""),
-                            node_ips=tuple(getattr(config, "node_ips", ()) or ()), health_server=health)
+    v4_cidrs = [c.strip() for c in config.cluster_cidr.split(",") if c.strip() and ":" not in c]
+    health = None if config.userspace_localhost_only else ServiceHealthServer(config.healthcheck_bind_address,
+                                                                            netns=netns)
+    return UserspaceProxier(relay, iptables, node_ip=node_ip, localhost_only=config.userspace_localhost_only,
+                            udp_idle_timeout=config.udp_idle_timeout or 0.25,
+                            cluster_cidr=v4_cidrs[0] if v4_cidrs else "", node_zone=config.node_zone,
+                            node_ips=config.node_ips, health_server=health,
+                            nodeport_addresses=nodeport_cidrs(config.nodeport_addresses, config.node_ips))

@@ -20,7 +20,7 @@ from kproxy.proxy.endpoints import (
     service_endpoints,
     sync_health_server,
 )
-from kproxy.proxy.exposure import SourceRanges, externally_accessible, service_ips
+from kproxy.proxy.exposure import SourceRanges, externally_accessible, nodeport_cidrs, service_ips
 
 __all__ = [
     "Categorized",
@@ -31,6 +31,7 @@ __all__ = [
     "categorize",
     "externally_accessible",
     "health_checks",
+    "nodeport_cidrs",
     "service_endpoints",
     "service_ips",
     "sync_health_server",

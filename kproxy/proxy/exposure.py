@@ -71,3 +71,12 @@ class SourceRanges:
     def cidrs(self, family: IPFamily = "IPv4") -> list[str]:
         v = 6 if family == "IPv6" else 4
         return [str(n) for n in self.networks if n.version == v]
+
+
+def nodeport_cidrs(addresses: tuple[str, ...], node_ips: tuple[str, ...]) -> tuple[str, ...]:
+    """--nodeport-addresses as CIDRs of one meaning in every mode: "primary" is the node's own
+    IPs (the Node object's addresses), each as a /32 or /128; the others stay as given; empty
+    means every local address. When "primary" is asked and the node's IPs are unknown it adds
+    nothing (the caller logs it)."""
+    primary = tuple(f"{ip}/{128 if _is_v6(ip) else 32}" for ip in node_ips) if "primary" in addresses else ()
+    return tuple(dict.fromkeys((*(c for c in addresses if c != "primary"), *primary)))

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 from conformance_probe import check_scenario
 from conformance_table import CLUSTER_CIDR, NODE_IP, NODE_NAME, NODE_ZONE, SCENARIOS, Scenario, endpoints, spn, state
 from iptables_topology import Topology
 
+from kproxy.config import KProxyConfig
 from kproxy.proxiers.base import Proxier, SyncRequest
 
 pytestmark = pytest.mark.e2e
@@ -40,16 +40,16 @@ class Mode:
 
 
 def build(mode: str, topo: Topology) -> Proxier:
-    common = dict(netns=topo.node, cluster_cidr=CLUSTER_CIDR, hostname_override=NODE_NAME, node_ips=(NODE_IP,),
-                  node_zone=NODE_ZONE, healthcheck_bind_address="")
+    config = KProxyConfig(mode=mode.split("-")[0], netns=topo.node, cluster_cidr=CLUSTER_CIDR, hostname_override=NODE_NAME,
+                          node_ips=(NODE_IP,), node_zone=NODE_ZONE, bind_address=NODE_IP, udp_idle_timeout=1.0,
+                          iptables_backend=mode.split("-")[1] if "-" in mode else "nft")
     if mode.startswith("iptables"):
         from kproxy.proxiers.iptables import new_proxier as iptables_proxier
 
-        return iptables_proxier(SimpleNamespace(**common, iptables_backend=mode.split("-")[1]))
+        return iptables_proxier(config)
     from kproxy.proxiers.userspace import new_proxier as userspace_proxier
 
-    return userspace_proxier(SimpleNamespace(**common, iptables_backend="nft", bind_address=NODE_IP,
-                                             relay_impl="compiled", udp_idle_timeout=1.0))
+    return userspace_proxier(config, "compiled")
 
 
 @pytest.fixture(scope="module", params=HERE)

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
 from userspace_helpers import (
@@ -23,6 +22,7 @@ from userspace_helpers import (
     request,
 )
 
+from kproxy.config import KProxyConfig
 from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.userspace import Portal, UserspaceProxier, new_proxier, render_rules
@@ -59,8 +59,8 @@ def _state() -> tuple[ServicePortMap, EndpointsMap]:
 
 @pytest.fixture
 def proxier(impl: str, topo: Topology, backends: Backends) -> Iterator[UserspaceProxier]:
-    config = SimpleNamespace(netns=topo.node, relay_impl=impl, bind_address=NODE_CLIENT_IP, udp_idle_timeout=1.0)
-    p = new_proxier(config)
+    config = KProxyConfig(mode="userspace", netns=topo.node, bind_address=NODE_CLIENT_IP, udp_idle_timeout=1.0)
+    p = new_proxier(config, impl)  # type: ignore[arg-type]
     assert isinstance(p, UserspaceProxier)
     try:
         yield p
@@ -150,8 +150,8 @@ def test_endpoint_changes_and_service_removal(proxier: UserspaceProxier, topo: T
 def test_localhost_only_serves_nodeports_without_rules(impl: str, topo: Topology, backends: Backends) -> None:
     nat_before = _nat(topo)
     cc = non_default_congestion()
-    p = new_proxier(SimpleNamespace(netns=topo.node, relay_impl=impl, userspace_localhost_only=True,
-                                    userspace_tcp_congestion=cc))
+    p = new_proxier(KProxyConfig(netns=topo.node, userspace_localhost_only=True,  # type: ignore[arg-type]
+                                 userspace_tcp_congestion=cc), impl)
     try:
         services, endpoints = _state()
         assert p.sync(SyncRequest(services, endpoints)).ok
@@ -202,7 +202,7 @@ def test_localhost_only_in_the_root_namespace(impl: str) -> None:
     name = ServicePortName("default", "desk", "")
     svc = ServicePort(name, "NodePort", ("10.96.0.99",), 80, "TCP", node_port=node_port)
     eps: EndpointsMap = {name: (Endpoint("127.0.0.1", backend.getsockname()[1]),)}
-    p = new_proxier(SimpleNamespace(relay_impl=impl, userspace_localhost_only=True))
+    p = new_proxier(KProxyConfig(userspace_localhost_only=True), impl)  # type: ignore[arg-type]
     try:
         assert isinstance(p, UserspaceProxier) and p.iptables is None  # no firewall access at all
         assert p.sync(SyncRequest({name: svc}, eps)).ok

@@ -169,15 +169,18 @@ def test_ipvs_ipset_entries_encode_to_kernel_layout() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_ipvs_exclude_cidrs_come_from_the_config() -> None:
-    from types import SimpleNamespace
-
+def test_ipvs_options_come_from_the_typed_config() -> None:
+    from kproxy.config import KProxyConfig
     from kproxy.proxiers.ipvs import options_from_config
 
-    opts = options_from_config(SimpleNamespace(ipvs_exclude_cidrs=("10.99.0.0/16", "fd00:99::/64")))
+    opts = options_from_config(KProxyConfig(ipvs_exclude_cidrs=("10.99.0.0/16", "fd00:99::/64")))
     assert opts.exclude_cidrs == ("10.99.0.0/16", "fd00:99::/64")
-    assert options_from_config(SimpleNamespace(ipvs_exclude_cidrs="10.1.0.0/16, 10.2.0.0/16")).exclude_cidrs == (
-        "10.1.0.0/16", "10.2.0.0/16")
+    # Values validation accepts mean what they mean in iptables mode: masqueradeBit 0 is bit 0,
+    # nodePortAddresses "primary" is the node's own IPs (not every address).
+    opts = options_from_config(KProxyConfig(masquerade_bit=0, nodeport_addresses=("primary", "10.5.0.0/16"),
+                                            node_ips=("192.0.2.10", "fd00::10"), node_zone="zone-a"))
+    assert opts.masquerade_bit == 0 and opts.node_zone == "zone-a"
+    assert opts.nodeport_addresses == ("10.5.0.0/16", "192.0.2.10/32")
 
 
 @pytest.mark.timeout(30)
