@@ -93,19 +93,23 @@ def test_tcp_pipeliners_that_never_read_are_closed(srv: KdnsProcess) -> None:
         for _ in range(100):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read: keep the window small
+            # and our own send buffer, so the last send that succeeds is when the server stopped reading
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             s.connect(("127.0.0.1", srv.port))
             s.setblocking(False)
             socks.append(s)
         # Pipeline until the server stops reading (its answers fill the pipe): a client counts as
         # blocked once its sends have failed for 1.5 s in a row. Bounded in time.
         since: dict[int, float] = {}
+        rest = [memoryview(burst) for _ in socks]  # partial sends continue where they stopped: framing intact
         last_sent = time.monotonic()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             now = time.monotonic()
             for i, s in enumerate(socks):
                 try:
-                    s.send(burst)
+                    n = s.send(rest[i])
+                    rest[i] = rest[i][n:] if n < len(rest[i]) else memoryview(burst)
                     since.pop(i, None)
                     last_sent = time.monotonic()
                 except BlockingIOError:
