@@ -511,6 +511,8 @@ class APIServer:
         except limits.SlowClient:
             log.info("event=slow_client_closed verb=list path=%s total_bytes=%d", request.path, total)
             limits.disconnect(request)
+        except ConnectionError:
+            pass  # the client went away mid-response: nothing to answer
         return resp
 
     @staticmethod

@@ -48,6 +48,7 @@ class APIServerProcess:
     token: str = ""
     readonly_token: str = ""
     log_path: str = ""
+    command: list[str] = field(default_factory=list)  # empty: the installed kproxy-apiserver
     _log_files: list[object] = field(default_factory=list)
 
     @property
@@ -69,7 +70,7 @@ class APIServerProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         port_flag = "--secure-port" if self.https else "--insecure-port"
-        cmd = [*_command(), "--data-dir", self.data_dir, port_flag, str(self.port), *self.extra_args]
+        cmd = [*(self.command or _command()), "--data-dir", self.data_dir, port_flag, str(self.port), *self.extra_args]
         self.log_path = os.path.join(self.data_dir, "apiserver.log")
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log_files.append(log)
@@ -135,8 +136,9 @@ class APIServerProcess:
 @contextmanager
 def running_apiserver(*, https: bool = True, data_dir: str | None = None, port: int = 0,
                       extra_args: Sequence[str] = (), timeout: float = 30.0,
-                      storage: str | None = None) -> Iterator[APIServerProcess]:
-    """A kproxy-apiserver subprocess on 127.0.0.1 (see module doc)."""
+                      storage: str | None = None, command: Sequence[str] = ()) -> Iterator[APIServerProcess]:
+    """A kproxy-apiserver subprocess on 127.0.0.1 (see module doc); `command` runs another build of it
+    (e.g. an older commit, for benchmarks), by default the installed one."""
     own_dir = data_dir is None
     path = data_dir or tempfile.mkdtemp(prefix="kproxy-apiserver-")
     if (storage or os.environ.get("KPROXY_TEST_STORAGE", "sqlite")) == "etcd3" and \
@@ -145,7 +147,7 @@ def running_apiserver(*, https: bool = True, data_dir: str | None = None, port: 
 
         extra_args = ["--storage-backend", "etcd3", "--etcd-servers", shared_etcd().endpoints,
                       "--etcd-prefix", shared_prefix(path), *extra_args]
-    api = APIServerProcess(path, https, list(extra_args), port)
+    api = APIServerProcess(path, https, list(extra_args), port, command=list(command))
     try:
         api.start(timeout)
         yield api

@@ -112,7 +112,7 @@ class WatchHub:
                 self.on_slow_watcher(wr.res.id)
             log.info("event=slow_watcher_closed resource=%s prefix=%s", wr.res.id, wr.prefix)
             limits.disconnect(request)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError):  # the client went away (aiohttp raises bare ConnectionError)
             pass
         finally:
             self.active -= 1
