@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from .errors import StatusError, bad_request
+from .errors import StatusError, bad_request, invalid
 
 # kube-apiserver's MaxRequestBodyBytes (3 MiB): the most a request body, and so an object decoded
 # from it, may hold.
@@ -89,21 +89,43 @@ def warning_header(text: str) -> str:
     return f'299 - "{escaped}"'
 
 
+_PROPAGATION = ("Background", "Foreground", "Orphan")
+
+
+def check_delete_options(options: Any) -> dict[str, Any]:
+    """DeleteOptions from a body and the query: the decoder's type checks (400) and upstream's
+    ValidateDeleteOptions (422), so that the registry only sees well-typed values."""
+    if not isinstance(options, dict):
+        raise bad_request("DeleteOptions must be a JSON object")
+    types: dict[str, tuple[type, ...]] = {"preconditions": (dict,), "orphanDependents": (bool,),
+                                          "propagationPolicy": (str,), "dryRun": (list,),
+                                          "gracePeriodSeconds": (int, str)}
+    for key, allowed in types.items():
+        value = options.get(key)
+        if value is not None and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
+            raise bad_request(f"error decoding DeleteOptions: {key}: unexpected value {_short(value)}")
+    pre = options.get("preconditions") or {}
+    if any(v is not None and not isinstance(v, str) for v in pre.values()):
+        raise bad_request("error decoding DeleteOptions: preconditions: uid and resourceVersion are strings")
+    causes: list[dict[str, str]] = []
+    policy = options.get("propagationPolicy")
+    if policy is not None and policy not in _PROPAGATION:
+        causes.append({"reason": "FieldValueNotSupported", "field": "propagationPolicy",
+                       "message": f'Unsupported value: "{policy}": supported values: "Foreground", "Background", '
+                                  f'"Orphan"'})
+    if policy is not None and options.get("orphanDependents") is not None:
+        causes.append({"reason": "FieldValueInvalid", "field": "propagationPolicy",
+                       "message": "Invalid value: orphanDependents and deletionPropagation cannot be both set"})
+    for i, value in enumerate(options.get("dryRun") or []):
+        if value != "All":
+            causes.append({"reason": "FieldValueNotSupported", "field": f"dryRun[{i}]",
+                           "message": f'Unsupported value: {_short(value)}: supported values: "All"'})
+    if causes:
+        raise invalid("DeleteOptions", "", causes, "meta.k8s.io")
+    return options
+
+
 # --- JSON ----------------------------------------------------------------------------------------
-
-def _parse_int(text: str) -> int:
-    value = int(text)
-    if not _INT64_MIN <= value <= _INT64_MAX:
-        raise ValueError(f"number {text[:40]} overflows int64")
-    return value
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} overflows float64")
-    return value
-
 
 def _parse_constant(name: str) -> Any:
     raise ValueError(f"invalid character {name[0]!r} looking for beginning of value")
@@ -132,8 +154,8 @@ def decode_json(raw: bytes | str, what: str) -> Decoded:
         raise too_large(len(raw))
     hook = _PairsHook()
     try:
-        obj = json.loads(raw, object_pairs_hook=hook, parse_int=_parse_int, parse_float=_parse_float,
-                         parse_constant=_parse_constant)
+        # Numbers are range-checked by check_value's walk; NaN and Infinity are not JSON.
+        obj = json.loads(raw, object_pairs_hook=hook, parse_constant=_parse_constant)
     except RecursionError:
         raise bad_request(f"{what}: nesting deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:

@@ -243,13 +243,15 @@ _DEFAULTERS: dict[str, Callable[[Obj], None]] = {
 }
 
 
-def apply_defaults(resource: str, obj: dict[str, Any]) -> None:
+def apply_defaults(resource: str, obj: dict[str, Any], *, decode_checked: bool = False) -> None:
     """Fill the server-side defaults of `resource` into obj, in place. Unknown resources pass.
 
     Values of the wrong JSON type are rejected first (400, as the real server's decoder does), so
-    defaulting never papers over them.
+    defaulting never papers over them; decode_checked=True says the caller did that already (the
+    registry does it before touching the object).
     """
-    decode_check(resource, obj)
+    if not decode_checked:
+        decode_check(resource, obj)
     if not isinstance(obj.get("metadata"), dict):
         obj["metadata"] = {}
     defaulter = _DEFAULTERS.get(resource)

@@ -178,7 +178,7 @@ class Registry:
         is_svc = res.id == "services"
         if is_svc and old is not None:
             normalize_cluster_ips(obj, old)
-        semantics.apply_defaults(res.id, obj)
+        semantics.apply_defaults(res.id, obj, decode_checked=True)  # _check_identity did decode_check
         if is_svc:
             self.allocator.assign(obj, old)
         try:

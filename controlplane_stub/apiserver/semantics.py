@@ -36,9 +36,9 @@ def available() -> dict[str, bool]:
                                           ("tables", _tables), ("openapi", _openapi))}
 
 
-def apply_defaults(resource: str, obj: dict[str, Any]) -> None:
+def apply_defaults(resource: str, obj: dict[str, Any], *, decode_checked: bool = False) -> None:
     if _defaults is not None:
-        _defaults.apply_defaults(resource, obj)
+        _defaults.apply_defaults(resource, obj, decode_checked=decode_checked)
 
 
 def validate_create(resource: str, obj: dict[str, Any]) -> None:

@@ -356,14 +356,13 @@ class APIServer:
                 raw = await request.read()
                 if raw.strip():
                     options = bodies.decode_json(raw, "error decoding DeleteOptions").obj
-                    if not isinstance(options, dict):
-                        raise bad_request("DeleteOptions must be a JSON object")
-            if (options.get("dryRun") or []) == ["All"]:
-                dry_run = True
             if "propagationPolicy" in q:
                 options["propagationPolicy"] = q["propagationPolicy"]
             if "gracePeriodSeconds" in q:
                 options["gracePeriodSeconds"] = q["gracePeriodSeconds"]
+            options = bodies.check_delete_options(options)
+            if (options.get("dryRun") or []) == ["All"]:
+                dry_run = True
             if t.name and not t.sub:
                 self._authorize(request, "delete", t)
                 gone_obj = await self.registry.delete(t.res, t.namespace, t.name, options, dry_run=dry_run)
