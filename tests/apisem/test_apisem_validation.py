@@ -167,6 +167,16 @@ def test_headless_and_bad_cluster_ip() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_traffic_distribution() -> None:
+    svc: dict[str, Any] = {"metadata": {"name": "a", "namespace": "default"},
+                           "spec": {"ports": [{"port": 80}], "trafficDistribution": "PreferFar"}}
+    assert lines(errors_of("services", svc)) == [
+        'spec.trafficDistribution: Unsupported value: "PreferFar": supported values: "PreferClose"']
+    svc["spec"]["trafficDistribution"] = "PreferClose"
+    validate_create("services", svc)
+
+
+@pytest.mark.timeout(10)
 def test_node_port_on_cluster_ip_service() -> None:
     svc: dict[str, Any] = {"metadata": {"name": "a", "namespace": "default"},
                            "spec": {"ports": [{"port": 80, "nodePort": 30080}]}}

@@ -147,6 +147,10 @@ def _validate_service(errs: FieldErrors, svc: Obj) -> None:
     itp = spec.get("internalTrafficPolicy")
     if itp is not None and itp not in ("Cluster", "Local"):
         errs.not_supported("spec.internalTrafficPolicy", itp, ("Cluster", "Local"))
+    # Topology-aware routing (GA in 1.33): the EndpointSlice controller hints endpoints for their zone.
+    td = spec.get("trafficDistribution")
+    if td is not None and td != "PreferClose":
+        errs.not_supported("spec.trafficDistribution", td, ("PreferClose",))
     for i, ip in enumerate(spec.get("externalIPs") or []):
         for msg in is_valid_ip(_str(ip)):
             errs.invalid(f"spec.externalIPs[{i}]", ip, msg)
