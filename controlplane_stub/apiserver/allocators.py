@@ -10,6 +10,7 @@ above a small "static" band at the bottom of the range that is left for user-cho
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -582,6 +583,10 @@ class EtcdReservations:
         self.conflicts += 1
         dynamic = self._dynamic.pop(id(obj), set())
         self.allocator.release(obj, old)
+        # Both servers walk their ranges from the same cursor: after a collision, jump to a random
+        # place (upstream's allocators start at a random offset) so the two stop picking in lockstep.
+        for cursor in (*(r.offsets for r in self.allocator.ranges), self.allocator.node_ports):
+            cursor._cursor = random.randint(cursor.dynamic_start, cursor.high)
         spec = _spec(obj)
         for name in taken:
             kind, _, value = name.rpartition("/")

@@ -99,7 +99,7 @@ class WriteHook(Protocol):
         """Change obj so that it no longer needs the taken reservations (or raise)."""
 
 
-RESERVATION_ATTEMPTS = 8
+RESERVATION_ATTEMPTS = 16
 
 
 class SparseWindow(EventWindow):

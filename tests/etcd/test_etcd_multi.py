@@ -77,7 +77,7 @@ def test_concurrent_service_creates_through_two_servers_get_unique_ips_and_node_
             w.join(120)
         total = 2 * threads_per_server * per_thread
         assert len(results) == total
-        assert all(code == 201 for code, _ in results), [o for c, o in results if c != 201][:3]
+        assert all(code == 201 for code, _ in results), [(c, o.get("message") if isinstance(o, dict) else o) for c, o in results if c != 201][:3]
         code, listed = Client(servers[0]).call("GET", "/api/v1/services")
         assert code == 200
         svcs = listed["items"]
