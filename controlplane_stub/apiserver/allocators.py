@@ -563,8 +563,9 @@ class EtcdReservations:
             return [], [], []
         if new is not None:
             self._dynamic[id(new)] = set(self.allocator.last_dynamic)
-            if len(self._dynamic) > 4096:  # entries of writes that ended without a conflict
-                self._dynamic.clear()
+            if len(self._dynamic) > 4096:  # entries of writes that ended without a conflict: the oldest go
+                for k in list(self._dynamic)[:2048]:
+                    del self._dynamic[k]
         owner = key[len(SERVICES_PREFIX):].encode()
         want, have = reservation_names(new), reservation_names(old)
         cmps: list[Any] = []
@@ -608,6 +609,8 @@ class EtcdReservations:
                     if spec.get("healthCheckNodePort") == port:
                         spec.pop("healthCheckNodePort", None)
         self.allocator.assign(obj, old)
+        # Values picked on an earlier attempt and kept stay this server's picks for the next one.
+        self.allocator.last_dynamic |= dynamic
 
     def observe(self, ev: Any) -> None:
         """A Service write from the store's mirror (any API server's): mark its values used and give

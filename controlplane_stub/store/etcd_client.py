@@ -318,26 +318,35 @@ class Watch:
     def __init__(self, client: EtcdClient, create: Any) -> None:
         self._client = client
         self._create = create
-        self._requests: asyncio.Queue[Any] = asyncio.Queue()
-        self._requests.put_nowait(rpc.WatchRequest(create_request=create))
         self._call: Any = None
+        self._writes: set[asyncio.Task[None]] = set()
 
     def request_progress(self) -> None:
-        self._requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+        if self._call is None or self._call.done():
+            return
+        # The stream's send side stays open while the watch lives: progress requests go on it.
+        task = asyncio.ensure_future(self._write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, request: Any) -> None:
+        try:
+            await self._call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError):
+            pass  # the stream ended: the reader sees why
 
     def cancel(self) -> None:
         if self._call is not None:
             self._call.cancel()
 
-    async def _request_stream(self) -> AsyncIterator[Any]:
-        # The send side stays open while the watch lives (it carries progress requests).
-        while True:
-            yield await self._requests.get()
-
     async def __aiter__(self) -> AsyncIterator[WatchResponse]:
-        self._call = self._client._watch.Watch(self._request_stream(), wait_for_ready=True)
+        self._call = self._client._watch.Watch(wait_for_ready=True)
         try:
-            async for r in self._call:
+            await self._call.write(rpc.WatchRequest(create_request=self._create))
+            while True:
+                r = await self._call.read()
+                if r is grpc.aio.EOF:
+                    break
                 out = WatchResponse(int(r.header.revision),
                                     [WatchEvent("DELETE" if e.type == 1 else "PUT", _kv(e.kv)) for e in r.events],
                                     bool(r.created), bool(r.canceled), int(r.compact_revision), str(r.cancel_reason))
