@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import heapq
 import builtins
 import logging
 import time
@@ -200,7 +201,10 @@ class EtcdStore(Store):
         self._keys: list[str] = []
         self._rev = 0
         self._window = SparseWindow(window, 0)
-        self._rev_changed = asyncio.Event()
+        # Writers waiting for the mirror to reach their revision, by revision (a heap): each is
+        # woken once, when its revision is applied, not on every event (64 writers x every event).
+        self._rev_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Watch | None = None
         self._closed = False
@@ -350,20 +354,23 @@ class EtcdStore(Store):
         return Event(rev, "ADDED" if cur is None else "MODIFIED", skey, value, cur[1] if cur else None)
 
     def _bump(self) -> None:
-        ev, self._rev_changed = self._rev_changed, asyncio.Event()
-        ev.set()
+        waiters = self._rev_waiters
+        while waiters and waiters[0][0] <= self._rev:
+            fut = heapq.heappop(waiters)[2]
+            if not fut.done():
+                fut.set_result(None)
 
     async def _wait_rev(self, revision: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._rev < revision:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._rev_changed.wait(), left)
-            except TimeoutError:
-                return self._rev >= revision
-        return True
+        if self._rev >= revision:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter_seq += 1
+        heapq.heappush(self._rev_waiters, (revision, self._waiter_seq, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        return self._rev >= revision
 
     async def _sync(self, revision: int, timeout: float = SYNC_WAIT) -> bool:
         """Wait until the mirror has applied everything up to revision (asking etcd for a progress

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -44,9 +45,11 @@ class EtcdMember:
     proc: subprocess.Popen[bytes] | None = None
     log_path: str = ""
 
+    scheme: str = "http"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -58,6 +61,9 @@ class EtcdCluster:
     base: str
     members: list[EtcdMember] = field(default_factory=list)
     token: str = ""
+    # TLS on the client URLs with client-certificate auth: (CA, server cert, server key); the same
+    # cert/key pair (serverAuth + clientAuth) is this runner's client identity for /health.
+    tls: tuple[str, str, str] | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -80,7 +86,9 @@ class EtcdCluster:
                "--initial-cluster-token", self.token,
                # Small heartbeats: a killed member's leadership moves in about a second.
                "--heartbeat-interval", "100", "--election-timeout", "1000",
-               "--quota-backend-bytes", str(2 << 30), "--logger", "zap", "--log-level", "warn"]
+               "--quota-backend-bytes", str(2 << 30), "--logger", "zap", "--log-level", "warn",
+               *(["--trusted-ca-file", self.tls[0], "--cert-file", self.tls[1], "--key-file", self.tls[2],
+                  "--client-cert-auth"] if self.tls else [])]
 
     def start(self, i: int, state: str = "new") -> None:
         m = self.members[i]
@@ -115,8 +123,12 @@ class EtcdCluster:
             while True:
                 if m.proc is not None and m.proc.poll() is not None:
                     raise RuntimeError(f"etcd {m.name} exited with {m.proc.returncode}: {self.tail(i)}")
+                ctx = None
+                if self.tls:
+                    ctx = ssl.create_default_context(cafile=self.tls[0])
+                    ctx.load_cert_chain(self.tls[1], self.tls[2])
                 try:
-                    with urllib.request.urlopen(m.url + "/health", timeout=2) as r:
+                    with urllib.request.urlopen(m.url + "/health", timeout=2, context=ctx) as r:
                         if b'"true"' in r.read():
                             break
                 except OSError:
@@ -153,21 +165,23 @@ def _tmp_base() -> str:
     return tempfile.mkdtemp(prefix="kproxy-etcd-", dir=root)
 
 
-def new_cluster(base: str, members: int) -> EtcdCluster:
+def new_cluster(base: str, members: int, tls: tuple[str, str, str] | None = None) -> EtcdCluster:
     """A cluster's layout: members m0.. with data under base, each on two free loopback ports."""
-    cluster = EtcdCluster(base, token=f"kproxy-{os.getpid()}-{time.monotonic_ns()}")
+    cluster = EtcdCluster(base, token=f"kproxy-{os.getpid()}-{time.monotonic_ns()}", tls=tls)
     for i in range(members):
-        cluster.members.append(EtcdMember(f"m{i}", os.path.join(base, f"m{i}"), free_port(), free_port()))
+        cluster.members.append(EtcdMember(f"m{i}", os.path.join(base, f"m{i}"), free_port(), free_port(),
+                                          scheme="https" if tls else "http"))
     return cluster
 
 
 @contextmanager
-def running_etcd(members: int = 1, *, base: str | None = None, timeout: float = 30.0) -> Iterator[EtcdCluster]:
+def running_etcd(members: int = 1, *, base: str | None = None, timeout: float = 30.0,
+                 tls: tuple[str, str, str] | None = None) -> Iterator[EtcdCluster]:
     if not etcd_available():
         raise RuntimeError(f"etcd not found at {ETCD} (apt-get install etcd-server; ./run setup does it)")
     own = base is None
     path = base or _tmp_base()
-    cluster = new_cluster(path, members)
+    cluster = new_cluster(path, members, tls)
     with ExitStack() as stack:
         stack.callback(lambda: own and shutil.rmtree(path, ignore_errors=True))
         for i in range(members):
