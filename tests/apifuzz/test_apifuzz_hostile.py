@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import FUZZ_NAMESPACE, FuzzClient, assert_alive, fuzz_examples
+from apifuzz_helpers import FUZZ_NAMESPACE, FuzzClient, assert_alive, fuzz_examples
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import FUZZ_NAMESPACE, FuzzClient, assert_alive, fuzz_examples
+from apifuzz_helpers import FUZZ_NAMESPACE, FuzzClient, assert_alive, fuzz_examples
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from openapi_strategies import RequestStrategy

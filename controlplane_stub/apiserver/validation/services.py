@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from .fielderrors import FieldErrors, GoValue, Obj, go_quote
@@ -19,12 +20,14 @@ from .meta import (
 )
 from .names import (
     IP_ERR,
+    IPAddress,
     is_dns1035_label,
     is_dns1123_subdomain,
     is_qualified_name,
     is_valid_ip,
     is_valid_port_name,
     is_valid_port_num,
+    parse_cidr,
     parse_ip,
 )
 
@@ -151,9 +154,47 @@ def _validate_service(errs: FieldErrors, svc: Obj) -> None:
     td = spec.get("trafficDistribution")
     if td is not None and td != "PreferClose":
         errs.not_supported("spec.trafficDistribution", td, ("PreferClose",))
-    for i, ip in enumerate(spec.get("externalIPs") or []):
-        for msg in is_valid_ip(_str(ip)):
+    for i, ip in enumerate(_list(spec.get("externalIPs"))):
+        msgs = is_valid_ip(_str(ip)) or _special_ip(parse_ip(ip))
+        for msg in msgs:
             errs.invalid(f"spec.externalIPs[{i}]", ip, msg)
+    _validate_load_balancer_fields(errs, spec)
+
+
+_LINK_LOCAL_MULTICAST = (ipaddress.ip_network("224.0.0.0/24"), ipaddress.ip_network("ff02::/16"))
+
+
+def _special_ip(ip: IPAddress | None) -> list[str]:
+    """ValidateNonSpecialIP: an external IP a node would otherwise take for its own traffic."""
+    if ip is None:
+        return []
+    if ip.is_unspecified:
+        return ["may not be unspecified (0.0.0.0 or ::)"]
+    if ip.is_loopback:
+        return ["may not be in the loopback range (127.0.0.0/8, ::1/128)"]
+    if ip.is_link_local:
+        return ["may not be in the link-local range (169.254.0.0/16, fe80::/10)"]
+    if any(ip in net for net in _LINK_LOCAL_MULTICAST if net.version == ip.version):
+        return ["may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"]
+    return []
+
+
+def _validate_load_balancer_fields(errs: FieldErrors, spec: Obj) -> None:
+    is_lb = spec.get("type") == "LoadBalancer"
+    ranges = _list(spec.get("loadBalancerSourceRanges"))
+    if ranges and not is_lb:
+        errs.forbidden("spec.loadBalancerSourceRanges", "may only be used when `type` is 'LoadBalancer'")
+    for i, value in enumerate(ranges):
+        # Upstream trims the spaces around each range; node proxies must do the same.
+        if parse_cidr(value.strip() if isinstance(value, str) else value) is None:
+            errs.invalid(f"spec.loadBalancerSourceRanges[{i}]", value,
+                         "must be a list of IP ranges. For example, 10.240.0.0/24,10.250.0.0/24 ")
+    lb_class = spec.get("loadBalancerClass")
+    if lb_class is not None:
+        if not is_lb:
+            errs.forbidden("spec.loadBalancerClass", "may only be used when `type` is 'LoadBalancer'")
+        for msg in is_qualified_name(_str(lb_class)):
+            errs.invalid("spec.loadBalancerClass", lb_class, msg)
 
 
 def _validate_cluster_ips(errs: FieldErrors, spec: Obj) -> None:
@@ -208,6 +249,9 @@ def _validate_cluster_ips(errs: FieldErrors, spec: Obj) -> None:
 def _validate_service_update(errs: FieldErrors, svc: Obj, old: Obj) -> None:
     spec = _obj(svc.get("spec"))
     old_spec = _obj(old.get("spec"))
+    if (old_spec.get("type") == "LoadBalancer" and spec.get("type") == "LoadBalancer"
+            and spec.get("loadBalancerClass") != old_spec.get("loadBalancerClass")):
+        errs.invalid("spec.loadBalancerClass", spec.get("loadBalancerClass"), "may not change once set")
     if spec.get("type") == "ExternalName" or old_spec.get("type") == "ExternalName":
         return
     new_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
