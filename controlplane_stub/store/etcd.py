@@ -523,7 +523,7 @@ class EtcdStore(Store):
     async def _update(self, key: str, obj: Obj, expected_revision: int) -> Obj:
         ek = self.ekey(key)
         cur = self._cache.get(key)
-        if expected_revision and cur is not None and cur[0] < expected_revision:
+        if expected_revision and (cur is None or cur[0] < expected_revision):
             # The caller read a newer version through another API server: catch up first, so the
             # write hooks see the object the compare is about.
             await self._sync(expected_revision)
@@ -554,6 +554,11 @@ class EtcdStore(Store):
     async def delete(self, key: str, expected_revision: int = 0) -> Obj:
         ek = self.ekey(key)
         cur = self._cache.get(key)
+        if self.write_hooks and (cur is None or (expected_revision and cur[0] < expected_revision)):
+            # Not (yet) in the mirror: catch up with etcd first, else the hooks' keys (the Service's
+            # reservations) would stay behind when it is deleted.
+            await self._sync((await self.client.range(ek, count_only=True)).revision)
+            cur = self._cache.get(key)
         old = _decode(cur[1]) if cur is not None else None
         cmp = cmp_mod(ek, expected_revision) if expected_revision else (
             cmp_mod(ek, cur[0]) if cur is not None and self.write_hooks else cmp_create(ek, 0, "GREATER"))
