@@ -423,3 +423,14 @@ def test_metrics(apiserver: APIServerProcess, admin: Client, namespace: str) -> 
                for line in lines)
     rev = next(float(line.split()[-1]) for line in lines if line.startswith("kproxy_apiserver_store_revision "))
     assert rev == float(admin.get("/api/v1/namespaces")[1]["metadata"]["resourceVersion"])
+
+
+def test_delete_options_preconditions_must_be_an_object(admin: Client, namespace: str) -> None:
+    """Found by tests/apifuzz: a list here was a 500 ('list' object has no attribute 'get')."""
+    base = f"/api/v1/namespaces/{namespace}/configmaps"
+    assert admin.post(base, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p"}})[0] == 201
+    for bad in (["0.0.0.0"], "x", {"uid": 5}):
+        code, body = admin.delete(f"{base}/p", {"preconditions": bad})
+        assert code == 400 and body["reason"] == "BadRequest", (bad, body)
+    assert admin.delete(f"{base}/p", {"preconditions": {"uid": "other"}})[0] == 409
+    assert admin.delete(f"{base}/p", {"preconditions": {}})[0] == 200
