@@ -136,6 +136,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("topology PreferClose: a same-zone and an other-zone endpoint",
              endpoints=(Ep("pod1", zone_hints=("zone-a",)), Ep("pod3", zone_hints=("zone-b",))), probes=(
                  Probe("outside", "cluster_ip", _names("pod1")), Probe("pod", "cluster_ip", _names("pod1")))),
+    # Both policies Local on a NodePort: iptables mode once jumped to a chain it never declared here,
+    # and the whole restore (every Service) failed.
+    Scenario("internal and external traffic policy both Local", "NodePort", (Ep("pod1"), Ep("pod3")),
+             itp_local=True, etp_local=True, probes=(
+                 Probe("outside", "node_port", _names("pod1"), source="client"),
+                 Probe("pod", "cluster_ip", _names("pod1")))),
 )
 
 MODES = ("iptables-nft", "iptables-legacy", "userspace", "ipvs")
@@ -160,6 +166,8 @@ LIMITS: dict[tuple[str, str, str], tuple[Probe, str]] = {
         Probe("outside", "node_port", _names("pod1", "pod2"), source="not-client"), _NO_SOURCE),
     ("userspace", _ETP_LOCAL, "outside->lb_ip/TCP"): (
         Probe("outside", "lb_ip", _names("pod1", "pod2"), source="not-client"), _NO_SOURCE),
+    ("userspace", _scenario("internal and external traffic policy both"), "outside->node_port/TCP"): (
+        Probe("outside", "node_port", _names("pod1"), source="not-client"), _NO_SOURCE),
     ("ipvs", _scenario("internalTrafficPolicy Local, only a remote"), "pod->cluster_ip/TCP"): (
         Probe("pod", "cluster_ip", "refused", count=1), _IPVS_EMPTY),
     ("ipvs", _ETP_REMOTE, "outside->node_port/TCP"): (Probe("outside", "node_port", "refused", count=1), _IPVS_EMPTY),
