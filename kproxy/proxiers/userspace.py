@@ -325,7 +325,9 @@ class UserspaceProxier(Proxier):
             if fresh or changed or request.full or name in request.changed:
                 self._set_endpoints(served, request.endpoints)
         if self.health_server is not None:
-            errors += sync_health_server(self.health_server, request.services, request.endpoints)
+            # A health-check port that cannot be bound is logged by the server and retried on the
+            # next sync (as upstream): it must not fail the sync of every other Service.
+            sync_health_server(self.health_server, request.services, request.endpoints)
         rules = 0
         if not self.localhost_only:
             assert self.iptables is not None
