@@ -1,4 +1,4 @@
-from typing import Any
+from kproxy.model import Endpoint, ServicePort
 
 LARGE_CLUSTER_ENDPOINTS: int
 R_FILTER: int
@@ -12,8 +12,8 @@ def port_proto_hash(service_port_name: str, protocol: str) -> str: ...
 def endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) -> str: ...
 def probability(n: int) -> str: ...
 def render_service_port(
-    svc: Any,
-    endpoints: tuple[Any, ...],
+    svc: ServicePort,
+    endpoints: tuple[Endpoint, ...],
     masquerade_all: bool,
     cluster_cidr: str,
     large_cluster: bool,

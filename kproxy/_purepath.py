@@ -17,6 +17,7 @@ import hashlib
 import ipaddress
 from typing import Any
 
+from kproxy.model import Endpoint, ServicePort
 from kproxy.proxy.endpoints import categorize
 
 # Upstream: largeClusterEndpointsThreshold; above it the per-endpoint comments are dropped.
@@ -102,8 +103,8 @@ def _service_to_endpoint_rules(
 
 
 def render_service_port(
-    svc: Any,
-    endpoints: tuple[Any, ...],
+    svc: ServicePort,
+    endpoints: tuple[Endpoint, ...],
     masquerade_all: bool,
     cluster_cidr: str,
     large_cluster: bool,

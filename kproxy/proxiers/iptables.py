@@ -37,6 +37,7 @@ from kproxy.backends.iptables import (
     chains_in_dump,
     detect_backend,
 )
+from kproxy.fastpath import Renderer
 from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
@@ -193,7 +194,7 @@ class IptablesProxier(Proxier):
         localhost_nodeports: bool = True,
         conntrack: Conntrack | None = None,
         health_server: ServiceHealthServer | None = None,
-        renderer: Any = None,
+        renderer: Renderer | None = None,
         node_ips: tuple[str, ...] = (),
         node_zone: str = "",
     ) -> None:
