@@ -25,6 +25,11 @@ def _extensions() -> list[Extension]:
         for path in sorted(glob.glob(os.path.join(folder, "**", "*.pyx"), recursive=True)):
             rel = os.path.relpath(path, folder)[: -len(".pyx")]
             exts.append(Extension(".".join([package, *rel.split(os.sep)]), [path], extra_compile_args=["-O2"]))
+    # Hot paths kept as ONE Python source that Cython compiles in pure-Python mode (the loader
+    # imports the same file uncompiled when KPROXY_PURE=1).
+    for module in ("kproxy._nftpath",):
+        path = os.path.join(*module.split(".")) + ".py"
+        exts.append(Extension(module, [path], extra_compile_args=["-O2"]))
     return exts
 
 

@@ -115,7 +115,7 @@ class ModeRegistry:
 
 # What `--cleanup` visits besides the configured mode, as kube-proxy's cleanupLeftovers does:
 # an operator switching modes runs it to remove what the previous mode left in the kernel.
-CLEANUP_MODES = ("iptables", "ipvs", "userspace")
+CLEANUP_MODES = ("iptables", "ipvs", "nftables", "userspace")
 
 
 def cleanup(cfg: KProxyConfig, factory: ProxierFactory, registry: ModeRegistry | None = None) -> int:

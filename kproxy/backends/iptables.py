@@ -218,13 +218,17 @@ class IPTables:
 
     def local_ipv4_addresses(self) -> list[str]:
         """Addresses on this node's interfaces, for --nodeport-addresses matching."""
-        out = self._run(["ip", "-o", "-4", "addr", "show"]).decode()
-        ips = []
-        for line in out.splitlines():
-            parts = line.split()
-            if "inet" in parts:
-                ips.append(parts[parts.index("inet") + 1].split("/")[0])
-        return ips
+        return ipv4_addresses(self._run(["ip", "-o", "-4", "addr", "show"]).decode())
+
+
+def ipv4_addresses(ip_addr_output: str) -> list[str]:
+    """The addresses in `ip -o -4 addr show` output."""
+    ips = []
+    for line in ip_addr_output.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            ips.append(parts[parts.index("inet") + 1].split("/")[0])
+    return ips
 
 
 class RestoreStream:

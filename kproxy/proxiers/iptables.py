@@ -42,7 +42,8 @@ from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
-from kproxy.proxy import apply_cleanup, categorize, sync_health_server, udp_conntrack_cleanup
+from kproxy.proxiers.udpstale import clean_udp_conntrack
+from kproxy.proxy import categorize, sync_health_server
 
 log = logging.getLogger(__name__)
 
@@ -643,30 +644,11 @@ class IptablesProxier(Proxier):
         sync_health_server(self.health_server, request.services, request.endpoints)
 
     def _clean_conntrack(self, request: SyncRequest, old: dict[ServicePortName, _Programmed]) -> None:
-        """Delete UDP conntrack entries that would keep steering packets to the wrong place
-        (kproxy.proxy.udp_conntrack_cleanup decides which): endpoints the rules no longer DNAT
-        to, endpoints the trackers saw go, and UDP Services that got their first endpoint."""
+        """Delete UDP conntrack entries that would keep steering packets to the wrong place:
+        endpoints the rules no longer DNAT to, endpoints the trackers saw go, and UDP Services
+        that got their first endpoint (kproxy.proxiers.udpstale)."""
         assert self.conntrack is not None
-        stale = [(n, e) for n, e in request.stale_endpoints if n.protocol == "UDP"]
-        newly = [n for n in request.stale_services if n.protocol == "UDP" and n in self._programmed]
-        for name, prev in old.items():
-            if prev.svc.protocol != "UDP":
-                continue
-            now = self._programmed.get(name)
-            now_serving = now.serving if now is not None else frozenset()
-            stale.extend((name, Endpoint(ip=ip, port=port)) for ip, port in sorted(prev.serving - now_serving))
-        for name, cur in self._programmed.items():
-            if cur.svc.protocol == "UDP" and cur.serving:
-                before = old.get(name)
-                if before is None or not before.serving:
-                    newly.append(name)
-        if not stale and not newly:
-            self.conntrack.deletions.clear()
-            return
-        names = {n for n, _ in stale} | set(newly)
-        current = {n: self._programmed[n].svc for n in names if n in self._programmed}
-        previous = {n: old[n].svc for n in names if n in old}
-        apply_cleanup(self.conntrack, udp_conntrack_cleanup(current, stale, newly, previous))
+        clean_udp_conntrack(self.conntrack, request, old, self._programmed)
 
     # ---- cleanup ----
 

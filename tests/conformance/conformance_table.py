@@ -144,7 +144,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                  Probe("pod", "cluster_ip", _names("pod1")))),
 )
 
-MODES = ("iptables-nft", "iptables-legacy", "userspace", "ipvs")
+MODES = ("iptables-nft", "iptables-legacy", "userspace", "ipvs", "nftables")
 
 # The one place a mode may differ: (mode, scenario, probe key) -> (what it does instead, why).
 _NO_SOURCE = "the relay opens a new connection from the node: the endpoint sees the node's address"

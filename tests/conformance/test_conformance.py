@@ -1,5 +1,5 @@
-"""The Service conformance matrix (conformance_table.py) against iptables on both back ends and
-userspace, in network namespaces, with real packets. IPVS runs the same table inside the
+"""The Service conformance matrix (conformance_table.py) against iptables on both back ends,
+nftables and userspace, in network namespaces, with real packets. IPVS runs the same table inside the
 User-Mode Linux VM (tests/vm/inside/test_ipvs_conformance.py): this kernel has no IPVS."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kproxy.proxiers.base import Proxier, SyncRequest
 
 pytestmark = pytest.mark.e2e
 
-HERE = ("iptables-nft", "iptables-legacy", "userspace")
+HERE = ("iptables-nft", "iptables-legacy", "userspace", "nftables")
 
 
 @dataclass
@@ -43,6 +43,10 @@ def build(mode: str, topo: Topology) -> Proxier:
     config = KProxyConfig(mode=mode.split("-")[0], netns=topo.node, cluster_cidr=CLUSTER_CIDR, hostname_override=NODE_NAME,
                           node_ips=(NODE_IP,), node_zone=NODE_ZONE, bind_address=NODE_IP, udp_idle_timeout=1.0,
                           iptables_backend=mode.split("-")[1] if "-" in mode else "nft")
+    if mode == "nftables":
+        from kproxy.proxiers.nftables import new_proxier as nftables_proxier
+
+        return nftables_proxier(config)
     if mode.startswith("iptables"):
         from kproxy.proxiers.iptables import new_proxier as iptables_proxier
 

@@ -1,0 +1,174 @@
+"""nftables rendering for one ServicePort: upstream's pkg/proxy/nftables syncProxyRules, per service.
+
+One source for both paths: setup.py compiles this file with Cython (pure-Python mode), and
+kproxy.proxiers.nftables loads the compiled module unless KPROXY_PURE=1, in which case it loads
+this file as plain Python (tests/nftables compare the two byte for byte).
+
+A ServicePort renders to:
+  - chains: (name, rules) with stable names under upstream's prefixes (service-, local-,
+    external-, firewall-, endpoint-) followed by an 8-character hash and the readable
+    "namespace/name/protocol/port" (upstream's servicePortChainNameBase), one rule per line;
+  - elements: (map or set, key, value) of the shared verdict maps and sets (service-ips,
+    service-nodeports, no-endpoint-services, no-endpoint-nodeports, firewall-ips, cluster-ips);
+  - sets: the dynamic affinity sets (name, timeout seconds), one per endpoint when the Service has
+    sessionAffinity ClientIP.
+What traffic goes where is kproxy.proxy's decision (service_endpoints); this only writes it down.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import NamedTuple
+
+from kproxy.model import Endpoint, ServicePort, ServicePortName
+from kproxy.proxy import SourceRanges, service_endpoints
+
+MARK_MASQ_CHAIN = "mark-for-masquerade"
+REJECT_CHAIN = "reject-chain"
+
+
+class Rendered(NamedTuple):
+    chains: tuple[tuple[str, str], ...]
+    elements: tuple[tuple[str, str, str], ...]
+    sets: tuple[tuple[str, int], ...]
+
+
+def chain_base(name: ServicePortName) -> str:
+    """HASH-namespace/name/protocol/port: stable across restarts, unique per ServicePort, and
+    readable in `nft list` (upstream's servicePortChainNameBase)."""
+    readable = f"{name.namespace}/{name.name}/{name.protocol.lower()}/{name.port}"
+    digest = hashlib.sha256(readable.encode()).digest()
+    return base64.b32encode(digest).decode()[:8] + "-" + readable
+
+
+def _endpoint_base(base: str, ep: Endpoint) -> str:
+    return f"{base}__{ep.ip}/{ep.port}"
+
+
+def _dispatch(chain: str, eps: tuple[Endpoint, ...], base: str, affinity: bool) -> list[str]:
+    """The rules sending a new connection to one of `eps`: affinity first (a client seen within
+    the timeout goes back to the same endpoint), then `numgen random` over all of them."""
+    rules = []
+    if affinity:
+        for ep in eps:
+            eb = _endpoint_base(base, ep)
+            rules.append(f"ip saddr @affinity-{eb} goto endpoint-{eb}")
+    if len(eps) == 1:
+        rules.append(f"goto endpoint-{_endpoint_base(base, eps[0])}")
+    else:
+        vmap = " , ".join(f"{i} : goto endpoint-{_endpoint_base(base, ep)}" for i, ep in enumerate(eps))
+        rules.append(f"numgen random mod {len(eps)} vmap {{ {vmap} }}")
+    return rules
+
+
+def render_service_port(
+    svc: ServicePort,
+    eps: tuple[Endpoint, ...],
+    masquerade_all: bool,
+    cluster_cidr: str,
+    node_ips: tuple[str, ...],
+    node_zone: str,
+) -> Rendered:
+    name = svc.name
+    base = chain_base(name)
+    proto = svc.protocol.lower()
+    port = int(svc.port)
+    cluster_ip = svc.cluster_ip("IPv4")
+    affinity = svc.session_affinity_timeout is not None
+    se = service_endpoints(svc, eps, node_zone)
+    chains: list[tuple[str, str]] = []
+    elements: list[tuple[str, str, str]] = []
+    sets: list[tuple[str, int]] = []
+
+    cluster_chain = f"service-{base}"
+    local_chain = f"local-{base}"
+    external_chain = f"external-{base}"
+    firewall_chain = f"firewall-{base}"
+    internal_chain = local_chain if svc.internal_policy_local else cluster_chain
+    external_target = local_chain if svc.external_policy_local else cluster_chain
+    # Which dispatch chains exist: one per policy that has endpoints to send to.
+    dispatch: dict[str, tuple[Endpoint, ...]] = {}
+    if se.internal:
+        dispatch[internal_chain] = se.internal
+    if se.external:
+        dispatch[external_target] = se.external
+    if se.external_traffic and se.cluster and svc.external_policy_local:
+        dispatch[cluster_chain] = se.cluster  # the short-circuit target for pods and the node
+
+    mark_cluster_ip = ""
+    if cluster_ip is not None:
+        match = f"ip daddr {cluster_ip} {proto} dport {port}"
+        if masquerade_all:
+            mark_cluster_ip = f"{match} jump {MARK_MASQ_CHAIN}"
+        elif cluster_cidr:
+            mark_cluster_ip = f"{match} ip saddr != {cluster_cidr} jump {MARK_MASQ_CHAIN}"
+    for chain in sorted(dispatch):
+        rules = [mark_cluster_ip] if mark_cluster_ip and chain == internal_chain else []
+        rules.extend(_dispatch(chain, dispatch[chain], base, affinity))
+        chains.append((chain, "\n".join(rules)))
+
+    # One chain per endpoint some traffic may reach: hairpin masquerade, affinity, DNAT.
+    reachable: dict[str, Endpoint] = {}
+    for eps_of in dispatch.values():
+        for ep in eps_of:
+            reachable.setdefault(_endpoint_base(base, ep), ep)
+    for eb in sorted(reachable):
+        ep = reachable[eb]
+        rules = [f"ip saddr {ep.ip} jump {MARK_MASQ_CHAIN}"]
+        if affinity:
+            rules.append(f"update @affinity-{eb} {{ ip saddr }}")
+            sets.append((f"affinity-{eb}", int(svc.session_affinity_timeout or 10800)))
+        rules.append(f"meta l4proto {proto} dnat to {ep.ip}:{int(ep.port)}")
+        chains.append((f"endpoint-{eb}", "\n".join(rules)))
+
+    # Nothing anywhere: refuse (ICMP port unreachable). Endpoints, but none for this traffic:
+    # drop, so a client retries elsewhere (upstream's filter verdicts).
+    no_eps = f"goto {REJECT_CHAIN}" if not se.has_any else "drop"
+    uses_external = se.has_any and se.external_traffic
+    if uses_external:
+        rules = []
+        if not svc.external_policy_local:
+            rules.append(f"jump {MARK_MASQ_CHAIN}")
+        else:
+            if cluster_chain in dispatch:
+                if cluster_cidr:
+                    rules.append(f"ip saddr {cluster_cidr} goto {cluster_chain}")
+                rules.append(f"fib saddr type local jump {MARK_MASQ_CHAIN}")
+                rules.append(f"fib saddr type local goto {cluster_chain}")
+        if se.external:
+            rules.append(f"goto {external_target}")
+        chains.append((external_chain, "\n".join(rules)))
+
+    if cluster_ip is not None:
+        key = f"{cluster_ip} . {proto} . {port}"
+        elements.append(("cluster-ips", cluster_ip, ""))
+        if se.internal:
+            elements.append(("service-ips", key, f"goto {internal_chain}"))
+        else:
+            elements.append(("no-endpoint-services", key, no_eps))
+    outside_ips = [ip for ip in (*svc.external_ips, *svc.load_balancer_ips) if ":" not in ip]
+    for ip in dict.fromkeys(outside_ips):
+        key = f"{ip} . {proto} . {port}"
+        if uses_external:
+            elements.append(("service-ips", key, f"goto {external_chain}"))
+        if not se.external:
+            elements.append(("no-endpoint-services", key, no_eps))
+    ranges = SourceRanges.parse(svc.load_balancer_source_ranges)
+    lb_ips = [ip for ip in dict.fromkeys(svc.load_balancer_ips) if ":" not in ip]
+    v4_ranges = ranges.cidrs("IPv4")
+    if ranges.restricted and lb_ips:
+        allowed = list(v4_ranges)
+        if ranges.contains_any(node_ips):
+            # A hairpinning load balancer keeps its own address as the source (upstream).
+            allowed.extend(lb_ips)
+        rule = f"ip saddr != {{ {' , '.join(allowed)} }} drop" if allowed else "drop"
+        chains.append((firewall_chain, rule))
+        for ip in lb_ips:
+            elements.append(("firewall-ips", f"{ip} . {proto} . {port}", f"goto {firewall_chain}"))
+    if svc.node_port:
+        key = f"{proto} . {int(svc.node_port)}"
+        if uses_external:
+            elements.append(("service-nodeports", key, f"goto {external_chain}"))
+        if not se.external:
+            elements.append(("no-endpoint-nodeports", key, no_eps))
+    return Rendered(tuple(chains), tuple(elements), tuple(sets))

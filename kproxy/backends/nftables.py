@@ -1,0 +1,73 @@
+"""The nftables kernel interface: one `nft -f -` per transaction, as upstream's knftables does.
+
+`nft -f` applies a whole input as one netlink batch: either every command in it takes effect or
+none does (the kernel aborts the batch on the first error), which is what makes a failed sync
+leave the previous ruleset. Everything runs in the node's network namespace when `netns` is set.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from kproxy.backends.iptables import ipv4_addresses
+
+NFT_TIMEOUT = 120.0  # seconds; a 10,000-Service first sync takes a few
+
+
+class NftError(Exception):
+    """nft refused a transaction (nothing of it was applied) or could not run."""
+
+
+class Nft:
+    def __init__(self, netns: str | None = None, binary: str = "nft") -> None:
+        self.netns = netns
+        self.binary = binary
+
+    def _cmd(self, *args: str) -> list[str]:
+        cmd = [self.binary, *args]
+        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
+
+    def _run(self, args: list[str], data: bytes | None = None) -> bytes:
+        try:
+            proc = subprocess.run(self._cmd(*args), input=data, capture_output=True, timeout=NFT_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NftError(f"nft {' '.join(args)}: {e}") from e
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise NftError(f"nft {' '.join(args)} exited {proc.returncode}: " + " | ".join(err[:6]))
+        return proc.stdout
+
+    def apply(self, transaction: str) -> None:
+        """Applies `transaction` (nft script) atomically; raises NftError if nothing was applied."""
+        self._run(["-f", "-"], transaction.encode())
+
+    def table_exists(self, family: str, table: str) -> bool:
+        try:
+            self._run(["-t", "list", "table", family, table])  # -t: sets without their elements
+        except NftError:
+            return False
+        return True
+
+    def delete_table(self, family: str, table: str) -> bool:
+        """Deletes the table if it exists; True if it is gone."""
+        if not self.table_exists(family, table):
+            return True
+        self.apply(f"delete table {family} {table}\n")
+        return True
+
+    def list_json(self, family: str, table: str) -> list[dict[str, object]]:
+        """The kernel's view of a table as `nft -j list table` objects (tests, tools)."""
+        out = json.loads(self._run(["-j", "list", "table", family, table]))
+        items = out.get("nftables", []) if isinstance(out, dict) else []
+        return [i for i in items if isinstance(i, dict)]
+
+    def local_ipv4_addresses(self) -> list[str]:
+        """Addresses on this node's interfaces, for --nodeport-addresses matching."""
+        cmd = ["ip", "-o", "-4", "addr", "show"]
+        if self.netns:
+            cmd = ["ip", "-n", self.netns, "-o", "-4", "addr", "show"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise NftError(f"listing addresses: {e}") from e
+        return ipv4_addresses(out)

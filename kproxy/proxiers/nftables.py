@@ -1,0 +1,440 @@
+"""The nftables proxier: upstream's pkg/proxy/nftables (1.33) on kproxy.proxy's Service semantics.
+
+kproxy owns one table, `ip kube-proxy`, and touches nothing outside it: other tables (firewalld,
+iptables-nft's `ip filter`/`ip nat`) keep their rules. Base chains sit at upstream's hooks and
+priorities: the filter chains at dstnat-10 (they see the destination before DNAT), NAT at dstnat
+and srcnat. Dispatch is O(1) per packet: `ip daddr . meta l4proto . th dport vmap @service-ips`
+and `meta l4proto . th dport vmap @service-nodeports`; no-endpoint-services / no-endpoint-nodeports
+reject or drop; firewall-ips sends LoadBalancer traffic through a source-range check; cluster-ips
+rejects other ports of a ClusterIP. Per-ServicePort chains (service-, local-, external-,
+firewall-, endpoint-) are rendered by kproxy._nftpath.
+
+Syncs, as upstream: the first (and every full) sync replaces the whole table in ONE transaction
+(`delete table` and the new table in the same `nft -f` batch: atomic, and nothing stale
+survives); a partial sync sends only the changes of the changed ServicePorts, in ONE transaction:
+new chains, changed chains flushed and refilled, map and set elements deleted and added (set
+elements shared by several ServicePorts, such as a Service's ClusterIP in cluster-ips, are
+reference-counted), chains no longer used flushed at once and deleted after a grace period. A
+failed transaction changes nothing in the kernel and makes the next sync full.
+
+Not done yet: IPv6 (an `ip6 kube-proxy` table: kproxy is IPv4-only in every mode today); a full
+resync recreates the table, so ClientIP affinity state is reset by it (hourly), where upstream
+keeps its affinity sets.
+"""
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol
+
+from kproxy._nftpath import Rendered
+from kproxy.backends.conntrack import Conntrack
+from kproxy.backends.nftables import Nft, NftError
+from kproxy.healthcheck import ServiceHealthServer
+from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
+from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxiers.udpstale import clean_udp_conntrack
+from kproxy.proxy import categorize, nodeport_cidrs, sync_health_server
+
+log = logging.getLogger(__name__)
+
+FAMILY = "ip"
+TABLE = "kube-proxy"
+STALE_CHAIN_GRACE = 1.0  # seconds a flushed chain stays before it is deleted (upstream: 1 s)
+
+Element = tuple[str, str, str]  # (map or set, key, value)
+
+
+class Renderer(Protocol):
+    def render_service_port(
+        self, svc: ServicePort, eps: tuple[Endpoint, ...], masquerade_all: bool, cluster_cidr: str,
+        node_ips: tuple[str, ...], node_zone: str,
+    ) -> Rendered: ...
+
+
+def load_renderer(pure: bool | None = None) -> ModuleType:
+    """The compiled renderer, or with KPROXY_PURE=1 (or pure=True) the same source as Python."""
+    if pure is None:
+        pure = os.environ.get("KPROXY_PURE", "") == "1"
+    if not pure:
+        import kproxy._nftpath as compiled
+
+        return compiled
+    name = "kproxy._nftpath_pure"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_nftpath.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# (name, hook, priority) as upstream's nftablesBaseChains: dstnat-10, dstnat+10, dstnat, srcnat as
+# numbers (nft 1.0.6 accepts the names only on the hooks where NAT happens).
+BASE_CHAINS = (
+    ("filter-prerouting", "filter", "prerouting", "-110"),
+    ("filter-input", "filter", "input", "-110"),
+    ("filter-forward", "filter", "forward", "-110"),
+    ("filter-output", "filter", "output", "-110"),
+    ("filter-output-post-dnat", "filter", "output", "-90"),
+    ("nat-prerouting", "nat", "prerouting", "-100"),
+    ("nat-output", "nat", "output", "-100"),
+    ("nat-postrouting", "nat", "postrouting", "100"),
+)
+# (chain, jumped to from, condition) as upstream's nftablesJumpChains.
+JUMPS = (
+    ("nodeport-endpoints-check", "filter-input", "ct state new"),
+    ("service-endpoints-check", "filter-input", "ct state new"),
+    ("service-endpoints-check", "filter-forward", "ct state new"),
+    ("service-endpoints-check", "filter-output", "ct state new"),
+    ("firewall-check", "filter-prerouting", "ct state new"),
+    ("firewall-check", "filter-output", "ct state new"),
+    ("services", "nat-output", ""),
+    ("services", "nat-prerouting", ""),
+    ("masquerading", "nat-postrouting", ""),
+    ("cluster-ips-check", "filter-forward", "ct state new"),
+    ("cluster-ips-check", "filter-output-post-dnat", "ct state new"),
+)
+MAPS = (
+    ("service-ips", "ipv4_addr . inet_proto . inet_service : verdict", "ClusterIP, ExternalIP and LoadBalancer IP traffic"),
+    ("service-nodeports", "inet_proto . inet_service : verdict", "NodePort traffic"),
+    ("no-endpoint-services", "ipv4_addr . inet_proto . inet_service : verdict", "vmap to drop or reject packets to services with no endpoints"),
+    ("no-endpoint-nodeports", "inet_proto . inet_service : verdict", "vmap to drop or reject packets to service nodeports with no endpoints"),
+    ("firewall-ips", "ipv4_addr . inet_proto . inet_service : verdict", "destinations that are subject to LoadBalancerSourceRanges"),
+)
+
+
+@dataclass(slots=True)
+class _Programmed:
+    """What the kernel holds for one ServicePort after the last successful sync."""
+
+    svc: ServicePort
+    chains: dict[str, str]
+    elements: tuple[Element, ...]
+    sets: tuple[tuple[str, int], ...]
+    serving: frozenset[tuple[IP, Port]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
+
+
+def _eligible(svc: ServicePort | None) -> bool:
+    # Headless and ExternalName services are not proxied; IPv4 only (one table per family).
+    return svc is not None and svc.type != "ExternalName" and svc.cluster_ip("IPv4") is not None
+
+
+def _element(table: str, e: Element) -> str:
+    body = f"{e[1]} : {e[2]}" if e[2] else e[1]
+    return f"element {FAMILY} {table} {e[0]} {{ {body} }}\n"
+
+
+class NftablesProxier(Proxier):
+    mode = "nftables"
+
+    def __init__(
+        self,
+        nft: Nft,
+        *,
+        cluster_cidr: str = "",
+        nodeport_addresses: tuple[str, ...] = (),
+        masquerade_all: bool = False,
+        masquerade_bit: int = 14,
+        conntrack: Conntrack | None = None,
+        health_server: ServiceHealthServer | None = None,
+        renderer: Renderer | None = None,
+        node_ips: tuple[str, ...] = (),
+        node_zone: str = "",
+        table: str = TABLE,
+    ) -> None:
+        if not 0 <= masquerade_bit <= 31:
+            raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
+        v4_node_ips = tuple(ip for ip in node_ips if ":" not in ip)
+        if "primary" in nodeport_addresses and not v4_node_ips:
+            log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
+        addresses = nodeport_cidrs(tuple(nodeport_addresses), v4_node_ips)
+        for cidr in addresses:
+            ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
+        self.nft = nft
+        self.table = table
+        self.cluster_cidr = next((c.strip() for c in cluster_cidr.split(",") if c.strip() and ":" not in c), "")
+        if self.cluster_cidr:
+            ipaddress.ip_network(self.cluster_cidr, strict=False)
+        self.nodeport_addresses = tuple(c for c in addresses if ":" not in c)
+        self.masquerade_all = masquerade_all
+        self.mark = f"0x{1 << masquerade_bit:08x}"
+        self.conntrack = conntrack
+        self.health_server = health_server
+        self.render: Renderer = renderer or load_renderer()
+        self.node_zone = node_zone
+        self._config_node_ips = v4_node_ips
+        self._node_ips: tuple[str, ...] = v4_node_ips
+        self._programmed: dict[ServicePortName, _Programmed] = {}
+        self._refs: Counter[Element] = Counter()  # element -> ServicePorts that want it
+        self._stale: dict[str, float] = {}  # chain or "set NAME" flushed, waiting for deletion -> when
+        self._need_full = True
+        self.stale_grace = STALE_CHAIN_GRACE
+        self.last_transaction = ""
+        self.last_stats: dict[str, float] = {}
+
+    # ---- rendering ----
+
+    def _nodeport_ips(self) -> list[str]:
+        nets = [ipaddress.ip_network(c, strict=False) for c in self.nodeport_addresses]
+        return [ip for ip in self._node_ips if any(ipaddress.ip_address(ip) in n for n in nets)]
+
+    def _skeleton(self) -> list[str]:
+        """The table's fixed part: base chains, jumps, shared chains, maps and sets."""
+        t = f"{FAMILY} {self.table}"
+        out = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
+        for name, kind, hook, prio in BASE_CHAINS:
+            out.append(f"add chain {t} {name} {{ type {kind} hook {hook} priority {prio} ; }}\n")
+        for name in ("services", "service-endpoints-check", "nodeport-endpoints-check", "firewall-check",
+                     "masquerading", "mark-for-masquerade", "cluster-ips-check", "reject-chain"):
+            out.append(f"add chain {t} {name}\n")
+        for dst, src, cond in JUMPS:
+            out.append(f"add rule {t} {src} {cond + ' ' if cond else ''}jump {dst}\n")
+        # Upstream drops INVALID forwarded packets (kubernetes#74839) unless tcp_be_liberal is set.
+        out.append(f"add rule {t} filter-forward ct state invalid drop\n")
+        out.append(f'add set {t} cluster-ips {{ type ipv4_addr ; comment "Active ClusterIPs" ; }}\n')
+        out.append(f'add set {t} nodeport-ips {{ type ipv4_addr ; comment "IPs that accept NodePort traffic" ; }}\n')
+        for name, kind, comment in MAPS:
+            out.append(f'add map {t} {name} {{ type {kind} ; comment "{comment}" ; }}\n')
+        m = self.mark
+        out.append(f"add rule {t} mark-for-masquerade meta mark set meta mark or {m}\n")
+        out.append(f"add rule {t} masquerading meta mark and {m} == 0 return\n")
+        out.append(f"add rule {t} masquerading meta mark set meta mark xor {m}\n")
+        out.append(f"add rule {t} masquerading masquerade fully-random\n")
+        out.append(f"add rule {t} reject-chain reject\n")
+        out.append(f"add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips\n")
+        out.append(f"add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n")
+        out.append(f"add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips\n")
+        out.append(f'add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"\n')
+        if self.nodeport_addresses:
+            match = "ip daddr @nodeport-ips"
+            for ip in self._nodeport_ips():
+                out.append(f"add element {t} nodeport-ips {{ {ip} }}\n")
+        else:
+            # Every local address but loopback: upstream's nftables mode has no localhost NodePorts.
+            match = "fib daddr type local ip daddr != 127.0.0.0/8"
+        out.append(f"add rule {t} services {match} meta l4proto . th dport vmap @service-nodeports\n")
+        out.append(f"add rule {t} nodeport-endpoints-check {match} meta l4proto . th dport vmap @no-endpoint-nodeports\n")
+        return out
+
+    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...]) -> _Programmed:
+        r = self.render.render_service_port(svc, eps, self.masquerade_all, self.cluster_cidr,
+                                            self._node_ips, self.node_zone)
+        serving: frozenset[tuple[IP, Port]] = frozenset()
+        if svc.protocol == "UDP":
+            serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)
+        return _Programmed(svc, dict(r.chains), tuple(r.elements), tuple(r.sets), serving)
+
+    def _chain_lines(self, chain: str, rules: str) -> list[str]:
+        t = f"{FAMILY} {self.table}"
+        return [f"add rule {t} {chain} {rule}\n" for rule in rules.split("\n") if rule]
+
+    def _set_line(self, name: str, timeout: int) -> str:
+        return f"add set {FAMILY} {self.table} {name} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}\n"
+
+    def _full(self, services: ServicePortMap, endpoints: EndpointsMap) -> tuple[list[str], dict[ServicePortName, _Programmed], Counter[Element]]:
+        t = f"{FAMILY} {self.table}"
+        # Creating the table first makes the delete valid when it does not exist yet; the whole
+        # input is one batch, so there is never a moment without the table.
+        out = [f"add table {t}\n", f"delete table {t}\n", *self._skeleton()]
+        programmed: dict[ServicePortName, _Programmed] = {}
+        refs: Counter[Element] = Counter()
+        empty: tuple[Endpoint, ...] = ()
+        rule_lines: list[str] = []
+        for name in sorted(n for n, s in services.items() if _eligible(s)):
+            p = self._render(services[name], tuple(endpoints.get(name, empty)))
+            programmed[name] = p
+            for set_name, timeout in p.sets:
+                out.append(self._set_line(set_name, timeout))
+            for chain, rules in p.chains.items():
+                out.append(f"add chain {t} {chain}\n")
+                rule_lines.extend(self._chain_lines(chain, rules))
+            refs.update(p.elements)
+        out.extend(rule_lines)  # after every chain: a rule may jump to a chain declared later
+        out.extend("add " + _element(self.table, e) for e in sorted(refs))
+        return out, programmed, refs
+
+    def _partial(self, request: SyncRequest) -> tuple[list[str], dict[ServicePortName, _Programmed], Counter[Element], dict[str, float]]:
+        t = f"{FAMILY} {self.table}"
+        programmed = dict(self._programmed)
+        refs = Counter(self._refs)
+        stale = dict(self._stale)
+        now = time.monotonic()
+        new_chains: list[str] = []
+        rules: list[str] = []
+        new_sets: list[str] = []
+        flush_stale: list[str] = []
+        empty: tuple[Endpoint, ...] = ()
+        for name in sorted(request.changed):
+            svc = request.services.get(name)
+            old = programmed.get(name)
+            cur = self._render(svc, tuple(request.endpoints.get(name, empty))) if svc is not None and _eligible(svc) else None
+            old_chains = old.chains if old is not None else {}
+            cur_chains = cur.chains if cur is not None else {}
+            for chain, body in cur_chains.items():
+                if old_chains.get(chain) == body:
+                    continue
+                if chain not in old_chains:
+                    new_chains.append(f"add chain {t} {chain}\n")
+                    stale.pop(chain, None)
+                rules.append(f"flush chain {t} {chain}\n")
+                rules.extend(self._chain_lines(chain, body))
+            for chain in old_chains:
+                if chain not in cur_chains:
+                    flush_stale.append(f"flush chain {t} {chain}\n")
+                    stale[chain] = now
+            old_sets = dict(old.sets) if old is not None else {}
+            cur_sets = dict(cur.sets) if cur is not None else {}
+            for set_name, timeout in cur_sets.items():
+                if old_sets.get(set_name) != timeout:
+                    new_sets.append(self._set_line(set_name, timeout))
+                    stale.pop("set " + set_name, None)
+            for set_name in old_sets:
+                if set_name not in cur_sets:
+                    stale["set " + set_name] = now
+            if old is not None:
+                refs.subtract(old.elements)
+            if cur is not None:
+                refs.update(cur.elements)
+                programmed[name] = cur
+            else:
+                programmed.pop(name, None)
+        before = self._refs
+        gone = [e for e, n in before.items() if n > 0 and refs[e] <= 0]
+        added = [e for e, n in refs.items() if n > 0 and before[e] <= 0]
+        refs = +refs  # drop zero counts
+        # Order: everything a rule or an element points to exists before it is referenced, and
+        # an element whose value changed is deleted before it is added again.
+        out = new_sets + new_chains + rules
+        out.extend("delete " + _element(self.table, e) for e in sorted(gone))
+        out.extend("add " + _element(self.table, e) for e in sorted(added))
+        out.extend(flush_stale)
+        for obj, since in sorted(stale.items()):
+            if now - since >= self.stale_grace and obj not in self._live(programmed):
+                kind, _, obj_name = obj.rpartition(" ")
+                out.append(f"delete {kind or 'chain'} {t} {obj_name}\n")
+                del stale[obj]
+        return out, programmed, refs, stale
+
+    @staticmethod
+    def _live(programmed: dict[ServicePortName, _Programmed]) -> set[str]:
+        live: set[str] = set()
+        for p in programmed.values():
+            live.update(p.chains)
+            live.update("set " + s for s, _ in p.sets)
+        return live
+
+    # ---- applying ----
+
+    def sync(self, request: SyncRequest) -> SyncResult:
+        full = request.full or self._need_full
+        start = time.perf_counter()
+        try:
+            if full:
+                self._refresh_node_ips()
+                lines, programmed, refs = self._full(request.services, request.endpoints)
+                stale: dict[str, float] = {}
+            else:
+                lines, programmed, refs, stale = self._partial(request)
+        except Exception as e:  # a render bug must not leave the proxier believing it applied
+            self._need_full = True
+            log.exception("nftables sync failed while rendering")
+            return SyncResult(ok=False, error=f"render: {e}")
+        transaction = "".join(lines)
+        t_render = time.perf_counter()
+        self.last_transaction = transaction
+        if transaction:
+            try:
+                self.nft.apply(transaction)
+            except NftError as e:
+                self._need_full = True
+                log.error("nft transaction failed full=%s err=%s", full, e)
+                return SyncResult(ok=False, error=str(e))
+        old = self._programmed
+        self._programmed, self._refs, self._stale = programmed, refs, stale
+        self._need_full = False
+        self.last_stats = {"render_s": t_render - start, "apply_s": time.perf_counter() - t_render,
+                           "bytes": float(len(transaction)), "full": float(full)}
+        if self.health_server is not None:
+            sync_health_server(self.health_server, request.services, request.endpoints)
+        if self.conntrack is not None:
+            clean_udp_conntrack(self.conntrack, request, old, self._programmed)
+        rules = sum(body.count("\n") + 1 for p in programmed.values() for body in p.chains.values())
+        return SyncResult(ok=True, rules_total={"nftables": rules})
+
+    def _refresh_node_ips(self) -> None:
+        ips: tuple[str, ...] = ()
+        try:
+            ips = tuple(self.nft.local_ipv4_addresses())
+        except NftError as e:
+            log.warning("cannot list node addresses err=%s", e)
+        self._node_ips = tuple(dict.fromkeys(self._config_node_ips + ips))
+
+    # ---- cleanup ----
+
+    def cleanup(self) -> bool:
+        self._programmed.clear()
+        self._refs.clear()
+        self._stale.clear()
+        self._need_full = True
+        return _delete_table(self.nft, self.table)
+
+    def close(self) -> None:
+        if self.health_server is not None:
+            self.health_server.close()
+
+
+def _delete_table(nft: Nft, table: str) -> bool:
+    try:
+        return nft.delete_table(FAMILY, table)
+    except NftError as e:
+        log.error("cleanup: cannot delete table %s %s err=%s", FAMILY, table, e)
+        return False
+
+
+def cleanup_leftovers(config: Any) -> bool:
+    """`kproxy --cleanup` in any mode: remove the nftables table (no proxier needed). A node
+    without the nft tool cannot have the table from kproxy."""
+    nft = Nft(netns=getattr(config, "netns", None) or None)
+    try:
+        if not nft.table_exists(FAMILY, TABLE):
+            return True
+    except NftError:
+        return True
+    return _delete_table(nft, TABLE)
+
+
+def new_proxier(config: Any) -> Proxier:
+    """Build the nftables proxier from kproxy.config.KProxyConfig."""
+    netns = getattr(config, "netns", None) or None
+    nft = Nft(netns=netns)
+    try:
+        nft.apply("")  # nft present and the kernel speaks nf_tables (an empty batch)
+    except NftError as e:
+        raise RuntimeError(f"nftables unavailable: {e}") from e
+    nodeport_addresses = getattr(config, "nodeport_addresses", ()) or ()
+    if isinstance(nodeport_addresses, str):
+        nodeport_addresses = tuple(c.strip() for c in nodeport_addresses.split(",") if c.strip())
+    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
+    bit = getattr(config, "masquerade_bit", None)
+    return NftablesProxier(
+        nft,
+        cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
+        nodeport_addresses=tuple(nodeport_addresses),
+        masquerade_all=bool(getattr(config, "masquerade_all", False)),
+        masquerade_bit=int(bit) if bit is not None else 14,
+        conntrack=Conntrack(netns=netns),
+        health_server=ServiceHealthServer(getattr(config, "healthcheck_bind_address", "") or "", netns=netns),
+        node_ips=tuple(getattr(config, "node_ips", ()) or ()),
+        node_zone=str(getattr(config, "node_zone", "") or ""),
+    )

@@ -1,0 +1,170 @@
+"""The nftables mode against the kernel, in a network namespace this test creates: partial syncs
+change only the changed Service's chains and elements (read back with `nft -j list table`), a
+failed transaction leaves the previous ruleset, --cleanup removes the table (from every mode), and
+another table and iptables-nft rules beside kproxy's are left as they were.
+Packets through the rules: tests/conformance (every scenario in nftables mode)."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+from nft_state import endpoints, kernel_entries, name, service, sh, state, table_exists
+
+from kproxy.backends.nftables import Nft
+from kproxy.model import Endpoint, ServicePort
+from kproxy.proxiers.base import SyncRequest
+from kproxy.proxiers.nftables import NftablesProxier, load_renderer
+
+pytestmark = pytest.mark.e2e
+KPROXY = os.path.join(os.path.dirname(sys.executable), "kproxy")
+
+
+class CountingNft(Nft):
+    def __init__(self, netns: str) -> None:
+        super().__init__(netns)
+        self.transactions: list[str] = []
+
+    def apply(self, transaction: str) -> None:
+        self.transactions.append(transaction)
+        super().apply(transaction)
+
+
+def proxier(netns: str) -> NftablesProxier:
+    return NftablesProxier(CountingNft(netns), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",))
+
+
+def _belongs(entry: str, svc: ServicePort, eps: tuple[Endpoint, ...]) -> bool:
+    readable = f"{svc.name.namespace}/{svc.name.name}/"
+    return readable in entry or any(f'"{ip}"' in entry for ip in (*svc.cluster_ips, *(e.ip for e in eps)))
+
+
+def test_partial_sync_changes_only_the_changed_service(netns: str) -> None:
+    p = proxier(netns)
+    services, eps = state(50, 3, node_ports=True)
+    assert p.sync(SyncRequest(services, eps)).ok
+    before = kernel_entries(netns)
+    old_eps = eps[name(7)]
+    eps = dict(eps)
+    eps[name(7)] = old_eps[:2] + endpoints(7, 1, first=5)  # one endpoint replaced
+    p.nft.transactions.clear()  # type: ignore[attr-defined]
+    res = p.sync(SyncRequest(services, eps, changed=frozenset({name(7)}), full=False))
+    assert res.ok, res.error
+    assert len(p.nft.transactions) == 1  # type: ignore[attr-defined]  # ONE transaction
+    after = kernel_entries(netns)
+    changed = before ^ after
+    assert changed, "the endpoint change did not reach the kernel"
+    foreign = [e for e in changed if not _belongs(e, services[name(7)], old_eps + eps[name(7)])]
+    assert not foreign, f"entries of other Services changed: {foreign[:5]}"
+    new_ip = eps[name(7)][2].ip
+    assert any(new_ip in e and e.startswith("rule endpoint-") for e in after - before)
+    # The removed endpoint's chain is flushed now, deleted after the grace period.
+    gone_chain = [e for e in after if e.startswith("chain ") and old_eps[2].ip in e]
+    assert gone_chain and not any(e.startswith("rule ") and old_eps[2].ip in e and "endpoint-" in e.split()[1]
+                                  for e in after)
+    p.stale_grace = 0.0
+    svc3 = dict(services)
+    svc3[name(3)] = service(3)  # NodePort -> ClusterIP: its nodeport elements go
+    assert p.sync(SyncRequest(svc3, eps, changed=frozenset({name(3)}), full=False)).ok
+    final = kernel_entries(netns)
+    assert not any(e.startswith("chain ") and old_eps[2].ip in e for e in final), "stale chain not deleted"
+    changed = after ^ final
+    assert changed and all(_belongs(e, svc3[name(3)], eps[name(3)]) or old_eps[2].ip in e for e in changed)
+    assert p.cleanup() and not table_exists(netns, "ip", "kube-proxy")
+
+
+class BadRenderer:
+    """The real renderer, except that one Service gets a rule the kernel refuses."""
+
+    def __init__(self, bad: str) -> None:
+        self.real: Any = load_renderer()
+        self.bad = bad
+
+    def render_service_port(self, svc: ServicePort, *args: Any) -> Any:
+        r = self.real.render_service_port(svc, *args)
+        if svc.name.name != self.bad:
+            return r
+        chains = tuple((c, body + "\nmeta l4proto tcp dnat to 300.1.1.1:80") for c, body in r.chains)
+        return type(r)(chains, r.elements, r.sets)
+
+
+def test_failed_transaction_leaves_the_previous_ruleset(netns: str) -> None:
+    p = proxier(netns)
+    services, eps = state(20, 2)
+    assert p.sync(SyncRequest(services, eps)).ok
+    before = kernel_entries(netns)
+    eps2 = dict(eps)
+    eps2[name(4)] = endpoints(4, 2, first=3)
+    eps2[name(5)] = endpoints(5, 2, first=3)
+    good = p.render
+    p.render = BadRenderer("svc-5")
+    res = p.sync(SyncRequest(services, eps2, changed=frozenset({name(4), name(5)}), full=False))
+    assert not res.ok and "exited" in res.error
+    assert kernel_entries(netns) == before, "a failed partial transaction changed the kernel"
+    res = p.sync(SyncRequest(services, eps2, full=True))  # a failed full sync, too
+    assert not res.ok
+    assert kernel_entries(netns) == before, "a failed full transaction changed the kernel"
+    p.render = good
+    res = p.sync(SyncRequest(services, eps2, changed=frozenset(), full=False))
+    assert res.ok and p.last_stats["full"] == 1.0, "the sync after a failure must be full"
+    after = kernel_entries(netns)
+    assert any(endpoints(5, 2, first=3)[0].ip in e for e in after)
+    assert p.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["nftables", "iptables"])
+def test_cleanup_of_every_mode_removes_the_table(netns: str, mode: str) -> None:
+    p = proxier(netns)
+    services, eps = state(5, 2)
+    assert p.sync(SyncRequest(services, eps)).ok
+    assert table_exists(netns, "ip", "kube-proxy")
+    out = sh("ip", "netns", "exec", netns, KPROXY, "--cleanup", "--proxy-mode", mode,
+             "--iptables-backend", "nft", "--hostname-override", "n1", check=False)
+    assert out.returncode == 0, out.stderr
+    assert not table_exists(netns, "ip", "kube-proxy")
+    # Nothing to remove: still clean, exit 0.
+    out = sh("ip", "netns", "exec", netns, KPROXY, "--cleanup", "--proxy-mode", mode,
+             "--iptables-backend", "nft", "--hostname-override", "n1", check=False)
+    assert out.returncode == 0, out.stderr
+
+
+OTHER_TABLE = """table inet kpx-other {
+    set blocked { type ipv4_addr ; elements = { 203.0.113.7 } ; }
+    chain input { type filter hook input priority 0 ; policy accept ;
+        ip saddr @blocked counter drop
+        tcp dport 9999 counter accept
+    }
+}
+"""
+
+
+def _iptables_rules(netns: str) -> list[str]:
+    out = sh("ip", "netns", "exec", netns, "iptables-nft-save").stdout
+    return sorted(line for line in out.splitlines() if line.startswith("-A "))
+
+
+def test_coexists_with_another_table_and_iptables_nft_rules(netns: str) -> None:
+    sh("ip", "netns", "exec", netns, "nft", "-f", "-", inp=OTHER_TABLE)
+    sh("ip", "netns", "exec", netns, "iptables-nft", "-A", "INPUT", "-s", "198.51.100.9", "-j", "DROP")
+    sh("ip", "netns", "exec", netns, "iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", "198.51.100.0/24",
+       "-j", "MASQUERADE")
+    other = kernel_entries(netns, "inet", "kpx-other")
+    rules = _iptables_rules(netns)
+    assert len(rules) == 2
+    p = proxier(netns)
+    services, eps = state(30, 3, node_ports=True)
+    steps = [
+        SyncRequest(services, eps),
+        SyncRequest(services, {**eps, name(2): endpoints(2, 1)}, changed=frozenset({name(2)}), full=False),
+        SyncRequest(services, eps, full=True),
+    ]
+    for step in steps:
+        res = p.sync(step)
+        assert res.ok, res.error
+        assert kernel_entries(netns, "inet", "kpx-other") == other
+        assert _iptables_rules(netns) == rules
+    assert p.cleanup()
+    assert not table_exists(netns, "ip", "kube-proxy")
+    assert kernel_entries(netns, "inet", "kpx-other") == other
+    assert _iptables_rules(netns) == rules
