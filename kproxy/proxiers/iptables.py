@@ -37,7 +37,6 @@ from kproxy.backends.iptables import (
     chains_in_dump,
     detect_backend,
 )
-from kproxy.fastpath import Renderer
 from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
@@ -195,7 +194,7 @@ class IptablesProxier(Proxier):
         localhost_nodeports: bool = True,
         conntrack: Conntrack | None = None,
         health_server: ServiceHealthServer | None = None,
-        renderer: Renderer | None = None,
+        renderer: Any = None,
         node_ips: tuple[str, ...] = (),
         node_zone: str = "",
     ) -> None:
@@ -223,7 +222,10 @@ class IptablesProxier(Proxier):
         self.localhost_nodeports = localhost_nodeports
         self.conntrack = conntrack
         self.health_server = health_server
-        self.render = renderer or fastpath
+        # Typed as the pure twin (kproxy.fastpath): mypy checks every call; tests may pass a twin.
+        self.render = fastpath
+        if renderer is not None:
+            self.render = renderer
         self.node_zone = node_zone  # the Node's topology.kubernetes.io/zone: zone hints need it
         # What the kernel holds, per ServicePort; the chains kproxy owns are the union of their
         # `chains` (no separate 110,000-name set at 10,000 Services: chain names embed the
