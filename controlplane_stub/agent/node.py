@@ -16,6 +16,7 @@ from controlplane_stub.agent import netns
 from controlplane_stub.agent.catalog import Catalog
 from controlplane_stub.agent.pods import PodWorker, now
 from controlplane_stub.agent.record import Record
+from controlplane_stub.agent.streaming import StreamingServer
 
 log = logging.getLogger("kpc.agent")
 Obj = dict[str, Any]
@@ -40,6 +41,9 @@ class AgentConfig:
     heartbeat_seconds: float = 10.0
     max_pods: int = 110
     labels: dict[str, str] = field(default_factory=dict)
+    # The bearer token the API server presents to this agent's logs/exec endpoint (streaming.py);
+    # empty: no endpoint, and the Node advertises none (port 0).
+    kubelet_token: str = ""
 
 
 class Ipam:
@@ -92,6 +96,7 @@ class NodeAgent:
         self.events = api.EventRecorder(client, "kubelet", self.node.name)
         self.informer = api.Informer(client, "pods", field_selector=f"spec.nodeName={self.node.name}")
         self.informer.add_handler(self._on_pod)
+        self.streaming: StreamingServer | None = None
 
     def resolv_conf(self, pod: Obj) -> str | None:
         if not self.config.dns_ip or pod["spec"].get("dnsPolicy", "ClusterFirst") not in ("ClusterFirst", ""):
@@ -156,7 +161,7 @@ class NodeAgent:
             "capacity": cap,
             "allocatable": cap,
             "conditions": conds,
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.streaming.port if self.streaming else 0}},
             "nodeInfo": {
                 "kubeletVersion": "v1.32.0-kpc",
                 "kubeProxyVersion": "",
@@ -282,6 +287,9 @@ class NodeAgent:
 
     async def run(self) -> None:
         # Pods of an earlier run of this agent died with it; their namespaces are stale.
+        if self.config.kubelet_token:
+            self.streaming = StreamingServer(self, self.config.kubelet_token)
+            await self.streaming.start()
         await self.register()
         tasks = [asyncio.create_task(self.lease_loop()), asyncio.create_task(self.informer.run())]
         try:
@@ -290,6 +298,8 @@ class NodeAgent:
             for t in tasks:
                 t.cancel()
             await self.shutdown(grace=2.0)
+            if self.streaming is not None:
+                await self.streaming.stop()
 
     async def shutdown(self, grace: float) -> None:
         ws = list(self.workers.values())

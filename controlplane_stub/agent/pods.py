@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from controlplane_stub.agent import netns, probes
 from controlplane_stub.agent.backoff import CrashLoopBackoff
 from controlplane_stub.agent.catalog import ImageError
+from controlplane_stub.agent.logs import MAX_LINE, ContainerLog
 from controlplane_stub.agent.security import Identity, SecurityContextError, exposures, identity
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class ContainerRunner:
     liveness_kill: bool = False
     started: bool = False
     who: Identity | None = None
+    log: ContainerLog | None = None
 
     @property
     def name(self) -> str:
@@ -114,30 +116,32 @@ class ContainerRunner:
                 continue
             env = w.container_env(self.spec, image_env, self.who)
             wrapper = w.wrapper(self.who, w.agent.catalog.program_paths(self.spec), cwd)
-            logf = w.log_dir / f"{self.name}.log"
-            with logf.open("ab") as out:
-                out.write(f"--- {now()} start #{self.restart_count}: {argv}\n".encode())
-                out.flush()
-                try:
-                    self.proc = await asyncio.create_subprocess_exec(
-                        "ip",
-                        "netns",
-                        "exec",
-                        w.netns,
-                        *wrapper,
-                        *argv,
-                        env=env,
-                        cwd="/",
-                        stdout=out,
-                        stderr=out,
-                        stdin=asyncio.subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                except OSError as e:
-                    self.state = {"waiting": {"reason": "RunContainerError", "message": str(e)}}
-                    w.changed()
-                    await w.sleep_unless_stopping(backoff_base)
-                    continue
+            self.log = self.log or ContainerLog(w.log_dir, self.name)
+            self.log.new_instance()
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    "ip",
+                    "netns",
+                    "exec",
+                    w.netns,
+                    *wrapper,
+                    *argv,
+                    env=env,
+                    cwd="/",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    start_new_session=True,
+                    limit=MAX_LINE,
+                )
+            except OSError as e:
+                self.state = {"waiting": {"reason": "RunContainerError", "message": str(e)}}
+                w.changed()
+                await w.sleep_unless_stopping(backoff_base)
+                continue
+            assert self.proc.stdout is not None and self.proc.stderr is not None
+            pumps = [asyncio.create_task(self.log.pump(self.proc.stdout, "stdout")),
+                     asyncio.create_task(self.log.pump(self.proc.stderr, "stderr"))]
             started = now()
             if self.restart_count == 0:
                 w.event(
@@ -157,6 +161,8 @@ class ContainerRunner:
             w.changed()
             probe_tasks = [] if self.init else [asyncio.create_task(self._probes())]
             rc = await self.proc.wait()
+            # The pipes end when every holder of them (the container's children too) exited.
+            await asyncio.wait(pumps, timeout=2.0)
             for t in probe_tasks:
                 t.cancel()
             self.ready = False

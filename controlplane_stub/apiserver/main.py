@@ -9,11 +9,13 @@ import os
 import signal
 import ssl
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
 from ..store import backend
 from . import bootstrap, limits, pki, semantics
+from .podio import PodIO
 from .registry import Registry
 from .server import APIServer
 
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tls-san", action="append", default=[], help="extra name/IP for the serving certificate")
     p.add_argument("--token-auth-file", default="",
                    help="token,user,uid,\"groups\" lines (default: DATA/tokens.csv, generated on first start)")
+    p.add_argument("--kubelet-token-file", default="",
+                   help="the bearer token for the node agents' logs/exec endpoint (pods/log, pods/exec)")
     p.add_argument("--service-cluster-ip-range", default="10.96.0.0/12",
                    help="Service ClusterIP range; two comma-separated CIDRs for dual-stack")
     p.add_argument("--service-node-port-range", default="30000-32767")
@@ -148,6 +152,8 @@ async def serve(args: argparse.Namespace) -> int:
                         max_requests_inflight=args.max_requests_inflight,
                         max_mutating_requests_inflight=args.max_mutating_requests_inflight, connections=guard,
                         request_timeout=args.request_timeout)
+        if args.kubelet_token_file:
+            api.pod_io = PodIO(store, Path(args.kubelet_token_file).read_text().strip())
         runner = web.AppRunner(api.app(), handle_signals=False, access_log=None,
                                shutdown_timeout=3.0, keepalive_timeout=args.idle_connection_timeout)
         await runner.setup()

@@ -14,12 +14,12 @@ import msgspec
 from aiohttp import web
 
 from ..store.base import Compacted, FutureRevision, Obj, Store
-from . import bodies, discovery, limits, semantics
+from . import bodies, discovery, limits, podio, semantics
 from .errors import StatusError, bad_request, gone
 from .metrics import APIMetrics
 from .pki import User
 from .registry import Registry
-from .resources import BY_GROUP_VERSION, Resource
+from .resources import BY_GROUP_VERSION, BY_ID, Resource
 from .selectors import Matcher, object_matcher
 from .watch import WatchHub, WatchRequest
 
@@ -83,6 +83,7 @@ class APIServer:
                                 on_slow_watcher=lambda res: self.metrics.terminated_watchers.labels(res).inc())
         self.external_address = external_address
         self.ready = False
+        self.pod_io: podio.PodIO | None = None  # pods/log, exec: set when there are node agents to call
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
@@ -104,6 +105,8 @@ class APIServer:
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.watches.stop()
+        if self.pod_io is not None:
+            await self.pod_io.close()
 
     # -- middleware: auth and Status errors ----------------------------------------------------
 
@@ -161,7 +164,8 @@ class APIServer:
         As upstream's WithMaxInFlightLimit: watches are long-running and not counted, and
         system:masters is served even when the cap is reached, without taking a slot.
         """
-        if request.method == "GET" and _is_watch(request):
+        # Long-running requests (watches, and logs/exec as upstream's) hold no in-flight slot.
+        if (request.method == "GET" and _is_watch(request)) or podio.match(request.path):
             return None
         mutating = request.method not in _READ_METHODS
         if self.inflight.acquire(mutating):
@@ -286,6 +290,12 @@ class APIServer:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         if not request.match_info.get("tail", "").strip("/"):  # /api/ and /apis/: the discovery roots
             return await (self._api_root if request.path.startswith("/api/") else self._apis_root)(request)
+        io = podio.match(request.path)
+        if io is not None:
+            self._authorize(request, podio.VERBS[io[2]], Target(BY_ID["pods"], *io, False))
+            if self.pod_io is None:
+                raise StatusError(503, "ServiceUnavailable", "this server has no kubelet credentials")
+            return await self.pod_io.handle(request, *io)
         parsed = self._parse(request.path)
         if isinstance(parsed, web.Response):
             return parsed

@@ -312,8 +312,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """Container logs (kubectl logs needs a kubelet API the API server would proxy to; the node
-    agents write one file per container instead, appended across restarts)."""
+    """Container logs straight from the node agents' files (the current instance, timestamped);
+    without the API server, unlike `kubectl logs`."""
     st = _state(args)
     if st is None:
         print(f"kproxy-cluster logs: no cluster {args.name}", file=sys.stderr)
@@ -434,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--backoff-reset", type=float, default=600.0)
     ag.add_argument("--hide-path", action="append", default=[], help="a directory containers must not see")
     ag.add_argument("--record", default="", help="record the pod namespaces made here in this file")
+    ag.add_argument("--kubelet-token-file", default="", help="the token the API server shows to the logs/exec endpoint")
     return p
 
 

@@ -48,6 +48,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         hide_paths=args.hide_path
         or [str(Path(args.kubeconfig).resolve().parent), str(Path(args.data_dir).resolve())],
         record_file=args.record,
+        kubelet_token=Path(args.kubelet_token_file).read_text().strip() if args.kubelet_token_file else "",
     )
 
     async def run() -> None:

@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -126,6 +127,14 @@ class Supervisor:
         self.st.components["apiserver"] = self.st.api_url
         self.publish()
 
+    def kubelet_token(self) -> str:
+        """The file of the token the API servers show to the node agents' logs/exec endpoint."""
+        f = self.dir / "kubelet-token"
+        if not f.exists():
+            f.write_text(secrets.token_urlsafe(32))
+            os.chmod(f, 0o600)
+        return str(f)
+
     def spawn_apiserver(self, name: str, ad: Path, port: int, extra: list[str] | None = None) -> str:
         """Start kproxy-apiserver as the component name with data dir ad; its URL once ready."""
         exe = tool("kproxy-apiserver")
@@ -133,7 +142,7 @@ class Supervisor:
             raise RuntimeError("kproxy-apiserver is not installed (pip install -e . in the repo)")
         logf = self.logs / f"{name}.log"
         offset = logf.stat().st_size if logf.exists() else 0
-        cmd = [exe, "--data-dir", str(ad), "--secure-port", str(port)]
+        cmd = [exe, "--data-dir", str(ad), "--secure-port", str(port), "--kubelet-token-file", self.kubelet_token()]
         p = self.spawn(name, cmd + ["--service-cluster-ip-range", SERVICE_CIDR, *(extra or [])])
         deadline = time.monotonic() + 60
         url = ""
@@ -263,6 +272,8 @@ class Supervisor:
                 str(self.record.path),
                 "--hide-path",
                 str(self.dir),
+                "--kubelet-token-file",
+                self.kubelet_token(),
             ]
             if self.args.image_catalog:
                 cmd += ["--image-catalog", self.args.image_catalog]

@@ -1,0 +1,176 @@
+"""pods/log, pods/exec and pods/portforward: checked here, then proxied to the pod's node agent.
+
+As kube-apiserver: the pod must exist and be bound to a node, the container must be one of the
+pod's (or the pod has only one), exec needs a pod not yet completed; then the request goes to the
+node's kubelet endpoint (the agent's streaming.py, at the port the Node advertises in
+status.daemonEndpoints, on loopback: see streaming.py) with the cluster's kubelet token. Logs are
+streamed through as they come; exec is a WebSocket relayed message by message, in the channel
+protocol kubectl and the agent agreed (v5.channel.k8s.io or v4).
+
+Port-forward is refused with 400: kubectl 1.32 speaks SPDY/3.1 for it (tunnelled in a WebSocket,
+or directly), which this server does not implement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from ..agent.logs import LogQuery, LogQueryError
+from ..store.base import Obj, Store
+from .errors import StatusError, bad_request, not_found
+from .resources import BY_ID
+
+# The verb each subresource needs (upstream: exec/attach/portforward are "create" even over a
+# WebSocket GET since 1.30; logs are "get", which `view` has).
+VERBS = {"log": "get", "exec": "create", "portforward": "create"}
+EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+KUBELET_HOST = "127.0.0.1"
+MAX_WS_MESSAGE = 1024 * 1024
+
+
+def match(path: str) -> tuple[str, str, str] | None:
+    """(namespace, pod, subresource) for /api/v1/namespaces/NS/pods/NAME/{log,exec,portforward}."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods" and parts[6] in VERBS:
+        return parts[3], parts[5], parts[6]
+    return None
+
+
+class PodIO:
+    def __init__(self, store: Store, kubelet_token: str) -> None:
+        self.store = store
+        self.token = kubelet_token
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _pod(self, ns: str, name: str) -> Obj:
+        pod = self.store.get(BY_ID["pods"].key(ns, name))
+        if pod is None:
+            raise not_found("pods", name)
+        return pod
+
+    @staticmethod
+    def _container(pod: Obj, requested: str) -> str:
+        name = pod["metadata"]["name"]
+        spec = pod.get("spec") or {}
+        names = [str(c.get("name")) for c in spec.get("containers") or []]
+        init = [str(c.get("name")) for c in spec.get("initContainers") or []]
+        if not requested:
+            if len(names) == 1:
+                return names[0]
+            raise bad_request(f"a container name must be specified for pod {name}, choose one of: "
+                              f"[{' '.join(names)}]" + (f" or one of the init containers: [{' '.join(init)}]"
+                                                        if init else ""))
+        if requested not in names + init:
+            raise bad_request(f"container {requested} is not valid for pod {name}")
+        return requested
+
+    def _endpoint(self, pod: Obj) -> str:
+        node_name = (pod.get("spec") or {}).get("nodeName") or ""
+        if not node_name:
+            raise bad_request(f"pod {pod['metadata']['name']} does not have a host assigned")
+        node = self.store.get(BY_ID["nodes"].key("", node_name))
+        port = ((((node or {}).get("status") or {}).get("daemonEndpoints") or {}).get("kubeletEndpoint")
+                or {}).get("Port")
+        if not self.token or not isinstance(port, int) or not 0 < port < 65536:
+            raise StatusError(503, "ServiceUnavailable", f'node "{node_name}" has no kubelet endpoint')
+        return f"http://{KUBELET_HOST}:{port}"
+
+    async def handle(self, request: web.Request, ns: str, name: str, sub: str) -> web.StreamResponse:
+        pod = self._pod(ns, name)
+        container = self._container(pod, request.query.get("container", ""))
+        base = self._endpoint(pod)
+        path = f"{ns}/{name}/{container}"
+        if sub == "log":
+            if request.method != "GET":
+                raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the "
+                                  "requested resource")
+            try:
+                q = LogQuery.parse(request.query)
+            except LogQueryError as e:
+                raise bad_request(str(e)) from None
+            return await self._logs(request, f"{base}/containerLogs/{path}", q)
+        if sub == "portforward":
+            raise bad_request("port-forward is not supported by this server (kubectl 1.32 needs SPDY/3.1 for it)")
+        phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            raise bad_request(f"cannot exec into a container in a completed pod; current phase is {phase}")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            raise bad_request("Upgrade request required (this server speaks the WebSocket exec protocols "
+                              f"{', '.join(EXEC_PROTOCOLS)}, not SPDY)")
+        return await self._exec(request, f"{base}/exec/{path}", container)
+
+    async def _logs(self, request: web.Request, url: str, q: LogQuery) -> web.StreamResponse:
+        try:
+            upstream = await self.session().get(url, params=q.to_query())
+        except aiohttp.ClientError as e:
+            raise StatusError(503, "ServiceUnavailable", f"the node agent did not answer: {e}") from None
+        async with upstream:
+            if upstream.status != 200:
+                body = await upstream.read()
+                return web.Response(body=body[:64 * 1024], status=upstream.status, content_type="application/json")
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except (ConnectionResetError, aiohttp.ClientError):
+                pass
+            await resp.write_eof()
+            return resp
+
+    async def _exec(self, request: web.Request, url: str, container: str) -> web.StreamResponse:
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        protocols = [p for p in offered if p in EXEC_PROTOCOLS]
+        if not protocols:
+            raise bad_request(f"none of the offered subprotocols is supported: want one of {EXEC_PROTOCOLS}")
+        params: list[tuple[str, str]] = [(k, v) for k, v in request.query.items()
+                                         if k in ("command", "stdin", "stdout", "stderr", "tty")]
+        try:
+            upstream = await self.session().ws_connect(url, params=params, protocols=protocols,
+                                                       max_msg_size=MAX_WS_MESSAGE)
+        except aiohttp.WSServerHandshakeError as e:
+            raise StatusError(e.status if e.status >= 400 else 500, "BadRequest" if e.status == 400 else
+                              "InternalError", f"unable to upgrade connection: container {container} is not "
+                              f"running (node agent: {e.status} {e.message})") from None
+        except aiohttp.ClientError as e:
+            raise StatusError(503, "ServiceUnavailable", f"the node agent did not answer: {e}") from None
+        ws = web.WebSocketResponse(protocols=(upstream.protocol or protocols[0],), max_msg_size=MAX_WS_MESSAGE)
+        try:
+            await ws.prepare(request)
+            await _relay(ws, upstream)
+        finally:
+            await upstream.close()
+            await ws.close()
+        return ws
+
+
+async def _relay(client: web.WebSocketResponse, node: aiohttp.ClientWebSocketResponse) -> None:
+    async def pump(src: Any, dst: Any) -> None:
+        async for msg in src:
+            if msg.type == WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+
+    tasks = [asyncio.create_task(pump(client, node)), asyncio.create_task(pump(node, client))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,242 @@
+"""kubectl 1.32 logs and exec against the one-machine cluster (real kubectl, API server, node agent,
+container processes in pod namespaces), plus unit tests of the pure parts (log options, log files,
+exec status and resize messages)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import re
+import select
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cluster_helpers import Cluster, wait_for
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controlplane_stub.agent.logs import ContainerLog, LogQuery, LogQueryError, read
+from controlplane_stub.agent.streaming import exit_status, parse_resize
+
+TS = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
+
+
+# -- units ---------------------------------------------------------------------------------------
+def test_log_query_parses_and_refuses_bad_values() -> None:
+    q = LogQuery.parse({"follow": "true", "tailLines": "3", "sinceSeconds": "10", "limitBytes": "5",
+                        "timestamps": "1", "container": "c"})
+    assert (q.follow, q.tail_lines, q.since_seconds, q.limit_bytes, q.timestamps, q.container) == (
+        True, 3, 10, 5, True, "c")
+    assert LogQuery.parse(q.to_query()) == LogQuery(follow=True, timestamps=True, tail_lines=3,
+                                                     since_seconds=10, limit_bytes=5)
+    for bad in ({"tailLines": "-1"}, {"tailLines": "x"}, {"sinceSeconds": "0"}, {"limitBytes": "0"},
+                {"follow": "maybe"}, {"sinceTime": "2020-01-01T00:00:00Z"}):
+        with pytest.raises(LogQueryError):
+            LogQuery.parse(bad)
+
+
+async def _collect(log: ContainerLog, q: LogQuery) -> bytes:
+    return b"".join([b async for b in read(log, q, lambda: False)])
+
+
+def test_log_files_previous_tail_limit_and_timestamps(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = ContainerLog(tmp_path, "c", max_bytes=200)
+        for instance in range(2):
+            log.new_instance()
+            r = asyncio.StreamReader()
+            r.feed_data(b"".join(b"i%d line %d\n" % (instance, n) for n in range(20)) + b"no newline")
+            r.feed_eof()
+            await log.pump(r, "stdout")
+        assert log.current.with_name("c.log.1").exists(), "rotated by size"
+        cur = await _collect(log, LogQuery())
+        assert cur.splitlines()[-2:] == [b"i1 line 19", b"no newline"]
+        assert b"i0" not in cur
+        prev = await _collect(log, LogQuery(previous=True))
+        assert b"i0 line 19" in prev and b"i1" not in prev
+        assert await _collect(log, LogQuery(tail_lines=2)) == b"i1 line 19\nno newline\n"
+        assert await _collect(log, LogQuery(limit_bytes=7)) == b"i1 line"[:7]
+        stamped = await _collect(log, LogQuery(tail_lines=1, timestamps=True))
+        assert TS.match(stamped) and stamped.endswith(b" no newline\n")
+        assert await _collect(log, LogQuery(since_seconds=1)) != b""
+        assert await _collect(log, LogQuery(tail_lines=0)) == b""
+
+    asyncio.run(main())
+
+
+def test_exec_exit_status_is_what_kubectl_reads() -> None:
+    assert exit_status(0, ["true"]) == {"metadata": {}, "status": "Success"}
+    s = exit_status(7, ["sh", "-c", "exit 7"])
+    assert s["reason"] == "NonZeroExitCode" and s["details"]["causes"] == [{"reason": "ExitCode", "message": "7"}]
+
+
+@given(st.binary(max_size=64))
+def test_resize_parser_never_raises(data: bytes) -> None:
+    r = parse_resize(data)
+    assert r is None or (0 <= r[0] < 65536 and 0 <= r[1] < 65536)
+
+
+def test_resize_parser_reads_kubectl_messages() -> None:
+    assert parse_resize(b'{"Width":80,"Height":24}') == (80, 24)
+    assert parse_resize(b'{"Width":-1,"Height":24}') is None
+    assert parse_resize(b'{"Width":"80","Height":24}') is None
+
+
+# -- kubectl against the cluster ------------------------------------------------------------------
+
+def e2e(test: Callable[..., None]) -> Callable[..., None]:
+    marked: Callable[..., None] = pytest.mark.e2e(pytest.mark.kubectl(pytest.mark.timeout(240)(test)))
+    return marked
+
+
+TICKER = ["sh", "-c", "echo started >&2; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done"]
+CRASHER = ["sh", "-c", "echo instance-$$; echo to-stderr >&2; sleep 2; exit 1"]
+
+
+@pytest.fixture(scope="module")
+def io_cluster(small_cluster: Cluster) -> Iterator[Cluster]:
+    c = small_cluster
+    for name, cmd in (("ticker", TICKER), ("crasher", CRASHER)):
+        c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                 "spec": {"containers": [{"name": "main", "image": "busybox", "command": cmd}]}})
+    for name in ("ticker", "crasher"):
+        wait_for(lambda n=name: c.json("pod", n).get("status", {}).get("phase") == "Running", timeout=60,
+                 what=f"pod {name} running")
+    yield c
+    c.kubectl("delete", "pod", "ticker", "crasher", "--wait=false", check=False)
+
+
+def run(c: Cluster, *args: str, input: str | None = None, kubeconfig: str = "",
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = dict(c.env, KUBECONFIG=kubeconfig) if kubeconfig else c.env
+    return subprocess.run(["kubectl", *args], env=env, input=input, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@e2e
+def test_kubectl_logs_tail_timestamps_and_errors(io_cluster: Cluster) -> None:
+    c = io_cluster
+    wait_for(lambda: "tick 3" in c.kubectl("logs", "ticker"), timeout=20, what="ticker's output")
+    out = c.kubectl("logs", "ticker")
+    assert out.startswith("started\ntick 0\ntick 1\n"), out[:200]  # stderr and stdout, in order
+    tail = c.kubectl("logs", "ticker", "--tail=2", "--timestamps").encode().splitlines()
+    assert len(tail) == 2 and all(TS.match(line + b"\n") for line in tail), tail
+    assert c.kubectl("logs", "ticker", "-c", "main", "--limit-bytes=4") == "star"
+    r = run(c, "logs", "nosuch")
+    assert r.returncode != 0 and 'pods "nosuch" not found' in r.stderr
+    r = run(c, "logs", "ticker", "-c", "other")
+    assert r.returncode != 0 and "container other is not valid for pod ticker" in r.stderr
+    # No previous instance yet: the kubelet's error.
+    r = run(c, "logs", "ticker", "--previous")
+    assert r.returncode != 0 and 'previous terminated container "main" in pod "ticker" not found' in r.stderr
+
+
+@e2e
+def test_kubectl_logs_follow_sees_new_lines_until_killed(io_cluster: Cluster) -> None:
+    c = io_cluster
+    p = subprocess.Popen(["kubectl", "logs", "-f", "--tail=1", "ticker"], env=c.env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        seen: list[int] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(seen) < 3:
+            ready, _, _ = select.select([p.stdout], [], [], 1.0)
+            if ready:
+                line = p.stdout.readline()
+                assert line, f"kubectl logs -f ended early: {p.stderr.read() if p.stderr else ''}"
+                seen.append(int(line.split()[1]))
+        # --tail=1 gave the latest line at the start; the next ones were written after it started.
+        assert len(seen) == 3 and seen == sorted(seen) and seen[2] > seen[0], seen
+        assert p.poll() is None, "kubectl logs -f is still following"
+    finally:
+        p.kill()
+        assert p.wait(10) != 0
+
+
+@e2e
+def test_kubectl_logs_previous_after_a_restart(io_cluster: Cluster) -> None:
+    c = io_cluster
+
+    def restarted_and_running() -> bool:
+        cs = (c.json("pod", "crasher").get("status", {}).get("containerStatuses") or [{}])[0]
+        return cs.get("restartCount", 0) >= 1 and "running" in cs.get("state", {})
+
+    wait_for(restarted_and_running, timeout=40, what="crasher restarted")
+    prev = c.kubectl("logs", "crasher", "--previous")
+    cur = c.kubectl("logs", "crasher")
+    prev_id = re.findall(r"instance-(\d+)", prev)
+    cur_id = re.findall(r"instance-(\d+)", cur)
+    assert len(prev_id) == 1 and len(cur_id) == 1 and prev_id != cur_id, (prev, cur)
+    assert "to-stderr" in prev
+
+
+@e2e
+def test_kubectl_exec_output_exit_code_stdin_and_namespaces(io_cluster: Cluster) -> None:
+    c = io_cluster
+    r = run(c, "exec", "ticker", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (r.returncode, r.stdout, r.stderr.splitlines()[0]) == (7, "out\n", "err"), r
+    r = run(c, "exec", "ticker", "--", "true")
+    assert (r.returncode, r.stdout) == (0, "")
+    data = "".join(f"line {i} of stdin\n" for i in range(2000))
+    r = run(c, "exec", "-i", "ticker", "--", "cat", input=data)
+    assert r.returncode == 0 and r.stdout == data, r.stderr
+    # The container's view: its hostname (UTS namespace), its network namespace (the pod IP), its
+    # user (unprivileged), and the cluster's directory hidden (mount namespace).
+    pod_ip = c.json("pod", "ticker")["status"]["podIP"]
+    cluster_dir = Path(c.home) / c.name
+    r = run(c, "exec", "ticker", "--", "sh", "-c",
+            f"cat /proc/sys/kernel/hostname; id -u; ip -o -4 addr show; ls -A {cluster_dir} | wc -l")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "ticker" and lines[1] != "0" and f" {pod_ip}/" in r.stdout and lines[-1] == "0", r.stdout
+    assert os.listdir(cluster_dir), "the cluster directory is not empty outside the pod"
+    r = run(c, "exec", "ticker", "--", "no-such-program")
+    assert r.returncode != 0 and r.returncode != 7
+    r = run(c, "exec", "nosuch", "--", "true")
+    assert r.returncode != 0 and 'pods "nosuch" not found' in r.stderr
+
+
+@e2e
+def test_kubectl_exec_with_a_terminal(io_cluster: Cluster) -> None:
+    c = io_cluster
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(c.env)
+        os.execvp("kubectl", ["kubectl", "exec", "-it", "ticker", "--", "sh"])
+    out = b""
+    try:
+        os.write(fd, b"tty && echo answer-$((6*7))\n")
+        deadline = time.monotonic() + 20
+        while b"answer-42" not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 1.0)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert b"answer-42" in out and b"/dev/pts/" in out, out
+        os.write(fd, b"exit 3\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 3
+        pid = 0
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+@e2e
+def test_read_only_identity_reads_logs_but_cannot_exec(io_cluster: Cluster) -> None:
+    c = io_cluster
+    ro = str(Path(c.home) / c.name / "apiserver" / "readonly.kubeconfig")
+    assert Path(ro).exists()
+    r = run(c, "logs", "ticker", "--tail=1", kubeconfig=ro)
+    assert r.returncode == 0 and r.stdout.startswith("tick "), r.stderr
+    r = run(c, "exec", "ticker", "--", "true", kubeconfig=ro)
+    assert r.returncode != 0
+    assert 'cannot create resource "pods/exec" in API group "" in the namespace "default"' in r.stderr, r.stderr
