@@ -173,6 +173,11 @@ def _split(line: bytes) -> tuple[bytes, bytes]:
     return ts, text
 
 
+def log_text(log: ContainerLog) -> bytes:
+    """The current instance's text, as `kubectl logs` shows it."""
+    return b"".join(text for _, text in _records(log.files(False)))
+
+
 def render(ts: bytes, text: bytes, q: LogQuery) -> bytes:
     return ts + b" " + text if q.timestamps else text
 

@@ -322,12 +322,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not dirs:
         print(f"kproxy-cluster logs: no logs for pod {args.namespace}/{args.pod}", file=sys.stderr)
         return 1
-    files = sorted(dirs[-1].glob(f"{args.container or '*'}.log"))
+    files = [f for f in sorted(dirs[-1].glob(f"{args.container or '*'}.log")) if not f.name.endswith(".previous.log")]
     if not files:
         print(f"kproxy-cluster logs: pod {args.pod} has no container {args.container!r}", file=sys.stderr)
         return 1
+    from controlplane_stub.agent.logs import ContainerLog, log_text
+
     for f in files:
-        sys.stdout.write(f.read_text(errors="replace"))
+        sys.stdout.write(log_text(ContainerLog(f.parent, f.name.removesuffix(".log"))).decode(errors="replace"))
     return 0
 
 
