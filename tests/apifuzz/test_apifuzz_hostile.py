@@ -207,3 +207,40 @@ def test_mutated_bodies(fuzz_client: FuzzClient) -> None:
     batch()
     assert fuzz_client.sent - before >= MUTATION_REQUESTS
     assert_alive(fuzz_client)
+
+
+SUBRESOURCE_BODIES = [b"", b"null", b"[]", b"1", b'"x"', b"{", b'{"target":null}', b'{"target":[]}',
+                      b'{"target":{"name":1}}', b'{"target":{"name":"n","kind":[]}}', b'{"metadata":[]}',
+                      b'{"metadata":{"uid":1},"target":{"name":"n"}}', b'{"spec":{"replicas":"x"}}', b'{"spec":[]}',
+                      b'{"spec":{"replicas":-1}}', b'{"spec":{"replicas":1e400}}',
+                      b'{"metadata":{"resourceVersion":1},"spec":{"replicas":1}}',
+                      b'{"spec":{"replicas":99999999999999999999}}',
+                      b'[{"op":"replace","path":"/spec/replicas","value":"x"}]', b"spec: {replicas: [1]}\n"]
+
+
+@pytest.mark.timeout(300)
+def test_subresources_and_query_parameters(fuzz_client: FuzzClient) -> None:
+    """pods/binding, deployments/scale (every patch type) and deletecollection, which the OpenAPI
+    document does not list, with broken bodies; lists and deletes with broken query parameters."""
+    before = fuzz_client.sent
+    fuzz_client.json("POST", f"/api/v1/namespaces/{NS}/pods", {
+        "metadata": {"name": "bind-me"}, "spec": {"containers": [{"name": "c", "image": "i"}]}})
+    fuzz_client.json("POST", f"/apis/apps/v1/namespaces/{NS}/deployments", {
+        "metadata": {"name": "scale-me"}, "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+            "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}})
+    scale = f"/apis/apps/v1/namespaces/{NS}/deployments/scale-me/scale"
+    targets = [("POST", f"/api/v1/namespaces/{NS}/pods/bind-me/binding", "application/json"),
+               ("PUT", scale, "application/json"), ("PUT", scale, "application/yaml"),
+               *(("PATCH", scale, ctype) for ctype in PATCH_TYPES),
+               ("DELETE", f"/api/v1/namespaces/{NS}/configmaps", "application/json")]
+    for body in SUBRESOURCE_BODIES:
+        for method, path, ctype in targets:
+            fuzz_client.send(method, path, body, ctype, params={"fieldManager": "h"})
+    for params in ({"labelSelector": "a in ("}, {"fieldSelector": "x"}, {"labelSelector": "\x00"},
+                   {"limit": "1e3"}, {"limit": "-5"}, {"continue": "!!"}, {"resourceVersion": "-1"},
+                   {"resourceVersionMatch": "Exact", "resourceVersion": "99999999999"},
+                   {"gracePeriodSeconds": "x"}, {"propagationPolicy": "x"}, {"dryRun": "x"}):
+        for method in ("GET", "DELETE"):
+            fuzz_client.send(method, f"/api/v1/namespaces/{NS}/configmaps", None, None, params=params)
+    assert fuzz_client.sent - before >= 180
+    assert_alive(fuzz_client)
