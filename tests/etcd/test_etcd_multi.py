@@ -55,7 +55,7 @@ def test_concurrent_service_creates_through_two_servers_get_unique_ips_and_node_
                                                                                       prefix: str) -> None:
     # Small ranges and the same allocator start on both servers: they pick the same values and race.
     extra = ("--service-cluster-ip-range", "10.97.0.0/24", "--service-node-port-range", "30000-30299")
-    per_thread, threads_per_server = 25, 3
+    per_thread, threads_per_server = 25, 2
     with apiservers(etcd1, 2, prefix, *extra) as servers:
         results: list[tuple[int, object]] = []
         lock = threading.Lock()
