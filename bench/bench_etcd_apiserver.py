@@ -199,6 +199,7 @@ def _kube_apiserver(out_dir: str) -> Iterator[Target]:
         subprocess.run(["bash", os.path.join(peers, "down.sh"), out_dir], env=env, timeout=120, capture_output=True)
 
 
+@pytest.mark.timeout(2400)
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (apt-get install etcd-server)")
 def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
     targets: list[Callable[[], contextlib.AbstractContextManager[Target]]] = [
@@ -214,7 +215,9 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
     def run() -> None:
         for make in targets:
             with make() as t:
+                started = time.monotonic()
                 rows[t.name] = _measure(t)
+                print(f"\n{t.name}: {rows[t.name]} ({time.monotonic() - started:.0f} s)", flush=True)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     print(f"\n{N_SERVICES} Services, load average {os.getloadavg()[0]:.2f}")
