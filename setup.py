@@ -35,7 +35,9 @@ def _extensions() -> list[Extension]:
 
 setup(
     packages=_packages(),
-    package_data={"": ["*.pyi", "*.pyx", "py.typed"]},
+    # controlplane_stub.seed: the seed app's manifests and the image catalog, read through
+    # importlib.resources by an installed kproxy-cluster (examples/ links to them).
+    package_data={"": ["*.pyi", "*.pyx", "py.typed"], "controlplane_stub.seed": ["*.yaml"]},
     ext_modules=cythonize(
         _extensions(),
         language_level=3,

@@ -15,7 +15,10 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "examples" / "flask-kubernetes" / "images.yaml"
+from controlplane_stub import seed
+
+# The catalog shipped in the package (examples/flask-kubernetes/images.yaml links to it).
+DEFAULT_CATALOG = seed.path("images.yaml")
 
 
 class ImageError(Exception):

@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--image-catalog",
             default="",
-            help="image -> command catalog (default examples/flask-kubernetes/images.yaml)",
+            help="image -> command catalog (default: the one in the package, examples/flask-kubernetes/images.yaml)",
         )
         sp.add_argument(
             "--backoff-base",

@@ -10,11 +10,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from controlplane_stub import seed
 from controlplane_stub.agent.record import Record
 
 MARKER = "KPC_CLUSTER"
-REPO = Path(__file__).resolve().parents[2]
-SEED = REPO / "examples" / "seed" / "flask-kubernetes.yaml"
+# Package data (examples/seed/flask-kubernetes.yaml links to it): found also when installed.
+SEED = seed.path("flask-kubernetes.yaml")
 DNS_IP = "10.96.0.10"
 SERVICE_CIDR = "10.96.0.0/12"
 
