@@ -39,12 +39,13 @@ from .errors import StatusError
 
 log = logging.getLogger("kproxy.apiserver.limits")
 
-SEND_PIECE = 64 * 1024
-SEND_HIGH_WATER = 128 * 1024
+SEND_PIECE = 32 * 1024
+SEND_HIGH_WATER = 64 * 1024
 # asyncio's TLS protocol allocates (and zero-fills) a read buffer of this size per connection at
 # accept, before the handshake: 256 KiB upstream, i.e. 256 MiB per 1,000 connections that never
-# start TLS. One TLS record is at most 16 KiB + overhead; 32 KiB reads lose nothing measurable.
-SSL_READ_BUFFER = 32 * 1024
+# start TLS. One TLS record is at most 16 KiB + overhead: a 17 KiB buffer reads one at a time
+# (a 10 MB list was not slower, bench_apiserver_limits.py).
+SSL_READ_BUFFER = 17 * 1024
 
 # glibc's heap is trimmed when this many descriptors have been closed since the last peak.
 TRIM_AFTER_CLOSED = 64
@@ -284,7 +285,7 @@ async def send(resp: web.StreamResponse, data: bytes, timeout: float) -> None:
     for off in range(0, len(data), SEND_PIECE):
         try:
             async with asyncio.timeout(timeout):
-                # write() drains once more than 64 KiB is queued, i.e. after each piece.
+                # write() drains once more than 64 KiB is queued: every second piece.
                 await resp.write(view[off:off + SEND_PIECE])
         except TimeoutError:
             raise SlowClient from None

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=limits.DEFAULT_REQUEST_TIMEOUT,
                    help="seconds a request's body may take to arrive; then 504 (default 60)")
     p.add_argument("--send-timeout", type=float, default=limits.DEFAULT_SEND_TIMEOUT,
-                   help="seconds a list or watch client may take to accept the next 64 KiB of its response "
+                   help="seconds a list or watch client may take to accept the next 32 KiB of its response "
                         "before it is disconnected (kproxy only; default 10)")
     backend.add_flags(p)
     p.add_argument("-v", "--v", type=int, default=1, help="log verbosity: 0 warnings, 1 info, 2+ debug")

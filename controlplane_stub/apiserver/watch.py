@@ -91,7 +91,7 @@ class WatchHub:
             yield _encode(ev) + b"\n"
 
     async def _send(self, resp: web.StreamResponse, wr: WatchRequest, lines: Iterable[bytes]) -> None:
-        """Lines go out in pieces of about 64 KiB: never one buffer per watcher for a whole state."""
+        """Lines go out in pieces of about 32 KiB: never one buffer per watcher for a whole state."""
         for piece in limits.pieces(self._encode_out(wr, lines)):
             await limits.send(resp, piece, self.send_timeout)
 

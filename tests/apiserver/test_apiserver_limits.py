@@ -90,7 +90,7 @@ def test_response_to_a_client_that_never_reads_is_bounded_and_closed(limited: tu
         # Meanwhile a normal client is served.
         code, body = admin.get(f"/api/v1/namespaces/{ns}/configmaps", limit="5")
         assert code == 200 and len(body["items"]) == 5
-        # A client that does not take the next 64 KiB within --send-timeout is disconnected
+        # A client that does not take the next 32 KiB within --send-timeout is disconnected
         # (old code: kept, waiting for it forever).
         closed = hostile.closed_by_server(SEND_TIMEOUT + 10)
         assert closed == 10, f"{kind}: the server closed {closed} of 10 stalled clients"
