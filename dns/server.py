@@ -3,9 +3,11 @@ and the HTTP side port with /health, /ready and Prometheus /metrics."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,31 @@ UDP_BATCHES = 16  # recvmmsg batches per readiness callback, so TCP and watches 
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _kernel_unsent(writer: asyncio.StreamWriter) -> int:
+    """Bytes the kernel still holds for the peer (SIOCOUTQ): answers the client has not read."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", out)[0])
+
+
+def _reset(transport: asyncio.WriteTransport) -> None:
+    """Close with a reset (SO_LINGER 0): a plain close of a socket whose client does not read
+    queues a FIN behind the unsent answers, which never leaves, so the kernel would keep the
+    socket and its buffers as an orphan for minutes and the client would see it open."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already closed
+    transport.abort()
 
 
 @dataclass(frozen=True)
@@ -200,7 +227,7 @@ class DNSServer:
         for old in self.conns:
             if (source is None or old.source == source) and old.evictable():
                 self._release(old)
-                old.transport.abort()
+                _reset(old.transport)
                 self.tcp_evicted += 1
                 return True
         return False
@@ -220,7 +247,7 @@ class DNSServer:
         conn = _Conn(str(peer[0]) if peer else "", transport)
         if not self._admit(conn):
             self.tcp_refused += 1
-            transport.abort()
+            _reset(transport)
             return
         transport.set_write_buffer_limits(high=self.limits.write_buffer)
         try:
@@ -241,7 +268,7 @@ class DNSServer:
                 if not transport.is_closing():
                     writer.write(struct.pack("!H", len(out)) + out)
                     if transport.get_write_buffer_size() > 2 * lim.write_buffer:
-                        transport.abort()  # a client that does not read its answers: closed
+                        _reset(transport)  # a client that does not read its answers: closed
             finally:
                 conn.forwards -= 1
                 inflight.release()
@@ -280,8 +307,10 @@ class DNSServer:
         except TimeoutError:
             self.tcp_timeouts += 1
             # Silent between queries with every answer taken: a normal close. Mid-query, or with
-            # answers the client has not read for idle_timeout: aborted, nothing more to wait for.
-            graceful = idle and not transport.get_write_buffer_size()
+            # answers the client has not read for idle_timeout (in our buffer or the kernel's):
+            # aborted. A FIN queued behind unread data would never leave, and the kernel would
+            # keep the socket and its buffer as an orphan.
+            graceful = idle and not transport.get_write_buffer_size() and not _kernel_unsent(writer)
         except ConnectionError:
             pass
         finally:
@@ -294,11 +323,13 @@ class DNSServer:
                 try:
                     async with asyncio.timeout(lim.write_timeout):
                         await writer.drain()
+                        while _kernel_unsent(writer):  # the client is still reading its answers
+                            await asyncio.sleep(0.05)
                     writer.close()
                 except (TimeoutError, ConnectionError):
-                    transport.abort()
+                    _reset(transport)
             else:
-                transport.abort()
+                _reset(transport)
 
 
 def _labels(**kv: str) -> str:
