@@ -19,6 +19,7 @@ log = logging.getLogger("kdns.server")
 
 MAX_FORWARDS = 1000  # forwarded queries pending in total (beyond: dropped, the client retries)
 IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; in the socket module from 3.12
+TCP_BURST = 8  # queries one TCP connection answers before the others (and UDP) get the loop
 TCP_READ_BUFFER = 16 << 10  # queries read ahead per connection (StreamReader pauses past twice this)
 UDP_BATCHES = 16  # recvmmsg batches per readiness callback, so TCP and watches get their turn
 
@@ -227,7 +228,7 @@ class DNSServer:
         for old in self.conns:
             if (source is None or old.source == source) and old.evictable():
                 self._release(old)
-                _reset(old.transport)
+                old.transport.abort()  # idle: nothing unsent, a plain close is a FIN
                 self.tcp_evicted += 1
                 return True
         return False
@@ -274,6 +275,7 @@ class DNSServer:
                 inflight.release()
 
         graceful = idle = False
+        burst = 0
         try:
             while True:
                 conn.reading = idle = True
@@ -290,6 +292,12 @@ class DNSServer:
                 out = self.resolver.local(data, True, source)
                 if out is None:
                     break  # unreadable: close, as the stream can no longer be trusted
+                burst += 1
+                if burst >= TCP_BURST:
+                    # Reads from a full buffer do not yield: a client pipelining thousands of
+                    # queries would hold the loop while UDP, other connections and /metrics wait.
+                    burst = 0
+                    await asyncio.sleep(0)
                 if isinstance(out, Forward):
                     conn.forwards += 1
                     async with asyncio.timeout(lim.write_timeout + self.resolver.timeout * 2):

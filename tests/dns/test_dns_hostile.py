@@ -138,7 +138,7 @@ def test_tcp_pipeliners_that_never_read_are_closed(srv: KdnsProcess) -> None:
           f"{peak:.1f} MiB (peak); still established as the clients see it: {client_open}")
     assert open_ == 0, (f"{open_} of 100 non-reading pipeliners still open {closed_after:.0f} s after going silent; "
                         f"{srv.metric(TIMEOUTS)} timeouts")
-    assert closed_after < 15  # the write timeout (5 s), or the idle timeout (10 s) if our buffers held it all
+    assert closed_after < 18  # write timeout (5 s), or idle timeout (10 s) if our buffers held it all; + load
     # bounded per connection (32 KiB of answers, 32 KiB read ahead); the rest of the peak is the
     # allocator's high-water mark after ~100,000 answers (13 to 40 MiB measured; before: +113 MiB)
     assert peak - rss0 < 60, f"RSS {rss0:.0f} -> {peak:.0f} MiB with 100 non-reading clients"

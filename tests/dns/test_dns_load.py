@@ -138,7 +138,7 @@ def test_dns_keeps_answering_under_500_slow_tcp_clients(srv: KdnsProcess) -> Non
           f"{open_max:.0f} open (limit {MAX_CONNECTIONS}), evicted {evicted:.0f}, refused {refused:.0f}, "
           f"timeouts {timeouts:.0f}; RSS {rss0:.1f} -> {rss_max:.1f} MiB")
     assert not failures, failures[:5]
-    assert len(udp_ms) >= 20 and len(tcp_ms) >= 20
+    assert len(udp_ms) >= 10 and len(tcp_ms) >= 10
     assert stats["connections"] >= CLIENTS  # the load really was there
     assert open_max <= MAX_CONNECTIONS and evicted > 0  # past the limit, idle ones made room
     assert pct(udp_ms, 0.5) < 25 and pct(tcp_ms, 0.5) < 50  # loose: the machine is shared
