@@ -32,8 +32,13 @@ import pytest
 import requests
 import urllib3
 
-from controlplane_stub.apiserver.testing import APIServerProcess, HostileClients, raise_nofile, rss_bytes, \
-    running_apiserver
+from controlplane_stub.apiserver.testing import (
+    APIServerProcess,
+    HostileClients,
+    raise_nofile,
+    rss_bytes,
+    running_apiserver,
+)
 
 BASELINE = "4bb7907^"  # the parent of the limits commit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +49,8 @@ MiB = 1 << 20
 def _baseline_tree() -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="kproxy-bench-baseline-")
     try:
-        archive = subprocess.run(["git", "-C", ROOT, "archive", BASELINE, "controlplane_stub"], capture_output=True)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", BASELINE, "controlplane_stub"],
+                                 capture_output=True, check=False)
         if archive.returncode != 0:
             pytest.skip(f"git archive {BASELINE}: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
@@ -103,8 +109,8 @@ def test_limits_against_baseline(benchmark: Any) -> None:
     raise_nofile(8192)
     with _baseline_tree() as old_tree, \
             running_apiserver(extra_args=["-v", "0"], command=["env", f"PYTHONPATH={old_tree}", sys.executable, "-P", "-c",
-                                                               "import sys; from controlplane_stub.apiserver.main "
-                                                               "import main; sys.exit(main())"]) as old, \
+                                                               ("import sys; from controlplane_stub.apiserver.main "
+                                                                "import main; sys.exit(main())")]) as old, \
             running_apiserver(extra_args=["-v", "0"]) as new:
         servers = {"baseline": old, "limits": new}
         for api in servers.values():

@@ -96,7 +96,7 @@ def tune_process() -> None:
         _LIBC.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024)
         # One event loop thread plus SQLite's writer: more arenas only fragment.
         _LIBC.mallopt(_M_ARENA_MAX, 2)
-    import asyncio.sslproto as sslproto
+    from asyncio import sslproto
 
     sslproto.SSLProtocol.max_size = SSL_READ_BUFFER
 

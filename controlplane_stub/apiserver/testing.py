@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Self
 
 from .pki import load_tokens, token_for
 
@@ -261,7 +262,7 @@ class HostileClients:
                 pass
         self.socks.clear()
 
-    def __enter__(self) -> HostileClients:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

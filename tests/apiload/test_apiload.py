@@ -24,8 +24,13 @@ import pytest
 import requests
 import urllib3
 
-from controlplane_stub.apiserver.testing import APIServerProcess, HostileClients, raise_nofile, rss_bytes, \
-    running_apiserver
+from controlplane_stub.apiserver.testing import (
+    APIServerProcess,
+    HostileClients,
+    raise_nofile,
+    rss_bytes,
+    running_apiserver,
+)
 
 MiB = 1 << 20
 WATCHERS, SILENT, PARTIAL = 100, 1000, 1000

@@ -20,8 +20,13 @@ import urllib3
 from apiserver_helpers import Client
 
 from controlplane_stub.apiserver.main import check_limits, parse_args
-from controlplane_stub.apiserver.testing import APIServerProcess, HostileClients, raise_nofile, rss_bytes, \
-    running_apiserver
+from controlplane_stub.apiserver.testing import (
+    APIServerProcess,
+    HostileClients,
+    raise_nofile,
+    rss_bytes,
+    running_apiserver,
+)
 
 MiB = 1 << 20
 OBJECTS, OBJECT_BYTES = 100, 100_000  # 10 MB stored: the issue's 30 MB scaled down
@@ -100,7 +105,7 @@ def test_response_to_a_client_that_never_reads_is_bounded_and_closed(limited: tu
 
 def test_whole_list_and_watch_still_arrive_for_a_reading_client(limited: tuple[APIServerProcess, Client, str]) -> None:
     """The pieces a big response is now written in add up to the same document."""
-    api, admin, ns = limited
+    _, admin, ns = limited
     code, body = admin.get(f"/api/v1/namespaces/{ns}/configmaps")
     assert code == 200 and len(body["items"]) == OBJECTS
     assert {len(o["data"]["k"]) for o in body["items"]} == {OBJECT_BYTES}
@@ -130,17 +135,17 @@ def test_connections_without_tls_or_whole_header_are_closed(limited: tuple[APISe
 def test_idle_keepalive_connection_is_kept_then_closed() -> None:
     """After a request, a keep-alive connection may idle for --idle-connection-timeout, not forever."""
     with running_apiserver(https=False, extra_args=["--idle-connection-timeout", "2",
-                                                    "--request-header-timeout", "1"]) as api:
-        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
-            s.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200")
-            # Past the header timeout: the header timeout applies before a connection's first request only.
-            time.sleep(1.5)
-            s.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200")
-            t0 = time.monotonic()
-            assert s.recv(65536) == b""  # closed by the server, idle
-            assert 1.0 < time.monotonic() - t0 < 6.0
+                                                    "--request-header-timeout", "1"]) as api, \
+            socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
+        s.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        # Past the header timeout: the header timeout applies before a connection's first request only.
+        time.sleep(1.5)
+        s.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert s.recv(65536) == b""  # closed by the server, idle
+        assert 1.0 < time.monotonic() - t0 < 6.0
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +201,7 @@ def test_requests_beyond_the_inflight_caps_get_429(capped: tuple[APIServerProces
 
 
 def test_watch_timeouts(capped: tuple[APIServerProcess, Client, str]) -> None:
-    api, admin, _ = capped
+    _, admin, _ = capped
     # Without timeoutSeconds a watch ends after [min-request-timeout, 2x) (here 1 s).
     t0 = time.monotonic()
     r = admin.watch_lines("/api/v1/namespaces", resourceVersion="0")
