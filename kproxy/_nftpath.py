@@ -8,8 +8,17 @@ A ServicePort renders to:
   - chains: (name, rules) with stable names under upstream's prefixes (service-, local-,
     external-, firewall-, endpoint-) followed by an 8-character hash and the readable
     "namespace/name/protocol/port" (upstream's servicePortChainNameBase), one rule per line;
+    endpoint- chains only for Services with ClientIP affinity. Upstream has one chain per
+    endpoint for every Service; here a Service without affinity DNATs in one rule through a
+    `numgen random` map of endpoint addresses, and the hairpin masquerade (upstream's per-endpoint
+    `ip saddr EP jump mark-for-masquerade`) is one shared rule on the hairpin-ips set of
+    "EP . EP" pairs. Why: `nft` fetches the table's chain list before every transaction that
+    names a chain, and the kernel's chain dump is quadratic in the chains of a table, so 110,000
+    chains at 10,000 Services x 10 endpoints cost seconds per sync (bench/README.md, nftables);
+    without endpoint chains it is ~12,000;
   - elements: (map or set, key, value) of the shared verdict maps and sets (service-ips,
-    service-nodeports, no-endpoint-services, no-endpoint-nodeports, firewall-ips, cluster-ips);
+    service-nodeports, no-endpoint-services, no-endpoint-nodeports, firewall-ips, cluster-ips,
+    hairpin-ips);
   - sets: the dynamic affinity sets (name, timeout seconds), one per endpoint when the Service has
     sessionAffinity ClientIP.
 What traffic goes where is kproxy.proxy's decision (service_endpoints); this only writes it down.
@@ -45,14 +54,21 @@ def _endpoint_base(base: str, ep: Endpoint) -> str:
     return f"{base}__{ep.ip}/{ep.port}"
 
 
-def _dispatch(chain: str, eps: tuple[Endpoint, ...], base: str, affinity: bool) -> list[str]:
-    """The rules sending a new connection to one of `eps`: affinity first (a client seen within
-    the timeout goes back to the same endpoint), then `numgen random` over all of them."""
+def _dispatch(eps: tuple[Endpoint, ...], base: str, proto: str, affinity: bool) -> list[str]:
+    """The rules sending a new connection to one of `eps`. Without affinity one rule DNATs
+    through a `numgen random` map straight to the endpoint: no chain per endpoint (see the module
+    docstring). With affinity a client seen within the timeout goes back to the endpoint it had
+    (its address is in that endpoint's dynamic set), others through `numgen random` to an
+    endpoint chain that records them."""
+    if not affinity:
+        if len(eps) == 1:
+            return [f"meta l4proto {proto} dnat ip to {eps[0].ip}:{int(eps[0].port)}"]
+        targets = " , ".join(f"{i} : {ep.ip} . {int(ep.port)}" for i, ep in enumerate(eps))
+        return [f"meta l4proto {proto} dnat ip to numgen random mod {len(eps)} map {{ {targets} }}"]
     rules = []
-    if affinity:
-        for ep in eps:
-            eb = _endpoint_base(base, ep)
-            rules.append(f"ip saddr @affinity-{eb} goto endpoint-{eb}")
+    for ep in eps:
+        eb = _endpoint_base(base, ep)
+        rules.append(f"ip saddr @affinity-{eb} goto endpoint-{eb}")
     if len(eps) == 1:
         rules.append(f"goto endpoint-{_endpoint_base(base, eps[0])}")
     else:
@@ -104,22 +120,22 @@ def render_service_port(
             mark_cluster_ip = f"{match} ip saddr != {cluster_cidr} jump {MARK_MASQ_CHAIN}"
     for chain in sorted(dispatch):
         rules = [mark_cluster_ip] if mark_cluster_ip and chain == internal_chain else []
-        rules.extend(_dispatch(chain, dispatch[chain], base, affinity))
+        rules.extend(_dispatch(dispatch[chain], base, proto, affinity))
         chains.append((chain, "\n".join(rules)))
 
-    # One chain per endpoint some traffic may reach: hairpin masquerade, affinity, DNAT.
+    # Every endpoint some traffic may reach: hairpin masquerade (a pod reaching itself through
+    # the Service) by the shared hairpin-ips set; with affinity, its chain records the client.
     reachable: dict[str, Endpoint] = {}
     for eps_of in dispatch.values():
         for ep in eps_of:
             reachable.setdefault(_endpoint_base(base, ep), ep)
     for eb in sorted(reachable):
         ep = reachable[eb]
-        rules = [f"ip saddr {ep.ip} jump {MARK_MASQ_CHAIN}"]
+        elements.append(("hairpin-ips", f"{ep.ip} . {ep.ip}", ""))
         if affinity:
-            rules.append(f"update @affinity-{eb} {{ ip saddr }}")
             sets.append((f"affinity-{eb}", int(svc.session_affinity_timeout or 10800)))
-        rules.append(f"meta l4proto {proto} dnat to {ep.ip}:{int(ep.port)}")
-        chains.append((f"endpoint-{eb}", "\n".join(rules)))
+            chains.append((f"endpoint-{eb}", (f"update @affinity-{eb} {{ ip saddr }}\n"
+                                             f"meta l4proto {proto} dnat ip to {ep.ip}:{int(ep.port)}")))
 
     # Nothing anywhere: refuse (ICMP port unreachable). Endpoints, but none for this traffic:
     # drop, so a client retries elsewhere (upstream's filter verdicts).

@@ -203,11 +203,15 @@ class NftablesProxier(Proxier):
         # Upstream drops INVALID forwarded packets (kubernetes#74839) unless tcp_be_liberal is set.
         out.append(f"add rule {t} filter-forward ct state invalid drop\n")
         out.append(f'add set {t} cluster-ips {{ type ipv4_addr ; comment "Active ClusterIPs" ; }}\n')
+        out.append(f'add set {t} hairpin-ips {{ type ipv4_addr . ipv4_addr ; comment "endpoint . endpoint: a pod reaching itself" ; }}\n')
         out.append(f'add set {t} nodeport-ips {{ type ipv4_addr ; comment "IPs that accept NodePort traffic" ; }}\n')
         for name, kind, comment in MAPS:
             out.append(f'add map {t} {name} {{ type {kind} ; comment "{comment}" ; }}\n')
         m = self.mark
         out.append(f"add rule {t} mark-for-masquerade meta mark set meta mark or {m}\n")
+        # Hairpin: a connection DNATed back to the address it came from (upstream marks it in
+        # each endpoint chain; one lookup here does it without a chain per endpoint).
+        out.append(f"add rule {t} masquerading ct status dnat ip saddr . ip daddr @hairpin-ips masquerade fully-random\n")
         out.append(f"add rule {t} masquerading meta mark and {m} == 0 return\n")
         out.append(f"add rule {t} masquerading meta mark set meta mark xor {m}\n")
         out.append(f"add rule {t} masquerading masquerade fully-random\n")

@@ -39,7 +39,7 @@ def service(i: int, node_port: bool = False) -> ServicePort:
 
 
 def endpoints(i: int, count: int, first: int = 0) -> tuple[Endpoint, ...]:
-    base = i * count  # 10.128.0.0/10: unique per Service and endpoint
+    base = i * 64  # 10.128.0.0/10: unique per Service and endpoint (k < 64)
     out = []
     for k in range(first, first + count):
         n = base + k

@@ -57,20 +57,26 @@ def test_partial_sync_changes_only_the_changed_service(netns: str) -> None:
     assert changed, "the endpoint change did not reach the kernel"
     foreign = [e for e in changed if not _belongs(e, services[name(7)], old_eps + eps[name(7)])]
     assert not foreign, f"entries of other Services changed: {foreign[:5]}"
-    new_ip = eps[name(7)][2].ip
-    assert any(new_ip in e and e.startswith("rule endpoint-") for e in after - before)
-    # The removed endpoint's chain is flushed now, deleted after the grace period.
-    gone_chain = [e for e in after if e.startswith("chain ") and old_eps[2].ip in e]
-    assert gone_chain and not any(e.startswith("rule ") and old_eps[2].ip in e and "endpoint-" in e.split()[1]
-                                  for e in after)
-    p.stale_grace = 0.0
+    new_ip, old_ip = eps[name(7)][2].ip, old_eps[2].ip
+    assert any(new_ip in e and e.startswith("rule service-") for e in after - before)
+    assert any(new_ip in e and e.startswith("elem hairpin-ips") for e in after - before)
+    assert not any(old_ip in e for e in after), "the removed endpoint is still in the ruleset"
+    # NodePort -> ClusterIP: its external- chain is flushed now and deleted after the grace period.
     svc3 = dict(services)
-    svc3[name(3)] = service(3)  # NodePort -> ClusterIP: its nodeport elements go
+    svc3[name(3)] = service(3)
     assert p.sync(SyncRequest(svc3, eps, changed=frozenset({name(3)}), full=False)).ok
     final = kernel_entries(netns)
-    assert not any(e.startswith("chain ") and old_eps[2].ip in e for e in final), "stale chain not deleted"
+    ext = [e for e in final if e.startswith("chain ") and '"external-' in e and "/svc-3/" in e]
+    assert ext and not any(e.startswith("rule external-") and "/svc-3/" in e for e in final)
     changed = after ^ final
-    assert changed and all(_belongs(e, svc3[name(3)], eps[name(3)]) or old_eps[2].ip in e for e in changed)
+    assert changed and all(_belongs(e, svc3[name(3)], eps[name(3)]) for e in changed), changed
+    assert not any("service-nodeports" in e and "external-" in e and "/svc-3/" in e for e in final)
+    p.stale_grace = 0.0
+    svc3[name(4)] = service(4)  # the next partial sync deletes the stale chain, in its transaction
+    assert p.sync(SyncRequest(svc3, eps, changed=frozenset({name(4)}), full=False)).ok
+    assert "delete chain" in p.last_transaction
+    final = kernel_entries(netns)
+    assert not any(e.startswith("chain ") and '"external-' in e and "/svc-3/" in e for e in final)
     assert p.cleanup() and not table_exists(netns, "ip", "kube-proxy")
 
 

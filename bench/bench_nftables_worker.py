@@ -1,0 +1,61 @@
+"""One nftables sync measurement in a fresh process (its RSS is the proxier's own), run by
+bench_nftables_sync.py: python bench_nftables_worker.py SERVICES NETNS [--pure]
+Prints one JSON line: first full sync, partial syncs after one endpoint change, a full resync,
+the kernel interface's floor for the same input, and the process's peak RSS."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "nftables"))
+
+from nft_state import endpoints, name, state
+
+from kproxy.backends.nftables import Nft
+from kproxy.proxiers.base import SyncRequest
+from kproxy.proxiers.nftables import NftablesProxier, load_renderer
+
+
+def main() -> None:
+    n, ns = int(sys.argv[1]), sys.argv[2]
+    pure = "--pure" in sys.argv
+    services, eps = state(n, 10, node_ports=True)
+    p = NftablesProxier(Nft(ns), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",), renderer=load_renderer(pure))
+    t = time.perf_counter()
+    res = p.sync(SyncRequest(services, eps))
+    first = time.perf_counter() - t
+    assert res.ok, res.error
+    first_stats = dict(p.last_stats)
+    transaction = p.last_transaction
+    partials = []
+    for k in range(5):
+        i = n - 1 - k * 7
+        eps[name(i)] = eps[name(i)][:9] + endpoints(i, 1, first=10 + k)
+        t = time.perf_counter()
+        res = p.sync(SyncRequest(services, eps, changed=frozenset({name(i)}), full=False))
+        partials.append(time.perf_counter() - t)
+        assert res.ok, res.error
+    partial_bytes = len(p.last_transaction)
+    t = time.perf_counter()
+    assert p.sync(SyncRequest(services, eps)).ok
+    resync = time.perf_counter() - t
+    # The floor: the same first-sync input through `nft -f` alone, no rendering.
+    p.cleanup()
+    t = time.perf_counter()
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=transaction.encode(), check=True, timeout=600)
+    floor = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "services": n, "pure": pure, "first_s": first, "render_s": first_stats["render_s"],
+        "apply_s": first_stats["apply_s"], "bytes": first_stats["bytes"], "partials_s": partials,
+        "partial_bytes": partial_bytes, "resync_s": resync, "nft_floor_s": floor, "rss_mib": rss,
+        "load": os.getloadavg()[0],
+    }))
+
+
+if __name__ == "__main__":
+    main()
