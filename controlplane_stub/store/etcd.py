@@ -79,6 +79,10 @@ API_PREFIX = "/registry"
 INTERNAL = ("/ranges/", "/masterleases/", "/compact_rev_key")
 WRITE_WAIT = 30.0  # how long a committed write waits for the mirror before it is acknowledged anyway
 SYNC_WAIT = 5.0
+# Watchers are woken at most once per this many seconds while events stream in: the events of
+# several etcd watch responses reach each client in one write (the SQLite store batches alike,
+# by group commit). 50 watchers, 32 writers, load 12: 2,763 events/s woken per turn, 6,431 with 5 ms.
+WAKE_DELAY = 0.005
 
 
 class ReservationConflict(StoreError):
@@ -117,6 +121,7 @@ class SparseWindow(EventWindow):
         self._revs: list[int] = []
         self._off = 0
         self._wakeup = asyncio.Event()
+        self._wake_pending = False
 
     @property  # type: ignore[override]
     def last(self) -> int:
@@ -126,13 +131,25 @@ class SparseWindow(EventWindow):
     def oldest_replayable(self) -> int:
         return self.floor
 
-    def append(self, ev: Event) -> None:
+    def append(self, ev: Event, wake: bool = True) -> None:
         if ev.revision < self.last:
             raise ValueError(f"event window: revision {ev.revision} after {self.last}")
         self._events.append(ev)
         self._revs.append(ev.revision)
         if len(self._revs) - self._off > self.capacity:
             self.raise_floor(self._revs[self._off])
+        if wake:
+            self.wake()
+
+    def wake_soon(self) -> None:
+        """One wake-up for everything appended within WAKE_DELAY: every watcher runs once per
+        batch of etcd watch responses, not once per event."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_later(WAKE_DELAY, self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_pending = False
         self.wake()
 
     def raise_floor(self, revision: int) -> None:
@@ -326,13 +343,14 @@ class EtcdStore(Store):
             if skey is not None:
                 ev = self._event(skey, we, rev)
                 if ev is not None:
-                    self._window.append(ev)
+                    self._window.append(ev, wake=False)
                     for observe in self.event_observers:
                         try:
                             observe(ev)
                         except Exception:
                             log.exception("event=etcd_observer_failed key=%s", skey)
             self._rev = max(self._rev, rev)
+        self._window.wake_soon()
         self._bump()
 
     def _event(self, skey: str, we: WatchEvent, rev: int) -> Event | None:
