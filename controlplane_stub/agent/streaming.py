@@ -1,4 +1,4 @@
-"""The node agent's kubelet-style endpoint: container logs and exec, for the API server only.
+"""The node agent's kubelet-style endpoint: container logs, exec and port-forward, for the API server only.
 
 Bound to loopback (the agents and the API server of the one-machine cluster share the host's
 network namespace; a node's own address lives in its netns, which the API server cannot reach)
@@ -9,6 +9,7 @@ compared in constant time). Paths as the kubelet's:
 - GET /exec/NS/POD/CONTAINER?command=..&stdin&stdout&stderr&tty (WebSocket, channel protocol
   v5.channel.k8s.io or v4.channel.k8s.io: each binary message is one channel byte then data;
   0 stdin, 1 stdout, 2 stderr, 3 the final Status, 4 terminal resize, 255 close (v5)).
+- GET /portForward/NS/POD (WebSocket, SPDY/3.1+portforward.k8s.io: portforward.py).
 
 exec joins the container's network, mount and UTS namespaces (nsenter on its pid) and becomes its
 user with setpriv, so the command sees what the container sees (hidden cluster state included).
@@ -30,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from controlplane_stub.agent import netns, portforward
 from controlplane_stub.agent.logs import LogQuery, LogQueryError, read
 
 if TYPE_CHECKING:
     from controlplane_stub.agent.node import NodeAgent
-    from controlplane_stub.agent.pods import ContainerRunner
+    from controlplane_stub.agent.pods import ContainerRunner, PodWorker
 
 log = logging.getLogger("kpc.agent.streaming")
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
@@ -83,6 +85,7 @@ class StreamingServer:
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/containerLogs/{ns}/{pod}/{container}", self._logs)
         app.router.add_get("/exec/{ns}/{pod}/{container}", self._exec)
+        app.router.add_get("/portForward/{ns}/{pod}", self._port_forward)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, 0)
@@ -102,11 +105,16 @@ class StreamingServer:
         resp: web.StreamResponse = await handler(request)
         return resp
 
-    def _container(self, request: web.Request) -> ContainerRunner | web.Response:
-        ns, pod, name = (request.match_info[k] for k in ("ns", "pod", "container"))
+    def _worker(self, request: web.Request) -> PodWorker | web.Response:
+        ns, pod = request.match_info["ns"], request.match_info["pod"]
         worker = next((w for w in self.agent.workers.values() if w.key == f"{ns}/{pod}"), None)
-        if worker is None:
-            return status(404, "NotFound", f'pods "{pod}" not found')
+        return worker if worker is not None else status(404, "NotFound", f'pods "{pod}" not found')
+
+    def _container(self, request: web.Request) -> ContainerRunner | web.Response:
+        worker = self._worker(request)
+        if isinstance(worker, web.Response):
+            return worker
+        name, pod = request.match_info["container"], request.match_info["pod"]
         c = next((c for c in worker.containers + worker.init_containers if c.name == name), None)
         if c is None:
             return status(400, "BadRequest", f"container {name} is not valid for pod {pod}")
@@ -165,6 +173,30 @@ class StreamingServer:
         if flags["tty"]:
             env.setdefault("TERM", "xterm")
         await ExecSession(ws, self._exec_argv(c, command), env, command, **flags).run()
+        return ws
+
+    async def _port_forward(self, request: web.Request) -> web.StreamResponse:
+        w = self._worker(request)
+        if isinstance(w, web.Response):
+            return w
+        if not w.pod_ip:
+            return status(400, "BadRequest", f"pod {w.key} has no IP yet")
+        ws = web.WebSocketResponse(protocols=portforward.PROTOCOLS, max_msg_size=MAX_WS_MESSAGE, heartbeat=30)
+        await ws.prepare(request)
+        node_ns, pod_ip = self.agent.node.netns, w.pod_ip
+
+        async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            # From the node's network namespace, as a kubelet's connection to the pod would go.
+            s = await asyncio.to_thread(netns.socket_in, node_ns)
+            s.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(s, (pod_ip, port))
+            except BaseException:
+                s.close()
+                raise
+            return await asyncio.open_connection(sock=s)
+
+        await portforward.PortForwardSession(ws, connect, w.key).run()
         return ws
 
 

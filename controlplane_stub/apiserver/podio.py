@@ -4,11 +4,11 @@ As kube-apiserver: the pod must exist and be bound to a node, the container must
 pod's (or the pod has only one), exec needs a pod not yet completed; then the request goes to the
 node's kubelet endpoint (the agent's streaming.py, at the port the Node advertises in
 status.daemonEndpoints, on loopback: see streaming.py) with the cluster's kubelet token. Logs are
-streamed through as they come; exec is a WebSocket relayed message by message, in the channel
-protocol kubectl and the agent agreed (v5.channel.k8s.io or v4).
-
-Port-forward is refused with 400: kubectl 1.32 speaks SPDY/3.1 for it (tunnelled in a WebSocket,
-or directly), which this server does not implement.
+streamed through as they come; exec and port-forward are WebSockets relayed message by message,
+in the subprotocol kubectl and the agent agreed: v5.channel.k8s.io or v4 for exec, and for
+port-forward SPDY/3.1+portforward.k8s.io (kubectl 1.32's default: SPDY tunnelled in the WebSocket;
+the agent speaks SPDY, agent/spdy.py). kubectl falls back to a plain SPDY upgrade only when the
+WebSocket upgrade fails, which it does not here; a SPDY upgrade gets 400.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .resources import BY_ID
 # WebSocket GET since 1.30; logs are "get", which `view` has).
 VERBS = {"log": "get", "exec": "create", "portforward": "create"}
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+PORTFORWARD_PROTOCOLS = ("SPDY/3.1+portforward.k8s.io",)
 KUBELET_HOST = "127.0.0.1"
 MAX_WS_MESSAGE = 1024 * 1024
 
@@ -92,8 +93,12 @@ class PodIO:
 
     async def handle(self, request: web.Request, ns: str, name: str, sub: str) -> web.StreamResponse:
         pod = self._pod(ns, name)
-        container = self._container(pod, request.query.get("container", ""))
         base = self._endpoint(pod)
+        if sub == "portforward":
+            self._need_websocket(request, PORTFORWARD_PROTOCOLS)
+            return await self._upgrade(request, f"{base}/portForward/{ns}/{name}", PORTFORWARD_PROTOCOLS, [],
+                                       f"pod {name}")
+        container = self._container(pod, request.query.get("container", ""))
         path = f"{ns}/{name}/{container}"
         if sub == "log":
             if request.method != "GET":
@@ -104,15 +109,18 @@ class PodIO:
             except LogQueryError as e:
                 raise bad_request(str(e)) from None
             return await self._logs(request, f"{base}/containerLogs/{path}", q)
-        if sub == "portforward":
-            raise bad_request("port-forward is not supported by this server (kubectl 1.32 needs SPDY/3.1 for it)")
         phase = (pod.get("status") or {}).get("phase")
         if phase in ("Succeeded", "Failed"):
             raise bad_request(f"cannot exec into a container in a completed pod; current phase is {phase}")
+        self._need_websocket(request, EXEC_PROTOCOLS)
+        params = [(k, v) for k, v in request.query.items() if k in ("command", "stdin", "stdout", "stderr", "tty")]
+        return await self._upgrade(request, f"{base}/exec/{path}", EXEC_PROTOCOLS, params, f"container {container}")
+
+    @staticmethod
+    def _need_websocket(request: web.Request, protocols: tuple[str, ...]) -> None:
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            raise bad_request("Upgrade request required (this server speaks the WebSocket exec protocols "
-                              f"{', '.join(EXEC_PROTOCOLS)}, not SPDY)")
-        return await self._exec(request, f"{base}/exec/{path}", container)
+            raise bad_request(f"Upgrade request required (this server speaks WebSocket: {', '.join(protocols)}; "
+                              "not SPDY)")
 
     async def _logs(self, request: web.Request, url: str, q: LogQuery) -> web.StreamResponse:
         try:
@@ -133,20 +141,19 @@ class PodIO:
             await resp.write_eof()
             return resp
 
-    async def _exec(self, request: web.Request, url: str, container: str) -> web.StreamResponse:
+    async def _upgrade(self, request: web.Request, url: str, supported: tuple[str, ...],
+                       params: list[tuple[str, str]], what: str) -> web.StreamResponse:
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-        protocols = [p for p in offered if p in EXEC_PROTOCOLS]
+        protocols = [p for p in offered if p in supported]
         if not protocols:
-            raise bad_request(f"none of the offered subprotocols is supported: want one of {EXEC_PROTOCOLS}")
-        params: list[tuple[str, str]] = [(k, v) for k, v in request.query.items()
-                                         if k in ("command", "stdin", "stdout", "stderr", "tty")]
+            raise bad_request(f"none of the offered subprotocols is supported: want one of {supported}")
         try:
             upstream = await self.session().ws_connect(url, params=params, protocols=protocols,
                                                        max_msg_size=MAX_WS_MESSAGE)
         except aiohttp.WSServerHandshakeError as e:
             raise StatusError(e.status if e.status >= 400 else 500, "BadRequest" if e.status == 400 else
-                              "InternalError", f"unable to upgrade connection: container {container} is not "
-                              f"running (node agent: {e.status} {e.message})") from None
+                              "InternalError", f"unable to upgrade connection: {what} is not running "
+                              f"(node agent: {e.status} {e.message})") from None
         except aiohttp.ClientError as e:
             raise StatusError(503, "ServiceUnavailable", f"the node agent did not answer: {e}") from None
         ws = web.WebSocketResponse(protocols=(upstream.protocol or protocols[0],), max_msg_size=MAX_WS_MESSAGE)

@@ -9,8 +9,10 @@ import os
 import pty
 import re
 import select
+import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from cluster_helpers import Cluster, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
+from controlplane_stub.agent import spdy
 from controlplane_stub.agent.logs import ContainerLog, LogQuery, LogQueryError, read
+from controlplane_stub.agent.portforward import parse_port
 from controlplane_stub.agent.streaming import exit_status, parse_resize
 
 TS = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
@@ -86,6 +90,50 @@ def test_resize_parser_reads_kubectl_messages() -> None:
     assert parse_resize(b'{"Width":"80","Height":24}') is None
 
 
+def test_spdy_frames_round_trip_through_one_compression_context_each_way() -> None:
+    client, server = spdy.Framer(), spdy.Framer()
+    wire = b"".join(client.syn_stream(sid, {"streamType": kind, "port": "5000", "requestID": "0"})
+                    for sid, kind in ((1, "error"), (3, "data")))
+    wire += client.data(3, b"GET / HTTP/1.1\r\n\r\n", fin=True) + client.ping(7)
+    frames = []
+    for i in range(0, len(wire), 5):  # the frames split anywhere across WebSocket messages
+        frames += server.feed(wire[i:i + 5])
+    assert [(f.type, f.stream_id) for f in frames] == [(spdy.SYN_STREAM, 1), (spdy.SYN_STREAM, 3), (0, 3),
+                                                       (spdy.PING, 0)]
+    assert frames[1].headers == {"streamtype": "data", "port": "5000", "requestid": "0"}
+    assert frames[2].data == b"GET / HTTP/1.1\r\n\r\n" and frames[2].flags == spdy.FLAG_FIN
+    assert frames[3].value == 7
+    replies = client.feed(server.syn_reply(1, {}) + server.syn_reply(3, {}))
+    assert [(f.type, f.stream_id, f.headers) for f in replies] == [(spdy.SYN_REPLY, 1, {}), (spdy.SYN_REPLY, 3, {})]
+
+
+def test_spdy_refuses_oversized_and_malformed_frames() -> None:
+    with pytest.raises(spdy.SpdyError):
+        spdy.Framer().feed(struct.pack(">II", 1, spdy.MAX_FRAME + 1))
+    with pytest.raises(spdy.SpdyError):
+        spdy.Framer().feed(struct.pack(">HHI", 0x8002, 1, 10) + bytes(10))  # SPDY/2
+    with pytest.raises(spdy.SpdyError):
+        spdy.decode_headers(struct.pack(">I", spdy.MAX_HEADERS + 1))
+    bomb = zlib.compressobj(zdict=spdy.DICTIONARY)
+    block = bomb.compress(struct.pack(">I", 1) + bytes(spdy.MAX_HEADER_BLOCK * 4)) + bomb.flush(zlib.Z_SYNC_FLUSH)
+    with pytest.raises(spdy.SpdyError):
+        spdy.Framer().feed(struct.pack(">HHI", 0x8003, 1, 10 + len(block)) + bytes(10) + block)
+
+
+@given(st.binary(max_size=200))
+def test_spdy_framer_raises_only_spdy_errors(data: bytes) -> None:
+    try:
+        spdy.Framer().feed(data)
+    except spdy.SpdyError:
+        pass
+
+
+@given(st.text(max_size=8))
+def test_port_header_parses_to_a_port_or_nothing(value: str) -> None:
+    p = parse_port(value)
+    assert p is None or (0 < p < 65536 and str(p) == value.lstrip("0"))
+
+
 # -- kubectl against the cluster ------------------------------------------------------------------
 
 def e2e(test: Callable[..., None]) -> Callable[..., None]:
@@ -103,11 +151,17 @@ def io_cluster(small_cluster: Cluster) -> Iterator[Cluster]:
     for name, cmd in (("ticker", TICKER), ("crasher", CRASHER)):
         c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
                  "spec": {"containers": [{"name": "main", "image": "busybox", "command": cmd}]}})
-    for name in ("ticker", "crasher"):
+    c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "kio-web"}},
+             "spec": {"containers": [{"name": "web", "image": "flask-kubernetes:latest",
+                                      "ports": [{"containerPort": 5000}]}]}})
+    c.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kio-web"},
+             "spec": {"selector": {"app": "kio-web"}, "ports": [{"port": 6000, "targetPort": 5000}]}})
+    for name in ("ticker", "crasher", "web"):
         wait_for(lambda n=name: c.json("pod", n).get("status", {}).get("phase") == "Running", timeout=60,
                  what=f"pod {name} running")
     yield c
-    c.kubectl("delete", "pod", "ticker", "crasher", "--wait=false", check=False)
+    c.kubectl("delete", "pod", "ticker", "crasher", "web", "--wait=false", check=False)
+    c.kubectl("delete", "svc", "kio-web", "--wait=false", check=False)
 
 
 def run(c: Cluster, *args: str, input: str | None = None, kubeconfig: str = "",
@@ -240,3 +294,67 @@ def test_read_only_identity_reads_logs_but_cannot_exec(io_cluster: Cluster) -> N
     r = run(c, "exec", "ticker", "--", "true", kubeconfig=ro)
     assert r.returncode != 0
     assert 'cannot create resource "pods/exec" in API group "" in the namespace "default"' in r.stderr, r.stderr
+
+
+def forwarded_port(p: subprocess.Popen[str]) -> int:
+    """The local port of `kubectl port-forward ... :PORT` (it picks a free one and says which)."""
+    assert p.stdout is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if select.select([p.stdout], [], [], 1.0)[0]:
+            line = p.stdout.readline()
+            m = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) ->", line)
+            if m:
+                return int(m.group(1))
+            assert line, f"kubectl port-forward ended: {p.stderr.read() if p.stderr else ''}"
+    raise AssertionError("kubectl port-forward did not say where it listens")
+
+
+def curl(port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/"], capture_output=True,
+                          text=True, timeout=20, check=False)
+
+
+@e2e
+def test_kubectl_port_forward_to_a_pod_and_a_service(io_cluster: Cluster) -> None:
+    c = io_cluster
+    wait_for(lambda: c.json("pod", "web")["status"].get("podIP") and any(
+        cs.get("ready") for cs in c.json("pod", "web")["status"].get("containerStatuses") or []), timeout=60,
+        what="pod web ready")
+    for target, remote in (("pod/web", "5000"), ("svc/kio-web", "6000")):
+        p = subprocess.Popen(["kubectl", "port-forward", target, f":{remote}"], env=c.env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            port = forwarded_port(p)
+            # The app may still be starting right after Ready: a few tries, bounded.
+            wait_for(lambda: "Hello from Kubernetes!" in curl(port).stdout, timeout=20,
+                     what=f"curl through port-forward {target}")
+            # Several connections over the one session, each its own pair of streams.
+            for _ in range(5):
+                r = curl(port)
+                assert "Hello from Kubernetes!" in r.stdout, r
+            assert p.poll() is None
+        finally:
+            p.kill()
+            p.wait(10)
+    # Nothing listens on 5999 in the pod: the connection fails and kubectl is told why.
+    p = subprocess.Popen(["kubectl", "port-forward", "pod/web", ":5999"], env=c.env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port = forwarded_port(p)
+        r = curl(port)
+        assert "Hello" not in r.stdout and r.returncode != 0
+    finally:
+        p.kill()
+        _, err = p.communicate(timeout=10)
+    assert "error forwarding port 5999 to pod default/web" in err, err
+
+
+@e2e
+def test_read_only_identity_cannot_port_forward(io_cluster: Cluster) -> None:
+    c = io_cluster
+    ro = str(Path(c.home) / c.name / "apiserver" / "readonly.kubeconfig")
+    p = subprocess.run(["kubectl", "port-forward", "pod/web", ":5000"], env=dict(c.env, KUBECONFIG=ro),
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert p.returncode != 0
+    assert 'cannot create resource "pods/portforward"' in p.stderr, p.stderr
