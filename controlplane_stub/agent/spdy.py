@@ -29,15 +29,17 @@ MAX_DATA = 32 * 1024  # the payload of one DATA frame this side sends
 
 # The SPDY/3 header compression dictionary (the draft's section 2.6.10.1): 65 length-prefixed
 # header words, then a run of status codes, phrases and common values.
-_WORDS = (
-    "options head post put delete trace accept accept-charset accept-encoding accept-language "
-    "accept-ranges age allow authorization cache-control connection content-base content-encoding "
-    "content-language content-length content-location content-md5 content-range content-type date "
-    "etag expect expires from host if-match if-modified-since if-none-match if-range "
-    "if-unmodified-since last-modified location max-forwards pragma proxy-authenticate "
-    "proxy-authorization range referer retry-after server te trailer transfer-encoding upgrade "
-    "user-agent vary via warning www-authenticate method get status"
-).split() + ["200 OK", "version", "HTTP/1.1", "url", "public", "set-cookie", "keep-alive", "origin"]
+_WORDS = [
+    "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset", "accept-encoding",
+    "accept-language", "accept-ranges", "age", "allow", "authorization", "cache-control", "connection",
+    "content-base", "content-encoding", "content-language", "content-length", "content-location",
+    "content-md5", "content-range", "content-type", "date", "etag", "expect", "expires", "from", "host",
+    "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
+    "last-modified", "location", "max-forwards", "pragma", "proxy-authenticate", "proxy-authorization",
+    "range", "referer", "retry-after", "server", "te", "trailer", "transfer-encoding", "upgrade",
+    "user-agent", "vary", "via", "warning", "www-authenticate", "method", "get", "status", "200 OK",
+    "version", "HTTP/1.1", "url", "public", "set-cookie", "keep-alive", "origin"
+]
 _TAIL = (
     "100101201202205206300302303304305306307402405406407408409410411412413414415416417502504505"
     "203 Non-Authoritative Information204 No Content301 Moved Permanently400 Bad Request"

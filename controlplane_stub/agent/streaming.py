@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from controlplane_stub.agent import netns, portforward
+from controlplane_stub.agent.catalog import ImageError
 from controlplane_stub.agent.logs import LogQuery, LogQueryError, read
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ class StreamingServer:
             return status(400, "BadRequest", f"container {c.name} is not running in pod {pod}")
         try:
             _, image_env, _ = self.agent.catalog.resolve(c.spec)
-        except Exception as e:  # the image went away since the container started
+        except ImageError as e:  # the image went away since the container started
             return status(400, "BadRequest", f"container {c.name}: {e}")
         ws = web.WebSocketResponse(protocols=EXEC_PROTOCOLS, max_msg_size=MAX_WS_MESSAGE, heartbeat=30)
         await ws.prepare(request)

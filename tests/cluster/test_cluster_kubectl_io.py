@@ -327,7 +327,7 @@ def test_kubectl_port_forward_to_a_pod_and_a_service(io_cluster: Cluster) -> Non
         try:
             port = forwarded_port(p)
             # The app may still be starting right after Ready: a few tries, bounded.
-            wait_for(lambda: "Hello from Kubernetes!" in curl(port).stdout, timeout=20,
+            wait_for(lambda port=port: "Hello from Kubernetes!" in curl(port).stdout, timeout=20,
                      what=f"curl through port-forward {target}")
             # Several connections over the one session, each its own pair of streams.
             for _ in range(5):
