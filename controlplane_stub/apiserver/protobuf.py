@@ -77,12 +77,22 @@ SCHEMAS: dict[str, dict[int, Field]] = {
                       4: ("protocol", "s", False), 5: ("hostIP", "s", False)},
     "EnvVar": {1: ("name", "s", False), 2: ("value", "s", False)},
     "ResourceRequirements": {1: ("limits", "map:s:q", False), 2: ("requests", "map:s:q", False)},
+    # kubectl auth can-i (authorization/v1 generated.proto)
+    "SelfSubjectAccessReview": {1: ("metadata", "m:ObjectMeta", False),
+                                2: ("spec", "m:SelfSubjectAccessReviewSpec", False)},
+    "SelfSubjectAccessReviewSpec": {1: ("resourceAttributes", "m:ResourceAttributes", False),
+                                    2: ("nonResourceAttributes", "m:NonResourceAttributes", False)},
+    "ResourceAttributes": {1: ("namespace", "s", False), 2: ("verb", "s", False), 3: ("group", "s", False),
+                           4: ("version", "s", False), 5: ("resource", "s", False),
+                           6: ("subresource", "s", False), 7: ("name", "s", False)},
+    "NonResourceAttributes": {1: ("path", "s", False), 2: ("verb", "s", False)},
 }
 
 # (group/version, kind) -> top-level schema
 KINDS: dict[tuple[str, str], str] = {
     ("v1", "Namespace"): "Namespace", ("v1", "ConfigMap"): "ConfigMap", ("v1", "Secret"): "Secret",
     ("v1", "Service"): "Service", ("v1", "Pod"): "Pod", ("apps/v1", "Deployment"): "Deployment",
+    ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
 }
 
 # Pointer fields: present means set, even at zero.

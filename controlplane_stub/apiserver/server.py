@@ -14,12 +14,12 @@ import msgspec
 from aiohttp import web
 
 from ..store.base import Compacted, FutureRevision, Obj, Store
-from . import bodies, discovery, limits, podio, semantics
+from . import bodies, discovery, limits, podio, rbac, semantics
 from .errors import StatusError, bad_request, gone
 from .metrics import APIMetrics
 from .pki import User
 from .registry import Registry
-from .resources import BY_GROUP_VERSION, BY_ID, Resource
+from .resources import BY_GROUP_VERSION, BY_ID, RESOURCES, Resource
 from .selectors import Matcher, object_matcher
 from .watch import WatchHub, WatchRequest
 
@@ -29,7 +29,6 @@ _decode = msgspec.json.decode
 
 _ANONYMOUS_PATHS = ("/healthz", "/livez", "/readyz", "/version")
 _READ_METHODS = ("GET", "HEAD")
-_VIEW_HIDDEN = frozenset({"secrets"})  # resources the read-only identity may not read
 _PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json",
                 "application/strategic-merge-patch+json", "application/apply-patch+yaml")
 
@@ -84,6 +83,8 @@ class APIServer:
         self.external_address = external_address
         self.ready = False
         self.pod_io: podio.PodIO | None = None  # pods/log, exec: set when there are node agents to call
+        # RBAC (rbac.py): the bootstrap policy, the read-only identity's reads included.
+        self.rbac = rbac.bootstrap_policy((r.group, r.plural) for r in RESOURCES)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
@@ -98,6 +99,7 @@ class APIServer:
         r.add_get("/openapi/v3/{gv:.*}", self._openapi_v3_gv)
         r.add_route("*", "/api", self._api_root)
         r.add_route("*", "/apis", self._apis_root)
+        r.add_post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", self._access_review)
         r.add_route("*", "/api/{tail:.*}", self._dispatch)
         r.add_route("*", "/apis/{tail:.*}", self._dispatch)
         app.on_shutdown.append(self._on_shutdown)
@@ -183,13 +185,14 @@ class APIServer:
             raise StatusError(401, "Unauthorized", "Unauthorized")
         return user
 
-    @staticmethod
-    def _authorize(request: web.Request, verb: str, t: Target) -> None:
+    def _authorize(self, request: web.Request, verb: str, t: Target) -> None:
         request["metric"] = (verb.upper(), t.res.id, t.sub)
         user: User = request["user"]
-        # The read-only identity is Kubernetes' `view` role: every read except Secrets (their values
-        # are credentials that would let a viewer act as someone else).
-        if user.is_admin or (verb in ("get", "list", "watch") and t.res.id not in _VIEW_HIDDEN):
+        # RBAC as kube-apiserver: system:masters is cluster-admin, the read-only identity is `view`
+        # plus reads of what is served here, never Secrets (their values are credentials).
+        a = rbac.Attributes(user.name, frozenset(user.groups), verb, t.namespace, t.res.group, t.res.plural,
+                            t.sub, t.name)
+        if self.rbac.authorize(a)[0]:
             return
         what = f'{t.res.plural}/{t.sub}' if t.sub else t.res.plural
         obj = f'{what} "{t.name}"' if t.name else what
@@ -197,6 +200,17 @@ class APIServer:
         raise StatusError(403, "Forbidden", f'{obj} is forbidden: User "{user.name}" cannot {verb} resource '
                           f'"{what}" in API group "{t.res.group}"{where}', kind=t.res.plural, name=t.name,
                           group=t.res.group)
+
+    async def _access_review(self, request: web.Request) -> web.Response:
+        """kubectl auth can-i: a SelfSubjectAccessReview answered by the RBAC policy."""
+        user: User = request["user"]
+        # kubectl sends it as protobuf; the body checks are the ones every create gets.
+        body = bodies.decode_request(await request.read(), request.content_type).obj
+        try:
+            review = rbac.access_review(self.rbac, user.name, frozenset(user.groups), body)
+        except rbac.RBACError as e:
+            raise bad_request(f"SelfSubjectAccessReview: {e}") from None
+        return json_response(review, status=201)
 
     # -- unversioned endpoints -----------------------------------------------------------------
 

@@ -1,0 +1,252 @@
+"""RBAC as kube-apiserver evaluates it (controlplane_stub/apiserver/rbac.py): a table of
+(identity, verb, resource) -> allowed/denied under the bootstrap policy of kube-apiserver
+(bootstrappolicy/policy.go) and CoreDNS's manifest, and `kubectl auth can-i` against a live
+kproxy-apiserver for the identities its token file can hold."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controlplane_stub.apiserver import rbac
+from controlplane_stub.apiserver.pki import write_kubeconfig
+from controlplane_stub.apiserver.resources import RESOURCES
+from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
+
+SA_COREDNS = "system:serviceaccount:kube-system:coredns"
+SA_GROUPS = frozenset({"system:serviceaccounts", "system:serviceaccounts:kube-system"})
+
+
+def binding(kind: str, name: str, role_kind: str, role: str, subject: dict[str, str],
+            ns: str = "") -> dict[str, Any]:
+    meta = {"name": name, **({"namespace": ns} if ns else {})}
+    return {"kind": kind, "metadata": meta, "subjects": [subject],
+            "roleRef": {"apiGroup": rbac.API_GROUP, "kind": role_kind, "name": role}}
+
+
+# What a cluster adds to the bootstrap policy: CoreDNS's binding, and users given the user-facing
+# roles in namespace "team" (RoleBindings to ClusterRoles, as upstream recommends) or cluster-wide.
+EXTRA = [
+    binding("ClusterRoleBinding", "system:coredns", "ClusterRole", "system:coredns",
+            {"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}),
+    binding("RoleBinding", "alice-view", "ClusterRole", "view", {"kind": "User", "name": "alice"}, "team"),
+    binding("RoleBinding", "bob-edit", "ClusterRole", "edit", {"kind": "User", "name": "bob"}, "team"),
+    binding("RoleBinding", "carol-admin", "ClusterRole", "admin", {"kind": "User", "name": "carol"}, "team"),
+    binding("ClusterRoleBinding", "dave", "ClusterRole", "cluster-admin", {"kind": "User", "name": "dave"}),
+    {"kind": "Role", "metadata": {"name": "one-cm", "namespace": "team"},
+     "rules": [{"verbs": ["get"], "apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["app"]},
+               {"verbs": ["update"], "apiGroups": ["apps"], "resources": ["*/scale"]}]},
+    # A RoleBinding names its own namespace's Role: the same name elsewhere grants nothing here.
+    binding("RoleBinding", "erin-cm", "Role", "one-cm", {"kind": "User", "name": "erin"}, "team"),
+    binding("RoleBinding", "frank-cm", "Role", "one-cm", {"kind": "User", "name": "frank"}, "other"),
+    # A ServiceAccount subject without namespace is the binding's namespace's.
+    binding("RoleBinding", "sa-view", "ClusterRole", "view", {"kind": "ServiceAccount", "name": "robot"}, "team"),
+]
+
+IDS: dict[str, tuple[str, frozenset[str]]] = {
+    "masters": ("admin", frozenset({"system:masters"})),
+    "readonly": ("kproxy-readonly", frozenset({"system:readonly"})),
+    "kube-proxy": ("system:kube-proxy", frozenset()),
+    "coredns": (SA_COREDNS, SA_GROUPS),
+    "alice(view@team)": ("alice", frozenset()),
+    "bob(edit@team)": ("bob", frozenset()),
+    "carol(admin@team)": ("carol", frozenset()),
+    "dave(cluster-admin)": ("dave", frozenset()),
+    "erin": ("erin", frozenset()),
+    "frank": ("frank", frozenset()),
+    "robot": ("system:serviceaccount:team:robot", frozenset({"system:serviceaccounts"})),
+    "nobody": ("nobody", frozenset()),
+}
+
+# (identity, verb, "group/resource[/sub]" or a non-resource path, namespace, name) -> allowed
+TABLE: list[tuple[str, str, str, str, str, bool]] = [
+    ("masters", "delete", "/nodes", "", "n1", True),
+    ("masters", "get", "/metrics", "", "", True),
+    ("readonly", "list", "/nodes", "", "", True),
+    ("readonly", "get", "/pods", "team", "p", True),
+    ("readonly", "get", "/secrets", "team", "s", False),
+    ("readonly", "create", "/configmaps", "team", "", False),
+    # system:node-proxier: list/watch Services, Endpoints, EndpointSlices, get Nodes, write Events
+    ("kube-proxy", "list", "/services", "", "", True),
+    ("kube-proxy", "watch", "discovery.k8s.io/endpointslices", "", "", True),
+    ("kube-proxy", "get", "/nodes", "", "n1", True),
+    ("kube-proxy", "create", "/events", "default", "", True),
+    ("kube-proxy", "patch", "events.k8s.io/events", "default", "e", True),
+    ("kube-proxy", "get", "/services", "default", "s", False),
+    ("kube-proxy", "update", "/services", "default", "s", False),
+    ("kube-proxy", "list", "/secrets", "", "", False),
+    ("kube-proxy", "list", "/pods", "", "", False),
+    # system:coredns: list/watch Endpoints, Services, Pods, Namespaces, EndpointSlices
+    ("coredns", "watch", "/services", "", "", True),
+    ("coredns", "list", "/pods", "", "", True),
+    ("coredns", "list", "discovery.k8s.io/endpointslices", "", "", True),
+    ("coredns", "get", "/services", "default", "s", False),
+    ("coredns", "list", "/secrets", "", "", False),
+    ("coredns", "list", "/nodes", "", "", False),
+    # view in team
+    ("alice(view@team)", "get", "/pods", "team", "p", True),
+    ("alice(view@team)", "get", "/pods/log", "team", "p", True),
+    ("alice(view@team)", "list", "apps/deployments", "team", "", True),
+    ("alice(view@team)", "get", "/secrets", "team", "s", False),
+    ("alice(view@team)", "create", "/pods", "team", "", False),
+    ("alice(view@team)", "get", "/pods", "other", "p", False),
+    ("alice(view@team)", "list", "/nodes", "", "", False),
+    ("alice(view@team)", "get", "/pods/exec", "team", "p", False),
+    # edit in team
+    ("bob(edit@team)", "create", "apps/deployments", "team", "", True),
+    ("bob(edit@team)", "update", "apps/deployments/scale", "team", "d", True),
+    ("bob(edit@team)", "get", "/secrets", "team", "s", True),
+    ("bob(edit@team)", "create", "/pods/exec", "team", "p", True),
+    ("bob(edit@team)", "create", "/endpoints", "team", "", False),  # not since 1.22 (CVE-2021-25740)
+    ("bob(edit@team)", "create", "discovery.k8s.io/endpointslices", "team", "", False),
+    ("bob(edit@team)", "create", "rbac.authorization.k8s.io/rolebindings", "team", "", False),
+    # admin in team
+    ("carol(admin@team)", "create", "rbac.authorization.k8s.io/rolebindings", "team", "", True),
+    ("carol(admin@team)", "delete", "/pods", "team", "p", True),
+    ("carol(admin@team)", "create", "authorization.k8s.io/localsubjectaccessreviews", "team", "", True),
+    ("carol(admin@team)", "delete", "/namespaces", "", "team", False),
+    ("carol(admin@team)", "list", "/nodes", "", "", False),
+    ("dave(cluster-admin)", "deletecollection", "apps/replicasets", "any", "", True),
+    ("dave(cluster-admin)", "get", "/logs/x", "", "", True),
+    # a Role with resourceNames and */scale
+    ("erin", "get", "/configmaps", "team", "app", True),
+    ("erin", "get", "/configmaps", "team", "other", False),
+    ("erin", "list", "/configmaps", "team", "", False),
+    ("erin", "update", "apps/deployments/scale", "team", "d", True),
+    ("erin", "update", "apps/deployments", "team", "d", False),
+    ("frank", "get", "/configmaps", "team", "app", False),
+    ("robot", "get", "/pods", "team", "p", True),
+    ("robot", "get", "/pods", "other", "p", False),
+    # every authenticated user: discovery, health, can-i; nothing else
+    ("nobody", "create", "authorization.k8s.io/selfsubjectaccessreviews", "", "", True),
+    ("nobody", "get", "/healthz", "", "", True),
+    ("nobody", "get", "/apis/apps/v1", "", "", True),
+    ("nobody", "get", "/metrics", "", "", False),
+    ("nobody", "list", "/services", "", "", False),
+]
+
+
+def attrs(ident: str, verb: str, what: str, ns: str, name: str) -> rbac.Attributes:
+    user, groups = IDS[ident]
+    if what in ("/healthz", "/metrics", "/apis/apps/v1", "/logs/x"):
+        return rbac.Attributes(user, groups, verb, path=what)
+    group, _, rest = what.partition("/")
+    resource, _, sub = rest.partition("/")
+    return rbac.Attributes(user, groups, verb, ns, group, resource, sub, name)
+
+
+@pytest.fixture(scope="module")
+def policy() -> rbac.Policy:
+    p = rbac.bootstrap_policy((r.group, r.plural) for r in RESOURCES)
+    for obj in EXTRA:
+        p.add(obj)
+    return p
+
+
+@pytest.mark.parametrize(("ident", "verb", "what", "ns", "name", "allowed"), TABLE,
+                         ids=[f"{r[0]}-{r[1]}-{r[2]}-{r[3]}-{r[4]}" for r in TABLE])
+def test_bootstrap_policy_table(policy: rbac.Policy, ident: str, verb: str, what: str, ns: str, name: str,
+                                allowed: bool) -> None:
+    assert policy.authorize(attrs(ident, verb, what, ns, name))[0] is allowed
+
+
+def test_bad_objects_grant_nothing_and_do_not_stop_the_others() -> None:
+    good = binding("ClusterRoleBinding", "ok", "ClusterRole", "view", {"kind": "User", "name": "u"})
+    bad = [
+        {"kind": "ClusterRole", "metadata": {"name": "r"}, "rules": [{"verbs": ["get"]}]},
+        {"kind": "ClusterRole", "metadata": {"name": "r2"}, "rules": "all"},
+        {"kind": "Role", "metadata": {"name": "r3"}, "rules": []},
+        binding("ClusterRoleBinding", "b", "Role", "x", {"kind": "User", "name": "u"}),
+        {"kind": "ClusterRoleBinding", "metadata": {"name": "b2"}, "roleRef": {"kind": "ClusterRole"}},
+        binding("ClusterRoleBinding", "b3", "ClusterRole", "cluster-admin", {"kind": "Robot", "name": "u"}),
+        {"kind": "ClusterRole", "metadata": {}},
+    ]
+    p, errors = rbac.policy_from([*rbac.bootstrap_objects(), *bad, good])
+    assert len(errors) == len(bad), errors
+    assert "r" not in p.cluster_roles and "r2" not in p.cluster_roles
+    assert p.authorize(rbac.Attributes("u", frozenset(), "get", "ns", "", "pods", "", "p"))[0]
+    assert not p.authorize(rbac.Attributes("u", frozenset(), "delete", "ns", "", "pods", "", "p"))[0]
+
+
+_word = st.sampled_from(["get", "list", "create", "*", "pods", "pods/log", "*/scale", "apps", "", "x"])
+
+
+@given(st.dictionaries(st.sampled_from(["verbs", "apiGroups", "resources", "resourceNames", "nonResourceURLs",
+                                        "kind", "metadata", "rules", "roleRef", "subjects"]),
+                       st.one_of(st.lists(_word, max_size=3), _word, st.none(), st.integers(),
+                                 st.dictionaries(st.sampled_from(["name", "kind", "apiGroup"]), _word))))
+def test_any_object_parses_or_is_a_clear_error(obj: dict[str, Any]) -> None:
+    for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
+        _, errors = rbac.policy_from([{**obj, "kind": kind}])
+        assert len(errors) <= 1 and all(isinstance(e, str) and e for e in errors)
+
+
+def test_access_review_rejects_malformed_bodies(policy: rbac.Policy) -> None:
+    for body in ([], {"kind": "SelfSubjectAccessReview"}, {"kind": "SelfSubjectAccessReview", "spec": {}},
+                 {"kind": "SelfSubjectAccessReview", "spec": {"resourceAttributes": {"verb": 1}}},
+                 {"kind": "SelfSubjectAccessReview", "spec": {"resourceAttributes": {"verb": "get"}}}):
+        with pytest.raises(rbac.RBACError):
+            rbac.access_review(policy, "u", frozenset(), body)
+
+
+# -- kubectl auth can-i against a live server -----------------------------------------------------
+
+LIVE_USERS = {"kube-proxy": "system:kube-proxy", "nobody": "nobody"}
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[tuple[APIServerProcess, dict[str, str]]]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    d = tempfile.mkdtemp(prefix="kpt-rbac-")
+    tokens = {ident: f"rbac-test-{ident}-{os.urandom(8).hex()}" for ident in LIVE_USERS}
+    lines = [f'{os.urandom(16).hex()},admin,admin,"system:masters"',
+             f'{os.urandom(16).hex()},kproxy-readonly,kproxy-readonly,"system:readonly"']
+    lines += [f"{tokens[i]},{u},{u}" for i, u in LIVE_USERS.items()]
+    with open(os.path.join(d, "tokens.csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(os.path.join(d, "tokens.csv"), 0o600)
+    try:
+        with running_apiserver(data_dir=d) as api:
+            cfgs = {"masters": api.kubeconfig, "readonly": api.readonly_kubeconfig}
+            for ident, token in tokens.items():
+                cfgs[ident] = os.path.join(d, f"{ident}.kubeconfig")
+                write_kubeconfig(cfgs[ident], api.url, api.ca_file, token, ident)
+            yield api, cfgs
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# The identities a token file can hold with the bootstrap bindings alone, and resources this server
+# serves (kubectl can-i answers nothing useful for a resource discovery does not list).
+_SERVED = {f"{r.group}/{r.plural}" for r in RESOURCES} | {"/pods/log", "/healthz", "/metrics"}
+LIVE_TABLE = [r for r in TABLE if r[0] in ("masters", "readonly", "kube-proxy", "nobody") and r[2] in _SERVED]
+
+
+@pytest.mark.kubectl
+@pytest.mark.parametrize(("ident", "verb", "what", "ns", "name", "allowed"), LIVE_TABLE,
+                         ids=[f"{r[0]}-{r[1]}-{r[2]}-{r[3]}-{r[4]}" for r in LIVE_TABLE])
+def test_kubectl_auth_can_i(live: tuple[APIServerProcess, dict[str, str]], ident: str, verb: str, what: str,
+                            ns: str, name: str, allowed: bool) -> None:
+    _, cfgs = live
+    if what in ("/healthz", "/metrics", "/apis/apps/v1"):
+        target = [what]
+    else:
+        group, _, rest = what.partition("/")
+        resource, _, sub = rest.partition("/")
+        target = [f"{resource}.{group}" if group else resource] + ([f"--subresource={sub}"] if sub else [])
+        if name:
+            target[0] += f"/{name}"
+    ns_flag = ["-n", ns] if ns else []
+    r = subprocess.run(["kubectl", "--kubeconfig", cfgs[ident], "auth", "can-i", verb, *target, *ns_flag],
+                       capture_output=True, text=True, timeout=30, check=False)
+    # can-i prints yes/no and exits 0/1; anything else is an error talking to the server.
+    assert (r.stdout.strip(), r.returncode) == (("yes", 0) if allowed else ("no", 1)), r.stderr
