@@ -12,10 +12,10 @@ applies it in one transaction. What makes it fast, beyond the compiled renderer:
 A failed restore changes nothing in the kernel (atomic per table, per batch with nf_tables),
 returns ok=False and makes the next sync a full one that re-reads the kernel's chain list.
 
-Config attributes read by new_proxier (kproxy.config.KProxyConfig, or any object with them):
-hostname_override, cluster_cidr, nodeport_addresses, masquerade_all, masquerade_bit,
-localhost_nodeports; optional: iptables_backend ("nft"|"legacy"|"" auto), netns (run the tools in
-that network namespace), healthcheck_bind_address, node_ips (the Node's addresses).
+new_proxier takes the validated kproxy.config.KProxyConfig: hostname_override, cluster_cidr,
+nodeport_addresses, masquerade_all, masquerade_bit, localhost_nodeports, iptables_backend
+("nft"|"legacy"|"" detect), netns (run the tools in that network namespace),
+healthcheck_bind_address, node_ips and node_zone (from the Node object).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.backends.conntrack import Conntrack
+from kproxy.config import KProxyConfig
 from kproxy.backends.iptables import (
     Backend,
     IPTables,
@@ -42,7 +43,7 @@ from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.udpstale import clean_udp_conntrack
-from kproxy.proxy import categorize, sync_health_server
+from kproxy.proxy import categorize, nodeport_cidrs, sync_health_server
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,12 @@ class IptablesProxier(Proxier):
     ) -> None:
         if not 0 <= masquerade_bit <= 31:
             raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
-        if "primary" in nodeport_addresses:
-            # kube-proxy's --nodeport-addresses primary: NodePorts only on the node's primary IPs
-            # (the Node object's addresses or --bind-address), not on every local address.
-            primary = tuple(f"{ip}/32" for ip in node_ips if ":" not in ip)
-            if not primary:
-                log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
-            nodeport_addresses = tuple(c for c in nodeport_addresses if c != "primary") + primary
+        # kube-proxy's --nodeport-addresses primary: NodePorts only on the node's primary IPs
+        # (the Node object's addresses), one meaning in every mode (kproxy.proxy.nodeport_cidrs).
+        v4_node_ips = tuple(ip for ip in node_ips if ":" not in ip)
+        if "primary" in nodeport_addresses and not v4_node_ips:
+            log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
+        nodeport_addresses = nodeport_cidrs(tuple(nodeport_addresses), v4_node_ips)
         for cidr in nodeport_addresses:
             ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
         self.iptables = iptables
@@ -704,32 +704,23 @@ class IptablesProxier(Proxier):
             self.health_server.close()
 
 
-def new_proxier(config: Any) -> Proxier:
-    """Build the iptables proxier from kproxy.config.KProxyConfig (see the module docstring)."""
-    netns = getattr(config, "netns", None) or None
-    wanted = str(getattr(config, "iptables_backend", "") or "")
+def new_proxier(config: KProxyConfig) -> Proxier:
+    """Build the iptables proxier from the validated configuration (see the module docstring)."""
+    netns = config.netns or None  # "" is no namespace too
+    wanted = config.iptables_backend
     if wanted not in ("", "nft", "legacy"):
         raise ValueError(f"iptables backend {wanted!r}: expected nft or legacy")
     backend: Backend = detect_backend(netns) if not wanted else ("legacy" if wanted == "legacy" else "nft")
-    nodeport_addresses = getattr(config, "nodeport_addresses", ()) or ()
-    if isinstance(nodeport_addresses, str):
-        nodeport_addresses = tuple(c.strip() for c in nodeport_addresses.split(",") if c.strip())
-    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
-    hc_bind = getattr(config, "healthcheck_bind_address", "") or ""
     return IptablesProxier(
         IPTables(backend=backend, netns=netns),
-        node_name=getattr(config, "hostname_override", "") or "",
-        cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
-        nodeport_addresses=tuple(nodeport_addresses),
-        masquerade_all=bool(getattr(config, "masquerade_all", False)),
-        masquerade_bit=int(
-            getattr(config, "masquerade_bit", 14)
-            if getattr(config, "masquerade_bit", None) is not None
-            else 14
-        ),
-        localhost_nodeports=bool(getattr(config, "localhost_nodeports", True)),
+        node_name=config.hostname_override,
+        cluster_cidr=config.cluster_cidr,
+        nodeport_addresses=config.nodeport_addresses,
+        masquerade_all=config.masquerade_all,
+        masquerade_bit=config.masquerade_bit,  # 0 is valid (validation accepts 0..31)
+        localhost_nodeports=config.localhost_nodeports,
         conntrack=Conntrack(netns=netns),
-        health_server=ServiceHealthServer(hc_bind, netns=netns),
-        node_ips=tuple(getattr(config, "node_ips", ()) or ()),
-        node_zone=str(getattr(config, "node_zone", "") or ""),
+        health_server=ServiceHealthServer(config.healthcheck_bind_address, netns=netns),
+        node_ips=config.node_ips,
+        node_zone=config.node_zone,
     )

@@ -32,11 +32,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 from kproxy._nftpath import Rendered
 from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.nftables import Nft, NftError
+from kproxy.config import KProxyConfig
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
@@ -406,10 +407,10 @@ def _delete_table(nft: Nft, table: str) -> bool:
         return False
 
 
-def cleanup_leftovers(config: Any) -> bool:
+def cleanup_leftovers(config: KProxyConfig) -> bool:
     """`kproxy --cleanup` in any mode: remove the nftables table (no proxier needed). A node
     without the nft tool cannot have the table from kproxy."""
-    nft = Nft(netns=getattr(config, "netns", None) or None)
+    nft = Nft(netns=config.netns or None)
     try:
         if not nft.table_exists(FAMILY, TABLE):
             return True
@@ -418,27 +419,22 @@ def cleanup_leftovers(config: Any) -> bool:
     return _delete_table(nft, TABLE)
 
 
-def new_proxier(config: Any) -> Proxier:
-    """Build the nftables proxier from kproxy.config.KProxyConfig."""
-    netns = getattr(config, "netns", None) or None
+def new_proxier(config: KProxyConfig) -> Proxier:
+    """Build the nftables proxier from the validated configuration."""
+    netns = config.netns or None  # "" is no namespace too
     nft = Nft(netns=netns)
     try:
         nft.apply("")  # nft present and the kernel speaks nf_tables (an empty batch)
     except NftError as e:
         raise RuntimeError(f"nftables unavailable: {e}") from e
-    nodeport_addresses = getattr(config, "nodeport_addresses", ()) or ()
-    if isinstance(nodeport_addresses, str):
-        nodeport_addresses = tuple(c.strip() for c in nodeport_addresses.split(",") if c.strip())
-    cluster_cidr = getattr(config, "cluster_cidr", "") or ""
-    bit = getattr(config, "masquerade_bit", None)
     return NftablesProxier(
         nft,
-        cluster_cidr=cluster_cidr if isinstance(cluster_cidr, str) else ",".join(cluster_cidr),
-        nodeport_addresses=tuple(nodeport_addresses),
-        masquerade_all=bool(getattr(config, "masquerade_all", False)),
-        masquerade_bit=int(bit) if bit is not None else 14,
+        cluster_cidr=config.cluster_cidr,
+        nodeport_addresses=config.nodeport_addresses,
+        masquerade_all=config.masquerade_all,
+        masquerade_bit=config.masquerade_bit,  # 0 is valid (validation accepts 0..31)
         conntrack=Conntrack(netns=netns),
-        health_server=ServiceHealthServer(getattr(config, "healthcheck_bind_address", "") or "", netns=netns),
-        node_ips=tuple(getattr(config, "node_ips", ()) or ()),
-        node_zone=str(getattr(config, "node_zone", "") or ""),
+        health_server=ServiceHealthServer(config.healthcheck_bind_address, netns=netns),
+        node_ips=config.node_ips,
+        node_zone=config.node_zone,
     )
