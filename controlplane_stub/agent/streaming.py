@@ -44,6 +44,7 @@ EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
 MAX_COMMAND_ARGS = 1024
 MAX_WS_MESSAGE = 1024 * 1024
+UPGRADE_REQUIRED = "Upgrade request required"
 
 
 def status(code: int, reason: str, message: str) -> web.Response:
@@ -169,6 +170,8 @@ class StreamingServer:
         except ImageError as e:  # the image went away since the container started
             return status(400, "BadRequest", f"container {c.name}: {e}")
         ws = web.WebSocketResponse(protocols=EXEC_PROTOCOLS, max_msg_size=MAX_WS_MESSAGE, heartbeat=30)
+        if not ws.can_prepare(request).ok:  # the API server asking whether the container runs
+            return status(400, "BadRequest", UPGRADE_REQUIRED)
         await ws.prepare(request)
         env = c.worker.container_env(c.spec, image_env, c.who)
         if flags["tty"]:
@@ -183,6 +186,8 @@ class StreamingServer:
         if not w.pod_ip:
             return status(400, "BadRequest", f"pod {w.key} has no IP yet")
         ws = web.WebSocketResponse(protocols=portforward.PROTOCOLS, max_msg_size=MAX_WS_MESSAGE, heartbeat=30)
+        if not ws.can_prepare(request).ok:
+            return status(400, "BadRequest", UPGRADE_REQUIRED)
         await ws.prepare(request)
         node_ns, pod_ip = self.agent.node.netns, w.pod_ip
 

@@ -31,6 +31,7 @@ EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 PORTFORWARD_PROTOCOLS = ("SPDY/3.1+portforward.k8s.io",)
 KUBELET_HOST = "127.0.0.1"
 MAX_WS_MESSAGE = 1024 * 1024
+UPGRADE_REQUIRED = "Upgrade request required"  # also the agent's answer when the container runs
 
 
 def match(path: str) -> tuple[str, str, str] | None:
@@ -93,11 +94,14 @@ class PodIO:
 
     async def handle(self, request: web.Request, ns: str, name: str, sub: str) -> web.StreamResponse:
         pod = self._pod(ns, name)
+        if sub == "log" and not (pod.get("spec") or {}).get("nodeName"):
+            # As upstream: the log of a pod on no node is empty (exec and port-forward are refused).
+            self._container(pod, request.query.get("container", ""))
+            return web.Response(body=b"", content_type="text/plain")
         base = self._endpoint(pod)
         if sub == "portforward":
-            self._need_websocket(request, PORTFORWARD_PROTOCOLS)
             return await self._upgrade(request, f"{base}/portForward/{ns}/{name}", PORTFORWARD_PROTOCOLS, [],
-                                       f"pod {name}")
+                                       f'pod not found ("{name}")')
         container = self._container(pod, request.query.get("container", ""))
         path = f"{ns}/{name}/{container}"
         if sub == "log":
@@ -112,15 +116,22 @@ class PodIO:
         phase = (pod.get("status") or {}).get("phase")
         if phase in ("Succeeded", "Failed"):
             raise bad_request(f"cannot exec into a container in a completed pod; current phase is {phase}")
-        self._need_websocket(request, EXEC_PROTOCOLS)
         params = [(k, v) for k, v in request.query.items() if k in ("command", "stdin", "stdout", "stderr", "tty")]
-        return await self._upgrade(request, f"{base}/exec/{path}", EXEC_PROTOCOLS, params, f"container {container}")
+        return await self._upgrade(request, f"{base}/exec/{path}", EXEC_PROTOCOLS, params, f'container not found ("{container}")')
 
-    @staticmethod
-    def _need_websocket(request: web.Request, protocols: tuple[str, ...]) -> None:
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            raise bad_request(f"Upgrade request required (this server speaks WebSocket: {', '.join(protocols)}; "
-                              "not SPDY)")
+    async def _not_websocket(self, url: str, params: list[tuple[str, str]], supported: tuple[str, ...],
+                             what: str) -> StatusError:
+        """The error for a request that is no WebSocket upgrade: kubectl's SPDY fallback after a
+        refused WebSocket upgrade. It shows the error to the user, so it must be the real one: the
+        agent is asked (without an upgrade, so nothing runs) whether the container runs."""
+        try:
+            async with self.session().get(url, params=params) as r:
+                body = await r.content.read(64 * 1024)
+        except aiohttp.ClientError as e:
+            return StatusError(503, "ServiceUnavailable", f"the node agent did not answer: {e}")
+        if r.status in (400, 404) and UPGRADE_REQUIRED.encode() not in body:
+            return bad_request(f"unable to upgrade connection: {what}")
+        return bad_request(f"{UPGRADE_REQUIRED} (this server speaks WebSocket: {', '.join(supported)}; not SPDY)")
 
     async def _logs(self, request: web.Request, url: str, q: LogQuery) -> web.StreamResponse:
         try:
@@ -143,6 +154,8 @@ class PodIO:
 
     async def _upgrade(self, request: web.Request, url: str, supported: tuple[str, ...],
                        params: list[tuple[str, str]], what: str) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            raise await self._not_websocket(url, params, supported, what)
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         protocols = [p for p in offered if p in supported]
         if not protocols:
@@ -151,9 +164,9 @@ class PodIO:
             upstream = await self.session().ws_connect(url, params=params, protocols=protocols,
                                                        max_msg_size=MAX_WS_MESSAGE)
         except aiohttp.WSServerHandshakeError as e:
+            # The kubelet's words when the runtime has no such running container (or pod).
             raise StatusError(e.status if e.status >= 400 else 500, "BadRequest" if e.status == 400 else
-                              "InternalError", f"unable to upgrade connection: {what} is not running "
-                              f"(node agent: {e.status} {e.message})") from None
+                              "InternalError", f"unable to upgrade connection: {what}") from None
         except aiohttp.ClientError as e:
             raise StatusError(503, "ServiceUnavailable", f"the node agent did not answer: {e}") from None
         ws = web.WebSocketResponse(protocols=(upstream.protocol or protocols[0],), max_msg_size=MAX_WS_MESSAGE)

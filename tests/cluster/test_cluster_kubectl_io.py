@@ -184,6 +184,17 @@ def test_kubectl_logs_tail_timestamps_and_errors(io_cluster: Cluster) -> None:
     assert r.returncode != 0 and 'pods "nosuch" not found' in r.stderr
     r = run(c, "logs", "ticker", "-c", "other")
     assert r.returncode != 0 and "container other is not valid for pod ticker" in r.stderr
+    # A pod on no node: an empty log, as upstream; exec refused with its Status.
+    c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nowhere"},
+             "spec": {"nodeSelector": {"kio": "no-such-node"},
+                      "containers": [{"name": "main", "image": "busybox", "command": TICKER}]}})
+    try:
+        r = run(c, "logs", "nowhere")
+        assert (r.returncode, r.stdout) == (0, ""), r
+        r = run(c, "exec", "nowhere", "--", "true")
+        assert r.returncode != 0 and "pod nowhere does not have a host assigned" in r.stderr, r.stderr
+    finally:
+        c.kubectl("delete", "pod", "nowhere", "--wait=false", check=False)
     # No previous instance yet: the kubelet's error.
     r = run(c, "logs", "ticker", "--previous")
     assert r.returncode != 0 and 'previous terminated container "main" in pod "ticker" not found' in r.stderr
@@ -227,6 +238,10 @@ def test_kubectl_logs_previous_after_a_restart(io_cluster: Cluster) -> None:
     cur_id = re.findall(r"instance-(\d+)", cur)
     assert len(prev_id) == 1 and len(cur_id) == 1 and prev_id != cur_id, (prev, cur)
     assert "to-stderr" in prev
+    # Between two runs (the back-off) the container is not running: exec gets the kubelet's words.
+    wait_for(lambda: 'unable to upgrade connection: container not found ("main")'
+             in run(c, "exec", "crasher", "--", "true").stderr, timeout=30, interval=0.3,
+             what="exec into crasher while it is not running")
 
 
 @e2e
