@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FAMILY = "ip"
 TABLE = "kube-proxy"
+KEEP_TRANSACTION_BYTES = 1 << 20
 STALE_CHAIN_GRACE = 1.0  # seconds a flushed chain stays before it is deleted (upstream: 1 s)
 
 Element = tuple[str, str, str]  # (map or set, key, value)
@@ -182,6 +183,7 @@ class NftablesProxier(Proxier):
         self._need_full = True
         self.stale_grace = STALE_CHAIN_GRACE
         self.last_transaction = ""
+        self.keep_transaction_bytes = KEEP_TRANSACTION_BYTES
         self.last_stats: dict[str, float] = {}
 
     # ---- rendering ----
@@ -355,12 +357,13 @@ class NftablesProxier(Proxier):
             self._need_full = True
             log.exception("nftables sync failed while rendering")
             return SyncResult(ok=False, error=f"render: {e}")
-        transaction = "".join(lines)
+        size = sum(map(len, lines))
         t_render = time.perf_counter()
-        self.last_transaction = transaction
-        if transaction:
+        # Kept for logs and tests only while small (a 10,000-Service first sync is 25 MB).
+        self.last_transaction = "".join(lines) if size <= self.keep_transaction_bytes else ""
+        if lines:
             try:
-                self.nft.apply(transaction)
+                self.nft.apply(lines)
             except NftError as e:
                 self._need_full = True
                 log.error("nft transaction failed full=%s err=%s", full, e)
@@ -369,7 +372,7 @@ class NftablesProxier(Proxier):
         self._programmed, self._refs, self._stale = programmed, refs, stale
         self._need_full = False
         self.last_stats = {"render_s": t_render - start, "apply_s": time.perf_counter() - t_render,
-                           "bytes": float(len(transaction)), "full": float(full)}
+                           "bytes": float(size), "full": float(full)}
         if self.health_server is not None:
             sync_health_server(self.health_server, request.services, request.endpoints)
         if self.conntrack is not None:

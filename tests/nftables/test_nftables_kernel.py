@@ -26,8 +26,8 @@ class CountingNft(Nft):
         super().__init__(netns)
         self.transactions: list[str] = []
 
-    def apply(self, transaction: str) -> None:
-        self.transactions.append(transaction)
+    def apply(self, transaction: str | list[str]) -> None:
+        self.transactions.append(transaction if isinstance(transaction, str) else "".join(transaction))
         super().apply(transaction)
 
 

@@ -1,0 +1,63 @@
+"""nftables proxier syncs beside the iptables proxier (both back ends), in one run.
+
+    .venv/bin/pytest bench/bench_nftables_sync.py --benchmark-enable -s [-k "1k"]
+
+Each case runs its worker (bench_nftables_worker.py / bench_iptables_worker.py) as its own
+process in a fresh namespace (kpnftB + random suffix, deleted after), with the same Services:
+1,000 and 10,000 Services x 10 endpoints. Reported: the first full sync, a partial sync after one
+endpoint change (wall and CPU seconds, the latter including nft's and the kernel's: on a loaded
+machine wall time is mostly waiting for a core), a full resync, and the worker's peak RSS.
+The Go kube-proxy is not run: /work/shared/peers has build scripts but no built binary, and
+building it is out of scope here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS: list[str] = []
+
+
+def run(worker: str, *args: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    ns = f"kpnftB{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    try:
+        argv = [sys.executable, os.path.join(HERE, worker), *args, ns, *extra]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False, cwd=HERE)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60, check=False)
+
+
+@pytest.mark.timeout(7200)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+@pytest.mark.parametrize("n", [1000, 10000], ids=["1k", "10k"])
+@pytest.mark.parametrize("mode", ["nftables", "iptables-legacy", "iptables-nft"])
+def test_sync_side_by_side(benchmark: Any, mode: str, n: int) -> None:
+    if mode == "nftables":
+        r = benchmark.pedantic(run, args=("bench_nftables_worker.py", str(n)), rounds=1, iterations=1)
+        line = (f"nftables        {n:>6}: full {r['first_s']:.2f} s (CPU {r['first_cpu_s']:.2f} s; render "
+                f"{r['render_s']:.2f} + nft {r['apply_s']:.2f}; bare nft -f of the same input {r['nft_floor_s']:.2f} s), "
+                f"partial {min(r['partials_s']) * 1000:.0f}-{max(r['partials_s']) * 1000:.0f} ms "
+                f"(CPU {min(r['partials_cpu_s']) * 1000:.0f}-{max(r['partials_cpu_s']) * 1000:.0f} ms, "
+                f"{r['partial_bytes']} bytes), resync {r['resync_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB, load {r['load']:.1f}")
+    else:
+        backend = mode.split("-")[1]
+        extra = ("--no-z-control",) if n <= 1000 else ()
+        r = benchmark.pedantic(run, args=("bench_iptables_worker.py", backend, str(n)), kwargs={"extra": extra},
+                               rounds=1, iterations=1)
+        f, p = r["first_full"], r["partial"]
+        line = (f"{mode:15} {n:>6}: full {f['total_s']:.2f} s, partial {p['total_s'] * 1000:.0f} ms, "
+                f"resync {r['resync_full']['total_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB, load {r['load_avg'][0]:.1f}")
+    benchmark.extra_info.update({"line": line})
+    RESULTS.append(line)
+    print("\n" + "\n".join(RESULTS))
