@@ -20,6 +20,7 @@ from controlplane_stub.agent.record import Record
 from controlplane_stub.cluster.components import cmd_agent, cmd_controllers
 from controlplane_stub.cluster.state import (
     MARKER,
+    MAX_ZONES,
     SEED,
     State,
     default_data_dir,
@@ -48,6 +49,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     if args.nodes < 1 or args.nodes > 200:
         print("--nodes: between 1 and 200", file=sys.stderr)
+        return 2
+    if not 0 <= args.zones <= MAX_ZONES:
+        print(f"--zones: between 0 and {MAX_ZONES}", file=sys.stderr)
         return 2
     if not 1 <= args.apiservers <= 9 or (args.apiservers > 1 and args.store != "etcd"):
         print("--apiservers: between 1 and 9, more than 1 only with --store etcd", file=sys.stderr)
@@ -91,6 +95,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.store,
         "--apiservers",
         str(args.apiservers),
+        "--zones",
+        str(args.zones),
         "--backoff-base",
         str(args.backoff_base),
         "--backoff-cap",
@@ -358,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         common(sp)
         sp.add_argument("--nodes", type=int, default=3)
         sp.add_argument(
+            "--zones",
+            type=int,
+            default=3,
+            help="spread the nodes over this many zones, round robin (label topology.kubernetes.io/zone "
+            "zone-a, zone-b, ...; 0: no zone label; default 3)",
+        )
+        sp.add_argument(
             "--proxy-mode",
             default="iptables",
             help="kproxy mode on every node (iptables, ipvs, userspace, nftables) or none",
@@ -413,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-port", type=int, default=0)
     sv.add_argument("--store", default="sqlite")
     sv.add_argument("--apiservers", type=int, default=1)
+    sv.add_argument("--zones", type=int, default=3)
     sv.add_argument("--image-catalog", default="")
     sv.add_argument("--backoff-base", type=float, default=10.0)
     sv.add_argument("--backoff-cap", type=float, default=300.0)

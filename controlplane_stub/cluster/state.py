@@ -18,6 +18,15 @@ MARKER = "KPC_CLUSTER"
 SEED = seed.path("flask-kubernetes.yaml")
 DNS_IP = "10.96.0.10"
 SERVICE_CIDR = "10.96.0.0/12"
+MAX_ZONES = 26  # zone-a .. zone-z
+
+
+def node_zone(index: int, zones: int) -> str:
+    """The topology.kubernetes.io/zone of node `index` (1-based) in a cluster of `zones` zones:
+    round robin, so every zone gets nodes before any gets a second; "" (no label) for 0 zones."""
+    if not 0 <= zones <= MAX_ZONES or index < 1:
+        raise ValueError(f"node {index} of {zones} zones: zones must be 0..{MAX_ZONES}, nodes from 1")
+    return f"zone-{chr(ord('a') + (index - 1) % zones)}" if zones else ""
 
 
 def default_data_dir(name: str) -> Path:

@@ -28,7 +28,7 @@ from controlplane_stub.agent import netns
 from controlplane_stub.agent.backoff import CrashLoopBackoff
 from controlplane_stub.cluster.etcd import etcd_control_plane
 from controlplane_stub.cluster.relays import pipe
-from controlplane_stub.cluster.state import DNS_IP, MARKER, SERVICE_CIDR, State, self_command, tool
+from controlplane_stub.cluster.state import DNS_IP, MARKER, SERVICE_CIDR, State, node_zone, self_command, tool
 
 log = logging.getLogger("kpc.cluster")
 
@@ -261,7 +261,7 @@ class Supervisor:
                 "--data-dir",
                 str(self.dir / "nodes" / n.name),
                 "--zone",
-                f"zone-{'abc'[(i - 1) % 3]}",
+                node_zone(i, self.args.zones),
                 "--backoff-base",
                 str(self.args.backoff_base),
                 "--backoff-cap",

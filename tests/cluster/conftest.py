@@ -100,7 +100,8 @@ def _cluster(nodes: int, extra: list[str]) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    yield from _cluster(3, [])
+    """3 nodes over 2 zones: zone-a (node-1, node-3), zone-b (node-2)."""
+    yield from _cluster(3, ["--zones", "2"])
 
 
 @pytest.fixture(scope="module")

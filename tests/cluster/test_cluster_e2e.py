@@ -439,6 +439,91 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
     c.kubectl("delete", "pod", "never", "onfailure", "probed", "slowstart", "--wait=false")
 
 
+# Answers GET with the pod's name (its UTS namespace is named after the pod).
+WHOAMI = """import http.server, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = socket.gethostname().encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("", 8080), H).serve_forever()
+"""
+
+
+def curl_from_pod(c: Cluster, pod: str, url: str) -> str:
+    """One HTTP GET from a pod's network namespace: its packets go through its node's kproxy."""
+    uid = c.json("pod", pod)["metadata"]["uid"]
+    r = subprocess.run(
+        ["ip", "netns", "exec", pod_netns_name(c.state["prefix"], uid), "curl", "-s", "-m", "3", url],
+        capture_output=True, text=True, timeout=10,
+    )
+    return r.stdout
+
+
+def test_prefer_close_sends_each_nodes_traffic_to_its_zone(cluster: Cluster) -> None:
+    """`up --zones 2` spreads 3 nodes over zone-a (node-1, node-3) and zone-b (node-2). A
+    PreferClose Service with one pod on node-2 and one on node-3; a client pod on every node:
+    node-1's traffic goes to the node-3 pod (same zone, another node), node-2's to the node-2
+    pod, node-3's to the node-3 pod, real packets through each node's kproxy. Without
+    PreferClose node-1's client reaches both (so the check can fail)."""
+    c = cluster
+    nodes = {n["metadata"]["name"]: n["metadata"]["labels"].get("topology.kubernetes.io/zone") for n in c.json("nodes")["items"]}
+    assert nodes == {"node-1": "zone-a", "node-2": "zone-b", "node-3": "zone-a"}
+    c.refresh()
+    if not c.state["components"].get("kproxy", "").startswith("running"):
+        pytest.skip(f"kproxy not running in this cluster: {c.state['components'].get('kproxy')}")
+    # The containers run as nobody: the system's python3, not the test's virtualenv.
+    pods = {"zoned-b": ("node-2", "zoned", ["/usr/bin/python3", "-c", WHOAMI]),
+            "zoned-a": ("node-3", "zoned", ["/usr/bin/python3", "-c", WHOAMI]),
+            **{f"zclient-{i}": (f"node-{i}", "zclient", ["/bin/sh", "-c", "sleep 3600"]) for i in (1, 2, 3)}}
+    for pod, (node, app, command) in pods.items():
+        c.apply({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "namespace": "default", "labels": {"app": app}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": "busybox", "command": command}]},
+        })
+    c.apply({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zoned", "namespace": "default"},
+        "spec": {"selector": {"app": "zoned"}, "ports": [{"port": 80, "targetPort": 8080}],
+                 "trafficDistribution": "PreferClose"},
+    })
+    try:
+        def hinted() -> list[Obj]:
+            items = c.json("endpointslices", "-l", "kubernetes.io/service-name=zoned")["items"]
+            eps = [e for s in items for e in s.get("endpoints") or []]
+            ok = len(eps) == 2 and all(e["conditions"]["ready"] and e.get("hints") for e in eps)
+            return eps if ok else []
+
+        eps = wait_for(hinted, timeout=60, what="2 ready endpoints with zone hints")
+        assert {e["nodeName"]: e["hints"]["forZones"][0]["name"] for e in eps} == {"node-2": "zone-b", "node-3": "zone-a"}
+        url = f"http://{c.json('svc', 'zoned')['spec']['clusterIP']}/"
+        want = {"zclient-1": "zoned-a", "zclient-2": "zoned-b", "zclient-3": "zoned-a"}
+        wait_for(lambda: all(is_ready(c.json("pod", p)) for p in want), timeout=60, what="client pods ready")
+        # kproxy on each node catches up with the slice; then every answer is the same-zone pod.
+        for client, pod in want.items():
+            wait_for(lambda: curl_from_pod(c, client, url) == pod, timeout=30, what=f"{client} answered by {pod}")
+        for client, pod in want.items():
+            answers = {curl_from_pod(c, client, url) for _ in range(12)}
+            assert answers == {pod}, (client, answers)
+        # The control: without PreferClose the hints go and node-1 reaches both pods.
+        c.kubectl("patch", "svc", "zoned", "--type=json",
+                  "-p", '[{"op": "remove", "path": "/spec/trafficDistribution"}]')
+        wait_for(lambda: (e := c.json("endpointslices", "-l", "kubernetes.io/service-name=zoned")["items"])
+                 and not any(x.get("hints") for s in e for x in s.get("endpoints") or []), what="hints removed")
+        seen: set[str] = set()
+        wait_for(lambda: seen.add(curl_from_pod(c, "zclient-1", url)) or seen >= {"zoned-a", "zoned-b"},
+                 timeout=30, interval=0.05, what="zclient-1 answered by both pods")
+    finally:
+        c.kubectl("delete", "svc", "zoned", "--ignore-not-found", check=False)
+        c.kubectl("delete", "pod", *pods, "--ignore-not-found", "--wait=false", check=False)
+
+
 def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster) -> None:
     c = cluster
     # A container that ignores SIGTERM: it must be SIGKILLed once terminationGracePeriodSeconds pass.

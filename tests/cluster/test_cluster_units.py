@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane_stub.agent.catalog import Catalog, ImageError
 from controlplane_stub.agent.netns import Topology
 from controlplane_stub.agent.node import Ipam
+from controlplane_stub.cluster import main as cluster_main
+from controlplane_stub.cluster.state import MAX_ZONES, node_zone
 from controlplane_stub.controllers.replicaset import deletion_rank
 from controlplane_stub.controllers.scheduler import fits
 
@@ -106,3 +111,21 @@ def test_topology_addresses() -> None:
         "10.244.2.1",
     )
     assert t.client_ns == "kptab-client" and t.net_ns == "kptab-net"
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes=st.integers(1, 200), zones=st.integers(1, MAX_ZONES))
+def test_zones_spread_nodes_round_robin(nodes: int, zones: int) -> None:
+    """`up --zones N`: every zone gets a node before any gets a second (counts differ by <= 1)."""
+    got = Counter(node_zone(i, zones) for i in range(1, nodes + 1))
+    assert len(got) == min(nodes, zones)
+    assert max(got.values()) - min(got.values()) <= 1
+    assert all(z.startswith("zone-") and len(z) == 6 for z in got)
+
+
+def test_zones_zero_means_no_label_and_out_of_range_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert node_zone(1, 0) == ""
+    with pytest.raises(ValueError):
+        node_zone(1, MAX_ZONES + 1)
+    rc = cluster_main(["up", "--name", "kptz", "--data-dir", str(tmp_path / "d"), "--zones", str(MAX_ZONES + 1)])
+    assert rc == 2 and "--zones: between 0 and 26" in capsys.readouterr().err
