@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +300,7 @@ def write_readme(rows: list[dict[str, Any]]) -> None:
         "SRV and PTR; mix 80% A, 10% SRV, 5% NXDOMAIN, 5% PTR. qps per CPU-second = answers / (server "
         "utime+stime).\n\n"
         + _table(rows) + "\n\n"
+        "![DNS qps per CPU-second: kproxy-dns, unbound, dnsmasq](img/dns_qps_per_cpu.png)\n\n"
         "Notes: the machine is shared (2 cores, other suites may run at the same time: look at the "
         "load average printed by the test), so qps (wall) and latency move a lot between runs; qps per "
         "CPU-second is the steadier figure. Saturated latency is dnsperf's average with 256 queries "
@@ -348,6 +350,8 @@ def test_dns_servers_side_by_side(benchmark: Any) -> None:
         print("\n" + _table(rows))
         print("load average:", Path("/proc/loadavg").read_text().strip())
         write_readme(rows)
+        plots.record("dns", "dns_qps_per_cpu", "qps per CPU-second (answers / server utime+stime)",
+                     {r["server"]: r["qps_per_cpu_s"] for r in rows}, plots.stamp("bench_dns_servers.py"))
         by = {r["server"]: r for r in rows}
         ratio = by["kproxy-dns"]["qps_per_cpu_s"] / max(by["unbound"]["qps_per_cpu_s"], 1.0)
         benchmark.extra_info.update({r["server"]: r for r in rows})

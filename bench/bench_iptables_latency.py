@@ -47,6 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
 
 testing = pytest.importorskip("controlplane_stub.apiserver.testing")
@@ -299,3 +300,5 @@ def test_api_write_to_rule_present(benchmark: Any, backend: str, n: int, tmp_pat
           f" kproxy RSS {r.get('kproxy_VmRSS_mib', 0):.0f} MiB, peak {r.get('kproxy_VmHWM_mib', 0):.0f} MiB;"
           f" seed {r['seed_s']:.0f} s; load {r['load_avg'][0]:.1f} {r['load_avg'][1]:.1f}")
     print("RESULT " + json.dumps(r))
+    plots.record("iptables", "iptables_write_to_rule", f"kproxy {backend}",
+                 {str(n): [s * 1000 for s in r["latency_s"]]}, plots.stamp("bench_iptables_latency.py"))

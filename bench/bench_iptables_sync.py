@@ -18,6 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
+import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,5 +85,12 @@ def test_iptables_full_and_partial_sync(benchmark: Any, backend: str, n: int) ->
     benchmark.extra_info.update(r)
     print("\n" + report(r))
     print("RESULT " + json.dumps(r))
+    when, b, x = plots.stamp("bench_iptables_sync.py"), r["backend"], str(n)
+    plots.record("iptables", "iptables_full_sync", f"kproxy {b}", {x: r["first_full"]["total_s"]}, when)
+    plots.record("iptables", "iptables_full_sync", f"bare restore {b} (--noflush)", {x: r["bare_noflush_s"]}, when)
+    plots.record("iptables", "iptables_partial_sync", f"kproxy {b}",
+                 {x: [p["total_s"] * 1000 for p in r["partials"]]}, when)
+    plots.record("iptables", "iptables_partial_sync", f"floor {b} (one-chain restore)",
+                 {x: [s * 1000 for s in r["partial_floor_s"]]}, when)
     # Sanity, not timing: the ruleset really is 10 endpoints per service (2 SEP rules + 1 SVC rule each).
     assert r["nat_rules"] >= n * 10 * 3

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +146,11 @@ def test_ipvs_vs_iptables_sync_in_one_vm(benchmark: Any) -> None:
         print(f"{n} services: full sync ipvs {ipvs['full_s']} s vs iptables {ipt['full_s']} s "
               f"({ratio_full:.1f}x); one change ipvs {ipvs['change_ms']} ms vs iptables {ipt['change_ms']} ms "
               f"({ratio_change:.0f}x); ipvs netlink sends in the full sync: {ipvs['netlink_sends_full']}")
+    when = plots.stamp("bench_ipvs_sync.py")
+    for mode, label in (("ipvs", "kproxy ipvs"), ("iptables", "kproxy iptables (legacy)")):
+        plots.record("ipvs", "ipvs_full_sync", label, {str(n): figures[f"{mode}_{n}"]["full_s"] for n in SIZES}, when)
+        plots.record("ipvs", "ipvs_one_change", label, {str(n): figures[f"{mode}_{n}"]["change_ms"] for n in SIZES},
+                     when)
     # The limits the issue sets: one change in milliseconds, the netlink path batched.
     assert figures["ipvs_10000"]["change_ms"] < 1000
     assert figures["ipvs_10000"]["netlink_sends_full"] < 1000  # 110,000 messages

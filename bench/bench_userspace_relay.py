@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -377,6 +378,9 @@ def test_userspace_throughput(benchmark: Any, bed: Bed) -> None:
     for target, rounds in samples.items():
         benchmark.extra_info[target] = {"gbps": RESULTS[target]["gbps"], "vs_direct": _ratio(target, "gbps"),
                                         "rounds": [round(r["gbps"], 2) for r in rounds]}
+    plots.record("userspace", "relay_throughput", f"proxy namespace {RESULTS_META.get('proxy_ns_cc', '?')}",
+                 {t: [r["gbps"] for r in rounds] for t, rounds in samples.items()},
+                 plots.stamp("bench_userspace_relay.py"))
     assert all(RESULTS[t]["gbps"] > 0 for t in TARGETS)
 
 
@@ -413,6 +417,8 @@ def test_userspace_connections_per_second(benchmark: Any, bed: Bed) -> None:
     for target, rounds in samples.items():
         benchmark.extra_info[target] = {"cps": RESULTS[target]["cps"], "vs_direct": _ratio(target, "cps"),
                                         "errors": errors[target], "rounds": [round(r) for r in rounds]}
+    plots.record("userspace", "relay_conn_per_s", f"proxy namespace {RESULTS_META.get('proxy_ns_cc', '?')}",
+                 {t: list(rounds) for t, rounds in samples.items()}, plots.stamp("bench_userspace_relay.py"))
     assert all(RESULTS[t]["cps"] > 0 for t in TARGETS)
 
 
