@@ -20,9 +20,14 @@ skipped (it grants nothing), never half-applied.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("kproxy.apiserver.rbac")
 
 API_GROUP = "rbac.authorization.k8s.io"
 SA_PREFIX = "system:serviceaccount:"
@@ -393,3 +398,38 @@ def access_review(policy: Policy, user: str, groups: frozenset[str], body: objec
     return {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
             "metadata": {"creationTimestamp": None}, "spec": dict(spec),
             "status": {"allowed": allowed, "reason": reason} if reason else {"allowed": allowed}}
+
+
+_STORED = ("clusterroles", "clusterrolebindings", "roles", "rolebindings")
+
+
+class StoredPolicy:
+    """The bootstrap policy plus the Roles and bindings in the store, rebuilt when the store has
+    changed, at most every `refresh` seconds: like kube-apiserver's RBAC authorizer, which reads
+    its informers' caches, a new binding takes effect shortly after it is written, not at once."""
+
+    def __init__(self, store: Any, served: Iterable[tuple[str, str]], refresh: float = 0.5) -> None:
+        self.store, self.served, self.refresh = store, list(served), refresh
+        self.policy = bootstrap_policy(self.served)
+        self._revision, self._at = -1, -refresh
+        self._reported: set[str] = set()
+
+    def current(self) -> Policy:
+        now = time.monotonic()
+        if now - self._at < self.refresh or self.store.revision == self._revision:
+            return self.policy
+        self._at, self._revision = now, self.store.revision
+        stored: list[Mapping[str, Any]] = []
+        for plural in _STORED:
+            stored.extend(json.loads(raw) for _, raw in self.store.list(f"/registry/{plural}.{API_GROUP}/").items)
+        policy, errors = policy_from([*bootstrap_objects(), *stored])
+        if self.served:
+            base = bootstrap_policy(self.served)
+            policy.cluster_roles.update({k: v for k, v in base.cluster_roles.items() if k not in policy.cluster_roles})
+            policy.cluster_bindings.extend(b for b in base.cluster_bindings if b.name == "kproxy:readonly")
+        for e in errors:
+            if e not in self._reported:  # once per bad object, not per request
+                self._reported.add(e)
+                log.warning("event=rbac_object_skipped error=%r", e)
+        self.policy = policy
+        return policy

@@ -60,6 +60,12 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("apps", "v1", "ReplicaSet", "replicasets", True, ("rs",), ("status", "scale"), ("all",),
              has_generation=True),
     Resource("coordination.k8s.io", "v1", "Lease", "leases", True),
+    Resource("", "v1", "ServiceAccount", "serviceaccounts", True, ("sa",)),
+    # RBAC objects (rbac.py evaluates them)
+    Resource("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
+    Resource("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False),
+    Resource("rbac.authorization.k8s.io", "v1", "Role", "roles", True),
+    Resource("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", True),
 )
 
 # (group, version) -> {plural: Resource}
@@ -70,7 +76,7 @@ for _r in RESOURCES:
 BY_ID: dict[str, Resource] = {r.id: r for r in RESOURCES}
 
 # Groups in the order /apis lists them (preferred version first: there is only one each).
-GROUPS: tuple[str, ...] = ("apps", "discovery.k8s.io", "coordination.k8s.io")
+GROUPS: tuple[str, ...] = ("apps", "discovery.k8s.io", "coordination.k8s.io", "rbac.authorization.k8s.io")
 
 # What a delete cascades to without a garbage collector: owner kind -> dependents' resources.
 DEPENDENTS: dict[str, tuple[str, ...]] = {

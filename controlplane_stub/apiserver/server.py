@@ -84,7 +84,7 @@ class APIServer:
         self.ready = False
         self.pod_io: podio.PodIO | None = None  # pods/log, exec: set when there are node agents to call
         # RBAC (rbac.py): the bootstrap policy, the read-only identity's reads included.
-        self.rbac = rbac.bootstrap_policy((r.group, r.plural) for r in RESOURCES)
+        self.rbac = rbac.StoredPolicy(store, ((r.group, r.plural) for r in RESOURCES))
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
@@ -192,7 +192,7 @@ class APIServer:
         # plus reads of what is served here, never Secrets (their values are credentials).
         a = rbac.Attributes(user.name, frozenset(user.groups), verb, t.namespace, t.res.group, t.res.plural,
                             t.sub, t.name)
-        if self.rbac.authorize(a)[0]:
+        if self.rbac.current().authorize(a)[0]:
             return
         what = f'{t.res.plural}/{t.sub}' if t.sub else t.res.plural
         obj = f'{what} "{t.name}"' if t.name else what
@@ -207,7 +207,7 @@ class APIServer:
         # kubectl sends it as protobuf; the body checks are the ones every create gets.
         body = bodies.decode_request(await request.read(), request.content_type).obj
         try:
-            review = rbac.access_review(self.rbac, user.name, frozenset(user.groups), body)
+            review = rbac.access_review(self.rbac.current(), user.name, frozenset(user.groups), body)
         except rbac.RBACError as e:
             raise bad_request(f"SelfSubjectAccessReview: {e}") from None
         return json_response(review, status=201)

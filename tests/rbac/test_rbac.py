@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -250,3 +251,58 @@ def test_kubectl_auth_can_i(live: tuple[APIServerProcess, dict[str, str]], ident
                        capture_output=True, text=True, timeout=30, check=False)
     # can-i prints yes/no and exits 0/1; anything else is an error talking to the server.
     assert (r.stdout.strip(), r.returncode) == (("yes", 0) if allowed else ("no", 1)), r.stderr
+
+
+@pytest.mark.kubectl
+def test_bindings_applied_with_kubectl_take_effect(live: tuple[APIServerProcess, dict[str, str]]) -> None:
+    """A RoleBinding to `view` and a Role of one's own, applied with kubectl as admin, grant
+    'nobody' exactly that in that namespace; deleting the binding takes it back."""
+    _, cfgs = live
+
+    def kubectl(*args: str, who: str = "masters", stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["kubectl", "--kubeconfig", cfgs[who], *args], input=stdin, capture_output=True,
+                              text=True, timeout=30, check=False)
+
+    def can_i(*args: str) -> str:
+        return kubectl("auth", "can-i", *args, who="nobody").stdout.strip()
+
+    def eventually(want: str, *args: str) -> None:
+        deadline = time.monotonic() + 10
+        while can_i(*args) != want and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert can_i(*args) == want, args
+
+    assert kubectl("create", "namespace", "rbac-team").returncode == 0
+    assert can_i("get", "pods", "-n", "rbac-team") == "no"
+    manifest = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: nobody-view, namespace: rbac-team}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: nobody}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: cm-writer, namespace: rbac-team}
+rules: [{apiGroups: [""], resources: [configmaps], verbs: [create], resourceNames: []}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: nobody-cm, namespace: rbac-team}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: cm-writer}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: nobody}]
+"""
+    r = kubectl("apply", "-f", "-", stdin=manifest)
+    assert r.returncode == 0, r.stderr
+    eventually("yes", "get", "pods", "-n", "rbac-team")
+    assert can_i("get", "pods", "-n", "default") == "no"
+    assert can_i("get", "secrets", "-n", "rbac-team") == "no"
+    assert can_i("create", "configmaps", "-n", "rbac-team") == "yes"
+    assert can_i("delete", "configmaps", "-n", "rbac-team") == "no"
+    # The real request, not only the review: the server enforces the same answer.
+    r = kubectl("create", "configmap", "x", "-n", "rbac-team", who="nobody")
+    assert r.returncode == 0, r.stderr
+    r = kubectl("get", "secrets", "-n", "rbac-team", who="nobody")
+    assert r.returncode != 0 and "forbidden" in r.stderr.lower()
+    assert kubectl("delete", "rolebinding", "nobody-view", "-n", "rbac-team").returncode == 0
+    eventually("no", "get", "pods", "-n", "rbac-team")
