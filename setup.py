@@ -26,9 +26,11 @@ def _extensions() -> list[Extension]:
             rel = os.path.relpath(path, folder)[: -len(".pyx")]
             exts.append(Extension(".".join([package, *rel.split(os.sep)]), [path], extra_compile_args=["-O2"]))
     # Hot paths kept as ONE Python source that Cython compiles in pure-Python mode (the loader
-    # imports the same file uncompiled when KPROXY_PURE=1).
-    for module in ("kproxy._nftpath",):
-        path = os.path.join(*module.split(".")) + ".py"
+    # imports the same file uncompiled when KPROXY_PURE=1). The iptables renderer's source is
+    # importable uncompiled as kproxy._purepath and compiled as kproxy._fastpath, typed by
+    # kproxy/_fastpath.pxd (Cython finds the .pxd by the module's name).
+    for module, source in (("kproxy._nftpath", "kproxy._nftpath"), ("kproxy._fastpath", "kproxy._purepath")):
+        path = os.path.join(*source.split(".")) + ".py"
         exts.append(Extension(module, [path], extra_compile_args=["-O2"]))
     return exts
 
@@ -37,7 +39,7 @@ setup(
     packages=_packages(),
     # controlplane_stub.seed: the seed app's manifests and the image catalog, read through
     # importlib.resources by an installed kproxy-cluster (examples/ links to them).
-    package_data={"": ["*.pyi", "*.pyx", "py.typed"], "controlplane_stub.seed": ["*.yaml"]},
+    package_data={"": ["*.pyi", "*.pyx", "*.pxd", "py.typed"], "controlplane_stub.seed": ["*.yaml"]},
     ext_modules=cythonize(
         _extensions(),
         language_level=3,

@@ -1,8 +1,12 @@
-"""Pure-Python twins of every function in kproxy/_fastpath.pyx.
+# cython: annotation_typing=False
+"""The iptables renderer: ONE source, run as Python (this module) and compiled by Cython.
 
-Each function here must return exactly what its compiled twin returns for the same input;
-tests/unit/test_fastpath_twins.py and tests/iptables/test_iptables_render_twins.py run both over
-the same cases.
+setup.py compiles this file in Cython's pure-Python mode as kproxy._fastpath, with the C types of
+kproxy/_fastpath.pxd (typed locals let Cython build the f-strings with PyUnicode_Join and skip
+attribute lookups on loop counters; the model records stay Python objects). kproxy.fastpath
+imports the compiled module unless KPROXY_PURE=1; imported as kproxy._purepath the same text
+runs interpreted. Nothing is kept in step by hand: tests/unit/test_fastpath_twins.py and
+tests/iptables/test_iptables_render_twins.py check that both give the same bytes.
 
 The iptables renderer follows upstream's pkg/proxy/iptables/proxier.go syncProxyRules: for one
 ServicePort it produces the filter-table rules, the nat dispatch rules (KUBE-SERVICES and
@@ -25,6 +29,9 @@ LARGE_CLUSTER_ENDPOINTS = 1000
 # Indexes into the tuple render_service_port returns (the compiled twin returns the same shape).
 R_FILTER, R_DISPATCH, R_CHAINS, R_RULES, R_CHAIN_NAMES, R_HAS_ENDPOINTS = range(6)
 
+# 1/n for the first endpoints: the common sizes never go through the float formatting.
+_PROBS: list[str] = [""] + [f"{1.0 / n:.10f}" for n in range(1, 257)]
+
 
 def port_proto_hash(service_port_name: str, protocol: str) -> str:
     """The 16-character suffix of kube-proxy's per-service chain names.
@@ -44,6 +51,8 @@ def endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) ->
 
 def probability(n: int) -> str:
     """statistic --probability for the i-th of n remaining endpoints: Go's %0.10f of 1/n."""
+    if 0 < n <= 256:
+        return _PROBS[n]
     return f"{1.0 / n:.10f}"
 
 
@@ -79,23 +88,22 @@ def _service_to_endpoint_rules(
     n = len(eps)
     if affinity >= 0:
         for ep in eps:
-            sep = sep_names[ep.addr]
+            addr = ep.addr
+            sep = sep_names[addr]
             if large:
-                out.append(
-                    f"-A {chain} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}\n"
-                )
+                out.append(f"-A {chain} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}\n")
             else:
                 out.append(
-                    f'-A {chain} -m comment --comment "{spn} -> {ep.addr}" -m recent --name {sep} '
+                    f'-A {chain} -m comment --comment "{spn} -> {addr}" -m recent --name {sep} '
                     f"--rcheck --seconds {affinity} --reap -j {sep}\n"
                 )
     for i in range(n):
-        ep = eps[i]
-        sep = sep_names[ep.addr]
+        addr = eps[i].addr
+        sep = sep_names[addr]
         if large:
             head = f"-A {chain}"
         else:
-            head = f'-A {chain} -m comment --comment "{spn} -> {ep.addr}"'
+            head = f'-A {chain} -m comment --comment "{spn} -> {addr}"'
         if i < n - 1:
             out.append(f"{head} -m statistic --mode random --probability {probability(n - i)} -j {sep}\n")
         else:
@@ -138,7 +146,10 @@ def render_service_port(
 
     eps = sorted(endpoints, key=_ep_key)
     cat = categorize(svc, eps, node_zone)
-    cluster_eps, local_eps, reachable, has_eps = list(cat.cluster), list(cat.local), list(cat.reachable), cat.has_any
+    cluster_eps = list(cat.cluster)
+    local_eps = list(cat.local)
+    reachable = list(cat.reachable)
+    has_eps = cat.has_any
     if len(reachable) != len(cluster_eps):
         reachable.sort(key=_ep_key)
     uses_cluster_chain = len(cluster_eps) > 0
@@ -288,7 +299,8 @@ def render_service_port(
 
     sep_names: dict[str, str] = {}
     for ep in reachable:
-        sep_names[ep.addr] = endpoint_chain_name(spn, proto, ep.addr)
+        addr = ep.addr
+        sep_names[addr] = endpoint_chain_name(spn, proto, addr)
     if uses_cluster_chain:
         chains.append(f":{svc_chain} - [0:0]\n")
         names.append(svc_chain)
@@ -299,7 +311,8 @@ def render_service_port(
         _service_to_endpoint_rules(rules, spn, svl_chain, local_eps, sep_names, affinity, large_cluster)
 
     for ep in reachable:
-        sep = sep_names[ep.addr]
+        addr = ep.addr
+        sep = sep_names[addr]
         chains.append(f":{sep} - [0:0]\n")
         names.append(sep)
         if large_cluster:
@@ -308,8 +321,8 @@ def render_service_port(
             head = f"-A {sep} -m comment --comment {spn}"
         rules.append(f"{head} -s {ep.ip} -j KUBE-MARK-MASQ\n")
         if affinity >= 0:
-            rules.append(f"{head} -m recent --name {sep} --set {match} -j DNAT --to-destination {ep.addr}\n")
+            rules.append(f"{head} -m recent --name {sep} --set {match} -j DNAT --to-destination {addr}\n")
         else:
-            rules.append(f"{head} {match} -j DNAT --to-destination {ep.addr}\n")
+            rules.append(f"{head} {match} -j DNAT --to-destination {addr}\n")
 
     return "".join(filt), "".join(disp), "".join(chains), "".join(rules), names, has_eps

@@ -105,7 +105,7 @@ def test_wheel_carries_the_programs_data_extensions_and_license(dist: tuple[Path
     assert {"dns", "controlplane", "demo", "test"} <= set(meta.get_all("Provides-Extra") or [])
     with tarfile.open(sdist) as t:
         members = t.getnames()
-    assert any(m.endswith("/LICENSE") for m in members) and any(m.endswith("_fastpath.pyx") for m in members)
+    assert any(m.endswith("/LICENSE") for m in members) and any(m.endswith("_fastpath.pxd") for m in members)
 
 
 def test_a_node_install_has_kproxy_only(work: Path, node_venv: Path) -> None:
