@@ -92,7 +92,7 @@ step_packages() {
 step_kproxy() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel "Cython>=3.0"
-  "$VENV/bin/pip" install -q -e "$REPO" --no-build-isolation
+  "$VENV/bin/pip" install -q -e "$REPO[controlplane,dns,demo]" --no-build-isolation
   (cd "$REPO" && "$VENV/bin/python" setup.py -q build_ext --inplace >/dev/null)
 }
 
