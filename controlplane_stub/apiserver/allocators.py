@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import StatusError
+from .ipfamilies import family_of as _family_of
+from .ipfamilies import init_ip_families
 from .validation import FieldErrors, externally_accessible
 
 Obj = dict[str, Any]
@@ -125,13 +127,6 @@ class IPRange:
 
     def allocate_next(self) -> str:
         return self.ip_of(self.offsets.next_free())
-
-
-def _family_of(ip: str) -> str | None:
-    try:
-        return "IPv4" if ipaddress.ip_address(ip).version == 4 else "IPv6"
-    except ValueError:
-        return None
 
 
 def _needs_node_ports(spec: Obj) -> bool:
@@ -285,7 +280,7 @@ class ServiceAllocator:
         txn = _Txn()
         self.last_dynamic = set()
         try:
-            self._assign_ips(spec, name, owner, old_ips, txn)
+            self._assign_ips(spec, old_spec, name, owner, old_ips, txn)
             self._assign_node_ports(spec, name, old_ports, txn)
         except BaseException:
             self._rollback(txn)
@@ -339,42 +334,13 @@ class ServiceAllocator:
                 spec.get("externalTrafficPolicy") == old_spec.get("externalTrafficPolicy"):
             spec.pop("externalTrafficPolicy", None)
 
-    def _families(self, spec: Obj, name: str) -> tuple[str, list[str]]:
-        """(ipFamilyPolicy, ipFamilies) after upstream's defaulting, or a 422."""
-        errs = FieldErrors()
-        ips = _cluster_ips(spec)
-        headless = ips[:1] == ["None"]
-        policy = spec.get("ipFamilyPolicy")
-        families = list(spec.get("ipFamilies") or [])
-        if headless and not spec.get("selector"):
-            # Headless services without selectors may carry any family (endpoints are user-managed).
-            return policy or "RequireDualStack", families or self.families
-        if policy is None:
-            if len(families) > 1 or (len(ips) > 1 and not headless):
-                errs.invalid("spec.ipFamilyPolicy", "SingleStack",
-                             "must be 'RequireDualStack' or 'PreferDualStack' when multiple IP families are specified")
-            policy = "SingleStack"
-        if policy == "RequireDualStack" and not self.dual_stack:
-            errs.invalid("spec.ipFamilyPolicy", policy, "this cluster is not configured for dual-stack services")
-        if not families:
-            families = [f for f in (_family_of(ip) for ip in ips if ip != "None") if f] or [self.families[0]]
-        for i, fam in enumerate(families):
-            if fam not in self.by_family:
-                errs.invalid(f"spec.ipFamilies[{i}]", fam, "not configured on this cluster")
-        if policy == "SingleStack" and len(families) > 1:
-            errs.invalid("spec.ipFamilies", families, "when multiple IP families are specified, "
-                         "`ipFamilyPolicy` must be 'RequireDualStack' or 'PreferDualStack'")
-        errs.raise_if_any("Service", name)
-        if policy in ("PreferDualStack", "RequireDualStack") and self.dual_stack and len(families) == 1:
-            families.append(next(f for f in self.families if f != families[0]))
-        return policy, families
-
-    def _assign_ips(self, spec: Obj, name: str, owner: str, old_ips: set[str], txn: _Txn) -> None:
+    def _assign_ips(self, spec: Obj, old_spec: Obj | None, name: str, owner: str, old_ips: set[str],
+                    txn: _Txn) -> None:
         if spec.get("type") == "ExternalName":
             return
-        policy, families = self._families(spec, name)
-        spec["ipFamilyPolicy"] = policy
-        spec["ipFamilies"] = families
+        old_with_ips = old_spec if old_spec is not None and old_spec.get("type") != "ExternalName" else None
+        init_ip_families(spec, old_with_ips, self.families, name)
+        families = spec["ipFamilies"]
         ips = _cluster_ips(spec)
         if ips[:1] == ["None"]:
             spec["clusterIP"] = "None"

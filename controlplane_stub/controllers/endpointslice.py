@@ -8,8 +8,10 @@ Endpoints are grouped by their resolved ports (a named targetPort can resolve di
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from controlplane_stub import client as api
@@ -53,6 +55,42 @@ def slice_ports(svc: Obj, pod: Obj) -> list[Obj]:
             p["appProtocol"] = sp["appProtocol"]
         out.append(p)
     return out
+
+
+def service_address_types(svc: Obj) -> list[str]:
+    """The Service's IP families in order (the API server always sets them; IPv4 for a stored
+    object from before dual-stack)."""
+    fams = [f for f in (svc["spec"].get("ipFamilies") or []) if f in ("IPv4", "IPv6")]
+    return list(dict.fromkeys(fams)) or ["IPv4"]
+
+
+def pod_ip_of_family(pod: Obj, family: str) -> str | None:
+    """The pod's address of that family: from status.podIPs, else status.podIP."""
+    st = pod.get("status") or {}
+    listed = [p.get("ip") for p in (st.get("podIPs") or []) if isinstance(p, dict)]
+    if not listed and st.get("podIP"):
+        listed = [st.get("podIP")]
+    for ip in listed:
+        if isinstance(ip, str) and _family(ip) == family:
+            return ip
+    return None
+
+
+def _addresses_by_family(pods: Iterable[Obj], families: list[str]) -> Iterator[tuple[Obj, str, str | None]]:
+    for pod in pods:
+        for family in families:
+            yield pod, family, pod_ip_of_family(pod, family)
+
+
+def _family(ip: str) -> str | None:
+    try:
+        return "IPv4" if ipaddress.ip_address(ip).version == 4 else "IPv6"
+    except ValueError:
+        return None  # a malformed podIP is skipped: one bad pod does not stop the others
+
+
+def group_key(address_type: str, ports: list[Obj]) -> str:
+    return f"{address_type}/{ports_key(ports)}"
 
 
 def ports_key(ports: list[Obj]) -> str:
@@ -168,13 +206,15 @@ class EndpointSliceController:
         )
 
     def desired(self, svc: Obj) -> dict[str, tuple[list[Obj], list[Obj]]]:
-        """ports key -> (ports, endpoints) for the pods the Service selects."""
+        """group key (address type and ports) -> (ports, endpoints) for the pods the Service selects:
+        one slice set per IP family of the Service, each with the pods' addresses of that family."""
         ns = svc["metadata"]["namespace"]
         publish = bool(svc["spec"].get("publishNotReadyAddresses"))
         groups: dict[str, tuple[list[Obj], list[Obj]]] = {}
-        for pod in self.pod_index.selected(ns, svc["spec"].get("selector") or {}):
+        families = service_address_types(svc)
+        selected = self.pod_index.selected(ns, svc["spec"].get("selector") or {})
+        for pod, family, ip in _addresses_by_family(selected, families):
             st = pod.get("status") or {}
-            ip = st.get("podIP")
             if not ip or st.get("phase") in ("Succeeded", "Failed"):
                 continue
             terminating = bool(pod["metadata"].get("deletionTimestamp"))
@@ -202,7 +242,7 @@ class EndpointSliceController:
             if hn and pod["spec"].get("subdomain") == svc["metadata"]["name"]:
                 ep["hostname"] = hn
             ports = slice_ports(svc, pod)
-            pk = ports_key(ports)
+            pk = group_key(family, ports)
             groups.setdefault(pk, (ports, []))[1].append(ep)
         if svc["spec"].get("trafficDistribution") == PREFER_CLOSE:
             for _ports, eps in groups.values():
@@ -243,7 +283,7 @@ class EndpointSliceController:
         existing = [s for s in existing if s["metadata"].get("deletionTimestamp") is None]
         by_group: dict[str, list[Obj]] = {}
         for s in existing:
-            by_group.setdefault(ports_key(s.get("ports") or []), []).append(s)
+            by_group.setdefault(group_key(str(s.get("addressType", "IPv4")), s.get("ports") or []), []).append(s)
         to_write: list[Obj] = []
         to_create: list[Obj] = []
         to_delete: list[Obj] = []
@@ -276,24 +316,28 @@ class EndpointSliceController:
                     or s.get("ports") != ports
                     or not _labels_ok(s, labels)
                 ):
-                    to_write.append(self._slice(svc, ports, kept, labels, trigger, s))
+                    to_write.append(self._slice(svc, pk, ports, kept, labels, trigger, s))
             for i in range(0, len(rest), self.max_per_slice):
                 to_create.append(
-                    self._slice(svc, ports, rest[i : i + self.max_per_slice], labels, trigger, None)
+                    self._slice(svc, pk, ports, rest[i : i + self.max_per_slice], labels, trigger, None)
                 )
         for slices in by_group.values():
             to_delete.extend(slices)
         if not groups:
-            # Upstream keeps one empty "placeholder" slice for a Service without endpoints.
-            keep = next((s for s in to_delete if not (s.get("endpoints") or [])), None) or (
-                to_delete[0] if to_delete else None
+            # Upstream keeps one empty "placeholder" slice (of the primary family) for a Service
+            # without endpoints.
+            placeholder = group_key(service_address_types(svc)[0], [])
+            # addressType is immutable: only a slice of the primary family can be kept.
+            same_type = [s for s in to_delete if s.get("addressType", "IPv4") == placeholder.split("/", 1)[0]]
+            keep = next((s for s in same_type if not (s.get("endpoints") or [])), None) or (
+                same_type[0] if same_type else None
             )
             if keep is not None:
                 to_delete.remove(keep)
                 if keep.get("endpoints") or keep.get("ports"):
-                    to_write.append(self._slice(svc, [], [], labels, trigger, keep))
+                    to_write.append(self._slice(svc, placeholder, [], [], labels, trigger, keep))
             elif not to_create:
-                to_create.append(self._slice(svc, [], [], labels, trigger, None))
+                to_create.append(self._slice(svc, placeholder, [], [], labels, trigger, None))
         for s in to_create:
             r = await self.client.create(api.path("endpointslices", svc["metadata"]["namespace"]), s)
             self.slice_writes += 1
@@ -310,6 +354,7 @@ class EndpointSliceController:
     def _slice(
         self,
         svc: Obj,
+        key: str,
         ports: list[Obj],
         eps: list[Obj],
         labels: dict[str, str],
@@ -340,7 +385,7 @@ class EndpointSliceController:
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": md,
-            "addressType": "IPv4",
+            "addressType": key.split("/", 1)[0],
             "endpoints": eps,
             "ports": ports,
         }
@@ -351,7 +396,11 @@ class EndpointSliceController:
         publish = bool(svc["spec"].get("publishNotReadyAddresses"))
         subsets = []
         total = 0
-        for ports, eps in groups.values():
+        # The legacy Endpoints object lists the Service's primary family only, as upstream's.
+        primary = service_address_types(svc)[0]
+        for pk, (ports, eps) in groups.items():
+            if not pk.startswith(primary + "/"):
+                continue
             ready: list[Obj] = []
             not_ready: list[Obj] = []
             for e in eps:
@@ -451,6 +500,7 @@ def _endpoint_view(pod: Obj) -> tuple[Any, ...]:
     st = pod.get("status") or {}
     return (
         st.get("podIP"),
+        json.dumps(st.get("podIPs") or []),
         st.get("phase"),
         pod_ready(pod),
         pod["metadata"].get("deletionTimestamp"),

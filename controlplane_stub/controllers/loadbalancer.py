@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Container, Iterator
 from typing import Any
 
 from controlplane_stub import client as api
@@ -13,29 +14,76 @@ from controlplane_stub.client import Informer, WorkQueue, key_of
 
 log = logging.getLogger("kpc.loadbalancer")
 Obj = dict[str, Any]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def parse_pool(spec: str) -> list[str]:
-    """`10.251.0.0/24`, `10.251.0.10-10.251.0.20`, or a comma-separated list of both."""
-    ips: list[str] = []
+class LBPool:
+    """The pool as address ranges (an IPv6 /64 is 2^64 addresses: never listed out). Iterating
+    yields the addresses in order; the first free one is found within len(taken) + 1 steps."""
+
+    def __init__(self, ranges: list[tuple[IPAddress, IPAddress]]) -> None:
+        self.ranges = ranges
+
+    def __iter__(self) -> Iterator[str]:
+        for a, b in self.ranges:
+            for i in range(int(a), int(b) + 1):
+                yield str(type(a)(i))
+
+    def __contains__(self, ip: object) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip) if isinstance(ip, str) else None
+        except ValueError:
+            return False
+        return addr is not None and any(a.version == addr.version and a <= addr <= b for a, b in self.ranges)
+
+    def size(self) -> int:
+        return sum(int(b) - int(a) + 1 for a, b in self.ranges)
+
+    def families(self) -> list[str]:
+        return list(dict.fromkeys(family_of(str(a)) for a, _b in self.ranges))
+
+    def first_free(self, family: str, taken: Container[str]) -> str:
+        for a, b in self.ranges:
+            if family_of(str(a)) != family:
+                continue
+            for i in range(int(a), int(b) + 1):
+                ip = str(type(a)(i))
+                if ip not in taken:
+                    return ip
+        return ""
+
+
+def family_of(ip: str) -> str:
+    return "IPv4" if ipaddress.ip_address(ip).version == 4 else "IPv6"
+
+
+def parse_pool(spec: str) -> LBPool:
+    """`10.251.0.0/24`, `10.251.0.10-10.251.0.20`, `fd00:10:251::/112`, or a comma-separated list:
+    IPv4 and IPv6 parts make a pool for dual-stack Services."""
+    ranges: list[tuple[IPAddress, IPAddress]] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        if "-" in part:
-            a, b = (ipaddress.ip_address(x.strip()) for x in part.split("-", 1))
-            if int(b) < int(a):
-                raise ValueError(f"--lb-pool {part}: range end is below its start")
-            ips += [str(ipaddress.ip_address(i)) for i in range(int(a), int(b) + 1)]
-        else:
-            net = ipaddress.ip_network(part, strict=False)
-            ips += [str(h) for h in (net.hosts() if net.num_addresses > 2 else net)]
-    return ips
+        try:
+            if "-" in part:
+                a, b = (ipaddress.ip_address(x.strip()) for x in part.split("-", 1))
+                if a.version != b.version or int(b) < int(a):
+                    raise ValueError("range end is below its start or of another IP family")
+                ranges.append((a, b))
+            else:
+                net = ipaddress.ip_network(part, strict=False)
+                if net.num_addresses > 2:  # hosts(): neither the network nor the broadcast address
+                    ranges.append((net[1], net[-1] if net.version == 6 else net[-2]))
+                else:
+                    ranges.append((net[0], net[-1]))
+        except ValueError as e:
+            raise ValueError(f"--lb-pool {part}: {e}") from None
+    return LBPool(ranges)
 
 
 class LoadBalancerController:
-    def __init__(self, client: api.Client, services: Informer, pool: list[str]) -> None:
+    def __init__(self, client: api.Client, services: Informer, pool: LBPool) -> None:
         self.client = client
         self.services = services
         self.pool = pool
-        self.pool_set = set(pool)
         self.owner: dict[str, str] = {}  # ip -> service key
         self.queue = WorkQueue()
         services.add_handler(self._on)
@@ -52,7 +100,7 @@ class LoadBalancerController:
                         self.queue.add(key_of(other))
             return
         for ip in self._ingress_ips(svc):
-            if ip in self.pool_set:
+            if ip in self.pool:
                 self.owner.setdefault(ip, k)
         self.queue.add(k)
 
@@ -85,23 +133,37 @@ class LoadBalancerController:
                     if self._wanted(other) and not self._ingress_ips(other):
                         self.queue.add(key_of(other))
             return
+        # One ingress IP per family of the Service that the pool has, in the Service's family order.
+        families = [f for f in (svc["spec"].get("ipFamilies") or ["IPv4"]) if f in self.pool.families()]
         requested = svc["spec"].get("loadBalancerIP") or ""
-        if mine and (not requested or requested in mine):
-            return
-        ip = ""
-        if requested:
-            if requested in self.pool_set and self.owner.get(requested, key) == key:
-                ip = requested
+        have = {family_of(ip): ip for ip in mine}
+        if requested and requested not in mine:
+            if requested in self.pool and self.owner.get(requested, key) == key:
+                have[family_of(requested)] = requested
             else:
                 log.warning("service=%s loadBalancerIP %s is not free in the pool", key, requested)
                 return
-        else:
-            ip = next((i for i in self.pool if i not in self.owner), "")
-        if not ip:
-            log.warning("service=%s: LoadBalancer pool exhausted (%d IPs)", key, len(self.pool))
+        for fam in families:
+            if fam not in have:
+                ip = self.pool.first_free(fam, self.owner)
+                if ip:
+                    have[fam] = ip
+                else:
+                    log.warning("service=%s: LoadBalancer pool has no free %s address (%d IPs)", key, fam,
+                                self.pool.size())
+        want = [have[f] for f in families if f in have]
+        if want == mine:
             return
-        self.owner[ip] = key
-        await self._write(svc, [ip])
+        for ip in mine:
+            if ip not in want:
+                self.owner.pop(ip, None)
+        for ip in want:
+            self.owner[ip] = key
+        await self._write(svc, want)
+        if len(want) < len(mine):
+            for other in self.services.cache.values():
+                if self._wanted(other) and not self._ingress_ips(other):
+                    self.queue.add(key_of(other))
 
     async def _write(self, svc: Obj, ips: list[str]) -> None:
         # JSON merge patch: null removes the list (an empty object would merge into nothing).

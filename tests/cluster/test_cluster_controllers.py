@@ -103,7 +103,7 @@ def test_pure_helpers() -> None:
     h = template_hash(t)
     assert h == template_hash({"spec": t["spec"], "metadata": t["metadata"]})  # key order does not matter
     assert h != template_hash(t, 1) and h.isalnum() and not set(h) & set("aeiou")
-    assert parse_pool("10.0.0.1-10.0.0.3, 10.0.1.0/30") == [
+    assert list(parse_pool("10.0.0.1-10.0.0.3, 10.0.1.0/30")) == [
         "10.0.0.1",
         "10.0.0.2",
         "10.0.0.3",

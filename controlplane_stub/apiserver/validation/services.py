@@ -246,6 +246,15 @@ def _validate_cluster_ips(errs: FieldErrors, spec: Obj) -> None:
                 errs.invalid(f"spec.clusterIPs[{i}]", ip, f"expected an IPv6 value as indicated by `ipFamilies[{i}]`")
 
 
+def validate_cluster_ips_related(spec: Obj, name: str) -> None:
+    """The loose check the service REST runs before defaulting families and allocating
+    (ValidateServiceClusterIPsRelatedFields), so that a family/IP mismatch is reported as such and
+    not as an allocation failure. Raises the 422."""
+    errs = FieldErrors()
+    _validate_cluster_ips(errs, spec)
+    errs.raise_if_any("Service", name)
+
+
 def _validate_service_update(errs: FieldErrors, svc: Obj, old: Obj) -> None:
     spec = _obj(svc.get("spec"))
     old_spec = _obj(old.get("spec"))
