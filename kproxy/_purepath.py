@@ -16,9 +16,9 @@ concatenates them; keeping them per service is what lets partial syncs reuse unc
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
+from base64 import b32encode
+from hashlib import sha256  # module-level names: one lookup per call on this hot path
 from typing import Any
 
 from kproxy.model import Endpoint, ServicePort
@@ -39,14 +39,14 @@ def port_proto_hash(service_port_name: str, protocol: str) -> str:
     Stable across restarts and releases because chain names must survive a kproxy upgrade
     without a flush: sha256 over name + protocol, base32, first 16 characters, as upstream.
     """
-    digest = hashlib.sha256((service_port_name + protocol).encode()).digest()
-    return base64.b32encode(digest)[:16].decode("ascii")
+    digest = sha256((service_port_name + protocol).encode()).digest()
+    return b32encode(digest)[:16].decode("ascii")
 
 
 def endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) -> str:
     """KUBE-SEP- name: upstream hashes name + lower-case protocol + "ip:port"."""
-    digest = hashlib.sha256((service_port_name + protocol + endpoint).encode()).digest()
-    return "KUBE-SEP-" + base64.b32encode(digest)[:16].decode("ascii")
+    digest = sha256((service_port_name + protocol + endpoint).encode()).digest()
+    return "KUBE-SEP-" + b32encode(digest)[:16].decode("ascii")
 
 
 def probability(n: int) -> str:
