@@ -140,6 +140,10 @@ def main(argv: Sequence[str] | None = None, modes: ModeTable | None = None) -> i
     """Entry point. `modes` adds proxy modes (name -> module path or factory) to the built-in
     ones; tests use it to run the real command with a recording Proxier."""
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "trace":  # a sub-command; the daemon's flags all start with "-"
+        from kproxy import trace
+
+        return trace.main(args[1:])
     try:
         cfg = parse_config(args)
         _setup_logging(cfg.verbosity)

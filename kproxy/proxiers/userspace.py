@@ -62,8 +62,9 @@ from kproxy.proxy import (
     service_endpoints,
     sync_health_server,
 )
-from kproxy.proxy.endpoints import external_policy_local
+from kproxy.proxy.endpoints import Endpoints, external_policy_local
 from kproxy.relay import Relay
+from kproxy.trace import status
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class UserspaceProxier(Proxier):
                  localhost_only: bool = False, udp_idle_timeout: float = 0.25, cluster_cidr: str = "",
                  node_zone: str = "", node_ips: tuple[str, ...] = (),
                  health_server: ServiceHealthServer | None = None,
-                 nodeport_addresses: tuple[str, ...] = ()) -> None:
+                 nodeport_addresses: tuple[str, ...] = (), status_socket: str = "") -> None:
         if not localhost_only and (iptables is None or not node_ip):
             raise ValueError("userspace proxier: iptables and node_ip are needed unless localhost_only")
         self.relay = relay
@@ -249,6 +250,13 @@ class UserspaceProxier(Proxier):
         self._served: dict[ServicePortName, _Served] = {}
         self._jumps_ok = False
         self._applied = b""  # the buffer the kernel holds, to skip restores that change nothing
+        # The relay's table for `kproxy trace` (kproxy.trace.status): root-only, read-only.
+        self._status: status.StatusServer | None = None
+        if status_socket:
+            try:
+                self._status = status.StatusServer(status_socket)
+            except OSError as exc:
+                log.warning("userspace: no status socket for kproxy trace path=%s err=%s", status_socket, exc)
 
     # ---- listeners
 
@@ -288,8 +296,7 @@ class UserspaceProxier(Proxier):
     def _set_endpoints(self, served: _Served, endpoints: EndpointsMap) -> None:
         v4 = [e for e in endpoints.get(served.svc.name, ()) if ":" not in e.ip]
         d = served.decision = service_endpoints(served.svc, v4, self.node_zone)
-        # Traffic the rules refuse or drop never reaches a listener: only its endpoints matter.
-        chosen = {"internal": d.internal, "external": d.external, "cluster": d.cluster or d.external}
+        chosen = _role_endpoints(d)
         for role, lids in served.listeners.items():
             eps: list[tuple[str, int]] = [(e.ip, e.port) for e in chosen[role]]
             for lid in lids:
@@ -346,9 +353,24 @@ class UserspaceProxier(Proxier):
             except (IPTablesError, OSError) as exc:
                 log.error("userspace: iptables-restore failed err=%s", exc)
                 return SyncResult(ok=False, error=str(exc))
+        if self._status is not None:
+            self._status.publish(status.render(self._relay_ports()))
         if errors:
             return SyncResult(ok=False, rules_total={"nat": rules}, error="; ".join(errors))
         return SyncResult(ok=True, rules_total={"nat": rules})
+
+    def _relay_ports(self) -> list[status.RelayPort]:
+        out = []
+        for name, served in sorted(self._served.items(), key=lambda kv: str(kv[0])):
+            d = served.decision
+            if d is None:
+                continue
+            chosen = _role_endpoints(d)
+            for role, port in served.ports.items():
+                out.append(status.RelayPort(f"{name.namespace}/{name.name}:{name.port}", served.svc.protocol, role,
+                                            port, tuple(f"{e.ip}:{e.port}" for e in chosen[role] if ":" not in e.ip),
+                                            float(served.svc.session_affinity_timeout or 0)))
+        return out
 
     def _ensure_jumps(self) -> None:
         assert self.iptables is not None
@@ -375,8 +397,16 @@ class UserspaceProxier(Proxier):
             self._close(served)
         self._served.clear()
         self.relay.stop()
+        if self._status is not None:
+            self._status.close()
+            self._status = None
         if self.health_server is not None:
             self.health_server.close()
+
+
+def _role_endpoints(d: ServiceEndpoints) -> dict[str, Endpoints]:
+    # Traffic the rules refuse or drop never reaches a listener: only its endpoints matter.
+    return {"internal": d.internal, "external": d.external, "cluster": d.cluster or d.external}
 
 
 def _node_ipv4(iptables: IPTables) -> str:
@@ -451,4 +481,5 @@ def new_proxier(config: KProxyConfig, relay_impl: Literal["auto", "compiled", "p
                             udp_idle_timeout=config.udp_idle_timeout or 0.25,
                             cluster_cidr=v4_cidrs[0] if v4_cidrs else "", node_zone=config.node_zone,
                             node_ips=config.node_ips, health_server=health,
-                            nodeport_addresses=nodeport_cidrs(config.nodeport_addresses, config.node_ips))
+                            nodeport_addresses=nodeport_cidrs(config.nodeport_addresses, config.node_ips),
+                            status_socket=status.socket_path(netns))

@@ -111,8 +111,11 @@ def run_probe(make: MakeSocket, probe: Probe, addr: tuple[str, int]) -> str:
     return ""
 
 
+TraceCheck = Callable[[Scenario, Probe], str]  # "" when the tracer's answer agrees with the probe's
+
+
 def check_scenario(mode: str, scenario: Scenario, client_netns: Callable[[str], str],
-                   sync_phase2: Callable[[], None]) -> list[str]:
+                   sync_phase2: Callable[[], None], trace_check: TraceCheck | None = None) -> list[str]:
     """Runs every probe of one scenario as `mode` must pass it (conformance_table.expected);
     between phase 1 and 2 `sync_phase2` programs the scenario's changed endpoints. Returns the
     failures, each naming the documented limit it was judged by, if any."""
@@ -129,4 +132,9 @@ def check_scenario(mode: str, scenario: Scenario, client_netns: Callable[[str], 
             problem = run_probe(netns_sockets(client_netns(want.src)), want, target(scenario, want))
             if problem:
                 failures.append(f"{want.key}{' (documented limit: ' + reason + ')' if reason else ''}: {problem}")
+            elif trace_check is not None:
+                # The real connections landed as `want` says: `kproxy trace` must say the same.
+                problem = trace_check(scenario, want)
+                if problem:
+                    failures.append(f"{want.key}: kproxy trace disagrees with the real connections: {problem}")
     return failures

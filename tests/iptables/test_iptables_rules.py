@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 from iptables_helpers import ep, request, spn, svc
-from iptables_tracer import Outcome, Tracer
 
 from kproxy.backends.iptables import IPTables
 from kproxy.model import Endpoint
 from kproxy.proxiers.iptables import IptablesProxier
+from kproxy.trace.iptables import Outcome, Tracer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

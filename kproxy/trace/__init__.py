@@ -1,0 +1,182 @@
+"""`kproxy trace`: where does a new connection go, read from the node's live state.
+
+Read-only: it runs iptables-save and `ip addr` (in --netns when given) and never writes kernel
+state. What it reads is parsed as untrusted (kproxy.trace.iptables).
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from kproxy.backends.iptables import ipv4_addresses
+from kproxy.trace import status
+from kproxy.trace.iptables import MAX_DUMP_BYTES, Path, TraceError, Tracer
+
+__all__ = ["Path", "TraceError", "Tracer", "main", "Route", "summarize"]
+
+_TIMEOUT = 60.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise TraceError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kproxy trace", allow_abbrev=False,
+                description="print the path a new connection takes through the node's Service rules")
+    p.add_argument("--from", dest="src", required=True, help="the connection's source IP")
+    p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.add_argument("--mode", choices=("auto", "iptables", "userspace"), default="auto",
+                   help="the proxy mode whose state to read (auto: the one whose rules are on the node)")
+    p.add_argument("--status-socket", help="userspace mode: the relay's status socket (default: kproxy's run dir)")
+    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
+    p.add_argument("--netns", help="read the state of this network namespace instead of the current one")
+    p.add_argument("dest", metavar="DEST_IP:PORT")
+    return p
+
+
+@dataclass(frozen=True)
+class Route:
+    """Paths with the same result, their probabilities added up."""
+
+    verdict: str
+    endpoint: str
+    masquerade: bool
+    affinity: bool
+    service: str
+    probability: float
+    hops: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"verdict": self.verdict, "endpoint": self.endpoint, "masquerade": self.masquerade,
+                "affinity": self.affinity, "service": self.service, "probability": round(self.probability, 6),
+                "rules": list(self.hops)}
+
+
+def summarize(paths: Sequence[Path]) -> list[Route]:
+    merged: dict[tuple[str, str, bool, bool, str], Route] = {}
+    for p in paths:
+        key = (p.outcome.verdict, p.outcome.endpoint, p.outcome.masquerade, p.affinity, p.service)
+        old = merged.get(key)
+        prob = p.probability + (old.probability if old else 0.0)
+        merged[key] = Route(*key, probability=prob, hops=old.hops if old else p.hops)
+    return sorted(merged.values(), key=lambda r: (r.affinity, -r.probability, r.endpoint))
+
+
+def _dest(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise TraceError(f"destination {text!r}: expected IP:PORT")
+    return _ip(host.strip("[]"), "destination"), int(port)
+
+
+def _ip(text: str, flag: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise TraceError(f"{flag} {text!r}: not an IP address") from None
+
+
+def _read(cmd: list[str], netns: str | None) -> str:
+    full = (["ip", "netns", "exec", netns] if netns else []) + cmd
+    try:
+        proc = subprocess.run(full, capture_output=True, timeout=_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TraceError(f"{cmd[0]}: {e}") from None
+    if proc.returncode != 0:
+        raise TraceError(f"{' '.join(cmd)}: {proc.stderr.decode(errors='replace').strip()[:200]}")
+    if len(proc.stdout) > MAX_DUMP_BYTES:
+        raise TraceError(f"{cmd[0]}: output over {MAX_DUMP_BYTES} bytes")
+    return proc.stdout.decode(errors="replace")
+
+
+_MARKERS = {"iptables": ":KUBE-SERVICES ", "userspace": ":KUBE-PORTALS-CONTAINER "}
+
+
+def iptables_dump(backend: str, netns: str | None, mode: str) -> tuple[str, str, str]:
+    """(mode, back end, nat+filter dump): the back end (and with mode auto, the mode) whose
+    dump holds kproxy's chains (iptables mode's KUBE-SERVICES, userspace's KUBE-PORTALS-*)."""
+    modes = ("iptables", "userspace") if mode == "auto" else (mode,)
+    for b in (("nft", "legacy") if backend == "auto" else (backend,)):
+        tool = f"iptables-{b}-save"
+        dump = _read([tool, "-t", "nat"], netns) + _read([tool, "-t", "filter"], netns)
+        for m in modes:
+            if _MARKERS[m] in dump:
+                return m, b, dump
+    raise TraceError(f"no kproxy rules of mode {' or '.join(modes)} on this node (iptables back end {backend})")
+
+
+def local_ips(netns: str | None) -> set[str]:
+    return set(ipv4_addresses(_read(["ip", "-o", "-4", "addr", "show"], netns)))
+
+
+def trace_iptables(dump: str, local: set[str], src: str, dst: str, port: int, proto: str) -> list[Route]:
+    return summarize(Tracer(dump, local).paths(src, dst, port, proto))
+
+
+def through_relay(routes: Sequence[Route], ports: Sequence[status.RelayPort], proto: str,
+                  local: set[str]) -> list[Route]:
+    """Userspace mode: a route the rules send to a local relay port continues to that listener's
+    endpoints, each an equal share (the relay picks round robin), each also reachable through an
+    affinity entry when the Service has ClientIP affinity. The relay dials from the node, so the
+    endpoint sees the node's address (masquerade)."""
+    by_port = {p.port: p for p in ports if p.protocol == proto.upper()}
+    out: list[Route] = []
+    for r in routes:
+        host, _, port = r.endpoint.rpartition(":")
+        relay = by_port.get(int(port)) if r.verdict == "ACCEPT" and r.endpoint and (
+            host.startswith("127.") or host in local) else None
+        if relay is None:
+            out.append(r)
+            continue
+        hops = (*r.hops, f"relay/{relay.role}:{relay.port}")
+        if not relay.endpoints:
+            out.append(Route("REJECT", "", False, False, relay.service, r.probability, hops))
+        for ep in relay.endpoints:
+            share = r.probability / len(relay.endpoints)
+            out.append(Route("ACCEPT", ep, True, False, relay.service, share, hops))
+            if relay.affinity_timeout > 0:
+                out.append(Route("ACCEPT", ep, True, True, relay.service, 0.0, hops))
+    return out
+
+
+def render_text(routes: Sequence[Route], header: str) -> str:
+    lines = [header]
+    for r in routes:
+        what = f"-> {r.endpoint}" if r.endpoint else ("not a Service: passes unchanged" if r.verdict == "ACCEPT"
+                                                       else f"{r.verdict.lower()}ed")
+        flags = [f for f, on in (("masquerade", r.masquerade), ("session affinity", r.affinity)) if on]
+        chance = "affinity" if r.affinity else f"{r.probability:7.2%}"
+        lines.append(f"  {chance:>8}  {r.service or '-'}  {what}" + (f"  ({', '.join(flags)})" if flags else ""))
+        lines.append(f"            via {' > '.join(r.hops) or '(no rule)'}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        ns = _parser().parse_args(list(argv))
+        src = _ip(ns.src, "--from")
+        dst, port = _dest(ns.dest)
+        mode, backend, dump = iptables_dump(ns.iptables_backend, ns.netns, ns.mode)
+        local = local_ips(ns.netns)
+        routes = trace_iptables(dump, local, src, dst, port, ns.proto)
+        if mode == "userspace":
+            ports = status.read(ns.status_socket or status.socket_path(ns.netns))
+            routes = through_relay(routes, ports, ns.proto, local)
+    except (TraceError, status.StatusError) as err:
+        print(f"kproxy trace: error: {err}", file=sys.stderr)
+        return 1
+    if ns.output == "json":
+        print(json.dumps({"mode": mode, "backend": backend, "from": src, "proto": ns.proto,
+                          "destination": f"{dst}:{port}", "paths": [r.as_dict() for r in routes]}, indent=2))
+    else:
+        print(render_text(routes, f"{ns.proto} {src} -> {dst}:{port}  ({mode} mode, {backend} back end)"))
+    return 0

@@ -1,0 +1,61 @@
+"""`kproxy trace`'s answer for a conformance probe, compared with what the probe's real connections did.
+
+The probe has just passed (its connections landed as the probe states), so the trace must name
+the same endpoint set, or the same drop or refusal, and the same source-address handling. The
+trace runs the product's command (`kproxy trace -o json --netns NODE`) against the live ruleset.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from contextlib import redirect_stdout
+
+from conformance_table import CLIENT_IP, NODE_IP, POD_IPS, Probe, Scenario, target
+
+from kproxy import cli
+
+SOURCES = {"node": NODE_IP, "outside": CLIENT_IP, "pod": POD_IPS["pod2"], "self": POD_IPS["pod1"]}
+_POD_BY_IP = {ip: name for name, ip in POD_IPS.items()}
+
+
+def run_trace(argv: list[str]) -> tuple[int, dict[str, object]]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = cli.main(["trace", *argv])
+    return code, json.loads(out.getvalue()) if code == 0 else {}
+
+
+def trace_checker(netns: str, backend: str) -> Callable[[Scenario, Probe], str]:
+    def check(scenario: Scenario, probe: Probe) -> str:
+        dst, port = target(scenario, probe)
+        code, got = run_trace(["--netns", netns, "--iptables-backend", backend, "-o", "json",
+                               "--from", SOURCES[probe.src], "--proto", probe.proto.lower(), f"{dst}:{port}"])
+        if code != 0:
+            return f"kproxy trace exited {code}"
+        paths = got["paths"]
+        assert isinstance(paths, list)
+        new = [p for p in paths if not p["affinity"] and p["probability"] > 0]
+        verdicts = {p["verdict"] for p in new}
+        pods = {_POD_BY_IP.get(p["endpoint"].rsplit(":", 1)[0], p["endpoint"]) for p in new if p["endpoint"]}
+        expect = probe.expect
+        if probe.dst == "health":
+            # Served by kproxy's own socket on the node: no rule may rewrite or stop it.
+            ok = verdicts == {"ACCEPT"} and not pods
+        elif expect == "refused":
+            ok = verdicts == {"REJECT"}
+        elif expect == "dropped":
+            ok = verdicts == {"DROP"}
+        elif expect == "sticky":
+            sticky = {p["endpoint"] for p in paths if p["affinity"]}
+            ok = verdicts == {"ACCEPT"} and len(pods) > 1 and len(sticky) == len(pods)
+        else:
+            assert isinstance(expect, frozenset)
+            masq = {p["masquerade"] for p in new}
+            ok = verdicts == {"ACCEPT"} and pods == set(expect) and (
+                (probe.source != "client" or masq == {False}) and (probe.source != "not-client" or masq == {True}))
+            total = sum(p["probability"] for p in new)
+            ok = ok and abs(total - 1.0) < 1e-3
+        return "" if ok else f"expected {expect!r}, trace says {json.dumps(paths)[:1500]}"
+
+    return check
