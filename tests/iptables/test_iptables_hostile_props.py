@@ -154,7 +154,8 @@ def _pipeline(svc_doc: dict[str, Any], slice_doc: dict[str, Any], renderer: Any)
     services, endpoints = co.request.services, co.request.endpoints
     assert any(n.namespace == "good" and n.name == "web" for n in services), "the valid Service was dropped"
     _check_records(services, endpoints)
-    proxier = IptablesProxier(_NoKernel(), renderer=renderer, node_ips=("192.168.7.2",))  # type: ignore[arg-type]
+    proxier = IptablesProxier(_NoKernel(), pure_renderer=renderer is _purepath,  # type: ignore[arg-type]
+                              node_ips=("192.168.7.2",))
     text = proxier.plan(co.request, full=True).data.decode()
     assert '"good/web:http cluster IP"' in text and "10.1.0.3:8080" in text
     return text
