@@ -25,7 +25,7 @@ POOL = "10.251.0.10-10.251.0.11,fd00:10:251::/126"
 
 
 @pytest.fixture(scope="module")
-def apiserver() -> Iterator[APIServerProcess]:
+def apiserver(storage_backend: str) -> Iterator[APIServerProcess]:
     with running_apiserver(extra_args=["--service-cluster-ip-range", "10.96.0.0/12,fd00:10:96::/108"]) as a:
         yield a
 
@@ -184,3 +184,16 @@ def test_first_free_is_the_lowest_untaken(start: int, length: int, taken: set[in
             not in taken_ips]
     assert pool.first_free("IPv4", taken_ips) == (free[0] if free else "")
     assert list(pool) == [str(ipaddress.IPv4Address(start + i)) for i in range(length)]
+
+
+def test_pod_address_per_family_from_untrusted_status() -> None:
+    from controlplane_stub.controllers.endpointslice import pod_ip_of_family, service_address_types
+
+    dual = {"status": {"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]}}
+    assert pod_ip_of_family(dual, "IPv6") == "fd00::1" and pod_ip_of_family(dual, "IPv4") == "10.0.0.1"
+    legacy = {"status": {"podIP": "10.0.0.2"}}  # no podIPs: podIP stands for them
+    assert pod_ip_of_family(legacy, "IPv4") == "10.0.0.2" and pod_ip_of_family(legacy, "IPv6") is None
+    junk = {"status": {"podIPs": [{"ip": "not-an-ip"}, "x", {"ip": 7}, {"ip": "fd00::9"}]}}
+    assert pod_ip_of_family(junk, "IPv6") == "fd00::9" and pod_ip_of_family(junk, "IPv4") is None
+    assert service_address_types({"spec": {}}) == ["IPv4"]
+    assert service_address_types({"spec": {"ipFamilies": ["IPv6", "IPv6", "IPX"]}}) == ["IPv6"]

@@ -21,13 +21,13 @@ pytestmark = [pytest.mark.kubectl,
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[APIServerProcess]:
+def api(storage_backend: str) -> Iterator[APIServerProcess]:
     with running_apiserver(extra_args=["--service-cluster-ip-range", f"{V4_CIDR},{V6_CIDR}"]) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def api_v4() -> Iterator[APIServerProcess]:
+def api_v4(storage_backend: str) -> Iterator[APIServerProcess]:
     with running_apiserver(extra_args=["--service-cluster-ip-range", V4_CIDR]) as server:
         yield server
 
