@@ -34,7 +34,9 @@ class LBPool:
             addr = ipaddress.ip_address(ip) if isinstance(ip, str) else None
         except ValueError:
             return False
-        return addr is not None and any(a.version == addr.version and a <= addr <= b for a, b in self.ranges)
+        return addr is not None and any(
+            a.version == addr.version and int(a) <= int(addr) <= int(b) for a, b in self.ranges
+        )
 
     def size(self) -> int:
         return sum(int(b) - int(a) + 1 for a, b in self.ranges)
