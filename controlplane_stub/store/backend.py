@@ -1,12 +1,18 @@
-"""kproxy-apiserver's storage flags (kube-apiserver's names) and opening the chosen store."""
+"""kproxy-apiserver's storage flags (kube-apiserver's names) and opening the chosen store.
+
+The etcd back end (and its gRPC client, ~15 MiB of RSS) is imported only when --storage-backend
+etcd3 is chosen, so the default SQLite server does not pay for it (tests/unit/test_lazy_etcd_import.py)."""
 from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-from .base import Store
-from .etcd import API_PREFIX, EtcdStore, open_etcd_store, parse_duration
+from .base import API_PREFIX, Store
 from .sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from .etcd import EtcdStore
 
 BACKENDS = ("sqlite", "etcd3")
 
@@ -34,6 +40,8 @@ async def open_store(args: argparse.Namespace, data_dir: str) -> Store:
         raise _fail(f"--storage-backend {args.storage_backend!r}: want one of {', '.join(BACKENDS)}")
     if args.storage_backend == "sqlite":
         return SQLiteStore(os.path.join(data_dir, "store.db"), window=args.watch_cache_size)
+    from .etcd import open_etcd_store, parse_duration
+
     servers = [s.strip() for s in args.etcd_servers.split(",") if s.strip()]
     if not servers:
         raise _fail("--storage-backend etcd3 needs --etcd-servers URL[,URL...]")
@@ -78,7 +86,11 @@ async def _start(store: EtcdStore) -> None:
 def share_allocations(store: Store, allocator: object) -> None:
     """On etcd, make the Service allocator's picks binding across API servers (allocators.py:
     EtcdReservations); SQLite has one server, nothing to share."""
-    if not isinstance(store, EtcdStore) or not hasattr(allocator, "last_dynamic"):
+    if isinstance(store, SQLiteStore) or not hasattr(allocator, "last_dynamic"):
+        return
+    from .etcd import EtcdStore
+
+    if not isinstance(store, EtcdStore):
         return
     from ..apiserver.allocators import EtcdReservations
 

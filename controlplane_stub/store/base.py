@@ -25,6 +25,9 @@ import msgspec
 
 Obj = dict[str, Any]
 
+# Every store key starts with it (the docstring's "/registry/..."); etcd3 can put its own prefix in its place.
+API_PREFIX = "/registry"
+
 
 class StoreError(Exception):
     pass

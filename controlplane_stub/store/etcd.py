@@ -39,6 +39,7 @@ from typing import Protocol
 import msgspec
 
 from .base import (
+    API_PREFIX,
     Compacted,
     Event,
     FutureRevision,
@@ -73,7 +74,6 @@ log = logging.getLogger("kproxy.apiserver.etcd")
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 
-API_PREFIX = "/registry"
 # Keys under the prefix that are not API objects (allocator reservations, API server leases, the
 # compactor's key): the mirror does not hold them.
 INTERNAL = ("/ranges/", "/masterleases/", "/compact_rev_key")
