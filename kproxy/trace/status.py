@@ -24,6 +24,7 @@ MAX_STATUS_BYTES = 16 << 20  # ~100 bytes a relay port: well over 10,000 Service
 MAX_PORTS = 200_000
 MAX_ENDPOINTS = 10_000
 SEND_TIMEOUT = 5.0
+DRAIN_TIMEOUT = 0.5
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}/[a-z0-9][a-z0-9-]{0,62}:[a-z0-9-]{0,63}$")
 
 
@@ -161,6 +162,14 @@ class StatusServer:
                 conn.settimeout(SEND_TIMEOUT)
                 try:
                     conn.sendall(self._doc)
+                    # Closing over unread client bytes would reset the connection and lose the
+                    # answer on the client's side: end ours, then discard (never parse) a
+                    # bounded amount until the client closes.
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.settimeout(DRAIN_TIMEOUT)
+                    for _ in range(16):
+                        if not conn.recv(4096):
+                            break
                 except OSError as e:
                     log.info("status socket: client went away err=%s", e)
 

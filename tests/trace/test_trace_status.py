@@ -40,10 +40,7 @@ def test_what_a_client_sends_is_never_read(server: status.StatusServer) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
     s.connect(server.path)
-    try:
-        s.sendall(b"SET anything\n" * 100)
-    except OSError:
-        pass  # the server may already have closed after its answer: also fine
+    s.sendall(b"SET anything\n" * 100)  # 1,300 bytes: within what the server discards
     data = b""
     for _ in range(100):
         chunk = s.recv(65536)
