@@ -79,10 +79,15 @@ _decode = msgspec.json.decode
 INTERNAL = ("/ranges/", "/masterleases/", "/compact_rev_key")
 WRITE_WAIT = 30.0  # how long a committed write waits for the mirror before it is acknowledged anyway
 SYNC_WAIT = 5.0
-# Watchers are woken at most once per this many seconds while events stream in: the events of
+# Watchers are woken at most once per WAKE_DELAY seconds while events stream in: the events of
 # several etcd watch responses reach each client in one write (the SQLite store batches alike,
 # by group commit). 50 watchers, 32 writers, load 12: 2,763 events/s woken per turn, 6,431 with 5 ms.
+# Every woken watcher costs one TLS write and syscall, the top of a profile of the 50-watcher
+# fan-out, and that CPU is taken from the creates that make the events: so the delay grows with
+# the watchers that will be woken, up to WAKE_DELAY_MAX (50 watchers: 25 ms; bench/README.md etcd).
 WAKE_DELAY = 0.005
+WAKE_DELAY_PER_WATCHER = 0.0004
+WAKE_DELAY_MAX = 0.025
 
 
 class ReservationConflict(StoreError):
@@ -122,6 +127,7 @@ class SparseWindow(EventWindow):
         self._off = 0
         self._wakeup = asyncio.Event()
         self._wake_pending = False
+        self.waiting = 0  # watchers blocked in wait(): the ones the next wake-up runs
 
     @property  # type: ignore[override]
     def last(self) -> int:
@@ -141,12 +147,22 @@ class SparseWindow(EventWindow):
         if wake:
             self.wake()
 
+    def wake_delay(self) -> float:
+        return min(WAKE_DELAY_MAX, WAKE_DELAY + WAKE_DELAY_PER_WATCHER * self.waiting)
+
     def wake_soon(self) -> None:
-        """One wake-up for everything appended within WAKE_DELAY: every watcher runs once per
+        """One wake-up for everything appended within wake_delay(): every watcher runs once per
         batch of etcd watch responses, not once per event."""
         if not self._wake_pending:
             self._wake_pending = True
-            asyncio.get_running_loop().call_later(WAKE_DELAY, self._wake_now)
+            asyncio.get_running_loop().call_later(self.wake_delay(), self._wake_now)
+
+    async def wait(self, after_revision: int, timeout: float) -> bool:
+        self.waiting += 1
+        try:
+            return await super().wait(after_revision, timeout)
+        finally:
+            self.waiting -= 1
 
     def _wake_now(self) -> None:
         self._wake_pending = False

@@ -111,3 +111,28 @@ def test_prefix_end_bounds_every_key_with_the_prefix(prefix: bytes) -> None:
     else:
         assert prefix < end and not end.startswith(prefix)
         assert prefix + b"\xff" * 4 < end
+
+
+def test_wake_delay_grows_with_waiting_watchers_up_to_the_cap() -> None:
+    from controlplane_stub.store import etcd
+
+    async def run() -> list[float]:
+        w = SparseWindow(10, 0)
+        delays = [w.wake_delay()]
+        waiters = [asyncio.create_task(w.wait(0, 5.0)) for _ in range(100)]
+        await asyncio.sleep(0)
+        delays.append(w.wake_delay())
+        # The coalesced wake-up still reaches every waiter, after the delay.
+        started = asyncio.get_running_loop().time()
+        w.append(Event(1, "ADDED", "/registry/x/a", b"{}", None), wake=False)
+        w.wake_soon()
+        assert all(await asyncio.gather(*waiters))
+        delays.append(asyncio.get_running_loop().time() - started)
+        delays.append(w.wake_delay())
+        return delays
+
+    idle, busy, waited, after = asyncio.run(run())
+    assert idle == etcd.WAKE_DELAY
+    assert busy == etcd.WAKE_DELAY_MAX  # 100 waiters: capped
+    assert waited >= etcd.WAKE_DELAY_MAX * 0.9
+    assert after == etcd.WAKE_DELAY  # nobody waits any more
