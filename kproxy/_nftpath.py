@@ -178,13 +178,13 @@ def render_service_port(
     ranges = SourceRanges.parse(svc.load_balancer_source_ranges)
     lb_ips = [ip for ip in dict.fromkeys(svc.load_balancer_ips) if ":" not in ip]
     v4_ranges = ranges.cidrs("IPv4")
-    if ranges.restricted and lb_ips:
+    # Ranges of the other family do not restrict this table (upstream's proxier per family).
+    if v4_ranges and lb_ips:
         allowed = list(v4_ranges)
         if ranges.contains_any(node_ips):
             # A hairpinning load balancer keeps its own address as the source (upstream).
             allowed.extend(lb_ips)
-        rule = f"ip saddr != {{ {' , '.join(allowed)} }} drop" if allowed else "drop"
-        chains.append((firewall_chain, rule))
+        chains.append((firewall_chain, f"ip saddr != {{ {' , '.join(allowed)} }} drop"))
         for ip in lb_ips:
             elements.append(("firewall-ips", f"{ip} . {proto} . {port}", f"goto {firewall_chain}"))
     if svc.node_port:
