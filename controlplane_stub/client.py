@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import random
 import ssl
 import tempfile
@@ -82,6 +83,10 @@ class Config:
     insecure: bool = False
     cert_file: str = ""
     key_file: str = ""
+    # Inline kubeconfig data (*-data) stays in memory: nothing is written where it could be left.
+    ca_data: bytes = b""
+    cert_data: bytes = b""
+    key_data: bytes = b""
 
     @staticmethod
     def from_kubeconfig(file: str | Path) -> Config:
@@ -100,13 +105,11 @@ class Config:
         if cluster is None:
             raise ValueError(f"--kubeconfig {p}: cluster {ctx['cluster']!r} not found under clusters")
 
-        def materialize(data_key: str, file_key: str, src: dict[str, Any]) -> str:
-            if src.get(data_key):
-                tmp = tempfile.NamedTemporaryFile("wb", delete=False, prefix="kpc-kc-")
-                tmp.write(base64.b64decode(src[data_key]))
-                tmp.close()
-                return tmp.name
-            f = src.get(file_key, "")
+        def data(key: str, src: dict[str, Any]) -> bytes:
+            return base64.b64decode(src[key]) if src.get(key) else b""
+
+        def file(data_key: str, file_key: str, src: dict[str, Any]) -> str:
+            f = "" if src.get(data_key) else src.get(file_key, "")
             return str((p.parent / f).resolve()) if f else ""
 
         token = user.get("token", "")
@@ -115,10 +118,13 @@ class Config:
         return Config(
             server=cluster["server"].rstrip("/"),
             token=token,
-            ca_file=materialize("certificate-authority-data", "certificate-authority", cluster),
+            ca_file=file("certificate-authority-data", "certificate-authority", cluster),
             insecure=bool(cluster.get("insecure-skip-tls-verify")),
-            cert_file=materialize("client-certificate-data", "client-certificate", user),
-            key_file=materialize("client-key-data", "client-key", user),
+            cert_file=file("client-certificate-data", "client-certificate", user),
+            key_file=file("client-key-data", "client-key", user),
+            ca_data=data("certificate-authority-data", cluster),
+            cert_data=data("client-certificate-data", user),
+            key_data=data("client-key-data", user),
         )
 
     def ssl_context(self) -> ssl.SSLContext | bool:
@@ -129,10 +135,26 @@ class Config:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         else:
-            ctx = ssl.create_default_context(cafile=self.ca_file or None)
-        if self.cert_file:
-            ctx.load_cert_chain(self.cert_file, self.key_file or None)
+            ctx = ssl.create_default_context(
+                cafile=self.ca_file or None, cadata=self.ca_data.decode("ascii") if self.ca_data else None
+            )
+        if self.cert_file or self.cert_data:
+            self._load_cert_chain(ctx)
         return ctx
+
+    def _load_cert_chain(self, ctx: ssl.SSLContext) -> None:
+        # ssl loads a certificate chain only from files: inline data goes through a private
+        # temporary directory removed right after loading (the key file is the owner's only).
+        with tempfile.TemporaryDirectory(prefix="kpc-tls-") as tmp:
+            cert, key = self.cert_file, self.key_file
+            if self.cert_data:
+                cert = os.path.join(tmp, "client.crt")
+                Path(cert).write_bytes(self.cert_data)
+            if self.key_data:
+                key = os.path.join(tmp, "client.key")
+                with os.fdopen(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+                    fh.write(self.key_data)
+            ctx.load_cert_chain(cert, key or None)
 
 
 RETRYABLE = {429, 500, 502, 503, 504}

@@ -1,0 +1,92 @@
+"""The control plane's client (controlplane_stub.client) with a kubeconfig whose CA, client
+certificate and key are inline (*-data): a real TLS handshake with client-certificate auth on
+loopback, and no file of that data left anywhere (they were written to temporary files that were
+never removed)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import ssl
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp import web
+
+from controlplane_stub import client as api
+
+
+def _self_signed(tmp: Path, cn: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, by the openssl tool."""
+    cert, key = tmp / f"{cn}.crt", tmp / f"{cn}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={cn}",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    return cert.read_bytes(), key.read_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_inline_certificates_authenticate_and_leave_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    srv_cert, srv_key = _self_signed(certs, "server")
+    cli_cert, cli_key = _self_signed(certs, "client")
+    (certs / "trust.crt").write_bytes(cli_cert)
+    scratch = tmp_path / "tmp"  # the client's temporary files land here, if it writes any
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+
+    def kubeconfig(url: str, user: dict[str, str]) -> str:
+        path = tmp_path / "kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+            "clusters": [{"name": "k", "cluster": {"server": url, "certificate-authority-data": b64(srv_cert)}}],
+            "users": [{"name": "u", "user": user}]}))
+        return str(path)
+
+    async def main() -> None:
+        seen: list[str] = []
+
+        async def nodes(request: web.Request) -> web.Response:
+            peer = request.transport.get_extra_info("peercert") if request.transport else None
+            seen.append(dict(x[0] for x in peer["subject"])["commonName"] if peer else "")
+            return web.json_response({"kind": "NodeList", "metadata": {"resourceVersion": "1"}, "items": []})
+
+        sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs / "trust.crt"))
+        sctx.load_cert_chain(str(certs / "server.crt"), str(certs / "server.key"))
+        sctx.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no handshake
+        app = web.Application()
+        app.router.add_get("/api/v1/nodes", nodes)
+        runner = web.AppRunner(app, shutdown_timeout=0.2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sctx)
+        await site.start()
+        url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        try:
+            cfg = api.Config.from_kubeconfig(kubeconfig(url, {"client-certificate-data": b64(cli_cert),
+                                                              "client-key-data": b64(cli_key)}))
+            assert cfg.cert_file == cfg.key_file == cfg.ca_file == ""  # the data stays in memory
+            c = api.Client(cfg)
+            try:
+                items, _ = await c.list(api.path("nodes"))
+                assert items == []
+            finally:
+                await c.close()
+            assert seen == ["client"]
+            # The server's key as the client's: the chain does not load, said as an SSL error.
+            bad = api.Config.from_kubeconfig(kubeconfig(url, {"client-certificate-data": b64(cli_cert),
+                                                              "client-key-data": b64(srv_key)}))
+            with pytest.raises(ssl.SSLError):
+                bad.ssl_context()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert os.listdir(scratch) == []
+    # and nothing of the key anywhere under the test's own directories but where the test put it
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != certs and cli_key in p.read_bytes()]
+    assert leaked == []
