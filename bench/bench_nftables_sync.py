@@ -19,6 +19,7 @@ import subprocess
 import sys
 from typing import Any
 
+import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +51,7 @@ def test_sync_side_by_side(benchmark: Any, mode: str, n: int) -> None:
                 f"partial {min(r['partials_s']) * 1000:.0f}-{max(r['partials_s']) * 1000:.0f} ms "
                 f"(CPU {min(r['partials_cpu_s']) * 1000:.0f}-{max(r['partials_cpu_s']) * 1000:.0f} ms, "
                 f"{r['partial_bytes']} bytes), resync {r['resync_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB, load {r['load']:.1f}")
+        full, partials = r["first_s"], list(r["partials_s"])
     else:
         backend = mode.split("-")[1]
         extra = ("--no-z-control",) if n <= 1000 else ()
@@ -58,6 +60,15 @@ def test_sync_side_by_side(benchmark: Any, mode: str, n: int) -> None:
         f, p = r["first_full"], r["partial"]
         line = (f"{mode:15} {n:>6}: full {f['total_s']:.2f} s, partial {p['total_s'] * 1000:.0f} ms, "
                 f"resync {r['resync_full']['total_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB, load {r['load_avg'][0]:.1f}")
+        full, partials = f["total_s"], [x["total_s"] for x in r["partials"]]
+    when, x = plots.stamp("bench_nftables_sync.py"), str(n)
+    layout: dict[str, Any] = {"kind": "line", "x_label": "Services (x 10 endpoints, log)", "log_x": True, "log_y": True}
+    plots.record("nftables", "modes_full_sync", mode, {x: full}, when,
+                 title="nftables vs iptables mode (both back ends), one run: first full sync",
+                 y_label="seconds (wall, log)", **layout)
+    plots.record("nftables", "modes_partial_sync", mode, {x: [s * 1000 for s in partials]}, when,
+                 title="nftables vs iptables mode, one run: partial sync after one endpoint change (median, min-max)",
+                 y_label="ms (wall, log)", **layout)
     benchmark.extra_info.update({"line": line})
     RESULTS.append(line)
     print("\n" + "\n".join(RESULTS))

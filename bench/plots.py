@@ -126,7 +126,13 @@ def render_figure(name: str, fig: dict[str, Any], out: Path) -> Path:
             ax.set_xticks(xs_all, [f"{x:,.0f}" for x in xs_all])
             ax.minorticks_off()
     if fig.get("log_y"):
+        from matplotlib.ticker import FuncFormatter, NullFormatter
         ax.set_yscale("log")
+        # Plain numbers (300, not 3x10^2); minor ticks get labels only when no decade line is in view.
+        plain = FuncFormatter(lambda v, _: f"{v:,.6g}")
+        ax.yaxis.set_major_formatter(plain)
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
     ax.set_ylabel(fig.get("y_label", ""))
     ax.set_title(fig.get("title", name), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
