@@ -174,5 +174,5 @@ def test_cleanup_visits_every_mode_only_for_kube_proxys_own_modes(monkeypatch: p
     visited.clear()
     registry = ModeRegistry()
     assert server.cleanup(KProxyConfig(mode="ipvs"), lambda c: None, registry) == 0  # type: ignore[arg-type,return-value]
-    assert visited == [("iptables", False), ("userspace", False), ("ipvs", True)]
+    assert visited == [("iptables", False), ("nftables", False), ("userspace", False), ("ipvs", True)]
     assert not ModeRegistry({"iptables": lambda c: None}).is_builtin("iptables")
