@@ -273,18 +273,20 @@ def test_tcp_limit_refuses_only_when_every_connection_is_busy(kdns_factory: Any,
     """Past --tcp-max-connections an idle connection is closed to admit a new one; when every
     connection has a query in progress (here: forwarded to an upstream that takes 3 s), the new
     one is refused (closed at once) and counted."""
-    up = fake_upstream({("slow.example", "A"): (60, ["192.0.2.9"])}, delay=3.0)
+    # The upstream's delay must outlast the set-up of all four connections even on a loaded CI
+    # machine: a query the server has not read yet leaves its connection idle, hence evictable.
+    up = fake_upstream({("slow.example", "A"): (60, ["192.0.2.9"])}, delay=6.0)
     p = kdns_factory([service("web", ip="10.96.0.10")],
-                     ["--upstream", f"127.0.0.1:{up.port}", "--upstream-timeout", "5", "--v", "info",
+                     ["--upstream", f"127.0.0.1:{up.port}", "--upstream-timeout", "10", "--v", "info",
                       "--tcp-max-connections", "3"])
     busy = []
     try:
         for i in range(3):
-            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
             q = dns.message.make_query("slow.example", "A").to_wire()  # one upstream exchange for all
             s.sendall(struct.pack("!H", len(q)) + q)
             busy.append(s)
-        time.sleep(0.5)
+        time.sleep(2.0)
         with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
             s.settimeout(3)
             q = dns.message.make_query(f"web.default.svc.{ZONE}", "A").to_wire()
