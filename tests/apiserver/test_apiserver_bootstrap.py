@@ -168,11 +168,14 @@ def test_user_services_never_get_the_first_ip(small: APIServerProcess) -> None:
 def test_allocator_reservation() -> None:
     alloc = ServiceAllocator([SMALL_RANGE])
     assert alloc.reserve_for(alloc.first_ip(), "default", "kubernetes", held_by_owner=False)
-    owner = {"metadata": {"name": "kubernetes", "namespace": "default"}, "spec": {"clusterIP": "10.0.0.1"}}
+    # Specs as the API server's defaulting hands them to the allocator (clusterIPs follows clusterIP);
+    # the allocator checks the pair as upstream's initIPFamilyFields does.
+    spec = {"clusterIP": "10.0.0.1", "clusterIPs": ["10.0.0.1"]}
+    owner = {"metadata": {"name": "kubernetes", "namespace": "default"}, "spec": dict(spec)}
     alloc.assign(owner, None)
     assert owner["spec"]["clusterIPs"] == ["10.0.0.1"]
     alloc.release(owner)  # deleted: the address stays held
-    other = {"metadata": {"name": "kubernetes", "namespace": "other"}, "spec": {"clusterIP": "10.0.0.1"}}
+    other = {"metadata": {"name": "kubernetes", "namespace": "other"}, "spec": dict(spec)}
     with pytest.raises(Exception, match="already allocated"):
         alloc.assign(other, None)
     # A store written before the reservation: someone else holds the address already.
