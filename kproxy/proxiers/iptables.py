@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 from kproxy import _purepath
 from kproxy.backends.conntrack import Conntrack
-from kproxy.config import KProxyConfig
 from kproxy.backends.iptables import (
     Backend,
     IPTables,
@@ -38,12 +37,14 @@ from kproxy.backends.iptables import (
     chains_in_dump,
     detect_backend,
 )
+from kproxy.config import KProxyConfig
 from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.udpstale import clean_udp_conntrack
-from kproxy.proxy import categorize, nodeport_cidrs, sync_health_server
+from kproxy.proxy import categorize, sync_health_server
+from kproxy.proxy.exposure import check_masquerade_bit, ipv4_node_addresses
 
 log = logging.getLogger(__name__)
 
@@ -199,23 +200,14 @@ class IptablesProxier(Proxier):
         node_ips: tuple[str, ...] = (),
         node_zone: str = "",
     ) -> None:
-        if not 0 <= masquerade_bit <= 31:
-            raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
+        check_masquerade_bit(masquerade_bit)
         # kube-proxy's --nodeport-addresses primary: NodePorts only on the node's primary IPs
         # (the Node object's addresses), one meaning in every mode (kproxy.proxy.nodeport_cidrs).
-        v4_node_ips = tuple(ip for ip in node_ips if ":" not in ip)
-        if "primary" in nodeport_addresses and not v4_node_ips:
-            log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
-        nodeport_addresses = nodeport_cidrs(tuple(nodeport_addresses), v4_node_ips)
-        for cidr in nodeport_addresses:
-            ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
+        v4 = ipv4_node_addresses(nodeport_addresses, node_ips, cluster_cidr, log)
         self.iptables = iptables
         self.node_name = node_name
-        # Upstream's local detector takes the one CIDR of this family.
-        self.cluster_cidr = next(
-            (c.strip() for c in cluster_cidr.split(",") if c.strip() and ":" not in c), ""
-        )
-        self.nodeport_addresses = tuple(c for c in nodeport_addresses if ":" not in c)
+        self.cluster_cidr = v4.cluster_cidr
+        self.nodeport_addresses = v4.nodeport_cidrs
         self.masquerade_all = masquerade_all
         # Go's %#08x: the mark is written "0x004000", iptables-save shows it back as 0x4000.
         self.masquerade_mark = f"0x{1 << masquerade_bit:06x}"
@@ -234,7 +226,7 @@ class IptablesProxier(Proxier):
         self._need_full = True
         self._need_dump = True  # re-read the kernel's chain list before the next full sync
         self._large: bool | None = None
-        self._config_node_ips = tuple(ip for ip in node_ips if ":" not in ip)
+        self._config_node_ips = v4.node_ips
         self._node_ips: tuple[str, ...] = self._config_node_ips
         self.last_plan_stats: dict[str, float] = {}
         self.last_plan: Plan | None = None

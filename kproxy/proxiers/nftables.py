@@ -42,7 +42,8 @@ from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.udpstale import clean_udp_conntrack
-from kproxy.proxy import categorize, nodeport_cidrs, sync_health_server
+from kproxy.proxy import categorize, sync_health_server
+from kproxy.proxy.exposure import check_masquerade_bit, ipv4_node_addresses
 
 log = logging.getLogger(__name__)
 
@@ -155,28 +156,20 @@ class NftablesProxier(Proxier):
         node_zone: str = "",
         table: str = TABLE,
     ) -> None:
-        if not 0 <= masquerade_bit <= 31:
-            raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
-        v4_node_ips = tuple(ip for ip in node_ips if ":" not in ip)
-        if "primary" in nodeport_addresses and not v4_node_ips:
-            log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
-        addresses = nodeport_cidrs(tuple(nodeport_addresses), v4_node_ips)
-        for cidr in addresses:
-            ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
+        check_masquerade_bit(masquerade_bit)
+        v4 = ipv4_node_addresses(nodeport_addresses, node_ips, cluster_cidr, log)
         self.nft = nft
         self.table = table
-        self.cluster_cidr = next((c.strip() for c in cluster_cidr.split(",") if c.strip() and ":" not in c), "")
-        if self.cluster_cidr:
-            ipaddress.ip_network(self.cluster_cidr, strict=False)
-        self.nodeport_addresses = tuple(c for c in addresses if ":" not in c)
+        self.cluster_cidr = v4.cluster_cidr
+        self.nodeport_addresses = v4.nodeport_cidrs
         self.masquerade_all = masquerade_all
         self.mark = f"0x{1 << masquerade_bit:08x}"
         self.conntrack = conntrack
         self.health_server = health_server
         self.render: Renderer = renderer or load_renderer()
         self.node_zone = node_zone
-        self._config_node_ips = v4_node_ips
-        self._node_ips: tuple[str, ...] = v4_node_ips
+        self._config_node_ips = v4.node_ips
+        self._node_ips: tuple[str, ...] = v4.node_ips
         self._programmed: dict[ServicePortName, _Programmed] = {}
         self._refs: Counter[Element] = Counter()  # element -> ServicePorts that want it
         self._stale: dict[str, float] = {}  # chain or "set NAME" flushed, waiting for deletion -> when

@@ -8,6 +8,7 @@ server validates them; a proxy must not fail a whole sync on one bad object).
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -80,3 +81,36 @@ def nodeport_cidrs(addresses: tuple[str, ...], node_ips: tuple[str, ...]) -> tup
     nothing (the caller logs it)."""
     primary = tuple(f"{ip}/{128 if _is_v6(ip) else 32}" for ip in node_ips) if "primary" in addresses else ()
     return tuple(dict.fromkeys((*(c for c in addresses if c != "primary"), *primary)))
+
+
+@dataclass(frozen=True)
+class IPv4NodeAddresses:
+    """The IPv4 addresses a rule-writing proxier (iptables, nftables) works with, checked once."""
+
+    node_ips: tuple[str, ...]
+    nodeport_cidrs: tuple[str, ...]
+    cluster_cidr: str
+
+
+def ipv4_node_addresses(
+    nodeport_addresses: Iterable[str], node_ips: Iterable[str], cluster_cidr: str, log: logging.Logger
+) -> IPv4NodeAddresses:
+    """The IPv4 side of --nodeport-addresses, the node's IPs and --cluster-cidr for the proxiers
+    that write rules per family. A bad CIDR raises ValueError naming it. Upstream's local detector
+    takes the one cluster CIDR of this family."""
+    v4_node_ips = tuple(ip for ip in node_ips if not _is_v6(ip))
+    addresses = tuple(nodeport_addresses)
+    if "primary" in addresses and not v4_node_ips:
+        log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
+    cidrs = nodeport_cidrs(addresses, v4_node_ips)
+    for cidr in cidrs:
+        ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
+    v4_cluster = next((c.strip() for c in cluster_cidr.split(",") if c.strip() and ":" not in c), "")
+    if v4_cluster:
+        ipaddress.ip_network(v4_cluster, strict=False)
+    return IPv4NodeAddresses(v4_node_ips, tuple(c for c in cidrs if ":" not in c), v4_cluster)
+
+
+def check_masquerade_bit(masquerade_bit: int) -> None:
+    if not 0 <= masquerade_bit <= 31:
+        raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")
