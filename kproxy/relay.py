@@ -64,17 +64,17 @@ def enter_netns(netns: str) -> None:
         os.close(fd)
 
 
-def socket_in_netns(netns: str | None, family: int, kind: int) -> socket.socket:
+def socket_in_netns(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
     """A socket that belongs to `netns`; a socket keeps its namespace for life, so a short-lived
     thread that enters the namespace can make it for us."""
     if netns is None:
-        return socket.socket(family, kind)
+        return socket.socket(family, kind, proto)
     box: list[socket.socket | BaseException] = []
 
     def make() -> None:
         try:
             enter_netns(netns)
-            box.append(socket.socket(family, kind))
+            box.append(socket.socket(family, kind, proto))
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
             box.append(exc)
 

@@ -17,7 +17,6 @@ import errno
 import os
 import socket
 import struct
-import threading
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -36,27 +35,10 @@ _NLA_TYPE_MASK = 0x3FFF
 
 
 def _socket(netns: str | None) -> socket.socket:
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    # A socket keeps the namespace it was made in: a short-lived thread enters it and makes one.
-    from kproxy.relay import enter_netns
+    # A socket keeps the namespace it was made in (kproxy.relay makes it from a short-lived thread).
+    from kproxy.relay import socket_in_netns
 
-    box: list[socket.socket | BaseException] = []
-
-    def make() -> None:
-        try:
-            enter_netns(netns)
-            box.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
-        except BaseException as exc:  # noqa: BLE001 - handed back below
-            box.append(exc)
-
-    t = threading.Thread(target=make, name="kproxy-nft-socket")
-    t.start()
-    t.join()
-    got = box[0]
-    if isinstance(got, BaseException):
-        raise got
-    return got
+    return socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
 
 
 def _attr(kind: int, text: str) -> bytes:
