@@ -1,7 +1,8 @@
 """`kproxy trace`: where does a new connection go, read from the node's live state.
 
-Read-only: it runs iptables-save and `ip addr` (in --netns when given) and never writes kernel
-state. What it reads is parsed as untrusted (kproxy.trace.iptables).
+Read-only: it runs iptables-save, `nft -j list table` and `ip addr` (in --netns when given) and
+never writes kernel state. What it reads is parsed as untrusted (kproxy.trace.iptables,
+kproxy.trace.nftables).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import NoReturn
 from kproxy.backends.iptables import ipv4_addresses
 from kproxy.trace import status
 from kproxy.trace.iptables import MAX_DUMP_BYTES, Path, TraceError, Tracer
+from kproxy.trace.nftables import NftTracer
 
 __all__ = ["Path", "TraceError", "Tracer", "main", "Route", "summarize"]
 
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", required=True, help="the connection's source IP")
     p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    p.add_argument("--mode", choices=("auto", "iptables", "userspace"), default="auto",
+    p.add_argument("--mode", choices=("auto", "iptables", "userspace", "nftables"), default="auto",
                    help="the proxy mode whose state to read (auto: the one whose rules are on the node)")
     p.add_argument("--status-socket", help="userspace mode: the relay's status socket (default: kproxy's run dir)")
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
@@ -115,7 +117,22 @@ def iptables_dump(backend: str, netns: str | None, mode: str) -> tuple[str, str,
 
 
 def local_ips(netns: str | None) -> set[str]:
-    return set(ipv4_addresses(_read(["ip", "-o", "-4", "addr", "show"], netns)))
+    """The node's addresses, both families (`ip -o addr`: "inet ADDR/LEN" or "inet6 ADDR/LEN")."""
+    out = _read(["ip", "-o", "addr", "show"], netns)
+    v6 = [line.split()[line.split().index("inet6") + 1].split("/")[0] for line in out.splitlines() if " inet6 " in line]
+    return set(ipv4_addresses(out)) | {_ip(a, "address of this node") for a in v6}
+
+
+NFT_TABLE = "kube-proxy"
+
+
+def nft_dump(netns: str | None, family: str) -> str:
+    """The kernel's kube-proxy table of this address family as `nft -j` JSON."""
+    return _read(["nft", "-j", "list", "table", family, NFT_TABLE], netns)
+
+
+def trace_nftables(dump: str, local: set[str], src: str, dst: str, port: int, proto: str, family: str) -> list[Route]:
+    return summarize(NftTracer(dump, local, family, NFT_TABLE).paths(src, dst, port, proto))
 
 
 def trace_iptables(dump: str, local: set[str], src: str, dst: str, port: int, proto: str) -> list[Route]:
@@ -152,7 +169,7 @@ def render_text(routes: Sequence[Route], header: str) -> str:
     lines = [header]
     for r in routes:
         what = f"-> {r.endpoint}" if r.endpoint else ("not a Service: passes unchanged" if r.verdict == "ACCEPT"
-                                                       else f"{r.verdict.lower()}ed")
+                                                       else {"DROP": "dropped"}.get(r.verdict, f"{r.verdict.lower()}ed"))
         flags = [f for f, on in (("masquerade", r.masquerade), ("session affinity", r.affinity)) if on]
         chance = "affinity" if r.affinity else f"{r.probability:7.2%}"
         lines.append(f"  {chance:>8}  {r.service or '-'}  {what}" + (f"  ({', '.join(flags)})" if flags else ""))
@@ -160,14 +177,34 @@ def render_text(routes: Sequence[Route], header: str) -> str:
     return "\n".join(lines)
 
 
+def _state(ns: argparse.Namespace, family: str) -> tuple[str, str, str]:
+    """(mode, back end, dump) of the mode asked for, or with auto the one whose state is on the
+    node: kproxy's iptables or userspace chains, else its nftables table."""
+    if ns.mode == "nftables":
+        return "nftables", "nftables", nft_dump(ns.netns, family)
+    try:
+        return iptables_dump(ns.iptables_backend, ns.netns, ns.mode)
+    except TraceError as err:
+        if ns.mode != "auto":
+            raise
+        try:
+            return "nftables", "nftables", nft_dump(ns.netns, family)
+        except TraceError:
+            raise TraceError(f"{err}, and no nftables table {family} {NFT_TABLE}") from None
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         ns = _parser().parse_args(list(argv))
         src = _ip(ns.src, "--from")
         dst, port = _dest(ns.dest)
-        mode, backend, dump = iptables_dump(ns.iptables_backend, ns.netns, ns.mode)
+        family = "ip6" if ":" in dst else "ip"
+        mode, backend, dump = _state(ns, family)
         local = local_ips(ns.netns)
-        routes = trace_iptables(dump, local, src, dst, port, ns.proto)
+        if mode == "nftables":
+            routes = trace_nftables(dump, local, src, dst, port, ns.proto, family)
+        else:
+            routes = trace_iptables(dump, local, src, dst, port, ns.proto)
         if mode == "userspace":
             ports = status.read(ns.status_socket or status.socket_path(ns.netns))
             routes = through_relay(routes, ports, ns.proto, local)
@@ -178,5 +215,6 @@ def main(argv: Sequence[str]) -> int:
         print(json.dumps({"mode": mode, "backend": backend, "from": src, "proto": ns.proto,
                           "destination": f"{dst}:{port}", "paths": [r.as_dict() for r in routes]}, indent=2))
     else:
-        print(render_text(routes, f"{ns.proto} {src} -> {dst}:{port}  ({mode} mode, {backend} back end)"))
+        where = f"table {family} {NFT_TABLE}" if mode == "nftables" else f"{backend} back end"
+        print(render_text(routes, f"{ns.proto} {src} -> {dst}:{port}  ({mode} mode, {where})"))
     return 0

@@ -26,10 +26,12 @@ def run_trace(argv: list[str]) -> tuple[int, dict[str, object]]:
     return code, json.loads(out.getvalue()) if code == 0 else {}
 
 
-def trace_checker(netns: str, backend: str) -> Callable[[Scenario, Probe], str]:
+def trace_checker(netns: str, mode_args: list[str]) -> Callable[[Scenario, Probe], str]:
+    """mode_args: how the mode is named to `kproxy trace` (--mode, --iptables-backend)."""
+
     def check(scenario: Scenario, probe: Probe) -> str:
         dst, port = target(scenario, probe)
-        code, got = run_trace(["--netns", netns, "--iptables-backend", backend, "-o", "json",
+        code, got = run_trace(["--netns", netns, *mode_args, "-o", "json",
                                "--from", SOURCES[probe.src], "--proto", probe.proto.lower(), f"{dst}:{port}"])
         if code != 0:
             return f"kproxy trace exited {code}"

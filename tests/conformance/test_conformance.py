@@ -18,6 +18,9 @@ from kproxy.proxiers.base import Proxier, SyncRequest
 pytestmark = pytest.mark.e2e
 
 HERE = ("iptables-nft", "iptables-legacy", "userspace", "nftables")
+TRACE_ARGS = {"iptables-nft": ["--mode", "iptables", "--iptables-backend", "nft"],
+              "iptables-legacy": ["--mode", "iptables", "--iptables-backend", "legacy"],
+              "userspace": ["--mode", "userspace"], "nftables": []}  # auto: the mode is detected
 
 
 @dataclass
@@ -73,8 +76,7 @@ def mode(request: pytest.FixtureRequest, conformance_topology: Topology) -> Iter
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_conformance(mode: Mode, scenario: Scenario) -> None:
-    # Every passing probe is also traced (`kproxy trace`) and must agree; nftables: not yet traced.
-    tracer = None if mode.name == "nftables" else trace_checker(
-        mode.topo.node, mode.name.split("-")[1] if "-" in mode.name else "auto")
+    # Every passing probe is also traced (`kproxy trace`) and must agree.
+    tracer = trace_checker(mode.topo.node, TRACE_ARGS[mode.name])
     failures = check_scenario(mode.name, scenario, mode.client, lambda: mode.sync_phase2(scenario), tracer)
     assert not failures, f"{mode.name} / {scenario.name}:\n" + "\n".join(failures)
