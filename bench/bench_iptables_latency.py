@@ -318,7 +318,7 @@ class ProxyRun:
 
     async def write_endpoints(self, client: Any, i: int, ips: list[str]) -> float:
         """PUT svc-i's EndpointSlice with `ips`; seconds from sending it to the kernel holding
-        the rule of ips[-1] (nf_tables: that endpoint's DNAT; legacy: the table replaced, then
+        the rule of ips[-1] (nf_tables: that endpoint's DNAT rule or map element; legacy: the table replaced, then
         the DNAT confirmed untimed)."""
         from controlplane_stub.client import path
 
@@ -329,7 +329,7 @@ class ProxyRun:
         url = path("endpointslices", "default", f"svc-{i}-abc")
         body["metadata"]["resourceVersion"] = (await client.get(url))["metadata"]["resourceVersion"]
         before = await loop.run_in_executor(None, self.legacy.signature) if self.legacy else (0, 0)
-        wait = self.events.expect_rule_with(new_ip) if self.events else None
+        wait = self.events.expect_address(new_ip) if self.events else None
         overruns = self.events.overruns if self.events else 0
         t = time.monotonic()
         await client.update(url, body)

@@ -1,14 +1,16 @@
-"""The moment a rule reaches the kernel's nf_tables, from the kernel's own notification.
+"""The moment an address reaches the kernel's nf_tables ruleset, from the kernel's own notification.
 
 A NETLINK_NETFILTER socket in the node's namespace joins the NFNLGRP_NFTABLES multicast group:
 nf_tables sends every object a transaction created or deleted to that group when the transaction
-commits, so the time a NEWRULE message naming an address is read is when the rule holding it
+commits, so the time a NEWRULE or NEWSETELEM message holding an address is read is when the rule
+or map element (an endpoint map's element, where a proxy keeps endpoints in maps) holding it
 became live, without polling (`nft list` at 10,000 Services would fetch the whole ruleset each
 time and steal the CPU the proxy under test needs). One thread reads; waiters register the
 address they expect before they write to the API.
 
 Works for everything that programs nf_tables: kproxy's nftables mode, iptables-nft rules (their
-`-s`/`-d` matches and DNAT targets hold the address as raw bytes too) and the Go kube-proxy.
+`-s`/`-d` matches and DNAT targets hold the address as raw bytes too) and the Go kube-proxy. The
+address must be new to the ruleset (a fresh endpoint), else an older object holding it would do.
 Used by bench_iptables_latency.py and bench_nftables_latency.py; tests/unit/test_bench_nft_events.py
 checks it against real `nft` commands in a namespace.
 """
@@ -30,6 +32,7 @@ NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = 33
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWRULE = 6
+NFT_MSG_NEWSETELEM = 12
 NFT_MSG_NEWGEN = 15
 _HDR = struct.Struct("=IHHII")  # struct nlmsghdr
 # A full sync of the Go kube-proxy at 10,000 Services is hundreds of thousands of notifications
@@ -66,8 +69,9 @@ class NftEvents:
         self._thread = threading.Thread(target=self._run, name="nft-events", daemon=True)
         self._thread.start()
 
-    def expect_rule_with(self, address: str) -> _Wait:
-        """Register before the write: the returned wait is set when a committed rule holds `address`."""
+    def expect_address(self, address: str) -> _Wait:
+        """Register before the write: the returned wait is set when a committed rule or set element
+        holds `address`."""
         w = _Wait(socket.inet_aton(address))
         with self._lock:
             self._waits.append(w)
@@ -80,7 +84,7 @@ class NftEvents:
         return w.seen_at
 
     def _run(self) -> None:
-        rule_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
+        holders = {(NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM}
         gen_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
         while not self._stop.is_set():
             try:
@@ -108,7 +112,7 @@ class NftEvents:
                 self.messages += 1
                 if mtype == gen_type:
                     self.generations += 1
-                elif mtype == rule_type and hits:
+                elif mtype in holders and hits:
                     body = data[off + _HDR.size:off + length]
                     for w in hits:
                         if not w.event.is_set() and w.needle in body:
