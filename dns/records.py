@@ -10,6 +10,7 @@ weights, "pods insecure" pod records).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import struct
 import sys
 import time
@@ -30,6 +31,10 @@ RRKey = tuple[str, int]  # (lowercase owner, type)
 # each record (RR objects are only built while encoding).
 Contrib = dict[RRKey, list[object]]
 _APEX: ServiceKey = ("", "")
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = logging.getLogger("kdns.records")
+_SLICE_FAMILY = {"IPv4": 4, "IPv6": 6}
+_HEX_DASH = frozenset("0123456789abcdef-")
 
 
 def dashed(ip: str) -> str:
@@ -37,8 +42,32 @@ def dashed(ip: str) -> str:
     return ip.replace(".", "-").replace(":", "-")
 
 
-def _family(ip: str) -> int:
-    return int(AAAA if ":" in ip else A)
+def _family(ip: IP) -> int:
+    return int(AAAA if ip.version == 6 else A)
+
+
+def parse_ip(text: str, version: int = 0) -> IP | None:
+    """An address read from the API as a typed value (of that IP version when given), or None:
+    what is not an address (or carries a zone index, which no DNS record can hold) gets no record,
+    and the rest of its object is still served."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if version and ip.version != version or isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        return None
+    return ip
+
+
+def pod_ip(label: str) -> IP | None:
+    """The address a pod name's first label spells, by CoreDNS's rule: three dashes and no "--"
+    is an IPv4 address (10-244-1-7), anything else an IPv6 address with ":" written "-"
+    (fd00--7, fd00-10-244--7)."""
+    if label.count("-") == 3 and "--" not in label:
+        return parse_ip(label.replace("-", "."), 4)
+    if not _HEX_DASH.issuperset(label):
+        return None  # also keeps "%zone" and IPv4-in-IPv6 tails out
+    return parse_ip(label.replace("-", ":"), 6)
 
 
 class ZoneIndex:
@@ -63,6 +92,7 @@ class ZoneIndex:
         self.names: dict[bytes, int] = {}
         self.answers: dict[bytes, bytes] = {}
         self.pending: set[ServiceKey] = set()  # objects changed, answers not re-encoded yet
+        self._warned: set[tuple[ServiceKey, str]] = set()  # bad addresses logged once
         self.synced = False
         self.serial = int(time.time()) & 0xFFFFFFFF
         self.mname = f"ns.dns.{self.zone}"
@@ -181,46 +211,69 @@ class ZoneIndex:
                 add(base, CNAME, spec.external_name.strip(".").lower())
             return out
         if not svc.headless:
-            ips = [ip for ip in (spec.cluster_ips or [spec.cluster_ip]) if ip and ip != "None"]
+            # clusterIPs holds one address per family (primary first); a dual-stack Service has
+            # an A and an AAAA record and a PTR for each.
+            ips = self._addresses(key, [t for t in (spec.cluster_ips or [spec.cluster_ip]) if t and t != "None"])
             for ip in ips:
-                add(base, _family(ip), ip)
-                add(ipaddress.ip_address(ip).reverse_pointer, PTR, base)
+                add(base, _family(ip), str(ip))
+                add(ip.reverse_pointer, PTR, base)
             if key == ("kube-system", "kube-dns"):
                 for ip in ips:
-                    add(self.mname, _family(ip), ip)
+                    add(self.mname, _family(ip), str(ip))
             for port in spec.ports or []:
                 if port.name:
                     add(f"_{port.name}._{port.protocol.lower()}.{base}", SRV, (0, 100, port.port, base))
             out.setdefault((base, 0), [])  # the name exists even with no address of a family
             return out
-        # Headless: the endpoints' addresses, per-endpoint names, per-endpoint SRV targets.
+        # Headless: the endpoints' addresses, per-endpoint names, per-endpoint SRV targets. A
+        # dual-stack headless Service has a slice set per family: a pod with a hostname has its A
+        # and AAAA under one name (one SRV target), one without has a dashed name per address.
         out.setdefault((base, 0), [])
         seen: set[str] = set()
-        srv: dict[str, list[tuple[int, str]]] = {}
+        srv: dict[str, dict[tuple[int, str], None]] = {}  # owner -> (port, target), once each
         for skey in sorted(self.slices_by_service.get(key, ())):
             eps = self.slices[skey]
-            if eps.address_type not in ("IPv4", "IPv6"):
+            version = _SLICE_FAMILY.get(eps.address_type)
+            if version is None:
                 continue  # FQDN slices carry no addresses DNS can serve
             for ep in eps.endpoints or []:
                 if not spec.publish_not_ready_addresses and ep.conditions.ready is False:
                     continue
-                for ip in ep.addresses[:1]:  # one address per endpoint (discovery.k8s.io/v1)
-                    host = (ep.hostname or dashed(ip)).lower()
+                # one address per endpoint (discovery.k8s.io/v1), of the slice's family
+                for parsed in self._addresses(key, ep.addresses[:1], version):
+                    text = str(parsed)
+                    host = (ep.hostname or dashed(text)).lower()
                     target = f"{host}.{base}"
-                    if ip not in seen:
-                        add(base, _family(ip), ip)
-                        seen.add(ip)
-                    if ip not in out.get((target, _family(ip)), ()):
-                        add(target, _family(ip), ip)
-                        add(ipaddress.ip_address(ip).reverse_pointer, PTR, target)
+                    if text not in seen:
+                        add(base, _family(parsed), text)
+                        seen.add(text)
+                    if text not in out.get((target, _family(parsed)), ()):
+                        add(target, _family(parsed), text)
+                        add(parsed.reverse_pointer, PTR, target)
                     for port in eps.ports or []:
                         if port.name and port.port is not None:
                             owner = f"_{port.name}._{(port.protocol or 'TCP').lower()}.{base}"
-                            srv.setdefault(owner, []).append((port.port, target))
+                            srv.setdefault(owner, {})[(port.port, target)] = None
         for owner, targets in srv.items():
             weight = max(1, 100 // len(targets))
             for port_number, target in targets:
                 add(owner, SRV, (0, weight, port_number, target))
+        return out
+
+    def _addresses(self, key: ServiceKey, texts: Iterable[str], version: int = 0) -> list[IP]:
+        """The parsed addresses of texts; one that does not parse (or is not of the slice's family)
+        is left out with a warning, and the Service keeps its other records."""
+        out: list[IP] = []
+        for text in texts:
+            ip = parse_ip(text, version)
+            if ip is None and (key, text) not in self._warned:
+                if len(self._warned) >= 1024:  # bounded: a flood of bad objects cannot grow it
+                    self._warned.clear()
+                self._warned.add((key, text))
+                log.warning("service=%s/%s: address %r skipped: not an IPv%s address", key[0], key[1],
+                            text[:64], version or "4/IPv6")
+            elif ip is not None:
+                out.append(ip)
         return out
 
     # ---------------------------------------------------------------------- maintenance
@@ -391,13 +444,7 @@ class ZoneIndex:
             return (wire.NOERROR, [])  # NS.pod.ZONE: an empty non-terminal
         if len(labels) != 2:
             return (wire.NXDOMAIN, [])
-        text = labels[0]
-        try:
-            ip = ipaddress.IPv4Address(text.replace("-", "."))
-        except ValueError:
-            try:
-                ip6 = ipaddress.IPv6Address(text.replace("-", ":"))
-            except ValueError:
-                return (wire.NXDOMAIN, [])
-            return (wire.NOERROR, [self._rr(n, AAAA, str(ip6))] if qtype == AAAA else [])
-        return (wire.NOERROR, [self._rr(n, A, str(ip))] if qtype == A else [])
+        ip = pod_ip(labels[0])
+        if ip is None:
+            return (wire.NXDOMAIN, [])
+        return (wire.NOERROR, [self._rr(n, _family(ip), str(ip))] if qtype == _family(ip) else [])

@@ -137,8 +137,8 @@ class KdnsProcess:
             return dns.query.tcp(q, "127.0.0.1", port=self.port, timeout=timeout)
         return dns.query.udp(q, "127.0.0.1", port=self.port, timeout=timeout, ignore_trailing=False)
 
-    def dig(self, *args: str) -> str:
-        r = subprocess.run(["dig", "@127.0.0.1", "-p", str(self.port), "+tries=1", "+time=3", *args],
+    def dig(self, *args: str, server: str = "127.0.0.1") -> str:
+        r = subprocess.run(["dig", f"@{server}", "-p", str(self.port), "+tries=1", "+time=3", *args],
                            capture_output=True, text=True, timeout=20, check=False)
         return r.stdout
 

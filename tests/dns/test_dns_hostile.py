@@ -189,13 +189,17 @@ def public_host() -> Iterator[dict[str, str]]:
         _ip("netns", "add", node)
         _ip("netns", "add", net)
         _ip("link", "add", f"kd{tag}", "netns", node, "type", "veth", "peer", "name", f"kn{tag}", "netns", net)
-        for ns, dev, addrs, peer in ((node, f"kd{tag}", ["192.0.2.1/24"], "198.51.100.0/24"),
-                                     (net, f"kn{tag}", ["198.51.100.7/24", "192.0.2.7/24"], None)):
+        # and the same twice over IPv6: the node 2001:db8:1::1/64, clients 2001:db8:2::7 (another
+        # network) and 2001:db8:1::7 (the node's); nodad: usable at once, no DAD wait
+        for ns, dev, addrs, peers in ((node, f"kd{tag}", ["192.0.2.1/24", "2001:db8:1::1/64"],
+                                       ["198.51.100.0/24", "2001:db8:2::/64"]),
+                                      (net, f"kn{tag}", ["198.51.100.7/24", "192.0.2.7/24",
+                                                         "2001:db8:2::7/64", "2001:db8:1::7/64"], [])):
             _ip("link", "set", "lo", "up", ns=ns)
             for a in addrs:
-                _ip("addr", "add", a, "dev", dev, ns=ns)
+                _ip("addr", "add", a, "dev", dev, *(["nodad"] if ":" in a else []), ns=ns)
             _ip("link", "set", dev, "up", ns=ns)
-            if peer:
+            for peer in peers:
                 _ip("route", "add", peer, "dev", dev, ns=ns)
         yield {"node": node, "net": net}
     finally:
@@ -204,7 +208,8 @@ def public_host() -> Iterator[dict[str, str]]:
 
 
 def _dig(net: str, src: str, port: int, name: str, *opts: str) -> str:
-    out = subprocess.run(["ip", "netns", "exec", net, "dig", "-b", src, "@192.0.2.1", "-p", str(port),
+    server = "2001:db8:1::1" if ":" in src else "192.0.2.1"
+    out = subprocess.run(["ip", "netns", "exec", net, "dig", "-b", src, f"@{server}", "-p", str(port),
                           "+tries=2", "+time=2", name, *opts], capture_output=True, text=True, timeout=30,
                          check=False).stdout
     m = re.search(r"status: (\w+)", out)
@@ -253,6 +258,44 @@ def test_not_an_open_resolver(public_host: dict[str, str]) -> None:
         # the cluster and service CIDRs are allowed by default when given
         p = dns_on_node("--cluster-cidr", "198.51.100.0/25", "--service-cluster-ip-range", "10.96.0.0/12")
         assert _dig(net, "198.51.100.7", p.port, outside_name) == "NOERROR"
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.timeout(120)
+def test_acl_ipv6_networks(public_host: dict[str, str]) -> None:
+    """The access lists over IPv6: bound to "::" (one socket for both families) the defaults admit
+    the node's own IPv6 network (read from its interfaces) and refuse another; --allow-query and
+    --allow-recursion take IPv6 networks, and an IPv4 client on the same socket (a v4-mapped
+    source) is matched against the IPv4 networks."""
+    node, net = public_host["node"], public_host["net"]
+    in_ns = ["ip", "netns", "exec", node]
+    cluster_name, outside_name = f"web.default.svc.{ZONE}", "www.example.test"
+    servers: list[KdnsProcess] = []
+    try:
+        def dns_on_node(*extra: str) -> KdnsProcess:
+            # upstream: a closed port, so a forwarded name is SERVFAIL where it is allowed
+            p = start_kdns([service("web", ip=["10.96.0.10", "fd00:10:96::10"])],
+                           ["--dns-bind-address", "::", "--upstream", "127.0.0.1:9",
+                            "--upstream-timeout", "0.3", *extra], prefix=in_ns)
+            servers.append(p)
+            return p
+
+        p = dns_on_node()
+        assert _dig(net, "2001:db8:1::7", p.port, cluster_name, "AAAA") == "NOERROR"
+        assert _dig(net, "2001:db8:2::7", p.port, cluster_name, "AAAA") == "REFUSED"
+        assert _dig(net, "2001:db8:2::7", p.port, cluster_name, "+tcp") == "REFUSED"
+        assert _dig(net, "192.0.2.7", p.port, cluster_name) == "NOERROR"  # v4-mapped on "::"
+        assert _dig(net, "198.51.100.7", p.port, cluster_name) == "REFUSED"
+
+        p = dns_on_node("--allow-query", "2001:db8:2::/64,198.51.100.0/24", "--allow-recursion", "2001:db8:2::7/128")
+        assert _dig(net, "2001:db8:2::7", p.port, cluster_name, "AAAA") == "NOERROR"
+        assert _dig(net, "2001:db8:2::7", p.port, cluster_name, "AAAA", "+tcp") == "NOERROR"
+        assert _dig(net, "2001:db8:1::7", p.port, cluster_name, "AAAA") == "REFUSED"
+        assert _dig(net, "198.51.100.7", p.port, cluster_name) == "NOERROR"
+        assert _dig(net, "2001:db8:2::7", p.port, outside_name) == "SERVFAIL"  # forwarded (nothing there)
+        assert _dig(net, "198.51.100.7", p.port, outside_name) == "REFUSED"  # not in --allow-recursion
     finally:
         for s in servers:
             s.stop()

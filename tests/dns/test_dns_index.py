@@ -4,10 +4,13 @@ that changes nothing re-encodes nothing. The Reflector stores feed it page by pa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kdns import _purewire
 from kdns.objects import (
     SHARED_MAX,
@@ -21,7 +24,7 @@ from kdns.objects import (
     ServiceSpec,
     share,
 )
-from kdns.records import ZoneIndex
+from kdns.records import ZoneIndex, dashed, parse_ip, pod_ip
 from kdns.source import IndexFeeder, ServiceStore, SliceStore
 
 from kproxy.kube.reflector import PagedReflectorStore
@@ -192,3 +195,19 @@ def test_dns_stores_take_a_list_page_by_page_and_a_relist_drops_what_vanished() 
         assert [rr.data for rr in idx.rrset("c.ns.svc.cluster.local", 1)] == ["10.96.0.3"]
 
     asyncio.run(main())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_dns_pod_names_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """Every address's dashed name (CoreDNS's endpoint and pod name form) reads back as that
+    address by CoreDNS's pod-name rule: an IPv6 address never has exactly three dashes without "--"."""
+    assert pod_ip(dashed(str(ip))) == ip
+    assert parse_ip(str(ip), ip.version) == ip
+    assert parse_ip(str(ip), 10 - ip.version) is None  # the other family (4 <-> 6)
+
+
+@pytest.mark.parametrize("label", ["fe80--1%eth0", "1-2-3", "1-2-3-4-5", "::1", "fd00-0-0-7", "g--1", "",
+                                   "0x7f-0-0-1", "1--2--3"])
+def test_dns_pod_names_that_are_not_addresses(label: str) -> None:
+    assert pod_ip(label) is None

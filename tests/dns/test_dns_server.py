@@ -191,11 +191,15 @@ def test_dns_ipv6_listener(kdns_factory: object) -> None:
             s6.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback (::1) in this environment")
-    p = kdns_factory([service("web", ip="10.96.0.10")],  # type: ignore[operator]
+    p = kdns_factory([service("web", ip=["10.96.0.10", "fd00:10:96::10"])],  # type: ignore[operator]
                      ["--dns-bind-address", "::1", "--upstream", "127.0.0.1:9", "--upstream-timeout", "0.2"])
     q = dns.message.make_query(f"web.default.svc.{ZONE}", "A")
     assert dns.query.udp(q, "::1", port=p.port, timeout=3).answer[0][0].to_text() == "10.96.0.10"
     assert dns.query.tcp(q, "::1", port=p.port, timeout=3).answer[0][0].to_text() == "10.96.0.10"
+    # dig over the IPv6 listener, UDP and TCP, for the IPv6 ClusterIP of the dual-stack Service
+    for transport in ("+notcp", "+tcp"):
+        out = p.dig(f"web.default.svc.{ZONE}", "AAAA", transport, "+short", server="::1")  # type: ignore[attr-defined]
+        assert out.strip() == "fd00:10:96::10", out
     # the slow path (pod names) answers IPv6 clients too: the miss carries a 4-tuple address
     pod = dns.message.make_query(f"10-0-0-1.default.pod.{ZONE}", "A")
     assert dns.query.udp(pod, "::1", port=p.port, timeout=3).answer[0][0].to_text() == "10.0.0.1"
