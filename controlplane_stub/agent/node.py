@@ -6,6 +6,8 @@ import asyncio
 import ipaddress
 import logging
 import os
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,31 +49,75 @@ class AgentConfig:
 
 
 class Ipam:
-    """Pod IPs from the node's podCIDR (the gateway .1 is the bridge's)."""
+    """Pod IPs from the node's podCIDRs, one of each family per pod, primary first (the first
+    address after the network's is the bridge's). Never-used addresses go first, then released ones
+    oldest first, so a just-freed IP is not reused at once. Nothing is listed up front: only the
+    first MAX_PER_FAMILY addresses of a CIDR (an IPv6 /64 has 2^64) are ever handed out."""
 
-    def __init__(self, cidr: str) -> None:
-        net = ipaddress.ip_network(cidr)
-        self.free = [str(h) for h in list(net.hosts())[1:]]
-        self.used: dict[str, str] = {}
+    MAX_PER_FAMILY = 65536
 
-    def allocate(self, uid: str, prefer: str = "") -> str:
-        """An IP for the pod; `prefer` (the pod's earlier IP, after an agent restart) if still free."""
+    def __init__(self, cidrs: str | Sequence[str]) -> None:
+        self.nets = [ipaddress.ip_network(c) for c in ([cidrs] if isinstance(cidrs, str) else cidrs)]
+        self.next = [2] * len(self.nets)  # offset of the next never-used address
+        # the last offset + 1: IPv4 keeps its broadcast address out, as hosts() does
+        self.end = [min(n.num_addresses - (1 if n.version == 4 else 0), 2 + self.MAX_PER_FAMILY) for n in self.nets]
+        self.freed: list[deque[str]] = [deque() for _ in self.nets]
+        self.taken: set[str] = set()
+        self.used: dict[str, tuple[str, ...]] = {}
+
+    def _usable(self, i: int, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False  # a podIP from the API is input: not an address, not preferred
+        net = self.nets[i]
+        return addr in net and 2 <= int(addr) - int(net.network_address) < self.end[i] and str(addr) not in self.taken
+
+    def _take(self, i: int, prefer: Sequence[str]) -> str | None:
+        for ip in prefer:
+            if self._usable(i, ip):
+                ip = str(ipaddress.ip_address(ip))
+                if ip in self.freed[i]:
+                    self.freed[i].remove(ip)
+                return ip
+        net = self.nets[i]
+        while self.next[i] < self.end[i]:
+            ip = str(net.network_address + self.next[i])
+            self.next[i] += 1
+            if ip not in self.taken:
+                return ip
+        while self.freed[i]:
+            ip = self.freed[i].popleft()
+            if ip not in self.taken:
+                return ip
+        return None
+
+    def allocate_all(self, uid: str, prefer: Sequence[str] = ()) -> tuple[str, ...]:
+        """The pod's IPs, one per podCIDR; `prefer` (the pod's earlier IPs, after an agent restart)
+        where still free."""
         if uid in self.used:
             return self.used[uid]
-        if prefer and prefer in self.free:
-            self.free.remove(prefer)
-            self.used[uid] = prefer
-            return prefer
-        if not self.free:
-            raise RuntimeError("podCIDR exhausted")
-        ip = self.free.pop(0)
-        self.used[uid] = ip
-        return ip
+        got: list[str] = []
+        for i in range(len(self.nets)):
+            ip = self._take(i, prefer)
+            if ip is None:
+                for j, back in enumerate(got):
+                    self.taken.discard(back)
+                    self.freed[j].appendleft(back)
+                raise RuntimeError("podCIDR exhausted")
+            self.taken.add(ip)
+            got.append(ip)
+        self.used[uid] = tuple(got)
+        return self.used[uid]
+
+    def allocate(self, uid: str, prefer: str = "") -> str:
+        """The pod's IP of the primary family (see allocate_all)."""
+        return self.allocate_all(uid, [prefer] if prefer else [])[0]
 
     def release(self, uid: str) -> None:
-        ip = self.used.pop(uid, None)
-        if ip:
-            self.free.append(ip)  # at the end: a just-freed IP is not reused at once
+        for i, ip in enumerate(self.used.pop(uid, ())):
+            self.taken.discard(ip)
+            self.freed[i].append(ip)  # at the end: a just-freed IP is not reused at once
 
 
 def _ready(status: Obj) -> str:
@@ -91,7 +137,7 @@ class NodeAgent:
         self.node = config.node
         self.catalog = Catalog.load(config.catalog_file or None)
         self.record = Record(config.record_file) if config.record_file else None
-        self.ipam = Ipam(self.node.pod_cidr)
+        self.ipam = Ipam(self.node.all_pod_cidrs)
         self.workers: dict[str, PodWorker] = {}
         self.events = api.EventRecorder(client, "kubelet", self.node.name)
         self.informer = api.Informer(client, "pods", field_selector=f"spec.nodeName={self.node.name}")
@@ -117,7 +163,7 @@ class NodeAgent:
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": self.node.name, "labels": labels},
-            "spec": {"podCIDR": self.node.pod_cidr, "podCIDRs": [self.node.pod_cidr]},
+            "spec": {"podCIDR": self.node.pod_cidr, "podCIDRs": list(self.node.all_pod_cidrs)},
         }
 
     def node_status(self) -> Obj:
@@ -154,10 +200,9 @@ class NodeAgent:
             }
         )
         return {
-            "addresses": [
-                {"type": "InternalIP", "address": self.node.ip},
-                {"type": "Hostname", "address": self.node.name},
-            ],
+            # one InternalIP per family, primary first, as a dual-stack kubelet reports them
+            "addresses": [{"type": "InternalIP", "address": a} for a in self.node.all_ips]
+            + [{"type": "Hostname", "address": self.node.name}],
             "capacity": cap,
             "allocatable": cap,
             "conditions": conds,

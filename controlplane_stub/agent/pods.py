@@ -292,7 +292,8 @@ class PodWorker:
         self.uid = str(md["uid"])
         self.netns = pod_netns_name(agent.config.prefix, self.uid)
         self.veth = veth_name(self.uid)
-        self.pod_ip = ""
+        self.pod_ip = ""  # the primary family's; pod_ips: one per family of the node's podCIDRs
+        self.pod_ips: tuple[str, ...] = ()
         self.log_dir = agent.config.data_dir / "logs" / f"{md['namespace']}_{md['name']}_{self.uid[:8]}"
         spec = pod["spec"]
         self.init_containers = [ContainerRunner(self, c, init=True) for c in spec.get("initContainers") or []]
@@ -376,9 +377,10 @@ class PodWorker:
         writer = asyncio.create_task(self._status_writer())
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.pod_ip = self.agent.ipam.allocate(
-                self.uid, (self.pod.get("status") or {}).get("podIP") or ""
-            )
+            st = self.pod.get("status") or {}
+            earlier = [p.get("ip") for p in st.get("podIPs") or [] if isinstance(p, dict)] or [st.get("podIP")]
+            self.pod_ips = self.agent.ipam.allocate_all(self.uid, [x for x in earlier if isinstance(x, str)])
+            self.pod_ip = self.pod_ips[0]
             rec = self.agent.record
             if netns.exists(self.netns) and (rec is None or rec.load().owns_netns(self.netns)):
                 # Left by an earlier run of this agent (its processes were its children): start clean.
@@ -389,7 +391,7 @@ class PodWorker:
                 self.agent.node,
                 self.netns,
                 self.veth,
-                self.pod_ip,
+                self.pod_ips,
                 self.agent.record,
                 self.agent.resolv_conf(self.pod),
             )
@@ -478,7 +480,7 @@ class PodWorker:
         st: Obj = {
             "phase": self.phase(),
             "hostIP": self.agent.node.ip,
-            "hostIPs": [{"ip": self.agent.node.ip}],
+            "hostIPs": [{"ip": a} for a in self.agent.node.all_ips],
             "startTime": self.start_time,
             "qosClass": "BestEffort",
             "conditions": [
@@ -494,7 +496,7 @@ class PodWorker:
             st["initContainerStatuses"] = [c.status() for c in self.init_containers]
         if self.pod_ip:
             st["podIP"] = self.pod_ip
-            st["podIPs"] = [{"ip": self.pod_ip}]
+            st["podIPs"] = [{"ip": a} for a in self.pod_ips or (self.pod_ip,)]
         return st
 
     async def _status_writer(self) -> None:

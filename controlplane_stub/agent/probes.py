@@ -22,7 +22,7 @@ def resolve_port(port: Any, container: dict[str, Any]) -> int:
 async def _connect(node_ns: str, host: str, port: int, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     # The probe connects from the node's namespace (as the kubelet does from the node).
-    sock = await asyncio.to_thread(netns.socket_in, node_ns)
+    sock = await asyncio.to_thread(netns.socket_in, node_ns, netns.family_of(host))
     sock.setblocking(False)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)

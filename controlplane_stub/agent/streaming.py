@@ -193,7 +193,7 @@ class StreamingServer:
 
         async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             # From the node's network namespace, as a kubelet's connection to the pod would go.
-            s = await asyncio.to_thread(netns.socket_in, node_ns)
+            s = await asyncio.to_thread(netns.socket_in, node_ns, netns.family_of(pod_ip))
             s.setblocking(False)
             try:
                 await asyncio.get_running_loop().sock_connect(s, (pod_ip, port))

@@ -16,6 +16,7 @@ from typing import Any
 
 from controlplane_stub import client as api
 from controlplane_stub.agent import netns
+from controlplane_stub.agent.netns import IP_FAMILIES
 from controlplane_stub.agent.record import Record
 from controlplane_stub.cluster.components import cmd_agent, cmd_controllers
 from controlplane_stub.cluster.state import (
@@ -24,6 +25,8 @@ from controlplane_stub.cluster.state import (
     SEED,
     State,
     default_data_dir,
+    default_lb_pool,
+    lb_routes,
     marked_pids,
     self_command,
 )
@@ -62,6 +65,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        lb_routes(args.lb_pool or default_lb_pool(args.ip_family))
+    except ValueError as e:
+        print(f"--lb-pool: {e}", file=sys.stderr)
+        return 2
     os.umask(0o077)
     # What an earlier cluster of this data dir left after a crash goes first (only what it made).
     if old is not None or (d / "owned.jsonl").exists():
@@ -81,8 +89,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         data_dir=str(d),
         nodes=args.nodes,
         proxy_mode=args.proxy_mode,
-        lb_pool=args.lb_pool,
+        lb_pool=args.lb_pool or default_lb_pool(args.ip_family),
         instance=secrets.token_hex(6),
+        ip_family=args.ip_family,
     )
     st.save()
     cmd = self_command() + [
@@ -375,7 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
             default="iptables",
             help="kproxy mode on every node (iptables, ipvs, userspace, nftables) or none",
         )
-        sp.add_argument("--lb-pool", default="10.251.0.0/24", help="LoadBalancer IPs (CIDR or a-b ranges)")
+        sp.add_argument(
+            "--ip-family",
+            choices=IP_FAMILIES,
+            default="ipv4",
+            help="addresses of nodes, pods and Services: ipv4 (default), ipv6, or dual (both, IPv4 primary)",
+        )
+        sp.add_argument(
+            "--lb-pool",
+            default="",
+            help="LoadBalancer IPs (CIDRs or a-b ranges, comma separated; default 10.251.0.0/24 and/or "
+            "fd00:10:251::/120 by --ip-family)",
+        )
         sp.add_argument("--api-port", type=int, default=0, help="API server port (default: a free one)")
         sp.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
                         help="etcd: 3 etcd members on loopback and --apiservers API servers behind one address")
@@ -440,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("_agent")
     ag.add_argument("--kubeconfig", required=True)
     ag.add_argument("--prefix", required=True)
+    ag.add_argument("--ip-family", choices=IP_FAMILIES, default="ipv4")
     ag.add_argument("--node-index", type=int, required=True)
     ag.add_argument("--data-dir", required=True)
     ag.add_argument("--image-catalog", default="")

@@ -32,7 +32,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from controlplane_stub.agent.node import AgentConfig, NodeAgent
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    topo = netns.Topology(prefix=args.prefix)
+    topo = netns.Topology(prefix=args.prefix, ip_family=args.ip_family)
     node = topo.node(args.node_index)
     cfg = AgentConfig(
         node=node,

@@ -18,6 +18,27 @@ MARKER = "KPC_CLUSTER"
 SEED = seed.path("flask-kubernetes.yaml")
 DNS_IP = "10.96.0.10"
 SERVICE_CIDR = "10.96.0.0/12"
+# The IPv6 Service range (a /112: kube-apiserver allows at most /108 for IPv6) and kube-dns's
+# IPv6 ClusterIP in it (the 10th address, as 10.96.0.10).
+DNS_IP6 = "fd00:10:96::a"
+SERVICE_CIDR6 = "fd00:10:96::/112"
+LB_POOL = {"ipv4": "10.251.0.0/24", "ipv6": "fd00:10:251::/120"}
+
+
+def per_family(ip_family: str, v4: str, v6: str) -> list[str]:
+    """The values of the cluster's families, primary first (`up --ip-family ipv4|ipv6|dual`)."""
+    return {"ipv4": [v4], "ipv6": [v6], "dual": [v4, v6]}[ip_family]
+
+
+def default_lb_pool(ip_family: str) -> str:
+    return ",".join(per_family(ip_family, LB_POOL["ipv4"], LB_POOL["ipv6"]))
+
+
+def lb_routes(pool: str) -> list[str]:
+    """The CIDRs the client routes to the nodes for an --lb-pool (ValueError if it does not parse)."""
+    from controlplane_stub.controllers.loadbalancer import parse_pool
+
+    return parse_pool(pool).cidrs()
 MAX_ZONES = 26  # zone-a .. zone-z
 
 
@@ -62,6 +83,7 @@ class State:
     ready: bool = False
     # Unique per `up`: the value of the KPC_CLUSTER marker its processes carry (see marker).
     instance: str = ""
+    ip_family: str = "ipv4"  # ipv4 | ipv6 | dual (IPv4 primary)
     # Per supervised process, as the supervisor last saw it: state (running, backoff, stopped),
     # since (epoch seconds), restarts, pid, last_exit, next_start (epoch seconds, in back-off).
     supervised: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -28,7 +28,19 @@ from controlplane_stub.agent import netns
 from controlplane_stub.agent.backoff import CrashLoopBackoff
 from controlplane_stub.cluster.etcd import etcd_control_plane
 from controlplane_stub.cluster.relays import pipe
-from controlplane_stub.cluster.state import DNS_IP, MARKER, SERVICE_CIDR, State, node_zone, self_command, tool
+from controlplane_stub.cluster.state import (
+    DNS_IP,
+    DNS_IP6,
+    MARKER,
+    SERVICE_CIDR,
+    SERVICE_CIDR6,
+    State,
+    lb_routes,
+    node_zone,
+    per_family,
+    self_command,
+    tool,
+)
 
 log = logging.getLogger("kpc.cluster")
 
@@ -67,7 +79,10 @@ class Supervisor:
         self.args = args
         self.dir = Path(st.data_dir)
         self.logs = self.dir / "logs"
-        self.topo = netns.Topology(prefix=st.prefix)
+        self.topo = netns.Topology(prefix=st.prefix, ip_family=st.ip_family)
+        # Per family of the cluster, primary first: the Service CIDRs and kube-dns's ClusterIPs.
+        self.service_cidrs = per_family(st.ip_family, SERVICE_CIDR, SERVICE_CIDR6)
+        self.dns_ips = per_family(st.ip_family, DNS_IP, DNS_IP6)
         self.node_nets = [self.topo.node(i) for i in range(1, st.nodes + 1)]
         self.comps: dict[str, Component] = {}
         self.record = st.record
@@ -143,7 +158,7 @@ class Supervisor:
         logf = self.logs / f"{name}.log"
         offset = logf.stat().st_size if logf.exists() else 0
         cmd = [exe, "--data-dir", str(ad), "--secure-port", str(port), "--kubelet-token-file", self.kubelet_token()]
-        p = self.spawn(name, cmd + ["--service-cluster-ip-range", SERVICE_CIDR, *(extra or [])])
+        p = self.spawn(name, cmd + ["--service-cluster-ip-range", ",".join(self.service_cidrs), *(extra or [])])
         deadline = time.monotonic() + 60
         url = ""
         while not url and time.monotonic() < deadline:
@@ -191,7 +206,9 @@ class Supervisor:
             if not ing:
                 return
             try:  # what the API says is input: an IP and ports 1-65535, or this Service is skipped
-                ip = str(ipaddress.IPv4Address(ing[0].get("ip")))
+                # the first ingress IP, IPv4 preferred (a dual-stack Service has one of each family)
+                ips = [ipaddress.ip_address(str(i.get("ip"))) for i in ing]
+                ip = str(min(ips, key=lambda a: a.version))
                 ports = [
                     int(p["port"])
                     for p in svc["spec"].get("ports") or []
@@ -218,7 +235,7 @@ class Supervisor:
     def _lb_handler(self, ip: str, port: int) -> Any:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             loop = asyncio.get_running_loop()
-            s = await asyncio.to_thread(netns.socket_in, self.topo.client_ns)
+            s = await asyncio.to_thread(netns.socket_in, self.topo.client_ns, netns.family_of(ip))
             s.setblocking(False)
             try:
                 await asyncio.wait_for(loop.sock_connect(s, (ip, port)), 5)
@@ -235,17 +252,23 @@ class Supervisor:
         netns.setup_node_network(self.topo, self.record)
         for n in self.node_nets:
             netns.setup_node(self.topo, n, self.node_nets, self.record)
-            self.progress(f"node {n.name}: netns {n.netns}, {n.ip} on the node network, pods {n.pod_cidr}")
-        netns.setup_client(self.topo, self.node_nets, [self.st.lb_pool, SERVICE_CIDR], self.record)
+            self.progress(
+                f"node {n.name}: netns {n.netns}, {', '.join(n.all_ips)} on the node network, "
+                f"pods {', '.join(n.all_pod_cidrs)}"
+            )
+        # The LoadBalancer pool as routes (one per range, each family via the nodes' address of it).
+        lb = lb_routes(self.st.lb_pool)
+        netns.setup_client(self.topo, self.node_nets, lb + self.service_cidrs, self.record)
         # The node network's own namespace routes pod CIDRs too (the DNS server answers from there).
+        first = self.node_nets[:1]
         netns.ip(
             ns=self.topo.net_ns,
-            batch="".join(f"route replace {n.pod_cidr} via {n.ip} dev br0\n" for n in self.node_nets)
-            + "".join(f"route replace {c} via {self.node_nets[0].ip} dev br0\n" for c in (SERVICE_CIDR,)),
+            batch="".join(netns.routes_to_pods(self.node_nets, "br0"))
+            + "".join(netns.route_over_nodes(c, first, "br0") for c in self.service_cidrs),
         )
         self.progress(
-            f"client netns {self.topo.client_ns} ({self.topo.node_network_ip(2)}): routes to pods, "
-            f"Services {SERVICE_CIDR} and LoadBalancer IPs {self.st.lb_pool} via the nodes"
+            f"client netns {self.topo.client_ns} ({', '.join(self.topo.node_network_ips(2))}): routes to pods, "
+            f"Services {', '.join(self.service_cidrs)} and LoadBalancer IPs {', '.join(lb)} via the nodes"
         )
 
     def start_agents(self) -> None:
@@ -256,6 +279,8 @@ class Supervisor:
                 self.st.kubeconfig,
                 "--prefix",
                 self.st.prefix,
+                "--ip-family",
+                self.st.ip_family,
                 "--node-index",
                 str(i),
                 "--data-dir",
@@ -278,7 +303,7 @@ class Supervisor:
             if self.args.image_catalog:
                 cmd += ["--image-catalog", self.args.image_catalog]
             if self.st.components.get("dns", "").startswith("running"):
-                cmd += ["--dns-ip", DNS_IP]
+                cmd += ["--dns-ip", self.dns_ips[0]]
             self.spawn(f"agent-{n.name}", cmd)
         self.st.components["agents"] = f"{len(self.node_nets)} node agents"
 
@@ -317,10 +342,11 @@ class Supervisor:
                     kc,
                     "--hostname-override",
                     n.name,
+                    # one per family (kube-proxy's dual-stack form)
                     "--cluster-cidr",
-                    self.topo.pod_cidr_base,
+                    ",".join(self.topo.pod_cidr_bases),
                     "--healthz-bind-address",
-                    f"{n.ip}:10256",
+                    f"[{n.ip}]:10256" if ":" in n.ip else f"{n.ip}:10256",
                     "--metrics-bind-address",
                     "127.0.0.1:10249",
                 ],
@@ -342,7 +368,9 @@ class Supervisor:
             self.progress("cluster DNS: kproxy-dns not available yet; pods use the host's resolv.conf")
             return
         ro = self.dir / "apiserver" / "readonly.kubeconfig"
-        addr = self.topo.node_network_ip(1)
+        addrs = self.topo.node_network_ips(1)
+        # With IPv6 one socket on "::" answers both families (IPv4 clients as v4-mapped sources).
+        bind = addrs[0] if len(addrs) == 1 and ":" not in addrs[0] else "::"
         self.spawn(
             "dns",
             [
@@ -350,16 +378,16 @@ class Supervisor:
                 "--kubeconfig",
                 str(ro if ro.exists() else self.st.kubeconfig),
                 "--dns-bind-address",
-                addr,
+                bind,
                 "--dns-port",
                 "53",
                 "--health-port",
                 "0",
                 # pods query it from their own addresses: allowed with the node network's
                 "--cluster-cidr",
-                self.topo.pod_cidr_base,
+                ",".join(self.topo.pod_cidr_bases),
                 "--service-cluster-ip-range",
-                SERVICE_CIDR,
+                ",".join(self.service_cidrs),
             ],
             ns=self.topo.net_ns,
         )
@@ -368,46 +396,55 @@ class Supervisor:
             self.st.components["dns"] = f"kproxy-dns exited (see {self.logs}/dns.log)"
             self.progress(f"cluster DNS: {self.st.components['dns']}")
             return
-        # kube-dns: a Service without selector whose EndpointSlice points at the DNS server.
+        # kube-dns: a Service without selector whose EndpointSlices (one per family) point at the
+        # DNS server; in a dual-stack cluster the Service has a ClusterIP of each family.
+        dual = len(self.dns_ips) > 1
         svc = {
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
             "spec": {
-                "clusterIP": DNS_IP,
+                "clusterIP": self.dns_ips[0],
+                "clusterIPs": self.dns_ips,
+                "ipFamilyPolicy": "RequireDualStack" if dual else "SingleStack",
                 "ports": [
                     {"name": "dns", "port": 53, "protocol": "UDP"},
                     {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
                 ],
             },
         }
-        es = {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "kube-dns-kpc",
-                "namespace": "kube-system",
-                "labels": {
-                    "kubernetes.io/service-name": "kube-dns",
-                    "endpointslice.kubernetes.io/managed-by": "kproxy-cluster",
+        slices = [
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"kube-dns-kpc{'-v6' if ':' in addr else ''}",
+                    "namespace": "kube-system",
+                    "labels": {
+                        "kubernetes.io/service-name": "kube-dns",
+                        "endpointslice.kubernetes.io/managed-by": "kproxy-cluster",
+                    },
                 },
-            },
-            "addressType": "IPv4",
-            "endpoints": [
-                {"addresses": [addr], "conditions": {"ready": True, "serving": True, "terminating": False}}
-            ],
-            "ports": [
-                {"name": "dns", "port": 53, "protocol": "UDP"},
-                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
-            ],
-        }
-        for res, obj in (("services", svc), ("endpointslices", es)):
+                "addressType": "IPv6" if ":" in addr else "IPv4",
+                "endpoints": [
+                    {"addresses": [addr], "conditions": {"ready": True, "serving": True, "terminating": False}}
+                ],
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                ],
+            }
+            for addr in addrs
+        ]
+        for res, obj in [("services", svc)] + [("endpointslices", e) for e in slices]:
             try:
                 await c.create(api.path(res, "kube-system"), obj)
             except api.ApiError as e:
                 if e.code != 409:
                     raise
-        self.st.components["dns"] = f"running kproxy-dns on {addr}:53, Service kube-system/kube-dns {DNS_IP}"
+        self.st.components["dns"] = (
+            f"running kproxy-dns on {', '.join(addrs)} port 53, Service kube-system/kube-dns {', '.join(self.dns_ips)}"
+        )
         self.progress(f"cluster DNS: {self.st.components['dns']}")
 
     async def wait_nodes_ready(self, c: api.Client, timeout: float = 60) -> None:

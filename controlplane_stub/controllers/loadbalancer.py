@@ -38,6 +38,15 @@ class LBPool:
             a.version == addr.version and int(a) <= int(addr) <= int(b) for a, b in self.ranges
         )
 
+    def cidrs(self) -> list[str]:
+        """One CIDR per range, the smallest that covers it: what a router in front of the cluster
+        routes to the nodes (a range's neighbours inside it are routed too, and unused)."""
+        out: list[str] = []
+        for a, b in self.ranges:
+            plen = a.max_prefixlen - (int(a) ^ int(b)).bit_length()
+            out.append(str(ipaddress.ip_network((a, plen), strict=False)))
+        return list(dict.fromkeys(out))
+
     def size(self) -> int:
         return sum(int(b) - int(a) + 1 for a, b in self.ranges)
 

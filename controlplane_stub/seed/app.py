@@ -25,5 +25,16 @@ def whoami() -> str:
     return f"{os.environ.get('HOSTNAME') or socket.gethostname()}\n"
 
 
+def any_address() -> str:
+    """"::" where IPv6 is on: one socket answers both families (Linux takes IPv4 on it too), so
+    the app serves a dual-stack pod's IPv6 address as well; "0.0.0.0" otherwise."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+        return "::"
+    except OSError:
+        return "0.0.0.0"
+
+
 if __name__ == "__main__":
-    app.run(host="0.0.0.0", port=int(os.environ.get("PORT", "5000")), threaded=True)
+    app.run(host=any_address(), port=int(os.environ.get("PORT", "5000")), threaded=True)

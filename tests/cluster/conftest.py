@@ -108,3 +108,9 @@ def cluster() -> Iterator[Cluster]:
 def small_cluster() -> Iterator[Cluster]:
     """One node and a crash-loop back-off of 1 s doubling to 2 s, for the supervision tests."""
     yield from _cluster(1, ["--backoff-cap", "2"])
+
+
+@pytest.fixture(scope="module")
+def dual_cluster() -> Iterator[Cluster]:
+    """`up --ip-family dual`: 2 nodes (one zone), IPv4 and IPv6 everywhere, IPv4 primary."""
+    yield from _cluster(2, ["--ip-family", "dual", "--zones", "0"])

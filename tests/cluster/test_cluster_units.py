@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections import Counter
 from pathlib import Path
@@ -11,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane_stub.agent.catalog import Catalog, ImageError
-from controlplane_stub.agent.netns import Topology
+from controlplane_stub.agent.netns import Topology, route_over_nodes, routes_to_pods
 from controlplane_stub.agent.node import Ipam
 from controlplane_stub.cluster import main as cluster_main
-from controlplane_stub.cluster.state import MAX_ZONES, node_zone
+from controlplane_stub.cluster.state import MAX_ZONES, default_lb_pool, lb_routes, node_zone
 from controlplane_stub.controllers.replicaset import deletion_rank
 from controlplane_stub.controllers.scheduler import fits
 
@@ -111,6 +112,80 @@ def test_topology_addresses() -> None:
         "10.244.2.1",
     )
     assert t.client_ns == "kptab-client" and t.net_ns == "kptab-net"
+    assert n2.all_ips == ("10.250.0.12",) and n2.all_pod_cidrs == ("10.244.2.0/24",)  # ipv4: as before
+
+
+def test_topology_dual_and_ipv6_addresses_and_routes() -> None:
+    t = Topology(prefix="kptab-", ip_family="dual")
+    n1, n2 = t.node(1), t.node(2)
+    assert (n2.ip, n2.pod_cidr, n2.gateway) == ("10.250.0.12", "10.244.2.0/24", "10.244.2.1")
+    assert n2.all_ips == ("10.250.0.12", "fd00:10:250::c")
+    assert n2.all_pod_cidrs == ("10.244.2.0/24", "fd00:10:244:2::/64")
+    assert t.pod_cidr_bases == ["10.244.0.0/16", "fd00:10:244::/56"]
+    assert t.node_network_ips(1) == ["10.250.0.1", "fd00:10:250::1"]
+    # each family's pod CIDR via the node's address of that family; ECMP routes per family
+    assert routes_to_pods([n2]) == [
+        "route replace 10.244.2.0/24 via 10.250.0.12 dev eth0\n",
+        "route replace fd00:10:244:2::/64 via fd00:10:250::c dev eth0\n",
+    ]
+    assert route_over_nodes("fd00:10:251::/120", [n1, n2]) == (
+        "route replace fd00:10:251::/120 nexthop via fd00:10:250::b dev eth0 nexthop via fd00:10:250::c dev eth0\n"
+    )
+    v6 = Topology(prefix="kptab-", ip_family="ipv6").node(3)
+    assert (v6.ip, v6.pod_cidr, v6.gateway, v6.all_ips) == (
+        "fd00:10:250::d", "fd00:10:244:3::/64", "fd00:10:244:3::1", ("fd00:10:250::d",))
+    assert route_over_nodes("10.96.0.0/12", [v6]) == ""  # no node of that family: no route
+    with pytest.raises(ValueError, match="--ip-family"):
+        Topology(prefix="x-", ip_family="ipv5")
+
+
+def test_lb_pool_defaults_and_routes() -> None:
+    assert default_lb_pool("dual") == "10.251.0.0/24,fd00:10:251::/120"
+    assert lb_routes(default_lb_pool("dual")) == ["10.251.0.0/24", "fd00:10:251::/120"]
+    # a range is routed as the smallest CIDR that covers it
+    assert lb_routes("10.251.0.10-10.251.0.11, fd00::5-fd00::9") == ["10.251.0.10/31", "fd00::/124"]
+    with pytest.raises(ValueError, match="--lb-pool"):
+        lb_routes("10.251.0.9-fd00::1")
+
+
+def test_ipam_dual_stack() -> None:
+    ipam = Ipam(["10.244.7.0/30", "fd00:10:244:7::/64"])  # IPv4: only .2 is free
+    assert ipam.allocate_all("a") == ("10.244.7.2", "fd00:10:244:7::2")
+    with pytest.raises(RuntimeError, match="exhausted"):
+        ipam.allocate_all("b")
+    assert ipam.allocate_all("a") == ("10.244.7.2", "fd00:10:244:7::2")  # idempotent per pod
+    ipam.release("a")
+    # after an agent restart a pod keeps both its addresses; a preferred one out of range is ignored
+    assert ipam.allocate_all("a2", ["fd00:10:244:7::2", "10.244.7.2", "10.9.9.9"]) == ("10.244.7.2", "fd00:10:244:7::2")
+    ipam.release("a2")
+    assert ipam.allocate_all("d") == ("10.244.7.2", "fd00:10:244:7::3")  # a freed IPv6 address waits
+    tiny = Ipam(["10.244.8.0/29", "fd00:8::/127"])  # no IPv6 address to hand out
+    with pytest.raises(RuntimeError, match="exhausted"):
+        tiny.allocate_all("x")
+    assert not tiny.taken and not tiny.used  # the IPv4 address it had taken is given back
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 9)), max_size=60))
+def test_ipam_never_hands_out_an_address_twice(ops: list[tuple[bool, int]]) -> None:
+    """Any sequence of allocations and releases: the pods hold distinct addresses, one per
+    family, each inside its CIDR and never the network's or the bridge's (an IPv6 /64 included)."""
+    cidrs = ["10.244.7.0/29", "fd00:10:244:7::/64"]
+    ipam = Ipam(cidrs)
+    for alloc, pod in ops:
+        if alloc:
+            try:
+                ipam.allocate_all(f"p{pod}")
+            except RuntimeError:
+                pass
+        else:
+            ipam.release(f"p{pod}")
+        held = [ip for ips in ipam.used.values() for ip in ips]
+        assert len(held) == len(set(held))
+        for ips in ipam.used.values():
+            for ip, cidr in zip(ips, cidrs, strict=True):
+                net = ipaddress.ip_network(cidr)
+                assert ipaddress.ip_address(ip) in net and int(ipaddress.ip_address(ip)) - int(net.network_address) >= 2
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,0 +1,186 @@
+"""`kproxy-cluster up --ip-family dual`: nodes, pods and Services of both families, end to end.
+
+Real network namespaces, real Flask pods, kubectl, curl and dig: the nodes' podCIDRs and addresses,
+pods with an address of each family (IPv6 added without DAD), routes between nodes per family,
+EndpointSlices per family, the cluster DNS answering AAAA over IPv6, and the seed app through its
+LoadBalancer IP and NodePorts. Reaching a Service over IPv6 needs kproxy to program IPv6 (ip6tables):
+those checks are one test of their own that says so when the node has no IPv6 rules."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster_helpers import Cluster, wait_for
+
+from controlplane_stub.agent.pods import pod_netns_name
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kubectl, pytest.mark.timeout(180)]
+SEED = Path(__file__).resolve().parents[2] / "examples" / "seed" / "flask-kubernetes.yaml"
+SVC = "flask-kubernetes-service"
+HELLO = "Hello from Kubernetes!\n"
+DNS6 = "fd00:10:250::1"  # kproxy-dns on the node network (bound to "::")
+Obj = dict[str, Any]
+
+
+def url(ip: str, port: int, path: str = "/") -> str:
+    return f"http://[{ip}]:{port}{path}" if ":" in ip else f"http://{ip}:{port}{path}"
+
+
+def curl_in(ns: str, target: str) -> str:
+    r = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-g", "-m", "3", target],
+                       capture_output=True, text=True, timeout=15, check=False)
+    return r.stdout
+
+
+def dig_in(ns: str, server: str, *args: str) -> str:
+    r = subprocess.run(["ip", "netns", "exec", ns, "dig", f"@{server}", "+short", "+tries=2", "+time=2", *args],
+                       capture_output=True, text=True, timeout=20, check=False)
+    return r.stdout.strip()
+
+
+def ready_pods(c: Cluster) -> list[Obj]:
+    return [p for p in c.json("pods", "-l", "app=flask-kubernetes")["items"]
+            if not p["metadata"].get("deletionTimestamp") and p["status"].get("podIPs")]
+
+
+@pytest.fixture(scope="module")
+def seeded(dual_cluster: Cluster) -> Cluster:
+    """The seed app applied, rolled out, and its Service made dual-stack (PreferDualStack: the
+    cluster's default for a Service that asks nothing is SingleStack of the primary family)."""
+    c = dual_cluster
+    c.kubectl("apply", "-f", str(SEED))
+    c.kubectl("patch", "svc", SVC, "--type", "merge", "-p", '{"spec":{"ipFamilyPolicy":"PreferDualStack"}}')
+    out = c.kubectl("rollout", "status", "deployment/flask-kubernetes", "--timeout=90s", timeout=100)
+    assert "successfully rolled out" in out
+    return c
+
+
+def test_dual_nodes_pods_slices_and_dns(seeded: Cluster) -> None:
+    c = seeded
+    c.refresh()
+    assert c.state["ip_family"] == "dual"
+    nodes = {n["metadata"]["name"]: n for n in c.json("nodes")["items"]}
+    assert sorted(nodes) == ["node-1", "node-2"]
+    for i, name in ((1, "node-1"), (2, "node-2")):
+        n = nodes[name]
+        assert n["spec"]["podCIDRs"] == [f"10.244.{i}.0/24", f"fd00:10:244:{i}::/64"]
+        internal = [a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP"]
+        assert internal == [f"10.250.0.{10 + i}", f"fd00:10:250::{10 + i:x}"]
+
+    svc = c.json("svc", SVC)
+    assert svc["spec"]["ipFamilies"] == ["IPv4", "IPv6"] and len(svc["spec"]["clusterIPs"]) == 2
+    cluster_ip6 = svc["spec"]["clusterIPs"][1]
+    assert ipaddress.ip_address(cluster_ip6) in ipaddress.ip_network("fd00:10:96::/112")
+
+    pods = ready_pods(c)
+    assert len(pods) == 4
+    for p in pods:
+        v4, v6 = (x["ip"] for x in p["status"]["podIPs"])
+        assert p["status"]["podIP"] == v4
+        i = int(p["spec"]["nodeName"].split("-")[1])
+        assert ipaddress.ip_address(v4) in ipaddress.ip_network(f"10.244.{i}.0/24")
+        assert ipaddress.ip_address(v6) in ipaddress.ip_network(f"fd00:10:244:{i}::/64")
+        assert [h["ip"] for h in p["status"]["hostIPs"]] == [f"10.250.0.{10 + i}", f"fd00:10:250::{10 + i:x}"]
+
+    # one slice per family, each with every pod's address of that family
+    def by_family() -> dict[str, list[str]]:
+        got: dict[str, list[str]] = {}
+        for s in c.json("endpointslices", "-l", f"kubernetes.io/service-name={SVC}")["items"]:
+            got.setdefault(s["addressType"], []).extend(
+                e["addresses"][0] for e in s.get("endpoints") or [] if e["conditions"].get("ready"))
+        return {k: sorted(v) for k, v in got.items()}
+
+    want = {"IPv4": sorted(p["status"]["podIPs"][0]["ip"] for p in pods),
+            "IPv6": sorted(p["status"]["podIPs"][1]["ip"] for p in pods)}
+    wait_for(lambda: by_family() == want, timeout=30, what=f"EndpointSlices per family {want}")
+
+    # pod to pod over IPv6, across the nodes (node routes per family), and from the client netns
+    prefix = c.state["prefix"]
+    src = next(p for p in pods if p["spec"]["nodeName"] == "node-1")
+    src_ns = pod_netns_name(prefix, src["metadata"]["uid"])
+    for p in pods:
+        assert curl_in(src_ns, url(p["status"]["podIPs"][1]["ip"], 5000)) == HELLO, p["metadata"]["name"]
+    dst6 = next(p for p in pods if p["spec"]["nodeName"] == "node-2")["status"]["podIPs"][1]["ip"]
+    assert c.cli("exec", "--", "curl", "-s", "-g", "-m", "3", url(dst6, 5000), timeout=20).stdout == HELLO
+
+    # the cluster DNS from a pod, over IPv6 to its node-network address: AAAA of the dual-stack
+    # Service, its A, the kube-dns Service's two ClusterIPs, an IPv6 pod name
+    name = f"{SVC}.default.svc.cluster.local"
+    assert wait_for(lambda: dig_in(src_ns, DNS6, name, "AAAA"), timeout=20, what="AAAA answer") == cluster_ip6
+    assert dig_in(src_ns, DNS6, name, "A") == svc["spec"]["clusterIPs"][0]
+    assert sorted(dig_in(src_ns, DNS6, "kube-dns.kube-system.svc.cluster.local", "A").split()) == ["10.96.0.10"]
+    assert dig_in(src_ns, DNS6, "kube-dns.kube-system.svc.cluster.local", "AAAA") == "fd00:10:96::a"
+    v6 = src["status"]["podIPs"][1]["ip"]
+    assert dig_in(src_ns, DNS6, f"{v6.replace(':', '-')}.default.pod.cluster.local", "AAAA") == v6
+
+
+def _lb_ips(c: Cluster) -> list[str]:
+    def ingress() -> list[str] | None:
+        ing = (c.json("svc", SVC).get("status") or {}).get("loadBalancer", {}).get("ingress") or []
+        return [x["ip"] for x in ing] if len(ing) == 2 else None
+
+    return wait_for(ingress, timeout=30, what="a LoadBalancer IP of each family")
+
+
+def _kproxy_running(c: Cluster) -> None:
+    c.refresh()
+    if not c.state["components"].get("kproxy", "").startswith("running"):
+        pytest.skip(f"kproxy not running in this cluster: {c.state['components'].get('kproxy')}")
+
+
+def _kproxy_mixes_families(c: Cluster) -> str:
+    """The last sync error of kproxy on node-1 when it is the one of a single-family proxier fed
+    IPv6 endpoints (an IPv6 address in an iptables-restore for IPv4), else ""."""
+    log = Path(c.home) / c.name / "logs" / "kproxy-node-1.log"
+    syncs = [line for line in log.read_text(errors="replace").splitlines() if " sync full=" in line]
+    last = syncs[-1] if syncs else ""
+    return last if "ok=False" in last and "host/network `fd00:" in last else ""
+
+
+def test_dual_seed_over_ipv4_lb_and_nodeports(seeded: Cluster) -> None:
+    """"Hello from Kubernetes!" through the IPv4 LoadBalancer IP and the NodePort on each node's
+    IPv4 address, in the dual-stack cluster (and from the client netns, as an outside client)."""
+    c = seeded
+    _kproxy_running(c)
+    lb4, lb6 = _lb_ips(c)
+    mixed = _kproxy_mixes_families(c)
+    if mixed:
+        pytest.skip("kproxy's IPv4 proxier is fed the IPv6 EndpointSlices too and its sync fails (one proxier "
+                    f"per family is issue 18, dual-kproxy): {mixed[-300:]}")
+    assert ipaddress.ip_address(lb4).version == 4 and ipaddress.ip_address(lb6) in ipaddress.ip_network(
+        "fd00:10:251::/120")
+    node_port = c.json("svc", SVC)["spec"]["ports"][0]["nodePort"]
+    for target in [url(lb4, 6000)] + [url(f"10.250.0.{10 + i}", node_port) for i in (1, 2)]:
+        r = wait_for(lambda t=target: c.cli("exec", "--", "curl", "-s", "-m", "3", t, timeout=20).stdout or None,
+                     timeout=30, what=f"an answer from {target}")
+        assert r == HELLO, target
+
+
+def _node_has_ipv6_rules(c: Cluster) -> bool:
+    ns = f"{c.state['prefix']}n1"
+    for cmd in (["ip6tables-save", "-t", "nat"], ["nft", "list", "table", "ip6", "kube-proxy"],
+                ["ipvsadm", "-Ln"]):
+        r = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=20, check=False)
+        if "KUBE-SERVICES" in r.stdout or "services" in r.stdout or "[fd00:10:" in r.stdout:
+            return True
+    return False
+
+
+def test_dual_seed_over_ipv6_lb_and_nodeports(seeded: Cluster) -> None:
+    """The same through the IPv6 LoadBalancer IP and each node's IPv6 NodePort: needs kproxy's IPv6
+    proxier (issue 18, dual-kproxy); skipped, saying so, while kproxy writes no IPv6 rules."""
+    c = seeded
+    _kproxy_running(c)
+    _, lb6 = _lb_ips(c)
+    if not _node_has_ipv6_rules(c):  # (the IPv4 test before this one has seen kproxy's sync)
+        pytest.skip("kproxy has programmed no IPv6 rules on node-1: IPv6 Service traffic waits for kproxy's "
+                    "IPv6 proxier (issue 18, dual-kproxy)")
+    node_port = c.json("svc", SVC)["spec"]["ports"][0]["nodePort"]
+    for target in [url(lb6, 6000)] + [url(f"fd00:10:250::{10 + i:x}", node_port) for i in (1, 2)]:
+        r = wait_for(lambda t=target: c.cli("exec", "--", "curl", "-s", "-g", "-m", "3", t, timeout=20).stdout or None,
+                     timeout=30, what=f"an answer from {target}")
+        assert r == HELLO, target
