@@ -359,7 +359,9 @@ class PodWorker:
             "metadata.uid": self.uid,
             "spec.nodeName": spec.get("nodeName", ""),
             "status.podIP": self.pod_ip,
+            "status.podIPs": ",".join(self.pod_ips or (self.pod_ip,)),  # both families, as the kubelet
             "status.hostIP": self.agent.node.ip,
+            "status.hostIPs": ",".join(self.agent.node.all_ips),
             "spec.serviceAccountName": spec.get("serviceAccountName", ""),
         }
         for e in c.get("env") or []:

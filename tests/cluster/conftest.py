@@ -114,3 +114,9 @@ def small_cluster() -> Iterator[Cluster]:
 def dual_cluster() -> Iterator[Cluster]:
     """`up --ip-family dual`: 2 nodes (one zone), IPv4 and IPv6 everywhere, IPv4 primary."""
     yield from _cluster(2, ["--ip-family", "dual", "--zones", "0"])
+
+
+@pytest.fixture(scope="module")
+def ipv6_cluster() -> Iterator[Cluster]:
+    """`up --ip-family ipv6`: one node, IPv6 only."""
+    yield from _cluster(1, ["--ip-family", "ipv6", "--zones", "0"])

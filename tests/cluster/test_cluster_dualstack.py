@@ -1,4 +1,4 @@
-"""`kproxy-cluster up --ip-family dual`: nodes, pods and Services of both families, end to end.
+"""`kproxy-cluster up --ip-family dual` (and `ipv6`): nodes, pods and Services of both families, end to end.
 
 Real network namespaces, real Flask pods, kubectl, curl and dig: the nodes' podCIDRs and addresses,
 pods with an address of each family (IPv6 added without DAD), routes between nodes per family,
@@ -52,6 +52,8 @@ def seeded(dual_cluster: Cluster) -> Cluster:
     """The seed app applied, rolled out, and its Service made dual-stack (PreferDualStack: the
     cluster's default for a Service that asks nothing is SingleStack of the primary family)."""
     c = dual_cluster
+    c.refresh()
+    assert c.state["components"]["dns"].startswith("running"), c.state["components"]
     c.kubectl("apply", "-f", str(SEED))
     c.kubectl("patch", "svc", SVC, "--type", "merge", "-p", '{"spec":{"ipFamilyPolicy":"PreferDualStack"}}')
     out = c.kubectl("rollout", "status", "deployment/flask-kubernetes", "--timeout=90s", timeout=100)
@@ -184,3 +186,48 @@ def test_dual_seed_over_ipv6_lb_and_nodeports(seeded: Cluster) -> None:
         r = wait_for(lambda t=target: c.cli("exec", "--", "curl", "-s", "-g", "-m", "3", t, timeout=20).stdout or None,
                      timeout=30, what=f"an answer from {target}")
         assert r == HELLO, target
+
+
+def test_ipv6_only_cluster(ipv6_cluster: Cluster) -> None:
+    """`up --ip-family ipv6`: the node, its pod CIDR, the Services and a pod are IPv6 only; the pod
+    answers HTTP on its IPv6 address from the client netns, sees its addresses through the downward
+    API, and resolves names with the cluster DNS over IPv6 (kube-dns's ClusterIP is IPv6)."""
+    c = ipv6_cluster
+    node = c.json("nodes")["items"][0]
+    assert node["spec"]["podCIDRs"] == ["fd00:10:244:1::/64"]
+    assert [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"] == ["fd00:10:250::b"]
+    api_svc = c.json("svc", "kubernetes")["spec"]
+    assert api_svc["ipFamilies"] == ["IPv6"] and api_svc["clusterIPs"] == ["fd00:10:96::1"]
+    c.refresh()
+    assert c.state["components"]["dns"].startswith("running"), c.state["components"]
+    assert c.json("svc", "kube-dns", "-n", "kube-system")["spec"]["clusterIPs"] == ["fd00:10:96::a"]
+    c.apply({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web6"},
+        "spec": {"containers": [{
+            "name": "web", "image": "flask-kubernetes:latest",
+            "env": [{"name": "IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}},
+                    {"name": "HOSTS", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIPs"}}}],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 5000}, "periodSeconds": 1},
+        }]},
+    })
+
+    def ready() -> Obj | None:
+        st = c.json("pod", "web6").get("status") or {}
+        return st if (st.get("containerStatuses") or [{}])[0].get("ready") else None
+
+    st = wait_for(ready, timeout=60, what="pod web6 ready (an HTTP readiness probe over IPv6)")
+    assert st is not None
+    ip = st["podIP"]
+    assert [x["ip"] for x in st["podIPs"]] == [ip] and ipaddress.ip_address(ip) in ipaddress.ip_network(
+        "fd00:10:244:1::/64")
+    pid = int(st["containerStatuses"][0]["containerID"].removeprefix("kpc://"))
+    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    assert env["IPS"] == ip and env["HOSTS"] == "fd00:10:250::b"
+    assert c.cli("exec", "--", "curl", "-s", "-g", "-m", "3", url(ip, 5000), timeout=20).stdout == HELLO
+    pod_ns = pod_netns_name(c.state["prefix"], c.json("pod", "web6")["metadata"]["uid"])
+    resolv = subprocess.run(["ip", "netns", "exec", pod_ns, "cat", "/etc/resolv.conf"], capture_output=True,
+                            text=True, timeout=10, check=False).stdout
+    assert "nameserver fd00:10:96::a" in resolv, resolv
+    got = wait_for(lambda: dig_in(pod_ns, DNS6, "kubernetes.default.svc.cluster.local", "AAAA"), timeout=20,
+                   what="AAAA of the kubernetes Service")
+    assert got == "fd00:10:96::1"
