@@ -14,7 +14,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 class APIMetrics:
     def __init__(self, revision: Callable[[], int], watchers: Callable[[], int],
-                 inflight: Callable[[bool], int] | None = None) -> None:
+                 inflight: Callable[[bool], int] | None = None, pumped: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("apiserver_request_total", "Requests by verb, resource, subresource and HTTP code.",
                                 ["verb", "resource", "subresource", "code"], registry=self.registry)
@@ -26,6 +26,11 @@ class APIMetrics:
         rev.set_function(lambda: float(revision()))
         live = Gauge("apiserver_longrunning_requests", "Open watch streams.", ["verb"], registry=self.registry)
         live.labels("WATCH").set_function(lambda: float(watchers()))
+        if pumped is not None:
+            # Only grows; a Gauge because prometheus_client's Counter cannot read a callback.
+            Gauge("kproxy_apiserver_watch_events_pumped", "Watch events written to caught-up streams by the "
+                  "shared fan-out (apiserver/watch.py) instead of each stream's task.",
+                  registry=self.registry).set_function(lambda: float(pumped()))
         current = Gauge("apiserver_current_inflight_requests", "Requests holding an in-flight slot, by kind.",
                         ["request_kind"], registry=self.registry)
         if inflight is not None:

@@ -77,7 +77,8 @@ class APIServer:
         self.inflight = limits.InflightLimiter(max_requests_inflight, max_mutating_requests_inflight)
         self.connections = connections
         self.metrics = APIMetrics(lambda: self.store.revision, lambda: self.watches.active,
-                                  lambda mutating: self.inflight.current[int(mutating)])
+                                  lambda mutating: self.inflight.current[int(mutating)],
+                                  pumped=lambda: self.watches.pumped)
         self.watches = WatchHub(store, bookmark_interval, min_request_timeout, send_timeout=send_timeout,
                                 on_slow_watcher=lambda res: self.metrics.terminated_watchers.labels(res).inc())
         self.external_address = external_address

@@ -3,6 +3,17 @@
 Each stream keeps only a cursor (the last revision it has looked at). Events are read from the
 store's shared window and written as their pre-encoded line; a line is re-encoded only when a
 selector turns a MODIFIED into ADDED/DELETED for this watcher (the object entered/left its view).
+
+Fan-out: a stream that has caught up and needs no per-watcher encoding (no selector, no Table)
+goes "live": its task sleeps and one pump task writes each batch of new events to every live
+stream's transport directly, the HTTP chunk built once per (cursor, prefix, name) and shared by
+all of them (upstream's watch cache encodes an event once per format likewise). Waking 50 tasks
+per batch, each with its own read of the window, join, chunk framing and writer bookkeeping, was
+the top of the profile (bench/README.md, etcd). The pump writes only while the transport's buffer
+is below limits.SEND_HIGH_WATER and a chunk fits in limits.SEND_PIECE; otherwise (and on
+Compacted, a closed transport, a bookmark or timeout due) it hands the stream back to its task,
+which goes on from the stream's cursor with the bounded, timed send() as before: a slow watcher is
+still closed after --send-timeout, and order holds because only one of the two writes at a time.
 """
 from __future__ import annotations
 
@@ -16,7 +27,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from ..store.base import Compacted, Store, event_line
+from ..store.base import Compacted, Event, Store, event_line
 from . import limits
 from .resources import Resource
 from .selectors import Matcher
@@ -26,6 +37,27 @@ _encode = msgspec.json.encode
 # Longest idle wait before checking whether the client has gone (handlers are not cancelled on
 # disconnect, so a quiet watch notices a dead client only here or on its next write).
 _IDLE_CHECK = 15.0
+# Events the pump reads per cursor and round (more: it goes round again at once).
+_FAN_OUT_EVENTS = 2000
+
+
+class _Live:
+    """A caught-up stream that the pump writes to; its task waits on `wake`."""
+
+    __slots__ = ("cursor", "exact_key", "prefix", "transport", "wake")
+
+    def __init__(self, cursor: int, prefix: str, exact_key: str, transport: asyncio.Transport,
+                 wake: asyncio.Future[None]) -> None:
+        self.cursor = cursor  # every event up to here has been written to this stream
+        self.prefix = prefix
+        self.exact_key = exact_key
+        self.transport = transport
+        self.wake = wake
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass(slots=True)
@@ -69,10 +101,92 @@ class WatchHub:
         self.stopping = False
         self.active = 0
         self.terminated = 0
+        self._live: dict[int, _Live] = {}
+        self._pump: asyncio.Task[None] | None = None
+        self.pumped = 0  # events written by the pump (all streams), for tests and metrics
 
     def stop(self) -> None:
         self.stopping = True
+        for w in list(self._live.values()):
+            self._hand_back(w)
         self.store.wake_watchers()
+
+    # -- live streams: one pump writes each batch to all of them --------------------------------
+
+    def _hand_back(self, w: _Live) -> None:
+        self._live.pop(id(w), None)
+        _resolve(w.wake)
+
+    def _fan_out(self) -> bool:
+        """Writes the new events to every live stream; True when a read was cut at its limit."""
+        store = self.store
+        read: dict[int, list[Event]] = {}
+        chunks: dict[tuple[int, str, str], tuple[bytes, int]] = {}
+        more = False
+        for w in list(self._live.values()):
+            transport = w.transport
+            if transport.is_closing():
+                self._hand_back(w)
+                continue
+            cursor = w.cursor
+            evs = read.get(cursor)
+            if evs is None:
+                try:
+                    evs = store.events_since(cursor, _FAN_OUT_EVENTS)
+                except Compacted:
+                    self._hand_back(w)  # its task answers 410
+                    continue
+                read[cursor] = evs
+                more = more or len(evs) >= _FAN_OUT_EVENTS
+            if not evs:
+                continue
+            k = (cursor, w.prefix, w.exact_key)
+            got = chunks.get(k)
+            if got is None:
+                prefix, exact = w.prefix, w.exact_key
+                lines = [ev.line for ev in evs if ev.key.startswith(prefix) and (not exact or ev.key == exact)]
+                body = b"".join(lines)
+                # One HTTP/1.1 chunk, as aiohttp's chunked writer frames it.
+                got = chunks[k] = (b"%x\r\n%b\r\n" % (len(body), body) if body else b"", len(lines))
+            chunk, n = got
+            if chunk:
+                if len(chunk) > limits.SEND_PIECE or transport.get_write_buffer_size() >= limits.SEND_HIGH_WATER:
+                    self._hand_back(w)  # its task sends in pieces, waiting (bounded) for the client
+                    continue
+                transport.write(chunk)
+                self.pumped += n
+            w.cursor = evs[-1].revision
+        return more
+
+    async def _run_pump(self) -> None:
+        try:
+            while not self.stopping and self._live:
+                if not self._fan_out():
+                    await self.store.wait_for_events(self.store.revision, _IDLE_CHECK)
+        except Exception:  # never leave a stream waiting on a pump that died
+            log.exception("event=watch_pump_failed")
+            for w in list(self._live.values()):
+                self._hand_back(w)
+
+    async def _wait_live(self, wr: WatchRequest, transport: asyncio.Transport, cursor: int, timeout: float) -> int:
+        """Waits up to timeout as a live stream; returns the stream's cursor after the pump's writes."""
+        try:
+            if self.store.events_since(cursor, 1):
+                return cursor  # events came while this stream was writing: its task sends them
+        except Compacted:
+            return cursor
+        loop = asyncio.get_running_loop()
+        w = _Live(cursor, wr.prefix, wr.exact_key, transport, loop.create_future())
+        self._live[id(w)] = w
+        if self._pump is None or self._pump.done():
+            self._pump = loop.create_task(self._run_pump(), name="watch-pump")
+        timer = loop.call_later(timeout, _resolve, w.wake)
+        try:
+            await w.wake
+        finally:
+            timer.cancel()
+            self._live.pop(id(w), None)
+        return w.cursor
 
     @staticmethod
     def _encode_out(wr: WatchRequest, lines: Iterable[bytes]) -> Iterator[bytes]:
@@ -189,7 +303,11 @@ class WatchHub:
             wait = min(deadline - now, _IDLE_CHECK)
             if wr.allow_bookmarks:
                 wait = min(wait, max(next_bookmark - now, 0.0))
-            await store.wait_for_events(cursor, wait)
+            transport = request.transport
+            if m is None and wr.table_include is None and transport is not None and not transport.is_closing():
+                cursor = await self._wait_live(wr, transport, cursor, wait)
+            else:
+                await store.wait_for_events(cursor, wait)
             transport = request.transport
             if transport is None or transport.is_closing():
                 return  # the client went away while nothing was written
