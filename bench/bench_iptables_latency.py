@@ -171,11 +171,15 @@ class Proxy:
     kernel: str  # "nft" (nf_tables notifications) or "legacy" (the legacy table's header)
     argv: Callable[[str], list[str]]  # KubeProxyConfiguration path -> command line
     mode: str  # KubeProxyConfiguration mode
-    sync_line: re.Pattern[str]  # one match per finished sync: groups "full" (may be absent) and "elapsed"
+    syncs: Callable[[str], list[tuple[bool, float]]]  # its log -> (full, seconds) of every finished sync
     feature_gates: dict[str, bool] = field(default_factory=dict)
 
 
-_KPROXY_SYNC = re.compile(r"sync full=(?P<full>True|False) .*ok=True elapsed=(?P<elapsed>[0-9.]+s)")
+_KPROXY_SYNC = re.compile(r"sync full=(True|False) .*ok=True elapsed=([0-9.]+)s")
+
+
+def kproxy_syncs(log: str) -> list[tuple[bool, float]]:
+    return [(full == "True", float(s)) for full, s in _KPROXY_SYNC.findall(log)]
 
 
 def kproxy(mode: str, backend: str = "") -> Proxy:
@@ -183,7 +187,8 @@ def kproxy(mode: str, backend: str = "") -> Proxy:
     assert exe is not None, "the kproxy console script is not installed in this venv"
     extra = ["--iptables-backend", backend] if backend else []
     name = f"{mode}-{backend}" if backend else mode
-    return Proxy(name, backend or "nft", lambda cfg: [exe, "--config", cfg, *extra, "--v=2"], mode, _KPROXY_SYNC)
+    return Proxy(name, backend or "nft", lambda cfg: [exe, "--config", cfg, *extra, "--v=2"], mode,
+                 kproxy_syncs)
 
 
 def go_duration(text: str) -> float:
@@ -244,8 +249,11 @@ class ProxyRun:
     namespace fed by it, up to its first full sync; then writes timed to their rule in the kernel.
     Everything it made is removed by close(), also on failure."""
 
-    def __init__(self, proxy: Proxy, n: int, tmp: Path) -> None:
-        self.proxy, self.n, self.tmp = proxy, n, tmp
+    def __init__(self, proxy: Proxy, n: int, tmp: Path,
+                 before_start: Callable[["ProxyRun"], None] | None = None) -> None:
+        """`before_start` runs once the namespace exists and before the proxy starts (on a
+        kernel without its rules); what it adds to self.stack is removed with the rest."""
+        self.proxy, self.n, self.tmp, self.before_start = proxy, n, tmp, before_start
         self.stack = ExitStack()
         self.result: dict[str, Any] = {"mode": proxy.name, "services": n, "endpoints": n * ENDPOINTS}
         try:
@@ -272,6 +280,8 @@ class ProxyRun:
         self.log_path = self.tmp / "proxy.log"
         log = self.log_path.open("wb")
         self.stack.callback(log.close)
+        if self.before_start is not None:
+            self.before_start(self)
         cfg = _config(self.proxy, srv.kubeconfig, self.tmp / "kube-proxy-config.yaml")
         start = time.monotonic()
         proc = subprocess.Popen(["ip", "netns", "exec", ns, *self.proxy.argv(cfg)], stdout=log,
@@ -305,11 +315,7 @@ class ProxyRun:
 
     def syncs(self) -> list[tuple[bool, float]]:
         """(full, seconds) of every sync the proxy logged, in order."""
-        out = []
-        for m in self.proxy.sync_line.finditer(self.log_text()):
-            full = m.groupdict().get("full")
-            out.append((full != "False", go_duration(m.group("elapsed"))))
-        return out
+        return self.proxy.syncs(self.log_text())
 
     def client(self) -> Any:
         from controlplane_stub.client import Client, Config

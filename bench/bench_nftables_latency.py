@@ -17,9 +17,11 @@ KubeProxyConfiguration sets minSyncPeriod 0 in every mode), then
 - the data plane (kproxy's modes): a client namespace and a backend namespace on either side of
   the node's, the lexicographically last Service (iptables: the last rule of KUBE-SERVICES,
   checked) pointed at the backend's one endpoint, then fresh TCP connections from the client,
-  each timed from connect() to the backend's first byte, alternated with the same through the
-  node to the backend's own address (no Service: the floor). Every connection is new, so its
-  first packet goes through the node's nat rules.
+  each timed from connect() to the backend's first byte, alternated with connections through the
+  node straight to the backend's own address ("direct": no Service, but still a new connection
+  through the proxy's nat hooks, which in iptables mode walk all of KUBE-SERVICES too); and the
+  floor: direct connections in the same namespaces before the proxy started (no rules at all).
+  Every connection is new, so its first packet goes through the node's nat rules.
 The Go kube-proxy runs when KPROXY_PEERS_OUT names the OUT_DIR of shared/peers/build.sh with
 bin/kube-proxy in it; otherwise it is skipped with a message (CI has no peer binary).
 """
@@ -42,7 +44,7 @@ from typing import Any
 
 import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
-from bench_iptables_latency import ENDPOINTS, Proxy, ProxyRun, kproxy, netns
+from bench_iptables_latency import ENDPOINTS, Proxy, ProxyRun, go_duration, kproxy, netns
 
 from kproxy.relay import enter_netns
 
@@ -52,7 +54,30 @@ CONNECTIONS = 300  # per target, alternated: bounded in count; each has a 5 s ti
 BACKEND_IP, NODE_BACKEND_IP = "10.250.0.2", "10.250.0.1"
 CLIENT_IP, NODE_CLIENT_IP = "192.168.200.2", "192.168.200.1"
 RESULTS: list[str] = []
-_GO_SYNC = re.compile(r'"SyncProxyRules complete" elapsed="(?P<elapsed>[0-9.]+(?:h|ms|m|s|us|µs|ns)[0-9.hmsuµn]*)"')
+_RAW = ("ttfb_service_s", "ttfb_direct_s", "ttfb_floor_s")  # every connection's time: in the results file only
+_KLOG_TIME = r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) "
+_GO_RELOAD = re.compile(_KLOG_TIME + r'.*"Reloading service nftables data" numServices=(\d+)', re.M)
+_GO_DONE = re.compile(_KLOG_TIME + r'.*"SyncProxyRules complete" elapsed="([^"]+)"', re.M)
+
+
+def go_syncs(log: str) -> list[tuple[bool, float]]:
+    """The IPv4 proxier's syncs. The Go kube-proxy's nftables mode always runs an IPv6 proxier
+    beside it (it assumes both families) and neither's lines name their family: a sync of ours
+    is the "SyncProxyRules complete" whose span (its time minus its elapsed) holds a "Reloading
+    service nftables data" line with Services in it (the IPv6 proxier has none); where two do, the
+    longer (the IPv6 proxier's empty syncs take milliseconds). Every 1.30 sync is a full one."""
+    def secs(h: str, m: str, s: str) -> float:
+        return int(h) * 3600 + int(m) * 60 + float(s)
+    reloads = [secs(h, m, s) for h, m, s, n in _GO_RELOAD.findall(log) if int(n) > 0]
+    done = [(secs(h, m, s), go_duration(e)) for h, m, s, e in _GO_DONE.findall(log)]
+    out, last_end = [], 0.0
+    for r in reloads:
+        # our syncs do not overlap each other: a span starting before our previous end is not ours
+        spans = [(e, t) for t, e in done if t >= r and last_end - 1e-3 <= t - e <= r + 1e-3]
+        if spans:
+            e, last_end = max(spans)
+            out.append((True, e))
+    return out
 
 
 def go_proxy() -> Proxy | None:
@@ -60,7 +85,7 @@ def go_proxy() -> Proxy | None:
     exe = os.path.join(out, "bin", "kube-proxy")
     if not out or not os.access(exe, os.X_OK):
         return None
-    return Proxy("go-nftables", "nft", lambda cfg: [exe, "--config", cfg, "--v=2"], "nftables", _GO_SYNC,
+    return Proxy("go-nftables", "nft", lambda cfg: [exe, "--config", cfg, "--v=2"], "nftables", go_syncs,
                  feature_gates={"NFTablesProxyMode": True})
 
 
@@ -125,17 +150,17 @@ class DataPlane:
             s.close()  # RST: no TIME_WAIT pile-up in the client namespace
         return took
 
-    def measure(self, cluster_ip: str, count: int) -> dict[str, list[float]]:
-        """Seconds to the first byte of `count` fresh connections each, to the Service and to the
-        backend directly, alternated so the machine's noise hits both alike."""
+    def measure(self, targets: dict[str, tuple[str, int]], count: int) -> dict[str, list[float]]:
+        """Seconds to the first byte of `count` fresh connections to each target, alternated so
+        the machine's noise hits all alike."""
         def run() -> dict[str, list[float]]:
-            out: dict[str, list[float]] = {"service": [], "direct": []}
-            for _ in range(3):  # warm the ARP entries and the code paths; not counted
-                self._ttfb((cluster_ip, 80))
-                self._ttfb((BACKEND_IP, 8080))
+            out: dict[str, list[float]] = {name: [] for name in targets}
+            for addr in targets.values():  # warm the ARP entries and the code paths; not counted
+                for _ in range(3):
+                    self._ttfb(addr)
             for _ in range(count):
-                out["service"].append(self._ttfb((cluster_ip, 80)))
-                out["direct"].append(self._ttfb((BACKEND_IP, 8080)))
+                for name, addr in targets.items():
+                    out[name].append(self._ttfb(addr))
             return out
         return self.pool.submit(run).result()
 
@@ -154,7 +179,11 @@ def _last_kube_services_ip(run: ProxyRun, backend: str) -> str:
     return ips[-1]
 
 
-def dataplane(run: ProxyRun, backend: str) -> dict[str, Any]:
+def ttfb_stats(name: str, xs: list[float]) -> dict[str, Any]:
+    return {f"ttfb_{name}_s": xs, f"ttfb_{name}_median_s": statistics.median(xs), f"ttfb_{name}_p99_s": _quantile(xs, 0.99)}
+
+
+def dataplane(run: ProxyRun, plane: DataPlane, backend: str) -> dict[str, Any]:
     from controlplane_stub.client import path
 
     async def target() -> tuple[int, str]:
@@ -171,20 +200,14 @@ def dataplane(run: ProxyRun, backend: str) -> dict[str, Any]:
             raise AssertionError(f"no Service has the cluster IP {last} of the last KUBE-SERVICES rule")
 
     i, cluster_ip = asyncio.run(target())
-    with ExitStack() as stack:
-        plane = DataPlane(run.ns, stack)
 
-        async def retarget() -> float:
-            async with run.client() as client:
-                return await run.write_endpoints(client, i, [BACKEND_IP])
-        took = asyncio.run(retarget())
-        t = plane.measure(cluster_ip, CONNECTIONS)
-    svc, direct = t["service"], t["direct"]
+    async def retarget() -> float:
+        async with run.client() as client:
+            return await run.write_endpoints(client, i, [BACKEND_IP])
+    took = asyncio.run(retarget())
+    t = plane.measure({"service": (cluster_ip, 80), "direct": (BACKEND_IP, 8080)}, CONNECTIONS)
     return {"target": f"default/svc-{i}", "cluster_ip": cluster_ip, "retarget_s": took, "connections": CONNECTIONS,
-            "ttfb_service_s": svc, "ttfb_direct_s": direct,
-            "ttfb_service_median_s": statistics.median(svc), "ttfb_service_p99_s": _quantile(svc, 0.99),
-            "ttfb_direct_median_s": statistics.median(direct), "ttfb_direct_p99_s": _quantile(direct, 0.99),
-            "load_dataplane": os.getloadavg()}
+            **ttfb_stats("service", t["service"]), **ttfb_stats("direct", t["direct"]), "load_dataplane": os.getloadavg()}
 
 
 def _cases() -> Iterator[Any]:
@@ -210,15 +233,22 @@ def test_nftables_side_by_side(benchmark: Any, mode: str, n: int, tmp_path: Path
         proxy = kproxy("iptables", backend)
     writes = GO_WRITES_10K if mode == "go-nftables" and n >= 10000 else WRITES
 
+    planes: list[DataPlane] = []
+
+    def floor(run: ProxyRun) -> None:
+        """The same namespaces before the proxy wrote a rule: connections straight to the backend."""
+        planes.append(DataPlane(run.ns, run.stack))
+        run.result.update(ttfb_stats("floor", planes[0].measure({"floor": (BACKEND_IP, 8080)}, CONNECTIONS)["floor"]))
+
     def measure() -> dict[str, Any]:
-        with closing(ProxyRun(proxy, n, tmp_path)) as run:
+        with closing(ProxyRun(proxy, n, tmp_path, None if mode == "go-nftables" else floor)) as run:
             time.sleep(2.0)
             run.write_latencies(writes)
-            if mode != "go-nftables":
-                run.result.update(dataplane(run, backend))
+            if planes:
+                run.result.update(dataplane(run, planes[0], backend))
             return run.result
     r = benchmark.pedantic(measure, rounds=1, iterations=1)
-    benchmark.extra_info.update({k: v for k, v in r.items() if k not in ("ttfb_service_s", "ttfb_direct_s")})
+    benchmark.extra_info.update({k: v for k, v in r.items() if k not in _RAW})
     lat_ms = [s * 1000 for s in r["latency_s"]]
     partial_ms = [s["s"] * 1000 for s in r["write_syncs"]]
     line = (f"{mode:15} {n:>6} x {ENDPOINTS}: start->first sync {r['start_to_first_sync_s']:.1f} s "
@@ -229,10 +259,10 @@ def test_nftables_side_by_side(benchmark: Any, mode: str, n: int, tmp_path: Path
             f"RSS {r.get('proxy_VmRSS_mib', 0):.0f} MiB (peak {r.get('proxy_VmHWM_mib', 0):.0f}); "
             f"load {r['load_after_first_sync'][0]:.1f} / {r['load_avg'][0]:.1f}")
     if "ttfb_service_s" in r:
-        line += (f"; TTFB service {r['ttfb_service_median_s'] * 1e3:.3f} ms (p99 {r['ttfb_service_p99_s'] * 1e3:.3f}),"
-                 f" direct {r['ttfb_direct_median_s'] * 1e3:.3f} ms (p99 {r['ttfb_direct_p99_s'] * 1e3:.3f})")
+        line += "; TTFB median (p99): " + ", ".join(
+            f"{k} {r[f'ttfb_{k}_median_s'] * 1e3:.3f} ms ({r[f'ttfb_{k}_p99_s'] * 1e3:.3f})" for k in ("service", "direct", "floor"))
     RESULTS.append(line)
-    print("\nRESULT " + json.dumps({k: v for k, v in r.items() if k not in ("ttfb_service_s", "ttfb_direct_s")}))
+    print("\nRESULT " + json.dumps({k: v for k, v in r.items() if k not in _RAW}))
     print("\n".join(RESULTS))
     when, x = plots.stamp("bench_nftables_latency.py"), str(n)
     layout: dict[str, Any] = {"kind": "line", "x_label": "Services (x 10 endpoints, log)", "log_x": True, "log_y": True}
