@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .validation import decode_check
+from .validation.rbacobjects import default_binding
 
 Obj = dict[str, Any]
 
@@ -188,6 +189,19 @@ def default_replicaset(rs: Obj) -> None:
     _default_template(rs)
 
 
+def default_daemonset(ds: Obj) -> None:
+    """SetDefaults_DaemonSet: RollingUpdate one node at a time, 10 old revisions kept."""
+    spec = _sub(ds, "spec")
+    strategy = _sub(spec, "updateStrategy")
+    strategy.setdefault("type", "RollingUpdate")
+    if strategy["type"] == "RollingUpdate":
+        rolling = _sub(strategy, "rollingUpdate")
+        rolling.setdefault("maxUnavailable", 1)
+        rolling.setdefault("maxSurge", 0)
+    spec.setdefault("revisionHistoryLimit", 10)
+    _default_template(ds)
+
+
 def default_namespace(ns: Obj) -> None:
     name = ns.get("metadata", {}).get("name")
     if isinstance(name, str) and name:
@@ -234,12 +248,15 @@ _DEFAULTERS: dict[str, Callable[[Obj], None]] = {
     "pods": default_pod,
     "deployments.apps": default_deployment,
     "replicasets.apps": default_replicaset,
+    "daemonsets.apps": default_daemonset,
     "namespaces": default_namespace,
     "secrets": default_secret,
     "endpoints": default_endpoints,
     "endpointslices.discovery.k8s.io": default_endpointslice,
     "nodes": default_node,
     "events": default_event,
+    "rolebindings.rbac.authorization.k8s.io": default_binding,
+    "clusterrolebindings.rbac.authorization.k8s.io": default_binding,
 }
 
 

@@ -76,6 +76,10 @@ def _entries(r: Resource) -> list[dict[str, Any]]:
         elif sub == "scale":
             out.append({"name": f"{r.plural}/scale", "singularName": "", "namespaced": r.namespaced,
                         "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]})
+        elif sub == "token":
+            out.append({"name": f"{r.plural}/token", "singularName": "", "namespaced": r.namespaced,
+                        "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest",
+                        "verbs": ["create"]})
         else:
             out.append({"name": f"{r.plural}/{sub}", "singularName": "", "namespaced": r.namespaced,
                         "kind": r.kind, "verbs": ["get", "patch", "update"]})
@@ -130,6 +134,9 @@ def _resource_v2(r: Resource) -> dict[str, Any]:
         elif sub == "binding":
             subs.append({"subresource": "binding", "responseKind": {"group": "", "version": "v1", "kind": "Binding"},
                          "verbs": ["create"]})
+        elif sub == "token":
+            subs.append({"subresource": "token", "responseKind": {"group": "authentication.k8s.io", "version": "v1",
+                                                                  "kind": "TokenRequest"}, "verbs": ["create"]})
         else:
             subs.append({"subresource": sub, "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
                          "verbs": ["get", "patch", "update"]})

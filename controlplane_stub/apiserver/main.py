@@ -14,10 +14,11 @@ from pathlib import Path
 from aiohttp import web
 
 from ..store import backend
-from . import bootstrap, limits, pki, semantics
+from . import bootstrap, limits, pki, satokens, semantics
 from .podio import PodIO
 from .registry import Registry
 from .server import APIServer
+from .serviceaccounts import TokenSecretsController
 
 log = logging.getLogger("kproxy.apiserver")
 
@@ -67,9 +68,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--send-timeout", type=float, default=limits.DEFAULT_SEND_TIMEOUT,
                    help="seconds a list or watch client may take to accept the next 32 KiB of its response "
                         "before it is disconnected (kproxy only; default 10)")
+    p.add_argument("--service-account-signing-key-file", default="",
+                   help="PEM private key (RSA or ECDSA) that signs service account tokens (default: "
+                        "DATA/pki/sa.key, an ECDSA P-256 key made on first start)")
+    p.add_argument("--service-account-key-file", action="append", default=[],
+                   help="PEM file of public keys (or certificates, private keys) that verify service account "
+                        "tokens; repeatable (default: the signing key's)")
+    p.add_argument("--service-account-issuer", action="append", default=[],
+                   help="the iss of issued tokens (first one) and the issuers accepted (all); repeatable "
+                        f"(default {satokens.DEFAULT_ISSUER})")
+    p.add_argument("--api-audiences", default="",
+                   help="comma-separated audiences a token must have one of (default: the first issuer)")
+    p.add_argument("--service-account-max-token-expiration", type=_seconds, default=0,
+                   help="longest lifetime of a TokenRequest token, e.g. 24h (default: none; at most 2^32 s)")
     backend.add_flags(p)
     p.add_argument("-v", "--v", type=int, default=1, help="log verbosity: 0 warnings, 1 info, 2+ debug")
     return p.parse_args(argv)
+
+
+def _seconds(s: str) -> int:
+    """A duration as kube-apiserver writes it (90s, 24h, 1h30m) or plain seconds."""
+    import re
+
+    m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", s)
+    if s.isdigit():
+        return int(s)
+    if not s or m is None:
+        raise argparse.ArgumentTypeError(f"{s!r}: want a duration such as 24h or 3600s")
+    h, mi, se = (int(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + se
+
+
+def token_authority(args: argparse.Namespace, data: str) -> satokens.TokenAuthority:
+    """The service-account token signer and verifier from the --service-account-* flags."""
+    signing = args.service_account_signing_key_file
+    if not signing:
+        os.makedirs(os.path.join(data, "pki"), exist_ok=True)
+        signing = os.path.join(data, "pki", "sa.key")
+        satokens.ensure_signing_key(signing)
+    try:
+        key = satokens.load_private_key(signing)
+        public = [k for f in args.service_account_key_file for k in satokens.load_public_keys(f)]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"kproxy-apiserver: --service-account-*-key-file: {e}")
+    if not 0 <= args.service_account_max_token_expiration <= satokens.MAX_EXPIRATION:
+        raise SystemExit("kproxy-apiserver: --service-account-max-token-expiration: want at most 2^32 seconds")
+    if 0 < args.service_account_max_token_expiration < satokens.MIN_EXPIRATION:
+        raise SystemExit("kproxy-apiserver: --service-account-max-token-expiration: want at least 10m")
+    issuers = args.service_account_issuer or [satokens.DEFAULT_ISSUER]
+    audiences = [a.strip() for a in args.api_audiences.split(",") if a.strip()]
+    return satokens.TokenAuthority(satokens.Signer(key), public, issuers, audiences,
+                                   args.service_account_max_token_expiration)
 
 
 def _node_port_range(s: str) -> tuple[int, int]:
@@ -137,6 +186,7 @@ async def serve(args: argparse.Namespace) -> int:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(crt, key)
     advertise = _advertise_address(args.advertise_address, args.bind_address)
+    authority = token_authority(args, data)
     if args.bootstrap_reconcile_interval <= 0:
         raise SystemExit("kproxy-apiserver: --bootstrap-reconcile-interval: want a number of seconds > 0")
     store = await backend.open_store(args, data)
@@ -151,7 +201,7 @@ async def serve(args: argparse.Namespace) -> int:
                         min_request_timeout=args.min_request_timeout, send_timeout=args.send_timeout,
                         max_requests_inflight=args.max_requests_inflight,
                         max_mutating_requests_inflight=args.max_mutating_requests_inflight, connections=guard,
-                        request_timeout=args.request_timeout)
+                        request_timeout=args.request_timeout, token_authority=authority)
         if args.kubelet_token_file:
             api.pod_io = PodIO(store, Path(args.kubelet_token_file).read_text().strip())
         runner = web.AppRunner(api.app(), handle_signals=False, access_log=None,
@@ -176,6 +226,8 @@ async def serve(args: argparse.Namespace) -> int:
             args.bootstrap_reconcile_interval)
         await controller.reconcile()
         reconciling = asyncio.create_task(controller.run())
+        ca_pem = Path(ca_crt).read_bytes() if ca_crt else b""
+        tokens_controller = asyncio.create_task(TokenSecretsController(registry, authority, ca_pem).run())
         admin_cfg = os.path.join(data, "admin.kubeconfig")
         ro_cfg = os.path.join(data, "readonly.kubeconfig")
         pki.write_kubeconfig(admin_cfg, url, ca_crt, pki.token_for(users, admin=True), "admin")
@@ -196,6 +248,7 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
         log.info("event=shutdown watches=%d", api.watches.active)
         reconciling.cancel()
+        tokens_controller.cancel()
         guard.stop()
         # cleanup() closes the listener first, then on_shutdown ends the watch streams: clients that
         # re-watch at once find the port closed (and retry) instead of a server about to vanish.

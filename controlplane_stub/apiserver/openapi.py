@@ -147,6 +147,16 @@ _TYPE_FIELDS: dict[str, dict[str, str]] = {
     APPS + "ReplicaSetStatus": {"availableReplicas": "i", "conditions": "[o]", "fullyLabeledReplicas": "i",
                                 "observedGeneration": "l", "readyReplicas": "i", "replicas": "i",
                                 "terminatingReplicas": "i"},
+    APPS + "DaemonSet": {"apiVersion": "s", "kind": "s", "metadata": "ObjectMeta", "spec": "DaemonSetSpec",
+                         "status": "DaemonSetStatus"},
+    APPS + "DaemonSetSpec": {"minReadySeconds": "i", "revisionHistoryLimit": "i", "selector": "LabelSelector",
+                             "template": "PodTemplateSpec", "updateStrategy": "DaemonSetUpdateStrategy"},
+    APPS + "DaemonSetUpdateStrategy": {"rollingUpdate": "RollingUpdateDaemonSet", "type": "s"},
+    APPS + "RollingUpdateDaemonSet": {"maxSurge": "ios", "maxUnavailable": "ios"},
+    APPS + "DaemonSetStatus": {"collisionCount": "i", "conditions": "[o]", "currentNumberScheduled": "i",
+                               "desiredNumberScheduled": "i", "numberAvailable": "i", "numberMisscheduled": "i",
+                               "numberReady": "i", "numberUnavailable": "i", "observedGeneration": "l",
+                               "updatedNumberScheduled": "i"},
     DISCOVERY + "EndpointSlice": {"addressType": "s", "apiVersion": "s", "endpoints": "[Endpoint]", "kind": "s",
                                   "metadata": "ObjectMeta", "ports": "[EndpointPort]"},
     DISCOVERY + "Endpoint": {"addresses": "[s]", "conditions": "o", "deprecatedTopology": "m", "hints": "o",
@@ -166,7 +176,8 @@ _PATCH_TYPE = {"ObjectMeta": "ObjectMeta", "PodTemplateSpec": "PodTemplateSpec",
                "Container": "Container", "Volume": "Volume", "ServiceSpec": "ServiceSpec",
                "ServiceStatus": "ServiceStatus", "NodeSpec": "NodeSpec", "NamespaceStatus": "NamespaceStatus",
                "DeploymentSpec": "DeploymentSpec", "DeploymentStatus": "DeploymentStatus",
-               "ReplicaSetSpec": "ReplicaSetSpec", "ReplicaSetStatus": "ReplicaSetStatus"}
+               "ReplicaSetSpec": "ReplicaSetSpec", "ReplicaSetStatus": "ReplicaSetStatus",
+               "DaemonSetSpec": "DaemonSetSpec", "DaemonSetStatus": "DaemonSetStatus"}
 
 
 # (group, version, kind, plural, namespaced, definition) for every served kind
@@ -182,6 +193,7 @@ KINDS: tuple[tuple[str, str, str, str, bool, str], ...] = (
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", True, DISCOVERY + "EndpointSlice"),
     ("apps", "v1", "Deployment", "deployments", True, APPS + "Deployment"),
     ("apps", "v1", "ReplicaSet", "replicasets", True, APPS + "ReplicaSet"),
+    ("apps", "v1", "DaemonSet", "daemonsets", True, APPS + "DaemonSet"),
     ("coordination.k8s.io", "v1", "Lease", "leases", True, COORDINATION + "Lease"),
 )
 
@@ -199,6 +211,7 @@ _KIND_DOCS: dict[str, str] = {
     "EndpointSlice": "EndpointSlice lists a subset of the endpoints behind a Service, with their conditions.",
     "Deployment": "Deployment declares a replicated, rolling-updated set of pods through ReplicaSets.",
     "ReplicaSet": "ReplicaSet keeps a number of identical pods running.",
+    "DaemonSet": "DaemonSet runs one copy of a pod on every node its selector and template allow.",
     "Lease": "Lease records who holds a lock and until when (node heartbeats, leader election).",
 }
 

@@ -96,6 +96,8 @@ PATCH_META: dict[str, dict[str, FieldMeta]] = {
     "DeploymentStatus": {"conditions": _m("type")},
     "ReplicaSetSpec": {"template": _t("PodTemplateSpec")},
     "ReplicaSetStatus": {"conditions": _m("type")},
+    "DaemonSetSpec": {"template": _t("PodTemplateSpec"), "updateStrategy": _t("", "retainKeys")},
+    "DaemonSetStatus": {"conditions": _m("type")},
 }
 
 _ROOT_FIELDS = {
@@ -105,6 +107,7 @@ _ROOT_FIELDS = {
     "namespaces": ("", "NamespaceStatus"),
     "deployments.apps": ("DeploymentSpec", "DeploymentStatus"),
     "replicasets.apps": ("ReplicaSetSpec", "ReplicaSetStatus"),
+    "daemonsets.apps": ("DaemonSetSpec", "DaemonSetStatus"),
 }
 
 

@@ -86,6 +86,33 @@ SCHEMAS: dict[str, dict[int, Field]] = {
                            4: ("version", "s", False), 5: ("resource", "s", False),
                            6: ("subresource", "s", False), 7: ("name", "s", False)},
     "NonResourceAttributes": {1: ("path", "s", False), 2: ("verb", "s", False)},
+    # kubectl create serviceaccount|role|clusterrole|rolebinding|clusterrolebinding (core/v1, rbac/v1)
+    "ServiceAccount": {1: ("metadata", "m:ObjectMeta", False), 2: ("secrets", "m:ObjectReference", True),
+                       3: ("imagePullSecrets", "m:LocalObjectReference", True),
+                       4: ("automountServiceAccountToken", "B", False)},
+    "ObjectReference": {1: ("kind", "s", False), 2: ("namespace", "s", False), 3: ("name", "s", False),
+                        4: ("uid", "s", False), 5: ("apiVersion", "s", False)},
+    "LocalObjectReference": {1: ("name", "s", False)},
+    "Role": {1: ("metadata", "m:ObjectMeta", False), 2: ("rules", "m:PolicyRule", True)},
+    "ClusterRole": {1: ("metadata", "m:ObjectMeta", False), 2: ("rules", "m:PolicyRule", True),
+                    3: ("aggregationRule", "m:AggregationRule", False)},
+    "AggregationRule": {1: ("clusterRoleSelectors", "m:LabelSelector", True)},
+    "PolicyRule": {1: ("verbs", "s", True), 2: ("apiGroups", "s", True), 3: ("resources", "s", True),
+                   4: ("resourceNames", "s", True), 5: ("nonResourceURLs", "s", True)},
+    "RoleBinding": {1: ("metadata", "m:ObjectMeta", False), 2: ("subjects", "m:Subject", True),
+                    3: ("roleRef", "m:RoleRef", False)},
+    "ClusterRoleBinding": {1: ("metadata", "m:ObjectMeta", False), 2: ("subjects", "m:Subject", True),
+                           3: ("roleRef", "m:RoleRef", False)},
+    "SelfSubjectReview": {1: ("metadata", "m:ObjectMeta", False)},
+    "Subject": {1: ("kind", "s", False), 2: ("apiGroup", "s", False), 3: ("name", "s", False),
+                4: ("namespace", "s", False)},
+    "RoleRef": {1: ("apiGroup", "s", False), 2: ("kind", "s", False), 3: ("name", "s", False)},
+    # kubectl create token (authentication/v1 generated.proto)
+    "TokenRequest": {1: ("metadata", "m:ObjectMeta", False), 2: ("spec", "m:TokenRequestSpec", False)},
+    "TokenRequestSpec": {1: ("audiences", "s", True), 3: ("boundObjectRef", "m:BoundObjectReference", False),
+                         4: ("expirationSeconds", "i", False)},
+    "BoundObjectReference": {1: ("kind", "s", False), 2: ("apiVersion", "s", False), 3: ("name", "s", False),
+                             4: ("uid", "s", False)},
 }
 
 # (group/version, kind) -> top-level schema
@@ -93,10 +120,17 @@ KINDS: dict[tuple[str, str], str] = {
     ("v1", "Namespace"): "Namespace", ("v1", "ConfigMap"): "ConfigMap", ("v1", "Secret"): "Secret",
     ("v1", "Service"): "Service", ("v1", "Pod"): "Pod", ("apps/v1", "Deployment"): "Deployment",
     ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
+    ("authentication.k8s.io/v1", "TokenRequest"): "TokenRequest",
+    ("v1", "ServiceAccount"): "ServiceAccount",
+    ("authentication.k8s.io/v1", "SelfSubjectReview"): "SelfSubjectReview",
+    ("rbac.authorization.k8s.io/v1", "Role"): "Role", ("rbac.authorization.k8s.io/v1", "ClusterRole"): "ClusterRole",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "RoleBinding",
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "ClusterRoleBinding",
 }
 
 # Pointer fields: present means set, even at zero.
-KEEP_ZERO = {("DeploymentSpec", "replicas"), ("DeploymentSpec", "revisionHistoryLimit"),
+KEEP_ZERO = {("TokenRequestSpec", "expirationSeconds"), ("ServiceAccount", "automountServiceAccountToken"),
+             ("DeploymentSpec", "replicas"), ("DeploymentSpec", "revisionHistoryLimit"),
              ("DeploymentSpec", "progressDeadlineSeconds"), ("PodSpec", "terminationGracePeriodSeconds"),
              ("ConfigMap", "immutable"), ("Secret", "immutable"),
              ("ServiceSpec", "allocateLoadBalancerNodePorts"), ("ServiceSpec", "publishNotReadyAddresses")}

@@ -59,8 +59,9 @@ RESOURCES: tuple[Resource, ...] = (
              has_generation=True),
     Resource("apps", "v1", "ReplicaSet", "replicasets", True, ("rs",), ("status", "scale"), ("all",),
              has_generation=True),
+    Resource("apps", "v1", "DaemonSet", "daemonsets", True, ("ds",), ("status",), ("all",), has_generation=True),
     Resource("coordination.k8s.io", "v1", "Lease", "leases", True),
-    Resource("", "v1", "ServiceAccount", "serviceaccounts", True, ("sa",)),
+    Resource("", "v1", "ServiceAccount", "serviceaccounts", True, ("sa",), ("token",)),
     # RBAC objects (rbac.py evaluates them)
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False),
@@ -82,5 +83,6 @@ GROUPS: tuple[str, ...] = ("apps", "discovery.k8s.io", "coordination.k8s.io", "r
 DEPENDENTS: dict[str, tuple[str, ...]] = {
     "Deployment": ("replicasets.apps",),
     "ReplicaSet": ("pods",),
+    "DaemonSet": ("pods",),
     "Service": ("endpointslices.discovery.k8s.io",),
 }

@@ -14,12 +14,13 @@ import msgspec
 from aiohttp import web
 
 from ..store.base import Compacted, FutureRevision, Obj, Store
-from . import bodies, discovery, limits, podio, rbac, semantics
+from . import bodies, discovery, limits, podio, rbac, semantics, serviceaccounts
 from .errors import StatusError, bad_request, gone
 from .metrics import APIMetrics
 from .pki import User
 from .registry import Registry
 from .resources import BY_GROUP_VERSION, BY_ID, RESOURCES, Resource
+from .satokens import TokenAuthority
 from .selectors import Matcher, object_matcher
 from .watch import WatchHub, WatchRequest
 
@@ -68,8 +69,11 @@ class APIServer:
                  max_requests_inflight: int = limits.DEFAULT_MAX_REQUESTS_INFLIGHT,
                  max_mutating_requests_inflight: int = limits.DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
                  connections: limits.ConnectionGuard | None = None,
-                 request_timeout: float = limits.DEFAULT_REQUEST_TIMEOUT) -> None:
+                 request_timeout: float = limits.DEFAULT_REQUEST_TIMEOUT,
+                 token_authority: TokenAuthority | None = None) -> None:
         self.store = store
+        # ServiceAccount tokens (serviceaccounts.py): None = only the token file's users.
+        self.token_authority = token_authority
         self.registry = registry
         self.users = users
         self.send_timeout = send_timeout
@@ -101,6 +105,7 @@ class APIServer:
         r.add_route("*", "/api", self._api_root)
         r.add_route("*", "/apis", self._apis_root)
         r.add_post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", self._access_review)
+        r.add_post("/apis/authentication.k8s.io/v1/selfsubjectreviews", self._whoami)
         r.add_route("*", "/api/{tail:.*}", self._dispatch)
         r.add_route("*", "/apis/{tail:.*}", self._dispatch)
         app.on_shutdown.append(self._on_shutdown)
@@ -181,7 +186,10 @@ class APIServer:
     def _authenticate(self, request: web.Request) -> User:
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
-        user = self.users.get(token.strip()) if scheme.lower() == "bearer" else None
+        token = token.strip()
+        user = self.users.get(token) if scheme.lower() == "bearer" else None
+        if user is None and scheme.lower() == "bearer" and self.token_authority is not None:
+            user = serviceaccounts.authenticate(self.store, self.token_authority, token)
         if user is None:
             raise StatusError(401, "Unauthorized", "Unauthorized")
         return user
@@ -212,6 +220,17 @@ class APIServer:
         except rbac.RBACError as e:
             raise bad_request(f"SelfSubjectAccessReview: {e}") from None
         return json_response(review, status=201)
+
+    async def _whoami(self, request: web.Request) -> web.Response:
+        """kubectl auth whoami: a SelfSubjectReview with the requesting user's attributes."""
+        user: User = request["user"]
+        bodies.decode_request(await request.read(), request.content_type)  # the usual body checks
+        groups = list(user.groups) + ([] if rbac.AUTHENTICATED in user.groups else [rbac.AUTHENTICATED])
+        info: dict[str, Any] = {"username": user.name, "groups": groups}
+        if user.uid:
+            info["uid"] = user.uid
+        return json_response({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview",
+                              "metadata": {"creationTimestamp": None}, "status": {"userInfo": info}}, status=201)
 
     # -- unversioned endpoints -----------------------------------------------------------------
 
@@ -325,9 +344,16 @@ class APIServer:
         if field_validation not in ("Ignore", "Warn", "Strict"):
             raise bad_request(f"fieldValidation must be Ignore, Warn or Strict, not {field_validation!r}")
         warnings: list[str] = []
-        if t.sub == "binding" and method != "POST":
+        if t.sub in ("binding", "token") and method != "POST":
             raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
                               "resource")
+        if t.sub == "token":
+            self._authorize(request, "create", t)
+            if self.token_authority is None:
+                raise StatusError(503, "ServiceUnavailable", "this server issues no service account tokens")
+            body = await self._read_body(request)
+            review = serviceaccounts.token_request(self.store, self.token_authority, t.namespace, t.name, body.obj)
+            return json_response(review, 201)
         if method == "GET":
             is_watch = t.watch_path or q.get("watch") in ("true", "1")
             if is_watch:

@@ -241,6 +241,16 @@ def _replicaset_row(rs: Obj, now: float) -> list[Any]:
             since(meta.get("creationTimestamp"), now), names, images, format_selector(spec.get("selector"))]
 
 
+def _daemonset_row(ds: Obj, now: float) -> list[Any]:
+    spec, status, meta = _d(ds.get("spec")), _d(ds.get("status")), _d(ds.get("metadata"))
+    names, images = _containers_images(_d(spec.get("template")))
+    node_selector = _d(_d(_d(spec.get("template")).get("spec")).get("nodeSelector"))
+    counts = [int(status.get(k) or 0) for k in ("desiredNumberScheduled", "currentNumberScheduled", "numberReady",
+                                                 "updatedNumberScheduled", "numberAvailable")]
+    return [*counts, format_labels(node_selector) if node_selector else "<none>",
+            since(meta.get("creationTimestamp"), now), names, images, format_selector(spec.get("selector"))]
+
+
 def _node_row(node: Obj, now: float) -> list[Any]:
     spec, status, meta = _d(node.get("spec")), _d(node.get("status")), _d(node.get("metadata"))
     conditions = {_d(c).get("type"): _d(c).get("status") for c in _l(status.get("conditions"))}
@@ -356,6 +366,19 @@ TABLES: dict[str, tuple[list[Column], Printer]] = {
                           ("Current", "integer", 0, "Replicas is the most recently observed number of replicas."),
                           ("Ready", "integer", 0, "The number of ready replicas for this replica set."),
                           _AGE, _CONTAINERS, _IMAGES, _SELECTOR], _replicaset_row),
+    "daemonsets.apps": ([("Desired", "integer", 0, "The total number of nodes that should be running the daemon "
+                                                   "pod."),
+                         ("Current", "integer", 0, "The number of nodes running at least one daemon pod and are "
+                                                   "supposed to."),
+                         ("Ready", "integer", 0, "The number of nodes that should be running the daemon pod and "
+                                                 "have one or more of the daemon pod running and ready."),
+                         ("Up-to-date", "integer", 0, "The total number of nodes that are running updated daemon "
+                                                      "pod."),
+                         ("Available", "integer", 0, "The number of nodes that should be running the daemon pod "
+                                                     "and have one or more of the daemon pod running and available."),
+                         ("Node Selector", "string", 0, "NodeSelector is a selector which must be true for the pod "
+                                                        "to fit on a node."),
+                         _AGE, _CONTAINERS, _IMAGES, _SELECTOR], _daemonset_row),
     "nodes": ([("Status", "string", 0, "The status of the node"),
                ("Roles", "string", 0, "The roles of the node"),
                _AGE,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import StatusError
-from .apps import _validate_deployment, _validate_replicaset, _validate_selector_update
+from .apps import _validate_deployment, _validate_replicaset, _validate_selector_update, validate_daemonset
 from .cluster import _validate_event, _validate_lease, _validate_namespace
 from .configdata import _immutable_data, _validate_configmap, _validate_secret, _validate_secret_update
 from .endpoints import _validate_endpoints, _validate_endpointslice
@@ -20,6 +20,13 @@ from .meta import _obj, _str, validate_object_meta, validate_object_meta_update
 from .names import is_dns1123_subdomain
 from .nodes import _validate_node, _validate_node_update
 from .pods import QUANTITY_ERR, _validate_pod, _validate_pod_update, bad_quantity
+from .rbacobjects import (
+    validate_binding_update,
+    validate_cluster_role,
+    validate_cluster_role_binding,
+    validate_role,
+    validate_role_binding,
+)
 from .services import _validate_service, _validate_service_update, externally_accessible
 
 # What other modules import from the package (allocators.py, defaults.py, tests).
@@ -44,15 +51,24 @@ _CREATE: dict[str, tuple[str, str, Validator]] = {
     "endpointslices.discovery.k8s.io": ("EndpointSlice", "discovery.k8s.io", _validate_endpointslice),
     "deployments.apps": ("Deployment", "apps", _validate_deployment),
     "replicasets.apps": ("ReplicaSet", "apps", _validate_replicaset),
+    "daemonsets.apps": ("DaemonSet", "apps", validate_daemonset),
     "leases.coordination.k8s.io": ("Lease", "coordination.k8s.io", _validate_lease),
+    "roles.rbac.authorization.k8s.io": ("Role", "rbac.authorization.k8s.io", validate_role),
+    "clusterroles.rbac.authorization.k8s.io": ("ClusterRole", "rbac.authorization.k8s.io", validate_cluster_role),
+    "rolebindings.rbac.authorization.k8s.io": ("RoleBinding", "rbac.authorization.k8s.io", validate_role_binding),
+    "clusterrolebindings.rbac.authorization.k8s.io": ("ClusterRoleBinding", "rbac.authorization.k8s.io",
+                                                      validate_cluster_role_binding),
 }
 
 _UPDATE: dict[str, UpdateValidator] = {
+    "rolebindings.rbac.authorization.k8s.io": validate_binding_update,
+    "clusterrolebindings.rbac.authorization.k8s.io": validate_binding_update,
     "nodes": _validate_node_update,
     "services": _validate_service_update,
     "pods": _validate_pod_update,
     "deployments.apps": _validate_selector_update,
     "replicasets.apps": _validate_selector_update,
+    "daemonsets.apps": _validate_selector_update,
     "configmaps": lambda errs, obj, old: _immutable_data(errs, obj, old, ("data", "binaryData")),
     "secrets": _validate_secret_update,
     "endpointslices.discovery.k8s.io": lambda errs, obj, old: (
@@ -129,7 +145,7 @@ def decode_check(resource: str, obj: dict[str, Any]) -> None:
     if found is None:
         spec = _obj(obj.get("spec"))
         pod_spec = spec if resource == "pods" else _obj(_obj(spec.get("template")).get("spec"))
-        if resource not in ("pods", "deployments.apps", "replicasets.apps") or not bad_quantity(pod_spec):
+        if resource not in ("pods", "deployments.apps", "replicasets.apps", "daemonsets.apps") or not bad_quantity(pod_spec):
             return
         found = QUANTITY_ERR
     kind = _str(obj.get("kind")) or _CREATE.get(resource, ("",))[0]

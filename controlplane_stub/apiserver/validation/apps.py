@@ -57,48 +57,70 @@ def _int_or_percent(value: Any) -> tuple[int, bool] | None:
     return None
 
 
+def _rolling_update(errs: FieldErrors, rolling: Any, path: str) -> dict[str, int]:
+    """maxUnavailable/maxSurge as int-or-percent; what parsed, for the both-zero check."""
+    parsed: dict[str, int] = {}
+    if not isinstance(rolling, dict):
+        return parsed
+    for key in ("maxUnavailable", "maxSurge"):
+        value = rolling.get(key)
+        if value is None:
+            continue
+        p = _int_or_percent(value)
+        if p is None:
+            errs.invalid(f"{path}.{key}", value, "a valid percent string must be a numeric string followed by an "
+                                                 "ending '%' (e.g. '1%',  or '93%', regex used for validation is "
+                                                 "'[0-9]+%')")
+            continue
+        if p[0] < 0:
+            errs.invalid(f"{path}.{key}", value, "must be greater than or equal to 0")
+        if p[1] and p[0] > 100:
+            errs.invalid(f"{path}.{key}", value, "must not be greater than 100%")
+        parsed[key] = p[0]
+    return parsed
+
+
+def _strategy_type(errs: FieldErrors, strategy: Obj, path: str, types: tuple[str, str]) -> Any:
+    stype = strategy.get("type")
+    if not stype:
+        errs.required(f"{path}.type", "")
+    elif stype not in types:
+        errs.not_supported(f"{path}.type", stype, types)
+    return stype
+
+
 def _validate_strategy(errs: FieldErrors, strategy: Any) -> None:
     if not isinstance(strategy, dict):
         return
-    stype = strategy.get("type")
-    if not stype:
-        errs.required("spec.strategy.type", "")
-    elif stype not in ("Recreate", "RollingUpdate"):
-        errs.not_supported("spec.strategy.type", stype, ("Recreate", "RollingUpdate"))
+    stype = _strategy_type(errs, strategy, "spec.strategy", ("Recreate", "RollingUpdate"))
     rolling = strategy.get("rollingUpdate")
     if stype == "Recreate" and rolling is not None:
         errs.forbidden("spec.strategy.rollingUpdate", "may not be specified when strategy `type` is 'Recreate'")
     if stype == "RollingUpdate" and isinstance(rolling, dict):
-        parsed = {}
-        for key in ("maxUnavailable", "maxSurge"):
-            value = rolling.get(key)
-            path = f"spec.strategy.rollingUpdate.{key}"
-            if value is None:
-                continue
-            p = _int_or_percent(value)
-            if p is None:
-                errs.invalid(path, value, "a valid percent string must be a numeric string followed by an ending '%' "
-                                          "(e.g. '1%',  or '93%', regex used for validation is '[0-9]+%')")
-                continue
-            if p[0] < 0:
-                errs.invalid(path, value, "must be greater than or equal to 0")
-            if p[1] and p[0] > 100:
-                errs.invalid(path, value, "must not be greater than 100%")
-            parsed[key] = p[0]
+        parsed = _rolling_update(errs, rolling, "spec.strategy.rollingUpdate")
         if parsed.get("maxUnavailable") == 0 and parsed.get("maxSurge") == 0:
             errs.invalid("spec.strategy.rollingUpdate.maxUnavailable", rolling.get("maxUnavailable"),
                          "may not be 0 when `maxSurge` is 0")
 
 
-def _validate_deployment(errs: FieldErrors, deploy: Obj) -> None:
-    validate_object_meta(errs, deploy.get("metadata"), True, is_dns1123_subdomain)
-    spec = deploy.get("spec")
+def _workload_spec(errs: FieldErrors, obj: Obj, counts: tuple[str, ...], what: str) -> Obj | None:
+    """Metadata, the spec's non-negative counts, selector and template: what every apps workload
+    validates alike; the spec for the kind's own checks (None when there is none)."""
+    validate_object_meta(errs, obj.get("metadata"), True, is_dns1123_subdomain)
+    spec = obj.get("spec")
     if not isinstance(spec, dict):
         errs.required("spec", "")
-        return
-    for key in ("replicas", "minReadySeconds", "revisionHistoryLimit"):
+        return None
+    for key in counts:
         _nonnegative(errs, spec, key, "spec")
-    _validate_selector_and_template(errs, spec, "deployment")
+    _validate_selector_and_template(errs, spec, what)
+    return spec
+
+
+def _validate_deployment(errs: FieldErrors, deploy: Obj) -> None:
+    spec = _workload_spec(errs, deploy, ("replicas", "minReadySeconds", "revisionHistoryLimit"), "deployment")
+    if spec is None:
+        return
     _validate_strategy(errs, spec.get("strategy"))
     pds = spec.get("progressDeadlineSeconds")
     if pds is not None:
@@ -109,14 +131,7 @@ def _validate_deployment(errs: FieldErrors, deploy: Obj) -> None:
 
 
 def _validate_replicaset(errs: FieldErrors, rs: Obj) -> None:
-    validate_object_meta(errs, rs.get("metadata"), True, is_dns1123_subdomain)
-    spec = rs.get("spec")
-    if not isinstance(spec, dict):
-        errs.required("spec", "")
-        return
-    for key in ("replicas", "minReadySeconds"):
-        _nonnegative(errs, spec, key, "spec")
-    _validate_selector_and_template(errs, spec, "deployment")
+    _workload_spec(errs, rs, ("replicas", "minReadySeconds"), "deployment")
 
 
 def _validate_selector_update(errs: FieldErrors, obj: Obj, old: Obj) -> None:
@@ -124,3 +139,24 @@ def _validate_selector_update(errs: FieldErrors, obj: Obj, old: Obj) -> None:
     old_sel = (old.get("spec") or {}).get("selector")
     if old_sel is not None and sel != old_sel:
         errs.invalid("spec.selector", label_selector_go(sel), "field is immutable")
+
+
+def validate_daemonset(errs: FieldErrors, ds: Obj) -> None:
+    """ValidateDaemonSet: selector and template as a ReplicaSet's (restartPolicy Always), the
+    update strategy OnDelete or RollingUpdate with maxUnavailable/maxSurge not both 0."""
+    spec = _workload_spec(errs, ds, ("minReadySeconds", "revisionHistoryLimit"), "daemonset")
+    if spec is None:
+        return
+    strategy = spec.get("updateStrategy")
+    if not isinstance(strategy, dict):
+        return
+    stype = _strategy_type(errs, strategy, "spec.updateStrategy", ("OnDelete", "RollingUpdate"))
+    rolling = strategy.get("rollingUpdate")
+    if stype == "RollingUpdate":
+        if not isinstance(rolling, dict):
+            errs.required("spec.updateStrategy.rollingUpdate", "")
+            return
+        parsed = _rolling_update(errs, rolling, "spec.updateStrategy.rollingUpdate")
+        if parsed.get("maxUnavailable", 0) == 0 and parsed.get("maxSurge", 0) == 0 and len(parsed) == 2:
+            errs.invalid("spec.updateStrategy.rollingUpdate.maxUnavailable", rolling.get("maxUnavailable"),
+                         "cannot be 0 when maxSurge is 0")

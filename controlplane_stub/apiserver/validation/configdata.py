@@ -87,6 +87,11 @@ def _validate_secret(errs: FieldErrors, secret: Obj) -> None:
         if ".dockerconfigjson" not in (secret.get("data") or {}) and ".dockerconfigjson" not in (
                 secret.get("stringData") or {}):
             errs.required("data[.dockerconfigjson]", "")
+    elif stype == "kubernetes.io/service-account-token":
+        # ValidateSecret: the token controller needs to know whose token it is.
+        annotations = _obj(_obj(secret.get("metadata")).get("annotations"))
+        if not annotations.get("kubernetes.io/service-account.name"):
+            errs.required("metadata.annotations[kubernetes.io/service-account.name]", "")
 
 
 def _validate_secret_update(errs: FieldErrors, secret: Obj, old: Obj) -> None:
