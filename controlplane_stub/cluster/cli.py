@@ -296,7 +296,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         word = "up"
     print(f"cluster {st.name}: {word}  data-dir {st.data_dir}")
-    print(f"kubeconfig: {st.kubeconfig}")
+    print(f"kubeconfig: {st.kubeconfig}  ip-family: {st.ip_family}  LoadBalancer pool: {st.lb_pool}")
     for line in lines:
         print(line)
     for name, what in sorted(st.components.items()):

@@ -65,6 +65,8 @@ def test_dual_nodes_pods_slices_and_dns(seeded: Cluster) -> None:
     c = seeded
     c.refresh()
     assert c.state["ip_family"] == "dual"
+    status = c.cli("status").stdout
+    assert "ip-family: dual  LoadBalancer pool: 10.251.0.0/24,fd00:10:251::/120" in status, status
     nodes = {n["metadata"]["name"]: n for n in c.json("nodes")["items"]}
     assert sorted(nodes) == ["node-1", "node-2"]
     for i, name in ((1, "node-1"), (2, "node-2")):

@@ -120,7 +120,10 @@ def test_dns_srv_cluster_ip(srv: KdnsProcess) -> None:
     m = srv.query(fq("_http._tcp.web.default.svc"), "SRV")
     assert rdatas(m, "SRV") == [f"0 100 80 web.default.svc.{ZONE}."]
     assert rdatas(m, "A", "additional") == ["10.96.0.10"]
-    assert rdatas(srv.query(fq("_dns._udp.dual.default.svc"), "SRV"), "SRV") == [f"0 100 53 dual.default.svc.{ZONE}."]
+    dual = srv.query(fq("_dns._udp.dual.default.svc"), "SRV")
+    assert rdatas(dual, "SRV") == [f"0 100 53 dual.default.svc.{ZONE}."]
+    # a dual-stack target: its address of each family as glue
+    assert rdatas(dual, "A", "additional") == ["10.96.0.11"] and rdatas(dual, "AAAA", "additional") == ["fd00::11"]
     # Unnamed ports have no SRV record; a wrong protocol is another name.
     assert_nxdomain(srv.query(fq("_http._udp.web.default.svc"), "SRV"))
 
