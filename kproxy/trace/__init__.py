@@ -1,8 +1,8 @@
 """`kproxy trace`: where does a new connection go, read from the node's live state.
 
-Read-only: it runs iptables-save, `nft -j list table` and `ip addr` (in --netns when given) and
-never writes kernel state. What it reads is parsed as untrusted (kproxy.trace.iptables,
-kproxy.trace.nftables).
+Read-only: it runs iptables-save, `nft -j list table`, `ipset save` and `ip addr` (in --netns when
+given), reads IPVS over netlink, and never writes kernel state. What it reads is parsed as
+untrusted (kproxy.trace.iptables, kproxy.trace.nftables, kproxy.trace.ipvs).
 """
 from __future__ import annotations
 
@@ -11,16 +11,20 @@ import ipaddress
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from kproxy.backends.iptables import ipv4_addresses
+from kproxy.backends.ipvs import IPVS, RealServer, VirtualServer
+from kproxy.relay import enter_netns
 from kproxy.trace import status
 from kproxy.trace.iptables import MAX_DUMP_BYTES, Path, TraceError, Tracer
+from kproxy.trace.ipvs import IPVSTracer, parse_ipsets
 from kproxy.trace.nftables import NftTracer
 
-__all__ = ["Path", "TraceError", "Tracer", "main", "Route", "summarize"]
+__all__ = ["Path", "Route", "TraceError", "Tracer", "main", "summarize"]
 
 _TIMEOUT = 60.0
 
@@ -36,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", required=True, help="the connection's source IP")
     p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    p.add_argument("--mode", choices=("auto", "iptables", "userspace", "nftables"), default="auto",
+    p.add_argument("--mode", choices=("auto", "iptables", "userspace", "nftables", "ipvs"), default="auto",
                    help="the proxy mode whose state to read (auto: the one whose rules are on the node)")
     p.add_argument("--status-socket", help="userspace mode: the relay's status socket (default: kproxy's run dir)")
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto")
@@ -87,12 +91,44 @@ def _ip(text: str, flag: str) -> str:
         raise TraceError(f"{flag} {text!r}: not an IP address") from None
 
 
+T = TypeVar("T")
+
+
+def in_netns(fn: Callable[[], T], netns: str | None) -> T:
+    """fn() on a thread that entered `netns` (namespaces are per thread, and a process started
+    from that thread is born in it: no `ip netns exec` per tool, whose extra process start is
+    what a trace costs most on a slow machine)."""
+    if netns is None:
+        return fn()
+    box: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            enter_netns(netns)
+            box.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed back below
+            box.append(e)
+
+    t = threading.Thread(target=run, name="kproxy-trace-netns", daemon=True)
+    t.start()
+    t.join(_TIMEOUT + 5)
+    if not box:
+        raise TraceError(f"netns {netns}: no answer within {_TIMEOUT:.0f} s")
+    if isinstance(box[0], TraceError):
+        raise box[0]
+    if isinstance(box[0], BaseException):
+        raise TraceError(f"netns {netns}: {box[0]}")
+    return box[0]
+
+
 def _read(cmd: list[str], netns: str | None) -> str:
-    full = (["ip", "netns", "exec", netns] if netns else []) + cmd
-    try:
-        proc = subprocess.run(full, capture_output=True, timeout=_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise TraceError(f"{cmd[0]}: {e}") from None
+    def run() -> subprocess.CompletedProcess[bytes]:
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise TraceError(f"{cmd[0]}: {e}") from None
+
+    proc = in_netns(run, netns)
     if proc.returncode != 0:
         raise TraceError(f"{' '.join(cmd)}: {proc.stderr.decode(errors='replace').strip()[:200]}")
     if len(proc.stdout) > MAX_DUMP_BYTES:
@@ -100,18 +136,35 @@ def _read(cmd: list[str], netns: str | None) -> str:
     return proc.stdout.decode(errors="replace")
 
 
-_MARKERS = {"iptables": ":KUBE-SERVICES ", "userspace": ":KUBE-PORTALS-CONTAINER "}
+_TABLES = ("nat", "filter")
+
+
+def _tables(dump: str) -> str:
+    """The nat and filter tables of a whole iptables-save (one tool run instead of one a table;
+    the other tables are other software's and are not parsed)."""
+    keep, out = False, []
+    for line in dump.splitlines(keepends=True):
+        if line.startswith("*"):
+            keep = line[1:].strip() in _TABLES
+        if keep:
+            out.append(line)
+    return "".join(out)
+
+
+# IPVS mode has a KUBE-SERVICES chain too: its rules match Service addresses by ipset.
+_MARKERS = {"ipvs": "--match-set KUBE-CLUSTER-IP ", "iptables": ":KUBE-SERVICES ",
+            "userspace": ":KUBE-PORTALS-CONTAINER "}
 
 
 def iptables_dump(backend: str, netns: str | None, mode: str) -> tuple[str, str, str]:
     """(mode, back end, nat+filter dump): the back end (and with mode auto, the mode) whose
     dump holds kproxy's chains (iptables mode's KUBE-SERVICES, userspace's KUBE-PORTALS-*)."""
-    modes = ("iptables", "userspace") if mode == "auto" else (mode,)
+    modes = ("ipvs", "iptables", "userspace") if mode == "auto" else (mode,)
     for b in (("nft", "legacy") if backend == "auto" else (backend,)):
         tool = f"iptables-{b}-save"
-        dump = _read([tool, "-t", "nat"], netns) + _read([tool, "-t", "filter"], netns)
+        dump = _tables(_read([tool], netns))
         for m in modes:
-            if _MARKERS[m] in dump:
+            if _MARKERS[m] in dump and (m != "iptables" or _MARKERS["ipvs"] not in dump):
                 return m, b, dump
     raise TraceError(f"no kproxy rules of mode {' or '.join(modes)} on this node (iptables back end {backend})")
 
@@ -193,6 +246,26 @@ def _state(ns: argparse.Namespace, family: str) -> tuple[str, str, str]:
             raise TraceError(f"{err}, and no nftables table {family} {NFT_TABLE}") from None
 
 
+def ipvs_services(netns: str | None) -> list[tuple[VirtualServer, list[RealServer]]]:
+    """Every virtual server with its real servers, over IPVS netlink in the node's namespace."""
+
+    def read() -> list[tuple[VirtualServer, list[RealServer]]]:
+        try:
+            with IPVS() as ipvs:
+                return [(vs, ipvs.dests(vs)) for vs in ipvs.services()]
+        except OSError as e:
+            raise TraceError(f"IPVS netlink: {e}") from None
+
+    return in_netns(read, netns)
+
+
+def trace_ipvs(dump: str, local: set[str], netns: str | None, src: str, dst: str, port: int,
+               proto: str) -> list[Route]:
+    sets = parse_ipsets(_read(["ipset", "save"], netns))
+    tracer = IPVSTracer(dump, local, sets, ipvs_services(netns))
+    return summarize(tracer.paths(src, dst, port, proto))
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         ns = _parser().parse_args(list(argv))
@@ -203,6 +276,8 @@ def main(argv: Sequence[str]) -> int:
         local = local_ips(ns.netns)
         if mode == "nftables":
             routes = trace_nftables(dump, local, src, dst, port, ns.proto, family)
+        elif mode == "ipvs":
+            routes = trace_ipvs(dump, local, ns.netns, src, dst, port, ns.proto)
         else:
             routes = trace_iptables(dump, local, src, dst, port, ns.proto)
         if mode == "userspace":

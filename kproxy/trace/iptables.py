@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 MAX_DUMP_BYTES = 256 << 20  # tens of MiB at 10,000 Services; more is not a kproxy node's dump
@@ -39,6 +40,7 @@ class Match:
     number: int = 0
     mask: int = 0xFFFFFFFF
     prob: float = 0.0
+    flags: str = ""  # -m set: which packet fields, "dst,dst"
 
 
 @dataclass
@@ -195,13 +197,22 @@ def _typed(opt: str, neg: bool, values: list[str], line: str) -> Match:
         if not 0.0 <= prob <= 1.0:
             raise TraceError(f"bad probability {first!r} in: {line[:200]}")
         return Match(opt, neg, prob=prob)
+    if opt == "--match-set":
+        if len(values) != 2 or not _CHAIN.match(values[0]) or not re.fullmatch(r"(src|dst)(,(src|dst)){0,5}", values[1]):
+            raise TraceError(f"bad set match {' '.join(values)!r} in: {line[:200]}")
+        return Match(opt, neg, text=values[0], flags=values[1])
     return Match(opt, neg, text=first)
 
 
+# (set name, flags "dst,dst", packet) -> is the packet's (dst ip, dst port) in the set (ipset)
+SetLookup = Callable[[str, str, "Packet"], bool]
+
+
 class Tracer:
-    def __init__(self, dump: str, local_ips: set[str]) -> None:
+    def __init__(self, dump: str, local_ips: set[str], sets: SetLookup | None = None) -> None:
         self.tables = parse(dump)
         self.local_ips = local_ips
+        self.sets = sets
 
     def _is_local(self, ip: str) -> bool:
         return ip in self.local_ips or ip.startswith("127.")
@@ -228,6 +239,8 @@ class Tracer:
             return (pkt.mark & m.mask) == m.number
         if m.opt in ("--probability", "--rcheck"):
             return None
+        if m.opt == "--match-set" and self.sets is not None:
+            return self.sets(m.text, m.flags, pkt)
         # mode, name, seconds, reap, set, mask, rsource, tcp flags...: no constraint on a new SYN
         return True
 
@@ -254,7 +267,7 @@ class Tracer:
                     nxt.append(p)
                     continue
                 hit = replace(p, hops=(*p.hops, f"{table}/{chain}"),
-                              service=p.service or _service(rule.comment))
+                              service=p.service or service_of_comment(rule.comment))
                 if fork is not None:
                     # The branch where the random/affinity match did not fire goes on here.
                     if fork.opt == "--probability":
@@ -332,7 +345,7 @@ class Tracer:
         return {p.outcome for p in self.paths(src, dst, dport, proto)}
 
 
-def _service(comment: str) -> str:
+def service_of_comment(comment: str) -> str:
     m = _SPN.match(comment)
     return f"{m.group(1)}/{m.group(2)}:{m.group(3)}" if m else ""
 

@@ -21,9 +21,11 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from kproxy.trace.iptables import MAX_BRANCHES, MAX_DEPTH, MAX_DUMP_BYTES, Outcome, Path, TraceError
+from kproxy.trace.iptables import (MAX_BRANCHES, MAX_DEPTH, MAX_DUMP_BYTES, Outcome, Path, TraceError,
+                                   service_of_comment)
 
-__all__ = ["Ruleset", "NftTracer", "parse"]
+
+__all__ = ["NftTracer", "Ruleset", "parse"]
 
 MAX_RULE_EXPRS = 256
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -60,6 +62,7 @@ class Element:
 class Verdict:
     kind: str  # accept drop return continue jump goto
     target: str = ""
+    service: str = ""  # namespace/name:port from the map element's comment, if any
 
 
 @dataclass
@@ -221,8 +224,13 @@ def _element(obj: object, is_map: bool) -> Element:
             raise _bad("map element is not [key, value]", obj)
         obj, data = obj
         verdict = _verdict(data)
-    if isinstance(obj, dict) and "elem" in obj:  # {"elem": {"val": ..., "timeout": ..., "expires": ...}}
-        obj = _dict(obj["elem"], "element").get("val")
+    if isinstance(obj, dict) and "elem" in obj:  # {"elem": {"val": ..., "timeout": ..., "comment": ...}}
+        elem = _dict(obj["elem"], "element")
+        obj = elem.get("val")
+        comment = elem.get("comment")
+        if verdict is not None and isinstance(comment, str):
+            # upstream names the Service in each map element's comment ("ns/name:port")
+            verdict = replace(verdict, service=service_of_comment(comment))
     if isinstance(obj, dict) and "concat" in obj:
         items = obj["concat"]
         if not isinstance(items, list) or not items:
@@ -581,6 +589,8 @@ class NftTracer:
         return e.right is not None and bool(e.right.set_name) and self._set(e.right.set_name).dynamic
 
     def _verdict(self, v: Verdict, p: Packet, depth: int, cont: list[Packet], fin: list[tuple[Packet, str]]) -> None:
+        if v.service and not p.service:
+            p = replace(p, service=v.service)
         if v.kind == "continue":
             cont.append(p)
         elif v.kind in ("accept", "drop"):

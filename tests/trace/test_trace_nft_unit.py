@@ -172,3 +172,32 @@ def test_ipv6_addresses_are_walked() -> None:
     ]
     t = NftTracer(json.dumps({"nftables": items}), set(), "ip6")
     assert t.trace("fd02::9", "fd00::1", 80) == {Outcome("ACCEPT", "[fd01::2]:8080", False)}
+
+
+def test_map_element_comments_name_the_service() -> None:
+    """upstream's renderer names the Service in each element's comment (a no-endpoints drop has
+    no Service chain to take the name from)."""
+    extra = [{"map": {**T, "name": "no-endpoints", "type": ["ipv4_addr", "inet_proto", "inet_service"], "map": "verdict",
+                      "elem": [[{"elem": {"val": {"concat": ["10.96.0.2", "tcp", 80]}, "comment": "ns/empty:http"}},
+                                {"drop": None}]]}},
+             chain("filter-forward", "forward", -110, "filter"),
+             rule("filter-forward", {"vmap": {"key": KEY, "data": "@no-endpoints"}})]
+    routes = summarize(NftTracer(ruleset([], extra), set()).paths("203.0.113.1", "10.96.0.2", 80))
+    assert [(r.verdict, r.service) for r in routes] == [("DROP", "ns/empty:http")]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 70000) | st.sampled_from(
+    ["tcp", "10.1.0.2", "@service-ips", "@aff", SVC, "new", "local", "daddr", "ip", "th", "dport", "x y"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
+        ["match", "op", "left", "right", "payload", "protocol", "field", "vmap", "key", "data", "set", "concat",
+         "numgen", "mod", "dnat", "addr", "port", "goto", "target", "prefix", "len", "range", "elem", "val"]),
+        inner, max_size=3), max_leaves=12)
+
+
+@given(st.lists(JSON, min_size=1, max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_any_json_in_a_rule_is_a_trace_error_or_a_trace(exprs: list[object]) -> None:
+    try:
+        NftTracer(ruleset([rule(SVC, *exprs)]), {"10.0.0.1"}).paths("10.0.0.2", "10.96.0.1", 80)
+    except TraceError:
+        pass

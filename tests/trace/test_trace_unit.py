@@ -1,11 +1,13 @@
 """kproxy.trace's parsing of untrusted ruleset text and its command line (pure logic, no kernel)."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kproxy import cli
+from kproxy import cli, trace
 from kproxy.trace import summarize
 from kproxy.trace.iptables import MAX_BRANCHES, Outcome, TraceError, Tracer
 
@@ -88,3 +90,27 @@ def test_bad_arguments_are_one_line_and_exit_1(argv: list[str], word: str, capsy
 
 def test_daemon_flags_still_parse() -> None:
     assert cli.parse_config(["--proxy-mode", "userspace", "--hostname-override", "n1"]).mode == "userspace"
+
+
+def test_mode_detection_reads_one_save_a_back_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: IPVS mode's KUBE-SERVICES (ipset matches) is not taken for iptables mode; other
+    software's tables in the dump are not parsed; with no kproxy rules, the nftables table."""
+    ipvs = "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT\nCOMMIT\n"
+    other = "*mangle\n-A PREROUTING -m weird --thing ! ! -j NOWHERE(\nCOMMIT\n"
+    calls: list[list[str]] = []
+
+    def read(cmd: list[str], netns: str | None) -> str:
+        calls.append(cmd)
+        if cmd[0] == "nft":
+            return '{"nftables": []}'
+        return other + (ipvs if cmd[0] == "iptables-legacy-save" else "")
+
+    monkeypatch.setattr(trace, "_read", read)
+    assert trace.iptables_dump("auto", None, "auto")[:2] == ("ipvs", "legacy")
+    assert calls == [["iptables-nft-save"], ["iptables-legacy-save"]]
+    assert "weird" not in trace.iptables_dump("legacy", None, "ipvs")[2]
+    with pytest.raises(TraceError, match="no kproxy rules of mode iptables"):
+        trace.iptables_dump("legacy", None, "iptables")
+    monkeypatch.setattr(trace, "_read", lambda cmd, netns: other if cmd[0] != "nft" else '{"nftables": []}')
+    ns = argparse.Namespace(mode="auto", iptables_backend="auto", netns=None)
+    assert trace._state(ns, "ip") == ("nftables", "nftables", '{"nftables": []}')

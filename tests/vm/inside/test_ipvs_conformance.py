@@ -1,7 +1,8 @@
 """The Service conformance matrix (tests/conformance/conformance_table.py) against IPVS mode, inside
 the VM (this host's kernel has no IPVS). The same topology as the netns modes: the node is a
 network namespace; the proxier runs on a thread that entered it, so its netlink sockets, the
-tools it starts (iptables, ipset, conntrack) and its sysctls all belong to that namespace."""
+tools it starts (iptables, ipset, conntrack) and its sysctls all belong to that namespace. Every
+probe that passes is also traced with `kproxy trace`, which must say the same."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "..", "conformance"), os.path.join(HERE, "..", "..", "iptables")]
 
 from conformance_probe import check_scenario  # noqa: E402
+from conformance_trace import trace_checker  # noqa: E402
 from conformance_table import CLUSTER_CIDR, NODE_IP, NODE_ZONE, SCENARIOS, Scenario, endpoints, spn, state  # noqa: E402
 from iptables_topology import Topology, _build, _destroy, sh  # noqa: E402
 
@@ -96,5 +98,8 @@ def test_ipvs_conformance(node: tuple[Topology, NodeProxier], scenario: Scenario
         proxier.endpoints[spn(scenario)] = endpoints(scenario, 2)
         proxier.sync(frozenset({spn(scenario)}))
 
-    failures = check_scenario("ipvs", scenario, clients.__getitem__, phase2)
+    # Every passing probe is also traced (`kproxy trace`, the mode detected) and must agree; the
+    # back end is named only to spare the VM's slow process starts a probe of the other one.
+    tracer = trace_checker(topo.node, ["--iptables-backend", proxier.backend])
+    failures = check_scenario("ipvs", scenario, clients.__getitem__, phase2, tracer)
     assert not failures, f"ipvs / {scenario.name}:\n" + "\n".join(failures)
