@@ -140,7 +140,7 @@ def real_cluster_apply_to_ready(replicas: int) -> float:
         assert r.returncode == 0, r.stdout + r.stderr
 
         async def run() -> float:
-            async with api.Client(api.Config.from_kubeconfig(kc)) as c:
+            async with api.Client(api.load_kubeconfig(kc)) as c:
                 t0 = time.monotonic()
                 waiter = asyncio.create_task(wait_ready_endpoints(c, "default", "bench", replicas, 300))
                 await asyncio.to_thread(kubectl_apply, kc, manifest("bench", replicas))
@@ -159,7 +159,7 @@ def simulated_apply_to_ready(replicas: int) -> float:
     with running_apiserver() as a:
 
         async def run() -> float:
-            cfg = api.Config.from_kubeconfig(a.kubeconfig)
+            cfg = api.load_kubeconfig(a.kubeconfig)
             async with api.Client(cfg) as c, api.Client(cfg) as sc:
                 mgr = ControllerManager(c, ControllerOptions())
                 sim = SimulatedNodes(sc, 3)
@@ -211,7 +211,7 @@ def test_bench_cluster_1000_services_x_10_pods_simulated(benchmark: Any) -> None
     services = int(os.environ.get("KPC_BENCH_SERVICES", "1000"))
     per = 10
     with running_apiserver(extra_args=["--watch-cache-size", "100000"]) as a:
-        cfg = api.Config.from_kubeconfig(a.kubeconfig)
+        cfg = api.load_kubeconfig(a.kubeconfig)
         log = open(Path(a.data_dir) / "controllers.log", "wb")  # noqa: SIM115
         ctrl = subprocess.Popen(
             [str(BIN / "kproxy-cluster"), "_controllers", "--kubeconfig", a.kubeconfig],

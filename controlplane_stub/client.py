@@ -1,42 +1,35 @@
-"""A small async Kubernetes API client for the controllers and node agents.
+"""The control plane's side of the one Kubernetes client (kproxy.kube): controllers and node agents
+read and write whole objects as dicts.
 
-It speaks only the documented REST wire (list, watch with resume and 410 relist, create, update,
-patch, delete), so controllers and agents run unchanged against a real kube-apiserver. It never
-imports kproxy or kdns: the control plane and the node programs meet only on the wire.
+kproxy.kube does the wire (kubeconfig, TLS, HTTP/1.1, list+watch with resume, bookmarks and 410
+relist); this adds what only controllers need: the resource path table, JSON dicts, retries of
+transient failures and conflicts, an informer cache that takes assumed writes (the upstream
+controllers' "expectations"), a work queue and an Event recorder. It speaks only the documented
+REST wire, so controllers and agents run unchanged against a real kube-apiserver; sharing the
+client library does not make the control plane and the node programs meet anywhere but the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
-import os
 import random
-import ssl
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
-import aiohttp
-import yaml
+import msgspec
+
+from kproxy.kube.client import ApiClient, ApiError
+from kproxy.kube.kubeconfig import ClusterAccess, load_kubeconfig
+from kproxy.kube.reflector import Backoff, Reflector
+from kproxy.kube.types import Status
+
+__all__ = ["ApiError", "ClusterAccess", "load_kubeconfig", "Client", "Informer", "WorkQueue", "EventRecorder"]
 
 log = logging.getLogger("kpc.client")
 
 Obj = dict[str, Any]
-
-
-class ApiError(Exception):
-    """A failed request, carrying the server's meta/v1 Status (reason, code, message)."""
-
-    def __init__(self, code: int, status: Obj) -> None:
-        self.code = code
-        self.status = status
-        self.reason = str(status.get("reason", ""))
-        super().__init__(f"{code} {self.reason}: {status.get('message', '')}")
 
 
 # (group/version, plural, namespaced) for the resources the control plane uses.
@@ -73,100 +66,28 @@ def obj_path(resource: str, obj: Obj, sub: str = "") -> str:
     return path(resource, md.get("namespace"), md["name"], sub)
 
 
-@dataclass
-class Config:
-    """What a kubeconfig gives a client: where the server is and how to trust and authenticate."""
-
-    server: str
-    token: str = ""
-    ca_file: str = ""
-    insecure: bool = False
-    cert_file: str = ""
-    key_file: str = ""
-    # Inline kubeconfig data (*-data) stays in memory: nothing is written where it could be left.
-    ca_data: bytes = b""
-    cert_data: bytes = b""
-    key_data: bytes = b""
-
-    @staticmethod
-    def from_kubeconfig(file: str | Path) -> Config:
-        """Reads the current context of a kubeconfig file (token or client-cert auth)."""
-        p = Path(file)
-        try:
-            doc = yaml.safe_load(p.read_text())
-        except OSError as e:
-            raise ValueError(f"--kubeconfig {p}: cannot read: {e}") from e
-        ctx_name = doc.get("current-context") or (doc.get("contexts") or [{}])[0].get("name")
-        ctx = next((c["context"] for c in doc.get("contexts", []) if c.get("name") == ctx_name), None)
-        if ctx is None:
-            raise ValueError(f"--kubeconfig {p}: current-context {ctx_name!r} not found under contexts")
-        cluster = next((c["cluster"] for c in doc.get("clusters", []) if c["name"] == ctx["cluster"]), None)
-        user = next((u.get("user") or {} for u in doc.get("users", []) if u["name"] == ctx.get("user")), {})
-        if cluster is None:
-            raise ValueError(f"--kubeconfig {p}: cluster {ctx['cluster']!r} not found under clusters")
-
-        def data(key: str, src: dict[str, Any]) -> bytes:
-            return base64.b64decode(src[key]) if src.get(key) else b""
-
-        def file(data_key: str, file_key: str, src: dict[str, Any]) -> str:
-            f = "" if src.get(data_key) else src.get(file_key, "")
-            return str((p.parent / f).resolve()) if f else ""
-
-        token = user.get("token", "")
-        if not token and user.get("tokenFile"):
-            token = (p.parent / user["tokenFile"]).read_text().strip()
-        return Config(
-            server=cluster["server"].rstrip("/"),
-            token=token,
-            ca_file=file("certificate-authority-data", "certificate-authority", cluster),
-            insecure=bool(cluster.get("insecure-skip-tls-verify")),
-            cert_file=file("client-certificate-data", "client-certificate", user),
-            key_file=file("client-key-data", "client-key", user),
-            ca_data=data("certificate-authority-data", cluster),
-            cert_data=data("client-certificate-data", user),
-            key_data=data("client-key-data", user),
-        )
-
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        if not self.server.startswith("https"):
-            return False
-        if self.insecure:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        else:
-            ctx = ssl.create_default_context(
-                cafile=self.ca_file or None, cadata=self.ca_data.decode("ascii") if self.ca_data else None
-            )
-        if self.cert_file or self.cert_data:
-            self._load_cert_chain(ctx)
-        return ctx
-
-    def _load_cert_chain(self, ctx: ssl.SSLContext) -> None:
-        # ssl loads a certificate chain only from files: inline data goes through a private
-        # temporary directory removed right after loading (the key file is the owner's only).
-        with tempfile.TemporaryDirectory(prefix="kpc-tls-") as tmp:
-            cert, key = self.cert_file, self.key_file
-            if self.cert_data:
-                cert = os.path.join(tmp, "client.crt")
-                Path(cert).write_bytes(self.cert_data)
-            if self.key_data:
-                key = os.path.join(tmp, "client.key")
-                with os.fdopen(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
-                    fh.write(self.key_data)
-            ctx.load_cert_chain(cert, key or None)
-
-
 RETRYABLE = {429, 500, 502, 503, 504}
+_PATCH_TYPES = {
+    "merge": "application/merge-patch+json",
+    "json": "application/json-patch+json",
+    "strategic": "application/strategic-merge-patch+json",
+}
+
+
+def _error(code: int, reason: str, message: str) -> ApiError:
+    return ApiError(Status(status="Failure", code=code, reason=reason, message=message))
 
 
 class Client:
-    """One aiohttp session to one API server. Writes retry transient failures with backoff."""
+    """Dict-in, dict-out requests over one kproxy.kube.ApiClient. Writes retry transient failures
+    with backoff. Keeps up to 64 requests in flight and their connections alive (a controller
+    writes all the time; a new TLS handshake per request would cost more than the request)."""
 
-    def __init__(self, config: Config, *, user_agent: str = "kproxy-cluster", qps_burst: int = 0) -> None:
-        self.config = config
+    def __init__(self, access: ClusterAccess, *, user_agent: str = "kproxy-cluster") -> None:
+        self.access = access
         self.user_agent = user_agent
-        self._session: aiohttp.ClientSession | None = None
+        self.api = ApiClient(access, user_agent=user_agent, request_timeout=30.0, max_idle=64,
+                             idle_seconds=30.0, max_connections=64)
         self.writes = 0  # API write requests sent (the bench reports the rate)
 
     async def __aenter__(self) -> Client:
@@ -175,20 +96,8 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"User-Agent": self.user_agent, "Accept": "application/json"}
-            if self.config.token:
-                headers["Authorization"] = f"Bearer {self.config.token}"
-            conn = aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=64)
-            self._session = aiohttp.ClientSession(
-                self.config.server, headers=headers, connector=conn, json_serialize=json.dumps
-            )
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.api.close()
 
     async def request(
         self,
@@ -201,41 +110,22 @@ class Client:
         attempts: int = 6,
     ) -> Obj:
         delay = 0.1
-        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        data = None if body is None else (body if isinstance(body, bytes) else msgspec.json.encode(body))
         if method != "GET":
             self.writes += 1
         for attempt in range(attempts):
             try:
-                async with self.session().request(
-                    method,
-                    url,
-                    data=data,
-                    params=params,
-                    headers={"Content-Type": content_type} if data is not None else None,
-                    timeout=aiohttp.ClientTimeout(total=30),
-                ) as resp:
-                    raw = await resp.read()
-                    doc: Obj = json.loads(raw) if raw else {}
-                    if resp.status < 400:
-                        return doc
-                    if resp.status in RETRYABLE and attempt + 1 < attempts:
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 2.0)
-                        continue
-                    if doc.get("kind") != "Status":
-                        doc = {
-                            "kind": "Status",
-                            "code": resp.status,
-                            "message": raw[:200].decode(errors="replace"),
-                        }
-                    raise ApiError(resp.status, doc)
-            except (TimeoutError, aiohttp.ClientConnectionError) as e:
+                raw = await self.api.request(method, url, params, data, content_type)
+                doc: Obj = msgspec.json.decode(raw) if raw else {}
+                return doc
+            except ApiError as e:
+                if e.code not in RETRYABLE or attempt + 1 >= attempts:
+                    raise
+            except (TimeoutError, OSError, msgspec.DecodeError) as e:  # OSError: ConnectionError too
                 if attempt + 1 >= attempts:
-                    raise ApiError(
-                        503, {"reason": "ServiceUnavailable", "message": f"{method} {url}: {e!r}"}
-                    ) from e
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                    raise _error(503, "ServiceUnavailable", f"{method} {url}: {e!r}") from e
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
 
     async def get(self, url: str, params: dict[str, str] | None = None) -> Obj:
@@ -248,11 +138,7 @@ class Client:
         return await self.request("PUT", url, body=obj)
 
     async def patch(self, url: str, patch: Any, kind: str = "merge") -> Obj:
-        ct = {
-            "merge": "application/merge-patch+json",
-            "json": "application/json-patch+json",
-            "strategic": "application/strategic-merge-patch+json",
-        }[kind]
+        ct = _PATCH_TYPES[kind]
         # A patch without metadata.resourceVersion cannot be stale: the real server retries it on a
         # write race internally; a server that answers 409 anyway gets it re-sent.
         pinned = isinstance(patch, dict) and bool((patch.get("metadata") or {}).get("resourceVersion"))
@@ -307,9 +193,7 @@ class Client:
                 if e.code != 409:
                     raise
                 await asyncio.sleep(random.uniform(0.01, 0.1))
-        raise ApiError(
-            409, {"reason": "Conflict", "message": f"{url}: still conflicting after {attempts} tries"}
-        )
+        raise _error(409, "Conflict", f"{url}: still conflicting after {attempts} tries")
 
     async def list(
         self, url: str, params: dict[str, str] | None = None, page: int = 500
@@ -338,30 +222,9 @@ class Client:
     ) -> AsyncIterator[Obj]:
         """Watch events (dicts with type and object) from resource_version until the server closes."""
         q = dict(params or {})
-        q.update(
-            watch="true",
-            resourceVersion=resource_version,
-            allowWatchBookmarks="true",
-            timeoutSeconds=str(timeout_seconds),
-        )
-        async with self.session().get(
-            url + "?" + urlencode(q),
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30),
-        ) as resp:
-            if resp.status >= 400:
-                raw = await resp.read()
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
-                    doc = {"message": raw[:200].decode(errors="replace")}
-                raise ApiError(resp.status, doc)
-            buf = b""
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        yield json.loads(line)
+        q.update(resourceVersion=resource_version, allowWatchBookmarks="true", timeoutSeconds=str(timeout_seconds))
+        async for line in self.api.watch(url, q, read_timeout=timeout_seconds + 30):
+            yield msgspec.json.decode(line)
 
 
 Handler = Callable[[str, Obj, Obj | None], Awaitable[None] | None]
@@ -380,13 +243,16 @@ def key_of(obj: Obj) -> str:
     return f"{ns}/{md['name']}" if ns else str(md["name"])
 
 
-class Informer:
-    """List+watch one resource into a cache and tell handlers (event, new, old) about every change.
+def _keyable(obj: Obj) -> bool:
+    md = obj.get("metadata")
+    return isinstance(md, dict) and isinstance(md.get("name"), str) and bool(md["name"])
 
-    Lists once, then watches from the list's resourceVersion (bookmarks advance it); on 410 Gone it
-    relists and synthesizes the differences; on a dropped connection it resumes from the last seen
-    version with capped, jittered backoff.
-    """
+
+class Informer:
+    """One resource in a cache, fed by kproxy.kube's Reflector (list, then watch from the list's
+    resourceVersion with bookmarks; 410 Gone relists, a dropped watch resumes with capped,
+    jittered backoff); handlers hear (event, new, old) for every change, relists as the
+    differences. Writes this client made can be put into the cache at once (assume)."""
 
     def __init__(
         self,
@@ -400,17 +266,18 @@ class Informer:
         self.client = client
         self.resource = resource
         self.url = path(resource, namespace)
-        self.params: dict[str, str] = {}
-        if label_selector:
-            self.params["labelSelector"] = label_selector
-        if field_selector:
-            self.params["fieldSelector"] = field_selector
+        self.label_selector = label_selector
+        self.field_selector = field_selector
         self.cache: dict[str, Obj] = {}
         self.handlers: list[Handler] = []
         self.synced = asyncio.Event()
-        self.rv = ""
-        self.relists = 0
+        self.rv = ""  # set before run(): watch from there without listing first
         self.tombstones: dict[str, str] = {}
+        self._reflector: Reflector[dict[Any, Any]] | None = None
+
+    @property
+    def relists(self) -> int:
+        return self._reflector.lists if self._reflector is not None else 0
 
     async def assume(self, obj: Obj) -> None:
         """Puts the object a write returned into the cache at once, so that a sync that runs
@@ -442,14 +309,13 @@ class Informer:
             if r is not None:
                 await r
 
-    async def _relist(self) -> None:
-        items, rv = await self.client.list(self.url, self.params)
-        fresh = {key_of(o): o for o in items}
+    # ReflectorStore[dict]: the Reflector awaits these.
+    async def replace(self, items: list[Obj], resource_version: str) -> None:
+        fresh = {key_of(o): o for o in items if _keyable(o)}
         old_cache = self.cache
         self.cache = fresh
         self.tombstones.clear()
-        self.rv = rv
-        self.relists += 1
+        self.rv = resource_version
         for k, o in fresh.items():
             prev = old_cache.get(k)
             if prev is None:
@@ -461,55 +327,38 @@ class Informer:
                 await self._emit("DELETED", o, o)
         self.synced.set()
 
+    async def apply(self, typ: str, obj: Obj) -> None:
+        if not _keyable(obj):
+            log.warning("informer resource=%s skipping an object without metadata.name", self.resource)
+            return
+        md = obj["metadata"]
+        rv = md.get("resourceVersion")
+        if rv:
+            self.rv = str(rv)
+        k = key_of(obj)
+        uid = md.get("uid", "")
+        if typ == "DELETED":
+            if self.tombstones.pop(uid, None) is not None and k not in self.cache:
+                return  # already assumed deleted
+            prev = self.cache.pop(k, None)
+            await self._emit("DELETED", obj, prev)
+            return
+        if uid in self.tombstones:
+            return  # a late event for an object this client deleted
+        prev = self.cache.get(k)
+        if prev is not None and _older(rv, prev["metadata"].get("resourceVersion")):
+            return  # the cache already holds a newer, assumed, version
+        self.cache[k] = obj
+        await self._emit("ADDED" if prev is None else "MODIFIED", obj, prev)
+
     async def run(self) -> None:
-        backoff = 0.2
-        need_list = not self.rv  # a preset rv resumes a watch without listing first
-        while True:
-            try:
-                if need_list:
-                    await self._relist()
-                    need_list = False
-                async for ev in self.client.watch(self.url, self.rv, self.params):
-                    backoff = 0.2
-                    typ, obj = ev.get("type"), ev.get("object") or {}
-                    if typ == "ERROR":
-                        if obj.get("code") == 410:
-                            need_list = True
-                            break
-                        raise ApiError(int(obj.get("code", 500)), obj)
-                    rv = (obj.get("metadata") or {}).get("resourceVersion")
-                    if rv:
-                        self.rv = rv
-                    if typ == "BOOKMARK":
-                        continue
-                    k = key_of(obj)
-                    uid = (obj.get("metadata") or {}).get("uid", "")
-                    if typ == "DELETED":
-                        if self.tombstones.pop(uid, None) is not None and k not in self.cache:
-                            continue  # already assumed deleted
-                        prev = self.cache.pop(k, None)
-                        await self._emit("DELETED", obj, prev)
-                    else:
-                        if uid in self.tombstones:
-                            continue  # a late event for an object this client deleted
-                        prev = self.cache.get(k)
-                        if prev is not None and _older(rv, prev["metadata"].get("resourceVersion")):
-                            continue  # the cache already holds a newer, assumed, version
-                        self.cache[k] = obj
-                        await self._emit("ADDED" if prev is None else "MODIFIED", obj, prev)
-            except asyncio.CancelledError:
-                raise
-            except ApiError as e:
-                if e.code == 410:
-                    need_list = True
-                    continue
-                log.warning("informer resource=%s error=%s", self.resource, e)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
-            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-                log.info("informer resource=%s watch dropped=%r; resuming rv=%s", self.resource, e, self.rv)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
+        # Controllers want to be back soon after an API server restart: 0.2 s doubling to 5 s.
+        self._reflector = Reflector(
+            self.client.api, self.url, dict, self, label_selector=self.label_selector,
+            field_selector=self.field_selector, name=self.resource, resume_from=self.rv,
+            backoff=Backoff(initial=0.2, cap=5.0, jitter=0.5, reset_after=30.0),
+        )
+        await self._reflector.run()
 
 
 class WorkQueue:

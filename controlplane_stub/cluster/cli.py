@@ -257,7 +257,7 @@ def component_lines(st: State, sup_alive: bool) -> tuple[list[str], list[str]]:
 
 def _nodes(st: State) -> list[str]:
     async def get() -> list[dict[str, Any]]:
-        async with api.Client(api.Config.from_kubeconfig(st.kubeconfig)) as c:
+        async with api.Client(api.load_kubeconfig(st.kubeconfig)) as c:
             items, _ = await c.list(api.path("nodes"))
             return items
 

@@ -19,7 +19,7 @@ def cmd_controllers(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     async def run() -> None:
-        async with api.Client(api.Config.from_kubeconfig(args.kubeconfig), user_agent="kpc-controllers") as c:
+        async with api.Client(api.load_kubeconfig(args.kubeconfig), user_agent="kpc-controllers") as c:
             await ControllerManager(
                 c,
                 ControllerOptions(lb_pool=args.lb_pool, max_endpoints_per_slice=args.max_endpoints_per_slice),
@@ -53,7 +53,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with api.Client(
-            api.Config.from_kubeconfig(args.kubeconfig), user_agent=f"kpc-agent/{node.name}"
+            api.load_kubeconfig(args.kubeconfig), user_agent=f"kpc-agent/{node.name}"
         ) as c:
             await NodeAgent(c, cfg).run()
 

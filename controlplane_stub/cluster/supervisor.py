@@ -194,7 +194,7 @@ class Supervisor:
     async def lb_relays(self) -> None:
         """Docker Desktop style: each LoadBalancer Service port on localhost:PORT of the host,
         relayed with sockets into the client netns (which routes LB IPs to the nodes)."""
-        c = api.Client(api.Config.from_kubeconfig(self.st.kubeconfig))
+        c = api.Client(api.load_kubeconfig(self.st.kubeconfig))
         opened: dict[int, str] = {}
         inf = api.Informer(c, "services")
         servers: dict[int, asyncio.AbstractServer] = {}
@@ -476,7 +476,7 @@ class Supervisor:
         for ns in [n.netns for n in self.node_nets] + [self.topo.client_ns, self.topo.net_ns]:
             await self.relay(ns, self.st.api_port)
         self.progress("API server reachable at the same URL inside every node netns (socket relay)")
-        c = api.Client(api.Config.from_kubeconfig(self.st.kubeconfig))
+        c = api.Client(api.load_kubeconfig(self.st.kubeconfig))
         self.spawn(
             "controllers",
             self_command()

@@ -1,4 +1,5 @@
-"""Helpers the controllers share: label selectors, owner references, pod readiness, times."""
+"""Helpers the controllers share: owner references, pod readiness, times (label selectors:
+controlplane_stub.selectors)."""
 
 from __future__ import annotations
 
@@ -14,33 +15,6 @@ def now() -> str:
 
 def parse_time(s: str) -> float:
     return datetime.strptime(s[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
-
-
-def selector_matches(selector: Obj | None, labels: dict[str, str]) -> bool:
-    """A metav1.LabelSelector (matchLabels + matchExpressions). An empty selector matches all."""
-    if not selector:
-        return True
-    for k, v in (selector.get("matchLabels") or {}).items():
-        if labels.get(k) != v:
-            return False
-    for e in selector.get("matchExpressions") or []:
-        key, op, values = e["key"], e["operator"], e.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
-def map_selector_matches(selector: dict[str, str] | None, labels: dict[str, str]) -> bool:
-    """A Service's plain map selector; an empty one selects nothing (Services without selectors)."""
-    if not selector:
-        return False
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def controller_ref(owner: Obj) -> Obj:

@@ -16,9 +16,9 @@ from controlplane_stub.controllers.common import (
     pod_active,
     pod_available,
     pod_ready,
-    selector_matches,
 )
 from controlplane_stub.controllers.index import Indexes
+from controlplane_stub.selectors import label_selector_matches
 
 log = logging.getLogger("kpc.replicaset")
 Obj = dict[str, Any]
@@ -133,7 +133,7 @@ class ReplicaSetController:
             "fullyLabeledReplicas": sum(
                 1
                 for p in pods
-                if selector_matches({"matchLabels": labels}, p["metadata"].get("labels") or {})
+                if label_selector_matches({"matchLabels": labels}, p["metadata"].get("labels") or {})
             ),
             "readyReplicas": ready,
             "availableReplicas": available,

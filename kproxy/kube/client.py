@@ -1,11 +1,13 @@
-"""A small asynchronous Kubernetes REST client: GET (list/get) and streaming watch, HTTP/1.1 over
-asyncio streams.
+"""A small asynchronous Kubernetes REST client: every verb (GET, POST, PUT, PATCH, DELETE) and
+streaming watch, HTTP/1.1 over asyncio streams.
 
 Only documented API behaviour: JSON over HTTP(S), bearer/basic/client-certificate auth, Status
-bodies for errors, newline-delimited watch events. Two kinds of GET are all the node programs send,
-so this speaks just enough HTTP/1.1 for them (Content-Length, chunked and read-to-close bodies,
-keep-alive for list pages) instead of importing aiohttp's client: that import alone is about
-12 MiB of RSS, a fifth of kproxy-dns's 60 MiB budget at 10,000 Services (bench/bench_dns_memory.py).
+bodies for errors, newline-delimited watch events. This speaks just enough HTTP/1.1 for that
+(Content-Length request bodies; Content-Length, chunked and read-to-close response bodies;
+keep-alive) instead of importing aiohttp's client: that import alone is about 12 MiB of RSS, a
+fifth of kproxy-dns's 60 MiB budget at 10,000 Services (bench/bench_dns_memory.py). The node
+programs (kproxy, kdns) only GET and watch; the control plane's controllers and agents write too,
+with a larger pool of kept-alive connections (max_idle, idle_seconds, max_connections).
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ class ApiError(Exception):
     @property
     def code(self) -> int:
         return self.status.code
+
+    @property
+    def reason(self) -> str:
+        return self.status.reason
 
 
 class ProtocolError(ConnectionError):
@@ -128,10 +134,19 @@ class ApiClient:
     """Connections are opened on demand inside a running event loop; close() ends the idle ones."""
 
     def __init__(self, access: ClusterAccess, *, connect_timeout: float = 10.0,
-                 request_timeout: float = 60.0) -> None:
+                 request_timeout: float = 60.0, user_agent: str = USER_AGENT,
+                 max_idle: int = _IDLE_MAX, idle_seconds: float = _IDLE_SECONDS,
+                 max_connections: int = 0) -> None:
+        """max_idle/idle_seconds: kept-alive connections (a controller writing all the time keeps
+        more, longer, than a node program that lists once); max_connections > 0 bounds the
+        requests in flight at once (watches, each on a connection of its own, are not counted)."""
         self.access = access
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
+        self._user_agent = user_agent
+        self._max_idle = max_idle
+        self._idle_seconds = idle_seconds
+        self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
         url = urlsplit(access.server)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"API server URL {access.server!r}: expected http(s)://host[:port]")
@@ -157,16 +172,20 @@ class ApiClient:
         return await _within(self._connect_timeout,
                              asyncio.open_connection(self._host, self._port, limit=_READ_LIMIT, **kw))
 
-    def _head(self, path: str, params: Mapping[str, str]) -> bytes:
+    def _head(self, method: str, path: str, params: Mapping[str, str], body: bytes | None,
+              content_type: str) -> bytes:
         target = self._prefix + path
         if params:
             target += ("&" if "?" in path else "?") + urlencode(params)
-        lines = [f"GET {target} HTTP/1.1", f"Host: {self._host_header}", "Accept: application/json",
-                 f"User-Agent: {USER_AGENT}"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}", "Accept: application/json",
+                 f"User-Agent: {self._user_agent}"]
         auth = self.access.auth_header()
         if auth:
             lines.append(f"Authorization: {auth}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if body is not None:
+            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head + body if body is not None else head
 
     async def _send(self, conn: _Conn, head: bytes, read_timeout: float | None) -> _Response:
         reader, writer = conn
@@ -192,11 +211,9 @@ class ApiClient:
             raise ProtocolError(f"bad response head: {err}") from err
         return _Response(conn, status, headers)
 
-    async def _open(self, path: str, params: Mapping[str, str], *, reuse: bool,
-                    read_timeout: float | None) -> _Response:
+    async def _open(self, head: bytes, *, reuse: bool, read_timeout: float | None) -> _Response:
         """Send the request on a kept-alive connection if there is one (falling back to a fresh
         connection when the server had closed it meanwhile), else on a new one."""
-        head = self._head(path, params)
         while reuse and self._idle:
             conn = self._idle.pop()[0]
             if conn[0].at_eof():
@@ -205,7 +222,9 @@ class ApiClient:
             try:
                 return await self._send(conn, head, read_timeout)
             except (ConnectionError, OSError):
-                _close(conn)  # closed by the server while idle: GET is safe to send again
+                # Closed by the server while idle, before any answer: the request was not
+                # processed, so it is sent again (as Go's transport does for any method).
+                _close(conn)
         conn = await self._connect()
         try:
             return await self._send(conn, head, read_timeout)
@@ -215,18 +234,33 @@ class ApiClient:
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> bytes:
         """GET path and return the body; non-2xx raises ApiError with the server's Status."""
+        return await self.request("GET", path, params)
+
+    async def request(self, method: str, path: str, params: Mapping[str, str] | None = None,
+                      body: bytes | None = None, content_type: str = "application/json") -> bytes:
+        """One request; returns the response body, non-2xx raises ApiError with the server's
+        Status."""
+        head = self._head(method, path, params or {}, body, content_type)
+        if self._slots is None:
+            status, answer = await self._exchange(head)
+        else:
+            async with self._slots:
+                status, answer = await self._exchange(head)
+        if status >= 300:
+            raise ApiError(decode_status(answer, status), method, path)
+        return answer
+
+    async def _exchange(self, head: bytes) -> tuple[int, bytes]:
         async with asyncio.timeout(self._request_timeout):
-            resp = await self._open(path, params or {}, reuse=True, read_timeout=None)
+            resp = await self._open(head, reuse=True, read_timeout=None)
             try:
-                body = await resp.read()
+                answer = await resp.read()
             finally:
                 if resp.reusable:
                     self._park(resp.conn)
                 else:
                     _close(resp.conn)
-        if resp.status >= 300:
-            raise ApiError(decode_status(body, resp.status), "GET", path)
-        return body
+        return resp.status, answer
 
     async def watch(self, path: str, params: Mapping[str, str], *,
                     read_timeout: float) -> AsyncIterator[bytes]:
@@ -238,7 +272,8 @@ class ApiClient:
         query = dict(params)
         query["watch"] = "true"
         async with asyncio.timeout(self._connect_timeout + read_timeout):
-            resp = await self._open(path, query, reuse=False, read_timeout=read_timeout)
+            resp = await self._open(self._head("GET", path, query, None, ""), reuse=False,
+                                    read_timeout=read_timeout)
         try:
             if resp.status >= 300:
                 body = await _within(read_timeout, resp.read())
@@ -263,18 +298,18 @@ class ApiClient:
             _close(resp.conn)
 
     def _park(self, conn: _Conn) -> None:
-        if len(self._idle) >= _IDLE_MAX:
+        if len(self._idle) >= self._max_idle:
             _close(conn)
             return
         loop = asyncio.get_running_loop()
         self._idle.append((conn, loop.time()))
         if self._reaper is None:
-            self._reaper = loop.call_later(_IDLE_SECONDS, self._reap)
+            self._reaper = loop.call_later(self._idle_seconds, self._reap)
 
     def _reap(self) -> None:
         self._reaper = None
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - _IDLE_SECONDS
+        cutoff = loop.time() - self._idle_seconds
         for conn, since in self._idle:
             if since <= cutoff:
                 _close(conn)

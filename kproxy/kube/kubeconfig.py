@@ -7,10 +7,11 @@ KUBECONFIG may list several files, the first one defining a name wins.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import ssl
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,22 +93,32 @@ class ClusterAccess:
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, access: ClusterAccess) -> None:
-    # ssl can only load a certificate chain from files: inline data goes through a private
-    # temporary directory that is removed right after loading.
-    with tempfile.TemporaryDirectory(prefix="kproxy-tls-") as tmp:
-        cert, key = access.client_cert_file, access.client_key_file
-        if access.client_cert_data:
-            cert = os.path.join(tmp, "client.crt")
-            Path(cert).write_bytes(access.client_cert_data)
-        if access.client_key_data:
-            key = os.path.join(tmp, "client.key")
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(access.client_key_data)
-        try:
+    try:
+        with contextlib.ExitStack() as stack:
+            cert = access.client_cert_file
+            key = access.client_key_file
+            if access.client_cert_data:
+                cert = stack.enter_context(_memory_file(access.client_cert_data, "client.crt"))
+            if access.client_key_data:
+                key = stack.enter_context(_memory_file(access.client_key_data, "client.key"))
             ctx.load_cert_chain(cert, key or None)
-        except (OSError, ssl.SSLError) as err:
-            raise KubeConfigError(f"cannot load client certificate/key: {err}") from err
+    except (OSError, ssl.SSLError) as err:
+        raise KubeConfigError(f"cannot load client certificate/key: {err}") from err
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes, name: str) -> Iterator[str]:
+    """A path to `data` that is never on a disk: ssl loads a certificate chain only from a path,
+    so inline kubeconfig data goes into an anonymous memory file (memfd, readable by this process
+    only) named through /proc/self/fd, closed right after loading."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _b64(value: Any, what: str) -> bytes:

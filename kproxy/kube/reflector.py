@@ -4,7 +4,10 @@ run(): a paginated consistent list handed to store.replace(), then a watch from 
 resourceVersion with bookmarks; every event goes to store.apply(). A watch that ends (server
 timeout, disconnect, 5xx) resumes from the last resourceVersion seen, after an exponential,
 capped, jittered backoff when it failed; 410 Gone ("too old resource version", or an expired
-continue token) relists. Objects are decoded straight into the caller's trimmed type.
+continue token) relists. Objects are decoded straight into the caller's trimmed type (a msgspec
+Struct), or into plain dicts (item_type dict) for a consumer that writes whole objects
+back, as the control plane's controllers do. A store may be asynchronous: what its replace() and
+apply() return is awaited before the next event is read.
 """
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -22,14 +25,14 @@ from kproxy.kube.types import BookmarkObject, ListMeta, ObjectList, RawWatchEven
 
 log = logging.getLogger("kproxy.reflector")
 
-T = TypeVar("T", bound=msgspec.Struct)
+T = TypeVar("T")
 
 
 class ReflectorStore(Protocol[T]):
-    def replace(self, items: list[T], resource_version: str) -> None:
+    def replace(self, items: list[T], resource_version: str) -> Awaitable[None] | None:
         """After every (re)list: the complete current set."""
 
-    def apply(self, event_type: str, item: T) -> None:
+    def apply(self, event_type: str, item: T) -> Awaitable[None] | None:
         """One watch event: ADDED, MODIFIED or DELETED."""
 
 
@@ -104,7 +107,10 @@ class Reflector(Generic[T]):
                  label_selector: str = "", field_selector: str = "", page_size: int = 500,
                  bookmarks: bool = True, name: str = "",
                  min_watch_timeout: float = 300.0, backoff: Backoff | None = None,
-                 on_undecodable: Callable[[], None] | None = None) -> None:
+                 on_undecodable: Callable[[], None] | None = None,
+                 resume_from: str = "") -> None:
+        """resume_from: a resourceVersion to watch from at once, without a first list (one the
+        caller kept; a 410 relists as usual)."""
         self.client = client
         self.path = path
         self.item_type = item_type
@@ -116,7 +122,7 @@ class Reflector(Generic[T]):
         self.name = name or path
         self.min_watch_timeout = min_watch_timeout
         self.backoff = backoff or Backoff()
-        self.last_resource_version = ""
+        self.last_resource_version = resume_from
         self.lists = 0  # completed lists, for tests and logs
         self.undecodable = 0  # objects replaced by their identity stand-in
         self._on_undecodable = on_undecodable
@@ -144,7 +150,7 @@ class Reflector(Generic[T]):
         return params
 
     async def run(self) -> None:
-        need_list = True
+        need_list = not self.last_resource_version
         gone_streak = 0  # 410s with no event in between: back off instead of relisting hot
         while True:
             try:
@@ -197,8 +203,8 @@ class Reflector(Generic[T]):
         self.last_resource_version = rv
         if paged is not None:
             paged.end_replace(rv)
-        else:
-            self.store.replace(items, rv)
+        elif (done := self.store.replace(items, rv)) is not None:
+            await done
         self.lists += 1
         self._synced.set()
 
@@ -227,7 +233,8 @@ class Reflector(Generic[T]):
                 if item is None:
                     continue
                 rv = _resource_version(item)
-                self.store.apply(ev.type, item)
+                if (done := self.store.apply(ev.type, item)) is not None:
+                    await done
                 if rv:
                     self.last_resource_version = rv
             elif ev.type == "BOOKMARK":
@@ -290,7 +297,10 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _resource_version(item: msgspec.Struct) -> str:
-    meta = getattr(item, "metadata", None)
-    rv = getattr(meta, "resource_version", "")
+def _resource_version(item: object) -> str:
+    if isinstance(item, dict):
+        meta: Any = item.get("metadata")
+        rv = meta.get("resourceVersion", "") if isinstance(meta, dict) else ""
+    else:
+        rv = getattr(getattr(item, "metadata", None), "resource_version", "")
     return rv if isinstance(rv, str) else ""

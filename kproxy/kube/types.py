@@ -38,7 +38,7 @@ class ListMeta(msgspec.Struct, rename="camel", gc=False):
     remaining_item_count: int | None = None
 
 
-T = TypeVar("T", bound=msgspec.Struct)
+T = TypeVar("T")  # a trimmed Struct, or dict[str, Any] for whole objects
 
 
 class ObjectList(msgspec.Struct, Generic[T], rename="camel"):

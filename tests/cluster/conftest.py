@@ -30,7 +30,7 @@ def apiserver() -> Iterator[APIServerProcess]:
 @pytest.fixture(scope="module")
 def controlplane(apiserver: APIServerProcess) -> Iterator[ControlPlane]:
     loop = LoopThread()
-    cfg = api.Config.from_kubeconfig(apiserver.kubeconfig)
+    cfg = api.load_kubeconfig(apiserver.kubeconfig)
 
     async def start() -> ControlPlane:
         c = api.Client(cfg)

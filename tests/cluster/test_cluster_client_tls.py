@@ -1,7 +1,7 @@
-"""The control plane's client (controlplane_stub.client) with a kubeconfig whose CA, client
-certificate and key are inline (*-data): a real TLS handshake with client-certificate auth on
-loopback, and no file of that data left anywhere (they were written to temporary files that were
-never removed)."""
+"""The control plane's client (controlplane_stub.client over kproxy.kube) with a kubeconfig whose
+CA, client certificate and key are inline (*-data): a real TLS handshake with client-certificate
+auth on loopback, and no file of that data written anywhere (they went through temporary files
+that were never removed, later through a temporary directory; now through memory files)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +17,7 @@ import yaml
 from aiohttp import web
 
 from controlplane_stub import client as api
+from kproxy.kube.kubeconfig import KubeConfigError
 
 
 def _self_signed(tmp: Path, cn: str) -> tuple[bytes, bytes]:
@@ -67,9 +68,9 @@ def test_inline_certificates_authenticate_and_leave_no_file(tmp_path: Path, monk
         await site.start()
         url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
         try:
-            cfg = api.Config.from_kubeconfig(kubeconfig(url, {"client-certificate-data": b64(cli_cert),
-                                                              "client-key-data": b64(cli_key)}))
-            assert cfg.cert_file == cfg.key_file == cfg.ca_file == ""  # the data stays in memory
+            cfg = api.load_kubeconfig(kubeconfig(url, {"client-certificate-data": b64(cli_cert),
+                                                       "client-key-data": b64(cli_key)}))
+            assert cfg.client_cert_file == cfg.client_key_file == cfg.ca_file == ""  # the data stays in memory
             c = api.Client(cfg)
             try:
                 items, _ = await c.list(api.path("nodes"))
@@ -77,10 +78,10 @@ def test_inline_certificates_authenticate_and_leave_no_file(tmp_path: Path, monk
             finally:
                 await c.close()
             assert seen == ["client"]
-            # The server's key as the client's: the chain does not load, said as an SSL error.
-            bad = api.Config.from_kubeconfig(kubeconfig(url, {"client-certificate-data": b64(cli_cert),
-                                                              "client-key-data": b64(srv_key)}))
-            with pytest.raises(ssl.SSLError):
+            # The server's key as the client's: the chain does not load, said as a kubeconfig error.
+            bad = api.load_kubeconfig(kubeconfig(url, {"client-certificate-data": b64(cli_cert),
+                                                       "client-key-data": b64(srv_key)}))
+            with pytest.raises(KubeConfigError, match="cannot load client certificate/key"):
                 bad.ssl_context()
         finally:
             await runner.cleanup()

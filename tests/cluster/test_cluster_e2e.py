@@ -53,7 +53,7 @@ class SliceRecorder:
 
     def __init__(self, c: Cluster) -> None:
         self.loop = LoopThread()
-        self.client = api.Client(api.Config.from_kubeconfig(c.kubeconfig))
+        self.client = api.Client(api.load_kubeconfig(c.kubeconfig))
         self.history: list[tuple[float, frozenset[str], frozenset[str]]] = []
         self.slices: dict[str, Obj] = {}
         self.fut = self.loop.spawn(self._run())

@@ -41,7 +41,7 @@ async def until(what: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> N
 
 def run_with_controllers(apiserver: APIServerProcess, body: Callable[[api.Client, str], Awaitable[None]]) -> None:
     async def main() -> None:
-        cfg = api.Config.from_kubeconfig(apiserver.kubeconfig)
+        cfg = api.load_kubeconfig(apiserver.kubeconfig)
         c = api.Client(cfg)
         opts = ControllerOptions(lb_pool=POOL, enabled=("endpointslice", "loadbalancer"))
         mgr = ControllerManager(c, opts)

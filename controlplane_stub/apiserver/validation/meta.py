@@ -6,6 +6,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+# selector_matches is the controllers' copy too: one module both import.
+from controlplane_stub.selectors import label_selector_matches as selector_matches  # noqa: F401
+
 from .fielderrors import FieldErrors, GoValue, Obj, go_quote, go_repr
 from .names import is_dns1123_label, is_label_value, is_qualified_name
 
@@ -146,27 +149,6 @@ def validate_label_selector(errs: FieldErrors, sel: Obj, path: str) -> None:
             errs.invalid(f"{ep}.operator", op, "not a valid selector operator")
         for msg in is_qualified_name(_str(expr.get("key"))):
             errs.invalid(f"{ep}.key", _str(expr.get("key")), msg)
-
-
-def selector_matches(sel: Any, labels: Any) -> bool:
-    """metav1.LabelSelectorAsSelector(sel).Matches(labels); a nil selector matches nothing."""
-    if not isinstance(sel, dict):
-        return False
-    labels = labels if isinstance(labels, dict) else {}
-    for key, value in (sel.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in _dicts(sel.get("matchExpressions")):
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
 
 
 # --- pods ------------------------------------------------------------------------------------------
