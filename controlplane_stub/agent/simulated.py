@@ -68,6 +68,10 @@ class SimulatedNodes:
                         "addresses": [
                             {"type": "InternalIP", "address": str(self.cidrs[n].network_address + 1)}
                         ],
+                        # What a kubelet reports; the EndpointSlice controller's Auto hints
+                        # weigh zones by allocatable CPU.
+                        "capacity": {"cpu": "2", "pods": "110"},
+                        "allocatable": {"cpu": "2", "pods": "110"},
                         "conditions": [
                             {
                                 "type": "Ready",

@@ -18,6 +18,7 @@ from controlplane_stub import client as api
 from controlplane_stub.client import Informer, WorkQueue, key_of
 from controlplane_stub.controllers.common import now, pod_ready
 from controlplane_stub.controllers.index import Indexes
+from controlplane_stub.controllers.topology import TopologyCache, hints_enabled
 
 log = logging.getLogger("kpc.endpointslice")
 Obj = dict[str, Any]
@@ -143,9 +144,13 @@ class EndpointSliceController:
         self.trigger: dict[str, str] = {}
         self.slices_by_service: dict[str, set[str]] = {}
         self.slice_writes = 0
+        self.topology = TopologyCache()
+        self._said: dict[str, tuple[tuple[str, str, str], ...]] = {}  # last hint Events per Service
+        self.events = api.EventRecorder(client, "endpoint-slice-controller")
         services.add_handler(self._on_service)
         pods.add_handler(self._on_pod)
         slices.add_handler(self._on_slice)
+        nodes.add_handler(self._on_node)
 
     # -- events ------------------------------------------------------------------------------
     def _enqueue(self, key: str) -> None:
@@ -154,6 +159,12 @@ class EndpointSliceController:
 
     def _on_service(self, event: str, svc: Obj, old: Obj | None) -> None:
         self._enqueue(key_of(svc))
+
+    def _on_node(self, event: str, node: Obj, old: Obj | None) -> None:
+        # upstream's checkNodeTopologyDistribution: new zone shares; Services whose Auto hints
+        # now overload a zone are synced again.
+        for key in self.topology.set_nodes(self.nodes.cache.values()):
+            self._enqueue(key)
 
     def _on_pod(self, event: str, pod: Obj, old: Obj | None) -> None:
         if old is not None and event == "MODIFIED" and _endpoint_view(pod) == _endpoint_view(old):
@@ -244,10 +255,35 @@ class EndpointSliceController:
             ports = slice_ports(svc, pod)
             pk = group_key(family, ports)
             groups.setdefault(pk, (ports, []))[1].append(ep)
-        if svc["spec"].get("trafficDistribution") == PREFER_CLOSE:
-            for _ports, eps in groups.values():
-                prefer_close_hints(eps)
         return groups
+
+    def set_hints(self, svc: Obj, groups: dict[str, tuple[list[Obj], list[Obj]]]) -> list[tuple[str, str, str]]:
+        """Zone hints on the desired endpoints, per address type as upstream: the topology-mode
+        Auto annotation (proportional, topology.py) wins over spec.trafficDistribution
+        PreferClose (same zone). Returns the Events (type, reason, message) for the Service."""
+        key = key_of(svc)
+        by_type: dict[str, list[Obj]] = {}
+        for pk, (_ports, eps) in groups.items():
+            by_type.setdefault(pk.split("/", 1)[0], []).extend(eps)
+        auto = hints_enabled(svc["metadata"].get("annotations"))
+        events = []
+        for address_type in service_address_types(svc):
+            eps = by_type.get(address_type, [])
+            if auto:
+                events += self.topology.add_hints(key, address_type, eps)
+                continue
+            events += self.topology.annotation_off(key, address_type)
+            if svc["spec"].get("trafficDistribution") == PREFER_CLOSE:
+                prefer_close_hints(eps)
+        said = tuple((e.type, e.reason, e.message) for e in events)
+        if not said:
+            return []
+        # A Service that stays without hints would get the same Warning on every sync: written
+        # once, as client-go's event correlator folds repeats into one Event.
+        if self._said.get(key) == said:
+            return []
+        self._said[key] = said
+        return list(said)
 
     async def sync(self, key: str) -> None:
         svc = self.services.cache.get(key)
@@ -256,8 +292,12 @@ class EndpointSliceController:
             await self._delete_all(key, svc)
             return
         groups = self.desired(svc)
+        events = self.set_hints(svc, groups)
         await self._reconcile_slices(svc, groups, trigger)
         await self._reconcile_endpoints(svc, groups, trigger)
+        ref = {"apiVersion": "v1", "kind": "Service", "metadata": svc["metadata"]}
+        for type_, reason, message in events:
+            self.events.event(ref, type_, reason, message)
 
     def _labels(self, svc: Obj) -> dict[str, str]:
         labels = {
@@ -469,6 +509,8 @@ class EndpointSliceController:
         await self.endpoints.assume(r)
 
     async def _delete_all(self, key: str, svc: Obj | None) -> None:
+        self.topology.forget(key)
+        self._said.pop(key, None)
         for k in list(self.slices_by_service.get(key, ())):
             s = self.slices.cache.get(k)
             if s is not None:

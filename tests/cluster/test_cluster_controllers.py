@@ -482,6 +482,52 @@ def test_prefer_close_sets_zone_hints(controlplane: ControlPlane) -> None:
              what="hints removed")
 
 
+def test_topology_mode_auto_sets_proportional_hints(controlplane: ControlPlane) -> None:
+    """service.kubernetes.io/topology-mode: Auto: hints in proportion to the zones' allocatable
+    CPU (topology.py has the rules), an Event when they are enabled and when they are dropped."""
+    cp = controlplane
+    ns = ns_name(cp)
+    zones = {"sim-1": "zone-a", "sim-2": "zone-b", "sim-3": "zone-a"}
+    for node, zone in zones.items():
+        cp.patch(api.path("nodes", name=node), {"metadata": {"labels": {"topology.kubernetes.io/zone": zone}}})
+    # zone-b (sim-2) has 8 of the 12 CPUs: of 6 endpoints, 2 per node, it should get 4.
+    cp.patch(api.path("nodes", name="sim-2") + "/status", {"status": {"allocatable": {"cpu": "8"}}})
+    svc = service("auto", {"app": "auto"})
+    svc["metadata"]["annotations"] = {"service.kubernetes.io/topology-mode": "Auto"}
+    cp.create(api.path("services", ns), svc)
+    cp.create(api.path("deployments", ns), deployment("auto", 6, {"app": "auto"}))
+
+    def hinted() -> dict[str, int]:
+        eps = [e for x in slices(cp, ns, "auto") for e in x["endpoints"] if e["conditions"]["ready"]]
+        count: dict[str, int] = {}
+        for e in eps:
+            for z in (e.get("hints") or {}).get("forZones") or []:
+                count[z["name"]] = count.get(z["name"], 0) + 1
+        return count if len(eps) == 6 and sum(count.values()) == 6 else {}
+
+    try:
+        assert wait_for(hinted, what="6 hinted endpoints") == {"zone-a": 2, "zone-b": 4}, debug_state(cp, ns)
+
+        def events(reason: str) -> list[Obj]:
+            return [e for e in cp.items(api.path("events", ns))
+                    if e["involvedObject"].get("name") == "auto" and e["reason"] == reason]
+
+        enabled = wait_for(lambda: events("TopologyAwareHintsEnabled"), what="Enabled Event")
+        assert enabled[0]["message"] == "Topology Aware Hints has been enabled, addressType: IPv4"
+        assert enabled[0]["involvedObject"]["kind"] == "Service"
+        # Two endpoints cannot serve zone-b's 2/3 share within the 20% overload threshold: no hints.
+        cp.patch(api.path("deployments", ns, "auto"), {"spec": {"replicas": 2}})
+        wait_for(lambda: (s := slices(cp, ns, "auto")) and len(ready_ips(s)) == 2
+                 and not any(e.get("hints") for x in s for e in x["endpoints"]), what="hints dropped")
+        disabled = wait_for(lambda: events("TopologyAwareHintsDisabled"), what="Disabled Event")
+        assert disabled[0]["type"] == "Warning"
+        assert disabled[0]["message"] == (
+            "Unable to allocate minimum required endpoints to each zone without exceeding overload "
+            "threshold (2 endpoints, 2 zones), addressType: IPv4")
+    finally:
+        cp.patch(api.path("nodes", name="sim-2") + "/status", {"status": {"allocatable": {"cpu": "2"}}})
+
+
 def test_informer_relists_after_410(controlplane: ControlPlane) -> None:
     """A watch from a resourceVersion older than the server's window gets 410; the informer relists."""
     cp = controlplane
