@@ -60,6 +60,10 @@ class SimulatedNodes:
             except api.ApiError as e:
                 if e.code != 409:
                     raise
+            # The Lease before the Ready condition, as a kubelet starts: a node lifecycle check
+            # between the two would find a Ready node without a Lease and turn it Unknown for good
+            # (nothing here posts Ready again), leaving its pods not ready.
+            await self._create_lease(n)
             t = now()
             await self.client.patch(
                 api.path("nodes", name=n) + "/status",
@@ -147,21 +151,26 @@ class SimulatedNodes:
             if e.code != 404:
                 raise
 
+    async def _create_lease(self, n: str) -> None:
+        from controlplane_stub.agent.node import micro_time
+
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": n, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": micro_time()},
+        }
+        try:
+            await self.client.create(api.path("leases", "kube-node-lease"), lease)
+        except api.ApiError as e:
+            if e.code != 409:
+                raise
+
     async def renew_leases(self, every: float = 1.0) -> None:
         from controlplane_stub.agent.node import micro_time
 
         for n in self.names:
-            lease = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": n, "namespace": "kube-node-lease"},
-                "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": micro_time()},
-            }
-            try:
-                await self.client.create(api.path("leases", "kube-node-lease"), lease)
-            except api.ApiError as e:
-                if e.code != 409:
-                    raise
+            await self._create_lease(n)
         while True:
             await asyncio.sleep(every)
             for n in self.names:

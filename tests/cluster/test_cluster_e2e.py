@@ -469,7 +469,8 @@ def test_prefer_close_sends_each_nodes_traffic_to_its_zone(cluster: Cluster) -> 
     PreferClose Service with one pod on node-2 and one on node-3; a client pod on every node:
     node-1's traffic goes to the node-3 pod (same zone, another node), node-2's to the node-2
     pod, node-3's to the node-3 pod, real packets through each node's kproxy. Without
-    PreferClose node-1's client reaches both (so the check can fail)."""
+    PreferClose node-1's client reaches both (so the check can fail). Then the topology-mode Auto
+    annotation: no hints with two endpoints (overload threshold), hints with a third."""
     c = cluster
     nodes = {n["metadata"]["name"]: n["metadata"]["labels"].get("topology.kubernetes.io/zone") for n in c.json("nodes")["items"]}
     assert nodes == {"node-1": "zone-a", "node-2": "zone-b", "node-3": "zone-a"}
@@ -519,9 +520,42 @@ def test_prefer_close_sends_each_nodes_traffic_to_its_zone(cluster: Cluster) -> 
         seen: set[str] = set()
         wait_for(lambda: seen.add(curl_from_pod(c, "zclient-1", url)) or seen >= {"zoned-a", "zoned-b"},
                  timeout=30, interval=0.05, what="zclient-1 answered by both pods")
+        # topology-mode Auto: zone-a has 2 of the 3 nodes' CPU, which 2 endpoints (one a zone) cannot
+        # serve within the 20% overload threshold: no hints, and a Warning Event says why.
+        c.kubectl("annotate", "svc", "zoned", "service.kubernetes.io/topology-mode=Auto")
+        ev = wait_for(lambda: [e for e in c.json("events")["items"] if e["involvedObject"]["name"] == "zoned"
+                               and e["reason"] == "TopologyAwareHintsDisabled"], what="Disabled Event")
+        assert ev[0]["message"].startswith("Unable to allocate minimum required endpoints"), ev[0]
+        assert not any(x.get("hints") for s in c.json("endpointslices", "-l", "kubernetes.io/service-name=zoned")["items"]
+                       for x in s.get("endpoints") or [])
+        # A third endpoint in zone-a (on node-1) gives both zones their share: hints, and node-2's
+        # client reaches only zone-b's pod, node-1's only zone-a's two.
+        c.apply({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "zoned-a2", "namespace": "default", "labels": {"app": "zoned"}},
+            "spec": {"nodeName": "node-1", "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": "busybox", "command": ["/usr/bin/python3", "-c", WHOAMI]}]},
+        })
+
+        def auto_hinted() -> list[Obj]:
+            items = c.json("endpointslices", "-l", "kubernetes.io/service-name=zoned")["items"]
+            eps = [e for s in items for e in s.get("endpoints") or []]
+            ok = len(eps) == 3 and all(e["conditions"]["ready"] and e.get("hints") for e in eps)
+            return eps if ok else []
+
+        eps = wait_for(auto_hinted, timeout=60, what="3 ready endpoints with Auto hints")
+        assert {e["nodeName"]: e["hints"]["forZones"][0]["name"] for e in eps} == {
+            "node-1": "zone-a", "node-2": "zone-b", "node-3": "zone-a"}
+        # each node's kproxy catches up with the hints; then every answer stays in the zone
+        for client, allowed in (("zclient-2", {"zoned-b"}), ("zclient-1", {"zoned-a", "zoned-a2"})):
+            wait_for(lambda: {curl_from_pod(c, client, url) for _ in range(6)} <= allowed,  # noqa: B023
+                     timeout=30, what=f"{client} answered in its zone")
+        wait_for(lambda: curl_from_pod(c, "zclient-1", url) == "zoned-a2", timeout=30, what="zclient-1 reaches zoned-a2")
+        assert {curl_from_pod(c, "zclient-2", url) for _ in range(12)} == {"zoned-b"}
+        assert {curl_from_pod(c, "zclient-1", url) for _ in range(12)} <= {"zoned-a", "zoned-a2"}
     finally:
         c.kubectl("delete", "svc", "zoned", "--ignore-not-found", check=False)
-        c.kubectl("delete", "pod", *pods, "--ignore-not-found", "--wait=false", check=False)
+        c.kubectl("delete", "pod", *pods, "zoned-a2", "--ignore-not-found", "--wait=false", check=False)
 
 
 def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster) -> None:

@@ -117,7 +117,7 @@ def test_annotations_and_events() -> None:
 zones_st = st.lists(st.sampled_from("abcde"), min_size=0, max_size=5, unique=True)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_hints_hold_upstreams_rules_for_any_input(data: st.DataObject) -> None:
     zones = data.draw(st.lists(st.sampled_from("abcde"), min_size=1, max_size=5, unique=True))
