@@ -27,6 +27,14 @@ from kproxy.kube.types import Status
 
 __all__ = ["ApiError", "ClusterAccess", "load_kubeconfig", "Client", "Informer", "WorkQueue", "EventRecorder"]
 
+
+class Config:
+    """The former name, for callers not yet moved: Config.from_kubeconfig(path) is
+    kproxy.kube's load_kubeconfig(path) (a ClusterAccess)."""
+
+    from_kubeconfig = staticmethod(load_kubeconfig)
+
+
 log = logging.getLogger("kpc.client")
 
 Obj = dict[str, Any]
