@@ -36,8 +36,9 @@ NFT_MSG_NEWSETELEM = 12
 NFT_MSG_NEWGEN = 15
 _HDR = struct.Struct("=IHHII")  # struct nlmsghdr
 # A full sync of the Go kube-proxy at 10,000 Services is hundreds of thousands of notifications
-# in one burst; the reader must never fall behind by more than this (root may force it).
-RCVBUF = 256 << 20
+# in one burst; the reader must never fall behind by more than this (root may force it; memory
+# is only taken while notifications wait to be read).
+RCVBUF = 1 << 30
 
 
 @dataclass
