@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
@@ -175,15 +175,24 @@ class Proxy:
     kernel: str  # "nft" (nf_tables notifications) or "legacy" (the legacy table's header)
     argv: Callable[[str], list[str]]  # KubeProxyConfiguration path -> command line
     mode: str  # KubeProxyConfiguration mode
-    syncs: Callable[[str], list[tuple[bool, float]]]  # its log -> (full, seconds) of every finished sync
+    syncs: Callable[[str], list[Sync]]  # its log -> every finished sync
+    loaded: Callable[[int], int]  # n Services -> the Sync.size of a sync that had all of them
     feature_gates: dict[str, bool] = field(default_factory=dict)
+    # The Go kube-proxy defaults a zero minSyncPeriod to 1 s (v1alpha1 defaulting): 1ns is its 0.
+    min_sync_period: str = "0s"
 
 
-_KPROXY_SYNC = re.compile(r"sync full=(True|False) .*ok=True elapsed=([0-9.]+)s")
+class Sync(NamedTuple):
+    full: bool
+    seconds: float
+    size: int  # what the proxy counted into it (kproxy: Services with endpoints; Go: endpoints)
 
 
-def kproxy_syncs(log: str) -> list[tuple[bool, float]]:
-    return [(full == "True", float(s)) for full, s in _KPROXY_SYNC.findall(log)]
+_KPROXY_SYNC = re.compile(r"sync full=(True|False) .*endpoints=(\d+) ok=True elapsed=([0-9.]+)s")
+
+
+def kproxy_syncs(log: str) -> list[Sync]:
+    return [Sync(full == "True", float(s), int(eps)) for full, eps, s in _KPROXY_SYNC.findall(log)]
 
 
 def kproxy(mode: str, backend: str = "") -> Proxy:
@@ -192,7 +201,7 @@ def kproxy(mode: str, backend: str = "") -> Proxy:
     extra = ["--iptables-backend", backend] if backend else []
     name = f"{mode}-{backend}" if backend else mode
     return Proxy(name, backend or "nft", lambda cfg: [exe, "--config", cfg, *extra, "--v=2"], mode,
-                 kproxy_syncs)
+                 kproxy_syncs, lambda n: n)
 
 
 def go_duration(text: str) -> float:
@@ -213,8 +222,8 @@ def _config(proxy: Proxy, kubeconfig: str, path: Path) -> str:
         "clientConnection": {"kubeconfig": kubeconfig, "contentType": "application/json",
                              "acceptContentTypes": "application/json"},
         "hostnameOverride": NODE, "clusterCIDR": "10.0.0.0/8", "mode": proxy.mode,
-        "iptables": {"minSyncPeriod": "0s", "syncPeriod": "1h"},
-        "nftables": {"minSyncPeriod": "0s", "syncPeriod": "1h"},
+        "iptables": {"minSyncPeriod": proxy.min_sync_period, "syncPeriod": "1h"},
+        "nftables": {"minSyncPeriod": proxy.min_sync_period, "syncPeriod": "1h"},
         # 0: leave every conntrack sysctl alone (nf_conntrack_max is not per namespace).
         "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
         "healthzBindAddress": "127.0.0.1:10256", "metricsBindAddress": "127.0.0.1:10249",
@@ -270,7 +279,12 @@ class ProxyRun:
         t0 = time.monotonic()
         seed = seeded_dir(self.n)
         self.result["seed_s"] = time.monotonic() - t0
-        data = self.tmp / "apiserver"
+        # On tmpfs: the store's fsyncs must not wait behind the disk other runs on this machine
+        # keep busy (an API server stalled for minutes on a loaded disk was seen once).
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        data = Path(tempfile.mkdtemp(prefix="kproxy-bench-api-", dir=shm))
+        self.stack.callback(shutil.rmtree, data, ignore_errors=True)
+        data.rmdir()
         shutil.copytree(seed, data)
         srv = self.stack.enter_context(testing.running_apiserver(
             data_dir=str(data), extra_args=["--watch-cache-size", "100000"]))
@@ -292,14 +306,17 @@ class ProxyRun:
                                 stderr=subprocess.STDOUT)
         self.proc = proc
         self.stack.callback(self._stop)
-        # Start -> first full sync done (lists, decode, render, kernel), from the proxy's own log.
+        # Start -> the first full sync of everything done (lists, decode, render, kernel), from
+        # the proxy's own log. The Go kube-proxy may sync before its informers delivered every
+        # EndpointSlice (a first sync with part of the endpoints): that one does not count.
         deadline = start + 1800
-        while not self.syncs():
+        while not (done := [s for s in self.syncs() if s.size >= self.proxy.loaded(self.n)]):
             assert proc.poll() is None, self.log_text()[-3000:]
             assert time.monotonic() < deadline, "no full sync within 1800 s"
             time.sleep(0.2)
         self.result["start_to_first_sync_s"] = time.monotonic() - start
-        self.result["first_full_sync_s"] = self.syncs()[0][1]
+        self.result["first_full_sync_s"] = done[0].seconds
+        self.result["syncs_before"] = [s.size for s in self.syncs()[:self.syncs().index(done[0])]]
         self.result["load_after_first_sync"] = os.getloadavg()
         # Opened after the first sync: the notifications of a 100,000-rule first sync would only
         # cost everyone CPU; every later sync (each write's) pays them, in every mode alike.
@@ -317,7 +334,7 @@ class ProxyRun:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def syncs(self) -> list[tuple[bool, float]]:
+    def syncs(self) -> list[Sync]:
         """(full, seconds) of every sync the proxy logged, in order."""
         return self.proxy.syncs(self.log_text())
 
@@ -330,19 +347,26 @@ class ProxyRun:
         """PUT svc-i's EndpointSlice with `ips`; seconds from sending it to the kernel holding
         the rule of ips[-1] (nf_tables: that endpoint's DNAT rule or map element; legacy: the table replaced, then
         the DNAT confirmed untimed)."""
-        from controlplane_stub.client import path
+        from controlplane_stub.client import ApiError, path
 
         loop = asyncio.get_running_loop()
         body = _slice(i)
         body["endpoints"] = [{"addresses": [ip], "nodeName": "node-2", "conditions": {"ready": True}} for ip in ips]
         new_ip = ips[-1]
         url = path("endpointslices", "default", f"svc-{i}-abc")
-        body["metadata"]["resourceVersion"] = (await client.get(url))["metadata"]["resourceVersion"]
         before = await loop.run_in_executor(None, self.legacy.signature) if self.legacy else (0, 0)
         wait = self.events.expect_address(new_ip) if self.events else None
         overruns = self.events.overruns if self.events else 0
-        t = time.monotonic()
-        await client.update(url, body)
+        for attempt in range(3):
+            body["metadata"]["resourceVersion"] = (await client.get(url))["metadata"]["resourceVersion"]
+            t = time.monotonic()
+            try:
+                await client.update(url, body)
+                break
+            except ApiError as err:  # 409 once (GET then PUT, nobody else writing): not understood
+                if err.code != 409 or attempt == 2:
+                    raise
+                self.result.setdefault("conflicts", []).append(f"svc-{i}: {err}")
         if self.events is not None and wait is not None:
             while (seen := await loop.run_in_executor(None, self.events.wait, wait, 1.0)) is None:
                 if self.events.overruns != overruns:
@@ -386,7 +410,7 @@ class ProxyRun:
         assert lat, f"every write lost ({self.result['lost_writes']})"
         self.result["latency_s"] = lat
         self.result["latency_median_s"] = statistics.median(lat)
-        self.result["write_syncs"] = [{"full": f, "s": s} for f, s in self.syncs()[n_syncs:]]
+        self.result["write_syncs"] = [{"full": s.full, "s": s.seconds} for s in self.syncs()[n_syncs:]]
         self.result.update({f"proxy_{k}_mib": v for k, v in _status(self.proc.pid).items()})
         self.result["load_avg"] = os.getloadavg()
         return lat

@@ -17,7 +17,8 @@ KubeProxyConfiguration sets minSyncPeriod 0 in every mode), then
 - the data plane (kproxy's modes): a client namespace and a backend namespace on either side of
   the node's, the lexicographically last Service (iptables: the last rule of KUBE-SERVICES,
   checked) pointed at the backend's one endpoint, then fresh TCP connections from the client,
-  each timed from connect() to the backend's first byte, alternated with connections through the
+  each timed from connect() to the backend's first byte (and to connect() returning: SYN and
+  SYN-ACK only, no backend process involved, less noise), alternated with connections through the
   node straight to the backend's own address ("direct": no Service, but still a new connection
   through the proxy's nat hooks, which in iptables mode walk all of KUBE-SERVICES too); and the
   floor: direct connections in the same namespaces before the proxy started (no rules at all).
@@ -44,7 +45,7 @@ from typing import Any
 
 import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
-from bench_iptables_latency import ENDPOINTS, Proxy, ProxyRun, go_duration, kproxy, netns
+from bench_iptables_latency import ENDPOINTS, Proxy, ProxyRun, Sync, go_duration, kproxy, netns
 
 from kproxy.relay import enter_netns
 
@@ -54,13 +55,14 @@ CONNECTIONS = 300  # per target, alternated: bounded in count; each has a 5 s ti
 BACKEND_IP, NODE_BACKEND_IP = "10.250.0.2", "10.250.0.1"
 CLIENT_IP, NODE_CLIENT_IP = "192.168.200.2", "192.168.200.1"
 RESULTS: list[str] = []
-_RAW = ("ttfb_service_s", "ttfb_direct_s", "ttfb_floor_s")  # every connection's time: in the results file only
+# every connection's times: in the results file only
+_RAW = tuple(f"{w}_{k}_s" for w in ("ttfb", "connect") for k in ("service", "direct", "floor"))
 _KLOG_TIME = r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) "
-_GO_RELOAD = re.compile(_KLOG_TIME + r'.*"Reloading service nftables data" numServices=(\d+)', re.M)
+_GO_RELOAD = re.compile(_KLOG_TIME + r'.*"Reloading service nftables data" numServices=(\d+) numEndpoints=(\d+)', re.M)
 _GO_DONE = re.compile(_KLOG_TIME + r'.*"SyncProxyRules complete" elapsed="([^"]+)"', re.M)
 
 
-def go_syncs(log: str) -> list[tuple[bool, float]]:
+def go_syncs(log: str) -> list[Sync]:
     """The IPv4 proxier's syncs. The Go kube-proxy's nftables mode always runs an IPv6 proxier
     beside it (it assumes both families) and neither's lines name their family: a sync of ours
     is the "SyncProxyRules complete" whose span (its time minus its elapsed) holds a "Reloading
@@ -68,15 +70,15 @@ def go_syncs(log: str) -> list[tuple[bool, float]]:
     longer (the IPv6 proxier's empty syncs take milliseconds). Every 1.30 sync is a full one."""
     def secs(h: str, m: str, s: str) -> float:
         return int(h) * 3600 + int(m) * 60 + float(s)
-    reloads = [secs(h, m, s) for h, m, s, n in _GO_RELOAD.findall(log) if int(n) > 0]
+    reloads = [(secs(h, m, s), int(eps)) for h, m, s, n, eps in _GO_RELOAD.findall(log) if int(n) > 0]
     done = [(secs(h, m, s), go_duration(e)) for h, m, s, e in _GO_DONE.findall(log)]
     out, last_end = [], 0.0
-    for r in reloads:
+    for r, eps in reloads:
         # our syncs do not overlap each other: a span starting before our previous end is not ours
         spans = [(e, t) for t, e in done if t >= r and last_end - 1e-3 <= t - e <= r + 1e-3]
         if spans:
             e, last_end = max(spans)
-            out.append((True, e))
+            out.append(Sync(True, e, eps))
     return out
 
 
@@ -86,7 +88,7 @@ def go_proxy() -> Proxy | None:
     if not out or not os.access(exe, os.X_OK):
         return None
     return Proxy("go-nftables", "nft", lambda cfg: [exe, "--config", cfg, "--v=2"], "nftables", go_syncs,
-                 feature_gates={"NFTablesProxyMode": True})
+                 lambda n: n * ENDPOINTS, feature_gates={"NFTablesProxyMode": True}, min_sync_period="1ns")
 
 
 # ---- the data plane ----
@@ -137,24 +139,29 @@ class DataPlane:
         stack.callback(self.pool.shutdown)
 
     @staticmethod
-    def _ttfb(addr: tuple[str, int]) -> float:
+    def _ttfb(addr: tuple[str, int]) -> tuple[float, float]:
+        """(to connect() returning, to the first byte): the first is the SYN and SYN-ACK alone,
+        all in the kernels (no process on the backend wakes up for it), so it shows the first
+        packet's way through the node with the least scheduling noise; the second is what a
+        client sees."""
         s = socket.socket()
         s.settimeout(5)
         try:
             t = time.perf_counter()
             s.connect(addr)
+            connected = time.perf_counter() - t
             assert s.recv(1) == b"x", f"{addr}: no byte from the backend"
             took = time.perf_counter() - t
         finally:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             s.close()  # RST: no TIME_WAIT pile-up in the client namespace
-        return took
+        return connected, took
 
-    def measure(self, targets: dict[str, tuple[str, int]], count: int) -> dict[str, list[float]]:
-        """Seconds to the first byte of `count` fresh connections to each target, alternated so
+    def measure(self, targets: dict[str, tuple[str, int]], count: int) -> dict[str, list[tuple[float, float]]]:
+        """(connect, first byte) seconds of `count` fresh connections to each target, alternated so
         the machine's noise hits all alike."""
-        def run() -> dict[str, list[float]]:
-            out: dict[str, list[float]] = {name: [] for name in targets}
+        def run() -> dict[str, list[tuple[float, float]]]:
+            out: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
             for addr in targets.values():  # warm the ARP entries and the code paths; not counted
                 for _ in range(3):
                     self._ttfb(addr)
@@ -179,8 +186,12 @@ def _last_kube_services_ip(run: ProxyRun, backend: str) -> str:
     return ips[-1]
 
 
-def ttfb_stats(name: str, xs: list[float]) -> dict[str, Any]:
-    return {f"ttfb_{name}_s": xs, f"ttfb_{name}_median_s": statistics.median(xs), f"ttfb_{name}_p99_s": _quantile(xs, 0.99)}
+def ttfb_stats(name: str, pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for what, xs in (("connect", [c for c, _ in pairs]), ("ttfb", [t for _, t in pairs])):
+        out.update({f"{what}_{name}_s": xs, f"{what}_{name}_median_s": statistics.median(xs),
+                    f"{what}_{name}_p99_s": _quantile(xs, 0.99)})
+    return out
 
 
 def dataplane(run: ProxyRun, plane: DataPlane, backend: str) -> dict[str, Any]:
@@ -259,8 +270,10 @@ def test_nftables_side_by_side(benchmark: Any, mode: str, n: int, tmp_path: Path
             f"RSS {r.get('proxy_VmRSS_mib', 0):.0f} MiB (peak {r.get('proxy_VmHWM_mib', 0):.0f}); "
             f"load {r['load_after_first_sync'][0]:.1f} / {r['load_avg'][0]:.1f}")
     if "ttfb_service_s" in r:
-        line += "; TTFB median (p99): " + ", ".join(
-            f"{k} {r[f'ttfb_{k}_median_s'] * 1e3:.3f} ms ({r[f'ttfb_{k}_p99_s'] * 1e3:.3f})" for k in ("service", "direct", "floor"))
+        for w in ("ttfb", "connect"):
+            line += f"; {w} median (p99): " + ", ".join(
+                f"{k} {r[f'{w}_{k}_median_s'] * 1e3:.3f} ms ({r[f'{w}_{k}_p99_s'] * 1e3:.3f})"
+                for k in ("service", "direct", "floor"))
     RESULTS.append(line)
     print("\nRESULT " + json.dumps({k: v for k, v in r.items() if k not in _RAW}))
     print("\n".join(RESULTS))
@@ -274,8 +287,9 @@ def test_nftables_side_by_side(benchmark: Any, mode: str, n: int, tmp_path: Path
     plots.record("nftables", "modes_rss", mode, {x: r.get("proxy_VmRSS_mib", 0.0)}, when,
                  title="real proxies, one run: RSS after the writes", y_label="MiB (log)", **layout)
     if "ttfb_service_s" in r:
-        svc = [s * 1000 for s in r["ttfb_service_s"]]
-        plots.record("nftables", "modes_first_byte", mode,
-                     {x: [min(svc), statistics.median(svc), _quantile(svc, 0.99)]}, when,
-                     title="new connection to the last Service: time to first byte (median, min-p99)",
-                     y_label="ms (log)", **layout)
+        for w, fig, what in (("ttfb", "modes_first_byte", "time to first byte"),
+                             ("connect", "modes_connect", "connect() (SYN to SYN-ACK)")):
+            xs = [s * 1000 for s in r[f"{w}_service_s"]]
+            plots.record("nftables", fig, mode, {x: [min(xs), statistics.median(xs), _quantile(xs, 0.99)]}, when,
+                         title=f"new connection to the last Service: {what} (median, min-p99)",
+                         y_label="ms (log)", **layout)
