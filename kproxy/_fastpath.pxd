@@ -23,6 +23,7 @@ cdef void _service_to_endpoint_rules(list out, str spn, str chain, list eps, dic
                has_internal=bint, external_policy_chain=str, has_external=bint,
                uses_ext_chain=bint, lb_chain=str, uses_fw=bint, int_target=str, int_comment=str,
                ext_target=str, ext_comment=str, filt=list, disp=list, chains=list, rules=list,
-               names=list, match=str, head=str, sep=str, addr=str, fw_head=str, sep_names=dict)
+               names=list, match=str, head=str, sep=str, addr=str, fw_head=str, sep_names=dict,
+               ranges=tuple)
 cpdef tuple render_service_port(object svc, tuple endpoints, bint masquerade_all, str cluster_cidr,
-                                bint large_cluster, tuple node_ips, str node_zone=*)
+                                bint large_cluster, tuple node_ips, str node_zone=*, bint ipv6=*)

@@ -118,24 +118,32 @@ def render_service_port(
     large_cluster: bool,
     node_ips: tuple[str, ...],
     node_zone: str = "",
+    ipv6: bool = False,
 ) -> tuple[str, str, str, str, list[str], bool]:
-    """Render one IPv4 ServicePort as upstream's syncProxyRules loop body does.
+    """Render one ServicePort of one family (ip6tables when `ipv6`) as upstream's
+    syncProxyRules loop body does.
 
     Returns (filter rules, nat dispatch rules for KUBE-SERVICES/KUBE-NODEPORTS, nat chain
     declarations, nat chain rules, names of the nat chains it owns, has usable endpoints).
-    `cluster_cidr` "" means no local-traffic detector (upstream's LocalTrafficDetector no-op).
+    `cluster_cidr` "" means no local-traffic detector (upstream's LocalTrafficDetector no-op);
+    it, `node_ips` and `endpoints` are this family's (kproxy.proxiers.meta hands each family's
+    proxier its own view). Only this family's Service addresses and source ranges are used, as
+    upstream's per-family ServicePort info; the rules are the same text in both families
+    (ip6tables' REJECT answers icmp6-port-unreachable by default, as iptables' answers
+    icmp-port-unreachable; DNAT to "[ip]:port" through Endpoint.addr).
     """
     spn = str(svc.name)
     proto = svc.protocol.lower()
-    vip = svc.cluster_ip("IPv4")
+    vip = svc.cluster_ip("IPv6" if ipv6 else "IPv4")
     port = svc.port
     h = port_proto_hash(spn, proto)
     svc_chain = "KUBE-SVC-" + h
     svl_chain = "KUBE-SVL-" + h
     ext_chain = "KUBE-EXT-" + h
     fw_chain = "KUBE-FW-" + h
-    external_ips = [ip for ip in svc.external_ips if ":" not in ip]
-    lb_ips = [ip for ip in svc.load_balancer_ips if ":" not in ip]
+    external_ips = [ip for ip in svc.external_ips if (":" in ip) == ipv6]
+    lb_ips = [ip for ip in svc.load_balancer_ips if (":" in ip) == ipv6]
+    ranges = tuple([c for c in svc.load_balancer_source_ranges if (":" in c) == ipv6])
     node_port = svc.node_port
     externally_accessible = node_port != 0 or len(external_ips) > 0 or len(lb_ips) > 0
     ext_local = svc.external_policy_local and externally_accessible
@@ -169,7 +177,7 @@ def render_service_port(
             has_external = False
     uses_ext_chain = has_eps and externally_accessible
     lb_chain = ext_chain
-    uses_fw = has_eps and len(lb_ips) > 0 and len(svc.load_balancer_source_ranges) > 0
+    uses_fw = has_eps and len(lb_ips) > 0 and len(ranges) > 0
     if uses_fw:
         lb_chain = fw_chain
 
@@ -288,9 +296,9 @@ def render_service_port(
         chains.append(f":{fw_chain} - [0:0]\n")
         names.append(fw_chain)
         fw_head = f'-A {fw_chain} -m comment --comment "{spn} loadbalancer IP"'
-        for cidr in svc.load_balancer_source_ranges:
+        for cidr in ranges:
             rules.append(f"{fw_head} -s {cidr.strip()} -j {ext_chain}\n")
-        if _source_ranges_contain(svc.load_balancer_source_ranges, node_ips):
+        if _source_ranges_contain(ranges, node_ips):
             for ip in lb_ips:
                 rules.append(f"{fw_head} -s {ip} -j {ext_chain}\n")
         rules.append(

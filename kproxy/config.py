@@ -155,6 +155,21 @@ def check_cidrs(values: tuple[str, ...], what: str, allow_primary: bool = False)
     return values
 
 
+def check_cluster_cidrs(value: str) -> tuple[str, ...]:
+    """--cluster-cidr as upstream's validation: one CIDR, or two of different families (one per
+    family's proxier, in either order); anything else is refused."""
+    what = "--cluster-cidr/clusterCIDR"
+    cidrs = tuple(c.strip() for c in value.split(","))
+    if len(cidrs) > 2:
+        raise ConfigError(f"{what}: {value!r}: only one CIDR allowed or a valid DualStack CIDR "
+                          "(e.g. 10.100.0.0/16,fde4:8dba:82e1::/48)")
+    check_cidrs(cidrs, what)
+    if len(cidrs) == 2 and len({ipaddress.ip_network(c, strict=False).version for c in cidrs}) != 2:
+        raise ConfigError(f"{what}: {value!r}: must be a valid DualStack CIDR, one of each family "
+                          "(e.g. 10.100.0.0/16,fde4:8dba:82e1::/48)")
+    return cidrs
+
+
 # File field path -> (KProxyConfig attribute, kind). Known upstream fields kproxy does not use
 # are accepted and ignored (IGNORED), unknown ones are an error as upstream's strict decoding.
 _FILE_FIELDS: dict[str, tuple[str, str]] = {
@@ -292,7 +307,7 @@ def validate(cfg: KProxyConfig) -> None:
     except ValueError:
         raise ConfigError(f"--bind-address/bindAddress: {cfg.bind_address!r} is not an IP address") from None
     if cfg.cluster_cidr:
-        check_cidrs(tuple(c.strip() for c in cfg.cluster_cidr.split(",")), "--cluster-cidr/clusterCIDR")
+        check_cluster_cidrs(cfg.cluster_cidr)
     check_cidrs(cfg.nodeport_addresses, "--nodeport-addresses/nodePortAddresses", allow_primary=True)
     check_cidrs(cfg.ipvs_exclude_cidrs, "--ipvs-exclude-cidrs/ipvs.excludeCIDRs")
     if cfg.udp_idle_timeout <= 0:

@@ -29,18 +29,28 @@ class NamespacedName:
     name: str
 
 
+class _DualStackHTTPServer(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class _Listener:
     def __init__(self, owner: ServiceHealthServer, nsn: NamespacedName, port: int, address: str,
                  netns: str | None = None) -> None:
         self.nsn = nsn
         self.port = port
         handler = _make_handler(owner, nsn)
-        self.server = http.server.ThreadingHTTPServer((address, port), handler, bind_and_activate=False)
+        # No address: every address of both families, as upstream's Go listener on ":port"
+        # (one IPv6 socket that also takes IPv4) where the node has IPv6 at all.
+        dual = address in ("", "::") and socket.has_ipv6
+        server_class = _DualStackHTTPServer if dual else http.server.ThreadingHTTPServer
+        self.server = server_class(("::" if dual else address, port), handler, bind_and_activate=False)
         if netns is not None:
             # The listening socket must belong to the node's namespace (tests run the proxier
             # for a namespace they made); accepted sockets inherit it.
             self.server.socket.close()
             self.server.socket = socket_in_netns(netns, self.server.address_family, socket.SOCK_STREAM)
+        if dual:
+            self.server.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             self.server.server_bind()
             self.server.server_activate()

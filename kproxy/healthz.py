@@ -24,26 +24,45 @@ def go_time(ts: float | None) -> str:
 
 
 class ProxierHealth:
+    """Per IP family, as upstream's ProxierHealthServer since dual-stack: every family's proxier
+    reports its own syncs, and the node is healthy only while every family is. A change is queued
+    for every family (each proxier sees every event); `updated(family)` clears one family's."""
+
     def __init__(self, health_timeout: float, clock: Callable[[], float] = time.time) -> None:
         self.health_timeout = health_timeout
         self._clock = clock
-        self.last_updated: float | None = None
-        self.oldest_pending_queued: float | None = None
+        self.last_updated_by_family: dict[str, float] = {}
+        self.oldest_pending_by_family: dict[str, float] = {}
+        self.families: tuple[str, ...] = ("",)  # "": a single proxier; set by the server
         self.node_eligible = True  # until the first Node event says otherwise
 
-    def queued_update(self) -> None:
-        if self.oldest_pending_queued is None:
-            self.oldest_pending_queued = self._clock()
+    @property
+    def last_updated(self) -> float | None:
+        return max(self.last_updated_by_family.values(), default=None)
 
-    def updated(self) -> None:
-        self.oldest_pending_queued = None
-        self.last_updated = self._clock()
+    @property
+    def oldest_pending_queued(self) -> float | None:
+        return min(self.oldest_pending_by_family.values(), default=None)
+
+    def queued_update(self) -> None:
+        now = self._clock()
+        for family in self.families:
+            self.oldest_pending_by_family.setdefault(family, now)
+
+    def updated(self, family: str | None = None) -> None:
+        """A successful sync of `family` (None: of every family)."""
+        now = self._clock()
+        for fam in self.families if family is None else (family,):
+            self.oldest_pending_by_family.pop(fam, None)
+            self.last_updated_by_family[fam] = now
 
     def check(self) -> tuple[bool, float | None, float]:
         now = self._clock()
-        pending = self.oldest_pending_queued
-        healthy = pending is None or now - pending < self.health_timeout
-        return healthy, self.last_updated, now
+        for family, pending in self.oldest_pending_by_family.items():
+            if now - pending >= self.health_timeout:
+                # Upstream answers with the failing family's lastUpdated.
+                return False, self.last_updated_by_family.get(family), now
+        return True, self.last_updated, now
 
 
 def health_app(health: ProxierHealth, metrics: ProxyMetrics | None = None) -> web.Application:

@@ -40,6 +40,7 @@ from kproxy.kube.kubeconfig import KubeConfigError, resolve_access
 from kproxy.kube.reflector import Reflector
 from kproxy.metrics import CONTENT_TYPE, ProxyMetrics
 from kproxy.proxiers.base import Proxier, SyncResult
+from kproxy.proxiers.meta import single_family
 from kproxy.runner import BoundedFrequencyRunner
 
 log = logging.getLogger("kproxy.server")
@@ -110,6 +111,14 @@ class ModeRegistry:
         fn = getattr(module, "new_proxier", None)
         if not callable(fn):
             raise ConfigError(f"--proxy-mode {mode}: {target} has no new_proxier(config)")
+        if not callable(getattr(module, "new_family_proxier", None)):
+            # One family only (no per-family proxiers yet): it gets that family's view.
+            single: Callable[[KProxyConfig], Proxier] = fn
+
+            def single_stack(cfg: KProxyConfig) -> Proxier:
+                return single_family(single(cfg))
+
+            return single_stack
         return fn  # type: ignore[no-any-return]
 
 
@@ -347,6 +356,9 @@ class ProxyServer:
                 "sync full=%s changed=%d services=%d endpoints=%d ok=%s elapsed=%.4fs%s", full,
                 len(co.request.changed), len(co.request.services), len(co.request.endpoints),
                 result.ok, elapsed, f" error={result.error!r}" if result.error else "")
+        for family, ok in result.family_ok.items():
+            if ok and not result.ok:
+                self.health.updated(family)  # healthz is per family: this one did sync
         if not result.ok:
             self.state.requeue_stale(co.request)
             if self.cfg.mode in ("iptables", "nftables"):
@@ -355,7 +367,7 @@ class ProxyServer:
         if full:
             self.last_full_sync = now
         wall = time.time()
-        self.health.updated()
+        self.health.updated()  # every family synced (a family's failure returned above)
         self.metrics.last_sync_timestamp.set(wall)
         for table, n in result.rules_total.items():
             self.metrics.iptables_total.labels(table=table).set(n)
@@ -403,6 +415,9 @@ class ProxyServer:
                 self.proxier = await asyncio.to_thread(self.factory, self.cfg)
             except Exception as err:
                 raise ProxierInitError(self.cfg.mode, err) from err
+            families = getattr(self.proxier, "families", None)
+            if families:
+                self.health.families = tuple(families)  # healthz per family (kproxy.proxiers.meta)
             for app, addr, what in ((health_app(self.health, self.metrics), self.cfg.healthz_bind_address,
                                      "healthz"),
                                     (self._metrics_app(), self.cfg.metrics_bind_address, "metrics")):

@@ -15,19 +15,24 @@ import logging
 import subprocess
 from dataclasses import dataclass, field
 
+from kproxy.model import IPFamily
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Conntrack:
     netns: str | None = None
+    # Each family's proxier cleans its own family's table (conntrack -f ipv6 for IPv6).
+    family: IPFamily = "IPv4"
     binary: str = "conntrack"
     timeout: float = 30.0
     deletions: list[list[str]] = field(default_factory=list, init=False)  # last sync's calls, for logs/tests
 
     def _delete(self, args: list[str]) -> int:
         """Run `conntrack -D ARGS`; returns the number of entries deleted (0 when none matched)."""
-        cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + [self.binary, "-D", *args]
+        family = ["-f", "ipv6"] if self.family == "IPv6" else []  # conntrack's default is ipv4
+        cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + [self.binary, "-D", *family, *args]
         self.deletions.append(args)
         try:
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=self.timeout)

@@ -45,9 +45,11 @@ def _netns_prefix(netns: str | None) -> list[str]:
     return ["ip", "netns", "exec", netns] if netns else []
 
 
-def _tool(backend: Backend, tool: str) -> str:
-    # iptables-nft-restore / iptables-legacy-save ...: explicit names, never the alternatives link.
+def _tool(backend: Backend, tool: str, ipv6: bool = False) -> str:
+    # iptables-nft-restore / ip6tables-legacy-save ...: explicit names, never the alternatives link.
     base, _, suffix = tool.partition("-")
+    if ipv6:
+        base = "ip6" + base[2:]
     return f"{base}-{backend}-{suffix}" if suffix else f"{base}-{backend}"
 
 
@@ -102,6 +104,7 @@ class IPTables:
 
     backend: Backend = "nft"
     netns: str | None = None
+    ipv6: bool = False  # ip6tables-*: one IPTables per family, as upstream's per-family proxiers
     # The legacy back end's xtables lock (/run/xtables.lock) is shared by every namespace on the
     # host; upstream waits 5 s, a busy node (or a test machine) can hold it longer.
     wait_seconds: int = 30
@@ -137,7 +140,7 @@ class IPTables:
         self.restores += 1
         cmd = [
             *_netns_prefix(self.netns),
-            _tool(self.backend, "iptables-restore"),
+            _tool(self.backend, "iptables-restore", self.ipv6),
             "-w",
             str(self.wait_seconds),
         ]
@@ -146,20 +149,20 @@ class IPTables:
 
     def save(self, table: str) -> str:
         self.saves += 1
-        return self._run([_tool(self.backend, "iptables-save"), "-t", table]).decode()
+        return self._run([_tool(self.backend, "iptables-save", self.ipv6), "-t", table]).decode()
 
     def save_all(self) -> str:
         """`iptables-save` of every table in one process (process starts are the cost under
         User-Mode Linux, not the bytes)."""
         self.saves += 1
-        return self._run([_tool(self.backend, "iptables-save")]).decode()
+        return self._run([_tool(self.backend, "iptables-save", self.ipv6)]).decode()
 
     def builtin_jumps(self, tables: tuple[str, ...]) -> set[tuple[str, str, str]]:
         """(table, built-in chain, target chain) of every `-j CHAIN` rule in a built-in chain.
         Legacy back end in our own namespace: read from the kernel (backends/xtables.py), no
         iptables-save process; otherwise (nf_tables, another netns, or the kernel interface
         refused) parsed from one iptables-save."""
-        if self.backend == "legacy" and self.netns is None:
+        if self.backend == "legacy" and self.netns is None and not self.ipv6:  # xtables reads IPv4
             try:
                 return xtables.builtin_jumps(tables)
             except (OSError, ValueError):
@@ -182,15 +185,15 @@ class IPTables:
         in one netlink message (backends/nftchains.py); OSError if it cannot say."""
         if self.backend != "nft":
             raise OSError(f"table_use: the {self.backend} back end has no use count")
-        return nftchains.table_use(table, self.netns)
+        return nftchains.table_use(table, self.netns, self.ipv6)
 
     def nft_chain_exists(self, table: str, chain: str) -> bool:
         """nf_tables only: whether the chain exists in the kernel (iptables-nft -S shows the
         built-in chains of a table even when they do not)."""
-        return nftchains.chain_exists(table, chain, self.netns)
+        return nftchains.chain_exists(table, chain, self.netns, self.ipv6)
 
     def command(self, *args: str) -> str:
-        return self._run([_tool(self.backend, "iptables"), "-w", str(self.wait_seconds), *args]).decode()
+        return self._run([_tool(self.backend, "iptables", self.ipv6), "-w", str(self.wait_seconds), *args]).decode()
 
     def chain_rules(self, table: str, chain: str) -> list[str]:
         """`-S CHAIN` lines of one chain (empty if the chain does not exist)."""
@@ -220,14 +223,22 @@ class IPTables:
         """Addresses on this node's interfaces, for --nodeport-addresses matching."""
         return ipv4_addresses(self._run(["ip", "-o", "-4", "addr", "show"]).decode())
 
+    def local_addresses(self) -> list[str]:
+        """This table family's addresses on the node's interfaces (IPv6: link-local ones left
+        out: a Service is never reached on them, as upstream's node address lookup)."""
+        if not self.ipv6:
+            return self.local_ipv4_addresses()
+        out = self._run(["ip", "-o", "-6", "addr", "show"]).decode()
+        return [ip for ip in ipv4_addresses(out, "inet6") if not ip.lower().startswith("fe80:")]
 
-def ipv4_addresses(ip_addr_output: str) -> list[str]:
-    """The addresses in `ip -o -4 addr show` output."""
+
+def ipv4_addresses(ip_addr_output: str, kind: str = "inet") -> list[str]:
+    """The addresses in `ip -o -4 addr show` output (kind "inet6": `ip -o -6`)."""
     ips = []
     for line in ip_addr_output.splitlines():
         parts = line.split()
-        if "inet" in parts:
-            ips.append(parts[parts.index("inet") + 1].split("/")[0])
+        if kind in parts:
+            ips.append(parts[parts.index(kind) + 1].split("/")[0])
     return ips
 
 

@@ -27,6 +27,7 @@ NFTA_CHAIN_TABLE = 1
 NFTA_CHAIN_NAME = 3
 NFTA_TABLE_USE = 3
 NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10  # ip6tables-nft's tables (`ip6 nat`): kproxy's IPv6 proxier
 NLM_F_REQUEST = 0x1
 NLMSG_ERROR = 2
 _HDR = struct.Struct("=IHHII")
@@ -46,9 +47,9 @@ def _attr(kind: int, text: str) -> bytes:
     return _ATTR.pack(4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
 
 
-def _ask(netns: str | None, msg: int, attrs: bytes) -> bytes:
+def _ask(netns: str | None, msg: int, attrs: bytes, ipv6: bool = False) -> bytes:
     """One request, its one answer (a NEW* message; OSError for an error answer)."""
-    body = struct.pack("=BBH", NFPROTO_IPV4, 0, 0) + attrs
+    body = struct.pack("=BBH", NFPROTO_IPV6 if ipv6 else NFPROTO_IPV4, 0, 0) + attrs
     request = _HDR.pack(_HDR.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg, NLM_F_REQUEST, 1, 0) + body
     with _socket(netns) as sock:
         sock.bind((0, 0))
@@ -63,9 +64,9 @@ def _ask(netns: str | None, msg: int, attrs: bytes) -> bytes:
     return data
 
 
-def chain_exists(table: str, chain: str, netns: str | None = None) -> bool:
+def chain_exists(table: str, chain: str, netns: str | None = None, ipv6: bool = False) -> bool:
     try:
-        _ask(netns, NFT_MSG_GETCHAIN, _attr(NFTA_CHAIN_TABLE, table) + _attr(NFTA_CHAIN_NAME, chain))
+        _ask(netns, NFT_MSG_GETCHAIN, _attr(NFTA_CHAIN_TABLE, table) + _attr(NFTA_CHAIN_NAME, chain), ipv6)
     except OSError as e:
         if e.errno == errno.ENOENT:
             return False
@@ -73,10 +74,10 @@ def chain_exists(table: str, chain: str, netns: str | None = None) -> bool:
     return True
 
 
-def table_use(table: str, netns: str | None = None) -> int:
-    """The kernel's use count of `ip <table>`: its chains plus any sets, objects and flowtables.
-    OSError if the table does not exist or the kernel refuses."""
-    data = _ask(netns, NFT_MSG_GETTABLE, _attr(NFTA_TABLE_NAME, table))
+def table_use(table: str, netns: str | None = None, ipv6: bool = False) -> int:
+    """The kernel's use count of `ip <table>` (`ip6 <table>`): its chains plus any sets, objects
+    and flowtables. OSError if the table does not exist or the kernel refuses."""
+    data = _ask(netns, NFT_MSG_GETTABLE, _attr(NFTA_TABLE_NAME, table), ipv6)
     pos, end = _HDR.size + 4, min(_HDR.unpack_from(data, 0)[0], len(data))
     while pos + 4 <= end:
         alen, atype = _ATTR.unpack_from(data, pos)

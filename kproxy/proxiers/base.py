@@ -37,6 +37,9 @@ class SyncResult:
     ok: bool
     rules_total: dict[str, int] = field(default_factory=dict)  # table -> rules, for *_iptables_total
     error: str = ""
+    # One proxier per family (kproxy.proxiers.meta): each family's outcome, for healthz per
+    # family; empty for a single proxier (its `ok` is the one family's).
+    family_ok: dict[str, bool] = field(default_factory=dict)
 
 
 class Proxier(abc.ABC):

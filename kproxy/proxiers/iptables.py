@@ -12,7 +12,9 @@ applies it in one transaction. What makes it fast, beyond the compiled renderer:
 A failed restore changes nothing in the kernel (atomic per table, per batch with nf_tables),
 returns ok=False and makes the next sync a full one that re-reads the kernel's chain list.
 
-new_proxier takes the validated kproxy.config.KProxyConfig: hostname_override, cluster_cidr,
+One proxier per IP family (upstream's metaproxier, kproxy.proxiers.meta): new_proxier builds the
+iptables one and, where ip6tables works, the ip6tables one; each renders only its family.
+new_family_proxier takes the validated kproxy.config.KProxyConfig: hostname_override, cluster_cidr,
 nodeport_addresses, masquerade_all, masquerade_bit, localhost_nodeports, iptables_backend
 ("nft"|"legacy"|"" detect), netns (run the tools in that network namespace),
 healthcheck_bind_address, node_ips and node_zone (from the Node object).
@@ -40,11 +42,12 @@ from kproxy.backends.iptables import (
 from kproxy.config import KProxyConfig
 from kproxy.fastpath import impl as fastpath
 from kproxy.healthcheck import ServiceHealthServer
-from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
+from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxiers.meta import new_proxier_for_families
 from kproxy.proxiers.udpstale import clean_udp_conntrack
 from kproxy.proxy import categorize, sync_health_server
-from kproxy.proxy.exposure import check_masquerade_bit, ipv4_node_addresses
+from kproxy.proxy.exposure import check_masquerade_bit, node_addresses
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +179,9 @@ def _owned_nat_chain(chain: str) -> bool:
     return chain in _OWNED_NAT_NAMES or chain.startswith(SERVICE_CHAIN_PREFIXES)
 
 
-def _eligible(svc: ServicePort | None) -> bool:
-    # Headless and ExternalName services are not proxied; IPv4 only (one proxier per family).
-    return svc is not None and svc.type != "ExternalName" and svc.cluster_ip("IPv4") is not None
+def _eligible(svc: ServicePort | None, family: IPFamily) -> bool:
+    # Headless and ExternalName services are not proxied; one proxier per family (this one's).
+    return svc is not None and svc.type != "ExternalName" and svc.cluster_ip(family) is not None
 
 
 class IptablesProxier(Proxier):
@@ -201,9 +204,12 @@ class IptablesProxier(Proxier):
         node_zone: str = "",
     ) -> None:
         check_masquerade_bit(masquerade_bit)
+        # The table family is the tools': ip6tables-* make this the IPv6 proxier, which sees
+        # only IPv6 Services and endpoints (kproxy.proxiers.meta hands it that view).
+        self.family: IPFamily = "IPv6" if getattr(iptables, "ipv6", False) else "IPv4"  # tests' fakes: IPv4
         # kube-proxy's --nodeport-addresses primary: NodePorts only on the node's primary IPs
         # (the Node object's addresses), one meaning in every mode (kproxy.proxy.nodeport_cidrs).
-        v4 = ipv4_node_addresses(nodeport_addresses, node_ips, cluster_cidr, log)
+        v4 = node_addresses(nodeport_addresses, node_ips, cluster_cidr, log, self.family)
         self.iptables = iptables
         self.node_name = node_name
         self.cluster_cidr = v4.cluster_cidr
@@ -211,7 +217,8 @@ class IptablesProxier(Proxier):
         self.masquerade_all = masquerade_all
         # Go's %#08x: the mark is written "0x004000", iptables-save shows it back as 0x4000.
         self.masquerade_mark = f"0x{1 << masquerade_bit:06x}"
-        self.localhost_nodeports = localhost_nodeports
+        # Localhost NodePorts are IPv4 only (route_localnet); upstream never has them in IPv6.
+        self.localhost_nodeports = localhost_nodeports and self.family == "IPv4"
         self.conntrack = conntrack
         self.health_server = health_server
         # Typed as the one renderer source (kproxy.fastpath): mypy checks every call.
@@ -248,7 +255,11 @@ class IptablesProxier(Proxier):
     def _nodeports_tail(self) -> list[str]:
         head = f"-A KUBE-SERVICES -m comment --comment {NODEPORTS_TAIL_COMMENT}"
         if not self.nodeport_addresses:
-            dst = "-m addrtype --dst-type LOCAL" + ("" if self.localhost_nodeports else " ! -d 127.0.0.0/8")
+            # As upstream: IPv6 localhost NodePorts never work, so ::1 is left out explicitly.
+            if self.family == "IPv6":
+                dst = "-m addrtype --dst-type LOCAL ! -d ::1/128"
+            else:
+                dst = "-m addrtype --dst-type LOCAL" + ("" if self.localhost_nodeports else " ! -d 127.0.0.0/8")
             return [f"{head} {dst} -j KUBE-NODEPORTS\n"]
         nets = [ipaddress.ip_network(c, strict=False) for c in self.nodeport_addresses]
         out = []
@@ -257,6 +268,8 @@ class IptablesProxier(Proxier):
             if not any(addr in n for n in nets):
                 continue
             if addr.is_loopback and not self.localhost_nodeports:
+                if self.family == "IPv6":
+                    continue  # never served, nothing to tell
                 log.error(
                     "nodeport-addresses includes localhost but localhost NodePorts are off address=%s", ip
                 )
@@ -357,13 +370,15 @@ class IptablesProxier(Proxier):
         if self._large is not None and large != self._large:
             full = True  # every SVC/SEP chain changes shape (comments on/off)
         r = self.render
+        family = self.family
+        ipv6 = family == "IPv6"
         t0 = time.perf_counter()
         render_s = 0.0
         size = 0
 
         programmed = {} if full else dict(self._programmed)
         if full:
-            names = sorted(n for n, s in services.items() if _eligible(s))
+            names = sorted(n for n, s in services.items() if _eligible(s, family))
         else:
             names = sorted(request.changed)
         # Full syncs after a failure or at start-up diff against the kernel's chain list (another
@@ -405,7 +420,7 @@ class IptablesProxier(Proxier):
         for name in names:
             svc = services.get(name)
             old = self._programmed.get(name)
-            if not _eligible(svc):
+            if not _eligible(svc, family):
                 if old is not None and not full:
                     programmed.pop(name, None)
                     stale.update(old.chains.split())
@@ -416,7 +431,7 @@ class IptablesProxier(Proxier):
             eps = endpoints.get(name, empty)
             tr = time.perf_counter()
             filt, disp, decls, rules, chains, _has = r.render_service_port(
-                svc, eps, masq_all, cidr, large, node_ips, self.node_zone
+                svc, eps, masq_all, cidr, large, node_ips, self.node_zone, ipv6
             )
             render_s += time.perf_counter() - tr
             rendered += 1
@@ -611,7 +626,8 @@ class IptablesProxier(Proxier):
     def _prepare_full_sync(self) -> None:
         ips: tuple[str, ...] = ()
         try:
-            ips = tuple(self.iptables.local_ipv4_addresses())
+            ips = tuple(self.iptables.local_addresses() if self.family == "IPv6"
+                        else self.iptables.local_ipv4_addresses())
         except (IPTablesError, OSError) as e:
             log.warning("cannot list node addresses err=%s", e)
         # The Node object's addresses (upstream's nodeIP) plus every local address.
@@ -696,23 +712,44 @@ class IptablesProxier(Proxier):
             self.health_server.close()
 
 
-def new_proxier(config: KProxyConfig) -> Proxier:
-    """Build the iptables proxier from the validated configuration (see the module docstring)."""
-    netns = config.netns or None  # "" is no namespace too
+def _backend(config: KProxyConfig) -> Backend:
     wanted = config.iptables_backend
     if wanted not in ("", "nft", "legacy"):
         raise ValueError(f"iptables backend {wanted!r}: expected nft or legacy")
-    backend: Backend = detect_backend(netns) if not wanted else ("legacy" if wanted == "legacy" else "nft")
+    # One back end for both families, as upstream's iptables-wrapper picks one for the node.
+    return detect_backend(config.netns or None) if not wanted else ("legacy" if wanted == "legacy" else "nft")
+
+
+def family_supported(config: KProxyConfig, family: IPFamily) -> bool:
+    """Upstream's platformCheckSupported: the family's iptables tool can read its nat table."""
+    ipt = IPTables(backend=_backend(config), netns=config.netns or None, ipv6=family == "IPv6")
+    try:
+        ipt.save("nat")
+    except (IPTablesError, OSError) as e:
+        log.info("%s iptables not usable here err=%s", family, e)
+        return False
+    return True
+
+
+def new_family_proxier(config: KProxyConfig, family: IPFamily) -> Proxier:
+    """The iptables (family IPv4) or ip6tables (IPv6) proxier from the validated configuration
+    (see the module docstring); the Service health checks are kproxy.proxiers.meta's."""
+    netns = config.netns or None  # "" is no namespace too
     return IptablesProxier(
-        IPTables(backend=backend, netns=netns),
+        IPTables(backend=_backend(config), netns=netns, ipv6=family == "IPv6"),
         node_name=config.hostname_override,
         cluster_cidr=config.cluster_cidr,
         nodeport_addresses=config.nodeport_addresses,
         masquerade_all=config.masquerade_all,
         masquerade_bit=config.masquerade_bit,  # 0 is valid (validation accepts 0..31)
         localhost_nodeports=config.localhost_nodeports,
-        conntrack=Conntrack(netns=netns),
-        health_server=ServiceHealthServer(config.healthcheck_bind_address, netns=netns),
+        conntrack=Conntrack(netns=netns, family=family),
         node_ips=config.node_ips,
         node_zone=config.node_zone,
     )
+
+
+def new_proxier(config: KProxyConfig) -> Proxier:
+    """One proxier per family this node can run (kproxy.proxiers.meta), as upstream's
+    NewDualStackProxier."""
+    return new_proxier_for_families(config, new_family_proxier, family_supported)

@@ -42,4 +42,4 @@ def clean_udp_conntrack(conntrack: Conntrack, request: SyncRequest, old: Mapping
     names = {n for n, _ in stale} | set(newly)
     current = {n: new[n].svc for n in names if n in new}
     previous = {n: old[n].svc for n in names if n in old}
-    apply_cleanup(conntrack, udp_conntrack_cleanup(current, stale, newly, previous))
+    apply_cleanup(conntrack, udp_conntrack_cleanup(current, stale, newly, previous, conntrack.family))

@@ -84,31 +84,45 @@ def nodeport_cidrs(addresses: tuple[str, ...], node_ips: tuple[str, ...]) -> tup
 
 
 @dataclass(frozen=True)
-class IPv4NodeAddresses:
-    """The IPv4 addresses a rule-writing proxier (iptables, nftables) works with, checked once."""
+class NodeAddresses:
+    """One family's addresses a rule-writing proxier (iptables, nftables) works with, checked once."""
 
     node_ips: tuple[str, ...]
     nodeport_cidrs: tuple[str, ...]
     cluster_cidr: str
 
 
-def ipv4_node_addresses(
-    nodeport_addresses: Iterable[str], node_ips: Iterable[str], cluster_cidr: str, log: logging.Logger
-) -> IPv4NodeAddresses:
-    """The IPv4 side of --nodeport-addresses, the node's IPs and --cluster-cidr for the proxiers
-    that write rules per family. A bad CIDR raises ValueError naming it. Upstream's local detector
-    takes the one cluster CIDR of this family."""
-    v4_node_ips = tuple(ip for ip in node_ips if not _is_v6(ip))
+IPv4NodeAddresses = NodeAddresses  # the name the IPv4-only proxiers knew
+
+
+def node_addresses(
+    nodeport_addresses: Iterable[str], node_ips: Iterable[str], cluster_cidr: str, log: logging.Logger,
+    family: IPFamily = "IPv4",
+) -> NodeAddresses:
+    """One family's side of --nodeport-addresses, the node's IPs and --cluster-cidr, for the
+    proxiers that write rules per family (upstream's NewNodePortAddresses(family, ...) and its
+    local detector, which takes the one cluster CIDR of that family). A bad CIDR raises
+    ValueError naming it. CIDRs of the other family are that family's proxier's business."""
+    v6 = family == "IPv6"
+    fam_node_ips = tuple(ip for ip in node_ips if _is_v6(ip) == v6)
     addresses = tuple(nodeport_addresses)
-    if "primary" in addresses and not v4_node_ips:
-        log.warning("nodeport-addresses primary: the node's IPs are unknown; NodePorts on every address")
-    cidrs = nodeport_cidrs(addresses, v4_node_ips)
+    if "primary" in addresses and not fam_node_ips:
+        log.warning("nodeport-addresses primary: the node's %s IPs are unknown; NodePorts on every address",
+                    family)
+    cidrs = nodeport_cidrs(addresses, fam_node_ips)
     for cidr in cidrs:
         ipaddress.ip_network(cidr, strict=False)  # raises ValueError naming the bad CIDR
-    v4_cluster = next((c.strip() for c in cluster_cidr.split(",") if c.strip() and ":" not in c), "")
-    if v4_cluster:
-        ipaddress.ip_network(v4_cluster, strict=False)
-    return IPv4NodeAddresses(v4_node_ips, tuple(c for c in cidrs if ":" not in c), v4_cluster)
+    fam_cluster = next((c.strip() for c in cluster_cidr.split(",") if c.strip() and _is_v6(c) == v6), "")
+    if fam_cluster:
+        ipaddress.ip_network(fam_cluster, strict=False)
+    return NodeAddresses(fam_node_ips, tuple(c for c in cidrs if _is_v6(c) == v6), fam_cluster)
+
+
+def ipv4_node_addresses(
+    nodeport_addresses: Iterable[str], node_ips: Iterable[str], cluster_cidr: str, log: logging.Logger
+) -> NodeAddresses:
+    """node_addresses for IPv4 (the nftables proxier is IPv4 only so far)."""
+    return node_addresses(nodeport_addresses, node_ips, cluster_cidr, log, "IPv4")
 
 
 def check_masquerade_bit(masquerade_bit: int) -> None:

@@ -9,7 +9,7 @@ import json
 import socket
 from collections.abc import Callable
 
-from conformance_table import CLIENT_IP, Probe, Scenario, expected, target
+from conformance_table import Family, Probe, Scenario, Variant, client_ip, expected, target
 
 from kproxy.relay import socket_in_netns
 
@@ -19,8 +19,9 @@ DROP_TIMEOUT = 1.5  # a dropped SYN or datagram: no answer within this (answers 
 MakeSocket = Callable[[int], socket.socket]  # socket type -> a socket in the client's namespace
 
 
-def netns_sockets(netns: str | None) -> MakeSocket:
-    return lambda kind: socket_in_netns(netns, socket.AF_INET, kind)
+def netns_sockets(netns: str | None, family: Family = "IPv4") -> MakeSocket:
+    af = socket.AF_INET6 if family == "IPv6" else socket.AF_INET
+    return lambda kind: socket_in_netns(netns, af, kind)
 
 
 def _one(make: MakeSocket, proto: str, addr: tuple[str, int], timeout: float) -> tuple[str, str]:
@@ -57,7 +58,8 @@ def _health(make: MakeSocket, addr: tuple[str, int]) -> tuple[int, dict[str, obj
     s.settimeout(5)
     try:
         s.connect(addr)
-        s.sendall(f"GET / HTTP/1.0\r\nHost: {addr[0]}\r\n\r\n".encode())
+        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
         raw = b""
         for _ in range(64):  # bounded: the body is a few hundred bytes
             chunk = s.recv(4096)
@@ -72,8 +74,9 @@ def _health(make: MakeSocket, addr: tuple[str, int]) -> tuple[int, dict[str, obj
     return status, parsed
 
 
-def run_probe(make: MakeSocket, probe: Probe, addr: tuple[str, int]) -> str:
+def run_probe(make: MakeSocket, probe: Probe, addr: tuple[str, int], family: Family = "IPv4") -> str:
     """Empty string when the probe passed, else what went wrong (for the assertion message)."""
+    client = client_ip(family)
     if probe.dst == "health":
         status, body = _health(make, addr)
         if status != probe.expect:
@@ -104,9 +107,9 @@ def run_probe(make: MakeSocket, probe: Probe, addr: tuple[str, int]) -> str:
     if set(outcomes) != expect:
         return f"{addr}: got {outcomes}, expected each of {sorted(expect)} and nothing else"
     peers = {r[1] for r in results}
-    if probe.source == "client" and peers != {CLIENT_IP}:
-        return f"{addr}: backends saw {peers}, expected the client's address {CLIENT_IP}"
-    if probe.source == "not-client" and CLIENT_IP in peers:
+    if probe.source == "client" and peers != {client}:
+        return f"{addr}: backends saw {peers}, expected the client's address {client}"
+    if probe.source == "not-client" and client in peers:
         return f"{addr}: backends saw the client's address, expected the node's"
     return ""
 
@@ -115,10 +118,12 @@ TraceCheck = Callable[[Scenario, Probe], str]  # "" when the tracer's answer agr
 
 
 def check_scenario(mode: str, scenario: Scenario, client_netns: Callable[[str], str],
-                   sync_phase2: Callable[[], None], trace_check: TraceCheck | None = None) -> list[str]:
+                   sync_phase2: Callable[[], None], trace_check: TraceCheck | None = None,
+                   variant: Variant = "IPv4", family: Family = "IPv4") -> list[str]:
     """Runs every probe of one scenario as `mode` must pass it (conformance_table.expected);
     between phase 1 and 2 `sync_phase2` programs the scenario's changed endpoints. Returns the
-    failures, each naming the documented limit it was judged by, if any."""
+    failures, each naming the documented limit it was judged by, if any. `variant`: which of the
+    scenario's Services (IPv4-only, IPv6-only, dual-stack); `family`: the family the probes use."""
     failures = []
     for phase in (1, 2):
         if phase == 2:
@@ -129,7 +134,8 @@ def check_scenario(mode: str, scenario: Scenario, client_netns: Callable[[str], 
             if probe.phase != phase:
                 continue
             want, reason = expected(mode, scenario, probe)
-            problem = run_probe(netns_sockets(client_netns(want.src)), want, target(scenario, want))
+            problem = run_probe(netns_sockets(client_netns(want.src), family), want,
+                                target(scenario, want, variant, family), family)
             if problem:
                 failures.append(f"{want.key}{' (documented limit: ' + reason + ')' if reason else ''}: {problem}")
             elif trace_check is not None:

@@ -12,6 +12,11 @@ Topology (tests/iptables/iptables_topology.py, or its IPVS twin in the VM): an o
 bridge (local endpoints), pod3 10.2.0.2 behind another link (a remote endpoint: its node_name is
 another node's). Backends answer "NAME PEER_IP" on TCP 8080 and UDP 8053. The node is in zone-a.
 
+Per family (issue 18): every scenario also exists as an IPv6-only and as a dual-stack Service
+(`Variant`), on the same topology's IPv6 addresses (fd00:50::/64 node network, pods fd01::/16);
+a dual-stack Service is probed over each family. The IPv4 variant keeps the names and addresses
+it always had.
+
 Plain data and pure functions only: the VM imports this file too.
 """
 from __future__ import annotations
@@ -28,6 +33,19 @@ LOCAL_PODS = frozenset({"pod1", "pod2"})
 NODE_NAME = "conformance-node"
 NODE_ZONE = "zone-a"
 CLUSTER_CIDR = "10.0.0.0/8"
+NODE_IP6 = "fd00:50::1"
+CLIENT_IP6 = "fd00:50::2"
+POD_IPS6 = {"pod1": "fd01:1::2", "pod2": "fd01:1::3", "pod3": "fd01:2::2"}
+CLUSTER_CIDR6 = "fd01::/16"
+Family = Literal["IPv4", "IPv6"]
+Variant = Literal["IPv4", "IPv6", "dual"]  # the Service's ipFamilies: one family, or both
+VARIANT_FAMILIES: dict[str, tuple[Family, ...]] = {"IPv4": ("IPv4",), "IPv6": ("IPv6",), "dual": ("IPv4", "IPv6")}
+# (Service variant, family probed): single-stack Services over their family, dual-stack over each.
+FAMILY_RUNS: tuple[tuple[Variant, Family], ...] = (("IPv4", "IPv4"), ("IPv6", "IPv6"), ("dual", "IPv4"),
+                                                   ("dual", "IPv6"))
+# The IPv6 twin of every source range the table uses.
+RANGES6 = {"192.168.50.0/24": "fd00:50::/64", "203.0.113.0/24": "2001:db8:113::/64"}
+_VARIANT_OFFSET = {"IPv4": 0, "IPv6": 100, "dual": 200}
 TCP_PORT, UDP_PORT = 8080, 8053
 
 Src = Literal["node", "pod", "outside", "self"]  # self: pod1 reaching a Service it backs (hairpin)
@@ -180,35 +198,45 @@ def expected(mode: str, scenario: Scenario, probe: Probe) -> tuple[Probe, str]:
     return LIMITS.get((mode, scenario.name, probe.key), (probe, ""))
 
 
-def addresses(index: int) -> dict[str, str | int]:
-    """Each scenario's own addresses and ports (index: its position in SCENARIOS)."""
-    return {
-        "cluster_ip": f"10.96.7.{index + 10}",
-        "lb_ip": f"10.98.7.{index + 10}",
-        "external_ip": f"10.99.7.{index + 10}",
-        "node_port": 31000 + index,
-        "health": 32000 + index,
-        "port": 80,
-    }
+def addresses(index: int, family: Family = "IPv4", variant: Variant = "IPv4") -> dict[str, str | int]:
+    """Each scenario's own addresses (in `family`) and ports (index: its position in SCENARIOS);
+    each variant has its own, so all of them are programmed side by side."""
+    off = _VARIANT_OFFSET[variant]
+    if family == "IPv6":
+        ips = {"cluster_ip": f"fd02:96::{off + index + 10:x}", "lb_ip": f"fd02:98::{off + index + 10:x}",
+               "external_ip": f"fd02:99::{off + index + 10:x}"}
+    else:
+        third = 7 + off // 100
+        ips = {"cluster_ip": f"10.96.{third}.{index + 10}", "lb_ip": f"10.98.{third}.{index + 10}",
+               "external_ip": f"10.99.{third}.{index + 10}"}
+    return {**ips, "node_port": 31000 + off + index, "health": 32000 + off + index, "port": 80}
 
 
-def spn(scenario: Scenario) -> ServicePortName:
+def spn(scenario: Scenario, variant: Variant = "IPv4") -> ServicePortName:
     index = SCENARIOS.index(scenario)
-    return ServicePortName("conformance", f"s{index}", "p", scenario.protocol)
+    suffix = "" if variant == "IPv4" else f"-{variant.lower()}"
+    return ServicePortName("conformance", f"s{index}{suffix}", "p", scenario.protocol)
 
 
-def service_port(scenario: Scenario) -> ServicePort:
-    a = addresses(SCENARIOS.index(scenario))
+def _ranges(ranges: tuple[str, ...], family: Family) -> tuple[str, ...]:
+    return ranges if family == "IPv4" else tuple(RANGES6[r] for r in ranges)
+
+
+def service_port(scenario: Scenario, variant: Variant = "IPv4") -> ServicePort:
+    index = SCENARIOS.index(scenario)
+    fams = VARIANT_FAMILIES[variant]
+    per = [addresses(index, f, variant) for f in fams]
+    a = per[0]
     return ServicePort(
-        name=spn(scenario),
+        name=spn(scenario, variant),
         type=scenario.type,
-        cluster_ips=(str(a["cluster_ip"]),),
+        cluster_ips=tuple(str(x["cluster_ip"]) for x in per),
         port=int(a["port"]),
         protocol=scenario.protocol,
         node_port=int(a["node_port"]) if scenario.type != "ClusterIP" else 0,
-        external_ips=(str(a["external_ip"]),) if scenario.external_ip else (),
-        load_balancer_ips=(str(a["lb_ip"]),) if scenario.type == "LoadBalancer" else (),
-        load_balancer_source_ranges=scenario.source_ranges,
+        external_ips=tuple(str(x["external_ip"]) for x in per) if scenario.external_ip else (),
+        load_balancer_ips=tuple(str(x["lb_ip"]) for x in per) if scenario.type == "LoadBalancer" else (),
+        load_balancer_source_ranges=tuple(r for f in fams for r in _ranges(scenario.source_ranges, f)),
         session_affinity_timeout=60 if scenario.affinity else None,
         external_policy_local=scenario.etp_local,
         internal_policy_local=scenario.itp_local,
@@ -216,26 +244,36 @@ def service_port(scenario: Scenario) -> ServicePort:
     )
 
 
-def endpoints(scenario: Scenario, phase: int = 1) -> tuple[Endpoint, ...]:
+def endpoints(scenario: Scenario, phase: int = 1, variant: Variant = "IPv4") -> tuple[Endpoint, ...]:
     eps = scenario.then if phase == 2 and scenario.then is not None else scenario.endpoints
     port = UDP_PORT if scenario.protocol == "UDP" else TCP_PORT
+    pod_ips = [POD_IPS if f == "IPv4" else POD_IPS6 for f in VARIANT_FAMILIES[variant]]
     return tuple(sorted(
-        Endpoint(ip=POD_IPS[e.pod], port=port, ready=e.ready, serving=e.serving, terminating=e.terminating,
+        Endpoint(ip=ips[e.pod], port=port, ready=e.ready, serving=e.serving, terminating=e.terminating,
                  node_name=NODE_NAME if e.pod in LOCAL_PODS else "other-node", is_local=e.pod in LOCAL_PODS,
                  zone_hints=e.zone_hints)
-        for e in eps))
+        for e in eps for ips in pod_ips))
 
 
-def state(phase: int = 1) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
-    services = {spn(s): service_port(s) for s in SCENARIOS}
-    eps = {spn(s): endpoints(s, phase) for s in SCENARIOS}
+def state(phase: int = 1, variants: tuple[Variant, ...] = ("IPv4",)
+          ) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
+    services = {spn(s, v): service_port(s, v) for v in variants for s in SCENARIOS}
+    eps = {spn(s, v): endpoints(s, phase, v) for v in variants for s in SCENARIOS}
     return services, {k: v for k, v in eps.items() if v}
 
 
-def target(scenario: Scenario, probe: Probe) -> tuple[str, int]:
-    a = addresses(SCENARIOS.index(scenario))
+def node_ip(family: Family = "IPv4") -> str:
+    return NODE_IP6 if family == "IPv6" else NODE_IP
+
+
+def client_ip(family: Family = "IPv4") -> str:
+    return CLIENT_IP6 if family == "IPv6" else CLIENT_IP
+
+
+def target(scenario: Scenario, probe: Probe, variant: Variant = "IPv4", family: Family = "IPv4") -> tuple[str, int]:
+    a = addresses(SCENARIOS.index(scenario), family, variant)
     if probe.dst == "node_port":
-        return NODE_IP, int(a["node_port"])
+        return node_ip(family), int(a["node_port"])
     if probe.dst == "health":
-        return NODE_IP, int(a["health"])
+        return node_ip(family), int(a["health"])
     return str(a[probe.dst]), int(a["port"])

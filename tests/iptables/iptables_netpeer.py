@@ -19,17 +19,24 @@ import time
 
 
 def serve(name: str) -> None:
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", 8080))
-    tcp.listen(128)
-    udps = []
-    for port in (8053, 8054):
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.bind(("0.0.0.0", port))
-        udps.append(u)
+    # One socket per family (IPv6 ones V6ONLY): an IPv4 peer stays "10.1.0.3", not "::ffff:10.1.0.3".
+    tcps, udps = [], []
+    for family, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        tcp.bind((any_addr, 8080))
+        tcp.listen(128)
+        tcps.append(tcp)
+        for port in (8053, 8054):
+            u = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            u.bind((any_addr, port))
+            udps.append(u)
 
-    def tcp_loop() -> None:
+    def tcp_loop(tcp: socket.socket) -> None:
         while True:
             conn, peer = tcp.accept()
             try:
@@ -42,7 +49,8 @@ def serve(name: str) -> None:
             _data, peer = u.recvfrom(2048)
             u.sendto(f"{name} {peer[0]}".encode(), peer)
 
-    threading.Thread(target=tcp_loop, daemon=True).start()
+    for tcp in tcps:
+        threading.Thread(target=tcp_loop, args=(tcp,), daemon=True).start()
     for u in udps:
         threading.Thread(target=udp_loop, args=(u,), daemon=True).start()
     print("ready", flush=True)
@@ -53,7 +61,7 @@ def tcp_client(host: str, port: int, count: int, timeout: float) -> list[dict[st
     out: list[dict[str, object]] = []
     for _ in range(count):
         t0 = time.monotonic()
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
             s.connect((host, port))
@@ -72,9 +80,10 @@ def tcp_client(host: str, port: int, count: int, timeout: float) -> list[dict[st
 
 def udp_client(host: str, port: int, count: int, timeout: float, src: int) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = ":" in host
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", src))
+    s.bind(("::" if v6 else "0.0.0.0", src))
     s.settimeout(timeout)
     try:
         for i in range(count):

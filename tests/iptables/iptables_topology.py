@@ -24,6 +24,11 @@ NODE_IP = "192.168.50.1"
 CLIENT_IP = "192.168.50.2"
 POD_GW = "10.1.0.1"
 PODS = {"pod1": "10.1.0.2", "pod2": "10.1.0.3", "pod3": "10.2.0.2"}
+# The same topology in IPv6 (dual-stack tests): node network fd00:50::/64, pods in fd01::/16.
+NODE_IP6 = "fd00:50::1"
+CLIENT_IP6 = "fd00:50::2"
+POD_GW6 = "fd01:1::1"
+PODS6 = {"pod1": "fd01:1::2", "pod2": "fd01:1::3", "pod3": "fd01:2::2"}
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -81,12 +86,17 @@ def _build(suffix: str) -> Topology:
     n = ("ip", "-n", node)
     sh(*n, "link", "add", "n0", "type", "veth", "peer", "name", "eth0", "netns", client)
     sh(*n, "addr", "add", f"{NODE_IP}/24", "dev", "n0")
+    # nodad: usable at once (duplicate address detection would hold them tentative for a second).
+    sh(*n, "addr", "add", f"{NODE_IP6}/64", "dev", "n0", "nodad")
     sh(*n, "link", "set", "n0", "up")
     sh("ip", "-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
     sh("ip", "-n", client, "link", "set", "eth0", "up")
     sh("ip", "-n", client, "route", "add", "default", "via", NODE_IP)
+    sh("ip", "-n", client, "addr", "add", f"{CLIENT_IP6}/64", "dev", "eth0", "nodad")
+    sh("ip", "-n", client, "-6", "route", "add", "default", "via", NODE_IP6)
     sh(*n, "link", "add", "br0", "type", "bridge")
     sh(*n, "addr", "add", f"{POD_GW}/24", "dev", "br0")
+    sh(*n, "addr", "add", f"{POD_GW6}/64", "dev", "br0", "nodad")
     sh(*n, "link", "set", "br0", "up")
     for i, (name, ip) in enumerate(PODS.items()):
         ns = pods[name]
@@ -97,14 +107,17 @@ def _build(suffix: str) -> Topology:
             # As the bridge CNI plugin's hairpinMode / kubelet's hairpin-veth: a pod reaching
             # itself through its service must get its frame back on the port it came from.
             sh(*n, "link", "set", dev, "type", "bridge_slave", "hairpin", "on")
-            gw = POD_GW
+            gw, gw6 = POD_GW, POD_GW6
         else:
             sh(*n, "addr", "add", "10.2.0.1/24", "dev", dev)
-            gw = "10.2.0.1"
+            sh(*n, "addr", "add", "fd01:2::1/64", "dev", dev, "nodad")
+            gw, gw6 = "10.2.0.1", "fd01:2::1"
         sh(*n, "link", "set", dev, "up")
         sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", gw)
+        sh("ip", "-n", ns, "addr", "add", f"{PODS6[name]}/64", "dev", "eth0", "nodad")
+        sh("ip", "-n", ns, "-6", "route", "add", "default", "via", gw6)
     # A real node has a default route; without one an unmatched VIP would be "net unreachable"
     # before the filter table's REJECT could answer. (No dummy module here: point it at the client.)
     sh(*n, "route", "add", "default", "via", CLIENT_IP)
@@ -113,6 +126,10 @@ def _build(suffix: str) -> Topology:
     for conf in ("all", "default", "n0"):
         sh("ip", "netns", "exec", node, "sysctl", "-qw", f"net.ipv4.conf.{conf}.send_redirects=0")
     sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    sh(*n, "-6", "route", "add", "default", "via", CLIENT_IP6)
+    sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    # ICMPv6 errors (REJECT's port unreachable) are rate limited per peer, 1 s by default.
+    sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv6.icmp.ratelimit=0")
     for name, ns in pods.items():
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, PEER, "serve", name],

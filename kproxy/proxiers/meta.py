@@ -1,0 +1,165 @@
+"""One proxier per IP family behind the one Proxier interface, as upstream's metaproxier.
+
+Upstream's NewDualStackProxier builds the mode's proxier twice (IPv4 and IPv6) when the node can
+run both (platformCheckSupported: ip6tables, IPv6 IPVS, ...) and hands every event to both; each
+keeps only its family (kproxy.proxy.families.FamilyView cuts kproxy's one shared state the same
+way per sync). A mode opts in by exposing in its module
+
+    new_family_proxier(config, family) -> Proxier     # the proxier of one family, no health server
+    family_supported(config, family) -> bool          # optional: can this node run that family
+
+and kproxy.server builds `new_proxier_for_families` from them (dual_stack_factory); a mode
+without new_family_proxier stays single-family (IPv4). The Service health-check node ports are
+one server for the node, owned here (a port can be bound once): each Service answers from its
+own primary family's endpoints (the first family it has a ClusterIP of), so a dual-stack pod is
+counted once.
+
+A sync runs every family's proxier on the same request; it is ok only when all are. Each family's
+outcome is in SyncResult.family_ok (healthz is per family, healthy only if all are, as
+upstream's ProxierHealthServer); rule counts are summed per table.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from kproxy.config import KProxyConfig
+from kproxy.healthcheck import ServiceHealthServer
+from kproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName
+from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxy import sync_health_server
+from kproxy.proxy.families import FamilyView, family_of
+
+log = logging.getLogger(__name__)
+
+FAMILIES: tuple[IPFamily, IPFamily] = ("IPv4", "IPv6")
+
+
+class FamilyProxierFactory(Protocol):
+    def __call__(self, config: KProxyConfig, family: IPFamily) -> Proxier: ...
+
+
+FamilySupported = Callable[[KProxyConfig, IPFamily], bool]
+
+
+def primary_family(config: KProxyConfig) -> IPFamily:
+    """Upstream's PrimaryIPFamily: the family of the node's first IP (the Node object's, which
+    the server fills in), else of a specific --bind-address, else IPv4."""
+    if config.node_ips:
+        return family_of(config.node_ips[0])
+    if config.bind_address not in ("", "0.0.0.0", "::"):
+        return family_of(config.bind_address)
+    return "IPv4"
+
+
+def other_family(family: IPFamily) -> IPFamily:
+    return "IPv6" if family == "IPv4" else "IPv4"
+
+
+def node_families(config: KProxyConfig, supported: FamilySupported | None) -> tuple[IPFamily, ...]:
+    """The primary family first, then the other one when this node can run it (upstream: dual
+    stack whenever the platform supports both families)."""
+    primary = primary_family(config)
+    other = other_family(primary)
+    if supported is None or supported(config, other):
+        return primary, other
+    log.info("family=%s not supported on this node: single-stack %s", other, primary)
+    return (primary,)
+
+
+class MetaProxier(Proxier):
+    def __init__(self, proxiers: Mapping[IPFamily, Proxier], health_server: ServiceHealthServer | None = None
+                 ) -> None:
+        if not proxiers:
+            raise ValueError("MetaProxier: no family proxier")
+        self.proxiers: dict[IPFamily, Proxier] = dict(proxiers)
+        self.families = tuple(self.proxiers)
+        self.mode = next(iter(self.proxiers.values())).mode
+        self.health_server = health_server
+        self._views = {family: FamilyView(family) for family in self.families}
+
+    def family_request(self, family: IPFamily, request: SyncRequest) -> SyncRequest:
+        view = self._views[family]
+        return SyncRequest(
+            services=view.services(request.services),
+            endpoints=view.endpoints(request.endpoints),
+            changed=request.changed,
+            full=request.full,
+            stale_endpoints=view.stale_endpoints(request.stale_endpoints),
+            stale_services=request.stale_services,
+        )
+
+    def sync(self, request: SyncRequest) -> SyncResult:
+        family_ok: dict[str, bool] = {}
+        rules: dict[str, int] = {}
+        errors: list[str] = []
+        views: dict[IPFamily, SyncRequest] = {}
+        for family, proxier in self.proxiers.items():
+            views[family] = sub = self.family_request(family, request)
+            try:
+                res = proxier.sync(sub)
+            except Exception as err:  # one family's bug must not stop the other's sync
+                log.exception("sync raised family=%s", family)
+                res = SyncResult(ok=False, error=f"{type(err).__name__}: {err}")
+            family_ok[family] = res.ok
+            for table, n in res.rules_total.items():
+                rules[table] = rules.get(table, 0) + n
+            if res.error:
+                errors.append(f"{family}: {res.error}" if len(self.proxiers) > 1 else res.error)
+        if self.health_server is not None:
+            services, endpoints = self._health_view(views)
+            sync_health_server(self.health_server, services, endpoints)
+        return SyncResult(ok=all(family_ok.values()), rules_total=rules, error="; ".join(errors),
+                          family_ok=family_ok)
+
+    def _health_view(self, views: Mapping[IPFamily, SyncRequest]
+                     ) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
+        """Each Service from its primary family: the first family view holding it, families
+        in the node's order, so a Service only in the second family is served too."""
+        services: dict[ServicePortName, ServicePort] = {}
+        endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        for family in reversed(self.families):
+            services.update(views[family].services)
+        for name, svc in services.items():
+            family = family_of(svc.cluster_ips[0])
+            eps = views[family].endpoints.get(name) if family in views else None
+            if eps:
+                endpoints[name] = eps
+        return services, endpoints
+
+    def cleanup(self) -> bool:
+        results = [proxier.cleanup() for proxier in self.proxiers.values()]  # every family, even after a failure
+        return all(results)
+
+    def close(self) -> None:
+        for proxier in self.proxiers.values():
+            proxier.close()
+        if self.health_server is not None:
+            self.health_server.close()
+
+
+def single_family(proxier: Proxier, family: IPFamily = "IPv4") -> Proxier:
+    """A mode without per-family proxiers (new_family_proxier) still sees only its family's
+    Services and endpoints: a dual-stack Service's IPv6 half must not reach an IPv4-only renderer
+    (nftables' failed whole syncs on one). Its own health-check server stays its own."""
+    if isinstance(proxier, MetaProxier):
+        return proxier
+    return MetaProxier({family: proxier})
+
+
+def new_proxier_for_families(config: KProxyConfig, family_factory: FamilyProxierFactory,
+                             supported: FamilySupported | None = None,
+                             families: tuple[IPFamily, ...] | None = None) -> MetaProxier:
+    """The node's families (node_families), one proxier each, and the one health-check server."""
+    wanted = families if families is not None else node_families(config, supported)
+    built: dict[IPFamily, Proxier] = {}
+    try:
+        for family in wanted:
+            built[family] = family_factory(config, family)
+    except BaseException:
+        for proxier in built.values():
+            proxier.close()
+        raise
+    log.info("proxier mode=%s families=%s", next(iter(built.values())).mode, ",".join(built))
+    return MetaProxier(built, ServiceHealthServer(config.healthcheck_bind_address, netns=config.netns or None))
