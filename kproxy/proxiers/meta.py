@@ -150,8 +150,9 @@ def single_family(proxier: Proxier, family: IPFamily = "IPv4") -> Proxier:
 
 def new_proxier_for_families(config: KProxyConfig, family_factory: FamilyProxierFactory,
                              supported: FamilySupported | None = None,
-                             families: tuple[IPFamily, ...] | None = None) -> MetaProxier:
-    """The node's families (node_families), one proxier each, and the one health-check server."""
+                             families: tuple[IPFamily, ...] | None = None, health: bool = True) -> MetaProxier:
+    """The node's families (node_families), one proxier each, and the one health-check server
+    (none with `health` False: userspace's rule-free localhost variant has no node ports)."""
     wanted = families if families is not None else node_families(config, supported)
     built: dict[IPFamily, Proxier] = {}
     try:
@@ -162,4 +163,5 @@ def new_proxier_for_families(config: KProxyConfig, family_factory: FamilyProxier
             proxier.close()
         raise
     log.info("proxier mode=%s families=%s", next(iter(built.values())).mode, ",".join(built))
-    return MetaProxier(built, ServiceHealthServer(config.healthcheck_bind_address, netns=config.netns or None))
+    server = ServiceHealthServer(config.healthcheck_bind_address, netns=config.netns or None) if health else None
+    return MetaProxier(built, server)

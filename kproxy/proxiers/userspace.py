@@ -29,7 +29,11 @@ endpoints go.
 
 What this mode cannot do: keep the client's source address (every relayed connection is a new
 one from the node: externalTrafficPolicy Local selects local endpoints, but they see the node's
-address), IPv6 rules.
+address).
+
+One proxier per IP family (kproxy.proxiers.meta, as upstream's metaproxier): the IPv6 one has
+its own relay with IPv6 listeners and writes the same chains with ip6tables; the rule-free
+localhost variant is IPv4 only (127.0.0.1).
 
 `localhost_only` (--userspace-localhost-only) is the rule-free variant: NodePort and LoadBalancer
 services are served on 127.0.0.1:nodePort (and LoadBalancer ones also on 127.0.0.1:port), as
@@ -52,7 +56,7 @@ from typing import Literal
 from kproxy.backends.iptables import Backend, IPTables, IPTablesError, detect_backend
 from kproxy.config import KProxyConfig
 from kproxy.healthcheck import ServiceHealthServer
-from kproxy.model import EndpointsMap, ServicePort, ServicePortName
+from kproxy.model import EndpointsMap, IPFamily, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxy import (
     ServiceEndpoints,
@@ -96,8 +100,8 @@ def servable(svc: ServicePort) -> bool:
     return svc.type != "ExternalName" and svc.protocol in ("TCP", "UDP")
 
 
-def _v4(ips: tuple[str, ...]) -> list[str]:
-    return [ip for ip in ips if ip and ":" not in ip]
+def _of_family(ips: tuple[str, ...], v6: bool = False) -> list[str]:
+    return [ip for ip in ips if ip and (":" in ip) == v6]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,27 +123,30 @@ class Portal:
 
 
 def render_rules(portals: list[Portal], node_ip: str, cluster_cidr: str = "",
-                 node_ips: tuple[str, ...] = (), nodeport_addresses: tuple[str, ...] = ()) -> bytes:
+                 node_ips: tuple[str, ...] = (), nodeport_addresses: tuple[str, ...] = (), v6: bool = False) -> bytes:
     """The nat and filter tables for these portals: sans I/O, one restore buffer.
-    `nodeport_addresses`: IPv4 CIDRs NodePorts answer on (empty: every local address)."""
+    `nodeport_addresses`: CIDRs of this family NodePorts answer on (empty: every local address);
+    `v6`: the ip6tables tables (only the Services' IPv6 addresses, /128 hosts, [ip]:port)."""
     nat = ["*nat\n", *(f":{c} - [0:0]\n" for c in CHAINS)]
     filt = ["*filter\n", f":{FIREWALL} - [0:0]\n"]
     for p in sorted(portals, key=lambda p: (str(p.svc.name), p.svc.protocol)):
-        _render_portal(p, node_ip, cluster_cidr, node_ips, nodeport_addresses, nat, filt)
+        _render_portal(p, node_ip, cluster_cidr, node_ips, nodeport_addresses, nat, filt, v6)
     return "".join([*nat, "COMMIT\n", *filt, "COMMIT\n"]).encode()
 
 
 def _render_portal(p: Portal, node_ip: str, cluster_cidr: str, node_ips: tuple[str, ...],
-                   nodeport_addresses: tuple[str, ...], nat: list[str], filt: list[str]) -> None:
+                   nodeport_addresses: tuple[str, ...], nat: list[str], filt: list[str], v6: bool = False) -> None:
     svc, d = p.svc, p.decision
     proto = svc.protocol.lower()
     comment = f'-m comment --comment "{svc.name}"'
+    host = "/128" if v6 else "/32"
+    to_node = f"[{node_ip}]" if v6 else node_ip
 
     def redirect(port: int) -> str:
         return f"-j REDIRECT --to-ports {port}"
 
     def dnat(port: int) -> str:
-        return f"-j DNAT --to-destination {node_ip}:{port}"
+        return f"-j DNAT --to-destination {to_node}:{port}"
 
     def refuse(match: str, drop: bool) -> None:
         reason = "has no local endpoints" if drop else "has no endpoints"
@@ -170,8 +177,8 @@ def _render_portal(p: Portal, node_ip: str, cluster_cidr: str, node_ips: tuple[s
         filt.append(f'-A {FIREWALL} -m comment --comment "{svc.name} traffic not accepted by source ranges" '
                     f"{dst} -j DROP\n")
 
-    for ip in dict.fromkeys(_v4(svc.cluster_ips)):
-        match = f"-d {ip}/32 -p {proto} -m {proto} --dport {svc.port}"
+    for ip in dict.fromkeys(_of_family(svc.cluster_ips, v6)):
+        match = f"-d {ip}{host} -p {proto} -m {proto} --dport {svc.port}"
         if not d.has_any:
             refuse(match, drop=False)
         elif d.drops_internal:
@@ -179,16 +186,17 @@ def _render_portal(p: Portal, node_ip: str, cluster_cidr: str, node_ips: tuple[s
         else:
             nat.append(f"-A {PORTALS_CONTAINER} {comment} {match} {redirect(p.internal_port)}\n")
             nat.append(f"-A {PORTALS_HOST} {comment} {match} {dnat(p.internal_port)}\n")
-    for ip in dict.fromkeys(_v4(svc.external_ips)):
-        match = f"-d {ip}/32 -p {proto} -m {proto} --dport {svc.port}"
+    for ip in dict.fromkeys(_of_family(svc.external_ips, v6)):
+        match = f"-d {ip}{host} -p {proto} -m {proto} --dport {svc.port}"
         external(PORTALS_CONTAINER, PORTALS_HOST, match, match, None)
     ranges = SourceRanges.parse(svc.load_balancer_source_ranges)
-    for ip in dict.fromkeys(_v4(svc.load_balancer_ips)):
-        match = f"-d {ip}/32 -p {proto} -m {proto} --dport {svc.port}"
+    family: IPFamily = "IPv6" if v6 else "IPv4"
+    for ip in dict.fromkeys(_of_family(svc.load_balancer_ips, v6)):
+        match = f"-d {ip}{host} -p {proto} -m {proto} --dport {svc.port}"
         sources = None
         if ranges.restricted:
             # Upstream: a node inside the ranges also lets the LB IP itself in (hairpin).
-            sources = ranges.cidrs() + ([f"{ip}/32"] if ranges.contains_any(node_ips) else [])
+            sources = ranges.cidrs(family) + ([f"{ip}{host}"] if ranges.contains_any(node_ips) else [])
         external(PORTALS_CONTAINER, PORTALS_HOST, match, match, sources)
     if svc.node_port and svc.type in ("NodePort", "LoadBalancer"):
         for cidr in nodeport_addresses or ("",):
@@ -239,6 +247,8 @@ class UserspaceProxier(Proxier):
             raise ValueError("userspace proxier: iptables and node_ip are needed unless localhost_only")
         self.relay = relay
         self.iptables = iptables
+        # The family is the tools': ip6tables makes this the IPv6 proxier (IPv6 listeners).
+        self.v6 = bool(getattr(iptables, "ipv6", False))
         self.node_ip = node_ip
         self.localhost_only = localhost_only
         self.udp_idle_timeout = udp_idle_timeout
@@ -246,7 +256,7 @@ class UserspaceProxier(Proxier):
         self.node_zone = node_zone
         self.node_ips = tuple(dict.fromkeys((node_ip, *node_ips))) if node_ip else node_ips
         self.health_server = health_server
-        self.nodeport_addresses = tuple(c for c in nodeport_addresses if ":" not in c)
+        self.nodeport_addresses = tuple(c for c in nodeport_addresses if (":" in c) == self.v6)
         self._served: dict[ServicePortName, _Served] = {}
         self._jumps_ok = False
         self._applied = b""  # the buffer the kernel holds, to skip restores that change nothing
@@ -275,7 +285,8 @@ class UserspaceProxier(Proxier):
                         lid, _ = self.relay.listen(svc.protocol, LOCALHOST, port)  # type: ignore[arg-type]
                         lids.append(lid)
                 else:
-                    lid, served.ports[role] = self.relay.listen(svc.protocol, "0.0.0.0", 0)  # type: ignore[arg-type]
+                    any_addr = "::" if self.v6 else "0.0.0.0"
+                    lid, served.ports[role] = self.relay.listen(svc.protocol, any_addr, 0)  # type: ignore[arg-type]
                     lids.append(lid)
         except OSError:
             self._close(served)
@@ -294,8 +305,8 @@ class UserspaceProxier(Proxier):
         return self.localhost_only and localhost_ports(old) != localhost_ports(new)
 
     def _set_endpoints(self, served: _Served, endpoints: EndpointsMap) -> None:
-        v4 = [e for e in endpoints.get(served.svc.name, ()) if ":" not in e.ip]
-        d = served.decision = service_endpoints(served.svc, v4, self.node_zone)
+        mine = [e for e in endpoints.get(served.svc.name, ()) if (":" in e.ip) == self.v6]
+        d = served.decision = service_endpoints(served.svc, mine, self.node_zone)
         chosen = _role_endpoints(d)
         for role, lids in served.listeners.items():
             eps: list[tuple[str, int]] = [(e.ip, e.port) for e in chosen[role]]
@@ -324,9 +335,6 @@ class UserspaceProxier(Proxier):
                     log.error("userspace: cannot open listener service=%s err=%s", name, exc)
                     continue
             assert served is not None
-            if fresh and not self.localhost_only and len(_v4(svc.cluster_ips + svc.external_ips)) < len(
-                    [ip for ip in svc.cluster_ips + svc.external_ips if ip]):
-                log.warning("userspace: IPv6 service IPs are not redirected (IPv4 only) service=%s", name)
             changed = served.svc != svc
             served.svc = svc
             if fresh or changed or request.full or name in request.changed:
@@ -339,7 +347,7 @@ class UserspaceProxier(Proxier):
         if not self.localhost_only:
             assert self.iptables is not None
             data = render_rules([s.portal() for s in self._served.values()], self.node_ip,
-                                self.cluster_cidr, self.node_ips, self.nodeport_addresses)
+                                self.cluster_cidr, self.node_ips, self.nodeport_addresses, self.v6)
             rules = data.count(b"\n-A ")
             try:
                 # Endpoint-only changes live in the relay: the rules stay as they are, unless
@@ -368,7 +376,7 @@ class UserspaceProxier(Proxier):
             chosen = _role_endpoints(d)
             for role, port in served.ports.items():
                 out.append(status.RelayPort(f"{name.namespace}/{name.name}:{name.port}", served.svc.protocol, role,
-                                            port, tuple(f"{e.ip}:{e.port}" for e in chosen[role] if ":" not in e.ip),
+                                            port, tuple(e.addr for e in chosen[role]),
                                             float(served.svc.session_affinity_timeout or 0)))
         return out
 
@@ -409,11 +417,14 @@ def _role_endpoints(d: ServiceEndpoints) -> dict[str, Endpoints]:
     return {"internal": d.internal, "external": d.external, "cluster": d.cluster or d.external}
 
 
-def _node_ipv4(iptables: IPTables) -> str:
-    for ip in iptables.local_ipv4_addresses():
-        if not ip.startswith("127."):
+def _node_ip(iptables: IPTables) -> str:
+    """The first address of the table's family on the node that a Service's traffic can be
+    DNATed to (not loopback; IPv6 link-local ones are already left out)."""
+    for ip in iptables.local_addresses():
+        if not ip.startswith("127.") and ip != "::1":
             return ip
-    raise ValueError("userspace proxier: no non-loopback IPv4 address on this node; set --bind-address")
+    family = "IPv6" if iptables.ipv6 else "IPv4"
+    raise ValueError(f"userspace proxier: no non-loopback {family} address on this node; set --bind-address")
 
 
 def remove_rules(iptables: IPTables) -> bool:
@@ -438,15 +449,18 @@ def remove_rules(iptables: IPTables) -> bool:
 def cleanup_leftovers(config: KProxyConfig) -> bool:
     """`kproxy --cleanup` in another mode: what this mode leaves in the kernel is only its rules,
     so neither a relay nor the node's address is needed to remove them."""
-    iptables = IPTables(backend=_backend(config), netns=config.netns)
-    try:
-        present = any(f":{c} " in line for line in iptables.save("nat").splitlines() for c in CHAINS)
-        present = present or any(line.startswith(f":{FIREWALL} ") for line in iptables.save("filter").splitlines())
-    except (IPTablesError, OSError) as exc:
-        # A back end this kernel cannot run (no nf_tables under User-Mode Linux) holds nothing.
-        log.info("userspace: nothing to clean, iptables-save failed err=%s", exc)
-        return True
-    return remove_rules(iptables) if present else True
+    ok = True
+    for v6 in (False, True):  # both families' tables
+        iptables = IPTables(backend=_backend(config), netns=config.netns, ipv6=v6)
+        try:
+            present = any(f":{c} " in line for line in iptables.save("nat").splitlines() for c in CHAINS)
+            present = present or any(line.startswith(f":{FIREWALL} ") for line in iptables.save("filter").splitlines())
+        except (IPTablesError, OSError) as exc:
+            # A back end (or family) this kernel cannot run (no nf_tables under User-Mode Linux) holds nothing.
+            log.info("userspace: nothing to clean ipv6=%s, iptables-save failed err=%s", v6, exc)
+            continue
+        ok = (remove_rules(iptables) if present else True) and ok
+    return ok
 
 
 def _backend(config: KProxyConfig) -> Backend:
@@ -456,30 +470,66 @@ def _backend(config: KProxyConfig) -> Backend:
     return "nft" if backend == "nft" else "legacy"
 
 
-def new_proxier(config: KProxyConfig, relay_impl: Literal["auto", "compiled", "pure"] = "auto") -> Proxier:
-    """Build the userspace proxier from the validated configuration (see the module docstring);
-    `relay_impl` picks the relay (tests run both; KPROXY_PURE=1 forces pure under auto)."""
+def family_supported(config: KProxyConfig, family: IPFamily) -> bool:
+    """The family's iptables can hold this mode's rules (upstream's platformCheckSupported)."""
+    if config.userspace_localhost_only:
+        return family == "IPv4"  # the rule-free variant serves 127.0.0.1 only
+    from kproxy.proxiers.iptables import family_supported as iptables_family_supported
+
+    if not iptables_family_supported(config, family):
+        return False
+    # The relay's OUTPUT rules DNAT to a node address of the family: a node without one (no
+    # IPv6 configured) runs single-stack, as upstream's does when it detects no such node IP.
+    if any((":" in ip) == (family == "IPv6") for ip in (*config.node_ips, config.bind_address)
+           if ip not in ("", "0.0.0.0", "::")):
+        return True
+    try:
+        _node_ip(IPTables(backend=_backend(config), netns=config.netns, ipv6=family == "IPv6"))
+    except (ValueError, IPTablesError, OSError) as exc:
+        log.info("userspace: family=%s not proxied: %s", family, exc)
+        return False
+    return True
+
+
+RelayImpl = Literal["auto", "compiled", "pure"]
+
+
+def new_family_proxier(config: KProxyConfig, family: IPFamily, relay_impl: RelayImpl = "auto") -> Proxier:
+    """One family's userspace proxier (see the module docstring): its own relay and, unless
+    localhost-only, the family's ip6tables/iptables; the Service health checks are the
+    metaproxier's; the status socket for `kproxy trace` is the IPv4 proxier's."""
     if relay_impl not in ("auto", "compiled", "pure"):
         raise ValueError(f"relay_impl {relay_impl!r}: expected auto, compiled or pure")
     netns = config.netns
+    v6 = family == "IPv6"
     iptables: IPTables | None = None
     node_ip = ""
     if not config.userspace_localhost_only:
-        iptables = IPTables(backend=_backend(config), netns=netns)
+        iptables = IPTables(backend=_backend(config), netns=netns, ipv6=v6)
         bind = config.bind_address
-        known = [ip for ip in config.node_ips if ":" not in ip]
-        if bind and bind not in ("0.0.0.0", "::"):
+        known = [ip for ip in config.node_ips if (":" in ip) == v6]
+        if bind and bind not in ("0.0.0.0", "::") and (":" in bind) == v6:
             node_ip = bind
         else:
-            node_ip = known[0] if known else _node_ipv4(iptables)
+            node_ip = known[0] if known else _node_ip(iptables)
     relay = Relay(relay_impl, netns=netns, tcp_congestion=config.userspace_tcp_congestion).start()
-    # Pod traffic to an external address short-circuits (as upstream's) only with one IPv4 CIDR.
-    v4_cidrs = [c.strip() for c in config.cluster_cidr.split(",") if c.strip() and ":" not in c]
-    health = None if config.userspace_localhost_only else ServiceHealthServer(config.healthcheck_bind_address,
-                                                                            netns=netns)
+    # Pod traffic to an external address short-circuits (as upstream's) with this family's CIDR.
+    cidrs = [c.strip() for c in config.cluster_cidr.split(",") if c.strip() and (":" in c) == v6]
     return UserspaceProxier(relay, iptables, node_ip=node_ip, localhost_only=config.userspace_localhost_only,
                             udp_idle_timeout=config.udp_idle_timeout or 0.25,
-                            cluster_cidr=v4_cidrs[0] if v4_cidrs else "", node_zone=config.node_zone,
-                            node_ips=config.node_ips, health_server=health,
+                            cluster_cidr=cidrs[0] if cidrs else "", node_zone=config.node_zone,
+                            node_ips=tuple(ip for ip in config.node_ips if (":" in ip) == v6),
                             nodeport_addresses=nodeport_cidrs(config.nodeport_addresses, config.node_ips),
-                            status_socket=status.socket_path(netns))
+                            status_socket="" if v6 else status.socket_path(netns))
+
+
+def new_proxier(config: KProxyConfig, relay_impl: RelayImpl = "auto") -> Proxier:
+    """The userspace proxier of every family this node runs (kproxy.proxiers.meta);
+    `relay_impl` picks the relay (tests run both; KPROXY_PURE=1 forces pure under auto)."""
+    from kproxy.proxiers.meta import new_proxier_for_families
+
+    def build(config: KProxyConfig, family: IPFamily) -> Proxier:
+        return new_family_proxier(config, family, relay_impl)
+
+    return new_proxier_for_families(config, build, family_supported,
+                                    health=not config.userspace_localhost_only)

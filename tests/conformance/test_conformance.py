@@ -45,7 +45,7 @@ TRACE_ARGS = {"iptables-nft": ["--mode", "iptables", "--iptables-backend", "nft"
 # The families each mode proxies here; nftables: no `ip6` table yet (README, nftables).
 MODE_FAMILIES: dict[str, tuple[Family, ...]] = {"iptables-nft": ("IPv4", "IPv6"),
                                                 "iptables-legacy": ("IPv4", "IPv6"),
-                                                "userspace": ("IPv4",), "nftables": ("IPv4",)}
+                                                "userspace": ("IPv4", "IPv6"), "nftables": ("IPv4",)}
 
 
 @dataclass
@@ -87,7 +87,7 @@ def build(mode: str, topo: Topology) -> Proxier:
         return iptables_proxier(config)
     from kproxy.proxiers.userspace import new_proxier as userspace_proxier
 
-    return single_family(userspace_proxier(config, "compiled"))
+    return userspace_proxier(config, "compiled")
 
 
 @pytest.fixture(scope="module", params=HERE)

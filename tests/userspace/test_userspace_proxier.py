@@ -25,7 +25,8 @@ from userspace_helpers import (
 from kproxy.config import KProxyConfig
 from kproxy.model import Endpoint, EndpointsMap, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import SyncRequest
-from kproxy.proxiers.userspace import Portal, UserspaceProxier, new_proxier, render_rules
+from kproxy.proxiers.meta import MetaProxier
+from kproxy.proxiers.userspace import Portal, UserspaceProxier, new_family_proxier, new_proxier, render_rules
 from kproxy.proxy import service_endpoints
 from kproxy.relay import socket_in_netns
 
@@ -60,7 +61,7 @@ def _state() -> tuple[ServicePortMap, EndpointsMap]:
 @pytest.fixture
 def proxier(impl: str, topo: Topology, backends: Backends) -> Iterator[UserspaceProxier]:
     config = KProxyConfig(mode="userspace", netns=topo.node, bind_address=NODE_CLIENT_IP, udp_idle_timeout=1.0)
-    p = new_proxier(config, impl)  # type: ignore[arg-type]
+    p = new_family_proxier(config, "IPv4", impl)  # type: ignore[arg-type]  # one family's proxier
     assert isinstance(p, UserspaceProxier)
     try:
         yield p
@@ -204,7 +205,10 @@ def test_localhost_only_in_the_root_namespace(impl: str) -> None:
     eps: EndpointsMap = {name: (Endpoint("127.0.0.1", backend.getsockname()[1]),)}
     p = new_proxier(KProxyConfig(userspace_localhost_only=True), impl)  # type: ignore[arg-type]
     try:
-        assert isinstance(p, UserspaceProxier) and p.iptables is None  # no firewall access at all
+        # One family (127.0.0.1), no health-check server and no firewall access at all.
+        assert isinstance(p, MetaProxier) and p.families == ("IPv4",) and p.health_server is None
+        inner = p.proxiers["IPv4"]
+        assert isinstance(inner, UserspaceProxier) and inner.iptables is None
         assert p.sync(SyncRequest({name: svc}, eps)).ok
         with socket.create_connection(("127.0.0.1", node_port), timeout=5) as c:
             conn, _ = backend.accept()
