@@ -156,12 +156,13 @@ _MARKERS = {"ipvs": "--match-set KUBE-CLUSTER-IP ", "iptables": ":KUBE-SERVICES 
             "userspace": ":KUBE-PORTALS-CONTAINER "}
 
 
-def iptables_dump(backend: str, netns: str | None, mode: str) -> tuple[str, str, str]:
+def iptables_dump(backend: str, netns: str | None, mode: str, family: str = "ip") -> tuple[str, str, str]:
     """(mode, back end, nat+filter dump): the back end (and with mode auto, the mode) whose
-    dump holds kproxy's chains (iptables mode's KUBE-SERVICES, userspace's KUBE-PORTALS-*)."""
+    dump holds kproxy's chains (iptables mode's KUBE-SERVICES, userspace's KUBE-PORTALS-*);
+    ip6tables' for an IPv6 destination (family ip6)."""
     modes = ("ipvs", "iptables", "userspace") if mode == "auto" else (mode,)
     for b in (("nft", "legacy") if backend == "auto" else (backend,)):
-        tool = f"iptables-{b}-save"
+        tool = f"{'ip6tables' if family == 'ip6' else 'iptables'}-{b}-save"
         dump = _tables(_read([tool], netns))
         for m in modes:
             if _MARKERS[m] in dump and (m != "iptables" or _MARKERS["ipvs"] not in dump):
@@ -236,7 +237,7 @@ def _state(ns: argparse.Namespace, family: str) -> tuple[str, str, str]:
     if ns.mode == "nftables":
         return "nftables", "nftables", nft_dump(ns.netns, family)
     try:
-        return iptables_dump(ns.iptables_backend, ns.netns, ns.mode)
+        return iptables_dump(ns.iptables_backend, ns.netns, ns.mode, family)
     except TraceError as err:
         if ns.mode != "auto":
             raise
@@ -271,6 +272,8 @@ def main(argv: Sequence[str]) -> int:
         ns = _parser().parse_args(list(argv))
         src = _ip(ns.src, "--from")
         dst, port = _dest(ns.dest)
+        if (":" in src) != (":" in dst):
+            raise TraceError(f"--from {src} and destination {dst} are of different IP families")
         family = "ip6" if ":" in dst else "ip"
         mode, backend, dump = _state(ns, family)
         local = local_ips(ns.netns)

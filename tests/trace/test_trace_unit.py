@@ -81,6 +81,7 @@ def test_garbage_is_a_trace_error_or_a_trace(text: str) -> None:
     (["trace", "--from", "1.2.3.4", "10.96.0.1"], "expected IP:PORT"),
     (["trace", "--from", "1.2.3.4", "10.96.0.1:70000"], "expected IP:PORT"),
     (["trace", "--from", "1.2.3.4", "--proto", "sctp", "10.96.0.1:80"], "--proto"),
+    (["trace", "--from", "fd00::1", "10.96.0.1:80"], "different IP families"),
 ])
 def test_bad_arguments_are_one_line_and_exit_1(argv: list[str], word: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == 1
@@ -103,7 +104,7 @@ def test_mode_detection_reads_one_save_a_back_end(monkeypatch: pytest.MonkeyPatc
         calls.append(cmd)
         if cmd[0] == "nft":
             return '{"nftables": []}'
-        return other + (ipvs if cmd[0] == "iptables-legacy-save" else "")
+        return other + (ipvs if cmd[0].endswith("tables-legacy-save") else "")
 
     monkeypatch.setattr(trace, "_read", read)
     assert trace.iptables_dump("auto", None, "auto")[:2] == ("ipvs", "legacy")
@@ -111,6 +112,9 @@ def test_mode_detection_reads_one_save_a_back_end(monkeypatch: pytest.MonkeyPatc
     assert "weird" not in trace.iptables_dump("legacy", None, "ipvs")[2]
     with pytest.raises(TraceError, match="no kproxy rules of mode iptables"):
         trace.iptables_dump("legacy", None, "iptables")
+    calls.clear()
+    assert trace.iptables_dump("legacy", None, "ipvs", "ip6")[:2] == ("ipvs", "legacy")
+    assert calls == [["ip6tables-legacy-save"]]
     monkeypatch.setattr(trace, "_read", lambda cmd, netns: other if cmd[0] != "nft" else '{"nftables": []}')
     ns = argparse.Namespace(mode="auto", iptables_backend="auto", netns=None)
     assert trace._state(ns, "ip") == ("nftables", "nftables", '{"nftables": []}')
