@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import struct
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
+from kproxy.backends.nftnl import NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, NLMSG_ERROR, netfilter_socket
+from kproxy.backends.nftnl import str_attr as _attr
+
 NFT_MSG_GETTABLE = 1
 NFT_MSG_GETCHAIN = 4
 NFTA_TABLE_NAME = 1
@@ -28,30 +28,16 @@ NFTA_CHAIN_NAME = 3
 NFTA_TABLE_USE = 3
 NFPROTO_IPV4 = 2
 NFPROTO_IPV6 = 10  # ip6tables-nft's tables (`ip6 nat`): kproxy's IPv6 proxier
-NLM_F_REQUEST = 0x1
-NLMSG_ERROR = 2
 _HDR = struct.Struct("=IHHII")
 _ATTR = struct.Struct("=HH")
 _NLA_TYPE_MASK = 0x3FFF
-
-
-def _socket(netns: str | None) -> socket.socket:
-    # A socket keeps the namespace it was made in (kproxy.relay makes it from a short-lived thread).
-    from kproxy.relay import socket_in_netns
-
-    return socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-
-
-def _attr(kind: int, text: str) -> bytes:
-    value = text.encode() + b"\0"
-    return _ATTR.pack(4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
 
 
 def _ask(netns: str | None, msg: int, attrs: bytes, ipv6: bool = False) -> bytes:
     """One request, its one answer (a NEW* message; OSError for an error answer)."""
     body = struct.pack("=BBH", NFPROTO_IPV6 if ipv6 else NFPROTO_IPV4, 0, 0) + attrs
     request = _HDR.pack(_HDR.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg, NLM_F_REQUEST, 1, 0) + body
-    with _socket(netns) as sock:
+    with netfilter_socket(netns) as sock:
         sock.bind((0, 0))
         sock.send(request)
         data = sock.recv(1 << 16)

@@ -125,6 +125,7 @@ class _Programmed:
     chains: dict[str, str]
     elements: tuple[Element, ...]
     sets: tuple[tuple[str, int], ...]
+    maps: tuple[str, ...] = ()
     serving: frozenset[tuple[IP, Port]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
 
 
@@ -233,7 +234,7 @@ class NftablesProxier(Proxier):
         serving: frozenset[tuple[IP, Port]] = frozenset()
         if svc.protocol == "UDP":
             serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)
-        return _Programmed(svc, dict(r.chains), tuple(r.elements), tuple(r.sets), serving)
+        return _Programmed(svc, dict(r.chains), tuple(r.elements), tuple(r.sets), tuple(r.maps), serving)
 
     def _chain_lines(self, chain: str, rules: str) -> list[str]:
         t = f"{FAMILY} {self.table}"
@@ -241,6 +242,11 @@ class NftablesProxier(Proxier):
 
     def _set_line(self, name: str, timeout: int) -> str:
         return f"add set {FAMILY} {self.table} {name} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}\n"
+
+    def _map_line(self, name: str, protocol: str) -> str:
+        # The endpoint maps (kproxy._nftpath.endpoint_map): numgen's index -> address . port;
+        # nft wants the Service's protocol in the declaration (the rule matches it).
+        return f"add map {FAMILY} {self.table} {name} {{ typeof numgen random mod 1 : ip daddr . {protocol.lower()} dport ; }}\n"
 
     def _full(self, services: ServicePortMap, endpoints: EndpointsMap) -> tuple[list[str], dict[ServicePortName, _Programmed], Counter[Element]]:
         t = f"{FAMILY} {self.table}"
@@ -256,6 +262,7 @@ class NftablesProxier(Proxier):
             programmed[name] = p
             for set_name, timeout in p.sets:
                 out.append(self._set_line(set_name, timeout))
+            out.extend(self._map_line(m, p.svc.protocol) for m in p.maps)
             for chain, rules in p.chains.items():
                 out.append(f"add chain {t} {chain}\n")
                 rule_lines.extend(self._chain_lines(chain, rules))
@@ -302,6 +309,15 @@ class NftablesProxier(Proxier):
             for set_name in old_sets:
                 if set_name not in cur_sets:
                     stale["set " + set_name] = now
+            old_maps = old.maps if old is not None else ()
+            cur_maps = cur.maps if cur is not None else ()
+            for map_name in cur_maps:
+                if map_name not in old_maps:
+                    new_sets.append(self._map_line(map_name, svc.protocol if svc is not None else "TCP"))
+                    stale.pop("map " + map_name, None)
+            for map_name in old_maps:
+                if map_name not in cur_maps:
+                    stale["map " + map_name] = now
             if old is not None:
                 refs.subtract(old.elements)
             if cur is not None:
@@ -332,6 +348,7 @@ class NftablesProxier(Proxier):
         for p in programmed.values():
             live.update(p.chains)
             live.update("set " + s for s, _ in p.sets)
+            live.update("map " + m for m in p.maps)
         return live
 
     # ---- applying ----

@@ -11,8 +11,7 @@ import pytest
 from nft_state import SKIP_REASON, sh
 
 
-@pytest.fixture()
-def netns() -> Iterator[str]:
+def _netns() -> Iterator[str]:
     if SKIP_REASON:
         pytest.skip(SKIP_REASON)
     name = f"kpnft{secrets.token_hex(4)}"
@@ -24,3 +23,13 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
+
+
+@pytest.fixture()
+def netns() -> Iterator[str]:
+    yield from _netns()
+
+
+@pytest.fixture()
+def netns2() -> Iterator[str]:
+    yield from _netns()

@@ -1,0 +1,485 @@
+"""nftables transactions as nfnetlink batches encoded here, sent on one netlink socket: no `nft`
+process and no ruleset cache.
+
+Why (measured, bench/README.md, nftables): `nft -f` (and libnftables in-process, which does the
+same) dumps the table's chains and sets from the kernel before every transaction to evaluate it;
+in a 10,000-Service table that fetch is most of a partial sync (0.2-0.3 s wall, ~0.03 s CPU for a
+one-element transaction), whatever the transaction holds. A batch encoded by kproxy goes straight
+to the kernel: the kernel applies it in the sending thread, atomically (all or nothing), so the
+replies are queued when sendmsg returns.
+
+The input is the nft script kproxy renders (kproxy._nftpath, kproxy.proxiers.nftables), one
+command per line, translated by a closed grammar: the statements kproxy itself writes and nothing
+more. A line outside it raises Untranslatable and the caller sends the script through `nft -f`
+instead (same meaning, slower), so the script stays the one description of a transaction (logs,
+tests, the fallback). tests/nftables check that both ways leave identical rulesets in the kernel.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
+NLA_F_NESTED = 0x8000
+SOL_NETLINK = 270
+NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
+
+NEWTABLE, DELTABLE, NEWCHAIN, DELCHAIN, NEWRULE, DELRULE = 0, 2, 3, 5, 6, 8
+NEWSET, DELSET, NEWSETELEM, DELSETELEM = 9, 11, 12, 14
+FAMILIES = {"ip": 2, "ip6": 10}
+PROTOS = {"tcp": 6, "udp": 17, "sctp": 132}
+
+# Verdict codes (linux/netfilter/nf_tables.h; negative values as u32).
+VERDICTS = {"drop": 0, "accept": 1, "jump": -3 & 0xFFFFFFFF, "goto": -4 & 0xFFFFFFFF, "return": -5 & 0xFFFFFFFF}
+NFT_REG_VERDICT, NFT_REG_1, NFT_REG_2, NFT_REG32_01 = 0, 1, 2, 9
+NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
+NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
+NFT_META_L4PROTO = 16
+NFT_NG_RANDOM = 1
+NFT_NAT_DNAT = 1
+NFT_FIB_RESULT_ADDRTYPE, NFTA_FIB_F_SADDR = 3, 1
+RTN_LOCAL = 2
+NFT_DYNSET_OP_UPDATE = 1
+NFT_SET_TIMEOUT, NFT_SET_EVAL = 0x10, 0x20
+TYPE_IPADDR = 7  # nft's datatype id for ipv4_addr (the set's key type, for `nft list`)
+TYPE_INTEGER = 4
+TYPE_IPADDR_SERVICE = (7 << 6) | 13  # the concatenation ipv4_addr . inet_service
+NFT_SET_MAP = 0x8
+# The endpoint maps (kproxy.proxiers.nftables.endpoint_map_type): `nft list` shows their typeof
+# from this user data, nft's own encoding of `typeof numgen random mod 1 : ip daddr . PROTO dport`
+# (as nft 1.0.6 sends it; only the protocol's payload id differs).
+_MAP_UDATA_HEAD = bytes.fromhex(
+    "000401000000010400000000031a000417000000011200040100000001040100000002040000000004340004"
+    "0d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c0004")
+_MAP_UDATA_TAIL = bytes.fromhex("000000010402000000060400000000")
+_PAYLOAD_PROTO_IDS = {"tcp": 8, "udp": 6, "sctp": 10}  # nft's proto_desc ids
+ENDPOINT_MAP_DECLS = {f"{{ typeof numgen random mod 1 : ip daddr . {p} dport ; }}": p for p in PROTOS}
+ELEMENTS_PER_MESSAGE = 400  # a nested attribute is at most 64 KiB
+MAX_BATCH = 1 << 30
+
+_HDR = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")
+_ATTR = struct.Struct("=HH")
+
+
+class Untranslatable(ValueError):
+    """A script line outside the grammar this module encodes."""
+
+
+class BatchError(OSError):
+    """The kernel refused the batch: nothing of it was applied."""
+
+
+# ---- attributes ----
+
+def _attr(kind: int, value: bytes) -> bytes:
+    return _ATTR.pack(4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+
+
+def _nest(kind: int, *parts: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(parts))
+
+
+def str_attr(kind: int, text: str) -> bytes:
+    return _attr(kind, text.encode() + b"\0")
+
+
+_str = str_attr
+
+
+def _u32(kind: int, value: int) -> bytes:
+    return _attr(kind, struct.pack("!I", value))
+
+
+def _data(kind: int, value: bytes) -> bytes:
+    return _nest(kind, _attr(1, value))  # NFTA_DATA_VALUE
+
+
+def _verdict(kind: int, code: str, chain: str = "") -> bytes:
+    inner = _u32(1, VERDICTS[code]) + (_str(2, chain) if chain else b"")  # NFTA_VERDICT_CODE, _CHAIN
+    return _nest(kind, _nest(2, inner))  # NFTA_DATA_VERDICT
+
+
+def _expr(name: str, *attrs: bytes) -> bytes:
+    return _nest(1, _str(1, name), _nest(2, *attrs))  # NFTA_LIST_ELEM{NFTA_EXPR_NAME, NFTA_EXPR_DATA}
+
+
+def _payload(base: int, offset: int, length: int, reg: int = NFT_REG_1) -> bytes:
+    return _expr("payload", _u32(1, reg), _u32(2, base), _u32(3, offset), _u32(4, length))
+
+
+def _cmp(value: bytes, op: int = NFT_CMP_EQ, reg: int = NFT_REG_1) -> bytes:
+    return _expr("cmp", _u32(1, reg), _u32(2, op), _data(3, value))
+
+
+def _meta(key: int, reg: int = NFT_REG_1) -> bytes:
+    return _expr("meta", _u32(2, key), _u32(1, reg))
+
+
+def _immediate(reg: int, value: bytes) -> bytes:
+    return _expr("immediate", _u32(1, reg), _data(2, value))
+
+
+# ---- values ----
+
+def _ip4(text: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(text).packed
+    except ValueError as e:
+        raise Untranslatable(f"not an IPv4 address: {text!r}") from e
+
+
+def _port(text: str) -> bytes:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise Untranslatable(f"not a port: {text!r}")
+    return struct.pack("!H", int(text))
+
+
+def _proto(text: str) -> int:
+    try:
+        return PROTOS[text]
+    except KeyError as e:
+        raise Untranslatable(f"not a protocol: {text!r}") from e
+
+
+def _key(text: str) -> bytes:
+    """A set element's key: "IP", "IP . IP", "IP . PROTO . PORT" or "PROTO . PORT" (each part of a
+    concatenation padded to 4 bytes, as the kernel's registers are)."""
+    out = b""
+    for part in text.split(" . "):
+        if part.startswith("0x"):  # an integer key (numgen's index: host-endian)
+            try:
+                out += struct.pack("=I", int(part, 16))
+            except (ValueError, struct.error) as e:
+                raise Untranslatable(f"not a 32-bit integer: {part!r}") from e
+        elif part in PROTOS:
+            out += bytes([PROTOS[part]]) + b"\0\0\0"
+        elif part.isdigit():
+            out += _port(part) + b"\0\0"
+        else:
+            out += _ip4(part)
+    return out
+
+
+# ---- rules ----
+
+def _match_ip(field: str, negate: bool, text: str) -> list[bytes]:
+    offset = 12 if field == "saddr" else 16
+    op = NFT_CMP_NEQ if negate else NFT_CMP_EQ
+    out = [_payload(NFT_PAYLOAD_NETWORK_HEADER, offset, 4)]
+    if "/" in text:
+        try:
+            net = ipaddress.IPv4Network(text)
+        except ValueError as e:
+            raise Untranslatable(f"not an IPv4 CIDR: {text!r}") from e
+        if net.prefixlen < 32:
+            out.append(_expr("bitwise", _u32(1, NFT_REG_1), _u32(2, NFT_REG_1), _u32(3, 4),
+                             _data(4, net.netmask.packed), _data(5, b"\0\0\0\0")))
+        out.append(_cmp(net.network_address.packed, op))
+        return out
+    out.append(_cmp(_ip4(text), op))
+    return out
+
+
+def rule_expressions(rule: str) -> bytes:
+    """The NFTA_RULE_EXPRESSIONS of one rule of kproxy's grammar (Untranslatable otherwise)."""
+    words = rule.split()
+    out: list[bytes] = []
+    i, n = 0, len(words)
+
+    def need(k: int) -> list[str]:
+        if i + k > n:
+            raise Untranslatable(f"truncated rule: {rule!r}")
+        return words[i:i + k]
+
+    while i < n:
+        w = words[i]
+        if w == "ip":
+            field, arg = need(3)[1:]
+            if field not in ("saddr", "daddr"):
+                raise Untranslatable(rule)
+            if arg == "!=":
+                out += _match_ip(field, True, need(4)[3])
+                i += 4
+            elif arg.startswith("@"):
+                out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, 12 if field == "saddr" else 16, 4))
+                out.append(_expr("lookup", _str(1, arg[1:]), _u32(2, NFT_REG_1)))
+                i += 3
+            else:
+                out += _match_ip(field, False, arg)
+                i += 3
+        elif w in PROTOS:
+            field, port = need(3)[1:]
+            if field != "dport":
+                raise Untranslatable(rule)
+            out += [_meta(NFT_META_L4PROTO), _cmp(bytes([PROTOS[w]])),
+                    _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2), _cmp(_port(port))]
+            i += 3
+        elif w == "meta":
+            key, proto = need(3)[1:]
+            if key != "l4proto":
+                raise Untranslatable(rule)
+            out += [_meta(NFT_META_L4PROTO), _cmp(bytes([_proto(proto)]))]
+            i += 3
+        elif w == "numgen":
+            _, kind, mod, modulus, eq, value = need(6)
+            if kind != "random" or mod != "mod" or eq != "==" or not modulus.isdigit() or not value.isdigit():
+                raise Untranslatable(rule)
+            out.append(_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM)))
+            out.append(_cmp(struct.pack("=I", int(value))))  # numgen's result is host-endian
+            i += 6
+        elif w == "fib":
+            if need(4) != ["fib", "saddr", "type", "local"]:
+                raise Untranslatable(rule)
+            out.append(_expr("fib", _u32(1, NFT_REG_1), _u32(2, NFT_FIB_RESULT_ADDRTYPE), _u32(3, NFTA_FIB_F_SADDR)))
+            out.append(_cmp(struct.pack("=I", RTN_LOCAL)))
+            i += 4
+        elif w == "update":
+            _, target, lb, ip, saddr, rb = need(6)
+            if not target.startswith("@") or (lb, ip, saddr, rb) != ("{", "ip", "saddr", "}"):
+                raise Untranslatable(rule)
+            out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4))
+            out.append(_expr("dynset", _str(1, target[1:]), _u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, NFT_REG_1)))
+            i += 6
+        elif w == "dnat" and words[i + 2:i + 6] == ["addr", ".", "port", "to"]:
+            # dnat ip addr . port to numgen random mod N map @MAP: the endpoint map's data
+            # (address . port) lands in register 1 (address) and its second word (port).
+            fam, *_, ng, kind, mod, modulus, kw, target = need(12)[1:]
+            if (fam, ng, kind, mod, kw) != ("ip", "numgen", "random", "mod", "map") or not modulus.isdigit() \
+                    or not target.startswith("@"):
+                raise Untranslatable(rule)
+            out += [_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM)),
+                    _expr("lookup", _str(1, target[1:]), _u32(2, NFT_REG_1), _u32(3, NFT_REG_1)),
+                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES["ip"]), _u32(3, NFT_REG_1),
+                          _u32(5, NFT_REG32_01))]
+            i += 12
+        elif w == "dnat":
+            _, fam, to, dest = need(4)
+            addr, _, port = dest.rpartition(":")
+            if fam != "ip" or to != "to" or not addr:
+                raise Untranslatable(rule)
+            out += [_immediate(NFT_REG_1, _ip4(addr)), _immediate(NFT_REG_2, _port(port)),
+                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES["ip"]), _u32(3, NFT_REG_1),
+                          _u32(5, NFT_REG_2))]
+            i += 4
+        elif w in ("jump", "goto"):
+            out.append(_expr("immediate", _u32(1, NFT_REG_VERDICT), _verdict(2, w, need(2)[1])))
+            i += 2
+        elif w in ("drop", "accept", "return"):
+            out.append(_expr("immediate", _u32(1, NFT_REG_VERDICT), _verdict(2, w)))
+            i += 1
+        else:
+            raise Untranslatable(f"statement {w!r} in {rule!r}")
+    return _nest(4, *out)  # NFTA_RULE_EXPRESSIONS
+
+
+# ---- the batch ----
+
+class Batch:
+    """nfnetlink messages of one transaction, between BATCH_BEGIN and BATCH_END."""
+
+    def __init__(self, family: str, table: str) -> None:
+        if family not in FAMILIES:
+            raise Untranslatable(f"family {family}")
+        self.family = family
+        self.nfproto = FAMILIES[family]
+        self.table = table
+        self._table_attr = _str(1, table)  # NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST}_TABLE are all 1
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.seq = 0
+        self._elems: tuple[int, str] | None = None  # (message, set) of the elements being collected
+        self._elem_list: list[bytes] = []
+        self.command = ""  # the script line being translated
+        self._elem_command = ""
+        self.origin: list[str] = [""]  # message seq -> its script line (for error messages)
+
+    def _msg(self, kind: int, flags: int, body: bytes, nfproto: int | None = None, res_id: int = 0) -> None:
+        self.seq += 1
+        payload = _NFGEN.pack(self.nfproto if nfproto is None else nfproto, 0, res_id) + body
+        msg_type = kind if kind in (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END) else (NFNL_SUBSYS_NFTABLES << 8) | kind
+        msg = _HDR.pack(_HDR.size + len(payload), msg_type, NLM_F_REQUEST | flags, self.seq, 0) + payload
+        self.parts.append(msg)
+        self.origin.append(self.command)
+        self.size += len(msg)
+
+    def _flush_elements(self) -> None:
+        if self._elems is None:
+            return
+        kind, set_name = self._elems
+        command, self.command = self.command, self._elem_command
+        self._msg(kind, NLM_F_CREATE if kind == NEWSETELEM else 0,
+                  self._table_attr + _str(2, set_name) + _nest(3, *self._elem_list))
+        self._elems, self._elem_list, self.command = None, [], command
+
+    def chain(self, kind: int, name: str) -> None:
+        self._flush_elements()
+        self._msg(kind, NLM_F_CREATE if kind == NEWCHAIN else 0, self._table_attr + _str(3, name))
+
+    def flush_chain(self, name: str) -> None:
+        self._flush_elements()
+        self._msg(DELRULE, 0, self._table_attr + _str(2, name))
+
+    def rule(self, chain: str, rule: str) -> None:
+        exprs = rule_expressions(rule)
+        self._flush_elements()
+        self._msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, self._table_attr + _str(2, chain) + exprs)
+
+    def affinity_set(self, name: str, timeout_s: int) -> None:
+        self._flush_elements()
+        body = (self._table_attr + _str(2, name) + _u32(3, NFT_SET_TIMEOUT | NFT_SET_EVAL) + _u32(4, TYPE_IPADDR)
+                + _u32(5, 4) + _u32(10, self.seq + 1) + _attr(11, struct.pack("!Q", timeout_s * 1000)))
+        self._msg(NEWSET, NLM_F_CREATE, body)
+
+    def endpoint_map(self, name: str, proto: str) -> None:
+        self._flush_elements()
+        udata = _MAP_UDATA_HEAD + bytes([_PAYLOAD_PROTO_IDS[proto]]) + _MAP_UDATA_TAIL
+        body = (self._table_attr + _str(2, name) + _u32(3, NFT_SET_MAP) + _u32(4, TYPE_INTEGER) + _u32(5, 4)
+                + _u32(6, TYPE_IPADDR_SERVICE) + _u32(7, 8) + _u32(10, self.seq + 1)
+                + _attr(13, udata))
+        self._msg(NEWSET, NLM_F_CREATE, body)
+
+    def delete_set(self, name: str) -> None:
+        self._flush_elements()
+        self._msg(DELSET, 0, self._table_attr + _str(2, name))
+
+    def element(self, kind: int, set_name: str, key: str, value: str) -> None:
+        elem = _nest(1, _attr(1, _key(key)))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+        verdict, _, chain = value.partition(" ")
+        if verdict in VERDICTS:
+            if (verdict in ("jump", "goto")) != bool(chain):
+                raise Untranslatable(f"element value {value!r}")
+            elem += _verdict(2, verdict, chain)  # NFTA_SET_ELEM_DATA
+        elif value:
+            elem += _data(2, _key(value))
+        if self._elems != (kind, set_name) or len(self._elem_list) >= ELEMENTS_PER_MESSAGE:
+            self._flush_elements()
+            self._elems, self._elem_command = (kind, set_name), self.command
+        self._elem_list.append(_nest(1, elem))  # NFTA_LIST_ELEM
+
+    def finish(self) -> list[bytes]:
+        self._flush_elements()
+        res = socket.htons(NFNL_SUBSYS_NFTABLES)  # nfgenmsg.res_id is big-endian
+        body, self.parts = self.parts, []
+        self.seq += 1
+        begin = _HDR.pack(_HDR.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0) + _NFGEN.pack(0, 0, res)
+        end = _HDR.pack(_HDR.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.seq, 0) + _NFGEN.pack(0, 0, res)
+        return [begin, *body, end]
+
+
+def translate(lines: Iterable[str]) -> Batch:
+    """The batch for an nft script of kproxy's grammar, every command on one table (the first
+    command's); Untranslatable for anything else."""
+    batch: Batch | None = None
+    head = ""
+    for line in lines:
+        for command in line.split("\n"):
+            if not command:
+                continue
+            if batch is None:
+                words = command.split(maxsplit=4)
+                if len(words) < 4:
+                    raise Untranslatable(command)
+                batch = Batch(words[2], words[3])
+                head = f" {words[2]} {words[3]} "
+            batch.command = command
+            verb, _, rest = command.partition(" ")
+            obj, _, rest = rest.partition(" ")
+            if not rest.startswith(head[1:]):
+                raise Untranslatable(command)
+            rest = rest[len(head) - 1:]
+            name, _, tail = rest.partition(" ")
+            if obj == "rule" and verb == "add":
+                batch.rule(name, tail)
+            elif obj == "chain" and not tail:
+                if verb == "add":
+                    batch.chain(NEWCHAIN, name)
+                elif verb == "delete":
+                    batch.chain(DELCHAIN, name)
+                elif verb == "flush":
+                    batch.flush_chain(name)
+                else:
+                    raise Untranslatable(command)
+            elif obj == "element" and verb in ("add", "delete") and tail.startswith("{ ") and tail.endswith(" }"):
+                key, _, value = tail[2:-2].partition(" : ")
+                batch.element(NEWSETELEM if verb == "add" else DELSETELEM, name, key, value)
+            elif obj == "map" and verb == "add" and tail in ENDPOINT_MAP_DECLS:
+                batch.endpoint_map(name, ENDPOINT_MAP_DECLS[tail])
+            elif obj in ("set", "map") and verb == "delete" and not tail:
+                batch.delete_set(name)
+            elif obj == "set" and verb == "add":
+                words = tail.split()
+                if (words[:9] != ["{", "type", "ipv4_addr", ";", "flags", "dynamic,timeout", ";", "timeout", words[8]]
+                        or words[9:] != [";", "}"] or not words[8].endswith("s") or not words[8][:-1].isdigit()):
+                    raise Untranslatable(command)
+                batch.affinity_set(name, int(words[8][:-1]))
+            else:
+                raise Untranslatable(command)
+    if batch is None:
+        raise Untranslatable("an empty transaction")
+    return batch
+
+
+# ---- sending ----
+
+def netfilter_socket(netns: str | None) -> socket.socket:
+    from kproxy.relay import socket_in_netns  # a socket keeps the namespace it was made in
+
+    return socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+
+def send(batch: Batch, netns: str | None = None) -> None:
+    """Sends one batch and reads the kernel's verdict: BatchError if it refused (then nothing of
+    it was applied). The kernel processes a batch inside sendmsg, so every answer is queued
+    when it returns; only errors are answered (no NLM_F_ACK), and an error answer carries just
+    the failing message's header (NETLINK_CAP_ACK)."""
+    parts = batch.finish()
+    size = sum(map(len, parts))
+    if size > MAX_BATCH:
+        raise BatchError(errno.EMSGSIZE, f"nfnetlink batch of {size} bytes")
+    with netfilter_socket(netns) as sock:
+        sock.bind((0, 0))
+        for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
+            sock.setsockopt(SOL_NETLINK, opt, 1)
+        if size + 4096 > sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2:
+            # The whole batch is one netlink message to the kernel (one skb).
+            SO_SNDBUFFORCE = 32
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size + 65536)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sent = sock.sendmsg(parts)
+        if sent != size:
+            raise BatchError(errno.EIO, f"nfnetlink: sent {sent} of {size} bytes")
+        errors: list[str] = []
+        while True:
+            try:
+                data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            errors.extend(_errors(data, batch.origin))
+    if errors:
+        raise BatchError(errno.EINVAL, "; ".join(errors[:6]))
+
+
+def _errors(data: bytes, origin: list[str]) -> list[str]:
+    out = []
+    pos = 0
+    while pos + _HDR.size <= len(data):
+        length, kind, _flags, seq, _pid = _HDR.unpack_from(data, pos)
+        if length < _HDR.size:
+            break
+        if kind == NLMSG_ERROR and pos + _HDR.size + 4 <= len(data):
+            (code,) = struct.unpack_from("=i", data, pos + _HDR.size)
+            if code:
+                what = origin[seq] if 0 <= seq < len(origin) else f"message {seq}"
+                out.append(f"{os.strerror(-code)}: {what[:200]}")
+        pos += (length + 3) & ~3
+    return out
