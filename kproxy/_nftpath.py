@@ -9,8 +9,16 @@ A ServicePort renders to:
     external-, firewall-, endpoint-) followed by an 8-character hash and the readable
     "namespace/name/protocol/port" (upstream's servicePortChainNameBase), one rule per line;
     endpoint- chains only for Services with ClientIP affinity. Upstream has one chain per
-    endpoint for every Service; here a Service without affinity DNATs in one rule through a
-    `numgen random` map of endpoint addresses, and the hairpin masquerade (upstream's per-endpoint
+    endpoint for every Service; here a Service without affinity DNATs in one rule,
+    `dnat ip addr . port to numgen random mod N offset O map @endpoints-PROTO`, through a map
+    shared by all Services where the proxier gives each dispatch chain a block of slots
+    (kproxy.proxiers.nftables.Slots). Replacing an endpoint then changes two map elements and
+    no rule: a changed rule (it jumps or DNATs) makes the kernel validate the whole table at
+    commit (~55 ms CPU at 10,000 Services), map elements without verdicts do not. One shared
+    map, not one per Service: the kernel finds a set by walking the table's list of sets
+    (13 s of kernel time for a first sync with 10,000 maps), and an anonymous
+    `numgen ... map { }` per Service also costs its naming scan (23 s at 10,000). The hairpin
+    masquerade (upstream's per-endpoint
     `ip saddr EP jump mark-for-masquerade`) is one shared rule on the hairpin-ips set of
     "EP . EP" pairs. Why: `nft` fetches the table's chain list before every transaction that
     names a chain, and the kernel's chain dump is quadratic in the chains of a table, so 110,000
@@ -40,7 +48,9 @@ class Rendered(NamedTuple):
     chains: tuple[tuple[str, str], ...]
     elements: tuple[tuple[str, str, str], ...]
     sets: tuple[tuple[str, int], ...]
-    maps: tuple[str, ...] = ()  # the endpoint maps of the dispatch chains
+    # (dispatch chain, its endpoints as "IP . PORT") for the chains without affinity: the
+    # proxier places them in the shared endpoint map and adds the DNAT rule.
+    balance: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def chain_base(name: ServicePortName) -> str:
@@ -55,33 +65,19 @@ def _endpoint_base(base: str, ep: Endpoint) -> str:
     return f"{base}__{ep.ip}/{ep.port}"
 
 
-def endpoint_map(chain: str) -> str:
-    """The map of a dispatch chain's endpoints: numgen index -> address . port."""
-    return f"eps-{chain}"
-
-
-def _dispatch(eps: tuple[Endpoint, ...], base: str, chain: str, proto: str, affinity: bool,
-              elements: list[tuple[str, str, str]]) -> list[str]:
-    """The rules sending a new connection to one of `eps`. Without affinity one rule DNATs
-    through the chain's endpoint map (`numgen random mod n` picks the index): no chain per
-    endpoint (see the module docstring), and replacing an endpoint changes two map elements, not
-    a rule. Why a named map: a changed rule (it jumps and DNATs) makes the kernel validate the
-    whole table at commit (~55 ms CPU at 10,000 Services, bench/README.md, nftables), elements
-    of a map without verdicts do not; and an anonymous `numgen ... map { }` per Service costs
-    23 s of kernel time at 10,000 (the kernel names each new anonymous set by scanning the
-    table's sets). With affinity a client seen within the timeout goes back to the endpoint it
-    had (its address is in that endpoint's dynamic set), others through a `numgen random`
-    cascade to an endpoint chain that records them."""
+def _dispatch(eps: tuple[Endpoint, ...], base: str, affinity: bool) -> list[str]:
+    """The rules sending a new connection to one of `eps`, with ClientIP affinity: a client seen
+    within the timeout goes back to the endpoint it had (its address is in that endpoint's
+    dynamic set), others through a `numgen random` cascade (rule k takes the connection with
+    probability 1/(n-k): uniform) to an endpoint chain that records them. Without affinity
+    there is no rule here: the Rendered.balance entry says which endpoints, and the proxier
+    adds the one DNAT rule through the shared endpoint map (see the module docstring)."""
     if not affinity:
-        emap = endpoint_map(chain)
-        for k, ep in enumerate(eps):
-            elements.append((emap, f"0x{k:x}", f"{ep.ip} . {int(ep.port)}"))
-        return [f"meta l4proto {proto} dnat ip addr . port to numgen random mod {len(eps)} map @{emap}"]
+        return []
     rules = []
     for ep in eps:
         eb = _endpoint_base(base, ep)
         rules.append(f"ip saddr @affinity-{eb} goto endpoint-{eb}")
-    # Rule k takes the connection with probability 1/(n-k): uniform over the endpoints.
     n = len(eps)
     for k, ep in enumerate(eps):
         cond = f"numgen random mod {n - k} == 0 " if k < n - 1 else ""
@@ -130,13 +126,13 @@ def render_service_port(
             mark_cluster_ip = f"{match} jump {MARK_MASQ_CHAIN}"
         elif cluster_cidr:
             mark_cluster_ip = f"{match} ip saddr != {cluster_cidr} jump {MARK_MASQ_CHAIN}"
-    maps: list[str] = []
+    balance: list[tuple[str, tuple[str, ...]]] = []
     for chain in sorted(dispatch):
         rules = [mark_cluster_ip] if mark_cluster_ip and chain == internal_chain else []
-        rules.extend(_dispatch(dispatch[chain], base, chain, proto, affinity, elements))
+        rules.extend(_dispatch(dispatch[chain], base, affinity))
         chains.append((chain, "\n".join(rules)))
         if not affinity:
-            maps.append(endpoint_map(chain))
+            balance.append((chain, tuple(f"{ep.ip} . {int(ep.port)}" for ep in dispatch[chain])))
 
     # Every endpoint some traffic may reach: hairpin masquerade (a pod reaching itself through
     # the Service) by the shared hairpin-ips set; with affinity, its chain records the client.
@@ -204,4 +200,4 @@ def render_service_port(
             elements.append(("service-nodeports", key, f"goto {external_chain}"))
         if not se.external:
             elements.append(("no-endpoint-nodeports", key, no_eps))
-    return Rendered(tuple(chains), tuple(elements), tuple(sets), tuple(maps))
+    return Rendered(tuple(chains), tuple(elements), tuple(sets), tuple(balance))

@@ -40,10 +40,14 @@ PROTOS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 # Verdict codes (linux/netfilter/nf_tables.h; negative values as u32).
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3 & 0xFFFFFFFF, "goto": -4 & 0xFFFFFFFF, "return": -5 & 0xFFFFFFFF}
-NFT_REG_VERDICT, NFT_REG_1, NFT_REG_2, NFT_REG32_01 = 0, 1, 2, 9
+NFT_REG_VERDICT, NFT_REG_1, NFT_REG_2, NFT_REG32_00, NFT_REG32_01 = 0, 1, 2, 8, 9
 NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
 NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
-NFT_META_L4PROTO = 16
+NFT_META_L4PROTO, NFT_META_MARK = 16, 3
+NFT_CT_STATE, NFT_CT_STATUS = 0, 2
+NF_NAT_RANGE_PROTO_RANDOM_FULLY = 0x10
+NFT_REJECT_ICMP_UNREACH, ICMP_PORT_UNREACH = 0, 3
+NFTA_FIB_F_DADDR = 2
 NFT_NG_RANDOM = 1
 NFT_NAT_DNAT = 1
 NFT_FIB_RESULT_ADDRTYPE, NFTA_FIB_F_SADDR = 3, 1
@@ -54,6 +58,7 @@ TYPE_IPADDR = 7  # nft's datatype id for ipv4_addr (the set's key type, for `nft
 TYPE_INTEGER = 4
 TYPE_IPADDR_SERVICE = (7 << 6) | 13  # the concatenation ipv4_addr . inet_service
 NFT_SET_MAP = 0x8
+NFT_DATA_VERDICT = 0xFFFFFF00
 # The endpoint maps (kproxy.proxiers.nftables.endpoint_map_type): `nft list` shows their typeof
 # from this user data, nft's own encoding of `typeof numgen random mod 1 : ip daddr . PROTO dport`
 # (as nft 1.0.6 sends it; only the protocol's payload id differs).
@@ -203,7 +208,25 @@ def rule_expressions(rule: str) -> bytes:
 
     while i < n:
         w = words[i]
-        if w == "ip":
+        if i + 2 < n and words[i + 2] == ".":
+            i = _concat_lookup(words, i, rule, out)
+        elif w == "ct":
+            _, key, value = need(3)
+            ct_key, mask = _CT_MATCHES.get((key, value), (-1, 0))
+            if ct_key < 0:
+                raise Untranslatable(rule)
+            out += [_expr("ct", _u32(1, NFT_REG_1), _u32(2, ct_key)), _mask(mask, 0), _cmp(b"\0\0\0\0", NFT_CMP_NEQ)]
+            i += 3
+        elif w == "meta" and i + 1 < n and words[i + 1] == "mark":
+            i = _meta_mark(words, i, rule, out)
+        elif w == "masquerade":
+            random = words[i + 1:i + 2] == ["fully-random"]
+            out.append(_expr("masq", *([_u32(1, NF_NAT_RANGE_PROTO_RANDOM_FULLY)] if random else [])))
+            i += 2 if random else 1
+        elif w == "reject":
+            out.append(_expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([ICMP_PORT_UNREACH]))))
+            i += 1
+        elif w == "ip":
             field, arg = need(3)[1:]
             if field not in ("saddr", "daddr"):
                 raise Untranslatable(rule)
@@ -238,9 +261,11 @@ def rule_expressions(rule: str) -> bytes:
             out.append(_cmp(struct.pack("=I", int(value))))  # numgen's result is host-endian
             i += 6
         elif w == "fib":
-            if need(4) != ["fib", "saddr", "type", "local"]:
+            _, addr, kw, kind = need(4)
+            if addr not in ("saddr", "daddr") or (kw, kind) != ("type", "local"):
                 raise Untranslatable(rule)
-            out.append(_expr("fib", _u32(1, NFT_REG_1), _u32(2, NFT_FIB_RESULT_ADDRTYPE), _u32(3, NFTA_FIB_F_SADDR)))
+            flag = NFTA_FIB_F_SADDR if addr == "saddr" else NFTA_FIB_F_DADDR
+            out.append(_expr("fib", _u32(1, NFT_REG_1), _u32(2, NFT_FIB_RESULT_ADDRTYPE), _u32(3, flag)))
             out.append(_cmp(struct.pack("=I", RTN_LOCAL)))
             i += 4
         elif w == "update":
@@ -251,17 +276,21 @@ def rule_expressions(rule: str) -> bytes:
             out.append(_expr("dynset", _str(1, target[1:]), _u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, NFT_REG_1)))
             i += 6
         elif w == "dnat" and words[i + 2:i + 6] == ["addr", ".", "port", "to"]:
-            # dnat ip addr . port to numgen random mod N map @MAP: the endpoint map's data
+            # dnat ip addr . port to numgen random mod N [offset O] map @MAP: the map's data
             # (address . port) lands in register 1 (address) and its second word (port).
-            fam, *_, ng, kind, mod, modulus, kw, target = need(12)[1:]
-            if (fam, ng, kind, mod, kw) != ("ip", "numgen", "random", "mod", "map") or not modulus.isdigit() \
-                    or not target.startswith("@"):
+            has_offset = words[i + 10:i + 11] == ["offset"]
+            ws = need(14 if has_offset else 12)
+            modulus, offset = ws[9], ws[11] if has_offset else "0"
+            if ws[1] != "ip" or ws[6:9] != ["numgen", "random", "mod"] or ws[-2] != "map" or not modulus.isdigit() \
+                    or not offset.isdigit() or not ws[-1].startswith("@") or not 0 < int(modulus) < 1 << 31 \
+                    or int(offset) >= 1 << 31:
                 raise Untranslatable(rule)
-            out += [_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM)),
-                    _expr("lookup", _str(1, target[1:]), _u32(2, NFT_REG_1), _u32(3, NFT_REG_1)),
+            out += [_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM),
+                          _u32(4, int(offset))),
+                    _expr("lookup", _str(1, ws[-1][1:]), _u32(2, NFT_REG_1), _u32(3, NFT_REG_1)),
                     _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES["ip"]), _u32(3, NFT_REG_1),
                           _u32(5, NFT_REG32_01))]
-            i += 12
+            i += len(ws)
         elif w == "dnat":
             _, fam, to, dest = need(4)
             addr, _, port = dest.rpartition(":")
@@ -279,7 +308,89 @@ def rule_expressions(rule: str) -> bytes:
             i += 1
         else:
             raise Untranslatable(f"statement {w!r} in {rule!r}")
+    if not out:
+        raise Untranslatable(f"an empty rule: {rule!r}")
     return _nest(4, *out)  # NFTA_RULE_EXPRESSIONS
+
+
+_CT_MATCHES = {("state", "new"): (NFT_CT_STATE, 0x08), ("state", "invalid"): (NFT_CT_STATE, 0x01),
+               ("status", "dnat"): (NFT_CT_STATUS, 0x20)}
+_CONCAT_FIELDS = {("ip", "saddr"): 12, ("ip", "daddr"): 16, ("meta", "l4proto"): -1, ("th", "dport"): -2}
+
+
+def _mask(mask: int, xor: int) -> bytes:
+    """register 1 = (register 1 & mask) ^ xor, on a host-endian 32-bit value (marks, ct bits)."""
+    return _expr("bitwise", _u32(1, NFT_REG_1), _u32(2, NFT_REG_1), _u32(3, 4),
+                 _data(4, struct.pack("=I", mask)), _data(5, struct.pack("=I", xor)))
+
+
+def _concat_lookup(words: list[str], i: int, rule: str, out: list[bytes]) -> int:
+    """`F . F ... @SET` or `F . F ... vmap @MAP`: each field in the next 32-bit register, as nft
+    lays out a concatenation (register 1, then 9, 10, 11)."""
+    reg = NFT_REG_1
+    while True:
+        offset = _CONCAT_FIELDS.get((words[i], words[i + 1]) if i + 1 < len(words) else ("", ""))
+        if offset is None or reg > NFT_REG32_00 + 3:
+            raise Untranslatable(rule)
+        if offset == -1:
+            out.append(_meta(NFT_META_L4PROTO, reg))
+        elif offset == -2:
+            out.append(_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, reg))
+        else:
+            out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, offset, 4, reg))
+        reg = NFT_REG32_00 + 1 if reg == NFT_REG_1 else reg + 1
+        i += 2
+        if i < len(words) and words[i] == ".":
+            i += 1
+            continue
+        break
+    vmap = words[i:i + 1] == ["vmap"]
+    i += 1 if vmap else 0
+    if i >= len(words) or not words[i].startswith("@") or len(words[i]) < 2:
+        raise Untranslatable(rule)
+    out.append(_expr("lookup", _str(1, words[i][1:]), _u32(2, NFT_REG_1),
+                     *([_u32(3, NFT_REG_VERDICT)] if vmap else [])))
+    return i + 1
+
+
+def _meta_mark(words: list[str], i: int, rule: str, out: list[bytes]) -> int:
+    """`meta mark set meta mark or|xor M` and `meta mark and M == 0`."""
+    w = words[i:i + 7]
+    try:
+        if w[2:5] == ["set", "meta", "mark"] and w[5] in ("or", "xor") and len(w) == 7:
+            m = int(w[6], 16)
+            out += [_meta(NFT_META_MARK), _mask(~m & 0xFFFFFFFF if w[5] == "or" else 0xFFFFFFFF, m),
+                    _expr("meta", _u32(2, NFT_META_MARK), _u32(3, NFT_REG_1))]
+            return i + 7
+        if w[2] == "and" and w[4:6] == ["==", "0"]:
+            out += [_meta(NFT_META_MARK), _mask(int(w[3], 16), 0), _cmp(b"\0\0\0\0")]
+            return i + 6
+    except (IndexError, ValueError, struct.error):
+        pass
+    raise Untranslatable(rule)
+
+
+def _udata(kind: int, text: str) -> bytes:
+    """One of nft's user-data TLVs (type, length byte, value): comments, shown by `nft list`."""
+    value = text.encode() + b"\0"
+    if len(value) > 255:
+        raise Untranslatable(f"comment too long: {text[:40]!r}")
+    return bytes([kind, len(value)]) + value
+
+
+# The fixed sets and maps: (key type, key length, nft's user data before the comment) as nft
+# 1.0.6 sends them for these declarations (the key's byte order and concatenation layout).
+_CONCAT_UDATA = bytes.fromhex("0004000000000308000" "40d0000000100")
+_SHARED_SETS = {
+    "type ipv4_addr": (TYPE_IPADDR, 4, bytes.fromhex("000402000000")),
+    "type ipv4_addr . ipv4_addr": ((7 << 6) | 7, 8, _CONCAT_UDATA),
+    "type ipv4_addr . inet_proto . inet_service : verdict": (
+        (((7 << 6) | 12) << 6) | 13, 12, bytes.fromhex("000400000000010400000000") + _CONCAT_UDATA[6:]
+        + bytes.fromhex("060400000000")),
+    "type inet_proto . inet_service : verdict": (
+        (12 << 6) | 13, 8, bytes.fromhex("000400000000010400000000") + _CONCAT_UDATA[6:] + bytes.fromhex("060400000000")),
+}
+HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 
 
 # ---- the batch ----
@@ -294,7 +405,7 @@ class Batch:
         self.nfproto = FAMILIES[family]
         self.table = table
         self._table_attr = _str(1, table)  # NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST}_TABLE are all 1
-        self.parts: list[bytes] = []
+        self.buf = bytearray()  # the messages, one buffer: sendmsg takes at most 1024 pieces
         self.size = 0
         self.seq = 0
         self._elems: tuple[int, str] | None = None  # (message, set) of the elements being collected
@@ -308,7 +419,7 @@ class Batch:
         payload = _NFGEN.pack(self.nfproto if nfproto is None else nfproto, 0, res_id) + body
         msg_type = kind if kind in (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END) else (NFNL_SUBSYS_NFTABLES << 8) | kind
         msg = _HDR.pack(_HDR.size + len(payload), msg_type, NLM_F_REQUEST | flags, self.seq, 0) + payload
-        self.parts.append(msg)
+        self.buf += msg
         self.origin.append(self.command)
         self.size += len(msg)
 
@@ -330,9 +441,39 @@ class Batch:
         self._msg(DELRULE, 0, self._table_attr + _str(2, name))
 
     def rule(self, chain: str, rule: str) -> None:
-        exprs = rule_expressions(rule)
+        udata = b""
+        text, quote, comment = rule.partition(' comment "')
+        if quote:
+            if not comment.endswith('"') or '"' in comment[:-1]:
+                raise Untranslatable(rule)
+            udata = _attr(7, _udata(0, comment[:-1]))  # NFTA_RULE_USERDATA{NFTNL_UDATA_RULE_COMMENT}
+        exprs = rule_expressions(text)
         self._flush_elements()
-        self._msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, self._table_attr + _str(2, chain) + exprs)
+        self._msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, self._table_attr + _str(2, chain) + exprs + udata)
+
+    def table_op(self, kind: int, comment: str = "") -> None:
+        self._flush_elements()
+        body = self._table_attr
+        if kind == NEWTABLE:
+            body += _u32(2, 0) + (_attr(6, _udata(0, comment)) if comment else b"")  # FLAGS, USERDATA
+        self._msg(kind, NLM_F_CREATE if kind == NEWTABLE else 0, body)
+
+    def base_chain(self, name: str, kind: str, hook: int, priority: int) -> None:
+        self._flush_elements()
+        hook_attr = _nest(4, _u32(1, hook), _u32(2, priority & 0xFFFFFFFF))  # NFTA_CHAIN_HOOK
+        self._msg(NEWCHAIN, NLM_F_CREATE, self._table_attr + _str(3, name) + _str(7, kind) + hook_attr)
+
+    def shared_set(self, name: str, decl: str, comment: str) -> None:
+        """One of the table's fixed sets and verdict maps (kproxy.proxiers.nftables._skeleton)."""
+        key_type, key_len, udata = _SHARED_SETS[decl]
+        self._flush_elements()
+        body = self._table_attr + _str(2, name)
+        is_map = decl.endswith(": verdict")
+        body += _u32(3, NFT_SET_MAP if is_map else 0) + _u32(4, key_type) + _u32(5, key_len)
+        if is_map:
+            body += _u32(6, NFT_DATA_VERDICT) + _u32(7, 0)
+        body += _u32(10, self.seq + 1) + _attr(13, udata + _udata(7, comment))
+        self._msg(NEWSET, NLM_F_CREATE, body)
 
     def affinity_set(self, name: str, timeout_s: int) -> None:
         self._flush_elements()
@@ -347,6 +488,10 @@ class Batch:
                 + _u32(6, TYPE_IPADDR_SERVICE) + _u32(7, 8) + _u32(10, self.seq + 1)
                 + _attr(13, udata))
         self._msg(NEWSET, NLM_F_CREATE, body)
+
+    def flush_set(self, name: str) -> None:
+        self._flush_elements()
+        self._msg(DELSETELEM, 0, self._table_attr + _str(2, name))  # no element list: all of them
 
     def delete_set(self, name: str) -> None:
         self._flush_elements()
@@ -366,14 +511,14 @@ class Batch:
             self._elems, self._elem_command = (kind, set_name), self.command
         self._elem_list.append(_nest(1, elem))  # NFTA_LIST_ELEM
 
-    def finish(self) -> list[bytes]:
+    def finish(self) -> list[bytes | bytearray]:
         self._flush_elements()
         res = socket.htons(NFNL_SUBSYS_NFTABLES)  # nfgenmsg.res_id is big-endian
-        body, self.parts = self.parts, []
+        body, self.buf = self.buf, bytearray()
         self.seq += 1
         begin = _HDR.pack(_HDR.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0) + _NFGEN.pack(0, 0, res)
         end = _HDR.pack(_HDR.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.seq, 0) + _NFGEN.pack(0, 0, res)
-        return [begin, *body, end]
+        return [begin, body, end]
 
 
 def translate(lines: Iterable[str]) -> Batch:
@@ -394,12 +539,32 @@ def translate(lines: Iterable[str]) -> Batch:
             batch.command = command
             verb, _, rest = command.partition(" ")
             obj, _, rest = rest.partition(" ")
+            if obj == "table":
+                if rest == head[1:-1] and verb in ("add", "delete"):
+                    batch.table_op(NEWTABLE if verb == "add" else DELTABLE)
+                    continue
+                decl = rest[len(head) - 1:] if rest.startswith(head[1:]) else ""
+                if verb == "add" and decl.startswith('{ comment "') and decl.endswith('" ; }'):
+                    batch.table_op(NEWTABLE, decl[11:-5])
+                    continue
+                raise Untranslatable(command)
             if not rest.startswith(head[1:]):
                 raise Untranslatable(command)
             rest = rest[len(head) - 1:]
             name, _, tail = rest.partition(" ")
             if obj == "rule" and verb == "add":
                 batch.rule(name, tail)
+            elif obj == "chain" and verb == "add" and tail.startswith("{ type "):
+                w = tail.split()
+                if (len(w) != 9 or w[2] not in ("filter", "nat") or w[3] != "hook" or w[4] not in HOOKS
+                        or w[5] != "priority" or not w[6].lstrip("-").isdigit() or w[7:] != [";", "}"]):
+                    raise Untranslatable(command)
+                batch.base_chain(name, w[2], HOOKS[w[4]], int(w[6]))
+            elif obj in ("set", "map") and verb == "add" and tail.startswith("{ type ") and ' ; comment "' in tail:
+                decl, _, comment = tail[2:].partition(' ; comment "')
+                if decl not in _SHARED_SETS or not comment.endswith('" ; }') or (obj == "map") != decl.endswith("verdict"):
+                    raise Untranslatable(command)
+                batch.shared_set(name, decl, comment[:-5])
             elif obj == "chain" and not tail:
                 if verb == "add":
                     batch.chain(NEWCHAIN, name)
@@ -414,6 +579,8 @@ def translate(lines: Iterable[str]) -> Batch:
                 batch.element(NEWSETELEM if verb == "add" else DELSETELEM, name, key, value)
             elif obj == "map" and verb == "add" and tail in ENDPOINT_MAP_DECLS:
                 batch.endpoint_map(name, ENDPOINT_MAP_DECLS[tail])
+            elif obj in ("set", "map") and verb == "flush" and not tail:
+                batch.flush_set(name)
             elif obj in ("set", "map") and verb == "delete" and not tail:
                 batch.delete_set(name)
             elif obj == "set" and verb == "add":

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
@@ -108,6 +109,23 @@ JUMPS = (
     ("cluster-ips-check", "filter-forward", "ct state new"),
     ("cluster-ips-check", "filter-output-post-dnat", "ct state new"),
 )
+SETS = ("cluster-ips", "hairpin-ips", "nodeport-ips")
+# Endpoint maps per protocol: numgen's slot -> address . port (Slots), each dispatch chain in one
+# of them by a hash of its name. Why several: the kernel checks each data element of a map
+# against every lookup bound to the map, when either is added (elements x lookups: 13 s of
+# kernel time for one shared map at 10,000 Services); with N maps that is divided by N, while
+# every set lookup by name walks the table's sets (the cost of one map per Service).
+ENDPOINT_MAPS = 128
+
+
+def endpoint_map(proto: str, chain: str) -> str:
+    return f"endpoints-{proto}-{zlib.crc32(chain.encode()) % ENDPOINT_MAPS}"
+
+
+def _map_line(table: str, name: str) -> str:
+    # nft wants the protocol in the declaration, as the DNAT rules using the map match it.
+    proto = name.split("-")[1]
+    return f"add map {FAMILY} {table} {name} {{ typeof numgen random mod 1 : ip daddr . {proto} dport ; }}\n"
 MAPS = (
     ("service-ips", "ipv4_addr . inet_proto . inet_service : verdict", "ClusterIP, ExternalIP and LoadBalancer IP traffic"),
     ("service-nodeports", "inet_proto . inet_service : verdict", "NodePort traffic"),
@@ -115,6 +133,32 @@ MAPS = (
     ("no-endpoint-nodeports", "inet_proto . inet_service : verdict", "vmap to drop or reject packets to service nodeports with no endpoints"),
     ("firewall-ips", "ipv4_addr . inet_proto . inet_service : verdict", "destinations that are subject to LoadBalancerSourceRanges"),
 )
+
+
+class Slots:
+    """Blocks of slot numbers in the endpoint maps, one per dispatch chain: a power-of-two
+    size, so a Service growing within its block keeps it; given-back blocks are reused. A
+    failed transaction leaves this out of step with the kernel, which is fine: the next sync
+    is full and starts anew."""
+
+    LIMIT = 1 << 31
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._free: dict[int, list[int]] = {}
+
+    def take(self, n: int) -> tuple[int, int]:
+        size = 1 << max(0, (n - 1).bit_length())
+        free = self._free.get(size)
+        if free:
+            return free.pop(), size
+        offset, self._next = self._next, self._next + size
+        if self._next > self.LIMIT:
+            raise OverflowError("endpoint map slots exhausted")
+        return offset, size
+
+    def give_back(self, offset: int, size: int) -> None:
+        self._free.setdefault(size, []).append(offset)
 
 
 @dataclass(slots=True)
@@ -125,8 +169,12 @@ class _Programmed:
     chains: dict[str, str]
     elements: tuple[Element, ...]
     sets: tuple[tuple[str, int], ...]
-    maps: tuple[str, ...] = ()
+    slots: dict[str, tuple[int, int]]  # dispatch chain -> its block in the endpoint map (offset, size)
     serving: frozenset[tuple[IP, Port]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
+
+
+def _rule_count(p: _Programmed | None) -> int:
+    return 0 if p is None else sum(body.count("\n") + 1 for body in p.chains.values())
 
 
 def _eligible(svc: ServicePort | None) -> bool:
@@ -175,6 +223,11 @@ class NftablesProxier(Proxier):
         self._refs: Counter[Element] = Counter()  # element -> ServicePorts that want it
         self._stale: dict[str, float] = {}  # chain or "set NAME" flushed, waiting for deletion -> when
         self._need_full = True
+        self._table_known = False  # the kernel's table is what _programmed says (a full sync wrote it)
+        self._rules = 0
+        self._slots: dict[str, Slots] = {}  # endpoint map -> its blocks
+        self._maps: set[str] = set()  # the endpoint maps in the kernel
+        self._pending_maps: set[str] = set()  # ... once the transaction being made is applied
         self.stale_grace = STALE_CHAIN_GRACE
         self.last_transaction = ""
         self.keep_transaction_bytes = KEEP_TRANSACTION_BYTES
@@ -204,6 +257,7 @@ class NftablesProxier(Proxier):
         out.append(f'add set {t} nodeport-ips {{ type ipv4_addr ; comment "IPs that accept NodePort traffic" ; }}\n')
         for name, kind, comment in MAPS:
             out.append(f'add map {t} {name} {{ type {kind} ; comment "{comment}" ; }}\n')
+
         m = self.mark
         out.append(f"add rule {t} mark-for-masquerade meta mark set meta mark or {m}\n")
         # Hairpin: a connection DNATed back to the address it came from (upstream marks it in
@@ -228,13 +282,38 @@ class NftablesProxier(Proxier):
         out.append(f"add rule {t} nodeport-endpoints-check {match} meta l4proto . th dport vmap @no-endpoint-nodeports\n")
         return out
 
-    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...]) -> _Programmed:
+    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None) -> _Programmed:
+        """One ServicePort as the renderer writes it, plus each dispatch chain's DNAT rule
+        through its block of the shared endpoint map (kept from `old` while it is big enough,
+        so that an endpoint change is element changes only)."""
         r = self.render.render_service_port(svc, eps, self.masquerade_all, self.cluster_cidr,
                                             self._node_ips, self.node_zone)
         serving: frozenset[tuple[IP, Port]] = frozenset()
         if svc.protocol == "UDP":
             serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)
-        return _Programmed(svc, dict(r.chains), tuple(r.elements), tuple(r.sets), tuple(r.maps), serving)
+        chains = dict(r.chains)
+        elements = list(r.elements)
+        slots: dict[str, tuple[int, int]] = {}
+        proto = svc.protocol.lower()
+        old_slots = old.slots if old is not None else {}
+        for chain, targets in r.balance:
+            n = len(targets)
+            emap = endpoint_map(proto, chain)
+            offset, size = old_slots.get(chain, (0, 0))
+            if size < n:
+                offset, size = self._slots.setdefault(emap, Slots()).take(n)
+            slots[chain] = (offset, size)
+            rule = f"meta l4proto {proto} dnat ip addr . port to numgen random mod {n} offset {offset} map @{emap}"
+            chains[chain] = f"{chains[chain]}\n{rule}" if chains[chain] else rule
+            elements.extend((emap, f"0x{offset + k:x}", target) for k, target in enumerate(targets))
+        for chain, block in old_slots.items():
+            if slots.get(chain) != block:
+                self._give_back(proto, chain, block)
+        return _Programmed(svc, chains, tuple(elements), tuple(r.sets), slots, serving)
+
+    def _give_back(self, proto: str, chain: str, block: tuple[int, int]) -> None:
+        emap = endpoint_map(proto, chain)
+        self._slots.setdefault(emap, Slots()).give_back(*block)
 
     def _chain_lines(self, chain: str, rules: str) -> list[str]:
         t = f"{FAMILY} {self.table}"
@@ -243,49 +322,86 @@ class NftablesProxier(Proxier):
     def _set_line(self, name: str, timeout: int) -> str:
         return f"add set {FAMILY} {self.table} {name} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}\n"
 
-    def _map_line(self, name: str, protocol: str) -> str:
-        # The endpoint maps (kproxy._nftpath.endpoint_map): numgen's index -> address . port;
-        # nft wants the Service's protocol in the declaration (the rule matches it).
-        return f"add map {FAMILY} {self.table} {name} {{ typeof numgen random mod 1 : ip daddr . {protocol.lower()} dport ; }}\n"
 
-    def _full(self, services: ServicePortMap, endpoints: EndpointsMap) -> tuple[list[str], dict[ServicePortName, _Programmed], Counter[Element]]:
+    def _full(self, services: ServicePortMap, endpoints: EndpointsMap, recreate: bool) -> tuple[
+            list[str], dict[ServicePortName, _Programmed], Counter[Element], dict[str, float]]:
+        """The whole table in one transaction. recreate: the table is deleted and written anew
+        (the first sync, or when what the kernel holds is not known). Otherwise (the periodic
+        resync, the sync after a failed partial one: a refused transaction changed nothing, so
+        the bookkeeping still says what the kernel holds) every chain and map of the table is
+        flushed and refilled, and the dynamic affinity sets are kept with their clients, as
+        upstream does; chains no longer wanted are flushed and deleted after the grace period."""
         t = f"{FAMILY} {self.table}"
-        # Creating the table first makes the delete valid when it does not exist yet; the whole
-        # input is one batch, so there is never a moment without the table.
-        out = [f"add table {t}\n", f"delete table {t}\n", *self._skeleton()]
+        stale: dict[str, float] = {}
+        if recreate:
+            # Creating the table first makes the delete valid when it does not exist yet; the
+            # whole input is one batch, so there is never a moment without the table.
+            out = [f"add table {t}\n", f"delete table {t}\n", *self._skeleton()]
+        else:
+            out = [f"flush set {t} {name}\n" for name in SETS]
+            out.extend(f"flush map {t} {name}\n" for name, _, _ in MAPS)
+            out.extend(f"flush map {t} {name}\n" for name in sorted(self._maps))
+            out.extend(f"add element {t} nodeport-ips {{ {ip} }}\n" for ip in self._nodeport_ips())
+            now = time.monotonic()
+            stale = dict(self._stale)
+            for old in self._programmed.values():
+                out.extend(f"flush chain {t} {chain}\n" for chain in old.chains)
+                stale.update((chain, now) for chain in old.chains)
+                stale.update(("set " + name, now) for name, _ in old.sets)
         programmed: dict[ServicePortName, _Programmed] = {}
         refs: Counter[Element] = Counter()
+        self._slots = {}  # every block anew: the endpoint maps are written whole
         empty: tuple[Endpoint, ...] = ()
         rule_lines: list[str] = []
         for name in sorted(n for n, s in services.items() if _eligible(s)):
-            p = self._render(services[name], tuple(endpoints.get(name, empty)))
+            p = self._render(services[name], tuple(endpoints.get(name, empty)), None)
             programmed[name] = p
             for set_name, timeout in p.sets:
                 out.append(self._set_line(set_name, timeout))
-            out.extend(self._map_line(m, p.svc.protocol) for m in p.maps)
+                stale.pop("set " + set_name, None)
             for chain, rules in p.chains.items():
-                out.append(f"add chain {t} {chain}\n")
+                if chain not in stale:  # a chain in the old table was flushed above
+                    out.append(f"add chain {t} {chain}\n")
+                stale.pop(chain, None)
                 rule_lines.extend(self._chain_lines(chain, rules))
             refs.update(p.elements)
+        used = {e[0] for e in refs if e[0].startswith("endpoints-")}
+        out.extend(_map_line(self.table, m) for m in sorted(used - self._maps if not recreate else used))
+        self._pending_maps = used if recreate else used | self._maps
+        # The endpoint maps' elements before the rules that look them up (either way the kernel
+        # checks each data element against each lookup bound to its map: see ENDPOINT_MAPS).
+        elements = sorted(refs)
+        out.extend("add " + _element(self.table, e) for e in elements if e[0].startswith("endpoints-"))
         out.extend(rule_lines)  # after every chain: a rule may jump to a chain declared later
-        out.extend("add " + _element(self.table, e) for e in sorted(refs))
-        return out, programmed, refs
+        out.extend("add " + _element(self.table, e) for e in elements if not e[0].startswith("endpoints-"))
+        return out, programmed, refs, stale
 
-    def _partial(self, request: SyncRequest) -> tuple[list[str], dict[ServicePortName, _Programmed], Counter[Element], dict[str, float]]:
+    def _partial(self, request: SyncRequest) -> tuple[list[str], dict[ServicePortName, _Programmed | None],
+                                                      Counter[Element], dict[str, float]]:
+        """The transaction of the changed ServicePorts, and the bookkeeping it brings about
+        (ServicePort -> what is programmed now, or None; element reference count changes; the
+        stale objects), applied only once the kernel took the transaction. The work is
+        proportional to the changed ServicePorts, not to the table."""
         t = f"{FAMILY} {self.table}"
-        programmed = dict(self._programmed)
-        refs = Counter(self._refs)
+        updates: dict[ServicePortName, _Programmed | None] = {}
+        delta: Counter[Element] = Counter()
         stale = dict(self._stale)
         now = time.monotonic()
         new_chains: list[str] = []
         rules: list[str] = []
         new_sets: list[str] = []
+        new_maps: set[str] = set()
         flush_stale: list[str] = []
         empty: tuple[Endpoint, ...] = ()
         for name in sorted(request.changed):
             svc = request.services.get(name)
-            old = programmed.get(name)
-            cur = self._render(svc, tuple(request.endpoints.get(name, empty))) if svc is not None and _eligible(svc) else None
+            old = self._programmed.get(name)
+            cur = None
+            if svc is not None and _eligible(svc):
+                cur = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
+            elif old is not None:
+                for chain, block in old.slots.items():
+                    self._give_back(old.svc.protocol.lower(), chain, block)
             old_chains = old.chains if old is not None else {}
             cur_chains = cur.chains if cur is not None else {}
             for chain, body in cur_chains.items():
@@ -309,26 +425,18 @@ class NftablesProxier(Proxier):
             for set_name in old_sets:
                 if set_name not in cur_sets:
                     stale["set " + set_name] = now
-            old_maps = old.maps if old is not None else ()
-            cur_maps = cur.maps if cur is not None else ()
-            for map_name in cur_maps:
-                if map_name not in old_maps:
-                    new_sets.append(self._map_line(map_name, svc.protocol if svc is not None else "TCP"))
-                    stale.pop("map " + map_name, None)
-            for map_name in old_maps:
-                if map_name not in cur_maps:
-                    stale["map " + map_name] = now
             if old is not None:
-                refs.subtract(old.elements)
+                delta.subtract(old.elements)
             if cur is not None:
-                refs.update(cur.elements)
-                programmed[name] = cur
-            else:
-                programmed.pop(name, None)
+                delta.update(cur.elements)
+                for e in cur.elements:
+                    if e[0].startswith("endpoints-") and e[0] not in self._maps and e[0] not in new_maps:
+                        new_maps.add(e[0])
+                        new_sets.append(_map_line(self.table, e[0]))
+            updates[name] = cur
         before = self._refs
-        gone = [e for e, n in before.items() if n > 0 and refs[e] <= 0]
-        added = [e for e, n in refs.items() if n > 0 and before[e] <= 0]
-        refs = +refs  # drop zero counts
+        gone = [e for e, d in delta.items() if d < 0 and before[e] + d <= 0 < before[e]]
+        added = [e for e, d in delta.items() if d > 0 and before[e] <= 0 < before[e] + d]
         # Order: everything a rule or an element points to exists before it is referenced, and
         # an element whose value changed is deleted before it is added again.
         out = new_sets + new_chains + rules
@@ -336,33 +444,27 @@ class NftablesProxier(Proxier):
         out.extend("add " + _element(self.table, e) for e in sorted(added))
         out.extend(flush_stale)
         for obj, since in sorted(stale.items()):
-            if now - since >= self.stale_grace and obj not in self._live(programmed):
+            # A chain, set or map belongs to one ServicePort (its name says which), which took
+            # it off this list when it wanted it again.
+            if now - since >= self.stale_grace:
                 kind, _, obj_name = obj.rpartition(" ")
                 out.append(f"delete {kind or 'chain'} {t} {obj_name}\n")
                 del stale[obj]
-        return out, programmed, refs, stale
-
-    @staticmethod
-    def _live(programmed: dict[ServicePortName, _Programmed]) -> set[str]:
-        live: set[str] = set()
-        for p in programmed.values():
-            live.update(p.chains)
-            live.update("set " + s for s, _ in p.sets)
-            live.update("map " + m for m in p.maps)
-        return live
+        self._pending_maps = self._maps | new_maps
+        return out, updates, delta, stale
 
     # ---- applying ----
 
     def sync(self, request: SyncRequest) -> SyncResult:
         full = request.full or self._need_full
+        recreate = full and not self._table_known
         start = time.perf_counter()
         try:
             if full:
                 self._refresh_node_ips()
-                lines, programmed, refs = self._full(request.services, request.endpoints)
-                stale: dict[str, float] = {}
+                lines, programmed, refs, stale = self._full(request.services, request.endpoints, recreate)
             else:
-                lines, programmed, refs, stale = self._partial(request)
+                lines, updates, delta, stale = self._partial(request)
         except Exception as e:  # a render bug must not leave the proxier believing it applied
             self._need_full = True
             log.exception("nftables sync failed while rendering")
@@ -376,19 +478,43 @@ class NftablesProxier(Proxier):
                 self.nft.apply(lines)
             except NftError as e:
                 self._need_full = True
+                # A refused full sync may mean the table is not what kproxy thinks (something
+                # else changed it): the next one writes it anew.
+                self._table_known = self._table_known and not full
                 log.error("nft transaction failed full=%s err=%s", full, e)
                 return SyncResult(ok=False, error=str(e))
-        old = self._programmed
-        self._programmed, self._refs, self._stale = programmed, refs, stale
+        if full:
+            old, new = self._programmed, programmed
+            self._programmed, self._refs = programmed, refs
+            self._rules = sum(_rule_count(p) for p in programmed.values())
+        else:
+            # Only the changed ServicePorts: the rest of the bookkeeping is as it was.
+            old = {n: self._programmed[n] for n in updates if n in self._programmed}
+            new = {n: p for n, p in updates.items() if p is not None}
+            for n, p in updates.items():
+                self._rules += _rule_count(p) - _rule_count(old.get(n))
+                if p is None:
+                    self._programmed.pop(n, None)
+                else:
+                    self._programmed[n] = p
+            for elem, d in delta.items():
+                left = self._refs[elem] + d
+                if left > 0:
+                    self._refs[elem] = left
+                else:
+                    self._refs.pop(elem, None)
+        self._stale = stale
+        self._maps = self._pending_maps
         self._need_full = False
+        self._table_known = True
         self.last_stats = {"render_s": t_render - start, "apply_s": time.perf_counter() - t_render,
-                           "bytes": float(size), "full": float(full)}
+                           "bytes": float(size), "full": float(full), "recreate": float(recreate),
+                           "way": 1.0 if getattr(self.nft, "last_way", "") == "netlink" else 0.0}
         if self.health_server is not None:
             sync_health_server(self.health_server, request.services, request.endpoints)
         if self.conntrack is not None:
-            clean_udp_conntrack(self.conntrack, request, old, self._programmed)
-        rules = sum(body.count("\n") + 1 for p in programmed.values() for body in p.chains.values())
-        return SyncResult(ok=True, rules_total={"nftables": rules})
+            clean_udp_conntrack(self.conntrack, request, old, new)
+        return SyncResult(ok=True, rules_total={"nftables": self._rules})
 
     def _refresh_node_ips(self) -> None:
         ips: tuple[str, ...] = ()
@@ -405,6 +531,8 @@ class NftablesProxier(Proxier):
         self._refs.clear()
         self._stale.clear()
         self._need_full = True
+        self._table_known = False
+        self._maps = set()
         return _delete_table(self.nft, self.table)
 
     def close(self) -> None:

@@ -60,7 +60,7 @@ def test_partial_sync_changes_only_the_changed_service(netns: str) -> None:
     new_ip, old_ip = eps[name(7)][2].ip, old_eps[2].ip
     # The endpoint moved in the Service's endpoint map; no rule changed (a changed rule costs a
     # validation of the whole table in the kernel).
-    assert any(new_ip in e and e.startswith("elem eps-service-") for e in after - before)
+    assert any(new_ip in e and e.startswith("elem endpoints-tcp-") for e in after - before)
     assert not any(e.startswith("rule ") for e in changed), sorted(changed)
     assert any(new_ip in e and e.startswith("elem hairpin-ips") for e in after - before)
     assert not any(old_ip in e for e in after), "the removed endpoint is still in the ruleset"

@@ -10,7 +10,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nft_state import endpoints, kernel_entries, name, state
+from nft_state import endpoints, kernel_entries, name, sh, state
 
 from kproxy.backends import nftnl
 from kproxy.backends.nftables import Nft, NftError
@@ -42,6 +42,9 @@ def _steps() -> list[SyncRequest]:
     steps.append(SyncRequest({**few, **s2}, grown, changed=frozenset({name(1)}), full=False))
     gone = dict(list(s2.items())[::2])
     steps.append(SyncRequest({**few, **gone}, grown, changed=frozenset(s2), full=False))
+    # The periodic resync (flush and refill, the table kept), then one that brings Services back.
+    steps.append(SyncRequest({**few, **gone}, {**grown, name(0): endpoints(0, 1)}, full=True))
+    steps.append(SyncRequest({**few, **s2}, grown, changed=frozenset(s2) | {name(0)}, full=False))
     return steps
 
 
@@ -51,12 +54,30 @@ def test_netlink_and_nft_leave_identical_rulesets(netns: str, netns2: str) -> No
         ra, rb = a.sync(step), b.sync(step)
         assert ra.ok and rb.ok, (ra.error, rb.error)
         assert a.last_transaction == b.last_transaction
-        if i:
-            assert a.nft.last_way == "netlink", f"step {i} went through nft"
+        assert a.nft.last_way == "netlink", f"step {i} went through nft"
+        assert a.last_stats["recreate"] == (i == 0)
         assert b.nft.last_way == "nft"
         ka, kb = kernel_entries(netns), kernel_entries(netns2)
         assert ka == kb, f"step {i}: only netlink {sorted(ka - kb)[:4]} only nft {sorted(kb - ka)[:4]}"
     assert a.cleanup() and b.cleanup()
+
+
+def test_a_full_resync_keeps_the_table_and_affinity(netns: str) -> None:
+    """The periodic resync flushes and refills: a client recorded in an affinity set stays."""
+    p = _proxier(netns, True)
+    services, eps = ct.state(1)
+    assert p.sync(SyncRequest(services, eps)).ok
+    sticky = sorted(e for e in kernel_entries(netns) if e.startswith("set ") and '"affinity-' in e)
+    assert sticky, "no conformance Service with ClientIP affinity"
+    set_name = sticky[0].split('"name": "')[1].split('"')[0]
+    sh("ip", "netns", "exec", netns, "nft", "add", "element", "ip", "kube-proxy", set_name, "{ 192.0.2.7 }")
+    before = kernel_entries(netns)
+    assert p.sync(SyncRequest(services, eps, full=True)).ok
+    assert p.last_stats["recreate"] == 0.0 and p.nft.last_way == "netlink"
+    after = kernel_entries(netns)
+    assert any(e.startswith(f"elem {set_name} ") and "192.0.2.7" in e for e in after), "the client was forgotten"
+    assert before == after
+    assert p.cleanup()
 
 
 def test_a_refused_batch_changes_nothing(netns: str) -> None:
@@ -85,8 +106,10 @@ def test_a_refused_batch_changes_nothing(netns: str) -> None:
     "add rule ip kube-proxy c meta l4proto tcp dnat to 10.1.1.1:80",
     "add element ip kube-proxy m { 10.1.1.1 : jump }",
     "add element ip kube-proxy m { 10.1.1.1 . tcp . 99999 }",
-    "add table ip kube-proxy",
-    "add chain ip kube-proxy c { type nat hook output priority 0 ; }",
+    "add table ip kube-proxy { flags dormant ; }",
+    "add chain ip kube-proxy c { type route hook output priority 0 ; }",
+    "add set ip kube-proxy s { type ipv6_addr ; comment \"x\" ; }",
+    "add rule ip kube-proxy c ip daddr . ip saddr vmap",
     "add rule ip other c drop\nadd rule ip kube-proxy c drop",
 ])
 def test_outside_the_grammar_is_untranslatable(line: str) -> None:
