@@ -71,6 +71,7 @@ class NftSet:
     dynamic: bool  # filled by the datapath (`update @set`): its content is per client and per moment
     exact: dict[Value, Verdict | None] = field(default_factory=dict)
     other: list[Element] = field(default_factory=list)
+    data: dict[Value, str] = field(default_factory=dict)  # a map to addresses: key -> "ip:port"
 
     def lookup(self, value: Value) -> tuple[bool, Verdict | None]:
         key = value
@@ -350,6 +351,13 @@ def _expr(obj: object, local: Callable[[IP], bool]) -> Expr:
         return Expr("verdict", verdict=_verdict(obj))
     if key == "reject":
         return Expr("reject")
+    if key == "dnat" and isinstance(body, dict) and isinstance(body.get("addr"), dict):
+        # dnat ip addr . port to numgen random mod N offset O map @m
+        m = _dict(_dict(body.get("addr"), "DNAT address").get("map"), "DNAT map")
+        data = m.get("data")
+        if "port" in body or not isinstance(data, str) or not data.startswith("@"):
+            raise _bad("DNAT through something other than a named map", obj)
+        return Expr("dnat", left=_left(m.get("key"), local), text=_str(data[1:], "map name"))
     if key in ("dnat", "redirect"):
         b = _dict(body, key) if body is not None else {}
         addr = "127.0.0.1" if key == "redirect" else str(_scalar(b.get("addr")))
@@ -425,6 +433,22 @@ def parse(dump: str, local: Callable[[IP], bool], family: str = "ip", table: str
             elems = b.get("elem", [])
             if not isinstance(elems, list):
                 raise _bad("bad elements", body)
+            if kind == "map" and b.get("map") != "verdict":
+                # A map to "address . port" (kproxy's endpoint maps, `dnat ... map @m`).
+                for raw in elems:
+                    if not isinstance(raw, list) or len(raw) != 2:
+                        raise _bad("map element is not [key, value]", raw)
+                    key = Element((_part(raw[0]),)).exact()
+                    parts = _dict(raw[1], "map data").get("concat")
+                    if key is None or not isinstance(parts, list) or len(parts) != 2:
+                        raise _bad("map data is not address . port", raw)
+                    ip = _scalar(parts[0])
+                    if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+                        raise _bad("map data is not address . port", raw)
+                    port = _int(parts[1], "DNAT port", 1, 65535)
+                    s.data[key] = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+                rs.sets[name] = s
+                continue
             for raw in elems:
                 el = _element(raw, kind == "map")
                 key = el.exact()
@@ -570,6 +594,8 @@ class NftTracer:
                     self._verdict(e.verdict, replace(p, hops=(*p.hops, hop)), depth, cont, fin)
                 elif e.kind == "reject":
                     fin.append((replace(p, hops=(*p.hops, hop)), "REJECT"))
+                elif e.kind == "dnat" and e.left is not None:
+                    self._dnat_map(e, p, hop, cont, fin)
                 elif e.kind == "dnat":
                     ip = ipaddress.ip_address(e.addr)
                     dest = f"[{ip}]:{e.port}" if ip.version == 6 else f"{ip}:{e.port}"
@@ -584,6 +610,24 @@ class NftTracer:
         # Every statement ran without a verdict: on to the next rule.
         cont.extend(replace(p, hops=(*p.hops, hop)) for p in branches)
         return cont, fin
+
+    def _dnat_map(self, e: Expr, p: Packet, hop: str, cont: list[Packet], fin: list[tuple[Packet, str]]) -> None:
+        """DNAT to the map's data for the key: each numgen value a fork of its share; a key the
+        map lacks makes the rule not match (the kernel's lookup breaks it)."""
+        assert e.left is not None
+        data = self._set(e.text).data
+        v = e.left(p)
+        keys: list[Value] = list(range(v.offset, v.offset + v.mod)) if isinstance(v, NumgenRef) else [v]
+        counts: dict[str, int] = {}
+        for k in keys:
+            dest = data.get(k, "")
+            counts[dest] = counts.get(dest, 0) + 1
+        for dest, c in counts.items():
+            q = replace(p, probability=p.probability * c / len(keys)) if c < len(keys) else p
+            if dest:
+                fin.append((replace(q, dnat=dest, hops=(*q.hops, hop)), "ACCEPT"))  # NAT ends the base chain
+            else:
+                cont.append(q)
 
     def _is_dynamic(self, e: Expr) -> bool:
         return e.right is not None and bool(e.right.set_name) and self._set(e.right.set_name).dynamic
