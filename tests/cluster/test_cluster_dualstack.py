@@ -3,8 +3,7 @@
 Real network namespaces, real Flask pods, kubectl, curl and dig: the nodes' podCIDRs and addresses,
 pods with an address of each family (IPv6 added without DAD), routes between nodes per family,
 EndpointSlices per family, the cluster DNS answering AAAA over IPv6, and the seed app through its
-LoadBalancer IP and NodePorts. Reaching a Service over IPv6 needs kproxy to program IPv6 (ip6tables):
-those checks are one test of their own that says so when the node has no IPv6 rules."""
+LoadBalancer IP and NodePorts of each family (kproxy's per-family proxiers: iptables and ip6tables)."""
 
 from __future__ import annotations
 
@@ -136,25 +135,12 @@ def _kproxy_running(c: Cluster) -> None:
         pytest.skip(f"kproxy not running in this cluster: {c.state['components'].get('kproxy')}")
 
 
-def _kproxy_mixes_families(c: Cluster) -> str:
-    """The last sync error of kproxy on node-1 when it is the one of a single-family proxier fed
-    IPv6 endpoints (an IPv6 address in an iptables-restore for IPv4), else ""."""
-    log = Path(c.home) / c.name / "logs" / "kproxy-node-1.log"
-    syncs = [line for line in log.read_text(errors="replace").splitlines() if " sync full=" in line]
-    last = syncs[-1] if syncs else ""
-    return last if "ok=False" in last and "host/network `fd00:" in last else ""
-
-
 def test_dual_seed_over_ipv4_lb_and_nodeports(seeded: Cluster) -> None:
     """"Hello from Kubernetes!" through the IPv4 LoadBalancer IP and the NodePort on each node's
     IPv4 address, in the dual-stack cluster (and from the client netns, as an outside client)."""
     c = seeded
     _kproxy_running(c)
     lb4, lb6 = _lb_ips(c)
-    mixed = _kproxy_mixes_families(c)
-    if mixed:
-        pytest.skip("kproxy's IPv4 proxier is fed the IPv6 EndpointSlices too and its sync fails (one proxier "
-                    f"per family is issue 18, dual-kproxy): {mixed[-300:]}")
     assert ipaddress.ip_address(lb4).version == 4 and ipaddress.ip_address(lb6) in ipaddress.ip_network(
         "fd00:10:251::/120")
     node_port = c.json("svc", SVC)["spec"]["ports"][0]["nodePort"]
@@ -164,25 +150,12 @@ def test_dual_seed_over_ipv4_lb_and_nodeports(seeded: Cluster) -> None:
         assert r == HELLO, target
 
 
-def _node_has_ipv6_rules(c: Cluster) -> bool:
-    ns = f"{c.state['prefix']}n1"
-    for cmd in (["ip6tables-save", "-t", "nat"], ["nft", "list", "table", "ip6", "kube-proxy"],
-                ["ipvsadm", "-Ln"]):
-        r = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=20, check=False)
-        if "KUBE-SERVICES" in r.stdout or "services" in r.stdout or "[fd00:10:" in r.stdout:
-            return True
-    return False
-
-
 def test_dual_seed_over_ipv6_lb_and_nodeports(seeded: Cluster) -> None:
-    """The same through the IPv6 LoadBalancer IP and each node's IPv6 NodePort: needs kproxy's IPv6
-    proxier (issue 18, dual-kproxy); skipped, saying so, while kproxy writes no IPv6 rules."""
+    """The same through the IPv6 LoadBalancer IP and each node's IPv6 NodePort (kproxy's IPv6
+    proxier: ip6tables in the default iptables mode)."""
     c = seeded
     _kproxy_running(c)
     _, lb6 = _lb_ips(c)
-    if not _node_has_ipv6_rules(c):  # (the IPv4 test before this one has seen kproxy's sync)
-        pytest.skip("kproxy has programmed no IPv6 rules on node-1: IPv6 Service traffic waits for kproxy's "
-                    "IPv6 proxier (issue 18, dual-kproxy)")
     node_port = c.json("svc", SVC)["spec"]["ports"][0]["nodePort"]
     for target in [url(lb6, 6000)] + [url(f"fd00:10:250::{10 + i:x}", node_port) for i in (1, 2)]:
         r = wait_for(lambda t=target: c.cli("exec", "--", "curl", "-s", "-g", "-m", "3", t, timeout=20).stdout or None,
