@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--master", help="API server address (overrides the kubeconfig's server)")
     a("--proxy-mode", "--mode", dest="mode", help="iptables | ipvs | nftables | userspace (default iptables)")
     a("--hostname-override", help="the node name to use instead of the host name")
-    a("--cluster-cidr", help="pod CIDR(s), comma separated: traffic from outside is masqueraded")
-    a("--nodeport-addresses", type=_cidr_list, help="CIDRs (or 'primary') NodePorts accept traffic on")
+    a("--cluster-cidr", help="pod CIDR, one per family comma separated (e.g. 10.244.0.0/16,fd00:10:244::/56): "
+      "traffic from outside is masqueraded")
+    a("--detect-local-mode", help="how pod traffic is told apart: ClusterCIDR (--cluster-cidr, the default) or "
+      "NodeCIDR (the Node's spec.podCIDRs)")
+    a("--nodeport-addresses", type=_cidr_list, help="CIDRs of either family (or 'primary') NodePorts accept traffic on")
     a("--bind-address", help="the node's primary IP (default 0.0.0.0: from the Node object)")
     a("--healthz-bind-address", help="IP:port of the health server (default 0.0.0.0:10256; empty disables)")
     a("--metrics-bind-address", help="IP:port of the metrics server (default 127.0.0.1:10249; empty disables)")

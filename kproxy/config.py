@@ -31,6 +31,9 @@ class KProxyConfig:
     config_file: str = ""
     hostname_override: str = ""  # resolved to the node name by resolve_node_name()
     cluster_cidr: str = ""
+    # How local (pod) traffic is detected: "" / ClusterCIDR (cluster_cidr) or NodeCIDR (the
+    # server puts the Node's spec.podCIDRs, one per family, in cluster_cidr at start-up).
+    detect_local_mode: str = ""
     bind_address: str = "0.0.0.0"
     bind_address_hard_fail: bool = False  # a healthz/metrics port that cannot be bound is fatal
     healthz_bind_address: str = "0.0.0.0:10256"
@@ -155,6 +158,10 @@ def check_cidrs(values: tuple[str, ...], what: str, allow_primary: bool = False)
     return values
 
 
+# Upstream's LocalMode values; "" is the default (ClusterCIDR).
+DETECT_LOCAL_MODES = ("", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
+
+
 def check_cluster_cidrs(value: str) -> tuple[str, ...]:
     """--cluster-cidr as upstream's validation: one CIDR, or two of different families (one per
     family's proxier, in either order); anything else is refused."""
@@ -175,6 +182,7 @@ def check_cluster_cidrs(value: str) -> tuple[str, ...]:
 _FILE_FIELDS: dict[str, tuple[str, str]] = {
     "mode": ("mode", "str"),
     "clusterCIDR": ("cluster_cidr", "str"),
+    "detectLocalMode": ("detect_local_mode", "str"),
     "hostnameOverride": ("hostname_override", "str"),
     "bindAddress": ("bind_address", "str"),
     "bindAddressHardFail": ("bind_address_hard_fail", "bool"),
@@ -210,7 +218,7 @@ _FILE_FIELDS: dict[str, tuple[str, str]] = {
 }
 _IGNORED = frozenset((
     "apiVersion", "kind", "enableProfiling", "featureGates", "logging",
-    "oomScoreAdj", "portRange", "detectLocalMode", "detectLocal", "showHiddenMetricsForVersion",
+    "oomScoreAdj", "portRange", "detectLocal", "showHiddenMetricsForVersion",
     "winkernel", "clientConnection.acceptContentTypes", "clientConnection.contentType",
     "clientConnection.qps", "clientConnection.burst", "conntrack.tcpBeLiberal",
 ))
@@ -308,6 +316,12 @@ def validate(cfg: KProxyConfig) -> None:
         raise ConfigError(f"--bind-address/bindAddress: {cfg.bind_address!r} is not an IP address") from None
     if cfg.cluster_cidr:
         check_cluster_cidrs(cfg.cluster_cidr)
+    if cfg.detect_local_mode not in DETECT_LOCAL_MODES:
+        raise ConfigError(f"--detect-local-mode/detectLocalMode: {cfg.detect_local_mode!r}: must be one of "
+                          f"{', '.join(m for m in DETECT_LOCAL_MODES if m)}")
+    if cfg.detect_local_mode in ("BridgeInterface", "InterfaceNamePrefix"):
+        raise ConfigError(f"--detect-local-mode/detectLocalMode: {cfg.detect_local_mode} is not supported by "
+                          "kproxy (ClusterCIDR or NodeCIDR)")
     check_cidrs(cfg.nodeport_addresses, "--nodeport-addresses/nodePortAddresses", allow_primary=True)
     check_cidrs(cfg.ipvs_exclude_cidrs, "--ipvs-exclude-cidrs/ipvs.excludeCIDRs")
     if cfg.udp_idle_timeout <= 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import logging
 import os
 import signal
@@ -249,6 +250,28 @@ def _slice_service_key(es: EndpointSlice) -> str:
     return f"{es.metadata.namespace}/{svc}" if svc else ""
 
 
+def node_local_cidrs(node: Node | None) -> str:
+    """--detect-local-mode NodeCIDR: the Node's spec.podCIDRs (else podCIDR), at most one per
+    family, parsed; what does not parse is skipped with a warning. "" (no local detection, as
+    upstream's no-op detector) when the Node has none."""
+    if node is None:
+        log.warning("detect-local-mode NodeCIDR: no Node object; pod traffic is not told apart")
+        return ""
+    raw = node.spec.pod_cidrs or ([node.spec.pod_cidr] if node.spec.pod_cidr else [])
+    by_family: dict[int, str] = {}
+    for text in raw:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            log.warning("node=%s skipping podCIDR %r: not a CIDR", node.metadata.name, text)
+            continue
+        by_family.setdefault(net.version, str(net))
+    if not by_family:
+        log.warning("detect-local-mode NodeCIDR: node=%s has no podCIDR; pod traffic is not told apart",
+                    node.metadata.name)
+    return ",".join(by_family.values())
+
+
 class ProxyServer:
     """The running pieces; `run()` returns only when cancelled."""
 
@@ -402,6 +425,8 @@ class ProxyServer:
                         self.cfg.node_name, self.cfg.bind_address)
         if self.node is not None:
             self.cfg.node_zone = self.node.metadata.labels.get("topology.kubernetes.io/zone", "")
+        if self.cfg.detect_local_mode == "NodeCIDR":
+            self.cfg.cluster_cidr = node_local_cidrs(self.node)
         log.info("node=%s node_ips=%s zone=%s", self.cfg.node_name, ",".join(self.cfg.node_ips) or "-",
                  self.cfg.node_zone or "-")
 

@@ -155,3 +155,24 @@ def test_families_of_a_node() -> None:
     assert primary_family(KProxyConfig()) == "IPv4"
     assert node_families(KProxyConfig(node_ips=("fd00::1",)), None) == ("IPv6", "IPv4")
     assert node_families(KProxyConfig(), lambda _c, f: f == "IPv4") == ("IPv4",)
+
+
+def test_detect_local_mode_flags_and_node_cidr() -> None:
+    import msgspec
+
+    from kproxy.cli import parse_config
+    from kproxy.kube.ingest import Node
+    from kproxy.server import node_local_cidrs
+
+    cfg = parse_config(["--detect-local-mode", "NodeCIDR", "--hostname-override", "n1",
+                        "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56"])
+    assert cfg.detect_local_mode == "NodeCIDR"
+    for bad, why in (("Bogus", "must be one of"), ("BridgeInterface", "not supported by kproxy")):
+        with pytest.raises(ConfigError, match=why):
+            parse_config(["--detect-local-mode", bad, "--hostname-override", "n1"])
+    node = msgspec.convert({"metadata": {"name": "n1"}, "spec": {"podCIDRs": [
+        "10.244.1.0/24", "not-a-cidr", "fd00:10:244:1::/64", "10.244.9.0/24"]}}, Node)
+    # One per family, the first of each; what does not parse is skipped.
+    assert node_local_cidrs(node) == "10.244.1.0/24,fd00:10:244:1::/64"
+    assert node_local_cidrs(msgspec.convert({"metadata": {"name": "n2"}}, Node)) == ""
+    assert node_local_cidrs(None) == ""
