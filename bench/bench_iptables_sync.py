@@ -33,17 +33,23 @@ GO = {
 }
 
 
-def run_worker(backend: str, n: int) -> dict[str, Any]:
-    ns = f"kptB{secrets.token_hex(3)}"
+def run_in_fresh_netns(worker: str, args: list[str], prefix: str = "kptB") -> dict[str, Any]:
+    """Run `worker ARGS[0] ARGS[1] NETNS ARGS[2:]` in a namespace made for it (deleted after);
+    its last stdout line is its JSON result."""
+    ns = f"{prefix}{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
     try:
-        args = [sys.executable, WORKER, backend, str(n), ns] + (["--no-z-control"] if n <= 1000 else [])
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=7200, check=False, cwd=HERE)
+        argv = [sys.executable, worker, *args[:2], ns, *args[2:]]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=7200, check=False, cwd=HERE)
         assert proc.returncode == 0, proc.stderr[-2000:]
         result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         return result
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
+
+
+def run_worker(backend: str, n: int) -> dict[str, Any]:
+    return run_in_fresh_netns(WORKER, [backend, str(n)] + (["--no-z-control"] if n <= 1000 else []))
 
 
 def report(r: dict[str, Any]) -> str:
