@@ -3,8 +3,9 @@ binary exists, kube-apiserver 1.24 on the same etcd 3.4 (shared/peers: KPROXY_PE
 its build.sh). Every store's data on tmpfs (/dev/shm), so no one pays an fsync the other does not.
 
 At 10,000 Services: create rate with 32 clients (each its own connection), the full list's time
-(best of 5), a 50-watcher fan-out (events/s delivered while 32 clients create 1,000 ConfigMaps),
-RSS of the API server and of etcd apart.
+(best of 5), a 50-watcher fan-out (events/s delivered while 32 clients create 1,000 ConfigMaps)
+and the CPU seconds the API server and etcd spent during it (events per server CPU-second moves
+less with the machine's load than events/s), RSS of the API server and of etcd apart.
 
 Run: .venv/bin/pytest bench/bench_etcd_apiserver.py --benchmark-enable -s
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import plots  # bench/plots.py: pytest puts bench/ on sys.path
 import pytest
 import yaml
 
@@ -33,6 +35,16 @@ from controlplane_stub.store.etcd_process import EtcdCluster, etcd_available, fr
 N_SERVICES = 10_000
 N_WATCHERS = 50
 N_EVENTS = 1000
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mib(pid: int) -> float:
@@ -54,6 +66,7 @@ class Target:
     ca_file: str
     pid: int
     etcd_rss: Callable[[], float]
+    etcd_pids: Callable[[], list[int]]
     namespace: str = "default"
 
     @property
@@ -148,7 +161,10 @@ def _measure(t: Target) -> dict[str, float]:
     best, n = asyncio.run(_list_best(t, 5))
     assert n >= N_SERVICES
     out["list_s"] = best
+    cpu0, etcd0 = _cpu_s(t.pid), sum(_cpu_s(p) for p in t.etcd_pids())
     out["fanout_events_per_s"] = asyncio.run(_fanout(t))
+    out["fanout_server_cpu_s"] = _cpu_s(t.pid) - cpu0
+    out["fanout_etcd_cpu_s"] = sum(_cpu_s(p) for p in t.etcd_pids()) - etcd0
     out["server_rss"] = _rss_mib(t.pid)
     out["etcd_rss"] = t.etcd_rss()
     return out
@@ -167,7 +183,8 @@ def _kproxy(storage: str) -> Iterator[Target]:
             api = stack.enter_context(running_apiserver(data_dir=data, extra_args=extra, storage=storage))
             assert api.ca_file
             yield Target(f"kproxy-apiserver on {'etcd 3.4' if etcd else 'SQLite'}", api.url, api.token, api.ca_file,
-                         api.pid, (lambda: etcd.rss_kib() / 1024) if etcd else (lambda: 0.0))
+                         api.pid, (lambda: etcd.rss_kib() / 1024) if etcd else (lambda: 0.0),
+                         lambda: [m.proc.pid for m in etcd.members if m.proc is not None] if etcd else [])
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
@@ -194,7 +211,7 @@ def _kube_apiserver(out_dir: str) -> Iterator[Target]:
                 return int(f.read().strip())
 
         yield Target("kube-apiserver 1.24 on etcd 3.4", cluster["server"], token, ca, pid("kube-apiserver"),
-                     lambda: _rss_mib(pid("etcd")))
+                     lambda: _rss_mib(pid("etcd")), lambda: [pid("etcd")])
     finally:
         subprocess.run(["bash", os.path.join(peers, "down.sh"), out_dir], env=env, timeout=120, capture_output=True)
 
@@ -222,11 +239,21 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
     benchmark.pedantic(run, rounds=1, iterations=1)
     print(f"\n{N_SERVICES} Services, load average {os.getloadavg()[0]:.2f}")
     print("| server | creates/s (32 clients) | full list s | watch fan-out events/s (50 watchers) "
-          "| server RSS MiB | etcd RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "| fan-out: server CPU s, etcd CPU s | events per server CPU-second | server RSS MiB | etcd RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
+        r["fanout_events_per_server_cpu_s"] = N_WATCHERS * N_EVENTS / max(r["fanout_server_cpu_s"], 0.01)
         print(f"| {name} | {r['creates_per_s']:.0f} | {r['list_s']:.3f} | {r['fanout_events_per_s']:.0f} "
-              f"| {r['server_rss']:.0f} | {r['etcd_rss']:.0f} |")
+              f"| {r['fanout_server_cpu_s']:.1f}, {r['fanout_etcd_cpu_s']:.1f} "
+              f"| {r['fanout_events_per_server_cpu_s']:.0f} | {r['server_rss']:.0f} | {r['etcd_rss']:.0f} |")
+    stamp = plots.stamp("bench_etcd_apiserver.py")
+    for fig, key, title, label in (
+            ("etcd_fanout", "fanout_events_per_s", f"Watch fan-out: events/s delivered to {N_WATCHERS} watchers while "
+             f"32 clients create {N_EVENTS:,} ConfigMaps ({N_SERVICES:,} Services stored)", "events/s"),
+            ("etcd_creates", "creates_per_s", f"Service creates/s, 32 clients, up to {N_SERVICES:,} Services",
+             "creates/s")):
+        plots.record("etcd", fig, label, {n: round(r[key]) for n, r in rows.items()}, stamp, kind="bar",
+                     title=title, y_label=label, log_x=False, log_y=False)
     benchmark.extra_info.update({k: {m: round(v, 3) for m, v in r.items()} for k, r in rows.items()})
     for r in rows.values():
         assert r["creates_per_s"] > 0 and r["fanout_events_per_s"] > 0

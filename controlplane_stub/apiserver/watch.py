@@ -162,7 +162,7 @@ class WatchHub:
         try:
             while not self.stopping and self._live:
                 if not self._fan_out():
-                    await self.store.wait_for_events(self.store.revision, _IDLE_CHECK)
+                    await self.store.wait_for_events(self.store.revision, _IDLE_CHECK, len(self._live))
         except Exception:  # never leave a stream waiting on a pump that died
             log.exception("event=watch_pump_failed")
             for w in list(self._live.values()):

@@ -155,8 +155,11 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def wait_for_events(self, after_revision: int, timeout: float) -> bool:
-        """Wait until revision > after_revision or timeout; True when new events exist."""
+    async def wait_for_events(self, after_revision: int, timeout: float, watchers: int = 1) -> bool:
+        """Wait until revision > after_revision or timeout; True when new events exist.
+
+        watchers: how many watch streams this wait serves (the watch hub's pump writes to many); a
+        backend may batch wake-ups by it."""
 
     async def watch(self, prefix: str, since_revision: int) -> AsyncIterator[Event]:
         """Events after since_revision for keys under prefix, then live ones, until cancelled."""

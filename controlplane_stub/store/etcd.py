@@ -127,7 +127,7 @@ class SparseWindow(EventWindow):
         self._off = 0
         self._wakeup = asyncio.Event()
         self._wake_pending = False
-        self.waiting = 0  # watchers blocked in wait(): the ones the next wake-up runs
+        self.waiting = 0  # watch streams blocked in wait() (or served by one that is): the next wake-up writes to them
 
     @property  # type: ignore[override]
     def last(self) -> int:
@@ -157,12 +157,12 @@ class SparseWindow(EventWindow):
             self._wake_pending = True
             asyncio.get_running_loop().call_later(self.wake_delay(), self._wake_now)
 
-    async def wait(self, after_revision: int, timeout: float) -> bool:
-        self.waiting += 1
+    async def wait(self, after_revision: int, timeout: float, watchers: int = 1) -> bool:
+        self.waiting += watchers
         try:
             return await super().wait(after_revision, timeout)
         finally:
-            self.waiting -= 1
+            self.waiting -= watchers
 
     def _wake_now(self) -> None:
         self._wake_pending = False
@@ -492,8 +492,8 @@ class EtcdStore(Store):
     def events_since(self, since_revision: int, max_events: int = 1000) -> builtins.list[Event]:
         return self._window.since(since_revision, max_events)
 
-    async def wait_for_events(self, after_revision: int, timeout: float) -> bool:
-        return await self._window.wait(after_revision, timeout)
+    async def wait_for_events(self, after_revision: int, timeout: float, watchers: int = 1) -> bool:
+        return await self._window.wait(after_revision, timeout, watchers)
 
     def wake_watchers(self) -> None:
         self._window.wake()

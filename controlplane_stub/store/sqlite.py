@@ -308,7 +308,7 @@ class SQLiteStore(Store):
     def events_since(self, since_revision: int, max_events: int = 1000) -> builtins.list[Event]:
         return self._window.since(since_revision, max_events)
 
-    async def wait_for_events(self, after_revision: int, timeout: float) -> bool:
+    async def wait_for_events(self, after_revision: int, timeout: float, watchers: int = 1) -> bool:
         return await self._window.wait(after_revision, timeout)
 
     def wake_watchers(self) -> None:
