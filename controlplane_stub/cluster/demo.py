@@ -23,6 +23,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         print(f"\n$ kubectl apply -f {seed}", flush=True)
         subprocess.run(["kubectl", "apply", "-f", str(seed)], env=env, check=True)
+        want = 2 if st.ip_family == "dual" else 1  # LoadBalancer IPs: one per family of the Service
+        if want == 2:
+            # A Service is single-stack unless it asks: the seed Service asks for both families.
+            patch = '{"spec":{"ipFamilyPolicy":"PreferDualStack"}}'
+            print(f"$ kubectl patch svc flask-kubernetes-service -p '{patch}'", flush=True)
+            subprocess.run(["kubectl", "patch", "svc", "flask-kubernetes-service", "-p", patch], env=env, check=True)
         print("$ kubectl rollout status deployment/flask-kubernetes", flush=True)
         subprocess.run(
             ["kubectl", "rollout", "status", "deployment/flask-kubernetes", "--timeout=180s"],
@@ -30,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             check=True,
         )
         subprocess.run(["kubectl", "get", "pods", "-o", "wide"], env=env)
-        lb_ip = ""
+        lb_ips: list[str] = []
         for _ in range(100):
             r = subprocess.run(
                 [
@@ -39,44 +45,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "svc",
                     "flask-kubernetes-service",
                     "-o",
-                    "jsonpath={.status.loadBalancer.ingress[0].ip}",
+                    "jsonpath={.status.loadBalancer.ingress[*].ip}",
                 ],
                 env=env,
                 capture_output=True,
                 text=True,
             )
-            lb_ip = r.stdout.strip()
-            if lb_ip:
+            lb_ips = r.stdout.split()
+            if len(lb_ips) >= want:
                 break
             time.sleep(0.2)
         st = _state(args) or st
         kp = st.components.get("kproxy", "")
-        if lb_ip and kp.startswith("running"):
-            print(f"\n$ kproxy-cluster exec -- curl -s http://{lb_ip}:6000", flush=True)
-            ok = False
-            for _ in range(30):  # kproxy programs the LB IP shortly after the endpoints are ready
-                r = subprocess.run(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        f"{st.prefix}client",
-                        "curl",
-                        "-s",
-                        "-m",
-                        "2",
-                        f"http://{lb_ip}:6000",
-                    ],
-                    capture_output=True,
-                    text=True,
-                )
-                if r.returncode == 0 and r.stdout:
-                    print(r.stdout, end="", flush=True)
-                    ok = True
-                    break
-                time.sleep(1)
-            if not ok:
-                print(f"(no answer through the LoadBalancer IP {lb_ip}:6000 yet; kproxy: {kp})")
+        if lb_ips and kp.startswith("running"):
+            for lb_ip in lb_ips:
+                target = f"http://[{lb_ip}]:6000" if ":" in lb_ip else f"http://{lb_ip}:6000"
+                print(f"\n$ kproxy-cluster exec -- curl -s -g {target}", flush=True)
+                ok = False
+                for _ in range(30):  # kproxy programs the LB IP shortly after the endpoints are ready
+                    r = subprocess.run(
+                        ["ip", "netns", "exec", f"{st.prefix}client", "curl", "-s", "-g", "-m", "2", target],
+                        capture_output=True,
+                        text=True,
+                    )
+                    if r.returncode == 0 and r.stdout:
+                        print(r.stdout, end="", flush=True)
+                        ok = True
+                        break
+                    time.sleep(1)
+                if not ok:
+                    print(f"(no answer through the LoadBalancer IP {target} yet; kproxy: {kp})")
         else:
             ips = subprocess.run(
                 [
