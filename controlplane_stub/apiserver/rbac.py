@@ -285,6 +285,32 @@ BOOTSTRAP_CLUSTER_ROLES: dict[str, list[dict[str, Any]]] = {
         _r(("list", "watch"), ("",), ("endpoints", "services", "pods", "namespaces")),
         _r(("list", "watch"), ("discovery.k8s.io",), ("endpointslices",)),
     ],
+    # kproxy-cluster's controller process (controlplane_stub/controllers: endpointslice/endpoints,
+    # deployment, replicaset, scheduler, loadbalancer, node lifecycle, gc) as one identity: upstream
+    # splits these over per-controller ServiceAccounts (system:controller:*); what they write here.
+    "system:kube-controller-manager": [
+        _r(READ, ("",), ("pods", "services", "nodes", "endpoints", "namespaces")),
+        _r(READ, ("apps",), ("deployments", "replicasets")),
+        _r(READ, ("discovery.k8s.io",), ("endpointslices",)),
+        _r(READ, ("coordination.k8s.io",), ("leases",)),
+        _r(("create", "delete", "patch", "update"), ("",), ("pods", "endpoints")),
+        _r(("create",), ("",), ("pods/binding",)),
+        _r(("patch", "update"), ("",), ("pods/status", "services/status", "nodes", "nodes/status")),
+        _r(("create", "delete", "patch", "update"), ("apps",), ("replicasets",)),
+        _r(("patch", "update"), ("apps",), ("deployments", "deployments/status", "replicasets/status")),
+        _r(("create", "delete", "patch", "update"), ("discovery.k8s.io",), ("endpointslices",)),
+        _EVENTS,
+    ],
+    # The node agents: upstream's system:node as far as this agent uses it (register and heartbeat
+    # its Node and Lease, run and report its pods). Without upstream's Node authorizer any node
+    # could write another's objects: kproxy-apiserver has only RBAC.
+    "system:node": [
+        _r(("get", "list", "watch", "create", "patch", "update"), ("",), ("nodes",)),
+        _r(("patch", "update"), ("",), ("nodes/status", "pods/status")),
+        _r(("get", "list", "watch", "delete"), ("",), ("pods",)),
+        _r(("get", "list", "watch", "create", "update", "patch", "delete"), ("coordination.k8s.io",), ("leases",)),
+        _EVENTS,
+    ],
     "system:basic-user": [
         _r(("create",), ("authorization.k8s.io",), ("selfsubjectaccessreviews", "selfsubjectrulesreviews")),
         _r(("create",), ("authentication.k8s.io",), ("selfsubjectreviews",)),
@@ -303,6 +329,9 @@ BOOTSTRAP_CLUSTER_ROLES: dict[str, list[dict[str, Any]]] = {
 BOOTSTRAP_CLUSTER_BINDINGS: tuple[tuple[str, str, str, str], ...] = (
     ("cluster-admin", "cluster-admin", "Group", "system:masters"),
     ("system:node-proxier", "system:node-proxier", "User", "system:kube-proxy"),
+    ("system:kube-controller-manager", "system:kube-controller-manager", "User", "system:kube-controller-manager"),
+    # Upstream leaves this binding empty (the Node authorizer decides); here RBAC alone does.
+    ("system:node", "system:node", "Group", "system:nodes"),
     ("system:basic-user", "system:basic-user", "Group", AUTHENTICATED),
     ("system:discovery", "system:discovery", "Group", AUTHENTICATED),
     ("system:public-info-viewer", "system:public-info-viewer", "Group", AUTHENTICATED),

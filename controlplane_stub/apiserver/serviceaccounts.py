@@ -68,7 +68,7 @@ def authenticate(store: Store, authority: TokenAuthority, token: str) -> User | 
         claims = authority.verify(token)
         _check_objects(store, claims, token)
     except TokenError as e:
-        log.info("event=sa_token_rejected reason=%r", str(e))
+        log.debug("event=sa_token_rejected reason=%r", str(e))  # per request: a flood must not fill the log
         return None
     return claims.user
 

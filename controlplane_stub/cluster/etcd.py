@@ -21,6 +21,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from controlplane_stub.apiserver import pki
+from controlplane_stub.cluster import identities
 from controlplane_stub.cluster.relays import pipe
 from controlplane_stub.store.etcd_process import etcd_available, free_port, new_cluster
 
@@ -75,6 +76,8 @@ async def etcd_control_plane(sup: Supervisor, apiservers: int) -> None:
         if i:
             shutil.copytree(first / "pki", ad / "pki", dirs_exist_ok=True)
             shutil.copy(first / "tokens.csv", ad / "tokens.csv")
+        else:  # the components' identities (identities.py) are users of the token file all share
+            identities.write_token_file(ad, [n.name for n in sup.node_nets])
         url = await asyncio.to_thread(sup.spawn_apiserver, f"apiserver-{i}", ad, 0, flags)
         urls.append(url)
         sup.progress(f"API server {i} ready at {url} (etcd)")

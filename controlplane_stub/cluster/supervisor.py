@@ -26,6 +26,7 @@ from typing import Any
 from controlplane_stub import client as api
 from controlplane_stub.agent import netns
 from controlplane_stub.agent.backoff import CrashLoopBackoff
+from controlplane_stub.cluster import identities
 from controlplane_stub.cluster.etcd import etcd_control_plane
 from controlplane_stub.cluster.relays import pipe
 from controlplane_stub.cluster.state import (
@@ -89,6 +90,8 @@ class Supervisor:
         self.relay_servers: list[asyncio.AbstractServer] = []
         self.env = dict(os.environ, **{MARKER: st.marker, "PYTHONUNBUFFERED": "1"})
         self.stopping = False
+        # user -> kubeconfig of each component's own identity (identities.py), once the API is up.
+        self.identity: dict[str, str] = {}
 
     def backoff(self) -> CrashLoopBackoff:
         a = self.args
@@ -134,6 +137,7 @@ class Supervisor:
     def start_apiserver(self) -> None:
         ad = self.dir / "apiserver"
         ad.mkdir(mode=0o700, exist_ok=True)
+        identities.write_token_file(ad, [n.name for n in self.node_nets])
         url = self.spawn_apiserver("apiserver", ad, self.args.api_port)
         self.st.api_url = url
         self.st.api_port = int(url.rsplit(":", 1)[1])
@@ -276,7 +280,7 @@ class Supervisor:
             cmd = self_command() + [
                 "_agent",
                 "--kubeconfig",
-                self.st.kubeconfig,
+                self.identity.get(identities.node_user(n.name), self.st.kubeconfig),
                 "--prefix",
                 self.st.prefix,
                 "--ip-family",
@@ -328,8 +332,7 @@ class Supervisor:
             self.st.components["kproxy"] = why
             self.progress(why)
             return
-        ro = self.dir / "apiserver" / "readonly.kubeconfig"
-        kc = str(ro if ro.exists() else self.st.kubeconfig)
+        kc = self.identity.get(identities.KPROXY_USER, self.st.kubeconfig)
         exe = tool("kproxy") or "kproxy"
         for i, n in enumerate(self.node_nets):
             self.spawn(
@@ -367,7 +370,7 @@ class Supervisor:
             self.st.components["dns"] = "kproxy-dns: not available yet"
             self.progress("cluster DNS: kproxy-dns not available yet; pods use the host's resolv.conf")
             return
-        ro = self.dir / "apiserver" / "readonly.kubeconfig"
+        kc = await identities.dns_kubeconfig(c, self.dir, self.st.kubeconfig)
         addrs = self.topo.node_network_ips(1)
         # With IPv6 one socket on "::" answers both families (IPv4 clients as v4-mapped sources).
         bind = addrs[0] if len(addrs) == 1 and ":" not in addrs[0] else "::"
@@ -376,7 +379,7 @@ class Supervisor:
             [
                 exe,
                 "--kubeconfig",
-                str(ro if ro.exists() else self.st.kubeconfig),
+                kc,
                 "--dns-bind-address",
                 bind,
                 "--dns-port",
@@ -477,10 +480,12 @@ class Supervisor:
             await self.relay(ns, self.st.api_port)
         self.progress("API server reachable at the same URL inside every node netns (socket relay)")
         c = api.Client(api.load_kubeconfig(self.st.kubeconfig))
+        first = self.dir / ("apiserver-0" if (self.dir / "apiserver-0").exists() else "apiserver")
+        self.identity = identities.component_kubeconfigs(self.dir, first / "tokens.csv", self.st.kubeconfig)
+        controllers_kc = self.identity.get(identities.CONTROLLERS_USER, self.st.kubeconfig)
         self.spawn(
             "controllers",
-            self_command()
-            + ["_controllers", "--kubeconfig", self.st.kubeconfig, "--lb-pool", self.st.lb_pool],
+            self_command() + ["_controllers", "--kubeconfig", controllers_kc, "--lb-pool", self.st.lb_pool],
         )
         self.st.components["controllers"] = (
             "endpointslice, deployment, replicaset, scheduler, loadbalancer, gc"

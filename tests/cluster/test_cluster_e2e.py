@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -621,6 +622,27 @@ def test_graceful_termination_sigterm_then_sigkill_after_grace(cluster: Cluster)
     wait_for(lambda: "stubborn" not in c.kubectl("get", "pods", "-o", "name"), what="the pod object removed")
     wait_for(lambda: endpoint() is None, what="the endpoint removed")
     c.kubectl("delete", "svc", "stubborn")
+
+
+def test_running_cluster_components_use_their_identities(cluster: Cluster) -> None:
+    """In the real cluster every component's command line names its own kubeconfig, none admin's."""
+    state = json.loads((Path(cluster.home) / cluster.name / "state.json").read_text())
+    seen: dict[str, str] = {}
+    for name, pid in (state.get("pids") or {}).items():
+        if pid and Path(f"/proc/{pid}/cmdline").exists():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--kubeconfig" in argv:
+                seen[name] = argv[argv.index(b"--kubeconfig") + 1].decode()
+    assert {"controllers", "dns"} <= set(seen) and any(n.startswith("agent-") for n in seen) and any(
+        n.startswith("kproxy-") for n in seen), seen
+    for name, kc in seen.items():
+        assert re.search(r"/identities/[^/]+\.kubeconfig$", kc), (name, kc)
+    # By now the cluster ran the seed app, scaled, rolled, restarted and resolved names: with least
+    # privilege, no component was ever refused anything it tried (a missing rule shows as a 403).
+    for log in (Path(cluster.home) / cluster.name / "logs").glob("*.log"):
+        if log.name.startswith(("controllers", "agent-", "kproxy-", "dns")):
+            text = log.read_text(errors="replace")
+            assert not re.search(r"\b403\b|forbidden", text, re.I), (log.name, text[-2000:])
 
 
 def test_a_crashed_node_agent_is_restarted_and_its_pods_come_back_with_their_ips(cluster: Cluster) -> None:
