@@ -114,7 +114,7 @@ def run_probe(make: MakeSocket, probe: Probe, addr: tuple[str, int], family: Fam
     return ""
 
 
-TraceCheck = Callable[[Scenario, Probe], str]  # "" when the tracer's answer agrees with the probe's
+TraceCheck = Callable[[Scenario, Probe, Variant, Family], str]  # "" when `kproxy trace` agrees with the probe
 
 
 def check_scenario(mode: str, scenario: Scenario, client_netns: Callable[[str], str],
@@ -140,7 +140,7 @@ def check_scenario(mode: str, scenario: Scenario, client_netns: Callable[[str], 
                 failures.append(f"{want.key}{' (documented limit: ' + reason + ')' if reason else ''}: {problem}")
             elif trace_check is not None:
                 # The real connections landed as `want` says: `kproxy trace` must say the same.
-                problem = trace_check(scenario, want)
+                problem = trace_check(scenario, want, variant, family)
                 if problem:
                     failures.append(f"{want.key}: kproxy trace disagrees with the real connections: {problem}")
     return failures

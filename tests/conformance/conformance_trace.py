@@ -11,12 +11,16 @@ import json
 from collections.abc import Callable
 from contextlib import redirect_stdout
 
-from conformance_table import CLIENT_IP, NODE_IP, POD_IPS, Probe, Scenario, target
+from conformance_table import POD_IPS, POD_IPS6, Family, Probe, Scenario, Variant, client_ip, node_ip, target
 
 from kproxy import cli
 
-SOURCES = {"node": NODE_IP, "outside": CLIENT_IP, "pod": POD_IPS["pod2"], "self": POD_IPS["pod1"]}
-_POD_BY_IP = {ip: name for name, ip in POD_IPS.items()}
+_POD_BY_IP = {ip: name for ips in (POD_IPS, POD_IPS6) for name, ip in ips.items()}
+
+
+def source(src: str, family: Family) -> str:
+    pods = POD_IPS6 if family == "IPv6" else POD_IPS
+    return {"node": node_ip(family), "outside": client_ip(family), "pod": pods["pod2"], "self": pods["pod1"]}[src]
 
 
 def run_trace(argv: list[str]) -> tuple[int, dict[str, object]]:
@@ -26,20 +30,20 @@ def run_trace(argv: list[str]) -> tuple[int, dict[str, object]]:
     return code, json.loads(out.getvalue()) if code == 0 else {}
 
 
-def trace_checker(netns: str, mode_args: list[str]) -> Callable[[Scenario, Probe], str]:
+def trace_checker(netns: str, mode_args: list[str]) -> Callable[[Scenario, Probe, Variant, Family], str]:
     """mode_args: how the mode is named to `kproxy trace` (--mode, --iptables-backend)."""
 
-    def check(scenario: Scenario, probe: Probe) -> str:
-        dst, port = target(scenario, probe)
-        code, got = run_trace(["--netns", netns, *mode_args, "-o", "json",
-                               "--from", SOURCES[probe.src], "--proto", probe.proto.lower(), f"{dst}:{port}"])
+    def check(scenario: Scenario, probe: Probe, variant: Variant, family: Family) -> str:
+        dst, port = target(scenario, probe, variant, family)
+        code, got = run_trace(["--netns", netns, *mode_args, "-o", "json", "--from", source(probe.src, family),
+                               "--proto", probe.proto.lower(), f"[{dst}]:{port}" if ":" in dst else f"{dst}:{port}"])
         if code != 0:
             return f"kproxy trace exited {code}"
         paths = got["paths"]
         assert isinstance(paths, list)
         new = [p for p in paths if not p["affinity"] and p["probability"] > 0]
         verdicts = {p["verdict"] for p in new}
-        pods = {_POD_BY_IP.get(p["endpoint"].rsplit(":", 1)[0], p["endpoint"]) for p in new if p["endpoint"]}
+        pods = {_POD_BY_IP.get(p["endpoint"].rsplit(":", 1)[0].strip("[]"), p["endpoint"]) for p in new if p["endpoint"]}
         expect = probe.expect
         if probe.dst == "health":
             # Served by kproxy's own socket on the node: no rule may rewrite or stop it.

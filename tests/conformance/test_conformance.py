@@ -111,9 +111,11 @@ def test_conformance(mode: Mode, scenario: Scenario, run: tuple[Variant, Family]
     variant, family = run
     if family not in MODE_FAMILIES[mode.name]:
         pytest.skip(f"{mode.name}: no {family} proxier (MODE_FAMILIES)")
-    # Every passing probe of the IPv4 Services is also traced (`kproxy trace`) and must agree
-    # (the tracer's sources and targets are the table's IPv4 ones).
-    tracer = trace_checker(mode.topo.node, TRACE_ARGS[mode.name]) if variant == "IPv4" else None
+    # Every passing probe of the single-stack Services is also traced (`kproxy trace`) and must
+    # agree; IPv6 in iptables modes (userspace's IPv6 relay publishes no status socket); the
+    # dual-stack runs take the same paths through the tracer at twice the cost, so they are not.
+    traced = variant == "IPv4" or (variant == "IPv6" and mode.name.startswith("iptables"))
+    tracer = trace_checker(mode.topo.node, TRACE_ARGS[mode.name]) if traced else None
     mode.sync_phase(scenario, variant, 1)  # a dual-stack run over the other family changed it
     failures = check_scenario(mode.name, scenario, mode.client, lambda: mode.sync_phase(scenario, variant, 2),
                               tracer, variant, family)
