@@ -31,14 +31,17 @@ from kproxy.proxiers.meta import MetaProxier
 PARTIALS = 3
 
 
+def _v6_endpoint(k: int) -> Endpoint:
+    return Endpoint(f"fd01::{k >> 16:x}:{k & 0xFFFF:x}", 8080)  # 100,000 of them: two 16-bit groups
+
+
 def dual_model(n: int) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
     """model(n) with a second ClusterIP (IPv6) per Service and an IPv6 twin of every endpoint."""
     services, endpoints = model(n)
     for i, (name, svc) in enumerate(services.items()):
         services[name] = ServicePort(name=name, type="ClusterIP", cluster_ips=(*svc.cluster_ips, f"fd00:96::{i + 1:x}"),
                                      port=80, protocol="TCP")
-        endpoints[name] = (*endpoints[name], *(Endpoint(f"fd01::{i * ENDPOINTS + j + 1:x}", 8080)
-                                               for j in range(ENDPOINTS)))
+        endpoints[name] = (*endpoints[name], *(_v6_endpoint(i * ENDPOINTS + j + 1) for j in range(ENDPOINTS)))
     return services, endpoints
 
 

@@ -176,3 +176,23 @@ def test_detect_local_mode_flags_and_node_cidr() -> None:
     assert node_local_cidrs(node) == "10.244.1.0/24,fd00:10:244:1::/64"
     assert node_local_cidrs(msgspec.convert({"metadata": {"name": "n2"}}, Node)) == ""
     assert node_local_cidrs(None) == ""
+
+
+def test_conntrack_deletions_name_their_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion by port alone (a UDP NodePort's entries) matches only the family it names, and
+    conntrack's default is IPv4: the IPv6 proxier's must say -f ipv6."""
+    import subprocess
+
+    from kproxy.backends.conntrack import Conntrack
+
+    calls: list[list[str]] = []
+
+    def run(cmd: list[str], **_kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "conntrack v1.4.7 (conntrack-tools): 1 flow entries have been deleted.")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert Conntrack(family="IPv6").clear_entries_for_port(30053) == 1
+    assert Conntrack().clear_entries_for_port(30053) == 1
+    assert calls == [["conntrack", "-D", "-f", "ipv6", "-p", "udp", "--dport", "30053"],
+                     ["conntrack", "-D", "-p", "udp", "--dport", "30053"]]
