@@ -144,3 +144,40 @@ def test_a_stalled_watch_times_out_and_a_cut_one_is_a_connection_error() -> None
                     pass
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_writes_send_their_body_and_the_in_flight_bound_holds() -> None:
+    """POST/PUT/PATCH/DELETE (the control plane's writes): method, Content-Type and Content-Length
+    on the wire, the body read back whole by the server; with max_connections=2, never more than
+    two requests at the server at once, and the kept-alive connections carry the rest."""
+    bodies: list[bytes] = []
+    at_once = [0, 0]  # now, most
+
+    async def handler(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        bodies.append(await reader.readexactly(length))
+        at_once[0] += 1
+        at_once[1] = max(at_once)
+        await asyncio.sleep(0.02)
+        at_once[0] -= 1
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with raw_server(handler) as (url, seen, conns), _client(url, max_connections=2, max_idle=2) as c:
+            assert await c.request("POST", "/api/v1/namespaces/d/pods", body=b'{"kind":"Pod"}') == b"{}"
+            await c.request("PATCH", "/p", body=b'{"a":1}', content_type="application/merge-patch+json")
+            head = seen[1].decode()
+            assert head.startswith("PATCH /p HTTP/1.1\r\n")
+            assert "Content-Type: application/merge-patch+json\r\n" in head and "Content-Length: 7\r\n" in head
+            await asyncio.gather(*(c.request("PUT", f"/x/{i}", body=b"%d" % i) for i in range(8)))
+            await c.request("DELETE", "/x/0", body=b"{}")
+            assert seen[-1].startswith(b"DELETE /x/0 HTTP/1.1\r\n")
+            assert bodies[:2] == [b'{"kind":"Pod"}', b'{"a":1}'] and sorted(bodies[2:10]) == [b"%d" % i for i in range(8)]
+            assert at_once[1] == 2
+            assert len(conns) == 2  # kept alive: the two connections carried all eleven requests
+
+    asyncio.run(main())

@@ -287,3 +287,41 @@ def test_an_object_that_does_not_decode_is_skipped_and_the_watch_goes_on() -> No
                 assert len(counted) == r.undecodable == 4  # b listed, c modified, the garbage line, b deleted
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_dict_items_an_asynchronous_store_and_a_resume_version() -> None:
+    """What the control plane's informer uses: whole objects as dicts, a store whose replace()
+    and apply() are coroutines (awaited in order, before the next event), and resume_from: the
+    first request is a watch from that resourceVersion, no list, until a 410 asks for one."""
+
+    class AsyncRecorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, Any]] = []
+
+        async def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
+            await asyncio.sleep(0.01)
+            self.calls.append(("replace", sorted(i["metadata"]["name"] for i in items)))
+
+        async def apply(self, event_type: str, item: dict[str, Any]) -> None:
+            await asyncio.sleep(0.01)  # the next event waits for this one
+            self.calls.append((event_type, item["spec"]))
+
+    async def main() -> None:
+        async with scripted_api() as api:
+            a = api.put("a", color="red")
+            b = api.put("b", color="blue")
+            api.watch_scripts = [[_ev("MODIFIED", a), _ev("ADDED", b),
+                                  {"type": "ERROR", "object": {"kind": "Status", "code": 410}}]]
+            api.hang_after_script = True
+            rec = AsyncRecorder()
+            client = ApiClient(ClusterAccess(server=api.url))
+            r: Reflector[dict[Any, Any]] = Reflector(client, "/api/v1/things", dict, rec,
+                                                     backoff=Backoff(initial=0.01, cap=0.05), resume_from="7")
+            async with running(client, r):  # type: ignore[arg-type]
+                await _until(lambda: r.lists == 1)
+                assert api.watch_calls[0]["resourceVersion"] == "7" and api.list_calls
+                assert rec.calls == [("MODIFIED", {"color": "red"}), ("ADDED", {"color": "blue"}),
+                                     ("replace", ["a", "b"])]
+
+    asyncio.run(main())
