@@ -124,14 +124,18 @@ class Client:
         for attempt in range(attempts):
             try:
                 raw = await self.api.request(method, url, params, data, content_type)
-                doc: Obj = msgspec.json.decode(raw) if raw else {}
-                return doc
             except ApiError as e:
                 if e.code not in RETRYABLE or attempt + 1 >= attempts:
                     raise
-            except (TimeoutError, OSError, msgspec.DecodeError) as e:  # OSError: ConnectionError too
+            except (TimeoutError, OSError) as e:  # OSError: ConnectionError too
                 if attempt + 1 >= attempts:
                     raise _error(503, "ServiceUnavailable", f"{method} {url}: {e!r}") from e
+            else:
+                try:
+                    doc: Obj = msgspec.json.decode(raw) if raw else {}
+                except msgspec.DecodeError as e:  # answered, so not sent again (a write happened)
+                    raise _error(500, "InternalError", f"{method} {url}: the answer is not JSON: {e}") from e
+                return doc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
