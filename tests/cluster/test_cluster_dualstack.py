@@ -166,7 +166,8 @@ def test_dual_seed_over_ipv6_lb_and_nodeports(seeded: Cluster) -> None:
 def test_ipv6_only_cluster(ipv6_cluster: Cluster) -> None:
     """`up --ip-family ipv6`: the node, its pod CIDR, the Services and a pod are IPv6 only; the pod
     answers HTTP on its IPv6 address from the client netns, sees its addresses through the downward
-    API, and resolves names with the cluster DNS over IPv6 (kube-dns's ClusterIP is IPv6)."""
+    API, resolves names with the cluster DNS over IPv6 (kube-dns's ClusterIP is IPv6), and is reached
+    through a LoadBalancer Service's IPv6 LB IP and NodePort (kproxy's IPv6 proxier alone)."""
     c = ipv6_cluster
     node = c.json("nodes")["items"][0]
     assert node["spec"]["podCIDRs"] == ["fd00:10:244:1::/64"]
@@ -177,7 +178,7 @@ def test_ipv6_only_cluster(ipv6_cluster: Cluster) -> None:
     assert c.state["components"]["dns"].startswith("running"), c.state["components"]
     assert c.json("svc", "kube-dns", "-n", "kube-system")["spec"]["clusterIPs"] == ["fd00:10:96::a"]
     c.apply({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web6"},
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web6", "labels": {"app": "web6"}},
         "spec": {"containers": [{
             "name": "web", "image": "flask-kubernetes:latest",
             "env": [{"name": "IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}},
@@ -206,3 +207,22 @@ def test_ipv6_only_cluster(ipv6_cluster: Cluster) -> None:
     got = wait_for(lambda: dig_in(pod_ns, DNS6, "kubernetes.default.svc.cluster.local", "AAAA"), timeout=20,
                    what="AAAA of the kubernetes Service")
     assert got == "fd00:10:96::1"
+    # a LoadBalancer Service of the IPv6-only cluster, through kproxy's IPv6 proxier: its LB IP
+    # and the node's IPv6 NodePort from the client netns
+    c.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web6"},
+             "spec": {"type": "LoadBalancer", "selector": {"app": "web6"},
+                      "ports": [{"port": 6000, "targetPort": 5000, "protocol": "TCP"}]}})
+
+    def lb() -> list[str] | None:
+        svc = c.json("svc", "web6")
+        ing = (svc.get("status") or {}).get("loadBalancer", {}).get("ingress") or []
+        return [ing[0]["ip"], str(svc["spec"]["ports"][0]["nodePort"])] if ing else None
+
+    got_lb = wait_for(lb, timeout=30, what="web6's LoadBalancer IP")
+    assert got_lb is not None
+    lb6, node_port = got_lb
+    assert ipaddress.ip_address(lb6) in ipaddress.ip_network("fd00:10:251::/120")
+    for target in (url(lb6, 6000), url("fd00:10:250::b", int(node_port))):
+        r = wait_for(lambda t=target: c.cli("exec", "--", "curl", "-s", "-g", "-m", "3", t, timeout=20).stdout or None,
+                     timeout=30, what=f"an answer from {target}")
+        assert r == HELLO, target
