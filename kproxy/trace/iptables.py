@@ -266,7 +266,9 @@ class Tracer:
                 if verdict is False:
                     nxt.append(p)
                     continue
-                hit = replace(p, hops=(*p.hops, f"{table}/{chain}"),
+                hop = f"{table}/{chain}"
+                # One hop per chain visit, however many of its rules matched.
+                hit = replace(p, hops=p.hops if p.hops[-1:] == (hop,) else (*p.hops, hop),
                               service=p.service or service_of_comment(rule.comment))
                 if fork is not None:
                     # The branch where the random/affinity match did not fire goes on here.
