@@ -9,9 +9,10 @@ goes "live": its task sleeps and one pump task writes each batch of new events t
 stream's transport directly, the HTTP chunk built once per (cursor, prefix, name) and shared by
 all of them (upstream's watch cache encodes an event once per format likewise). Waking 50 tasks
 per batch, each with its own read of the window, join, chunk framing and writer bookkeeping, was
-the top of the profile (bench/README.md, etcd). The pump writes only while the transport's buffer
-is below limits.SEND_HIGH_WATER and a chunk fits in limits.SEND_PIECE; otherwise (and on
-Compacted, a closed transport, a bookmark or timeout due) it hands the stream back to its task,
+the top of the profile (bench/README.md, etcd). The pump writes chunks of about limits.SEND_PIECE
+(a burst goes out in several rounds) and only while the transport's buffer is below
+limits.SEND_HIGH_WATER; otherwise (a full buffer, one event larger than a piece, Compacted, a
+closed transport, a bookmark or timeout due) it hands the stream back to its task,
 which goes on from the stream's cursor with the bounded, timed send() as before: a slow watcher is
 still closed after --send-timeout, and order holds because only one of the two writes at a time.
 """
@@ -117,11 +118,31 @@ class WatchHub:
         self._live.pop(id(w), None)
         _resolve(w.wake)
 
+    @staticmethod
+    def _chunk(evs: list[Event], prefix: str, exact: str) -> tuple[bytes, int, int, bool]:
+        """The HTTP chunk of the events a stream wants, cut after about limits.SEND_PIECE bytes (never
+        inside one revision: the stream's cursor is the last revision in it): (chunk, events, last
+        revision, cut). A first event larger than a piece makes a larger chunk; the stream's task
+        sends that one."""
+        lines: list[bytes] = []
+        size, last, prev = 0, evs[0].revision, -1
+        for ev in evs:
+            rev = ev.revision
+            wanted = ev.key.startswith(prefix) and (not exact or ev.key == exact)
+            if rev != prev and size and size + (len(ev.line) if wanted else 0) > limits.SEND_PIECE:
+                return b"%x\r\n%b\r\n" % (size, b"".join(lines)), len(lines), last, True
+            if wanted:
+                lines.append(ev.line)
+                size += len(ev.line)
+            last = prev = rev
+        # One HTTP/1.1 chunk, as aiohttp's chunked writer frames it.
+        return (b"%x\r\n%b\r\n" % (size, b"".join(lines)) if lines else b""), len(lines), last, False
+
     def _fan_out(self) -> bool:
-        """Writes the new events to every live stream; True when a read was cut at its limit."""
+        """Writes the new events to every live stream; True when there is more to write at once."""
         store = self.store
         read: dict[int, list[Event]] = {}
-        chunks: dict[tuple[int, str, str], tuple[bytes, int]] = {}
+        chunks: dict[tuple[int, str, str], tuple[bytes, int, int, bool]] = {}
         more = False
         for w in list(self._live.values()):
             transport = w.transport
@@ -143,25 +164,24 @@ class WatchHub:
             k = (cursor, w.prefix, w.exact_key)
             got = chunks.get(k)
             if got is None:
-                prefix, exact = w.prefix, w.exact_key
-                lines = [ev.line for ev in evs if ev.key.startswith(prefix) and (not exact or ev.key == exact)]
-                body = b"".join(lines)
-                # One HTTP/1.1 chunk, as aiohttp's chunked writer frames it.
-                got = chunks[k] = (b"%x\r\n%b\r\n" % (len(body), body) if body else b"", len(lines))
-            chunk, n = got
+                got = chunks[k] = self._chunk(evs, w.prefix, w.exact_key)
+            chunk, n, last, cut = got
             if chunk:
-                if len(chunk) > limits.SEND_PIECE or transport.get_write_buffer_size() >= limits.SEND_HIGH_WATER:
+                if len(chunk) > limits.SEND_PIECE + 16 or transport.get_write_buffer_size() >= limits.SEND_HIGH_WATER:
                     self._hand_back(w)  # its task sends in pieces, waiting (bounded) for the client
                     continue
                 transport.write(chunk)
                 self.pumped += n
-            w.cursor = evs[-1].revision
+            w.cursor = last
+            more = more or cut
         return more
 
     async def _run_pump(self) -> None:
         try:
             while not self.stopping and self._live:
-                if not self._fan_out():
+                if self._fan_out():
+                    await asyncio.sleep(0)  # more to write: the clients' reads and the writers go first
+                else:
                     await self.store.wait_for_events(self.store.revision, _IDLE_CHECK, len(self._live))
         except Exception:  # never leave a stream waiting on a pump that died
             log.exception("event=watch_pump_failed")

@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from controlplane_stub.apiserver import limits
 from controlplane_stub.apiserver.allocators import reservation_names
+from controlplane_stub.apiserver.watch import WatchHub
 from controlplane_stub.apiserver.bootstrap import parse_lease
 from controlplane_stub.store.base import Compacted, Event
 from controlplane_stub.store.etcd import SparseWindow, parse_duration
@@ -136,3 +138,47 @@ def test_wake_delay_grows_with_waiting_watchers_up_to_the_cap() -> None:
     assert busy == etcd.WAKE_DELAY_MAX  # 100 waiters: capped
     assert waited >= etcd.WAKE_DELAY_MAX * 0.9
     assert after == etcd.WAKE_DELAY  # nobody waits any more
+
+
+def _unchunk(chunk: bytes) -> bytes:
+    size, _, rest = chunk.partition(b"\r\n")
+    assert rest.endswith(b"\r\n") and int(size, 16) == len(rest) - 2
+    return rest[:-2]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from(["/registry/configmaps/a/", "/registry/configmaps/b/",
+                                                          "/registry/secrets/a/"]),
+                          st.integers(1, 3), st.integers(0, 40_000)), min_size=1, max_size=60),
+       st.sampled_from([("/registry/configmaps/", ""), ("/registry/configmaps/a/", ""),
+                        ("/registry/configmaps/", "/registry/configmaps/a/x1")]),
+       st.integers(1, 25))
+def test_pump_chunks_carry_every_wanted_event_once_in_order_without_splitting_a_revision(
+        spec: list[tuple[bool, str, int, int]], want: tuple[str, str], per_read: int) -> None:
+    """The watch pump's chunking (WatchHub._chunk) as the pump uses it: read up to per_read events
+    after the cursor, write one chunk, move the cursor to its last revision; events of one revision
+    (a multi-key transaction) stay together, chunks stay within a piece unless one revision is larger."""
+    events, rev = [], 0
+    for same_rev, prefix, name, size in spec:
+        rev += 0 if same_rev and rev else 1
+        events.append(Event(rev, "ADDED", f"{prefix}x{name}", b'{"s":"' + b"v" * size + b'"}', None))
+    prefix, exact = want
+    wanted = [ev.line for ev in events if ev.key.startswith(prefix) and (not exact or ev.key == exact)]
+    cursor, got = 0, []
+    for _ in range(len(events) + 1):
+        more = [ev for ev in events if ev.revision > cursor]
+        evs = more[:per_read]
+        while len(evs) < len(more) and more[len(evs)].revision == evs[-1].revision:
+            evs.append(more[len(evs)])  # a store's read never ends inside a revision (SparseWindow.since)
+        if not evs:
+            break
+        chunk, n, last, cut = WatchHub._chunk(evs, prefix, exact)
+        body = _unchunk(chunk) if chunk else b""
+        assert body.count(b"\n") == n
+        lines = [line + b"\n" for line in body.split(b"\n")[:-1]]
+        if len(body) > limits.SEND_PIECE:  # only because the chunk's last revision could not be split
+            mine = [ev for ev in evs if ev.key.startswith(prefix) and (not exact or ev.key == exact)][:n]
+            assert len(b"".join(ev.line for ev in mine if ev.revision != mine[-1].revision)) <= limits.SEND_PIECE
+        assert last >= cursor and (cut or last == evs[-1].revision)
+        got += lines
+        cursor = last
+    assert got == wanted
