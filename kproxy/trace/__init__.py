@@ -60,11 +60,12 @@ class Route:
     service: str
     probability: float
     hops: tuple[str, ...]
+    current: bool = False  # an affinity entry this client has now (kproxy.trace.iptables.Path)
 
     def as_dict(self) -> dict[str, object]:
         return {"verdict": self.verdict, "endpoint": self.endpoint, "masquerade": self.masquerade,
                 "affinity": self.affinity, "service": self.service, "probability": round(self.probability, 6),
-                "rules": list(self.hops)}
+                "rules": list(self.hops), **({"currentAffinity": True} if self.current else {})}
 
 
 def summarize(paths: Sequence[Path]) -> list[Route]:
@@ -73,7 +74,8 @@ def summarize(paths: Sequence[Path]) -> list[Route]:
         key = (p.outcome.verdict, p.outcome.endpoint, p.outcome.masquerade, p.affinity, p.service)
         old = merged.get(key)
         prob = p.probability + (old.probability if old else 0.0)
-        merged[key] = Route(*key, probability=prob, hops=old.hops if old else p.hops)
+        merged[key] = Route(*key, probability=prob, hops=old.hops if old else p.hops,
+                            current=p.current or (old.current if old else False))
     return sorted(merged.values(), key=lambda r: (r.affinity, -r.probability, r.endpoint))
 
 
@@ -225,7 +227,7 @@ def render_text(routes: Sequence[Route], header: str) -> str:
         what = f"-> {r.endpoint}" if r.endpoint else ("not a Service: passes unchanged" if r.verdict == "ACCEPT"
                                                        else {"DROP": "dropped"}.get(r.verdict, f"{r.verdict.lower()}ed"))
         flags = [f for f, on in (("masquerade", r.masquerade), ("session affinity", r.affinity)) if on]
-        chance = "affinity" if r.affinity else f"{r.probability:7.2%}"
+        chance = ("affinity" if not r.current else "now") if r.affinity else f"{r.probability:7.2%}"
         lines.append(f"  {chance:>8}  {r.service or '-'}  {what}" + (f"  ({', '.join(flags)})" if flags else ""))
         lines.append(f"            via {' > '.join(r.hops) or '(no rule)'}")
     return "\n".join(lines)

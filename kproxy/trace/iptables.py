@@ -92,6 +92,9 @@ class Path:
     affinity: bool  # an existing ClientIP affinity entry sends the client here
     service: str  # namespace/name:port from the rules' comments, "" when no Service rule matched
     hops: tuple[str, ...]  # table/chain of each rule that matched, in order
+    # affinity paths: the entry exists right now for this client (nftables' sets list their
+    # members), so its next connection goes here; False where the state is not readable.
+    current: bool = False
 
 
 def _int(text: str, what: str, line: str) -> int:

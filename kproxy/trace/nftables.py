@@ -150,6 +150,7 @@ class Packet:
     masquerade: bool = False
     probability: float = 1.0
     affinity: bool = False
+    current: bool = False  # on an affinity branch: the client's entry is in the set now
     service: str = ""
     hops: tuple[str, ...] = ()
 
@@ -579,7 +580,8 @@ class NftTracer:
                     for share, hit, _ in self._evaluate(e, p):
                         q = replace(p, probability=p.probability * share) if share < 1.0 else p
                         if (hit if e.op != "!=" else not hit):
-                            nxt.append(replace(q, affinity=True) if share == 1.0 and self._is_dynamic(e) and hit else q)
+                            nxt.append(replace(q, affinity=True, current=self._member_now(e, q))
+                                       if share == 1.0 and self._is_dynamic(e) and hit else q)
                         else:
                             cont.append(q)
                 elif e.kind == "vmap":
@@ -628,6 +630,12 @@ class NftTracer:
                 fin.append((replace(q, dnat=dest, hops=(*q.hops, hop)), "ACCEPT"))  # NAT ends the base chain
             else:
                 cont.append(q)
+
+    def _member_now(self, e: Expr, p: Packet) -> bool:
+        """Whether the dynamic set holds this packet's key now (an affinity entry not yet expired)."""
+        assert e.left is not None and e.right is not None
+        v = e.left(p)
+        return not isinstance(v, NumgenRef) and self._set(e.right.set_name).lookup(v)[0]
 
     def _is_dynamic(self, e: Expr) -> bool:
         return e.right is not None and bool(e.right.set_name) and self._set(e.right.set_name).dynamic
@@ -714,8 +722,8 @@ class NftTracer:
             result.extend((p, "ACCEPT") for p in looped)
         else:
             result.extend((p, "ACCEPT") for p in live)
-        return [Path(Outcome(v, p.dnat, p.masquerade and v == "ACCEPT"), p.probability, p.affinity, p.service, p.hops)
-                for p, v in result]
+        return [Path(Outcome(v, p.dnat, p.masquerade and v == "ACCEPT"), p.probability, p.affinity, p.service, p.hops,
+                     p.current) for p, v in result]
 
     def trace(self, src: str, dst: str, dport: int, proto: str = "tcp") -> set[Outcome]:
         return {p.outcome for p in self.paths(src, dst, dport, proto)}

@@ -30,8 +30,11 @@ def run_trace(argv: list[str]) -> tuple[int, dict[str, object]]:
     return code, json.loads(out.getvalue()) if code == 0 else {}
 
 
-def trace_checker(netns: str, mode_args: list[str]) -> Callable[[Scenario, Probe, Variant, Family], str]:
-    """mode_args: how the mode is named to `kproxy trace` (--mode, --iptables-backend)."""
+def trace_checker(netns: str, mode_args: list[str],
+                  reads_affinity: bool = False) -> Callable[[Scenario, Probe, Variant, Family], str]:
+    """mode_args: how the mode is named to `kproxy trace` (--mode, --iptables-backend).
+    reads_affinity: the mode's affinity entries are readable (nftables sets), so after a sticky
+    probe the trace must name the one endpoint the client's entry holds now."""
 
     def check(scenario: Scenario, probe: Probe, variant: Variant, family: Family) -> str:
         dst, port = target(scenario, probe, variant, family)
@@ -54,7 +57,9 @@ def trace_checker(netns: str, mode_args: list[str]) -> Callable[[Scenario, Probe
             ok = verdicts == {"DROP"}
         elif expect == "sticky":
             sticky = {p["endpoint"] for p in paths if p["affinity"]}
-            ok = verdicts == {"ACCEPT"} and len(pods) > 1 and len(sticky) == len(pods)
+            now = {p["endpoint"] for p in paths if p["affinity"] and p.get("currentAffinity")}
+            ok = verdicts == {"ACCEPT"} and len(pods) > 1 and len(sticky) == len(pods) and (
+                len(now) == 1 if reads_affinity else not now)
         else:
             assert isinstance(expect, frozenset)
             masq = {p["masquerade"] for p in new}

@@ -115,7 +115,7 @@ def test_conformance(mode: Mode, scenario: Scenario, run: tuple[Variant, Family]
     # agree; IPv6 in iptables modes (userspace's IPv6 relay publishes no status socket); the
     # dual-stack runs take the same paths through the tracer at twice the cost, so they are not.
     traced = variant == "IPv4" or (variant == "IPv6" and mode.name.startswith("iptables"))
-    tracer = trace_checker(mode.topo.node, TRACE_ARGS[mode.name]) if traced else None
+    tracer = trace_checker(mode.topo.node, TRACE_ARGS[mode.name], mode.name == "nftables") if traced else None
     mode.sync_phase(scenario, variant, 1)  # a dual-stack run over the other family changed it
     failures = check_scenario(mode.name, scenario, mode.client, lambda: mode.sync_phase(scenario, variant, 2),
                               tracer, variant, family)

@@ -96,7 +96,18 @@ def test_every_endpoint_equally_likely_in_both_layouts(n: int, as_vmap: bool) ->
 def test_affinity_set_hit_is_reported_as_affinity() -> None:
     routes = summarize(NftTracer(ruleset(vmap(3)), set()).paths("203.0.113.1", "10.96.0.1", 80))
     sticky = [r for r in routes if r.affinity]
-    assert [r.endpoint for r in sticky] == ["10.1.0.2:8080"]
+    assert [(r.endpoint, r.current) for r in sticky] == [("10.1.0.2:8080", False)]
+
+
+def test_a_clients_affinity_entry_now_is_reported() -> None:
+    """The kernel lists a dynamic set's members with their expiry: the client in it is marked."""
+    doc = json.loads(ruleset(vmap(3)))
+    aff = next(i["set"] for i in doc["nftables"] if "set" in i and i["set"]["name"] == "aff")
+    aff["elem"] = [{"elem": {"val": "203.0.113.1", "timeout": 60, "expires": 42}}]
+    t = NftTracer(json.dumps(doc), set())
+    now = [r for r in summarize(t.paths("203.0.113.1", "10.96.0.1", 80)) if r.current]
+    assert [(r.endpoint, r.affinity, r.as_dict()["currentAffinity"]) for r in now] == [("10.1.0.2:8080", True, True)]
+    assert not any(r.current for r in summarize(t.paths("203.0.113.2", "10.96.0.1", 80)))
 
 
 def test_mark_decides_masquerade() -> None:
