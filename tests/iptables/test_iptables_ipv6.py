@@ -62,6 +62,24 @@ def test_ip6tables_rules_in_the_kernel(rules_netns: str, backend: str) -> None:
     assert "KUBE-" not in sh("ip", "netns", "exec", rules_netns, f"ip6tables-{backend}-save").stdout
 
 
+@pytest.mark.e2e
+def test_ipv6_nodeport_addresses(rules_netns: str) -> None:
+    """--nodeport-addresses with CIDRs of both families: the IPv6 proxier takes the IPv6 ones
+    and sends NodePorts only for its node addresses inside them."""
+    sh("ip", "-n", rules_netns, "addr", "replace", "fd00:7::2/64", "dev", "eth0", "nodad")
+    sh("ip", "-n", rules_netns, "addr", "replace", "fd00:8::5/64", "dev", "eth1", "nodad")
+    px = IptablesProxier(IPTables(backend="nft", netns=rules_netns, ipv6=True),
+                         nodeport_addresses=("192.168.7.0/24", "fd00:7::/64"))
+    try:
+        assert px.nodeport_addresses == ("fd00:7::/64",)
+        assert px.sync(SyncRequest({N: LB}, {N: EPS})).ok
+        saved = sh("ip", "netns", "exec", rules_netns, "ip6tables-nft-save", "-t", "nat").stdout
+        tails = [line for line in saved.splitlines() if line.startswith("-A KUBE-SERVICES") and "KUBE-NODEPORTS" in line]
+        assert len(tails) == 1 and "-d fd00:7::2/128" in tails[0], tails
+    finally:
+        assert px.cleanup()
+
+
 _v6 = st.integers(1, 0xFFFF).map(lambda n: f"fd01:{n:x}::2")
 
 
