@@ -10,6 +10,7 @@ close them from sync() without an event loop.
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import logging
@@ -29,6 +30,16 @@ class NamespacedName:
     name: str
 
 
+@functools.cache
+def _ipv6_available() -> bool:
+    """Whether this kernel has IPv6 sockets at all (booted with ipv6.disable=1 it has not)."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
 class _DualStackHTTPServer(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
@@ -41,7 +52,7 @@ class _Listener:
         handler = _make_handler(owner, nsn)
         # No address: every address of both families, as upstream's Go listener on ":port"
         # (one IPv6 socket that also takes IPv4) where the node has IPv6 at all.
-        dual = address in ("", "::") and socket.has_ipv6
+        dual = address in ("", "::") and _ipv6_available()
         server_class = _DualStackHTTPServer if dual else http.server.ThreadingHTTPServer
         self.server = server_class(("::" if dual else address, port), handler, bind_and_activate=False)
         if netns is not None:
