@@ -51,6 +51,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "endpointslices": ("discovery.k8s.io/v1", "endpointslices", True),
     "deployments": ("apps/v1", "deployments", True),
     "replicasets": ("apps/v1", "replicasets", True),
+    "daemonsets": ("apps/v1", "daemonsets", True),
     "leases": ("coordination.k8s.io/v1", "leases", True),
 }
 

@@ -290,14 +290,15 @@ BOOTSTRAP_CLUSTER_ROLES: dict[str, list[dict[str, Any]]] = {
     # splits these over per-controller ServiceAccounts (system:controller:*); what they write here.
     "system:kube-controller-manager": [
         _r(READ, ("",), ("pods", "services", "nodes", "endpoints", "namespaces")),
-        _r(READ, ("apps",), ("deployments", "replicasets")),
+        _r(READ, ("apps",), ("deployments", "replicasets", "daemonsets")),
         _r(READ, ("discovery.k8s.io",), ("endpointslices",)),
         _r(READ, ("coordination.k8s.io",), ("leases",)),
         _r(("create", "delete", "patch", "update"), ("",), ("pods", "endpoints")),
         _r(("create",), ("",), ("pods/binding",)),
         _r(("patch", "update"), ("",), ("pods/status", "services/status", "nodes", "nodes/status")),
         _r(("create", "delete", "patch", "update"), ("apps",), ("replicasets",)),
-        _r(("patch", "update"), ("apps",), ("deployments", "deployments/status", "replicasets/status")),
+        _r(("patch", "update"), ("apps",), ("deployments", "deployments/status", "replicasets/status",
+                                            "daemonsets/status")),
         _r(("create", "delete", "patch", "update"), ("discovery.k8s.io",), ("endpointslices",)),
         _EVENTS,
     ],

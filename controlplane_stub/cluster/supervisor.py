@@ -488,7 +488,7 @@ class Supervisor:
             self_command() + ["_controllers", "--kubeconfig", controllers_kc, "--lb-pool", self.st.lb_pool],
         )
         self.st.components["controllers"] = (
-            "endpointslice, deployment, replicaset, scheduler, loadbalancer, gc"
+            "endpointslice, deployment, replicaset, daemonset, scheduler, loadbalancer, gc"
         )
         self.progress("controllers started")
         if self.args.dns:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from controlplane_stub import client as api
 from controlplane_stub.client import Informer, run_worker
+from controlplane_stub.controllers.daemonset import DaemonSetController
 from controlplane_stub.controllers.deployment import DeploymentController
 from controlplane_stub.controllers.endpointslice import (
     CONTROLLER_NAME,
@@ -26,7 +27,7 @@ from controlplane_stub.controllers.scheduler import Scheduler
 
 log = logging.getLogger("kpc.controllers")
 
-ALL = ("endpointslice", "replicaset", "deployment", "scheduler", "loadbalancer", "gc", "nodelifecycle")
+ALL = ("endpointslice", "replicaset", "deployment", "scheduler", "loadbalancer", "gc", "nodelifecycle", "daemonset")
 
 
 @dataclass
@@ -99,6 +100,11 @@ class ControllerManager:
         if "deployment" in en:
             self.dc = DeploymentController(client, self.deployments, self.rss, self.rs_index)
             self.workers.append(("deployment", self.dc.queue, self.dc.sync))
+        if "daemonset" in en:
+            self.dss = Informer(client, "daemonsets")
+            self.informers.append(self.dss)
+            self.dsc = DaemonSetController(client, self.dss, self.pods, self.pod_index, self.nodes)
+            self.workers.append(("daemonset", self.dsc.queue, self.dsc.sync))
         if "scheduler" in en:
             self.sched = Scheduler(client, self.pods, self.pod_index, self.nodes)
             self.workers.append(("scheduler", self.sched.queue, self.sched.sync))
@@ -113,6 +119,8 @@ class ControllerManager:
                 ),
                 (GarbageCollector(client, self.rss, self.pods, self.pod_index, "pods"), "ReplicaSet"),
             ]
+            if "daemonset" in en:  # pods a DaemonSet made while its deletion was on its way
+                self.gcs.append((GarbageCollector(client, self.dss, self.pods, self.pod_index, "pods"), "DaemonSet"))
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(i.run(), name=f"informer {i.resource}") for i in self.informers]

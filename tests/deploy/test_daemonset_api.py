@@ -1,6 +1,7 @@
 """apps/v1 DaemonSet served by kproxy-apiserver: defaulting and validation as upstream's
 (pkg/apis/apps/v1/defaults.go, pkg/apis/apps/validation), the status subresource, discovery and
-`kubectl get ds`. (No controller runs DaemonSets' pods; README, deploy/.)"""
+`kubectl get ds`. The controller that runs their pods in kproxy-cluster is tested in
+tests/cluster/test_cluster_e2e.py."""
 
 from __future__ import annotations
 

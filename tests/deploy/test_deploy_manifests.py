@@ -221,8 +221,9 @@ def test_kproxy_runs_with_its_daemonset_identity(cluster: Cluster, node: str) ->
         _stop(proc)
         bridge.stop()
     text = log_path.read_text(errors="replace")
-    # Everything kproxy needed was granted: the server never refused it.
-    assert "403" not in text and "forbidden" not in text.lower() and "Traceback" not in text, text[-3000:]
+    # Everything kproxy needed was granted: the server never refused it (a refusal is logged as
+    # "403 Forbidden ..."; the word is searched, not the number, which timestamps' milliseconds hold).
+    assert "forbidden" not in text.lower() and "Traceback" not in text, text[-3000:]
 
 
 @pytest.mark.timeout(90)
@@ -275,7 +276,7 @@ def test_dns_runs_with_its_deployment_identity(cluster: Cluster) -> None:
     finally:
         _stop(proc)
     text = log_path.read_text(errors="replace")
-    assert "403" not in text and "forbidden" not in text.lower() and "Traceback" not in text, text[-3000:]
+    assert "forbidden" not in text.lower() and "Traceback" not in text, text[-3000:]
 
 
 def test_manifest_yaml_parses_into_the_kinds_documented() -> None:
