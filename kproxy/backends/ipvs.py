@@ -517,11 +517,12 @@ class Addresses:
         return (_IFADDRMSG.pack(family, prefix, 0, 0, ifindex)
                 + _nla(IFA_LOCAL, raw) + _nla(IFA_ADDRESS, raw))
 
-    def addresses(self, ifindex: int) -> set[str]:
+    def addresses(self, ifindex: int | None) -> set[str]:
+        """The link's addresses; ifindex None: every link's (all the node's own addresses)."""
         out: set[str] = set()
         for payload in self._nl.dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
             family, _prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(payload)
-            if index != ifindex:
+            if ifindex is not None and index != ifindex:
                 continue
             a = _attrs(payload, _IFADDRMSG.size)
             raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)

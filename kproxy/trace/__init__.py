@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
-from kproxy.backends.iptables import ipv4_addresses
-from kproxy.backends.ipvs import IPVS, RealServer, VirtualServer
+from kproxy.backends.ipvs import IPVS, Addresses, RealServer, VirtualServer
 from kproxy.relay import enter_netns
 from kproxy.trace import status
 from kproxy.trace.iptables import MAX_DUMP_BYTES, Path, TraceError, Tracer
@@ -173,10 +172,19 @@ def iptables_dump(backend: str, netns: str | None, mode: str, family: str = "ip"
 
 
 def local_ips(netns: str | None) -> set[str]:
-    """The node's addresses, both families (`ip -o addr`: "inet ADDR/LEN" or "inet6 ADDR/LEN")."""
-    out = _read(["ip", "-o", "addr", "show"], netns)
-    v6 = [line.split()[line.split().index("inet6") + 1].split("/")[0] for line in out.splitlines() if " inet6 " in line]
-    return set(ipv4_addresses(out)) | {_ip(a, "address of this node") for a in v6}
+    """The node's addresses, both families, every link (rtnetlink: no tool to start)."""
+
+    def read() -> set[str]:
+        try:
+            links = Addresses()
+            try:
+                return links.addresses(None)
+            finally:
+                links.close()
+        except OSError as e:
+            raise TraceError(f"the node's addresses (rtnetlink): {e}") from None
+
+    return {_ip(a, "address of this node") for a in in_netns(read, netns)}
 
 
 NFT_TABLE = "kube-proxy"
