@@ -7,6 +7,10 @@ process in a fresh namespace (kpnftB + random suffix, deleted after), with the s
 1,000 and 10,000 Services x 10 endpoints. Reported: the first full sync, a partial sync after one
 endpoint change (wall and CPU seconds, the latter including nft's and the kernel's: on a loaded
 machine wall time is mostly waiting for a core), a full resync, and the worker's peak RSS.
+nftables cases: kproxy's netlink batches ("nftables"), the same transactions through `nft -f`
+("nftables-nft-f": the kernel interface compared), and the code before the netlink batches
+("nftables-before": NFT_BEFORE_TREE, a checkout of that commit with its extensions built, if
+set; skipped otherwise).
 The Go kube-proxy is not run: /work/shared/peers has build scripts but no built binary, and
 building it is out of scope here.
 """
@@ -31,7 +35,11 @@ def run(worker: str, *args: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
     try:
         argv = [sys.executable, os.path.join(HERE, worker), *args, ns, *extra]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False, cwd=HERE)
+        env = dict(os.environ)
+        if os.path.isabs(worker):  # another checkout's worker imports that checkout's kproxy
+            env["PYTHONPATH"] = os.path.dirname(os.path.dirname(worker))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False,
+                              cwd=os.path.dirname(os.path.join(HERE, worker)), env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         return result
@@ -42,16 +50,27 @@ def run(worker: str, *args: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
 @pytest.mark.timeout(7200)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 @pytest.mark.parametrize("n", [1000, 10000], ids=["1k", "10k"])
-@pytest.mark.parametrize("mode", ["nftables", "iptables-legacy", "iptables-nft"])
+@pytest.mark.parametrize("mode", ["nftables", "nftables-nft-f", "nftables-before", "iptables-legacy", "iptables-nft"])
 def test_sync_side_by_side(benchmark: Any, mode: str, n: int) -> None:
-    if mode == "nftables":
-        r = benchmark.pedantic(run, args=("bench_nftables_worker.py", str(n)), rounds=1, iterations=1)
-        line = (f"nftables        {n:>6}: full {r['first_s']:.2f} s (CPU {r['first_cpu_s']:.2f} s; render "
-                f"{r['render_s']:.2f} + nft {r['apply_s']:.2f}; bare nft -f of the same input {r['nft_floor_s']:.2f} s), "
+    if mode.startswith("nftables"):
+        worker, extra = "bench_nftables_worker.py", ("--nft-f",) if mode == "nftables-nft-f" else ()
+        if mode == "nftables-before":
+            before = os.environ.get("NFT_BEFORE_TREE", "")
+            if not before:
+                pytest.skip("NFT_BEFORE_TREE not set")
+            worker = os.path.join(before, "bench", "bench_nftables_worker.py")
+        r = benchmark.pedantic(run, args=(worker, str(n)), kwargs={"extra": extra}, rounds=1, iterations=1)
+        line = (f"{mode:15} {n:>6}: full {r['first_s']:.2f} s (CPU {r['first_cpu_s']:.2f} s; render "
+                f"{r['render_s']:.2f} + apply {r['apply_s']:.2f}; bare nft -f of the same input {r['nft_floor_s']:.2f} s), "
                 f"partial {min(r['partials_s']) * 1000:.0f}-{max(r['partials_s']) * 1000:.0f} ms "
                 f"(CPU {min(r['partials_cpu_s']) * 1000:.0f}-{max(r['partials_cpu_s']) * 1000:.0f} ms, "
-                f"{r['partial_bytes']} bytes), resync {r['resync_s']:.2f} s, RSS {r['rss_mib']:.0f} MiB, load {r['load']:.1f}")
+                f"{r['partial_bytes']} bytes), resync {r['resync_s']:.2f} s (CPU {r.get('resync_cpu_s', float('nan')):.2f} s), "
+                f"RSS peak {r['rss_mib']:.0f} MiB steady {r.get('rss_steady_mib', float('nan')):.0f} MiB, "
+                f"via {r.get('way', 'nft -f')}/{r.get('partials_way', 'nft -f')}, load {r['load']:.1f}")
         full, partials = r["first_s"], list(r["partials_s"])
+        plots.record("nftables", "modes_cpu", mode, {str(n): r["first_cpu_s"]},
+                     plots.stamp("bench_nftables_sync.py"), title="first full sync, CPU seconds (process + nft + kernel)",
+                     kind="line", x_label="Services (x 10 endpoints, log)", y_label="CPU seconds (log)", log_x=True, log_y=True)
     else:
         backend = mode.split("-")[1]
         extra = ("--no-z-control",) if n <= 1000 else ()

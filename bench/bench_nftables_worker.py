@@ -1,7 +1,9 @@
 """One nftables sync measurement in a fresh process (its RSS is the proxier's own), run by
-bench_nftables_sync.py: python bench_nftables_worker.py SERVICES NETNS [--pure]
+bench_nftables_sync.py: python bench_nftables_worker.py SERVICES NETNS [--pure] [--nft-f]
+(--nft-f: every transaction through `nft -f`, not kproxy's netlink batches).
 Prints one JSON line: first full sync, partial syncs after one endpoint change, a full resync,
-the kernel interface's floor for the same input, and the process's peak RSS."""
+the kernel interface's floor for the same input (`nft -f` of the first sync's script), the
+process's peak RSS and its RSS after the syncs (steady)."""
 from __future__ import annotations
 
 import json
@@ -30,8 +32,8 @@ def _cpu() -> float:
 class RecordingNft(Nft):
     """Writes the first transaction to a file (for the floor below) as it streams it to nft."""
 
-    def __init__(self, netns: str, path: str) -> None:
-        super().__init__(netns)
+    def __init__(self, netns: str, path: str, netlink: bool) -> None:
+        super().__init__(netns, netlink=netlink)
         self.path: str | None = path
 
     def apply(self, transaction: str | list[str]) -> None:
@@ -45,9 +47,10 @@ class RecordingNft(Nft):
 def main() -> None:
     n, ns = int(sys.argv[1]), sys.argv[2]
     pure = "--pure" in sys.argv
+    netlink = "--nft-f" not in sys.argv
     services, eps = state(n, 10, node_ports=True)
     record = f"/tmp/kpnft-bench-{os.getpid()}.nft"
-    p = NftablesProxier(RecordingNft(ns, record), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",), renderer=load_renderer(pure))
+    p = NftablesProxier(RecordingNft(ns, record, netlink), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",), renderer=load_renderer(pure))
     t, c = time.perf_counter(), _cpu()
     res = p.sync(SyncRequest(services, eps))
     first = time.perf_counter() - t
@@ -65,9 +68,12 @@ def main() -> None:
         partial_cpu.append(_cpu() - c)
         assert res.ok, res.error
     partial_bytes = int(p.last_stats["bytes"])
-    t = time.perf_counter()
+    partial_way = "netlink" if p.last_stats.get("way") else "nft -f"
+    t, c = time.perf_counter(), _cpu()
     assert p.sync(SyncRequest(services, eps)).ok
-    resync = time.perf_counter() - t
+    resync, resync_cpu = time.perf_counter() - t, _cpu() - c
+    with open("/proc/self/statm") as f:
+        steady = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
     # The floor: the same first-sync input through `nft -f` alone, no rendering.
     p.cleanup()
     t = time.perf_counter()
@@ -78,7 +84,8 @@ def main() -> None:
     print(json.dumps({
         "services": n, "pure": pure, "first_s": first, "render_s": first_stats["render_s"],
         "apply_s": first_stats["apply_s"], "bytes": first_stats["bytes"], "partials_s": partials, "first_cpu_s": first_cpu, "partials_cpu_s": partial_cpu,
-        "partial_bytes": partial_bytes, "resync_s": resync, "nft_floor_s": floor, "rss_mib": rss,
+        "partial_bytes": partial_bytes, "resync_s": resync, "resync_cpu_s": resync_cpu, "rss_steady_mib": steady,
+        "way": "netlink" if first_stats.get("way") else "nft -f", "partials_way": partial_way, "nft_floor_s": floor, "rss_mib": rss,
         "load": os.getloadavg()[0],
     }))
 

@@ -17,6 +17,7 @@ tests, the fallback). tests/nftables check that both ways leave identical rulese
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -87,7 +88,8 @@ class BatchError(OSError):
 # ---- attributes ----
 
 def _attr(kind: int, value: bytes) -> bytes:
-    return _ATTR.pack(4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+    pad = -len(value) % 4
+    return _ATTR.pack(4 + len(value), kind) + (value + b"\0" * pad if pad else value)
 
 
 def _nest(kind: int, *parts: bytes) -> bytes:
@@ -118,14 +120,18 @@ def _expr(name: str, *attrs: bytes) -> bytes:
     return _nest(1, _str(1, name), _nest(2, *attrs))  # NFTA_LIST_ELEM{NFTA_EXPR_NAME, NFTA_EXPR_DATA}
 
 
+# The expressions below repeat across rules (the same loads, protocols, ports): cached.
+@functools.lru_cache(maxsize=1024)
 def _payload(base: int, offset: int, length: int, reg: int = NFT_REG_1) -> bytes:
     return _expr("payload", _u32(1, reg), _u32(2, base), _u32(3, offset), _u32(4, length))
 
 
+@functools.lru_cache(maxsize=4096)
 def _cmp(value: bytes, op: int = NFT_CMP_EQ, reg: int = NFT_REG_1) -> bytes:
     return _expr("cmp", _u32(1, reg), _u32(2, op), _data(3, value))
 
 
+@functools.lru_cache(maxsize=64)
 def _meta(key: int, reg: int = NFT_REG_1) -> bytes:
     return _expr("meta", _u32(2, key), _u32(1, reg))
 
@@ -138,8 +144,8 @@ def _immediate(reg: int, value: bytes) -> bytes:
 
 def _ip4(text: str) -> bytes:
     try:
-        return ipaddress.IPv4Address(text).packed
-    except ValueError as e:
+        return socket.inet_pton(socket.AF_INET, text)  # dotted quad only (inet_aton takes "10.1")
+    except OSError as e:
         raise Untranslatable(f"not an IPv4 address: {text!r}") from e
 
 
@@ -159,20 +165,27 @@ def _proto(text: str) -> int:
 def _key(text: str) -> bytes:
     """A set element's key: "IP", "IP . IP", "IP . PROTO . PORT" or "PROTO . PORT" (each part of a
     concatenation padded to 4 bytes, as the kernel's registers are)."""
-    out = b""
-    for part in text.split(" . "):
-        if part.startswith("0x"):  # an integer key (numgen's index: host-endian)
-            try:
-                out += struct.pack("=I", int(part, 16))
-            except (ValueError, struct.error) as e:
-                raise Untranslatable(f"not a 32-bit integer: {part!r}") from e
-        elif part in PROTOS:
-            out += bytes([PROTOS[part]]) + b"\0\0\0"
-        elif part.isdigit():
-            out += _port(part) + b"\0\0"
-        else:
-            out += _ip4(part)
-    return out
+    return b"".join(_key_part(part) for part in text.split(" . "))
+
+
+def _key_part(part: str) -> bytes:
+    if part[:1].isdigit() and "." in part:
+        return _ip4(part)
+    return _small_key_part(part)
+
+
+@functools.lru_cache(maxsize=4096)
+def _small_key_part(part: str) -> bytes:
+    if part.startswith("0x"):  # an integer key (numgen's index: host-endian)
+        try:
+            return struct.pack("=I", int(part, 16))
+        except (ValueError, struct.error) as e:
+            raise Untranslatable(f"not a 32-bit integer: {part!r}") from e
+    if part in PROTOS:
+        return bytes([PROTOS[part]]) + b"\0\0\0"
+    if part.isdigit():
+        return _port(part) + b"\0\0"
+    return _ip4(part)
 
 
 # ---- rules ----

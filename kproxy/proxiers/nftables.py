@@ -204,6 +204,7 @@ class NftablesProxier(Proxier):
         node_ips: tuple[str, ...] = (),
         node_zone: str = "",
         table: str = TABLE,
+        service_cidrs: tuple[str, ...] = (),
     ) -> None:
         check_masquerade_bit(masquerade_bit)
         v4 = ipv4_node_addresses(nodeport_addresses, node_ips, cluster_cidr, log)
@@ -217,6 +218,7 @@ class NftablesProxier(Proxier):
         self.health_server = health_server
         self.render: Renderer = renderer or load_renderer()
         self.node_zone = node_zone
+        self.service_cidrs: tuple[str, ...] = ()
         self._config_node_ips = v4.node_ips
         self._node_ips: tuple[str, ...] = v4.node_ips
         self._programmed: dict[ServicePortName, _Programmed] = {}
@@ -232,6 +234,7 @@ class NftablesProxier(Proxier):
         self.last_transaction = ""
         self.keep_transaction_bytes = KEEP_TRANSACTION_BYTES
         self.last_stats: dict[str, float] = {}
+        self.set_service_cidrs(service_cidrs)
 
     # ---- rendering ----
 
@@ -270,7 +273,7 @@ class NftablesProxier(Proxier):
         out.append(f"add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips\n")
         out.append(f"add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n")
         out.append(f"add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips\n")
-        out.append(f'add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"\n')
+        out.extend(self._cluster_ips_check())
         if self.nodeport_addresses:
             match = "ip daddr @nodeport-ips"
             for ip in self._nodeport_ips():
@@ -281,6 +284,24 @@ class NftablesProxier(Proxier):
         out.append(f"add rule {t} services {match} meta l4proto . th dport vmap @service-nodeports\n")
         out.append(f"add rule {t} nodeport-endpoints-check {match} meta l4proto . th dport vmap @no-endpoint-nodeports\n")
         return out
+
+    def _cluster_ips_check(self) -> list[str]:
+        """Traffic to a ClusterIP on a port no Service has: rejected; to an address of the
+        service CIDRs that no Service has: dropped (upstream 1.33, from the ServiceCIDR objects)."""
+        t = f"{FAMILY} {self.table}"
+        out = [f'add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"\n']
+        # One rule per CIDR, not upstream's `ip daddr { CIDRs }`: an anonymous interval set per
+        # change is what kproxy's netlink grammar does not write, and the CIDRs are one or two.
+        out.extend(f'add rule {t} cluster-ips-check ip daddr {cidr} drop comment "Drop traffic to unallocated ClusterIPs"\n'
+                   for cidr in self.service_cidrs)
+        return out
+
+    def set_service_cidrs(self, cidrs: tuple[str, ...]) -> None:
+        """The service CIDRs (upstream's OnServiceCIDRsChanged); the next sync is full."""
+        parsed = tuple(str(ipaddress.IPv4Network(c, strict=False)) for c in cidrs if ":" not in c)
+        if parsed != self.service_cidrs:
+            self.service_cidrs = parsed
+            self._need_full = True
 
     def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None) -> _Programmed:
         """One ServicePort as the renderer writes it, plus each dispatch chain's DNAT rule
@@ -342,6 +363,8 @@ class NftablesProxier(Proxier):
             out.extend(f"flush map {t} {name}\n" for name, _, _ in MAPS)
             out.extend(f"flush map {t} {name}\n" for name in sorted(self._maps))
             out.extend(f"add element {t} nodeport-ips {{ {ip} }}\n" for ip in self._nodeport_ips())
+            out.append(f"flush chain {t} cluster-ips-check\n")
+            out.extend(self._cluster_ips_check())
             now = time.monotonic()
             stale = dict(self._stale)
             for old in self._programmed.values():

@@ -177,3 +177,54 @@ def test_coexists_with_another_table_and_iptables_nft_rules(netns: str) -> None:
     assert not table_exists(netns, "ip", "kube-proxy")
     assert kernel_entries(netns, "inet", "kpx-other") == other
     assert _iptables_rules(netns) == rules
+
+
+def _connect(netns: str, ip: str, port: int) -> str:
+    """What a TCP connect from the node itself gets: "connected", "refused" or "timeout"."""
+    import socket
+
+    from kproxy.relay import socket_in_netns
+
+    with socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect((ip, port))
+        except ConnectionRefusedError:
+            return "refused"
+        except (TimeoutError, socket.timeout):
+            return "timeout"
+    return "connected"
+
+
+def test_unallocated_cluster_ips_are_dropped(netns: str) -> None:
+    """Upstream 1.33: traffic to an address of the service CIDRs that no Service has is dropped,
+    to a ClusterIP on a port the Service does not have rejected; other addresses untouched.
+    Real connections from the node's own namespace (the output hook) to listeners on its lo."""
+    import socket
+
+    from kproxy.relay import socket_in_netns
+
+    services, eps = state(3, 1)  # ClusterIPs 10.96.0.0-2
+    unallocated, allocated, outside = "10.96.5.5", "10.96.0.1", "10.97.0.1"
+    listeners = []
+    try:
+        for ip in (unallocated, allocated, outside):
+            sh("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "lo")
+            srv = socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM)
+            srv.bind((ip, 8081))
+            srv.listen(8)
+            listeners.append(srv)
+        assert [_connect(netns, ip, 8081) for ip in (unallocated, allocated, outside)] == ["connected"] * 3
+        p = NftablesProxier(Nft(netns), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",),
+                            service_cidrs=("10.96.0.0/16",))
+        assert p.sync(SyncRequest(services, eps)).ok
+        assert p.nft.last_way == "netlink"
+        assert [_connect(netns, ip, 8081) for ip in (unallocated, allocated, outside)] == ["timeout", "refused", "connected"]
+        p.set_service_cidrs(())  # the ServiceCIDR went away: the next (full) sync drops the rule
+        assert p.sync(SyncRequest(services, eps, changed=frozenset(), full=False)).ok
+        assert p.last_stats["full"] == 1.0 and p.last_stats["recreate"] == 0.0
+        assert [_connect(netns, ip, 8081) for ip in (unallocated, allocated, outside)] == ["connected", "refused", "connected"]
+        assert p.cleanup()
+    finally:
+        for srv in listeners:
+            srv.close()

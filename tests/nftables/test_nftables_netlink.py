@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 def _proxier(netns: str, netlink: bool) -> NftablesProxier:
     return NftablesProxier(Nft(netns, netlink=netlink), cluster_cidr=ct.CLUSTER_CIDR, node_ips=(ct.NODE_IP,),
-                           node_zone=ct.NODE_ZONE)
+                           node_zone=ct.NODE_ZONE, service_cidrs=("10.96.0.0/12",))
 
 
 def _steps() -> list[SyncRequest]:
