@@ -10,23 +10,23 @@ A ServicePort renders to:
     "namespace/name/protocol/port" (upstream's servicePortChainNameBase), one rule per line;
     endpoint- chains only for Services with ClientIP affinity. Upstream has one chain per
     endpoint for every Service; here a Service without affinity DNATs in one rule,
-    `dnat ip addr . port to numgen random mod N offset O map @endpoints-PROTO`, through a map
-    shared by all Services where the proxier gives each dispatch chain a block of slots
-    (kproxy.proxiers.nftables.Slots). Replacing an endpoint then changes two map elements and
-    no rule: a changed rule (it jumps or DNATs) makes the kernel validate the whole table at
-    commit (~55 ms CPU at 10,000 Services), map elements without verdicts do not. One shared
-    map, not one per Service: the kernel finds a set by walking the table's list of sets
+    `dnat ip addr . port to numgen random mod N offset O map @endpoints-PROTO-K`, through maps
+    shared by many Services where the proxier gives each dispatch chain a block of slots
+    (kproxy.proxiers.nftables.Slots, ENDPOINT_MAPS). Replacing an endpoint then changes two
+    map elements and no rule: a changed rule (it jumps or DNATs) makes the kernel validate the
+    whole table at commit (~55 ms CPU at 10,000 Services), map elements without verdicts do
+    not. Not one map per Service: the kernel finds a set by walking the table's list of sets
     (13 s of kernel time for a first sync with 10,000 maps), and an anonymous
     `numgen ... map { }` per Service also costs its naming scan (23 s at 10,000). The hairpin
-    masquerade (upstream's per-endpoint
-    `ip saddr EP jump mark-for-masquerade`) is one shared rule on the hairpin-ips set of
-    "EP . EP" pairs. Why: `nft` fetches the table's chain list before every transaction that
-    names a chain, and the kernel's chain dump is quadratic in the chains of a table, so 110,000
-    chains at 10,000 Services x 10 endpoints cost seconds per sync (bench/README.md, nftables);
-    without endpoint chains it is ~12,000;
+    masquerade (upstream's per-endpoint `ip saddr EP jump mark-for-masquerade`) is one shared
+    rule on the hairpin-ips set of "EP . EP" pairs. Why no chain per endpoint: the kernel's
+    chain dump is quadratic in the chains of a table, and 110,000 chains at 10,000 Services x
+    10 endpoints cost seconds per transaction through `nft` (bench/README.md, nftables);
+    without them it is ~12,000;
   - elements: (map or set, key, value) of the shared verdict maps and sets (service-ips,
     service-nodeports, no-endpoint-services, no-endpoint-nodeports, firewall-ips, cluster-ips,
     hairpin-ips);
+  - balance: (dispatch chain, its endpoints) of the chains without affinity;
   - sets: the dynamic affinity sets (name, timeout seconds), one per endpoint when the Service has
     sessionAffinity ClientIP.
 What traffic goes where is kproxy.proxy's decision (service_endpoints); this only writes it down.

@@ -6,23 +6,29 @@ priorities: the filter chains at dstnat-10 (they see the destination before DNAT
 and srcnat. Dispatch is O(1) per packet: `ip daddr . meta l4proto . th dport vmap @service-ips`
 and `meta l4proto . th dport vmap @service-nodeports`; no-endpoint-services / no-endpoint-nodeports
 reject or drop; firewall-ips sends LoadBalancer traffic through a source-range check; cluster-ips
-rejects other ports of a ClusterIP. Per-ServicePort chains (service-, local-, external-,
-firewall-, endpoint-) are rendered by kproxy._nftpath.
+rejects other ports of a ClusterIP, and an address of the service CIDRs that no Service has is
+dropped (set_service_cidrs). Per-ServicePort chains (service-, local-, external-, firewall-,
+endpoint-) are rendered by kproxy._nftpath; each dispatch chain DNATs through its block of a
+shared endpoint map (Slots, ENDPOINT_MAPS), so an endpoint change is map elements only.
 
-Syncs, as upstream: the first (and every full) sync replaces the whole table in ONE transaction
-(`delete table` and the new table in the same `nft -f` batch: atomic, and nothing stale
-survives); a partial sync sends only the changes of the changed ServicePorts, in ONE transaction:
-new chains, changed chains flushed and refilled, map and set elements deleted and added (set
-elements shared by several ServicePorts, such as a Service's ClusterIP in cluster-ips, are
-reference-counted), chains no longer used flushed at once and deleted after a grace period. A
-failed transaction changes nothing in the kernel and makes the next sync full.
+Syncs, as upstream, each ONE transaction, sent as an nfnetlink batch encoded by
+kproxy.backends.nftnl (no `nft` process: bench/README.md, nftables, says why): the first sync
+(and one after a refused full sync) replaces the whole table (`delete table` and the new table
+in the same batch: atomic); the periodic full resync flushes and refills every chain and map of
+the table, keeping the table and its affinity sets (upstream keeps them too); a partial sync
+sends only the changes of the changed ServicePorts: new chains, changed chains flushed and
+refilled, map and set elements deleted and added (elements shared by several ServicePorts, such
+as a Service's ClusterIP in cluster-ips, are reference-counted), chains no longer used flushed at
+once and deleted after a grace period. A partial sync's work is proportional to the changed
+ServicePorts. A failed transaction changes nothing in the kernel and makes the next sync full.
 
-Not done yet: IPv6 (an `ip6 kube-proxy` table: kproxy is IPv4-only in every mode today); a full
-resync recreates the table, so ClientIP affinity state is reset by it (hourly), where upstream
-keeps its affinity sets.
+Not done yet: IPv6 (an `ip6 kube-proxy` table: kproxy's nftables mode is IPv4 only); the service
+CIDRs are not read from the API (upstream watches ServiceCIDR objects): set_service_cidrs is
+called by nobody but tests yet.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import ipaddress
 import logging
@@ -33,7 +39,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 from kproxy._nftpath import Rendered
 from kproxy.backends.conntrack import Conntrack
@@ -171,6 +177,22 @@ class _Programmed:
     sets: tuple[tuple[str, int], ...]
     slots: dict[str, tuple[int, int]]  # dispatch chain -> its block in the endpoint map (offset, size)
     serving: frozenset[tuple[IP, Port]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
+
+
+def _release_free_memory() -> None:
+    """Hands the heap a full sync freed (its script, the batch, the old bookkeeping) back to the
+    kernel: glibc keeps freed memory for reuse, so the process would stay at its peak."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _rule_count(p: _Programmed | None) -> int:
@@ -506,6 +528,7 @@ class NftablesProxier(Proxier):
                 self._table_known = self._table_known and not full
                 log.error("nft transaction failed full=%s err=%s", full, e)
                 return SyncResult(ok=False, error=str(e))
+        del lines  # a full sync's script (25 MB at 10,000 Services) is not needed any more
         if full:
             old, new = self._programmed, programmed
             self._programmed, self._refs = programmed, refs
@@ -537,6 +560,9 @@ class NftablesProxier(Proxier):
             sync_health_server(self.health_server, request.services, request.endpoints)
         if self.conntrack is not None:
             clean_udp_conntrack(self.conntrack, request, old, new)
+        if full:
+            del old
+            _release_free_memory()
         return SyncResult(ok=True, rules_total={"nftables": self._rules})
 
     def _refresh_node_ips(self) -> None:
