@@ -444,6 +444,12 @@ class StoredPolicy:
         self._revision, self._at = -1, -refresh
         self._reported: set[str] = set()
 
+    def invalidate(self) -> None:
+        """A Role or binding was written through this server: the next request rebuilds at once, so
+        a client that creates a binding and then acts as its subject is not refused for up to
+        `refresh` seconds (read-your-writes on one server; another server still lags by `refresh`)."""
+        self._at = -self.refresh
+
     def current(self) -> Policy:
         now = time.monotonic()
         if now - self._at < self.refresh or self.store.revision == self._revision:

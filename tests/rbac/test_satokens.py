@@ -242,6 +242,30 @@ def test_kubectl_create_token_authenticates_as_the_service_account(live: APIServ
     assert call(api, token, "GET", "/api/v1/namespaces/sa-team/pods").status_code == 401
 
 
+def test_a_binding_takes_effect_at_once_on_the_server_that_wrote_it(live: APIServerProcess) -> None:
+    """Read-your-writes: a component whose binding was just created (kproxy-cluster makes the DNS's
+    ServiceAccount and binding, then starts it) must not be refused for the policy cache's refresh
+    interval. The policy is rebuilt after every request at most each 0.5 s, so before the write hook
+    these back-to-back calls got 403 on most rounds (CI failed on it once)."""
+    admin = live.token
+    assert call(live, admin, "POST", "/api/v1/namespaces", {"metadata": {"name": "ryw"}}).status_code == 201
+    for i in range(5):
+        sa = f"ryw-{i}"
+        r = call(live, admin, "POST", "/api/v1/namespaces/ryw/serviceaccounts", {"metadata": {"name": sa}})
+        assert r.status_code == 201, r.text
+        r = call(live, admin, "POST", f"/api/v1/namespaces/ryw/serviceaccounts/{sa}/token",
+                 {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}})
+        assert r.status_code == 201, r.text
+        token = r.json()["status"]["token"]
+        assert call(live, token, "GET", "/api/v1/namespaces/ryw/services").status_code == 403
+        r = call(live, admin, "POST", "/apis/rbac.authorization.k8s.io/v1/namespaces/ryw/rolebindings",
+                 {"metadata": {"name": sa}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
+                                                        "kind": "ClusterRole", "name": "view"},
+                  "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": "ryw"}]})
+        assert r.status_code == 201, r.text
+        assert call(live, token, "GET", "/api/v1/namespaces/ryw/services").status_code == 200, i
+
+
 @pytest.mark.kubectl
 def test_token_request_validation(live: APIServerProcess) -> None:
     api = live
