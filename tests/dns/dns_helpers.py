@@ -163,7 +163,16 @@ def start_kdns(objects: list[dict[str, Any]] | None, extra: list[str] | None = N
             json.dump({"kind": "List", "apiVersion": "v1", "items": objects}, f)
         args = ["--objects", tmp, *args]
     try:
-        return KdnsProcess(args, env, prefix)
+        # The health port is picked by the test and released before the server starts, while the
+        # DNS port is the kernel's choice (port 0): the two can collide. Such a start is retried,
+        # a bounded number of times; any other start failure is raised at once.
+        for attempt in range(3):
+            try:
+                return KdnsProcess(args, env, prefix)
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
     finally:
         if tmp:
             os.unlink(tmp)
