@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..store.base import Event, Store
 
 log = logging.getLogger("kproxy.apiserver.rbac")
 
@@ -431,33 +432,39 @@ def access_review(policy: Policy, user: str, groups: frozenset[str], body: objec
 
 
 _STORED = ("clusterroles", "clusterrolebindings", "roles", "rolebindings")
+STORED_PREFIXES = tuple(f"/registry/{plural}.{API_GROUP}/" for plural in _STORED)
 
 
 class StoredPolicy:
-    """The bootstrap policy plus the Roles and bindings in the store, rebuilt when the store has
-    changed, at most every `refresh` seconds: like kube-apiserver's RBAC authorizer, which reads
-    its informers' caches, a new binding takes effect shortly after it is written, not at once."""
+    """The bootstrap policy plus the Roles and bindings in the store, rebuilt on the first request
+    after one of them changed (never for writes of other objects).
 
-    def __init__(self, store: Any, served: Iterable[tuple[str, str]], refresh: float = 0.5) -> None:
-        self.store, self.served, self.refresh = store, list(served), refresh
+    The store tells it (an event observer on the RBAC keys), so the policy follows the store's
+    own state: a write through this server is observed before it is acknowledged (its writer's
+    next request is authorized with it), and on etcd a write through another API server as soon
+    as this server's mirror has it, typically within milliseconds (kube-apiserver's authorizer
+    reads its informers and lags likewise)."""
+
+    def __init__(self, store: Store, served: Iterable[tuple[str, str]]) -> None:
+        self.store, self.served = store, list(served)
         self.policy = bootstrap_policy(self.served)
-        self._revision, self._at = -1, -refresh
+        self.rebuilds = 0
+        self._dirty, self._epoch = True, store.epoch
         self._reported: set[str] = set()
+        store.event_observers.append(self._observe)
 
-    def invalidate(self) -> None:
-        """A Role or binding was written through this server: the next request rebuilds at once, so
-        a client that creates a binding and then acts as its subject is not refused for up to
-        `refresh` seconds (read-your-writes on one server; another server still lags by `refresh`)."""
-        self._at = -self.refresh
+    def _observe(self, ev: Event) -> None:
+        if ev.key.startswith(STORED_PREFIXES):
+            self._dirty = True
 
     def current(self) -> Policy:
-        now = time.monotonic()
-        if now - self._at < self.refresh or self.store.revision == self._revision:
+        if not self._dirty and self._epoch == self.store.epoch:
             return self.policy
-        self._at, self._revision = now, self.store.revision
+        self._dirty, self._epoch = False, self.store.epoch
+        self.rebuilds += 1
         stored: list[Mapping[str, Any]] = []
-        for plural in _STORED:
-            stored.extend(json.loads(raw) for _, raw in self.store.list(f"/registry/{plural}.{API_GROUP}/").items)
+        for prefix in STORED_PREFIXES:
+            stored.extend(json.loads(raw) for _, raw in self.store.list(prefix).items)
         policy, errors = policy_from([*bootstrap_objects(), *stored])
         if self.served:
             base = bootstrap_policy(self.served)

@@ -322,15 +322,6 @@ class APIServer:
         return status_response(StatusError(404, "NotFound", "the server could not find the requested resource"))
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        try:
-            return await self._dispatch_request(request)
-        finally:
-            # A write to an RBAC object (even one that failed: harmless) makes the policy cache
-            # rebuild on the next request instead of after its refresh interval.
-            if request.method not in ("GET", "HEAD", "OPTIONS") and f"/{rbac.API_GROUP}/" in request.path:
-                self.rbac.invalidate()
-
-    async def _dispatch_request(self, request: web.Request) -> web.StreamResponse:
         if not request.match_info.get("tail", "").strip("/"):  # /api/ and /apis/: the discovery roots
             return await (self._api_root if request.path.startswith("/api/") else self._apis_root)(request)
         io = podio.match(request.path)

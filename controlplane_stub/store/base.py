@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 Obj = dict[str, Any]
+log = logging.getLogger("kproxy.apiserver.store")
 
 # Every store key starts with it (the docstring's "/registry/..."); etcd3 can put its own prefix in its place.
 API_PREFIX = "/registry"
@@ -114,6 +116,21 @@ class ListResult:
 
 class Store(abc.ABC):
     """A revisioned key/value store for Kubernetes objects (see module doc)."""
+
+    def __init__(self) -> None:
+        # Called with every event the store applies: its own writes before they are acknowledged
+        # and, on etcd, other API servers' writes when the mirror's watch delivers them.
+        self.event_observers: builtins.list[Callable[[Event], None]] = []
+        # Bumped when the current state was replaced without events (etcd's mirror relisted after
+        # a compaction): what observers derived from events must be derived again.
+        self.epoch = 0
+
+    def notify(self, ev: Event) -> None:
+        for observe in self.event_observers:
+            try:
+                observe(ev)
+            except Exception:  # one observer's bug must not stop the store applying events
+                log.exception("event=store_observer_failed key=%s", ev.key)
 
     @property
     @abc.abstractmethod

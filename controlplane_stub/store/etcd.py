@@ -223,6 +223,7 @@ def parse_duration(text: str) -> float:
 class EtcdStore(Store):
     def __init__(self, client: EtcdClient, *, prefix: str = API_PREFIX, window: int = 10000,
                  compaction_interval: float = 300.0) -> None:
+        super().__init__()
         prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self.client = client
         self.prefix = prefix
@@ -242,7 +243,6 @@ class EtcdStore(Store):
         self._watch: Watch | None = None
         self._closed = False
         self.write_hooks: list[WriteHook] = []
-        self.event_observers: list[Callable[[Event], None]] = []
         self.compactions = 0
 
     # -- keys ----------------------------------------------------------------------------------
@@ -302,6 +302,7 @@ class EtcdStore(Store):
         self._cache = cache
         self._keys = sorted(cache)
         self._rev = revision
+        self.epoch += 1
         self._window.reset(revision)
         self._bump()
 
@@ -360,11 +361,7 @@ class EtcdStore(Store):
                 ev = self._event(skey, we, rev)
                 if ev is not None:
                     self._window.append(ev, wake=False)
-                    for observe in self.event_observers:
-                        try:
-                            observe(ev)
-                        except Exception:
-                            log.exception("event=etcd_observer_failed key=%s", skey)
+                    self.notify(ev)
             self._rev = max(self._rev, rev)
         self._window.wake_soon()
         self._bump()

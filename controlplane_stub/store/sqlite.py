@@ -61,6 +61,7 @@ class _Op:
 
 class SQLiteStore(Store):
     def __init__(self, path: str, *, window: int = 10000, compact_every: int = 1000) -> None:
+        super().__init__()
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         # The store holds every Secret: its files are the owner's alone, whatever the umask, also
@@ -168,6 +169,7 @@ class SQLiteStore(Store):
                 self._rev = out.revision
                 self._cache_apply(out)
                 self._window.append(out)
+                self.notify(out)
                 if not op.future.done():
                     assert op.obj is not None
                     op.future.set_result(op.obj)

@@ -2,16 +2,19 @@
 
 Real processes, a real etcd member, real HTTP: a write through one server is seen by a watch on
 another in order; concurrent Service creates through two servers get unique ClusterIPs and
-NodePorts (the allocation keys in etcd); default/kubernetes lists every live server.
+NodePorts (the allocation keys in etcd); default/kubernetes lists every live server; an RBAC
+binding written through one server authorizes on the other as soon as that one has it.
 """
 from __future__ import annotations
 
 import ipaddress
+import os
 import threading
 import time
 
 from etcd_helpers import Client, apiservers, configmap, read_events
 
+from controlplane_stub.apiserver.pki import load_tokens
 from controlplane_stub.store.etcd_process import EtcdCluster
 
 
@@ -135,3 +138,40 @@ def test_kubernetes_endpoints_list_every_live_api_server(etcd1: EtcdCluster, pre
         while _endpoint_ports(ca) != {a.port, b.port} and time.monotonic() < deadline:
             time.sleep(0.3)
         assert _endpoint_ports(ca) == {a.port, b.port}
+
+
+def _until(check: object, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_a_binding_written_through_one_server_takes_effect_on_the_other_as_soon_as_it_has_it(
+        etcd1: EtcdCluster, prefix: str) -> None:
+    """The policy cache is invalidated by the store's events, not by this server's requests: once
+    server b serves the RoleBinding written through a (its mirror has it), b's very next request
+    is authorized with it, and likewise once the binding is gone. With a refresh interval instead
+    (the cache before), b refused (or allowed) for up to that interval after it had the change."""
+    with apiservers(etcd1, 2, prefix) as (a, b):
+        ca, cb = Client(a), Client(b)
+        ro = Client(b)
+        ro.s.headers["Authorization"] = f"Bearer {b.readonly_token}"
+        user = load_tokens(os.path.join(b.data_dir, "tokens.csv"))[b.readonly_token].name
+        assert ca.call("POST", "/api/v1/namespaces", {"metadata": {"name": "xrbac"}})[0] == 201
+        role = {"metadata": {"name": "cm-writer"},
+                "rules": [{"verbs": ["create"], "apiGroups": [""], "resources": ["configmaps"]}]}
+        assert ca.call("POST", "/apis/rbac.authorization.k8s.io/v1/namespaces/xrbac/roles", role)[0] == 201
+        bindings = "/apis/rbac.authorization.k8s.io/v1/namespaces/xrbac/rolebindings"
+        for i in range(5):
+            cm = "/api/v1/namespaces/xrbac/configmaps"
+            assert ro.call("POST", cm, configmap(f"x{i}-before"))[0] == 403
+            body = {"metadata": {"name": f"rb-{i}"}, "subjects": [{"kind": "User", "name": user}],
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-writer"}}
+            assert ca.call("POST", bindings, body)[0] == 201
+            _until(lambda: cb.call("GET", f"{bindings}/rb-{i}")[0] == 200, "b never got the binding")
+            code, out = ro.call("POST", cm, configmap(f"x{i}"))
+            assert code == 201, (i, out)
+            assert ca.call("DELETE", f"{bindings}/rb-{i}")[0] == 200
+            _until(lambda: cb.call("GET", f"{bindings}/rb-{i}")[0] == 404, "b never saw the delete")
+            assert ro.call("POST", cm, configmap(f"x{i}-after"))[0] == 403, i

@@ -306,3 +306,36 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: nobody}]
     assert r.returncode != 0 and "forbidden" in r.stderr.lower()
     assert kubectl("delete", "rolebinding", "nobody-view", "-n", "rbac-team").returncode == 0
     eventually("no", "get", "pods", "-n", "rbac-team")
+
+
+def test_the_stored_policy_is_rebuilt_only_when_rbac_objects_change(tmp_path: Any) -> None:
+    """StoredPolicy follows the store's events (a real SQLite store): writes of other objects cost
+    no rebuild; a RoleBinding's create and delete take effect on the very next call."""
+    import asyncio
+
+    from controlplane_stub.store.sqlite import SQLiteStore
+
+    async def run() -> None:
+        store = SQLiteStore(str(tmp_path / "db.sqlite"))
+        try:
+            policy = rbac.StoredPolicy(store, ())
+            alice = rbac.Attributes("alice", frozenset(), "list", "team", "", "pods")
+            assert not policy.current().authorize(alice)[0]
+            built = policy.rebuilds
+            for i in range(50):
+                await store.create(f"/registry/configmaps/team/c{i}", {"kind": "ConfigMap",
+                                                                       "metadata": {"name": f"c{i}"}})
+                assert not policy.current().authorize(alice)[0]
+            assert policy.rebuilds == built  # no RBAC object changed: no rebuild
+            key = f"/registry/rolebindings.{rbac.API_GROUP}/team/alice"
+            await store.create(key, binding("RoleBinding", "alice", "ClusterRole", "view",
+                                            {"kind": "User", "name": "alice"}, "team"))
+            assert policy.current().authorize(alice)[0]
+            assert policy.rebuilds == built + 1
+            await store.delete(key)
+            assert not policy.current().authorize(alice)[0]
+            assert policy.rebuilds == built + 2
+        finally:
+            await store.close()
+
+    asyncio.run(run())
