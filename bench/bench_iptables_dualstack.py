@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,34 +33,46 @@ def _cpu(stats: dict[str, Any]) -> float:
     return sum(f["plan_cpu_s"] + f["restore_cpu_s"] for f in stats["families"].values())
 
 
-def report(single: dict[str, Any], dual: dict[str, Any]) -> str:
+def _own(family: dict[str, Any]) -> float:
+    return float(family["total_s"])
+
+
+def report(single: dict[str, Any], dual: dict[str, Any], label: str = "backend",
+           cpu: Callable[[dict[str, Any]], float] = _cpu, own: Callable[[dict[str, Any]], float] = _own) -> str:
+    """single against dual per sync, rows named by single[label]; cpu: a sync's CPU seconds,
+    own: a family's share of a sync (also used by bench_nftables_dualstack.py)."""
     lines = []
     for what in ("first_full", "partial", "resync_full"):
         s, d = single[what], dual[what]
-        per = ", ".join(f"{fam} {v['total_s']:.3f}s" for fam, v in d["families"].items())
-        lines.append(f"{single['backend']:6} {what:11}: single {s['total_s']:.3f}s (CPU {_cpu(s):.2f}s) | dual "
-                     f"{d['total_s']:.3f}s (CPU {_cpu(d):.2f}s; {per}; views {d['view_s'] * 1000:.1f} ms)"
-                     f" -> {d['total_s'] / s['total_s']:.2f}x wall, {_cpu(d) / _cpu(s):.2f}x CPU")
-    lines.append(f"{single['backend']:6} RSS: single {single['rss_mib']:.0f} MiB | dual {dual['rss_mib']:.0f} MiB "
+        per = ", ".join(f"{fam} {own(v):.3f}s" for fam, v in d["families"].items())
+        lines.append(f"{single[label]:6} {what:11}: single {s['total_s']:.3f}s (CPU {cpu(s):.2f}s) | dual "
+                     f"{d['total_s']:.3f}s (CPU {cpu(d):.2f}s; {per}; views {d['view_s'] * 1000:.1f} ms)"
+                     f" -> {d['total_s'] / s['total_s']:.2f}x wall, {cpu(d) / max(cpu(s), 1e-9):.2f}x CPU")
+    lines.append(f"{single[label]:6} RSS: single {single['rss_mib']:.0f} MiB | dual {dual['rss_mib']:.0f} MiB "
                  f"({dual['endpoints']} endpoints) ; load {single['load_avg'][0]:.1f} / {dual['load_avg'][0]:.1f}")
     return "\n".join(lines)
+
+
+def side_by_side(benchmark: Any, run: Callable[[str], dict[str, Any]], services: int, **how: Any) -> None:
+    """run("single") then run("dual") in one benchmark round; prints report(..., **how) and the
+    JSON, and checks (sanity, not timing) that the dual case programmed both families."""
+    results: list[dict[str, Any]] = []
+
+    def both() -> None:
+        results.append(run("single"))
+        results.append(run("dual"))
+
+    benchmark.pedantic(both, rounds=1, iterations=1)
+    single, dual = results
+    benchmark.extra_info.update({"single": single, "dual": dual})
+    print("\n" + report(single, dual, **how))
+    print("RESULT " + json.dumps({"single": single, "dual": dual}))
+    assert set(dual["first_full"]["families"]) == {"IPv4", "IPv6"} and set(single["first_full"]["families"]) == {"IPv4"}
+    assert dual["endpoints"] == 2 * single["endpoints"] == 2 * services * 10
 
 
 @pytest.mark.timeout(7200)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
 def test_iptables_second_family_cost(benchmark: Any, backend: str) -> None:
-    results: list[dict[str, Any]] = []
-
-    def both() -> None:
-        results.append(run_worker(backend, SERVICES, "single"))
-        results.append(run_worker(backend, SERVICES, "dual"))
-
-    benchmark.pedantic(both, rounds=1, iterations=1)
-    single, dual = results
-    benchmark.extra_info.update({"single": single, "dual": dual})
-    print("\n" + report(single, dual))
-    print("RESULT " + json.dumps({"single": single, "dual": dual}))
-    # Sanity, not timing: the dual case programmed both families, the single one only IPv4.
-    assert set(dual["first_full"]["families"]) == {"IPv4", "IPv6"} and set(single["first_full"]["families"]) == {"IPv4"}
-    assert dual["endpoints"] == 2 * single["endpoints"] == 2 * SERVICES * 10
+    side_by_side(benchmark, lambda stack: run_worker(backend, SERVICES, stack), SERVICES)

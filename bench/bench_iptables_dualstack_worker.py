@@ -79,9 +79,16 @@ def main(argv: list[str]) -> None:
             eps[-1] = Endpoint(f"fd01:250::{k + 1}", 8080)
         changed[name] = tuple(eps)
         partials.append(sync(SyncRequest(services=services, endpoints=changed, changed=frozenset({name}), full=False)))
+    finish(out, partials, sync(SyncRequest(services=services, endpoints=changed)), meta)
+
+
+def finish(out: dict[str, object], partials: list[dict[str, object]], resync: dict[str, object],
+           meta: MetaProxier) -> None:
+    """The end of a dual-stack worker (this one, bench_nftables_dualstack_worker.py): the partial
+    syncs and their median, the resync, peak RSS; cleans the tables and prints the JSON line."""
     out["partials"] = partials
     out["partial"] = sorted(partials, key=lambda p: float(p["total_s"]))[len(partials) // 2]  # type: ignore[arg-type]
-    out["resync_full"] = sync(SyncRequest(services=services, endpoints=changed))
+    out["resync_full"] = resync
     out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert meta.cleanup()
     out["load_avg"] = os.getloadavg()

@@ -62,10 +62,11 @@ def chain_base(name: ServicePortName) -> str:
 
 
 def _endpoint_base(base: str, ep: Endpoint) -> str:
-    return f"{base}__{ep.ip}/{ep.port}"
+    # An IPv6 address's colons are not allowed in a chain name: dots instead (as upstream).
+    return f"{base}__{ep.ip.replace(':', '.')}/{ep.port}"
 
 
-def _dispatch(eps: tuple[Endpoint, ...], base: str, affinity: bool) -> list[str]:
+def _dispatch(eps: tuple[Endpoint, ...], base: str, affinity: bool, ipx: str) -> list[str]:
     """The rules sending a new connection to one of `eps`, with ClientIP affinity: a client seen
     within the timeout goes back to the endpoint it had (its address is in that endpoint's
     dynamic set), others through a `numgen random` cascade (rule k takes the connection with
@@ -77,7 +78,7 @@ def _dispatch(eps: tuple[Endpoint, ...], base: str, affinity: bool) -> list[str]
     rules = []
     for ep in eps:
         eb = _endpoint_base(base, ep)
-        rules.append(f"ip saddr @affinity-{eb} goto endpoint-{eb}")
+        rules.append(f"{ipx} saddr @affinity-{eb} goto endpoint-{eb}")
     n = len(eps)
     for k, ep in enumerate(eps):
         cond = f"numgen random mod {n - k} == 0 " if k < n - 1 else ""
@@ -92,12 +93,17 @@ def render_service_port(
     cluster_cidr: str,
     node_ips: tuple[str, ...],
     node_zone: str,
+    family: str = "IPv4",
 ) -> Rendered:
+    """svc as the rules of the table of `family` (IPv4: `ip kube-proxy`, IPv6: `ip6 kube-proxy`;
+    the Service's addresses of the other family are the other table's)."""
     name = svc.name
+    v6 = family == "IPv6"
+    ipx = "ip6" if v6 else "ip"
     base = chain_base(name)
     proto = svc.protocol.lower()
     port = int(svc.port)
-    cluster_ip = svc.cluster_ip("IPv4")
+    cluster_ip = svc.cluster_ip("IPv6" if v6 else "IPv4")
     affinity = svc.session_affinity_timeout is not None
     se = service_endpoints(svc, eps, node_zone)
     chains: list[tuple[str, str]] = []
@@ -121,15 +127,15 @@ def render_service_port(
 
     mark_cluster_ip = ""
     if cluster_ip is not None:
-        match = f"ip daddr {cluster_ip} {proto} dport {port}"
+        match = f"{ipx} daddr {cluster_ip} {proto} dport {port}"
         if masquerade_all:
             mark_cluster_ip = f"{match} jump {MARK_MASQ_CHAIN}"
         elif cluster_cidr:
-            mark_cluster_ip = f"{match} ip saddr != {cluster_cidr} jump {MARK_MASQ_CHAIN}"
+            mark_cluster_ip = f"{match} {ipx} saddr != {cluster_cidr} jump {MARK_MASQ_CHAIN}"
     balance: list[tuple[str, tuple[str, ...]]] = []
     for chain in sorted(dispatch):
         rules = [mark_cluster_ip] if mark_cluster_ip and chain == internal_chain else []
-        rules.extend(_dispatch(dispatch[chain], base, affinity))
+        rules.extend(_dispatch(dispatch[chain], base, affinity, ipx))
         chains.append((chain, "\n".join(rules)))
         if not affinity:
             balance.append((chain, tuple(f"{ep.ip} . {int(ep.port)}" for ep in dispatch[chain])))
@@ -145,8 +151,9 @@ def render_service_port(
         elements.append(("hairpin-ips", f"{ep.ip} . {ep.ip}", ""))
         if affinity:
             sets.append((f"affinity-{eb}", int(svc.session_affinity_timeout or 10800)))
-            chains.append((f"endpoint-{eb}", (f"update @affinity-{eb} {{ ip saddr }}\n"
-                                             f"meta l4proto {proto} dnat ip to {ep.ip}:{int(ep.port)}")))
+            dest = f"[{ep.ip}]" if v6 else ep.ip
+            chains.append((f"endpoint-{eb}", (f"update @affinity-{eb} {{ {ipx} saddr }}\n"
+                                             f"meta l4proto {proto} dnat {ipx} to {dest}:{int(ep.port)}")))
 
     # Nothing anywhere: refuse (ICMP port unreachable). Endpoints, but none for this traffic:
     # drop, so a client retries elsewhere (upstream's filter verdicts).
@@ -159,7 +166,7 @@ def render_service_port(
         else:
             if cluster_chain in dispatch:
                 if cluster_cidr:
-                    rules.append(f"ip saddr {cluster_cidr} goto {cluster_chain}")
+                    rules.append(f"{ipx} saddr {cluster_cidr} goto {cluster_chain}")
                 rules.append(f"fib saddr type local jump {MARK_MASQ_CHAIN}")
                 rules.append(f"fib saddr type local goto {cluster_chain}")
         if se.external:
@@ -173,7 +180,7 @@ def render_service_port(
             elements.append(("service-ips", key, f"goto {internal_chain}"))
         else:
             elements.append(("no-endpoint-services", key, no_eps))
-    outside_ips = [ip for ip in (*svc.external_ips, *svc.load_balancer_ips) if ":" not in ip]
+    outside_ips = [ip for ip in (*svc.external_ips, *svc.load_balancer_ips) if (":" in ip) == v6]
     for ip in dict.fromkeys(outside_ips):
         key = f"{ip} . {proto} . {port}"
         if uses_external:
@@ -181,17 +188,17 @@ def render_service_port(
         if not se.external:
             elements.append(("no-endpoint-services", key, no_eps))
     ranges = SourceRanges.parse(svc.load_balancer_source_ranges)
-    lb_ips = [ip for ip in dict.fromkeys(svc.load_balancer_ips) if ":" not in ip]
-    v4_ranges = ranges.cidrs("IPv4")
+    lb_ips = [ip for ip in dict.fromkeys(svc.load_balancer_ips) if (":" in ip) == v6]
+    fam_ranges = ranges.cidrs("IPv6" if v6 else "IPv4")
     # Ranges of the other family do not restrict this table (upstream's proxier per family).
-    if v4_ranges and lb_ips:
-        allowed = list(v4_ranges)
+    if fam_ranges and lb_ips:
+        allowed = list(fam_ranges)
         if ranges.contains_any(node_ips):
             # A hairpinning load balancer keeps its own address as the source (upstream).
             allowed.extend(lb_ips)
         # A cascade, not `ip saddr != { ... }`: an anonymous set per Service is costly to
         # create (see _dispatch) and the ranges are few.
-        chains.append((firewall_chain, "\n".join([*(f"ip saddr {cidr} return" for cidr in allowed), "drop"])))
+        chains.append((firewall_chain, "\n".join([*(f"{ipx} saddr {cidr} return" for cidr in allowed), "drop"])))
         for ip in lb_ips:
             elements.append(("firewall-ips", f"{ip} . {proto} . {port}", f"goto {firewall_chain}"))
     if svc.node_port:

@@ -109,11 +109,17 @@ class Nft:
 
     def local_ipv4_addresses(self) -> list[str]:
         """Addresses on this node's interfaces, for --nodeport-addresses matching."""
-        cmd = ["ip", "-o", "-4", "addr", "show"]
-        if self.netns:
-            cmd = ["ip", "-n", self.netns, "-o", "-4", "addr", "show"]
+        return self.local_addresses("IPv4")
+
+    def local_addresses(self, family: str = "IPv4") -> list[str]:
+        """This family's addresses on the node's interfaces, for --nodeport-addresses matching
+        (IPv6: link-local ones left out, a Service is never reached on them)."""
+        v6 = family == "IPv6"
+        cmd = ["ip", *(["-n", self.netns] if self.netns else []), "-o", "-6" if v6 else "-4", "addr", "show"]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
         except (OSError, subprocess.SubprocessError) as e:
             raise NftError(f"listing addresses: {e}") from e
-        return ipv4_addresses(out)
+        if not v6:
+            return ipv4_addresses(out)
+        return [ip for ip in ipv4_addresses(out, "inet6") if not ip.lower().startswith("fe80:")]

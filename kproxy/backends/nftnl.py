@@ -47,7 +47,7 @@ NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
 NFT_META_L4PROTO, NFT_META_MARK = 16, 3
 NFT_CT_STATE, NFT_CT_STATUS = 0, 2
 NF_NAT_RANGE_PROTO_RANDOM_FULLY = 0x10
-NFT_REJECT_ICMP_UNREACH, ICMP_PORT_UNREACH = 0, 3
+NFT_REJECT_ICMP_UNREACH, ICMP_PORT_UNREACH, ICMPV6_PORT_UNREACH = 0, 3, 4
 NFTA_FIB_F_DADDR = 2
 NFT_NG_RANDOM = 1
 NFT_NAT_DNAT = 1
@@ -56,8 +56,10 @@ RTN_LOCAL = 2
 NFT_DYNSET_OP_UPDATE = 1
 NFT_SET_TIMEOUT, NFT_SET_EVAL = 0x10, 0x20
 TYPE_IPADDR = 7  # nft's datatype id for ipv4_addr (the set's key type, for `nft list`)
+TYPE_IP6ADDR = 8  # ipv6_addr
 TYPE_INTEGER = 4
 TYPE_IPADDR_SERVICE = (7 << 6) | 13  # the concatenation ipv4_addr . inet_service
+TYPE_IP6ADDR_SERVICE = (8 << 6) | 13  # ipv6_addr . inet_service
 NFT_SET_MAP = 0x8
 NFT_DATA_VERDICT = 0xFFFFFF00
 # The endpoint maps (kproxy.proxiers.nftables.endpoint_map_type): `nft list` shows their typeof
@@ -66,9 +68,12 @@ NFT_DATA_VERDICT = 0xFFFFFF00
 _MAP_UDATA_HEAD = bytes.fromhex(
     "000401000000010400000000031a000417000000011200040100000001040100000002040000000004340004"
     "0d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c0004")
+# In an ip6 table `ip6 daddr`: nft's ip6 protocol id (13) and its daddr field (9) instead of ip's (12, 12).
+_MAP_UDATA_HEAD6 = _MAP_UDATA_HEAD.replace(bytes.fromhex("040c00000001040c000000"), bytes.fromhex("040d000000010409000000"))
 _MAP_UDATA_TAIL = bytes.fromhex("000000010402000000060400000000")
 _PAYLOAD_PROTO_IDS = {"tcp": 8, "udp": 6, "sctp": 10}  # nft's proto_desc ids
-ENDPOINT_MAP_DECLS = {f"{{ typeof numgen random mod 1 : ip daddr . {p} dport ; }}": p for p in PROTOS}
+ENDPOINT_MAP_DECLS = {f"{{ typeof numgen random mod 1 : {ipx} daddr . {p} dport ; }}": (p, ipx)
+                      for p in PROTOS for ipx in FAMILIES}
 ELEMENTS_PER_MESSAGE = 400  # a nested attribute is at most 64 KiB
 MAX_BATCH = 1 << 30
 
@@ -149,6 +154,13 @@ def _ip4(text: str) -> bytes:
         raise Untranslatable(f"not an IPv4 address: {text!r}") from e
 
 
+def _ip6(text: str) -> bytes:
+    try:
+        return socket.inet_pton(socket.AF_INET6, text)
+    except OSError as e:
+        raise Untranslatable(f"not an IPv6 address: {text!r}") from e
+
+
 def _port(text: str) -> bytes:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise Untranslatable(f"not a port: {text!r}")
@@ -169,6 +181,8 @@ def _key(text: str) -> bytes:
 
 
 def _key_part(part: str) -> bytes:
+    if ":" in part:
+        return _ip6(part)
     if part[:1].isdigit() and "." in part:
         return _ip4(part)
     return _small_key_part(part)
@@ -190,26 +204,31 @@ def _small_key_part(part: str) -> bytes:
 
 # ---- rules ----
 
-def _match_ip(field: str, negate: bool, text: str) -> list[bytes]:
-    offset = 12 if field == "saddr" else 16
+# (address offset in the network header, length) per `ip`/`ip6` match and field.
+_ADDR_FIELDS = {("ip", "saddr"): (12, 4), ("ip", "daddr"): (16, 4), ("ip6", "saddr"): (8, 16), ("ip6", "daddr"): (24, 16)}
+
+
+def _match_ip(field: str, negate: bool, text: str, fam: str = "ip") -> list[bytes]:
+    offset, length = _ADDR_FIELDS[(fam, field)]
     op = NFT_CMP_NEQ if negate else NFT_CMP_EQ
-    out = [_payload(NFT_PAYLOAD_NETWORK_HEADER, offset, 4)]
+    out = [_payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length)]
     if "/" in text:
         try:
-            net = ipaddress.IPv4Network(text)
+            net = ipaddress.IPv4Network(text) if fam == "ip" else ipaddress.IPv6Network(text)
         except ValueError as e:
-            raise Untranslatable(f"not an IPv4 CIDR: {text!r}") from e
-        if net.prefixlen < 32:
-            out.append(_expr("bitwise", _u32(1, NFT_REG_1), _u32(2, NFT_REG_1), _u32(3, 4),
-                             _data(4, net.netmask.packed), _data(5, b"\0\0\0\0")))
+            raise Untranslatable(f"not an {fam} CIDR: {text!r}") from e
+        if net.prefixlen < net.max_prefixlen:
+            out.append(_expr("bitwise", _u32(1, NFT_REG_1), _u32(2, NFT_REG_1), _u32(3, length),
+                             _data(4, net.netmask.packed), _data(5, bytes(length))))
         out.append(_cmp(net.network_address.packed, op))
         return out
-    out.append(_cmp(_ip4(text), op))
+    out.append(_cmp(_ip4(text) if fam == "ip" else _ip6(text), op))
     return out
 
 
-def rule_expressions(rule: str) -> bytes:
-    """The NFTA_RULE_EXPRESSIONS of one rule of kproxy's grammar (Untranslatable otherwise)."""
+def rule_expressions(rule: str, family: str = "ip") -> bytes:
+    """The NFTA_RULE_EXPRESSIONS of one rule of kproxy's grammar (Untranslatable otherwise), in
+    a table of `family` ("ip" or "ip6": its address matches and reject variant)."""
     words = rule.split()
     out: list[bytes] = []
     i, n = 0, len(words)
@@ -222,7 +241,7 @@ def rule_expressions(rule: str) -> bytes:
     while i < n:
         w = words[i]
         if i + 2 < n and words[i + 2] == ".":
-            i = _concat_lookup(words, i, rule, out)
+            i = _concat_lookup(words, i, rule, out, family)
         elif w == "ct":
             _, key, value = need(3)
             ct_key, mask = _CT_MATCHES.get((key, value), (-1, 0))
@@ -237,21 +256,23 @@ def rule_expressions(rule: str) -> bytes:
             out.append(_expr("masq", *([_u32(1, NF_NAT_RANGE_PROTO_RANDOM_FULLY)] if random else [])))
             i += 2 if random else 1
         elif w == "reject":
-            out.append(_expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([ICMP_PORT_UNREACH]))))
+            # As nft's plain `reject`: ICMP (ICMPv6 in an ip6 table) port unreachable.
+            code = ICMPV6_PORT_UNREACH if family == "ip6" else ICMP_PORT_UNREACH
+            out.append(_expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([code]))))
             i += 1
-        elif w == "ip":
+        elif w == family:
             field, arg = need(3)[1:]
             if field not in ("saddr", "daddr"):
                 raise Untranslatable(rule)
             if arg == "!=":
-                out += _match_ip(field, True, need(4)[3])
+                out += _match_ip(field, True, need(4)[3], w)
                 i += 4
             elif arg.startswith("@"):
-                out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, 12 if field == "saddr" else 16, 4))
+                out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, *_ADDR_FIELDS[(w, field)]))
                 out.append(_expr("lookup", _str(1, arg[1:]), _u32(2, NFT_REG_1)))
                 i += 3
             else:
-                out += _match_ip(field, False, arg)
+                out += _match_ip(field, False, arg, w)
                 i += 3
         elif w in PROTOS:
             field, port = need(3)[1:]
@@ -283,9 +304,9 @@ def rule_expressions(rule: str) -> bytes:
             i += 4
         elif w == "update":
             _, target, lb, ip, saddr, rb = need(6)
-            if not target.startswith("@") or (lb, ip, saddr, rb) != ("{", "ip", "saddr", "}"):
+            if not target.startswith("@") or (lb, ip, saddr, rb) != ("{", family, "saddr", "}"):
                 raise Untranslatable(rule)
-            out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4))
+            out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, *_ADDR_FIELDS[(family, "saddr")]))
             out.append(_expr("dynset", _str(1, target[1:]), _u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, NFT_REG_1)))
             i += 6
         elif w == "dnat" and words[i + 2:i + 6] == ["addr", ".", "port", "to"]:
@@ -294,23 +315,30 @@ def rule_expressions(rule: str) -> bytes:
             has_offset = words[i + 10:i + 11] == ["offset"]
             ws = need(14 if has_offset else 12)
             modulus, offset = ws[9], ws[11] if has_offset else "0"
-            if ws[1] != "ip" or ws[6:9] != ["numgen", "random", "mod"] or ws[-2] != "map" or not modulus.isdigit() \
+            if ws[1] != family or ws[6:9] != ["numgen", "random", "mod"] or ws[-2] != "map" or not modulus.isdigit() \
                     or not offset.isdigit() or not ws[-1].startswith("@") or not 0 < int(modulus) < 1 << 31 \
                     or int(offset) >= 1 << 31:
                 raise Untranslatable(rule)
             out += [_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM),
                           _u32(4, int(offset))),
                     _expr("lookup", _str(1, ws[-1][1:]), _u32(2, NFT_REG_1), _u32(3, NFT_REG_1)),
-                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES["ip"]), _u32(3, NFT_REG_1),
-                          _u32(5, NFT_REG32_01))]
+                    # the port follows the address: register 9 after 4 bytes, 12 after 16
+                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES[family]), _u32(3, NFT_REG_1),
+                          _u32(5, NFT_REG32_01 if family == "ip" else NFT_REG32_00 + 4))]
             i += len(ws)
         elif w == "dnat":
             _, fam, to, dest = need(4)
             addr, _, port = dest.rpartition(":")
-            if fam != "ip" or to != "to" or not addr:
+            if fam != family or to != "to" or not addr:
                 raise Untranslatable(rule)
-            out += [_immediate(NFT_REG_1, _ip4(addr)), _immediate(NFT_REG_2, _port(port)),
-                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES["ip"]), _u32(3, NFT_REG_1),
+            if family == "ip6":  # [ADDRESS]:PORT
+                if not (addr.startswith("[") and addr.endswith("]")):
+                    raise Untranslatable(rule)
+                addr_bytes = _ip6(addr[1:-1])
+            else:
+                addr_bytes = _ip4(addr)
+            out += [_immediate(NFT_REG_1, addr_bytes), _immediate(NFT_REG_2, _port(port)),
+                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES[family]), _u32(3, NFT_REG_1),
                           _u32(5, NFT_REG_2))]
             i += 4
         elif w in ("jump", "goto"):
@@ -328,7 +356,7 @@ def rule_expressions(rule: str) -> bytes:
 
 _CT_MATCHES = {("state", "new"): (NFT_CT_STATE, 0x08), ("state", "invalid"): (NFT_CT_STATE, 0x01),
                ("status", "dnat"): (NFT_CT_STATUS, 0x20)}
-_CONCAT_FIELDS = {("ip", "saddr"): 12, ("ip", "daddr"): 16, ("meta", "l4proto"): -1, ("th", "dport"): -2}
+_CONCAT_FIELDS = {**{k: v[0] for k, v in _ADDR_FIELDS.items()}, ("meta", "l4proto"): -1, ("th", "dport"): -2}
 
 
 def _mask(mask: int, xor: int) -> bytes:
@@ -337,21 +365,27 @@ def _mask(mask: int, xor: int) -> bytes:
                  _data(4, struct.pack("=I", mask)), _data(5, struct.pack("=I", xor)))
 
 
-def _concat_lookup(words: list[str], i: int, rule: str, out: list[bytes]) -> int:
-    """`F . F ... @SET` or `F . F ... vmap @MAP`: each field in the next 32-bit register, as nft
-    lays out a concatenation (register 1, then 9, 10, 11)."""
-    reg = NFT_REG_1
+def _concat_lookup(words: list[str], i: int, rule: str, out: list[bytes], family: str = "ip") -> int:
+    """`F . F ... @SET` or `F . F ... vmap @MAP`: each field in the next free 32-bit register, as
+    nft lays out a concatenation (register 1, then 9, 10, 11 after an IPv4 address; 12 after an
+    IPv6 one, which fills 4)."""
+    used = 0  # 32-bit registers filled so far
     while True:
-        offset = _CONCAT_FIELDS.get((words[i], words[i + 1]) if i + 1 < len(words) else ("", ""))
-        if offset is None or reg > NFT_REG32_00 + 3:
+        field = (words[i], words[i + 1]) if i + 1 < len(words) else ("", "")
+        offset = _CONCAT_FIELDS.get(field) if field[0] in (family, "meta", "th") else None
+        if offset is None or used > 15:
             raise Untranslatable(rule)
+        reg = NFT_REG_1 if not used else NFT_REG32_00 + used
         if offset == -1:
             out.append(_meta(NFT_META_L4PROTO, reg))
+            used += 1
         elif offset == -2:
             out.append(_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, reg))
+            used += 1
         else:
-            out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, offset, 4, reg))
-        reg = NFT_REG32_00 + 1 if reg == NFT_REG_1 else reg + 1
+            length = _ADDR_FIELDS[field][1]
+            out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length, reg))
+            used += length // 4
         i += 2
         if i < len(words) and words[i] == ".":
             i += 1
@@ -403,6 +437,13 @@ _SHARED_SETS = {
     "type inet_proto . inet_service : verdict": (
         (12 << 6) | 13, 8, bytes.fromhex("000400000000010400000000") + _CONCAT_UDATA[6:] + bytes.fromhex("060400000000")),
 }
+# The ip6 table's: ipv6_addr (type 8, 16 bytes) where the ip table's have ipv4_addr; same user data.
+_SHARED_SETS.update({
+    "type ipv6_addr": (TYPE_IP6ADDR, 16, _SHARED_SETS["type ipv4_addr"][2]),
+    "type ipv6_addr . ipv6_addr": ((8 << 6) | 8, 32, _CONCAT_UDATA),
+    "type ipv6_addr . inet_proto . inet_service : verdict": (
+        (((8 << 6) | 12) << 6) | 13, 24, _SHARED_SETS["type ipv4_addr . inet_proto . inet_service : verdict"][2]),
+})
 HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 
 
@@ -460,7 +501,7 @@ class Batch:
             if not comment.endswith('"') or '"' in comment[:-1]:
                 raise Untranslatable(rule)
             udata = _attr(7, _udata(0, comment[:-1]))  # NFTA_RULE_USERDATA{NFTNL_UDATA_RULE_COMMENT}
-        exprs = rule_expressions(text)
+        exprs = rule_expressions(text, self.family)
         self._flush_elements()
         self._msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, self._table_attr + _str(2, chain) + exprs + udata)
 
@@ -488,17 +529,20 @@ class Batch:
         body += _u32(10, self.seq + 1) + _attr(13, udata + _udata(7, comment))
         self._msg(NEWSET, NLM_F_CREATE, body)
 
-    def affinity_set(self, name: str, timeout_s: int) -> None:
+    def affinity_set(self, name: str, timeout_s: int, v6: bool = False) -> None:
         self._flush_elements()
-        body = (self._table_attr + _str(2, name) + _u32(3, NFT_SET_TIMEOUT | NFT_SET_EVAL) + _u32(4, TYPE_IPADDR)
-                + _u32(5, 4) + _u32(10, self.seq + 1) + _attr(11, struct.pack("!Q", timeout_s * 1000)))
+        key = _u32(4, TYPE_IP6ADDR) + _u32(5, 16) if v6 else _u32(4, TYPE_IPADDR) + _u32(5, 4)
+        body = (self._table_attr + _str(2, name) + _u32(3, NFT_SET_TIMEOUT | NFT_SET_EVAL) + key
+                + _u32(10, self.seq + 1) + _attr(11, struct.pack("!Q", timeout_s * 1000)))
         self._msg(NEWSET, NLM_F_CREATE, body)
 
-    def endpoint_map(self, name: str, proto: str) -> None:
+    def endpoint_map(self, name: str, proto: str, ipx: str = "ip") -> None:
         self._flush_elements()
-        udata = _MAP_UDATA_HEAD + bytes([_PAYLOAD_PROTO_IDS[proto]]) + _MAP_UDATA_TAIL
+        v6 = ipx == "ip6"
+        udata = (_MAP_UDATA_HEAD6 if v6 else _MAP_UDATA_HEAD) + bytes([_PAYLOAD_PROTO_IDS[proto]]) + _MAP_UDATA_TAIL
+        data = _u32(6, TYPE_IP6ADDR_SERVICE) + _u32(7, 20) if v6 else _u32(6, TYPE_IPADDR_SERVICE) + _u32(7, 8)
         body = (self._table_attr + _str(2, name) + _u32(3, NFT_SET_MAP) + _u32(4, TYPE_INTEGER) + _u32(5, 4)
-                + _u32(6, TYPE_IPADDR_SERVICE) + _u32(7, 8) + _u32(10, self.seq + 1)
+                + data + _u32(10, self.seq + 1)
                 + _attr(13, udata))
         self._msg(NEWSET, NLM_F_CREATE, body)
 
@@ -591,17 +635,18 @@ def translate(lines: Iterable[str]) -> Batch:
                 key, _, value = tail[2:-2].partition(" : ")
                 batch.element(NEWSETELEM if verb == "add" else DELSETELEM, name, key, value)
             elif obj == "map" and verb == "add" and tail in ENDPOINT_MAP_DECLS:
-                batch.endpoint_map(name, ENDPOINT_MAP_DECLS[tail])
+                batch.endpoint_map(name, *ENDPOINT_MAP_DECLS[tail])
             elif obj in ("set", "map") and verb == "flush" and not tail:
                 batch.flush_set(name)
             elif obj in ("set", "map") and verb == "delete" and not tail:
                 batch.delete_set(name)
             elif obj == "set" and verb == "add":
                 words = tail.split()
-                if (words[:9] != ["{", "type", "ipv4_addr", ";", "flags", "dynamic,timeout", ";", "timeout", words[8]]
+                addr_type = words[2] if len(words) > 2 and words[2] in ("ipv4_addr", "ipv6_addr") else "?"
+                if (words[:9] != ["{", "type", addr_type, ";", "flags", "dynamic,timeout", ";", "timeout", words[8]]
                         or words[9:] != [";", "}"] or not words[8].endswith("s") or not words[8][:-1].isdigit()):
                     raise Untranslatable(command)
-                batch.affinity_set(name, int(words[8][:-1]))
+                batch.affinity_set(name, int(words[8][:-1]), addr_type == "ipv6_addr")
             else:
                 raise Untranslatable(command)
     if batch is None:

@@ -1,7 +1,10 @@
 """The nftables proxier: upstream's pkg/proxy/nftables (1.33) on kproxy.proxy's Service semantics.
 
-kproxy owns one table, `ip kube-proxy`, and touches nothing outside it: other tables (firewalld,
-iptables-nft's `ip filter`/`ip nat`) keep their rules. Base chains sit at upstream's hooks and
+One proxier per IP family (kproxy.proxiers.meta, as upstream's metaproxier): the IPv4 one owns the
+table `ip kube-proxy`, the IPv6 one `ip6 kube-proxy` (the same chains, maps and sets with
+ipv6_addr keys, `ip6 daddr`/`ip6 saddr` matches, ICMPv6 rejects, no NodePorts on ::1), and each
+touches nothing outside its table: other tables (firewalld, iptables-nft's `ip filter`/`ip nat`)
+keep their rules. Base chains sit at upstream's hooks and
 priorities: the filter chains at dstnat-10 (they see the destination before DNAT), NAT at dstnat
 and srcnat. Dispatch is O(1) per packet: `ip daddr . meta l4proto . th dport vmap @service-ips`
 and `meta l4proto . th dport vmap @service-nodeports`; no-endpoint-services / no-endpoint-nodeports
@@ -22,8 +25,7 @@ as a Service's ClusterIP in cluster-ips, are reference-counted), chains no longe
 once and deleted after a grace period. A partial sync's work is proportional to the changed
 ServicePorts. A failed transaction changes nothing in the kernel and makes the next sync full.
 
-Not done yet: IPv6 (an `ip6 kube-proxy` table: kproxy's nftables mode is IPv4 only); the service
-CIDRs are not read from the API (upstream watches ServiceCIDR objects): set_service_cidrs is
+Not done yet: the service CIDRs are not read from the API (upstream watches ServiceCIDR objects): set_service_cidrs is
 called by nobody but tests yet.
 """
 from __future__ import annotations
@@ -46,15 +48,16 @@ from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.nftables import Nft, NftError
 from kproxy.config import KProxyConfig
 from kproxy.healthcheck import ServiceHealthServer
-from kproxy.model import IP, Endpoint, EndpointsMap, Port, ServicePort, ServicePortMap, ServicePortName
+from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxiers.meta import new_proxier_for_families
 from kproxy.proxiers.udpstale import clean_udp_conntrack
 from kproxy.proxy import categorize, sync_health_server
-from kproxy.proxy.exposure import check_masquerade_bit, ipv4_node_addresses
+from kproxy.proxy.exposure import check_masquerade_bit, node_addresses
 
 log = logging.getLogger(__name__)
 
-FAMILY = "ip"
+NFT_FAMILIES: dict[IPFamily, str] = {"IPv4": "ip", "IPv6": "ip6"}
 TABLE = "kube-proxy"
 KEEP_TRANSACTION_BYTES = 1 << 20
 STALE_CHAIN_GRACE = 1.0  # seconds a flushed chain stays before it is deleted (upstream: 1 s)
@@ -65,7 +68,7 @@ Element = tuple[str, str, str]  # (map or set, key, value)
 class Renderer(Protocol):
     def render_service_port(
         self, svc: ServicePort, eps: tuple[Endpoint, ...], masquerade_all: bool, cluster_cidr: str,
-        node_ips: tuple[str, ...], node_zone: str,
+        node_ips: tuple[str, ...], node_zone: str, family: str = ...,
     ) -> Rendered: ...
 
 
@@ -128,16 +131,18 @@ def endpoint_map(proto: str, chain: str) -> str:
     return f"endpoints-{proto}-{zlib.crc32(chain.encode()) % ENDPOINT_MAPS}"
 
 
-def _map_line(table: str, name: str) -> str:
-    # nft wants the protocol in the declaration, as the DNAT rules using the map match it.
+def _map_line(t: str, name: str) -> str:
+    # nft wants the protocol in the declaration, as the DNAT rules using the map match it; t is
+    # "FAMILY TABLE", and the family's address match is `ip daddr` or `ip6 daddr`.
     proto = name.split("-")[1]
-    return f"add map {FAMILY} {table} {name} {{ typeof numgen random mod 1 : ip daddr . {proto} dport ; }}\n"
+    return f"add map {t} {name} {{ typeof numgen random mod 1 : {t.split()[0]} daddr . {proto} dport ; }}\n"
+# ADDR: the family's address type (ipv4_addr, ipv6_addr), as upstream's ipvX_addr.
 MAPS = (
-    ("service-ips", "ipv4_addr . inet_proto . inet_service : verdict", "ClusterIP, ExternalIP and LoadBalancer IP traffic"),
+    ("service-ips", "ADDR . inet_proto . inet_service : verdict", "ClusterIP, ExternalIP and LoadBalancer IP traffic"),
     ("service-nodeports", "inet_proto . inet_service : verdict", "NodePort traffic"),
-    ("no-endpoint-services", "ipv4_addr . inet_proto . inet_service : verdict", "vmap to drop or reject packets to services with no endpoints"),
+    ("no-endpoint-services", "ADDR . inet_proto . inet_service : verdict", "vmap to drop or reject packets to services with no endpoints"),
     ("no-endpoint-nodeports", "inet_proto . inet_service : verdict", "vmap to drop or reject packets to service nodeports with no endpoints"),
-    ("firewall-ips", "ipv4_addr . inet_proto . inet_service : verdict", "destinations that are subject to LoadBalancerSourceRanges"),
+    ("firewall-ips", "ADDR . inet_proto . inet_service : verdict", "destinations that are subject to LoadBalancerSourceRanges"),
 )
 
 
@@ -199,14 +204,14 @@ def _rule_count(p: _Programmed | None) -> int:
     return 0 if p is None else sum(body.count("\n") + 1 for body in p.chains.values())
 
 
-def _eligible(svc: ServicePort | None) -> bool:
-    # Headless and ExternalName services are not proxied; IPv4 only (one table per family).
-    return svc is not None and svc.type != "ExternalName" and svc.cluster_ip("IPv4") is not None
+def _eligible(svc: ServicePort | None, family: IPFamily) -> bool:
+    # Headless and ExternalName services are not proxied; one table per family.
+    return svc is not None and svc.type != "ExternalName" and svc.cluster_ip(family) is not None
 
 
-def _element(table: str, e: Element) -> str:
+def _element(t: str, e: Element) -> str:
     body = f"{e[1]} : {e[2]}" if e[2] else e[1]
-    return f"element {FAMILY} {table} {e[0]} {{ {body} }}\n"
+    return f"element {t} {e[0]} {{ {body} }}\n"
 
 
 class NftablesProxier(Proxier):
@@ -227,13 +232,20 @@ class NftablesProxier(Proxier):
         node_zone: str = "",
         table: str = TABLE,
         service_cidrs: tuple[str, ...] = (),
+        family: IPFamily = "IPv4",
     ) -> None:
         check_masquerade_bit(masquerade_bit)
-        v4 = ipv4_node_addresses(nodeport_addresses, node_ips, cluster_cidr, log)
+        if family not in NFT_FAMILIES:
+            raise ValueError(f"nftables proxier: IP family {family!r}")
+        addrs = node_addresses(nodeport_addresses, node_ips, cluster_cidr, log, family)
         self.nft = nft
         self.table = table
-        self.cluster_cidr = v4.cluster_cidr
-        self.nodeport_addresses = v4.nodeport_cidrs
+        self.family: IPFamily = family
+        self.ipx = NFT_FAMILIES[family]  # "ip" or "ip6": the table's family and its address matches
+        self.addr_type = "ipv6_addr" if family == "IPv6" else "ipv4_addr"
+        self._t = f"{self.ipx} {table}"
+        self.cluster_cidr = addrs.cluster_cidr
+        self.nodeport_addresses = addrs.nodeport_cidrs
         self.masquerade_all = masquerade_all
         self.mark = f"0x{1 << masquerade_bit:08x}"
         self.conntrack = conntrack
@@ -241,8 +253,8 @@ class NftablesProxier(Proxier):
         self.render: Renderer = renderer or load_renderer()
         self.node_zone = node_zone
         self.service_cidrs: tuple[str, ...] = ()
-        self._config_node_ips = v4.node_ips
-        self._node_ips: tuple[str, ...] = v4.node_ips
+        self._config_node_ips = addrs.node_ips
+        self._node_ips: tuple[str, ...] = addrs.node_ips
         self._programmed: dict[ServicePortName, _Programmed] = {}
         self._refs: Counter[Element] = Counter()  # element -> ServicePorts that want it
         self._stale: dict[str, float] = {}  # chain or "set NAME" flushed, waiting for deletion -> when
@@ -266,7 +278,7 @@ class NftablesProxier(Proxier):
 
     def _skeleton(self) -> list[str]:
         """The table's fixed part: base chains, jumps, shared chains, maps and sets."""
-        t = f"{FAMILY} {self.table}"
+        t, ipx, addr = self._t, self.ipx, self.addr_type
         out = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
         for name, kind, hook, prio in BASE_CHAINS:
             out.append(f"add chain {t} {name} {{ type {kind} hook {hook} priority {prio} ; }}\n")
@@ -277,32 +289,32 @@ class NftablesProxier(Proxier):
             out.append(f"add rule {t} {src} {cond + ' ' if cond else ''}jump {dst}\n")
         # Upstream drops INVALID forwarded packets (kubernetes#74839) unless tcp_be_liberal is set.
         out.append(f"add rule {t} filter-forward ct state invalid drop\n")
-        out.append(f'add set {t} cluster-ips {{ type ipv4_addr ; comment "Active ClusterIPs" ; }}\n')
-        out.append(f'add set {t} hairpin-ips {{ type ipv4_addr . ipv4_addr ; comment "endpoint . endpoint: a pod reaching itself" ; }}\n')
-        out.append(f'add set {t} nodeport-ips {{ type ipv4_addr ; comment "IPs that accept NodePort traffic" ; }}\n')
+        out.append(f'add set {t} cluster-ips {{ type {addr} ; comment "Active ClusterIPs" ; }}\n')
+        out.append(f'add set {t} hairpin-ips {{ type {addr} . {addr} ; comment "endpoint . endpoint: a pod reaching itself" ; }}\n')
+        out.append(f'add set {t} nodeport-ips {{ type {addr} ; comment "IPs that accept NodePort traffic" ; }}\n')
         for name, kind, comment in MAPS:
-            out.append(f'add map {t} {name} {{ type {kind} ; comment "{comment}" ; }}\n')
+            out.append(f'add map {t} {name} {{ type {kind.replace("ADDR", addr)} ; comment "{comment}" ; }}\n')
 
         m = self.mark
         out.append(f"add rule {t} mark-for-masquerade meta mark set meta mark or {m}\n")
         # Hairpin: a connection DNATed back to the address it came from (upstream marks it in
         # each endpoint chain; one lookup here does it without a chain per endpoint).
-        out.append(f"add rule {t} masquerading ct status dnat ip saddr . ip daddr @hairpin-ips masquerade fully-random\n")
+        out.append(f"add rule {t} masquerading ct status dnat {ipx} saddr . {ipx} daddr @hairpin-ips masquerade fully-random\n")
         out.append(f"add rule {t} masquerading meta mark and {m} == 0 return\n")
         out.append(f"add rule {t} masquerading meta mark set meta mark xor {m}\n")
         out.append(f"add rule {t} masquerading masquerade fully-random\n")
         out.append(f"add rule {t} reject-chain reject\n")
-        out.append(f"add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips\n")
-        out.append(f"add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n")
-        out.append(f"add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips\n")
+        out.append(f"add rule {t} services {ipx} daddr . meta l4proto . th dport vmap @service-ips\n")
+        out.append(f"add rule {t} service-endpoints-check {ipx} daddr . meta l4proto . th dport vmap @no-endpoint-services\n")
+        out.append(f"add rule {t} firewall-check {ipx} daddr . meta l4proto . th dport vmap @firewall-ips\n")
         out.extend(self._cluster_ips_check())
         if self.nodeport_addresses:
-            match = "ip daddr @nodeport-ips"
+            match = f"{ipx} daddr @nodeport-ips"
             for ip in self._nodeport_ips():
                 out.append(f"add element {t} nodeport-ips {{ {ip} }}\n")
         else:
             # Every local address but loopback: upstream's nftables mode has no localhost NodePorts.
-            match = "fib daddr type local ip daddr != 127.0.0.0/8"
+            match = "fib daddr type local " + ("ip6 daddr != ::1" if ipx == "ip6" else "ip daddr != 127.0.0.0/8")
         out.append(f"add rule {t} services {match} meta l4proto . th dport vmap @service-nodeports\n")
         out.append(f"add rule {t} nodeport-endpoints-check {match} meta l4proto . th dport vmap @no-endpoint-nodeports\n")
         return out
@@ -310,17 +322,19 @@ class NftablesProxier(Proxier):
     def _cluster_ips_check(self) -> list[str]:
         """Traffic to a ClusterIP on a port no Service has: rejected; to an address of the
         service CIDRs that no Service has: dropped (upstream 1.33, from the ServiceCIDR objects)."""
-        t = f"{FAMILY} {self.table}"
-        out = [f'add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"\n']
+        t, ipx = self._t, self.ipx
+        out = [f'add rule {t} cluster-ips-check {ipx} daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"\n']
         # One rule per CIDR, not upstream's `ip daddr { CIDRs }`: an anonymous interval set per
         # change is what kproxy's netlink grammar does not write, and the CIDRs are one or two.
-        out.extend(f'add rule {t} cluster-ips-check ip daddr {cidr} drop comment "Drop traffic to unallocated ClusterIPs"\n'
+        out.extend(f'add rule {t} cluster-ips-check {ipx} daddr {cidr} drop comment "Drop traffic to unallocated ClusterIPs"\n'
                    for cidr in self.service_cidrs)
         return out
 
     def set_service_cidrs(self, cidrs: tuple[str, ...]) -> None:
-        """The service CIDRs (upstream's OnServiceCIDRsChanged); the next sync is full."""
-        parsed = tuple(str(ipaddress.IPv4Network(c, strict=False)) for c in cidrs if ":" not in c)
+        """The service CIDRs (upstream's OnServiceCIDRsChanged: this family's of them); the next
+        sync is full."""
+        v6 = self.family == "IPv6"
+        parsed = tuple(str(ipaddress.ip_network(c, strict=False)) for c in cidrs if (":" in c) == v6)
         if parsed != self.service_cidrs:
             self.service_cidrs = parsed
             self._need_full = True
@@ -330,7 +344,7 @@ class NftablesProxier(Proxier):
         through its block of the shared endpoint map (kept from `old` while it is big enough,
         so that an endpoint change is element changes only)."""
         r = self.render.render_service_port(svc, eps, self.masquerade_all, self.cluster_cidr,
-                                            self._node_ips, self.node_zone)
+                                            self._node_ips, self.node_zone, self.family)
         serving: frozenset[tuple[IP, Port]] = frozenset()
         if svc.protocol == "UDP":
             serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)
@@ -346,7 +360,7 @@ class NftablesProxier(Proxier):
             if size < n:
                 offset, size = self._slots.setdefault(emap, Slots()).take(n)
             slots[chain] = (offset, size)
-            rule = f"meta l4proto {proto} dnat ip addr . port to numgen random mod {n} offset {offset} map @{emap}"
+            rule = f"meta l4proto {proto} dnat {self.ipx} addr . port to numgen random mod {n} offset {offset} map @{emap}"
             chains[chain] = f"{chains[chain]}\n{rule}" if chains[chain] else rule
             elements.extend((emap, f"0x{offset + k:x}", target) for k, target in enumerate(targets))
         for chain, block in old_slots.items():
@@ -359,11 +373,11 @@ class NftablesProxier(Proxier):
         self._slots.setdefault(emap, Slots()).give_back(*block)
 
     def _chain_lines(self, chain: str, rules: str) -> list[str]:
-        t = f"{FAMILY} {self.table}"
+        t = self._t
         return [f"add rule {t} {chain} {rule}\n" for rule in rules.split("\n") if rule]
 
     def _set_line(self, name: str, timeout: int) -> str:
-        return f"add set {FAMILY} {self.table} {name} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}\n"
+        return f"add set {self._t} {name} {{ type {self.addr_type} ; flags dynamic,timeout ; timeout {timeout}s ; }}\n"
 
 
     def _full(self, services: ServicePortMap, endpoints: EndpointsMap, recreate: bool) -> tuple[
@@ -374,7 +388,7 @@ class NftablesProxier(Proxier):
         the bookkeeping still says what the kernel holds) every chain and map of the table is
         flushed and refilled, and the dynamic affinity sets are kept with their clients, as
         upstream does; chains no longer wanted are flushed and deleted after the grace period."""
-        t = f"{FAMILY} {self.table}"
+        t = self._t
         stale: dict[str, float] = {}
         if recreate:
             # Creating the table first makes the delete valid when it does not exist yet; the
@@ -398,7 +412,7 @@ class NftablesProxier(Proxier):
         self._slots = {}  # every block anew: the endpoint maps are written whole
         empty: tuple[Endpoint, ...] = ()
         rule_lines: list[str] = []
-        for name in sorted(n for n, s in services.items() if _eligible(s)):
+        for name in sorted(n for n, s in services.items() if _eligible(s, self.family)):
             p = self._render(services[name], tuple(endpoints.get(name, empty)), None)
             programmed[name] = p
             for set_name, timeout in p.sets:
@@ -411,14 +425,14 @@ class NftablesProxier(Proxier):
                 rule_lines.extend(self._chain_lines(chain, rules))
             refs.update(p.elements)
         used = {e[0] for e in refs if e[0].startswith("endpoints-")}
-        out.extend(_map_line(self.table, m) for m in sorted(used - self._maps if not recreate else used))
+        out.extend(_map_line(t, m) for m in sorted(used - self._maps if not recreate else used))
         self._pending_maps = used if recreate else used | self._maps
         # The endpoint maps' elements before the rules that look them up (either way the kernel
         # checks each data element against each lookup bound to its map: see ENDPOINT_MAPS).
         elements = sorted(refs)
-        out.extend("add " + _element(self.table, e) for e in elements if e[0].startswith("endpoints-"))
+        out.extend("add " + _element(t, e) for e in elements if e[0].startswith("endpoints-"))
         out.extend(rule_lines)  # after every chain: a rule may jump to a chain declared later
-        out.extend("add " + _element(self.table, e) for e in elements if not e[0].startswith("endpoints-"))
+        out.extend("add " + _element(t, e) for e in elements if not e[0].startswith("endpoints-"))
         return out, programmed, refs, stale
 
     def _partial(self, request: SyncRequest) -> tuple[list[str], dict[ServicePortName, _Programmed | None],
@@ -427,7 +441,7 @@ class NftablesProxier(Proxier):
         (ServicePort -> what is programmed now, or None; element reference count changes; the
         stale objects), applied only once the kernel took the transaction. The work is
         proportional to the changed ServicePorts, not to the table."""
-        t = f"{FAMILY} {self.table}"
+        t = self._t
         updates: dict[ServicePortName, _Programmed | None] = {}
         delta: Counter[Element] = Counter()
         stale = dict(self._stale)
@@ -442,7 +456,7 @@ class NftablesProxier(Proxier):
             svc = request.services.get(name)
             old = self._programmed.get(name)
             cur = None
-            if svc is not None and _eligible(svc):
+            if svc is not None and _eligible(svc, self.family):
                 cur = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
             elif old is not None:
                 for chain, block in old.slots.items():
@@ -477,7 +491,7 @@ class NftablesProxier(Proxier):
                 for e in cur.elements:
                     if e[0].startswith("endpoints-") and e[0] not in self._maps and e[0] not in new_maps:
                         new_maps.add(e[0])
-                        new_sets.append(_map_line(self.table, e[0]))
+                        new_sets.append(_map_line(t, e[0]))
             updates[name] = cur
         before = self._refs
         gone = [e for e, d in delta.items() if d < 0 and before[e] + d <= 0 < before[e]]
@@ -485,8 +499,8 @@ class NftablesProxier(Proxier):
         # Order: everything a rule or an element points to exists before it is referenced, and
         # an element whose value changed is deleted before it is added again.
         out = new_sets + new_chains + rules
-        out.extend("delete " + _element(self.table, e) for e in sorted(gone))
-        out.extend("add " + _element(self.table, e) for e in sorted(added))
+        out.extend("delete " + _element(t, e) for e in sorted(gone))
+        out.extend("add " + _element(t, e) for e in sorted(added))
         out.extend(flush_stale)
         for obj, since in sorted(stale.items()):
             # A chain, set or map belongs to one ServicePort (its name says which), which took
@@ -568,7 +582,7 @@ class NftablesProxier(Proxier):
     def _refresh_node_ips(self) -> None:
         ips: tuple[str, ...] = ()
         try:
-            ips = tuple(self.nft.local_ipv4_addresses())
+            ips = tuple(self.nft.local_addresses(self.family))
         except NftError as e:
             log.warning("cannot list node addresses err=%s", e)
         self._node_ips = tuple(dict.fromkeys(self._config_node_ips + ips))
@@ -582,35 +596,53 @@ class NftablesProxier(Proxier):
         self._need_full = True
         self._table_known = False
         self._maps = set()
-        return _delete_table(self.nft, self.table)
+        return _delete_table(self.nft, self.ipx, self.table)
 
     def close(self) -> None:
         if self.health_server is not None:
             self.health_server.close()
 
 
-def _delete_table(nft: Nft, table: str) -> bool:
+def _delete_table(nft: Nft, family: str, table: str) -> bool:
     try:
-        return nft.delete_table(FAMILY, table)
+        return nft.delete_table(family, table)
     except NftError as e:
-        log.error("cleanup: cannot delete table %s %s err=%s", FAMILY, table, e)
+        log.error("cleanup: cannot delete table %s %s err=%s", family, table, e)
         return False
 
 
 def cleanup_leftovers(config: KProxyConfig) -> bool:
-    """`kproxy --cleanup` in any mode: remove the nftables table (no proxier needed). A node
-    without the nft tool cannot have the table from kproxy."""
+    """`kproxy --cleanup` in any mode: remove the nftables tables of both families (no proxier
+    needed), as upstream's CleanupLeftovers. A node without the nft tool cannot have them."""
     nft = Nft(netns=config.netns or None)
+    ok = True
+    for family in NFT_FAMILIES.values():
+        try:
+            if not nft.table_exists(family, TABLE):
+                continue
+        except NftError:
+            continue
+        ok = _delete_table(nft, family, TABLE) and ok
+    return ok
+
+
+def family_supported(config: KProxyConfig, family: IPFamily) -> bool:
+    """Upstream's platformCheckSupported for nftables: the kernel takes a transaction on a table
+    of the family (an IPv6-less kernel has no ip6 family), checked with an empty batch creating
+    and deleting a probe table, which leaves nothing."""
+    nft = Nft(netns=config.netns or None)
+    probe = f"{NFT_FAMILIES[family]} kproxy-probe-{os.getpid()}"
     try:
-        if not nft.table_exists(FAMILY, TABLE):
-            return True
-    except NftError:
-        return True
-    return _delete_table(nft, TABLE)
+        nft.apply([f"add table {probe}\n", f"delete table {probe}\n"])
+    except NftError as e:
+        log.info("%s nftables not usable here err=%s", family, e)
+        return False
+    return True
 
 
-def new_proxier(config: KProxyConfig) -> Proxier:
-    """Build the nftables proxier from the validated configuration."""
+def new_family_proxier(config: KProxyConfig, family: IPFamily) -> Proxier:
+    """The nftables proxier of one family (`ip kube-proxy` or `ip6 kube-proxy`) from the
+    validated configuration; the Service health checks are kproxy.proxiers.meta's."""
     netns = config.netns or None  # "" is no namespace too
     nft = Nft(netns=netns)
     try:
@@ -623,8 +655,14 @@ def new_proxier(config: KProxyConfig) -> Proxier:
         nodeport_addresses=config.nodeport_addresses,
         masquerade_all=config.masquerade_all,
         masquerade_bit=config.masquerade_bit,  # 0 is valid (validation accepts 0..31)
-        conntrack=Conntrack(netns=netns),
-        health_server=ServiceHealthServer(config.healthcheck_bind_address, netns=netns),
+        conntrack=Conntrack(netns=netns, family=family),
         node_ips=config.node_ips,
         node_zone=config.node_zone,
+        family=family,
     )
+
+
+def new_proxier(config: KProxyConfig) -> Proxier:
+    """One nftables proxier per family this node can run (kproxy.proxiers.meta), as upstream's
+    NewDualStackProxier for nftables."""
+    return new_proxier_for_families(config, new_family_proxier, family_supported)

@@ -34,7 +34,7 @@ from iptables_topology import Topology
 
 from kproxy.config import KProxyConfig
 from kproxy.proxiers.base import Proxier, SyncRequest
-from kproxy.proxiers.meta import MetaProxier, single_family
+from kproxy.proxiers.meta import MetaProxier
 
 pytestmark = pytest.mark.e2e
 
@@ -42,10 +42,10 @@ HERE = ("iptables-nft", "iptables-legacy", "userspace", "nftables")
 TRACE_ARGS = {"iptables-nft": ["--mode", "iptables", "--iptables-backend", "nft"],
               "iptables-legacy": ["--mode", "iptables", "--iptables-backend", "legacy"],
               "userspace": ["--mode", "userspace"], "nftables": []}  # auto: the mode is detected
-# The families each mode proxies here; nftables: no `ip6` table yet (README, nftables).
+# The families each mode proxies here (nftables: the `ip` and `ip6` kube-proxy tables).
 MODE_FAMILIES: dict[str, tuple[Family, ...]] = {"iptables-nft": ("IPv4", "IPv6"),
                                                 "iptables-legacy": ("IPv4", "IPv6"),
-                                                "userspace": ("IPv4", "IPv6"), "nftables": ("IPv4",)}
+                                                "userspace": ("IPv4", "IPv6"), "nftables": ("IPv4", "IPv6")}
 
 
 @dataclass
@@ -76,11 +76,11 @@ def build(mode: str, topo: Topology) -> Proxier:
                           hostname_override=NODE_NAME, node_ips=(NODE_IP, NODE_IP6), node_zone=NODE_ZONE,
                           bind_address=NODE_IP, udp_idle_timeout=1.0,
                           iptables_backend=mode.split("-")[1] if "-" in mode else "nft")
-    # As kproxy.server's ModeRegistry builds them: a mode with one family gets that family's view.
+    # As kproxy.server's ModeRegistry builds them: one proxier per family.
     if mode == "nftables":
         from kproxy.proxiers.nftables import new_proxier as nftables_proxier
 
-        return single_family(nftables_proxier(config))
+        return nftables_proxier(config)
     if mode.startswith("iptables"):
         from kproxy.proxiers.iptables import new_proxier as iptables_proxier
 
@@ -112,9 +112,9 @@ def test_conformance(mode: Mode, scenario: Scenario, run: tuple[Variant, Family]
     if family not in MODE_FAMILIES[mode.name]:
         pytest.skip(f"{mode.name}: no {family} proxier (MODE_FAMILIES)")
     # Every passing probe of the single-stack Services is also traced (`kproxy trace`) and must
-    # agree; IPv6 in iptables modes (userspace's IPv6 relay publishes no status socket); the
+    # agree; IPv6 in iptables and nftables modes (userspace's IPv6 relay publishes no status socket); the
     # dual-stack runs take the same paths through the tracer at twice the cost, so they are not.
-    traced = variant == "IPv4" or (variant == "IPv6" and mode.name.startswith("iptables"))
+    traced = variant == "IPv4" or (variant == "IPv6" and mode.name != "userspace")
     tracer = trace_checker(mode.topo.node, TRACE_ARGS[mode.name], mode.name == "nftables") if traced else None
     mode.sync_phase(scenario, variant, 1)  # a dual-stack run over the other family changed it
     failures = check_scenario(mode.name, scenario, mode.client, lambda: mode.sync_phase(scenario, variant, 2),

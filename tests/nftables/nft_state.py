@@ -2,6 +2,7 @@
 of comparable entries (read with `nft -j list table`, never from kproxy's own bookkeeping)."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -30,28 +31,31 @@ def name(i: int) -> ServicePortName:
     return ServicePortName("bench", f"svc-{i}", "http", "TCP")
 
 
-def service(i: int, node_port: bool = False) -> ServicePort:
+def service(i: int, node_port: bool = False, family: str = "IPv4") -> ServicePort:
+    """Service i: ClusterIP 10.96.0.0/12 + i (IPv6: fd00:10:96::/108 + i)."""
+    ip = str(ipaddress.IPv6Address(f"fd00:10:96::{i:x}")) if family == "IPv6" else f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}"
     return ServicePort(
         name=name(i), type="NodePort" if node_port else "ClusterIP",
-        cluster_ips=(f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}",), port=80, protocol="TCP",
+        cluster_ips=(ip,), port=80, protocol="TCP",
         node_port=30000 + (i % 2000) if node_port else 0,
     )
 
 
-def endpoints(i: int, count: int, first: int = 0) -> tuple[Endpoint, ...]:
-    base = i * 64  # 10.128.0.0/10: unique per Service and endpoint (k < 64)
+def endpoints(i: int, count: int, first: int = 0, family: str = "IPv4") -> tuple[Endpoint, ...]:
+    base = i * 64  # 10.128.0.0/10 (IPv6: fd00:10:128::/64): unique per Service and endpoint (k < 64)
     out = []
     for k in range(first, first + count):
         n = base + k
-        out.append(Endpoint(ip=f"10.{128 + (n >> 16) % 64}.{(n >> 8) % 256}.{n % 256}", port=8080,
-                            node_name="node-1", is_local=True))
+        ip = (str(ipaddress.IPv6Address(f"fd00:10:128::{n >> 16:x}:{n & 0xFFFF:x}")) if family == "IPv6"
+              else f"10.{128 + (n >> 16) % 64}.{(n >> 8) % 256}.{n % 256}")
+        out.append(Endpoint(ip=ip, port=8080, node_name="node-1", is_local=True))
     return tuple(out)
 
 
-def state(services: int, per: int, node_ports: bool = False) -> tuple[dict[ServicePortName, ServicePort],
-                                                                        dict[ServicePortName, tuple[Endpoint, ...]]]:
-    svcs = {name(i): service(i, node_ports and i < 2000) for i in range(services)}
-    return svcs, {name(i): endpoints(i, per) for i in range(services)}
+def state(services: int, per: int, node_ports: bool = False, family: str = "IPv4") -> tuple[
+        dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
+    svcs = {name(i): service(i, node_ports and i < 2000, family) for i in range(services)}
+    return svcs, {name(i): endpoints(i, per, family=family) for i in range(services)}
 
 
 def kernel_entries(netns: str, family: str = "ip", table: str = "kube-proxy") -> set[str]:

@@ -1,6 +1,7 @@
 """The nftables mode against the kernel, in a network namespace this test creates: partial syncs
 change only the changed Service's chains and elements (read back with `nft -j list table`), a
-failed transaction leaves the previous ruleset, --cleanup removes the table (from every mode), and
+failed transaction leaves the previous ruleset (both in the `ip` and in the `ip6` table),
+--cleanup removes both tables (from every mode), and
 another table and iptables-nft rules beside kproxy's are left as they were.
 Packets through the rules: tests/conformance (every scenario in nftables mode)."""
 from __future__ import annotations
@@ -31,8 +32,12 @@ class CountingNft(Nft):
         super().apply(transaction)
 
 
-def proxier(netns: str) -> NftablesProxier:
-    return NftablesProxier(CountingNft(netns), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",))
+NFT_FAMILY = {"IPv4": "ip", "IPv6": "ip6"}
+
+
+def proxier(netns: str, family: str = "IPv4") -> NftablesProxier:
+    return NftablesProxier(CountingNft(netns), cluster_cidr="10.0.0.0/8,fd00:10::/64",
+                           node_ips=("192.168.77.1", "fd00:77::1"), family=family)  # type: ignore[arg-type]
 
 
 def _belongs(entry: str, svc: ServicePort, eps: tuple[Endpoint, ...]) -> bool:
@@ -40,19 +45,21 @@ def _belongs(entry: str, svc: ServicePort, eps: tuple[Endpoint, ...]) -> bool:
     return readable in entry or any(f'"{ip}"' in entry for ip in (*svc.cluster_ips, *(e.ip for e in eps)))
 
 
-def test_partial_sync_changes_only_the_changed_service(netns: str) -> None:
-    p = proxier(netns)
-    services, eps = state(50, 3, node_ports=True)
+@pytest.mark.parametrize("family", ["IPv4", "IPv6"])
+def test_partial_sync_changes_only_the_changed_service(netns: str, family: str) -> None:
+    p = proxier(netns, family)
+    fam = NFT_FAMILY[family]
+    services, eps = state(50, 3, node_ports=True, family=family)
     assert p.sync(SyncRequest(services, eps)).ok
-    before = kernel_entries(netns)
+    before = kernel_entries(netns, fam)
     old_eps = eps[name(7)]
     eps = dict(eps)
-    eps[name(7)] = old_eps[:2] + endpoints(7, 1, first=5)  # one endpoint replaced
+    eps[name(7)] = old_eps[:2] + endpoints(7, 1, first=5, family=family)  # one endpoint replaced
     p.nft.transactions.clear()  # type: ignore[attr-defined]
     res = p.sync(SyncRequest(services, eps, changed=frozenset({name(7)}), full=False))
     assert res.ok, res.error
     assert len(p.nft.transactions) == 1  # type: ignore[attr-defined]  # ONE transaction
-    after = kernel_entries(netns)
+    after = kernel_entries(netns, fam)
     changed = before ^ after
     assert changed, "the endpoint change did not reach the kernel"
     foreign = [e for e in changed if not _belongs(e, services[name(7)], old_eps + eps[name(7)])]
@@ -66,21 +73,22 @@ def test_partial_sync_changes_only_the_changed_service(netns: str) -> None:
     assert not any(old_ip in e for e in after), "the removed endpoint is still in the ruleset"
     # NodePort -> ClusterIP: its external- chain is flushed now and deleted after the grace period.
     svc3 = dict(services)
-    svc3[name(3)] = service(3)
+    svc3[name(3)] = service(3, family=family)
     assert p.sync(SyncRequest(svc3, eps, changed=frozenset({name(3)}), full=False)).ok
-    final = kernel_entries(netns)
+    final = kernel_entries(netns, fam)
     ext = [e for e in final if e.startswith("chain ") and '"external-' in e and "/svc-3/" in e]
     assert ext and not any(e.startswith("rule external-") and "/svc-3/" in e for e in final)
     changed = after ^ final
     assert changed and all(_belongs(e, svc3[name(3)], eps[name(3)]) for e in changed), changed
     assert not any("service-nodeports" in e and "external-" in e and "/svc-3/" in e for e in final)
     p.stale_grace = 0.0
-    svc3[name(4)] = service(4)  # the next partial sync deletes the stale chain, in its transaction
+    svc3[name(4)] = service(4, family=family)  # the next partial sync deletes the stale chain, in its transaction
     assert p.sync(SyncRequest(svc3, eps, changed=frozenset({name(4)}), full=False)).ok
     assert "delete chain" in p.last_transaction
-    final = kernel_entries(netns)
+    assert p.nft.last_way == "netlink"
+    final = kernel_entries(netns, fam)
     assert not any(e.startswith("chain ") and '"external-' in e and "/svc-3/" in e for e in final)
-    assert p.cleanup() and not table_exists(netns, "ip", "kube-proxy")
+    assert p.cleanup() and not table_exists(netns, fam, "kube-proxy")
 
 
 class BadRenderer:
@@ -98,40 +106,43 @@ class BadRenderer:
         return type(r)(chains, r.elements, r.sets)
 
 
-def test_failed_transaction_leaves_the_previous_ruleset(netns: str) -> None:
-    p = proxier(netns)
-    services, eps = state(20, 2)
+@pytest.mark.parametrize("family", ["IPv4", "IPv6"])
+def test_failed_transaction_leaves_the_previous_ruleset(netns: str, family: str) -> None:
+    p = proxier(netns, family)
+    fam = NFT_FAMILY[family]
+    services, eps = state(20, 2, family=family)
     assert p.sync(SyncRequest(services, eps)).ok
-    before = kernel_entries(netns)
+    before = kernel_entries(netns, fam)
     eps2 = dict(eps)
-    eps2[name(4)] = endpoints(4, 2, first=3)
-    eps2[name(5)] = endpoints(5, 2, first=3)
+    eps2[name(4)] = endpoints(4, 2, first=3, family=family)
+    eps2[name(5)] = endpoints(5, 2, first=3, family=family)
     good = p.render
     p.render = BadRenderer("svc-5")
     res = p.sync(SyncRequest(services, eps2, changed=frozenset({name(4), name(5)}), full=False))
     assert not res.ok and "exited" in res.error
-    assert kernel_entries(netns) == before, "a failed partial transaction changed the kernel"
+    assert kernel_entries(netns, fam) == before, "a failed partial transaction changed the kernel"
     res = p.sync(SyncRequest(services, eps2, full=True))  # a failed full sync, too
     assert not res.ok
-    assert kernel_entries(netns) == before, "a failed full transaction changed the kernel"
+    assert kernel_entries(netns, fam) == before, "a failed full transaction changed the kernel"
     p.render = good
     res = p.sync(SyncRequest(services, eps2, changed=frozenset(), full=False))
     assert res.ok and p.last_stats["full"] == 1.0, "the sync after a failure must be full"
-    after = kernel_entries(netns)
-    assert any(endpoints(5, 2, first=3)[0].ip in e for e in after)
+    after = kernel_entries(netns, fam)
+    assert any(endpoints(5, 2, first=3, family=family)[0].ip in e for e in after)
     assert p.cleanup()
 
 
 @pytest.mark.parametrize("mode", ["nftables", "iptables"])
 def test_cleanup_of_every_mode_removes_the_table(netns: str, mode: str) -> None:
-    p = proxier(netns)
-    services, eps = state(5, 2)
-    assert p.sync(SyncRequest(services, eps)).ok
-    assert table_exists(netns, "ip", "kube-proxy")
+    for family in ("IPv4", "IPv6"):
+        services, eps = state(5, 2, family=family)
+        assert proxier(netns, family).sync(SyncRequest(services, eps)).ok
+    assert table_exists(netns, "ip", "kube-proxy") and table_exists(netns, "ip6", "kube-proxy")
     out = sh("ip", "netns", "exec", netns, KPROXY, "--cleanup", "--proxy-mode", mode,
              "--iptables-backend", "nft", "--hostname-override", "n1", check=False)
     assert out.returncode == 0, out.stderr
     assert not table_exists(netns, "ip", "kube-proxy")
+    assert not table_exists(netns, "ip6", "kube-proxy")
     # Nothing to remove: still clean, exit 0.
     out = sh("ip", "netns", "exec", netns, KPROXY, "--cleanup", "--proxy-mode", mode,
              "--iptables-backend", "nft", "--hostname-override", "n1", check=False)

@@ -1,6 +1,8 @@
 """The real `kproxy --proxy-mode nftables` process in a node namespace, fed by the real
 kproxy-apiserver: connections reach the Service's endpoints, an EndpointSlice update over the API
-moves new connections, a Service delete removes its chains, `--cleanup` removes the table.
+moves new connections, a Service delete removes its chains, `--cleanup` removes the table. The
+node namespace has IPv6, so kproxy runs dual-stack: the `ip6 kube-proxy` table too (its packets:
+tests/conformance), removed by `--cleanup` as well.
 (The iptables tests' topology and API helpers, reused.)"""
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ def test_kproxy_nftables_mode_end_to_end(api: Api, topology: Topology, tmp_path:
     try:
         everyone = set(PODS)
         _wait(topology, vip, 80, everyone, proc)
+        assert table_exists(topology.node, "ip6", "kube-proxy"), "no IPv6 proxier on a node with IPv6"
         _wait(topology, NODE_IP, node_port, everyone, proc)
         api.put_slice("web-1", "web", [PODS["pod2"]])
         moved = _wait(topology, vip, 80, {"pod2"}, proc)
@@ -103,5 +106,7 @@ def test_kproxy_nftables_mode_end_to_end(api: Api, topology: Topology, tmp_path:
                               "--hostname-override", "node-1"], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert not table_exists(topology.node, "ip", "kube-proxy")
+    assert not table_exists(topology.node, "ip6", "kube-proxy")
     text = log_path.read_text(errors="replace")
     assert "ok=True" in text and "Traceback" not in text, text[-3000:]
+    assert "families=IPv4,IPv6" in text, text[-3000:]

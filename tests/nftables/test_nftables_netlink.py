@@ -1,6 +1,7 @@
 """kproxy's own nfnetlink encoding (kproxy.backends.nftnl) against `nft -f`: the same transactions
 through both leave identical rulesets in the kernel (read back with `nft -j list table`), for
-every conformance Service (each kind of rule kproxy writes) and random ones; a refused batch
+every conformance Service (each kind of rule kproxy writes) and random ones, in the `ip` and the
+`ip6` table (IPv6 and dual-stack conformance Services as the IPv6 proxier sees them); a refused batch
 leaves nothing behind; what the grammar does not cover is refused before anything is sent."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from kproxy.backends import nftnl
 from kproxy.backends.nftables import Nft, NftError
 from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.nftables import NftablesProxier
+from kproxy.proxy.families import endpoints_for_family, service_for_family
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conformance"))
 import conformance_table as ct  # noqa: E402
@@ -23,41 +25,51 @@ import conformance_table as ct  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 
-def _proxier(netns: str, netlink: bool) -> NftablesProxier:
-    return NftablesProxier(Nft(netns, netlink=netlink), cluster_cidr=ct.CLUSTER_CIDR, node_ips=(ct.NODE_IP,),
-                           node_zone=ct.NODE_ZONE, service_cidrs=("10.96.0.0/12",))
+def _proxier(netns: str, netlink: bool, family: ct.Family = "IPv4") -> NftablesProxier:
+    return NftablesProxier(Nft(netns, netlink=netlink), cluster_cidr=f"{ct.CLUSTER_CIDR},{ct.CLUSTER_CIDR6}",
+                           node_ips=(ct.NODE_IP, ct.NODE_IP6), node_zone=ct.NODE_ZONE,
+                           service_cidrs=("10.96.0.0/12", "fd00:10:96::/108"), family=family)
 
 
-def _steps() -> list[SyncRequest]:
+def _conformance_state(phase: int, family: ct.Family) -> tuple[dict, dict]:
+    """The conformance Services as the family's proxier gets them (kproxy.proxiers.meta's cut)."""
+    services, eps = ct.state(phase, (family, "dual") if family == "IPv6" else ("IPv4",))
+    cut = {n: v for n, v in ((n, service_for_family(s, family)) for n, s in services.items()) if v is not None}
+    return cut, {n: endpoints_for_family(e, family) for n, e in eps.items()}
+
+
+def _steps(family: ct.Family = "IPv4") -> list[SyncRequest]:
     """A full sync of a few Services, then partial syncs that add every conformance Service
     (phase 1), move their endpoints (phase 2), change endpoint counts, and delete some."""
-    few, few_eps = state(3, 2, node_ports=True)
-    s1, e1 = ct.state(1)
-    s2, e2 = ct.state(2)
+    few, few_eps = state(3, 2, node_ports=True, family=family)
+    s1, e1 = _conformance_state(1, family)
+    s2, e2 = _conformance_state(2, family)
     all1 = {**few, **s1}
     steps = [SyncRequest(few, few_eps)]
     steps.append(SyncRequest(all1, {**few_eps, **e1}, changed=frozenset(s1), full=False))
     steps.append(SyncRequest({**few, **s2}, {**few_eps, **e2}, changed=frozenset(s2), full=False))
-    grown = {**few_eps, **e2, name(1): endpoints(1, 5)}
+    grown = {**few_eps, **e2, name(1): endpoints(1, 5, family=family)}
     steps.append(SyncRequest({**few, **s2}, grown, changed=frozenset({name(1)}), full=False))
     gone = dict(list(s2.items())[::2])
     steps.append(SyncRequest({**few, **gone}, grown, changed=frozenset(s2), full=False))
     # The periodic resync (flush and refill, the table kept), then one that brings Services back.
-    steps.append(SyncRequest({**few, **gone}, {**grown, name(0): endpoints(0, 1)}, full=True))
+    steps.append(SyncRequest({**few, **gone}, {**grown, name(0): endpoints(0, 1, family=family)}, full=True))
     steps.append(SyncRequest({**few, **s2}, grown, changed=frozenset(s2) | {name(0)}, full=False))
     return steps
 
 
-def test_netlink_and_nft_leave_identical_rulesets(netns: str, netns2: str) -> None:
-    a, b = _proxier(netns, True), _proxier(netns2, False)
-    for i, step in enumerate(_steps()):
+@pytest.mark.parametrize("family", ["IPv4", "IPv6"])
+def test_netlink_and_nft_leave_identical_rulesets(netns: str, netns2: str, family: ct.Family) -> None:
+    a, b = _proxier(netns, True, family), _proxier(netns2, False, family)
+    nft_family = "ip6" if family == "IPv6" else "ip"
+    for i, step in enumerate(_steps(family)):
         ra, rb = a.sync(step), b.sync(step)
         assert ra.ok and rb.ok, (ra.error, rb.error)
         assert a.last_transaction == b.last_transaction
         assert a.nft.last_way == "netlink", f"step {i} went through nft"
         assert a.last_stats["recreate"] == (i == 0)
         assert b.nft.last_way == "nft"
-        ka, kb = kernel_entries(netns), kernel_entries(netns2)
+        ka, kb = kernel_entries(netns, nft_family), kernel_entries(netns2, nft_family)
         assert ka == kb, f"step {i}: only netlink {sorted(ka - kb)[:4]} only nft {sorted(kb - ka)[:4]}"
     assert a.cleanup() and b.cleanup()
 
@@ -108,7 +120,15 @@ def test_a_refused_batch_changes_nothing(netns: str) -> None:
     "add element ip kube-proxy m { 10.1.1.1 . tcp . 99999 }",
     "add table ip kube-proxy { flags dormant ; }",
     "add chain ip kube-proxy c { type route hook output priority 0 ; }",
-    "add set ip kube-proxy s { type ipv6_addr ; comment \"x\" ; }",
+    "add set ip kube-proxy s { type ipv6_addr . ipv4_addr ; comment \"x\" ; }",
+    "add rule ip6 kube-proxy c ip daddr 10.1.1.1 drop",
+    "add rule ip kube-proxy c ip6 daddr fd00::1 drop",
+    "add rule ip6 kube-proxy c ip6 daddr fd00::/129 drop",
+    "add rule ip6 kube-proxy c ip6 saddr 10.0.0.1 drop",
+    "add rule ip6 kube-proxy c meta l4proto tcp dnat ip6 to fd00::1:80",
+    "add rule ip6 kube-proxy c meta l4proto tcp dnat ip to 10.1.1.1:80",
+    "add rule ip6 kube-proxy c ip daddr . ip6 daddr @s",
+    "add element ip6 kube-proxy m { fd00::g . tcp . 80 }",
     "add rule ip kube-proxy c ip daddr . ip saddr vmap",
     "add rule ip other c drop\nadd rule ip kube-proxy c drop",
 ])
@@ -117,16 +137,16 @@ def test_outside_the_grammar_is_untranslatable(line: str) -> None:
         nftnl.translate([line + "\n"])
 
 
-words = st.sampled_from(["ip", "saddr", "daddr", "!=", "10.1.1.1", "10.0.0.0/8", "tcp", "dport", "80", "meta",
+words = st.sampled_from(["ip", "ip6", "fd00::1", "fd00::/64", "[fd00::1]:80", "saddr", "daddr", "!=", "10.1.1.1", "10.0.0.0/8", "tcp", "dport", "80", "meta",
                          "l4proto", "numgen", "random", "mod", "3", "==", "0", "jump", "goto", "x", "drop",
                          "dnat", "to", "10.1.1.1:80", "@s", "{", "}", "update", "fib", "type", "local", "map"])
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(words, max_size=14))
-def test_any_rule_text_translates_or_is_refused(ws: list[str]) -> None:
+@given(st.lists(words, max_size=14), st.sampled_from(["ip", "ip6"]))
+def test_any_rule_text_translates_or_is_refused(ws: list[str], family: str) -> None:
     try:
-        exprs = nftnl.rule_expressions(" ".join(ws))
+        exprs = nftnl.rule_expressions(" ".join(ws), family)
     except nftnl.Untranslatable:
         return
     assert len(exprs) >= 4

@@ -1,5 +1,5 @@
 """The nftables renderer: the compiled module and the same source run as Python produce identical
-output (conformance Services and random ones from hypothesis); chain names are stable, valid nft
+output (conformance Services of both families and random ones from hypothesis); chain names are stable, valid nft
 identifiers and unique per ServicePort; what each kind of traffic gets follows kproxy.proxy."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.proxiers.nftables import load_renderer
+from kproxy.proxy.families import endpoints_for_family, service_for_family
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conformance"))
-from conformance_table import CLUSTER_CIDR, NODE_IP, NODE_ZONE, state
+from conformance_table import CLUSTER_CIDR, CLUSTER_CIDR6, NODE_IP, NODE_IP6, NODE_ZONE, state
 
 COMPILED = load_renderer(pure=False)
 PURE = load_renderer(pure=True)
@@ -24,19 +25,30 @@ def test_the_compiled_module_is_compiled() -> None:
     assert PURE.__file__.endswith("_nftpath.py")
 
 
-def _both(svc: ServicePort, eps: tuple[Endpoint, ...], masq_all: bool = False) -> object:
-    args = (svc, eps, masq_all, CLUSTER_CIDR, (NODE_IP,), NODE_ZONE)
+def _both(svc: ServicePort, eps: tuple[Endpoint, ...], masq_all: bool = False, family: str = "IPv4") -> object:
+    v6 = family == "IPv6"
+    args = (svc, eps, masq_all, CLUSTER_CIDR6 if v6 else CLUSTER_CIDR, (NODE_IP6 if v6 else NODE_IP,), NODE_ZONE, family)
     a, b = COMPILED.render_service_port(*args), PURE.render_service_port(*args)
     assert tuple(a) == tuple(b)
     return a
 
 
 def test_conformance_services_render_identically() -> None:
+    """Every conformance Service as each family's proxier gets it (kproxy.proxiers.meta's cut);
+    in the ip6 table only ip6 matches, and no chain name holds an IPv6 address's colons."""
     for phase in (1, 2):
-        services, eps = state(phase)
-        for name, svc in services.items():
-            for masq in (False, True):
-                _both(svc, eps.get(name, ()), masq)
+        services, eps = state(phase, ("IPv4", "IPv6", "dual"))
+        for family in ("IPv4", "IPv6"):
+            for name, full in services.items():
+                svc = service_for_family(full, family)  # type: ignore[arg-type]
+                if svc is None:
+                    continue
+                for masq in (False, True):
+                    r = _both(svc, endpoints_for_family(eps.get(name, ()), family), masq, family)  # type: ignore[arg-type]
+                    text = " ".join(f"{c} {body}" for c, body in r.chains)  # type: ignore[attr-defined]
+                    assert all(":" not in c for c, _ in r.chains)  # type: ignore[attr-defined]
+                    if family == "IPv6":
+                        assert " ip " not in f" {text} " and "ip saddr" not in text and "ip daddr" not in text
 
 
 ips = st.builds(lambda a, b: f"10.{a}.{b}.{(a * 7 + b) % 250 + 1}", st.integers(0, 255), st.integers(0, 255))
