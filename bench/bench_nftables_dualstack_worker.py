@@ -2,7 +2,7 @@
 kproxy runs it (kproxy.proxiers.meta: one nftables proxier per family, `ip kube-proxy` and
 `ip6 kube-proxy`, each fed its family's view), in its own process so RSS is this case's alone.
 
-    python bench/bench_nftables_dualstack_worker.py SERVICES NETNS single|dual
+    python bench/bench_nftables_dualstack_worker.py SERVICES single|dual NETNS
 
 single: N IPv4 NodePort/ClusterIP Services x 10 IPv4 endpoints (tests/nftables/nft_state.py),
 the IPv4 proxier alone (a node without IPv6). dual: the same N Services dual-stack (a ClusterIP
@@ -53,7 +53,7 @@ def model(n: int, stack: str) -> tuple[dict[ServicePortName, ServicePort], dict[
 
 
 def main(argv: list[str]) -> None:
-    n, netns, stack = int(argv[0]), argv[1], argv[2]
+    n, stack, netns = int(argv[0]), argv[1], argv[2]  # bench_iptables_sync.run_in_fresh_netns's order
     services, eps = model(n, stack)
     families: tuple[IPFamily, ...] = ("IPv4", "IPv6") if stack == "dual" else ("IPv4",)
     proxiers = {f: NftablesProxier(Nft(netns), cluster_cidr="10.0.0.0/8,fd00:10::/32",

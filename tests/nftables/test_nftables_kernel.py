@@ -190,14 +190,14 @@ def test_coexists_with_another_table_and_iptables_nft_rules(netns: str) -> None:
     assert _iptables_rules(netns) == rules
 
 
-def _connect(netns: str, ip: str, port: int) -> str:
+def _connect(netns: str, ip: str, port: int, timeout: float = 1.0) -> str:
     """What a TCP connect from the node itself gets: "connected", "refused" or "timeout"."""
     import socket
 
     from kproxy.relay import socket_in_netns
 
-    with socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
+    with socket_in_netns(netns, socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
         try:
             s.connect((ip, port))
         except ConnectionRefusedError:
@@ -207,35 +207,62 @@ def _connect(netns: str, ip: str, port: int) -> str:
     return "connected"
 
 
-def test_unallocated_cluster_ips_are_dropped(netns: str) -> None:
+@pytest.mark.parametrize("family", ["IPv4", "IPv6"])
+def test_unallocated_cluster_ips_are_dropped(netns: str, family: str) -> None:
     """Upstream 1.33: traffic to an address of the service CIDRs that no Service has is dropped,
-    to a ClusterIP on a port the Service does not have rejected; other addresses untouched.
-    Real connections from the node's own namespace (the output hook) to listeners on its lo."""
+    to a ClusterIP on a port the Service does not have rejected (ICMPv6 in the ip6 table); other
+    addresses untouched; each family's table takes its family's CIDR. Real connections from the
+    node's own namespace (the output hook) to listeners on its lo."""
     import socket
 
     from kproxy.relay import socket_in_netns
 
-    services, eps = state(3, 1)  # ClusterIPs 10.96.0.0-2
-    unallocated, allocated, outside = "10.96.5.5", "10.96.0.1", "10.97.0.1"
+    v6 = family == "IPv6"
+    # The ICMPv6 error of a reject in the output hook comes back while connect() still holds its
+    # socket, which makes it a soft error for the SYN (tcp_v6_err); the retransmitted SYN, ~1 s
+    # later, gets the refusal. ip6tables' REJECT behaves the same here (measured).
+    wait = 2.5 if v6 else 1.0
+    services, eps = state(3, 1, family=family)  # ClusterIPs 10.96.0.0-2 (fd00:10:96::-2)
+    if v6:
+        unallocated, allocated, outside = "fd00:10:96::5:5", "fd00:10:96::1", "fd00:10:97::1"
+    else:
+        unallocated, allocated, outside = "10.96.5.5", "10.96.0.1", "10.97.0.1"
     listeners = []
     try:
         for ip in (unallocated, allocated, outside):
-            sh("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "lo")
-            srv = socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM)
+            sh("ip", "-n", netns, "addr", "add", f"{ip}/{128 if v6 else 32}", "dev", "lo")
+            srv = socket_in_netns(netns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
             srv.bind((ip, 8081))
             srv.listen(8)
             listeners.append(srv)
-        assert [_connect(netns, ip, 8081) for ip in (unallocated, allocated, outside)] == ["connected"] * 3
-        p = NftablesProxier(Nft(netns), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",),
-                            service_cidrs=("10.96.0.0/16",))
+        assert [_connect(netns, ip, 8081, wait) for ip in (unallocated, allocated, outside)] == ["connected"] * 3
+        p = NftablesProxier(Nft(netns), cluster_cidr="10.0.0.0/8,fd00:10::/32", node_ips=("192.168.77.1",),
+                            service_cidrs=("10.96.0.0/16", "fd00:10:96::/108"), family=family)  # type: ignore[arg-type]
         assert p.sync(SyncRequest(services, eps)).ok
         assert p.nft.last_way == "netlink"
-        assert [_connect(netns, ip, 8081) for ip in (unallocated, allocated, outside)] == ["timeout", "refused", "connected"]
+        assert [_connect(netns, ip, 8081, wait) for ip in (unallocated, allocated, outside)] == ["timeout", "refused", "connected"]
         p.set_service_cidrs(())  # the ServiceCIDR went away: the next (full) sync drops the rule
         assert p.sync(SyncRequest(services, eps, changed=frozenset(), full=False)).ok
         assert p.last_stats["full"] == 1.0 and p.last_stats["recreate"] == 0.0
-        assert [_connect(netns, ip, 8081) for ip in (unallocated, allocated, outside)] == ["connected", "refused", "connected"]
+        assert [_connect(netns, ip, 8081, wait) for ip in (unallocated, allocated, outside)] == ["connected", "refused", "connected"]
         assert p.cleanup()
     finally:
         for srv in listeners:
             srv.close()
+
+
+def test_nodeport_addresses_per_family(netns: str) -> None:
+    """--nodeport-addresses of both families: each table's nodeport-ips set holds its family's
+    node addresses only (the netns's own, found on its interfaces); without the flag the ip6
+    table takes NodePorts on every local address but ::1, as upstream."""
+    sh("ip", "-n", netns, "addr", "add", "fd00:77::1/64", "dev", "eth0", "nodad")
+    services, eps = state(2, 1, node_ports=True, family="IPv6")
+    p = NftablesProxier(Nft(netns), nodeport_addresses=("192.168.77.0/24", "fd00:77::/64"), family="IPv6")
+    assert p.sync(SyncRequest(services, eps)).ok
+    entries = kernel_entries(netns, "ip6")
+    assert {e for e in entries if e.startswith("elem nodeport-ips ")} == {'elem nodeport-ips "fd00:77::1"'}
+    assert p.cleanup()
+    everywhere = NftablesProxier(Nft(netns), family="IPv6")
+    assert everywhere.sync(SyncRequest(services, eps)).ok
+    assert "fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports" in everywhere.last_transaction
+    assert everywhere.cleanup()
