@@ -241,7 +241,12 @@ async def _start_http(app: web.Application, address: str, what: str,
             raise ConfigError(msg) from None
         log.error("%s; going on without it (--bind-address-hard-fail makes this fatal)", msg)
         return None
-    log.info("serving %s address=%s", what, address)
+    # The port actually bound, so a caller that asked for port 0 (tests beside other processes on
+    # one loopback) can read it from this line instead of racing for a port it picked itself.
+    bound = runner.addresses[0] if runner.addresses else None
+    if isinstance(bound, tuple):
+        bound = f"[{bound[0]}]:{bound[1]}" if ":" in str(bound[0]) else f"{bound[0]}:{bound[1]}"
+    log.info("serving %s address=%s bound=%s", what, address, bound)
     return runner
 
 

@@ -181,15 +181,34 @@ def running_etcd(members: int = 1, *, base: str | None = None, timeout: float = 
         raise RuntimeError(f"etcd not found at {ETCD} (apt-get install etcd-server; ./run setup does it)")
     own = base is None
     path = base or _tmp_base()
-    cluster = new_cluster(path, members, tls)
     with ExitStack() as stack:
         stack.callback(lambda: own and shutil.rmtree(path, ignore_errors=True))
+        # The ports are found free and released before etcd binds them (etcd cannot say which port
+        # it got for port 0), so another process on this loopback may take one in between. Only
+        # that failure is retried, on new ports and a fresh data dir, a bounded number of times.
+        for attempt in range(3):
+            cluster = new_cluster(path, members, tls)
+            try:
+                for i in range(members):
+                    cluster.start(i)
+                cluster.wait_healthy(timeout)
+                break
+            except (RuntimeError, TimeoutError):
+                for i in range(members):
+                    cluster.stop(i)
+                if attempt == 2 or not any(_lost_a_port(cluster, i) for i in range(members)):
+                    raise
+                for m in cluster.members:  # the logs too: they are appended to
+                    shutil.rmtree(m.data_dir, ignore_errors=True)
+                    if m.log_path:
+                        os.unlink(m.log_path)
         for i in range(members):
             stack.callback(cluster.stop, i)
-        for i in range(members):
-            cluster.start(i)
-        cluster.wait_healthy(timeout)
         yield cluster
+
+
+def _lost_a_port(cluster: EtcdCluster, i: int) -> bool:
+    return "address already in use" in cluster.tail(i)
 
 
 _shared: EtcdCluster | None = None

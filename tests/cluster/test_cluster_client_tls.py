@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import ssl
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
-from aiohttp import web
+from helpers.tls import mtls_nodes_server, write_kubeconfig
 
 from controlplane_stub import client as api
 from kproxy.kube.kubeconfig import KubeConfigError
@@ -41,33 +39,12 @@ def test_inline_certificates_authenticate_and_leave_no_file(tmp_path: Path, monk
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
 
-    def kubeconfig(url: str, user: dict[str, str]) -> str:
-        path = tmp_path / "kubeconfig"
-        path.write_text(yaml.safe_dump({
-            "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
-            "clusters": [{"name": "k", "cluster": {"server": url, "certificate-authority-data": b64(srv_cert)}}],
-            "users": [{"name": "u", "user": user}]}))
-        return str(path)
+    def kubeconfig(url: str, user: dict[str, object]) -> str:
+        return write_kubeconfig(tmp_path / "kubeconfig", {"server": url, "certificate-authority-data": b64(srv_cert)},
+                                user)
 
     async def main() -> None:
-        seen: list[str] = []
-
-        async def nodes(request: web.Request) -> web.Response:
-            peer = request.transport.get_extra_info("peercert") if request.transport else None
-            seen.append(dict(x[0] for x in peer["subject"])["commonName"] if peer else "")
-            return web.json_response({"kind": "NodeList", "metadata": {"resourceVersion": "1"}, "items": []})
-
-        sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs / "trust.crt"))
-        sctx.load_cert_chain(str(certs / "server.crt"), str(certs / "server.key"))
-        sctx.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no handshake
-        app = web.Application()
-        app.router.add_get("/api/v1/nodes", nodes)
-        runner = web.AppRunner(app, shutdown_timeout=0.2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sctx)
-        await site.start()
-        url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        try:
+        async with mtls_nodes_server(certs / "trust.crt", certs / "server.crt", certs / "server.key") as (url, seen):
             cfg = api.load_kubeconfig(kubeconfig(url, {"client-certificate-data": b64(cli_cert),
                                                        "client-key-data": b64(cli_key)}))
             assert cfg.client_cert_file == cfg.client_key_file == cfg.ca_file == ""  # the data stays in memory
@@ -83,8 +60,6 @@ def test_inline_certificates_authenticate_and_leave_no_file(tmp_path: Path, monk
                                                        "client-key-data": b64(srv_key)}))
             with pytest.raises(KubeConfigError, match="cannot load client certificate/key"):
                 bad.ssl_context()
-        finally:
-            await runner.cleanup()
 
     asyncio.run(main())
     assert os.listdir(scratch) == []

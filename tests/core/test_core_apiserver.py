@@ -9,8 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.kproxy_e2e import Api as E2eApi
+from helpers.procs import kproxy_bound_port
 
 from kproxy.kube.client import ApiClient, ApiError
 from kproxy.kube.informer import Informer
@@ -34,23 +34,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-class Api:
-    """Blocking writes to the API server (the side under test is the async reader)."""
-
-    def __init__(self, proc: Any) -> None:
-        self.proc = proc
-        self.ctx = ssl.create_default_context(cafile=proc.ca_file)
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        req = urllib.request.Request(
-            self.proc.url + path, method=method, data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {self.proc.token}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, context=self.ctx, timeout=10) as resp:
-                out: dict[str, Any] = json.loads(resp.read())
-                return out
-        except urllib.error.HTTPError as err:
-            raise AssertionError(f"{method} {path}: {err.code} {err.read()[:300]!r}") from None
+class Api(E2eApi):
+    """Blocking writes to the API server (the side under test is the async reader); put_slice here
+    takes (address, node) pairs, ports, labels and a trigger time, and creates or replaces."""
 
     def service(self, name: str, ports: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
         return self.call("POST", "/api/v1/namespaces/default/services",
@@ -174,12 +160,6 @@ def test_reflector_list_watch_bookmark_resume_and_410(api: Api) -> None:
 
 # ---- kproxy as a process ------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _http(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -252,15 +232,18 @@ def test_kproxy_process_syncs_health_metrics(api: Api, tmp_path: Path) -> None:
     api.service("other", [{"port": 80}], meta={"labels": {"service.kubernetes.io/service-proxy-name": "x"}})
 
     record = tmp_path / "syncs.jsonl"
-    hz, mp = _free_port(), _free_port()
+    # Port 0: kproxy binds ports of its own choosing and logs them (a port the test found free
+    # could be taken by another process on this loopback before kproxy binds it).
     args = ["--kubeconfig", api.proc.kubeconfig, "--proxy-mode", "recording", "--hostname-override", "Node-A",
-            "--healthz-bind-address", f"127.0.0.1:{hz}", "--metrics-bind-address", f"127.0.0.1:{mp}",
+            "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0",
             "--iptables-min-sync-period", "100ms", "--iptables-sync-period=1s", "--v=2"]
-    log = (tmp_path / "kproxy.log").open("wb")
+    log_path = tmp_path / "kproxy.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen([*_kproxy_cmd("{'recording': 'core_recorder'}"), *args], env=_env(record),
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     recs = Records(record)
     try:
+        hz, mp = kproxy_bound_port(log_path, "healthz", proc), kproxy_bound_port(log_path, "metrics", proc)
         i, first = recs.wait(lambda r: True, proc=proc)
         assert first["full"] and first["ok"]
         assert first["node_name"] == "node-a" and first["node_ips"] == ["10.0.0.5"]

@@ -79,7 +79,7 @@ def _kube_lines(ns: str, backend: str) -> list[str]:
 def test_cleanup_in_any_mode_removes_every_modes_leftovers(node: tuple[str, str], mode: str) -> None:
     ns, backend = node
     for ruleset in (IPTABLES_MODE, _userspace_mode()):
-        r = _sh(ns, f"iptables-{backend}-restore", "--noflush", stdin=ruleset)
+        r = _sh(ns, f"iptables-{backend}-restore", "-w", "30", "--noflush", stdin=ruleset)
         assert r.returncode == 0, r.stderr
     before = _kube_lines(ns, backend)
     assert any("KUBE-PORTALS-CONTAINER" in x for x in before) and any("KUBE-SVC-" in x for x in before)

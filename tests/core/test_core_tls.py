@@ -1,23 +1,20 @@
 """The client's TLS settings against a real TLS handshake on loopback: server verified with the
 kubeconfig's CA (or not, with insecure-skip-tls-verify), client certificate presented from
-*-data fields. The HTTPS endpoint is a minimal aiohttp app, because the control plane stub
-authenticates with tokens only and client certificates must be shown to work as well."""
+*-data fields. The HTTPS endpoint: tests/helpers/tls.py."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import datetime as dt
 import ipaddress
-import ssl
 from pathlib import Path
 
 import pytest
-import yaml
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers.tls import mtls_nodes_server, write_kubeconfig
 
 from kproxy.kube.client import ApiClient
 from kproxy.kube.kubeconfig import load_kubeconfig
@@ -55,35 +52,12 @@ def test_ca_verification_and_client_certificate(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(data)
 
     def kubeconfig(name: str, cluster: dict[str, object], user: dict[str, object]) -> str:
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump({
-            "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
-            "clusters": [{"name": "k", "cluster": cluster}], "users": [{"name": "u", "user": user}]}))
-        return str(path)
+        return write_kubeconfig(tmp_path / name, cluster, user)
 
     b64 = lambda b: base64.b64encode(b).decode()
 
     async def main() -> None:
-        seen: list[str] = []
-
-        async def nodes(request: web.Request) -> web.Response:
-            peer = request.transport.get_extra_info("peercert") if request.transport else None
-            cn = dict(x[0] for x in peer["subject"])["commonName"] if peer else ""
-            seen.append(cn)
-            return web.json_response({"kind": "NodeList", "metadata": {"resourceVersion": "1"}, "items": []})
-
-        sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
-        sctx.load_cert_chain(str(tmp_path / "srv.crt"), str(tmp_path / "srv.key"))
-        sctx.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no handshake
-        app = web.Application()
-        app.router.add_get("/api/v1/nodes", nodes)
-        runner = web.AppRunner(app, shutdown_timeout=0.2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sctx)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        url = f"https://127.0.0.1:{port}"
-        try:
+        async with mtls_nodes_server(tmp_path / "ca.crt", tmp_path / "srv.crt", tmp_path / "srv.key") as (url, seen):
             good = kubeconfig("good", {"server": url, "certificate-authority-data": b64(_pem(*ca)[0])},
                               {"client-certificate-data": b64(cli_cert), "client-key-data": b64(cli_key)})
             async with ApiClient(load_kubeconfig(good)) as c:
@@ -114,7 +88,5 @@ def test_ca_verification_and_client_certificate(tmp_path: Path) -> None:
                 with pytest.raises(Exception):  # noqa: B017 - the server aborts the handshake
                     await c.get("/api/v1/nodes")
             assert seen == ["system:kube-proxy"] * 3
-        finally:
-            await runner.cleanup()
 
     asyncio.run(main())

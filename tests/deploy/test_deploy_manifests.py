@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from helpers.kproxy_e2e import loopback_into, start_kproxy
+from helpers.procs import stop_process
 
 from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
 from kproxy._purepath import port_proto_hash
@@ -149,15 +151,6 @@ def node() -> Iterator[str]:
     yield from _netns()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
 def _forbidden(cluster: Cluster, token: str, method: str, path: str, body: Any = None) -> None:
     r = cluster.call(token, method, path, body)
     assert r.status_code == 403, f"{method} {path}: {r.status_code} {r.text[:200]}"
@@ -167,11 +160,6 @@ def _forbidden(cluster: Cluster, token: str, method: str, path: str, body: Any =
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_kproxy_runs_with_its_daemonset_identity(cluster: Cluster, node: str) -> None:
-    from kproxy.relay import Relay, bind_listener
-
-    kproxy = shutil.which("kproxy", path=BIN)
-    if kproxy is None:
-        pytest.skip("the kproxy console script is not installed in this venv")
     token = cluster.mint("kube-proxy")
     files = cluster.pod_files("kproxy", token, "kube-proxy", "/var/lib/kube-proxy/")
     # kproxy's own loader reads the ConfigMap's KubeProxyConfiguration as the DaemonSet gives it.
@@ -180,46 +168,40 @@ def test_kproxy_runs_with_its_daemonset_identity(cluster: Cluster, node: str) ->
     assert loaded["kubeconfig"] == str(files["kubeconfig.conf"])
     # The API server on the root namespace's loopback, carried into the node's (as tests/iptables).
     port = int(cluster.api.url.rsplit(":", 1)[1])
-    bridge = Relay("compiled").start()
-    sock = bind_listener(node, "TCP", "127.0.0.1", port)
-    lid = bridge.core.add_listener(sock.detach(), False)
-    bridge.set_endpoints(lid, [("127.0.0.1", port)])
-    log_path = cluster.tmp / "kproxy.log"
-    # The DaemonSet's command line, $(NODE_NAME) expanded as the kubelet does.
-    ds = cluster.admin("GET", "/apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy")
-    argv = [a.replace("$(NODE_NAME)", "node-1").replace("/var/lib/kube-proxy/", f"{files['config.conf'].parent}/")
-            for a in ds["spec"]["template"]["spec"]["containers"][0]["command"][1:]]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(["ip", "netns", "exec", node, kproxy, *argv, "--v=2"], stdout=log,
-                                stderr=subprocess.STDOUT)
-    try:
-        want = {"KUBE-SVC-" + port_proto_hash(n, p) for n, p in (
-            ("default/kubernetes:https", "tcp"), ("default/web:http", "tcp"), ("kube-system/kube-dns:dns", "udp"))}
-        deadline, chains = time.monotonic() + 60, set()
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            out = subprocess.run(["ip", "netns", "exec", node, "iptables-save", "-t", "nat"], capture_output=True,
-                                 text=True, timeout=30, check=False).stdout
-            chains = {ln[1:].split()[0] for ln in out.splitlines() if ln.startswith(":KUBE-SVC-")}
-            if want <= chains:
-                break
-            time.sleep(0.3)
-        assert want <= chains, (chains, log_path.read_text(errors="replace")[-3000:])
-        health = subprocess.run(["ip", "netns", "exec", node, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                 "http://127.0.0.1:10256/healthz"], capture_output=True, text=True, timeout=30)
-        assert health.stdout == "200"
-        # The same token, outside system:node-proxier: 403.
-        _forbidden(cluster, token, "GET", "/api/v1/namespaces/kube-system/secrets")
-        _forbidden(cluster, token, "POST", "/api/v1/namespaces/default/services",
-                   {"metadata": {"name": "evil"}, "spec": {"ports": [{"port": 1}]}})
-        _forbidden(cluster, token, "PATCH", "/api/v1/nodes/node-1", {})
-        _forbidden(cluster, token, "GET", "/api/v1/namespaces/default/pods")
-        _forbidden(cluster, token, "POST", "/api/v1/namespaces/kube-system/serviceaccounts/kube-proxy/token",
-                   {"spec": {}})
-        assert cluster.call(token, "GET", "/apis/discovery.k8s.io/v1/endpointslices").status_code == 200
-    finally:
-        _stop(proc)
-        bridge.stop()
+    with loopback_into(node, port):
+        log_path = cluster.tmp / "kproxy.log"
+        # The DaemonSet's command line, $(NODE_NAME) expanded as the kubelet does.
+        ds = cluster.admin("GET", "/apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy")
+        argv = [a.replace("$(NODE_NAME)", "node-1").replace("/var/lib/kube-proxy/", f"{files['config.conf'].parent}/")
+                for a in ds["spec"]["template"]["spec"]["containers"][0]["command"][1:]]
+        proc = start_kproxy(node, [*argv, "--v=2"], log_path)
+        try:
+            want = {"KUBE-SVC-" + port_proto_hash(n, p) for n, p in (
+                ("default/kubernetes:https", "tcp"), ("default/web:http", "tcp"), ("kube-system/kube-dns:dns", "udp"))}
+            deadline, chains = time.monotonic() + 60, set()
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+                out = subprocess.run(["ip", "netns", "exec", node, "iptables-save", "-t", "nat"], capture_output=True,
+                                     text=True, timeout=30, check=False).stdout
+                chains = {ln[1:].split()[0] for ln in out.splitlines() if ln.startswith(":KUBE-SVC-")}
+                if want <= chains:
+                    break
+                time.sleep(0.3)
+            assert want <= chains, (chains, log_path.read_text(errors="replace")[-3000:])
+            health = subprocess.run(["ip", "netns", "exec", node, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                     "http://127.0.0.1:10256/healthz"], capture_output=True, text=True, timeout=30)
+            assert health.stdout == "200"
+            # The same token, outside system:node-proxier: 403.
+            _forbidden(cluster, token, "GET", "/api/v1/namespaces/kube-system/secrets")
+            _forbidden(cluster, token, "POST", "/api/v1/namespaces/default/services",
+                       {"metadata": {"name": "evil"}, "spec": {"ports": [{"port": 1}]}})
+            _forbidden(cluster, token, "PATCH", "/api/v1/nodes/node-1", {})
+            _forbidden(cluster, token, "GET", "/api/v1/namespaces/default/pods")
+            _forbidden(cluster, token, "POST", "/api/v1/namespaces/kube-system/serviceaccounts/kube-proxy/token",
+                       {"spec": {}})
+            assert cluster.call(token, "GET", "/apis/discovery.k8s.io/v1/endpointslices").status_code == 200
+        finally:
+            stop_process(proc)
     text = log_path.read_text(errors="replace")
     # Everything kproxy needed was granted: the server never refused it (a refusal is logged as
     # "403 Forbidden ..."; the word is searched, not the number, which timestamps' milliseconds hold).
@@ -274,7 +256,7 @@ def test_dns_runs_with_its_deployment_identity(cluster: Cluster) -> None:
         r = kubectl(str(files["kubeconfig.conf"]), "auth", "can-i", "list", "secrets")
         assert r.stdout.strip() == "no", r.stderr
     finally:
-        _stop(proc)
+        stop_process(proc)
     text = log_path.read_text(errors="replace")
     assert "forbidden" not in text.lower() and "Traceback" not in text, text[-3000:]
 

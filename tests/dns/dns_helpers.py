@@ -35,18 +35,31 @@ KDNS = Path(sys.executable).parent / "kproxy-dns"
 ZONE = "cluster.local"
 
 
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (DNS needs both)."""
+def bind_udp_tcp() -> tuple[socket.socket, socket.socket, int]:
+    """A UDP and a TCP socket bound to one port of 127.0.0.1 (DNS needs both), kept bound: a port
+    released and bound again later could be taken by another process in between."""
     for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        port = int(u.getsockname()[1])
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", port))
+        except OSError:
+            u.close()
+            t.close()
+            continue
+        return u, t, port
     raise RuntimeError("no free port on 127.0.0.1")
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 a moment ago; for a server started as another
+    process, which must retry on "address already in use" (start_kdns does)."""
+    u, t, port = bind_udp_tcp()
+    u.close()
+    t.close()
+    return port
 
 
 # ------------------------------------------------------------------------------- objects
@@ -194,12 +207,7 @@ class FakeUpstream:
         self.truncate = truncate or set()
         self.neg_ttl = neg_ttl
         self.log: list[tuple[str, str, str]] = []
-        self.port = free_port()
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", self.port))
-        self.tcp = socket.socket()
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", self.port))
+        self.udp, self.tcp, self.port = bind_udp_tcp()
         self.tcp.listen(16)
         self.udp.settimeout(0.2)
         self.tcp.settimeout(0.2)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from typing import Any
 
 from kproxy.model import Endpoint, ServicePort, ServicePortName
@@ -44,19 +42,3 @@ def strip_dump(dump: str) -> str:
             line = line.rsplit(" ", 1)[0]
         out.append(line)
     return "\n".join(out)
-
-
-def stop_kproxy(proc: subprocess.Popen[bytes], netns: str, kproxy: str, backend: str) -> subprocess.CompletedProcess[str]:
-    """SIGTERM a kproxy process running in `netns` (SIGKILL after 10 s), then run
-    `kproxy --cleanup` there for the same back end; returns the cleanup's result."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    return subprocess.run(
-        ["ip", "netns", "exec", netns, kproxy, "--cleanup", "--proxy-mode", "iptables",
-         "--iptables-backend", backend, "--hostname-override", "node-1"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )

@@ -64,7 +64,7 @@ def _services(n: int, port: int = 80) -> tuple[list, dict]:  # type: ignore[type
 @pytest.fixture(params=["nft", "legacy"])
 def proxier(request: pytest.FixtureRequest, rules_netns: str) -> Iterator[tuple[IptablesProxier, str]]:
     backend = str(request.param)
-    _ns_run(rules_netns, f"iptables-{backend}-restore", "-c", "--noflush", stdin=FOREIGN)
+    _ns_run(rules_netns, f"iptables-{backend}-restore", "-w", "30", "-c", "--noflush", stdin=FOREIGN)
     p = IptablesProxier(IPTables(backend=backend, netns=rules_netns))  # type: ignore[arg-type]
     try:
         yield p, backend
@@ -72,7 +72,7 @@ def proxier(request: pytest.FixtureRequest, rules_netns: str) -> Iterator[tuple[
         p.cleanup()
         flush = "*nat\n-F FOREIGN-NAT\n-D PREROUTING -j FOREIGN-NAT\n-D OUTPUT -d 10.9.9.8/32 -j RETURN\n" \
                 "-X FOREIGN-NAT\nCOMMIT\n*filter\n-F FOREIGN-FLT\n-D INPUT -j FOREIGN-FLT\n-X FOREIGN-FLT\nCOMMIT\n"
-        subprocess.run(["ip", "netns", "exec", rules_netns, f"iptables-{backend}-restore", "--noflush"],
+        subprocess.run(["ip", "netns", "exec", rules_netns, f"iptables-{backend}-restore", "-w", "30", "--noflush"],
                        input=flush, text=True, capture_output=True, timeout=60, check=False)
 
 

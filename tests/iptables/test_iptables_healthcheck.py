@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -13,8 +16,10 @@ from iptables_helpers import ep, request, spn, svc
 from kproxy.backends.iptables import IPTables
 from kproxy.healthcheck import NamespacedName, ServiceHealthServer
 from kproxy.proxiers.iptables import IptablesProxier
+from kproxy.relay import socket_in_netns
 
 pytestmark = pytest.mark.timeout(30)
+IN_USE = os.strerror(errno.EADDRINUSE)
 
 
 def free_port() -> int:
@@ -23,7 +28,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def get(port: int) -> tuple[int, dict[str, object], str]:
+def listen_on_a_free_port(hs: ServiceHealthServer, ports: dict[NamespacedName, int],
+                          nsn: NamespacedName) -> int:
+    """Sync `ports` plus `nsn` on a port that was free a moment ago. A health-check node port is a
+    fixed number (it cannot be 0): another process on the shared loopback may take it between
+    free_port() and the bind; only that error is retried, a bounded number of times."""
+    for _ in range(5):
+        port = free_port()
+        errors = hs.sync_services({**ports, nsn: port})
+        if not errors:
+            return port
+        assert len(errors) == 1 and IN_USE in errors[0], errors
+    raise AssertionError("5 free ports in a row were taken before the health server bound them")
+
+
+def get(port: int, netns: str | None = None) -> tuple[int, dict[str, object], str]:
+    """GET / on 127.0.0.1:port, from inside `netns` when given (a socket made in it)."""
+    if netns is not None:
+        sock = socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError as e:
+            sock.close()
+            raise urllib.error.URLError(e) from e
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.sock = sock
+        try:
+            conn.request("GET", "/")
+            r = conn.getresponse()
+            return r.status, json.loads(r.read()), r.headers["Content-Type"]
+        finally:
+            conn.close()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
             return r.status, json.loads(r.read()), r.headers["Content-Type"]
@@ -35,9 +71,8 @@ def test_health_server_counts_local_endpoints() -> None:
     healthy = [True]
     hs = ServiceHealthServer("127.0.0.1", proxy_healthy=lambda: healthy[0])
     nsn = NamespacedName("ns1", "web")
-    port = free_port()
     try:
-        assert hs.sync_services({nsn: port}) == []
+        port = listen_on_a_free_port(hs, {}, nsn)
         code, body, ctype = get(port)
         assert (code, ctype) == (503, "application/json")
         assert body == {
@@ -52,8 +87,7 @@ def test_health_server_counts_local_endpoints() -> None:
         code, body, _ = get(port)
         assert code == 503 and body["serviceProxyHealthy"] is False
         # Moving the service to another port closes the old listener.
-        new_port = free_port()
-        assert hs.sync_services({nsn: new_port}) == []
+        new_port = listen_on_a_free_port(hs, {}, nsn)
         with pytest.raises(urllib.error.URLError):
             get(port)
         assert get(new_port)[0] == 503
@@ -70,9 +104,11 @@ def test_health_server_counts_local_endpoints() -> None:
 
 @pytest.mark.e2e
 def test_proxier_serves_health_check_node_ports(rules_netns: str) -> None:
-    hs = ServiceHealthServer("127.0.0.1")
+    # The listeners live in the test's own namespace (as kproxy's do on a node): no other process
+    # can hold a port there, so a fixed one is safe.
+    hs = ServiceHealthServer("127.0.0.1", netns=rules_netns)
     px = IptablesProxier(IPTables(backend="nft", netns=rules_netns), health_server=hs)
-    port = free_port()
+    port = 30200
     s = svc(
         spn("lb"),
         "172.30.0.9",
@@ -83,15 +119,15 @@ def test_proxier_serves_health_check_node_ports(rules_netns: str) -> None:
     )
     try:
         assert px.sync(request([s], {s.name: (ep("10.1.0.2", is_local=True), ep("10.2.0.2"))})).ok
-        code, body, _ = get(port)
+        code, body, _ = get(port, rules_netns)
         assert code == 200 and body["localEndpoints"] == 1
         # The filter table lets probes in (upstream's KUBE-NODEPORTS health check rule).
         assert f"--dport {port} -j ACCEPT" in px.iptables.save("filter")
         assert px.sync(request([s], {s.name: (ep("10.2.0.2"),)}, changed={s.name})).ok
-        assert get(port)[0] == 503
+        assert get(port, rules_netns)[0] == 503
         assert px.sync(request([], {}, changed={s.name})).ok
         with pytest.raises(urllib.error.URLError):
-            get(port)
+            get(port, rules_netns)
     finally:
         px.close()
         assert px.cleanup()

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,10 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iptables_helpers import stop_kproxy
+from helpers.kproxy_e2e import apiserver_for, start_kproxy, stop_and_clean
 from iptables_rulecheck import rule_problems
-
-from kproxy.relay import Relay, bind_listener
 
 testing = pytest.importorskip("controlplane_stub.apiserver.testing")
 from controlplane_stub.apiserver.resources import BY_ID  # noqa: E402
@@ -171,15 +168,8 @@ def served(rules_netns: str) -> Iterator[tuple[Any, str]]:
     data_dir = tempfile.mkdtemp(prefix="kproxy-hostile-")
     try:
         asyncio.run(_seed(data_dir))
-        with testing.running_apiserver(data_dir=data_dir) as proc:
-            bridge = Relay("compiled").start()  # dials the API server from the root namespace
-            sock = bind_listener(rules_netns, "TCP", "127.0.0.1", proc.port)
-            lid = bridge.core.add_listener(sock.detach(), False)
-            bridge.set_endpoints(lid, [("127.0.0.1", proc.port)])
-            try:
-                yield proc, data_dir
-            finally:
-                bridge.stop()
+        with apiserver_for(rules_netns, data_dir=data_dir) as api:
+            yield api.proc, data_dir
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -189,18 +179,13 @@ def served(rules_netns: str) -> Iterator[tuple[Any, str]]:
 def test_bad_objects_in_the_store_are_skipped_and_never_reach_the_firewall(
         backend: str, served: tuple[Any, str], rules_netns: str, tmp_path: Path) -> None:
     api, data_dir = served
-    kproxy = shutil.which("kproxy", path=os.path.dirname(sys.executable))
-    if kproxy is None:
-        pytest.skip("the kproxy console script is not installed in this venv")
     log_path = tmp_path / "kproxy.log"
-    cmd = [
-        "ip", "netns", "exec", rules_netns, kproxy, "--kubeconfig", api.kubeconfig,
+    proc = start_kproxy(rules_netns, [
+        "--kubeconfig", api.kubeconfig,
         "--proxy-mode", "iptables", "--iptables-backend", backend, "--hostname-override", "node-1",
         "--cluster-cidr", "10.0.0.0/8", "--iptables-min-sync-period", "0s",
         "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    ], log_path)  # fmt: skip
     try:
         good = {f"svc-{i}" for i in range(GOOD)}
         dump = _wait_for(rules_netns, backend, good, proc, log_path)
@@ -232,6 +217,6 @@ def test_bad_objects_in_the_store_are_skipped_and_never_reach_the_firewall(
         assert "Traceback" not in text, text[-3000:]
         assert "relisting reflector=services" not in text  # the watch was kept, not restarted by a list
     finally:
-        stop_kproxy(proc, rules_netns, kproxy, backend)
+        stop_and_clean(proc, rules_netns, "--proxy-mode", "iptables", "--iptables-backend", backend)
     left = _dump(rules_netns, backend)
     assert "KUBE-SVC-" not in left and json.dumps(left).count("10.96.9.") == 0

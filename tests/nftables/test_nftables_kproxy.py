@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -16,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.kproxy_e2e import Api, apiserver_for, start_kproxy, stop_and_clean
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "iptables"))
 
 from iptables_topology import NODE_IP, PODS, SKIP_REASON, Topology, _build, _destroy
 from nft_state import table_exists
-from test_iptables_kproxy import Api, _wait, api  # noqa: F401  (api: the fixture)
+from test_iptables_kproxy import _wait
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +43,12 @@ def topology() -> Iterator[Topology]:
                 subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=30)
 
 
+@pytest.fixture
+def api(topology: Topology) -> Iterator[Api]:
+    with apiserver_for(topology.node) as api:
+        yield api
+
+
 def _web_dispatch(topology: Topology) -> bool:
     """Whether the kernel still sends anything to the web Service: a map element naming its
     chains, or a rule in them (the emptied chains themselves go after a grace period, at a later
@@ -61,10 +67,7 @@ def _web_dispatch(topology: Topology) -> bool:
 
 
 @pytest.mark.timeout(150)
-def test_kproxy_nftables_mode_end_to_end(api: Api, topology: Topology, tmp_path: Path) -> None:  # noqa: F811
-    kproxy = shutil.which("kproxy", path=os.path.dirname(sys.executable))
-    if kproxy is None:
-        pytest.skip("the kproxy console script is not installed in this venv")
+def test_kproxy_nftables_mode_end_to_end(api: Api, topology: Topology, tmp_path: Path) -> None:
     api.call("POST", "/api/v1/nodes", {"metadata": {"name": "node-1"},
                                        "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}})
     svc = api.call("POST", "/api/v1/namespaces/default/services", {
@@ -73,21 +76,19 @@ def test_kproxy_nftables_mode_end_to_end(api: Api, topology: Topology, tmp_path:
     vip, node_port = svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["nodePort"]
     api.put_slice("web-1", "web", list(PODS.values()), create=True)
     log_path = tmp_path / "kproxy.log"
-    cmd = [
-        "ip", "netns", "exec", topology.node, kproxy, "--kubeconfig", api.proc.kubeconfig,
+    proc = start_kproxy(topology.node, [
+        "--kubeconfig", api.proc.kubeconfig,
         "--proxy-mode", "nftables", "--hostname-override", "node-1", "--cluster-cidr", "10.0.0.0/8",
         "--config-sync-period", "15m", "--healthz-bind-address", "127.0.0.1:10256",
         "--metrics-bind-address", "127.0.0.1:10249", "--v=2",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    ], log_path)  # fmt: skip
     try:
         everyone = set(PODS)
-        _wait(topology, vip, 80, everyone, proc)
+        _wait(topology, vip, 80, everyone, proc, log_path)
         assert table_exists(topology.node, "ip6", "kube-proxy"), "no IPv6 proxier on a node with IPv6"
-        _wait(topology, NODE_IP, node_port, everyone, proc)
+        _wait(topology, NODE_IP, node_port, everyone, proc, log_path)
         api.put_slice("web-1", "web", [PODS["pod2"]])
-        moved = _wait(topology, vip, 80, {"pod2"}, proc)
+        moved = _wait(topology, vip, 80, {"pod2"}, proc, log_path)
         assert moved < 10, f"endpoint change took {moved:.1f}s to reach the kernel"
         assert _web_dispatch(topology)
         api.call("DELETE", "/api/v1/namespaces/default/services/web")
@@ -96,14 +97,7 @@ def test_kproxy_nftables_mode_end_to_end(api: Api, topology: Topology, tmp_path:
             assert time.monotonic() - t0 < 20, "the Service's elements and rules not removed after its delete"
             time.sleep(0.1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        out = subprocess.run(["ip", "netns", "exec", topology.node, kproxy, "--cleanup", "--proxy-mode", "nftables",
-                              "--hostname-override", "node-1"], capture_output=True, text=True, timeout=60, check=False)
+        out = stop_and_clean(proc, topology.node, "--proxy-mode", "nftables")
     assert out.returncode == 0, out.stderr
     assert not table_exists(topology.node, "ip", "kube-proxy")
     assert not table_exists(topology.node, "ip6", "kube-proxy")
