@@ -128,15 +128,6 @@ class MetaProxier(Proxier):
                 endpoints[name] = eps
         return services, endpoints
 
-    def set_service_cidrs(self, cidrs: tuple[str, ...]) -> None:
-        """The cluster's service CIDRs, both families, to every family's proxier that drops
-        traffic to unallocated ClusterIPs (nftables); each keeps its own family's, as upstream's
-        metaproxier hands OnServiceCIDRsChanged to both."""
-        for proxier in self.proxiers.values():
-            setter = getattr(proxier, "set_service_cidrs", None)
-            if callable(setter):
-                setter(cidrs)
-
     def cleanup(self) -> bool:
         results = [proxier.cleanup() for proxier in self.proxiers.values()]  # every family, even after a failure
         return all(results)

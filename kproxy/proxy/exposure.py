@@ -118,13 +118,6 @@ def node_addresses(
     return NodeAddresses(fam_node_ips, tuple(c for c in cidrs if _is_v6(c) == v6), fam_cluster)
 
 
-def ipv4_node_addresses(
-    nodeport_addresses: Iterable[str], node_ips: Iterable[str], cluster_cidr: str, log: logging.Logger
-) -> NodeAddresses:
-    """node_addresses for IPv4 (the nftables proxier is IPv4 only so far)."""
-    return node_addresses(nodeport_addresses, node_ips, cluster_cidr, log, "IPv4")
-
-
 def check_masquerade_bit(masquerade_bit: int) -> None:
     if not 0 <= masquerade_bit <= 31:
         raise ValueError(f"masqueradeBit {masquerade_bit}: must be within [0, 31]")

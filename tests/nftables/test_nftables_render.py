@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.backends.nftables import Nft
-from kproxy.proxiers.meta import MetaProxier
 from kproxy.proxiers.nftables import NftablesProxier, load_renderer
 from kproxy.proxy.families import endpoints_for_family, service_for_family
 
@@ -98,10 +97,12 @@ def test_chain_names_are_stable() -> None:
 
 
 def test_each_family_table_takes_its_family_of_the_service_cidrs() -> None:
-    """Service CIDRs reach both families' proxiers through the metaproxier; each keeps its own
-    family's and writes its unallocated-ClusterIP drop with its own address match (no kernel)."""
+    """Both families' proxiers get every service CIDR (upstream's OnServiceCIDRsChanged); each
+    keeps its own family's and writes its unallocated-ClusterIP drop with its own address match
+    (no kernel)."""
     p4, p6 = (NftablesProxier(Nft("unused"), family=f) for f in ("IPv4", "IPv6"))  # type: ignore[arg-type]
-    MetaProxier({"IPv4": p4, "IPv6": p6}).set_service_cidrs(("10.96.0.0/12", "fd00:10:96::/108"))
+    for p in (p4, p6):
+        p.set_service_cidrs(("10.96.0.0/12", "fd00:10:96::/108"))
     assert p4.service_cidrs == ("10.96.0.0/12",) and p6.service_cidrs == ("fd00:10:96::/108",)
     assert p6._cluster_ips_check()[-1].startswith("add rule ip6 kube-proxy cluster-ips-check ip6 daddr fd00:10:96::/108 drop")
     assert p4._cluster_ips_check()[-1].startswith("add rule ip kube-proxy cluster-ips-check ip daddr 10.96.0.0/12 drop")
