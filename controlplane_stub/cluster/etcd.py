@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from controlplane_stub.apiserver import pki
 from controlplane_stub.cluster import identities
 from controlplane_stub.cluster.relays import pipe
-from controlplane_stub.store.etcd_process import etcd_available, free_port, new_cluster
+from controlplane_stub.store.etcd_process import etcd_available, new_cluster
 
 if TYPE_CHECKING:
     from controlplane_stub.cluster.supervisor import Supervisor
@@ -65,7 +65,13 @@ async def etcd_control_plane(sup: Supervisor, apiservers: int) -> None:
     sup.st.components["etcd"] = etcd.endpoints
 
     # The balancer's address first: it is the URL of the serving certificate and of every kubeconfig.
-    lb_port = sup.args.api_port or free_port()
+    # Without --api-port it binds port 0 here and keeps it (a port found free and bound later could
+    # be taken in between); it has no API server to send to until they are up.
+    balancer = Balancer([])
+    server = await asyncio.start_server(balancer.handle, "127.0.0.1", sup.args.api_port or 0, reuse_address=True,
+                                        family=socket.AF_INET)
+    sup.relay_servers.append(server)
+    lb_port = int(server.sockets[0].getsockname()[1])
     lb_url = f"https://127.0.0.1:{lb_port}"
     flags = ["--storage-backend", "etcd3", "--etcd-servers", etcd.endpoints]
     first = sup.dir / "apiserver-0"
@@ -81,10 +87,7 @@ async def etcd_control_plane(sup: Supervisor, apiservers: int) -> None:
         url = await asyncio.to_thread(sup.spawn_apiserver, f"apiserver-{i}", ad, 0, flags)
         urls.append(url)
         sup.progress(f"API server {i} ready at {url} (etcd)")
-    balancer = Balancer([int(u.rsplit(":", 1)[1]) for u in urls])
-    server = await asyncio.start_server(balancer.handle, "127.0.0.1", lb_port, reuse_address=True,
-                                        family=socket.AF_INET)
-    sup.relay_servers.append(server)
+    balancer.backends = [int(u.rsplit(":", 1)[1]) for u in urls]
 
     # Kubeconfigs that name the balancer: DATA/kubeconfig and DATA/apiserver/{admin,readonly}.kubeconfig.
     users = pki.load_tokens(str(first / "tokens.csv"))

@@ -364,8 +364,11 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
                     # The host's Python and tmp_path lie below 0700 directories: root only.
                     "securityContext": {"runAsUser": 0},
                     "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+                    # Fails exactly once, when it finds the flag (and removes it): one restart,
+                    # however late the test looks (with `test ! -e flag` every probe until the
+                    # test removed the flag restarted it again, each after a longer back-off).
                     "livenessProbe": {
-                        "exec": {"command": ["test", "!", "-e", str(flag)]},
+                        "exec": {"command": ["sh", "-c", f"! rm {flag} 2>/dev/null"]},
                         "periodSeconds": 1,
                         "failureThreshold": 1,
                     },
@@ -398,8 +401,10 @@ def test_restart_policies_exit_codes_and_probes(cluster: Cluster, tmp_path: Path
         timeout=30,
         what="liveness restart",
     )
-    flag.unlink()
-    wait_for(lambda: pod_status(c, "probed")["containerStatuses"][0]["ready"], timeout=30, what="ready again")
+    assert not flag.exists()
+    cs = wait_for(lambda: (x := pod_status(c, "probed")["containerStatuses"][0])["ready"] and x, timeout=30,
+                  what="ready again")
+    assert cs["restartCount"] == 1, cs
     # startupProbe: not started and not ready (readiness not even probed) until it succeeds.
     gate = tmp_path / "started"
     apply_pod(
