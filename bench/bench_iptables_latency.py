@@ -362,6 +362,9 @@ class ProxyRun:
             t = time.monotonic()
             try:
                 await client.update(url, body)
+                # monotonic, as the proxy's log: kproxy's sync lines split up the latency
+                self.result.setdefault("write_sent_at", []).append(t)
+                self.result.setdefault("write_answered_s", []).append(time.monotonic() - t)
                 break
             except ApiError as err:  # 409 once (GET then PUT, nobody else writing): not understood
                 if err.code != 409 or attempt == 2:

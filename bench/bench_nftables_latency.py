@@ -82,6 +82,27 @@ def go_syncs(log: str) -> list[Sync]:
     return out
 
 
+_KPROXY_STEPS = re.compile(r"sync full=(?:True|False) .* ok=True elapsed=([0-9.]+)s waited=([0-9.]+)s "
+                           r"checkout=([0-9.]+)s thread=([0-9.]+)s queued_at=([0-9.]+) started_at=([0-9.]+)")
+
+
+def kproxy_steps(log: str, sent_at: list[float], latency: list[float]) -> list[dict[str, float]]:
+    """Each write's way through kproxy, from its sync line (the first sync whose oldest change was
+    queued after the write was sent; all times on the one monotonic clock): sent -> queued (the API
+    server's watch, the reflector, decoding, the change tracker), queued -> sync start (the runner),
+    checkout, the proxier thread's start, the sync (render, kernel), and the kernel's notification."""
+    syncs = [tuple(float(x) for x in m) for m in _KPROXY_STEPS.findall(log)]
+    out = []
+    for t, lat in zip(sent_at, latency):
+        mine = [s for s in syncs if s[4] >= t]
+        if not mine:
+            continue
+        elapsed, waited, checkout, thread, queued, started = mine[0]
+        out.append({"to_queued_s": queued - t, "waited_s": waited, "checkout_s": checkout, "thread_s": thread,
+                    "sync_s": elapsed, "sync_end_s": started + checkout + elapsed - t, "rule_present_s": lat})
+    return out
+
+
 def go_proxy() -> Proxy | None:
     out = os.environ.get("KPROXY_PEERS_OUT", "")
     exe = os.path.join(out, "bin", "kube-proxy")
@@ -255,6 +276,9 @@ def test_nftables_side_by_side(benchmark: Any, mode: str, n: int, tmp_path: Path
         with closing(ProxyRun(proxy, n, tmp_path, None if mode == "go-nftables" else floor)) as run:
             time.sleep(2.0)
             run.write_latencies(writes)
+            if mode != "go-nftables":
+                run.result["steps"] = kproxy_steps(run.log_text(), run.result.get("write_sent_at", []),
+                                                   run.result["latency_s"])
             if planes:
                 run.result.update(dataplane(run, planes[0], backend))
             return run.result
@@ -269,6 +293,9 @@ def test_nftables_side_by_side(benchmark: Any, mode: str, n: int, tmp_path: Path
             f"({len(partial_ms)}, full: {sum(s['full'] for s in r['write_syncs'])}); "
             f"RSS {r.get('proxy_VmRSS_mib', 0):.0f} MiB (peak {r.get('proxy_VmHWM_mib', 0):.0f}); "
             f"load {r['load_after_first_sync'][0]:.1f} / {r['load_avg'][0]:.1f}")
+    if r.get("steps"):
+        line += "; median ms: " + ", ".join(
+            f"{k.removesuffix('_s')} {statistics.median(st[k] for st in r['steps']) * 1e3:.1f}" for k in r["steps"][0])
     if "ttfb_service_s" in r:
         for w in ("ttfb", "connect"):
             line += f"; {w} median (p99): " + ", ".join(

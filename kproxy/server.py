@@ -7,6 +7,7 @@ then sync: once immediately (full), then as the runner decides.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import ipaddress
 import logging
@@ -296,6 +297,10 @@ class ProxyServer:
         self.node: Node | None = None
         self._node_seen = asyncio.Event()
         self.initialized = False  # both Services and EndpointSlices listed once
+        # Monotonic time the oldest change not yet handed to a sync was queued (None: nothing
+        # waits): the sync's log line says how long the change waited and where the time went,
+        # so write -> rule present can be split up (bench/bench_nftables_latency.py reads it).
+        self._first_queued: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- event handlers (run on the event loop) ----
@@ -305,6 +310,8 @@ class ProxyServer:
         # first sync waits for both lists however long they take.
         if self.initialized:
             self.health.queued_update()
+        if self._first_queued is None:
+            self._first_queued = time.monotonic()
         self.metrics.last_queued_timestamp.set(time.time())
         self.metrics.service_changes_pending.set(self.state.services_tracker.pending())
         self.metrics.endpoint_changes_pending.set(self.state.endpoints_tracker.pending())
@@ -365,14 +372,24 @@ class ProxyServer:
 
     async def _sync(self, full: bool) -> bool:
         assert self.proxier is not None
+        proxier = self.proxier
         now = time.monotonic()
+        queued, self._first_queued = self._first_queued, None
         full = full or now - self.last_full_sync >= FULL_SYNC_PERIOD
         co = self.state.checkout(full)
+        checked_out = time.monotonic()
         self.metrics.service_changes_pending.set(0)
         self.metrics.endpoint_changes_pending.set(0)
         t0 = time.perf_counter()
+        in_thread = t0
+
+        def run() -> SyncResult:
+            nonlocal in_thread
+            in_thread = time.perf_counter()
+            return proxier.sync(co.request)
+
         try:
-            result = await asyncio.to_thread(self.proxier.sync, co.request)
+            result = await asyncio.to_thread(run)
         except Exception as err:  # a proxier bug is a failed sync: retried, full, stale kept
             log.exception("sync raised mode=%s", self.cfg.mode)
             result = SyncResult(ok=False, error=f"{type(err).__name__}: {err}")
@@ -380,10 +397,15 @@ class ProxyServer:
         self.syncs += 1
         self.metrics.sync_duration.observe(elapsed)
         (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
+        # waited: oldest change queued -> sync start; checkout: the trackers' hand-over;
+        # thread: until the proxier's thread ran; queued_at/started_at: monotonic, as the bench's clock.
         log.log(logging.DEBUG if result.ok else logging.WARNING,
-                "sync full=%s changed=%d services=%d endpoints=%d ok=%s elapsed=%.4fs%s", full,
+                "sync full=%s changed=%d services=%d endpoints=%d ok=%s elapsed=%.4fs waited=%.4fs "
+                "checkout=%.4fs thread=%.4fs queued_at=%.6f started_at=%.6f%s", full,
                 len(co.request.changed), len(co.request.services), len(co.request.endpoints),
-                result.ok, elapsed, f" error={result.error!r}" if result.error else "")
+                result.ok, elapsed, now - queued if queued is not None else 0.0, checked_out - now, in_thread - t0,
+                queued or 0.0, now,
+                f" error={result.error!r}" if result.error else "")
         for family, ok in result.family_ok.items():
             if ok and not result.ok:
                 self.health.updated(family)  # healthz is per family: this one did sync
@@ -394,6 +416,13 @@ class ProxyServer:
             return False
         if full:
             self.last_full_sync = now
+            # What a full sync leaves (10,000 Services' records, the proxier's bookkeeping) lives
+            # until the next one: out of the collector's way, a full collection no longer walks
+            # it (~40 ms at 10,000 Services, a pause that landed in the middle of write -> rule
+            # present). Unfrozen first so last hour's frozen leftovers can be collected again.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         wall = time.time()
         self.health.updated()  # every family synced (a family's failure returned above)
         self.metrics.last_sync_timestamp.set(wall)

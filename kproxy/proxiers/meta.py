@@ -21,14 +21,14 @@ upstream's ProxierHealthServer); rule counts are summed per table.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from kproxy.config import KProxyConfig
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
-from kproxy.proxy import sync_health_server
+from kproxy.proxy import HealthChecks
 from kproxy.proxy.families import FamilyView, family_of
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,17 @@ class MetaProxier(Proxier):
         self.mode = next(iter(self.proxiers.values())).mode
         self.health_server = health_server
         self._views = {family: FamilyView(family) for family in self.families}
+        self._health = HealthChecks()
 
     def family_request(self, family: IPFamily, request: SyncRequest) -> SyncRequest:
-        view = self._views[family]
+        services, endpoints = self._views[family].request(request.services, request.endpoints, request.changed,
+                                                          request.full)
         return SyncRequest(
-            services=view.services(request.services),
-            endpoints=view.endpoints(request.endpoints),
+            services=services,
+            endpoints=endpoints,
             changed=request.changed,
             full=request.full,
-            stale_endpoints=view.stale_endpoints(request.stale_endpoints),
+            stale_endpoints=self._views[family].stale_endpoints(request.stale_endpoints),
             stale_services=request.stale_services,
         )
 
@@ -108,25 +110,29 @@ class MetaProxier(Proxier):
             if res.error:
                 errors.append(f"{family}: {res.error}" if len(self.proxiers) > 1 else res.error)
         if self.health_server is not None:
-            services, endpoints = self._health_view(views)
-            sync_health_server(self.health_server, services, endpoints)
+            self._health_view(views, request)
+            self._health.sync(self.health_server)
         return SyncResult(ok=all(family_ok.values()), rules_total=rules, error="; ".join(errors),
                           family_ok=family_ok)
 
-    def _health_view(self, views: Mapping[IPFamily, SyncRequest]
-                     ) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
+    def _health_view(self, views: Mapping[IPFamily, SyncRequest], request: SyncRequest) -> None:
         """Each Service from its primary family: the first family view holding it, families
-        in the node's order, so a Service only in the second family is served too."""
-        services: dict[ServicePortName, ServicePort] = {}
-        endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
-        for family in reversed(self.families):
-            services.update(views[family].services)
-        for name, svc in services.items():
-            family = family_of(svc.cluster_ips[0])
-            eps = views[family].endpoints.get(name) if family in views else None
-            if eps:
-                endpoints[name] = eps
-        return services, endpoints
+        in the node's order, so a Service only in the second family is served too. A partial
+        sync visits only its changed ServicePorts (HealthChecks keeps the rest)."""
+        complete = self._health.needs_all(request.full)
+        names: Iterable[ServicePortName] = request.changed
+        if complete:
+            names = {name for family in self.families for name in views[family].services}
+
+        def lookup(name: ServicePortName) -> tuple[ServicePort | None, tuple[Endpoint, ...]]:
+            for family in self.families:
+                svc = views[family].services.get(name)
+                if svc is not None:
+                    own = views.get(family_of(svc.cluster_ips[0]))
+                    return svc, own.endpoints.get(name, ()) if own is not None else ()
+            return None, ()
+
+        self._health.update(names, lookup, complete)
 
     def cleanup(self) -> bool:
         results = [proxier.cleanup() for proxier in self.proxiers.values()]  # every family, even after a failure

@@ -52,7 +52,7 @@ from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.meta import new_proxier_for_families
 from kproxy.proxiers.udpstale import clean_udp_conntrack
-from kproxy.proxy import categorize, sync_health_server
+from kproxy.proxy import HealthChecks, categorize
 from kproxy.proxy.exposure import check_masquerade_bit, node_addresses
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,7 @@ class NftablesProxier(Proxier):
         self.mark = f"0x{1 << masquerade_bit:08x}"
         self.conntrack = conntrack
         self.health_server = health_server
+        self._health = HealthChecks()  # the Services with a health check, kept across syncs
         self.render: Renderer = renderer or load_renderer()
         self.node_zone = node_zone
         self.service_cidrs: tuple[str, ...] = ()
@@ -571,7 +572,8 @@ class NftablesProxier(Proxier):
                            "bytes": float(size), "full": float(full), "recreate": float(recreate),
                            "way": 1.0 if getattr(self.nft, "last_way", "") == "netlink" else 0.0}
         if self.health_server is not None:
-            sync_health_server(self.health_server, request.services, request.endpoints)
+            self._health.update_request(request.services, request.endpoints, request.changed, full)
+            self._health.sync(self.health_server)
         if self.conntrack is not None:
             clean_udp_conntrack(self.conntrack, request, old, new)
         if full:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from kproxy.proxy.conntrack import ConntrackCleanup, apply_cleanup, udp_conntrack_cleanup
 from kproxy.proxy.endpoints import (
     Categorized,
+    HealthChecks,
     ServiceEndpoints,
     categorize,
     health_checks,
@@ -25,6 +26,7 @@ from kproxy.proxy.exposure import SourceRanges, externally_accessible, nodeport_
 __all__ = [
     "Categorized",
     "ConntrackCleanup",
+    "HealthChecks",
     "ServiceEndpoints",
     "SourceRanges",
     "apply_cleanup",

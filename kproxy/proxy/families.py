@@ -10,7 +10,8 @@ all of the family is passed through as the same object.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import msgspec
 
@@ -50,40 +51,84 @@ def endpoints_for_family(eps: tuple[Endpoint, ...], family: IPFamily) -> tuple[E
     return tuple(e for e in eps if _is_v6(e.ip) == v6)
 
 
+_S = TypeVar("_S")
+_V = TypeVar("_V")
+
+
+def _cached(cache: dict[ServicePortName, tuple[_S, _V]], fresh: dict[ServicePortName, tuple[_S, _V]],
+            name: ServicePortName, source: _S | None, cut: Callable[[_S], _V]) -> _V | None:
+    """name's view of source (None when source is gone), remembered in `fresh`; an unchanged
+    record (the same object as in `cache`) costs a lookup instead of a new cut."""
+    if source is None:
+        fresh.pop(name, None)
+        return None
+    hit = cache.get(name)
+    view = hit[1] if hit is not None and hit[0] is source else cut(source)
+    fresh[name] = (source, view)
+    return view
+
+
+def _put(view: dict[ServicePortName, _V], name: ServicePortName, value: _V | None) -> None:
+    if value is None:
+        view.pop(name, None)
+    else:
+        view[name] = value
+
+
 class FamilyView:
-    """Cuts the shared state to one family; the caches hold only the last sync's names."""
+    """Cuts the shared state to one family; the caches hold only the last sync's names.
+
+    request() is what a sync uses: on a full sync it walks everything (services(), endpoints());
+    on a partial one it visits only the request's changed ServicePorts and hands out copies of
+    the view it keeps, since at 10,000 Services a walk of the whole state per sync (a hash and a
+    lookup of every ServicePortName, twice) was most of write -> rule present. A partial request
+    names every ServicePort whose Service or endpoints differ from the previous request's
+    (kproxy.changes.ProxyState.checkout), which is what makes the kept view exact."""
 
     def __init__(self, family: IPFamily) -> None:
         self.family = family
         self._services: dict[ServicePortName, tuple[ServicePort, ServicePort | None]] = {}
         self._endpoints: dict[ServicePortName, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]] = {}
+        self._view_services: dict[ServicePortName, ServicePort] | None = None  # None: no full walk yet
+        self._view_endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+
+    def request(self, services: Mapping[ServicePortName, ServicePort],
+                endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+                changed: Iterable[ServicePortName], full: bool
+                ) -> tuple[dict[ServicePortName, ServicePort], dict[ServicePortName, tuple[Endpoint, ...]]]:
+        """This family's (services, endpoints) of one sync request (fresh dicts the caller may keep)."""
+        view_services = self._view_services
+        if full or view_services is None:
+            self._view_services = view_services = self.services(services)
+            self._view_endpoints = self.endpoints(endpoints)
+            return dict(view_services), dict(self._view_endpoints)
+        view_endpoints = self._view_endpoints
+        for name in changed:
+            _put(view_services, name, _cached(self._services, self._services, name, services.get(name), self._cut))
+            _put(view_endpoints, name,
+                 _cached(self._endpoints, self._endpoints, name, endpoints.get(name), self._cut_eps) or None)
+        return dict(view_services), dict(view_endpoints)
+
+    def _cut(self, svc: ServicePort) -> ServicePort | None:
+        return service_for_family(svc, self.family)
+
+    def _cut_eps(self, eps: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        return endpoints_for_family(eps, self.family)
 
     def services(self, services: Mapping[ServicePortName, ServicePort]) -> dict[ServicePortName, ServicePort]:
-        cache = self._services
         fresh: dict[ServicePortName, tuple[ServicePort, ServicePort | None]] = {}
         out: dict[ServicePortName, ServicePort] = {}
-        family = self.family
         for name, svc in services.items():
-            hit = cache.get(name)
-            view = hit[1] if hit is not None and hit[0] is svc else service_for_family(svc, family)
-            fresh[name] = (svc, view)
-            if view is not None:
-                out[name] = view
+            _put(out, name, _cached(self._services, fresh, name, svc, self._cut))
         self._services = fresh
         return out
 
     def endpoints(self, endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]]
                   ) -> dict[ServicePortName, tuple[Endpoint, ...]]:
-        cache = self._endpoints
         fresh: dict[ServicePortName, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]] = {}
         out: dict[ServicePortName, tuple[Endpoint, ...]] = {}
-        family = self.family
         for name, eps in endpoints.items():
-            hit = cache.get(name)
-            view = hit[1] if hit is not None and hit[0] is eps else endpoints_for_family(eps, family)
-            fresh[name] = (eps, view)
-            if view:
-                out[name] = view
+            _put(out, name, _cached(self._endpoints, fresh, name, eps, self._cut_eps) or None)
         self._endpoints = fresh
         return out
 
