@@ -15,6 +15,7 @@ from nft_state import endpoints, kernel_entries, name, sh, state
 
 from kproxy.backends import nftnl
 from kproxy.backends.nftables import Nft, NftError
+from kproxy.model import Endpoint, ServicePort, ServicePortName
 from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.nftables import NftablesProxier
 from kproxy.proxy.families import endpoints_for_family, service_for_family
@@ -150,3 +151,33 @@ def test_any_rule_text_translates_or_is_refused(ws: list[str], family: str) -> N
     except nftnl.Untranslatable:
         return
     assert len(exprs) >= 4
+
+
+ips6 = st.builds(lambda a, b: f"fd01::{a:x}:{b:x}", st.integers(0, 0xFFFF), st.integers(1, 0xFFFF))
+endpoint6 = st.builds(Endpoint, ip=ips6, port=st.integers(1, 65535), ready=st.booleans(), serving=st.booleans(),
+                      terminating=st.booleans(), is_local=st.booleans())
+service6 = st.builds(
+    lambda kind, proto, np, ext, lb, ranges, aff, etp, itp: ServicePort(
+        name=ServicePortName("ns", "svc", "p", proto), type=kind, cluster_ips=("fd00:10:96::9",), port=80,
+        protocol=proto, node_port=np if kind != "ClusterIP" else 0, external_ips=ext,
+        load_balancer_ips=lb if kind == "LoadBalancer" else (), load_balancer_source_ranges=ranges,
+        session_affinity_timeout=aff, external_policy_local=etp, internal_policy_local=itp),
+    st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer"]), st.sampled_from(["TCP", "UDP", "SCTP"]),
+    st.integers(30000, 32767), st.sampled_from([(), ("fd00:99::1",)]), st.sampled_from([(), ("fd00:98::1",)]),
+    st.sampled_from([(), ("fd00:50::/64",), ("2001:db8::/32", "2001:db8:1::/48")]),
+    st.sampled_from([None, 60]), st.booleans(), st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(service6, st.lists(endpoint6, max_size=5, unique_by=lambda e: (e.ip, e.port)), st.booleans())
+def test_any_ipv6_service_translates_to_netlink(svc: ServicePort, eps: list[Endpoint], masq: bool) -> None:
+    """Whatever an IPv6 Service is, its table's whole transaction (the first sync: skeleton and
+    the Service's chains, sets, maps, elements) is in the encoder's grammar: no `nft -f` fallback.
+    (No kernel: translation only; the kernel's view of the same is the identical-rulesets test.)"""
+    p = NftablesProxier(Nft("unused"), cluster_cidr="fd01::/16", node_ips=("fd00:50::1",), masquerade_all=masq,
+                        family="IPv6", service_cidrs=("fd00:10:96::/108",))
+    lines, _, _, _ = p._full({svc.name: svc}, {svc.name: tuple(eps)}, recreate=True)
+    batch = nftnl.translate(lines)
+    rules = [line for line in lines if line.startswith("add rule ")]
+    assert batch.family == "ip6" and rules
+    assert sum(1 for command in batch.origin if command.startswith("add rule ")) == len(rules)  # one message each
