@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 import requests
 import yaml
 from helpers.kproxy_e2e import loopback_into, start_kproxy
+from helpers.netns import fresh_netns
 from helpers.procs import stop_process
 
 from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
@@ -132,16 +132,8 @@ def test_manifests_are_accepted_as_written(cluster: Cluster) -> None:
 
 
 def _netns() -> Iterator[str]:
-    name = f"kptDep{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    try:
-        for cmd in (["link", "set", "lo", "up"], ["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
-                    ["addr", "add", f"{NODE_IP}/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
-                    ["link", "set", "eth1", "up"]):
-            subprocess.run(["ip", "-n", name, *cmd], check=True, timeout=30)
+    with fresh_netns("kptDep", {"eth0": f"{NODE_IP}/24"}, up=True) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
 
 
 @pytest.fixture

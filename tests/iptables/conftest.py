@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from helpers.netns import fresh_netns
 from iptables_topology import SKIP_REASON, Topology, _build, _destroy, sh
 
 
@@ -33,14 +34,6 @@ def rules_netns() -> Iterator[str]:
     """One empty namespace per module for rule-only tests (both back ends; each test cleans up)."""
     if SKIP_REASON:
         pytest.skip(SKIP_REASON)
-    name = f"kptR{secrets.token_hex(3)}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        # A node address for NodePort/--nodeport-addresses matching.
-        sh("ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-        sh("ip", "-n", name, "addr", "add", "192.168.7.2/24", "dev", "eth0")
-        sh("ip", "-n", name, "addr", "add", "10.0.0.5/24", "dev", "eth1")
+    # A node address for NodePort/--nodeport-addresses matching.
+    with fresh_netns("kptR", {"eth0": "192.168.7.2/24", "eth1": "10.0.0.5/24"}) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)

@@ -3,26 +3,18 @@ removed in finally even when a test fails). Nothing is done in the root namespac
 `ip netns add/del`."""
 from __future__ import annotations
 
-import secrets
-import subprocess
 from collections.abc import Iterator
 
 import pytest
-from nft_state import SKIP_REASON, sh
+from helpers.netns import fresh_netns
+from nft_state import SKIP_REASON
 
 
 def _netns() -> Iterator[str]:
     if SKIP_REASON:
         pytest.skip(SKIP_REASON)
-    name = f"kpnft{secrets.token_hex(4)}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        sh("ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-        sh("ip", "-n", name, "addr", "add", "192.168.77.1/24", "dev", "eth0")
+    with fresh_netns("kpnft", {"eth0": "192.168.77.1/24"}) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
 
 
 @pytest.fixture()
