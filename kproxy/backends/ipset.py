@@ -16,13 +16,14 @@ import struct
 import subprocess
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kproxy.backends.ipvs import _Socket
 
 NETLINK_NETFILTER = 12
+IPSET_MAXNAMELEN = 31  # IPSET_MAXNAMELEN (32) less the terminating NUL
 
 
 class IPSetError(RuntimeError):
@@ -36,12 +37,27 @@ class SetSpec:
     comment: str = ""
     family: str = "inet"
 
+    def for_family(self, family: str) -> SetSpec:
+        """This set as the proxier of `family` ("inet" or "inet6") owns it (family_set_name)."""
+        if family not in _FAMILIES:
+            raise ValueError(f"ipset family {family!r}: expected inet or inet6")
+        return replace(self, name=family_set_name(self.name, family), family=family)
+
     def create_line(self) -> str:
         if self.type == "bitmap:port":
             opts = "range 0-65535"
         else:
             opts = f"family {self.family} hashsize 1024 maxelem 1048576"
         return f"create {self.name} {self.type} {opts}"
+
+
+def family_set_name(name: str, family: str) -> str:
+    """Upstream's set names per family (pkg/proxy/ipvs NewIPSet): both families' sets live in one
+    kernel, so the IPv6 proxier's `KUBE-` sets are `KUBE-6-`, cut to ipset's 31 characters
+    (KUBE-6-LOAD-BALANCER-SOURCE-CIDR -> ...-SOURCE-CID, as upstream); IPv4 names are unchanged."""
+    if family != "inet6" or not name.startswith("KUBE-"):
+        return name
+    return ("KUBE-6-" + name[len("KUBE-"):])[:IPSET_MAXNAMELEN]
 
 
 def _prefix(netns: str | None) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import os
 import socket
 import struct
@@ -62,6 +63,7 @@ FWD_MASQ = 0  # IP_VS_CONN_F_MASQ: NAT to the real server, what kube-proxy uses
 # rtnetlink addresses (include/uapi/linux/rtnetlink.h, if_addr.h)
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02
 RT_SCOPE_HOST = 254
 
 PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
@@ -144,7 +146,10 @@ def _addr_bytes(address: str) -> bytes:
 def _addr_text(raw: bytes, family: int) -> str:
     if family == socket.AF_INET:
         return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw[:16])
+    # Not inet_ntop: glibc writes ::/96 and ::ffff:0:0/96 addresses with a dotted IPv4 tail
+    # ("::1.2.3.4"), where the model's (ipaddress') text is "::102:304": the diff against the
+    # kernel compares text, so a read must spell an address as the model does.
+    return str(ipaddress.IPv6Address(raw[:16]))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -454,15 +459,18 @@ class IPVS:
         return self._nl.batch(messages)
 
     # --- reading ----------------------------------------------------------------------------
-    def services(self) -> list[VirtualServer]:
+    def services(self, family: int | None = None) -> list[VirtualServer]:
+        """The table's virtual servers; `family` (AF_INET or AF_INET6): only that family's. The
+        kernel has no per-family dump, and each family's proxier must see only its own (the
+        other family's are not stale to it)."""
         body = _GENLHDR.pack(CMD_GET_SERVICE, IPVS_GENL_VERSION, 0)
         out = []
         for payload in self._nl.dump(self.family_id, body):
             attrs = _attrs(payload, _GENLHDR.size)
             if CMD_ATTR_SERVICE in attrs:
                 vs = parse_service(attrs[CMD_ATTR_SERVICE])
-                if vs.port or vs.address:  # fwmark services are not ours
-                    out.append(vs)
+                if (vs.port or vs.address) and (family is None or _family(vs.address) == family):
+                    out.append(vs)  # (fwmark services, without an address and port, are not ours)
         return out
 
     def dests_with_method(self, vs: VirtualServer) -> list[tuple[RealServer, int]]:
@@ -514,20 +522,24 @@ class Addresses:
         family = _family(address)
         raw = _addr_bytes(address)
         prefix = 32 if family == socket.AF_INET else 128
-        return (_IFADDRMSG.pack(family, prefix, 0, 0, ifindex)
+        # IPv6: no duplicate address detection, the service IP is usable at once (and on a link
+        # that is kept down DAD would only leave it tentative).
+        flags = 0 if family == socket.AF_INET else IFA_F_NODAD
+        return (_IFADDRMSG.pack(family, prefix, flags, 0, ifindex)
                 + _nla(IFA_LOCAL, raw) + _nla(IFA_ADDRESS, raw))
 
-    def addresses(self, ifindex: int | None) -> set[str]:
-        """The link's addresses; ifindex None: every link's (all the node's own addresses)."""
+    def addresses(self, ifindex: int | None, family: int = socket.AF_UNSPEC) -> set[str]:
+        """The link's addresses; ifindex None: every link's (all the node's own addresses);
+        `family` AF_INET or AF_INET6: only that family's (the kernel filters the dump)."""
         out: set[str] = set()
-        for payload in self._nl.dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            family, _prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(payload)
-            if ifindex is not None and index != ifindex:
+        for payload in self._nl.dump(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
+            got, _prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(payload)
+            if (ifindex is not None and index != ifindex) or (family and got != family):
                 continue
             a = _attrs(payload, _IFADDRMSG.size)
             raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
             if raw:
-                out.add(_addr_text(raw, family))
+                out.add(_addr_text(raw, got))
         return out
 
     def change(self, ifindex: int, add: Iterable[str], remove: Iterable[str]) -> list[tuple[bytes, int]]:

@@ -49,6 +49,7 @@ import ipaddress
 import logging
 import os
 import platform
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -59,10 +60,11 @@ from typing import Any
 from kproxy.backends import ipvs as nl
 from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.ipset import IPSets, SetSpec
-from kproxy.backends.iptables import IPTables, detect_backend
+from kproxy.backends.iptables import Backend, IPTables, IPTablesError, detect_backend
 from kproxy.healthcheck import ServiceHealthServer
-from kproxy.model import IP, Endpoint, Port, ServicePort, ServicePortName
+from kproxy.model import IP, Endpoint, IPFamily, Port, ServicePort, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
+from kproxy.proxiers.meta import new_proxier_for_families
 from kproxy.config import KProxyConfig
 from kproxy.proxy import apply_cleanup, nodeport_cidrs, service_endpoints, sync_health_server, udp_conntrack_cleanup
 
@@ -138,6 +140,19 @@ class IPVSOptions:
     # else's, e.g. a node-local load balancer's), as upstream's cleanLegacyService.
     exclude_cidrs: tuple[str, ...] = ()
     node_zone: str = ""  # the Node's topology.kubernetes.io/zone: zone hints need it
+    # The proxier's IP family (one proxier per family, kproxy.proxiers.meta): its virtual
+    # servers, kube-ipvs0 addresses, ipsets (KUBE-6- names, family inet6) and ip6tables rules.
+    family: IPFamily = "IPv4"
+
+
+def set_specs(family: IPFamily) -> tuple[SetSpec, ...]:
+    """The family's sets: SET_SPECS as IPv4 has them, or their IPv6 twins (upstream's names)."""
+    return SET_SPECS if family == "IPv4" else tuple(s.for_family("inet6") for s in SET_SPECS)
+
+
+def set_names(family: IPFamily) -> dict[str, str]:
+    """SET_SPECS' names -> the family's names (build_fragment speaks the former)."""
+    return {base.name: own.name for base, own in zip(SET_SPECS, set_specs(family), strict=True)}
 
 
 @dataclass(slots=True)
@@ -271,40 +286,44 @@ def build_fragment(sp: ServicePort, eps: Iterable[Endpoint], node_ips: Iterable[
 
 
 def render_iptables(opts: IPVSOptions, jumps_missing: Iterable[tuple[str, str, str, str]]) -> bytes:
-    """The constant iptables rules of IPVS mode (one restore; sets do the per-service work)."""
+    """The constant iptables (ip6tables for IPv6) rules of IPVS mode (one restore; sets do the
+    per-service work): the same chains in both families, matching the family's sets."""
+    n = set_names(opts.family)
+    v6 = opts.family == "IPv6"
     mark = 1 << opts.masquerade_bit
     m = f"{mark:#x}/{mark:#x}"
     missing = list(jumps_missing)
     nat = ["*nat", *(f":{c} - [0:0]" for c in NAT_CHAINS)]
     nat += [f"-I {src} 1 {extra + ' ' if extra else ''}-j {dst}" for t, src, dst, extra in missing if t == "nat"]
     nat += [
-        f'-A KUBE-POSTROUTING -m comment --comment "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose" -m set --match-set {KUBE_LOOP_BACK} dst,dst,src -j MASQUERADE',
+        f'-A KUBE-POSTROUTING -m comment --comment "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose" -m set --match-set {n[KUBE_LOOP_BACK]} dst,dst,src -j MASQUERADE',
         f"-A KUBE-POSTROUTING -m mark ! --mark {m} -j RETURN",
         f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark:#x}",
         '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
         f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark:#x}",
     ]
     if opts.masquerade_all:
-        nat.append(f"-A KUBE-SERVICES -m set --match-set {KUBE_CLUSTER_IP} dst,dst -j KUBE-MARK-MASQ")
+        nat.append(f"-A KUBE-SERVICES -m set --match-set {n[KUBE_CLUSTER_IP]} dst,dst -j KUBE-MARK-MASQ")
     elif opts.cluster_cidr:
-        for cidr in opts.cluster_cidr.split(","):
-            nat.append(f"-A KUBE-SERVICES -m set --match-set {KUBE_CLUSTER_IP} dst,dst ! -s {cidr.strip()} -j KUBE-MARK-MASQ")
+        # ip6tables gets the IPv6 CIDR of --cluster-cidr, iptables the IPv4 one.
+        for cidr in (c for c in opts.cluster_cidr.split(",") if c.strip() and (":" in c) == v6):
+            nat.append(f"-A KUBE-SERVICES -m set --match-set {n[KUBE_CLUSTER_IP]} dst,dst ! -s {cidr.strip()} -j KUBE-MARK-MASQ")
     nat += [
-        f"-A KUBE-SERVICES -m set --match-set {KUBE_EXTERNAL_IP_LOCAL} dst,dst -j ACCEPT",
-        f"-A KUBE-SERVICES -m set --match-set {KUBE_EXTERNAL_IP} dst,dst -j KUBE-MARK-MASQ",
-        f"-A KUBE-SERVICES -m set --match-set {KUBE_EXTERNAL_IP} dst,dst -j ACCEPT",
-        f"-A KUBE-SERVICES -m set --match-set {KUBE_LOAD_BALANCER} dst,dst -j KUBE-LOAD-BALANCER",
-        f"-A KUBE-LOAD-BALANCER -m set --match-set {KUBE_LOAD_BALANCER_LOCAL} dst,dst -j RETURN",
+        f"-A KUBE-SERVICES -m set --match-set {n[KUBE_EXTERNAL_IP_LOCAL]} dst,dst -j ACCEPT",
+        f"-A KUBE-SERVICES -m set --match-set {n[KUBE_EXTERNAL_IP]} dst,dst -j KUBE-MARK-MASQ",
+        f"-A KUBE-SERVICES -m set --match-set {n[KUBE_EXTERNAL_IP]} dst,dst -j ACCEPT",
+        f"-A KUBE-SERVICES -m set --match-set {n[KUBE_LOAD_BALANCER]} dst,dst -j KUBE-LOAD-BALANCER",
+        f"-A KUBE-LOAD-BALANCER -m set --match-set {n[KUBE_LOAD_BALANCER_LOCAL]} dst,dst -j RETURN",
         "-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ",
         "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT",
     ]
     for proto, full, local in (("tcp", KUBE_NODE_PORT_TCP, KUBE_NODE_PORT_LOCAL_TCP),
                                ("udp", KUBE_NODE_PORT_UDP, KUBE_NODE_PORT_LOCAL_UDP)):
-        nat.append(f"-A KUBE-NODE-PORT -p {proto} -m set --match-set {local} dst -j RETURN")
-        nat.append(f"-A KUBE-NODE-PORT -p {proto} -m set --match-set {full} dst -j KUBE-MARK-MASQ")
+        nat.append(f"-A KUBE-NODE-PORT -p {proto} -m set --match-set {n[local]} dst -j RETURN")
+        nat.append(f"-A KUBE-NODE-PORT -p {proto} -m set --match-set {n[full]} dst -j KUBE-MARK-MASQ")
     nat += [
-        f"-A KUBE-SERVICES -m set --match-set {KUBE_CLUSTER_IP} dst,dst -j ACCEPT",
-        f"-A KUBE-SERVICES -m set --match-set {KUBE_LOAD_BALANCER} dst,dst -j ACCEPT",
+        f"-A KUBE-SERVICES -m set --match-set {n[KUBE_CLUSTER_IP]} dst,dst -j ACCEPT",
+        f"-A KUBE-SERVICES -m set --match-set {n[KUBE_LOAD_BALANCER]} dst,dst -j ACCEPT",
         "COMMIT",
     ]
     flt = ["*filter", *(f":{c} - [0:0]" for c in FILTER_CHAINS)]
@@ -313,15 +332,15 @@ def render_iptables(opts: IPVSOptions, jumps_missing: Iterable[tuple[str, str, s
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
         f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {m} -j ACCEPT',
         "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        f"-A KUBE-NODE-PORT -m set --match-set {KUBE_HEALTH_CHECK_NODE_PORT} dst -j ACCEPT",
-        (f"-A KUBE-PROXY-FIREWALL -m set --match-set {KUBE_LOAD_BALANCER_FW} dst,dst"
-         f" -m set ! --match-set {KUBE_LOAD_BALANCER_SOURCE_CIDR} dst,dst,src -j DROP"),
+        f"-A KUBE-NODE-PORT -m set --match-set {n[KUBE_HEALTH_CHECK_NODE_PORT]} dst -j ACCEPT",
+        (f"-A KUBE-PROXY-FIREWALL -m set --match-set {n[KUBE_LOAD_BALANCER_FW]} dst,dst"
+         f" -m set ! --match-set {n[KUBE_LOAD_BALANCER_SOURCE_CIDR]} dst,dst,src -j DROP"),
     ]
     for s in (KUBE_LOAD_BALANCER, KUBE_CLUSTER_IP, KUBE_EXTERNAL_IP, KUBE_EXTERNAL_IP_LOCAL):
-        flt.append(f"-A KUBE-IPVS-FILTER -m set --match-set {s} dst,dst -j RETURN")
+        flt.append(f"-A KUBE-IPVS-FILTER -m set --match-set {n[s]} dst,dst -j RETURN")
     flt += [
-        f"-A KUBE-IPVS-FILTER -m set --match-set {KUBE_HEALTH_CHECK_NODE_PORT} dst -j RETURN",
-        f"-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set {KUBE_IPVS_IPS} dst -j REJECT",
+        f"-A KUBE-IPVS-FILTER -m set --match-set {n[KUBE_HEALTH_CHECK_NODE_PORT]} dst -j RETURN",
+        f"-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set {n[KUBE_IPVS_IPS]} dst -j REJECT",
         "COMMIT",
     ]
     return ("\n".join(nat + flt) + "\n").encode()
@@ -371,7 +390,10 @@ class IPVSProxier(Proxier):
         self._health: set[ServicePortName] = set()
         # The last state of each UDP ServicePort: a deleted one's stale conntrack entries need it.
         self._udp: dict[ServicePortName, ServicePort] = {}
-        self.ipsets = ipsets or IPSets(SET_SPECS)
+        self.family: IPFamily = opts.family
+        self._af = socket.AF_INET6 if opts.family == "IPv6" else socket.AF_INET
+        self._set_names = set_names(opts.family)
+        self.ipsets = ipsets or IPSets(set_specs(opts.family))
         self._node_ips_fn = node_ips
         self.ipvs = nl.IPVS()
         self.addrs = nl.Addresses()
@@ -395,7 +417,8 @@ class IPVSProxier(Proxier):
 
     # --- one-time node setup ----------------------------------------------------------------
     def _setup_kernel(self) -> None:
-        _write_sysctl("net.ipv4.ip_forward", 1)
+        # The IPVS sysctls live under net.ipv4.vs but govern both families (one table per netns).
+        _write_sysctl("net.ipv6.conf.all.forwarding" if self.family == "IPv6" else "net.ipv4.ip_forward", 1)
         _write_sysctl("net.ipv4.vs.conntrack", 1)
         _write_sysctl("net.ipv4.vs.expire_nodest_conn", 1)
         _write_sysctl("net.ipv4.vs.expire_quiescent_template", 1)
@@ -408,20 +431,22 @@ class IPVSProxier(Proxier):
             self.ipvs.set_timeouts(self.opts.tcp_timeout, self.opts.tcpfin_timeout, self.opts.udp_timeout)
 
     def node_ips(self) -> list[str]:
-        """NodePort addresses: the explicit list, else this node's local IPv4 addresses outside
-        kube-ipvs0 and loopback, filtered by --nodeport-addresses CIDRs."""
+        """NodePort addresses: the explicit list, else this node's local addresses of the
+        proxier's family outside kube-ipvs0, loopback and (IPv6) link-local, filtered by
+        --nodeport-addresses CIDRs."""
         if self._node_ips_fn is not None:
             return self._node_ips_fn()
         ips: set[str] = set()
         dummy = nl.link_index(DUMMY_DEVICE)
-        for payload in self.addrs._nl.dump(nl.RTM_GETADDR, nl._IFADDRMSG.pack(0, 0, 0, 0, 0)):
+        for payload in self.addrs._nl.dump(nl.RTM_GETADDR, nl._IFADDRMSG.pack(self._af, 0, 0, 0, 0)):
             family, _p, _f, _scope, index = nl._IFADDRMSG.unpack_from(payload)
-            if index == dummy or family != 2:
+            if index == dummy or family != self._af:
                 continue
             a = nl._attrs(payload, nl._IFADDRMSG.size)
             raw = a.get(nl.IFA_LOCAL) or a.get(nl.IFA_ADDRESS)
-            if raw and not raw.startswith(b"\x7f"):
-                ips.add(nl._addr_text(raw, family))
+            ip = ipaddress.ip_address(raw) if raw and len(raw) in (4, 16) else None
+            if ip is not None and not ip.is_loopback and not ip.is_link_local:
+                ips.add(str(ip))
         if self.opts.nodeport_addresses:
             nets = [ipaddress.ip_network(c, strict=False) for c in self.opts.nodeport_addresses]
             ips = {ip for ip in ips if any(ipaddress.ip_address(ip) in n for n in nets)}
@@ -430,8 +455,9 @@ class IPVSProxier(Proxier):
     # --- reading the kernel -----------------------------------------------------------------
     def _read_kernel(self) -> None:
         self.ifindex = nl.ensure_dummy_link(DUMMY_DEVICE)
-        self._k_addresses = self.addrs.addresses(self.ifindex)
-        self._k_services = {vs.key: vs for vs in self.ipvs.services()}
+        # Only this family's: kube-ipvs0 and the IPVS table hold the other family's proxier's too.
+        self._k_addresses = self.addrs.addresses(self.ifindex, self._af)
+        self._k_services = {vs.key: vs for vs in self.ipvs.services(self._af)}
         # Real servers: a netlink dump per service costs ~2 ms under UML (20 s at 10,000
         # services, and /proc/net/ip_vs is quadratic), so they are read only on the first sync
         # and after a failure (`_read_dests`, for the services we keep); later full syncs trust
@@ -538,8 +564,9 @@ class IPVSProxier(Proxier):
         self._k_addresses.update(add_addrs)
         timings["addresses"] = time.perf_counter() - t
         t = time.perf_counter()
-        set_lines = self.ipsets.sync({s: r.members() for s, r in self._entries.items()},
-                                     None if full else dirty_sets)
+        names_of = self._set_names
+        set_lines = self.ipsets.sync({names_of[s]: r.members() for s, r in self._entries.items()},
+                                     None if full else {names_of[s] for s in dirty_sets})
         timings["ipset"] = time.perf_counter() - t
         t = time.perf_counter()
         if full or not self._rules_applied:
@@ -689,9 +716,9 @@ class IPVSProxier(Proxier):
             frag = self._fragments.get(name)
             if frag is None or ep.ip not in frag.real_server_ips():  # not back again
                 stale.append((name, ep))
-        plan = udp_conntrack_cleanup(request.services, stale, newly_active, self._udp, "IPv4")
-        plan |= udp_conntrack_cleanup(request.services, stale, newly_active, self._udp, "IPv6")
-        apply_cleanup(self.conntrack, plan)
+        # This family's table only (the Conntrack given is of this family: conntrack -f ipv6).
+        apply_cleanup(self.conntrack, udp_conntrack_cleanup(request.services, stale, newly_active, self._udp,
+                                                            self.family))
 
     def terminating(self) -> list[tuple[VSKey, RSKey]]:
         return sorted(self._terminating)
@@ -718,13 +745,14 @@ class IPVSProxier(Proxier):
 
     # --- cleanup ----------------------------------------------------------------------------
     def cleanup(self) -> bool:
-        """Removes everything IPVS mode programs: IPVS services, kube-ipvs0, our chains and the
-        jumps to them, then the sets (they can only go once no rule references them)."""
+        """Removes everything IPVS mode programs in this family: its IPVS services, kube-ipvs0,
+        its family's chains and the jumps to them, then its sets (they can only go once no rule
+        references them). The metaproxier calls every family's (`--cleanup`: both)."""
         ok = True
         try:
             # One batch: a message per service (its real servers go with it); per-message
             # errors (a service someone else removed meanwhile) do not stop the others.
-            failed = self.ipvs.apply([self.ipvs.delete_service(vs) for vs in self.ipvs.services()])
+            failed = self.ipvs.apply([self.ipvs.delete_service(vs) for vs in self.ipvs.services(self._af)])
             if any(e != errno.ESRCH for _, e in failed):
                 log.warning("msg=%s failed=%d", "ipvs cleanup", len(failed))
                 ok = False
@@ -771,8 +799,10 @@ class IPVSProxier(Proxier):
         self.ipsets.close()
 
 
-def options_from_config(config: KProxyConfig) -> IPVSOptions:
-    """The IPVS options from the validated configuration (flags and KubeProxyConfiguration)."""
+def options_from_config(config: KProxyConfig, family: IPFamily = "IPv4") -> IPVSOptions:
+    """The IPVS options of one family's proxier from the validated configuration (flags and
+    KubeProxyConfiguration)."""
+    v6 = family == "IPv6"
     return IPVSOptions(
         scheduler=config.ipvs_scheduler or DEFAULT_SCHEDULER,
         strict_arp=config.ipvs_strict_arp,
@@ -783,27 +813,51 @@ def options_from_config(config: KProxyConfig) -> IPVSOptions:
         masquerade_all=config.masquerade_all,
         masquerade_bit=config.masquerade_bit,  # 0 is valid (validation accepts 0..31)
         # "primary" means the node's own IPs, as in iptables mode (not every address).
-        nodeport_addresses=tuple(c for c in nodeport_cidrs(config.nodeport_addresses, config.node_ips) if ":" not in c),
+        nodeport_addresses=tuple(c for c in nodeport_cidrs(config.nodeport_addresses, config.node_ips)
+                                 if (":" in c) == v6),
         exclude_cidrs=config.ipvs_exclude_cidrs,
         node_zone=config.node_zone,
+        family=family,
+    )
+
+
+def _backend(config: KProxyConfig) -> Backend:
+    # Detected as in iptables mode (the back end that holds the node's KUBE- rules; nft unless
+    # only legacy works on this kernel, as under the User-Mode Linux test VM). One for both families.
+    backend = config.iptables_backend or detect_backend()
+    if backend not in ("nft", "legacy"):
+        raise ValueError(f"iptables backend {backend!r}: expected nft or legacy")
+    return "nft" if backend == "nft" else "legacy"
+
+
+def family_supported(config: KProxyConfig, family: IPFamily) -> bool:
+    """Upstream's platformCheckSupported for IPVS (an iptables-based mode): the family's
+    iptables tool can read its nat table here (for IPv6 that also means the kernel has IPv6)."""
+    try:
+        IPTables(backend=_backend(config), ipv6=family == "IPv6").save("nat")
+    except (IPTablesError, OSError) as e:
+        log.info("%s ip(6)tables not usable here err=%s", family, e)
+        return False
+    return True
+
+
+def new_family_proxier(config: KProxyConfig, family: IPFamily) -> Proxier:
+    """The IPVS proxier of one family from the validated configuration (see the module
+    docstring); the Service health checks are kproxy.proxiers.meta's (one server per node)."""
+    explicit = [ip for ip in config.node_ips if (":" in ip) == (family == "IPv6")]
+    return IPVSProxier(
+        options_from_config(config, family),
+        IPTables(backend=_backend(config), ipv6=family == "IPv6"),
+        node_ips=(lambda: list(explicit)) if explicit else None,
+        conntrack=Conntrack(family=family),
     )
 
 
 def new_proxier(config: KProxyConfig) -> Proxier:
-    """Builds the IPVS proxier from the validated configuration (see the module docstring)."""
-    # Detected as in iptables mode (the back end that holds the node's KUBE- rules; nft unless
-    # only legacy works on this kernel, as under the User-Mode Linux test VM).
-    backend = config.iptables_backend or detect_backend()
-    if backend not in ("nft", "legacy"):
-        raise ValueError(f"iptables backend {backend!r}: expected nft or legacy")
-    explicit = list(config.node_ips)
-    return IPVSProxier(
-        options_from_config(config),
-        IPTables(backend="nft" if backend == "nft" else "legacy"),
-        node_ips=(lambda: list(explicit)) if explicit else None,
-        conntrack=Conntrack(),
-        health_server=ServiceHealthServer(config.healthcheck_bind_address),
-    )
+    """One IPVS proxier per family this node can run (kproxy.proxiers.meta), as upstream's
+    NewDualStackProxier: IPv4 and IPv6 virtual servers, sets and rules side by side."""
+    return new_proxier_for_families(config, new_family_proxier, family_supported)
 
 
-__all__ = ["IPVSOptions", "IPVSProxier", "build_fragment", "new_proxier", "render_iptables"]
+__all__ = ["IPVSOptions", "IPVSProxier", "build_fragment", "family_supported", "new_family_proxier", "new_proxier",
+           "render_iptables", "set_names", "set_specs"]

@@ -2,7 +2,12 @@
 the VM (this host's kernel has no IPVS). The same topology as the netns modes: the node is a
 network namespace; the proxier runs on a thread that entered it, so its netlink sockets, the
 tools it starts (iptables, ipset, conntrack) and its sysctls all belong to that namespace. Every
-probe that passes is also traced with `kproxy trace`, which must say the same."""
+probe of the IPv4 Services that passes is also traced with `kproxy trace`, which must say the same.
+
+Per family (issue 18), as on the host (tests/conformance/test_conformance.py): the proxier is
+built as kproxy builds it, one IPVS proxier per family (kproxy.proxiers.meta), on the dual-stack
+topology; the table runs for IPv4-only, IPv6-only and dual-stack Services, the dual-stack ones
+reached over each family (FAMILY_RUNS), all of them programmed side by side."""
 from __future__ import annotations
 
 import os
@@ -20,29 +25,49 @@ sys.path[:0] = [os.path.join(HERE, "..", "..", "conformance"), os.path.join(HERE
 
 from conformance_probe import check_scenario  # noqa: E402
 from conformance_trace import trace_checker  # noqa: E402
-from conformance_table import CLUSTER_CIDR, NODE_IP, NODE_ZONE, SCENARIOS, Scenario, endpoints, spn, state  # noqa: E402
+from conformance_table import (  # noqa: E402
+    CLUSTER_CIDR,
+    CLUSTER_CIDR6,
+    FAMILY_RUNS,
+    NODE_IP,
+    NODE_IP6,
+    NODE_NAME,
+    NODE_ZONE,
+    SCENARIOS,
+    Family,
+    Scenario,
+    Variant,
+    endpoints,
+    spn,
+    state,
+)
 from iptables_topology import Topology, _build, _destroy, sh  # noqa: E402
 
-from kproxy.backends.conntrack import Conntrack  # noqa: E402
-from kproxy.backends.iptables import IPTables, detect_backend  # noqa: E402
-from kproxy.healthcheck import ServiceHealthServer  # noqa: E402
+from kproxy.backends.iptables import detect_backend  # noqa: E402
+from kproxy.config import KProxyConfig  # noqa: E402
 from kproxy.proxiers.base import SyncRequest  # noqa: E402
-from kproxy.proxiers.ipvs import IPVSOptions, IPVSProxier  # noqa: E402
+from kproxy.proxiers.ipvs import IPVSProxier, new_proxier  # noqa: E402
+from kproxy.proxiers.meta import MetaProxier  # noqa: E402
 from kproxy.relay import enter_netns  # noqa: E402
 
 T = TypeVar("T")
 
 
 class NodeProxier:
-    """An IPVSProxier living in the node namespace: every call runs on its one thread there."""
+    """kproxy's IPVS proxier (one per family) living in the node namespace: every call runs on
+    its one thread there, so its netlink sockets, tools and sysctls are the node's."""
 
     def __init__(self, node: str) -> None:
+        self.proxier_netns = node
         self.pool = ThreadPoolExecutor(max_workers=1, initializer=enter_netns, initargs=(node,))
         self.backend = self.run(lambda: detect_backend())  # as kproxy does: nothing forced
-        self.proxier = self.run(lambda: IPVSProxier(
-            IPVSOptions(cluster_cidr=CLUSTER_CIDR, node_zone=NODE_ZONE), IPTables(backend=self.backend),
-            node_ips=lambda: [NODE_IP], conntrack=Conntrack(), health_server=ServiceHealthServer(netns=node)))
-        self.services, self.endpoints = state()
+        config = KProxyConfig(mode="ipvs", netns=node, cluster_cidr=f"{CLUSTER_CIDR},{CLUSTER_CIDR6}",
+                              hostname_override=NODE_NAME, node_ips=(NODE_IP, NODE_IP6), node_zone=NODE_ZONE,
+                              bind_address=NODE_IP)
+        proxier = self.run(lambda: new_proxier(config))
+        assert isinstance(proxier, MetaProxier), proxier
+        self.proxier: MetaProxier = proxier
+        self.services, self.endpoints = state(1, ("IPv4", "IPv6", "dual"))
 
     def run(self, fn: Callable[[], T]) -> T:
         return self.pool.submit(fn).result(timeout=120)
@@ -53,10 +78,25 @@ class NodeProxier:
         res = self.run(lambda: self.proxier.sync(req))
         assert res.ok, res.error
 
+    def sync_phase(self, scenario: Scenario, variant: Variant, phase: int) -> None:
+        name = spn(scenario, variant)
+        eps = endpoints(scenario, phase, variant)
+        if self.endpoints.get(name, ()) != eps:
+            self.endpoints[name] = eps
+            self.sync(frozenset({name}))
+
     def close(self) -> None:
         try:
             assert self.run(self.proxier.cleanup)
             self.run(self.proxier.close)
+            # `--cleanup` removes both families: no virtual server, set or KUBE- chain is left.
+            def node_out(*cmd: str) -> str:
+                return sh("ip", "netns", "exec", self.proxier_netns, *cmd).stdout
+
+            assert not [ln for ln in node_out("ipvsadm", "-Ln").splitlines() if ln.startswith(("TCP", "UDP", "SCTP"))]
+            assert not [n for n in node_out("ipset", "list", "-n").split() if n.startswith("KUBE-")]
+            for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+                assert "KUBE-" not in node_out(tool), tool
         finally:
             self.pool.shutdown(wait=True)
 
@@ -70,9 +110,13 @@ def node() -> Iterator[tuple[Topology, NodeProxier]]:
         # As on any Kubernetes node (kubeadm checks it): bridged pod-to-pod replies must pass
         # through conntrack, or a pod reaching a Service backed by a pod on the same bridge gets
         # the reply from the pod's own address. The host has br_netfilter loaded; the VM must load it.
-        subprocess.run(["modprobe", "br_netfilter"], check=False, capture_output=True, timeout=60)
+        # IPv6 is a module in the VM's kernel and nothing else loads it before the topology's
+        # IPv6 addresses ("Operation not supported" without it).
+        for module in ("ipv6", "br_netfilter"):
+            subprocess.run(["modprobe", module], check=False, capture_output=True, timeout=60)
         built.append(_build(suffix))
-        sh("ip", "netns", "exec", built[0].node, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
+        for table in ("iptables", "ip6tables"):
+            sh("ip", "netns", "exec", built[0].node, "sysctl", "-qw", f"net.bridge.bridge-nf-call-{table}=1")
         proxier = NodeProxier(built[0].node)
         proxier.sync()
         yield built[0], proxier
@@ -83,23 +127,27 @@ def node() -> Iterator[tuple[Topology, NodeProxier]]:
             _destroy(topo)
 
 
-def test_backend_detected_not_forced(node: tuple[Topology, NodeProxier]) -> None:
-    """This VM kernel has no nf_tables: detection (not a default) must pick legacy here."""
+def test_backend_detected_not_forced_and_both_families_proxied(node: tuple[Topology, NodeProxier]) -> None:
+    """This VM kernel has no nf_tables: detection (not a default) must pick legacy here. The
+    node has IPv6 (ip6tables), so kproxy builds an IPVS proxier per family, the node's first."""
     assert node[1].backend == "legacy"
+    assert node[1].proxier.families == ("IPv4", "IPv6")
+    assert all(isinstance(p, IPVSProxier) and p.family == f for f, p in node[1].proxier.proxiers.items())
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("run", FAMILY_RUNS, ids=[f"{v}-services-over-{f}" for v, f in FAMILY_RUNS])
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-def test_ipvs_conformance(node: tuple[Topology, NodeProxier], scenario: Scenario) -> None:
+def test_ipvs_conformance(node: tuple[Topology, NodeProxier], scenario: Scenario, run: tuple[Variant, Family]) -> None:
+    variant, family = run
     topo, proxier = node
     clients = {"node": topo.node, "outside": topo.client, "pod": topo.pods["pod2"], "self": topo.pods["pod1"]}
-
-    def phase2() -> None:
-        proxier.endpoints[spn(scenario)] = endpoints(scenario, 2)
-        proxier.sync(frozenset({spn(scenario)}))
-
-    # Every passing probe is also traced (`kproxy trace`, the mode detected) and must agree; the
-    # back end is named only to spare the VM's slow process starts a probe of the other one.
-    tracer = trace_checker(topo.node, ["--iptables-backend", proxier.backend])
-    failures = check_scenario("ipvs", scenario, clients.__getitem__, phase2, tracer)
-    assert not failures, f"ipvs / {scenario.name}:\n" + "\n".join(failures)
+    # Every passing probe of the IPv4 Services is also traced (`kproxy trace`, the mode detected)
+    # and must agree; the back end is named only to spare the VM's slow process starts a probe
+    # of the other one. The IPv6 and dual-stack runs are not traced: process starts are what the
+    # VM's time goes to, and the tracer's IPVS walk is the same code for either family's rules.
+    tracer = trace_checker(topo.node, ["--iptables-backend", proxier.backend]) if variant == "IPv4" else None
+    proxier.sync_phase(scenario, variant, 1)  # a dual-stack run over the other family changed it
+    failures = check_scenario("ipvs", scenario, clients.__getitem__,
+                              lambda: proxier.sync_phase(scenario, variant, 2), tracer, variant, family)
+    assert not failures, f"ipvs / {variant} Services over {family} / {scenario.name}:\n" + "\n".join(failures)
