@@ -15,6 +15,7 @@ import http.server
 import json
 import logging
 import socket
+import socketserver
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,17 @@ def _ipv6_available() -> bool:
     return True
 
 
-class _DualStackHTTPServer(http.server.ThreadingHTTPServer):
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        # http.server's own server_bind asks for the bound address' name (socket.getfqdn): a
+        # reverse DNS query per listener, which blocks the sync for the resolver's whole
+        # timeout where none answers (10 s per "::" listener in the test VM). Nothing uses it.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
+class _DualStackHTTPServer(_HTTPServer):
     address_family = socket.AF_INET6
 
 
@@ -53,7 +64,7 @@ class _Listener:
         # No address: every address of both families, as upstream's Go listener on ":port"
         # (one IPv6 socket that also takes IPv4) where the node has IPv6 at all.
         dual = address in ("", "::") and _ipv6_available()
-        server_class = _DualStackHTTPServer if dual else http.server.ThreadingHTTPServer
+        server_class = _DualStackHTTPServer if dual else _HTTPServer
         self.server = server_class(("::" if dual else address, port), handler, bind_and_activate=False)
         if netns is not None:
             # The listening socket must belong to the node's namespace (tests run the proxier

@@ -131,3 +131,24 @@ def test_proxier_serves_health_check_node_ports(rules_netns: str) -> None:
     finally:
         px.close()
         assert px.cleanup()
+
+
+def test_health_listeners_never_ask_dns_for_their_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    # http.server names the bound address with socket.getfqdn (a reverse DNS query): where no
+    # resolver answers that blocked each listener's sync for the resolver's timeout (10 s per
+    # "::" listener in the IPVS VM). Both listener kinds (IPv4 and the dual-stack one) must bind without it.
+    def no_dns(name: str = "") -> str:
+        raise AssertionError(f"getfqdn({name!r}) called")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+    for address in ("127.0.0.1", ""):
+        hs = ServiceHealthServer(address)
+        nsn = NamespacedName("ns1", "web")
+        port = free_port()
+        try:
+            assert hs.sync_services({nsn: port}) == []
+            hs.sync_endpoints({nsn: 1})
+            status, body, _ = get(port)
+            assert status == 200 and body["localEndpoints"] == 1
+        finally:
+            hs.close()
