@@ -10,10 +10,10 @@ import pytest
 
 
 @pytest.mark.vm
-@pytest.mark.timeout(460)
+@pytest.mark.timeout(600)
 def test_ipvs_suite_in_vm(vm: Callable[..., Any], venv_bin: Path) -> None:
     res = vm([str(venv_bin / "pytest"), "tests/vm/inside", "-q", "-p", "no:cacheprovider",
-              "-o", "addopts=", "-rfEs", "--durations=5"], timeout=420)
+              "-o", "addopts=", "-rfEs", "--durations=5"], timeout=560)
     print(res.stdout)
     print(res.stderr)
     assert res.returncode == 0, f"inner IPVS suite failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}"
