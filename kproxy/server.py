@@ -44,6 +44,8 @@ from kproxy.metrics import CONTENT_TYPE, ProxyMetrics
 from kproxy.proxiers.base import Proxier, SyncResult
 from kproxy.proxiers.meta import single_family
 from kproxy.runner import BoundedFrequencyRunner
+from kproxy.servicecidrs import FIRST_SYNC_WAIT
+from kproxy.servicecidrs import for_proxier as service_cidr_source
 
 log = logging.getLogger("kproxy.server")
 
@@ -493,12 +495,20 @@ class ProxyServer:
                              on_undecodable=self._undecodable("EndpointSlice"))
             for refl in (svc_r, es_r):
                 self._tasks.append(asyncio.create_task(refl.run(), name=f"reflector-{refl.name}"))
+            # nftables mode: the ServiceCIDRs' CIDRs for the unallocated-ClusterIP drop rule.
+            cidrs = service_cidr_source(self.client, self.proxier, self.runner.run, on_invalid=self._invalid,
+                                        on_undecodable=self._undecodable("ServiceCIDR")) \
+                if self.cfg.mode == "nftables" else None
+            if cidrs is not None:
+                self._tasks.append(asyncio.create_task(cidrs.run(), name="servicecidrs"))
 
             async def sync_when_listed() -> None:
                 # As upstream: no sync before both caches have listed once, else the first
                 # (full) sync would program a partial world.
                 await svc_r.wait_synced()
                 await es_r.wait_synced()
+                if cidrs is not None:
+                    await cidrs.wait_listed(FIRST_SYNC_WAIT)
                 log.info("synced services=%d endpointslices=%d", len(svc_inf), len(es_inf))
                 self.initialized = True
                 await self.runner.loop()

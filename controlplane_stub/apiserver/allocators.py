@@ -183,6 +183,10 @@ class ServiceAllocator:
         if len(self.ranges) == 2 and self.ranges[0].family == self.ranges[1].family:
             raise ValueError("--service-cluster-ip-range: two CIDRs must be of different IP families (dual-stack)")
         self.by_family = {r.family: r for r in self.ranges}
+        # The CIDRs of the other Ready ServiceCIDR objects (servicecidrs.py keeps them): a family's
+        # addresses come from its flag range first, then from these in order, as upstream's
+        # allocator takes ClusterIPs from every Ready ServiceCIDR.
+        self.extra: dict[str, IPRange] = {}
         low, high = node_port_range
         if not 0 < low <= high <= 65535:
             raise ValueError(f"--service-node-port-range: invalid range {low}-{high}")
@@ -196,6 +200,38 @@ class ServiceAllocator:
         # What the last assign() picked itself (not asked for by the client): the values an etcd
         # write may re-pick when another API server took them first (EtcdReservations).
         self.last_dynamic: set[str | int] = set()
+
+    def set_extra_ranges(self, cidrs: Iterable[str], existing_services: Iterable[dict[str, Any]]) -> None:
+        """The additional ranges are now cidrs (those of the flag ranges are left out); a range
+        kept keeps what it had allocated, a new one first marks what existing_services hold in it."""
+        primary = {r.cidr for r in self.ranges}
+        kept: dict[str, IPRange] = {}
+        for text in cidrs:
+            cidr = str(ipaddress.ip_network(text, strict=False))
+            if cidr in primary or cidr in kept:
+                continue
+            try:
+                kept[cidr] = self.extra.get(cidr) or IPRange(cidr)
+            except ValueError:
+                continue  # no usable address (a /32, a /128): nothing to allocate from
+        added = kept.keys() - self.extra.keys()
+        self.extra = kept
+        if added:
+            self.load(existing_services)
+
+    def _family_ranges(self, family: str) -> list[IPRange]:
+        first = self.by_family.get(family)
+        return ([first] if first is not None else []) + [r for r in self.extra.values() if r.family == family]
+
+    def _range_of(self, ip: str) -> IPRange | None:
+        """The range ip is a usable address of (its family's flag range first), or None."""
+        for rng in self._family_ranges(_family_of(ip) or ""):
+            try:
+                rng.offset_of(ip)
+            except NotInRange:
+                continue
+            return rng
+        return None
 
     def first_ip(self) -> str:
         """The first usable address of the primary range: the kubernetes Service's ClusterIP."""
@@ -247,8 +283,7 @@ class ServiceAllocator:
                     pass
 
     def _reserve_ip_quietly(self, ip: str) -> None:
-        family = _family_of(ip)
-        rng = self.by_family.get(family or "")
+        rng = self._range_of(ip)
         if rng is None:
             return
         try:
@@ -348,8 +383,8 @@ class ServiceAllocator:
             return
         result: list[str] = []
         for i, family in enumerate(families):
-            rng = self.by_family[family]
             wanted = ips[i] if i < len(ips) else ""
+            rng = (self._range_of(wanted) if wanted else None) or self.by_family[family]
             if wanted and wanted in old_ips:
                 result.append(wanted)  # the update keeps its own address
                 continue
@@ -364,21 +399,26 @@ class ServiceAllocator:
                 except AlreadyAllocated:
                     self._ip_error(name, ips, f"failed to allocate IP {wanted}: provided IP is already allocated")
                 except NotInRange:
+                    valid = ", ".join(r.cidr for r in self._family_ranges(family))
                     self._ip_error(name, ips, f"failed to allocate IP {wanted}: the provided IP ({wanted}) is not "
-                                              f"in the valid range. The range of valid IPs is {rng.cidr}")
+                                              f"in the valid range. The range of valid IPs is {valid}")
                 txn.ips.append((rng, wanted))
                 result.append(wanted)
                 continue
-            try:
-                ip = rng.allocate_next()
-            except RangeFull:
-                raise StatusError(500, "InternalError",
-                                  "Internal error occurred: failed to allocate a serviceIP: range is full") from None
+            rng, ip = self._allocate_next(family)
             txn.ips.append((rng, ip))
             self.last_dynamic.add(ip)
             result.append(ip)
         spec["clusterIP"] = result[0]
         spec["clusterIPs"] = result
+
+    def _allocate_next(self, family: str) -> tuple[IPRange, str]:
+        for rng in self._family_ranges(family):
+            try:
+                return rng, rng.allocate_next()
+            except RangeFull:
+                continue
+        raise StatusError(500, "InternalError", "Internal error occurred: failed to allocate a serviceIP: range is full")
 
     @staticmethod
     def _ip_error(name: str, ips: list[str], detail: str) -> None:
@@ -450,7 +490,7 @@ class ServiceAllocator:
     def _release_ip(self, ip: str) -> None:
         if ip in self.reserved:
             return  # held for its owner beyond the Service's lifetime (reserve_for)
-        rng = self.by_family.get(_family_of(ip) or "")
+        rng = self._range_of(ip)
         if rng is not None:
             rng.release(ip)
 
@@ -481,7 +521,7 @@ class ServiceAllocator:
     # --- introspection for tests and metrics -------------------------------------------------------
 
     def allocated_ips(self) -> int:
-        return sum(len(r.offsets.used) for r in self.ranges)
+        return sum(len(r.offsets.used) for r in (*self.ranges, *self.extra.values()))
 
     def allocated_node_ports(self) -> int:
         return len(self.node_ports.used)

@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..store import backend
-from . import bootstrap, limits, pki, satokens, semantics
+from . import bootstrap, limits, pki, satokens, semantics, servicecidrs
 from .podio import PodIO
 from .registry import Registry
 from .server import APIServer
@@ -191,8 +191,8 @@ async def serve(args: argparse.Namespace) -> int:
         raise SystemExit("kproxy-apiserver: --bootstrap-reconcile-interval: want a number of seconds > 0")
     store = await backend.open_store(args, data)
     try:
-        allocator = semantics.service_allocator(_cidrs(args.service_cluster_ip_range),
-                                                _node_port_range(args.service_node_port_range))
+        service_cidrs = _cidrs(args.service_cluster_ip_range)
+        allocator = semantics.service_allocator(service_cidrs, _node_port_range(args.service_node_port_range))
         backend.share_allocations(store, allocator)
         registry = Registry(store, allocator)
         await registry.bootstrap()
@@ -226,6 +226,11 @@ async def serve(args: argparse.Namespace) -> int:
             args.bootstrap_reconcile_interval)
         await controller.reconcile()
         reconciling = asyncio.create_task(controller.run())
+        # The default ServiceCIDR "kubernetes" exists (and is Ready) before the server says it is ready.
+        cidr_controller = servicecidrs.ServiceCIDRController(registry, allocator, service_cidrs,
+                                                             args.bootstrap_reconcile_interval)
+        await cidr_controller.ensure_default()
+        following_cidrs = asyncio.create_task(cidr_controller.run())
         ca_pem = Path(ca_crt).read_bytes() if ca_crt else b""
         tokens_controller = asyncio.create_task(TokenSecretsController(registry, authority, ca_pem).run())
         admin_cfg = os.path.join(data, "admin.kubeconfig")
@@ -248,6 +253,7 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
         log.info("event=shutdown watches=%d", api.watches.active)
         reconciling.cancel()
+        following_cidrs.cancel()
         tokens_controller.cancel()
         guard.stop()
         # cleanup() closes the listener first, then on_shutdown ends the watch streams: clients that

@@ -38,6 +38,7 @@ CORE = "io.k8s.api.core.v1."
 APPS = "io.k8s.api.apps.v1."
 DISCOVERY = "io.k8s.api.discovery.v1."
 COORDINATION = "io.k8s.api.coordination.v1."
+NETWORKING = "io.k8s.api.networking.v1."
 
 # Field types: s string, i int32, l int64, b boolean, ios int-or-string, t date-time, o free-form
 # object, m map of strings, mq map of quantities, [x] list of x, otherwise a type name below.
@@ -166,6 +167,10 @@ _TYPE_FIELDS: dict[str, dict[str, str]] = {
     COORDINATION + "LeaseSpec": {"acquireTime": "t", "holderIdentity": "s", "leaseDurationSeconds": "i",
                                  "leaseTransitions": "i", "preferredHolder": "s", "renewTime": "t",
                                  "strategy": "s"},
+    NETWORKING + "ServiceCIDR": {"apiVersion": "s", "kind": "s", "metadata": "ObjectMeta", "spec": "ServiceCIDRSpec",
+                                 "status": "ServiceCIDRStatus"},
+    NETWORKING + "ServiceCIDRSpec": {"cidrs": "[s]"},
+    NETWORKING + "ServiceCIDRStatus": {"conditions": "[Condition]"},
 }
 
 # Short name -> definition name (the short names above are unique across packages).
@@ -195,6 +200,7 @@ KINDS: tuple[tuple[str, str, str, str, bool, str], ...] = (
     ("apps", "v1", "ReplicaSet", "replicasets", True, APPS + "ReplicaSet"),
     ("apps", "v1", "DaemonSet", "daemonsets", True, APPS + "DaemonSet"),
     ("coordination.k8s.io", "v1", "Lease", "leases", True, COORDINATION + "Lease"),
+    ("networking.k8s.io", "v1", "ServiceCIDR", "servicecidrs", False, NETWORKING + "ServiceCIDR"),
 )
 
 # What `kubectl explain KIND` prints first (our own wording).
@@ -213,6 +219,8 @@ _KIND_DOCS: dict[str, str] = {
     "ReplicaSet": "ReplicaSet keeps a number of identical pods running.",
     "DaemonSet": "DaemonSet runs one copy of a pod on every node its selector and template allow.",
     "Lease": "Lease records who holds a lock and until when (node heartbeats, leader election).",
+    "ServiceCIDR": "ServiceCIDR is a range (one CIDR per IP family) that Service ClusterIPs are allocated from; "
+                   "kproxy's nftables mode drops traffic to its addresses that no Service has.",
 }
 
 RESOURCE_DEFINITION: dict[str, str] = {

@@ -280,6 +280,7 @@ BOOTSTRAP_CLUSTER_ROLES: dict[str, list[dict[str, Any]]] = {
         _r(READ, ("",), ("nodes",)),
         _EVENTS,
         _r(("list", "watch"), ("discovery.k8s.io",), ("endpointslices",)),
+        _r(("list", "watch"), ("networking.k8s.io",), ("servicecidrs",)),  # the nftables mode's drop rule
     ],
     # The cluster DNS: CoreDNS's system:coredns (its deployment manifest).
     "system:coredns": [

@@ -61,6 +61,8 @@ RESOURCES: tuple[Resource, ...] = (
              has_generation=True),
     Resource("apps", "v1", "DaemonSet", "daemonsets", True, ("ds",), ("status",), ("all",), has_generation=True),
     Resource("coordination.k8s.io", "v1", "Lease", "leases", True),
+    # The ranges ClusterIPs come from (GA in 1.33; servicecidrs.py keeps the default one and Ready).
+    Resource("networking.k8s.io", "v1", "ServiceCIDR", "servicecidrs", False, (), ("status",)),
     Resource("", "v1", "ServiceAccount", "serviceaccounts", True, ("sa",), ("token",)),
     # RBAC objects (rbac.py evaluates them)
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
@@ -77,7 +79,8 @@ for _r in RESOURCES:
 BY_ID: dict[str, Resource] = {r.id: r for r in RESOURCES}
 
 # Groups in the order /apis lists them (preferred version first: there is only one each).
-GROUPS: tuple[str, ...] = ("apps", "discovery.k8s.io", "coordination.k8s.io", "rbac.authorization.k8s.io")
+GROUPS: tuple[str, ...] = ("apps", "discovery.k8s.io", "coordination.k8s.io", "rbac.authorization.k8s.io",
+                           "networking.k8s.io")
 
 # What a delete cascades to without a garbage collector: owner kind -> dependents' resources.
 DEPENDENTS: dict[str, tuple[str, ...]] = {

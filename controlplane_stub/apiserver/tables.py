@@ -326,6 +326,11 @@ def _lease_row(lease: Obj, now: float) -> list[Any]:
                                                                    now)]
 
 
+def _servicecidr_row(sc: Obj, now: float) -> list[Any]:
+    cidrs = ",".join(c for c in _l(_d(sc.get("spec")).get("cidrs")) if isinstance(c, str))
+    return [cidrs, since(_d(sc.get("metadata")).get("creationTimestamp"), now)]
+
+
 def _generic_row(obj: Obj, now: float) -> list[Any]:
     return [since(_d(obj.get("metadata")).get("creationTimestamp"), now)]
 
@@ -413,6 +418,11 @@ TABLES: dict[str, tuple[list[Column], Printer]] = {
                 ("Name", "string", 1, NAME_DOC)], _event_row),
     "leases.coordination.k8s.io": ([("Holder", "string", 0, "holderIdentity contains the identity of the holder of "
                                                             "a current lease."), _AGE], _lease_row),
+    "servicecidrs.networking.k8s.io": ([("CIDRs", "string", 0, "CIDRs defines the IP blocks in CIDR notation (e.g. "
+                                                               "\"192.168.0.0/24\" or \"2001:db8::/64\") from which to "
+                                                               "assign service cluster IPs. Max of two CIDRs is allowed, "
+                                                               "one of each IP family. This field is immutable."),
+                                        _AGE], _servicecidr_row),
 }
 
 

@@ -21,6 +21,7 @@ upstream's ProxierHealthServer); rule counts are summed per table.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
@@ -79,6 +80,12 @@ class MetaProxier(Proxier):
         self.health_server = health_server
         self._views = {family: FamilyView(family) for family in self.families}
         self._health = HealthChecks()
+        # Service CIDRs (set_service_cidrs) come from the event loop while a sync may run in a
+        # worker thread: a family proxier gets them only while no sync runs (_sync_lock), else at
+        # the start of the next sync; _pending_lock guards the hand-over slot itself.
+        self._sync_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending_cidrs: tuple[str, ...] | None = None
 
     def family_request(self, family: IPFamily, request: SyncRequest) -> SyncRequest:
         services, endpoints = self._views[family].request(request.services, request.endpoints, request.changed,
@@ -93,6 +100,11 @@ class MetaProxier(Proxier):
         )
 
     def sync(self, request: SyncRequest) -> SyncResult:
+        with self._sync_lock:
+            self._hand_over_service_cidrs()
+            return self._sync_families(request)
+
+    def _sync_families(self, request: SyncRequest) -> SyncResult:
         family_ok: dict[str, bool] = {}
         rules: dict[str, int] = {}
         errors: list[str] = []
@@ -133,6 +145,31 @@ class MetaProxier(Proxier):
             return None, ()
 
         self._health.update(names, lookup, complete)
+
+    def set_service_cidrs(self, cidrs: tuple[str, ...]) -> None:
+        """The cluster's service CIDRs, both families, to every family's proxier that drops
+        traffic to unallocated ClusterIPs (nftables); each keeps its own family's, as upstream's
+        metaproxier hands OnServiceCIDRsChanged to both. At once when no sync runs, else at the
+        start of the next sync (kproxy.servicecidrs asks for one): never in the middle of one,
+        whose end would mark a change made during it as synced."""
+        with self._pending_lock:
+            self._pending_cidrs = tuple(cidrs)
+        if self._sync_lock.acquire(blocking=False):
+            try:
+                self._hand_over_service_cidrs()
+            finally:
+                self._sync_lock.release()
+
+    def _hand_over_service_cidrs(self) -> None:
+        """With _sync_lock held."""
+        with self._pending_lock:
+            cidrs, self._pending_cidrs = self._pending_cidrs, None
+        if cidrs is None:
+            return
+        for proxier in self.proxiers.values():
+            setter = getattr(proxier, "set_service_cidrs", None)
+            if callable(setter):
+                setter(cidrs)
 
     def cleanup(self) -> bool:
         results = [proxier.cleanup() for proxier in self.proxiers.values()]  # every family, even after a failure

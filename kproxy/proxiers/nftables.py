@@ -25,8 +25,8 @@ as a Service's ClusterIP in cluster-ips, are reference-counted), chains no longe
 once and deleted after a grace period. A partial sync's work is proportional to the changed
 ServicePorts. A failed transaction changes nothing in the kernel and makes the next sync full.
 
-Not done yet: the service CIDRs are not read from the API (upstream watches ServiceCIDR
-objects): set_service_cidrs is called by nobody but tests yet.
+The service CIDRs come from the ServiceCIDR objects (kproxy/servicecidrs.py, through
+MetaProxier.set_service_cidrs, never during a sync).
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def supports_field_validation(doc: dict[str, Any], group: str, version: str, kin
 @pytest.mark.timeout(10)
 def test_v3_index_and_group_documents_let_kubectl_skip_client_validation() -> None:
     index = openapi.openapi_v3_index()
-    assert set(index["paths"]) == {"api/v1", "apis/apps/v1", "apis/discovery.k8s.io/v1", "apis/coordination.k8s.io/v1"}
+    assert set(index["paths"]) == {"api/v1", "apis/apps/v1", "apis/discovery.k8s.io/v1", "apis/coordination.k8s.io/v1",
+                                   "apis/networking.k8s.io/v1"}
     for gv, entry in index["paths"].items():
         assert entry["serverRelativeURL"].startswith(f"/openapi/v3/{gv}?hash=")
     for group, version, kind in KINDS:

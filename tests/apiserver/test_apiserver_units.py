@@ -112,7 +112,8 @@ def test_discovery_documents() -> None:
     assert names["pods/binding"]["verbs"] == ["create"] and names["services"]["shortNames"] == ["svc"]
     assert names["endpoints"]["shortNames"] == ["ep"] and names["events"]["shortNames"] == ["ev"]
     groups = discovery.api_group_list()["groups"]
-    assert [g["name"] for g in groups] == ["apps", "discovery.k8s.io", "coordination.k8s.io", "rbac.authorization.k8s.io"]
+    assert [g["name"] for g in groups] == ["apps", "discovery.k8s.io", "coordination.k8s.io", "rbac.authorization.k8s.io",
+                                           "networking.k8s.io"]
     assert discovery.resource_list("apps", "v2") is None and discovery.api_group("nope") is None
 
 

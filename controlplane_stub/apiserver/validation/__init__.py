@@ -1,6 +1,6 @@
 """Validation as kube-apiserver does it, with its field paths and message texts.
 
-The rules and texts follow upstream's pkg/apis/{core,apps,discovery,coordination}/validation and
+The rules and texts follow upstream's pkg/apis/{core,apps,discovery,coordination,networking}/validation and
 apimachinery's util/validation; a 422 Status lists every problem found as details.causes, each
 {"reason": "FieldValue...", "message": ErrorBody, "field": path}, exactly like the real server,
 so kubectl prints the same lines for the same mistakes.
@@ -18,6 +18,7 @@ from .endpoints import _validate_endpoints, _validate_endpointslice
 from .fielderrors import FieldErrors, Obj
 from .meta import _obj, _str, validate_object_meta, validate_object_meta_update
 from .names import is_dns1123_subdomain
+from .networking import validate_service_cidr, validate_service_cidr_update
 from .nodes import _validate_node, _validate_node_update
 from .pods import QUANTITY_ERR, _validate_pod, _validate_pod_update, bad_quantity
 from .rbacobjects import (
@@ -53,6 +54,7 @@ _CREATE: dict[str, tuple[str, str, Validator]] = {
     "replicasets.apps": ("ReplicaSet", "apps", _validate_replicaset),
     "daemonsets.apps": ("DaemonSet", "apps", validate_daemonset),
     "leases.coordination.k8s.io": ("Lease", "coordination.k8s.io", _validate_lease),
+    "servicecidrs.networking.k8s.io": ("ServiceCIDR", "networking.k8s.io", validate_service_cidr),
     "roles.rbac.authorization.k8s.io": ("Role", "rbac.authorization.k8s.io", validate_role),
     "clusterroles.rbac.authorization.k8s.io": ("ClusterRole", "rbac.authorization.k8s.io", validate_cluster_role),
     "rolebindings.rbac.authorization.k8s.io": ("RoleBinding", "rbac.authorization.k8s.io", validate_role_binding),
@@ -61,6 +63,7 @@ _CREATE: dict[str, tuple[str, str, Validator]] = {
 }
 
 _UPDATE: dict[str, UpdateValidator] = {
+    "servicecidrs.networking.k8s.io": validate_service_cidr_update,
     "rolebindings.rbac.authorization.k8s.io": validate_binding_update,
     "clusterrolebindings.rbac.authorization.k8s.io": validate_binding_update,
     "nodes": _validate_node_update,

@@ -1,0 +1,179 @@
+"""ServiceCIDR objects (networking.k8s.io/v1) kept by the API server itself.
+
+Upstream splits this over two controllers: kube-apiserver's defaultservicecidr controller creates
+the ServiceCIDR "kubernetes" from --service-cluster-ip-range (re-created when deleted, upgraded
+from one CIDR to two when the flag turned dual-stack, Ready=True once its CIDRs match the flag),
+and kube-controller-manager's servicecidrs controller sets Ready=True on the others. This server
+has no controller manager of its own (kproxy-cluster runs one, a plain kproxy-apiserver does not),
+so both run here, writing through the Registry (validation and the status subresource as a
+client's write) and following the store's events, so a write by another API server on the same
+etcd is seen too.
+
+The ClusterIP allocator takes addresses from every Ready ServiceCIDR: the flag ranges first, then
+the others' CIDRs (ServiceAllocator.set_extra_ranges).
+
+Not done (upstream does it): a ServiceCIDR still holding allocated ClusterIPs that no other
+ServiceCIDR covers is deleted at once rather than kept Terminating (Ready=False) by a finalizer
+until those Services are gone; those Services keep their addresses.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import ipaddress
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from ..store.base import Compacted
+from .errors import StatusError
+from .registry import Registry, now_rfc3339
+from .resources import BY_ID
+from .semantics import Allocator
+
+log = logging.getLogger("kproxy.apiserver.servicecidrs")
+Obj = dict[str, Any]
+
+DEFAULT_NAME = "kubernetes"
+RESOURCE = BY_ID["servicecidrs.networking.k8s.io"]
+READY = "Ready"
+DEFAULT_READY_MESSAGE = "Kubernetes default Service CIDR is ready"
+READY_MESSAGE = "Kubernetes Service CIDR is ready"
+DEFAULT_INTERVAL = 10.0  # upstream's default ServiceCIDR sync interval
+
+
+def cidrs_of(obj: Obj) -> list[str]:
+    spec = obj.get("spec")
+    cidrs = spec.get("cidrs") if isinstance(spec, dict) else None
+    return [c for c in cidrs if isinstance(c, str)] if isinstance(cidrs, list) else []
+
+
+def ready_condition(obj: Obj) -> Obj | None:
+    status = obj.get("status")
+    conds = status.get("conditions") if isinstance(status, dict) else None
+    for cond in conds if isinstance(conds, list) else []:
+        if isinstance(cond, dict) and cond.get("type") == READY:
+            return cond
+    return None
+
+
+def is_ready(obj: Obj) -> bool:
+    cond = ready_condition(obj)
+    return cond is not None and cond.get("status") == "True"
+
+
+class ServiceCIDRController:
+    def __init__(self, registry: Registry, allocator: Allocator, flag_cidrs: list[str],
+                 interval: float = DEFAULT_INTERVAL) -> None:
+        self.registry = registry
+        self.store = registry.store
+        self.allocator = allocator
+        # The flag's ranges in canonical text (the object's validation wants "fd00:10:96::/108").
+        self.flag_cidrs = [str(ipaddress.ip_network(c, strict=False)) for c in flag_cidrs]
+        self.interval = interval
+        self._reported_mismatch = False
+
+    # --- the default ServiceCIDR ----------------------------------------------------------------
+
+    def default_object(self) -> Obj:
+        return {"apiVersion": RESOURCE.api_version, "kind": RESOURCE.kind, "metadata": {"name": DEFAULT_NAME},
+                "spec": {"cidrs": list(self.flag_cidrs)}}
+
+    async def ensure_default(self) -> None:
+        """Create "kubernetes" when missing, turn it dual-stack when the flag did, set it Ready
+        when its CIDRs are the flag's (else one warning: the operator changed the flag)."""
+        cur = self.store.get(RESOURCE.key("", DEFAULT_NAME))
+        if cur is None:
+            try:
+                cur = await self.registry.create(RESOURCE, "", self.default_object(), dry_run=False)
+                log.info("event=default_servicecidr_created cidrs=%s", ",".join(self.flag_cidrs))
+            except StatusError as e:
+                if e.code != 409:
+                    raise
+                cur = self.store.get(RESOURCE.key("", DEFAULT_NAME))  # another API server made it
+                if cur is None:
+                    return
+        cidrs = cidrs_of(cur)
+        if len(self.flag_cidrs) == 2 and len(cidrs) == 1 and cidrs[0] == self.flag_cidrs[0]:
+            new = copy.deepcopy(cur)
+            new["spec"]["cidrs"] = list(self.flag_cidrs)
+            cur = await self.registry.update(RESOURCE, "", DEFAULT_NAME, new, "", dry_run=False)
+            log.info("event=default_servicecidr_dual_stack cidrs=%s", ",".join(self.flag_cidrs))
+            cidrs = cidrs_of(cur)
+        if cidrs != self.flag_cidrs:
+            if not self._reported_mismatch:
+                log.warning("event=default_servicecidr_inconsistent servicecidr=%s flag=%s: configure the flag "
+                            "to match the ServiceCIDR or delete it", ",".join(cidrs), ",".join(self.flag_cidrs))
+                self._reported_mismatch = True
+            return
+        await self._set_ready(cur, DEFAULT_READY_MESSAGE)
+
+    # --- every ServiceCIDR --------------------------------------------------------------------------
+
+    async def _set_ready(self, obj: Obj, message: str) -> bool:
+        """Ready=True on an object with no Ready condition (or Unknown) that is not being deleted;
+        a False set by someone else is left alone, as upstream. True: it is Ready now."""
+        cond = ready_condition(obj)
+        if obj["metadata"].get("deletionTimestamp") or (cond is not None and cond.get("status") in ("True", "False")):
+            return is_ready(obj)
+        new = copy.deepcopy(obj)
+        status = new.setdefault("status", {})
+        conds = [c for c in status.get("conditions") or [] if isinstance(c, dict) and c.get("type") != READY]
+        conds.append({"type": READY, "status": "True", "lastTransitionTime": now_rfc3339(), "reason": "",
+                      "message": message})
+        status["conditions"] = conds
+        try:
+            await self.registry.update(RESOURCE, "", obj["metadata"]["name"], new, "status", dry_run=False)
+        except StatusError as e:  # a concurrent write (409) or a delete (404): its event brings us back
+            log.info("event=servicecidr_status_failed name=%s code=%d message=%s", obj["metadata"]["name"], e.code, e)
+            return False
+        return True
+
+    def _objects(self) -> tuple[list[Obj], int]:
+        revision = self.store.revision
+        return self.registry.decode_all(self.store.list(RESOURCE.prefix()).items), revision
+
+    async def reconcile(self, objects: Iterable[Obj]) -> None:
+        """Ready on the new ones, then the allocator's ranges from the Ready ones."""
+        ready_cidrs: list[str] = []
+        for obj in objects:
+            ready = is_ready(obj) if obj["metadata"].get("name") == DEFAULT_NAME else \
+                await self._set_ready(obj, READY_MESSAGE)
+            if ready:
+                ready_cidrs.extend(cidrs_of(obj))
+        set_extra = getattr(self.allocator, "set_extra_ranges", None)
+        if set_extra is not None:
+            services = self.registry.decode_all(self.store.list(BY_ID["services"].prefix()).items)
+            set_extra(ready_cidrs, services)
+
+    async def run(self) -> None:
+        """Until cancelled: follow ServiceCIDR writes; every interval also make sure the default
+        one exists (it is re-created when deleted, as upstream)."""
+        while True:
+            try:
+                await self.ensure_default()
+                objects, revision = self._objects()
+                await self.reconcile(objects)
+                await self._follow(revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed pass must not end the loop: the next one tries again
+                log.exception("event=servicecidr_pass_failed")
+                await asyncio.sleep(self.interval)
+
+    async def _follow(self, revision: int) -> None:
+        """Reconcile after each ServiceCIDR event; return after interval to check the default."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.interval
+        while (left := deadline - loop.time()) > 0:
+            try:
+                events = self.store.events_since(revision)
+            except Compacted:
+                return
+            if events:
+                revision = events[-1].revision
+                if any(ev.key.startswith(RESOURCE.prefix()) for ev in events):
+                    objects, _ = self._objects()
+                    await self.reconcile(objects)
+                continue
+            await self.store.wait_for_events(revision, left)

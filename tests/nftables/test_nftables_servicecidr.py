@@ -1,0 +1,160 @@
+"""The real `kproxy --proxy-mode nftables` in a network namespace this test creates, fed by the real
+kproxy-apiserver: its drop rule for unallocated ClusterIPs follows the ServiceCIDR objects. A
+connection from the node to an address of the default ServiceCIDR that no Service has is dropped;
+after a second ServiceCIDR is created its range is dropped too (and a Service allocated from it is
+a ClusterIP like any other: other ports refused); after it is deleted its range is reachable again.
+Listeners on the namespace's lo show what a packet that is not dropped would reach."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nft_state import sh, table_exists
+from test_nftables_kernel import _connect as connect_from_node
+
+from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
+from kproxy.relay import Relay, bind_listener, socket_in_netns
+
+pytestmark = pytest.mark.e2e
+
+NODE_IP = "192.168.77.1"  # conftest's netns: eth0
+PORT = 8081
+UNALLOCATED = "10.96.5.5"  # in the default ServiceCIDR (the flag's 10.96.0.0/16)
+SECOND = "10.100.0.5"  # in the ServiceCIDR the test adds (10.100.0.0/24)
+OUTSIDE = "10.101.0.1"  # in no ServiceCIDR
+SERVICE = "10.100.0.7"  # the ClusterIP the test gives a Service, from the added ServiceCIDR
+
+
+def _call(api: APIServerProcess, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    req = urllib.request.Request(api.url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {api.token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=api.ca_file), timeout=10) as resp:
+        out: dict[str, Any] = json.loads(resp.read())
+        return out
+
+
+@pytest.fixture
+def api(netns: str) -> Iterator[APIServerProcess]:
+    """The API server in the root namespace, reachable on the node's 127.0.0.1 through a relay
+    (as tests/iptables' Api fixture does)."""
+    with running_apiserver(extra_args=["--service-cluster-ip-range", "10.96.0.0/16"]) as proc:
+        bridge = Relay("compiled").start()
+        sock = bind_listener(netns, "TCP", "127.0.0.1", proc.port)
+        lid = bridge.core.add_listener(sock.detach(), False)
+        bridge.set_endpoints(lid, [("127.0.0.1", proc.port)])
+        try:
+            yield proc
+        finally:
+            bridge.stop()
+
+
+def _connect(netns: str, ip: str) -> str:
+    """What a TCP connect from the node gets: "connected", "refused" or "timeout" (dropped)."""
+    return connect_from_node(netns, ip, PORT)
+
+
+def _drain(listeners: list[socket.socket]) -> None:
+    """Accept and close what connected, so a full accept queue never looks like a drop."""
+    for srv in listeners:
+        while True:
+            try:
+                srv.accept()[0].close()
+            except BlockingIOError:
+                break
+
+
+def _until(netns: str, want: dict[str, str], proc: subprocess.Popen[bytes], log: Path,
+           listeners: list[socket.socket]) -> None:
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"kproxy exited {proc.returncode}: {log.read_text(errors='replace')[-3000:]}"
+        seen = {ip: _connect(netns, ip) for ip in want}
+        _drain(listeners)
+        if seen == want:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"got {seen}, want {want}\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _drop_rules(netns: str) -> list[str]:
+    out = sh("ip", "netns", "exec", netns, "nft", "list", "chain", "ip", "kube-proxy", "cluster-ips-check").stdout
+    return [line.split()[2] for line in out.splitlines() if "drop" in line and line.strip().startswith("ip daddr")]
+
+
+@pytest.mark.timeout(150)
+def test_drop_rule_follows_the_servicecidrs(api: APIServerProcess, netns: str, tmp_path: Path) -> None:
+    kproxy = shutil.which("kproxy", path=os.path.dirname(sys.executable))
+    if kproxy is None:
+        pytest.skip("the kproxy console script is not installed in this venv")
+    listeners = []
+    try:
+        for ip in (UNALLOCATED, SECOND, OUTSIDE, SERVICE):
+            sh("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "lo")
+            srv = socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM)
+            srv.bind((ip, PORT))
+            srv.listen(16)
+            srv.setblocking(False)
+            listeners.append(srv)
+        before = {ip: _connect(netns, ip) for ip in (UNALLOCATED, SECOND, OUTSIDE, SERVICE)}
+        _drain(listeners)
+        assert set(before.values()) == {"connected"}, before  # no rule yet: every listener answers
+        _call(api, "POST", "/api/v1/nodes", {"metadata": {"name": "node-1"},
+                                             "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}})
+        log = tmp_path / "kproxy.log"
+        cmd = ["ip", "netns", "exec", netns, kproxy, "--kubeconfig", api.kubeconfig, "--proxy-mode", "nftables",
+               "--hostname-override", "node-1", "--cluster-cidr", "10.0.0.0/8", "--config-sync-period", "15m",
+               "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249", "--v=2"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            _until(netns, {UNALLOCATED: "timeout", SECOND: "connected", OUTSIDE: "connected"}, proc, log, listeners)
+            assert _drop_rules(netns) == ["10.96.0.0/16"]
+
+            _call(api, "POST", "/apis/networking.k8s.io/v1/servicecidrs",
+                  {"metadata": {"name": "second"}, "spec": {"cidrs": ["10.100.0.0/24"]}})
+            _until(netns, {UNALLOCATED: "timeout", SECOND: "timeout", OUTSIDE: "connected"}, proc, log, listeners)
+            assert _drop_rules(netns) == ["10.96.0.0/16", "10.100.0.0/24"]
+
+            # A ClusterIP from the second ServiceCIDR: a Service's address, so other ports are rejected
+            # (its listener, reachable before, now gets the reject; the rest of the range stays dropped).
+            deadline = time.monotonic() + 10
+            while True:  # the API server's allocator follows its ServiceCIDRs' events
+                try:
+                    _call(api, "POST", "/api/v1/namespaces/default/services",
+                          {"metadata": {"name": "web"}, "spec": {"clusterIP": SERVICE, "ports": [{"port": 80}]}})
+                    break
+                except urllib.request.HTTPError as err:
+                    assert err.code == 422 and time.monotonic() < deadline, err.read()
+                    time.sleep(0.1)
+            _until(netns, {SERVICE: "refused", SECOND: "timeout"}, proc, log, listeners)
+
+            _call(api, "DELETE", "/apis/networking.k8s.io/v1/servicecidrs/second")
+            _until(netns, {UNALLOCATED: "timeout", SECOND: "connected", OUTSIDE: "connected"}, proc, log, listeners)
+            assert _drop_rules(netns) == ["10.96.0.0/16"]
+        finally:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            proc.kill()  # nothing left to do when it did stop
+            proc.wait(timeout=5)
+            subprocess.run(["ip", "netns", "exec", netns, kproxy, "--cleanup", "--proxy-mode", "nftables",
+                            "--hostname-override", "node-1"], capture_output=True, timeout=60, check=False)
+        assert not table_exists(netns, "ip", "kube-proxy")
+        text = log.read_text(errors="replace")
+        assert "service CIDRs now 10.96.0.0/16,10.100.0.0/24" in text and "Traceback" not in text, text[-3000:]
+    finally:
+        for srv in listeners:
+            srv.close()
