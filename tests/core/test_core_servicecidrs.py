@@ -67,32 +67,36 @@ def test_merge_covers_exactly_the_union(nets: list[Any], probes: list[Any]) -> N
 class Family(Proxier):
     mode = "nftables"
 
-    def __init__(self) -> None:
+    def __init__(self, during_sync: Any = None) -> None:
         self.events: list[Any] = []
+        self.during_sync = during_sync  # called inside sync(), as the event loop would meanwhile
 
     def set_service_cidrs(self, cidrs: tuple[str, ...]) -> None:
         self.events.append(("cidrs", cidrs))
 
     def sync(self, request: SyncRequest) -> SyncResult:
         self.events.append("sync")
+        if self.during_sync is not None:
+            self.during_sync()
         return SyncResult(ok=True)
 
     def cleanup(self) -> bool:
         return True
 
 
-def test_meta_proxier_hands_the_cidrs_over_at_the_next_sync() -> None:
+def test_meta_proxier_never_changes_the_cidrs_during_a_sync() -> None:
     v4, v6 = Family(), Family()
     meta = MetaProxier({"IPv4": v4, "IPv6": v6})
-    meta.set_service_cidrs(("10.96.0.0/12", "fd00::/108"))
-    assert v4.events == []  # not while a sync may be running in another thread
+    meta.set_service_cidrs(("10.96.0.0/12", "fd00::/108"))  # no sync running: at once
+    assert v4.events == v6.events == [("cidrs", ("10.96.0.0/12", "fd00::/108"))]
+    v4.during_sync = lambda: meta.set_service_cidrs(("10.96.0.0/12",))  # arrives while v4 syncs
     assert meta.sync(SyncRequest({}, {})).ok
-    assert v4.events == v6.events == [("cidrs", ("10.96.0.0/12", "fd00::/108")), "sync"]
+    v4.during_sync = None
+    assert v4.events[1:] == ["sync"] and v6.events[1:] == ["sync"]  # neither got it mid-sync
+    assert meta.sync(SyncRequest({}, {})).ok  # the next sync starts with it
+    assert v4.events[2:] == v6.events[2:] == [("cidrs", ("10.96.0.0/12",)), "sync"]
     assert meta.sync(SyncRequest({}, {})).ok
-    assert v4.events[2:] == ["sync"]  # unchanged: not handed over again
-    meta.set_service_cidrs(())
-    meta.sync(SyncRequest({}, {}))
-    assert v4.events[3:] == [("cidrs", ()), "sync"]
+    assert v4.events[4:] == ["sync"]  # handed over once
 
 
 @contextlib.asynccontextmanager
