@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import StatusError
@@ -201,15 +201,19 @@ class ServiceAllocator:
         # write may re-pick when another API server took them first (EtcdReservations).
         self.last_dynamic: set[str | int] = set()
 
-    def set_extra_ranges(self, cidrs: Iterable[str], existing_services: Iterable[dict[str, Any]]) -> None:
-        """The additional ranges are now cidrs (those of the flag ranges are left out); a range
-        kept keeps what it had allocated, a new one first marks what existing_services hold in it."""
-        primary = {r.cidr for r in self.ranges}
+    def set_extra_ranges(self, cidrs: Iterable[str], existing_services: Callable[[], Iterable[Obj]]) -> None:
+        """The additional ranges are now cidrs; a range kept keeps what it had allocated, a new one
+        first marks what existing_services() hold in it. A CIDR overlapping a flag range or an
+        earlier one adds nothing: each address has one range, so it cannot be handed out twice
+        (upstream keeps one IPAddress object per address instead; a supernet's other addresses
+        are not used here)."""
         kept: dict[str, IPRange] = {}
         for text in cidrs:
-            cidr = str(ipaddress.ip_network(text, strict=False))
-            if cidr in primary or cidr in kept:
+            net = ipaddress.ip_network(text, strict=False)
+            taken = (r.network for r in (*self.ranges, *kept.values()) if r.network.version == net.version)
+            if any(net.overlaps(other) for other in taken):
                 continue
+            cidr = str(net)
             try:
                 kept[cidr] = self.extra.get(cidr) or IPRange(cidr)
             except ValueError:
@@ -217,7 +221,7 @@ class ServiceAllocator:
         added = kept.keys() - self.extra.keys()
         self.extra = kept
         if added:
-            self.load(existing_services)
+            self.load(existing_services())
 
     def _family_ranges(self, family: str) -> list[IPRange]:
         first = self.by_family.get(family)

@@ -142,9 +142,8 @@ class ServiceCIDRController:
             if ready:
                 ready_cidrs.extend(cidrs_of(obj))
         set_extra = getattr(self.allocator, "set_extra_ranges", None)
-        if set_extra is not None:
-            services = self.registry.decode_all(self.store.list(BY_ID["services"].prefix()).items)
-            set_extra(ready_cidrs, services)
+        if set_extra is not None:  # the Services are read only when a range is new
+            set_extra(ready_cidrs, lambda: self.registry.decode_all(self.store.list(BY_ID["services"].prefix()).items))
 
     async def run(self) -> None:
         """Until cancelled: follow ServiceCIDR writes; every interval also make sure the default

@@ -194,3 +194,23 @@ def test_anything_else_is_refused_with_one_message(text: str) -> None:
     except ValueError:
         valid = False
     assert (errors == []) == valid and len(errors) <= 1
+
+
+def test_overlapping_servicecidrs_never_hand_out_an_address_twice() -> None:
+    from controlplane_stub.apiserver.allocators import ServiceAllocator
+    from controlplane_stub.apiserver.errors import StatusError
+
+    alloc = ServiceAllocator(["10.96.0.0/24"])
+    held = {"spec": {"clusterIP": "10.97.0.2", "clusterIPs": ["10.97.0.2"], "ports": [{"port": 80}]}}
+    # a subnet of the flag range, a new /30, its supernet, a /32 (no usable address)
+    alloc.set_extra_ranges(["10.96.0.0/25", "10.97.0.0/30", "10.97.0.0/29", "10.98.0.1/32"], lambda: [held])
+    assert list(alloc.extra) == ["10.97.0.0/30"]
+    got = []
+    with pytest.raises(StatusError) as full:
+        for i in range(300):
+            svc = {"metadata": {"name": f"s{i}", "namespace": "default"}, "spec": {"ports": [{"port": 80}]}}
+            alloc.assign(svc, None)
+            got.append(svc["spec"]["clusterIP"])
+    assert full.value.code == 500 and "range is full" in str(full.value)
+    assert len(got) == len(set(got)) == 254 + 1  # the /24's usable addresses, then 10.97.0.1 (.2 is held)
+    assert got[-1] == "10.97.0.1"
