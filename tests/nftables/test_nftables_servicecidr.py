@@ -6,26 +6,18 @@ a ClusterIP like any other: other ports refused); after it is deleted its range 
 Listeners on the namespace's lo show what a packet that is not dropped would reach."""
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
 import socket
-import ssl
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers.kproxy_e2e import Api, apiserver_for, start_kproxy, stop_and_clean
 from nft_state import sh, table_exists
 from test_nftables_kernel import _connect as connect_from_node
 
-from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
-from kproxy.relay import Relay, bind_listener, socket_in_netns
+from kproxy.relay import socket_in_netns
 
 pytestmark = pytest.mark.e2e
 
@@ -37,27 +29,10 @@ OUTSIDE = "10.101.0.1"  # in no ServiceCIDR
 SERVICE = "10.100.0.7"  # the ClusterIP the test gives a Service, from the added ServiceCIDR
 
 
-def _call(api: APIServerProcess, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    req = urllib.request.Request(api.url + path, method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Authorization": f"Bearer {api.token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=api.ca_file), timeout=10) as resp:
-        out: dict[str, Any] = json.loads(resp.read())
-        return out
-
-
 @pytest.fixture
-def api(netns: str) -> Iterator[APIServerProcess]:
-    """The API server in the root namespace, reachable on the node's 127.0.0.1 through a relay
-    (as tests/iptables' Api fixture does)."""
-    with running_apiserver(extra_args=["--service-cluster-ip-range", "10.96.0.0/16"]) as proc:
-        bridge = Relay("compiled").start()
-        sock = bind_listener(netns, "TCP", "127.0.0.1", proc.port)
-        lid = bridge.core.add_listener(sock.detach(), False)
-        bridge.set_endpoints(lid, [("127.0.0.1", proc.port)])
-        try:
-            yield proc
-        finally:
-            bridge.stop()
+def api(netns: str) -> Iterator[Api]:
+    with apiserver_for(netns, extra_args=["--service-cluster-ip-range", "10.96.0.0/16"]) as a:
+        yield a
 
 
 def _connect(netns: str, ip: str) -> str:
@@ -95,10 +70,7 @@ def _drop_rules(netns: str) -> list[str]:
 
 
 @pytest.mark.timeout(150)
-def test_drop_rule_follows_the_servicecidrs(api: APIServerProcess, netns: str, tmp_path: Path) -> None:
-    kproxy = shutil.which("kproxy", path=os.path.dirname(sys.executable))
-    if kproxy is None:
-        pytest.skip("the kproxy console script is not installed in this venv")
+def test_drop_rule_follows_the_servicecidrs(api: Api, netns: str, tmp_path: Path) -> None:
     listeners = []
     try:
         for ip in (UNALLOCATED, SECOND, OUTSIDE, SERVICE):
@@ -111,19 +83,18 @@ def test_drop_rule_follows_the_servicecidrs(api: APIServerProcess, netns: str, t
         before = {ip: _connect(netns, ip) for ip in (UNALLOCATED, SECOND, OUTSIDE, SERVICE)}
         _drain(listeners)
         assert set(before.values()) == {"connected"}, before  # no rule yet: every listener answers
-        _call(api, "POST", "/api/v1/nodes", {"metadata": {"name": "node-1"},
+        api.call("POST", "/api/v1/nodes", {"metadata": {"name": "node-1"},
                                              "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}})
         log = tmp_path / "kproxy.log"
-        cmd = ["ip", "netns", "exec", netns, kproxy, "--kubeconfig", api.kubeconfig, "--proxy-mode", "nftables",
-               "--hostname-override", "node-1", "--cluster-cidr", "10.0.0.0/8", "--config-sync-period", "15m",
-               "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249", "--v=2"]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        proc = start_kproxy(netns, ["--kubeconfig", api.proc.kubeconfig, "--proxy-mode", "nftables",
+                                    "--hostname-override", "node-1", "--cluster-cidr", "10.0.0.0/8",
+                                    "--config-sync-period", "15m", "--healthz-bind-address", "127.0.0.1:10256",
+                                    "--metrics-bind-address", "127.0.0.1:10249", "--v=2"], log)
         try:
             _until(netns, {UNALLOCATED: "timeout", SECOND: "connected", OUTSIDE: "connected"}, proc, log, listeners)
             assert _drop_rules(netns) == ["10.96.0.0/16"]
 
-            _call(api, "POST", "/apis/networking.k8s.io/v1/servicecidrs",
+            api.call("POST", "/apis/networking.k8s.io/v1/servicecidrs",
                   {"metadata": {"name": "second"}, "spec": {"cidrs": ["10.100.0.0/24"]}})
             _until(netns, {UNALLOCATED: "timeout", SECOND: "timeout", OUTSIDE: "connected"}, proc, log, listeners)
             assert _drop_rules(netns) == ["10.96.0.0/16", "10.100.0.0/24"]
@@ -133,25 +104,20 @@ def test_drop_rule_follows_the_servicecidrs(api: APIServerProcess, netns: str, t
             deadline = time.monotonic() + 10
             while True:  # the API server's allocator follows its ServiceCIDRs' events
                 try:
-                    _call(api, "POST", "/api/v1/namespaces/default/services",
+                    api.call("POST", "/api/v1/namespaces/default/services",
                           {"metadata": {"name": "web"}, "spec": {"clusterIP": SERVICE, "ports": [{"port": 80}]}})
                     break
-                except urllib.request.HTTPError as err:
-                    assert err.code == 422 and time.monotonic() < deadline, err.read()
+                except AssertionError as err:  # Api.call: the Status of a refused create
+                    assert " 422 " in str(err) and time.monotonic() < deadline, err
                     time.sleep(0.1)
             _until(netns, {SERVICE: "refused", SECOND: "timeout"}, proc, log, listeners)
 
-            _call(api, "DELETE", "/apis/networking.k8s.io/v1/servicecidrs/second")
+            api.call("DELETE", "/apis/networking.k8s.io/v1/servicecidrs/second")
             _until(netns, {UNALLOCATED: "timeout", SECOND: "connected", OUTSIDE: "connected"}, proc, log, listeners)
             assert _drop_rules(netns) == ["10.96.0.0/16"]
         finally:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-            proc.kill()  # nothing left to do when it did stop
-            proc.wait(timeout=5)
-            subprocess.run(["ip", "netns", "exec", netns, kproxy, "--cleanup", "--proxy-mode", "nftables",
-                            "--hostname-override", "node-1"], capture_output=True, timeout=60, check=False)
+            cleaned = stop_and_clean(proc, netns, "--proxy-mode", "nftables")
+        assert cleaned.returncode == 0, cleaned.stderr
         assert not table_exists(netns, "ip", "kube-proxy")
         text = log.read_text(errors="replace")
         assert "service CIDRs now 10.96.0.0/16,10.100.0.0/24" in text and "Traceback" not in text, text[-3000:]
