@@ -19,6 +19,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from kproxy.protocols import SERVICE_PROTOCOLS
+
 if TYPE_CHECKING:
     from kproxy.backends.ipvs import _Socket
 
@@ -242,7 +244,7 @@ IPSET_ATTR_IP2, IPSET_ATTR_CIDR2 = 20, 21
 IPSET_ATTR_IPADDR_IPV4, IPSET_ATTR_IPADDR_IPV6 = 1, 2
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
 _ENTRIES_PER_MESSAGE = 512
-_IP_PROTOS = {"tcp": 6, "udp": 17, "sctp": 132}
+_IP_PROTOS = SERVICE_PROTOCOLS
 
 
 _FAMILIES = {"inet": 2, "inet6": 10}  # NFPROTO_IPV4, NFPROTO_IPV6

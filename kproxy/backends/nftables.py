@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+from typing import TYPE_CHECKING
 
-from kproxy.backends import nftnl
 from kproxy.backends.iptables import ipv4_addresses
+from kproxy.fastpath import pure_twin, want_pure
+
+if TYPE_CHECKING:
+    from kproxy.backends import nftnl
+else:  # the encoder compiled by Cython from its source, or that source as Python (KPROXY_PURE=1)
+    from kproxy.backends import nftnl as _compiled
+
+    nftnl = pure_twin(_compiled) if want_pure() else _compiled
 
 NFT_TIMEOUT = 600.0  # seconds; a 10,000-Service first sync takes 10-25 s on a loaded 2-core machine
 STREAM_LINES = 10000  # lines per write when streaming a transaction

@@ -31,11 +31,8 @@ MetaProxier.set_service_cidrs, never during a sync).
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import ipaddress
 import logging
-import os
-import sys
 import time
 import zlib
 from collections import Counter
@@ -47,6 +44,7 @@ from kproxy._nftpath import Rendered
 from kproxy.backends.conntrack import Conntrack
 from kproxy.backends.nftables import Nft, NftError
 from kproxy.config import KProxyConfig
+from kproxy.fastpath import pure_twin, want_pure
 from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
@@ -74,22 +72,9 @@ class Renderer(Protocol):
 
 def load_renderer(pure: bool | None = None) -> ModuleType:
     """The compiled renderer, or with KPROXY_PURE=1 (or pure=True) the same source as Python."""
-    if pure is None:
-        pure = os.environ.get("KPROXY_PURE", "") == "1"
-    if not pure:
-        import kproxy._nftpath as compiled
+    import kproxy._nftpath as compiled
 
-        return compiled
-    name = "kproxy._nftpath_pure"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_nftpath.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return pure_twin(compiled) if (want_pure() if pure is None else pure) else compiled
 
 
 # (name, hook, priority) as upstream's nftablesBaseChains: dstnat-10, dstnat+10, dstnat, srcnat as
@@ -123,8 +108,11 @@ SETS = ("cluster-ips", "hairpin-ips", "nodeport-ips")
 # of them by a hash of its name. Why several: the kernel checks each data element of a map
 # against every lookup bound to the map, when either is added (elements x lookups: 13 s of
 # kernel time for one shared map at 10,000 Services); with N maps that is divided by N, while
-# every set lookup by name walks the table's sets (the cost of one map per Service).
-ENDPOINT_MAPS = 128
+# every set lookup by name walks the table's sets (the cost of one map per Service). The check
+# runs when a DNAT rule binds its map (nf_tables_bind_set walks the map's elements): at 10,000
+# Services 512 maps cut a first sync's kernel time from ~1.5 s (128 maps) to ~1.1 s; 1,024 and
+# 2,048 were no better (the set-name walk grows), bench/README.md, nftables.
+ENDPOINT_MAPS = 512
 
 
 def endpoint_map(proto: str, chain: str) -> str:

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from kproxy.protocols import IP_PROTOCOLS
 from kproxy.trace.iptables import (MAX_BRANCHES, MAX_DEPTH, MAX_DUMP_BYTES, Outcome, Path, TraceError,
                                    service_of_comment)
 
@@ -34,7 +35,7 @@ Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 # type "local", ct state "new"), or a concatenation of those.
 Scalar = IP | int | str
 Value = Scalar | tuple[Scalar, ...]
-_PROTOS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
+_PROTOS = IP_PROTOCOLS
 _PROTO_NAMES = {v: k for k, v in _PROTOS.items()}
 _NAME = re.compile(r"^[A-Za-z0-9_.:/@-]{1,256}$")
 # upstream's chain names: PREFIX-HASH-namespace/name/protocol/port, "__ip/port" after for endpoints.
