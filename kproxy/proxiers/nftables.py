@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import logging
+import os
 import time
 import zlib
 from collections import Counter

@@ -82,17 +82,18 @@ def test_random_transactions_encode_identically(
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(words, max_size=14))
-def test_random_rule_texts_encode_identically_or_are_refused_by_both(ws: list[str]) -> None:
-    line = f"add rule ip kube-proxy c {' '.join(ws)}\n"
+@given(st.sampled_from(["ip", "ip6"]), st.lists(words | st.sampled_from(["ip6", "fd00::1", "fd00::/64"]), max_size=14))
+def test_random_rule_texts_encode_identically_or_are_refused_by_both(family: str, ws: list[str]) -> None:
+    line = f"add rule {family} kube-proxy c {' '.join(ws)}\n"
     assert _encode(COMPILED, [line]) == _encode(PURE, [line])
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["hairpin-ips", "service-ips", "endpoints-tcp-3", "cluster-ips"]),
-       st.lists(st.sampled_from(["10.1.2.3", "255.255.255.255", "0x0", "0x7fffffff", "0x100000000", "tcp", "sctp",
+@given(st.sampled_from(["ip", "ip6"]), st.sampled_from(["hairpin-ips", "service-ips", "endpoints-tcp-3", "cluster-ips"]),
+       st.lists(st.sampled_from(["10.1.2.3", "fd00::1", "::ffff:1.2.3.4", "255.255.255.255", "0x0", "0x7fffffff", "0x100000000", "tcp", "sctp",
                                  "80", "65535", "65536", "1.2.3", "x"]), min_size=1, max_size=3),
        st.sampled_from(["", " : goto service-x", " : drop", " : jump", " : 10.0.0.1 . 8080", " : return x"]))
-def test_random_elements_encode_identically_or_are_refused_by_both(set_name: str, key: list[str], value: str) -> None:
-    line = f"add element ip kube-proxy {set_name} {{ {' . '.join(key)}{value} }}\n"
+def test_random_elements_encode_identically_or_are_refused_by_both(family: str, set_name: str, key: list[str],
+                                                                   value: str) -> None:
+    line = f"add element {family} kube-proxy {set_name} {{ {' . '.join(key)}{value} }}\n"
     assert _encode(COMPILED, [line]) == _encode(PURE, [line])
