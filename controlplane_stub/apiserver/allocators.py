@@ -209,7 +209,10 @@ class ServiceAllocator:
         are not used here)."""
         kept: dict[str, IPRange] = {}
         for text in cidrs:
-            net = ipaddress.ip_network(text, strict=False)
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                continue  # stored around validation: that object only is left out
             taken = (r.network for r in (*self.ranges, *kept.values()) if r.network.version == net.version)
             if any(net.overlaps(other) for other in taken):
                 continue

@@ -132,7 +132,7 @@ def test_cluster_ips_come_from_every_ready_servicecidr(dual: APIServerProcess) -
     assert admin.delete(f"{PATH}/more")[0] == 200
 
 
-def test_default_servicecidr_comes_back_after_a_delete() -> None:
+def test_default_servicecidr_comes_back_after_a_delete_and_follows_the_flag_to_dual_stack() -> None:
     with running_apiserver(extra_args=["--bootstrap-reconcile-interval", "0.5"]) as api:
         admin = Client(api, api.token)
         first = _until_ready(admin, "kubernetes")
@@ -146,6 +146,14 @@ def test_default_servicecidr_comes_back_after_a_delete() -> None:
             assert time.monotonic() < deadline, "the default ServiceCIDR was not re-created"
             time.sleep(0.1)
         assert _until_ready(admin, "kubernetes")["spec"] == {"cidrs": ["10.96.0.0/12"]}
+        # The flag turned dual-stack (same primary range): the default ServiceCIDR gains the second
+        # family, as upstream; a flag that changed the primary range leaves the object alone.
+        api.extra_args += ["--service-cluster-ip-range", "10.96.0.0/12,fd00:10:96::/108"]
+        api.restart()
+        assert _until_ready(admin, "kubernetes")["spec"] == {"cidrs": ["10.96.0.0/12", "fd00:10:96::/108"]}
+        api.extra_args[-1] = "10.100.0.0/16"
+        api.restart()
+        assert admin.get(f"{PATH}/kubernetes")[1]["spec"] == {"cidrs": ["10.96.0.0/12", "fd00:10:96::/108"]}
 
 
 def test_kube_proxy_may_list_and_watch_servicecidrs_and_no_more() -> None:
