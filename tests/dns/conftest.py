@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from dns_helpers import FakeUpstream, KdnsProcess, start_kdns
+from dns_helpers import DeadPort, FakeUpstream, KdnsProcess, start_kdns
 
 
 @pytest.fixture
@@ -35,3 +35,13 @@ def fake_upstream() -> Iterator[Any]:
     yield make
     for u in started:
         u.stop()
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port where nothing answers, reserved for the test (dns_helpers.DeadPort)."""
+    d = DeadPort()
+    try:
+        yield d.port
+    finally:
+        d.close()

@@ -53,6 +53,23 @@ def bind_udp_tcp() -> tuple[socket.socket, socket.socket, int]:
     raise RuntimeError("no free port on 127.0.0.1")
 
 
+class DeadPort:
+    """A loopback port nothing answers on (UDP: ICMP port unreachable; TCP: refused), held until
+    close(): a port found free and released could be bound by another process, or handed by the
+    kernel to a server this test starts on port 0, while the test relies on it being dead."""
+
+    def __init__(self) -> None:
+        self._udp, self._tcp, self.port = bind_udp_tcp()
+        # A connected UDP socket matches only datagrams from its peer (the discard port, which
+        # sends nothing): any other sender finds no socket and gets ICMP port unreachable. The TCP
+        # socket is bound but never listens: a SYN gets a reset.
+        self._udp.connect(("127.0.0.1", 9))
+
+    def close(self) -> None:
+        self._udp.close()
+        self._tcp.close()
+
+
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 a moment ago; for a server started as another
     process, which must retry on "address already in use" (start_kdns does)."""

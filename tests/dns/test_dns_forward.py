@@ -9,7 +9,7 @@ import dns.flags
 import dns.message
 import dns.rcode
 import pytest
-from dns_helpers import ZONE, free_port, service
+from dns_helpers import ZONE, service
 
 
 @pytest.mark.timeout(40)
@@ -66,8 +66,9 @@ def test_dns_forward_tcp_retry_on_truncation(kdns_factory: object, fake_upstream
 
 
 @pytest.mark.timeout(40)
-def test_dns_forward_upstream_down_servfail(kdns_factory: object, fake_upstream: object) -> None:
-    dead = free_port()  # nothing listens there: ICMP port unreachable on loopback
+def test_dns_forward_upstream_down_servfail(kdns_factory: object, fake_upstream: object,
+                                            dead_port: int) -> None:
+    dead = dead_port  # nothing answers there: ICMP port unreachable on loopback
     up = fake_upstream({("ok.example.org", "A"): (60, ["192.0.2.7"])})  # type: ignore[operator]
     p = kdns_factory([], ["--upstream", f"127.0.0.1:{dead}", "--upstream-timeout", "0.5"])  # type: ignore[operator]
     t0 = time.monotonic()

@@ -13,7 +13,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-from dns_helpers import ZONE, KdnsProcess, endpoint_slice, free_port, service, start_kdns
+from dns_helpers import ZONE, KdnsProcess, endpoint_slice, service, start_kdns
 
 BIG = 60  # endpoints of the headless "big" service: ~1 KiB of A records
 
@@ -155,13 +155,14 @@ def test_dns_health_ready_metrics(srv: KdnsProcess) -> None:
 
 
 @pytest.mark.timeout(40)
-def test_dns_servfail_until_first_sync(kdns_factory: object, fake_upstream: object) -> None:
+def test_dns_servfail_until_first_sync(kdns_factory: object, fake_upstream: object,
+                                       dead_port: int) -> None:
     # An API server address where nothing listens: the reflectors never sync.
     up = fake_upstream({("outside.example", "A"): (60, ["192.0.2.1"])})  # type: ignore[operator]
     import os
     import tempfile
 
-    dead = free_port()
+    dead = dead_port
     fd, kc = tempfile.mkstemp(suffix=".kubeconfig")
     with os.fdopen(fd, "w") as f:
         f.write(f"""apiVersion: v1

@@ -196,12 +196,7 @@ def test_localhost_only_in_the_root_namespace(impl: str) -> None:
     backend = socket.socket()
     backend.bind(("127.0.0.1", 0))
     backend.listen(8)
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    node_port = probe.getsockname()[1]
-    probe.close()  # a free port for the "nodePort" (another process could take it meanwhile: unlikely)
     name = ServicePortName("default", "desk", "")
-    svc = ServicePort(name, "NodePort", ("10.96.0.99",), 80, "TCP", node_port=node_port)
     eps: EndpointsMap = {name: (Endpoint("127.0.0.1", backend.getsockname()[1]),)}
     p = new_proxier(KProxyConfig(userspace_localhost_only=True), impl)  # type: ignore[arg-type]
     try:
@@ -209,7 +204,19 @@ def test_localhost_only_in_the_root_namespace(impl: str) -> None:
         assert isinstance(p, MetaProxier) and p.families == ("IPv4",) and p.health_server is None
         inner = p.proxiers["IPv4"]
         assert isinstance(inner, UserspaceProxier) and inner.iptables is None
-        assert p.sync(SyncRequest({name: svc}, eps)).ok
+        # The "nodePort": a port free a moment ago, on the root namespace's loopback that other
+        # processes share, so one may take it before the relay listens: only that is retried.
+        for _ in range(5):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            node_port = probe.getsockname()[1]
+            probe.close()
+            svc = ServicePort(name, "NodePort", ("10.96.0.99",), 80, "TCP", node_port=node_port)
+            res = p.sync(SyncRequest({name: svc}, eps))
+            if res.ok:
+                break
+            assert res.error and "Address already in use" in res.error, res
+        assert res.ok, res
         with socket.create_connection(("127.0.0.1", node_port), timeout=5) as c:
             conn, _ = backend.accept()
             with conn:
