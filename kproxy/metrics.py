@@ -1,4 +1,9 @@
-"""Prometheus metrics under kube-proxy's names (pkg/proxy/metrics), on a private registry."""
+"""Prometheus metrics under kube-proxy's names (pkg/proxy/metrics), on a private registry.
+
+Per IP family as upstream since 1.33 (kubernetes#129173, one proxier per family): the sync
+durations, last sync and last queued timestamps, network programming latency, iptables restore
+failures and rule counts carry `ip_family` (IPv4|IPv6); the change counters and healthz/livez
+counts do not (one change tracker and one health server for the node)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -21,23 +26,23 @@ class ProxyMetrics:
         ns = "kubeproxy"
         self.sync_duration = Histogram(
             "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds",
-            namespace=ns, buckets=_SYNC_BUCKETS, registry=r)
+            ["ip_family"], namespace=ns, buckets=_SYNC_BUCKETS, registry=r)
         self.sync_full_duration = Histogram(
             "sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs",
-            namespace=ns, buckets=_SYNC_BUCKETS, registry=r)
+            ["ip_family"], namespace=ns, buckets=_SYNC_BUCKETS, registry=r)
         self.sync_partial_duration = Histogram(
             "sync_partial_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for partial resyncs", namespace=ns, buckets=_SYNC_BUCKETS,
+            "SyncProxyRules latency in seconds for partial resyncs", ["ip_family"], namespace=ns, buckets=_SYNC_BUCKETS,
             registry=r)
         self.last_sync_timestamp = Gauge(
             "sync_proxy_rules_last_timestamp_seconds", "The last time proxy rules were successfully synced",
-            namespace=ns, registry=r)
+            ["ip_family"], namespace=ns, registry=r)
         self.last_queued_timestamp = Gauge(
             "sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued", namespace=ns, registry=r)
+            "The last time a sync of proxy rules was queued", ["ip_family"], namespace=ns, registry=r)
         self.network_programming = Histogram(
             "network_programming_duration_seconds", "In Cluster Network Programming Latency in seconds",
-            namespace=ns, buckets=_NPL_BUCKETS, registry=r)
+            ["ip_family"], namespace=ns, buckets=_NPL_BUCKETS, registry=r)
         self.endpoint_changes_pending = Gauge(
             "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes",
             namespace=ns, registry=r)
@@ -52,13 +57,13 @@ class ProxyMetrics:
             namespace=ns, registry=r)
         self.iptables_total = Gauge(
             "sync_proxy_rules_iptables_total", "Total number of iptables rules owned by kube-proxy",
-            ["table"], namespace=ns, registry=r)
+            ["table", "ip_family"], namespace=ns, registry=r)
         self.restore_failures = Counter(
             "sync_proxy_rules_iptables_restore_failures",
-            "Cumulative proxy iptables restore failures", namespace=ns, registry=r)
+            "Cumulative proxy iptables restore failures", ["ip_family"], namespace=ns, registry=r)
         self.partial_restore_failures = Counter(
             "sync_proxy_rules_iptables_partial_restore_failures",
-            "Cumulative proxy iptables partial restore failures", namespace=ns, registry=r)
+            "Cumulative proxy iptables partial restore failures", ["ip_family"], namespace=ns, registry=r)
         self.healthz_total = Counter(
             "proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], namespace=ns, registry=r)
         # kproxy's own (no upstream equivalent: kube-proxy trusts its API server): objects

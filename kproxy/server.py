@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kproxy.changes import ProxyState, parse_trigger_time
+from kproxy.changes import Checkout, ProxyState, parse_trigger_time
 from kproxy.config import ConfigError, KProxyConfig
 from kproxy.healthz import ProxierHealth, health_app
 from kproxy.kube.client import ApiClient
@@ -42,7 +42,8 @@ from kproxy.kube.kubeconfig import KubeConfigError, resolve_access
 from kproxy.kube.reflector import Reflector
 from kproxy.metrics import CONTENT_TYPE, ProxyMetrics
 from kproxy.proxiers.base import Proxier, SyncResult
-from kproxy.proxiers.meta import single_family
+from kproxy.proxiers.meta import MetaProxier, primary_family, single_family
+from kproxy.proxy.families import family_of
 from kproxy.runner import BoundedFrequencyRunner
 from kproxy.servicecidrs import FIRST_SYNC_WAIT
 from kproxy.servicecidrs import for_proxier as service_cidr_source
@@ -314,7 +315,9 @@ class ProxyServer:
             self.health.queued_update()
         if self._first_queued is None:
             self._first_queued = time.monotonic()
-        self.metrics.last_queued_timestamp.set(time.time())
+        queued_at = time.time()
+        for family in self._families():
+            self.metrics.last_queued_timestamp.labels(ip_family=family).set(queued_at)
         self.metrics.service_changes_pending.set(self.state.services_tracker.pending())
         self.metrics.endpoint_changes_pending.set(self.state.endpoints_tracker.pending())
         self.runner.run()
@@ -397,8 +400,12 @@ class ProxyServer:
             result = SyncResult(ok=False, error=f"{type(err).__name__}: {err}")
         elapsed = time.perf_counter() - t0
         self.syncs += 1
-        self.metrics.sync_duration.observe(elapsed)
-        (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
+        # Per family as upstream's proxiers (one each): a single proxier's time is its family's.
+        family_seconds = result.family_seconds or {f: elapsed for f in self._families()}
+        for family, seconds in family_seconds.items():
+            self.metrics.sync_duration.labels(ip_family=family).observe(seconds)
+            (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).labels(
+                ip_family=family).observe(seconds)
         # waited: oldest change queued -> sync start; checkout: the trackers' hand-over;
         # thread: until the proxier's thread ran; queued_at/started_at: monotonic, as the bench's clock.
         log.log(logging.DEBUG if result.ok else logging.WARNING,
@@ -414,7 +421,10 @@ class ProxyServer:
         if not result.ok:
             self.state.requeue_stale(co.request)
             if self.cfg.mode in ("iptables", "nftables"):
-                (self.metrics.restore_failures if full else self.metrics.partial_restore_failures).inc()
+                failures = self.metrics.restore_failures if full else self.metrics.partial_restore_failures
+                for family in family_seconds:
+                    if not result.family_ok.get(family, False):
+                        failures.labels(ip_family=family).inc()
             return False
         if full:
             self.last_full_sync = now
@@ -427,14 +437,38 @@ class ProxyServer:
             gc.freeze()
         wall = time.time()
         self.health.updated()  # every family synced (a family's failure returned above)
-        self.metrics.last_sync_timestamp.set(wall)
-        for table, n in result.rules_total.items():
-            self.metrics.iptables_total.labels(table=table).set(n)
-        for times in co.trigger_times.values():
-            for t in times:
-                if wall >= t:
-                    self.metrics.network_programming.observe(wall - t)
+        for family in family_seconds:
+            self.metrics.last_sync_timestamp.labels(ip_family=family).set(wall)
+        family_rules = result.family_rules or {f: result.rules_total for f in family_seconds}
+        for family, rules in family_rules.items():
+            for table, n in rules.items():
+                self.metrics.iptables_total.labels(table=table, ip_family=family).set(n)
+        if co.trigger_times:
+            self._observe_programming(co, wall, tuple(family_seconds))
         return True
+
+    def _families(self) -> tuple[str, ...]:
+        """The IP families the proxier programs (the metrics' ip_family values)."""
+        if isinstance(self.proxier, MetaProxier):
+            return self.proxier.families
+        return (primary_family(self.cfg),)
+
+    def _observe_programming(self, co: Checkout, wall: float, families: tuple[str, ...]) -> None:
+        """Network programming latency of each changed Service, under each family it has a
+        ClusterIP of (upstream: each family's proxier observes its own EndpointSlices). Only the
+        changed ServicePorts are looked at: a partial sync stays O(change)."""
+        fams: dict[str, set[str]] = {}
+        for spn in co.request.changed:
+            sp = co.request.services.get(spn)
+            if sp is not None:
+                fams.setdefault(f"{spn.namespace}/{spn.name}", set()).update(family_of(ip) for ip in sp.cluster_ips)
+        for key, times in co.trigger_times.items():
+            for family in sorted(fams.get(key, ())) or families[:1]:
+                if family not in families:
+                    continue
+                for t in times:
+                    if wall >= t:
+                        self.metrics.network_programming.labels(ip_family=family).observe(wall - t)
 
     # ---- lifecycle ----
 

@@ -40,6 +40,10 @@ class SyncResult:
     # One proxier per family (kproxy.proxiers.meta): each family's outcome, for healthz per
     # family; empty for a single proxier (its `ok` is the one family's).
     family_ok: dict[str, bool] = field(default_factory=dict)
+    # ...and each family's own sync time and rule counts (table -> rules), for the metrics
+    # upstream labels with ip_family (pkg/proxy/metrics since 1.33); empty for a single proxier.
+    family_seconds: dict[str, float] = field(default_factory=dict)
+    family_rules: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Proxier(abc.ABC):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
@@ -106,16 +107,21 @@ class MetaProxier(Proxier):
 
     def _sync_families(self, request: SyncRequest) -> SyncResult:
         family_ok: dict[str, bool] = {}
+        seconds: dict[str, float] = {}
+        family_rules: dict[str, dict[str, int]] = {}
         rules: dict[str, int] = {}
         errors: list[str] = []
         views: dict[IPFamily, SyncRequest] = {}
         for family, proxier in self.proxiers.items():
+            t0 = time.perf_counter()
             views[family] = sub = self.family_request(family, request)
             try:
                 res = proxier.sync(sub)
             except Exception as err:  # one family's bug must not stop the other's sync
                 log.exception("sync raised family=%s", family)
                 res = SyncResult(ok=False, error=f"{type(err).__name__}: {err}")
+            seconds[family] = time.perf_counter() - t0
+            family_rules[family] = dict(res.rules_total)
             family_ok[family] = res.ok
             for table, n in res.rules_total.items():
                 rules[table] = rules.get(table, 0) + n
@@ -125,7 +131,7 @@ class MetaProxier(Proxier):
             self._health_view(views, request)
             self._health.sync(self.health_server)
         return SyncResult(ok=all(family_ok.values()), rules_total=rules, error="; ".join(errors),
-                          family_ok=family_ok)
+                          family_ok=family_ok, family_seconds=seconds, family_rules=family_rules)
 
     def _health_view(self, views: Mapping[IPFamily, SyncRequest], request: SyncRequest) -> None:
         """Each Service from its primary family: the first family view holding it, families

@@ -263,7 +263,7 @@ def test_kproxy_process_syncs_health_metrics(api: Api, tmp_path: Path) -> None:
         code, metrics = _http(f"http://127.0.0.1:{mp}/metrics")
         assert code == 200 and "kubeproxy_sync_proxy_rules_duration_seconds_count" in metrics
         # The recorder reports one nat rule per service: dns, web and kubernetes.
-        assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"} 3.0' in metrics
+        assert 'kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"} 3.0' in metrics
         assert _http(f"http://127.0.0.1:{mp}/proxyMode") == (200, "recording")
 
         # An endpoint change: a partial sync naming just that ServicePort; latency observed.
@@ -273,7 +273,7 @@ def test_kproxy_process_syncs_health_metrics(api: Api, tmp_path: Path) -> None:
         assert not rec["full"] and rec["changed"] == ["default/web:http/TCP"]
         # The metric is observed right after the sync that wrote the record returns.
         metrics = _wait_http(f"http://127.0.0.1:{mp}/metrics",
-                             lambda c, b: "kubeproxy_network_programming_duration_seconds_count 1.0" in b)
+                             lambda c, b: 'kubeproxy_network_programming_duration_seconds_count{ip_family="IPv4"} 1.0' in b)
         assert "kubeproxy_sync_proxy_rules_endpoint_changes_total" in metrics
 
         # UDP: first endpoint -> stale service; endpoint removed -> stale endpoint.

@@ -126,7 +126,7 @@ def test_a_raising_proxier_is_a_failed_sync_that_keeps_stale_udp_entries() -> No
     # The failed sync's conntrack work is handed to the next one.
     assert flaky.requests[1].stale_services == [dns] and flaky.requests[1].full
     assert srv.health.last_updated is not None
-    assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"} 7.0' in srv.metrics.exposition().decode()
+    assert 'kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"} 7.0' in srv.metrics.exposition().decode()
 
 
 def test_busy_port_is_logged_or_fatal_with_hard_fail() -> None:
