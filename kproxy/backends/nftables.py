@@ -9,8 +9,10 @@ Everything runs in the node's network namespace when `netns` is set.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kproxy.backends.iptables import ipv4_addresses
@@ -52,8 +54,9 @@ class Nft:
             raise NftError(f"nft {' '.join(args)} exited {proc.returncode}: " + " | ".join(err[:6]))
         return proc.stdout
 
-    def apply(self, transaction: str | list[str]) -> None:
-        """Applies `transaction` (an nft script, or its lines) atomically; raises NftError if
+    def apply(self, transaction: str | Iterable[str]) -> None:
+        """Applies `transaction` (an nft script, or its lines: a list, or anything that can be
+        read more than once, as the nft -f fallback reads it again) atomically; raises NftError if
         nothing was applied. Lines are streamed to nft's stdin in chunks: the script of a
         10,000-Service table (25 MB) never exists whole in this process."""
         if self.netlink:
@@ -82,8 +85,9 @@ class Nft:
         try:
             # nft reads its whole input before it sends anything to the kernel, and writes to
             # stderr only after that, so the pipe cannot deadlock.
-            for start in range(0, len(transaction), STREAM_LINES):
-                proc.stdin.write("".join(transaction[start:start + STREAM_LINES]).encode())
+            pending = iter(transaction)  # a full sync's script makes its lines as they are read
+            while chunk := "".join(itertools.islice(pending, STREAM_LINES)):
+                proc.stdin.write(chunk.encode())
             proc.stdin.close()
             err = proc.stderr.read() if proc.stderr is not None else b""
             code = proc.wait(timeout=NFT_TIMEOUT)
