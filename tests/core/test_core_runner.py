@@ -75,18 +75,23 @@ def test_loop_coalesces_and_retries_in_real_time() -> None:
                 raise RuntimeError("boom")  # counts as a failed sync
             return True
 
+        async def until_calls(n: int) -> None:
+            for _ in range(300):  # bounded: at most 3 s, a loaded machine delays the loop
+                if len(calls) >= n:
+                    return
+                await asyncio.sleep(0.01)
+
         r = BoundedFrequencyRunner("test", fn, min_interval=0.3, max_interval=5.0, retry_initial=0.2)
         task = asyncio.create_task(r.loop())
-        await asyncio.sleep(0.05)
+        # Each step waits for the run it follows (a fixed sleep let a loaded machine fold the burst
+        # into the first run, or the next request into the second).
+        await until_calls(1)
         for _ in range(20):  # a burst right after the first run
             r.run()
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.4)
+        await until_calls(2)
         r.run()  # run 3 fails, run 4 is the retry
-        for _ in range(300):  # bounded: at most 3 s, a loaded machine delays the loop
-            if len(calls) >= 4:
-                break
-            await asyncio.sleep(0.01)
+        await until_calls(4)
         await asyncio.sleep(0.1)  # and no fifth run right after (nothing requested)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

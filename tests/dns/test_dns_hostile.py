@@ -329,7 +329,13 @@ def test_tcp_limit_refuses_only_when_every_connection_is_busy(kdns_factory: Any,
             q = dns.message.make_query("slow.example", "A").to_wire()  # one upstream exchange for all
             s.sendall(struct.pack("!H", len(q)) + q)
             busy.append(s)
-        time.sleep(2.0)
+        # All three queries read by the server: the other two joined the first one's upstream
+        # exchange, still in flight (a fixed sleep could leave a connection whose query was not
+        # read yet, hence idle and evictable, on a loaded machine).
+        deadline = time.monotonic() + 5
+        while p.metric("kdns_forward_coalesced_total") < 2:
+            assert time.monotonic() < deadline, p.metric("kdns_forward_coalesced_total")
+            time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
             s.settimeout(3)
             q = dns.message.make_query(f"web.default.svc.{ZONE}", "A").to_wire()
