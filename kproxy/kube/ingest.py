@@ -192,7 +192,6 @@ class EndpointHints(msgspec.Struct, rename="camel", gc=False):
 class SliceEndpoint(msgspec.Struct, rename="camel", gc=False):
     addresses: list[str] = []
     conditions: EndpointConditions = msgspec.field(default_factory=EndpointConditions)
-    hostname: str | None = None
     node_name: str | None = None
     zone: str | None = None
     hints: EndpointHints | None = None
@@ -273,7 +272,6 @@ def _slice_endpoints(es: EndpointSlice, svc: str, node_name: str) -> SliceEndpoi
                 terminating=bool(c.terminating),
                 node_name=node,
                 zone=intern(e.zone) if e.zone else "",
-                hostname=e.hostname or "",
                 is_local=bool(node_name) and node == node_name,
                 zone_hints=_zone_hints(e.hints),
             )

@@ -77,7 +77,7 @@ class Endpoint(msgspec.Struct, frozen=True, gc=False, order=True):
     terminating: bool = False
     node_name: str = ""
     zone: str = ""
-    hostname: str = ""
+    # (No hostname: no proxy mode reads it; 8 bytes of every Endpoint, 0.8 MiB at 100,000.)
     is_local: bool = False  # node_name equals this node's name (set at ingestion)
     zone_hints: tuple[str, ...] = ()  # hints.forZones[].name: zones this endpoint should serve
 
