@@ -32,6 +32,10 @@ def now_rfc3339() -> str:
 # Every failed attempt means another write committed, so the writers as a whole progress; the bound
 # only stops a pathological loop (kube-apiserver retries until the request's deadline).
 _PATCH_ATTEMPTS = 100
+# Kinds whose metadata.finalizers hold a delete back (deletionTimestamp set; the object goes when
+# an update removes its last finalizer), as kube-apiserver does for every kind. Only these so far:
+# elsewhere here a finalizer is stored but does not block.
+FINALIZED = frozenset({"servicecidrs.networking.k8s.io"})
 
 
 def _revision(obj: Obj | None) -> str:
@@ -262,7 +266,16 @@ class Registry:
             meta["generation"] = int(ometa.get("generation", 1)) + 1
         if res.plural == "namespaces":
             meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
-        return await self._admit_and_store(res, new, old, dry_run)
+        stored = await self._admit_and_store(res, new, old, dry_run)
+        smeta = stored["metadata"]
+        if res.id in FINALIZED and smeta.get("deletionTimestamp") and not smeta.get("finalizers") and not dry_run:
+            # Its last finalizer went: the delete it waited for happens now.
+            try:
+                return await self.store.delete(res.key(smeta.get("namespace", ""), smeta["name"]),
+                                               int(smeta["resourceVersion"]))
+            except (KeyNotFound, RevisionConflict):
+                return stored  # deleted meanwhile, or written again: its own next update decides
+        return stored
 
     async def patch(self, res: Resource, namespace: str, name: str, content_type: str, body: bytes, subresource: str,
                     *, dry_run: bool, field_manager: str, force: bool, field_validation: str = "Ignore",
@@ -392,6 +405,8 @@ class Registry:
                     old = self._current_for_retry(res, key, name, pre)
             else:
                 raise conflict(res.plural, name, _conflict_msg(), res.group)
+        if res.id in FINALIZED and old["metadata"].get("finalizers"):
+            return old if dry_run else await self._mark_deleted(res, key, old)
         if dry_run:
             return old
         if res.plural == "namespaces":
@@ -412,6 +427,18 @@ class Registry:
         if res.id == "services":
             self._release_quietly(gone)
         return gone
+
+    async def _mark_deleted(self, res: Resource, key: str, old: Obj) -> Obj:
+        """A delete of an object with finalizers: deletionTimestamp set (once), the object stays."""
+        if old["metadata"].get("deletionTimestamp"):
+            return old
+        new = copy.deepcopy(old)
+        new["metadata"]["deletionTimestamp"] = now_rfc3339()
+        new["metadata"]["deletionGracePeriodSeconds"] = 0
+        try:
+            return await self.store.update(key, new, int(old["metadata"]["resourceVersion"]))
+        except (KeyNotFound, RevisionConflict):
+            raise conflict(res.plural, old["metadata"]["name"], _conflict_msg(), res.group) from None
 
     def _current_for_retry(self, res: Resource, key: str, name: str, pre: Obj) -> Obj:
         """The object as it is now, for another attempt at a delete that lost a write race."""

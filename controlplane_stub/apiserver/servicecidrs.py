@@ -12,9 +12,11 @@ etcd is seen too.
 The ClusterIP allocator takes addresses from every Ready ServiceCIDR: the flag ranges first, then
 the others' CIDRs (ServiceAllocator.set_extra_ranges).
 
-Not done (upstream does it): a ServiceCIDR still holding allocated ClusterIPs that no other
-ServiceCIDR covers is deleted at once rather than kept Terminating (Ready=False) by a finalizer
-until those Services are gone; those Services keep their addresses.
+Deletion, as upstream's servicecidrs controller: every ServiceCIDR gets the finalizer
+networking.k8s.io/service-cidr-finalizer, so a delete only sets deletionTimestamp (registry.py,
+FINALIZED); while a Service holds a ClusterIP of it that no other live ServiceCIDR covers, it
+stays, Ready=False with reason Terminating, and gives no new addresses; once none does, the
+finalizer is removed and the object goes (the default one is then re-created from the flag).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import asyncio
 import copy
 import ipaddress
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 from ..store.base import Compacted
@@ -37,9 +38,14 @@ Obj = dict[str, Any]
 DEFAULT_NAME = "kubernetes"
 RESOURCE = BY_ID["servicecidrs.networking.k8s.io"]
 READY = "Ready"
+FINALIZER = "networking.k8s.io/service-cidr-finalizer"
+TERMINATING = "Terminating"
+TERMINATING_MESSAGE = ("There are still IPAddresses referencing the ServiceCIDR, please remove them or create a new "
+                       "ServiceCIDR")
 DEFAULT_READY_MESSAGE = "Kubernetes default Service CIDR is ready"
 READY_MESSAGE = "Kubernetes Service CIDR is ready"
-DEFAULT_INTERVAL = 10.0  # upstream's default ServiceCIDR sync interval
+DEFAULT_INTERVAL = 10.0
+SERVICES = BY_ID["services"].prefix()  # upstream's default ServiceCIDR sync interval
 
 
 def cidrs_of(obj: Obj) -> list[str]:
@@ -55,6 +61,14 @@ def ready_condition(obj: Obj) -> Obj | None:
         if isinstance(cond, dict) and cond.get("type") == READY:
             return cond
     return None
+
+
+def _parses(cidr: str) -> bool:
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def is_ready(obj: Obj) -> bool:
@@ -116,34 +130,90 @@ class ServiceCIDRController:
         cond = ready_condition(obj)
         if obj["metadata"].get("deletionTimestamp") or (cond is not None and cond.get("status") in ("True", "False")):
             return is_ready(obj)
+        return await self._write_ready(obj, "True", "", message)
+
+    async def _write_ready(self, obj: Obj, status_value: str, reason: str, message: str) -> bool:
         new = copy.deepcopy(obj)
         status = new.setdefault("status", {})
         conds = [c for c in status.get("conditions") or [] if isinstance(c, dict) and c.get("type") != READY]
-        conds.append({"type": READY, "status": "True", "lastTransitionTime": now_rfc3339(), "reason": "",
+        conds.append({"type": READY, "status": status_value, "lastTransitionTime": now_rfc3339(), "reason": reason,
                       "message": message})
         status["conditions"] = conds
+        return await self._write(obj, new, "status")
+
+    async def _write(self, obj: Obj, new: Obj, subresource: str) -> bool:
+        name = obj["metadata"]["name"]
         try:
-            await self.registry.update(RESOURCE, "", obj["metadata"]["name"], new, "status", dry_run=False)
+            await self.registry.update(RESOURCE, "", name, new, subresource, dry_run=False)
         except StatusError as e:  # a concurrent write (409) or a delete (404): its event brings us back
-            log.info("event=servicecidr_status_failed name=%s code=%d message=%s", obj["metadata"]["name"], e.code, e)
+            log.info("event=servicecidr_write_failed name=%s code=%d message=%s", name, e.code, e)
             return False
         return True
+
+    async def _set_finalizers(self, obj: Obj, finalizers: list[str]) -> bool:
+        new = copy.deepcopy(obj)
+        new["metadata"]["finalizers"] = finalizers
+        return await self._write(obj, new, "")
+
+    @staticmethod
+    def _in_use(obj: Obj, live: list[Obj], services: list[Obj]) -> bool:
+        """A Service holds a ClusterIP of obj's CIDRs that no other live ServiceCIDR covers."""
+        mine = [ipaddress.ip_network(c, strict=False) for c in cidrs_of(obj) if _parses(c)]
+        others = [ipaddress.ip_network(c, strict=False) for o in live if o is not obj for c in cidrs_of(o)
+                  if _parses(c)]
+        for svc in services:
+            spec = svc.get("spec")
+            for text in (spec.get("clusterIPs") or []) if isinstance(spec, dict) else []:
+                try:
+                    ip = ipaddress.ip_address(text)
+                except (ValueError, TypeError):
+                    continue  # "None" (headless) and anything that is not an address
+                if any(ip in n for n in mine) and not any(ip in n for n in others):
+                    return True
+        return False
+
+    async def _terminate(self, obj: Obj, live: list[Obj], services: list[Obj]) -> None:
+        """A deleted ServiceCIDR: Ready=False while its addresses are in use, else let it go."""
+        finalizers = [f for f in obj["metadata"].get("finalizers") or [] if f != FINALIZER]
+        if len(finalizers) == len(obj["metadata"].get("finalizers") or []):
+            return  # not ours to hold (another finalizer, or none)
+        if not self._in_use(obj, live, services):
+            if await self._set_finalizers(obj, finalizers):
+                log.info("event=servicecidr_released name=%s", obj["metadata"]["name"])
+            return
+        cond = ready_condition(obj)
+        if cond is None or cond.get("reason") != TERMINATING:
+            await self._write_ready(obj, "False", TERMINATING, TERMINATING_MESSAGE)
 
     def _objects(self) -> tuple[list[Obj], int]:
         revision = self.store.revision
         return self.registry.decode_all(self.store.list(RESOURCE.prefix()).items), revision
 
-    async def reconcile(self, objects: Iterable[Obj]) -> None:
-        """Ready on the new ones, then the allocator's ranges from the Ready ones."""
+    def _services(self) -> list[Obj]:
+        return self.registry.decode_all(self.store.list(BY_ID["services"].prefix()).items)
+
+    async def reconcile(self, objects: list[Obj]) -> bool:
+        """Finalizer and Ready on the new ones, deleted ones released or held, then the
+        allocator's ranges from the Ready live ones. True while one is held (Services matter)."""
+        live = [o for o in objects if not o["metadata"].get("deletionTimestamp")]
+        deleted = [o for o in objects if o["metadata"].get("deletionTimestamp")]
         ready_cidrs: list[str] = []
-        for obj in objects:
+        for obj in live:
+            if FINALIZER not in (obj["metadata"].get("finalizers") or []):
+                await self._set_finalizers(obj, [*(obj["metadata"].get("finalizers") or []), FINALIZER])
+                continue  # its event brings it back, finalized
             ready = is_ready(obj) if obj["metadata"].get("name") == DEFAULT_NAME else \
                 await self._set_ready(obj, READY_MESSAGE)
             if ready:
                 ready_cidrs.extend(cidrs_of(obj))
         set_extra = getattr(self.allocator, "set_extra_ranges", None)
         if set_extra is not None:  # the Services are read only when a range is new
-            set_extra(ready_cidrs, lambda: self.registry.decode_all(self.store.list(BY_ID["services"].prefix()).items))
+            set_extra(ready_cidrs, self._services)
+        if deleted:
+            services = self._services()
+            for obj in deleted:
+                await self._terminate(obj, live, services)
+        return bool(deleted)
 
     async def run(self) -> None:
         """Until cancelled: follow ServiceCIDR writes; every interval also make sure the default
@@ -152,16 +222,17 @@ class ServiceCIDRController:
             try:
                 await self.ensure_default()
                 objects, revision = self._objects()
-                await self.reconcile(objects)
-                await self._follow(revision)
+                held = await self.reconcile(objects)
+                await self._follow(revision, held)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failed pass must not end the loop: the next one tries again
                 log.exception("event=servicecidr_pass_failed")
                 await asyncio.sleep(self.interval)
 
-    async def _follow(self, revision: int) -> None:
-        """Reconcile after each ServiceCIDR event; return after interval to check the default."""
+    async def _follow(self, revision: int, held: bool) -> None:
+        """Reconcile after each ServiceCIDR event (and Service event while a deleted one is held:
+        its Services going lets it go); return after interval to check the default."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.interval
         while (left := deadline - loop.time()) > 0:
@@ -171,8 +242,9 @@ class ServiceCIDRController:
                 return
             if events:
                 revision = events[-1].revision
-                if any(ev.key.startswith(RESOURCE.prefix()) for ev in events):
+                if any(ev.key.startswith(RESOURCE.prefix()) or (held and ev.key.startswith(SERVICES))
+                       for ev in events):
                     objects, _ = self._objects()
-                    await self.reconcile(objects)
+                    held = await self.reconcile(objects)
                 continue
             await self.store.wait_for_events(revision, left)

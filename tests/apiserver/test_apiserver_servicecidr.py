@@ -132,11 +132,22 @@ def test_cluster_ips_come_from_every_ready_servicecidr(dual: APIServerProcess) -
     assert admin.delete(f"{PATH}/more")[0] == 200
 
 
+def _gone(admin: Client, name: str) -> None:
+    deadline = time.monotonic() + 10
+    while (code := admin.get(f"{PATH}/{name}")[0]) != 404:
+        assert code == 200 and time.monotonic() < deadline, f"{name} not deleted"
+        time.sleep(0.05)
+
+
 def test_default_servicecidr_comes_back_after_a_delete_and_follows_the_flag_to_dual_stack() -> None:
     with running_apiserver(extra_args=["--bootstrap-reconcile-interval", "0.5"]) as api:
         admin = Client(api, api.token)
         first = _until_ready(admin, "kubernetes")
         assert first["spec"] == {"cidrs": ["10.96.0.0/12"]}
+        assert first["metadata"]["finalizers"] == ["networking.k8s.io/service-cidr-finalizer"]
+        # The kubernetes Service's address is covered by another ServiceCIDR: the default may go.
+        assert admin.post(PATH, {"metadata": {"name": "cover"}, "spec": {"cidrs": ["10.96.0.0/12"]}})[0] == 201
+        _until_ready(admin, "cover")
         assert admin.delete(f"{PATH}/kubernetes")[0] == 200
         deadline = time.monotonic() + 10
         while True:
@@ -146,6 +157,8 @@ def test_default_servicecidr_comes_back_after_a_delete_and_follows_the_flag_to_d
             assert time.monotonic() < deadline, "the default ServiceCIDR was not re-created"
             time.sleep(0.1)
         assert _until_ready(admin, "kubernetes")["spec"] == {"cidrs": ["10.96.0.0/12"]}
+        assert admin.delete(f"{PATH}/cover")[0] == 200
+        _gone(admin, "cover")
         # The flag turned dual-stack (same primary range): the default ServiceCIDR gains the second
         # family, as upstream; a flag that changed the primary range leaves the object alone.
         api.extra_args += ["--service-cluster-ip-range", "10.96.0.0/12,fd00:10:96::/108"]
@@ -154,6 +167,33 @@ def test_default_servicecidr_comes_back_after_a_delete_and_follows_the_flag_to_d
         api.extra_args[-1] = "10.100.0.0/16"
         api.restart()
         assert admin.get(f"{PATH}/kubernetes")[1]["spec"] == {"cidrs": ["10.96.0.0/12", "fd00:10:96::/108"]}
+
+
+def test_a_servicecidr_in_use_is_held_terminating_until_its_services_are_gone(dual: APIServerProcess) -> None:
+    admin = Client(dual, dual.token)
+    assert admin.post(PATH, {"metadata": {"name": "held"}, "spec": {"cidrs": ["10.103.0.0/24"]}})[0] == 201
+    _until_ready(admin, "held")
+    svc = {"metadata": {"name": "user"}, "spec": {"clusterIP": "10.103.0.10", "ports": [{"port": 80}]}}
+    deadline = time.monotonic() + 10
+    while (got := admin.post("/api/v1/namespaces/default/services", svc))[0] != 201:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.05)
+    code, deleting = admin.delete(f"{PATH}/held")
+    assert code == 200 and deleting["metadata"]["deletionTimestamp"]
+    deadline = time.monotonic() + 10
+    while True:
+        conds = admin.get(f"{PATH}/held")[1].get("status", {}).get("conditions", [])
+        if [(c["type"], c["status"], c["reason"]) for c in conds] == [("Ready", "False", "Terminating")]:
+            break
+        assert time.monotonic() < deadline, conds
+        time.sleep(0.05)
+    assert conds[0]["message"] == ("There are still IPAddresses referencing the ServiceCIDR, please remove them or "
+                                   "create a new ServiceCIDR")
+    svc["metadata"]["name"], svc["spec"]["clusterIP"] = "late", "10.103.0.11"
+    code, status = admin.post("/api/v1/namespaces/default/services", svc)  # no new addresses from it
+    assert code == 422 and "is not in the valid range" in status["message"], status
+    assert admin.delete("/api/v1/namespaces/default/services/user")[0] == 200
+    _gone(admin, "held")
 
 
 def test_kube_proxy_may_list_and_watch_servicecidrs_and_no_more() -> None:

@@ -2,7 +2,8 @@
 kproxy-apiserver: its drop rule for unallocated ClusterIPs follows the ServiceCIDR objects. A
 connection from the node to an address of the default ServiceCIDR that no Service has is dropped;
 after a second ServiceCIDR is created its range is dropped too (and a Service allocated from it is
-a ClusterIP like any other: other ports refused); after it is deleted its range is reachable again.
+a ClusterIP like any other: other ports refused); deleted while that Service holds its address, it
+stays (Terminating) and still drops; once the Service is gone it goes, and its range is reachable.
 Listeners on the namespace's lo show what a packet that is not dropped would reach."""
 from __future__ import annotations
 
@@ -112,7 +113,20 @@ def test_drop_rule_follows_the_servicecidrs(api: Api, netns: str, tmp_path: Path
                     time.sleep(0.1)
             _until(netns, {SERVICE: "refused", SECOND: "timeout"}, proc, log, listeners)
 
+            # Deleted while the Service holds an address of it: it stays (Terminating) and still
+            # drops; once the Service is gone, so is the ServiceCIDR, and its range is reachable.
             api.call("DELETE", "/apis/networking.k8s.io/v1/servicecidrs/second")
+            deadline = time.monotonic() + 10
+            while [c.get("reason") for c in api.call("GET", "/apis/networking.k8s.io/v1/servicecidrs/second")
+                   .get("status", {}).get("conditions", [])] != ["Terminating"]:
+                assert time.monotonic() < deadline, "the ServiceCIDR in use is not held Terminating"
+                time.sleep(0.1)
+            held_until = time.monotonic() + 1.0  # kproxy had its events: the rule must stay
+            while time.monotonic() < held_until:
+                assert _drop_rules(netns) == ["10.96.0.0/16", "10.100.0.0/24"]
+                time.sleep(0.1)
+            assert _connect(netns, SECOND) == "timeout"
+            api.call("DELETE", "/api/v1/namespaces/default/services/web")
             _until(netns, {UNALLOCATED: "timeout", SECOND: "connected", OUTSIDE: "connected"}, proc, log, listeners)
             assert _drop_rules(netns) == ["10.96.0.0/16"]
         finally:
