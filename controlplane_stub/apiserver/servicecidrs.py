@@ -45,7 +45,8 @@ TERMINATING_MESSAGE = ("There are still IPAddresses referencing the ServiceCIDR,
 DEFAULT_READY_MESSAGE = "Kubernetes default Service CIDR is ready"
 READY_MESSAGE = "Kubernetes Service CIDR is ready"
 DEFAULT_INTERVAL = 10.0
-SERVICES = BY_ID["services"].prefix()  # upstream's default ServiceCIDR sync interval
+SERVICES = BY_ID["services"].prefix()
+SERVICE_SETTLE = 0.5  # seconds Service events gather before a held ServiceCIDR is looked at again  # upstream's default ServiceCIDR sync interval
 
 
 def cidrs_of(obj: Obj) -> list[str]:
@@ -242,9 +243,13 @@ class ServiceCIDRController:
                 return
             if events:
                 revision = events[-1].revision
-                if any(ev.key.startswith(RESOURCE.prefix()) or (held and ev.key.startswith(SERVICES))
-                       for ev in events):
-                    objects, _ = self._objects()
+                mine = any(ev.key.startswith(RESOURCE.prefix()) for ev in events)
+                if mine or (held and any(ev.key.startswith(SERVICES) for ev in events)):
+                    if not mine:
+                        # Only Services changed: a burst of them (a namespace deleted) costs one
+                        # reconcile, which reads them all, not one each.
+                        await asyncio.sleep(SERVICE_SETTLE)
+                    objects, revision = self._objects()
                     held = await self.reconcile(objects)
                 continue
             await self.store.wait_for_events(revision, left)
