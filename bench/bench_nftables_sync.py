@@ -60,7 +60,8 @@ def test_sync_side_by_side(benchmark: Any, mode: str, n: int) -> None:
                 pytest.skip("NFT_BEFORE_TREE not set")
             worker = os.path.join(before, "bench", "bench_nftables_worker.py")
         r = benchmark.pedantic(run, args=(worker, str(n)), kwargs={"extra": extra}, rounds=1, iterations=1)
-        line = (f"{mode:15} {n:>6}: full {r['first_s']:.2f} s (CPU {r['first_cpu_s']:.2f} s; render "
+        line = (f"{mode:15} {n:>6}: full {r['first_s']:.2f} s (CPU {r['first_cpu_s']:.2f} s, waiting for a core "
+                f"{r.get('first_wait_s', float('nan')):.2f} s; render "
                 f"{r['render_s']:.2f} + apply {r['apply_s']:.2f}; bare nft -f of the same input {r['nft_floor_s']:.2f} s), "
                 f"partial {min(r['partials_s']) * 1000:.0f}-{max(r['partials_s']) * 1000:.0f} ms "
                 f"(CPU {min(r['partials_cpu_s']) * 1000:.0f}-{max(r['partials_cpu_s']) * 1000:.0f} ms, "

@@ -29,6 +29,14 @@ def _cpu() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
+def _run_queue_wait() -> float:
+    """Seconds this process was runnable but waiting for a core (/proc/self/schedstat's second
+    field): on a loaded machine the difference between wall and CPU time, told apart from
+    waiting on the kernel (a netlink batch is processed in the sending thread, on its CPU time)."""
+    with open("/proc/self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 class RecordingNft(Nft):
     """Writes the first transaction to a file (for the floor below) as it streams it to nft."""
 
@@ -51,10 +59,11 @@ def main() -> None:
     services, eps = state(n, 10, node_ports=True)
     record = f"/tmp/kpnft-bench-{os.getpid()}.nft"
     p = NftablesProxier(RecordingNft(ns, record, netlink), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",), renderer=load_renderer(pure))
-    t, c = time.perf_counter(), _cpu()
+    t, c, w = time.perf_counter(), _cpu(), _run_queue_wait()
     res = p.sync(SyncRequest(services, eps))
     first = time.perf_counter() - t
     first_cpu = _cpu() - c
+    first_wait = _run_queue_wait() - w
     assert res.ok, res.error
     first_stats = dict(p.last_stats)
     partials = []
@@ -83,7 +92,7 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "services": n, "pure": pure, "first_s": first, "render_s": first_stats["render_s"],
-        "apply_s": first_stats["apply_s"], "bytes": first_stats["bytes"], "partials_s": partials, "first_cpu_s": first_cpu, "partials_cpu_s": partial_cpu,
+        "apply_s": first_stats["apply_s"], "bytes": first_stats["bytes"], "partials_s": partials, "first_cpu_s": first_cpu, "first_wait_s": first_wait, "partials_cpu_s": partial_cpu,
         "partial_bytes": partial_bytes, "resync_s": resync, "resync_cpu_s": resync_cpu, "rss_steady_mib": steady,
         "way": "netlink" if first_stats.get("way") else "nft -f", "partials_way": partial_way, "nft_floor_s": floor, "rss_mib": rss,
         "load": os.getloadavg()[0],
