@@ -39,6 +39,7 @@ class Nft:
         self.binary = binary
         self.netlink = netlink  # False: every transaction through `nft -f` (tests compare the two)
         self.last_way = ""  # "netlink" or "nft": how the last transaction went
+        self.last_batch_bytes = 0  # the last netlink batch's size
 
     def _cmd(self, *args: str) -> list[str]:
         cmd = [self.binary, *args]
@@ -61,11 +62,13 @@ class Nft:
         10,000-Service table (25 MB) never exists whole in this process."""
         if self.netlink:
             try:
-                batch = nftnl.translate([transaction] if isinstance(transaction, str) else transaction)
+                items = transaction.parts() if isinstance(transaction, nftnl.Parts) else transaction
+                batch = nftnl.translate([items] if isinstance(items, str) else items)
             except nftnl.Untranslatable:
                 pass
             else:
                 self.last_way = "netlink"
+                self.last_batch_bytes = batch.size
                 try:
                     nftnl.send(batch, self.netns)
                 except OSError as e:

@@ -1,10 +1,11 @@
 """The nfnetlink encoder (kproxy.backends.nftnl) compiled by Cython and the same source run as
-Python produce identical bytes: for the transactions the proxier writes for random Service sets
+Python produce identical bytes, and a full sync's elements given as tuples the same bytes as
+their lines: for the transactions the proxier writes for random Service sets
 (hypothesis: full syncs and partial syncs after random changes) and for random rule texts (both
 refuse the same ones). No kernel: tests/nftables/test_nftables_netlink.py checks what the bytes do."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import msgspec
 from hypothesis import given, settings
@@ -27,7 +28,7 @@ def test_the_encoder_is_compiled() -> None:
     assert (PURE.__file__ or "").endswith("nftnl.py")
 
 
-def _encode(module: object, lines: list[str]) -> bytes | str:
+def _encode(module: object, lines: Sequence[COMPILED.Part]) -> bytes | str:
     try:
         batch = module.translate(lines)  # type: ignore[attr-defined]
     except module.Untranslatable as e:  # type: ignore[attr-defined]
@@ -47,6 +48,10 @@ class _NoKernel(Nft):
         # The nft -f fallback reads a transaction again after the encoder refused it: same lines.
         assert isinstance(transaction, str) or list(transaction) == lines
         self.transactions.append(lines)
+        if isinstance(transaction, COMPILED.Parts):  # a full sync: its elements also as tuples
+            parts = list(transaction.parts())
+            assert any(isinstance(part, tuple) for part in parts) or not any("add element" in x for x in lines)
+            assert _encode(COMPILED, parts) == _encode(PURE, parts) == _encode(COMPILED, lines)
 
     def local_ipv4_addresses(self) -> list[str]:
         return ["192.168.77.1"]
