@@ -152,9 +152,11 @@ def _tables(dump: str) -> str:
     return "".join(out)
 
 
-# IPVS mode has a KUBE-SERVICES chain too: its rules match Service addresses by ipset.
+# IPVS mode has a KUBE-SERVICES chain too: its rules match Service addresses by ipset (its
+# IPv6 proxier's ip6tables rules by the KUBE-6- sets, upstream's IPv6 names).
 _MARKERS = {"ipvs": "--match-set KUBE-CLUSTER-IP ", "iptables": ":KUBE-SERVICES ",
             "userspace": ":KUBE-PORTALS-CONTAINER "}
+_MARKERS6 = {**_MARKERS, "ipvs": "--match-set KUBE-6-CLUSTER-IP "}
 
 
 def iptables_dump(backend: str, netns: str | None, mode: str, family: str = "ip") -> tuple[str, str, str]:
@@ -165,8 +167,9 @@ def iptables_dump(backend: str, netns: str | None, mode: str, family: str = "ip"
     for b in (("nft", "legacy") if backend == "auto" else (backend,)):
         tool = f"{'ip6tables' if family == 'ip6' else 'iptables'}-{b}-save"
         dump = _tables(_read([tool], netns))
+        markers = _MARKERS6 if family == "ip6" else _MARKERS
         for m in modes:
-            if _MARKERS[m] in dump and (m != "iptables" or _MARKERS["ipvs"] not in dump):
+            if markers[m] in dump and (m != "iptables" or markers["ipvs"] not in dump):
                 return m, b, dump
     raise TraceError(f"no kproxy rules of mode {' or '.join(modes)} on this node (iptables back end {backend})")
 

@@ -104,6 +104,8 @@ def test_mode_detection_reads_one_save_a_back_end(monkeypatch: pytest.MonkeyPatc
         calls.append(cmd)
         if cmd[0] == "nft":
             return '{"nftables": []}'
+        if cmd[0] == "ip6tables-legacy-save":  # the IPv6 proxier's rules match the KUBE-6- sets (upstream's names)
+            return other + ipvs.replace("KUBE-CLUSTER-IP", "KUBE-6-CLUSTER-IP")
         return other + (ipvs if cmd[0].endswith("tables-legacy-save") else "")
 
     monkeypatch.setattr(trace, "_read", read)
