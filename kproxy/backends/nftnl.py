@@ -16,6 +16,12 @@ command per line, translated by a closed grammar: the statements kproxy itself w
 more. A line outside it raises Untranslatable and the caller sends the script through `nft -f`
 instead (same meaning, slower), so the script stays the one description of a transaction (logs,
 tests, the fallback). tests/nftables check that both ways leave identical rulesets in the kernel.
+A full sync's elements (200,000 at 10,000 Services) may come as (set, key, value) tuples instead
+of lines (Part): the same bytes without writing and parsing their text.
+
+The compiled core: setup.py compiles this file with Cython (the directives above keep Python's
+semantics); kproxy.fastpath.pure_twin loads the same source as Python (KPROXY_PURE=1), and
+tests/nftables/test_nftables_encode_twins.py checks both give identical bytes.
 """
 from __future__ import annotations
 
