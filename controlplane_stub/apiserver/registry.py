@@ -15,7 +15,7 @@ from typing import Any
 
 from ..store.base import KeyExists, KeyNotFound, Obj, RevisionConflict, Store
 from . import bodies, semantics
-from .defaults import normalize_cluster_ips
+from .defaults import _sub, normalize_cluster_ips
 from .errors import StatusError, already_exists, bad_request, conflict, invalid, not_found
 from .resources import BY_ID, DEPENDENTS, RESOURCES, Resource
 from .validation import decode_check
@@ -171,8 +171,9 @@ class Registry:
     def _prepare_status_on_create(res: Resource, obj: Obj) -> None:
         if res.plural == "namespaces":
             obj["status"] = {"phase": "Active"}
-            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
-            obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
+            # _sub: "labels": null or "spec": null in the body is a missing field, not a 500.
+            _sub(obj, "spec").setdefault("finalizers", ["kubernetes"])
+            _sub(obj["metadata"], "labels")["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
         elif res.plural == "pods":
             obj["status"] = {"phase": "Pending"}
         elif "status" in res.subresources and res.plural != "nodes":
@@ -265,7 +266,7 @@ class Registry:
         if res.has_generation and new.get("spec") != old.get("spec"):
             meta["generation"] = int(ometa.get("generation", 1)) + 1
         if res.plural == "namespaces":
-            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+            _sub(meta, "labels")["kubernetes.io/metadata.name"] = meta["name"]
         stored = await self._admit_and_store(res, new, old, dry_run)
         smeta = stored["metadata"]
         if res.id in FINALIZED and smeta.get("deletionTimestamp") and not smeta.get("finalizers") and not dry_run:

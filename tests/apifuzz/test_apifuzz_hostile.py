@@ -37,6 +37,11 @@ VALID: dict[str, tuple[str, dict[str, Any]]] = {
         "spec": {"containers": [{"name": "c", "image": "img:1", "ports": [{"containerPort": 8080}],
                                  "env": [{"name": "A", "value": "b"}],
                                  "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "1"}}}]}}),
+    # labels and spec null broke the server-set namespace label and finalizers (500, found by the
+    # OpenAPI fuzz campaign): every namespace field is in the wrong-type sweep now.
+    "namespaces": ("/api/v1/namespaces", {
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "h-ns", "labels": {"team": "a"}},
+        "spec": {"finalizers": ["kubernetes"]}}),
     "secrets": (f"/api/v1/namespaces/{NS}/secrets", {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "h-sec"}, "data": {"k": "dg=="},
         "stringData": {"s": "plain"}}),
