@@ -31,7 +31,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 from kproxy.protocols import SERVICE_PROTOCOLS
@@ -224,6 +224,10 @@ def _proto(text: str) -> int:
 def _key(text: str) -> bytes:
     """A set element's key: "IP", "IP . IP", "IP . PROTO . PORT" or "PROTO . PORT" (each part of a
     concatenation padded to 4 bytes, as the kernel's registers are)."""
+    if _c_key is not None:
+        done = _c_key(text)
+        if done is not None:
+            return done
     if " " not in text:
         return _key_part(text)
     return b"".join([_key_part(part) for part in text.split(" . ")])
@@ -243,6 +247,14 @@ def _key_part(part: str) -> bytes:
 
 
 _INDEX = struct.Struct("=I")
+# The common forms of _key in C (kproxy/backends/_nftkey.pyx), not in the pure twin: this module
+# run as Python (KPROXY_PURE=1, kproxy.fastpath.pure_twin names it ..._pure) is the pure path.
+_c_key: Callable[[str], bytes | None] | None = None
+if not __name__.endswith("_pure"):
+    try:
+        from kproxy.backends._nftkey import key_bytes as _c_key
+    except ImportError:  # not built: the Python path alone
+        pass
 
 
 @functools.lru_cache(maxsize=4096)

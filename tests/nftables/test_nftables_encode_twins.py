@@ -5,6 +5,7 @@ their lines: for the transactions the proxier writes for random Service sets
 refuse the same ones). No kernel: tests/nftables/test_nftables_netlink.py checks what the bytes do."""
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 
 import msgspec
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from test_nftables_netlink import words
 from test_nftables_render import endpoint, service
 
+from kproxy.backends import _nftkey
 from kproxy.backends import nftnl as COMPILED
 from kproxy.backends.nftables import Nft
 from kproxy.fastpath import pure_twin
@@ -107,3 +109,31 @@ def test_random_elements_encode_identically_or_are_refused_by_both(family: str, 
                                                                    value: str) -> None:
     line = f"add element {family} kube-proxy {set_name} {{ {' . '.join(key)}{value} }}\n"
     assert _encode(COMPILED, [line]) == _encode(PURE, [line])
+
+
+key_part = st.one_of(
+    st.sampled_from(["10.1.2.3", "0.0.0.0", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3", "1.2.3.4.5", "0x0",
+                     "0xffffffff", "0x100000000", "0xABC", "0x", "tcp", "udp", "sctp", "icmp", "0", "80", "00080",
+                     "65535", "65536", "fd00::1", "", " "]),
+    st.text(alphabet="0123456789abcdefx.:tcpuds ", max_size=12))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(key_part, min_size=1, max_size=5), st.sampled_from([" . ", " ", ".", " .  "]))
+def test_the_c_key_parser_gives_the_python_bytes_or_leaves_them_to_it(parts: list[str], sep: str) -> None:
+    text = sep.join(parts)
+    got = _nftkey.key_bytes(text)
+    try:
+        want: bytes | None = PURE._key(text)
+    except PURE.Untranslatable:
+        want = None
+    assert got is None or got == want, text
+
+
+def test_the_c_key_parser_takes_the_common_forms() -> None:
+    # What a full sync's elements are made of: None here would mean the C path is never used.
+    for text, want in [("10.1.2.3 . tcp . 80", "0a010203" "06000000" "00500000"), ("0x1f", "1f000000"),
+                       ("10.0.0.1 . 10.0.0.1", "0a000001" "0a000001"), ("udp . 30000", "11000000" "75300000")]:
+        got = _nftkey.key_bytes(text)
+        assert got is not None and got.hex() == (want if text != "0x1f" else struct.pack("=I", 31).hex())
+    assert COMPILED._c_key is not None and PURE._c_key is None
