@@ -97,6 +97,8 @@ class LoadBalancerController:
         self.pool = pool
         self.owner: dict[str, str] = {}  # ip -> service key
         self.queue = WorkQueue()
+        # An unserved Service says why on itself (kubectl describe), as MetalLB's controller does.
+        self.events = api.EventRecorder(client, "loadbalancer-controller")
         services.add_handler(self._on)
 
     def _on(self, event: str, svc: Obj, old: Obj | None) -> None:
@@ -153,6 +155,8 @@ class LoadBalancerController:
                 have[family_of(requested)] = requested
             else:
                 log.warning("service=%s loadBalancerIP %s is not free in the pool", key, requested)
+                self.events.event(svc, "Warning", "AllocationFailed",
+                                  f"loadBalancerIP {requested} is not a free address of the pool")
                 return
         for fam in families:
             if fam not in have:
@@ -162,6 +166,8 @@ class LoadBalancerController:
                 else:
                     log.warning("service=%s: LoadBalancer pool has no free %s address (%d IPs)", key, fam,
                                 self.pool.size())
+                    self.events.event(svc, "Warning", "AllocationFailed",
+                                      f"no free {fam} address in the LoadBalancer pool ({self.pool.size()} IPs)")
         want = [have[f] for f in families if f in have]
         if want == mine:
             return

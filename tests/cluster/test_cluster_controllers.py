@@ -445,8 +445,11 @@ def test_loadbalancer_pool(controlplane: ControlPlane) -> None:
         cp.create(api.path("services", ns), service(n, {"app": n}, target=80, type="LoadBalancer"))
     got = wait_for(lambda: (a := ingress("lb1") + ingress("lb2")) and len(a) == 2 and a, what="two LB IPs")
     assert sorted(got) == ["10.251.0.10", "10.251.0.11"]
-    time.sleep(0.3)
-    assert ingress("lb3") == []  # the pool (2 IPs) is exhausted
+    # The pool (2 IPs) is exhausted: the controller has looked at lb3 once it said so on it.
+    wait_for(lambda: [e for e in cp.items(api.path("events", ns))
+                      if e["involvedObject"]["name"] == "lb3" and e["reason"] == "AllocationFailed"],
+             what="lb3's AllocationFailed Event")
+    assert ingress("lb3") == []
     freed = ingress("lb1")[0]
     cp.delete(api.path("services", ns, "lb1"))
     assert wait_for(lambda: ingress("lb3"), what="lb3 gets the freed IP") == [freed]
