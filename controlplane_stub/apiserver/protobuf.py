@@ -80,6 +80,10 @@ SCHEMAS: dict[str, dict[int, Field]] = {
     # kubectl auth can-i (authorization/v1 generated.proto)
     "SelfSubjectAccessReview": {1: ("metadata", "m:ObjectMeta", False),
                                 2: ("spec", "m:SelfSubjectAccessReviewSpec", False)},
+    # kubectl auth can-i --list (authorization/v1 generated.proto)
+    "SelfSubjectRulesReview": {1: ("metadata", "m:ObjectMeta", False),
+                               2: ("spec", "m:SelfSubjectRulesReviewSpec", False)},
+    "SelfSubjectRulesReviewSpec": {1: ("namespace", "s", False)},
     "SelfSubjectAccessReviewSpec": {1: ("resourceAttributes", "m:ResourceAttributes", False),
                                     2: ("nonResourceAttributes", "m:NonResourceAttributes", False)},
     "ResourceAttributes": {1: ("namespace", "s", False), 2: ("verb", "s", False), 3: ("group", "s", False),
@@ -120,6 +124,7 @@ KINDS: dict[tuple[str, str], str] = {
     ("v1", "Namespace"): "Namespace", ("v1", "ConfigMap"): "ConfigMap", ("v1", "Secret"): "Secret",
     ("v1", "Service"): "Service", ("v1", "Pod"): "Pod", ("apps/v1", "Deployment"): "Deployment",
     ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
+    ("authorization.k8s.io/v1", "SelfSubjectRulesReview"): "SelfSubjectRulesReview",
     ("authentication.k8s.io/v1", "TokenRequest"): "TokenRequest",
     ("v1", "ServiceAccount"): "ServiceAccount",
     ("authentication.k8s.io/v1", "SelfSubjectReview"): "SelfSubjectReview",

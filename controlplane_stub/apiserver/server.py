@@ -7,6 +7,7 @@ import binascii
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import msgspec
 from aiohttp import web
 
 from ..store.base import Compacted, FutureRevision, Obj, Store
-from . import bodies, discovery, limits, podio, rbac, semantics, serviceaccounts
+from . import bodies, discovery, limits, podio, rbac, rbac_escalation, semantics, serviceaccounts
 from .errors import StatusError, bad_request, gone
 from .metrics import APIMetrics
 from .pki import User
@@ -105,6 +106,7 @@ class APIServer:
         r.add_route("*", "/api", self._api_root)
         r.add_route("*", "/apis", self._apis_root)
         r.add_post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", self._access_review)
+        r.add_post("/apis/authorization.k8s.io/v1/selfsubjectrulesreviews", self._rules_review)
         r.add_post("/apis/authentication.k8s.io/v1/selfsubjectreviews", self._whoami)
         r.add_route("*", "/api/{tail:.*}", self._dispatch)
         r.add_route("*", "/apis/{tail:.*}", self._dispatch)
@@ -212,14 +214,35 @@ class APIServer:
 
     async def _access_review(self, request: web.Request) -> web.Response:
         """kubectl auth can-i: a SelfSubjectAccessReview answered by the RBAC policy."""
+        return await self._review(request, "SelfSubjectAccessReview", rbac.access_review)
+
+    async def _rules_review(self, request: web.Request) -> web.Response:
+        """kubectl auth can-i --list: a SelfSubjectRulesReview, the user's rules in a namespace."""
+        return await self._review(request, "SelfSubjectRulesReview", rbac_escalation.rules_review)
+
+    async def _review(self, request: web.Request, kind: str,
+                      answer: Callable[[rbac.Policy, str, frozenset[str], object], dict[str, Any]]) -> web.Response:
         user: User = request["user"]
         # kubectl sends it as protobuf; the body checks are the ones every create gets.
         body = bodies.decode_request(await request.read(), request.content_type).obj
         try:
-            review = rbac.access_review(self.rbac.current(), user.name, frozenset(user.groups), body)
+            review = answer(self.rbac.current(), user.name, frozenset(user.groups), body)
         except rbac.RBACError as e:
-            raise bad_request(f"SelfSubjectAccessReview: {e}") from None
+            raise bad_request(f"{kind}: {e}") from None
         return json_response(review, status=201)
+
+    def _no_escalation(self, request: web.Request, t: Target, obj: Any) -> None:
+        """403 when a Role or binding written by this user would grant what it does not hold
+        (rbac_escalation.py: upstream's escalate/bind checks)."""
+        if t.res.group != rbac.API_GROUP or not isinstance(obj, dict):
+            return
+        user: User = request["user"]
+        why = rbac_escalation.check_write(self.rbac.current(), user.name, frozenset(user.groups), t.res.plural,
+                                          t.namespace, obj)
+        if why:
+            name = t.name or str((obj.get("metadata") or {}).get("name", ""))
+            raise StatusError(403, "Forbidden", f'{t.res.plural}.{t.res.group} "{name}" is forbidden: {why}',
+                              kind=t.res.plural, name=name, group=t.res.group)
 
     async def _whoami(self, request: web.Request) -> web.Response:
         """kubectl auth whoami: a SelfSubjectReview with the requesting user's attributes."""
@@ -377,6 +400,7 @@ class APIServer:
             self._authorize(request, "create", t)
             body = await self._read_body(request)
             self.registry.check_fields(t.res, body.obj, field_validation, warnings, body.duplicates)
+            self._no_escalation(request, t, body.obj)
             created = await self.registry.create(t.res, t.namespace, body.obj, dry_run=dry_run)
             return self._warn(self._object_response(request, t, created, 201), warnings)
         if method == "PUT" and t.name:
@@ -385,6 +409,7 @@ class APIServer:
             if t.sub == "scale":
                 return json_response(await self._update_scale(t, body.obj, dry_run))
             self.registry.check_fields(t.res, body.obj, field_validation, warnings, body.duplicates)
+            self._no_escalation(request, t, body.obj)
             updated = await self.registry.update(t.res, t.namespace, t.name, body.obj, t.sub, dry_run=dry_run)
             return self._warn(self._object_response(request, t, updated, 200), warnings)
         if method == "PATCH" and t.name:
@@ -396,6 +421,13 @@ class APIServer:
             raw = await request.read()
             if t.sub == "scale":
                 return json_response(await self._patch_scale(t, ctype, raw, dry_run))
+            if t.res.group == rbac.API_GROUP:
+                # The escalation check needs the patched object: patch as a dry run first.
+                preview, _ = await self.registry.patch(t.res, t.namespace, t.name, ctype, raw, t.sub, dry_run=True,
+                                                       field_manager=q.get("fieldManager", ""),
+                                                       force=q.get("force") == "true",
+                                                       field_validation=field_validation, warnings=[])
+                self._no_escalation(request, t, preview)
             obj, was_created = await self.registry.patch(t.res, t.namespace, t.name, ctype, raw, t.sub, dry_run=dry_run,
                                                field_manager=q.get("fieldManager", ""),
                                                force=q.get("force") == "true", field_validation=field_validation,

@@ -308,6 +308,98 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: nobody}]
     eventually("no", "get", "pods", "-n", "rbac-team")
 
 
+def _kubectl(cfgs: dict[str, str], *args: str, who: str = "masters", stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["kubectl", "--kubeconfig", cfgs[who], *args], input=stdin, capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+_ROLE = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: {name}, namespace: esc-team}}
+rules: [{{apiGroups: [""], resources: {resources}, verbs: [get]}}]
+"""
+_BINDING = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: {name}, namespace: esc-team}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {role}}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]
+"""
+
+
+@pytest.mark.kubectl
+def test_a_limited_user_cannot_grant_what_it_does_not_hold(live: tuple[APIServerProcess, dict[str, str]]) -> None:
+    """Upstream's escalation prevention with kubectl as a limited user ('kube-proxy', `admin` of
+    one namespace): a Role or RoleBinding within what it holds is written, one beyond is refused
+    (403 "attempting to grant RBAC permissions not currently held") by create, apply and patch;
+    `bind` on cluster-admin (by name) lets it bind that role."""
+    _, cfgs = live
+
+    def apply(manifest: str) -> subprocess.CompletedProcess[str]:
+        return _kubectl(cfgs, "apply", "-f", "-", who="kube-proxy", stdin=manifest)
+
+    assert _kubectl(cfgs, "create", "namespace", "esc-team").returncode == 0
+    r = _kubectl(cfgs, "apply", "-f", "-", stdin=_BINDING.format(name="kp-admin", role="admin", user="system:kube-proxy"))
+    assert r.returncode == 0, r.stderr
+    r = apply(_ROLE.format(name="cm-reader", resources="[configmaps]"))
+    assert r.returncode == 0, r.stderr
+    # get nodes: held cluster-wide (system:node-proxier), so grantable in any namespace.
+    r = apply(_ROLE.format(name="node-reader", resources="[nodes]"))
+    assert r.returncode == 0, r.stderr
+    r = apply(_ROLE.format(name="pv-reader", resources="[configmaps, persistentvolumes]"))
+    assert r.returncode != 0 and "attempting to grant RBAC permissions not currently held" in r.stderr, r.stderr
+    assert 'Resources:["persistentvolumes"]' in r.stderr and "configmaps" not in r.stderr.split("held:")[1] and "(Forbidden)" in r.stderr
+    r = _kubectl(cfgs, "create", "role", "sneaky", "-n", "esc-team", "--verb=*", "--resource=*", who="kube-proxy")
+    assert r.returncode != 0 and "not currently held" in r.stderr
+    # A patch that would widen a held Role is refused too, and changes nothing.
+    r = _kubectl(cfgs, "patch", "role", "cm-reader", "-n", "esc-team", "--type=json", "-p",
+                 '[{"op":"add","path":"/rules/0/resources/-","value":"secrets/x"},'
+                 '{"op":"add","path":"/rules/-","value":{"apiGroups":["*"],"resources":["*"],"verbs":["*"]}}]',
+                 who="kube-proxy")
+    assert r.returncode != 0 and "not currently held" in r.stderr, r.stderr
+    got = _kubectl(cfgs, "get", "role", "cm-reader", "-n", "esc-team", "-o", "jsonpath={.rules}")
+    assert "*" not in got.stdout and "configmaps" in got.stdout
+    # Bindings: to a role it holds (view, within admin) yes; to cluster-admin no...
+    assert apply(_BINDING.format(name="b-view", role="view", user="x")).returncode == 0
+    r = apply(_BINDING.format(name="b-root", role="cluster-admin", user="x"))
+    assert r.returncode != 0 and "not currently held" in r.stderr
+    # ... until it may `bind` that role by name.
+    grant = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: bind-cluster-admin}
+rules: [{apiGroups: [rbac.authorization.k8s.io], resources: [clusterroles], verbs: [bind], resourceNames: [cluster-admin]}]
+""" + "---" + _BINDING.format(name="kp-bind", role="bind-cluster-admin", user="system:kube-proxy")
+    assert _kubectl(cfgs, "apply", "-f", "-", stdin=grant).returncode == 0
+    r = apply(_BINDING.format(name="b-root", role="cluster-admin", user="x"))
+    assert r.returncode == 0, r.stderr
+    # The admin (system:masters) may write anything.
+    r = _kubectl(cfgs, "create", "role", "anything", "-n", "esc-team", "--verb=*", "--resource=*")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.kubectl
+def test_kubectl_auth_can_i_list(live: tuple[APIServerProcess, dict[str, str]]) -> None:
+    """kubectl auth can-i --list (a SelfSubjectRulesReview): the limited user's rules in the
+    namespace asked, the admin's `*.*`; kubectl auth can-i (a SelfSubjectAccessReview) agrees."""
+    _, cfgs = live
+    r = _kubectl(cfgs, "auth", "can-i", "--list", "-n", "kube-system", who="kube-proxy")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:2] == ["Resources", "Non-Resource"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert "[list watch]" in rows["services"] and "[get list watch]" in rows["nodes"]
+    assert "endpointslices.discovery.k8s.io" in rows and "secrets" not in rows
+    assert "selfsubjectrulesreviews.authorization.k8s.io" in rows
+    assert any("/healthz" in line for line in lines)
+    r = _kubectl(cfgs, "auth", "can-i", "--list", "-n", "default")
+    assert r.returncode == 0 and any(line.split()[0] == "*.*" for line in r.stdout.splitlines()[1:]), r.stdout
+    for verb, what, want in [("list", "services", "yes"), ("delete", "services", "no"), ("get", "secrets", "no")]:
+        got = _kubectl(cfgs, "auth", "can-i", verb, what, "-n", "default", who="kube-proxy").stdout.strip()
+        assert got == want, (verb, what)
+
+
 def test_the_stored_policy_is_rebuilt_only_when_rbac_objects_change(tmp_path: Any) -> None:
     """StoredPolicy follows the store's events (a real SQLite store): writes of other objects cost
     no rebuild; a RoleBinding's create and delete take effect on the very next call."""
