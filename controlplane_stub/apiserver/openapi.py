@@ -618,6 +618,13 @@ def _first_type_error(value: dict[str, Any], definition: str, path: str) -> str 
         if bad is not None:
             return f"json: cannot unmarshal {_json_kind(bad)} into Go struct field {struct}.{here} of type {go_type}"
         inner = spec.strip("[]")
+        if spec.startswith("[") and inner not in _FULL and isinstance(sub, list):
+            # Elements of a scalar list decode into typed values too (ipFamilies: [1] is a decode
+            # error, 400, as upstream's; null decodes to "" and is left to validation).
+            wrong = next((e for e in sub if not _type_ok(e, inner)), None)
+            if wrong is not None:
+                return (f"json: cannot unmarshal {_json_kind(wrong)} into Go struct field {struct}.{here} of type "
+                        f"{_go_type(inner)}")
         if inner not in _FULL or sub is None:
             continue
         for element in (sub if spec.startswith("[") else [sub]):

@@ -93,7 +93,10 @@ class APIServer:
         self.rbac = rbac.StoredPolicy(store, ((r.group, r.plural) for r in RESOURCES))
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
+        app = web.Application(middlewares=[self._middleware],
+                              # kube-apiserver's 3 MiB request limit (bodies.py) already while reading:
+                              # no client makes this server buffer more than that per request.
+                              client_max_size=bodies.MAX_REQUEST_BYTES)
         r = app.router
         for p in ("/healthz", "/livez", "/readyz"):
             r.add_get(p, self._health)
@@ -164,6 +167,8 @@ class APIServer:
         try:
             async with asyncio.timeout(self.request_timeout):
                 await request.read()
+        except web.HTTPRequestEntityTooLarge as e:  # aiohttp's plain-text 413: answer a Status
+            raise bodies.too_large(request.content_length or bodies.MAX_REQUEST_BYTES + 1) from None
         except TimeoutError:
             raise StatusError(504, "Timeout", "Timeout: request did not complete within the allotted timeout "
                               f"({self.request_timeout:g} s) while reading its body") from None
