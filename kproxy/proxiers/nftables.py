@@ -31,6 +31,7 @@ MetaProxier.set_service_cidrs, never during a sync).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ipaddress
 import logging
 import os
@@ -167,7 +168,10 @@ class _Programmed:
     """What the kernel holds for one ServicePort after the last successful sync."""
 
     svc: ServicePort
-    chains: dict[str, str]
+    # chain -> a digest of its rules: all a later sync needs is "did it change" (the text, ~20
+    # MiB at 10,000 Services, is written from the fresh render and dropped)
+    chains: dict[str, bytes]
+    rules: int  # the rule count of its chains
     elements: tuple[Element, ...]
     sets: tuple[tuple[str, int], ...]
     slots: dict[str, tuple[int, int]]  # dispatch chain -> its block in the endpoint map (offset, size)
@@ -191,7 +195,12 @@ _malloc_trim: Any = None
 
 
 def _rule_count(p: _Programmed | None) -> int:
-    return 0 if p is None else sum(body.count("\n") + 1 for body in p.chains.values())
+    return 0 if p is None else p.rules
+
+
+def _digest(body: str) -> bytes:
+    # 128 bits: a collision (a changed chain taken as unchanged) is out of reach.
+    return hashlib.blake2b(body.encode(), digest_size=16).digest()
 
 
 def _eligible(svc: ServicePort | None, family: IPFamily) -> bool:
@@ -380,8 +389,9 @@ class NftablesProxier(Proxier):
             self.service_cidrs = parsed
             self._need_full = True
 
-    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None) -> _Programmed:
-        """One ServicePort as the renderer writes it, plus each dispatch chain's DNAT rule
+    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...],
+                old: _Programmed | None) -> tuple[_Programmed, dict[str, str]]:
+        """One ServicePort as the renderer writes it (what is kept, and its chains' text), plus each dispatch chain's DNAT rule
         through its block of the shared endpoint map (kept from `old` while it is big enough,
         so that an endpoint change is element changes only)."""
         r = self.render.render_service_port(svc, eps, self.masquerade_all, self.cluster_cidr,
@@ -407,7 +417,9 @@ class NftablesProxier(Proxier):
         for chain, block in old_slots.items():
             if slots.get(chain) != block:
                 self._give_back(proto, chain, block)
-        return _Programmed(svc, chains, tuple(elements), tuple(r.sets), slots, serving)
+        digests = {chain: _digest(body) for chain, body in chains.items()}
+        rules = sum(body.count("\n") + 1 for body in chains.values())
+        return _Programmed(svc, digests, rules, tuple(elements), tuple(r.sets), slots, serving), chains
 
     def _give_back(self, proto: str, chain: str, block: tuple[int, int]) -> None:
         emap = endpoint_map(proto, chain)
@@ -454,12 +466,12 @@ class NftablesProxier(Proxier):
         empty: tuple[Endpoint, ...] = ()
         rule_lines: list[str] = []
         for name in sorted(n for n, s in services.items() if _eligible(s, self.family)):
-            p = self._render(services[name], tuple(endpoints.get(name, empty)), None)
+            p, bodies = self._render(services[name], tuple(endpoints.get(name, empty)), None)
             programmed[name] = p
             for set_name, timeout in p.sets:
                 out.append(self._set_line(set_name, timeout))
                 stale.pop("set " + set_name, None)
-            for chain, rules in p.chains.items():
+            for chain, rules in bodies.items():
                 if chain not in stale:  # a chain in the old table was flushed above
                     out.append(f"add chain {t} {chain}\n")
                 stale.pop(chain, None)
@@ -497,15 +509,16 @@ class NftablesProxier(Proxier):
             svc = request.services.get(name)
             old = self._programmed.get(name)
             cur = None
+            cur_chains: dict[str, str] = {}
             if svc is not None and _eligible(svc, self.family):
-                cur = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
+                cur, cur_chains = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
             elif old is not None:
                 for chain, block in old.slots.items():
                     self._give_back(old.svc.protocol.lower(), chain, block)
             old_chains = old.chains if old is not None else {}
-            cur_chains = cur.chains if cur is not None else {}
+            cur_digests = cur.chains if cur is not None else {}
             for chain, body in cur_chains.items():
-                if old_chains.get(chain) == body:
+                if old_chains.get(chain) == cur_digests[chain]:
                     continue
                 if chain not in old_chains:
                     new_chains.append(f"add chain {t} {chain}\n")
