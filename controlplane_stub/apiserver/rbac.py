@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,13 @@ class RBACError(ValueError):
     """An RBAC object that does not parse: it grants nothing (the message says why)."""
 
 
+def url_matches(pattern: str, path: str) -> bool:
+    """A nonResourceURLs entry against a path (or a narrower entry): equal, or a trailing-`*`
+    prefix (upstream trims every trailing `*`, so `*` alone matches all). The authorizer and the
+    escalation check's coverage both use it, so they cannot disagree."""
+    return pattern == path or (pattern.endswith("*") and path.startswith(pattern.rstrip("*")))
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     verbs: frozenset[str]
@@ -54,8 +61,7 @@ class Rule:
         if "*" not in self.verbs and a.verb not in self.verbs:
             return False
         if not a.resource_request:
-            return any(u == "*" or u == a.path or (u.endswith("*") and a.path.startswith(u[:-1]))
-                       for u in self.non_resource_urls)
+            return any(url_matches(u, a.path) for u in self.non_resource_urls)
         if "*" not in self.api_groups and a.api_group not in self.api_groups:
             return False
         combined = f"{a.resource}/{a.subresource}" if a.subresource else a.resource
@@ -117,20 +123,25 @@ class Policy:
     cluster_bindings: list[Binding] = field(default_factory=list)
     bindings: dict[str, list[Binding]] = field(default_factory=dict)  # ns -> RoleBindings
 
-    def _rules(self, b: Binding) -> tuple[Rule, ...]:
+    def rules_of(self, b: Binding) -> tuple[Rule, ...]:
         if b.role_kind == "ClusterRole":
             return self.cluster_roles.get(b.role_name, ())
         return self.roles.get((b.namespace, b.role_name), ())
 
-    def authorize(self, a: Attributes) -> tuple[bool, str]:
-        groups = a.groups | {AUTHENTICATED}
+    def bindings_for(self, user: str, groups: frozenset[str], namespace: str) -> Iterator[Binding]:
+        """The bindings whose subjects include the user, ClusterRoleBindings first, then the
+        RoleBindings of `namespace` ("" : cluster-wide ones only)."""
+        groups = groups | {AUTHENTICATED}
         candidates: Iterable[Binding] = self.cluster_bindings
-        if a.namespace:
-            candidates = [*self.cluster_bindings, *self.bindings.get(a.namespace, ())]
+        if namespace:
+            candidates = [*self.cluster_bindings, *self.bindings.get(namespace, ())]
         for b in candidates:
-            if any(s.applies_to(a.user, groups, b.namespace) for s in b.subjects) and any(
-                r.allows(a) for r in self._rules(b)
-            ):
+            if any(s.applies_to(user, groups, b.namespace) for s in b.subjects):
+                yield b
+
+    def authorize(self, a: Attributes) -> tuple[bool, str]:
+        for b in self.bindings_for(a.user, a.groups, a.namespace):
+            if any(r.allows(a) for r in self.rules_of(b)):
                 kind = "RoleBinding" if b.namespace else "ClusterRoleBinding"
                 return True, f'RBAC: allowed by {kind} "{b.name}" of {b.role_kind} "{b.role_name}" to User "{a.user}"'
         return False, ""

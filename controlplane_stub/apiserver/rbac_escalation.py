@@ -21,7 +21,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .rbac import API_GROUP, AUTHENTICATED, Attributes, Policy, RBACError, Rule, parse_binding, parse_rule
+from .rbac import (
+    API_GROUP,
+    AUTHENTICATED,
+    Attributes,
+    Policy,
+    RBACError,
+    Rule,
+    parse_binding,
+    parse_rule,
+    url_matches,
+)
 
 MASTERS = "system:masters"
 
@@ -53,16 +63,12 @@ def _resources_cover(owner: frozenset[str], wanted: frozenset[str]) -> bool:
     return True
 
 
-def _url_covers(owner: str, path: str) -> bool:
-    return owner == path or (owner.endswith("*") and path.startswith(owner.rstrip("*")))
-
-
 def rule_covers(owner: Rule, sub: Rule) -> bool:
     """Whether `owner` holds all of `sub` (upstream's ruleCovers)."""
     return (("*" in owner.verbs or sub.verbs <= owner.verbs)
             and ("*" in owner.api_groups or sub.api_groups <= owner.api_groups)
             and _resources_cover(owner.resources, sub.resources)
-            and all(any(_url_covers(o, u) for o in owner.non_resource_urls) for u in sub.non_resource_urls)
+            and all(any(url_matches(o, u) for o in owner.non_resource_urls) for u in sub.non_resource_urls)
             and (not owner.resource_names or (bool(sub.resource_names) and sub.resource_names <= owner.resource_names)))
 
 
@@ -74,13 +80,7 @@ def uncovered(owner: Iterable[Rule], wanted: Iterable[Rule]) -> list[Rule]:
 
 def rules_for(policy: Policy, user: str, groups: frozenset[str], namespace: str) -> list[Rule]:
     """Every rule that applies to the user in `namespace` ("" : cluster-wide rules only)."""
-    groups = groups | {AUTHENTICATED}
-    bindings = [*policy.cluster_bindings, *(policy.bindings.get(namespace, ()) if namespace else ())]
-    out: list[Rule] = []
-    for b in bindings:
-        if any(s.applies_to(user, groups, b.namespace) for s in b.subjects):
-            out.extend(policy._rules(b))
-    return out
+    return [r for b in policy.bindings_for(user, groups, namespace) for r in policy.rules_of(b)]
 
 
 def _fmt(r: Rule) -> str:
@@ -135,7 +135,7 @@ def check_write(policy: Policy, user: str, groups: frozenset[str], plural: str, 
             if policy.authorize(Attributes(user, groups, "bind", namespace, API_GROUP, role_plural,
                                            name=b.role_name))[0]:
                 return ""
-            return escalation_error(policy, user, groups, namespace, policy._rules(b))
+            return escalation_error(policy, user, groups, namespace, policy.rules_of(b))
     except RBACError:
         return ""
     return ""
