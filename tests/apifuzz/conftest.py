@@ -11,7 +11,9 @@ from controlplane_stub.apiserver.testing import APIServerProcess, running_apiser
 
 
 @pytest.fixture(scope="module")
-def fuzz_api() -> Iterator[APIServerProcess]:
+def fuzz_api(storage_backend: str) -> Iterator[APIServerProcess]:
+    """On SQLite, then on etcd (tests/conftest.py: storage_backend; test_apifuzz_openapi.py runs
+    on SQLite only unless KPROXY_TEST_STORAGE names a store)."""
     with running_apiserver(https=False) as api:
         yield api
 

@@ -3,7 +3,9 @@ under test serves (GET /openapi/v2), every operation of every kind, status subre
 Bounded in count (CI: 7,000 requests) and time; no 500, every error a Status, the server alive after."""
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 
 import pytest
 from apifuzz_helpers import FUZZ_NAMESPACE, FuzzClient, assert_alive, fuzz_examples
@@ -44,6 +46,20 @@ def seed_objects(client: FuzzClient) -> None:
 
 
 BATCH = 10  # requests per hypothesis example: the engine's per-example work is paid once per batch
+
+
+# Read at import: the storage_backend fixture sets KPROXY_TEST_STORAGE itself while it runs.
+STORE_ASKED = "KPROXY_TEST_STORAGE" in os.environ
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sqlite_unless_asked(storage_backend: str) -> Iterator[None]:
+    # Why not on etcd by default: this campaign (~65 s) drives every path through validation, which
+    # is the same code on both stores; the hostile-body campaign and the API server suites do run on
+    # etcd. KPROXY_TEST_STORAGE=etcd3 runs it there (passed 2026-12-06).
+    if storage_backend == "etcd3" and not STORE_ASKED:
+        pytest.skip("on etcd only with KPROXY_TEST_STORAGE=etcd3 (same validation path as on SQLite)")
+    yield
 
 
 @pytest.mark.timeout(900)

@@ -36,7 +36,8 @@ def test_type_errors_in_lists_of_scalars(spec: dict[str, object], found: str | N
 
 
 @pytest.fixture(scope="module")
-def session() -> Iterator[tuple[APIServerProcess, requests.Session]]:
+def session(storage_backend: str) -> Iterator[tuple[APIServerProcess, requests.Session]]:
+    """On SQLite, then on etcd (tests/conftest.py: storage_backend)."""
     urllib3.disable_warnings()
     with running_apiserver() as api:
         s = requests.Session()

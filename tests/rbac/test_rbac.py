@@ -204,7 +204,8 @@ LIVE_USERS = {"kube-proxy": "system:kube-proxy", "nobody": "nobody"}
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[tuple[APIServerProcess, dict[str, str]]]:
+def live(storage_backend: str) -> Iterator[tuple[APIServerProcess, dict[str, str]]]:
+    """On SQLite, then on etcd (tests/conftest.py: storage_backend)."""
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed")
     d = tempfile.mkdtemp(prefix="kpt-rbac-")

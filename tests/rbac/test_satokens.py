@@ -170,7 +170,8 @@ def test_any_corruption_of_a_valid_token_is_refused(pos: int, junk: bytes) -> No
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[APIServerProcess]:
+def live(storage_backend: str) -> Iterator[APIServerProcess]:
+    """On SQLite, then on etcd (tests/conftest.py: storage_backend)."""
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed")
     with running_apiserver() as api:
