@@ -33,15 +33,17 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import ipaddress
+import itertools
 import logging
 import os
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from types import ModuleType
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kproxy._nftpath import Rendered
 from kproxy.backends.conntrack import Conntrack
@@ -52,6 +54,7 @@ from kproxy.healthcheck import ServiceHealthServer
 from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.meta import new_proxier_for_families
+from kproxy.proxiers.nftelements import Element, SharedRefs, is_shared, pack, unpack, unpack_set
 from kproxy.proxiers.udpstale import clean_udp_conntrack
 from kproxy.proxy import HealthChecks, categorize
 from kproxy.proxy.exposure import check_masquerade_bit, node_addresses
@@ -62,8 +65,6 @@ NFT_FAMILIES: dict[IPFamily, str] = {"IPv4": "ip", "IPv6": "ip6"}
 TABLE = "kube-proxy"
 KEEP_TRANSACTION_BYTES = 1 << 20
 STALE_CHAIN_GRACE = 1.0  # seconds a flushed chain stays before it is deleted (upstream: 1 s)
-
-Element = tuple[str, str, str]  # (map or set, key, value)
 
 
 class Renderer(Protocol):
@@ -172,7 +173,7 @@ class _Programmed:
     # MiB at 10,000 Services, is written from the fresh render and dropped)
     chains: dict[str, bytes]
     rules: int  # the rule count of its chains
-    elements: tuple[Element, ...]
+    elements: str  # its map and set elements, packed (kproxy.proxiers.nftelements)
     sets: tuple[tuple[str, int], ...]
     slots: dict[str, tuple[int, int]]  # dispatch chain -> its block in the endpoint map (offset, size)
     serving: frozenset[tuple[IP, Port]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
@@ -222,6 +223,29 @@ def _element(t: str, e: Element) -> str:
     return f"element {t} {e[0]} {{ {body} }}\n"
 
 
+class _Elements:
+    """Elements made while they are read (a full sync's, from the packed bookkeeping: the
+    tuples of all 200,000 never exist at once), as often as they are read, with their count."""
+
+    def __init__(self, make: Callable[[], Iterable[Element]], n: int) -> None:
+        self._make, self._n = make, n
+
+    def __iter__(self) -> Iterator[Element]:
+        return iter(self._make())
+
+    def __len__(self) -> int:
+        return self._n
+
+
+class _Fresh(NamedTuple):
+    """One ServicePort just rendered: what is kept, its chains' text, its elements (deduplicated)."""
+
+    programmed: _Programmed
+    chains: dict[str, str]
+    elements: list[Element]
+    canon: dict[str, str]  # an endpoint address -> the model's own string of it (SharedRefs keys)
+
+
 @dataclass(slots=True)
 class Script:
     """A full sync's nft script whose element lines (200,000 at 10,000 Services, ~35 MiB as
@@ -231,9 +255,9 @@ class Script:
 
     t: str  # "FAMILY TABLE"
     head: list[str]
-    first_elements: list[Element]  # the endpoint maps' elements, before the rules that use them
+    first_elements: _Elements  # the endpoint maps' elements, before the rules that use them
     rules: list[str]
-    elements: list[Element]
+    elements: _Elements
     chars: int = 0
 
     def parts(self) -> Iterator[str | Element]:
@@ -306,7 +330,7 @@ class NftablesProxier(Proxier):
         self._config_node_ips = addrs.node_ips
         self._node_ips: tuple[str, ...] = addrs.node_ips
         self._programmed: dict[ServicePortName, _Programmed] = {}
-        self._refs: Counter[Element] = Counter()  # element -> ServicePorts that want it
+        self._refs = SharedRefs()  # shared element -> ServicePorts that want it
         self._stale: dict[str, float] = {}  # chain or "set NAME" flushed, waiting for deletion -> when
         self._need_full = True
         self._table_known = False  # the kernel's table is what _programmed says (a full sync wrote it)
@@ -389,8 +413,7 @@ class NftablesProxier(Proxier):
             self.service_cidrs = parsed
             self._need_full = True
 
-    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...],
-                old: _Programmed | None) -> tuple[_Programmed, dict[str, str]]:
+    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None) -> _Fresh:
         """One ServicePort as the renderer writes it (what is kept, and its chains' text), plus each dispatch chain's DNAT rule
         through its block of the shared endpoint map (kept from `old` while it is big enough,
         so that an endpoint change is element changes only)."""
@@ -419,7 +442,9 @@ class NftablesProxier(Proxier):
                 self._give_back(proto, chain, block)
         digests = {chain: _digest(body) for chain, body in chains.items()}
         rules = sum(body.count("\n") + 1 for body in chains.values())
-        return _Programmed(svc, digests, rules, tuple(elements), tuple(r.sets), slots, serving), chains
+        unique = list(dict.fromkeys(elements))
+        p = _Programmed(svc, digests, rules, pack(unique), tuple(r.sets), slots, serving)
+        return _Fresh(p, chains, unique, {ep.ip: ep.ip for ep in eps})
 
     def _give_back(self, proto: str, chain: str, block: tuple[int, int]) -> None:
         emap = endpoint_map(proto, chain)
@@ -434,7 +459,7 @@ class NftablesProxier(Proxier):
 
 
     def _full(self, services: ServicePortMap, endpoints: EndpointsMap, recreate: bool) -> tuple[
-            Script, dict[ServicePortName, _Programmed], Counter[Element], dict[str, float]]:
+            Script, dict[ServicePortName, _Programmed], SharedRefs, dict[str, float]]:
         """The whole table in one transaction. recreate: the table is deleted and written anew
         (the first sync, or when what the kernel holds is not known). Otherwise (the periodic
         resync, the sync after a failed partial one: a refused transaction changed nothing, so
@@ -461,12 +486,17 @@ class NftablesProxier(Proxier):
                 stale.update((chain, now) for chain in old.chains)
                 stale.update(("set " + name, now) for name, _ in old.sets)
         programmed: dict[ServicePortName, _Programmed] = {}
-        refs: Counter[Element] = Counter()
+        refs = SharedRefs()
+        # endpoint map -> the ServicePorts with elements in it: each map's elements are written
+        # together (one netlink message per map and 64 KiB), from the packed bookkeeping.
+        users: dict[str, list[_Programmed]] = {}
+        n_first = 0
+        own: list[Element] = []  # the other elements only one ServicePort wants (service-ips, ...)
         self._slots = {}  # every block anew: the endpoint maps are written whole
         empty: tuple[Endpoint, ...] = ()
         rule_lines: list[str] = []
         for name in sorted(n for n, s in services.items() if _eligible(s, self.family)):
-            p, bodies = self._render(services[name], tuple(endpoints.get(name, empty)), None)
+            p, bodies, elements, canon = self._render(services[name], tuple(endpoints.get(name, empty)), None)
             programmed[name] = p
             for set_name, timeout in p.sets:
                 out.append(self._set_line(set_name, timeout))
@@ -476,27 +506,43 @@ class NftablesProxier(Proxier):
                     out.append(f"add chain {t} {chain}\n")
                 stale.pop(chain, None)
                 rule_lines.extend(self._chain_lines(chain, rules))
-            refs.update(p.elements)
-        used = {e[0] for e in refs if e[0].startswith("endpoints-")}
+            for e in elements:
+                if e[0].startswith("endpoints-"):
+                    n_first += 1
+                elif is_shared(e[0]):
+                    refs.add(e, 1, canon)
+                else:
+                    own.append(e)
+            for emap in dict.fromkeys(endpoint_map(p.svc.protocol.lower(), chain) for chain in p.slots):
+                users.setdefault(emap, []).append(p)
+        used = set(users)
         out.extend(_map_line(t, m) for m in sorted(used - self._maps if not recreate else used))
         self._pending_maps = used if recreate else used | self._maps
+        own.sort(key=itemgetter(0))  # grouped by set: one netlink message per set and 64 KiB
+
+        def endpoint_elements() -> Iterator[Element]:
+            for emap in sorted(users):
+                for p in users[emap]:
+                    yield from unpack_set(p.elements, emap)
+
         # The endpoint maps' elements before the rules that look them up (either way the kernel
         # checks each data element against each lookup bound to its map: see ENDPOINT_MAPS).
-        elements = sorted(refs)
-        script = Script(t, out, [e for e in elements if e[0].startswith("endpoints-")],
+        script = Script(t, out, _Elements(endpoint_elements, n_first),
                         rule_lines,  # after every chain: a rule may jump to a chain declared later
-                        [e for e in elements if not e[0].startswith("endpoints-")])
+                        _Elements(lambda: itertools.chain(own, refs.elements()), len(own) + len(refs)))
         return script, programmed, refs, stale
 
     def _partial(self, request: SyncRequest) -> tuple[list[str], dict[ServicePortName, _Programmed | None],
                                                       Counter[Element], dict[str, float]]:
         """The transaction of the changed ServicePorts, and the bookkeeping it brings about
-        (ServicePort -> what is programmed now, or None; element reference count changes; the
-        stale objects), applied only once the kernel took the transaction. The work is
-        proportional to the changed ServicePorts, not to the table."""
+        (ServicePort -> what is programmed now, or None; shared element reference count
+        changes; the stale objects), applied only once the kernel took the transaction. The
+        work is proportional to the changed ServicePorts, not to the table."""
         t = self._t
         updates: dict[ServicePortName, _Programmed | None] = {}
-        delta: Counter[Element] = Counter()
+        delta: Counter[Element] = Counter()  # shared elements' reference changes
+        own_gone: list[Element] = []
+        own_added: list[Element] = []
         stale = dict(self._stale)
         now = time.monotonic()
         new_chains: list[str] = []
@@ -511,7 +557,7 @@ class NftablesProxier(Proxier):
             cur = None
             cur_chains: dict[str, str] = {}
             if svc is not None and _eligible(svc, self.family):
-                cur, cur_chains = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
+                cur, cur_chains, _, _ = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
             elif old is not None:
                 for chain, block in old.slots.items():
                     self._give_back(old.svc.protocol.lower(), chain, block)
@@ -538,18 +584,31 @@ class NftablesProxier(Proxier):
             for set_name in old_sets:
                 if set_name not in cur_sets:
                     stale["set " + set_name] = now
-            if old is not None:
-                delta.subtract(old.elements)
-            if cur is not None:
-                delta.update(cur.elements)
-                for e in cur.elements:
-                    if e[0].startswith("endpoints-") and e[0] not in self._maps and e[0] not in new_maps:
-                        new_maps.add(e[0])
-                        new_sets.append(_map_line(t, e[0]))
+            old_packed = old.elements if old is not None else ""
+            cur_packed = cur.elements if cur is not None else ""
+            if old_packed != cur_packed:
+                old_elements, cur_elements = set(unpack(old_packed)), set(unpack(cur_packed))
+                for e in old_elements - cur_elements:
+                    if is_shared(e[0]):
+                        delta[e] -= 1
+                    else:
+                        own_gone.append(e)
+                for e in cur_elements - old_elements:
+                    if is_shared(e[0]):
+                        delta[e] += 1
+                    else:
+                        own_added.append(e)
+                        if e[0].startswith("endpoints-") and e[0] not in self._maps and e[0] not in new_maps:
+                            new_maps.add(e[0])
+                            new_sets.append(_map_line(t, e[0]))
             updates[name] = cur
-        before = self._refs
-        gone = [e for e, d in delta.items() if d < 0 and before[e] + d <= 0 < before[e]]
-        added = [e for e, d in delta.items() if d > 0 and before[e] <= 0 < before[e] + d]
+        count = self._refs.count
+        # An element only one ServicePort can want (its own chain in the value, or a slot of its
+        # block) is deleted and added as it is; a shared one when its last reference goes or
+        # its first comes. An own element deleted by one ServicePort and added by another (a
+        # slot block given back and taken again with the same endpoint) is deleted, then added.
+        gone = own_gone + [e for e, d in delta.items() if d < 0 and count(e) + d <= 0 < count(e)]
+        added = own_added + [e for e, d in delta.items() if d > 0 and count(e) <= 0 < count(e) + d]
         # Order: everything a rule or an element points to exists before it is referenced, and
         # an element whose value changed is deleted before it is added again.
         out = new_sets + new_chains + rules
@@ -618,11 +677,7 @@ class NftablesProxier(Proxier):
                 else:
                     self._programmed[n] = p
             for elem, d in delta.items():
-                left = self._refs[elem] + d
-                if left > 0:
-                    self._refs[elem] = left
-                else:
-                    self._refs.pop(elem, None)
+                self._refs.add(elem, d)
         self._stale = stale
         self._maps = self._pending_maps
         self._need_full = False
@@ -652,7 +707,7 @@ class NftablesProxier(Proxier):
 
     def cleanup(self) -> bool:
         self._programmed.clear()
-        self._refs.clear()
+        self._refs = SharedRefs()
         self._stale.clear()
         self._need_full = True
         self._table_known = False

@@ -1,0 +1,128 @@
+"""The nftables proxier's retained map and set elements, kept compact (issue 15: RSS at 10,000
+Services x 10 endpoints is ~220,000 elements; as (set, key, value) tuples of strings they took
+~40 MiB with their reference counts).
+
+- Each ServicePort keeps its elements packed in one string (pack/unpack): a partial sync only
+  asks "did they change" (string equality) and "which to delete and add" (the difference of two
+  small sets, one ServicePort's).
+- Only the elements several ServicePorts can want at once are reference-counted (SharedRefs):
+  a ClusterIP in cluster-ips (every port of the Service), an endpoint pair in hairpin-ips (a pod
+  behind several Services), a no-endpoint verdict (drop or reject: the same for any
+  ServicePort). Every other element is one ServicePort's alone: its value names that
+  ServicePort's own chain (service-ips, service-nodeports, firewall-ips), or its key is a slot
+  of that ServicePort's block in an endpoint map (kproxy.proxiers.nftables.Slots).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+Element = tuple[str, str, str]  # (map or set, key, value)
+
+HAIRPIN = "hairpin-ips"
+CLUSTER_IPS = "cluster-ips"
+_NO_ENDPOINT = ("no-endpoint-services", "no-endpoint-nodeports")
+
+
+def is_shared(set_name: str) -> bool:
+    return set_name in (HAIRPIN, CLUSTER_IPS) or set_name in _NO_ENDPOINT
+
+
+def pack(elements: Iterable[Element]) -> str:
+    """The elements as one string, grouped by set in their first order, duplicates dropped:
+    "SET\\tKEY\\tVALUE\\tKEY\\tVALUE...\\nSET...". Keys and values are rendered from validated
+    addresses, ports, protocols and Kubernetes names, which have no tab or newline; one that
+    had would be refused here (ValueError) rather than stored wrongly."""
+    groups: dict[str, dict[tuple[str, str], None]] = {}
+    for set_name, key, value in elements:
+        groups.setdefault(set_name, {})[(key, value)] = None
+    packed = "\n".join(set_name + "\t" + "\t".join(f"{k}\t{v}" for k, v in kv) for set_name, kv in groups.items())
+    # Each group has 2 tabs per element; groups are parted by one newline.
+    if packed.count("\t") != 2 * sum(map(len, groups.values())) or packed.count("\n") != max(0, len(groups) - 1):
+        raise ValueError("nftables element text with a tab or newline")
+    return packed
+
+
+def _pairs(group: str) -> tuple[str, list[str]]:
+    fields = group.split("\t")
+    return fields[0], fields
+
+
+def unpack(packed: str) -> Iterator[Element]:
+    for group in packed.split("\n") if packed else ():
+        set_name, fields = _pairs(group)
+        for i in range(1, len(fields), 2):
+            yield set_name, fields[i], fields[i + 1]
+
+
+def unpack_set(packed: str, wanted: str) -> Iterator[Element]:
+    """The elements of one set (an endpoint map: a full sync writes each map's elements together)."""
+    prefix = wanted + "\t"
+    for group in packed.split("\n") if packed else ():
+        if group.startswith(prefix):
+            _, fields = _pairs(group)
+            for i in range(1, len(fields), 2):
+                yield wanted, fields[i], fields[i + 1]
+
+
+def set_names(packed: str) -> Iterator[str]:
+    for group in packed.split("\n") if packed else ():
+        yield group[:group.index("\t")]
+
+
+class SharedRefs:
+    """Reference counts of the shared elements (is_shared): per set, a Counter keyed as small as
+    the element allows. hairpin-ips' key is "A . A": counted by A; cluster-ips' by the address.
+    The caller may pass the model's own address string (canon) so the Counter keeps no copy."""
+
+    def __init__(self) -> None:
+        self.hairpin: Counter[str] = Counter()
+        self.cluster_ips: Counter[str] = Counter()
+        self.other: Counter[Element] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.hairpin) + len(self.cluster_ips) + len(self.other)
+
+    def _hairpin_of(self, e: Element) -> str:
+        """A of a hairpin-ips element "A . A", else ""."""
+        set_name, key, value = e
+        if set_name != HAIRPIN or value:
+            return ""
+        a, sep, b = key.partition(" . ")
+        return a if sep and a == b else ""
+
+    def count(self, e: Element) -> int:
+        if a := self._hairpin_of(e):
+            return self.hairpin.get(a, 0)
+        if e[0] == CLUSTER_IPS and not e[2]:
+            return self.cluster_ips.get(e[1], 0)
+        return self.other.get(e, 0)
+
+    def add(self, e: Element, d: int = 1, canon: dict[str, str] | None = None) -> None:
+        """Adds d (negative: removes) references; an element at zero references is forgotten."""
+        if a := self._hairpin_of(e):
+            _bump(self.hairpin, canon.get(a, a) if canon else a, d)
+        elif e[0] == CLUSTER_IPS and not e[2]:
+            _bump(self.cluster_ips, canon.get(e[1], e[1]) if canon else e[1], d)
+        else:
+            _bump(self.other, e, d)
+
+    def elements(self) -> Iterator[Element]:
+        """Every element with a reference, grouped by set."""
+        for ip in self.cluster_ips:
+            yield CLUSTER_IPS, ip, ""
+        for ip in self.hairpin:
+            yield HAIRPIN, f"{ip} . {ip}", ""
+        yield from self.other
+
+
+K = TypeVar("K")
+
+
+def _bump(counter: Counter[K], key: K, d: int) -> None:
+    left = counter.get(key, 0) + d
+    if left > 0:
+        counter[key] = left
+    else:
+        counter.pop(key, None)
