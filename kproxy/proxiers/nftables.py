@@ -164,19 +164,33 @@ class Slots:
         self._free.setdefault(size, []).append(offset)
 
 
+DIGEST = 16  # 128 bits: a collision (a changed chain taken as unchanged) is out of reach
+# Not frozenset() per ServicePort: since Python 3.10 every empty frozenset is its own object.
+_NONE_SERVING: frozenset[tuple[IP, Port]] = frozenset()
+
+
 @dataclass(slots=True)
 class _Programmed:
     """What the kernel holds for one ServicePort after the last successful sync."""
 
     svc: ServicePort
-    # chain -> a digest of its rules: all a later sync needs is "did it change" (the text, ~20
-    # MiB at 10,000 Services, is written from the fresh render and dropped)
-    chains: dict[str, bytes]
+    chain_names: tuple[str, ...]
+    # per chain a digest of its rules, DIGEST bytes each: all a later sync needs is "did it
+    # change" (the text, ~20 MiB at 10,000 Services, is written from the fresh render and dropped)
+    digests: bytes
     rules: int  # the rule count of its chains
     elements: str  # its map and set elements, packed (kproxy.proxiers.nftelements)
     sets: tuple[tuple[str, int], ...]
-    slots: dict[str, tuple[int, int]]  # dispatch chain -> its block in the endpoint map (offset, size)
-    serving: frozenset[tuple[IP, Port]] = frozenset()  # UDP only: endpoints DNATed to, for conntrack
+    slots: tuple[tuple[str, int, int], ...]  # (dispatch chain, its block in the endpoint map: offset, size)
+    serving: frozenset[tuple[IP, Port]] = _NONE_SERVING  # UDP only: endpoints DNATed to, for conntrack
+
+    @property
+    def chains(self) -> dict[str, bytes]:
+        """chain -> the digest of its rules."""
+        return {c: self.digests[i * DIGEST:(i + 1) * DIGEST] for i, c in enumerate(self.chain_names)}
+
+    def slot_map(self) -> dict[str, tuple[int, int]]:
+        return {chain: (offset, size) for chain, offset, size in self.slots}
 
 
 def _release_free_memory() -> None:
@@ -200,8 +214,7 @@ def _rule_count(p: _Programmed | None) -> int:
 
 
 def _digest(body: str) -> bytes:
-    # 128 bits: a collision (a changed chain taken as unchanged) is out of reach.
-    return hashlib.blake2b(body.encode(), digest_size=16).digest()
+    return hashlib.blake2b(body.encode(), digest_size=DIGEST).digest()
 
 
 def _eligible(svc: ServicePort | None, family: IPFamily) -> bool:
@@ -413,20 +426,22 @@ class NftablesProxier(Proxier):
             self.service_cidrs = parsed
             self._need_full = True
 
-    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None) -> _Fresh:
+    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None,
+                same_as: _Programmed | None = None) -> _Fresh:
         """One ServicePort as the renderer writes it (what is kept, and its chains' text), plus each dispatch chain's DNAT rule
         through its block of the shared endpoint map (kept from `old` while it is big enough,
-        so that an endpoint change is element changes only)."""
+        so that an endpoint change is element changes only). What equals `same_as` (or `old`) is
+        that object itself."""
         r = self.render.render_service_port(svc, eps, self.masquerade_all, self.cluster_cidr,
                                             self._node_ips, self.node_zone, self.family)
-        serving: frozenset[tuple[IP, Port]] = frozenset()
+        serving = _NONE_SERVING
         if svc.protocol == "UDP":
             serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)
         chains = dict(r.chains)
         elements = list(r.elements)
         slots: dict[str, tuple[int, int]] = {}
         proto = svc.protocol.lower()
-        old_slots = old.slots if old is not None else {}
+        old_slots = old.slot_map() if old is not None else {}
         for chain, targets in r.balance:
             n = len(targets)
             emap = endpoint_map(proto, chain)
@@ -440,10 +455,14 @@ class NftablesProxier(Proxier):
         for chain, block in old_slots.items():
             if slots.get(chain) != block:
                 self._give_back(proto, chain, block)
-        digests = {chain: _digest(body) for chain, body in chains.items()}
+        digests = b"".join(_digest(body) for body in chains.values())
         rules = sum(body.count("\n") + 1 for body in chains.values())
         unique = list(dict.fromkeys(elements))
-        p = _Programmed(svc, digests, rules, pack(unique), tuple(r.sets), slots, serving)
+        p = _Programmed(svc, tuple(chains), digests, rules, pack(unique), tuple(r.sets),
+                        tuple((chain, *block) for chain, block in slots.items()), serving)
+        same_as = same_as or old
+        if same_as is not None and p == same_as:
+            p = same_as  # the same: the new copy goes at once (a resync does not hold two bookkeepings)
         return _Fresh(p, chains, unique, {ep.ip: ep.ip for ep in eps})
 
     def _give_back(self, proto: str, chain: str, block: tuple[int, int]) -> None:
@@ -482,8 +501,8 @@ class NftablesProxier(Proxier):
             now = time.monotonic()
             stale = dict(self._stale)
             for old in self._programmed.values():
-                out.extend(f"flush chain {t} {chain}\n" for chain in old.chains)
-                stale.update((chain, now) for chain in old.chains)
+                out.extend(f"flush chain {t} {chain}\n" for chain in old.chain_names)
+                stale.update((chain, now) for chain in old.chain_names)
                 stale.update(("set " + name, now) for name, _ in old.sets)
         programmed: dict[ServicePortName, _Programmed] = {}
         refs = SharedRefs()
@@ -496,7 +515,8 @@ class NftablesProxier(Proxier):
         empty: tuple[Endpoint, ...] = ()
         rule_lines: list[str] = []
         for name in sorted(n for n, s in services.items() if _eligible(s, self.family)):
-            p, bodies, elements, canon = self._render(services[name], tuple(endpoints.get(name, empty)), None)
+            p, bodies, elements, canon = self._render(services[name], tuple(endpoints.get(name, empty)), None,
+                                                      self._programmed.get(name))
             programmed[name] = p
             for set_name, timeout in p.sets:
                 out.append(self._set_line(set_name, timeout))
@@ -513,7 +533,7 @@ class NftablesProxier(Proxier):
                     refs.add(e, 1, canon)
                 else:
                     own.append(e)
-            for emap in dict.fromkeys(endpoint_map(p.svc.protocol.lower(), chain) for chain in p.slots):
+            for emap in dict.fromkeys(endpoint_map(p.svc.protocol.lower(), chain) for chain, _, _ in p.slots):
                 users.setdefault(emap, []).append(p)
         used = set(users)
         out.extend(_map_line(t, m) for m in sorted(used - self._maps if not recreate else used))
@@ -559,8 +579,8 @@ class NftablesProxier(Proxier):
             if svc is not None and _eligible(svc, self.family):
                 cur, cur_chains, _, _ = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
             elif old is not None:
-                for chain, block in old.slots.items():
-                    self._give_back(old.svc.protocol.lower(), chain, block)
+                for chain, offset, size in old.slots:
+                    self._give_back(old.svc.protocol.lower(), chain, (offset, size))
             old_chains = old.chains if old is not None else {}
             cur_digests = cur.chains if cur is not None else {}
             for chain, body in cur_chains.items():
