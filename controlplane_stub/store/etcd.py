@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import heapq
 import builtins
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable

@@ -1,15 +1,18 @@
-"""An asyncio etcd v3 client on gRPC (grpc.aio with the etcdserverpb stubs that the aetcd package ships).
+"""An asyncio etcd v3 client: gRPC over HTTP/2 on the event loop (grpc_h2.py) with the etcdserverpb
+protobuf messages that the aetcd package ships.
 
-Chosen by measurement over etcd's gRPC-JSON gateway driven by aiohttp (bench/bench_etcd_client.py,
-figures in bench/README.md): about 3x the writes per second with 32 writers and a quarter of the
-tail latency. aetcd's own Client is not used: it speaks to one host, without TLS; only its
-generated protobuf stubs are.
+Chosen by measurement (bench/bench_etcd_client.py, figures in bench/README.md): gRPC over etcd's
+gRPC-JSON gateway (about 3x the writes per second, a quarter of the tail latency), and our own
+HTTP/2 transport over grpc.aio (its calls complete on gRPC's threads and hop to the event loop;
+bench/etcd_grpcaio.py keeps that client as the peer). aetcd's own Client is not used: it speaks to
+one host, without TLS.
 
-Endpoints: every --etcd-servers address goes into one channel with gRPC's pick_first policy, so a
-member that dies is left for the next one by gRPC itself. Requests wait for a connected channel
-(wait_for_ready) up to the timeout instead of failing while it reconnects. A request that was sent
+Endpoints: --etcd-servers addresses are tried in order (gRPC's pick_first); when the connection to
+one is lost the next call connects to the next that answers. Requests wait for a connection
+(wait_for_ready) up to the timeout instead of failing while members restart. A request that was sent
 and lost its answer raises EtcdUnavailable and is not retried when it writes: a write must not be
-applied twice; reads are retried.
+applied twice; reads are retried, and so is any request the server refused without processing it
+(GOAWAY, REFUSED_STREAM).
 
 Everything read from etcd is turned into the typed values below before the store uses it.
 """
@@ -18,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from aetcd import rpc
+from google.protobuf.message import DecodeError
+
+from .grpc_h2 import CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE, Channel, GrpcError, Stream
 
 
 class EtcdError(Exception):
@@ -162,9 +168,9 @@ def _kv(m: Any) -> KV:
     return KV(bytes(m.key), bytes(m.value), int(m.create_revision), int(m.mod_revision), int(m.version), int(m.lease))
 
 
-def _target(endpoints: list[str]) -> tuple[str, str, bool]:
-    """One gRPC target for all endpoint URLs: (target, TLS host name, tls)."""
-    addrs: list[str] = []
+def parse_endpoints(endpoints: list[str]) -> tuple[list[tuple[str, int]], str, bool]:
+    """(addresses, TLS host name or "", tls) of --etcd-servers URLs; DNS names resolved here."""
+    addrs: list[tuple[str, int]] = []
     hostname = ""
     tls = False
     for url in endpoints:
@@ -177,21 +183,32 @@ def _target(endpoints: list[str]) -> tuple[str, str, bool]:
             ips = [str(ipaddress.ip_address(u.hostname))]
         except ValueError:
             hostname = hostname or u.hostname
-            # gRPC takes one DNS name per target; names are resolved here so all members fit in one.
             ips = sorted({str(a[4][0]) for a in socket.getaddrinfo(u.hostname, port, type=socket.SOCK_STREAM)})
-        for ip in ips:
-            addrs.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
-    return "ipv4:" + ",".join(addrs) if all(not a.startswith("[") for a in addrs) else "ipv6:" + ",".join(addrs), \
-        hostname, tls
+        addrs.extend((ip, port) for ip in ips)
+    return addrs, hostname, tls
 
 
-def _error(e: grpc.aio.AioRpcError, what: str) -> EtcdError:
-    detail = e.details() or ""
-    if "compacted" in detail:
-        return EtcdCompacted(f"etcd {what}: {detail}")
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return EtcdUnavailable(f"etcd {what}: {e.code().name}: {detail}")
-    return EtcdError(f"etcd {what}: {e.code().name}: {detail}")
+def tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """Client TLS for etcd: the CA (else the system's), our certificate if given, HTTP/2 by ALPN."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file or None)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def _error(e: GrpcError, what: str) -> EtcdError:
+    if "compacted" in e.message:
+        return EtcdCompacted(f"etcd {what}: {e.message}")
+    if e.code in (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED):
+        return EtcdUnavailable(f"etcd {what}: {e.code_name}: {e.message}")
+    return EtcdError(f"etcd {what}: {e.code_name}: {e.message}")
+
+
+_KV = "/etcdserverpb.KV/"
+_LEASE = "/etcdserverpb.Lease/"
+_WATCH = "/etcdserverpb.Watch/Watch"
+REFUSED_RETRIES = 4  # a request the server did not take is sent again (also a write): this often at most
 
 
 class EtcdClient:
@@ -200,115 +217,126 @@ class EtcdClient:
         if not endpoints:
             raise ValueError("etcd: at least one endpoint URL is needed")
         self.endpoints = endpoints
-        target, hostname, tls = _target(endpoints)
-        options: list[tuple[str, Any]] = [
-            ("grpc.lb_policy_name", "pick_first"),
-            # A member that hangs (not only one that dies) is noticed within ~10 s.
-            ("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.max_receive_message_length", 256 << 20),
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        if tls or ca_file or cert_file:
-            def read(path: str) -> bytes | None:
-                if not path:
-                    return None
-                with open(path, "rb") as f:
-                    return f.read()
-            creds = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
-            if hostname:
-                options.append(("grpc.ssl_target_name_override", hostname))
-            self._channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+        addrs, hostname, tls = parse_endpoints(endpoints)
+        ctx = tls_context(ca_file, cert_file, key_file) if tls or ca_file or cert_file else None
+        self._channel = Channel(addrs, ssl_context=ctx, server_hostname=hostname or None)
         self.timeout = timeout
-        self._kv = rpc.KVStub(self._channel)
-        self._lease = rpc.LeaseStub(self._channel)
-        self._watch = rpc.WatchStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, what: str, method: Any, request: Any, *, retry: bool) -> Any:
+    async def _call(self, what: str, method: str, request: Any, response: Any, *, retry: bool) -> Any:
+        """One unary call; `response` is the response message class. Reads are retried when
+        etcd is unavailable, writes only when the request was not taken."""
+        payload = request.SerializeToString()
         attempts = 3 if retry else 1
-        for attempt in range(attempts):
+        attempt = refused = 0
+        while True:
             try:
-                return await method(request, timeout=self.timeout, wait_for_ready=True)
-            except grpc.aio.AioRpcError as e:
+                data = await self._channel.unary(method, payload, self.timeout)
+            except GrpcError as e:
                 err = _error(e, what)
-                if not isinstance(err, EtcdUnavailable) or attempt == attempts - 1:
+                if not e.sent and refused < REFUSED_RETRIES:
+                    refused += 1
+                    continue
+                attempt += 1
+                if not isinstance(err, EtcdUnavailable) or attempt >= attempts:
                     raise err from None
-                await asyncio.sleep(0.1 * (attempt + 1))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(0.1 * attempt)
+                continue
+            try:
+                return response.FromString(data)
+            except DecodeError as e:
+                raise EtcdError(f"etcd {what}: undecodable response: {e}") from None
 
     async def range(self, key: bytes, range_end: bytes = b"", *, limit: int = 0, revision: int = 0,
                     keys_only: bool = False, count_only: bool = False) -> RangeResult:
-        r = await self._call("range", self._kv.Range, rpc.RangeRequest(
+        r = await self._call("range", _KV + "Range", rpc.RangeRequest(
             key=key, range_end=range_end, limit=limit, revision=revision, keys_only=keys_only,
-            count_only=count_only), retry=True)
+            count_only=count_only), rpc.RangeResponse, retry=True)
         return RangeResult(int(r.header.revision), [_kv(k) for k in r.kvs], bool(r.more), int(r.count))
 
     async def txn(self, compare: list[Cmp], success: list[Op], failure: list[Op] | None = None) -> TxnResult:
-        r = await self._call("txn", self._kv.Txn, rpc.TxnRequest(
+        r = await self._call("txn", _KV + "Txn", rpc.TxnRequest(
             compare=[_compare(c) for c in compare], success=[_request_op(o) for o in success],
-            failure=[_request_op(o) for o in failure or []]), retry=False)
-        responses: list[tuple[str, list[KV]]] = []
-        for op in r.responses:
-            which = op.WhichOneof("response")
-            if which == "response_range":
-                responses.append(("range", [_kv(k) for k in op.response_range.kvs]))
-            elif which == "response_put":
-                has = op.response_put.HasField("prev_kv")
-                responses.append(("put", [_kv(op.response_put.prev_kv)] if has else []))
-            elif which == "response_delete_range":
-                responses.append(("delete", [_kv(k) for k in op.response_delete_range.prev_kvs]))
-            else:
-                responses.append(("other", []))
-        return TxnResult(int(r.header.revision), bool(r.succeeded), responses)
+            failure=[_request_op(o) for o in failure or []]), rpc.TxnResponse, retry=False)
+        return txn_result(r)
 
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
-        r = await self._call("put", self._kv.Put, rpc.PutRequest(key=key, value=value, lease=lease), retry=False)
+        r = await self._call("put", _KV + "Put", rpc.PutRequest(key=key, value=value, lease=lease),
+                             rpc.PutResponse, retry=False)
         return int(r.header.revision)
 
     async def delete(self, key: bytes, range_end: bytes = b"") -> int:
-        r = await self._call("delete", self._kv.DeleteRange, rpc.DeleteRangeRequest(key=key, range_end=range_end),
-                             retry=False)
+        r = await self._call("delete", _KV + "DeleteRange", rpc.DeleteRangeRequest(key=key, range_end=range_end),
+                             rpc.DeleteRangeResponse, retry=False)
         return int(r.header.revision)
 
     async def compact(self, revision: int) -> None:
-        await self._call("compact", self._kv.Compact, rpc.CompactionRequest(revision=revision), retry=False)
+        await self._call("compact", _KV + "Compact", rpc.CompactionRequest(revision=revision),
+                         rpc.CompactionResponse, retry=False)
 
     async def lease_grant(self, ttl: int) -> int:
-        r = await self._call("lease grant", self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl), retry=True)
+        r = await self._call("lease grant", _LEASE + "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl),
+                             rpc.LeaseGrantResponse, retry=True)
         if r.error:
             raise EtcdError(f"etcd lease grant: {r.error}")
         return int(r.ID)
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """One keep-alive; returns the remaining TTL (0 or less: the lease has expired)."""
-        async def one() -> int:
-            call = self._lease.LeaseKeepAlive(timeout=self.timeout, wait_for_ready=True)
-            try:
-                await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-                await call.done_writing()
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    raise EtcdUnavailable("etcd lease keepalive: stream ended")
-                return int(resp.TTL)
-            finally:
-                call.cancel()
+        loop = asyncio.get_running_loop()
         try:
-            return await one()
-        except grpc.aio.AioRpcError as e:
+            st = await self._channel.stream(_LEASE + "LeaseKeepAlive", self.timeout, loop.time() + self.timeout)
+            try:
+                st.send(rpc.LeaseKeepAliveRequest(ID=lease_id).SerializeToString(), end=True)
+                data = await st.read()
+                if data is None:
+                    raise EtcdUnavailable("etcd lease keepalive: stream ended")
+                return int(rpc.LeaseKeepAliveResponse.FromString(data).TTL)
+            finally:
+                st.cancel()
+        except GrpcError as e:
             raise _error(e, "lease keepalive") from None
+        except DecodeError as e:
+            raise EtcdError(f"etcd lease keepalive: undecodable response: {e}") from None
 
     async def lease_revoke(self, lease_id: int) -> None:
-        await self._call("lease revoke", self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease_id), retry=False)
+        await self._call("lease revoke", _LEASE + "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id),
+                         rpc.LeaseRevokeResponse, retry=False)
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int, *, progress_notify: bool = True,
               prev_kv: bool = False) -> Watch:
         return Watch(self, rpc.WatchCreateRequest(key=key, range_end=range_end, start_revision=start_revision,
                                                   progress_notify=progress_notify, prev_kv=prev_kv))
+
+
+def txn_result(r: Any) -> TxnResult:
+    responses: list[tuple[str, list[KV]]] = []
+    for op in r.responses:
+        which = op.WhichOneof("response")
+        if which == "response_range":
+            responses.append(("range", [_kv(k) for k in op.response_range.kvs]))
+        elif which == "response_put":
+            has = op.response_put.HasField("prev_kv")
+            responses.append(("put", [_kv(op.response_put.prev_kv)] if has else []))
+        elif which == "response_delete_range":
+            responses.append(("delete", [_kv(k) for k in op.response_delete_range.prev_kvs]))
+        else:
+            responses.append(("other", []))
+    return TxnResult(int(r.header.revision), bool(r.succeeded), responses)
+
+
+def watch_response(r: Any) -> WatchResponse:
+    """A typed WatchResponse; EtcdCompacted / EtcdError when etcd canceled the watch."""
+    out = WatchResponse(int(r.header.revision),
+                        [WatchEvent("DELETE" if e.type == 1 else "PUT", _kv(e.kv)) for e in r.events],
+                        bool(r.created), bool(r.canceled), int(r.compact_revision), str(r.cancel_reason))
+    if out.compact_revision and out.canceled:
+        raise EtcdCompacted(f"etcd watch: revision compacted (oldest {out.compact_revision})", out.compact_revision)
+    if out.canceled:
+        raise EtcdError(f"etcd watch canceled: {out.cancel_reason}")
+    return out
 
 
 class Watch:
@@ -318,46 +346,37 @@ class Watch:
     def __init__(self, client: EtcdClient, create: Any) -> None:
         self._client = client
         self._create = create
-        self._call: Any = None
-        self._writes: set[asyncio.Task[None]] = set()
+        self._stream: Stream | None = None
+        self._cancelled = False
 
     def request_progress(self) -> None:
-        if self._call is None or self._call.done():
-            return
         # The stream's send side stays open while the watch lives: progress requests go on it.
-        task = asyncio.ensure_future(self._write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _write(self, request: Any) -> None:
-        try:
-            await self._call.write(request)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError):
-            pass  # the stream ended: the reader sees why
+        if self._stream is not None:
+            self._stream.send(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()).SerializeToString())
 
     def cancel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
+        self._cancelled = True
+        if self._stream is not None:
+            self._stream.cancel()
 
     async def __aiter__(self) -> AsyncIterator[WatchResponse]:
-        self._call = self._client._watch.Watch(wait_for_ready=True)
         try:
-            await self._call.write(rpc.WatchRequest(create_request=self._create))
+            st = self._stream = await self._client._channel.stream(_WATCH, self._client.timeout)
+            if self._cancelled:
+                st.cancel()
+            st.send(rpc.WatchRequest(create_request=self._create).SerializeToString())
             while True:
-                r = await self._call.read()
-                if r is grpc.aio.EOF:
+                data = await st.read()
+                if data is None:
                     break
-                out = WatchResponse(int(r.header.revision),
-                                    [WatchEvent("DELETE" if e.type == 1 else "PUT", _kv(e.kv)) for e in r.events],
-                                    bool(r.created), bool(r.canceled), int(r.compact_revision), str(r.cancel_reason))
-                if out.compact_revision and out.canceled:
-                    raise EtcdCompacted(f"etcd watch: revision compacted (oldest {out.compact_revision})",
-                                        out.compact_revision)
-                if out.canceled:
-                    raise EtcdError(f"etcd watch canceled: {out.cancel_reason}")
-                yield out
-        except grpc.aio.AioRpcError as e:
+                try:
+                    r = rpc.WatchResponse.FromString(data)
+                except DecodeError as e:
+                    raise EtcdError(f"etcd watch: undecodable response: {e}") from None
+                yield watch_response(r)
+        except GrpcError as e:
             raise _error(e, "watch") from None
         finally:
-            self._call.cancel()
+            if self._stream is not None:
+                self._stream.cancel()
         raise EtcdUnavailable("etcd watch: stream ended")
