@@ -19,7 +19,7 @@ from kproxy.backends.iptables import ipv4_addresses
 from kproxy.fastpath import pure_twin, want_pure
 
 if TYPE_CHECKING:
-    from kproxy.backends import nftnl
+    from kproxy.backends import nftnl as nftnl  # re-exported: the proxier takes the one chosen here
 else:  # the encoder compiled by Cython from its source, or that source as Python (KPROXY_PURE=1)
     from kproxy.backends import nftnl as _compiled
 

@@ -96,10 +96,12 @@ _NFGEN = struct.Struct("=BBH")
 _ATTR = struct.Struct("=HH")
 
 
-# One item of a transaction: a script line, or an element the table's set or map gets, as
+# One item of a transaction: a script line; an element the table's set or map gets, as
 # (set, key, value): the line `add element FAMILY TABLE SET { KEY : VALUE }` without writing and
-# parsing its text (a full sync's 200,000 elements at 10,000 Services).
-Part = str | tuple[str, str, str]
+# parsing its text (a full sync's 200,000 elements at 10,000 Services); or a chain's rules as
+# (chain, rules), each rule as statements (Rule, below): the lines `add rule FAMILY TABLE CHAIN
+# RULE` without their text (a full sync's 24,000 rules).
+Part = str | tuple[str, str, str] | tuple[str, tuple["Rule", ...]]
 
 
 @runtime_checkable
@@ -295,9 +297,149 @@ def _ip_network(text: str, fam: str) -> ipaddress.IPv4Network | ipaddress.IPv6Ne
     return ipaddress.IPv4Network(text) if fam == "ip" else ipaddress.IPv6Network(text)
 
 
+# ---- rules as statements ----
+# A rule of the proxier's per-Service chains comes as statements, not text: (kind, args...), every
+# argument a string, the address family (where there is one) second. Each statement has one text
+# (stmt_text: the rule's description, for `nft -f`, logs and tests) and one encoding
+# (_stmt_expressions); rule_expressions parses text into the same statements, so a structured
+# rule and its text give the same bytes (tests/nftables/test_nftables_encode_twins.py).
+#   ("match", FAM, FIELD, ADDR_OR_CIDR)    FAM FIELD VALUE          (FIELD: saddr, daddr)
+#   ("match!=", FAM, FIELD, ADDR_OR_CIDR)  FAM FIELD != VALUE
+#   ("in", FAM, FIELD, SET)                FAM FIELD @SET
+#   ("dport", PROTO, PORT)                 PROTO dport PORT
+#   ("l4proto", PROTO)                     meta l4proto PROTO
+#   ("numgen", MOD, VALUE)                 numgen random mod MOD == VALUE
+#   ("fib", saddr|daddr)                   fib ADDR type local
+#   ("update", FAM, SET)                   update @SET { FAM saddr }
+#   ("dnat", FAM, DEST)                    dnat FAM to ADDR:PORT ([ADDR]:PORT in ip6)
+#   ("dnat-map", FAM, MOD, OFFSET, MAP)    dnat FAM addr . port to numgen random mod MOD offset OFFSET map @MAP
+#   ("jump"|"goto", CHAIN), ("drop",), ("accept",), ("return",)
+Stmt = tuple[str, ...]
+Rule = tuple[Stmt, ...]
+
+# Statements whose bytes do not depend on a Service's own values repeat in every chain (the
+# protocol and port matches, the cluster CIDR match, the jump to mark-for-masquerade): cached,
+# bounded (cleared when full).
+_REPEATING = frozenset({"match!=", "dport", "l4proto", "numgen", "fib", "jump", "drop", "accept", "return"})
+_STMT_CACHE: dict[Stmt, bytes] = {}
+_STMT_CACHE_SIZE = 4096
+
+
+# kind -> (arity, text): the statements above and how each is written.
+_STMT_FORMS = {
+    "match": (4, "{1} {2} {3}"),
+    "match!=": (4, "{1} {2} != {3}"),
+    "in": (4, "{1} {2} @{3}"),
+    "dport": (3, "{1} dport {2}"),
+    "l4proto": (2, "meta l4proto {1}"),
+    "numgen": (3, "numgen random mod {1} == {2}"),
+    "fib": (2, "fib {1} type local"),
+    "update": (3, "update @{2} {{ {1} saddr }}"),
+    "dnat": (3, "dnat {1} to {2}"),
+    "dnat-map": (5, "dnat {1} addr . port to numgen random mod {2} offset {3} map @{4}"),
+    "jump": (2, "jump {1}"),
+    "goto": (2, "goto {1}"),
+    "drop": (1, "drop"),
+    "accept": (1, "accept"),
+    "return": (1, "return"),
+}
+
+
+def stmt_text(s: Stmt) -> str:
+    """The nft text of one statement (Untranslatable for anything outside the list above)."""
+    arity, form = _STMT_FORMS.get(s[0] if s else "", (-1, ""))
+    if len(s) != arity:
+        raise Untranslatable(f"statement {s!r}")
+    return form.format(*s)
+
+
+def rule_text(rule: Rule) -> str:
+    return " ".join([stmt_text(s) for s in rule])
+
+
+def encode_rule(rule: Rule, family: str = "ip") -> bytes:
+    """The NFTA_RULE_EXPRESSIONS of a rule given as statements, in a table of `family`."""
+    if not rule:
+        raise Untranslatable("an empty rule")
+    return _nest(4, *[_stmt_expressions(s, family) for s in rule])
+
+
+def _stmt_expressions(s: Stmt, family: str) -> bytes:
+    k = s[0]
+    if k in _REPEATING:
+        done = _STMT_CACHE.get(s)
+        if done is not None and (k != "match!=" or s[1] == family):
+            return done
+        done = _encode_stmt(s, family)
+        if len(_STMT_CACHE) >= _STMT_CACHE_SIZE:
+            _STMT_CACHE.clear()
+        _STMT_CACHE[s] = done
+        return done
+    return _encode_stmt(s, family)
+
+
+def _encode_stmt(s: Stmt, family: str) -> bytes:
+    text = stmt_text(s)  # checks the kind and the arity
+    k = s[0]
+    if k in ("match", "match!=", "in", "update", "dnat", "dnat-map") and s[1] != family:
+        raise Untranslatable(f"{text!r} in an {family} table")
+    if k in ("match", "match!=", "in") and s[2] not in ("saddr", "daddr"):
+        raise Untranslatable(text)
+    if k == "match" or k == "match!=":
+        return b"".join(_match_ip(s[2], k == "match!=", s[3], family))
+    if k == "in":
+        return (_payload(NFT_PAYLOAD_NETWORK_HEADER, *_ADDR_FIELDS[(family, s[2])])
+                + _expr("lookup", _str(1, s[3]), _u32(2, NFT_REG_1)))
+    if k == "dport":
+        if s[1] not in PROTOS:
+            raise Untranslatable(text)
+        return (_meta(NFT_META_L4PROTO) + _cmp(bytes([PROTOS[s[1]]]))
+                + _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2) + _cmp(_port(s[2])))
+    if k == "l4proto":
+        return _meta(NFT_META_L4PROTO) + _cmp(bytes([_proto(s[1])]))
+    if k == "numgen":
+        if not s[1].isdigit() or not s[2].isdigit():
+            raise Untranslatable(text)
+        return (_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(s[1])), _u32(3, NFT_NG_RANDOM))
+                + _cmp(struct.pack("=I", int(s[2]))))  # numgen's result is host-endian
+    if k == "fib":
+        if s[1] not in ("saddr", "daddr"):
+            raise Untranslatable(text)
+        flag = NFTA_FIB_F_SADDR if s[1] == "saddr" else NFTA_FIB_F_DADDR
+        return (_expr("fib", _u32(1, NFT_REG_1), _u32(2, NFT_FIB_RESULT_ADDRTYPE), _u32(3, flag))
+                + _cmp(struct.pack("=I", RTN_LOCAL)))
+    if k == "update":
+        return (_payload(NFT_PAYLOAD_NETWORK_HEADER, *_ADDR_FIELDS[(family, "saddr")])
+                + _expr("dynset", _str(1, s[2]), _u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, NFT_REG_1)))
+    if k == "dnat-map":
+        # The map's data (address . port) lands in register 1 (address) and its second word (port).
+        modulus, offset = s[2], s[3]
+        if not modulus.isdigit() or not offset.isdigit() or not 0 < int(modulus) < 1 << 31 or int(offset) >= 1 << 31:
+            raise Untranslatable(text)
+        return (_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM), _u32(4, int(offset)))
+                + _expr("lookup", _str(1, s[4]), _u32(2, NFT_REG_1), _u32(3, NFT_REG_1))
+                # the port follows the address: register 9 after 4 bytes, 12 after 16
+                + _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES[family]), _u32(3, NFT_REG_1),
+                        _u32(5, NFT_REG32_01 if family == "ip" else NFT_REG32_00 + 4)))
+    if k == "dnat":
+        addr, _, port = s[2].rpartition(":")
+        if not addr:
+            raise Untranslatable(text)
+        if family == "ip6":  # [ADDRESS]:PORT
+            if not (addr.startswith("[") and addr.endswith("]")):
+                raise Untranslatable(text)
+            addr_bytes = _ip6(addr[1:-1])
+        else:
+            addr_bytes = _ip4(addr)
+        return (_immediate(NFT_REG_1, addr_bytes) + _immediate(NFT_REG_2, _port(port))
+                + _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES[family]), _u32(3, NFT_REG_1), _u32(5, NFT_REG_2)))
+    return _expr("immediate", _u32(1, NFT_REG_VERDICT), _verdict(2, k, s[1] if len(s) > 1 else ""))
+
+
 def rule_expressions(rule: str, family: str = "ip") -> bytes:
     """The NFTA_RULE_EXPRESSIONS of one rule of kproxy's grammar (Untranslatable otherwise), in
-    a table of `family` ("ip" or "ip6": its address matches and reject variant)."""
+    a table of `family` ("ip" or "ip6": its address matches and reject variant). The forms that
+    are statements (above) are parsed into them and encoded as those."""
     words = rule.split()
     out: list[bytes] = []
     i, n = 0, len(words)
@@ -309,6 +451,8 @@ def rule_expressions(rule: str, family: str = "ip") -> bytes:
 
     while i < n:
         w = words[i]
+        stmt: Stmt = ()
+        used = 0  # the words the statement took
         if i + 2 < n and words[i + 2] == ".":
             i = _concat_lookup(words, i, rule, out, family)
         elif w == "ct":
@@ -334,90 +478,56 @@ def rule_expressions(rule: str, family: str = "ip") -> bytes:
             if field not in ("saddr", "daddr"):
                 raise Untranslatable(rule)
             if arg == "!=":
-                out += _match_ip(field, True, need(4)[3], w)
-                i += 4
+                stmt, used = ("match!=", w, field, need(4)[3]), 4
             elif arg.startswith("@"):
-                out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, *_ADDR_FIELDS[(w, field)]))
-                out.append(_expr("lookup", _str(1, arg[1:]), _u32(2, NFT_REG_1)))
-                i += 3
+                stmt, used = ("in", w, field, arg[1:]), 3
             else:
-                out += _match_ip(field, False, arg, w)
-                i += 3
+                stmt, used = ("match", w, field, arg), 3
         elif w in PROTOS:
             field, port = need(3)[1:]
             if field != "dport":
                 raise Untranslatable(rule)
-            out += [_meta(NFT_META_L4PROTO), _cmp(bytes([PROTOS[w]])),
-                    _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2), _cmp(_port(port))]
-            i += 3
+            stmt, used = ("dport", w, port), 3
         elif w == "meta":
             key, proto = need(3)[1:]
             if key != "l4proto":
                 raise Untranslatable(rule)
-            out += [_meta(NFT_META_L4PROTO), _cmp(bytes([_proto(proto)]))]
-            i += 3
+            stmt, used = ("l4proto", proto), 3
         elif w == "numgen":
             _, kind, mod, modulus, eq, value = need(6)
-            if kind != "random" or mod != "mod" or eq != "==" or not modulus.isdigit() or not value.isdigit():
+            if kind != "random" or mod != "mod" or eq != "==":
                 raise Untranslatable(rule)
-            out.append(_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM)))
-            out.append(_cmp(struct.pack("=I", int(value))))  # numgen's result is host-endian
-            i += 6
+            stmt, used = ("numgen", modulus, value), 6
         elif w == "fib":
             _, addr, kw, kind = need(4)
-            if addr not in ("saddr", "daddr") or (kw, kind) != ("type", "local"):
+            if (kw, kind) != ("type", "local"):
                 raise Untranslatable(rule)
-            flag = NFTA_FIB_F_SADDR if addr == "saddr" else NFTA_FIB_F_DADDR
-            out.append(_expr("fib", _u32(1, NFT_REG_1), _u32(2, NFT_FIB_RESULT_ADDRTYPE), _u32(3, flag)))
-            out.append(_cmp(struct.pack("=I", RTN_LOCAL)))
-            i += 4
+            stmt, used = ("fib", addr), 4
         elif w == "update":
             _, target, lb, ip, saddr, rb = need(6)
-            if not target.startswith("@") or (lb, ip, saddr, rb) != ("{", family, "saddr", "}"):
+            if not target.startswith("@") or (lb, saddr, rb) != ("{", "saddr", "}"):
                 raise Untranslatable(rule)
-            out.append(_payload(NFT_PAYLOAD_NETWORK_HEADER, *_ADDR_FIELDS[(family, "saddr")]))
-            out.append(_expr("dynset", _str(1, target[1:]), _u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, NFT_REG_1)))
-            i += 6
+            stmt, used = ("update", ip, target[1:]), 6
         elif w == "dnat" and words[i + 2:i + 6] == ["addr", ".", "port", "to"]:
-            # dnat ip addr . port to numgen random mod N [offset O] map @MAP: the map's data
-            # (address . port) lands in register 1 (address) and its second word (port).
             has_offset = words[i + 10:i + 11] == ["offset"]
             ws = need(14 if has_offset else 12)
-            modulus, offset = ws[9], ws[11] if has_offset else "0"
-            if ws[1] != family or ws[6:9] != ["numgen", "random", "mod"] or ws[-2] != "map" or not modulus.isdigit() \
-                    or not offset.isdigit() or not ws[-1].startswith("@") or not 0 < int(modulus) < 1 << 31 \
-                    or int(offset) >= 1 << 31:
+            if ws[6:9] != ["numgen", "random", "mod"] or ws[-2] != "map" or not ws[-1].startswith("@"):
                 raise Untranslatable(rule)
-            out += [_expr("numgen", _u32(1, NFT_REG_1), _u32(2, int(modulus)), _u32(3, NFT_NG_RANDOM),
-                          _u32(4, int(offset))),
-                    _expr("lookup", _str(1, ws[-1][1:]), _u32(2, NFT_REG_1), _u32(3, NFT_REG_1)),
-                    # the port follows the address: register 9 after 4 bytes, 12 after 16
-                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES[family]), _u32(3, NFT_REG_1),
-                          _u32(5, NFT_REG32_01 if family == "ip" else NFT_REG32_00 + 4))]
-            i += len(ws)
+            stmt, used = ("dnat-map", ws[1], ws[9], ws[11] if has_offset else "0", ws[-1][1:]), len(ws)
         elif w == "dnat":
             _, fam, to, dest = need(4)
-            addr, _, port = dest.rpartition(":")
-            if fam != family or to != "to" or not addr:
+            if to != "to":
                 raise Untranslatable(rule)
-            if family == "ip6":  # [ADDRESS]:PORT
-                if not (addr.startswith("[") and addr.endswith("]")):
-                    raise Untranslatable(rule)
-                addr_bytes = _ip6(addr[1:-1])
-            else:
-                addr_bytes = _ip4(addr)
-            out += [_immediate(NFT_REG_1, addr_bytes), _immediate(NFT_REG_2, _port(port)),
-                    _expr("nat", _u32(1, NFT_NAT_DNAT), _u32(2, FAMILIES[family]), _u32(3, NFT_REG_1),
-                          _u32(5, NFT_REG_2))]
-            i += 4
+            stmt, used = ("dnat", fam, dest), 4
         elif w in ("jump", "goto"):
-            out.append(_expr("immediate", _u32(1, NFT_REG_VERDICT), _verdict(2, w, need(2)[1])))
-            i += 2
+            stmt, used = (w, need(2)[1]), 2
         elif w in ("drop", "accept", "return"):
-            out.append(_expr("immediate", _u32(1, NFT_REG_VERDICT), _verdict(2, w)))
-            i += 1
+            stmt, used = (w,), 1
         else:
             raise Untranslatable(f"statement {w!r} in {rule!r}")
+        if stmt:
+            out.append(_stmt_expressions(stmt, family))
+            i += used
     if not out:
         raise Untranslatable(f"an empty rule: {rule!r}")
     return _nest(4, *out)  # NFTA_RULE_EXPRESSIONS
@@ -535,7 +645,9 @@ class Batch:
         self._elem_list: list[bytes] = []
         self.command = ""  # the script line being translated
         self._elem_command = ""
-        self.origin: list[str] = [""]  # message seq -> its script line (for error messages)
+        # message seq -> its script line, or (chain, rule) for a rule given as statements (its
+        # text is written only for an error message: describe)
+        self.origin: list[str | tuple[str, Rule]] = [""]
         self.element_list_bytes = ELEMENT_LIST_BYTES
         self._elem_bytes = 0
 
@@ -575,6 +687,22 @@ class Batch:
         exprs = rule_expressions(text, self.family)
         self._flush_elements()
         self._msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, self._table_attr + _str(2, chain) + exprs + udata)
+
+    def rules(self, chain: str, rules: tuple[Rule, ...]) -> None:
+        """`add rule ... CHAIN RULE` for each rule given as statements."""
+        prefix = self._table_attr + _str(2, chain)
+        for rule in rules:
+            exprs = encode_rule(rule, self.family)
+            self._flush_elements()
+            self._msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, prefix + exprs)
+            self.origin[-1] = (chain, rule)
+
+    def describe(self, seq: int) -> str:
+        """The script line message `seq` came from (error messages)."""
+        what = self.origin[seq] if 0 <= seq < len(self.origin) else f"message {seq}"
+        if isinstance(what, str):
+            return what
+        return f"add rule {self.family} {self.table} {what[0]} {rule_text(what[1])}"
 
     def table_op(self, kind: int, comment: str = "") -> None:
         self._flush_elements()
@@ -665,9 +793,12 @@ def translate(lines: Iterable[Part]) -> Batch:
     for line in lines:
         if not isinstance(line, str):
             if batch is None:
-                raise Untranslatable("an element before the transaction's first line")
+                raise Untranslatable("an element or a rule before the transaction's first line")
             batch.command = ""
-            batch.element(NEWSETELEM, *line)
+            if len(line) == 2:
+                batch.rules(*line)
+            else:
+                batch.element(NEWSETELEM, *line)
             continue
         for command in line.split("\n"):
             if not command:
@@ -781,12 +912,12 @@ def send(batch: Batch, netns: str | None = None) -> None:
                 data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            errors.extend(_errors(data, batch.origin))
+            errors.extend(_errors(data, batch))
     if errors:
         raise BatchError(errno.EINVAL, "; ".join(errors[:6]))
 
 
-def _errors(data: bytes, origin: list[str]) -> list[str]:
+def _errors(data: bytes, batch: Batch) -> list[str]:
     out = []
     pos = 0
     while pos + _HDR.size <= len(data):
@@ -796,7 +927,7 @@ def _errors(data: bytes, origin: list[str]) -> list[str]:
         if kind == NLMSG_ERROR and pos + _HDR.size + 4 <= len(data):
             (code,) = struct.unpack_from("=i", data, pos + _HDR.size)
             if code:
-                what = origin[seq] if 0 <= seq < len(origin) else f"message {seq}"
+                what = batch.describe(seq)
                 out.append(f"{os.strerror(-code)}: {what[:200]}")
         pos += (length + 3) & ~3
     return out

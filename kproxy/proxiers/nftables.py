@@ -47,7 +47,8 @@ from typing import Any, NamedTuple, Protocol
 
 from kproxy._nftpath import Rendered
 from kproxy.backends.conntrack import Conntrack
-from kproxy.backends.nftables import Nft, NftError
+from kproxy.backends.nftables import Nft, NftError, nftnl
+from kproxy.backends.nftnl import Rule
 from kproxy.config import KProxyConfig
 from kproxy.fastpath import pure_twin, want_pure
 from kproxy.healthcheck import ServiceHealthServer
@@ -213,8 +214,9 @@ def _rule_count(p: _Programmed | None) -> int:
     return 0 if p is None else p.rules
 
 
-def _digest(body: str) -> bytes:
-    return hashlib.blake2b(body.encode(), digest_size=DIGEST).digest()
+def _digest(rules: tuple[Rule, ...]) -> bytes:
+    # Of the statements' repr: one string for the whole chain, unambiguous (quoted strings in tuples).
+    return hashlib.blake2b(repr(rules).encode(), digest_size=DIGEST).digest()
 
 
 def _eligible(svc: ServicePort | None, family: IPFamily) -> bool:
@@ -229,6 +231,10 @@ _SLOT_KEYS = tuple(f"0x{i:x}" for i in range(4096))
 
 def _slot_key(slot: int) -> str:
     return _SLOT_KEYS[slot] if slot < len(_SLOT_KEYS) else f"0x{slot:x}"
+
+
+def _rule_lines(t: str, chain: str, rules: tuple[Rule, ...]) -> list[str]:
+    return [f"add rule {t} {chain} {nftnl.rule_text(rule)}\n" for rule in rules]
 
 
 def _element(t: str, e: Element) -> str:
@@ -254,7 +260,7 @@ class _Fresh(NamedTuple):
     """One ServicePort just rendered: what is kept, its chains' text, its elements (deduplicated)."""
 
     programmed: _Programmed
-    chains: dict[str, str]
+    chains: dict[str, tuple[Rule, ...]]  # chain -> its rules as statements
     elements: list[Element]
     canon: dict[str, str]  # an endpoint address -> the model's own string of it (SharedRefs keys)
 
@@ -269,13 +275,14 @@ class Script:
     t: str  # "FAMILY TABLE"
     head: list[str]
     first_elements: _Elements  # the endpoint maps' elements, before the rules that use them
-    rules: list[str]
+    rules: list[tuple[str, tuple[Rule, ...]]]  # (chain, its rules as statements)
     elements: _Elements
     chars: int = 0
 
-    def parts(self) -> Iterator[str | Element]:
-        """The lines, and the elements as (set, key, value) for the netlink encoder to take
-        without their text (kproxy.backends.nftnl.Parts): the same bytes, less work."""
+    def parts(self) -> Iterator[nftnl.Part]:
+        """The lines, the elements as (set, key, value) and the rules as (chain, rules) for the
+        netlink encoder to take without their text (kproxy.backends.nftnl.Parts): the same
+        bytes, less work."""
         yield from self.head
         yield from self.first_elements
         yield from self.rules
@@ -283,17 +290,26 @@ class Script:
 
     def __iter__(self) -> Iterator[str]:
         t, n = self.t, 0
-        for part in (self.head, self.first_elements, self.rules, self.elements):
+        for part in (self.head, self.first_elements):
             for item in part:
                 line = item if isinstance(item, str) else "add " + _element(t, item)
                 n += len(line)
                 yield line
+        for chain, rules in self.rules:
+            for line in _rule_lines(t, chain, rules):
+                n += len(line)
+                yield line
+        for e in self.elements:
+            line = "add " + _element(t, e)
+            n += len(line)
+            yield line
         self.chars = n
 
     def text_if_within(self, limit: int) -> str:
         """The whole text when it is at most `limit` characters, else "" (told by the line
         count before anything is written when it is far over: every line has 16 or more)."""
-        lines = len(self.head) + len(self.first_elements) + len(self.rules) + len(self.elements)
+        lines = (len(self.head) + len(self.first_elements) + sum(len(rules) for _, rules in self.rules)
+                 + len(self.elements))
         if lines * 16 > limit:
             return ""
         text = "".join(self)
@@ -449,14 +465,14 @@ class NftablesProxier(Proxier):
             if size < n:
                 offset, size = self._slots.setdefault(emap, Slots()).take(n)
             slots[chain] = (offset, size)
-            rule = f"meta l4proto {proto} dnat {self.ipx} addr . port to numgen random mod {n} offset {offset} map @{emap}"
-            chains[chain] = f"{chains[chain]}\n{rule}" if chains[chain] else rule
+            rule = (("l4proto", proto), ("dnat-map", self.ipx, str(n), str(offset), emap))
+            chains[chain] = (*chains[chain], rule)
             elements.extend((emap, _slot_key(offset + k), target) for k, target in enumerate(targets))
         for chain, block in old_slots.items():
             if slots.get(chain) != block:
                 self._give_back(proto, chain, block)
         digests = b"".join(_digest(body) for body in chains.values())
-        rules = sum(body.count("\n") + 1 for body in chains.values())
+        rules = sum(map(len, chains.values()))
         unique = list(dict.fromkeys(elements))
         p = _Programmed(svc, tuple(chains), digests, rules, pack(unique), tuple(r.sets),
                         tuple((chain, *block) for chain, block in slots.items()), serving)
@@ -469,9 +485,6 @@ class NftablesProxier(Proxier):
         emap = endpoint_map(proto, chain)
         self._slots.setdefault(emap, Slots()).give_back(*block)
 
-    def _chain_lines(self, chain: str, rules: str) -> list[str]:
-        t = self._t
-        return [f"add rule {t} {chain} {rule}\n" for rule in rules.split("\n") if rule]
 
     def _set_line(self, name: str, timeout: int) -> str:
         return f"add set {self._t} {name} {{ type {self.addr_type} ; flags dynamic,timeout ; timeout {timeout}s ; }}\n"
@@ -513,7 +526,7 @@ class NftablesProxier(Proxier):
         own: list[Element] = []  # the other elements only one ServicePort wants (service-ips, ...)
         self._slots = {}  # every block anew: the endpoint maps are written whole
         empty: tuple[Endpoint, ...] = ()
-        rule_lines: list[str] = []
+        rule_parts: list[tuple[str, tuple[Rule, ...]]] = []
         for name in sorted(n for n, s in services.items() if _eligible(s, self.family)):
             p, bodies, elements, canon = self._render(services[name], tuple(endpoints.get(name, empty)), None,
                                                       self._programmed.get(name))
@@ -525,7 +538,7 @@ class NftablesProxier(Proxier):
                 if chain not in stale:  # a chain in the old table was flushed above
                     out.append(f"add chain {t} {chain}\n")
                 stale.pop(chain, None)
-                rule_lines.extend(self._chain_lines(chain, rules))
+                rule_parts.append((chain, rules))
             for e in elements:
                 if e[0].startswith("endpoints-"):
                     n_first += 1
@@ -548,7 +561,7 @@ class NftablesProxier(Proxier):
         # The endpoint maps' elements before the rules that look them up (either way the kernel
         # checks each data element against each lookup bound to its map: see ENDPOINT_MAPS).
         script = Script(t, out, _Elements(endpoint_elements, n_first),
-                        rule_lines,  # after every chain: a rule may jump to a chain declared later
+                        rule_parts,  # after every chain: a rule may jump to a chain declared later
                         _Elements(lambda: itertools.chain(own, refs.elements()), len(own) + len(refs)))
         return script, programmed, refs, stale
 
@@ -575,7 +588,7 @@ class NftablesProxier(Proxier):
             svc = request.services.get(name)
             old = self._programmed.get(name)
             cur = None
-            cur_chains: dict[str, str] = {}
+            cur_chains: dict[str, tuple[Rule, ...]] = {}
             if svc is not None and _eligible(svc, self.family):
                 cur, cur_chains, _, _ = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
             elif old is not None:
@@ -590,7 +603,7 @@ class NftablesProxier(Proxier):
                     new_chains.append(f"add chain {t} {chain}\n")
                     stale.pop(chain, None)
                 rules.append(f"flush chain {t} {chain}\n")
-                rules.extend(self._chain_lines(chain, body))
+                rules.extend(_rule_lines(t, chain, body))
             for chain in old_chains:
                 if chain not in cur_chains:
                     flush_stale.append(f"flush chain {t} {chain}\n")

@@ -102,7 +102,7 @@ class BadRenderer:
         r = self.real.render_service_port(svc, *args)
         if svc.name.name != self.bad:
             return r
-        chains = tuple((c, body + "\nmeta l4proto tcp dnat to 300.1.1.1:80") for c, body in r.chains)
+        chains = tuple((c, (*body, (("l4proto", "tcp"), ("dnat", "ip", "300.1.1.1:80")))) for c, body in r.chains)
         return type(r)(chains, r.elements, r.sets)
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy.model import Endpoint, ServicePort, ServicePortName
+from kproxy.backends import nftnl
 from kproxy.backends.nftables import Nft
 from kproxy.proxiers.nftables import NftablesProxier, load_renderer
 from kproxy.proxy.families import endpoints_for_family, service_for_family
@@ -18,6 +19,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from conformance_table import CLUSTER_CIDR, CLUSTER_CIDR6, NODE_IP, NODE_IP6, NODE_ZONE, state
 
 COMPILED = load_renderer(pure=False)
+
+
+def _text(rules: tuple[nftnl.Rule, ...]) -> str:
+    return "\n".join(nftnl.rule_text(rule) for rule in rules)
 PURE = load_renderer(pure=True)
 
 
@@ -46,7 +51,7 @@ def test_conformance_services_render_identically() -> None:
                     continue
                 for masq in (False, True):
                     r = _both(svc, endpoints_for_family(eps.get(name, ()), family), masq, family)  # type: ignore[arg-type]
-                    text = " ".join(f"{c} {body}" for c, body in r.chains)  # type: ignore[attr-defined]
+                    text = " ".join(f"{c} {_text(body)}" for c, body in r.chains)  # type: ignore[attr-defined]
                     assert all(":" not in c for c, _ in r.chains)  # type: ignore[attr-defined]
                     if family == "IPv6":
                         assert " ip " not in f" {text} " and "ip saddr" not in text and "ip daddr" not in text
@@ -84,7 +89,7 @@ def test_random_services_render_identically_and_consistently(svc: ServicePort, e
             target = value[5:]
             assert target == "reject-chain" or target in chains, value
     for body in chains.values():
-        for word in body.split():
+        for word in _text(body).split():
             if word.startswith(("service-", "local-", "external-", "endpoint-")) and "/" in word:
                 assert word in chains, f"rule refers to an undefined chain {word}"
 
