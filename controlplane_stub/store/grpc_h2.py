@@ -220,6 +220,8 @@ class Connection(asyncio.Protocol):
         self._last_recv = time.monotonic()
         self._ping_out = False
         self._keepalive: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._wbuf: list[bytes] = []
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -233,7 +235,7 @@ class Connection(asyncio.Protocol):
         ))
         transport.write(PREFACE + _frame(SETTINGS, 0, 0, settings)
                         + _frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONN_WINDOW - 65535)))
-        self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE, self._tick)
+        self._keepalive = self._loop.call_later(KEEPALIVE, self._tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -329,8 +331,7 @@ class Connection(asyncio.Protocol):
                         st.send_window += delta
                 elif key == 0x5:
                     self._peer_max_frame = value
-            assert self.transport is not None
-            self.transport.write(_frame(SETTINGS, FLAG_ACK, 0))
+            self._write(_frame(SETTINGS, FLAG_ACK, 0))
             if not self.ready.done():
                 self.ready.set_result(None)
             if self._blocked:
@@ -339,8 +340,7 @@ class Connection(asyncio.Protocol):
             if flags & FLAG_ACK:
                 self._ping_out = False
             else:
-                assert self.transport is not None
-                self.transport.write(_frame(PING, FLAG_ACK, 0, payload))
+                self._write(_frame(PING, FLAG_ACK, 0, payload))
         elif ftype == GOAWAY:
             last = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
             code = _U32.unpack_from(payload, 4)[0]
@@ -355,8 +355,7 @@ class Connection(asyncio.Protocol):
         n = len(payload)
         self._recv_unacked += n
         if self._recv_unacked >= CONN_WINDOW // 2:
-            assert self.transport is not None
-            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_unacked)))
+            self._write(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_unacked)))
             self._recv_unacked = 0
         st = self._streams.get(sid)
         if st is None:
@@ -366,8 +365,7 @@ class Connection(asyncio.Protocol):
         end = flags & FLAG_END_STREAM
         st.recv_unacked += n
         if not end and st.recv_unacked >= STREAM_WINDOW // 2:
-            assert self.transport is not None
-            self.transport.write(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
+            self._write(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
             st.recv_unacked = 0
         buf = st.buf
         if not buf and len(payload) >= 5:
@@ -454,7 +452,7 @@ class Connection(asyncio.Protocol):
             return
         if self._streams and time.monotonic() - self._last_recv >= KEEPALIVE:
             self._ping_out = True
-            self.transport.write(_frame(PING, 0, 0, b"kproxy\x00\x00"))
+            self._write(_frame(PING, 0, 0, b"kproxy\x00\x00"))
         self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE, self._tick)
 
     # -- sending -------------------------------------------------------------------------------
@@ -481,12 +479,12 @@ class Connection(asyncio.Protocol):
                 self._send_window -= n
                 st.send_window -= n
                 st.local_closed = True
-                self.transport.write(head + _FRAME.pack(n << 8 | DATA, FLAG_END_STREAM, sid) + data)
+                self._write(head + _FRAME.pack(n << 8 | DATA, FLAG_END_STREAM, sid) + data)
                 return st
-            self.transport.write(head)
+            self._write(head)
             self.send(st, message, end=True)
             return st
-        self.transport.write(head)
+        self._write(head)
         return st
 
     def send(self, st: Stream, message: bytes, end: bool = False) -> None:
@@ -505,17 +503,29 @@ class Connection(asyncio.Protocol):
             st.out_end = True
             return
         st.local_closed = True
-        self.transport.write(_frame(DATA, FLAG_END_STREAM, st.sid))
+        self._write(_frame(DATA, FLAG_END_STREAM, st.sid))
 
     def reset(self, st: Stream, code: int, error: GrpcError) -> None:
         if st.done:
             return
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_frame(RST_STREAM, 0, st.sid, _U32.pack(code)))
+            self._write(_frame(RST_STREAM, 0, st.sid, _U32.pack(code)))
         self._finish(st, error)
 
+    def _write(self, data: bytes) -> None:
+        """Frames written in one turn of the event loop go out in one send() at its end: concurrent
+        API requests' transactions share a syscall (on loopback each send also runs the kernel's
+        delivery to etcd: a quarter of the server's CPU in a profile of 32 concurrent creates)."""
+        if not self._wbuf:
+            self._loop.call_soon(self._send_out)
+        self._wbuf.append(data)
+
+    def _send_out(self) -> None:
+        data, self._wbuf = b"".join(self._wbuf), []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
     def _flush(self) -> None:
-        assert self.transport is not None
         for sid, st in list(self._blocked.items()):
             out = st.out
             while out and self._send_window > 0 and st.send_window > 0:
@@ -527,7 +537,7 @@ class Connection(asyncio.Protocol):
                 last = not out and st.out_end
                 if last:
                     st.local_closed = True
-                self.transport.write(_FRAME.pack(n << 8 | DATA, FLAG_END_STREAM if last else 0, sid) + chunk)
+                self._write(_FRAME.pack(n << 8 | DATA, FLAG_END_STREAM if last else 0, sid) + chunk)
             if out:
                 if self._send_window <= 0:
                     return

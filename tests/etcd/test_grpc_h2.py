@@ -17,10 +17,12 @@ class FakeTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.out = bytearray()
+        self.writes = 0
         self.closing = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.out += data
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closing
@@ -107,7 +109,9 @@ def test_unary_call_and_error_status() -> None:
         enc = hpack.Encoder()  # one encoder for the connection: its dynamic table carries over
         a = conn.open("/etcdserverpb.KV/Range", True, b"req-a")
         b = conn.open("/etcdserverpb.KV/Txn", True, b"req-b")
+        await asyncio.sleep(0)  # frames of one loop turn are sent at its end, in one write
         sent = frames(bytes(t.out))
+        assert t.writes == 2  # the preface and settings; then both calls together
         assert [(f[0], f[2], f[3][5:]) for f in sent if f[0] == h2.DATA] == [(h2.DATA, a.sid, b"req-a"),
                                                                            (h2.DATA, b.sid, b"req-b")]
         conn.data_received(response(a.sid, [b"resp-a"], enc, split=3))
@@ -128,9 +132,11 @@ def test_flow_control_waits_for_window_updates() -> None:
         conn, t = connected()
         conn.data_received(frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 10)))  # stream window 10
         s = conn.open("/etcdserverpb.KV/Put", True, b"x" * 100)
+        await asyncio.sleep(0)
         sent = sum(len(f[3]) for f in frames(bytes(t.out)) if f[0] == h2.DATA)
         assert sent == 10  # the stream's window
         conn.data_received(frame(h2.WINDOW_UPDATE, 0, s.sid, struct.pack(">I", 1000)))
+        await asyncio.sleep(0)
         data = [f for f in frames(bytes(t.out)) if f[0] == h2.DATA]
         assert sum(len(f[3]) for f in data) == 105  # 5-byte prefix + 100
         assert data[-1][1] & h2.FLAG_END_STREAM and not any(f[1] & h2.FLAG_END_STREAM for f in data[:-1])
