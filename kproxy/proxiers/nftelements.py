@@ -29,46 +29,59 @@ def is_shared(set_name: str) -> bool:
     return set_name in (HAIRPIN, CLUSTER_IPS) or set_name in _NO_ENDPOINT
 
 
+# The group of hairpin-ips elements "A . A" (a pod reaching itself: all of them), kept as A alone:
+# a tenth of the packed text at 10 endpoints a Service. No set name begins with "=".
+_DOUBLED = "=" + HAIRPIN
+
+
 def pack(elements: Iterable[Element]) -> str:
     """The elements as one string, grouped by set in their first order, duplicates dropped:
-    "SET\\tKEY\\tVALUE\\tKEY\\tVALUE...\\nSET...". Keys and values are rendered from validated
-    addresses, ports, protocols and Kubernetes names, which have no tab or newline; one that
-    had would be refused here (ValueError) rather than stored wrongly."""
+    "SET\tKEY\tVALUE\tKEY\tVALUE...\nSET...", and hairpin-ips' "A . A" as "=hairpin-ips\tA\tA2...".
+    Keys and values are rendered from validated addresses, ports, protocols and Kubernetes
+    names, which have no tab or newline; one that had would be refused here (ValueError)
+    rather than stored wrongly."""
     groups: dict[str, dict[tuple[str, str], None]] = {}
+    doubled: dict[str, None] = {}
     for set_name, key, value in elements:
+        if set_name == HAIRPIN and not value:
+            a, sep, b = key.partition(" . ")
+            if sep and a == b:
+                doubled[a] = None
+                continue
         groups.setdefault(set_name, {})[(key, value)] = None
-    packed = "\n".join(set_name + "\t" + "\t".join(f"{k}\t{v}" for k, v in kv) for set_name, kv in groups.items())
-    # Each group has 2 tabs per element; groups are parted by one newline.
-    if packed.count("\t") != 2 * sum(map(len, groups.values())) or packed.count("\n") != max(0, len(groups) - 1):
+    parts = [set_name + "\t" + "\t".join(f"{k}\t{v}" for k, v in kv) for set_name, kv in groups.items()]
+    if doubled:
+        parts.append(_DOUBLED + "\t" + "\t".join(doubled))
+    packed = "\n".join(parts)
+    # A group has 2 tabs per element (1 in the doubled group); groups are parted by one newline.
+    if (packed.count("\t") != 2 * sum(map(len, groups.values())) + len(doubled)
+            or packed.count("\n") != max(0, len(parts) - 1)):
         raise ValueError("nftables element text with a tab or newline")
     return packed
 
 
-def _pairs(group: str) -> tuple[str, list[str]]:
+def _group_elements(group: str) -> Iterator[Element]:
     fields = group.split("\t")
-    return fields[0], fields
+    set_name = fields[0]
+    if set_name == _DOUBLED:
+        for a in fields[1:]:
+            yield HAIRPIN, f"{a} . {a}", ""
+        return
+    for i in range(1, len(fields), 2):
+        yield set_name, fields[i], fields[i + 1]
 
 
 def unpack(packed: str) -> Iterator[Element]:
     for group in packed.split("\n") if packed else ():
-        set_name, fields = _pairs(group)
-        for i in range(1, len(fields), 2):
-            yield set_name, fields[i], fields[i + 1]
+        yield from _group_elements(group)
 
 
 def unpack_set(packed: str, wanted: str) -> Iterator[Element]:
     """The elements of one set (an endpoint map: a full sync writes each map's elements together)."""
     prefix = wanted + "\t"
     for group in packed.split("\n") if packed else ():
-        if group.startswith(prefix):
-            _, fields = _pairs(group)
-            for i in range(1, len(fields), 2):
-                yield wanted, fields[i], fields[i + 1]
-
-
-def set_names(packed: str) -> Iterator[str]:
-    for group in packed.split("\n") if packed else ():
-        yield group[:group.index("\t")]
+        if group.startswith(prefix) or (wanted == HAIRPIN and group.startswith(_DOUBLED + "\t")):
+            yield from _group_elements(group)
 
 
 class SharedRefs:
