@@ -10,8 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from aiohttp import web
-
+from kproxy.httpserve import Handler, Response
 from kproxy.metrics import ProxyMetrics
 
 
@@ -65,8 +64,8 @@ class ProxierHealth:
         return True, self.last_updated, now
 
 
-def health_app(health: ProxierHealth, metrics: ProxyMetrics | None = None) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
+def health_routes(health: ProxierHealth, metrics: ProxyMetrics | None = None) -> dict[str, Handler]:
+    def healthz() -> Response:
         ok, last, now = health.check()
         eligible = health.node_eligible
         ok = ok and eligible
@@ -77,19 +76,15 @@ def health_app(health: ProxierHealth, metrics: ProxyMetrics | None = None) -> we
                 f'"nodeEligible": {str(eligible).lower()}, "nodeHealthy": {str(eligible).lower()}}}')
         return _json(body, 200 if ok else 503)
 
-    async def livez(_: web.Request) -> web.Response:
+    def livez() -> Response:
         ok, last, now = health.check()
         if metrics is not None:
             metrics.livez_total.labels(code="200" if ok else "503").inc()
         body = f'{{"lastUpdated": "{go_time(now if ok else last)}","currentTime": "{go_time(now)}"}}'
         return _json(body, 200 if ok else 503)
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/livez", livez)
-    return app
+    return {"/healthz": healthz, "/livez": livez}
 
 
-def _json(body: str, status: int) -> web.Response:
-    return web.Response(text=body, status=status, content_type="application/json",
-                        headers={"X-Content-Type-Options": "nosniff"})
+def _json(body: str, status: int) -> Response:
+    return Response(status, body.encode(), "application/json", (("X-Content-Type-Options", "nosniff"),))

@@ -19,11 +19,11 @@ from pathlib import Path
 from sys import intern
 from typing import Any
 
-from aiohttp import web
 
 from kproxy.changes import Checkout, ProxyState, parse_trigger_time
 from kproxy.config import ConfigError, KProxyConfig
-from kproxy.healthz import ProxierHealth, health_app
+from kproxy.healthz import ProxierHealth, health_routes
+from kproxy.httpserve import Handler, HTTPServer, Response
 from kproxy.kube.client import ApiClient
 from kproxy.kube.informer import Informer, SummaryStore
 from kproxy.kube.ingest import (
@@ -227,20 +227,18 @@ def apply_conntrack_settings(cfg: KProxyConfig, proc_sys: Path = Path("/proc/sys
     return written
 
 
-async def _start_http(app: web.Application, address: str, what: str,
-                      hard_fail: bool) -> web.AppRunner | None:
-    """Serve app on IP:port; "" disables. A port that cannot be bound is logged and skipped,
+async def _start_http(routes: Mapping[str, Handler], address: str, what: str,
+                      hard_fail: bool) -> HTTPServer | None:
+    """Serve routes on IP:port; "" disables. A port that cannot be bound is logged and skipped,
     or fatal with --bind-address-hard-fail, as upstream."""
     if not address:
         return None
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
+    server = HTTPServer(routes)
     try:
-        await web.TCPSite(runner, host, int(port), reuse_address=True).start()
+        bound = await server.start(host, int(port))
     except OSError as err:
-        await runner.cleanup()
         msg = f"--{what}-bind-address {address}: cannot listen ({err.strerror})"
         if hard_fail:
             raise ConfigError(msg) from None
@@ -248,11 +246,8 @@ async def _start_http(app: web.Application, address: str, what: str,
         return None
     # The port actually bound, so a caller that asked for port 0 (tests beside other processes on
     # one loopback) can read it from this line instead of racing for a port it picked itself.
-    bound = runner.addresses[0] if runner.addresses else None
-    if isinstance(bound, tuple):
-        bound = f"[{bound[0]}]:{bound[1]}" if ":" in str(bound[0]) else f"{bound[0]}:{bound[1]}"
     log.info("serving %s address=%s bound=%s", what, address, bound)
-    return runner
+    return server
 
 
 def _slice_service_key(es: EndpointSlice) -> str:
@@ -504,7 +499,7 @@ class ProxyServer:
                  self.cfg.node_zone or "-")
 
     async def run(self) -> None:
-        http: list[web.AppRunner] = []
+        http: list[HTTPServer] = []
         try:
             await self._find_node()
             if self.cfg.mode in KERNEL_MODES:
@@ -516,10 +511,10 @@ class ProxyServer:
             families = getattr(self.proxier, "families", None)
             if families:
                 self.health.families = tuple(families)  # healthz per family (kproxy.proxiers.meta)
-            for app, addr, what in ((health_app(self.health, self.metrics), self.cfg.healthz_bind_address,
-                                     "healthz"),
-                                    (self._metrics_app(), self.cfg.metrics_bind_address, "metrics")):
-                site = await _start_http(app, addr, what, self.cfg.bind_address_hard_fail)
+            for routes, addr, what in ((health_routes(self.health, self.metrics), self.cfg.healthz_bind_address,
+                                        "healthz"),
+                                       (self._metrics_routes(), self.cfg.metrics_bind_address, "metrics")):
+                site = await _start_http(routes, addr, what, self.cfg.bind_address_hard_fail)
                 if site is not None:
                     http.append(site)
             svc_inf: SummaryStore[Service] = SummaryStore(self.on_service)
@@ -562,25 +557,21 @@ class ProxyServer:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             for h in http:
-                await h.cleanup()
+                await h.close()
             if self.proxier is not None:
                 self.proxier.close()
 
-    def _metrics_app(self) -> web.Application:
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+    def _metrics_routes(self) -> dict[str, Handler]:
+        def metrics() -> Response:
+            return Response(200, self.metrics.exposition(), CONTENT_TYPE)
 
-        async def proxy_mode(_: web.Request) -> web.Response:
-            return web.Response(text=self.cfg.mode)
+        def proxy_mode() -> Response:
+            return Response(200, self.cfg.mode.encode())
 
-        async def healthz(_: web.Request) -> web.Response:
-            return web.Response(text="ok")
+        def healthz() -> Response:
+            return Response(200, b"ok")
 
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/proxyMode", proxy_mode)
-        app.router.add_get("/healthz", healthz)
-        return app
+        return {"/metrics": metrics, "/proxyMode": proxy_mode, "/healthz": healthz}
 
 
 async def serve(cfg: KProxyConfig, factory: ProxierFactory) -> None:

@@ -132,8 +132,6 @@ def test_a_raising_proxier_is_a_failed_sync_that_keeps_stale_udp_entries() -> No
 def test_busy_port_is_logged_or_fatal_with_hard_fail() -> None:
     import socket
 
-    from aiohttp import web
-
     from kproxy.server import _start_http
 
     with socket.socket() as busy:
@@ -142,10 +140,10 @@ def test_busy_port_is_logged_or_fatal_with_hard_fail() -> None:
         addr = f"127.0.0.1:{busy.getsockname()[1]}"
 
         async def main() -> None:
-            assert await _start_http(web.Application(), addr, "healthz", hard_fail=False) is None
+            assert await _start_http({}, addr, "healthz", hard_fail=False) is None
             with pytest.raises(ConfigError, match=f"--healthz-bind-address {addr}: cannot listen"):
-                await _start_http(web.Application(), addr, "healthz", hard_fail=True)
-            assert await _start_http(web.Application(), "", "metrics", hard_fail=True) is None
+                await _start_http({}, addr, "healthz", hard_fail=True)
+            assert await _start_http({}, "", "metrics", hard_fail=True) is None
 
         asyncio.run(main())
     assert parse_config_flag(["--bind-address-hard-fail"]).bind_address_hard_fail

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # What `kproxy-cluster up` with the seed app needs beyond a node's kproxy.
 CLUSTER_EXTRAS = "controlplane,dns,demo"
 # Only test and demo tools: a node's `pip install kproxy` must not bring them.
-NOT_ON_A_NODE = {"flask", "dnspython", "pyroute2", "scapy", "kubernetes", "cryptography", "aetcd", "uvloop"}
+NOT_ON_A_NODE = {"flask", "dnspython", "pyroute2", "scapy", "kubernetes", "cryptography", "aetcd", "uvloop",
+                 "aiohttp"}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -116,6 +117,10 @@ def test_a_node_install_has_kproxy_only(work: Path, node_venv: Path) -> None:
     }
     assert not installed & NOT_ON_A_NODE, installed & NOT_ON_A_NODE
     assert "--proxy-mode" in run([str(bindir / "kproxy"), "--help"], cwd=work, timeout=60)
+    # Every mode's code and the daemon itself import with the node's dependencies alone.
+    modes = "import kproxy.server, kproxy.proxiers.iptables, kproxy.proxiers.ipvs, kproxy.proxiers.nftables, " \
+            "kproxy.proxiers.userspace; print('imported')"
+    assert run([str(bindir / "python"), "-c", modes], cwd=work, timeout=60).strip() == "imported"
     # The compiled hot path, not the pure-Python twin, is what the installed kproxy imports.
     so = run([str(bindir / "python"), "-c", "import kproxy._fastpath as f; print(f.__file__)"], cwd=work, timeout=60)
     assert so.strip().endswith(".so") and str(work) in so
