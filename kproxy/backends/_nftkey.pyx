@@ -10,7 +10,8 @@ Parts of a concatenation ("A . B . C"), each padded to a 32-bit register:
   - tcp, udp, sctp: the protocol number, then 3 zero bytes;
   - a decimal port 0-65535 (at most 5 digits): 2 bytes network order, then 2 zero bytes.
 """
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 cdef enum:
@@ -125,3 +126,78 @@ def key_bytes(str text):
             break
         start = i + 3
     return PyBytes_FromStringAndSize(<char*>buf, 4 * parts)
+
+
+cdef inline void _hdr(uint8_t* p, Py_ssize_t length, int kind) noexcept:
+    """A netlink attribute header: length and type, host order."""
+    (<uint16_t*>p)[0] = <uint16_t>length
+    (<uint16_t*>p)[1] = <uint16_t>kind
+
+
+cdef enum:
+    NESTED = 0x8000
+
+
+def element_attr(str key, str value):
+    """A set element's whole NFTA_LIST_ELEM (its key and, for a map, its data) as
+    kproxy.backends.nftnl.Batch.element writes it, for the common forms: a key of the forms
+    above; a value that is empty, a key of those forms, or a verdict (drop, accept, return, or
+    jump/goto an ASCII chain name). None for anything else: nftnl's Python path decides."""
+    cdef bytes kb = key_bytes(key)
+    if kb is None:
+        return None
+    cdef Py_ssize_t k = len(kb), v = 0, name_len = 0, name_pad = 0, data = 0
+    cdef bytes vb = None, name = None
+    cdef uint32_t code = 0
+    cdef str verdict, chain
+    if value:
+        verdict, _, chain = value.partition(" ")
+        if verdict == "goto" or verdict == "jump":
+            if not chain:
+                return None
+            code = 0xFFFFFFFC if verdict == "goto" else 0xFFFFFFFD
+            try:
+                name = chain.encode("ascii")
+            except UnicodeEncodeError:
+                return None
+            if b"\0" in name:
+                return None
+            name_len = len(name) + 1
+            name_pad = (4 - name_len % 4) % 4
+            data = 4 + 4 + 8 + 4 + name_len + name_pad  # data { verdict { code, chain } }
+        elif verdict == "drop" or verdict == "accept" or verdict == "return":
+            if chain:
+                return None
+            code = 0 if verdict == "drop" else (1 if verdict == "accept" else 0xFFFFFFFB)
+            data = 4 + 4 + 8
+        else:
+            vb = key_bytes(value)
+            if vb is None:
+                return None
+            v = len(vb)
+            data = 8 + v
+    cdef Py_ssize_t total = 4 + 8 + k + data
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef uint8_t* p = <uint8_t*>(<char*>out)
+    _hdr(p, total, 1 | NESTED)  # NFTA_LIST_ELEM
+    _hdr(p + 4, 8 + k, 1 | NESTED)  # NFTA_SET_ELEM_KEY
+    _hdr(p + 8, 4 + k, 1)  # NFTA_DATA_VALUE
+    memcpy(p + 12, <char*>kb, k)
+    p += 12 + k
+    if vb is not None:
+        _hdr(p, 8 + v, 2 | NESTED)  # NFTA_SET_ELEM_DATA
+        _hdr(p + 4, 4 + v, 1)
+        memcpy(p + 8, <char*>vb, v)
+    elif data:
+        _hdr(p, data, 2 | NESTED)  # NFTA_SET_ELEM_DATA
+        _hdr(p + 4, data - 4, 2 | NESTED)  # NFTA_DATA_VERDICT
+        _hdr(p + 8, 8, 1)  # NFTA_VERDICT_CODE, big-endian
+        p[12] = (code >> 24) & 255
+        p[13] = (code >> 16) & 255
+        p[14] = (code >> 8) & 255
+        p[15] = code & 255
+        if name is not None:
+            _hdr(p + 16, 4 + name_len, 2)  # NFTA_VERDICT_CHAIN
+            memcpy(p + 20, <char*>name, name_len - 1)
+            memset(p + 20 + name_len - 1, 0, 1 + name_pad)
+    return out

@@ -251,9 +251,12 @@ def _key_part(part: str) -> bytes:
 _INDEX = struct.Struct("=I")
 # The common forms of _key in C (kproxy/backends/_nftkey.pyx), not in the pure twin: this module
 # run as Python (KPROXY_PURE=1, kproxy.fastpath.pure_twin names it ..._pure) is the pure path.
+# Likewise a whole element (key and data) in C: a full sync's 200,000.
 _c_key: Callable[[str], bytes | None] | None = None
+_c_element: Callable[[str, str], bytes | None] | None = None
 if not __name__.endswith("_pure"):
     try:
+        from kproxy.backends._nftkey import element_attr as _c_element
         from kproxy.backends._nftkey import key_bytes as _c_key
     except ImportError:  # not built: the Python path alone
         pass
@@ -375,7 +378,80 @@ def _stmt_expressions(s: Stmt, family: str) -> bytes:
             _STMT_CACHE.clear()
         _STMT_CACHE[s] = done
         return done
-    return _encode_stmt(s, family)
+    fast = _fast_stmt(s, family)
+    return fast if fast is not None else _encode_stmt(s, family)
+
+
+# The statements with a Service's own values (its address, its chains, its endpoint map block)
+# from templates: _encode_stmt's bytes made once with stand-in values, cut where the values go
+# (each stand-in found exactly once, or no template: _encode_stmt does it). Same bytes, without
+# nesting the attributes anew for each of a full sync's 24,000 rules.
+_TEMPLATES: dict[tuple[str, str, int], tuple[bytes, ...] | None] = {}
+
+
+def _template(key: tuple[str, str, int]) -> tuple[bytes, ...] | None:
+    """The template of ("match", FAMILY, FIELD: 0 saddr, 1 daddr), ("goto"|"jump", FAMILY,
+    NAME_LENGTH) or ("dnat-map", FAMILY, NAME_LENGTH)."""
+    t = _TEMPLATES.get(key, _NO_TEMPLATE)
+    if t is not _NO_TEMPLATE:
+        return t
+    k, family, n = key
+    stand_in = "~" * n
+    holes: tuple[bytes, ...] = (stand_in.encode(),)
+    if k == "match":
+        holes = (bytes(range(0xa0, 0xa0 + (4 if family == "ip" else 16))),)
+        stmt: Stmt = (k, family, ("saddr", "daddr")[n], _STAND_IN[family])
+    elif k == "dnat-map":
+        stmt = (k, family, str(_BE32.unpack(_U32_HOLES[0])[0]), str(_BE32.unpack(_U32_HOLES[1])[0]), stand_in)
+        holes = (*_U32_HOLES, *holes)
+    else:
+        stmt = (k, stand_in)
+    out: tuple[bytes, ...] | None = None
+    try:
+        rest, cut = _encode_stmt(stmt, family), []
+        for hole in holes:
+            if rest.count(hole) != 1:
+                raise ValueError(hole)
+            head, _, rest = rest.partition(hole)
+            cut.append(head)
+        out = (*cut, rest)
+    except (ValueError, Untranslatable):
+        out = None
+    if len(_TEMPLATES) < _STMT_CACHE_SIZE:
+        _TEMPLATES[key] = out
+    return out
+
+
+_NO_TEMPLATE: tuple[bytes, ...] = (b"none",)
+_U32_HOLES = (b"\x7e\xa1\xb2\x01", b"\x7e\xa1\xb2\x02")
+
+
+def _fast_stmt(s: Stmt, family: str) -> bytes | None:
+    """s's bytes from a template, or None (then _encode_stmt decides, and refuses what is wrong)."""
+    k = s[0]
+    if k == "match" and len(s) == 4 and s[1] == family and "/" not in s[3] and (s[2] == "saddr" or s[2] == "daddr"):
+        addr = _ip4(s[3]) if family == "ip" else _ip6(s[3])
+        t = _template((k, family, 1 if s[2] == "daddr" else 0))
+        return None if t is None else t[0] + addr + t[1]
+    if (k == "goto" or k == "jump") and len(s) == 2 and s[1]:
+        name = s[1].encode()
+        t = _template((k, family, len(name)))
+        return None if t is None else t[0] + name + t[1]
+    if k == "dnat-map" and len(s) == 5 and s[1] == family and s[2].isdigit() and s[3].isdigit() and s[4]:
+        modulus, offset = int(s[2]), int(s[3])
+        if not 0 < modulus < 1 << 31 or offset >= 1 << 31:
+            return None
+        name = s[4].encode()
+        t = _template((k, family, len(name)))
+        if t is None:
+            return None
+        return t[0] + _BE32.pack(modulus) + t[1] + _BE32.pack(offset) + t[2] + name + t[3]
+    return None
+
+
+# Stand-in addresses whose bytes are 0xa0, 0xa1, ... (the hole _fast_stmt cuts at).
+_STAND_IN = {"ip": "160.161.162.163", "ip6": "a0a1:a2a3:a4a5:a6a7:a8a9:aaab:acad:aeaf"}
+_BE32 = struct.Struct("!I")
 
 
 def _encode_stmt(s: Stmt, family: str) -> bytes:
@@ -754,23 +830,26 @@ class Batch:
         self._msg(DELSET, 0, self._table_attr + _str(2, name))
 
     def element(self, kind: int, set_name: str, key: str, value: str) -> None:
-        elem = _value(1, _key(key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
-        if value:
-            verdict, _, chain = value.partition(" ")
-            if verdict in VERDICTS:
-                if (verdict in ("jump", "goto")) != bool(chain):
-                    raise Untranslatable(f"element value {value!r}")
-                elem += _verdict(2, verdict, chain)  # NFTA_SET_ELEM_DATA
-            else:
-                elem += _value(2, _key(value))
-        size = 4 + len(elem)
+        attr = _c_element(key, value) if _c_element is not None else None
+        if attr is None:
+            elem = _value(1, _key(key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+            if value:
+                verdict, _, chain = value.partition(" ")
+                if verdict in VERDICTS:
+                    if (verdict in ("jump", "goto")) != bool(chain):
+                        raise Untranslatable(f"element value {value!r}")
+                    elem += _verdict(2, verdict, chain)  # NFTA_SET_ELEM_DATA
+                else:
+                    elem += _value(2, _key(value))
+            attr = _ATTR.pack(4 + len(elem), 1 | NLA_F_NESTED) + elem  # NFTA_LIST_ELEM
+        size = len(attr)
         if self._elems != (kind, set_name) or self._elem_bytes + size > self.element_list_bytes:
             self._flush_elements()
             # An element given as a tuple has no line: its text, for error messages, made here.
             self._elem_command = self.command or (f"{'add' if kind == NEWSETELEM else 'delete'} element {self.family} "
                                                   f"{self.table} {set_name} {{ {key}{' : ' if value else ''}{value} }}")
             self._elems = (kind, set_name)
-        self._elem_list.append(_ATTR.pack(size, 1 | NLA_F_NESTED) + elem)  # NFTA_LIST_ELEM
+        self._elem_list.append(attr)
         self._elem_bytes += size
 
     def finish(self) -> list[bytes | bytearray]:

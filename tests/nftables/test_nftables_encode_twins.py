@@ -199,3 +199,58 @@ def test_a_full_sync_sends_its_rules_as_statements() -> None:
     assert not any(isinstance(x, str) and x.startswith("add rule") and "/svc-" in x for x in nft.parts)
     # per Service: its service- chain (masquerade mark, DNAT) and external- chain (mark, goto)
     assert sum(len(x[1]) for x in nft.parts if isinstance(x, tuple) and len(x) == 2) == 5 * 4
+
+
+_value_text = st.one_of(
+    st.just(""), st.lists(key_part, min_size=1, max_size=3).map(" . ".join),
+    st.sampled_from(["drop", "accept", "return", "goto service-ABCDEFGH-ns/svc/tcp/p", "jump x", "goto", "jump",
+                     "drop x", "goto a b", "goto é", "continue", "goto x\0y"]),
+    st.text(alphabet="gotjumpdrx -/é", max_size=12))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(key_part, min_size=1, max_size=4).map(" . ".join), _value_text)
+def test_the_c_element_encoder_gives_the_python_bytes_or_leaves_them_to_it(key: str, value: str) -> None:
+    got = _nftkey.element_attr(key, value)
+    batch = PURE.Batch("ip", "kube-proxy")
+    try:
+        batch.element(PURE.NEWSETELEM, "s", key, value)
+        want: bytes | None = batch._elem_list[0]
+    except PURE.Untranslatable:
+        want = None
+    assert got is None or got == want, (key, value)
+
+
+def test_the_c_element_encoder_takes_the_common_forms() -> None:
+    # A full sync's elements: None here would mean the C path is never used.
+    for key, value in [("0x1f", "10.1.2.3 . 8080"), ("10.1.2.3 . 10.1.2.3", ""), ("10.96.0.1", ""),
+                       ("10.96.0.1 . tcp . 80", "goto service-ABCDEFGH-ns/svc/tcp/p"), ("tcp . 30000", "drop")]:
+        assert _nftkey.element_attr(key, value) is not None, (key, value)
+    assert COMPILED._c_element is not None and PURE._c_element is None
+
+
+@settings(max_examples=600, deadline=None)
+@given(_fam, statement | st.tuples(st.sampled_from(["goto", "jump"]), st.text(min_size=1, max_size=70)))
+def test_statements_from_templates_are_the_generic_bytes(family: str, stmt: tuple[str, ...]) -> None:
+    """The encoder's templates (a Service's own address, chains, endpoint map block cut into
+    bytes made once) give _encode_stmt's bytes, or leave the statement to it; in both twins."""
+    for m in (COMPILED, PURE):
+        try:
+            want: bytes | None = m._encode_stmt(stmt, family)
+        except m.Untranslatable:
+            want = None
+        try:
+            got = m._fast_stmt(stmt, family)
+        except m.Untranslatable:
+            assert want is None
+            continue
+        assert got is None or got == want, stmt
+
+
+def test_the_templates_take_the_services_own_statements() -> None:
+    # None here would mean every rule is nested anew (the templates unused).
+    for family, stmt in [("ip", ("match", "ip", "daddr", "10.96.0.1")), ("ip6", ("match", "ip6", "daddr", "fd00::1")),
+                         ("ip", ("goto", "service-ABCDEFGH-ns/svc/tcp/p")), ("ip", ("jump", "mark-for-masquerade")),
+                         ("ip", ("dnat-map", "ip", "10", "4096", "endpoints-tcp-7")),
+                         ("ip6", ("dnat-map", "ip6", "1", "0", "endpoints-udp-511"))]:
+        assert COMPILED._fast_stmt(stmt, family) is not None, stmt
