@@ -254,3 +254,23 @@ def test_the_templates_take_the_services_own_statements() -> None:
                          ("ip", ("dnat-map", "ip", "10", "4096", "endpoints-tcp-7")),
                          ("ip6", ("dnat-map", "ip6", "1", "0", "endpoints-udp-511"))]:
         assert COMPILED._fast_stmt(stmt, family) is not None, stmt
+
+
+def test_the_cyclic_gc_is_paused_for_a_full_sync_only() -> None:
+    import gc
+
+    seen: list[bool] = []
+
+    class Watching(_NoKernel):
+        def apply(self, transaction: str | Iterable[str]) -> None:
+            seen.append(gc.isenabled())
+            super().apply(transaction)
+
+    from nft_state import endpoints, name, state
+    p = NftablesProxier(Watching(), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",))
+    svcs, eps = state(3, 2)
+    assert gc.isenabled()
+    assert p.sync(SyncRequest(svcs, eps)).ok
+    eps[name(1)] = endpoints(1, 1, first=5)
+    assert p.sync(SyncRequest(svcs, eps, changed=frozenset({name(1)}), full=False)).ok
+    assert seen == [False, True] and gc.isenabled()
