@@ -131,3 +131,20 @@ def test_partial_syncs_end_where_a_full_sync_starts(netns: str) -> None:
     full, full_slots = _elements(netns)
     assert partial == full
     assert partial_slots == full_slots
+
+
+def test_a_resync_keeps_the_bookkeeping_it_had(netns: str) -> None:
+    """A full resync that finds a ServicePort as it was keeps the object it had (the fresh copy
+    goes at once: a resync never holds two bookkeepings of 10,000 Services); a changed one is new."""
+    rng = random.Random(16)
+    present, two_ports = {i: True for i in range(8)}, {i: True for i in range(8)}
+    eps_of = {i: rng.sample(PODS, 2) for i in range(6)}
+    services, endpoints = _services(rng, present, two_ports, eps_of)
+    p = NftablesProxier(Nft(netns), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",))
+    assert p.sync(SyncRequest(services, endpoints)).ok
+    before = dict(p._programmed)
+    eps_of[0] = [PODS[5]]
+    services, endpoints = _services(rng, present, two_ports, eps_of)
+    assert p.sync(SyncRequest(services, endpoints)).ok
+    kept = {n for n, x in p._programmed.items() if x is before[n]}
+    assert kept == {n for n in services if n.name != "svc-0"}
