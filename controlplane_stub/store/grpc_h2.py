@@ -47,6 +47,7 @@ STREAM_WINDOW = 16 << 20  # our receive window per stream, and the connection's
 CONN_WINDOW = 64 << 20
 MAX_MESSAGE = 256 << 20  # one response message (a range of a big prefix)
 MAX_HEADER_LIST = 64 << 10
+SEND_DEFER_TURNS = 4
 KEEPALIVE = 6.0  # etcd's server strikes pings closer than 5 s apart
 
 # gRPC status codes (the ones this module produces; others come from the server's trailers)
@@ -208,6 +209,7 @@ class Connection(asyncio.Protocol):
         self.error = ""
         self._buf = bytearray()
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self._decoded: dict[bytes, dict[bytes, bytes]] = {}
         self._streams: dict[int, Stream] = {}
         self._blocked: dict[int, Stream] = {}  # streams with DATA waiting for window, in order
         self._next_sid = 1
@@ -222,6 +224,7 @@ class Connection(asyncio.Protocol):
         self._keepalive: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._wbuf: list[bytes] = []
+        self._deferred = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -395,8 +398,25 @@ class Connection(asyncio.Protocol):
         if not st.unary:
             st._wake()
 
+    def _decode(self, block: bytes) -> dict[bytes, bytes]:
+        """A header block's fields. Every block goes through the one decoder (the server's encoder
+        indexes into a table both sides keep), except one seen before that consists of one-byte
+        indexed fields only: it leaves the table as it is, so its fields are the same as last
+        time until a block that may change the table (anything else) comes. After the first
+        calls, etcd's response headers and trailers are such blocks (3 and 1 bytes)."""
+        got = self._decoded.get(block)
+        if got is not None:
+            return got
+        headers = dict(self._decoder.decode(block, raw=True))
+        if 0xFF not in block and all(b & 0x80 for b in block):
+            if len(self._decoded) < 64:
+                self._decoded[block] = headers
+        else:
+            self._decoded.clear()
+        return headers
+
     def _headers(self, sid: int, block: bytes, end_stream: int) -> None:
-        headers = dict(self._decoder.decode(block, raw=True))  # always: the decoder's table must follow the server's
+        headers = self._decode(block)
         st = self._streams.get(sid)
         if st is None:
             return
@@ -521,6 +541,14 @@ class Connection(asyncio.Protocol):
         self._wbuf.append(data)
 
     def _send_out(self) -> None:
+        # While the loop has other callbacks ready (requests being handled that may add calls), the
+        # send waits for them, a few turns at most: the busier the server, the more calls share a send.
+        ready = getattr(self._loop, "_ready", None)  # CPython's asyncio loop; elsewhere: send now
+        if ready and self._deferred < SEND_DEFER_TURNS and len(self._wbuf) < 64:
+            self._deferred += 1
+            self._loop.call_soon(self._send_out)
+            return
+        self._deferred = 0
         data, self._wbuf = b"".join(self._wbuf), []
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)

@@ -67,6 +67,12 @@ def response(sid: int, messages: list[bytes], enc: hpack.Encoder, *, split: int,
     return out + frame(h2.HEADERS, h2.FLAG_END_HEADERS | h2.FLAG_END_STREAM, sid, enc.encode(trailers))
 
 
+async def turns() -> None:
+    """Lets the event loop run past the connection's deferred send (h2.SEND_DEFER_TURNS)."""
+    for _ in range(h2.SEND_DEFER_TURNS + 2):
+        await asyncio.sleep(0)
+
+
 def connected() -> tuple[h2.Connection, FakeTransport]:
     conn = h2.Connection("127.0.0.1:2379", False)
     t = FakeTransport()
@@ -109,7 +115,7 @@ def test_unary_call_and_error_status() -> None:
         enc = hpack.Encoder()  # one encoder for the connection: its dynamic table carries over
         a = conn.open("/etcdserverpb.KV/Range", True, b"req-a")
         b = conn.open("/etcdserverpb.KV/Txn", True, b"req-b")
-        await asyncio.sleep(0)  # frames of one loop turn are sent at its end, in one write
+        await turns()  # frames of one loop turn are sent at its end, in one write
         sent = frames(bytes(t.out))
         assert t.writes == 2  # the preface and settings; then both calls together
         assert [(f[0], f[2], f[3][5:]) for f in sent if f[0] == h2.DATA] == [(h2.DATA, a.sid, b"req-a"),
@@ -132,11 +138,11 @@ def test_flow_control_waits_for_window_updates() -> None:
         conn, t = connected()
         conn.data_received(frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 10)))  # stream window 10
         s = conn.open("/etcdserverpb.KV/Put", True, b"x" * 100)
-        await asyncio.sleep(0)
+        await turns()
         sent = sum(len(f[3]) for f in frames(bytes(t.out)) if f[0] == h2.DATA)
         assert sent == 10  # the stream's window
         conn.data_received(frame(h2.WINDOW_UPDATE, 0, s.sid, struct.pack(">I", 1000)))
-        await asyncio.sleep(0)
+        await turns()
         data = [f for f in frames(bytes(t.out)) if f[0] == h2.DATA]
         assert sum(len(f[3]) for f in data) == 105  # 5-byte prefix + 100
         assert data[-1][1] & h2.FLAG_END_STREAM and not any(f[1] & h2.FLAG_END_STREAM for f in data[:-1])
@@ -195,4 +201,20 @@ def test_bounds() -> None:
             assert e.code == h2.UNAVAILABLE and not e.sent
         else:
             raise AssertionError("a broken connection took a new call")
+    asyncio.run(run())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([(":status", "200"), (":status", "404"), ("content-type", "application/grpc"),
+                                           ("grpc-status", "0"), ("grpc-status", "5"), ("grpc-message", "no"),
+                                           ("x-a", "1"), ("x-b", "2")]), min_size=1, max_size=4),
+                min_size=1, max_size=30))
+def test_cached_header_blocks_decode_as_the_decoder_would(blocks: list[list[tuple[str, str]]]) -> None:
+    async def run() -> None:
+        conn, _ = connected()
+        enc, dec = hpack.Encoder(), hpack.Decoder()
+        for headers in blocks:
+            block = enc.encode(headers)
+            want = dict((k.encode(), v.encode()) for k, v in dec.decode(block))
+            assert conn._decode(block) == want
     asyncio.run(run())
