@@ -17,7 +17,8 @@ more. A line outside it raises Untranslatable and the caller sends the script th
 instead (same meaning, slower), so the script stays the one description of a transaction (logs,
 tests, the fallback). tests/nftables check that both ways leave identical rulesets in the kernel.
 A full sync's elements (200,000 at 10,000 Services) may come as (set, key, value) tuples instead
-of lines (Part): the same bytes without writing and parsing their text.
+of lines, and its per-Service rules as statements (Part, Rule): the same bytes without writing and
+parsing their text.
 
 The compiled core: setup.py compiles this file with Cython (the directives above keep Python's
 semantics); kproxy.fastpath.pure_twin loads the same source as Python (KPROXY_PURE=1), and
