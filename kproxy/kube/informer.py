@@ -6,6 +6,7 @@ Replace + Sync, without the queue: handlers run inline on the event loop).
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -18,11 +19,13 @@ Handler = Callable[["T | None", "T | None"], None]
 
 
 def object_key(item: msgspec.Struct) -> str:
-    """namespace/name (or name for cluster-scoped objects), client-go's MetaNamespaceKeyFunc."""
+    """namespace/name (or name for cluster-scoped objects), client-go's MetaNamespaceKeyFunc.
+    Interned: a store keeps it as long as the object exists, and a Service's key is also the key
+    its EndpointSlices name (kproxy.server), one string instead of two per Service."""
     meta = getattr(item, "metadata", None)
     ns: str = getattr(meta, "namespace", "")
     name: str = getattr(meta, "name", "")
-    return f"{ns}/{name}" if ns else name
+    return sys.intern(f"{ns}/{name}") if ns else name
 
 
 class Informer(Generic[T]):
