@@ -45,6 +45,7 @@ _MSG = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
 MAX_FRAME = 16384  # what we accept (the default; etcd's gRPC server sends no larger frames)
 STREAM_WINDOW = 16 << 20  # our receive window per stream, and the connection's
 CONN_WINDOW = 64 << 20
+READ_AHEAD = 256  # messages a streaming call may hold unread before its window stops growing
 MAX_MESSAGE = 256 << 20  # one response message (a range of a big prefix)
 MAX_HEADER_LIST = 64 << 10
 SEND_DEFER_TURNS = 4
@@ -179,6 +180,8 @@ class Stream:
                 return None
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
+        if self.recv_unacked >= STREAM_WINDOW // 2 and len(self.messages) <= READ_AHEAD:
+            self.conn.window_update(self)  # the reader caught up: the server may send on
         return self.messages.popleft()
 
     async def result(self) -> bytes:
@@ -367,9 +370,6 @@ class Connection(asyncio.Protocol):
             payload = payload[1:len(payload) - payload[0]]
         end = flags & FLAG_END_STREAM
         st.recv_unacked += n
-        if not end and st.recv_unacked >= STREAM_WINDOW // 2:
-            self._write(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.recv_unacked)))
-            st.recv_unacked = 0
         buf = st.buf
         if not buf and len(payload) >= 5:
             flag, mlen = _MSG.unpack_from(payload)
@@ -390,8 +390,19 @@ class Connection(asyncio.Protocol):
                     break
                 self._message(st, bytes(buf[5:5 + mlen]))
                 del buf[:5 + mlen]
-        if end and not st.done:
-            self._finish(st, GrpcError(INTERNAL, "stream ended without a gRPC status"))
+        if end:
+            if not st.done:
+                self._finish(st, GrpcError(INTERNAL, "stream ended without a gRPC status"))
+        elif st.unary or len(st.messages) < READ_AHEAD:
+            self.window_update(st)
+
+    def window_update(self, st: Stream) -> None:
+        """Lets the server send more on a stream once half its window is used, but on a streaming
+        call only while its reader keeps up (fewer than READ_AHEAD messages unread): what one
+        stream holds unread stays below STREAM_WINDOW bytes plus those messages."""
+        if st.recv_unacked >= STREAM_WINDOW // 2 and not st.done:
+            self._write(_frame(WINDOW_UPDATE, 0, st.sid, _U32.pack(st.recv_unacked)))
+            st.recv_unacked = 0
 
     def _message(self, st: Stream, message: bytes) -> None:
         st.messages.append(message)

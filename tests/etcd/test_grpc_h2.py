@@ -218,3 +218,26 @@ def test_cached_header_blocks_decode_as_the_decoder_would(blocks: list[list[tupl
             want = dict((k.encode(), v.encode()) for k, v in dec.decode(block))
             assert conn._decode(block) == want
     asyncio.run(run())
+
+
+def test_an_unread_stream_stops_its_window() -> None:
+    async def run() -> None:
+        conn, t = connected()
+        s = conn.open("/etcdserverpb.Watch/Watch", False)
+        msg = b"e" * 20_000
+        n = 500  # 10 MB: past half the stream window (8 MiB) only after READ_AHEAD messages
+        body = (struct.pack(">BI", 0, len(msg)) + msg) * n
+        conn.data_received(frame(h2.HEADERS, h2.FLAG_END_HEADERS, s.sid,
+                                 hpack.Encoder().encode([(":status", "200")])))
+        for i in range(0, len(body), h2.MAX_FRAME):
+            conn.data_received(frame(h2.DATA, 0, s.sid, body[i:i + h2.MAX_FRAME]))
+        await turns()
+
+        def stream_updates() -> int:
+            return sum(1 for f in frames(bytes(t.out)) if f[0] == h2.WINDOW_UPDATE and f[2] == s.sid)
+        assert len(s.messages) == n and stream_updates() == 0  # nobody reads: etcd must wait
+        for _ in range(n):
+            assert await s.read() == msg
+        await turns()
+        assert stream_updates() == 1  # read: the window opens again
+    asyncio.run(run())
