@@ -215,7 +215,7 @@ def test_cached_header_blocks_decode_as_the_decoder_would(blocks: list[list[tupl
         enc, dec = hpack.Encoder(), hpack.Decoder()
         for headers in blocks:
             block = enc.encode(headers)
-            want = dict((k.encode(), v.encode()) for k, v in dec.decode(block))
+            want = {k.encode(): v.encode() for k, v in dec.decode(block)}
             assert conn._decode(block) == want
     asyncio.run(run())
 
