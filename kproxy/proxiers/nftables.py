@@ -171,25 +171,56 @@ DIGEST = 16  # 128 bits: a collision (a changed chain taken as unchanged) is out
 _NONE_SERVING: frozenset[tuple[IP, Port]] = frozenset()
 
 
+def _pack_programmed(chain_names: Iterable[str], digests: bytes, slots: dict[str, tuple[int, int]],
+                     elements: str) -> str:
+    """A ServicePort's chains, their digests, its endpoint-map blocks and its packed elements as
+    one string: "CHAIN\tCHAIN\x1eCHAIN\tOFFSET\tSIZE;...\x1eDIGESTS IN HEX\x1eELEMENTS". Why one:
+    small objects kept per ServicePort (a tuple of names, a bytes, tuples of blocks) were made
+    between a full sync's short-lived ones and kept the interpreter's small-object pools they
+    share from being freed (at 10,000 Services ~14 MiB of free blocks that RSS kept); one string of
+    ~700 bytes is one allocation outside those pools. Chain names are Kubernetes names with a
+    prefix: no tab, ';' or \x1e."""
+    blocks = ";".join(f"{c}\t{o}\t{n}" for c, (o, n) in slots.items())
+    return "\t".join(chain_names) + "\x1e" + blocks + "\x1e" + digests.hex() + "\x1e" + elements
+
+
 @dataclass(slots=True)
 class _Programmed:
     """What the kernel holds for one ServicePort after the last successful sync."""
 
     svc: ServicePort
-    chain_names: tuple[str, ...]
-    # per chain a digest of its rules, DIGEST bytes each: all a later sync needs is "did it
-    # change" (the text, ~20 MiB at 10,000 Services, is written from the fresh render and dropped)
-    digests: bytes
+    # its chains, their digests (DIGEST bytes each: all a later sync needs is "did it change";
+    # the text, ~20 MiB at 10,000 Services, is written from the fresh render and dropped), its
+    # endpoint-map blocks and its map and set elements (kproxy.proxiers.nftelements), packed
+    data: str
     rules: int  # the rule count of its chains
-    elements: str  # its map and set elements, packed (kproxy.proxiers.nftelements)
     sets: tuple[tuple[str, int], ...]
-    slots: tuple[tuple[str, int, int], ...]  # (dispatch chain, its block in the endpoint map: offset, size)
     serving: frozenset[tuple[IP, Port]] = _NONE_SERVING  # UDP only: endpoints DNATed to, for conntrack
+
+    @property
+    def chain_names(self) -> list[str]:
+        names = self.data[:self.data.index("\x1e")]
+        return names.split("\t") if names else []
+
+    @property
+    def slots(self) -> list[tuple[str, int, int]]:
+        """(dispatch chain, its block in the endpoint map: offset, size)"""
+        blocks = self.data.split("\x1e", 2)[1]
+        out = []
+        for block in blocks.split(";") if blocks else ():
+            chain, offset, size = block.split("\t")
+            out.append((chain, int(offset), int(size)))
+        return out
+
+    @property
+    def elements(self) -> str:
+        return self.data.split("\x1e", 3)[3]
 
     @property
     def chains(self) -> dict[str, bytes]:
         """chain -> the digest of its rules."""
-        return {c: self.digests[i * DIGEST:(i + 1) * DIGEST] for i, c in enumerate(self.chain_names)}
+        digests = bytes.fromhex(self.data.split("\x1e", 3)[2])
+        return {c: digests[i * DIGEST:(i + 1) * DIGEST] for i, c in enumerate(self.chain_names)}
 
     def slot_map(self) -> dict[str, tuple[int, int]]:
         return {chain: (offset, size) for chain, offset, size in self.slots}
@@ -474,8 +505,7 @@ class NftablesProxier(Proxier):
         digests = b"".join(_digest(body) for body in chains.values())
         rules = sum(map(len, chains.values()))
         unique = list(dict.fromkeys(elements))
-        p = _Programmed(svc, tuple(chains), digests, rules, pack(unique), tuple(r.sets),
-                        tuple((chain, *block) for chain, block in slots.items()), serving)
+        p = _Programmed(svc, _pack_programmed(chains, digests, slots, pack(unique)), rules, tuple(r.sets), serving)
         same_as = same_as or old
         if same_as is not None and p == same_as:
             p = same_as  # the same: the new copy goes at once (a resync does not hold two bookkeepings)
