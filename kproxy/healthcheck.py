@@ -19,6 +19,7 @@ import socketserver
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kproxy.relay import socket_in_netns
 
@@ -41,7 +42,43 @@ def _ipv6_available() -> bool:
     return True
 
 
+# The listeners answer whoever reaches a node port (load balancers' probes, but anyone on the
+# network): each connection has a thread, so both how many and how long are bounded. A probe is
+# one short request per connection (HTTP/1.0, as http.server answers).
+MAX_CONNECTIONS = 32  # per listener; more are closed at once
+REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request (then its thread ends)
+
+
 class _HTTPServer(http.server.ThreadingHTTPServer):
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread was started: give the slot back
+            with self._active_lock:
+                self._active -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
     def server_bind(self) -> None:
         # http.server's own server_bind asks for the bound address' name (socket.getfqdn): a
         # reverse DNS query per listener, which blocks the sync for the resolver's whole
@@ -98,6 +135,8 @@ def _make_handler(
     owner: ServiceHealthServer, nsn: NamespacedName
 ) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT  # the connection's socket timeout: a silent client is dropped
+
         def do_GET(self) -> None:
             count = owner.local_endpoints(nsn)
             healthy = owner.proxy_healthy()

@@ -152,3 +152,35 @@ def test_health_listeners_never_ask_dns_for_their_address(monkeypatch: pytest.Mo
             assert status == 200 and body["localEndpoints"] == 1
         finally:
             hs.close()
+
+
+def test_idle_connections_are_bounded_in_number_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that connects and says nothing holds a thread only REQUEST_TIMEOUT; beyond
+    max_connections at once, a new connection is closed at once; the listener then answers again."""
+    import time
+
+    import kproxy.healthcheck as hc
+
+    monkeypatch.setattr(hc, "REQUEST_TIMEOUT", 1.0)
+    monkeypatch.setattr(hc._HTTPServer, "max_connections", 2)
+    hs = ServiceHealthServer("127.0.0.1")
+    nsn = NamespacedName("ns1", "idle")
+    idle: list[socket.socket] = []
+    try:
+        port = listen_on_a_free_port(hs, {}, nsn)
+        for _ in range(2):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)  # both accepted and holding their threads
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+            third.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert third.recv(100) == b""  # closed without an answer: every slot is taken
+        t0 = time.monotonic()
+        for s in idle:
+            assert s.recv(100) == b""  # the silent clients are dropped after the timeout
+        assert 0.5 < time.monotonic() - t0 < 4.5
+        code, body, _ = get(port)
+        assert code == 503 and body["localEndpoints"] == 0
+    finally:
+        for s in idle:
+            s.close()
+        hs.close()
