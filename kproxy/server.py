@@ -41,6 +41,7 @@ from kproxy.kube.ingest import (
 )
 from kproxy.kube.kubeconfig import KubeConfigError, resolve_access
 from kproxy.kube.reflector import Reflector
+from kproxy.memtrim import release_free_memory
 from kproxy.metrics import CONTENT_TYPE, ProxyMetrics
 from kproxy.proxiers.base import Proxier, SyncResult
 from kproxy.proxiers.meta import MetaProxier, primary_family, single_family
@@ -436,6 +437,10 @@ class ProxyServer:
             gc.unfreeze()
             gc.collect()
             gc.freeze()
+            # And hand what the sync and that collection freed back to the kernel, a second
+            # later: by then this sync's request, views and checkout are gone too (a trim right
+            # here left RSS where it was: 100.7 MiB at 10,000 Services; a second later 99.5-99.6).
+            asyncio.get_running_loop().call_later(1.0, release_free_memory)
         wall = time.time()
         self.health.updated()  # every family synced (a family's failure returned above)
         for family in family_seconds:

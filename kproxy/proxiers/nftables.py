@@ -30,7 +30,6 @@ MetaProxier.set_service_cidrs, never during a sync).
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import hashlib
 import ipaddress
@@ -44,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from types import ModuleType
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from kproxy._nftpath import Rendered
 from kproxy.backends.conntrack import Conntrack
@@ -53,6 +52,7 @@ from kproxy.backends.nftnl import Rule
 from kproxy.config import KProxyConfig
 from kproxy.fastpath import pure_twin, want_pure
 from kproxy.healthcheck import ServiceHealthServer
+from kproxy.memtrim import release_free_memory
 from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.meta import new_proxier_for_families
@@ -224,22 +224,6 @@ class _Programmed:
 
     def slot_map(self) -> dict[str, tuple[int, int]]:
         return {chain: (offset, size) for chain, offset, size in self.slots}
-
-
-def _release_free_memory() -> None:
-    """Hands the heap a full sync freed (its script, the batch, the old bookkeeping) back to the
-    kernel: glibc keeps freed memory for reuse, so the process would stay at its peak."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 def _rule_count(p: _Programmed | None) -> int:
@@ -773,7 +757,7 @@ class NftablesProxier(Proxier):
             clean_udp_conntrack(self.conntrack, request, old, new)
         if full:
             del old
-            _release_free_memory()
+            release_free_memory()  # the heap a full sync freed (script, batch, old bookkeeping)
         return SyncResult(ok=True, rules_total={"nftables": self._rules})
 
     def _refresh_node_ips(self) -> None:
