@@ -19,7 +19,6 @@ from pathlib import Path
 from sys import intern
 from typing import Any
 
-
 from kproxy.changes import Checkout, ProxyState, parse_trigger_time
 from kproxy.config import ConfigError, KProxyConfig
 from kproxy.healthz import ProxierHealth, health_routes
@@ -343,14 +342,13 @@ class ProxyServer:
 
     def on_slice(self, key: str, old_service: str | None, es: EndpointSlice | None) -> None:
         """key: the slice's namespace/name; old_service: the Service key it belonged to."""
-        # The tracker names a slice by its store key: the same string object the SummaryStore
+        # The tracker names a slice by `key`, its store key: the same string object the SummaryStore
         # keeps (its name alone was one more string per slice, 0.6 MiB at 10,000 slices); the
         # slices of one Service share its namespace, so their order by key is their order by name.
-        name = key
         new_service = _slice_service_key(es) if es is not None else None
         # Deleted, or (unusually) relabelled to another Service: gone from the old one.
         if (old_service and old_service != new_service
-                and self.state.endpoints_tracker.update(old_service, name, None)):
+                and self.state.endpoints_tracker.update(old_service, key, None)):
             self.metrics.endpoint_changes_total.inc()
             self._queued()
         if es is None or not new_service:
@@ -363,7 +361,7 @@ class ProxyServer:
         except InvalidObject as err:
             self._invalid(err)
             eps = {}
-        if self.state.endpoints_tracker.update(new_service, name, eps, trig):
+        if self.state.endpoints_tracker.update(new_service, key, eps, trig):
             self.metrics.endpoint_changes_total.inc()
             self._queued()
 
