@@ -34,6 +34,16 @@ def is_shared(set_name: str) -> bool:
 _DOUBLED = "=" + HAIRPIN
 
 
+def hairpin_of(e: Element) -> str:
+    """A of a hairpin-ips element "A . A", else "" (pack keeps such an element as A alone, and
+    SharedRefs counts it by A)."""
+    set_name, key, value = e
+    if set_name != HAIRPIN or value:
+        return ""
+    a, sep, b = key.partition(" . ")
+    return a if sep and a == b else ""
+
+
 def pack(elements: Iterable[Element]) -> str:
     """The elements as one string, grouped by set in their first order, duplicates dropped:
     "SET\tKEY\tVALUE\tKEY\tVALUE...\nSET...", and hairpin-ips' "A . A" as "=hairpin-ips\tA\tA2...".
@@ -42,12 +52,11 @@ def pack(elements: Iterable[Element]) -> str:
     rather than stored wrongly."""
     groups: dict[str, dict[tuple[str, str], None]] = {}
     doubled: dict[str, None] = {}
-    for set_name, key, value in elements:
-        if set_name == HAIRPIN and not value:
-            a, sep, b = key.partition(" . ")
-            if sep and a == b:
-                doubled[a] = None
-                continue
+    for e in elements:
+        if a := hairpin_of(e):
+            doubled[a] = None
+            continue
+        set_name, key, value = e
         groups.setdefault(set_name, {})[(key, value)] = None
     parts = [set_name + "\t" + "\t".join(f"{k}\t{v}" for k, v in kv) for set_name, kv in groups.items()]
     if doubled:
@@ -97,16 +106,8 @@ class SharedRefs:
     def __len__(self) -> int:
         return len(self.hairpin) + len(self.cluster_ips) + len(self.other)
 
-    def _hairpin_of(self, e: Element) -> str:
-        """A of a hairpin-ips element "A . A", else ""."""
-        set_name, key, value = e
-        if set_name != HAIRPIN or value:
-            return ""
-        a, sep, b = key.partition(" . ")
-        return a if sep and a == b else ""
-
     def count(self, e: Element) -> int:
-        if a := self._hairpin_of(e):
+        if a := hairpin_of(e):
             return self.hairpin.get(a, 0)
         if e[0] == CLUSTER_IPS and not e[2]:
             return self.cluster_ips.get(e[1], 0)
@@ -114,7 +115,7 @@ class SharedRefs:
 
     def add(self, e: Element, d: int = 1, canon: dict[str, str] | None = None) -> None:
         """Adds d (negative: removes) references; an element at zero references is forgotten."""
-        if a := self._hairpin_of(e):
+        if a := hairpin_of(e):
             _bump(self.hairpin, canon.get(a, a) if canon else a, d)
         elif e[0] == CLUSTER_IPS and not e[2]:
             _bump(self.cluster_ips, canon.get(e[1], e[1]) if canon else e[1], d)
