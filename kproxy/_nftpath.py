@@ -27,7 +27,7 @@ A ServicePort renders to:
     without them it is ~12,000;
   - elements: (map or set, key, value) of the shared verdict maps and sets (service-ips,
     service-nodeports, no-endpoint-services, no-endpoint-nodeports, firewall-ips, cluster-ips,
-    hairpin-ips);
+    hairpin-ips, cluster-ip-ports);
   - balance: (dispatch chain, its endpoints) of the chains without affinity;
   - sets: the dynamic affinity sets (name, timeout seconds), one per endpoint when the Service has
     sessionAffinity ClientIP.
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 MARK_MASQ_CHAIN = "mark-for-masquerade"
 REJECT_CHAIN = "reject-chain"
+MASQ_SET = "cluster-ip-ports"
 # Statements every Service's rules share.
 _JUMP_MASQ = ("jump", MARK_MASQ_CHAIN)
 _FIB_LOCAL = ("fib", "saddr")
@@ -139,17 +140,9 @@ def render_service_port(
     if se.external_traffic and se.cluster and svc.external_policy_local:
         dispatch[cluster_chain] = se.cluster  # the short-circuit target for pods and the node
 
-    mark_cluster_ip: Rule = ()
-    if cluster_ip is not None:
-        match: Rule = (("match", ipx, "daddr", cluster_ip), ("dport", proto, str(port)))
-        if masquerade_all:
-            mark_cluster_ip = (*match, _JUMP_MASQ)
-        elif cluster_cidr:
-            mark_cluster_ip = (*match, ("match!=", ipx, "saddr", cluster_cidr), _JUMP_MASQ)
     balance: list[tuple[str, tuple[str, ...]]] = []
     for chain in sorted(dispatch):
-        rules = [mark_cluster_ip] if mark_cluster_ip and chain == internal_chain else []
-        rules.extend(_dispatch(dispatch[chain], base, affinity, ipx))
+        rules = _dispatch(dispatch[chain], base, affinity, ipx)
         chains.append((chain, tuple(rules)))
         if not affinity:
             balance.append((chain, tuple(f"{ep.ip} . {int(ep.port)}" for ep in dispatch[chain])))
@@ -192,6 +185,12 @@ def render_service_port(
         elements.append(("cluster-ips", cluster_ip, ""))
         if se.internal:
             elements.append(("service-ips", key, f"goto {internal_chain}"))
+            if masquerade_all or cluster_cidr:
+                # Upstream's first rule of the internal chain, `ip daddr CLUSTER_IP PROTO dport
+                # PORT ip saddr != CLUSTER_CIDR jump mark-for-masquerade`, as this element of the
+                # one rule in `services` that looks it up (kproxy.proxiers.nftables, MASQ_SET):
+                # the same packets (see there), one element instead of one rule of 10 expressions.
+                elements.append((MASQ_SET, key, ""))
         else:
             elements.append(("no-endpoint-services", key, no_eps))
     outside_ips = [ip for ip in (*svc.external_ips, *svc.load_balancer_ips) if (":" in ip) == v6]

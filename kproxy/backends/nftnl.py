@@ -690,6 +690,7 @@ _SHARED_SETS = {
     "type ipv4_addr . inet_proto . inet_service : verdict": (
         (((7 << 6) | 12) << 6) | 13, 12, bytes.fromhex("000400000000010400000000") + _CONCAT_UDATA[6:]
         + bytes.fromhex("060400000000")),
+    "type ipv4_addr . inet_proto . inet_service": ((((7 << 6) | 12) << 6) | 13, 12, _CONCAT_UDATA),
     "type inet_proto . inet_service : verdict": (
         (12 << 6) | 13, 8, bytes.fromhex("000400000000010400000000") + _CONCAT_UDATA[6:] + bytes.fromhex("060400000000")),
 }
@@ -697,6 +698,7 @@ _SHARED_SETS = {
 _SHARED_SETS.update({
     "type ipv6_addr": (TYPE_IP6ADDR, 16, _SHARED_SETS["type ipv4_addr"][2]),
     "type ipv6_addr . ipv6_addr": ((8 << 6) | 8, 32, _CONCAT_UDATA),
+    "type ipv6_addr . inet_proto . inet_service": ((((8 << 6) | 12) << 6) | 13, 24, _CONCAT_UDATA),
     "type ipv6_addr . inet_proto . inet_service : verdict": (
         (((8 << 6) | 12) << 6) | 13, 24, _SHARED_SETS["type ipv4_addr . inet_proto . inet_service : verdict"][2]),
 })

@@ -197,8 +197,10 @@ def test_a_full_sync_sends_its_rules_as_statements() -> None:
     assert p.sync(SyncRequest(svcs, eps)).ok
     assert nft.parts is not None
     assert not any(isinstance(x, str) and x.startswith("add rule") and "/svc-" in x for x in nft.parts)
-    # per Service: its service- chain (masquerade mark, DNAT) and external- chain (mark, goto)
-    assert sum(len(x[1]) for x in nft.parts if isinstance(x, tuple) and len(x) == 2) == 5 * 4
+    # per Service: its service- chain (DNAT; the ClusterIP's masquerade mark is an element of
+    # cluster-ip-ports) and external- chain (mark, goto)
+    assert sum(len(x[1]) for x in nft.parts if isinstance(x, tuple) and len(x) == 2) == 5 * 3
+    assert sum(1 for x in nft.parts if isinstance(x, tuple) and x[0] == "cluster-ip-ports") == 5
 
 
 _value_text = st.one_of(
