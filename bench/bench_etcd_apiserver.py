@@ -12,6 +12,14 @@ All servers run at once: each is loaded and listed in turn, then the fan-out goe
 FANOUT_ROUNDS times (A, B, C, A, B, C, ...), so a change of the machine's load during the run hits
 every server's rounds alike; the table shows each server's median round (and the range).
 
+Pinned (default on 2+ cores; KPROXY_BENCH_PIN=0 for the old way): the bench, its clients and every
+etcd on one core, each API server on the other, so a server's rate is what one core gives it and
+not what the clients and etcd leave it; kube-apiserver's Go runtime starts with one core in its
+affinity and so GOMAXPROCS=1, as one Python event loop. Per round the table also shows how busy the
+server kept its core (near 100%: the server bounds the rate) and the clients' CPU. The creating
+clients are one small HTTP/1.1 client (`_Conn`), the same for every server.
+KPROXY_BENCH_SERVICES (default 10,000) stores fewer Services for a quick run.
+
 Run: .venv/bin/pytest bench/bench_etcd_apiserver.py --benchmark-enable -s
 """
 from __future__ import annotations
@@ -29,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import plots  # bench/plots.py: pytest puts bench/ on sys.path
@@ -38,7 +47,7 @@ import yaml
 from controlplane_stub.apiserver.testing import running_apiserver
 from controlplane_stub.store.etcd_process import EtcdCluster, etcd_available, free_port, running_etcd
 
-N_SERVICES = 10_000
+N_SERVICES = int(os.environ.get("KPROXY_BENCH_SERVICES", "10000"))
 N_WATCHERS = 50
 N_EVENTS = 1000
 FANOUT_ROUNDS = int(os.environ.get("KPROXY_BENCH_FANOUT_ROUNDS", "3"))  # more rounds: a steadier median
@@ -90,26 +99,70 @@ def _service(i: int) -> dict[str, Any]:
             "spec": {"selector": {"app": f"a{i % 100}"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
 
 
-async def _create_many(t: Target, path: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
-    ctx = t.ssl()
+class _Conn:
+    """One HTTP/1.1 connection over TLS that sends prepared requests and reads each answer with as
+    little Python as it takes: the same client for every server, and cheap, so that the creating
+    clients (they share the bench's core with etcd and the watchers) leave the servers' rates alone.
+    aiohttp's client cost about 0.5 s of CPU per 1,000 creates; this one is measured per round."""
 
-    async def worker() -> None:
-        async with aiohttp.ClientSession(headers=t.headers) as s:
-            while not queue.empty():
-                body = queue.get_nowait()
-                for _ in range(5):  # kube-apiserver answers 429 beyond its in-flight limit: retry
-                    async with s.post(t.url + path, data=json.dumps(body), ssl=ctx) as r:
-                        await r.read()
-                        if r.status == 201:
-                            break
-                        assert r.status == 429, (r.status, await r.text())
-                    await asyncio.sleep(0.05)
+    def __init__(self, t: Target) -> None:
+        self.t = t
+        u = urlsplit(t.url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 443
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def request(self, path: str, body: bytes) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {self.t.token}\r\n"
+                f"Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+
+    async def send(self, request: bytes, ctx: ssl.SSLContext) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, ssl=ctx)
+        assert self.reader is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status, lower = int(head[9:12]), head.lower()
+        if b"transfer-encoding: chunked" in lower:
+            body = b""
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                body += (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readline()  # the empty trailer
+        else:
+            at = lower.index(b"content-length:") + 15
+            body = await self.reader.readexactly(int(lower[at:lower.index(b"\r\n", at)]))
+        if b"connection: close" in lower:
+            self.close()
+        return status, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def _create_many(t: Target, path: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
+    ctx = t.ssl()
+    conns = [_Conn(t) for _ in range(concurrency)]
+    queue = [conns[0].request(path, json.dumps(b).encode()) for b in reversed(bodies)]
+
+    async def worker(conn: _Conn) -> None:
+        while queue:
+            request = queue.pop()
+            for _ in range(5):  # kube-apiserver answers 429 beyond its in-flight limit: retry
+                status, body = await conn.send(request, ctx)
+                if status == 201:
+                    break
+                assert status == 429, (status, body)
+                await asyncio.sleep(0.05)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker(c) for c in conns))
+    finally:
+        for c in conns:
+            c.close()
     return time.perf_counter() - started
 
 
@@ -129,22 +182,39 @@ async def _list_best(t: Target, rounds: int) -> tuple[float, int]:
 # The fan-out's 32 creating clients run in a process of their own (started before the round, told
 # to go on stdin): in one process with the 50 watchers the bench itself bounded the events/s.
 _CREATORS = """
-import asyncio, sys
+import asyncio, sys, time
 sys.path.insert(0, sys.argv[1])
 import bench_etcd_apiserver as b
 url, token, ca, round_ = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 t = b.Target("creators", url, token, ca, 0, lambda: 0.0, lambda: [])
 bodies = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"fan{round_}-{i}"}} for i in range(b.N_EVENTS)]
+print("ready", flush=True)
 sys.stdin.readline()
+cpu = time.process_time()
 asyncio.run(b._create_many(t, "/api/v1/namespaces/default/configmaps", bodies, 32))
+print(time.process_time() - cpu)  # this process's CPU seconds from the go
 """
 
 
-async def _fanout(t: Target, round_: int) -> float:
+@dataclass
+class Round:
+    events_per_s: float
+    wall_s: float  # from the go to the last watcher's last event
+    server_cpu_s: float
+    etcd_cpu_s: float
+    creators_cpu_s: float  # the creating clients' process from the go
+    watchers_cpu_s: float  # the bench's own process: the 50 watchers
+
+
+async def _fanout(t: Target, round_: int) -> Round:
+    """One round; the CPU figures from the go: the watchers' connections (TLS handshakes, the
+    initial list) are set up before it and are not the fan-out's work."""
     creators = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _CREATORS, os.path.dirname(os.path.abspath(__file__)), t.url, t.token, t.ca_file,
-        str(round_), stdin=subprocess.PIPE)
-    assert creators.stdin is not None
+        str(round_), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert creators.stdin is not None and creators.stdout is not None
+    # Its imports done before the watchers connect: they would share the bench's core with the round.
+    assert await asyncio.wait_for(creators.stdout.readline(), 120) == b"ready\n"
     ctx = t.ssl()
     path = "/api/v1/namespaces/default/configmaps"
     async with aiohttp.ClientSession(headers=t.headers) as s:
@@ -173,12 +243,16 @@ async def _fanout(t: Target, round_: int) -> float:
     tasks = [asyncio.create_task(watcher()) for _ in range(N_WATCHERS)]
     await asyncio.wait_for(ready.wait(), 60)
     await asyncio.sleep(0.5)
+    cpu0, etcd0, own0 = _cpu_s(t.pid), sum(_cpu_s(p) for p in t.etcd_pids()), _cpu_s(os.getpid())
     started = time.perf_counter()
     creators.stdin.write(b"go\n")
     await creators.stdin.drain()
+    out = await asyncio.wait_for(creators.stdout.read(), 300)
     assert await asyncio.wait_for(creators.wait(), 300) == 0
     await asyncio.wait_for(asyncio.gather(*tasks), 300)
-    return N_WATCHERS * N_EVENTS / (max(done_at) - started)
+    cpu, etcd, own = _cpu_s(t.pid) - cpu0, sum(_cpu_s(p) for p in t.etcd_pids()) - etcd0, _cpu_s(os.getpid()) - own0
+    wall = max(done_at) - started
+    return Round(N_WATCHERS * N_EVENTS / wall, wall, cpu, etcd, float(out.split()[-1]), own)
 
 
 def _load(t: Target) -> dict[str, float]:
@@ -192,11 +266,8 @@ def _load(t: Target) -> dict[str, float]:
     return out
 
 
-def _fanout_round(t: Target, round_: int) -> tuple[float, float, float]:
-    """(events/s, server CPU s, etcd CPU s) of one fan-out round."""
-    cpu0, etcd0 = _cpu_s(t.pid), sum(_cpu_s(p) for p in t.etcd_pids())
-    rate = asyncio.run(_fanout(t, round_))
-    return rate, _cpu_s(t.pid) - cpu0, sum(_cpu_s(p) for p in t.etcd_pids()) - etcd0
+def _fanout_round(t: Target, round_: int) -> Round:
+    return asyncio.run(_fanout(t, round_))
 
 
 @contextlib.contextmanager
@@ -245,6 +316,22 @@ def _kube_apiserver(out_dir: str) -> Iterator[Target]:
         subprocess.run(["bash", os.path.join(peers, "down.sh"), out_dir], env=env, timeout=120, capture_output=True)
 
 
+def _cpus() -> tuple[int, int] | None:
+    """(the bench's core, the servers' core) when KPROXY_BENCH_PIN is not 0 and this process may
+    run on two cores or more; None: nothing pinned (the old way, every process on every core)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if os.environ.get("KPROXY_BENCH_PIN", "1") == "0" or len(allowed) < 2:
+        return None
+    return allowed[0], allowed[1]
+
+
+def _pin(pid: int, cpu: int) -> None:
+    """Every thread of the process onto one core (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), {cpu})
+
+
 @pytest.mark.timeout(2400)
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (apt-get install etcd-server)")
 def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
@@ -257,12 +344,25 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
         print("\nkube-apiserver 1.24 skipped: set KPROXY_PEERS_OUT to the OUT_DIR of shared/peers/build.sh "
               "(CI has no peer binary)")
     rows: dict[str, dict[str, float]] = {}
-    rounds: dict[str, list[tuple[float, float, float]]] = {}
+    rounds: dict[str, list[Round]] = {}
+    cpus = _cpus()
+    print(f"\npinned: the bench, its clients and etcd on cpu {cpus[0]}, each server on cpu {cpus[1]}" if cpus
+          else "\nnot pinned (KPROXY_BENCH_PIN=0 or one core)")
 
     def run() -> None:
+        own = os.sched_getaffinity(0)
         with contextlib.ExitStack() as stack:
+            if cpus:
+                # Everything started from here on (etcd, the servers, up.sh's etcd and kube-apiserver,
+                # the creating clients) inherits the bench's core; each server then moves to the
+                # other core. kube-apiserver's Go runtime sizes GOMAXPROCS from the affinity it
+                # starts with: one core, as one Python event loop has.
+                os.sched_setaffinity(0, {cpus[0]})
+                stack.callback(os.sched_setaffinity, 0, own)
             running = [stack.enter_context(make()) for make in targets]
             for t in running:
+                if cpus:
+                    _pin(t.pid, cpus[1])
                 started = time.monotonic()
                 rows[t.name] = _load(t)
                 print(f"\n{t.name}: {rows[t.name]} ({time.monotonic() - started:.0f} s)", flush=True)
@@ -273,24 +373,41 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
                           flush=True)
             for t in running:
                 r = rows[t.name]
-                rates = [x[0] for x in rounds[t.name]]
-                mid = sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]
-                r["fanout_events_per_s"], r["fanout_server_cpu_s"], r["fanout_etcd_cpu_s"] = rounds[t.name][mid]
-                r["fanout_min"], r["fanout_max"] = min(rates), max(rates)
+                by_rate = sorted(rounds[t.name], key=lambda x: x.events_per_s)
+                mid = by_rate[len(by_rate) // 2]
+                r["fanout_events_per_s"], r["fanout_server_cpu_s"], r["fanout_etcd_cpu_s"] = (
+                    mid.events_per_s, mid.server_cpu_s, mid.etcd_cpu_s)
+                r["fanout_min"], r["fanout_max"] = by_rate[0].events_per_s, by_rate[-1].events_per_s
+                r["fanout_server_cpu_all_s"] = sum(x.server_cpu_s for x in rounds[t.name])
+                # How busy the server kept its core in the rounds: near 1, the server bounds the rate.
+                r["fanout_server_busy"] = r["fanout_server_cpu_all_s"] / sum(x.wall_s for x in rounds[t.name])
+                r["fanout_creators_cpu_s"] = sum(x.creators_cpu_s for x in rounds[t.name]) / len(rounds[t.name])
+                r["fanout_watchers_cpu_s"] = sum(x.watchers_cpu_s for x in rounds[t.name]) / len(rounds[t.name])
                 r["server_rss"] = _rss_mib(t.pid)
                 r["etcd_rss"] = t.etcd_rss()
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    print(f"\n{N_SERVICES} Services, load average {os.getloadavg()[0]:.2f}")
+    print(f"\n{N_SERVICES} Services, load average {os.getloadavg()[0]:.2f}, "
+          + (f"pinned (bench cpu {cpus[0]}, servers cpu {cpus[1]})" if cpus else "not pinned"))
     print("| server | creates/s (32 clients) | full list s | watch fan-out events/s (50 watchers) "
-          "| fan-out: server CPU s, etcd CPU s | events per server CPU-second | server RSS MiB | etcd RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| fan-out: server CPU s, etcd CPU s | events per server CPU-second, median round; all rounds "
+          "| server busy in the rounds | per round: creating clients' CPU s, watchers' CPU s "
+          "| server RSS MiB | etcd RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         r["fanout_events_per_server_cpu_s"] = N_WATCHERS * N_EVENTS / max(r["fanout_server_cpu_s"], 0.01)
+        r["fanout_events_per_server_cpu_s_all"] = (N_WATCHERS * N_EVENTS * len(rounds[name])
+                                                   / max(r["fanout_server_cpu_all_s"], 0.01))
         print(f"| {name} | {r['creates_per_s']:.0f} | {r['list_s']:.3f} | {r['fanout_events_per_s']:.0f} "
               f"({r['fanout_min']:.0f}-{r['fanout_max']:.0f}) "
-              f"| {r['fanout_server_cpu_s']:.1f}, {r['fanout_etcd_cpu_s']:.1f} "
-              f"| {r['fanout_events_per_server_cpu_s']:.0f} | {r['server_rss']:.0f} | {r['etcd_rss']:.0f} |")
+              f"| {r['fanout_server_cpu_s']:.2f}, {r['fanout_etcd_cpu_s']:.2f} "
+              f"| {r['fanout_events_per_server_cpu_s']:.0f}; {r['fanout_events_per_server_cpu_s_all']:.0f} "
+              f"| {r['fanout_server_busy']:.0%} | {r['fanout_creators_cpu_s']:.2f}, {r['fanout_watchers_cpu_s']:.2f} "
+              f"| {r['server_rss']:.0f} | {r['etcd_rss']:.0f} |")
+    names = list(rounds)
+    if len(names) == 3:  # kproxy on etcd against kube-apiserver, round by round
+        pairs = [a.events_per_s / b.events_per_s for a, b in zip(rounds[names[0]], rounds[names[2]], strict=True)]
+        print("rounds side by side, kproxy on etcd / kube-apiserver: " + ", ".join(f"{x:.2f}" for x in pairs))
     stamp = plots.stamp("bench_etcd_apiserver.py")
     for fig, key, title, label in (
             ("etcd_fanout", "fanout_events_per_s", f"Watch fan-out: events/s delivered to {N_WATCHERS} watchers while "
@@ -298,11 +415,12 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
             ("etcd_creates", "creates_per_s", f"Service creates/s, 32 clients, up to {N_SERVICES:,} Services",
              "creates/s")):
         points: dict[str, plots.Value] = {
-            n: [round(x[0]) for x in rounds[n]] if key == "fanout_events_per_s" else round(r[key])
+            n: [round(x.events_per_s) for x in rounds[n]] if key == "fanout_events_per_s" else round(r[key])
             for n, r in rows.items()}
         plots.record("etcd", fig, label, points, stamp, kind="bar", title=title, y_label=label, log_x=False,
                      log_y=False)
     benchmark.extra_info.update({k: {m: round(v, 3) for m, v in r.items()} for k, r in rows.items()})
-    benchmark.extra_info["fanout_rounds"] = rounds
+    benchmark.extra_info["fanout_rounds"] = {n: [vars(x) for x in rs] for n, rs in rounds.items()}
+    benchmark.extra_info["pinned"] = list(cpus) if cpus else None
     for r in rows.values():
         assert r["creates_per_s"] > 0 and r["fanout_events_per_s"] > 0

@@ -16,6 +16,7 @@ class APIMetrics:
     def __init__(self, revision: Callable[[], int], watchers: Callable[[], int],
                  inflight: Callable[[bool], int] | None = None, pumped: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter("apiserver_request_total", "Requests by verb, resource, subresource and HTTP code.",
                                 ["verb", "resource", "subresource", "code"], registry=self.registry)
         self.latency = Histogram("apiserver_request_duration_seconds",
@@ -44,8 +45,15 @@ class APIMetrics:
                                            ["resource"], registry=self.registry)
 
     def observe(self, verb: str, resource: str, subresource: str, code: int, seconds: float) -> None:
-        self.requests.labels(verb, resource, subresource, str(code)).inc()
-        self.latency.labels(verb, resource).observe(seconds)
+        # The children of one label set, found once: labels() validates and looks up on every call.
+        # The keys are bounded: verbs, served resources, their subresources and HTTP codes.
+        key = (verb, resource, subresource, code)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(verb, resource, subresource, str(code)),
+                                              self.latency.labels(verb, resource))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def rejected(self, mutating: bool) -> None:
         self._rejected.labels("mutating" if mutating else "readOnly").inc()

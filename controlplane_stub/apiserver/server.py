@@ -165,8 +165,11 @@ class APIServer:
         never, would hold its in-flight slot and connection for ever (upstream answers 504 after
         --request-timeout too). Handlers' later request.read() returns the cached bytes."""
         try:
-            async with asyncio.timeout(self.request_timeout):
+            if request.content.is_eof():  # all of it already arrived (most bodies): no wait, no timer
                 await request.read()
+            else:
+                async with asyncio.timeout(self.request_timeout):
+                    await request.read()
         except web.HTTPRequestEntityTooLarge as e:  # aiohttp's plain-text 413: answer a Status
             raise bodies.too_large(request.content_length or bodies.MAX_REQUEST_BYTES + 1) from None
         except TimeoutError:

@@ -241,3 +241,42 @@ def test_an_unread_stream_stops_its_window() -> None:
         await turns()
         assert stream_updates() == 1  # read: the window opens again
     asyncio.run(run())
+
+
+def test_deadlines_expire_unanswered_calls_only_in_and_out_of_order() -> None:
+    """One timer serves the calls' deadlines in order; a call answered in time is not reset, an
+    unanswered one gets DEADLINE_EXCEEDED and a RST_STREAM, also one whose deadline comes before
+    the queued ones (a timer of its own), and the queue does not keep ended calls."""
+    async def run() -> None:
+        conn, t = connected()
+        loop = asyncio.get_running_loop()
+        enc = hpack.Encoder()
+        now = loop.time()
+        answered = conn.open("/etcdserverpb.KV/Txn", True, b"a")
+        answered.expire_at(now + 0.05)
+        late = conn.open("/etcdserverpb.KV/Txn", True, b"b")
+        late.expire_at(now + 0.10)
+        early = conn.open("/etcdserverpb.KV/Txn", True, b"c")
+        early.expire_at(now + 0.02)  # before the queued ones
+        conn.data_received(response(answered.sid, [b"ok"], enc, split=10))
+        assert await answered.result() == b"ok"
+        for st in (early, late):
+            try:
+                await asyncio.wait_for(st.result(), 2)
+            except h2.GrpcError as e:
+                assert e.code == h2.DEADLINE_EXCEEDED
+            else:
+                raise AssertionError("an unanswered call did not expire")
+        assert loop.time() - now >= 0.10
+        await turns()
+        resets = {f[2] for f in frames(bytes(t.out)) if f[0] == h2.RST_STREAM}
+        assert resets == {late.sid, early.sid}
+        for i in range(100):  # answered at once: each new call drops the ended ones before it
+            st = conn.open("/etcdserverpb.KV/Range", True, b"x")
+            st.expire_at(loop.time() + 5)
+            conn.data_received(response(st.sid, [b"r"], enc, split=10))
+            assert await st.result() == b"r"
+        assert len(conn._deadlines) <= 1
+        conn.connection_lost(None)
+        assert conn._deadline_timer is None and not conn._deadlines
+    asyncio.run(run())

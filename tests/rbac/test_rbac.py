@@ -159,6 +159,22 @@ def test_bootstrap_policy_table(policy: rbac.Policy, ident: str, verb: str, what
     assert policy.authorize(attrs(ident, verb, what, ns, name))[0] is allowed
 
 
+def test_remembered_decisions_are_the_policys_and_follow_added_objects() -> None:
+    """Policy.authorize keeps its decisions: the same as deciding afresh, for every row of the
+    table asked twice, and an object added afterwards changes them (add() forgets them)."""
+    p = rbac.bootstrap_policy((r.group, r.plural) for r in RESOURCES)
+    for obj in EXTRA:
+        p.add(obj)
+    for ident, verb, what, ns, name, allowed in TABLE * 2:
+        a = attrs(ident, verb, what, ns, name)
+        assert p.authorize(a) == p._decide(a) and p.authorize(a)[0] is allowed
+    a = rbac.Attributes("newcomer", frozenset({"system:authenticated"}), "list", "team", "", "secrets")
+    assert not p.authorize(a)[0]
+    p.add(binding("RoleBinding", "newcomer-admin", "ClusterRole", "admin", {"kind": "User", "name": "newcomer"},
+                  "team"))
+    assert p.authorize(a)[0]
+
+
 def test_bad_objects_grant_nothing_and_do_not_stop_the_others() -> None:
     good = binding("ClusterRoleBinding", "ok", "ClusterRole", "view", {"kind": "User", "name": "u"})
     bad = [
