@@ -56,7 +56,7 @@ from kproxy.memtrim import release_free_memory
 from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.meta import new_proxier_for_families
-from kproxy.proxiers.nftelements import Element, SharedRefs, is_shared, pack, unpack, unpack_set
+from kproxy.proxiers.nftelements import Element, SharedRefs, is_shared, pack, pack_counting, slot_key, unpack, unpack_set
 from kproxy.proxiers.udpstale import clean_udp_conntrack
 from kproxy.proxy import HealthChecks, categorize
 from kproxy.proxy.exposure import check_masquerade_bit, node_addresses
@@ -240,15 +240,6 @@ def _eligible(svc: ServicePort | None, family: IPFamily) -> bool:
     return svc is not None and svc.type != "ExternalName" and svc.cluster_ip(family) is not None
 
 
-# The slot keys of the endpoint maps: the same few hundred in every map (each holds ~200 slots at
-# 10,000 Services), shared instead of 100,000 strings made per sync and kept per element.
-_SLOT_KEYS = tuple(f"0x{i:x}" for i in range(4096))
-
-
-def _slot_key(slot: int) -> str:
-    return _SLOT_KEYS[slot] if slot < len(_SLOT_KEYS) else f"0x{slot:x}"
-
-
 def _rule_lines(t: str, chain: str, rules: tuple[Rule, ...]) -> list[str]:
     return [f"add rule {t} {chain} {nftnl.rule_text(rule)}\n" for rule in rules]
 
@@ -272,13 +263,29 @@ class _Elements:
         return self._n
 
 
+class _Placed(NamedTuple):
+    """One ServicePort rendered and placed in the endpoint maps: what its transaction needs."""
+
+    svc: ServicePort
+    eps: tuple[Endpoint, ...]
+    chains: dict[str, tuple[Rule, ...]]  # chain -> its rules as statements (the DNAT rules added)
+    elements: tuple[Element, ...]  # the renderer's (the endpoint maps' are in blocks)
+    blocks: tuple[tuple[str, int, tuple[str, ...]], ...]  # (endpoint map, first slot, its targets)
+    slots: dict[str, tuple[int, int]]  # dispatch chain -> its block: offset, size
+    sets: tuple[tuple[str, int], ...]
+
+    def endpoint_elements(self) -> Iterator[Element]:
+        for emap, offset, targets in self.blocks:
+            for k, target in enumerate(targets):
+                yield emap, slot_key(offset + k), target
+
+
 class _Fresh(NamedTuple):
     """One ServicePort just rendered: what is kept, its chains' text, its elements (deduplicated)."""
 
     programmed: _Programmed
     chains: dict[str, tuple[Rule, ...]]  # chain -> its rules as statements
     elements: list[Element]
-    canon: dict[str, str]  # an endpoint address -> the model's own string of it (SharedRefs keys)
 
 
 @dataclass(slots=True)
@@ -483,20 +490,15 @@ class NftablesProxier(Proxier):
             self.service_cidrs = parsed
             self._need_full = True
 
-    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None,
-                same_as: _Programmed | None = None) -> _Fresh:
-        """One ServicePort as the renderer writes it (what is kept, and its chains' text), plus each dispatch chain's DNAT rule
-        through its block of the shared endpoint map (kept from `old` while it is big enough,
-        so that an endpoint change is element changes only). What equals `same_as` (or `old`) is
-        that object itself."""
+    def _place(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None) -> _Placed:
+        """One ServicePort as the renderer writes it, plus each dispatch chain's DNAT rule through
+        its block of the shared endpoint map (kept from `old` while it is big enough, so that an
+        endpoint change is element changes only)."""
         r = self.render.render_service_port(svc, eps, self.masquerade_all, self.cluster_cidr,
                                             self._node_ips, self.node_zone, self.family)
-        serving = _NONE_SERVING
-        if svc.protocol == "UDP":
-            serving = frozenset((e.ip, e.port) for e in categorize(svc, eps, self.node_zone).reachable)
         chains = dict(r.chains)
-        elements = list(r.elements)
         slots: dict[str, tuple[int, int]] = {}
+        blocks = []
         proto = svc.protocol.lower()
         old_slots = old.slot_map() if old is not None else {}
         for chain, targets in r.balance:
@@ -506,20 +508,32 @@ class NftablesProxier(Proxier):
             if size < n:
                 offset, size = self._slots.setdefault(emap, Slots()).take(n)
             slots[chain] = (offset, size)
-            rule = (("l4proto", proto), ("dnat-map", self.ipx, str(n), str(offset), emap))
-            chains[chain] = (*chains[chain], rule)
-            elements.extend((emap, _slot_key(offset + k), target) for k, target in enumerate(targets))
+            chains[chain] = (*chains[chain], (("l4proto", proto), ("dnat-map", self.ipx, str(n), str(offset), emap)))
+            blocks.append((emap, offset, targets))
         for chain, block in old_slots.items():
             if slots.get(chain) != block:
                 self._give_back(proto, chain, block)
-        digests = b"".join(_digest(body) for body in chains.values())
+        return _Placed(svc, eps, chains, r.elements, tuple(blocks), slots, r.sets)
+
+    def _keep(self, placed: _Placed, packed: str, same_as: _Programmed | None) -> _Programmed:
+        """What is kept of a placed ServicePort whose elements are `packed`; what equals
+        `same_as` is that object itself."""
+        svc, chains = placed.svc, placed.chains
+        serving = _NONE_SERVING
+        if svc.protocol == "UDP":
+            serving = frozenset((e.ip, e.port) for e in categorize(svc, placed.eps, self.node_zone).reachable)
+        digests = b"".join([_digest(body) for body in chains.values()])
         rules = sum(map(len, chains.values()))
-        unique = list(dict.fromkeys(elements))
-        p = _Programmed(svc, _pack_programmed(chains, digests, slots, pack(unique)), rules, tuple(r.sets), serving)
-        same_as = same_as or old
+        p = _Programmed(svc, _pack_programmed(chains, digests, placed.slots, packed), rules, placed.sets, serving)
         if same_as is not None and p == same_as:
             p = same_as  # the same: the new copy goes at once (a resync does not hold two bookkeepings)
-        return _Fresh(p, chains, unique, {ep.ip: ep.ip for ep in eps})
+        return p
+
+    def _render(self, svc: ServicePort, eps: tuple[Endpoint, ...], old: _Programmed | None) -> _Fresh:
+        """One ServicePort placed (_place), its elements and what is kept of it (_keep)."""
+        placed = self._place(svc, eps, old)
+        unique = list(dict.fromkeys(itertools.chain(placed.elements, placed.endpoint_elements())))
+        return _Fresh(self._keep(placed, pack(unique), old), placed.chains, unique)
 
     def _give_back(self, proto: str, chain: str, block: tuple[int, int]) -> None:
         emap = endpoint_map(proto, chain)
@@ -568,26 +582,22 @@ class NftablesProxier(Proxier):
         empty: tuple[Endpoint, ...] = ()
         rule_parts: list[tuple[str, tuple[Rule, ...]]] = []
         for name in sorted(n for n, s in services.items() if _eligible(s, self.family)):
-            p, bodies, elements, canon = self._render(services[name], tuple(endpoints.get(name, empty)), None,
-                                                      self._programmed.get(name))
-            programmed[name] = p
-            for set_name, timeout in p.sets:
+            pl = self._place(services[name], tuple(endpoints.get(name, empty)), None)
+            # Each element once: packed, counted if shared, else kept for the batch (the endpoint
+            # maps' are written from the packed bookkeeping below).
+            packed = pack_counting(pl.elements, pl.blocks, refs, {ep.ip: ep.ip for ep in pl.eps}, own)
+            p = programmed[name] = self._keep(pl, packed, self._programmed.get(name))
+            for set_name, timeout in pl.sets:
                 out.append(self._set_line(set_name, timeout))
                 stale.pop("set " + set_name, None)
-            for chain, rules in bodies.items():
+            for chain in pl.chains:
                 if chain not in stale:  # a chain in the old table was flushed above
                     out.append(f"add chain {t} {chain}\n")
                 stale.pop(chain, None)
-                rule_parts.append((chain, rules))
-            for e in elements:
-                if e[0].startswith("endpoints-"):
-                    n_first += 1
-                elif is_shared(e[0]):
-                    refs.add(e, 1, canon)
-                else:
-                    own.append(e)
-            for emap in dict.fromkeys(endpoint_map(p.svc.protocol.lower(), chain) for chain, _, _ in p.slots):
+            rule_parts.extend(pl.chains.items())
+            for emap in dict.fromkeys(emap for emap, _, _ in pl.blocks):
                 users.setdefault(emap, []).append(p)
+            n_first += sum(len(targets) for _, _, targets in pl.blocks)
         used = set(users)
         out.extend(_map_line(t, m) for m in sorted(used - self._maps if not recreate else used))
         self._pending_maps = used if recreate else used | self._maps
@@ -635,7 +645,7 @@ class NftablesProxier(Proxier):
             cur = None
             cur_chains: dict[str, tuple[Rule, ...]] = {}
             if svc is not None and _eligible(svc, self.family):
-                cur, cur_chains, _, _ = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
+                cur, cur_chains, _ = self._render(svc, tuple(request.endpoints.get(name, empty)), old)
             elif old is not None:
                 for chain, offset, size in old.slots:
                     self._give_back(old.svc.protocol.lower(), chain, (offset, size))

@@ -17,7 +17,8 @@ from kproxy.backends.nftables import Nft
 from kproxy.model import IP, Endpoint, Port, ServicePort, ServicePortName
 from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.nftables import NftablesProxier
-from kproxy.proxiers.nftelements import CLUSTER_IPS, HAIRPIN, Element, SharedRefs, pack, unpack, unpack_set
+from kproxy.proxiers.nftelements import (CLUSTER_IPS, HAIRPIN, Element, SharedRefs, is_shared, pack, pack_counting,
+                                          slot_key, unpack, unpack_set)
 
 # Rendered text never has a tab or newline (validated names and addresses): any other text.
 TEXT = st.text(st.characters(blacklist_characters="\t\n", blacklist_categories=("Cs",)), max_size=12)
@@ -95,6 +96,35 @@ def _elements(netns: str) -> tuple[set[str], int]:
     and how many endpoint map elements there are."""
     entries = [e for e in kernel_entries(netns) if e.startswith("elem ")]
     return {e for e in entries if not e.startswith("elem endpoints-")}, sum(e.startswith("elem endpoints-") for e in entries)
+
+
+BLOCK = st.tuples(st.sampled_from(["endpoints-tcp-1", "endpoints-udp-3"]), st.integers(0, 5000),
+                  st.lists(TEXT, max_size=4).map(tuple))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(ELEMENT, SHARED).filter(lambda e: not e[0].startswith("endpoints-")), max_size=30),
+       st.lists(BLOCK, max_size=3), st.lists(SHARED, max_size=5))
+def test_pack_counting_is_pack_refs_and_the_rest_of_each_element(
+        elements: list[Element], blocks: list[tuple[str, int, tuple[str, ...]]], before: list[Element]) -> None:
+    """A full sync's one pass over a ServicePort's elements (the renderer's, which are not in an
+    endpoint map, and its blocks') gives what packing the deduplicated elements, counting each
+    shared one in SharedRefs and keeping the others but the endpoint maps' gave: the same packed
+    text, the same counts, the same other elements in the same order."""
+    refs, expected = SharedRefs(), SharedRefs()
+    for e in before:  # other ServicePorts' references, already counted
+        refs.add(e)
+        expected.add(e)
+    own: list[Element] = []
+    packed = pack_counting(elements, blocks, refs, {}, own)
+    everything = [*elements, *((m, slot_key(first + k), t) for m, first, targets in blocks for k, t in enumerate(targets))]
+    unique = list(dict.fromkeys(everything))
+    assert packed == pack(unique)
+    for e in unique:
+        if is_shared(e[0]):
+            expected.add(e)
+    assert (refs.hairpin, refs.cluster_ips, refs.other) == (expected.hairpin, expected.cluster_ips, expected.other)
+    assert own == [e for e in unique if not is_shared(e[0]) and not e[0].startswith("endpoints-")]
 
 
 def test_partial_syncs_end_where_a_full_sync_starts(netns: str) -> None:
