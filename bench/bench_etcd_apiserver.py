@@ -16,7 +16,8 @@ Pinned (default on 2+ cores; KPROXY_BENCH_PIN=0 for the old way): the bench, its
 etcd on one core, each API server on the other, so a server's rate is what one core gives it and
 not what the clients and etcd leave it; kube-apiserver's Go runtime starts with one core in its
 affinity and so GOMAXPROCS=1, as one Python event loop. Per round the table also shows how busy the
-server kept its core (near 100%: the server bounds the rate) and the clients' CPU. The creating
+server kept its core (near 100%: the server bounds the rate), how long it was runnable but waited
+for a CPU (other processes on its core) and the clients' CPU. The creating
 clients are one small HTTP/1.1 client (`_Conn`), the same for every server.
 KPROXY_BENCH_SERVICES (default 10,000) stores fewer Services for a quick run.
 
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -61,6 +62,23 @@ def _cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runqueue_s(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (/proc/PID/task/*/schedstat,
+    summed): on a shared machine, the time a pinned server lost to other processes on its core."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
 
 
 def _rss_mib(pid: int) -> float:
@@ -117,9 +135,12 @@ class _Conn:
                 f"Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
                 ).encode() + body
 
-    async def send(self, request: bytes, ctx: ssl.SSLContext) -> tuple[int, bytes]:
+    async def connect(self, ctx: ssl.SSLContext) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port, ssl=ctx)
+
+    async def send(self, request: bytes, ctx: ssl.SSLContext) -> tuple[int, bytes]:
+        await self.connect(ctx)
         assert self.reader is not None
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -142,10 +163,18 @@ class _Conn:
         self.reader = self.writer = None
 
 
-async def _create_many(t: Target, path: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
+async def _create_many(t: Target, path: str, bodies: list[dict[str, Any]], concurrency: int,
+                       go: Callable[[], Awaitable[None]] | None = None) -> float:
+    """Seconds to create `bodies` from `concurrency` connections; with `go`, the connections are
+    made first (TLS handshakes included) and the creates start when go() returns: clients of an
+    API server keep their connections (informers, controllers, kubectl's keep-alive), and 32
+    handshakes at the start of a round would be a fixed cost that weighs more on the faster server."""
     ctx = t.ssl()
     conns = [_Conn(t) for _ in range(concurrency)]
     queue = [conns[0].request(path, json.dumps(b).encode()) for b in reversed(bodies)]
+    if go is not None:
+        await asyncio.gather(*(c.connect(ctx) for c in conns))
+        await go()
 
     async def worker(conn: _Conn) -> None:
         while queue:
@@ -188,11 +217,15 @@ import bench_etcd_apiserver as b
 url, token, ca, round_ = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 t = b.Target("creators", url, token, ca, 0, lambda: 0.0, lambda: [])
 bodies = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"fan{round_}-{i}"}} for i in range(b.N_EVENTS)]
-print("ready", flush=True)
-sys.stdin.readline()
-cpu = time.process_time()
-asyncio.run(b._create_many(t, "/api/v1/namespaces/default/configmaps", bodies, 32))
-print(time.process_time() - cpu)  # this process's CPU seconds from the go
+cpu = [0.0]
+
+
+async def go() -> None:  # the connections are up: say so, wait for the go
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    cpu[0] = time.process_time()
+asyncio.run(b._create_many(t, "/api/v1/namespaces/default/configmaps", bodies, 32, go))
+print(time.process_time() - cpu[0])  # this process's CPU seconds from the go
 """
 
 
@@ -201,6 +234,7 @@ class Round:
     events_per_s: float
     wall_s: float  # from the go to the last watcher's last event
     server_cpu_s: float
+    server_wait_s: float  # runnable, waiting for a CPU (other processes on its core)
     etcd_cpu_s: float
     creators_cpu_s: float  # the creating clients' process from the go
     watchers_cpu_s: float  # the bench's own process: the 50 watchers
@@ -244,6 +278,7 @@ async def _fanout(t: Target, round_: int) -> Round:
     await asyncio.wait_for(ready.wait(), 60)
     await asyncio.sleep(0.5)
     cpu0, etcd0, own0 = _cpu_s(t.pid), sum(_cpu_s(p) for p in t.etcd_pids()), _cpu_s(os.getpid())
+    wait0 = _runqueue_s(t.pid)
     started = time.perf_counter()
     creators.stdin.write(b"go\n")
     await creators.stdin.drain()
@@ -252,7 +287,8 @@ async def _fanout(t: Target, round_: int) -> Round:
     await asyncio.wait_for(asyncio.gather(*tasks), 300)
     cpu, etcd, own = _cpu_s(t.pid) - cpu0, sum(_cpu_s(p) for p in t.etcd_pids()) - etcd0, _cpu_s(os.getpid()) - own0
     wall = max(done_at) - started
-    return Round(N_WATCHERS * N_EVENTS / wall, wall, cpu, etcd, float(out.split()[-1]), own)
+    return Round(N_WATCHERS * N_EVENTS / wall, wall, cpu, _runqueue_s(t.pid) - wait0, etcd, float(out.split()[-1]),
+                 own)
 
 
 def _load(t: Target) -> dict[str, float]:
@@ -380,7 +416,9 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
                 r["fanout_min"], r["fanout_max"] = by_rate[0].events_per_s, by_rate[-1].events_per_s
                 r["fanout_server_cpu_all_s"] = sum(x.server_cpu_s for x in rounds[t.name])
                 # How busy the server kept its core in the rounds: near 1, the server bounds the rate.
-                r["fanout_server_busy"] = r["fanout_server_cpu_all_s"] / sum(x.wall_s for x in rounds[t.name])
+                walls = sum(x.wall_s for x in rounds[t.name])
+                r["fanout_server_busy"] = r["fanout_server_cpu_all_s"] / walls
+                r["fanout_server_waiting"] = sum(x.server_wait_s for x in rounds[t.name]) / walls
                 r["fanout_creators_cpu_s"] = sum(x.creators_cpu_s for x in rounds[t.name]) / len(rounds[t.name])
                 r["fanout_watchers_cpu_s"] = sum(x.watchers_cpu_s for x in rounds[t.name]) / len(rounds[t.name])
                 r["server_rss"] = _rss_mib(t.pid)
@@ -391,7 +429,7 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
           + (f"pinned (bench cpu {cpus[0]}, servers cpu {cpus[1]})" if cpus else "not pinned"))
     print("| server | creates/s (32 clients) | full list s | watch fan-out events/s (50 watchers) "
           "| fan-out: server CPU s, etcd CPU s | events per server CPU-second, median round; all rounds "
-          "| server busy in the rounds | per round: creating clients' CPU s, watchers' CPU s "
+          "| server in the rounds: busy; waiting for a CPU | per round: creating clients' CPU s, watchers' CPU s "
           "| server RSS MiB | etcd RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
@@ -402,7 +440,7 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
               f"({r['fanout_min']:.0f}-{r['fanout_max']:.0f}) "
               f"| {r['fanout_server_cpu_s']:.2f}, {r['fanout_etcd_cpu_s']:.2f} "
               f"| {r['fanout_events_per_server_cpu_s']:.0f}; {r['fanout_events_per_server_cpu_s_all']:.0f} "
-              f"| {r['fanout_server_busy']:.0%} | {r['fanout_creators_cpu_s']:.2f}, {r['fanout_watchers_cpu_s']:.2f} "
+              f"| {r['fanout_server_busy']:.0%}; {r['fanout_server_waiting']:.0%} | {r['fanout_creators_cpu_s']:.2f}, {r['fanout_watchers_cpu_s']:.2f} "
               f"| {r['server_rss']:.0f} | {r['etcd_rss']:.0f} |")
     names = list(rounds)
     if len(names) == 3:  # kproxy on etcd against kube-apiserver, round by round
