@@ -29,10 +29,12 @@ def _extensions() -> list[Extension]:
     # imports the same file uncompiled when KPROXY_PURE=1). The iptables renderer's source is
     # importable uncompiled as kproxy._purepath and compiled as kproxy._fastpath, typed by
     # kproxy/_fastpath.pxd (Cython finds the .pxd by the module's name).
-    # The nfnetlink encoder kproxy.backends.nftnl is compiled the same way (its pure twin:
+    # The nfnetlink encoder kproxy.backends.nftnl and the nftables proxier's element bookkeeping
+    # kproxy.proxiers.nftelements are compiled the same way (their pure twins:
     # kproxy.fastpath.pure_twin).
     for module, source in (("kproxy._nftpath", "kproxy._nftpath"), ("kproxy._fastpath", "kproxy._purepath"),
-                           ("kproxy.backends.nftnl", "kproxy.backends.nftnl")):
+                           ("kproxy.backends.nftnl", "kproxy.backends.nftnl"),
+                           ("kproxy.proxiers.nftelements", "kproxy.proxiers.nftelements")):
         path = os.path.join(*source.split(".")) + ".py"
         exts.append(Extension(module, [path], extra_compile_args=["-O2"]))
     return exts

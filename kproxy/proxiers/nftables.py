@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from types import ModuleType
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from kproxy._nftpath import MASQ_SET, Rendered
 from kproxy.backends.conntrack import Conntrack
@@ -56,10 +56,19 @@ from kproxy.memtrim import release_free_memory
 from kproxy.model import IP, Endpoint, EndpointsMap, IPFamily, Port, ServicePort, ServicePortMap, ServicePortName
 from kproxy.proxiers.base import Proxier, SyncRequest, SyncResult
 from kproxy.proxiers.meta import new_proxier_for_families
-from kproxy.proxiers.nftelements import Element, SharedRefs, is_shared, pack, pack_counting, slot_key, unpack, unpack_set
 from kproxy.proxiers.udpstale import clean_udp_conntrack
 from kproxy.proxy import HealthChecks, categorize
 from kproxy.proxy.exposure import check_masquerade_bit, node_addresses
+
+if TYPE_CHECKING:
+    from kproxy.proxiers.nftelements import Element, SharedRefs, is_shared, pack, pack_counting, slot_key, unpack, unpack_set
+else:  # compiled by Cython from its source, or that source as Python (KPROXY_PURE=1)
+    from kproxy.proxiers import nftelements as _compiled_elements
+
+    _elements = pure_twin(_compiled_elements) if want_pure() else _compiled_elements
+    Element, SharedRefs, is_shared = _elements.Element, _elements.SharedRefs, _elements.is_shared
+    pack, pack_counting, slot_key = _elements.pack, _elements.pack_counting, _elements.slot_key
+    unpack, unpack_set = _elements.unpack, _elements.unpack_set
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,16 @@ from hypothesis import strategies as st
 from nft_state import kernel_entries
 
 from kproxy.backends.nftables import Nft
+from kproxy.fastpath import pure_twin
 from kproxy.model import IP, Endpoint, Port, ServicePort, ServicePortName
+from kproxy.proxiers import nftelements
 from kproxy.proxiers.base import SyncRequest
 from kproxy.proxiers.nftables import NftablesProxier
-from kproxy.proxiers.nftelements import (CLUSTER_IPS, HAIRPIN, Element, SharedRefs, is_shared, pack, pack_counting,
-                                          slot_key, unpack, unpack_set)
+from kproxy.proxiers.nftelements import (CLUSTER_IPS, HAIRPIN, Element, SharedRefs, is_shared, pack, slot_key, unpack,
+                                          unpack_set)
 
+# The module as setup.py compiles it (when built) and as Python (KPROXY_PURE=1).
+TWINS = (nftelements, pure_twin(nftelements))
 # Rendered text never has a tab or newline (validated names and addresses): any other text.
 TEXT = st.text(st.characters(blacklist_characters="\t\n", blacklist_categories=("Cs",)), max_size=12)
 ELEMENT = st.one_of(
@@ -110,21 +114,24 @@ def test_pack_counting_is_pack_refs_and_the_rest_of_each_element(
     """A full sync's one pass over a ServicePort's elements (the renderer's, which are not in an
     endpoint map, and its blocks') gives what packing the deduplicated elements, counting each
     shared one in SharedRefs and keeping the others but the endpoint maps' gave: the same packed
-    text, the same counts, the same other elements in the same order."""
-    refs, expected = SharedRefs(), SharedRefs()
+    text, the same counts, the same other elements in the same order; compiled (setup.py) and
+    as Python alike."""
+    expected = SharedRefs()
     for e in before:  # other ServicePorts' references, already counted
-        refs.add(e)
         expected.add(e)
-    own: list[Element] = []
-    packed = pack_counting(elements, blocks, refs, {}, own)
     everything = [*elements, *((m, slot_key(first + k), t) for m, first, targets in blocks for k, t in enumerate(targets))]
     unique = list(dict.fromkeys(everything))
-    assert packed == pack(unique)
     for e in unique:
         if is_shared(e[0]):
             expected.add(e)
-    assert (refs.hairpin, refs.cluster_ips, refs.other) == (expected.hairpin, expected.cluster_ips, expected.other)
-    assert own == [e for e in unique if not is_shared(e[0]) and not e[0].startswith("endpoints-")]
+    for twin in TWINS:
+        refs = twin.SharedRefs()
+        for e in before:
+            refs.add(e)
+        own: list[Element] = []
+        assert twin.pack_counting(elements, blocks, refs, {}, own) == pack(unique)
+        assert (refs.hairpin, refs.cluster_ips, refs.other) == (expected.hairpin, expected.cluster_ips, expected.other)
+        assert own == [e for e in unique if not is_shared(e[0]) and not e[0].startswith("endpoints-")]
 
 
 def test_partial_syncs_end_where_a_full_sync_starts(netns: str) -> None:
