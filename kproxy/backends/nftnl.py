@@ -795,8 +795,10 @@ class Batch:
         hook_attr = _nest(4, _u32(1, hook), _u32(2, priority & 0xFFFFFFFF))  # NFTA_CHAIN_HOOK
         self._msg(NEWCHAIN, NLM_F_CREATE, self._table_attr + _str(3, name) + _str(7, kind) + hook_attr)
 
-    def shared_set(self, name: str, decl: str, comment: str) -> None:
-        """One of the table's fixed sets and verdict maps (kproxy.proxiers.nftables._skeleton)."""
+    def shared_set(self, name: str, decl: str, comment: str, size: int = 0) -> None:
+        """One of the table's fixed sets and verdict maps (kproxy.proxiers.nftables._skeleton),
+        with `size N` when size (NFTA_SET_DESC_SIZE: the kernel sizes its hash for N elements
+        and refuses more)."""
         key_type, key_len, udata = _SHARED_SETS[decl]
         self._flush_elements()
         body = self._table_attr + _str(2, name)
@@ -804,6 +806,8 @@ class Batch:
         body += _u32(3, NFT_SET_MAP if is_map else 0) + _u32(4, key_type) + _u32(5, key_len)
         if is_map:
             body += _u32(6, NFT_DATA_VERDICT) + _u32(7, 0)
+        if size:
+            body += _nest(9, _u32(1, size))  # NFTA_SET_DESC { NFTA_SET_DESC_SIZE }
         body += _u32(10, self.seq + 1) + _attr(13, udata + _udata(7, comment))
         self._msg(NEWSET, NLM_F_CREATE, body)
 
@@ -924,9 +928,11 @@ def translate(lines: Iterable[Part]) -> Batch:
                 batch.base_chain(name, w[2], HOOKS[w[4]], int(w[6]))
             elif obj in ("set", "map") and verb == "add" and tail.startswith("{ type ") and ' ; comment "' in tail:
                 decl, _, comment = tail[2:].partition(' ; comment "')
-                if decl not in _SHARED_SETS or not comment.endswith('" ; }') or (obj == "map") != decl.endswith("verdict"):
+                decl, sized, size = decl.partition(" ; size ")
+                if (decl not in _SHARED_SETS or not comment.endswith('" ; }') or (obj == "map") != decl.endswith("verdict")
+                        or (sized and not (size.isdigit() and 0 < int(size) < 1 << 32))):
                     raise Untranslatable(command)
-                batch.shared_set(name, decl, comment[:-5])
+                batch.shared_set(name, decl, comment[:-5], int(size) if sized else 0)
             elif obj == "chain" and not tail:
                 if verb == "add":
                     batch.chain(NEWCHAIN, name)

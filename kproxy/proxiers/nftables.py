@@ -92,6 +92,35 @@ def load_renderer(pure: bool | None = None) -> ModuleType:
     return pure_twin(compiled) if (want_pure() if pure is None else pure) else compiled
 
 
+# The fixed sets and maps declared with a size (NFTA_SET_DESC_SIZE), from the elements they hold
+# when declared. Why: without one the kernel starts an rhashtable at 4 buckets, and a first sync
+# grows it through every doubling while inserting (most inserts on the slow path while a resize
+# is pending): at 10,000 Services x 10 endpoints a size cut the first sync's kernel time by
+# ~0.15 s (bench/README.md, nftables). A size is also a hard cap (the kernel refuses an element
+# beyond it, ENFILE, and a declared set cannot be resized), so: room for half as many again,
+# counted per set across syncs; a sync that would outgrow one is a full one (the table kept)
+# that deletes it and declares it bigger, with the rules that look it up (SET_RULE_CHAINS)
+# flushed and written again in the same transaction. Not the endpoint maps: 512 small ones whose
+# contents move between them with every endpoint change.
+SIZED = frozenset({"cluster-ips", "hairpin-ips", MASQ_SET, "service-ips", "service-nodeports",
+                   "no-endpoint-services", "no-endpoint-nodeports", "firewall-ips"})
+MIN_CAPACITY = 1024  # a fixed hash of 1024 has 2048 buckets: 16 KiB of kernel memory
+CAPACITY_STEP = 1024
+# The chains whose rules look up the fixed sets and maps (_set_rules writes all of them).
+SET_RULE_CHAINS = ("masquerading", "services", "service-endpoints-check", "nodeport-endpoints-check",
+                   "firewall-check", "cluster-ips-check")
+
+
+def capacity(n: int) -> int:
+    """The size to declare for a set of n elements: n and half as many again, in steps."""
+    return max(MIN_CAPACITY, -(-(n + n // 2) // CAPACITY_STEP) * CAPACITY_STEP)
+
+
+def needs_resize(n: int, declared: int | None) -> bool:
+    """Over its size, or far under it (its fixed hash's buckets are kernel memory)."""
+    return declared is not None and (n > declared or (declared > MIN_CAPACITY and capacity(n) * 2 < declared))
+
+
 # (name, hook, priority) as upstream's nftablesBaseChains: dstnat-10, dstnat+10, dstnat, srcnat as
 # numbers (nft 1.0.6 accepts the names only on the hooks where NAT happens).
 BASE_CHAINS = (
@@ -147,6 +176,7 @@ MAPS = (
     ("no-endpoint-nodeports", "inet_proto . inet_service : verdict", "vmap to drop or reject packets to service nodeports with no endpoints"),
     ("firewall-ips", "ADDR . inet_proto . inet_service : verdict", "destinations that are subject to LoadBalancerSourceRanges"),
 )
+_MAP_NAMES = frozenset(name for name, _, _ in MAPS)
 
 
 class Slots:
@@ -398,6 +428,10 @@ class NftablesProxier(Proxier):
         self._slots: dict[str, Slots] = {}  # endpoint map -> its blocks
         self._maps: set[str] = set()  # the endpoint maps in the kernel
         self._pending_maps: set[str] = set()  # ... once the transaction being made is applied
+        self._capacity: dict[str, int] = {}  # SIZED set -> its declared size in the kernel
+        self._counts: Counter[str] = Counter()  # SIZED set -> its elements in the kernel
+        self._pending_capacity: dict[str, int] = {}  # ... once the transaction being made is applied
+        self._pending_counts: Counter[str] = Counter()
         self.stale_grace = STALE_CHAIN_GRACE
         self.last_transaction = ""
         self.keep_transaction_bytes = KEEP_TRANSACTION_BYTES
@@ -410,9 +444,10 @@ class NftablesProxier(Proxier):
         nets = [ipaddress.ip_network(c, strict=False) for c in self.nodeport_addresses]
         return [ip for ip in self._node_ips if any(ipaddress.ip_address(ip) in n for n in nets)]
 
-    def _skeleton(self) -> list[str]:
-        """The table's fixed part: base chains, jumps, shared chains, maps and sets."""
-        t, ipx, addr = self._t, self.ipx, self.addr_type
+    def _skeleton(self, sizes: dict[str, int]) -> list[str]:
+        """The table's fixed part: base chains, jumps, shared chains, maps and sets (`sizes`: the
+        declared size of each of SIZED)."""
+        t = self._t
         out = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
         for name, kind, hook, prio in BASE_CHAINS:
             out.append(f"add chain {t} {name} {{ type {kind} hook {hook} priority {prio} ; }}\n")
@@ -423,23 +458,43 @@ class NftablesProxier(Proxier):
             out.append(f"add rule {t} {src} {cond + ' ' if cond else ''}jump {dst}\n")
         # Upstream drops INVALID forwarded packets (kubernetes#74839) unless tcp_be_liberal is set.
         out.append(f"add rule {t} filter-forward ct state invalid drop\n")
-        out.append(f'add set {t} cluster-ips {{ type {addr} ; comment "Active ClusterIPs" ; }}\n')
-        out.append(f'add set {t} hairpin-ips {{ type {addr} . {addr} ; comment "endpoint . endpoint: a pod reaching itself" ; }}\n')
-        out.append(f'add set {t} nodeport-ips {{ type {addr} ; comment "IPs that accept NodePort traffic" ; }}\n')
-        out.append(f'add set {t} {MASQ_SET} {{ type {addr} . inet_proto . inet_service ; '
-                   'comment "ClusterIP . protocol . port of Services with endpoints: masquerade from outside" ; }\n')
-        for name, kind, comment in MAPS:
-            out.append(f'add map {t} {name} {{ type {kind.replace("ADDR", addr)} ; comment "{comment}" ; }}\n')
+        out.extend(self._declarations(sizes, ("cluster-ips", "hairpin-ips", "nodeport-ips", MASQ_SET,
+                                              *(name for name, _, _ in MAPS))))
+        out.append(f"add rule {t} mark-for-masquerade meta mark set meta mark or {self.mark}\n")
+        out.append(f"add rule {t} reject-chain reject\n")
+        if self.nodeport_addresses:
+            out.extend(f"add element {t} nodeport-ips {{ {ip} }}\n" for ip in self._nodeport_ips())
+        out.extend(self._set_rules())
+        return out
 
-        m = self.mark
-        out.append(f"add rule {t} mark-for-masquerade meta mark set meta mark or {m}\n")
+    def _declarations(self, sizes: dict[str, int], names: Iterable[str]) -> list[str]:
+        """`add set` / `add map` of the fixed sets and maps in `names`."""
+        t, addr = self._t, self.addr_type
+        comments = {
+            "cluster-ips": (addr, "Active ClusterIPs"),
+            "hairpin-ips": (f"{addr} . {addr}", "endpoint . endpoint: a pod reaching itself"),
+            "nodeport-ips": (addr, "IPs that accept NodePort traffic"),
+            MASQ_SET: (f"{addr} . inet_proto . inet_service",
+                       "ClusterIP . protocol . port of Services with endpoints: masquerade from outside"),
+            **{name: (kind.replace("ADDR", addr), comment) for name, kind, comment in MAPS},
+        }
+        out = []
+        for name in names:
+            kind, comment = comments[name]
+            obj = "map" if kind.endswith(": verdict") else "set"
+            size = f"size {sizes[name]} ; " if name in sizes else ""
+            out.append(f'add {obj} {t} {name} {{ type {kind} ; {size}comment "{comment}" ; }}\n')
+        return out
+
+    def _set_rules(self) -> list[str]:
+        """The rules of SET_RULE_CHAINS: every rule that looks up a fixed set or map."""
+        t, ipx, m = self._t, self.ipx, self.mark
         # Hairpin: a connection DNATed back to the address it came from (upstream marks it in
         # each endpoint chain; one lookup here does it without a chain per endpoint).
-        out.append(f"add rule {t} masquerading ct status dnat {ipx} saddr . {ipx} daddr @hairpin-ips masquerade fully-random\n")
-        out.append(f"add rule {t} masquerading meta mark and {m} == 0 return\n")
-        out.append(f"add rule {t} masquerading meta mark set meta mark xor {m}\n")
-        out.append(f"add rule {t} masquerading masquerade fully-random\n")
-        out.append(f"add rule {t} reject-chain reject\n")
+        out = [f"add rule {t} masquerading ct status dnat {ipx} saddr . {ipx} daddr @hairpin-ips masquerade fully-random\n",
+               f"add rule {t} masquerading meta mark and {m} == 0 return\n",
+               f"add rule {t} masquerading meta mark set meta mark xor {m}\n",
+               f"add rule {t} masquerading masquerade fully-random\n"]
         out.extend(self._masquerade_cluster_ips())
         out.append(f"add rule {t} services {ipx} daddr . meta l4proto . th dport vmap @service-ips\n")
         out.append(f"add rule {t} service-endpoints-check {ipx} daddr . meta l4proto . th dport vmap @no-endpoint-services\n")
@@ -447,13 +502,32 @@ class NftablesProxier(Proxier):
         out.extend(self._cluster_ips_check())
         if self.nodeport_addresses:
             match = f"{ipx} daddr @nodeport-ips"
-            for ip in self._nodeport_ips():
-                out.append(f"add element {t} nodeport-ips {{ {ip} }}\n")
         else:
             # Every local address but loopback: upstream's nftables mode has no localhost NodePorts.
             match = "fib daddr type local " + ("ip6 daddr != ::1" if ipx == "ip6" else "ip daddr != 127.0.0.0/8")
         out.append(f"add rule {t} services {match} meta l4proto . th dport vmap @service-nodeports\n")
         out.append(f"add rule {t} nodeport-endpoints-check {match} meta l4proto . th dport vmap @no-endpoint-nodeports\n")
+        return out
+
+    def _refill(self, resize: dict[str, int]) -> list[str]:
+        """The start of a full sync that keeps the table: every fixed set and map flushed, or
+        (those in `resize`) deleted and declared anew with the new size, after the rules that
+        look them up (a set in use cannot be deleted), which are then written again."""
+        t = self._t
+        out: list[str] = []
+        if resize:
+            out.extend(f"flush chain {t} {chain}\n" for chain in SET_RULE_CHAINS)
+            out.extend(f"delete {'map' if name in _MAP_NAMES else 'set'} {t} {name}\n" for name in sorted(resize))
+            out.extend(self._declarations(resize, sorted(resize)))
+        out.extend(f"flush set {t} {name}\n" for name in SETS if name not in resize)
+        out.extend(f"flush map {t} {name}\n" for name, _, _ in MAPS if name not in resize)
+        out.extend(f"flush map {t} {name}\n" for name in sorted(self._maps))
+        out.extend(f"add element {t} nodeport-ips {{ {ip} }}\n" for ip in self._nodeport_ips())
+        if resize:
+            out.extend(self._set_rules())
+        else:
+            out.append(f"flush chain {t} cluster-ips-check\n")
+            out.extend(self._cluster_ips_check())
         return out
 
     def _masquerade_cluster_ips(self) -> list[str]:
@@ -566,14 +640,9 @@ class NftablesProxier(Proxier):
         if recreate:
             # Creating the table first makes the delete valid when it does not exist yet; the
             # whole input is one batch, so there is never a moment without the table.
-            out = [f"add table {t}\n", f"delete table {t}\n", *self._skeleton()]
+            out = [f"add table {t}\n", f"delete table {t}\n"]  # and the skeleton, once sized (below)
         else:
-            out = [f"flush set {t} {name}\n" for name in SETS]
-            out.extend(f"flush map {t} {name}\n" for name, _, _ in MAPS)
-            out.extend(f"flush map {t} {name}\n" for name in sorted(self._maps))
-            out.extend(f"add element {t} nodeport-ips {{ {ip} }}\n" for ip in self._nodeport_ips())
-            out.append(f"flush chain {t} cluster-ips-check\n")
-            out.extend(self._cluster_ips_check())
+            out = []  # and _refill's start (below)
             now = time.monotonic()
             stale = dict(self._stale)
             for old in self._programmed.values():
@@ -611,6 +680,20 @@ class NftablesProxier(Proxier):
         out.extend(_map_line(t, m) for m in sorted(used - self._maps if not recreate else used))
         self._pending_maps = used if recreate else used | self._maps
         own.sort(key=itemgetter(0))  # grouped by set: one netlink message per set and 64 KiB
+        # Each SIZED set's elements: its declared size (_skeleton), or whether it must be resized.
+        counts = Counter(e[0] for e in own if e[0] in SIZED)
+        counts.update(e[0] for e in refs.other if e[0] in SIZED)
+        counts["cluster-ips"] += len(refs.cluster_ips)
+        counts["hairpin-ips"] += len(refs.hairpin)
+        self._pending_counts = counts
+        if recreate:
+            self._pending_capacity = {name: capacity(counts[name]) for name in SIZED}
+            out[2:2] = self._skeleton(self._pending_capacity)
+        else:
+            resize = {name: capacity(counts[name]) for name in SIZED
+                      if needs_resize(counts[name], self._capacity.get(name))}
+            self._pending_capacity = {**self._capacity, **resize}
+            out[0:0] = self._refill(resize)
 
         def endpoint_elements() -> Iterator[Element]:
             for emap in sorted(users):
@@ -709,6 +792,10 @@ class NftablesProxier(Proxier):
         # Order: everything a rule or an element points to exists before it is referenced, and
         # an element whose value changed is deleted before it is added again.
         out = new_sets + new_chains + rules
+        counts = Counter(self._counts)
+        counts.update(e[0] for e in added if e[0] in SIZED)
+        counts.subtract(e[0] for e in gone if e[0] in SIZED)
+        self._pending_counts = counts
         out.extend("delete " + _element(t, e) for e in sorted(gone))
         out.extend("add " + _element(t, e) for e in sorted(added))
         out.extend(flush_stale)
@@ -748,6 +835,12 @@ class NftablesProxier(Proxier):
                 lines, programmed, refs, stale = self._full(request.services, request.endpoints, recreate)
             else:
                 lines, updates, delta, stale = self._partial(request)
+                if any(n > self._capacity.get(name, n) for name, n in self._pending_counts.items()):
+                    # It would outgrow a set's declared size (SIZED): a full sync declares it
+                    # bigger instead, keeping the table (and the affinity sets' clients).
+                    full = True
+                    self._refresh_node_ips()
+                    lines, programmed, refs, stale = self._full(request.services, request.endpoints, False)
         except Exception as e:  # a render bug must not leave the proxier believing it applied
             self._need_full = True
             log.exception("nftables sync failed while rendering")
@@ -790,6 +883,9 @@ class NftablesProxier(Proxier):
                 self._refs.add(elem, d)
         self._stale = stale
         self._maps = self._pending_maps
+        self._counts = self._pending_counts
+        if full:
+            self._capacity = self._pending_capacity
         self._need_full = False
         self._table_known = True
         self.last_stats = {"render_s": t_render - start, "apply_s": time.perf_counter() - t_render,
@@ -822,6 +918,7 @@ class NftablesProxier(Proxier):
         self._need_full = True
         self._table_known = False
         self._maps = set()
+        self._capacity, self._counts = {}, Counter()
         return _delete_table(self.nft, self.ipx, self.table)
 
     def close(self) -> None:

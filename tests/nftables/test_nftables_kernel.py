@@ -6,16 +6,19 @@ another table and iptables-nft rules beside kproxy's are left as they were.
 Packets through the rules: tests/conformance (every scenario in nftables mode)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
 
+import msgspec
 import pytest
 from nft_state import endpoints, kernel_entries, name, service, sh, state, table_exists
 
 from kproxy.backends.nftables import Nft
 from kproxy.model import Endpoint, ServicePort
 from kproxy.proxiers.base import SyncRequest
+from kproxy.proxiers import nftables
 from kproxy.proxiers.nftables import NftablesProxier, load_renderer
 
 pytestmark = pytest.mark.e2e
@@ -266,3 +269,79 @@ def test_nodeport_addresses_per_family(netns: str) -> None:
     assert everywhere.sync(SyncRequest(services, eps)).ok
     assert "fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports" in everywhere.last_transaction
     assert everywhere.cleanup()
+
+
+def _size(netns: str, kind: str, set_name: str) -> int:
+    out = sh("ip", "netns", "exec", netns, "nft", "-j", "list", kind, "ip", "kube-proxy", set_name).stdout
+    return int(next(item[kind] for item in json.loads(out)["nftables"] if kind in item)["size"])
+
+
+def _sticky(i: int) -> ServicePort:
+    return msgspec.structs.replace(service(i), session_affinity_timeout=600)
+
+
+def test_sets_grow_and_shrink_past_their_declared_size(netns: str, netns2: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixed sets are declared with a size, which the kernel enforces (ENFILE beyond it): a
+    sync that would outgrow one declares it bigger in a full sync that keeps the table (an
+    affinity set's client stays); a full sync shrinks one far too big; `nft -f` takes the same
+    transactions and leaves the same ruleset."""
+    monkeypatch.setattr(nftables, "MIN_CAPACITY", 4)
+    monkeypatch.setattr(nftables, "CAPACITY_STEP", 4)
+    a = proxier(netns)
+    b = NftablesProxier(Nft(netns2, netlink=False), cluster_cidr="10.0.0.0/8", node_ips=("192.168.77.1",))
+    services, eps = state(4, 1)
+    services[name(0)] = _sticky(0)
+    for p in (a, b):
+        assert p.sync(SyncRequest(services, eps)).ok
+    assert _size(netns, "set", "cluster-ips") == 8 and _size(netns, "map", "service-ips") == 8  # 4 and half again
+    sticky = next(e.split('"name": "')[1].split('"')[0] for e in kernel_entries(netns) if '"affinity-' in e)
+    sh("ip", "netns", "exec", netns, "nft", "add", "element", "ip", "kube-proxy", sticky, "{ 192.0.2.7 }")
+    # The cap is the kernel's: 5 more ClusterIPs than the 8 it was sized for are refused, nothing added.
+    before = kernel_entries(netns)
+    refused = sh("ip", "netns", "exec", netns, "nft", "add", "element", "ip", "kube-proxy", "cluster-ips",
+                 "{ " + ", ".join(f"10.255.0.{k}" for k in range(1, 6)) + " }", check=False)
+    assert refused.returncode != 0 and "Too many open files" in refused.stderr, refused.stderr
+    assert kernel_entries(netns) == before
+    for i in range(4, 12):  # one Service per partial sync: 8 fit, the 9th makes the sets bigger
+        services[name(i)], eps[name(i)] = service(i), endpoints(i, 1)
+        for p in (a, b):
+            assert p.sync(SyncRequest(services, eps, changed=frozenset({name(i)}), full=False)).ok
+        assert a.last_stats["full"] == (1.0 if i == 8 else 0.0) and a.last_stats["recreate"] == 0.0
+        assert a.nft.last_way == "netlink"
+    assert _size(netns, "set", "cluster-ips") == 16 and _size(netns, "set", "hairpin-ips") == 16
+    after = kernel_entries(netns)
+    assert any(e.startswith(f"elem {sticky} ") and "192.0.2.7" in e for e in after), "the resize lost the table"
+    assert sum(e.startswith("elem cluster-ips ") for e in after) == 12
+    assert {e for e in after if not e.startswith(f"elem {sticky} ")} == kernel_entries(netns2)
+    # Back to one Service: the periodic full sync declares the sets small again.
+    few = {name(0): services[name(0)]}
+    for p in (a, b):
+        assert p.sync(SyncRequest(few, eps, full=True)).ok
+    assert _size(netns, "set", "cluster-ips") == 4 and _size(netns, "map", "service-nodeports") == 4
+    assert kernel_entries(netns) - {e for e in kernel_entries(netns) if e.startswith(f"elem {sticky} ")} == \
+        kernel_entries(netns2)
+    assert a.cleanup() and b.cleanup()
+
+
+def test_a_set_filled_from_outside_fails_one_sync_and_the_next_full_one_refills_it(
+        netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the cap: elements kproxy did not count (added by someone else) fill a set; the sync
+    that adds one more is refused whole (ENFILE), the next is full and writes kproxy's own."""
+    monkeypatch.setattr(nftables, "MIN_CAPACITY", 4)
+    monkeypatch.setattr(nftables, "CAPACITY_STEP", 4)
+    p = proxier(netns)
+    services, eps = state(4, 1)
+    assert p.sync(SyncRequest(services, eps)).ok  # cluster-ips: 4 of 8
+    sh("ip", "netns", "exec", netns, "nft", "add", "element", "ip", "kube-proxy", "cluster-ips",
+       "{ 10.255.0.1, 10.255.0.2, 10.255.0.3, 10.255.0.4 }")
+    before = kernel_entries(netns)
+    services[name(4)], eps[name(4)] = service(4), endpoints(4, 1)
+    res = p.sync(SyncRequest(services, eps, changed=frozenset({name(4)}), full=False))
+    assert not res.ok and "Too many open files" in res.error, res.error
+    assert kernel_entries(netns) == before
+    res = p.sync(SyncRequest(services, eps, changed=frozenset(), full=False))
+    assert res.ok and p.last_stats["full"] == 1.0
+    ips = sorted(e for e in kernel_entries(netns) if e.startswith("elem cluster-ips "))
+    assert ips == sorted(f'elem cluster-ips "{service(i).cluster_ips[0]}"' for i in range(5))
+    assert p.cleanup()
