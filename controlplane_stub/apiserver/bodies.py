@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,37 +132,56 @@ def _parse_constant(name: str) -> Any:
     raise ValueError(f"invalid character {name[0]!r} looking for beginning of value")
 
 
-class _PairsHook:
-    """object_pairs_hook that remembers which objects had a key twice (the last value wins, as in Go)."""
-
-    __slots__ = ("dups",)
+class _Duplicates(threading.local):
+    """Which objects of the body being decoded (on this thread) had a key twice: id -> keys."""
 
     def __init__(self) -> None:
-        self.dups: dict[int, list[str]] = {}
+        self.found: dict[int, list[str]] = {}
 
-    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            seen: set[str] = set()
-            again = [k for k, _ in pairs if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
-            self.dups[id(out)] = sorted(set(again))
-        return out
+
+_duplicates = _Duplicates()
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook that remembers which objects had a key twice (the last value wins, as in Go)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        again = [k for k, _ in pairs if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
+        _duplicates.found[id(out)] = sorted(set(again))
+    return out
+
+
+# One decoder for every body: json.loads with a hook builds a new decoder and scanner per call,
+# two thirds of a small body's decoding (~6 us of a ConfigMap create's ~9).
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_parse_constant)
+
+
+def _loads(raw: bytes | str) -> Any:
+    """json.loads(raw) through _DECODER: the same encoding detection and BOM rule."""
+    if isinstance(raw, str):
+        if raw.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", raw, 0)
+        return _DECODER.decode(raw)
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
 def decode_json(raw: bytes | str, what: str) -> Decoded:
     """JSON text -> Decoded; `what` starts the 400 message ("error decoding patch", ...)."""
     if len(raw) > MAX_REQUEST_BYTES:
         raise too_large(len(raw))
-    hook = _PairsHook()
+    found = _duplicates.found = {}
     try:
         # Numbers are range-checked by check_value's walk; NaN and Infinity are not JSON.
-        obj = json.loads(raw, object_pairs_hook=hook, parse_constant=_parse_constant)
+        obj = _loads(raw)
     except RecursionError:
         raise bad_request(f"{what}: nesting deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"{what}: {e}") from None
+    finally:
+        _duplicates.found = {}
     check_value(obj, what)
-    return Decoded(obj, _duplicate_paths(obj, hook.dups) if hook.dups else [])
+    return Decoded(obj, _duplicate_paths(obj, found) if found else [])
 
 
 def _duplicate_paths(obj: Any, dups: dict[int, list[str]]) -> list[str]:
