@@ -16,8 +16,9 @@ Pinned (default on 2+ cores; KPROXY_BENCH_PIN=0 for the old way): the bench, its
 etcd on one core, each API server on the other, so a server's rate is what one core gives it and
 not what the clients and etcd leave it; kube-apiserver's Go runtime starts with one core in its
 affinity and so GOMAXPROCS=1, as one Python event loop. Per round the table also shows how busy the
-server kept its core (near 100%: the server bounds the rate), how long it was runnable but waited
-for a CPU (other processes on its core) and the clients' CPU. The creating
+server kept its core (near 100%: the server bounds the rate), how long it and its etcd were
+runnable but waited for a CPU (other processes on their core; etcd's threads summed) and the
+clients' CPU. The creating
 clients are one small HTTP/1.1 client (`_Conn`), the same for every server.
 KPROXY_BENCH_SERVICES (default 10,000) stores fewer Services for a quick run.
 
@@ -236,6 +237,7 @@ class Round:
     server_cpu_s: float
     server_wait_s: float  # runnable, waiting for a CPU (other processes on its core)
     etcd_cpu_s: float
+    etcd_wait_s: float  # its threads' waits for a CPU, summed
     creators_cpu_s: float  # the creating clients' process from the go
     watchers_cpu_s: float  # the bench's own process: the 50 watchers
 
@@ -278,7 +280,7 @@ async def _fanout(t: Target, round_: int) -> Round:
     await asyncio.wait_for(ready.wait(), 60)
     await asyncio.sleep(0.5)
     cpu0, etcd0, own0 = _cpu_s(t.pid), sum(_cpu_s(p) for p in t.etcd_pids()), _cpu_s(os.getpid())
-    wait0 = _runqueue_s(t.pid)
+    wait0, etcd_wait0 = _runqueue_s(t.pid), sum(_runqueue_s(p) for p in t.etcd_pids())
     started = time.perf_counter()
     creators.stdin.write(b"go\n")
     await creators.stdin.drain()
@@ -287,8 +289,8 @@ async def _fanout(t: Target, round_: int) -> Round:
     await asyncio.wait_for(asyncio.gather(*tasks), 300)
     cpu, etcd, own = _cpu_s(t.pid) - cpu0, sum(_cpu_s(p) for p in t.etcd_pids()) - etcd0, _cpu_s(os.getpid()) - own0
     wall = max(done_at) - started
-    return Round(N_WATCHERS * N_EVENTS / wall, wall, cpu, _runqueue_s(t.pid) - wait0, etcd, float(out.split()[-1]),
-                 own)
+    return Round(N_WATCHERS * N_EVENTS / wall, wall, cpu, _runqueue_s(t.pid) - wait0, etcd,
+                 sum(_runqueue_s(p) for p in t.etcd_pids()) - etcd_wait0, float(out.split()[-1]), own)
 
 
 def _load(t: Target) -> dict[str, float]:
@@ -421,6 +423,7 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
                 r["fanout_server_waiting"] = sum(x.server_wait_s for x in rounds[t.name]) / walls
                 r["fanout_creators_cpu_s"] = sum(x.creators_cpu_s for x in rounds[t.name]) / len(rounds[t.name])
                 r["fanout_watchers_cpu_s"] = sum(x.watchers_cpu_s for x in rounds[t.name]) / len(rounds[t.name])
+                r["fanout_etcd_waiting"] = sum(x.etcd_wait_s for x in rounds[t.name]) / walls
                 r["server_rss"] = _rss_mib(t.pid)
                 r["etcd_rss"] = t.etcd_rss()
 
@@ -429,9 +432,9 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
           + (f"pinned (bench cpu {cpus[0]}, servers cpu {cpus[1]})" if cpus else "not pinned"))
     print("| server | creates/s (32 clients) | full list s | watch fan-out events/s (50 watchers) "
           "| fan-out: server CPU s, etcd CPU s | events per server CPU-second, median round; all rounds "
-          "| server in the rounds: busy; waiting for a CPU | per round: creating clients' CPU s, watchers' CPU s "
+          "| server in the rounds: busy; waiting for a CPU | etcd waiting for a CPU | per round: creating clients' CPU s, watchers' CPU s "
           "| server RSS MiB | etcd RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         r["fanout_events_per_server_cpu_s"] = N_WATCHERS * N_EVENTS / max(r["fanout_server_cpu_s"], 0.01)
         r["fanout_events_per_server_cpu_s_all"] = (N_WATCHERS * N_EVENTS * len(rounds[name])
@@ -440,7 +443,7 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
               f"({r['fanout_min']:.0f}-{r['fanout_max']:.0f}) "
               f"| {r['fanout_server_cpu_s']:.2f}, {r['fanout_etcd_cpu_s']:.2f} "
               f"| {r['fanout_events_per_server_cpu_s']:.0f}; {r['fanout_events_per_server_cpu_s_all']:.0f} "
-              f"| {r['fanout_server_busy']:.0%}; {r['fanout_server_waiting']:.0%} | {r['fanout_creators_cpu_s']:.2f}, {r['fanout_watchers_cpu_s']:.2f} "
+              f"| {r['fanout_server_busy']:.0%}; {r['fanout_server_waiting']:.0%} | {r['fanout_etcd_waiting']:.0%} | {r['fanout_creators_cpu_s']:.2f}, {r['fanout_watchers_cpu_s']:.2f} "
               f"| {r['server_rss']:.0f} | {r['etcd_rss']:.0f} |")
     names = list(rounds)
     if len(names) == 3:  # kproxy on etcd against kube-apiserver, round by round
