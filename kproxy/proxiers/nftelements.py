@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import TypeVar
 
 Element = tuple[str, str, str]  # (map or set, key, value)
@@ -99,13 +100,15 @@ def pack_counting(elements: Iterable[Element], blocks: Iterable[tuple[str, int, 
         else:
             own.append(e)
     for emap, first, targets in blocks:
-        for k, target in enumerate(targets, first):
-            groups.setdefault(emap, {})[(slot_key(k), target)] = None
+        if targets:
+            group = groups.setdefault(emap, {})
+            for k, target in enumerate(targets, first):
+                group[(slot_key(k), target)] = None
     return _joined(groups, doubled)
 
 
 def _joined(groups: dict[str, dict[tuple[str, str], None]], doubled: dict[str, None]) -> str:
-    parts = [set_name + "\t" + "\t".join(f"{k}\t{v}" for k, v in kv) for set_name, kv in groups.items()]
+    parts = [set_name + "\t" + "\t".join(chain.from_iterable(kv)) for set_name, kv in groups.items()]
     if doubled:
         parts.append(_DOUBLED + "\t" + "\t".join(doubled))
     packed = "\n".join(parts)
