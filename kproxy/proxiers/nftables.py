@@ -642,6 +642,10 @@ class NftablesProxier(Proxier):
         flushed and refilled, and the dynamic affinity sets are kept with their clients, as
         upstream does; chains no longer wanted are flushed and deleted after the grace period."""
         t = self._t
+        # A full sync counts the shared elements anew and reads none of the old counts, and a
+        # failed one is followed by another full one (_need_full): dropped first, so that the
+        # periodic resync does not hold two sets of them (~6 MiB each at 10,000 Services).
+        self._refs = SharedRefs()
         stale: dict[str, float] = {}
         if recreate:
             # Creating the table first makes the delete valid when it does not exist yet; the
