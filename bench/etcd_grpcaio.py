@@ -1,14 +1,13 @@
 """The etcd client the store used before grpc_h2.py, kept as bench_etcd_client.py's peer: the same
-calls over grpc.aio (a gRPC channel with every member, pick_first, aetcd's generated stubs).
+calls over grpc.aio (a gRPC channel with every member, pick_first).
 Only what the bench calls: put, range, txn, watch."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
-from aetcd import rpc
 
+from controlplane_stub.store import etcd_wire as wire
 from controlplane_stub.store.etcd_client import (
     Cmp,
     EtcdError,
@@ -16,52 +15,56 @@ from controlplane_stub.store.etcd_client import (
     RangeResult,
     TxnResult,
     WatchResponse,
-    _compare,
-    _kv,
-    _request_op,
     parse_endpoints,
-    txn_result,
+    txn_request,
     watch_response,
 )
 
 
+def _raw(b: bytes) -> bytes:
+    return b
+
+
 class EtcdClient:
+    """Requests and responses are the bytes etcd_wire.py encodes and decodes, as in the store's
+    client, so the two differ by their transport only."""
+
     def __init__(self, endpoints: list[str], timeout: float = 10.0) -> None:
         addrs, _, _ = parse_endpoints(endpoints)
         target = "ipv4:" + ",".join(f"{h}:{p}" for h, p in addrs)
         self._channel = grpc.aio.insecure_channel(target, options=[
             ("grpc.lb_policy_name", "pick_first"), ("grpc.max_receive_message_length", 256 << 20)])
-        self._kv = rpc.KVStub(self._channel)
-        self._watch = rpc.WatchStub(self._channel)
+        self._range = self._channel.unary_unary("/etcdserverpb.KV/Range", _raw, _raw)
+        self._txn = self._channel.unary_unary("/etcdserverpb.KV/Txn", _raw, _raw)
+        self._put = self._channel.unary_unary("/etcdserverpb.KV/Put", _raw, _raw)
+        self._watch = self._channel.stream_stream("/etcdserverpb.Watch/Watch", _raw, _raw)
         self.timeout = timeout
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any) -> Any:
+    async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, request: bytes) -> bytes:
         try:
-            return await method(request, timeout=self.timeout, wait_for_ready=True)
+            out: bytes = await method(request, timeout=self.timeout, wait_for_ready=True)
+            return out
         except grpc.aio.AioRpcError as e:
             raise EtcdError(f"etcd: {e.code().name}: {e.details()}") from None
 
     async def range(self, key: bytes, range_end: bytes = b"") -> RangeResult:
-        r = await self._call(self._kv.Range, rpc.RangeRequest(key=key, range_end=range_end))
-        return RangeResult(int(r.header.revision), [_kv(k) for k in r.kvs], bool(r.more), int(r.count))
+        return wire.range_response(await self._call(self._range, wire.range_request(key, range_end)))
 
     async def txn(self, compare: list[Cmp], success: list[Op], failure: list[Op] | None = None) -> TxnResult:
-        return txn_result(await self._call(self._kv.Txn, rpc.TxnRequest(
-            compare=[_compare(c) for c in compare], success=[_request_op(o) for o in success],
-            failure=[_request_op(o) for o in failure or []])))
+        return wire.txn_response(await self._call(self._txn, txn_request(compare, success, failure or [])))
 
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
-        return int((await self._call(self._kv.Put, rpc.PutRequest(key=key, value=value, lease=lease))).header.revision)
+        return wire.header_revision(await self._call(self._put, wire.put_request(key, value, lease)))
 
     async def watch(self, key: bytes, range_end: bytes, start_revision: int) -> AsyncIterator[WatchResponse]:
-        call = self._watch.Watch(wait_for_ready=True)
+        call = self._watch(wait_for_ready=True)
         try:
-            await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                key=key, range_end=range_end, start_revision=start_revision)))
+            await call.write(wire.watch_create_request(key, range_end, start_revision))
             while (r := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(r, bytes)
                 yield watch_response(r)
         finally:
             call.cancel()

@@ -1,5 +1,5 @@
-"""An asyncio etcd v3 client: gRPC over HTTP/2 on the event loop (grpc_h2.py) with the etcdserverpb
-protobuf messages that the aetcd package ships.
+"""An asyncio etcd v3 client: gRPC over HTTP/2 on the event loop (grpc_h2.py), etcd's protobuf
+messages encoded and decoded by etcd_wire.py (neither grpc nor protobuf is imported: ~20 MiB of RSS).
 
 Chosen by measurement (bench/bench_etcd_client.py, figures in bench/README.md): gRPC over etcd's
 gRPC-JSON gateway (about 3x the writes per second, a quarter of the tail latency), and our own
@@ -23,14 +23,31 @@ import ipaddress
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
-from aetcd import rpc
-from google.protobuf.message import DecodeError
-
+from . import etcd_wire as wire
+from .etcd_wire import (
+    KV,
+    Cmp,
+    Delete,
+    Get,
+    Op,
+    Put,
+    RangeResult,
+    TxnResult,
+    WatchEvent,
+    WatchResponse,
+    WireError,
+    txn_request,
+)
 from .grpc_h2 import CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE, Channel, GrpcError, Stream
+
+__all__ = ["KV", "Cmp", "Delete", "EtcdClient", "EtcdCompacted", "EtcdError", "EtcdUnavailable", "Get", "Op", "Put",
+           "RangeResult", "TxnResult", "Watch", "WatchEvent", "WatchResponse", "cmp_create", "cmp_mod", "cmp_version",
+           "parse_endpoints", "prefix_end", "tls_context", "txn_request", "watch_response"]
+
+T = TypeVar("T")
 
 
 class EtcdError(Exception):
@@ -59,81 +76,6 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\x00"
 
 
-@dataclass(slots=True)
-class KV:
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int = 0
-
-
-@dataclass(slots=True)
-class RangeResult:
-    revision: int
-    kvs: list[KV]
-    more: bool
-    count: int
-
-
-@dataclass(slots=True)
-class TxnResult:
-    revision: int
-    succeeded: bool
-    # One entry per op of the branch that ran: ("range", [KV...]) | ("put", [prev KV]) | ("delete", [prev KVs]).
-    responses: list[tuple[str, list[KV]]]
-
-
-@dataclass(slots=True)
-class WatchEvent:
-    type: str  # PUT | DELETE
-    kv: KV
-
-
-@dataclass(slots=True)
-class WatchResponse:
-    revision: int
-    events: list[WatchEvent] = field(default_factory=list)
-    created: bool = False
-    canceled: bool = False
-    compact_revision: int = 0
-    cancel_reason: str = ""
-
-
-# -- transaction parts -------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Cmp:
-    """target(key) result value: target MOD | CREATE | VERSION, result EQUAL | GREATER | LESS | NOT_EQUAL."""
-
-    key: bytes
-    target: str
-    value: int
-    result: str = "EQUAL"
-
-
-@dataclass(frozen=True, slots=True)
-class Put:
-    key: bytes
-    value: bytes
-    lease: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Get:
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    key: bytes
-    prev_kv: bool = False
-
-
-Op = Put | Get | Delete
-
-
 def cmp_mod(key: bytes, revision: int, result: str = "EQUAL") -> Cmp:
     """mod_revision(key) RESULT revision (a missing key has 0)."""
     return Cmp(key, "MOD", revision, result)
@@ -145,75 +87,6 @@ def cmp_create(key: bytes, revision: int, result: str = "EQUAL") -> Cmp:
 
 def cmp_version(key: bytes, version: int, result: str = "EQUAL") -> Cmp:
     return Cmp(key, "VERSION", version, result)
-
-
-_TARGET = {"VERSION": 0, "CREATE": 1, "MOD": 2}
-_RESULT = {"EQUAL": 0, "GREATER": 1, "LESS": 2, "NOT_EQUAL": 3}
-_FIELD = {"VERSION": "version", "CREATE": "create_revision", "MOD": "mod_revision"}
-
-
-# A transaction's request is encoded here, not through the protobuf classes: building the nested
-# messages (a Compare and a RequestOp per part) and serializing them was ~6% of the API server's
-# CPU per create in the 50-watcher fan-out (bench/README.md etcd). The wire format is protobuf's
-# (field numbers of etcd's rpc.proto; proto3: zero scalars left out, a oneof member always written);
-# tests/etcd/test_etcd_units.py checks it byte for byte against protobuf's own encoding.
-
-def _varint(n: int) -> bytes:
-    if 0 <= n < 0x80:
-        return bytes((n,))
-    n &= (1 << 64) - 1  # an int64 below zero: ten bytes, two's complement
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited field (bytes or a message); numbers below 16 take one tag byte."""
-    return bytes((number << 3 | 2,)) + _varint(len(data)) + data
-
-
-def _compare_wire(c: Cmp) -> bytes:
-    result, target = _RESULT[c.result], _TARGET[c.target]
-    out = (b"\x08" + _varint(result) if result else b"") + (b"\x10" + _varint(target) if target else b"")
-    if c.key:
-        out += _field(3, c.key)
-    return out + bytes(((4 + target) << 3,)) + _varint(c.value)  # version 4, create_revision 5, mod_revision 6
-
-
-def _op_wire(op: Op) -> bytes:
-    key = _field(1, op.key) if op.key else b""
-    if isinstance(op, Put):
-        return _field(2, key + (_field(2, op.value) if op.value else b"")
-                      + (b"\x18" + _varint(op.lease) if op.lease else b""))
-    if isinstance(op, Get):
-        return _field(1, key)
-    return _field(3, key + (b"\x18\x01" if op.prev_kv else b""))
-
-
-def txn_request(compare: list[Cmp], success: list[Op], failure: list[Op]) -> bytes:
-    """A serialized etcdserverpb.TxnRequest."""
-    return b"".join([*(_field(1, _compare_wire(c)) for c in compare), *(_field(2, _op_wire(o)) for o in success),
-                     *(_field(3, _op_wire(o)) for o in failure)])
-
-
-# The same parts as protobuf messages: bench/etcd_grpcaio.py's peer client builds its requests so.
-def _compare(c: Cmp) -> Any:
-    return rpc.Compare(key=c.key, target=_TARGET[c.target], result=_RESULT[c.result], **{_FIELD[c.target]: c.value})
-
-
-def _request_op(op: Op) -> Any:
-    if isinstance(op, Put):
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key, value=op.value, lease=op.lease))
-    if isinstance(op, Get):
-        return rpc.RequestOp(request_range=rpc.RangeRequest(key=op.key))
-    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key, prev_kv=op.prev_kv))
-
-
-def _kv(m: Any) -> KV:
-    return KV(bytes(m.key), bytes(m.value), int(m.create_revision), int(m.mod_revision), int(m.version), int(m.lease))
 
 
 def parse_endpoints(endpoints: list[str]) -> tuple[list[tuple[str, int]], str, bool]:
@@ -273,16 +146,15 @@ class EtcdClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, what: str, method: str, request: Any, response: Any, *, retry: bool) -> Any:
-        """One unary call; `request` a message or its serialized bytes, `response` the response
-        message class. Reads are retried when etcd is unavailable, writes only when the request
-        was not taken."""
-        payload = request if isinstance(request, bytes) else request.SerializeToString()
+    async def _call(self, what: str, method: str, request: bytes, decode: Callable[[bytes], T], *,
+                    retry: bool) -> T:
+        """One unary call with a serialized request, its answer decoded by `decode`. Reads are retried
+        when etcd is unavailable, writes only when the request was not taken."""
         attempts = 3 if retry else 1
         attempt = refused = 0
         while True:
             try:
-                data = await self._channel.unary(method, payload, self.timeout)
+                data = await self._channel.unary(method, request, self.timeout)
             except GrpcError as e:
                 err = _error(e, what)
                 if not e.sent and refused < REFUSED_RETRIES:
@@ -294,42 +166,37 @@ class EtcdClient:
                 await asyncio.sleep(0.1 * attempt)
                 continue
             try:
-                return response.FromString(data)
-            except DecodeError as e:
+                return decode(data)
+            except WireError as e:
                 raise EtcdError(f"etcd {what}: undecodable response: {e}") from None
 
     async def range(self, key: bytes, range_end: bytes = b"", *, limit: int = 0, revision: int = 0,
                     keys_only: bool = False, count_only: bool = False) -> RangeResult:
-        r = await self._call("range", _KV + "Range", rpc.RangeRequest(
-            key=key, range_end=range_end, limit=limit, revision=revision, keys_only=keys_only,
-            count_only=count_only), rpc.RangeResponse, retry=True)
-        return RangeResult(int(r.header.revision), [_kv(k) for k in r.kvs], bool(r.more), int(r.count))
+        request = wire.range_request(key, range_end, limit=limit, revision=revision, keys_only=keys_only,
+                                     count_only=count_only)
+        return await self._call("range", _KV + "Range", request, wire.range_response, retry=True)
 
     async def txn(self, compare: list[Cmp], success: list[Op], failure: list[Op] | None = None) -> TxnResult:
-        r = await self._call("txn", _KV + "Txn", txn_request(compare, success, failure or []), rpc.TxnResponse,
-                             retry=False)
-        return txn_result(r)
+        return await self._call("txn", _KV + "Txn", txn_request(compare, success, failure or []), wire.txn_response,
+                                retry=False)
 
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
-        r = await self._call("put", _KV + "Put", rpc.PutRequest(key=key, value=value, lease=lease),
-                             rpc.PutResponse, retry=False)
-        return int(r.header.revision)
+        return await self._call("put", _KV + "Put", wire.put_request(key, value, lease), wire.header_revision,
+                                retry=False)
 
     async def delete(self, key: bytes, range_end: bytes = b"") -> int:
-        r = await self._call("delete", _KV + "DeleteRange", rpc.DeleteRangeRequest(key=key, range_end=range_end),
-                             rpc.DeleteRangeResponse, retry=False)
-        return int(r.header.revision)
+        return await self._call("delete", _KV + "DeleteRange", wire.delete_range_request(key, range_end),
+                                wire.header_revision, retry=False)
 
     async def compact(self, revision: int) -> None:
-        await self._call("compact", _KV + "Compact", rpc.CompactionRequest(revision=revision),
-                         rpc.CompactionResponse, retry=False)
+        await self._call("compact", _KV + "Compact", wire.int_request(revision), wire.header_revision, retry=False)
 
     async def lease_grant(self, ttl: int) -> int:
-        r = await self._call("lease grant", _LEASE + "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl),
-                             rpc.LeaseGrantResponse, retry=True)
+        r = await self._call("lease grant", _LEASE + "LeaseGrant", wire.int_request(ttl), wire.lease_grant_response,
+                             retry=True)
         if r.error:
-            raise EtcdError(f"etcd lease grant: {r.error}")
-        return int(r.ID)
+            raise EtcdError(f"etcd lease grant: {r.error[:200]}")
+        return r.id
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """One keep-alive; returns the remaining TTL (0 or less: the lease has expired)."""
@@ -337,53 +204,38 @@ class EtcdClient:
         try:
             st = await self._channel.stream(_LEASE + "LeaseKeepAlive", self.timeout, loop.time() + self.timeout)
             try:
-                st.send(rpc.LeaseKeepAliveRequest(ID=lease_id).SerializeToString(), end=True)
+                st.send(wire.int_request(lease_id), end=True)
                 data = await st.read()
                 if data is None:
                     raise EtcdUnavailable("etcd lease keepalive: stream ended")
-                return int(rpc.LeaseKeepAliveResponse.FromString(data).TTL)
+                return wire.lease_keepalive_ttl(data)
             finally:
                 st.cancel()
         except GrpcError as e:
             raise _error(e, "lease keepalive") from None
-        except DecodeError as e:
+        except WireError as e:
             raise EtcdError(f"etcd lease keepalive: undecodable response: {e}") from None
 
     async def lease_revoke(self, lease_id: int) -> None:
-        await self._call("lease revoke", _LEASE + "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id),
-                         rpc.LeaseRevokeResponse, retry=False)
+        await self._call("lease revoke", _LEASE + "LeaseRevoke", wire.int_request(lease_id), wire.header_revision,
+                         retry=False)
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int, *, progress_notify: bool = True,
               prev_kv: bool = False) -> Watch:
-        return Watch(self, rpc.WatchCreateRequest(key=key, range_end=range_end, start_revision=start_revision,
-                                                  progress_notify=progress_notify, prev_kv=prev_kv))
+        return Watch(self, wire.watch_create_request(key, range_end, start_revision, progress_notify=progress_notify,
+                                                     prev_kv=prev_kv))
 
 
-def txn_result(r: Any) -> TxnResult:
-    responses: list[tuple[str, list[KV]]] = []
-    for op in r.responses:
-        which = op.WhichOneof("response")
-        if which == "response_range":
-            responses.append(("range", [_kv(k) for k in op.response_range.kvs]))
-        elif which == "response_put":
-            has = op.response_put.HasField("prev_kv")
-            responses.append(("put", [_kv(op.response_put.prev_kv)] if has else []))
-        elif which == "response_delete_range":
-            responses.append(("delete", [_kv(k) for k in op.response_delete_range.prev_kvs]))
-        else:
-            responses.append(("other", []))
-    return TxnResult(int(r.header.revision), bool(r.succeeded), responses)
-
-
-def watch_response(r: Any) -> WatchResponse:
+def watch_response(data: bytes) -> WatchResponse:
     """A typed WatchResponse; EtcdCompacted / EtcdError when etcd canceled the watch."""
-    out = WatchResponse(int(r.header.revision),
-                        [WatchEvent("DELETE" if e.type == 1 else "PUT", _kv(e.kv)) for e in r.events],
-                        bool(r.created), bool(r.canceled), int(r.compact_revision), str(r.cancel_reason))
+    try:
+        out = wire.watch_response(data)
+    except WireError as e:
+        raise EtcdError(f"etcd watch: undecodable response: {e}") from None
     if out.compact_revision and out.canceled:
         raise EtcdCompacted(f"etcd watch: revision compacted (oldest {out.compact_revision})", out.compact_revision)
     if out.canceled:
-        raise EtcdError(f"etcd watch canceled: {out.cancel_reason}")
+        raise EtcdError(f"etcd watch canceled: {out.cancel_reason[:200]}")
     return out
 
 
@@ -391,7 +243,7 @@ class Watch:
     """One etcd watch stream: iterate for responses; request_progress() asks etcd for a header with
     its current revision once every event up to it has been sent (etcd >= 3.4)."""
 
-    def __init__(self, client: EtcdClient, create: Any) -> None:
+    def __init__(self, client: EtcdClient, create: bytes) -> None:
         self._client = client
         self._create = create
         self._stream: Stream | None = None
@@ -400,7 +252,7 @@ class Watch:
     def request_progress(self) -> None:
         # The stream's send side stays open while the watch lives: progress requests go on it.
         if self._stream is not None:
-            self._stream.send(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()).SerializeToString())
+            self._stream.send(wire.WATCH_PROGRESS_REQUEST)
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -412,16 +264,12 @@ class Watch:
             st = self._stream = await self._client._channel.stream(_WATCH, self._client.timeout)
             if self._cancelled:
                 st.cancel()
-            st.send(rpc.WatchRequest(create_request=self._create).SerializeToString())
+            st.send(self._create)
             while True:
                 data = await st.read()
                 if data is None:
                     break
-                try:
-                    r = rpc.WatchResponse.FromString(data)
-                except DecodeError as e:
-                    raise EtcdError(f"etcd watch: undecodable response: {e}") from None
-                yield watch_response(r)
+                yield watch_response(data)
         except GrpcError as e:
             raise _error(e, "watch") from None
         finally:

@@ -9,13 +9,11 @@ from hypothesis import strategies as st
 
 from controlplane_stub.apiserver import limits
 from controlplane_stub.apiserver.allocators import reservation_names
-from controlplane_stub.apiserver.watch import WatchHub
 from controlplane_stub.apiserver.bootstrap import parse_lease
+from controlplane_stub.apiserver.watch import WatchHub
 from controlplane_stub.store.base import Compacted, Event
 from controlplane_stub.store.etcd import SparseWindow, parse_duration
-from aetcd import rpc
-
-from controlplane_stub.store.etcd_client import Cmp, Delete, Get, Put, _compare, _request_op, prefix_end, txn_request
+from controlplane_stub.store.etcd_client import prefix_end
 
 
 def _window(capacity: int, floor: int, gaps: list[int]) -> tuple[SparseWindow, list[int]]:
@@ -184,22 +182,3 @@ def test_pump_chunks_carry_every_wanted_event_once_in_order_without_splitting_a_
         got += lines
         cursor = last
     assert got == wanted
-
-
-_INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
-_CMPS = st.builds(Cmp, st.binary(max_size=40), st.sampled_from(["VERSION", "CREATE", "MOD"]), _INT64,
-                  st.sampled_from(["EQUAL", "GREATER", "LESS", "NOT_EQUAL"]))
-_OPS = st.one_of(st.builds(Put, st.binary(max_size=40), st.binary(max_size=300), _INT64),
-                 st.builds(Get, st.binary(max_size=40)), st.builds(Delete, st.binary(max_size=40), st.booleans()))
-
-
-@given(st.lists(_CMPS, max_size=4), st.lists(_OPS, max_size=4), st.lists(_OPS, max_size=4))
-def test_txn_request_is_protobufs_encoding_byte_for_byte(compare: list[Cmp], success: list[Put | Get | Delete],
-                                                         failure: list[Put | Get | Delete]) -> None:
-    """The hand-made TxnRequest (etcd_client.txn_request) against protobuf's own serialization of
-    the same messages, and it decodes back to them."""
-    message = rpc.TxnRequest(compare=[_compare(c) for c in compare], success=[_request_op(o) for o in success],
-                             failure=[_request_op(o) for o in failure])
-    wire = txn_request(compare, success, failure)
-    assert wire == message.SerializeToString()
-    assert rpc.TxnRequest.FromString(wire) == message

@@ -1,5 +1,6 @@
-"""The SQLite API server must not load the etcd back end's gRPC client (~15 MiB of idle RSS):
-controlplane_stub/store/backend.py imports it only for --storage-backend etcd3."""
+"""The SQLite API server must not load the etcd back end's client: controlplane_stub/store/backend.py
+imports it only for --storage-backend etcd3. And the etcd back end loads neither grpc nor protobuf
+(nor aetcd, which imports both: ~20 MiB of RSS): its client is grpc_h2.py and etcd_wire.py."""
 from __future__ import annotations
 
 import subprocess
@@ -27,7 +28,8 @@ PROBE = textwrap.dedent("""
 
     with tempfile.TemporaryDirectory() as d:
         print(asyncio.run(probe(d, sys.argv[1])))
-    print("grpc" in sys.modules, "aetcd" in sys.modules)
+    print("controlplane_stub.store.etcd_client" in sys.modules,
+          sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("grpc", "aetcd", "google")}))
 """)
 
 
@@ -40,11 +42,11 @@ def _probe(backend_name: str) -> list[str]:
 def test_sqlite_server_does_not_import_grpc() -> None:
     opened, loaded = _probe("sqlite")
     assert opened == "SQLiteStore"
-    assert loaded == "False False", "the SQLite API server imported grpc/aetcd"
+    assert loaded == "False []", "the SQLite API server imported the etcd client or grpc/protobuf/aetcd"
 
 
-def test_etcd3_backend_still_imports_its_client() -> None:
-    # The counter-check: the probe can see the import when it happens (the bad URL fails after it).
+def test_etcd3_backend_imports_its_client_without_grpc_or_protobuf() -> None:
+    # The client's import is the counter-check: the probe sees imports (the bad URL fails after it).
     failed, loaded = _probe("etcd3")
     assert "--etcd-servers 'ftp://nowhere'" in failed
-    assert loaded == "True True"
+    assert loaded == "True []", "the etcd back end imported grpc, protobuf (google) or aetcd"
