@@ -570,10 +570,10 @@ class EtcdReservations:
         self.conflicts = 0
 
     def ops(self, key: str, new: Obj | None, old: Obj | None) -> tuple[list[Any], list[Any], list[bytes]]:
+        if not key.startswith(SERVICES_PREFIX):  # every other write (first: it is most of them)
+            return [], [], []
         from ..store.etcd_client import Delete, Put, cmp_create
 
-        if not key.startswith(SERVICES_PREFIX):
-            return [], [], []
         if new is not None:
             self._dynamic[id(new)] = set(self.allocator.last_dynamic)
             if len(self._dynamic) > 4096:  # entries of writes that ended without a conflict: the oldest go

@@ -9,7 +9,9 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -265,13 +267,24 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_loop(main_task: Coroutine[Any, Any, int]) -> int:
+    """uvloop when it is installed (the controlplane extra installs it): its event loop and TLS
+    transport are compiled, and a 50-watcher fan-out on etcd delivered 19% more events/s per round
+    with it than with asyncio's own loop, at 16% less server CPU per event (bench/README.md, etcd)."""
+    try:
+        import uvloop
+    except ImportError:  # the pure asyncio loop works, only slower
+        return asyncio.run(main_task)
+    return uvloop.run(main_task)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     level = logging.WARNING if args.v <= 0 else logging.INFO if args.v == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     try:
-        return asyncio.run(serve(args))
+        return _run_loop(serve(args))
     except RuntimeError as e:
         if "locked by another" in str(e):
             print(f"kproxy-apiserver: --data-dir: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ import struct
 import time
 import urllib.parse
 from collections import deque
+from typing import cast
 
 import hpack
 
@@ -236,8 +237,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCP transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         settings = b"".join(_SETTING.pack(k, v) for k, v in (
             (0x2, 0),  # ENABLE_PUSH off
             (0x4, STREAM_WINDOW),  # INITIAL_WINDOW_SIZE
@@ -586,7 +587,9 @@ class Connection(asyncio.Protocol):
     def _send_out(self) -> None:
         # While the loop has other callbacks ready (requests being handled that may add calls), the
         # send waits for them, a few turns at most: the busier the server, the more calls share a send.
-        ready = getattr(self._loop, "_ready", None)  # CPython's asyncio loop; elsewhere: send now
+        # CPython's asyncio loop; uvloop (kproxy-apiserver's loop) has no visible queue: there the
+        # send goes at the end of this turn, after the callbacks that were ready before it.
+        ready = getattr(self._loop, "_ready", None)
         if ready and self._deferred < SEND_DEFER_TURNS and len(self._wbuf) < 64:
             self._deferred += 1
             self._loop.call_soon(self._send_out)
