@@ -127,6 +127,7 @@ class SparseWindow(EventWindow):
         self._off = 0
         self._wakeup = asyncio.Event()
         self._wake_pending = False
+        self._last_wake = float("-inf")  # loop time of the last wake_soon() wake-up
         self.waiting = 0  # watch streams blocked in wait() (or served by one that is): the next wake-up writes to them
 
     @property  # type: ignore[override]
@@ -151,11 +152,18 @@ class SparseWindow(EventWindow):
         return min(WAKE_DELAY_MAX, WAKE_DELAY + WAKE_DELAY_PER_WATCHER * self.waiting)
 
     def wake_soon(self) -> None:
-        """One wake-up for everything appended within wake_delay(): every watcher runs once per
-        batch of etcd watch responses, not once per event."""
+        """At most one wake-up per wake_delay(): every watcher runs once per batch of etcd watch
+        responses while events stream in, not once per event. The first events after a quiet
+        wake_delay() go out at the end of this loop turn: a lone write reaches its watchers without
+        waiting for a batch that is not coming."""
         if not self._wake_pending:
             self._wake_pending = True
-            asyncio.get_running_loop().call_later(self.wake_delay(), self._wake_now)
+            loop = asyncio.get_running_loop()
+            due = self._last_wake + self.wake_delay()
+            if due <= loop.time():
+                loop.call_soon(self._wake_now)
+            else:
+                loop.call_at(due, self._wake_now)
 
     async def wait(self, after_revision: int, timeout: float, watchers: int = 1) -> bool:
         self.waiting += watchers
@@ -166,6 +174,7 @@ class SparseWindow(EventWindow):
 
     def _wake_now(self) -> None:
         self._wake_pending = False
+        self._last_wake = asyncio.get_running_loop().time()
         self.wake()
 
     def raise_floor(self, revision: int) -> None:
