@@ -269,9 +269,13 @@ async def serve(args: argparse.Namespace) -> int:
 
 def _run_loop(main_task: Coroutine[Any, Any, int]) -> int:
     """uvloop when it is installed (the controlplane extra installs it): its event loop and TLS
-    transport are compiled, and a 50-watcher fan-out on etcd delivered 19% more events/s per round
-    with it than with asyncio's own loop, at 16% less server CPU per event (bench/README.md, etcd)."""
+    transport are compiled; in a 50-watcher fan-out on etcd it kept the server 6-8 points busier
+    and delivered 5-19% more events/s in three alternating runs of four, 7% fewer in one
+    (bench/bench_etcd_loop.py, bench/README.md etcd).
+    KPROXY_APISERVER_LOOP=asyncio keeps asyncio's loop (to compare, or to rule the loop out)."""
     try:
+        if os.environ.get("KPROXY_APISERVER_LOOP", "") == "asyncio":
+            raise ImportError("asyncio's loop asked for")
         import uvloop
     except ImportError:  # the pure asyncio loop works, only slower
         return asyncio.run(main_task)
