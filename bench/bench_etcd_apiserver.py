@@ -370,6 +370,16 @@ def _pin(pid: int, cpu: int) -> None:
             os.sched_setaffinity(int(tid), {cpu})
 
 
+def _pin_bench(stack: contextlib.ExitStack, cpus: tuple[int, int] | None) -> None:
+    """This process onto the bench's core until the stack closes. Everything started from here on
+    (etcd, the servers, up.sh's etcd and kube-apiserver, the creating clients) inherits the bench's
+    core; each server then moves to the other core (_pin). kube-apiserver's Go runtime sizes
+    GOMAXPROCS from the affinity it starts with: one core, as one Python event loop has."""
+    if cpus:
+        stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[0]})
+
+
 @pytest.mark.timeout(2400)
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (apt-get install etcd-server)")
 def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
@@ -388,15 +398,8 @@ def test_apiservers_on_etcd_side_by_side(benchmark: Any) -> None:
           else "\nnot pinned (KPROXY_BENCH_PIN=0 or one core)")
 
     def run() -> None:
-        own = os.sched_getaffinity(0)
         with contextlib.ExitStack() as stack:
-            if cpus:
-                # Everything started from here on (etcd, the servers, up.sh's etcd and kube-apiserver,
-                # the creating clients) inherits the bench's core; each server then moves to the
-                # other core. kube-apiserver's Go runtime sizes GOMAXPROCS from the affinity it
-                # starts with: one core, as one Python event loop has.
-                os.sched_setaffinity(0, {cpus[0]})
-                stack.callback(os.sched_setaffinity, 0, own)
+            _pin_bench(stack, cpus)
             running = [stack.enter_context(make()) for make in targets]
             for t in running:
                 if cpus:

@@ -52,11 +52,8 @@ def test_apiserver_event_loops_side_by_side(benchmark: Any) -> None:
     cpus = fan._cpus()
 
     def run() -> None:
-        own = os.sched_getaffinity(0)
         with contextlib.ExitStack() as stack:
-            if cpus:
-                os.sched_setaffinity(0, {cpus[0]})
-                stack.callback(os.sched_setaffinity, 0, own)
+            fan._pin_bench(stack, cpus)
             targets = {loop: stack.enter_context(_server(loop)) for loop in loops}
             for t in targets.values():
                 if cpus:

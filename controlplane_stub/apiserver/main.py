@@ -269,8 +269,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def _run_loop(main_task: Coroutine[Any, Any, int]) -> int:
     """uvloop when it is installed (the controlplane extra installs it): its event loop and TLS
-    transport are compiled; in a 50-watcher fan-out on etcd it kept the server 6-8 points busier
-    and delivered 5-19% more events/s in three alternating runs of four, 7% fewer in one
+    transport are compiled; in a 50-watcher fan-out on etcd it kept the server busier and delivered
+    more events/s in six alternating runs of seven (median +19%), 7% fewer in one
     (bench/bench_etcd_loop.py, bench/README.md etcd).
     KPROXY_APISERVER_LOOP=asyncio keeps asyncio's loop (to compare, or to rule the loop out)."""
     try:
