@@ -131,26 +131,27 @@ def test_wake_delay_grows_with_waiting_watchers_up_to_the_cap() -> None:
         for _ in range(5):  # a few loop turns, whatever the clock says
             await asyncio.sleep(0)
         assert all(t.done() and t.result() for t in waiters)
-        # The next one, right after that wake-up, is coalesced: it waits out the delay.
+        # The next one, right after that wake-up, is coalesced: it waits out the delay from there.
+        first_wake = w._last_wake  # the loop time of that wake-up
         waiters = [asyncio.create_task(w.wait(1, 5.0)) for _ in range(100)]
         await asyncio.sleep(0)
-        started = loop.time()
         w.append(Event(2, "ADDED", "/registry/x/b", b"{}", None), wake=False)
         w.wake_soon()
         w.append(Event(3, "ADDED", "/registry/x/c", b"{}", None), wake=False)
         w.wake_soon()  # a second call in the same batch schedules nothing more
         for _ in range(5):
             await asyncio.sleep(0)
-        assert not any(t.done() for t in waiters)
+        if loop.time() < first_wake + etcd.WAKE_DELAY_MAX * 0.5:  # (a stalled machine skips this look)
+            assert not any(t.done() for t in waiters)
         assert all(await asyncio.gather(*waiters))
-        delays.append(loop.time() - started)
+        delays.append(w._last_wake - first_wake)  # the second wake-up, from the first
         delays.append(w.wake_delay())
         return delays
 
     idle, busy, batched, after = asyncio.run(run())
     assert idle == etcd.WAKE_DELAY
     assert busy == etcd.WAKE_DELAY_MAX  # 100 waiters: capped
-    assert batched >= etcd.WAKE_DELAY_MAX * 0.8  # measured from a little after the first wake-up
+    assert batched >= etcd.WAKE_DELAY_MAX * 0.9  # a timer may fire up to the clock's resolution early
     assert after == etcd.WAKE_DELAY  # nobody waits any more
 
 
