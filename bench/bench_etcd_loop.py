@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import bench_etcd_apiserver as fan  # bench/: pytest puts it on sys.path
 import pytest
@@ -21,26 +21,14 @@ from controlplane_stub.store.etcd_process import etcd_available
 ROUNDS = int(os.environ.get("KPROXY_BENCH_FANOUT_ROUNDS", "9"))
 
 
-@contextlib.contextmanager
-def _server(loop: str) -> Iterator[fan.Target]:
-    """A kproxy-apiserver on etcd whose process starts with KPROXY_APISERVER_LOOP=loop."""
-    old = os.environ.get("KPROXY_APISERVER_LOOP")
-    os.environ["KPROXY_APISERVER_LOOP"] = loop
-    try:
-        cm = fan._kproxy("etcd3")
-        t = cm.__enter__()
-    finally:
-        if old is None:
-            os.environ.pop("KPROXY_APISERVER_LOOP", None)
-        else:
-            os.environ["KPROXY_APISERVER_LOOP"] = old
-    try:
-        with open(f"/proc/{t.pid}/maps") as f:
-            mapped = "uvloop" in f.read()
-        assert mapped == (loop == "uvloop"), f"the {loop} server has uvloop {'' if mapped else 'not '}loaded"
-        yield t
-    finally:
-        cm.__exit__(None, None, None)
+def _server(stack: contextlib.ExitStack, loop: str) -> fan.Target:
+    """A kproxy-apiserver on etcd whose process started with KPROXY_APISERVER_LOOP=loop."""
+    with mock.patch.dict(os.environ, {"KPROXY_APISERVER_LOOP": loop}):
+        t = stack.enter_context(fan._kproxy("etcd3"))
+    with open(f"/proc/{t.pid}/maps") as f:
+        mapped = "uvloop" in f.read()
+    assert mapped == (loop == "uvloop"), f"the {loop} server has uvloop {'' if mapped else 'not '}loaded"
+    return t
 
 
 @pytest.mark.timeout(1200)
@@ -54,7 +42,7 @@ def test_apiserver_event_loops_side_by_side(benchmark: Any) -> None:
     def run() -> None:
         with contextlib.ExitStack() as stack:
             fan._pin_bench(stack, cpus)
-            targets = {loop: stack.enter_context(_server(loop)) for loop in loops}
+            targets = {loop: _server(stack, loop) for loop in loops}
             for t in targets.values():
                 if cpus:
                     fan._pin(t.pid, cpus[1])

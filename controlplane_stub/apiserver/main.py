@@ -273,13 +273,14 @@ def _run_loop(main_task: Coroutine[Any, Any, int]) -> int:
     more events/s in six alternating runs of seven (median +19%), 7% fewer in one
     (bench/bench_etcd_loop.py, bench/README.md etcd).
     KPROXY_APISERVER_LOOP=asyncio keeps asyncio's loop (to compare, or to rule the loop out)."""
-    try:
-        if os.environ.get("KPROXY_APISERVER_LOOP", "") == "asyncio":
-            raise ImportError("asyncio's loop asked for")
-        import uvloop
-    except ImportError:  # the pure asyncio loop works, only slower
-        return asyncio.run(main_task)
-    return uvloop.run(main_task)
+    if os.environ.get("KPROXY_APISERVER_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # the pure asyncio loop works, only slower
+            pass
+        else:
+            return uvloop.run(main_task)
+    return asyncio.run(main_task)
 
 
 def main(argv: list[str] | None = None) -> int:

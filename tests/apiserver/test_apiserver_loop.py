@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
-from controlplane_stub.apiserver.testing import APIServerProcess, running_apiserver
-
-
-@contextmanager
-def _server(loop: str | None) -> Iterator[APIServerProcess]:
-    old = os.environ.pop("KPROXY_APISERVER_LOOP", None)
-    if loop is not None:
-        os.environ["KPROXY_APISERVER_LOOP"] = loop
-    try:
-        cm = running_apiserver(https=False, storage="sqlite")
-        api = cm.__enter__()
-    finally:
-        os.environ.pop("KPROXY_APISERVER_LOOP", None)
-        if old is not None:
-            os.environ["KPROXY_APISERVER_LOOP"] = old
-    try:
-        yield api
-    finally:
-        cm.__exit__(None, None, None)
+from controlplane_stub.apiserver.testing import running_apiserver
 
 
 def _uvloop_mapped(pid: int) -> bool:
@@ -37,9 +16,12 @@ def _uvloop_mapped(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("loop", [None, "asyncio"])
-def test_event_loop_choice(loop: str | None) -> None:
+def test_event_loop_choice(loop: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("uvloop")
-    with _server(loop) as api:
+    monkeypatch.delenv("KPROXY_APISERVER_LOOP", raising=False)
+    if loop is not None:
+        monkeypatch.setenv("KPROXY_APISERVER_LOOP", loop)  # read by the server process at its start
+    with running_apiserver(https=False, storage="sqlite") as api:
         proc = api.proc
         assert _uvloop_mapped(api.pid) == (loop is None)
         req = urllib.request.Request(api.url + "/api/v1/namespaces/default/configmaps", method="POST",
