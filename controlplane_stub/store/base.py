@@ -196,3 +196,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish pending writes and release the backend."""
+
+    def close_sync(self) -> None:
+        """Release what close() did not (it was not reached: the loop stopped first); safe after close()."""

@@ -130,8 +130,8 @@ class SparseWindow(EventWindow):
         self._last_wake = float("-inf")  # loop time of the last wake_soon() wake-up
         self.waiting = 0  # watch streams blocked in wait() (or served by one that is): the next wake-up writes to them
 
-    @property  # type: ignore[override]
-    def last(self) -> int:
+    @property
+    def last(self) -> int:  # type: ignore[override]  # EventWindow's plain attribute, derived here
         return self._revs[-1] if len(self._revs) > self._off else self.floor
 
     @property
@@ -506,10 +506,12 @@ class EtcdStore(Store):
 
     # -- Store: writes -------------------------------------------------------------------------
 
-    def _hooks(self, key: str, new: Obj | None, old: Obj | None) -> tuple[list[Cmp], list[Op], list[bytes]]:
-        cmps: list[Cmp] = []
-        ops: list[Op] = []
-        reserved: list[bytes] = []
+    # builtins.list: inside this class `list` is the Store's list method.
+    def _hooks(self, key: str, new: Obj | None, old: Obj | None
+               ) -> tuple[builtins.list[Cmp], builtins.list[Op], builtins.list[bytes]]:
+        cmps: builtins.list[Cmp] = []
+        ops: builtins.list[Op] = []
+        reserved: builtins.list[bytes] = []
         for hook in self.write_hooks:
             c, o, r = hook.ops(key, new, old)
             cmps += c
@@ -517,7 +519,8 @@ class EtcdStore(Store):
             reserved += r
         return cmps, ops, reserved
 
-    async def _conflict(self, key: str, revision: int, reserved: list[bytes], kvs_of: list[list[KV]]) -> None:
+    async def _conflict(self, key: str, revision: int, reserved: builtins.list[bytes],
+                        kvs_of: builtins.list[builtins.list[KV]]) -> None:
         """A failed compare: raise ReservationConflict when a reservation was taken (the caller
         allocates again), once the mirror has caught up with what etcd answered."""
         await self._sync(revision)

@@ -182,7 +182,8 @@ def running_etcd(members: int = 1, *, base: str | None = None, timeout: float = 
     own = base is None
     path = base or _tmp_base()
     with ExitStack() as stack:
-        stack.callback(lambda: own and shutil.rmtree(path, ignore_errors=True))
+        if own:
+            stack.callback(shutil.rmtree, path, ignore_errors=True)
         # The ports are found free and released before etcd binds them (etcd cannot say which port
         # it got for port 0), so another process on this loopback may take one in between. Only
         # that failure is retried, on new ports and a fresh data dir, a bounded number of times.

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from controlplane_stub.apiserver.validation.meta import selector_matches as validation_copy
+from controlplane_stub.apiserver.validation.apps import selector_matches as validation_copy
 from controlplane_stub.selectors import label_selector_matches as matches
 
 LABELS = {"app": "web", "tier": "front"}

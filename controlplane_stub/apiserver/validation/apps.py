@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ...selectors import label_selector_matches as selector_matches  # the controllers' copy too: one module
 from .fielderrors import FieldErrors, GoValue, Obj
-from .meta import _obj, label_selector_go, selector_matches, validate_label_selector, validate_object_meta
+from .meta import _obj, label_selector_go, validate_label_selector, validate_object_meta
 from .names import is_dns1123_subdomain
 from .pods import validate_pod_template
 

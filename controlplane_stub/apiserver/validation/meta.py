@@ -6,9 +6,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-# selector_matches is the controllers' copy too: one module both import.
-from controlplane_stub.selectors import label_selector_matches as selector_matches  # noqa: F401
-
 from .fielderrors import FieldErrors, GoValue, Obj, go_quote, go_repr
 from .names import is_dns1123_label, is_label_value, is_qualified_name
 
