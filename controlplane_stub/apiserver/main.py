@@ -206,8 +206,8 @@ async def serve(args: argparse.Namespace) -> int:
                         request_timeout=args.request_timeout, token_authority=authority)
         if args.kubelet_token_file:
             api.pod_io = PodIO(store, Path(args.kubelet_token_file).read_text().strip())
-        runner = web.AppRunner(api.app(), handle_signals=False, access_log=None,
-                               shutdown_timeout=3.0, keepalive_timeout=args.idle_connection_timeout)
+        runner = _Runner(api, handle_signals=False, access_log=None, shutdown_timeout=3.0,
+                         keepalive_timeout=args.idle_connection_timeout)
         await runner.setup()
         port = args.insecure_port if plain else args.secure_port
         site = limits.GuardedSite(runner, args.bind_address, port, ssl_context=ssl_ctx, guard=guard)
@@ -258,13 +258,31 @@ async def serve(args: argparse.Namespace) -> int:
         following_cidrs.cancel()
         tokens_controller.cancel()
         guard.stop()
-        # cleanup() closes the listener first, then on_shutdown ends the watch streams: clients that
-        # re-watch at once find the port closed (and retry) instead of a server about to vanish.
+        # cleanup() closes the listener first, then ends the watch streams (_Runner.shutdown): clients
+        # that re-watch at once find the port closed (and retry) instead of a server about to vanish.
         await runner.cleanup()
         await store.close()
     finally:
         store.close_sync()
     return 0
+
+
+class _Runner(web.BaseRunner):
+    """The API server's aiohttp runner: its low-level server (APIServer.server), and at cleanup,
+    after the listener closed and before the server waits for its handlers, APIServer.shutdown."""
+
+    def __init__(self, api: APIServer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._api = api
+
+    async def shutdown(self) -> None:
+        await self._api.shutdown()
+
+    async def _make_server(self) -> web.Server:
+        return self._api.server(**self._kwargs)
+
+    async def _cleanup_server(self) -> None:
+        pass
 
 
 def _run_loop(main_task: Coroutine[Any, Any, int]) -> int:

@@ -92,7 +92,7 @@ class PodIO:
             raise StatusError(503, "ServiceUnavailable", f'node "{node_name}" has no kubelet endpoint')
         return f"http://{KUBELET_HOST}:{port}"
 
-    async def handle(self, request: web.Request, ns: str, name: str, sub: str) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, ns: str, name: str, sub: str) -> web.StreamResponse:
         pod = self._pod(ns, name)
         if sub == "log" and not (pod.get("spec") or {}).get("nodeName"):
             # As upstream: the log of a pod on no node is empty (exec and port-forward are refused).
@@ -133,7 +133,7 @@ class PodIO:
             return bad_request(f"unable to upgrade connection: {what}")
         return bad_request(f"{UPGRADE_REQUIRED} (this server speaks WebSocket: {', '.join(supported)}; not SPDY)")
 
-    async def _logs(self, request: web.Request, url: str, q: LogQuery) -> web.StreamResponse:
+    async def _logs(self, request: web.BaseRequest, url: str, q: LogQuery) -> web.StreamResponse:
         try:
             upstream = await self.session().get(url, params=q.to_query())
         except aiohttp.ClientError as e:
@@ -152,7 +152,7 @@ class PodIO:
             await resp.write_eof()
             return resp
 
-    async def _upgrade(self, request: web.Request, url: str, supported: tuple[str, ...],
+    async def _upgrade(self, request: web.BaseRequest, url: str, supported: tuple[str, ...],
                        params: list[tuple[str, str]], what: str) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() != "websocket":
             raise await self._not_websocket(url, params, supported, what)

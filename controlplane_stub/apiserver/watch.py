@@ -229,7 +229,7 @@ class WatchHub:
         for piece in limits.pieces(self._encode_out(wr, lines)):
             await limits.send(resp, piece, self.send_timeout)
 
-    async def serve(self, request: web.Request, wr: WatchRequest) -> web.StreamResponse:
+    async def serve(self, request: web.BaseRequest, wr: WatchRequest) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
                                                        "Cache-Control": "no-cache, private"})
         resp.enable_chunked_encoding()
@@ -252,7 +252,7 @@ class WatchHub:
             self.active -= 1
         return resp
 
-    async def _stream(self, request: web.Request, resp: web.StreamResponse, wr: WatchRequest) -> None:
+    async def _stream(self, request: web.BaseRequest, resp: web.StreamResponse, wr: WatchRequest) -> None:
         store = self.store
         timeout = wr.timeout_seconds or self.min_request_timeout * (1 + random.random())
         deadline = time.monotonic() + timeout
