@@ -472,26 +472,28 @@ class EtcdStore(Store):
         lo = max(prefix, start_after + "\x00") if start_after else prefix
         if revision > self._rev:
             raise FutureRevision(f"revision {revision} is newer than the current revision {self._rev}")
-        keys = self._keys[bisect.bisect_left(self._keys, lo):bisect.bisect_left(self._keys, end)]
+        first, stop = bisect.bisect_left(self._keys, lo), bisect.bisect_left(self._keys, end)
         cache = self._cache
-        if revision and revision < self._rev:
-            if revision < self._window.floor:
-                raise Compacted(revision, self._window.floor)
-            state = {k: v for k in keys for r, v in (cache[k],) if r <= revision}
-            seen: set[str] = set()
-            for ev in self._window.since(revision, 1 << 62):
-                k = ev.key
-                if k in seen or not lo <= k < end:
-                    continue
-                seen.add(k)
-                if ev.prev_value is None:
-                    state.pop(k, None)
-                else:
-                    state[k] = ev.prev_value
-            rows = sorted(state.items())
-        else:
-            revision = self._rev
-            rows = [(k, cache[k][1]) for k in keys]
+        if not revision or revision >= self._rev:
+            # The current state: only the page's rows are made (a paged list of N objects in pages
+            # of L was N/L passes over all N; client-go lists in pages of 500).
+            more = bool(limit) and stop - first > limit
+            keys = self._keys[first:first + limit if more else stop]
+            return ListResult(self._rev, [(k, cache[k][1]) for k in keys], more)
+        if revision < self._window.floor:
+            raise Compacted(revision, self._window.floor)
+        state = {k: v for k in self._keys[first:stop] for r, v in (cache[k],) if r <= revision}
+        seen: set[str] = set()
+        for ev in self._window.since(revision, 1 << 62):
+            k = ev.key
+            if k in seen or not lo <= k < end:
+                continue
+            seen.add(k)
+            if ev.prev_value is None:
+                state.pop(k, None)
+            else:
+                state[k] = ev.prev_value
+        rows = sorted(state.items())
         more = bool(limit) and len(rows) > limit
         return ListResult(revision, rows[:limit] if more else rows, more)
 
