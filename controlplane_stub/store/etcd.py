@@ -88,6 +88,13 @@ SYNC_WAIT = 5.0
 WAKE_DELAY = 0.005
 WAKE_DELAY_PER_WATCHER = 0.0004
 WAKE_DELAY_MAX = 0.025
+# A batch waits for more events only while they keep coming: when the stream pauses for WAKE_QUIET
+# (or twice its recent gap between etcd watch responses, if longer), the batch goes out then, not
+# at the end of the delay (the last events of a burst reached the watchers up to 25 ms late), but
+# never sooner than WAKE_MIN_SHARE of the delay after the last wake-up: a stream with regular
+# pauses is woken at most 1/WAKE_MIN_SHARE times as often as by the delay alone.
+WAKE_QUIET = 0.002
+WAKE_MIN_SHARE = 1 / 3
 
 
 class ReservationConflict(StoreError):
@@ -128,6 +135,10 @@ class SparseWindow(EventWindow):
         self._wakeup = asyncio.Event()
         self._wake_pending = False
         self._last_wake = float("-inf")  # loop time of the last wake_soon() wake-up
+        self._last_batch = float("-inf")  # loop time of the last wake_soon() call
+        self._gap = 0.0  # the recent gap between wake_soon() calls (moving average, seconds)
+        self._wake_timer: asyncio.Handle | None = None  # the wake-up due (end of the delay or of this turn)
+        self._quiet_timer: asyncio.TimerHandle | None = None  # the next look for a pause
         self.waiting = 0  # watch streams blocked in wait() (or served by one that is): the next wake-up writes to them
 
     @property
@@ -155,15 +166,39 @@ class SparseWindow(EventWindow):
         """At most one wake-up per wake_delay(): every watcher runs once per batch of etcd watch
         responses while events stream in, not once per event. The first events after a quiet
         wake_delay() go out at the end of this loop turn: a lone write reaches its watchers without
-        waiting for a batch that is not coming."""
+        waiting for a batch that is not coming; and a batch goes out when the stream pauses
+        (WAKE_QUIET, WAKE_MIN_SHARE), not only at the end of the delay."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._gap += (min(now - self._last_batch, WAKE_DELAY_MAX) - self._gap) * 0.25
+        self._last_batch = now
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        delay = self.wake_delay()
+        due = self._last_wake + delay
+        if due <= now:
+            self._wake_timer = loop.call_soon(self._wake_now)
+            return
+        self._wake_timer = loop.call_at(due, self._wake_now)
+        # The first look as early as a pause could end the batch; it looks again as long as events come.
+        self._quiet_timer = loop.call_at(max(now + WAKE_QUIET, self._last_wake + delay * WAKE_MIN_SHARE),
+                                         self._look_for_pause)
+
+    def _quiet(self) -> float:
+        return max(WAKE_QUIET, 2 * self._gap)
+
+    def _look_for_pause(self) -> None:
+        """While a wake-up waits for its delay: wake now if no events came for _quiet(), else look again then."""
+        self._quiet_timer = None
         if not self._wake_pending:
-            self._wake_pending = True
-            loop = asyncio.get_running_loop()
-            due = self._last_wake + self.wake_delay()
-            if due <= loop.time():
-                loop.call_soon(self._wake_now)
-            else:
-                loop.call_at(due, self._wake_now)
+            return
+        loop = asyncio.get_running_loop()
+        again = self._last_batch + self._quiet()
+        if again <= loop.time():
+            self._wake_now()
+        else:
+            self._quiet_timer = loop.call_at(again, self._look_for_pause)
 
     async def wait(self, after_revision: int, timeout: float, watchers: int = 1) -> bool:
         self.waiting += watchers
@@ -173,6 +208,10 @@ class SparseWindow(EventWindow):
             self.waiting -= watchers
 
     def _wake_now(self) -> None:
+        for timer in (self._wake_timer, self._quiet_timer):
+            if timer is not None:
+                timer.cancel()  # (the one running now: cancelling it is a no-op)
+        self._wake_timer = self._quiet_timer = None
         self._wake_pending = False
         self._last_wake = asyncio.get_running_loop().time()
         self.wake()

@@ -118,9 +118,9 @@ def test_prefix_end_bounds_every_key_with_the_prefix(prefix: bytes) -> None:
 def test_wake_delay_grows_with_waiting_watchers_up_to_the_cap() -> None:
     from controlplane_stub.store import etcd
 
-    async def run() -> list[float]:
+    async def run() -> tuple[list[float], list[float], list[float]]:
         loop = asyncio.get_running_loop()
-        w = SparseWindow(10, 0)
+        w = SparseWindow(10_000, 0)
         delays = [w.wake_delay()]
         waiters = [asyncio.create_task(w.wait(0, 5.0)) for _ in range(100)]
         await asyncio.sleep(0)
@@ -131,7 +131,8 @@ def test_wake_delay_grows_with_waiting_watchers_up_to_the_cap() -> None:
         for _ in range(5):  # a few loop turns, whatever the clock says
             await asyncio.sleep(0)
         assert all(t.done() and t.result() for t in waiters)
-        # The next one, right after that wake-up, is coalesced: it waits out the delay from there.
+        # The next ones, right after that wake-up, are coalesced; the stream then pauses: they go
+        # out at WAKE_MIN_SHARE of the delay after the first wake-up, not at its end.
         first_wake = w._last_wake  # the loop time of that wake-up
         waiters = [asyncio.create_task(w.wait(1, 5.0)) for _ in range(100)]
         await asyncio.sleep(0)
@@ -141,18 +142,68 @@ def test_wake_delay_grows_with_waiting_watchers_up_to_the_cap() -> None:
         w.wake_soon()  # a second call in the same batch schedules nothing more
         for _ in range(5):
             await asyncio.sleep(0)
-        if loop.time() < first_wake + etcd.WAKE_DELAY_MAX * 0.5:  # (a stalled machine skips this look)
+        if loop.time() < first_wake + etcd.WAKE_DELAY_MAX * etcd.WAKE_MIN_SHARE * 0.5:  # (a stalled machine skips)
             assert not any(t.done() for t in waiters)
         assert all(await asyncio.gather(*waiters))
-        delays.append(w._last_wake - first_wake)  # the second wake-up, from the first
+        paused = [w._last_wake - first_wake]  # the second wake-up, from the first
+        # A stream that keeps coming (a batch every 0.5 ms, each gap under WAKE_QUIET) is woken at
+        # the end of the delay only.
+        second_wake = w._last_wake
+        waiters = [asyncio.create_task(w.wait(3, 5.0)) for _ in range(100)]
+        await asyncio.sleep(0)
+        gaps: list[float] = []
+        rev, last = 4, loop.time()
+        while not all(t.done() for t in waiters) and rev < 2000:
+            w.append(Event(rev, "ADDED", f"/registry/x/{rev}", b"{}", None), wake=False)
+            w.wake_soon()
+            rev += 1
+            await asyncio.sleep(0.0005)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+        streamed = [w._last_wake - second_wake, max(gaps)]
         delays.append(w.wake_delay())
-        return delays
+        return delays, paused, streamed
 
-    idle, busy, batched, after = asyncio.run(run())
+    (idle, busy, after), (paused,), (streamed, max_gap) = asyncio.run(run())
     assert idle == etcd.WAKE_DELAY
     assert busy == etcd.WAKE_DELAY_MAX  # 100 waiters: capped
-    assert batched >= etcd.WAKE_DELAY_MAX * 0.9  # a timer may fire up to the clock's resolution early
+    # a timer may fire up to the clock's resolution early
+    assert paused >= etcd.WAKE_DELAY_MAX * etcd.WAKE_MIN_SHARE * 0.9
+    if max_gap < etcd.WAKE_QUIET:  # the loop kept the pace (a stalled machine pauses the stream)
+        assert streamed >= etcd.WAKE_DELAY_MAX * 0.9
     assert after == etcd.WAKE_DELAY  # nobody waits any more
+
+
+def test_a_paused_stream_is_woken_before_the_end_of_the_delay() -> None:
+    """The last events of a burst go out WAKE_QUIET after it (when that is past WAKE_MIN_SHARE of
+    the delay since the last wake-up), not at the end of the delay (~12.5 ms later here); a pause is
+    relative to the stream's recent gaps, so the burst's own batches come one loop turn apart."""
+    from controlplane_stub.store import etcd
+
+    async def run() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        w = SparseWindow(10_000, 0)
+        waiters = [asyncio.create_task(w.wait(0, 5.0)) for _ in range(100)]  # the delay: WAKE_DELAY_MAX
+        await asyncio.sleep(0)
+        w.append(Event(1, "ADDED", "/registry/x/a", b"{}", None), wake=False)
+        w.wake_soon()  # the leading edge
+        await asyncio.gather(*waiters)
+        waiters = [asyncio.create_task(w.wait(1, 5.0)) for _ in range(100)]
+        await asyncio.sleep(etcd.WAKE_DELAY_MAX * 0.5)  # past WAKE_MIN_SHARE of the delay
+        for rev in range(2, 22):  # a burst: 20 batches one loop turn apart
+            w.append(Event(rev, "ADDED", f"/registry/x/{rev}", b"{}", None), wake=False)
+            w.wake_soon()
+            await asyncio.sleep(0)
+        burst_end = w._last_batch
+        # A plain timer of WAKE_QUIET, as the control: on a slow machine both come late alike.
+        control = loop.create_future()
+        loop.call_later(etcd.WAKE_QUIET, lambda: control.set_result(loop.time()))
+        await asyncio.gather(*waiters)
+        return w._last_wake - burst_end, await control - burst_end
+
+    after_burst, control = asyncio.run(run())
+    assert after_burst >= etcd.WAKE_QUIET * 0.9
+    assert after_burst < control + 0.004, (after_burst, control)
 
 
 def _unchunk(chunk: bytes) -> bytes:
