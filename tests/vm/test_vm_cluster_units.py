@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from types import ModuleType
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from vm_cluster import Bed, BedError, VMCannotStart
 
 HERE = Path(__file__).resolve().parent
 PROVISION = HERE.parents[1] / "vagrant" / "provision.sh"
@@ -100,3 +102,22 @@ def test_unit_parser_round_trips_quoted_arguments(argv: list[str]) -> None:
         path.write_text(f"[Service]\nExecStart={line}\nExecStartPre={line}\n")
         u = units.parse_unit(path)
     assert u.start == argv and u.pre == [argv]
+
+
+@pytest.mark.parametrize("code,says,cannot_start", [(125, "[vm] VM cannot start: no UML kernel", True),
+                                                    (125, "[vm] something else", False),
+                                                    (1, "[vm] VM cannot start: no UML kernel", False)])
+def test_bed_tells_a_vm_that_cannot_start_from_one_that_stopped(code: int, says: str, cannot_start: bool) -> None:
+    """Only the runner's exit 125 with its "VM cannot start" line is VMCannotStart (the bed's tests
+    skip on it, as the single-VM tests do); any other stop of a VM is a BedError with the logs."""
+    bed = Bed(mode="ipvs", nodes=1, vm_timeout=10)
+    try:
+        (bed.dir / "vm-1.out").write_text(f"console noise\n{says}\n")
+        bed.procs[1] = subprocess.Popen(["sh", "-c", f"exit {code}"])
+        bed.procs[1].wait(10)
+        with pytest.raises(BedError) as err:
+            bed.check_vms()
+        assert isinstance(err.value, VMCannotStart) == cannot_start
+        assert (str(err.value) == says) if cannot_start else ("VM node-1 stopped" in str(err.value))
+    finally:
+        shutil.rmtree(bed.dir, ignore_errors=True)

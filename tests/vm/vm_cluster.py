@@ -45,8 +45,17 @@ def sh(*cmd: str, timeout: float = 30, check: bool = True) -> subprocess.Complet
     return r
 
 
+VM_CANNOT_START = 125  # tests/vm/run's exit status when the VM could not start
+
+
 class BedError(RuntimeError):
     pass
+
+
+class VMCannotStart(BedError):
+    """A VM's runner exited 125 and said "VM cannot start" (no UML kernel, or it panics before its
+    init runs, as Debian's 6.1 UML does on hosts with AMX: "ptrace set fp regs failed, errno = 14").
+    The single-VM tests skip on it (tests/vm/conftest.py); the bed's tests do the same."""
 
 
 @dataclass
@@ -148,6 +157,11 @@ class Bed:
     def check_vms(self) -> None:
         for i, p in self.procs.items():
             if i not in self.killed and p.poll() is not None:
+                out = self.dir / f"vm-{i}.out"
+                text = out.read_text(errors="replace") if out.exists() else ""
+                cannot = [ln for ln in text.splitlines() if "VM cannot start" in ln]
+                if p.returncode == VM_CANNOT_START and cannot:
+                    raise VMCannotStart(cannot[-1].strip())
                 raise BedError(f"VM node-{i} stopped (runner exit {p.returncode})\n{self.logs()}")
 
     # -- the client ------------------------------------------------------------------------
