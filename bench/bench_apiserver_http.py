@@ -11,15 +11,18 @@ Run: .venv/bin/pytest bench/bench_apiserver_http.py --benchmark-enable -s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 
+import bench_etcd_apiserver as fan  # bench/: pytest puts it on sys.path; its pinning helpers
 import pytest
+
+from controlplane_stub.store.etcd_process import free_port
 
 N_REQUESTS = 20_000
 CONNECTIONS = 32
@@ -127,19 +130,14 @@ async def _client(port: int, n: int) -> None:
         writer.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _round(layer: str, cpus: tuple[int, int] | None) -> tuple[float, float]:
     """(server CPU microseconds per request, requests/s) for one layer."""
-    port = _free_port()
-    pin = ["taskset", "-c", str(cpus[1])] if cpus else []
-    proc = subprocess.Popen([*pin, sys.executable, "-c", _SERVER, layer, str(port)], stdin=subprocess.PIPE,
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, layer, str(port)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
+        if cpus:
+            fan._pin(proc.pid, cpus[1])
         assert proc.stdin is not None and proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         proc.stdin.write("\n")
@@ -165,22 +163,17 @@ def _round(layer: str, cpus: tuple[int, int] | None) -> tuple[float, float]:
 @pytest.mark.timeout(600)
 def test_http_layers_side_by_side(benchmark: Any) -> None:
     pytest.importorskip("uvloop")
-    allowed = sorted(os.sched_getaffinity(0))
-    cpus = (allowed[0], allowed[1]) if len(allowed) >= 2 else None
-    if cpus:
-        os.sched_setaffinity(0, {cpus[0]})
+    cpus = fan._cpus()
     results: dict[str, list[tuple[float, float]]] = {layer: [] for layer in LAYERS}
 
     def run() -> None:
-        for _ in range(ROUNDS):
-            for layer in LAYERS:
-                results[layer].append(_round(layer, cpus))
+        with contextlib.ExitStack() as stack:
+            fan._pin_bench(stack, cpus)
+            for _ in range(ROUNDS):
+                for layer in LAYERS:
+                    results[layer].append(_round(layer, cpus))
 
-    try:
-        benchmark.pedantic(run, rounds=1, iterations=1)
-    finally:
-        if cpus:
-            os.sched_setaffinity(0, set(allowed))
+    benchmark.pedantic(run, rounds=1, iterations=1)
     print(f"\n{N_REQUESTS:,} POSTs from {CONNECTIONS} keep-alive connections, {ROUNDS} rounds each, alternating, "
           f"load {os.getloadavg()[0]:.1f}, " + (f"server on cpu {cpus[1]}, client on cpu {cpus[0]}" if cpus
                                                    else "not pinned"))

@@ -291,9 +291,10 @@ async def _fanout(t: Target, round_: int) -> Round:
     await asyncio.wait_for(asyncio.gather(*tasks), 300)
     cpu, etcd, own = _cpu_s(t.pid) - cpu0, sum(_cpu_s(p) for p in t.etcd_pids()) - etcd0, _cpu_s(os.getpid()) - own0
     wall = max(done_at) - started
+    created_at, creators_cpu = (float(x) for x in out.split()[-2:])
     return Round(N_WATCHERS * N_EVENTS / wall, wall, cpu, _runqueue_s(t.pid) - wait0, etcd,
-                 sum(_runqueue_s(p) for p in t.etcd_pids()) - etcd_wait0, float(out.split()[-1]), own,
-                 max(done_at) - float(out.split()[-2]))
+                 sum(_runqueue_s(p) for p in t.etcd_pids()) - etcd_wait0, creators_cpu, own,
+                 max(done_at) - created_at)
 
 
 def _load(t: Target) -> dict[str, float]:

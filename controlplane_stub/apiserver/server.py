@@ -38,6 +38,11 @@ _PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json",
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+def _no_such_path() -> StatusError:
+    """kube-apiserver's 404 for a path it does not serve."""
+    return StatusError(404, "NotFound", "the server could not find the requested resource")
+
+
 def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encode(obj), status=status, content_type="application/json")
 
@@ -149,7 +154,7 @@ class APIServer:
             elif path.startswith("/openapi/v3/"):
                 handler = self._openapi_v3_gv
             else:
-                raise StatusError(404, "NotFound", "the server could not find the requested resource")
+                raise _no_such_path()
         if request.method not in _READ_METHODS:
             raise web.HTTPMethodNotAllowed(request.method, _READ_METHODS)
         return await handler(request)
@@ -321,13 +326,13 @@ class APIServer:
     async def _openapi_v3(self, request: web.BaseRequest) -> web.Response:
         idx = semantics.openapi_v3_index()
         if idx is None:
-            raise StatusError(404, "NotFound", "the server could not find the requested resource")
+            raise _no_such_path()
         return json_response(idx)
 
     async def _openapi_v3_gv(self, request: web.BaseRequest) -> web.Response:
         doc = semantics.openapi_v3_group(request.path[len("/openapi/v3/"):])
         if doc is None:
-            raise StatusError(404, "NotFound", "the server could not find the requested resource")
+            raise _no_such_path()
         return json_response(doc)
 
     async def _api_root(self, request: web.BaseRequest) -> web.Response:
@@ -380,7 +385,7 @@ class APIServer:
 
     @staticmethod
     def _404() -> web.Response:
-        return status_response(StatusError(404, "NotFound", "the server could not find the requested resource"))
+        return status_response(_no_such_path())
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         if not request.path.split("/", 2)[2].strip("/"):  # /api/ and /apis/: the discovery roots

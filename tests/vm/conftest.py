@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vm_cluster import VM_CANNOT_START  # tests/vm is on sys.path (pytest puts a conftest's dir there)
 
 collect_ignore = [] if os.environ.get("KPROXY_IN_VM") == "1" else ["inside"]
 
 RUNNER = Path(__file__).resolve().parent / "run"
 REPO = RUNNER.parents[2]
-VM_CANNOT_START = 125
 
 
 @dataclass
