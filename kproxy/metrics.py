@@ -72,6 +72,12 @@ class ProxyMetrics:
         self.invalid_objects = Counter(
             "kproxy_invalid_objects_total", "API objects skipped because a field is invalid or the object does not decode",
             ["kind", "reason"], registry=r)
+        # And single entries left out of a list kube-proxy filters entry by entry (externalIPs,
+        # load balancer ingress IPs, source ranges: kube/ingest.py service_ports); the rest of the
+        # object is programmed.
+        self.invalid_values = Counter(
+            "kproxy_invalid_values_total", "Entries left out of an API object's address or source range list because "
+            "they do not parse; the rest of the object is programmed", ["kind", "reason"], registry=r)
         self.livez_total = Counter(
             "proxy_livez", "Cumulative proxy livez HTTP status", ["code"], namespace=ns, registry=r)
 

@@ -326,6 +326,12 @@ class ProxyServer:
         log.warning("skipping invalid object: %s", err)
         self.metrics.invalid_objects.labels(kind=err.kind, reason=err.reason).inc()
 
+    def _skipped(self, err: InvalidObject) -> None:
+        # One entry of a filtered list left out (as upstream's filters); the rest of the object is
+        # programmed. One line per invalid entry of each version of the object.
+        log.warning("skipping invalid entry, the rest is programmed: %s", err)
+        self.metrics.invalid_values.labels(kind=err.kind, reason=err.reason).inc()
+
     def _undecodable(self, kind: str) -> Callable[[], None]:
         return lambda: self.metrics.invalid_objects.labels(kind=kind, reason="decode").inc()
 
@@ -333,7 +339,7 @@ class ProxyServer:
         ports = {}
         if svc is not None:
             try:
-                ports = service_ports(svc)
+                ports = service_ports(svc, self._skipped)
             except InvalidObject as err:
                 self._invalid(err)
         if self.state.services_tracker.update(key, ports):

@@ -6,7 +6,9 @@ msgspec fills only these fields while parsing and skips the rest of the JSON.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from sys import intern
+from typing import TypeVar
 
 import msgspec
 
@@ -79,6 +81,8 @@ class Service(msgspec.Struct, gc=False):
     status: ServiceStatus = msgspec.field(default_factory=ServiceStatus)
 
 
+_V = TypeVar("_V")
+
 _TYPE_CONST: dict[str, SvcType] = {
     "ClusterIP": "ClusterIP", "NodePort": "NodePort", "LoadBalancer": "LoadBalancer",
 }
@@ -86,7 +90,9 @@ _TYPE_CONST: dict[str, SvcType] = {
 
 class InvalidObject(ValueError):
     """An object with a field that failed its parser: skipped whole (nothing of it is
-    programmed) and reported once by the caller (a log line and kproxy_invalid_objects_total)."""
+    programmed) and reported once by the caller (a log line and kproxy_invalid_objects_total).
+    Also what service_ports reports for one entry left out of a filtered list (the caller
+    counts those in kproxy_invalid_values_total)."""
 
     def __init__(self, kind: str, key: str, err: validate.InvalidField) -> None:
         self.kind, self.key, self.reason = kind, key, err.reason
@@ -99,18 +105,44 @@ def _service_name(svc: Service) -> tuple[str, str]:
             validate.dns1035_label(meta.name, "metadata.name"))
 
 
-def service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
+def service_ports(svc: Service, skipped: Callable[[InvalidObject], None] | None = None
+                  ) -> dict[ServicePortName, ServicePort]:
     """All proxied ServicePorts of one Service; none for ExternalName and headless services
     (upstream's ShouldSkipService). A Service being deleted is still served until it is gone.
-    Raises InvalidObject when a field that would be programmed fails its parser: one bad field
-    drops the whole Service, never a part of it (a half-programmed Service is worse than none)."""
+    Raises InvalidObject when a field that would be programmed fails its parser: the whole
+    Service is dropped, never a part of it (a half-programmed Service is worse than none).
+
+    Except in the three lists kube-proxy filters entry by entry because an API server may not
+    have validated them (its MapIPsByIPFamily and MapCIDRsByIPFamily): spec.externalIPs,
+    status.loadBalancer.ingress[].ip and spec.loadBalancerSourceRanges. A bad entry there is left
+    out and reported to `skipped`, and the rest of the Service is programmed. Leaving out an
+    address or a source range never opens more than the valid entries do, except when every
+    source range is bad: kube-proxy then programs no firewall at all (open to every source);
+    here the Service is dropped instead (it fails closed)."""
     try:
-        return _service_ports(svc)
+        return _service_ports(svc, skipped)
     except validate.InvalidField as err:
         raise InvalidObject("Service", f"{svc.metadata.namespace}/{svc.metadata.name}", err) from None
 
 
-def _service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
+def _each_valid(values: Iterable[str], parse: Callable[[object, str], _V], field: str
+                ) -> tuple[tuple[_V, ...], list[validate.InvalidField]]:
+    """The entries of one filtered list that parse, and the errors of the others. Empty and blank
+    entries are left out silently, as upstream's filters do."""
+    out: list[_V] = []
+    errors: list[validate.InvalidField] = []
+    for value in values:
+        if not value.strip():
+            continue
+        try:
+            out.append(parse(value, field))
+        except validate.InvalidField as err:
+            errors.append(err)
+    return tuple(out), errors
+
+
+def _service_ports(svc: Service, skipped: Callable[[InvalidObject], None] | None
+                   ) -> dict[ServicePortName, ServicePort]:
     spec = svc.spec
     if spec.type == "ExternalName":
         return {}
@@ -130,7 +162,7 @@ def _service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
         timeout = cfg.client_ip.timeout_seconds if cfg and cfg.client_ip else None
         affinity = (validate.affinity_timeout(timeout, "spec.sessionAffinityConfig.clientIP.timeoutSeconds")
                     if timeout else DEFAULT_AFFINITY_TIMEOUT)
-    external_ips = tuple(validate.ip(ip, "spec.externalIPs") for ip in spec.external_ips)
+    external_ips, bad = _each_valid(spec.external_ips, validate.ip, "spec.externalIPs")
     externally_accessible = svc_type in ("NodePort", "LoadBalancer") or bool(external_ips)
     ext_local = externally_accessible and spec.external_traffic_policy == "Local"
     int_local = spec.internal_traffic_policy == "Local"
@@ -141,10 +173,15 @@ def _service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
         if svc.status.load_balancer:
             # ipMode Proxy: the load balancer delivers to the node itself, the VIP must not be
             # short-circuited on the node (KEP-1860).
-            lb_ips = tuple(validate.ip(i.ip, "status.loadBalancer.ingress.ip")
-                           for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy")
-        ranges = tuple(validate.cidr(r, "spec.loadBalancerSourceRanges")
-                       for r in spec.load_balancer_source_ranges if r.strip())
+            lb_ips, bad_lb = _each_valid((i.ip for i in svc.status.load_balancer.ingress
+                                          if i.ip and i.ip_mode != "Proxy"), validate.ip,
+                                         "status.loadBalancer.ingress.ip")
+            bad += bad_lb
+        ranges, bad_ranges = _each_valid(spec.load_balancer_source_ranges, validate.cidr,
+                                         "spec.loadBalancerSourceRanges")
+        if bad_ranges and not ranges:
+            raise bad_ranges[0]  # every range is bad: no firewall would let every source in (see service_ports)
+        bad += bad_ranges
         if ext_local:
             hc_port = validate.optional_port(spec.health_check_node_port, "spec.healthCheckNodePort")
     with_node_port = svc_type in ("NodePort", "LoadBalancer")
@@ -170,6 +207,9 @@ def _service_ports(svc: Service) -> dict[ServicePortName, ServicePort]:
             internal_policy_local=int_local,
             health_check_node_port=hc_port,
         )
+    if bad and skipped is not None:  # reported once the Service as a whole parsed: else it alone is
+        for err in bad:
+            skipped(InvalidObject("Service", f"{namespace}/{name}", err))
     return out
 
 

@@ -188,14 +188,42 @@ def _svc(spec: dict[str, Any], status: dict[str, Any] | None = None) -> Service:
                             "status": status or {}}, Service)
 
 
-def test_lb_ingress_ip_with_a_newline_is_refused_not_rendered() -> None:
+def test_lb_ingress_ip_with_a_newline_is_left_out_not_rendered() -> None:
+    # As kube-proxy's filter: the bad ingress IP is left out (and reported), the good one and the
+    # rest of the Service are programmed.
     evil = {"type": "LoadBalancer", "clusterIPs": ["10.96.0.20"], "ports": [{"port": 80, "nodePort": 30080}]}
-    status = {"loadBalancer": {"ingress": [{"ip": "198.51.100.7\n-A INPUT -j ACCEPT"}]}}
-    with pytest.raises(InvalidObject) as exc:
-        service_ports(_svc(evil, status))
-    assert exc.value.reason == "ip" and "\n" not in str(exc.value)
+    status = {"loadBalancer": {"ingress": [{"ip": "198.51.100.7\n-A INPUT -j ACCEPT"}, {"ip": "198.51.100.8"}]}}
+    reported: list[InvalidObject] = []
+    (port,) = service_ports(_svc(evil, status), reported.append).values()
+    assert port.load_balancer_ips == ("198.51.100.8",) and port.cluster_ips == ("10.96.0.20",)
+    assert [e.reason for e in reported] == ["ip"] and "\n" not in str(reported[0])
     text = _pipeline(msgspec.to_builtins(_svc(evil, status)), GOOD_SLICE, _fastpath)
     assert "-A INPUT" not in text and "198.51.100.7" not in text and rule_problems(text) == []
+    assert "198.51.100.8" in text and "10.96.0.20" in text
+
+
+@pytest.mark.parametrize("spec, status, kept", [
+    ({"externalIPs": ["192.0.2.1 -j ACCEPT", "", "192.0.2.2"]}, None, {"external_ips": ("192.0.2.2",)}),
+    ({"type": "LoadBalancer", "loadBalancerSourceRanges": ["0.0.0.0/0 -j ACCEPT", " ", "203.0.113.0/24"],
+      "ports": [{"port": 80, "nodePort": 30081}]}, None, {"load_balancer_source_ranges": ("203.0.113.0/24",)}),
+], ids=["external-ip", "source-range"])
+def test_one_bad_entry_of_a_filtered_list_is_left_out(spec: dict[str, Any], status: dict[str, Any] | None,
+                                                      kept: dict[str, Any]) -> None:
+    reported: list[InvalidObject] = []
+    (port,) = service_ports(_svc({"clusterIPs": ["10.96.0.21"], "ports": [{"port": 80}], **spec}, status),
+                            reported.append).values()
+    assert {k: getattr(port, k) for k in kept} == kept
+    assert len(reported) == 1 and "-j ACCEPT" in str(reported[0]) and "\n" not in str(reported[0])
+
+
+def test_every_source_range_bad_drops_the_service() -> None:
+    # kube-proxy would program no firewall at all (every source let in); here it fails closed.
+    evil = {"type": "LoadBalancer", "clusterIPs": ["10.96.0.22"], "ports": [{"port": 80, "nodePort": 30082}],
+            "loadBalancerSourceRanges": ["10.0.0.0/33", "not-a-cidr"]}
+    reported: list[InvalidObject] = []
+    with pytest.raises(InvalidObject) as exc:
+        service_ports(_svc(evil), reported.append)
+    assert exc.value.reason == "cidr" and reported == []
 
 
 def test_a_quote_in_a_port_name_is_refused_not_rendered() -> None:
