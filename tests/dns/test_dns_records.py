@@ -77,7 +77,7 @@ def assert_nxdomain(msg: dns.message.Message) -> None:
     assert rdatas(msg, "SOA", "authority")
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)  # the first test of each parameter: its time includes starting the server
 def test_dns_cluster_ip_a_and_aaaa(srv: KdnsProcess) -> None:
     m = srv.query(fq("web.default.svc"), "A")
     assert m.flags & dns.flags.AA and m.rcode() == dns.rcode.NOERROR
