@@ -166,10 +166,28 @@ def _loads(raw: bytes | str) -> Any:
     return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
+_FAST_DECODE_BYTES = 64 * 1024
+
+
 def decode_json(raw: bytes | str, what: str) -> Decoded:
     """JSON text -> Decoded; `what` starts the 400 message ("error decoding patch", ...)."""
     if len(raw) > MAX_REQUEST_BYTES:
         raise too_large(len(raw))
+    if isinstance(raw, bytes) and len(raw) <= _FAST_DECODE_BYTES:
+        # msgspec's decoder first: UTF-8 JSON without a key given twice (almost every body) decodes to
+        # the value the standard decoder below builds, faster (a ConfigMap create's body: 4.4 us
+        # instead of 12 on the bench machine). msgspec keeps the last of two equal keys silently:
+        # the body's members, counted in its text, tell. Anything msgspec refuses (not UTF-8, a BOM,
+        # a lone surrogate, a number out of range, malformed text) or a duplicate goes the standard
+        # way, which words the error or finds the duplicates. Larger bodies gain nothing (the count
+        # and the walk weigh as much as the hook): they go the standard way at once.
+        try:
+            obj = msgspec.json.decode(raw)
+        except (msgspec.DecodeError, RecursionError, ValueError):  # too deep for msgspec: RecursionError
+            pass
+        else:
+            if _check(obj, what) == _members_in_text(raw):
+                return Decoded(obj)
     found = _duplicates.found = {}
     try:
         # Numbers are range-checked by check_value's walk; NaN and Infinity are not JSON.
@@ -182,6 +200,15 @@ def decode_json(raw: bytes | str, what: str) -> Decoded:
         _duplicates.found = {}
     check_value(obj, what)
     return Decoded(obj, _duplicate_paths(obj, found) if found else [])
+
+
+def _members_in_text(raw: bytes) -> int:
+    """The object members written in valid JSON text: its colons outside strings. In valid JSON a
+    backslash only starts an escape inside a string: with the escaped backslashes taken out first,
+    then the escaped quotes, every quote left opens or closes a string (bytes methods only: linear,
+    a few ms for a 3 MiB body, whatever it holds)."""
+    outside = raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2]
+    return b"".join(outside).count(b":")
 
 
 def _duplicate_paths(obj: Any, dups: dict[int, list[str]]) -> list[str]:
@@ -203,6 +230,14 @@ def _duplicate_paths(obj: Any, dups: dict[int, list[str]]) -> list[str]:
 
 def check_value(obj: Any, what: str) -> Any:
     """Raise 400 unless obj is a JSON value the server can hold (see the module doc); returns obj."""
+    _check(obj, what)
+    return obj
+
+
+def _check(obj: Any, what: str) -> int:
+    """check_value's walk; returns how many object members obj holds (decode_json compares it with
+    the body's text)."""
+    members = 0
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
@@ -212,6 +247,7 @@ def check_value(obj: Any, what: str) -> Any:
         elif isinstance(value, dict):
             if depth > MAX_DEPTH:
                 raise bad_request(f"{what}: nesting deeper than {MAX_DEPTH} levels")
+            members += len(value)
             for k, v in value.items():
                 if not isinstance(k, str):
                     raise bad_request(f"{what}: object keys must be strings, not {type(k).__name__}")
@@ -225,7 +261,7 @@ def check_value(obj: Any, what: str) -> Any:
             stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list, str)) or not _scalar_ok(v))
         elif not _scalar_ok(value):
             raise bad_request(f"{what}: unsupported value {_short(value)}")
-    return obj
+    return members
 
 
 def _scalar_ok(value: Any) -> bool:

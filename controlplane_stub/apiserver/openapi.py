@@ -611,12 +611,13 @@ def _first_type_error(value: dict[str, Any], definition: str, path: str) -> str 
             continue
         here = f"{path}.{key}" if path else key
         bad: Any = None if _type_ok(sub, spec) else sub
-        go_type = _go_type(spec)
+        go_type = ""  # named only for an error: every create walks its whole body here
         if bad is None and spec == "m" and isinstance(sub, dict):
             bad = next((v for v in sub.values() if v is not None and not isinstance(v, str)), None)
             go_type = "string"
         if bad is not None:
-            return f"json: cannot unmarshal {_json_kind(bad)} into Go struct field {struct}.{here} of type {go_type}"
+            return (f"json: cannot unmarshal {_json_kind(bad)} into Go struct field {struct}.{here} of type "
+                    f"{go_type or _go_type(spec)}")
         inner = spec.strip("[]")
         if spec.startswith("[") and inner not in _FULL and isinstance(sub, list):
             # Elements of a scalar list decode into typed values too (ipFamilies: [1] is a decode

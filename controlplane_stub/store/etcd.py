@@ -119,6 +119,11 @@ class WriteHook(Protocol):
 RESERVATION_ATTEMPTS = 16
 
 
+def _end_wait(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class SparseWindow(EventWindow):
     """The events watchers read, ordered by revision; unlike EventWindow's ring, revisions may have
     gaps (etcd's revision counts writes to every key, also other prefixes and the internal keys).
@@ -442,13 +447,17 @@ class EtcdStore(Store):
     async def _wait_rev(self, revision: int, timeout: float) -> bool:
         if self._rev >= revision:
             return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._waiter_seq += 1
         heapq.heappush(self._rev_waiters, (revision, self._waiter_seq, fut))
+        # A timer that ends the wait, not asyncio.wait_for: every acknowledged write waits here, and
+        # wait_for's extra future and callbacks cost twice as much (~7 vs ~3.5 us on the bench machine).
+        timer = loop.call_later(timeout, _end_wait, fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
+            await fut
+        finally:
+            timer.cancel()
         return self._rev >= revision
 
     async def _sync(self, revision: int, timeout: float = SYNC_WAIT) -> bool:

@@ -116,9 +116,14 @@ RESULT = {"EQUAL": 0, "GREATER": 1, "LESS": 2, "NOT_EQUAL": 3}
 # proto3: a zero scalar or empty bytes field is left out, a oneof member always written, fields in
 # number order (as protobuf serializes).
 
+# One-byte values and tags, built once: bytes((n,)) per field was most of a create's Txn encoding
+# (11.6 us before, on the bench machine).
+_BYTE = tuple(bytes((i,)) for i in range(256))
+
+
 def _varint(n: int) -> bytes:
     if 0 <= n < 0x80:
-        return bytes((n,))
+        return _BYTE[n]
     n &= (1 << 64) - 1  # an int64 below zero: ten bytes, two's complement
     out = bytearray()
     while n >= 0x80:
@@ -130,7 +135,8 @@ def _varint(n: int) -> bytes:
 
 def _field(number: int, data: bytes) -> bytes:
     """A length-delimited field (bytes or a message); numbers below 16 take one tag byte."""
-    return bytes((number << 3 | 2,)) + _varint(len(data)) + data
+    n = len(data)
+    return _BYTE[number << 3 | 2] + (_BYTE[n] if n < 0x80 else _varint(n)) + data
 
 
 def _bytes(number: int, data: bytes) -> bytes:
@@ -139,28 +145,36 @@ def _bytes(number: int, data: bytes) -> bytes:
 
 def _int(number: int, n: int) -> bytes:
     """An int64 or bool (as 0/1) field, numbers below 16."""
-    return bytes((number << 3,)) + _varint(int(n)) if n else b""
+    return _BYTE[number << 3] + _varint(int(n)) if n else b""
+
+
+# Compare.result and .target as their field bytes (result 1, target 2; EQUAL and VERSION are 0: absent).
+_RESULT_WIRE = {name: _int(1, v) for name, v in RESULT.items()}
+_TARGET_WIRE = {name: _int(2, v) for name, v in TARGET.items()}
+_VALUE_TAG = {name: _BYTE[(4 + v) << 3] for name, v in TARGET.items()}  # version 4, create_revision 5, mod_revision 6
 
 
 def _compare_wire(c: Cmp) -> bytes:
-    result, target = RESULT[c.result], TARGET[c.target]
-    out = _int(1, result) + _int(2, target) + _bytes(3, c.key)
-    return out + bytes(((4 + target) << 3,)) + _varint(c.value)  # version 4, create_revision 5, mod_revision 6
+    return (_RESULT_WIRE[c.result] + _TARGET_WIRE[c.target] + _bytes(3, c.key) + _VALUE_TAG[c.target]
+            + _varint(c.value))
 
 
 def _op_wire(op: Op) -> bytes:
     key = _bytes(1, op.key)
-    if isinstance(op, Put):
+    if type(op) is Put:
         return _field(2, key + _bytes(2, op.value) + _int(3, op.lease))
-    if isinstance(op, Get):
+    if type(op) is Get:
         return _field(1, key)
+    assert isinstance(op, Delete)
     return _field(3, key + _int(3, op.prev_kv))
 
 
 def txn_request(compare: list[Cmp], success: list[Op], failure: list[Op]) -> bytes:
     """A serialized etcdserverpb.TxnRequest."""
-    return b"".join([*(_field(1, _compare_wire(c)) for c in compare), *(_field(2, _op_wire(o)) for o in success),
-                     *(_field(3, _op_wire(o)) for o in failure)])
+    out = [_field(1, _compare_wire(c)) for c in compare]
+    out.extend(_field(2, _op_wire(o)) for o in success)
+    out.extend(_field(3, _op_wire(o)) for o in failure)
+    return b"".join(out)
 
 
 def range_request(key: bytes, range_end: bytes = b"", *, limit: int = 0, revision: int = 0,

@@ -7,6 +7,7 @@ so kubectl prints the same lines for the same mistakes.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +118,22 @@ def validate_update(resource: str, obj: dict[str, Any], old: dict[str, Any]) -> 
     errs.raise_if_any(kind, name, group)
 
 
+class _Schema:
+    """The OpenAPI walkers this package calls (openapi imports patch, which imports this package: the
+    import waits for the first call; found once, not by an import statement on every create)."""
+
+    def __init__(self) -> None:
+        from ..openapi import type_error, unknown_fields
+
+        self.type_error: Callable[[str, Any], str | None] = type_error
+        self.unknown_fields: Callable[..., list[str]] = unknown_fields
+
+
+@functools.cache
+def _schema() -> _Schema:
+    return _Schema()
+
+
 # --- fieldValidation: unknown fields ---------------------------------------------------------------
 
 
@@ -127,9 +144,7 @@ def unknown_fields(resource: str, obj: dict[str, Any], *, drop: bool = False) ->
     For ?fieldValidation=Strict (raise strict_decoding_error) and Warn (one warning per field,
     with the text `unknown field "<path>"`); Ignore drops them without a word.
     """
-    from ..openapi import unknown_fields as schema_unknown_fields  # openapi imports patch; keep it lazy
-
-    found: list[str] = schema_unknown_fields(resource, obj, drop=drop)
+    found: list[str] = _schema().unknown_fields(resource, obj, drop=drop)
     return found
 
 
@@ -142,9 +157,7 @@ def strict_decoding_error(kind: str, version: str, problems: list[str]) -> Statu
 
 def decode_check(resource: str, obj: dict[str, Any]) -> None:
     """What the real server's JSON decoding rejects (400) before defaulting and validation."""
-    from ..openapi import type_error  # openapi imports patch; keep it lazy
-
-    found = type_error(resource, obj)
+    found = _schema().type_error(resource, obj)
     if found is None:
         spec = _obj(obj.get("spec"))
         pod_spec = spec if resource == "pods" else _obj(_obj(spec.get("template")).get("spec"))
