@@ -12,12 +12,16 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import StatusError
 from .ipfamilies import family_of as _family_of
 from .ipfamilies import init_ip_families
 from .validation import FieldErrors, externally_accessible
+
+if TYPE_CHECKING:  # the etcd client is imported only by an etcd-backed server (tests/unit/test_lazy_etcd_import.py)
+    from ..store.base import Event
+    from ..store.etcd_wire import Cmp, Op
 
 Obj = dict[str, Any]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -64,6 +68,11 @@ class OffsetRange:
 
     def release(self, value: int) -> None:
         self.used.discard(value)
+
+    def scatter(self) -> None:
+        """Move the next-free cursor to a random place in the dynamic band (upstream's allocators
+        start at a random offset): two API servers that collided stop picking in lockstep."""
+        self._cursor = random.randint(self.dynamic_start, self.high)
 
     def next_free(self) -> int:
         """The next free value at or after the cursor in the dynamic band, then the static band."""
@@ -282,14 +291,23 @@ class ServiceAllocator:
         for svc in existing_services:
             spec = _spec(svc)
             for ip in _cluster_ips(spec):
-                self._reserve_ip_quietly(ip)
+                self.reserve_ip_if_free(ip)
             for port in _node_ports(spec):
-                try:
-                    self.node_ports.reserve(port)
-                except (NotInRange, AlreadyAllocated):
-                    pass
+                self.reserve_node_port_if_free(port)
 
-    def _reserve_ip_quietly(self, ip: str) -> None:
+    def reserve_node_port_if_free(self, port: int) -> None:
+        try:
+            self.node_ports.reserve(port)
+        except (NotInRange, AlreadyAllocated):
+            pass
+
+    def scatter(self) -> None:
+        """Every range's next-free cursor to a random place (see OffsetRange.scatter)."""
+        for cursor in (*(r.offsets for r in self.ranges), self.node_ports):
+            cursor.scatter()
+
+    def reserve_ip_if_free(self, ip: str) -> None:
+        """Mark ip used if it is in a range and free (a stored or another server's value)."""
         rng = self._range_of(ip)
         if rng is None:
             return
@@ -518,7 +536,7 @@ class ServiceAllocator:
             self.node_ports.release(port)
         for ip in keep_ips:
             if ip != "None":
-                self._reserve_ip_quietly(ip)
+                self.reserve_ip_if_free(ip)
         for port in keep_ports:
             try:
                 self.node_ports.reserve(port)
@@ -563,13 +581,13 @@ class EtcdReservations:
     through its store's mirror (observe), so its allocator rarely picks a value already taken.
     """
 
-    def __init__(self, allocator: ServiceAllocator, internal_key: Any) -> None:
+    def __init__(self, allocator: ServiceAllocator, internal_key: Callable[[str], bytes]) -> None:
         self.allocator = allocator
         self.internal_key = internal_key  # "ranges/..." -> the etcd key under the store's prefix
         self._dynamic: dict[int, set[str | int]] = {}
         self.conflicts = 0
 
-    def ops(self, key: str, new: Obj | None, old: Obj | None) -> tuple[list[Any], list[Any], list[bytes]]:
+    def ops(self, key: str, new: Obj | None, old: Obj | None) -> tuple[list[Cmp], list[Op], list[bytes]]:
         if not key.startswith(SERVICES_PREFIX):  # every other write (first: it is most of them)
             return [], [], []
         from ..store.etcd_client import Delete, Put, cmp_create
@@ -581,14 +599,14 @@ class EtcdReservations:
                     del self._dynamic[k]
         owner = key[len(SERVICES_PREFIX):].encode()
         want, have = reservation_names(new), reservation_names(old)
-        cmps: list[Any] = []
-        ops: list[Any] = []
+        cmps: list[Cmp] = []
+        ops: list[Op] = []
         reserved: list[bytes] = []
         for name in sorted(want - have):
-            k = self.internal_key(name)
-            cmps.append(cmp_create(k, 0))
-            ops.append(Put(k, owner))
-            reserved.append(k)
+            rkey = self.internal_key(name)
+            cmps.append(cmp_create(rkey, 0))
+            ops.append(Put(rkey, owner))
+            reserved.append(rkey)
         ops.extend(Delete(self.internal_key(name)) for name in sorted(have - want))
         return cmps, ops, reserved
 
@@ -597,24 +615,19 @@ class EtcdReservations:
         self.conflicts += 1
         dynamic = self._dynamic.pop(id(obj), set())
         self.allocator.release(obj, old)
-        # Both servers walk their ranges from the same cursor: after a collision, jump to a random
-        # place (upstream's allocators start at a random offset) so the two stop picking in lockstep.
-        for cursor in (*(r.offsets for r in self.allocator.ranges), self.allocator.node_ports):
-            cursor._cursor = random.randint(cursor.dynamic_start, cursor.high)
+        # Both servers walk their ranges from the same cursor: after a collision, jump to a random place.
+        self.allocator.scatter()
         spec = _spec(obj)
         for name in taken:
             kind, _, value = name.rpartition("/")
             if kind.endswith("serviceips"):
-                self.allocator._reserve_ip_quietly(value)  # someone else's now
+                self.allocator.reserve_ip_if_free(value)  # someone else's now
                 if value in dynamic:
                     spec.pop("clusterIP", None)
                     spec.pop("clusterIPs", None)
             elif kind.endswith("servicenodeports") and value.isdigit():
                 port = int(value)
-                try:
-                    self.allocator.node_ports.reserve(port)
-                except (NotInRange, AlreadyAllocated):
-                    pass
+                self.allocator.reserve_node_port_if_free(port)
                 if port in dynamic:
                     for p in _ports(spec):
                         if p.get("nodePort") == port:
@@ -625,7 +638,7 @@ class EtcdReservations:
         # Values picked on an earlier attempt and kept stay this server's picks for the next one.
         self.allocator.last_dynamic |= dynamic
 
-    def observe(self, ev: Any) -> None:
+    def observe(self, ev: Event) -> None:
         """A Service write from the store's mirror (any API server's): mark its values used and give
         back what it released. Idempotent, so this server's own writes pass through harmlessly."""
         if not ev.key.startswith(SERVICES_PREFIX):

@@ -205,7 +205,7 @@ class APIServer:
             else:
                 async with asyncio.timeout(self.request_timeout):
                     await request.read()
-        except web.HTTPRequestEntityTooLarge as e:  # aiohttp's plain-text 413: answer a Status
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's plain-text 413: answer a Status
             raise bodies.too_large(request.content_length or bodies.MAX_REQUEST_BYTES + 1) from None
         except TimeoutError:
             raise StatusError(504, "Timeout", "Timeout: request did not complete within the allotted timeout "

@@ -86,14 +86,16 @@ async def _start(store: EtcdStore) -> None:
 def share_allocations(store: Store, allocator: object) -> None:
     """On etcd, make the Service allocator's picks binding across API servers (allocators.py:
     EtcdReservations); SQLite has one server, nothing to share."""
-    if isinstance(store, SQLiteStore) or not hasattr(allocator, "last_dynamic"):
+    if isinstance(store, SQLiteStore):
         return
     from .etcd import EtcdStore
 
     if not isinstance(store, EtcdStore):
         return
-    from ..apiserver.allocators import EtcdReservations
+    from ..apiserver.allocators import EtcdReservations, ServiceAllocator
 
-    sync = EtcdReservations(allocator, lambda name: store.internal_key(name))  # type: ignore[arg-type]
+    if not isinstance(allocator, ServiceAllocator):  # semantics' stand-in when the allocators are absent
+        return
+    sync = EtcdReservations(allocator, store.internal_key)
     store.write_hooks.append(sync)
     store.event_observers.append(sync.observe)
