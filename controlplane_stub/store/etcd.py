@@ -68,6 +68,7 @@ from .etcd_client import (
     cmp_version,
     prefix_end,
 )
+from .sortedkeys import SortedKeys
 from .window import EventWindow
 
 log = logging.getLogger("kproxy.apiserver.etcd")
@@ -285,7 +286,7 @@ class EtcdStore(Store):
         self._window_size = window
         self._compaction_interval = compaction_interval
         self._cache: dict[str, tuple[int, bytes]] = {}
-        self._keys: list[str] = []
+        self._keys = SortedKeys()  # the cache's keys in order (lists, continue tokens)
         self._rev = 0
         self._window = SparseWindow(window, 0)
         # Writers waiting for the mirror to reach their revision, by revision (a heap): each is
@@ -353,7 +354,7 @@ class EtcdStore(Store):
             if value is not None:
                 cache[skey] = (kv.mod_revision, value)
         self._cache = cache
-        self._keys = sorted(cache)
+        self._keys = SortedKeys(cache)
         self._rev = revision
         self.epoch += 1
         self._window.reset(revision)
@@ -427,13 +428,13 @@ class EtcdStore(Store):
             obj = _decode(cur[1])
             obj["metadata"]["resourceVersion"] = str(rev)
             del self._cache[skey]
-            del self._keys[bisect.bisect_left(self._keys, skey)]
+            self._keys.remove(skey)
             return Event(rev, "DELETED", skey, _encode(obj), cur[1])
         value = self._with_rv(skey, we.kv.value, rev)
         if value is None:
             return None
         if cur is None:
-            bisect.insort(self._keys, skey)
+            self._keys.add(skey)
         self._cache[skey] = (rev, value)
         return Event(rev, "ADDED" if cur is None else "MODIFIED", skey, value, cur[1] if cur else None)
 
@@ -520,17 +521,16 @@ class EtcdStore(Store):
         lo = max(prefix, start_after + "\x00") if start_after else prefix
         if revision > self._rev:
             raise FutureRevision(f"revision {revision} is newer than the current revision {self._rev}")
-        first, stop = bisect.bisect_left(self._keys, lo), bisect.bisect_left(self._keys, end)
         cache = self._cache
         if not revision or revision >= self._rev:
             # The current state: only the page's rows are made (a paged list of N objects in pages
             # of L was N/L passes over all N; client-go lists in pages of 500).
-            more = bool(limit) and stop - first > limit
-            keys = self._keys[first:first + limit if more else stop]
-            return ListResult(self._rev, [(k, cache[k][1]) for k in keys], more)
+            keys = self._keys.between(lo, end, limit + 1 if limit else 0)
+            more = bool(limit) and len(keys) > limit
+            return ListResult(self._rev, [(k, cache[k][1]) for k in (keys[:limit] if more else keys)], more)
         if revision < self._window.floor:
             raise Compacted(revision, self._window.floor)
-        state = {k: v for k in self._keys[first:stop] for r, v in (cache[k],) if r <= revision}
+        state = {k: v for k in self._keys.between(lo, end) for r, v in (cache[k],) if r <= revision}
         seen: set[str] = set()
         for ev in self._window.since(revision, 1 << 62):
             k = ev.key
