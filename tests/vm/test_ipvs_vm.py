@@ -10,10 +10,12 @@ import pytest
 
 
 @pytest.mark.vm
-@pytest.mark.timeout(600)
+# 190-245 s alone on a quiet 2-core machine (the hostile-store scenario is 47-64 s of it), ~6 min with a
+# second CI run beside it: the bounds leave room for a slower machine.
+@pytest.mark.timeout(960)
 def test_ipvs_suite_in_vm(vm: Callable[..., Any], venv_bin: Path) -> None:
     res = vm([str(venv_bin / "pytest"), "tests/vm/inside", "-q", "-p", "no:cacheprovider",
-              "-o", "addopts=", "-rfEs", "--durations=5"], timeout=560)
+              "-o", "addopts=", "-rfEs", "--durations=5"], timeout=900)
     print(res.stdout)
     print(res.stderr)
     assert res.returncode == 0, f"inner IPVS suite failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}"
