@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from ..store.base import Compacted, Event, Store, event_line
+from ..store.base import Compacted, Event, Store, event_line, resolve
 from . import limits
 from .resources import Resource
 from .selectors import Matcher
@@ -54,11 +54,6 @@ class _Live:
         self.exact_key = exact_key
         self.transport = transport
         self.wake = wake
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 @dataclass(slots=True)
@@ -116,7 +111,7 @@ class WatchHub:
 
     def _hand_back(self, w: _Live) -> None:
         self._live.pop(id(w), None)
-        _resolve(w.wake)
+        resolve(w.wake)
 
     @staticmethod
     def _chunk(evs: list[Event], prefix: str, exact: str) -> tuple[bytes, int, int, bool]:
@@ -200,7 +195,7 @@ class WatchHub:
         self._live[id(w)] = w
         if self._pump is None or self._pump.done():
             self._pump = loop.create_task(self._run_pump(), name="watch-pump")
-        timer = loop.call_later(timeout, _resolve, w.wake)
+        timer = loop.call_later(timeout, resolve, w.wake)
         try:
             await w.wake
         finally:

@@ -16,6 +16,7 @@ does: store the object without it and inject the mod_revision when decoding.
 from __future__ import annotations
 
 import abc
+import asyncio
 import builtins
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,13 @@ log = logging.getLogger("kproxy.apiserver.store")
 
 # Every store key starts with it (the docstring's "/registry/..."); etcd3 can put its own prefix in its place.
 API_PREFIX = "/registry"
+
+
+def resolve(fut: asyncio.Future[None]) -> None:
+    """Wake whoever awaits fut, unless it is done already (woken, timed out or cancelled): the one
+    callback for a waiter's timer and for the event that ends its wait."""
+    if not fut.done():
+        fut.set_result(None)
 
 
 class StoreError(Exception):

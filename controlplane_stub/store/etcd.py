@@ -50,6 +50,7 @@ from .base import (
     RevisionConflict,
     Store,
     StoreError,
+    resolve,
 )
 from .etcd_client import (
     KV,
@@ -118,11 +119,6 @@ class WriteHook(Protocol):
 
 
 RESERVATION_ATTEMPTS = 16
-
-
-def _end_wait(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class SparseWindow(EventWindow):
@@ -441,9 +437,7 @@ class EtcdStore(Store):
     def _bump(self) -> None:
         waiters = self._rev_waiters
         while waiters and waiters[0][0] <= self._rev:
-            fut = heapq.heappop(waiters)[2]
-            if not fut.done():
-                fut.set_result(None)
+            resolve(heapq.heappop(waiters)[2])
 
     async def _wait_rev(self, revision: int, timeout: float) -> bool:
         if self._rev >= revision:
@@ -454,7 +448,7 @@ class EtcdStore(Store):
         heapq.heappush(self._rev_waiters, (revision, self._waiter_seq, fut))
         # A timer that ends the wait, not asyncio.wait_for: every acknowledged write waits here, and
         # wait_for's extra future and callbacks cost twice as much (~7 vs ~3.5 us on the bench machine).
-        timer = loop.call_later(timeout, _end_wait, fut)
+        timer = loop.call_later(timeout, resolve, fut)
         try:
             await fut
         finally:

@@ -161,11 +161,10 @@ def _compare_wire(c: Cmp) -> bytes:
 
 def _op_wire(op: Op) -> bytes:
     key = _bytes(1, op.key)
-    if type(op) is Put:
+    if isinstance(op, Put):
         return _field(2, key + _bytes(2, op.value) + _int(3, op.lease))
-    if type(op) is Get:
+    if isinstance(op, Get):
         return _field(1, key)
-    assert isinstance(op, Delete)
     return _field(3, key + _int(3, op.prev_kv))
 
 

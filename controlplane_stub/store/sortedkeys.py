@@ -20,53 +20,52 @@ class SortedKeys:
         items = sorted(set(keys))
         self._runs: list[list[str]] = [items[i:i + _RUN] for i in range(0, len(items), _RUN)]
         self._lasts: list[str] = [run[-1] for run in self._runs]  # each run's greatest key
-        self._len = len(items)
 
     def __len__(self) -> int:
-        return self._len
+        return sum(map(len, self._runs))
 
     def __iter__(self) -> Iterator[str]:
         for run in self._runs:
             yield from run
 
-    def __contains__(self, key: str) -> bool:
+    def _find(self, key: str) -> tuple[int, int, bool]:
+        """(run, position in it, present): where key is or would go; run len(self._runs) when key
+        is past the last one."""
         i = bisect.bisect_left(self._lasts, key)
         if i == len(self._runs):
-            return False
+            return i, 0, False
         run = self._runs[i]
         j = bisect.bisect_left(run, key)
-        return j < len(run) and run[j] == key
+        return i, j, j < len(run) and run[j] == key
+
+    def __contains__(self, key: str) -> bool:
+        return self._find(key)[2]
 
     def add(self, key: str) -> None:
         """Insert key (nothing when it is already there)."""
-        if not self._runs:
-            self._runs.append([key])
-            self._lasts.append(key)
-            self._len = 1
+        i, j, present = self._find(key)
+        if present:
             return
-        i = min(bisect.bisect_left(self._lasts, key), len(self._runs) - 1)  # past the end: the last run
+        if i == len(self._runs):  # past the end (or empty): the last run's tail, or a first run
+            if not self._runs:
+                self._runs.append([])
+                self._lasts.append(key)
+            i = len(self._runs) - 1
+            j = len(self._runs[i])
         run = self._runs[i]
-        j = bisect.bisect_left(run, key)
-        if j < len(run) and run[j] == key:
-            return
         run.insert(j, key)
         self._lasts[i] = run[-1]
-        self._len += 1
         if len(run) > 2 * _RUN:  # split: no run grows past 2 x _RUN
             self._runs[i:i + 1] = [run[:_RUN], run[_RUN:]]
             self._lasts[i:i + 1] = [run[_RUN - 1], run[-1]]
 
     def remove(self, key: str) -> None:
         """Remove key (nothing when it is not there)."""
-        i = bisect.bisect_left(self._lasts, key)
-        if i == len(self._runs):
+        i, j, present = self._find(key)
+        if not present:
             return
         run = self._runs[i]
-        j = bisect.bisect_left(run, key)
-        if j == len(run) or run[j] != key:
-            return
         del run[j]
-        self._len -= 1
         if run:
             self._lasts[i] = run[-1]
         else:

@@ -200,6 +200,11 @@ def ns_output(netns: str, *cmd: str) -> str:
                           check=False).stdout
 
 
+def iptables_save(netns: str, backend: str) -> str:
+    """The namespace's whole firewall as `iptables-<backend>-save` prints it (backend nft or legacy)."""
+    return ns_output(netns, f"iptables-{backend}-save")
+
+
 def kproxy_args(api: Any, mode: str, *extra: str) -> list[str]:
     """kproxy's flags for the scenario in `mode` (metrics and healthz on the namespace's loopback)."""
     return ["--kubeconfig", api.kubeconfig, "--proxy-mode", mode, "--hostname-override", NODE,

@@ -1,19 +1,12 @@
-"""Hostile objects served by the real API server to the real kproxy process in a network namespace.
+"""Hostile objects served by the real API server to the real kproxy process in a network namespace,
+in iptables mode on both back ends.
 
-The objects (tests/helpers/hostile_store.py, shared with the same scenario in nftables and
-userspace mode: tests/nftables/test_nftables_hostile.py, tests/userspace/test_userspace_hostile.py)
-are written straight into the API server's SQLite store (controlplane_stub.store),
-around the API server's validation, as a buggy or hostile writer (or another API server sharing
-the data) would: one Service per kind of bad field, bad EndpointSlices for valid Services, a Node
-whose only address is garbage, and objects whose fields have the wrong JSON type. kproxy must skip
-exactly those, program the 100 valid Services beside them, count each skipped object in
-kproxy_invalid_objects_total; a bad entry of a list kube-proxy filters entry by entry (an external
-IP, a load balancer ingress IP) is left out instead, counted in kproxy_invalid_values_total, and the
-rest of its Service programmed; and the node's firewall dump (iptables-save of every table) must only
-ever contain values the validators produce (iptables_rulecheck.py). Then, with kproxy still
-running, the API server is stopped, the store changed (a valid Service made type-wrong, the
-type-wrong one fixed, an invalid one deleted) and the server restarted: the changes arrive by the
-resumed watch, and each applies.
+The hostile store, what kproxy must skip, leave out and count, and the change made while the API
+server is down are tests/helpers/hostile_store.py's, shared with the same scenario in the other
+modes (tests/nftables/, tests/userspace/, tests/vm/inside/test_ipvs_hostile.py). Here, what
+iptables mode programmed: the node's firewall dump (iptables-save of every table) must only ever
+contain values the validators produce (iptables_rulecheck.py), the partly-bad Services without their
+bad entry, and after the restart the changes arrive by the resumed watch and each applies.
 """
 
 from __future__ import annotations
@@ -36,8 +29,8 @@ from helpers.hostile_store import (
     bad_cluster_ip,
     bad_endpoint,
     hostile_apiserver,
+    iptables_save,
     kproxy_args,
-    ns_output,
     restart_with_changes,
     wait_programmed,
 )
@@ -47,10 +40,6 @@ from iptables_rulecheck import rule_problems
 testing = pytest.importorskip("controlplane_stub.apiserver.testing")
 
 pytestmark = pytest.mark.e2e
-
-
-def _dump(netns: str, backend: str) -> str:
-    return ns_output(netns, f"iptables-{backend}-save")
 
 
 def _programmed(dump: str) -> set[str]:
@@ -64,7 +53,7 @@ def _programmed(dump: str) -> set[str]:
 
 def _wait_for(netns: str, backend: str, want: frozenset[str], proc: subprocess.Popen[bytes], log: Path) -> str:
     def read() -> tuple[set[str], str]:
-        dump = _dump(netns, backend)
+        dump = iptables_save(netns, backend)
         return _programmed(dump), dump
 
     return wait_programmed(read, want, proc, log)
@@ -103,5 +92,5 @@ def test_bad_objects_in_the_store_are_skipped_and_never_reach_the_firewall(
         assert_watch_resumed(proc, log_path)
     finally:
         stop_and_clean(proc, rules_netns, "--proxy-mode", "iptables", "--iptables-backend", backend)
-    left = _dump(rules_netns, backend)
+    left = iptables_save(rules_netns, backend)
     assert "KUBE-SVC-" not in left and json.dumps(left).count("10.96.9.") == 0

@@ -34,8 +34,8 @@ from helpers.hostile_store import (
     bad_cluster_ip,
     hostile_apiserver,
     hostile_node,
+    iptables_save,
     kproxy_args,
-    ns_output,
     restart_with_changes,
     service_addresses,
     wait_programmed,
@@ -61,10 +61,6 @@ def _skip_reason(backend: str) -> str:
         if shutil.which(tool) is None:
             return f"{tool} not installed"
     return ""
-
-
-def _dump(netns: str, backend: str) -> str:
-    return ns_output(netns, f"iptables-{backend}-save")
 
 
 def _rules(dump: str, chain: str) -> list[dict[str, str]]:
@@ -95,7 +91,7 @@ def _portals(dump: str, chain: str) -> dict[str, set[str]]:
 
 def _wait_for(netns: str, backend: str, want: frozenset[str], proc: subprocess.Popen[bytes], log: Path) -> str:
     def read() -> tuple[set[str], str]:
-        dump = _dump(netns, backend)
+        dump = iptables_save(netns, backend)
         return set(_portals(dump, PORTALS[0])), dump
 
     return wait_programmed(read, want, proc, log)
@@ -156,6 +152,6 @@ def test_bad_objects_in_the_store_are_skipped_and_never_reach_the_relay(backend:
         finally:
             cleaned = stop_and_clean(proc, node, "--proxy-mode", "userspace", "--iptables-backend", backend)
     assert cleaned.returncode == 0, cleaned.stderr
-    left = _dump(node, backend)
+    left = iptables_save(node, backend)
     assert not any(chain in left for chain in (*PORTALS, *NODEPORTS, FIREWALL)), left
     assert "10.96.9." not in left
